@@ -1,0 +1,1 @@
+"""ONNX → differentiable PyTorch: the converter that gives ONNX models a backward pass."""

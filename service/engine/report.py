@@ -1,0 +1,245 @@
+"""The diagnosis report (CONTRACT.md §3, `report_version` "1").
+
+Pydantic models so that the engine, the CLI, the API and the database all share one schema.
+Extend freely (new optional fields, new enum values); never rename or remove a contract field.
+Float fields may hold `inf`/`nan` (a non-finite gradient is a finding, not an error), so
+`model_dump(mode="json")` is serialised with `allow_inf_nan`-tolerant JSON (see `to_json`).
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+REPORT_VERSION = "1"
+
+Verdict = Literal["healthy", "at_risk", "unhealthy"]
+Severity = Literal["info", "warning", "error"]
+ModelFormat = Literal["onnx", "torchscript", "torch_export"]
+FindingKind = Literal[
+    "vanishing_gradients",
+    "exploding_gradients",
+    "non_finite",
+    "saturation",
+    "dead_units",
+    "init_scale",
+    "fp16_underflow",
+    "no_trainable_parameters",
+]
+FixKind = Literal[
+    "replace_activation",
+    "reinitialize_weights",
+    "add_normalization",
+    "add_residual_connections",
+    "clip_gradients",
+    "lower_learning_rate",
+    "use_gated_recurrent_unit",
+    "guard_numerics",
+    "loss_scaling",
+    "use_bf16",
+]
+SEVERITY_RANK: dict[str, int] = {"info": 0, "warning": 1, "error": 2}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TensorSpec(_Model):
+    name: str
+    shape: list[int | str | None]  # symbolic dims keep their name; unknown is None
+    dtype: str
+
+
+class ConversionCheck(_Model):
+    """ONNX only: the converted graph's forward output vs onnxruntime on the same batch."""
+
+    checked: bool
+    max_abs_error: float | None = None
+    max_rel_error: float | None = None
+    reference: str | None = None  # e.g. "onnxruntime 1.31.1 (CPUExecutionProvider)"
+    reason: str | None = None  # why it was not checked, or why it failed
+
+
+class ModelInfo(_Model):
+    format: ModelFormat
+    sha256: str
+    inputs: list[TensorSpec] = []
+    outputs: list[TensorSpec] = []
+    parameter_count: int = 0
+    probe_coverage: Literal["full", "parameters_only"] = "full"
+    probe_coverage_reason: str | None = None
+    conversion: ConversionCheck | None = None
+    opset: int | None = None
+
+
+class ArrayInfo(_Model):
+    name: str
+    shape: list[int]
+    dtype: str
+    role: Literal["input", "target"] = "input"
+    feeds: str | None = None  # the model input it feeds
+
+
+class BatchInfo(_Model):
+    names: list[str] = []
+    shapes: list[list[int]] = []
+    dtypes: list[str] = []
+    size: int = 0
+    arrays: list[ArrayInfo] = []
+
+
+class LossInfo(_Model):
+    kind: str
+    value: float | None = None
+    reason: str | None = None  # why this kind was chosen by default
+
+
+class ActivationStats(_Model):
+    mean: float | None = None
+    std: float | None = None
+    saturated_fraction: float | None = None
+    dead_fraction: float | None = None
+    non_finite_fraction: float | None = None
+    activation: str | None = None  # op type of the activation the stats describe
+
+
+class LayerReport(_Model):
+    name: str
+    op: str
+    depth: int
+    activation_grad_norm: float | None = None
+    activation_stats: ActivationStats = Field(default_factory=ActivationStats)
+    params: list[str] = []
+    grad_norm: float | None = None
+    weight_norm: float | None = None
+    grad_to_weight: float | None = None
+    fan_in: int | None = None
+    init_std_ratio: float | None = None  # weight std / the He or Xavier std for its fan-in
+
+
+class ParameterReport(_Model):
+    name: str
+    shape: list[int]
+    layer: str | None = None
+    grad_norm: float | None = None
+    weight_norm: float | None = None
+    grad_to_weight: float | None = None
+    non_finite: bool = False
+    non_finite_count: int = 0
+    fp16_underflow_fraction: float = 0.0
+    fp16_overflow_fraction: float = 0.0
+
+
+class DepthProfile(_Model):
+    layers: list[str] = []
+    grad_norms: list[float | None] = []
+    growth_factor: float | None = None  # fitted per-layer factor of ‖∂L/∂a‖, input → output
+    first_last_ratio: float | None = None  # first layer's norm / last layer's norm
+
+
+class TimeProfile(_Model):
+    input: str
+    axis: int
+    grad_norms: list[float] = []
+    growth_factor: float | None = None  # fitted per-step factor, first step → last
+    first_last_ratio: float | None = None
+
+
+class Profiles(_Model):
+    depth: DepthProfile = Field(default_factory=DepthProfile)
+    time: list[TimeProfile] = []
+
+
+class Finding(_Model):
+    kind: FindingKind
+    severity: Severity
+    message: str
+    layers: list[str] = []
+    evidence: dict[str, Any] = {}
+
+
+class Verification(_Model):
+    applied: bool
+    transform: str | None = None
+    before: dict[str, Any] = {}
+    after: dict[str, Any] = {}
+    resolved: bool | None = None  # the addressed findings are gone after the fix
+    reason: str | None = None  # why it could not be applied
+
+
+class Recommendation(_Model):
+    fix: FixKind
+    addresses: list[int | str] = []
+    rationale: str
+    snippet: str = ""
+    params: dict[str, Any] = {}
+    layers: list[str] = []
+    verified: Verification | None = None
+
+
+class Timing(_Model):
+    load: float = 0.0
+    convert: float = 0.0
+    forward: float = 0.0
+    backward: float = 0.0
+    analysis: float = 0.0
+    verification: float = 0.0
+    total: float = 0.0
+
+
+class Environment(_Model):
+    gradhealth: str
+    torch: str
+    onnx: str | None = None
+    onnxruntime: str | None = None
+    device_name: str
+
+
+class Report(_Model):
+    report_version: str = REPORT_VERSION
+    verdict: Verdict = "healthy"
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    model: ModelInfo
+    batch: BatchInfo = Field(default_factory=BatchInfo)
+    loss: LossInfo
+    device: str
+    mode: Literal["train", "eval"] = "train"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    micro_batches: int = 1
+    layers: list[LayerReport] = []
+    parameters: list[ParameterReport] = []
+    profiles: Profiles = Field(default_factory=Profiles)
+    findings: list[Finding] = []
+    recommendations: list[Recommendation] = []
+    timing: Timing = Field(default_factory=Timing)
+    environment: Environment
+    notes: list[str] = []
+
+    def worst_severity(self) -> Severity | None:
+        if not self.findings:
+            return None
+        return max((f.severity for f in self.findings), key=SEVERITY_RANK.__getitem__)
+
+    def compute_verdict(self) -> Verdict:
+        worst = self.worst_severity()
+        if worst is None or worst == "info":
+            return "healthy"
+        return "at_risk" if worst == "warning" else "unhealthy"
+
+    def to_jsonable(self) -> dict[str, Any]:
+        """JSON-safe dict: non-finite floats become the strings "inf", "-inf", "nan"."""
+        return _finite_json(self.model_dump(mode="json"))
+
+
+def _finite_json(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_json(v) for v in value]
+    return value
