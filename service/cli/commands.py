@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import importlib
 
-COMMAND_MODULES = ["service.cli.diagnose", "service.cli.server", "service.cli.keys", "service.cli.submit"]
+COMMAND_MODULES = [
+    "service.cli.diagnose",
+    "service.cli.server",
+    "service.cli.keys",
+    "service.cli.submit",
+    "service.cli.worker",
+]
 
 for _module in COMMAND_MODULES:
     try:

@@ -52,7 +52,9 @@ class NodeObserver(Protocol):
     def __call__(self, node: Node, outputs: Sequence[Any]) -> None: ...
 
 
-def _register_dotted(root: nn.Module, dotted: str, tensor: torch.Tensor, *, parameter: bool) -> None:
+def _register_dotted(
+    root: nn.Module, dotted: str, tensor: torch.Tensor, *, parameter: bool
+) -> None:
     """Register `tensor` so that `named_parameters()`/`named_buffers()` yield exactly `dotted`.
 
     Names like `layer1.0.conv1.weight` become nested submodules; `nn.Module` refuses dots in a
@@ -67,7 +69,9 @@ def _register_dotted(root: nn.Module, dotted: str, tensor: torch.Tensor, *, para
             module.add_module(part, child)
         module = child
     if parameter:
-        module.register_parameter(leaf, tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor))
+        module.register_parameter(
+            leaf, tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor)
+        )
     else:
         module.register_buffer(leaf, tensor)
 
@@ -83,7 +87,9 @@ def _lookup_dotted(root: nn.Module, dotted: str) -> torch.Tensor:
 
 
 def _is_registrable(name: str) -> bool:
-    return bool(name) and all(part and part.isidentifier() or part.isdigit() for part in name.split("."))
+    return bool(name) and all(
+        part and part.isidentifier() or part.isdigit() for part in name.split(".")
+    )
 
 
 class ObservableGraph(nn.Module):
@@ -147,9 +153,7 @@ class ObservableGraph(nn.Module):
             values[value_name] = _lookup_dotted(self, registered)
         return values
 
-    def run(
-        self, inputs: Sequence[Any], observer: NodeObserver | None = None
-    ) -> list[Any]:
+    def run(self, inputs: Sequence[Any], observer: NodeObserver | None = None) -> list[Any]:
         """Execute the graph; return the values of `output_names` in order."""
         if len(inputs) != len(self.input_names):
             raise ValueError(

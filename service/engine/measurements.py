@@ -1,0 +1,68 @@
+"""What one instrumented pass measures, handed from the probes to the detectors and advice.
+
+`Subject` is the thing measured (a model made runnable plus its batch and loss); `measure()`
+(service/engine/measure.py) turns a Subject into `Measurements`; the detectors turn
+Measurements into findings; fix verification transforms a copy of the Subject, measures it
+again and compares.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from service.engine.graph import ObservableGraph
+from service.engine.report import (
+    BatchInfo,
+    LayerReport,
+    LossInfo,
+    ModelInfo,
+    ParameterReport,
+    Profiles,
+)
+
+
+@dataclass
+class NonFiniteOrigin:
+    node: str
+    op_type: str
+    phase: str  # "forward" | "backward"
+    value: str | None = None  # the value (tensor) name
+    layer: str | None = None  # the layer it belongs to, if any
+
+
+@dataclass
+class Subject:
+    """A model ready to run: `module(*inputs)` gives the outputs the loss is taken of.
+
+    `graph` is set when the model could be made observable (full probe coverage); otherwise
+    only parameter gradients are measured (`model.probe_coverage == "parameters_only"`).
+    """
+
+    module: nn.Module
+    graph: ObservableGraph | None
+    inputs: list[torch.Tensor]
+    target: torch.Tensor | None
+    loss_kind: str
+    model_info: ModelInfo
+    batch_info: BatchInfo
+    device: torch.device
+    loss_reason: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Measurements:
+    layers: list[LayerReport]
+    parameters: list[ParameterReport]
+    profiles: Profiles
+    loss: LossInfo
+    non_finite_origin: NonFiniteOrigin | None = None
+    op_types: list[str] = field(default_factory=list)  # every node's op type, execution order
+    recurrent_layers: list[str] = field(default_factory=list)  # layers that are RNN/GRU/LSTM
+    timing: dict[str, float] = field(default_factory=dict)  # forward, backward, ... seconds
+    micro_batches: int = 1
+    notes: list[str] = field(default_factory=list)

@@ -1,0 +1,76 @@
+"""Turn a torch module into the bytes of each supported model format (no downloads).
+
+Used by every test that needs a model file: the converter's zoo, the engine's pathology zoo,
+the API and end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+def _as_tuple(example: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    return (example,) if isinstance(example, torch.Tensor) else tuple(example)
+
+
+def to_torchscript(module: nn.Module, example: torch.Tensor | Sequence[torch.Tensor]) -> bytes:
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.trace(module, _as_tuple(example))
+        torch.jit.save(scripted, buffer)
+    return buffer.getvalue()
+
+
+def to_torch_export(module: nn.Module, example: torch.Tensor | Sequence[torch.Tensor]) -> bytes:
+    buffer = io.BytesIO()
+    program = torch.export.export(module, _as_tuple(example))
+    torch.export.save(program, buffer)
+    return buffer.getvalue()
+
+
+def to_onnx(
+    module: nn.Module,
+    example: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    dynamo: bool = False,
+    opset: int | None = None,
+    training: bool = True,
+    input_names: list[str] | None = None,
+    output_names: list[str] | None = None,
+) -> bytes:
+    """`dynamo=False` exports in TRAINING mode without constant folding, so that parameters
+    stay initializers named as in the module (the converter's gradient tests rely on it)."""
+    args = _as_tuple(example)
+    buffer = io.BytesIO()
+    kwargs: dict[str, object] = {}
+    if opset is not None:
+        kwargs["opset_version"] = opset
+    if input_names is not None:
+        kwargs["input_names"] = input_names
+    if output_names is not None:
+        kwargs["output_names"] = output_names
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            program = torch.onnx.export(module, args, dynamo=True, verbose=False, **kwargs)  # type: ignore[arg-type]
+            assert program is not None
+            program.save(buffer)  # type: ignore[arg-type]
+        else:
+            torch.onnx.export(
+                module,
+                args,
+                buffer,
+                dynamo=False,
+                training=torch.onnx.TrainingMode.TRAINING
+                if training
+                else torch.onnx.TrainingMode.EVAL,
+                do_constant_folding=False,
+                **kwargs,  # type: ignore[arg-type]
+            )
+    return buffer.getvalue()
