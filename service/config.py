@@ -17,15 +17,15 @@ DEFAULT_LEASE_S = 60.0
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GRADHEALTH_", extra="ignore")
 
-    environment: str = Field("development", description="development | test | production")
-    database_url: str | None = Field(
+    environment: str = Field(default="development", description="development | test | production")
+    database_url: str | None = Field(default=
         None, description="postgresql+psycopg://... ; unset = embedded SQLite file in data_dir"
     )
     data_dir: Path = Path("./var")
-    max_upload_bytes: int = Field(DEFAULT_MAX_UPLOAD_BYTES, gt=0)
-    job_timeout_s: float = Field(DEFAULT_JOB_TIMEOUT_S, gt=0)
-    max_attempts: int = Field(DEFAULT_MAX_ATTEMPTS, ge=1)
-    lease_s: float = Field(DEFAULT_LEASE_S, gt=0)
+    max_upload_bytes: int = Field(default=DEFAULT_MAX_UPLOAD_BYTES, gt=0)
+    job_timeout_s: float = Field(default=DEFAULT_JOB_TIMEOUT_S, gt=0)
+    max_attempts: int = Field(default=DEFAULT_MAX_ATTEMPTS, ge=1)
+    lease_s: float = Field(default=DEFAULT_LEASE_S, gt=0)
 
     @property
     def effective_database_url(self) -> str:
@@ -37,7 +37,8 @@ class Settings(BaseSettings):
     def _refuse_unsafe_production(self) -> Settings:
         if self.environment == "production" and not self.database_url:
             raise ValueError(
-                "GRADHEALTH_DATABASE_URL must point at Postgres when GRADHEALTH_ENVIRONMENT=production"
+                "GRADHEALTH_DATABASE_URL must point at Postgres "
+                "when GRADHEALTH_ENVIRONMENT=production"
             )
         return self
 

@@ -88,7 +88,7 @@ def _lookup_dotted(root: nn.Module, dotted: str) -> torch.Tensor:
 
 def _is_registrable(name: str) -> bool:
     return bool(name) and all(
-        part and part.isidentifier() or part.isdigit() for part in name.split(".")
+        (part and part.isidentifier()) or part.isdigit() for part in name.split(".")
     )
 
 
