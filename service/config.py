@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -12,26 +13,58 @@ DEFAULT_MAX_UPLOAD_BYTES = 2 * 1024**3  # 2 GiB: a large CNN/transformer checkpo
 DEFAULT_JOB_TIMEOUT_S = 600.0
 DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_LEASE_S = 60.0
+# 1 MiB per `blob_chunks` row: few rows for a large checkpoint, small enough that a worker
+# streaming a blob out of Postgres never holds more than one chunk per read.
+DEFAULT_BLOB_CHUNK_BYTES = 1024 * 1024
+SQLITE_FILE_NAME = "gradhealth.sqlite3"
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GRADHEALTH_", extra="ignore")
 
     environment: str = Field(default="development", description="development | test | production")
-    database_url: str | None = Field(default=
-        None, description="postgresql+psycopg://... ; unset = embedded SQLite file in data_dir"
+    database_url: str | None = Field(
+        default=None,
+        description="postgresql+psycopg://... ; unset = embedded SQLite file in data_dir",
     )
     data_dir: Path = Path("./var")
     max_upload_bytes: int = Field(default=DEFAULT_MAX_UPLOAD_BYTES, gt=0)
     job_timeout_s: float = Field(default=DEFAULT_JOB_TIMEOUT_S, gt=0)
     max_attempts: int = Field(default=DEFAULT_MAX_ATTEMPTS, ge=1)
     lease_s: float = Field(default=DEFAULT_LEASE_S, gt=0)
+    blob_storage: Literal["auto", "db", "file"] = Field(
+        default="auto",
+        description="where uploaded bytes live: db = chunks in Postgres/SQLite (workers elsewhere "
+        "need only the database URL), file = under data_dir/blobs; auto = db on Postgres, file on "
+        "the embedded SQLite",
+    )
+    blob_chunk_bytes: int = Field(default=DEFAULT_BLOB_CHUNK_BYTES, ge=1024)
+    db_pool_size: int = Field(default=10, ge=1, description="Postgres connections per process")
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.effective_database_url.startswith("sqlite")
 
     @property
     def effective_database_url(self) -> str:
         if self.database_url:
             return self.database_url
-        return f"sqlite:///{(self.data_dir / 'gradhealth.sqlite3').resolve()}"
+        return f"sqlite:///{(self.data_dir / SQLITE_FILE_NAME).resolve()}"
+
+    @property
+    def effective_blob_storage(self) -> Literal["db", "file"]:
+        if self.blob_storage != "auto":
+            return self.blob_storage
+        return "file" if self.is_sqlite else "db"
+
+    @property
+    def blob_dir(self) -> Path:
+        return (self.data_dir / "blobs").resolve()
+
+    @property
+    def upload_tmp_dir(self) -> Path:
+        # Uploads are spooled next to the blob dir so that the final rename stays on one device.
+        return (self.data_dir / "tmp").resolve()
 
     @model_validator(mode="after")
     def _refuse_unsafe_production(self) -> Settings:
@@ -39,6 +72,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 "GRADHEALTH_DATABASE_URL must point at Postgres "
                 "when GRADHEALTH_ENVIRONMENT=production"
+            )
+        if self.environment == "production" and self.blob_storage == "file":
+            raise ValueError(
+                "GRADHEALTH_BLOB_STORAGE=file keeps uploads on one machine; use db (or auto) "
+                "when GRADHEALTH_ENVIRONMENT=production so that remote workers can read them"
             )
         return self
 

@@ -1,0 +1,37 @@
+"""Uploaded sample batches."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service.db.models import BatchRecord
+
+
+def get(session: Session, tenant_id: str, batch_id: str) -> BatchRecord | None:
+    return session.scalar(
+        select(BatchRecord).where(BatchRecord.id == batch_id, BatchRecord.tenant_id == tenant_id)
+    )
+
+
+def add(
+    session: Session,
+    tenant_id: str,
+    *,
+    sha256: str,
+    size_bytes: int,
+    filename: str | None,
+    arrays: list[dict[str, Any]],
+) -> BatchRecord:
+    record = BatchRecord(
+        tenant_id=tenant_id,
+        sha256=sha256,
+        size_bytes=size_bytes,
+        filename=filename,
+        arrays=arrays,
+    )
+    session.add(record)
+    session.flush()
+    return record
