@@ -1,1 +1,352 @@
-"""(being written)"""
+"""RNN, GRU and LSTM (default domain, opset 7 on), unrolled one time step at a time.
+
+Why not `torch.nn.LSTM` & co.: the fused kernels hide the per-step states, and gradhealth's time
+profile needs the gradient that reaches each step. Here the input projection `X·Wᵀ + Wb` is one
+matmul over all steps (it has no recurrence), then a Python loop applies the recurrence with plain
+torch ops, so autograd sees every step and `Y` stacks exactly the tensors the loop produced.
+
+Semantics follow the ONNX spec where it is precise and onnxruntime where it is not (the tests
+compare against onnxruntime over the attribute grid):
+- `sequence_lens`: a step at or past a sequence's length leaves its state unchanged and writes
+  zeros to `Y`; the reverse direction therefore starts at the sequence's last valid step.
+- `activation_alpha` / `activation_beta` are consumed in order by the activations that take them
+  (as onnxruntime does); an activation without a given value uses its ONNX default.
+- `activations` must list every direction's functions (onnxruntime refuses a short list too).
+- `clip` bounds every gate's pre-activation (peephole terms included).
+
+Opset versions 7, 14 and 22 differ only in `layout` (added in 14, defaults to 0) and in the
+element types allowed, so one builder per op serves all of them.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from service.engine.onnx.registry import OpContext, UnsupportedAttribute, register
+
+
+def _as_str(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+# name (lower case) → (takes alpha, takes beta, default alpha, default beta, function).
+# Defaults are onnxruntime's: where the ONNX spec's "same as the ONNX operator" differs
+# (ThresholdedRelu alpha 1.0, Affine/ScaledTanh alpha 1.0), onnxruntime uses 0, and a model
+# means what its runtime computes; the conformance check compares against onnxruntime.
+_ActivationFn = Callable[[Tensor, float, float], Tensor]
+_ACTIVATIONS: dict[str, tuple[bool, bool, float, float, _ActivationFn]] = {
+    "sigmoid": (False, False, 0.0, 0.0, lambda x, a, b: torch.sigmoid(x)),
+    "tanh": (False, False, 0.0, 0.0, lambda x, a, b: torch.tanh(x)),
+    "relu": (False, False, 0.0, 0.0, lambda x, a, b: torch.relu(x)),
+    "hardsigmoid": (True, True, 0.2, 0.5, lambda x, a, b: torch.clamp(a * x + b, 0.0, 1.0)),
+    "leakyrelu": (True, False, 0.01, 0.0, lambda x, a, b: F.leaky_relu(x, a)),
+    "thresholdedrelu": (True, False, 0.0, 0.0, lambda x, a, b: torch.where(x > a, x, 0.0)),
+    "scaledtanh": (True, True, 0.0, 0.0, lambda x, a, b: a * torch.tanh(b * x)),
+    "affine": (True, True, 0.0, 0.0, lambda x, a, b: a * x + b),
+    "elu": (True, False, 1.0, 0.0, lambda x, a, b: F.elu(x, a)),
+    "softsign": (False, False, 0.0, 0.0, lambda x, a, b: F.softsign(x)),
+    "softplus": (False, False, 0.0, 0.0, lambda x, a, b: F.softplus(x)),
+}
+
+
+@dataclass(frozen=True)
+class Activation:
+    """One entry of the `activations` attribute, with its alpha/beta resolved."""
+
+    name: str
+    alpha: float
+    beta: float
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return _ACTIVATIONS[self.name.lower()][4](x, self.alpha, self.beta)
+
+
+def _activations(ctx: OpContext, per_direction: Sequence[str], directions: int) -> list[Activation]:
+    """Resolve `activations` / `activation_alpha` / `activation_beta` into one list per node:
+    `per_direction` entries for the first direction, then for the second if bidirectional."""
+    names = [_as_str(n) for n in ctx.attr("activations", [])] or list(per_direction) * directions
+    if len(names) != len(per_direction) * directions:  # onnxruntime refuses it too
+        raise UnsupportedAttribute(
+            f"activations has {len(names)} entries; {ctx.op_type} with {directions} direction(s) "
+            f"needs {len(per_direction) * directions} ({len(per_direction)} per direction)"
+        )
+    alphas = list(ctx.attr("activation_alpha", []))
+    betas = list(ctx.attr("activation_beta", []))
+    resolved = []
+    for name in names:
+        spec = _ACTIVATIONS.get(name.lower())
+        if spec is None:
+            raise UnsupportedAttribute(
+                f"activation {name!r} is not supported; supported: "
+                + ", ".join(sorted(_ACTIVATIONS))
+            )
+        takes_alpha, takes_beta, alpha, beta, _ = spec
+        if takes_alpha and alphas:
+            alpha = float(alphas.pop(0))
+        if takes_beta and betas:
+            beta = float(betas.pop(0))
+        resolved.append(Activation(name, alpha, beta))
+    return resolved
+
+
+@dataclass(frozen=True)
+class _Settings:
+    op_type: str
+    directions: int  # 1 or 2
+    reverse_only: bool  # direction == "reverse"
+    layout: int
+    clip: float | None
+    activations: list[Activation]  # per_direction entries for each direction, in order
+    num_outputs: int
+
+
+def _settings(ctx: OpContext, per_direction: Sequence[str]) -> _Settings:
+    direction = _as_str(ctx.attr("direction", "forward"))
+    if direction not in ("forward", "reverse", "bidirectional"):
+        raise UnsupportedAttribute(
+            f"direction {direction!r}: expected forward, reverse or bidirectional"
+        )
+    directions = 2 if direction == "bidirectional" else 1
+    layout = int(ctx.attr("layout", 0))
+    if layout not in (0, 1):
+        raise UnsupportedAttribute(f"layout {layout}: expected 0 or 1")
+    clip = ctx.attr("clip")
+    if clip is not None and float(clip) <= 0:
+        raise UnsupportedAttribute(f"clip {clip}: expected a positive threshold")
+    return _Settings(
+        op_type=ctx.op_type,
+        directions=directions,
+        reverse_only=direction == "reverse",
+        layout=layout,
+        clip=None if clip is None else float(clip),
+        activations=_activations(ctx, per_direction, directions),
+        num_outputs=ctx.num_outputs,
+    )
+
+
+# A step: (input projection at t [B, G·H], hidden [B, H], cell [B, H] or None) → (hidden, cell)
+Step = Callable[[Tensor, Tensor, Tensor | None], tuple[Tensor, Tensor | None]]
+
+
+class RecurrentFn:
+    """The NodeFn of one RNN/GRU/LSTM node.
+
+    Set `record_steps = True` to keep, after each call, the hidden state tensor of every step
+    (`step_hidden[direction][t]`, shape [batch, hidden], in time order): these are the tensors
+    the next step consumes, so a gradient hook on them sees the full gradient reaching step t
+    (through `Y` and through the recurrence), which `Y`'s own gradient does not.
+    """
+
+    def __init__(
+        self, settings: _Settings, make_step: Callable[..., Step], gates: int, has_cell: bool
+    ) -> None:
+        self.settings = settings
+        self.make_step = make_step
+        self.gates = gates
+        self.has_cell = has_cell  # LSTM: a cell state runs beside the hidden state
+        self.record_steps = False
+        self.step_hidden: list[list[Tensor]] = []
+
+    def __call__(
+        self,
+        X: Tensor,
+        W: Tensor,
+        R: Tensor,
+        B: Tensor | None = None,
+        sequence_lens: Tensor | None = None,
+        initial_h: Tensor | None = None,
+        initial_c: Tensor | None = None,
+        P: Tensor | None = None,
+    ) -> Tensor | tuple[Tensor | None, ...]:
+        s = self.settings
+        if s.layout == 1:  # [batch, seq, ...] → [seq, batch, ...]
+            X = X.transpose(0, 1)
+            initial_h = None if initial_h is None else initial_h.transpose(0, 1)
+            initial_c = None if initial_c is None else initial_c.transpose(0, 1)
+        steps, batch = X.shape[0], X.shape[1]
+        hidden = R.shape[-1]
+        if W.shape[0] != s.directions or W.shape[1] != self.gates * hidden:
+            raise ValueError(
+                f"{s.op_type}: W has shape {tuple(W.shape)}, expected "
+                f"[{s.directions}, {self.gates * hidden}, input_size]"
+            )
+        valid = None
+        if sequence_lens is not None:
+            lens = sequence_lens.to(device=X.device, dtype=torch.long)
+            if bool((lens < steps).any()):  # all full length: the mask would change nothing
+                t = torch.arange(steps, device=X.device).unsqueeze(1)
+                valid = (t < lens.unsqueeze(0)).unsqueeze(-1)  # [seq, batch, 1]
+        ys, last_h, last_c = [], [], []
+        self.step_hidden = []
+        per_dir = len(s.activations) // s.directions
+        for d in range(s.directions):
+            w_bias = None if B is None else B[d, : self.gates * hidden]
+            r_bias = None if B is None else B[d, self.gates * hidden :]
+            projected = F.linear(X, W[d], w_bias)  # [seq, batch, G·H]: no recurrence, one matmul
+            h0 = X.new_zeros(batch, hidden) if initial_h is None else initial_h[d]
+            c0 = None
+            if self.has_cell:
+                c0 = X.new_zeros(batch, hidden) if initial_c is None else initial_c[d]
+            step = self.make_step(
+                R[d],
+                r_bias,
+                None if P is None else P[d],
+                s.activations[d * per_dir : (d + 1) * per_dir],
+                s.clip,
+            )
+            reverse = s.reverse_only or d == 1
+            y, h, c = self._unroll(projected, valid, reverse, h0, c0, step)
+            ys.append(y)
+            last_h.append(h)
+            last_c.append(c)
+        Y = torch.stack(ys, 1)  # [seq, dirs, batch, hidden]
+        Y_h = torch.stack(last_h, 0)  # [dirs, batch, hidden]
+        Y_c = None if last_c[0] is None else torch.stack(last_c, 0)  # type: ignore[arg-type]
+        if s.layout == 1:
+            Y = Y.permute(2, 0, 1, 3)  # [batch, seq, dirs, hidden]
+            Y_h = Y_h.transpose(0, 1)
+            Y_c = None if Y_c is None else Y_c.transpose(0, 1)
+        outputs = (Y, Y_h, Y_c)[: s.num_outputs]
+        return outputs[0] if len(outputs) == 1 else outputs  # type: ignore[return-value]
+
+    def _unroll(
+        self,
+        projected: Tensor,
+        valid: Tensor | None,
+        reverse: bool,
+        h: Tensor,
+        c: Tensor | None,
+        step: Step,
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        steps = projected.shape[0]
+        outputs: list[Tensor] = [projected] * steps  # placeholders, all overwritten
+        for t in range(steps - 1, -1, -1) if reverse else range(steps):
+            h_new, c_new = step(projected[t], h, c)
+            if valid is None:
+                h, c = h_new, c_new
+                outputs[t] = h_new
+            else:  # padding step: state held, output zero (as onnxruntime)
+                outputs[t] = torch.where(valid[t], h_new, torch.zeros_like(h_new))
+                h = torch.where(valid[t], h_new, h)
+                if c is not None and c_new is not None:
+                    c = torch.where(valid[t], c_new, c)
+            if self.record_steps:  # h_new: Y[t] and the next step both read it
+                self._record(reverse, t, steps, h_new)
+        return torch.stack(outputs, 0), h, c
+
+    def _record(self, reverse: bool, t: int, steps: int, h: Tensor) -> None:
+        if not self.step_hidden or (reverse and t == steps - 1) or (not reverse and t == 0):
+            self.step_hidden.append([h] * steps)
+        self.step_hidden[-1][t] = h
+
+
+def _clipped(clip: float | None) -> Callable[[Tensor], Tensor]:
+    if clip is None:
+        return lambda x: x
+    return lambda x: torch.clamp(x, -clip, clip)
+
+
+def _rnn_step(
+    R: Tensor, r_bias: Tensor | None, _p: Tensor | None, acts: list[Activation], clip: float | None
+) -> Step:
+    (f,) = acts
+    cl = _clipped(clip)
+
+    def step(x: Tensor, h: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        return f(cl(x + F.linear(h, R, r_bias))), None
+
+    return step
+
+
+def _gru_step_factory(linear_before_reset: bool) -> Callable[..., Step]:
+    def make(
+        R: Tensor,
+        r_bias: Tensor | None,
+        _p: Tensor | None,
+        acts: list[Activation],
+        clip: float | None,
+    ) -> Step:
+        f, g = acts
+        cl = _clipped(clip)
+        hidden = R.shape[-1]
+        R_zr, R_h = R[: 2 * hidden], R[2 * hidden :]
+        b_zr = None if r_bias is None else r_bias[: 2 * hidden]
+        b_h = None if r_bias is None else r_bias[2 * hidden :]
+
+        def step(x: Tensor, h: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor | None]:
+            x_z, x_r, x_h = x.split(hidden, -1)
+            if linear_before_reset:  # one matmul for all three gates
+                h_z, h_r, h_h = F.linear(h, R, r_bias).split(hidden, -1)
+            else:
+                h_z, h_r = F.linear(h, R_zr, b_zr).split(hidden, -1)
+            z = f(cl(x_z + h_z))
+            r = f(cl(x_r + h_r))
+            if linear_before_reset:
+                candidate = g(cl(x_h + r * h_h))
+            else:
+                candidate = g(cl(x_h + F.linear(r * h, R_h, b_h)))
+            return (1 - z) * candidate + z * h, None
+
+        return step
+
+    return make
+
+
+def _lstm_step(
+    R: Tensor,
+    r_bias: Tensor | None,
+    P: Tensor | None,
+    acts: list[Activation],
+    clip: float | None,
+    input_forget: bool = False,
+) -> Step:
+    f, g, h_act = acts
+    cl = _clipped(clip)
+    hidden = R.shape[-1]
+    p_i, p_o, p_f = (None, None, None) if P is None else P.split(hidden, -1)
+
+    def step(x: Tensor, h: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        assert c is not None
+        x_i, x_o, x_f, x_c = (x + F.linear(h, R, r_bias)).split(hidden, -1)
+        if p_i is not None and p_f is not None:
+            x_i = x_i + p_i * c
+            x_f = x_f + p_f * c
+        i = f(cl(x_i))
+        forget = 1 - i if input_forget else f(cl(x_f))
+        c_new = forget * c + i * g(cl(x_c))
+        if p_o is not None:
+            x_o = x_o + p_o * c_new
+        o = f(cl(x_o))
+        return o * h_act(c_new), c_new
+
+    return step
+
+
+@register("RNN", since=7)
+def rnn(ctx: OpContext) -> RecurrentFn:
+    return RecurrentFn(_settings(ctx, ["Tanh"]), _rnn_step, gates=1, has_cell=False)
+
+
+@register("GRU", since=7)
+def gru(ctx: OpContext) -> RecurrentFn:
+    settings = _settings(ctx, ["Sigmoid", "Tanh"])
+    lbr = int(ctx.attr("linear_before_reset", 0))
+    if lbr not in (0, 1):
+        raise UnsupportedAttribute(f"linear_before_reset {lbr}: expected 0 or 1")
+    return RecurrentFn(settings, _gru_step_factory(bool(lbr)), gates=3, has_cell=False)
+
+
+@register("LSTM", since=7)
+def lstm(ctx: OpContext) -> RecurrentFn:
+    settings = _settings(ctx, ["Sigmoid", "Tanh", "Tanh"])
+    input_forget = int(ctx.attr("input_forget", 0))
+    if input_forget not in (0, 1):
+        raise UnsupportedAttribute(f"input_forget {input_forget}: expected 0 or 1")
+    make = functools.partial(_lstm_step, input_forget=bool(input_forget))
+    return RecurrentFn(settings, make, gates=4, has_cell=True)

@@ -1,0 +1,168 @@
+"""Recurrent models for the converter tests, and single-node ONNX helpers.
+
+- `single_node_model` / `run_onnxruntime` / `build_node_fn`: test one op builder against
+  onnxruntime without the converter core (a one-node model whose every input is a graph input).
+- `RECURRENT_ZOO`: 2-layer bidirectional LSTM, GRU and tanh RNN (batch_first, initial states),
+  the shapes the exporters must get through.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import helper
+from torch import nn
+
+from service.engine.onnx import ops  # noqa: F401  (registers the builders)
+from service.engine.onnx.registry import OpContext, lookup
+
+
+def single_node_model(
+    node: onnx.NodeProto,
+    inputs: Sequence[np.ndarray | None],
+    *,
+    opset: int,
+    num_outputs: int | None = None,
+    extra_opsets: dict[str, int] | None = None,
+) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """A model holding `node` alone; returns it with the feeds for its non-omitted inputs.
+    `node.input` names must match `inputs` positionally ("" for None)."""
+    feeds = {}
+    graph_inputs = []
+    for name, value in zip(node.input, inputs, strict=True):
+        if not name:
+            continue
+        assert value is not None
+        feeds[name] = value
+        graph_inputs.append(
+            helper.make_tensor_value_info(
+                name, helper.np_dtype_to_tensor_dtype(value.dtype), list(value.shape)
+            )
+        )
+    outputs = [
+        helper.make_empty_tensor_value_info(name)
+        for name in list(node.output)[: num_outputs or len(node.output)]
+        if name
+    ]
+    opsets = [helper.make_opsetid("", opset)]
+    opsets += [helper.make_opsetid(d, v) for d, v in (extra_opsets or {}).items()]
+    graph = helper.make_graph([node], "single", graph_inputs, outputs)
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = min(model.ir_version, 10)  # what the installed onnxruntime reads
+    return model, feeds
+
+
+def run_onnxruntime(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    return list(session.run(None, feeds))
+
+
+def node_context(node: onnx.NodeProto, opset: int, mode: str = "train") -> OpContext:
+    attrs: dict[str, Any] = {}
+    for attribute in node.attribute:
+        value = helper.get_attribute_value(attribute)
+        if isinstance(value, bytes):
+            value = value.decode()
+        elif isinstance(value, list) and value and isinstance(value[0], bytes):
+            value = [v.decode() for v in value]
+        attrs[attribute.name] = value
+    return OpContext(
+        node=node,
+        op_type=node.op_type,
+        domain=node.domain,
+        opset=opset,
+        attrs=attrs,
+        num_inputs=len(node.input),
+        num_outputs=len(node.output),
+        mode=mode,
+    )
+
+
+def build_node_fn(node: onnx.NodeProto, opset: int) -> Callable[..., Any]:
+    builder = lookup(node.op_type, node.domain, opset)
+    assert builder is not None, f"no builder for {node.domain}::{node.op_type}-{opset}"
+    return builder(node_context(node, opset))
+
+
+def as_outputs(result: Any, count: int) -> list[Any]:
+    """A NodeFn returns the value itself for one output, else a tuple (graph.Node's contract)."""
+    return [result] if count == 1 else list(result)
+
+
+# --- the zoo: torch modules the exporters turn into RNN/GRU/LSTM nodes ---------------------------
+
+
+class LstmNet(nn.Module):
+    """2-layer bidirectional LSTM, batch_first, initial states given as inputs."""
+
+    def __init__(self, input_size: int = 3, hidden: int = 4) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(input_size, hidden, num_layers=2, bidirectional=True, batch_first=True)
+        self.head = nn.Linear(2 * hidden, 2)
+
+    def forward(self, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor) -> torch.Tensor:
+        y, _ = self.rnn(x, (h0, c0))
+        return self.head(y)
+
+
+class GruNet(nn.Module):
+    def __init__(self, input_size: int = 3, hidden: int = 4) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(input_size, hidden, num_layers=2, bidirectional=True, batch_first=True)
+        self.head = nn.Linear(2 * hidden, 2)
+
+    def forward(self, x: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+        y, _ = self.rnn(x, h0)
+        return self.head(y)
+
+
+class TanhRnnNet(nn.Module):
+    def __init__(self, input_size: int = 3, hidden: int = 4) -> None:
+        super().__init__()
+        self.rnn = nn.RNN(
+            input_size,
+            hidden,
+            num_layers=2,
+            bidirectional=True,
+            batch_first=True,
+            nonlinearity="tanh",
+        )
+        self.head = nn.Linear(2 * hidden, 2)
+
+    def forward(self, x: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+        y, _ = self.rnn(x, h0)
+        return self.head(y)
+
+
+@dataclass
+class ZooEntry:
+    name: str
+    make: Callable[[], nn.Module]
+    example: Callable[[], tuple[torch.Tensor, ...]]
+
+
+def _inputs(with_cell: bool, batch: int = 2, steps: int = 5) -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(batch, steps, 3, generator=generator)
+    h0 = torch.randn(4, batch, 4, generator=generator) * 0.5
+    if not with_cell:
+        return x, h0
+    return x, h0, torch.randn(4, batch, 4, generator=generator) * 0.5
+
+
+RECURRENT_ZOO = [
+    ZooEntry("lstm", LstmNet, lambda: _inputs(True)),
+    ZooEntry("gru", GruNet, lambda: _inputs(False)),
+    ZooEntry("rnn_tanh", TanhRnnNet, lambda: _inputs(False)),
+]
