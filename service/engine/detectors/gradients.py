@@ -1,0 +1,232 @@
+"""Vanishing and exploding gradients, over depth and over time.
+
+Judged on the activation-gradient profile (‖∂L/∂a‖ per layer), on weight gradients
+(AUTOTRAINER's first/last ratio) AND on absolute scale (grad/weight), because each alone is blind
+to a classic case: see the rules in thresholds.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from service.engine.detectors.optypes import is_normalization
+from service.engine.detectors.profile import backward_factor, first_last_ratio, sig, usable
+from service.engine.measurements import Measurements
+from service.engine.report import Finding, LayerReport
+
+
+def _ordered_layers(m: Measurements) -> list[LayerReport]:
+    return sorted(m.layers, key=lambda layer: layer.depth)
+
+
+def _depth_profile(m: Measurements) -> tuple[list[str], list[float | None]]:
+    depth = m.profiles.depth
+    if depth.layers and any(usable(v) for v in depth.grad_norms):
+        return list(depth.layers), list(depth.grad_norms)
+    layers = [x for x in _ordered_layers(m) if x.activation_grad_norm is not None]
+    return [x.name for x in layers], [x.activation_grad_norm for x in layers]
+
+
+def _weight_layers(m: Measurements) -> list[LayerReport]:
+    """Layers with weight gradients, normalisation layers left out (their gains are not weights
+    in AUTOTRAINER's sense and their gradients follow a different scale)."""
+    return [
+        x
+        for x in _ordered_layers(m)
+        if x.grad_norm is not None and x.params and not is_normalization(x.op)
+    ]
+
+
+def depth_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
+    names, norms = _depth_profile(m)
+    ratio = first_last_ratio(norms) if len(names) >= 2 else None
+    factor = backward_factor(norms)
+    last = norms[-1] if norms else None
+    rel = [(n, v / last) for n, v in zip(names, norms, strict=True) if usable(last) and usable(v)]  # type: ignore[operator]
+
+    wl = _weight_layers(m)
+    w_first, w_last = (wl[0], wl[-1]) if len(wl) >= 2 else (None, None)
+    weight_ratio = None
+    if w_first is not None and w_last is not None and usable(w_last.grad_norm):
+        weight_ratio = (w_first.grad_norm or 0.0) / w_last.grad_norm  # type: ignore[operator]
+    g2w = [(x.name, x.grad_to_weight) for x in wl if x.grad_to_weight is not None]
+
+    evidence: dict[str, Any] = {
+        "axis": "depth",
+        "depth_ratio": ratio,
+        "per_layer_factor": factor,
+        "layers_in_profile": len(names),
+        "weight_ratio": weight_ratio,
+        "first_weight_grad_norm": w_first.grad_norm if w_first else None,
+        "last_weight_grad_norm": w_last.grad_norm if w_last else None,
+        "max_grad_to_weight": max((v for _, v in g2w), default=None),
+        "min_grad_to_weight": min((v for _, v in g2w), default=None),
+    }
+    findings: list[Finding] = []
+
+    # --- vanishing -----------------------------------------------------------------------
+    rules: list[str] = []
+    if ratio is not None and ratio < t["vanishing_profile_ratio"]:
+        rules.append("depth_ratio")
+    if (
+        weight_ratio is not None
+        and weight_ratio < t["vanishing_weight_ratio"]
+        and (w_first.grad_norm or 0.0) < t["vanishing_first_grad_norm"]  # type: ignore[union-attr]
+    ):
+        rules.append("weight_ratio")
+    if g2w and all(v < t["vanishing_grad_to_weight"] for _, v in g2w):
+        rules.append("absolute_scale")
+    severity = "error" if rules else None
+    if not rules and ratio is not None and ratio < t["vanishing_profile_ratio_warning"]:
+        severity, rules = "warning", ["depth_ratio_warning"]
+    if severity is not None:
+        if "absolute_scale" in rules:
+            layers = [n for n, _ in sorted(g2w, key=lambda p: p[1])]
+        else:
+            cut = t["vanishing_profile_ratio_warning"]
+            layers = [n for n, r in sorted(rel, key=lambda p: p[1]) if r < cut]
+            if not layers and w_last is not None and usable(w_last.grad_norm):
+                layers = [
+                    x.name
+                    for x in sorted(wl, key=lambda x: x.grad_norm or 0.0)
+                    if (x.grad_norm or 0.0) / w_last.grad_norm < cut  # type: ignore[operator]
+                ]
+        ev = {**evidence, "rules": rules}
+        if "absolute_scale" in rules:
+            msg = (
+                f"Gradients vanish at every depth: the largest grad/weight of any layer is "
+                f"{sig(evidence['max_grad_to_weight'])}, so no layer would learn; check the "
+                f"initialisation scale of {layers[0] if layers else 'the layers'}."
+            )
+        elif "depth_ratio" in rules or severity == "warning":
+            msg = (
+                f"Gradients vanish towards the input: ‖∂L/∂a‖ at {names[0]} is {sig(ratio)} of "
+                f"that at {names[-1]} (×{sig(factor)} per layer backwards); the earliest layers "
+                f"({', '.join(layers[:3])}) barely learn."
+            )
+        else:
+            msg = (
+                f"Weight gradients vanish towards the input: {w_first.name} gets "  # type: ignore[union-attr]
+                f"{sig(weight_ratio)} of the gradient of {w_last.name} "  # type: ignore[union-attr]
+                f"(norm {sig(w_first.grad_norm)}); the earliest layers barely learn."  # type: ignore[union-attr]
+            )
+        findings.append(
+            Finding(
+                kind="vanishing_gradients",
+                severity=severity,  # type: ignore[arg-type]
+                message=msg,
+                layers=layers,
+                evidence=ev,
+            )
+        )
+
+    # --- exploding -----------------------------------------------------------------------
+    rules = []
+    compounding = factor is not None and factor > t["exploding_layer_factor"]
+    if ratio is not None and ratio > t["exploding_profile_ratio"] and compounding:
+        rules.append("depth_ratio")
+    if weight_ratio is not None and weight_ratio > t["exploding_profile_ratio"]:
+        rules.append("weight_ratio")
+    if any(v > t["exploding_grad_to_weight"] for _, v in g2w):
+        rules.append("absolute_scale")
+    severity = "error" if rules else None
+    if (
+        not rules
+        and ratio is not None
+        and ratio > t["exploding_profile_ratio_warning"]
+        and compounding
+    ):
+        severity, rules = "warning", ["depth_ratio_warning"]
+    if severity is not None:
+        if rules == ["absolute_scale"]:
+            cut = t["exploding_grad_to_weight"]
+            layers = [n for n, v in sorted(g2w, key=lambda p: -p[1]) if v > cut]
+        else:
+            cut = t["exploding_profile_ratio_warning"]
+            layers = [n for n, r in sorted(rel, key=lambda p: -p[1]) if r > cut]
+            if not layers:
+                layers = [n for n, _ in sorted(g2w, key=lambda p: -p[1])][:3]
+        if "depth_ratio" in rules or rules == ["depth_ratio_warning"]:
+            msg = (
+                f"Gradients explode towards the input: ‖∂L/∂a‖ grows ×{sig(factor)} per layer "
+                f"backwards, {sig(ratio)}× larger at {names[0]} than at {names[-1]}."
+            )
+        elif "weight_ratio" in rules:
+            msg = (
+                f"Weight gradients explode towards the input: {w_first.name} gets "  # type: ignore[union-attr]
+                f"{sig(weight_ratio)}× the gradient of {w_last.name}."  # type: ignore[union-attr]
+            )
+        else:
+            msg = (
+                f"Gradients are too large for the weights: grad/weight reaches "
+                f"{sig(evidence['max_grad_to_weight'])} in {layers[0]}, one SGD step would "
+                f"overwrite the layer."
+            )
+        findings.append(
+            Finding(
+                kind="exploding_gradients",
+                severity=severity,  # type: ignore[arg-type]
+                message=msg,
+                layers=layers,
+                evidence={**evidence, "rules": rules},
+            )
+        )
+    return findings
+
+
+def time_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
+    findings: list[Finding] = []
+    for prof in m.profiles.time:
+        norms: list[float | None] = list(prof.grad_norms)
+        ratio = first_last_ratio(norms)
+        if ratio is None:
+            continue
+        factor = backward_factor(norms)
+        last = norms[-1]
+        horizon = 0
+        for v in reversed(norms):
+            if not (usable(v) and usable(last) and v / last >= t["vanishing_time_ratio"]):  # type: ignore[operator]
+                break
+            horizon += 1
+        evidence: dict[str, Any] = {
+            "axis": "time",
+            "input": prof.input,
+            "sequence_axis": prof.axis,
+            "steps": len(norms),
+            "time_ratio": ratio,
+            "per_step_factor": factor,
+            "horizon_steps": horizon,
+            "first_step_grad_norm": norms[0],
+            "last_step_grad_norm": last,
+        }
+        layers = list(m.recurrent_layers)
+        if ratio < t["vanishing_time_ratio"]:
+            findings.append(
+                Finding(
+                    kind="vanishing_gradients",
+                    severity="error",
+                    message=(
+                        f"Gradients vanish over time: ‖∂L/∂x_t‖ of input {prof.input!r} at the "
+                        f"first of {len(norms)} steps is {sig(ratio)} of that at the last "
+                        f"(×{sig(factor)} per step); only the last {horizon} steps are learned "
+                        f"from."
+                    ),
+                    layers=layers,
+                    evidence=evidence,
+                )
+            )
+        elif ratio > t["exploding_time_ratio"]:
+            findings.append(
+                Finding(
+                    kind="exploding_gradients",
+                    severity="error",
+                    message=(
+                        f"Gradients explode over time: ‖∂L/∂x_t‖ of input {prof.input!r} at the "
+                        f"first of {len(norms)} steps is {sig(ratio)}× that at the last "
+                        f"(×{sig(factor)} per step back)."
+                    ),
+                    layers=layers,
+                    evidence=evidence,
+                )
+            )
+    return findings

@@ -1,0 +1,103 @@
+"""Numerical findings: NaN/Inf (with the op they were born in), fp16 underflow, no parameters."""
+
+from __future__ import annotations
+
+import math
+
+from service.engine.detectors.profile import sig
+from service.engine.measurements import Measurements
+from service.engine.report import Finding
+
+
+def non_finite_findings(m: Measurements) -> list[Finding]:
+    bad_params = [p for p in m.parameters if p.non_finite]
+    loss_bad = m.loss.value is not None and not math.isfinite(m.loss.value)
+    origin = m.non_finite_origin
+    if origin is None and not bad_params and not loss_bad:
+        return []
+    layers: list[str] = []
+    if origin is not None and origin.layer:
+        layers.append(origin.layer)
+    for p in bad_params:
+        if p.layer and p.layer not in layers:
+            layers.append(p.layer)
+    evidence: dict[str, object] = {
+        "loss": m.loss.value,
+        "non_finite_parameters": {p.name: p.non_finite_count for p in bad_params},
+    }
+    if origin is not None:
+        evidence["origin"] = {
+            "node": origin.node,
+            "op_type": origin.op_type,
+            "phase": origin.phase,
+            "value": origin.value,
+            "layer": origin.layer,
+        }
+        where = (
+            f"first produced by node {origin.node!r} ({origin.op_type}) in the {origin.phase} pass"
+        )
+    elif loss_bad:
+        where = f"the loss is {m.loss.value}"
+    else:
+        where = f"in the gradients of {len(bad_params)} parameter(s)"
+    return [
+        Finding(
+            kind="non_finite",
+            severity="error",
+            message=f"NaN/Inf values appear, {where}; guard that op against its invalid inputs.",
+            layers=layers,
+            evidence=evidence,
+        )
+    ]
+
+
+def fp16_findings(m: Measurements, t: dict[str, float], precision: str) -> list[Finding]:
+    sized = [(p, math.prod(p.shape) if p.shape else 1) for p in m.parameters]
+    total = sum(n for _, n in sized)
+    if total == 0:
+        return []
+    under = sum(p.fp16_underflow_fraction * n for p, n in sized)
+    share = under / total
+    if share < t["fp16_underflow_fraction"]:
+        return []
+    worst = sorted(
+        (p for p, _ in sized if p.fp16_underflow_fraction > 0),
+        key=lambda p: -p.fp16_underflow_fraction,
+    )
+    error = precision == "fp16" and share >= t["fp16_underflow_fraction_error"]
+    return [
+        Finding(
+            kind="fp16_underflow",
+            severity="error" if error else "warning",
+            message=(
+                f"{sig(share)} of all gradient entries are below fp16's smallest value (2^-24) "
+                f"and would be flushed to zero in fp16 training"
+                + (f", worst in {worst[0].name}" if worst else "")
+                + "."
+            ),
+            layers=list(dict.fromkeys(p.layer for p in worst if p.layer)),
+            evidence={
+                "underflow_fraction": share,
+                "precision": precision,
+                "parameters": {p.name: p.fp16_underflow_fraction for p in worst[:10]},
+                "min_nonzero_grad_norm": min(
+                    (p.grad_norm for p, _ in sized if p.grad_norm), default=None
+                ),
+            },
+        )
+    ]
+
+
+def no_parameter_findings(m: Measurements) -> list[Finding]:
+    if m.parameters:
+        return []
+    return [
+        Finding(
+            kind="no_trainable_parameters",
+            severity="error",
+            message=(
+                "The model has no trainable parameters, so there is no gradient to diagnose; "
+                "export it with its weights as parameters (not constants)."
+            ),
+        )
+    ]

@@ -1,0 +1,54 @@
+"""Small numeric helpers shared by the detectors: ratios and log-linear fits of norm profiles."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+_MAX_PAIRWISE = 200  # points kept for the pairwise fit (~20k slopes)
+
+
+def usable(value: float | None) -> bool:
+    """A norm that a ratio or a log can be taken of."""
+    return value is not None and math.isfinite(value) and value > 0.0
+
+
+def backward_factor(norms: Sequence[float | None]) -> float | None:
+    """Per-step factor of the norms read from the last entry back to the first.
+
+    Theil–Sen slope (median of pairwise slopes) of log(norm) against the index, so that one jump
+    (a normalisation layer dividing by a small std, a loss-side layer) does not pass for growth
+    that compounds. 2.0 = doubles at every step towards the input (or towards the first time
+    step). None when fewer than 3 usable points.
+    """
+    points = [(i, math.log(v)) for i, v in enumerate(norms) if usable(v)]  # type: ignore[arg-type]
+    if len(points) < 3:
+        return None
+    if len(points) > _MAX_PAIRWISE:  # long time profiles: evenly thinned, same median slope
+        step = len(points) / _MAX_PAIRWISE
+        points = [points[int(k * step)] for k in range(_MAX_PAIRWISE)]
+    slopes = sorted(
+        (yj - yi) / (xj - xi) for a, (xi, yi) in enumerate(points) for xj, yj in points[a + 1 :]
+    )
+    mid = len(slopes) // 2
+    slope = slopes[mid] if len(slopes) % 2 else (slopes[mid - 1] + slopes[mid]) / 2
+    return math.exp(-slope)
+
+
+def first_last_ratio(norms: Sequence[float | None]) -> float | None:
+    """norm of the first usable entry / norm of the last; 0 when the first is exactly zero."""
+    values = [v for v in norms if v is not None and math.isfinite(v)]
+    if len(values) < 2 or not usable(values[-1]):
+        return None
+    return values[0] / values[-1]
+
+
+def sig(value: float | None, digits: int = 3) -> str:
+    """A number for a message: 3 significant digits, scientific when very small or large."""
+    if value is None:
+        return "n/a"
+    if not math.isfinite(value):
+        return str(value)
+    if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e4):
+        return f"{value:.{digits - 1}e}"
+    return f"{value:.{digits}g}"

@@ -1,0 +1,225 @@
+"""The detectors' thresholds: named, documented, configurable defaults, each with its source.
+
+This docstring is the reference for what gradhealth calls unhealthy. Every number below can be
+overridden per diagnosis (`DiagnoseOptions.thresholds = {"exploding_profile_ratio": 200}`);
+an unknown name is refused with the list of known names.
+
+Words used below
+----------------
+- ‖∂L/∂a_l‖: the norm of the loss gradient w.r.t. the output of layer l (a layer = an op with
+  parameters plus the activation after it), listed input → output in `profiles.depth`.
+- depth ratio: ‖∂L/∂a_first‖ / ‖∂L/∂a_last‖ (first = nearest the input). Below 1 the gradient
+  shrinks on its way back to the input, above 1 it grows.
+- per-layer factor: the least-squares fit of log ‖∂L/∂a_l‖ against l, read backwards (output →
+  input): 2.0 means the gradient doubles at every layer it crosses towards the input.
+- weight ratio: ‖∂L/∂W_first‖ / ‖∂L/∂W_last‖ over the layers that own parameters.
+- grad/weight: ‖∂L/∂W‖ / ‖W‖ of one layer: the relative step plain SGD with lr 1 would take.
+
+Detection rules
+---------------
+vanishing_gradients (axis "depth"), error when ANY of:
+  1. depth ratio < `vanishing_profile_ratio` (1e-3): the input side gets a thousandth of the
+     gradient the output side gets (AUTOTRAINER's ratio, applied to the activation-gradient
+     profile rather than to weight gradients alone);
+  2. weight ratio < `vanishing_weight_ratio` (1e-3) AND the first layer's weight-gradient norm
+     < `vanishing_first_grad_norm` (1e-4): AUTOTRAINER's vanishing-gradient rule (Zhang et al.,
+     "AUTOTRAINER: An Automatic DNN Training Problem Detection and Repair System", ICSE 2021);
+  3. absolute scale: every layer's grad/weight < `vanishing_grad_to_weight` (1e-7): no layer would
+     move by more than 1e-7 of its size per SGD step at lr 1, whatever the ratios say. This is what
+     a tiny initialisation looks like: weight gradients ~1e-14 at every depth, so the ratios above
+     stay near 1 (our rule; at lr 1e-3 such a layer needs ~1e10 steps to change by its own size).
+  Warning instead of error when only depth ratio < `vanishing_profile_ratio_warning` (1e-2).
+  Named layers: those whose ‖∂L/∂a‖ (or weight gradient) is below the threshold times the last
+  layer's, worst (smallest) first; for rule 3, every layer.
+
+exploding_gradients (axis "depth"), error when ANY of:
+  1. depth ratio > `exploding_profile_ratio` (70, AUTOTRAINER's exploding ratio) AND the per-layer
+     factor > `exploding_layer_factor` (1.3): the growth is compounding through the layers, not one
+     step (a normalisation layer that divides by a small std makes a single jump);
+  2. weight ratio > `exploding_profile_ratio` (AUTOTRAINER's rule on weight gradients);
+  3. absolute scale: some layer's grad/weight > `exploding_grad_to_weight` (10): one SGD step at
+     lr 0.1 would change that layer by more than its own size (our rule; a ReLU net with a
+     too-large init has similar weight gradients at every depth, so rule 2 is blind to it while
+     rule 1 sees ‖∂L/∂a‖ double at every layer backwards).
+  Warning instead of error when only depth ratio > `exploding_profile_ratio_warning` (10) with
+  the per-layer factor above `exploding_layer_factor`.
+
+vanishing/exploding over time (axis "time"): for every input with a sequence axis, the ratio
+  ‖∂L/∂x_first‖ / ‖∂L/∂x_last‖ < `vanishing_time_ratio` (1e-3) → vanishing, error;
+  > `exploding_time_ratio` (70) → exploding, error (the same AUTOTRAINER ratios, applied over time
+  steps as Bengio, Simard & Frasconi 1994 and Pascanu, Mikolov & Bengio 2013 do). The evidence
+  gives the per-step factor and the horizon: how many steps back the gradient stays above
+  `vanishing_time_ratio` of the last step's.
+
+non_finite: any NaN/Inf in the loss, in a parameter gradient or at a node output is an error;
+  the origin (first node, forward pass before backward) is named. No threshold.
+
+saturation: a sigmoid/tanh-like layer with saturated fraction (the measurement's definition:
+  the share of activations whose local derivative is below 1% of its maximum) ≥
+  `saturation_fraction_warning` (0.2) → warning, ≥ `saturation_fraction_error` (0.5) → error
+  (Glorot & Bengio 2010 show top sigmoid layers saturating and stalling training; the cut-offs
+  are ours).
+
+dead_units: a ReLU-like layer whose dead fraction (units zero for every example of the batch) is
+  ≥ `dead_fraction_warning` (0.3) → warning, ≥ `dead_fraction_error` (0.7) → error (AUTOTRAINER
+  tests dying ReLU by the share of dead neurons; these cut-offs are ours). "Zero for the whole
+  batch" means little for a batch of one or two: give a batch of 16 or more examples.
+
+init_scale: a layer's weight std over the std He (ReLU-like) or Xavier (others) would give for
+  its fan-in (He et al. 2015; Glorot & Bengio 2010), outside [`init_ratio_low`,
+  `init_ratio_high`] = [0.25, 1.5] → warning; outside [`init_ratio_error_low`,
+  `init_ratio_error_high`] = [0.02, 5] → error. PyTorch's default (kaiming_uniform with a=√5)
+  gives 0.41 of He, hence a low bound below it. A layer whose output goes straight into a
+  normalisation layer is scale-invariant and is not judged. In a plain ReLU stack a ratio r
+  multiplies ‖∂L/∂a‖ by about r per layer, so 1.5 over 10 layers is already ×58.
+
+fp16_underflow: the share of gradient entries with 0 < |g| < 2^-24 (they flush to zero in fp16)
+  over all parameters ≥ `fp16_underflow_fraction` (0.05) → warning; error when the pass ran in
+  fp16 and the share is ≥ `fp16_underflow_fraction_error` (0.5) (mixed-precision training,
+  Micikevicius et al. 2018, found ~5% of gradient values underflowing without loss scaling).
+
+no_trainable_parameters: the model has no trainable tensor: error.
+
+Healthy models (He-initialised MLP with LayerNorm, residual CNN with BatchNorm) stay clear of
+every error-level rule; tests/unit/engine/test_pathologies*.py checks that on several seeds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from service.errors import BadInputError
+
+
+@dataclass(frozen=True)
+class Threshold:
+    name: str
+    default: float
+    source: str
+    meaning: str
+
+
+THRESHOLDS: tuple[Threshold, ...] = (
+    Threshold(
+        "vanishing_profile_ratio",
+        1e-3,
+        "AUTOTRAINER (ICSE 2021) ratio, on ‖∂L/∂a‖",
+        "depth ratio below it: vanishing (error)",
+    ),
+    Threshold(
+        "vanishing_profile_ratio_warning",
+        1e-2,
+        "gradhealth",
+        "depth ratio below it: vanishing (warning)",
+    ),
+    Threshold(
+        "vanishing_weight_ratio",
+        1e-3,
+        "AUTOTRAINER (ICSE 2021)",
+        "first/last weight-gradient ratio below it (with a small first norm): vanishing",
+    ),
+    Threshold(
+        "vanishing_first_grad_norm",
+        1e-4,
+        "AUTOTRAINER (ICSE 2021)",
+        "first layer's weight-gradient norm below it (with a small weight ratio): vanishing",
+    ),
+    Threshold(
+        "vanishing_grad_to_weight",
+        1e-7,
+        "gradhealth",
+        "every layer's grad/weight below it: vanishing at every depth (absolute scale)",
+    ),
+    Threshold(
+        "exploding_profile_ratio",
+        70.0,
+        "AUTOTRAINER (ICSE 2021)",
+        "depth (or weight) ratio above it: exploding (error)",
+    ),
+    Threshold(
+        "exploding_profile_ratio_warning",
+        10.0,
+        "gradhealth",
+        "depth ratio above it with compounding growth: exploding (warning)",
+    ),
+    Threshold(
+        "exploding_layer_factor",
+        1.3,
+        "gradhealth",
+        "fitted per-layer backward growth of ‖∂L/∂a‖ above it: the growth compounds",
+    ),
+    Threshold(
+        "exploding_grad_to_weight",
+        10.0,
+        "gradhealth",
+        "some layer's grad/weight above it: exploding (absolute scale)",
+    ),
+    Threshold(
+        "vanishing_time_ratio",
+        1e-3,
+        "AUTOTRAINER ratio over time steps (Pascanu et al. 2013)",
+        "first/last step gradient ratio below it: vanishing over time",
+    ),
+    Threshold(
+        "exploding_time_ratio",
+        70.0,
+        "AUTOTRAINER ratio over time steps (Pascanu et al. 2013)",
+        "first/last step gradient ratio above it: exploding over time",
+    ),
+    Threshold(
+        "saturation_fraction_warning",
+        0.2,
+        "gradhealth (after Glorot & Bengio 2010)",
+        "saturated share of a sigmoid/tanh layer at or above it: warning",
+    ),
+    Threshold(
+        "saturation_fraction_error",
+        0.5,
+        "gradhealth (after Glorot & Bengio 2010)",
+        "saturated share at or above it: error",
+    ),
+    Threshold(
+        "dead_fraction_warning",
+        0.3,
+        "gradhealth (AUTOTRAINER tests dying ReLU by dead share)",
+        "dead share of a ReLU-like layer at or above it: warning",
+    ),
+    Threshold(
+        "dead_fraction_error",
+        0.7,
+        "gradhealth (AUTOTRAINER tests dying ReLU by dead share)",
+        "dead share at or above it: error",
+    ),
+    Threshold("init_ratio_low", 0.25, "He 2015 / Glorot 2010", "weight std / He|Xavier std below"),
+    Threshold("init_ratio_high", 1.5, "He 2015 / Glorot 2010", "weight std / He|Xavier std above"),
+    Threshold("init_ratio_error_low", 0.02, "gradhealth", "init ratio below it: error"),
+    Threshold("init_ratio_error_high", 5.0, "gradhealth", "init ratio above it: error"),
+    Threshold(
+        "fp16_underflow_fraction",
+        0.05,
+        "Micikevicius et al. 2018 (mixed precision training)",
+        "share of gradient entries that flush to zero in fp16 at or above it: warning",
+    ),
+    Threshold(
+        "fp16_underflow_fraction_error",
+        0.5,
+        "gradhealth",
+        "share at or above it while running in fp16: error",
+    ),
+)
+
+DEFAULTS: dict[str, float] = {t.name: t.default for t in THRESHOLDS}
+
+
+def resolve_thresholds(overrides: dict[str, Any] | None = None) -> dict[str, float]:
+    """The defaults with `overrides` applied; unknown names or non-numbers are refused."""
+    values = dict(DEFAULTS)
+    for name, value in (overrides or {}).items():
+        if name not in DEFAULTS:
+            known = ", ".join(sorted(DEFAULTS))
+            raise BadInputError(f"unknown threshold {name!r}; known thresholds: {known}")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise BadInputError(f"threshold {name!r} must be a number, got {value!r}")
+        values[name] = float(value)
+    return values

@@ -1,0 +1,120 @@
+"""Per-layer unit health: saturated sigmoid/tanh, dead ReLUs, weight scale at initialisation."""
+
+from __future__ import annotations
+
+from service.engine.detectors.optypes import is_normalization
+from service.engine.detectors.profile import sig
+from service.engine.measurements import Measurements
+from service.engine.report import Finding, LayerReport
+
+
+def _by_depth(m: Measurements) -> list[LayerReport]:
+    return sorted(m.layers, key=lambda layer: layer.depth)
+
+
+def saturation_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
+    hits = [
+        (x, x.activation_stats.saturated_fraction)
+        for x in _by_depth(m)
+        if x.activation_stats.saturated_fraction is not None
+        and x.activation_stats.saturated_fraction >= t["saturation_fraction_warning"]
+    ]
+    if not hits:
+        return []
+    hits.sort(key=lambda p: -p[1])
+    worst, worst_fraction = hits[0]
+    error = worst_fraction >= t["saturation_fraction_error"]
+    act = worst.activation_stats.activation or "activation"
+    return [
+        Finding(
+            kind="saturation",
+            severity="error" if error else "warning",
+            message=(
+                f"{len(hits)} layer(s) saturate: {sig(worst_fraction)} of the {act} outputs of "
+                f"{worst.name} sit where its derivative is near zero, so almost no gradient "
+                f"passes them."
+            ),
+            layers=[x.name for x, _ in hits],
+            evidence={
+                "saturated_fraction": {x.name: f for x, f in hits},
+                "activation": {x.name: x.activation_stats.activation for x, _ in hits},
+                "worst_fraction": worst_fraction,
+            },
+        )
+    ]
+
+
+def dead_unit_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
+    hits = [
+        (x, x.activation_stats.dead_fraction)
+        for x in _by_depth(m)
+        if x.activation_stats.dead_fraction is not None
+        and x.activation_stats.dead_fraction >= t["dead_fraction_warning"]
+    ]
+    if not hits:
+        return []
+    hits.sort(key=lambda p: -p[1])
+    worst, worst_fraction = hits[0]
+    error = worst_fraction >= t["dead_fraction_error"]
+    return [
+        Finding(
+            kind="dead_units",
+            severity="error" if error else "warning",
+            message=(
+                f"{len(hits)} layer(s) have dead units: {sig(worst_fraction)} of the units of "
+                f"{worst.name} output zero for every example of the batch and get no gradient."
+            ),
+            layers=[x.name for x, _ in hits],
+            evidence={
+                "dead_fraction": {x.name: f for x, f in hits},
+                "activation": {x.name: x.activation_stats.activation for x, _ in hits},
+                "worst_fraction": worst_fraction,
+            },
+        )
+    ]
+
+
+def init_scale_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
+    layers = _by_depth(m)
+    too_small: list[LayerReport] = []
+    too_large: list[LayerReport] = []
+    for i, layer in enumerate(layers):
+        r = layer.init_std_ratio
+        if r is None or is_normalization(layer.op):
+            continue
+        following = layers[i + 1] if i + 1 < len(layers) else None
+        if following is not None and is_normalization(following.op):
+            continue  # scale-invariant: the normalisation divides the scale out
+        if r < t["init_ratio_low"]:
+            too_small.append(layer)
+        elif r > t["init_ratio_high"]:
+            too_large.append(layer)
+    findings: list[Finding] = []
+    for group, direction in ((too_small, "small"), (too_large, "large")):
+        if not group:
+            continue
+        ratios = {x.name: x.init_std_ratio for x in group}
+        sign = 1.0 if direction == "small" else -1.0
+        group = sorted(group, key=lambda x: sign * (x.init_std_ratio or 0.0))
+        worst = group[0]
+        r = worst.init_std_ratio or 0.0
+        error = r < t["init_ratio_error_low"] or r > t["init_ratio_error_high"]
+        findings.append(
+            Finding(
+                kind="init_scale",
+                severity="error" if error else "warning",
+                message=(
+                    f"{len(group)} layer(s) are initialised too {direction}: the weight std of "
+                    f"{worst.name} is {sig(r)}× what He/Xavier initialisation gives for its "
+                    f"fan-in of {worst.fan_in}; re-initialise them."
+                ),
+                layers=[x.name for x in group],
+                evidence={
+                    "direction": direction,
+                    "init_std_ratio": ratios,
+                    "fan_in": {x.name: x.fan_in for x in group},
+                    "worst_ratio": r,
+                },
+            )
+        )
+    return findings

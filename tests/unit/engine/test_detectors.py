@@ -1,0 +1,186 @@
+"""Detector rules and thresholds on hand-built measurements (pure data).
+
+Each case is placed on both sides of its threshold, so the test fails if a rule is dropped or a
+default drifts; end-to-end checks on real models live in test_pathologies*.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from service.engine.detectors import DEFAULTS, THRESHOLDS, detect, resolve_thresholds
+from service.errors import BadInputError
+from tests.unit.engine.measurements_factory import geometric, mlp, with_non_finite, with_time
+
+
+def kinds(findings):
+    return {(f.kind, f.severity) for f in findings}
+
+
+def test_healthy_profile_has_no_findings():
+    m = mlp(geometric(1.0, 1.05, 10))
+    assert detect(m) == []
+
+
+def test_vanishing_depth_profile_names_earliest_layers_first():
+    # sigmoid-like: ‖∂L/∂a‖ shrinks ×0.2 per layer backwards over 8 layers → ratio 1.3e-5
+    m = mlp(geometric(1e-6, 5.0, 8), activation="aten.sigmoid.default")
+    (f,) = [f for f in detect(m) if f.kind == "vanishing_gradients"]
+    assert f.severity == "error"
+    assert f.evidence["axis"] == "depth"
+    assert f.layers[0] == "fc0" and "fc7" not in f.layers
+    assert f.evidence["per_layer_factor"] == pytest.approx(0.2)
+    assert "depth_ratio" in f.evidence["rules"]
+
+
+def test_vanishing_threshold_bands():
+    # ratio 5e-3: warning only; 5e-4: error
+    warn = mlp([5e-3, 1e-2, 0.1, 0.5, 1.0])
+    err = mlp([5e-4, 1e-2, 0.1, 0.5, 1.0])
+    assert ("vanishing_gradients", "warning") in kinds(detect(warn))
+    assert ("vanishing_gradients", "error") in kinds(detect(err))
+    # configurable: a looser error threshold turns the warning into an error
+    assert ("vanishing_gradients", "error") in kinds(
+        detect(warn, {"vanishing_profile_ratio": 1e-2})
+    )
+
+
+def test_autotrainer_weight_rule_needs_small_first_norm():
+    flat = [1.0] * 6
+    small = mlp(flat, weight_grad_norms=[5e-5, 1e-3, 1e-2, 0.05, 0.1, 0.1])
+    assert ("vanishing_gradients", "error") in kinds(detect(small))
+    # same ratio but first-layer norm above 1e-4: AUTOTRAINER does not call it vanishing
+    big = mlp(flat, weight_grad_norms=[5e-2, 1, 10, 50, 100, 100], weight_norms=[1e4] * 6)
+    assert not [f for f in detect(big) if f.kind == "vanishing_gradients"]
+
+
+def test_tiny_init_caught_by_absolute_scale_when_ratios_are_flat():
+    # every weight gradient ~1e-14 at every depth: flat ratios, tiny scale
+    m = mlp([1.0] * 6, weight_grad_norms=[1e-14] * 6, weight_norms=[0.03] * 6)
+    (f,) = [f for f in detect(m) if f.kind == "vanishing_gradients"]
+    assert f.severity == "error"
+    assert f.evidence["rules"] == ["absolute_scale"]
+    assert len(f.layers) == 6
+    # just above the threshold: not vanishing
+    ok = mlp([1.0] * 6, weight_grad_norms=[1e-5] * 6, weight_norms=[1.0] * 6)
+    assert not detect(ok)
+
+
+def test_exploding_relu_large_init_similar_weight_grads_profile_doubles():
+    # ReLU net, too-large init: weight grads similar at every depth; ‖∂L/∂a‖ ×2 per layer back
+    m = mlp(geometric(2.0**11, 0.5, 12), weight_grad_norms=[3.0] * 12, weight_norms=[8.0] * 12)
+    (f,) = [f for f in detect(m) if f.kind == "exploding_gradients"]
+    assert f.severity == "error"
+    assert f.evidence["per_layer_factor"] == pytest.approx(2.0)
+    assert f.evidence["weight_ratio"] == pytest.approx(1.0)
+    assert f.layers[0] == "fc0"
+
+
+def test_single_jump_is_not_compounding_growth():
+    # one ×100 step (e.g. a normalisation dividing by a small std) with a flat profile elsewhere
+    m = mlp([100.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    assert not [f for f in detect(m) if f.kind == "exploding_gradients"]
+
+
+def test_exploding_absolute_scale():
+    m = mlp([1.0] * 4, weight_grad_norms=[1.0, 1.0, 50.0, 1.0], weight_norms=[1.0] * 4)
+    (f,) = [f for f in detect(m) if f.kind == "exploding_gradients"]
+    assert f.evidence["rules"] == ["absolute_scale"] and f.layers == ["fc2"]
+
+
+def test_vanishing_over_time_names_recurrent_layer():
+    m = mlp([1.0] * 3)
+    with_time(m, geometric(1e-6, 1.15, 120))
+    (f,) = [f for f in detect(m) if f.kind == "vanishing_gradients"]
+    assert f.evidence["axis"] == "time"
+    assert f.layers == ["rnn"]
+    assert f.evidence["steps"] == 120
+    assert 40 < f.evidence["horizon_steps"] < 60  # 1.15^-49 ≈ 1e-3
+    short = mlp([1.0] * 3)
+    with_time(short, geometric(0.5, 1.01, 20))
+    assert not detect(short)
+
+
+def test_non_finite_names_origin():
+    m = mlp([1.0] * 3)
+    with_non_finite(m)
+    (f,) = [f for f in detect(m) if f.kind == "non_finite"]
+    assert f.severity == "error"
+    assert f.evidence["origin"] == {
+        "node": "log",
+        "op_type": "aten.log.default",
+        "phase": "forward",
+        "value": "log",
+        "layer": "fc1",
+    }
+    assert f.layers == ["fc1"]
+
+
+@pytest.mark.parametrize(("fraction", "severity"), [(0.1, None), (0.3, "warning"), (0.9, "error")])
+def test_saturation_bands(fraction, severity):
+    m = mlp([1.0] * 3, activation="aten.tanh.default", saturated=[0.0, fraction, 0.0])
+    found = [f for f in detect(m) if f.kind == "saturation"]
+    if severity is None:
+        assert not found
+    else:
+        assert found[0].severity == severity and found[0].layers == ["fc1"]
+
+
+@pytest.mark.parametrize(("fraction", "severity"), [(0.1, None), (0.4, "warning"), (1.0, "error")])
+def test_dead_unit_bands(fraction, severity):
+    m = mlp([1.0] * 3, dead=[fraction, 0.0, 0.0])
+    found = [f for f in detect(m) if f.kind == "dead_units"]
+    if severity is None:
+        assert not found
+    else:
+        assert found[0].severity == severity and found[0].layers == ["fc0"]
+
+
+def test_init_scale_bands_and_pytorch_default_is_accepted():
+    assert not detect(mlp([1.0] * 3, init_ratios=[0.41, 0.41, 0.41]))  # PyTorch's default
+    m = mlp([1.0] * 4, init_ratios=[2.0, 2.0, 1.0, 0.004])
+    found = {f.evidence["direction"]: f for f in detect(m) if f.kind == "init_scale"}
+    assert found["large"].severity == "warning" and found["large"].layers == ["fc0", "fc1"]
+    assert found["small"].severity == "error" and found["small"].layers == ["fc3"]
+
+
+def test_init_scale_ignored_before_normalisation():
+    m = mlp([1.0] * 2, init_ratios=[0.004, 1.0])
+    m.layers[1].op = "aten.batch_norm.default"
+    assert not [f for f in detect(m) if f.kind == "init_scale"]
+
+
+def test_fp16_underflow_warning_and_error_under_fp16():
+    m = mlp([1.0] * 3, fp16_underflow=0.6)
+    (f,) = [f for f in detect(m) if f.kind == "fp16_underflow"]
+    assert f.severity == "warning"
+    m.precision = "fp16"  # type: ignore[attr-defined]
+    (f,) = [f for f in detect(m) if f.kind == "fp16_underflow"]
+    assert f.severity == "error"
+    assert not [f for f in detect(mlp([1.0] * 3, fp16_underflow=0.01)) if f.kind.startswith("fp")]
+
+
+def test_no_trainable_parameters():
+    m = mlp([1.0])
+    m.parameters = []
+    assert kinds(detect(m)) == {("no_trainable_parameters", "error")}
+
+
+def test_findings_ordered_errors_first():
+    m = mlp(geometric(1e-6, 5.0, 8), init_ratios=[1.4, 1.4, 1.4, 0.5, 1, 1, 1, 1.6])
+    severities = [f.severity for f in detect(m)]
+    assert severities == sorted(severities, key=["error", "warning", "info"].index)
+
+
+def test_thresholds_documented_and_validated():
+    from service.engine.detectors import thresholds as module
+
+    for t in THRESHOLDS:
+        assert t.name in module.__doc__, t.name
+        assert t.source
+    assert resolve_thresholds({"exploding_profile_ratio": 5})["exploding_profile_ratio"] == 5.0
+    assert resolve_thresholds(None) == DEFAULTS
+    with pytest.raises(BadInputError, match="known thresholds"):
+        resolve_thresholds({"explode": 1})
+    with pytest.raises(BadInputError, match="must be a number"):
+        resolve_thresholds({"exploding_profile_ratio": "big"})
