@@ -1,1 +1,172 @@
-"""(being written)"""
+"""onnxruntime's contrib ops that exporters and the transformer optimizer emit.
+
+`com.microsoft` domain: FusedMatMul, Gelu, FastGelu, BiasGelu, QuickGelu, SkipLayerNormalization,
+SkipSimplifiedLayerNormalization. Default domain, opset < 17: onnxruntime's own
+LayerNormalization and SimplifiedLayerNormalization (the optimizer fuses them into opset-13/14
+models; from opset 17 on, LayerNormalization is the ONNX op in normalization.py).
+
+Semantics and attribute defaults are onnxruntime's (its CPU kernels are the reference the
+tests compare against). Statistics are computed in float32 for half-precision inputs, as
+onnxruntime's `stash_type=1` does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from service.engine.graph import NodeFn
+from service.engine.onnx.registry import OpContext, UnsupportedAttribute, register
+
+MS = "com.microsoft"
+
+
+def _outputs(values: tuple[Any, ...], count: int) -> Any:
+    """One value for a one-output node, else a tuple of `count` (graph.Node's contract)."""
+    return values[0] if count <= 1 else values[:count]
+
+
+def _matrix_view(x: Tensor, trans_batch: bool, trans: bool) -> Tensor:
+    """FusedMatMul's operand: `transBatch` moves dim 0 next to the last dim, so the matrix is
+    (dim 0, last dim) over the batch dims 1..rank-2; `trans` then swaps the last two."""
+    if trans_batch and x.dim() > 2:
+        x = x.permute(*range(1, x.dim() - 1), 0, x.dim() - 1)
+    if trans and x.dim() >= 2:
+        x = x.transpose(-1, -2)
+    return x
+
+
+@register("FusedMatMul", domain=MS)
+def fused_matmul(ctx: OpContext) -> NodeFn:
+    alpha = float(ctx.attr("alpha", 1.0))
+    trans_a, trans_b = bool(ctx.attr("transA", 0)), bool(ctx.attr("transB", 0))
+    batch_a, batch_b = bool(ctx.attr("transBatchA", 0)), bool(ctx.attr("transBatchB", 0))
+
+    def fn(a: Tensor, b: Tensor) -> Tensor:
+        product = torch.matmul(_matrix_view(a, batch_a, trans_a), _matrix_view(b, batch_b, trans_b))
+        return product if alpha == 1.0 else product * alpha
+
+    return fn
+
+
+@register("Gelu", domain=MS)
+def gelu(ctx: OpContext) -> NodeFn:
+    return lambda x: F.gelu(x)
+
+
+@register("BiasGelu", domain=MS)
+def bias_gelu(ctx: OpContext) -> NodeFn:
+    return lambda a, b: F.gelu(a + b)
+
+
+@register("FastGelu", domain=MS)
+def fast_gelu(ctx: OpContext) -> NodeFn:
+    # 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))): torch's tanh approximation, same formula
+    def fn(x: Tensor, bias: Tensor | None = None) -> Tensor:
+        return F.gelu(x if bias is None else x + bias, approximate="tanh")
+
+    return fn
+
+
+@register("QuickGelu", domain=MS)
+def quick_gelu(ctx: OpContext) -> NodeFn:
+    alpha = float(ctx.attr("alpha", 1.702))
+    return lambda x: x * torch.sigmoid(alpha * x)
+
+
+def _stats_dtype(x: Tensor) -> torch.dtype:
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+def _normalize(x: Tensor, axis: int, eps: float, *, center: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(normalized x in x's dtype, mean, 1/std) over the dims from `axis` on; `center=False` is
+    RMS normalisation (mean reported as zeros). Statistics keep dims, in float32 for halves."""
+    start = axis if axis >= 0 else x.dim() + axis
+    if not 0 <= start < x.dim():
+        raise ValueError(f"axis {axis} is out of range for a rank-{x.dim()} input")
+    dims = list(range(start, x.dim()))
+    xs = x.to(_stats_dtype(x))
+    if center:
+        mean = xs.mean(dim=dims, keepdim=True)
+        centered = xs - mean
+        inv_std = torch.rsqrt(centered.square().mean(dim=dims, keepdim=True) + eps)
+    else:
+        mean = torch.zeros_like(xs.sum(dim=dims, keepdim=True))
+        centered = xs
+        inv_std = torch.rsqrt(xs.square().mean(dim=dims, keepdim=True) + eps)
+    return (centered * inv_std).to(x.dtype), mean, inv_std
+
+
+def _axis_and_eps(ctx: OpContext, default_eps: float) -> tuple[int, float]:
+    stash = int(ctx.attr("stash_type", 1))
+    if stash not in (1, 11):  # float or double statistics
+        raise UnsupportedAttribute(f"stash_type {stash}: expected 1 (float) or 11 (double)")
+    return int(ctx.attr("axis", -1)), float(ctx.attr("epsilon", default_eps))
+
+
+@register("LayerNormalization", since=1)
+def layer_normalization_contrib(ctx: OpContext) -> NodeFn:
+    """onnxruntime's LayerNormalization for default-domain opsets 1-16 (ONNX's own is 17+)."""
+    axis, eps = _axis_and_eps(ctx, 1e-5)
+    count = ctx.num_outputs
+
+    def fn(x: Tensor, scale: Tensor, bias: Tensor | None = None) -> Any:
+        normalized, mean, inv_std = _normalize(x, axis, eps, center=True)
+        y = normalized * scale if bias is None else torch.addcmul(bias, normalized, scale)
+        return _outputs((y, mean, inv_std), count)
+
+    return fn
+
+
+@register("SimplifiedLayerNormalization", since=1)
+def simplified_layer_normalization(ctx: OpContext) -> NodeFn:
+    """onnxruntime's RMS normalisation (default domain): Y = X / √(mean(X²) + ε) · scale."""
+    axis, eps = _axis_and_eps(ctx, 1e-5)
+    count = ctx.num_outputs
+
+    def fn(x: Tensor, scale: Tensor) -> Any:
+        normalized, _, inv_std = _normalize(x, axis, eps, center=False)
+        return _outputs((normalized * scale, inv_std), count)
+
+    return fn
+
+
+def _skip_sum(x: Tensor, skip: Tensor, bias: Tensor | None) -> Tensor:
+    total = x + skip  # skip may be (1, S, H) or (S, H): broadcasting covers both
+    return total if bias is None else total + bias
+
+
+@register("SkipLayerNormalization", domain=MS)
+def skip_layer_normalization(ctx: OpContext) -> NodeFn:
+    eps = float(ctx.attr("epsilon", 1e-12))
+    count = ctx.num_outputs
+
+    def fn(
+        x: Tensor,
+        skip: Tensor,
+        gamma: Tensor,
+        beta: Tensor | None = None,
+        bias: Tensor | None = None,
+    ) -> Any:
+        total = _skip_sum(x, skip, bias)
+        normalized, mean, inv_std = _normalize(total, -1, eps, center=True)
+        y = normalized * gamma if beta is None else torch.addcmul(beta, normalized, gamma)
+        return _outputs((y, mean, inv_std, total), count)
+
+    return fn
+
+
+@register("SkipSimplifiedLayerNormalization", domain=MS)
+def skip_simplified_layer_normalization(ctx: OpContext) -> NodeFn:
+    eps = float(ctx.attr("epsilon", 1e-12))
+    count = ctx.num_outputs
+
+    def fn(x: Tensor, skip: Tensor, gamma: Tensor, bias: Tensor | None = None) -> Any:
+        total = _skip_sum(x, skip, bias)
+        normalized, mean, inv_std = _normalize(total, -1, eps, center=False)
+        return _outputs((normalized * gamma, mean, inv_std, total), count)
+
+    return fn
