@@ -1,0 +1,231 @@
+"""Sample batches (CONTRACT.md §2): `.npz` (no pickle), `.safetensors`, `.pt` (weights_only).
+
+Arrays named like the model's inputs feed those inputs; otherwise the arrays feed the inputs in
+file order. An array named `target` (or `targets`, `labels`, `y`) is the loss target, never an
+input. Shapes and dtypes are checked against the model's declared inputs, and each error names
+the input and what to change.
+
+Dtype policy: a floating array feeding a floating input is cast to the input's declared dtype
+(float32 data for an fp16 model is the common case and harmless); an integer array for a float
+input, or the reverse, is an error, since it usually means arrays fed the wrong inputs.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from service.engine.report import ArrayInfo, BatchInfo, TensorSpec
+from service.errors import BatchError
+
+TARGET_NAMES = ("target", "targets", "labels", "y")
+
+_NUMPY_DTYPES: dict[str, torch.dtype] = {
+    "float16": torch.float16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "int8": torch.int8,
+    "int16": torch.int16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+
+
+@dataclass
+class Batch:
+    """A loaded batch, arrays in file order, before it is matched to a model."""
+
+    arrays: dict[str, torch.Tensor]
+    format: str
+
+
+@dataclass
+class MatchedBatch:
+    inputs: list[torch.Tensor]
+    target: torch.Tensor | None
+    info: BatchInfo
+    notes: list[str] = field(default_factory=list)
+
+
+def load_batch(data: bytes) -> Batch:
+    """Read a batch file, format from its content."""
+    if not data:
+        raise BatchError("the batch file is empty")
+    if data.startswith(b"PK\x03\x04"):
+        names = _zip_names(data)
+        if any(n.endswith(".npy") for n in names):
+            return Batch(_load_npz(data), "npz")
+        if any(n.endswith("data.pkl") for n in names):
+            return Batch(_load_pt(data), "pt")
+        raise BatchError("the batch file is a zip but neither .npz nor a torch.save .pt file")
+    if len(data) >= 8:
+        header_len = int.from_bytes(data[:8], "little")
+        if 0 < header_len <= len(data) - 8 and data[8:9] == b"{":
+            return Batch(_load_safetensors(data), "safetensors")
+    raise BatchError(
+        "the batch file is not .npz, .safetensors or a torch.save .pt file; save arrays with "
+        "numpy.savez, safetensors.torch.save_file or torch.save({name: tensor})"
+    )
+
+
+def _zip_names(data: bytes) -> list[str]:
+    try:
+        return zipfile.ZipFile(io.BytesIO(data)).namelist()
+    except zipfile.BadZipFile as exc:
+        raise BatchError(f"the batch file is a damaged zip archive ({exc})") from exc
+
+
+def _load_npz(data: bytes) -> dict[str, torch.Tensor]:
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except ValueError as exc:
+        raise BatchError(
+            f"the .npz batch holds object arrays, which are refused (no pickle): {exc}"
+        ) from exc
+    out = {}
+    for name, array in arrays.items():
+        if array.dtype.name not in _NUMPY_DTYPES:
+            raise BatchError(
+                f"array {name!r} has dtype {array.dtype}; use a numeric dtype (float32, int64, ...)"
+            )
+        out[name] = torch.from_numpy(np.ascontiguousarray(array))
+    return out
+
+
+def _load_safetensors(data: bytes) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    try:
+        return dict(load(data))
+    except Exception as exc:
+        raise BatchError(f"the .safetensors batch could not be read: {exc}") from exc
+
+
+def _load_pt(data: bytes) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except Exception as exc:
+        raise BatchError(
+            "the .pt batch could not be loaded with weights_only=True (only tensors, dicts, "
+            f"lists and tuples are allowed): {str(exc).splitlines()[0]}"
+        ) from exc
+    if isinstance(obj, torch.Tensor):
+        return {"input": obj}
+    if isinstance(obj, (list, tuple)):
+        obj = {f"input_{i}": t for i, t in enumerate(obj)}
+    if not isinstance(obj, dict):
+        raise BatchError("the .pt batch must hold a tensor, a list of tensors or a dict of them")
+    out = {}
+    for name, value in obj.items():
+        if not isinstance(value, torch.Tensor):
+            raise BatchError(f"entry {name!r} of the .pt batch is a {type(value).__name__}")
+        out[str(name)] = value
+    return out
+
+
+def _dtype_kind(dtype: torch.dtype) -> str:
+    if dtype.is_floating_point:
+        return "float"
+    if dtype == torch.bool:
+        return "bool"
+    return "int"
+
+
+def _declared_dtype(spec: TensorSpec) -> torch.dtype | None:
+    return getattr(torch, spec.dtype, None) if spec.dtype else None
+
+
+def match_batch(batch: Batch, declared: list[TensorSpec]) -> MatchedBatch:
+    """Assign arrays to the model's inputs and check them against the declared specs."""
+    target_name = next((n for n in TARGET_NAMES if n in batch.arrays), None)
+    candidates = {n: t for n, t in batch.arrays.items() if n != target_name}
+    input_names = [spec.name for spec in declared]
+    notes = []
+    if input_names and all(n in candidates for n in input_names):
+        chosen = [(n, candidates[n]) for n in input_names]
+        chosen_arrays = input_names
+        extra = [n for n in candidates if n not in input_names]
+        if extra:
+            notes.append(f"batch arrays {extra} match no model input and were ignored")
+    else:
+        missing = [n for n in input_names if n not in candidates]
+        if len(candidates) < len(declared):
+            raise BatchError(
+                f"the model takes {len(declared)} inputs ({', '.join(input_names)}) but the "
+                f"batch has {len(candidates)} input arrays ({', '.join(candidates) or 'none'}); "
+                f"add arrays named {', '.join(missing)}"
+            )
+        if len(candidates) > len(declared):
+            raise BatchError(
+                f"the batch has {len(candidates)} input arrays ({', '.join(candidates)}) but "
+                f"the model takes {len(declared)} ({', '.join(input_names)}); name the arrays "
+                "after the inputs or remove the extra ones"
+            )
+        chosen = list(zip(input_names, candidates.values(), strict=True))
+        chosen_arrays = list(candidates)
+    inputs = []
+    arrays = []
+    for index, (spec, (_, tensor)) in enumerate(zip(declared, chosen, strict=True)):
+        inputs.append(_check_input(spec, tensor))
+        array_name = chosen_arrays[index]
+        arrays.append(
+            ArrayInfo(
+                name=array_name,
+                shape=list(tensor.shape),
+                dtype=str(tensor.dtype).removeprefix("torch."),
+                role="input",
+                feeds=spec.name,
+            )
+        )
+    target = batch.arrays.get(target_name) if target_name else None
+    if target is not None:
+        assert target_name is not None
+        arrays.append(
+            ArrayInfo(
+                name=target_name,
+                shape=list(target.shape),
+                dtype=str(target.dtype).removeprefix("torch."),
+                role="target",
+            )
+        )
+    size = int(inputs[0].shape[0]) if inputs and inputs[0].dim() > 0 else 1
+    info = BatchInfo(
+        names=[a.name for a in arrays],
+        shapes=[a.shape for a in arrays],
+        dtypes=[a.dtype for a in arrays],
+        size=size,
+        arrays=arrays,
+    )
+    return MatchedBatch(inputs=inputs, target=target, info=info, notes=notes)
+
+
+def _check_input(spec: TensorSpec, tensor: torch.Tensor) -> torch.Tensor:
+    declared_dtype = _declared_dtype(spec)
+    if declared_dtype is not None and isinstance(declared_dtype, torch.dtype):
+        want, have = _dtype_kind(declared_dtype), _dtype_kind(tensor.dtype)
+        if want != have:
+            raise BatchError(
+                f"input {spec.name!r} expects {spec.dtype} but the batch gives "
+                f"{str(tensor.dtype).removeprefix('torch.')}; convert that array to {spec.dtype}"
+            )
+        if want == "float" and tensor.dtype != declared_dtype:
+            tensor = tensor.to(declared_dtype)
+    if spec.shape:
+        shape = list(tensor.shape)
+        mismatch = len(shape) != len(spec.shape) or any(
+            isinstance(d, int) and d != s for d, s in zip(spec.shape, shape, strict=False)
+        )
+        if mismatch:
+            want_shape = "[" + ", ".join("?" if d is None else str(d) for d in spec.shape) + "]"
+            raise BatchError(
+                f"input {spec.name!r} expects shape {want_shape} but the batch array has "
+                f"shape {shape}; reshape it or export the model with matching (dynamic) shapes"
+            )
+    return tensor

@@ -1,0 +1,248 @@
+"""An FX graph (from `torch.export`) → ObservableGraph: one `Node` per `call_function`.
+
+Parameters keep the names `named_parameters()` gives them in the source model (the get_attr
+targets, e.g. `layer1.0.conv1.weight`), buffers stay buffers, and every aten op's output becomes
+an observable value named after its FX node.
+
+Mode (CONTRACT.md §2): in `train` mode normalization uses batch statistics even when the
+program was exported for inference, and dropout is off unless asked for; in `eval` mode the
+graph runs exactly as exported. Batch norm in train mode is given no running statistics so a
+diagnosis never mutates the model (a fix verification re-measures the same graph).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from service.engine.graph import Node, ObservableGraph
+from service.errors import UnsupportedModelError
+
+aten = torch.ops.aten
+
+# Ops whose output aliases their input or only moves data: they cannot create a NaN/Inf, so
+# the probes skip their forward finiteness check (see probes.py).
+VIEW_OPS = frozenset(
+    {
+        "view",
+        "_unsafe_view",
+        "reshape",
+        "permute",
+        "transpose",
+        "t",
+        "expand",
+        "slice",
+        "select",
+        "unsqueeze",
+        "squeeze",
+        "flatten",
+        "getitem",
+        "clone",
+        "contiguous",
+        "detach",
+        "alias",
+        "unflatten",
+        "split",
+        "chunk",
+        "unbind",
+        "cat",
+        "stack",
+        "_to_copy",
+        "to",
+        "lift_fresh_copy",
+    }
+)
+
+_DROPOUT_OPS = {"dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout"}
+
+
+def op_name(target: Any) -> str:
+    """`aten.linear.default` → "linear"; builtins by their name (`operator.getitem` → "getitem")."""
+    packet = getattr(target, "_overloadpacket", None)
+    if packet is not None:
+        return str(packet.__name__)
+    return str(getattr(target, "__name__", target))
+
+
+def _train_mode_fn(target: Any, dropout: bool) -> tuple[Callable[..., Any], str] | None:
+    """The replacement callable for `target` in train mode, or None to keep it."""
+    name = op_name(target)
+    if target is aten.batch_norm.default:
+
+        def batch_norm(x, w, b, _rm, _rv, _training, momentum, eps, cudnn):
+            return aten.batch_norm.default(x, w, b, None, None, True, momentum, eps, cudnn)
+
+        return batch_norm, name
+    if target is aten._native_batch_norm_legit_no_training.default:
+
+        def batch_norm_nt(x, w, b, _rm, _rv, momentum, eps):
+            out = aten.batch_norm.default(x, w, b, None, None, True, momentum, eps, False)
+            empty = x.new_empty((0,))
+            return (out, empty, empty)
+
+        return batch_norm_nt, "batch_norm"
+    if target is aten.instance_norm.default:
+
+        def instance_norm(x, w, b, _rm, _rv, _use_input_stats, momentum, eps, cudnn):
+            return aten.instance_norm.default(x, w, b, None, None, True, momentum, eps, cudnn)
+
+        return instance_norm, name
+    if name in _DROPOUT_OPS:
+
+        def dropout_fn(x, p, _train):
+            return target(x, p, dropout)
+
+        return dropout_fn, name
+    return None
+
+
+def _value_name(node: fx.Node, attr_names: dict[str, str]) -> str:
+    return attr_names.get(node.name, node.name)
+
+
+def _make_fn(
+    target: Callable[..., Any], args: Any, kwargs: Any, slots: list[fx.Node]
+) -> Callable[..., Any]:
+    """A callable taking the values of `slots` (in order) and calling `target` with the
+    original args/kwargs where each FX node reference is replaced by its value."""
+    index = {n: i for i, n in enumerate(slots)}
+    simple = not kwargs and all(isinstance(a, fx.Node) for a in args)
+    if simple:
+        positions = [index[a] for a in args]
+        if positions == list(range(len(slots))):
+            return target
+        return lambda *values: target(*[values[p] for p in positions])
+
+    def call(*values: Any) -> Any:
+        sub = lambda n: values[index[n]]  # noqa: E731
+        return target(*fx.node.map_arg(args, sub), **fx.node.map_arg(kwargs, sub))
+
+    return call
+
+
+def _unique_inputs(args: Iterable[Any], kwargs: dict[str, Any]) -> list[fx.Node]:
+    seen: dict[fx.Node, None] = {}
+    fx.node.map_arg((tuple(args), kwargs), lambda n: seen.setdefault(n, None))
+    return list(seen)
+
+
+def graph_from_fx(
+    gm: fx.GraphModule,
+    *,
+    parameter_names: Sequence[str],
+    input_names: list[str] | None = None,
+    mode: str = "train",
+    dropout: bool = False,
+    metadata: dict[str, Any] | None = None,
+) -> ObservableGraph:
+    """Build the ObservableGraph of `gm`.
+
+    `parameter_names`: the get_attr targets that are trainable (the source model's
+    `named_parameters()` names, in its order, which the graph keeps); any other tensor
+    attribute becomes a buffer, and any other attribute (a submodule of a higher-order op,
+    a script object) a constant.
+    `input_names`: names for the placeholders, in order (default: the placeholder targets).
+    """
+    wanted = set(parameter_names)
+    parameters: dict[str, torch.Tensor] = {}
+    buffers: dict[str, torch.Tensor] = {}
+    constants: dict[str, Any] = {}
+    attr_names: dict[str, str] = {}  # FX node name → value name
+    placeholders: list[str] = []
+    nodes: list[Node] = []
+    output_names: list[str] = []
+    for fx_node in gm.graph.nodes:
+        if fx_node.op == "get_attr":
+            target = str(fx_node.target)
+            attr_names[fx_node.name] = target
+            value = _get_attr(gm, target)
+            if isinstance(value, torch.Tensor) and target in wanted:
+                parameters[target] = nn.Parameter(value.detach(), requires_grad=True)
+            elif isinstance(value, torch.Tensor):
+                buffers[target] = value.detach()
+            else:
+                constants[target] = value
+        elif fx_node.op == "placeholder":
+            name = input_names[len(placeholders)] if input_names else str(fx_node.target)
+            attr_names[fx_node.name] = name
+            placeholders.append(name)
+        elif fx_node.op == "call_function":
+            nodes.append(_convert_call(fx_node, attr_names, mode, dropout))
+        elif fx_node.op == "call_module":
+            if str(fx_node.target).startswith("_guards"):
+                continue  # shape guards of the exported program: the batch checks replace them
+            raise UnsupportedModelError(
+                f"node {fx_node.name!r} calls submodule {fx_node.target!r}; re-export the model "
+                "with torch.export (a flat aten graph) to diagnose it"
+            )
+        elif fx_node.op == "call_method":
+            method = str(fx_node.target)
+            slots = _unique_inputs(fx_node.args, fx_node.kwargs)
+            fn = _make_fn(
+                lambda obj, *a, _m=method, **k: getattr(obj, _m)(*a, **k),
+                fx_node.args,
+                fx_node.kwargs,
+                slots,
+            )
+            nodes.append(
+                Node(
+                    name=fx_node.name,
+                    op_type=method,
+                    inputs=[_value_name(s, attr_names) for s in slots],
+                    outputs=[fx_node.name],
+                    fn=fn,
+                    source=fx_node,
+                )
+            )
+        elif fx_node.op == "output":
+            flat = _unique_inputs([fx_node.args[0]], {})
+            output_names = [_value_name(n, attr_names) for n in flat]
+    order = {name: i for i, name in enumerate(parameter_names)}
+    parameters = dict(sorted(parameters.items(), key=lambda item: order[item[0]]))
+    missing = set(parameter_names) - set(parameters)
+    notes = [f"parameter {n!r} is not used by the graph" for n in sorted(missing)]
+    meta = dict(metadata or {})
+    meta.setdefault("notes", []).extend(notes)
+    return ObservableGraph(
+        nodes,
+        input_names=placeholders,
+        output_names=output_names,
+        parameters=parameters,
+        buffers=buffers,
+        constants=constants,
+        metadata=meta,
+    )
+
+
+def _convert_call(fx_node: fx.Node, attr_names: dict[str, str], mode: str, dropout: bool) -> Node:
+    target = fx_node.target
+    assert callable(target)
+    name = op_name(target)
+    if target is operator.getitem:
+        name = "getitem"
+    slots = _unique_inputs(fx_node.args, fx_node.kwargs)
+    replacement = _train_mode_fn(target, dropout) if mode == "train" else None
+    if replacement is not None:
+        fn_target, name = replacement
+    else:
+        fn_target = target
+    return Node(
+        name=fx_node.name,
+        op_type=name,
+        inputs=[_value_name(s, attr_names) for s in slots],
+        outputs=[fx_node.name],
+        fn=_make_fn(fn_target, fx_node.args, fx_node.kwargs, slots),
+        domain="aten",
+        source=fx_node,
+    )
+
+
+def _get_attr(gm: nn.Module, dotted: str) -> Any:
+    value: Any = gm
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value

@@ -1,0 +1,35 @@
+"""What every format loader returns: a runnable module plus what is known about its interface."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from service.engine.graph import ObservableGraph
+from service.engine.report import ConversionCheck, ModelFormat, TensorSpec
+
+
+@dataclass
+class LoadedModel:
+    """A model made runnable.
+
+    `module(*inputs)` runs it; `graph` is the same model as an ObservableGraph when activation
+    probes are possible (then `module is graph`), else None and `coverage_reason` says why.
+    `inputs`/`outputs` are the declared interface (shapes may hold symbolic names or None).
+    """
+
+    format: ModelFormat
+    module: nn.Module
+    graph: ObservableGraph | None
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec] = field(default_factory=list)
+    coverage_reason: str | None = None
+    conversion: ConversionCheck | None = None
+    opset: int | None = None
+    # Finishes the model once the batch is known (TorchScript → FX needs example inputs;
+    # ONNX conformance needs the batch). Called by the Subject builder with the input tensors.
+    finish: Any = None
+    notes: list[str] = field(default_factory=list)
+    source: Any = None  # the loaded source object (ExportedProgram, ScriptModule, ModelProto)

@@ -1,0 +1,90 @@
+"""ONNX models: glue to the converter (service/engine/onnx, issue 2).
+
+The converter turns the ModelProto into an ObservableGraph (full probes). Once the batch is
+known, `finish` runs the graph forward without gradients and compares it with onnxruntime
+(`service.engine.onnx.conformance.check_conversion`), so the report says how far the converted
+graph is from the reference runtime.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from service.engine.formats.loaded import LoadedModel
+from service.engine.report import ConversionCheck, TensorSpec
+from service.errors import UnsupportedModelError
+
+
+def _import(module: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        raise UnsupportedModelError(
+            "ONNX models are not supported by this build yet (the converter is missing); "
+            "send a torch.export (.pt2) or TorchScript file instead"
+        ) from exc
+
+
+def _spec(raw: dict[str, Any]) -> TensorSpec:
+    return TensorSpec(name=raw["name"], shape=list(raw.get("shape") or []), dtype=raw["dtype"])
+
+
+def load_onnx_model(
+    data: bytes,
+    *,
+    mode: str = "train",
+    dropout: bool = False,
+    check_conversion: bool = True,
+    bundle_dir: Path | None = None,
+) -> LoadedModel:
+    loading = _import("service.engine.onnx.loading")
+    convert_mod = _import("service.engine.onnx.convert")
+    model = loading.load_onnx(data, bundle_dir=bundle_dir)
+    graph = convert_mod.convert(
+        model,
+        mode=mode,
+        bundle_dir=bundle_dir,
+        extra={"dropout": dropout},
+        # the conformance check re-runs the proto in onnxruntime: keep its weights then
+        release_weights=not check_conversion,
+    )
+    meta = graph.metadata
+    opsets = meta.get("opset_imports") or {}
+    loaded = LoadedModel(
+        format="onnx",
+        module=graph,
+        graph=graph,
+        inputs=[_spec(s) for s in meta.get("inputs", [])],
+        outputs=[_spec(s) for s in meta.get("outputs", [])],
+        opset=opsets.get(""),
+        source=model,
+    )
+    if not check_conversion:
+        loaded.conversion = ConversionCheck(checked=False, reason="not requested")
+        return loaded
+
+    def finish(example: Sequence[torch.Tensor]) -> None:
+        loaded.conversion = _check(model, graph, example)
+
+    loaded.finish = finish
+    return loaded
+
+
+def _check(model: Any, graph: Any, example: Sequence[torch.Tensor]) -> ConversionCheck:
+    try:
+        conformance = importlib.import_module("service.engine.onnx.conformance")
+    except ModuleNotFoundError:
+        return ConversionCheck(checked=False, reason="conformance check not available")
+    with torch.no_grad():
+        outputs = graph.run(list(example))
+    try:
+        result = conformance.check_conversion(model, graph, list(example), outputs)
+    except Exception as exc:  # a reference-runtime failure must not stop the diagnosis
+        return ConversionCheck(checked=False, reason=f"{type(exc).__name__}: {exc}")
+    assert isinstance(result, ConversionCheck)
+    return result

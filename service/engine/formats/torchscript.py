@@ -1,0 +1,114 @@
+"""TorchScript (`torch.jit.save` zips): parameter gradients always, activation probes when the
+scripted graph can be turned into an FX graph.
+
+TorchScript graphs have no per-op hook point, so activations are observed by converting the
+module with `torch._export.converter.TS2EPConverter` (TorchScript IR → an ExportedProgram) once
+the batch is known, then running the FX graph as an ObservableGraph whose parameters are named as
+the ScriptModule's `named_parameters()`. When that conversion fails (control flow or ops it does
+not handle), the ScriptModule itself is run and only parameter gradients are measured:
+`probe_coverage = "parameters_only"` with the converter's error as the reason.
+
+TorchScript is deprecated upstream (torch 2.11+); `.pt2` (torch.export) is the preferred format.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Sequence
+
+import torch
+
+from service.engine.formats.fx import graph_from_fx
+from service.engine.formats.loaded import LoadedModel
+from service.engine.report import TensorSpec
+from service.errors import ModelFormatError
+
+
+def _input_names(module: torch.jit.ScriptModule) -> list[str]:
+    """Graph input names without TorchScript's `.N` suffixes (the first input is `self`)."""
+    names: list[str] = []
+    for value in list(module.graph.inputs())[1:]:
+        debug = value.debugName()
+        base = debug.rsplit(".", 1)[0] if "." in debug else debug
+        names.append(base or f"input_{len(names)}")
+    # duplicates after stripping (x.1, x.2) get their position appended
+    return [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
+
+
+def load_torchscript(data: bytes, *, mode: str = "train", dropout: bool = False) -> LoadedModel:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module = torch.jit.load(io.BytesIO(data), map_location="cpu")
+    except Exception as exc:
+        raise ModelFormatError(
+            f"the TorchScript file could not be loaded by torch.jit.load ({type(exc).__name__}: "
+            f"{exc}); save it with torch.jit.save(torch.jit.script(model) or trace, path)"
+        ) from exc
+    names = _input_names(module)
+    # TorchScript keeps no shapes in its signature: declared inputs are names only.
+    inputs = [TensorSpec(name=n, shape=[], dtype="tensor") for n in names]
+    if mode == "train":
+        module.train()
+    else:
+        module.eval()
+    loaded = LoadedModel(
+        format="torchscript",
+        module=module,
+        graph=None,
+        inputs=inputs,
+        coverage_reason="TorchScript graph not converted yet (needs the batch)",
+        source=module,
+    )
+
+    def finish(example: Sequence[torch.Tensor]) -> None:
+        _make_observable(loaded, module, names, example, mode=mode, dropout=dropout)
+
+    loaded.finish = finish
+    return loaded
+
+
+def _make_observable(
+    loaded: LoadedModel,
+    module: torch.jit.ScriptModule,
+    names: list[str],
+    example: Sequence[torch.Tensor],
+    *,
+    mode: str,
+    dropout: bool,
+) -> None:
+    parameter_names = [name for name, _ in module.named_parameters()]
+    try:
+        from torch._export.converter import TS2EPConverter
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = TS2EPConverter(module, tuple(t.detach() for t in example)).convert()
+            fx_module = program.module()
+        graph = graph_from_fx(
+            fx_module,
+            parameter_names=parameter_names,
+            input_names=names,
+            mode=mode,
+            dropout=dropout,
+            metadata={"format": "torchscript"},
+        )
+    except Exception as exc:  # the converter's failures are many and untyped
+        loaded.coverage_reason = (
+            "the TorchScript graph could not be converted to an observable FX graph "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            "only parameter gradients are measured — export with torch.export (.pt2) for "
+            "per-layer probes"
+        )
+        return
+    missing = set(parameter_names) - {n for n, _ in graph.named_graph_parameters()}
+    if missing:
+        loaded.coverage_reason = (
+            "the converted TorchScript graph lost parameters "
+            f"{sorted(missing)[:3]}; only parameter gradients are measured"
+        )
+        return
+    loaded.graph = graph
+    loaded.module = graph
+    loaded.coverage_reason = None

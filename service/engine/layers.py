@@ -1,0 +1,245 @@
+"""Grouping the nodes of an ObservableGraph into "layers", the unit the report talks about.
+
+A layer is a node that consumes a parameter-derived value together with data (its "main"
+node: Linear, Conv, MatMul with a weight, BatchNorm, LayerNorm, an embedding, ...), plus:
+- an elementwise bias/scale node right after it (ONNX `MatMul` + `Add(bias)` is one layer),
+- tuple unpacking (`getitem`) of its output,
+- the activation that follows it, when the main node's output feeds only that activation.
+
+A value is *parameter-derived* when it is a parameter or computed only from parameters and
+constants (e.g. `Transpose(weight)` in ONNX exports of `nn.Linear`); *data* when it depends on a
+graph input. Layers are listed in execution order; `depth` is that index (0 = nearest the input).
+
+A layer's name is the common dotted prefix of its parameters' names (`layer1.0.conv1`), which
+is the module path for torch models; otherwise the main node's name.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from service.engine.graph import Node, ObservableGraph
+
+
+def canonical(op_type: str) -> str:
+    """`leaky_relu_` / `LeakyRelu` → `leakyrelu`: one spelling for FX, ONNX and TorchScript."""
+    return op_type.lower().replace("_", "")
+
+
+# Activations whose derivative vanishes for large |x| (saturated_fraction is reported).
+SATURATING = frozenset({"sigmoid", "tanh", "hardsigmoid", "hardtanh", "softsign"})
+# Activations with an exact zero region (dead_fraction is reported).
+RELU_LIKE = frozenset({"relu", "relu6", "threshold"})
+# Activations initialised with He (Kaiming) rather than Xavier (Glorot).
+HE_FAMILY = frozenset(
+    {"relu", "relu6", "threshold", "leakyrelu", "gelu", "elu", "selu", "celu", "silu", "swish"}
+    | {"mish", "hardswish", "prelu"}
+)
+ACTIVATIONS = SATURATING | HE_FAMILY | frozenset({"softplus", "logsigmoid"})
+NORMALIZATIONS = frozenset(
+    {"batchnorm", "layernorm", "groupnorm", "instancenorm", "nativebatchnorm"}
+    | {"batchnormalization", "layernormalization", "groupnormalization", "rmsnorm"}
+    | {"instancenormalization", "nativelayernorm", "nativegroupnorm"}
+)
+# Ops whose weight follows torch's [out, in, *kernel] layout.
+_OUT_IN_LAYOUT = frozenset(
+    {"linear", "conv", "conv1d", "conv2d", "conv3d", "convolution", "convtranspose"}
+    | {"conv_transpose1d", "convtranspose1d", "convtranspose2d", "convtranspose3d"}
+)
+_MATMUL = frozenset({"matmul", "mm", "bmm", "addmm", "gemm"})
+_BIAS_OPS = frozenset({"add", "sub", "mul", "div"})
+_PASSTHROUGH = frozenset({"getitem"})
+
+
+@dataclass
+class Layer:
+    name: str
+    op: str  # the main node's op type
+    depth: int
+    main: str  # main node name
+    nodes: list[str]
+    params: list[str]  # parameter value names, in graph order
+    output: str  # the value whose gradient is the layer's ‖∂L/∂output‖
+    activation: str | None = None  # canonical op of the attached activation
+    init_activation: str | None = None  # the nonlinearity that decides He vs Xavier
+    fan_in: int | None = None
+    fan_out: int | None = None
+    weight: str | None = None  # the parameter whose scale is compared with He/Xavier
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+def _consumers(nodes: list[Node]) -> dict[str, list[int]]:
+    consumers: dict[str, list[int]] = {}
+    for index, node in enumerate(nodes):
+        for name in dict.fromkeys(node.inputs):
+            consumers.setdefault(name, []).append(index)
+    return consumers
+
+
+def group_layers(graph: ObservableGraph) -> list[Layer]:
+    nodes = graph.nodes
+    params = set(graph.param_names)
+    data: set[str] = set(graph.input_names)
+    derived: dict[str, set[str]] = {p: {p} for p in params}  # value → parameters it comes from
+    consumers = _consumers(nodes)
+    shapes = {name: list(graph.parameter(name).shape) for name in params}
+    layers: list[Layer] = []
+    claimed: set[int] = set()
+    for index, node in enumerate(nodes):
+        data_in = [v for v in node.inputs if v in data]
+        param_in = [v for v in node.inputs if v in derived]
+        if data_in:
+            data.update(o for o in node.outputs if o)
+        elif param_in:
+            sources = set().union(*(derived[v] for v in param_in))
+            for out in node.outputs:
+                if out:
+                    derived[out] = sources
+            continue
+        if not data_in or not param_in or index in claimed:
+            continue
+        owned = [p for p in dict.fromkeys(v for src in param_in for v in sorted(derived[src]))]
+        previous = layers[-1] if layers else None
+        if (
+            previous is not None
+            and canonical(node.op_type) in _BIAS_OPS
+            and data_in == [previous.output]
+            and len(consumers.get(previous.output, [])) == 1
+            and previous.activation is None
+        ):
+            previous.nodes.append(node.name)
+            previous.params.extend(p for p in owned if p not in previous.params)
+            previous.output = node.outputs[0]
+            claimed.add(index)
+            _attach_followers(previous, index, nodes, consumers, claimed)
+            continue
+        layer = Layer(
+            name="",
+            op=node.op_type,
+            depth=len(layers),
+            main=node.name,
+            nodes=[node.name],
+            params=owned,
+            output=node.outputs[0],
+        )
+        _fan(layer, node, param_in, shapes)
+        claimed.add(index)
+        _attach_followers(layer, index, nodes, consumers, claimed)
+        layers.append(layer)
+    _name_layers(layers)
+    _init_activations(layers, nodes, consumers)
+    return layers
+
+
+def _attach_followers(
+    layer: Layer,
+    index: int,
+    nodes: list[Node],
+    consumers: dict[str, list[int]],
+    claimed: set[int],
+) -> None:
+    """Extend `layer` through tuple unpacking, then by the activation that alone follows it."""
+    while True:
+        users = consumers.get(layer.output, [])
+        if len(users) != 1:
+            return
+        follower = nodes[users[0]]
+        op = canonical(follower.op_type)
+        if op in _PASSTHROUGH and layer.activation is None:
+            layer.nodes.append(follower.name)
+            layer.output = follower.outputs[0]
+            claimed.add(users[0])
+            continue
+        if op in ACTIVATIONS and layer.activation is None and follower.inputs[0] == layer.output:
+            layer.nodes.append(follower.name)
+            layer.output = follower.outputs[0]
+            layer.activation = op
+            claimed.add(users[0])
+        return
+
+
+def _fan(layer: Layer, node: Node, param_in: list[str], shapes: dict[str, list[int]]) -> None:
+    """fan_in/fan_out of the layer's weight, as torch's `_calculate_fan_in_and_fan_out`."""
+    op = canonical(node.op_type)
+    if op in NORMALIZATIONS:
+        return
+    candidates = [v for v in param_in if v in shapes and len(shapes[v]) >= 2]
+    weight = candidates[0] if candidates else None
+    transposed_operand = False
+    if weight is None:
+        # a weight reached through a transform (Transpose(W) in ONNX exports of nn.Linear)
+        derived_weights = [v for v in param_in if v not in shapes]
+        if not derived_weights:
+            return
+        transposed_operand = True
+        return_weight = _largest_source(layer, shapes)
+        if return_weight is None:
+            return
+        weight = return_weight
+    shape = shapes[weight]
+    layer.weight = weight
+    receptive = math.prod(shape[2:]) if len(shape) > 2 else 1
+    if op in _OUT_IN_LAYOUT or transposed_operand or (op == "gemm" and node.attrs.get("transB")):
+        layer.fan_in, layer.fan_out = shape[1] * receptive, shape[0] * receptive
+    elif op in _MATMUL:
+        layer.fan_in, layer.fan_out = shape[-2], shape[-1]
+    elif op in {"embedding", "gather"}:
+        return
+    else:
+        layer.fan_in, layer.fan_out = shape[1] * receptive, shape[0] * receptive
+
+
+def _largest_source(layer: Layer, shapes: dict[str, list[int]]) -> str | None:
+    ranked = [p for p in layer.params if len(shapes.get(p, [])) >= 2]
+    return ranked[0] if ranked else None
+
+
+def _name_layers(layers: list[Layer]) -> None:
+    used: set[str] = set()
+    for layer in layers:
+        name = _common_prefix(layer.params) or layer.main
+        if name in used:
+            name = f"{name}/{layer.main}"
+        used.add(name)
+        layer.name = name
+
+
+def _common_prefix(names: list[str]) -> str:
+    if not names:
+        return ""
+    split = [n.split(".") for n in names]
+    if any(len(parts) < 2 for parts in split):
+        return ""
+    prefix: list[str] = []
+    for parts in zip(*(p[:-1] for p in split), strict=False):
+        if len(set(parts)) != 1:
+            break
+        prefix.append(parts[0])
+    return ".".join(prefix)
+
+
+def _init_activations(
+    layers: list[Layer], nodes: list[Node], consumers: dict[str, list[int]]
+) -> None:
+    """The nonlinearity that decides a layer's reference init: its own activation, or the one
+    after the normalization layer it feeds (conv → BatchNorm → ReLU is He-initialised)."""
+    by_main = {layer.main: layer for layer in layers}
+    for layer in layers:
+        layer.init_activation = layer.activation
+        if layer.activation is None:
+            users = consumers.get(layer.output, [])
+            if len(users) == 1:
+                nxt = by_main.get(nodes[users[0]].name)
+                if nxt is not None and canonical(nxt.op) in NORMALIZATIONS:
+                    layer.init_activation = nxt.activation
+
+
+def reference_std(layer: Layer) -> float | None:
+    """He std sqrt(2/fan_in) before ReLU-family activations, Xavier sqrt(2/(fan_in+fan_out))
+    before tanh/sigmoid or nothing."""
+    if not layer.fan_in or not layer.fan_out:
+        return None
+    if layer.init_activation in HE_FAMILY:
+        return math.sqrt(2.0 / layer.fan_in)
+    return math.sqrt(2.0 / (layer.fan_in + layer.fan_out))

@@ -1,0 +1,463 @@
+"""`measure(subject, options) -> Measurements`: one instrumented forward/backward pass (or one per
+micro-batch, gradients accumulated) and every statistic the detectors read.
+
+- Per parameter (stats.parameter_statistics): gradient and weight norms, their ratio,
+  non-finite count, fp16 underflow/overflow fractions.
+- Per layer (layers.py, probes.py): ‖∂L/∂output‖, activation mean/std/saturation/dead units,
+  fan-in and weight std relative to He/Xavier.
+- Profiles: depth (log ‖∂L/∂a_l‖ fitted against depth l) and time (‖∂L/∂x_t‖ per step for
+  floating inputs of rank 3, whose axis 1 is taken as the sequence axis: batch-first layout).
+- Non-finite origin: the first node producing NaN/Inf in the forward pass, else the node whose
+  backward first produced a non-finite gradient.
+
+Micro-batches: the batch is split along axis 0, each part's loss is weighted by its share of
+the batch, so accumulated gradients equal the full batch's (exactly, unless the model mixes
+samples, e.g. BatchNorm in train mode sees each part's statistics).
+
+Everything stays on the device until one transfer at the end (`_to_host`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from service.engine.layers import RELU_LIKE, SATURATING, Layer, canonical, group_layers
+from service.engine.losses import compute_loss, default_loss
+from service.engine.measurements import Measurements, NonFiniteOrigin, Subject
+from service.engine.options import DiagnoseOptions
+from service.engine.probes import Probe
+from service.engine.report import (
+    ActivationStats,
+    DepthProfile,
+    LayerReport,
+    LossInfo,
+    ParameterReport,
+    Profiles,
+    TimeProfile,
+)
+from service.engine.stats import parameter_statistics
+from service.errors import BadInputError
+
+RECURRENT_OPS = frozenset(
+    {"rnn", "lstm", "gru", "rnntanh", "rnnrelu", "lstmcell", "grucell", "rnntanhcell"}
+    | {"rnnrelucell"}
+)
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measurements:
+    options = options or DiagnoseOptions.model_validate({})
+    graph = subject.graph
+    if graph is not None:
+        named = graph.named_graph_parameters()
+        layers = group_layers(graph)
+    else:
+        named = list(subject.module.named_parameters())
+        layers = module_layers(subject.module, [n for n, _ in named])
+    trainable = [(n, p) for n, p in named if p.requires_grad]
+    for _, p in trainable:
+        p.grad = None
+    probe = Probe(graph, layers, subject.device) if graph is not None else None
+    sequence_inputs = [
+        i for i, x in enumerate(subject.inputs) if x.is_floating_point() and x.dim() == 3
+    ]
+    timing = {"forward": 0.0, "backward": 0.0}
+    loss_total = torch.zeros((), device=subject.device)
+    step_sq: dict[int, torch.Tensor] = {}
+    parts = 0
+    for inputs, target, share in _micro_batches(subject, options.micro_batches):
+        parts += 1
+        inputs = [
+            x.detach().requires_grad_(True) if i in sequence_inputs else x
+            for i, x in enumerate(inputs)
+        ]
+        start = time.perf_counter()
+        if probe is not None:
+            probe.begin_pass()
+        outputs = _forward(subject, inputs, probe, options.precision)
+        if subject.loss_kind in ("", "auto"):
+            subject.loss_kind, subject.loss_reason = default_loss(
+                subject.target, list(outputs[0].shape) if outputs else None
+            )
+        loss = compute_loss(subject.loss_kind, outputs, target)
+        _sync(subject.device)
+        middle = time.perf_counter()
+        (loss * share).backward()
+        _sync(subject.device)
+        timing["forward"] += middle - start
+        timing["backward"] += time.perf_counter() - middle
+        if probe is not None:
+            probe.end_pass()
+        loss_total += loss.detach().float() * share
+        for i in sequence_inputs:
+            grad = inputs[i].grad
+            if grad is not None:
+                dims = [d for d in range(grad.dim()) if d != 1]
+                sq = grad.float().square().sum(dim=dims)
+                step_sq[i] = sq if i not in step_sq else step_sq[i] + sq
+    start = time.perf_counter()
+    pstats = parameter_statistics([p for _, p in trainable], [p.grad for _, p in trainable])
+    host = _to_host(_collect(pstats, probe, loss_total, step_sq))
+    result = _build(subject, layers, trainable, host, probe, sequence_inputs)
+    result.micro_batches = parts
+    timing["analysis"] = time.perf_counter() - start
+    result.timing = timing
+    return result
+
+
+# -- running ---------------------------------------------------------------------------------
+
+
+def _micro_batches(
+    subject: Subject, count: int
+) -> Iterator[tuple[list[torch.Tensor], torch.Tensor | None, float]]:
+    size = subject.inputs[0].shape[0] if subject.inputs and subject.inputs[0].dim() else 1
+    count = max(1, min(count, size))
+    if count == 1:
+        yield list(subject.inputs), subject.target, 1.0
+        return
+    bounds = [round(size * k / count) for k in range(count + 1)]
+    for lo, hi in itertools.pairwise(bounds):
+        inputs = [x[lo:hi] for x in subject.inputs]
+        target = subject.target[lo:hi] if subject.target is not None else None
+        yield inputs, target, (hi - lo) / size
+
+
+def _forward(
+    subject: Subject, inputs: list[torch.Tensor], probe: Probe | None, precision: str
+) -> list[torch.Tensor]:
+    dtype = _AUTOCAST.get(precision)
+    context: Any = (
+        torch.autocast(device_type=subject.device.type, dtype=dtype)
+        if dtype is not None
+        else contextlib.nullcontext()
+    )
+    try:
+        with context:
+            if subject.graph is not None:
+                return list(subject.graph.run(inputs, probe))
+            out = subject.module(*inputs)
+    except (RuntimeError, IndexError, TypeError, ValueError) as exc:
+        where = ""
+        if probe is not None and subject.graph is not None:
+            nodes = subject.graph.nodes
+            index = probe.last_node + 1
+            if 0 <= index < len(nodes):
+                where = f" at node {nodes[index].name!r} ({nodes[index].op_type})"
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BadInputError(
+            f"running the model on the batch failed{where}: {first}; check that the batch's "
+            "shapes and dtypes match what the model was exported with"
+        ) from exc
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [o for o in out if isinstance(o, torch.Tensor)]
+    if isinstance(out, dict):
+        return [o for o in out.values() if isinstance(o, torch.Tensor)]
+    raise BadInputError(f"the model returned a {type(out).__name__}, not tensors")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# -- the one transfer --------------------------------------------------------------------------
+
+
+def _collect(
+    pstats: dict[str, torch.Tensor],
+    probe: Probe | None,
+    loss: torch.Tensor,
+    step_sq: dict[int, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {f"param.{k}": v for k, v in pstats.items()}
+    out["loss"] = loss.reshape(1)
+    for i, sq in step_sq.items():
+        out[f"time.{i}"] = sq
+    if probe is None:
+        return out
+    totals = probe.totals
+    for p, (fwd, bwd) in enumerate(zip(totals.forward_sums, totals.backward_norms, strict=True)):
+        out[f"forward.{p}"] = fwd
+        out[f"backward.{p}"] = bwd
+    if totals.layer_grad_sq is not None:
+        assert totals.layer_sum is not None and totals.layer_sumsq is not None
+        assert totals.layer_count is not None and totals.layer_saturated is not None
+        assert totals.layer_seen is not None
+        out["layer.grad_sq"] = totals.layer_grad_sq
+        out["layer.sum"] = totals.layer_sum
+        out["layer.sumsq"] = totals.layer_sumsq
+        out["layer.count"] = totals.layer_count
+        out["layer.saturated"] = totals.layer_saturated
+        out["layer.seen"] = totals.layer_seen
+    for index, alive in totals.alive.items():
+        out[f"dead.{index}"] = 1.0 - alive.float().mean().reshape(1)
+    return out
+
+
+def _to_host(tensors: dict[str, torch.Tensor]) -> dict[str, list[float]]:
+    """One device→host copy: everything is flattened into one float64 vector first."""
+    if not tensors:
+        return {}
+    flat = [t.detach().reshape(-1).to(torch.float64) for t in tensors.values()]
+    lengths = [f.numel() for f in flat]
+    values = torch.cat(flat).cpu().tolist()
+    out: dict[str, list[float]] = {}
+    offset = 0
+    for key, length in zip(tensors, lengths, strict=True):
+        out[key] = values[offset : offset + length]
+        offset += length
+    return out
+
+
+# -- building the measurements -----------------------------------------------------------------
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _ratio(num: float, den: float) -> float | None:
+    if den > 0 and math.isfinite(den):
+        return num / den
+    return None
+
+
+def _build(
+    subject: Subject,
+    layers: list[Layer],
+    trainable: list[tuple[str, torch.nn.Parameter]],
+    host: dict[str, list[float]],
+    probe: Probe | None,
+    sequence_inputs: list[int],
+) -> Measurements:
+    layer_of_param: dict[str, str] = {}
+    for layer in layers:
+        for name in layer.params:
+            layer_of_param.setdefault(name, layer.name)
+    parameters = []
+    by_name: dict[str, dict[str, float]] = {}
+    for i, (name, p) in enumerate(trainable):
+        row = {k.removeprefix("param."): v[i] for k, v in host.items() if k.startswith("param.")}
+        by_name[name] = row
+        numel = max(row["numel"], 1.0)
+        parameters.append(
+            ParameterReport(
+                name=name,
+                shape=list(p.shape),
+                layer=layer_of_param.get(name),
+                grad_norm=row["grad_norm"],
+                weight_norm=row["weight_norm"],
+                grad_to_weight=_ratio(row["grad_norm"], row["weight_norm"]),
+                non_finite=row["non_finite"] > 0,
+                non_finite_count=int(row["non_finite"]),
+                fp16_underflow_fraction=row["underflow"] / numel,
+                fp16_overflow_fraction=row["overflow"] / numel,
+            )
+        )
+    reports = [_layer_report(i, layer, host, by_name) for i, layer in enumerate(layers)]
+    depth = _depth_profile(reports)
+    times = []
+    for i in sequence_inputs:
+        sq = host.get(f"time.{i}")
+        if sq:
+            norms = [math.sqrt(v) for v in sq]
+            growth, first_last = _fit(norms)
+            times.append(
+                TimeProfile(
+                    input=subject.model_info.inputs[i].name
+                    if i < len(subject.model_info.inputs)
+                    else f"input_{i}",
+                    axis=1,
+                    grad_norms=norms,
+                    growth_factor=growth,
+                    first_last_ratio=first_last,
+                )
+            )
+    loss_value = host["loss"][0]
+    op_types = [n.op_type for n in subject.graph.nodes] if subject.graph is not None else []
+    return Measurements(
+        layers=reports,
+        parameters=parameters,
+        profiles=Profiles(depth=depth, time=times),
+        loss=LossInfo(kind=subject.loss_kind, value=loss_value, reason=subject.loss_reason),
+        non_finite_origin=_origin(subject, layers, host, probe, parameters, loss_value),
+        op_types=op_types,
+        recurrent_layers=[layer.name for layer in layers if canonical(layer.op) in RECURRENT_OPS],
+    )
+
+
+def _layer_report(
+    index: int, layer: Layer, host: dict[str, list[float]], params: dict[str, dict[str, float]]
+) -> LayerReport:
+    grad_sq = sum(params[p]["grad_norm"] ** 2 for p in layer.params if p in params)
+    weight_sq = sum(params[p]["weight_norm"] ** 2 for p in layer.params if p in params)
+    grad_norm, weight_norm = math.sqrt(grad_sq), math.sqrt(weight_sq)
+    stats = ActivationStats(activation=layer.activation)
+    activation_grad = None
+    if "layer.count" in host and host["layer.seen"][index] > 0:
+        count = host["layer.count"][index]
+        mean = host["layer.sum"][index] / count
+        var = max(host["layer.sumsq"][index] / count - mean * mean, 0.0)
+        stats.mean, stats.std = mean, math.sqrt(var) if math.isfinite(var) else var
+        if layer.activation in SATURATING:
+            stats.saturated_fraction = host["layer.saturated"][index] / count
+        activation_grad = math.sqrt(host["layer.grad_sq"][index])
+    if layer.activation in RELU_LIKE and f"dead.{index}" in host:
+        stats.dead_fraction = host[f"dead.{index}"][0]
+    init_ratio = None
+    if layer.weight is not None and layer.weight in params:
+        from service.engine.layers import reference_std
+
+        reference = reference_std(layer)
+        if reference:
+            init_ratio = params[layer.weight]["weight_std"] / reference
+    return LayerReport(
+        name=layer.name,
+        op=layer.op,
+        depth=layer.depth,
+        activation_grad_norm=activation_grad,
+        activation_stats=stats,
+        params=list(layer.params),
+        grad_norm=grad_norm if layer.params else None,
+        weight_norm=weight_norm if layer.params else None,
+        grad_to_weight=_ratio(grad_norm, weight_norm) if layer.params else None,
+        fan_in=layer.fan_in,
+        init_std_ratio=init_ratio,
+    )
+
+
+def _fit(norms: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """(growth factor per step of the least-squares fit of log norm, first/last ratio)."""
+    points = [(i, math.log(n)) for i, n in enumerate(norms) if n is not None and 0 < n < math.inf]
+    growth = None
+    if len(points) >= 2:
+        mean_x = sum(x for x, _ in points) / len(points)
+        mean_y = sum(y for _, y in points) / len(points)
+        sxx = sum((x - mean_x) ** 2 for x, _ in points)
+        sxy = sum((x - mean_x) * (y - mean_y) for x, y in points)
+        if sxx > 0:
+            slope = sxy / sxx
+            growth = math.exp(slope) if slope < 700 else math.inf
+    first_last = None
+    if norms and norms[0] is not None and norms[-1] is not None:
+        first, last = norms[0], norms[-1]
+        if math.isfinite(first) and math.isfinite(last):
+            first_last = first / last if last > 0 else (math.inf if first > 0 else None)
+    return growth, first_last
+
+
+def _depth_profile(reports: list[LayerReport]) -> DepthProfile:
+    measured = [r for r in reports if r.activation_grad_norm is not None]
+    norms: list[float | None] = [r.activation_grad_norm for r in measured]
+    growth, first_last = _fit(norms)
+    return DepthProfile(
+        layers=[r.name for r in measured],
+        grad_norms=norms,
+        growth_factor=growth,
+        first_last_ratio=first_last,
+    )
+
+
+def _origin(
+    subject: Subject,
+    layers: list[Layer],
+    host: dict[str, list[float]],
+    probe: Probe | None,
+    parameters: list[ParameterReport],
+    loss_value: float,
+) -> NonFiniteOrigin | None:
+    graph = subject.graph
+    layer_of_node = {n: layer.name for layer in layers for n in layer.nodes}
+    if graph is not None and probe is not None:
+        nodes = graph.nodes
+        first: int | None = None
+        for p in range(len(probe.totals.forward_sums)):
+            for slot, total in enumerate(host[f"forward.{p}"]):
+                if not math.isfinite(total):
+                    index = probe.checked_nodes[slot]
+                    first = index if first is None else min(first, index)
+                    break
+        if first is not None:
+            node = nodes[first]
+            return NonFiniteOrigin(
+                node.name, node.op_type, "forward", node.outputs[0], layer_of_node.get(node.name)
+            )
+        if not math.isfinite(loss_value):
+            return NonFiniteOrigin("loss", subject.loss_kind, "forward")
+        for p, order in enumerate(probe.totals.backward_orders):
+            norms = host[f"backward.{p}"]
+            for position, slot in enumerate(order):
+                if not math.isfinite(norms[position]):
+                    _, value = probe.hooked_values[slot]
+                    node = _gradient_producer(graph.nodes, value)
+                    if node is None:
+                        return NonFiniteOrigin("loss", subject.loss_kind, "backward", value)
+                    return NonFiniteOrigin(
+                        node.name, node.op_type, "backward", value, layer_of_node.get(node.name)
+                    )
+        bad = next((p for p in reversed(parameters) if p.non_finite), None)
+        if bad is not None:
+            consumer = next((n for n in reversed(nodes) if bad.name in n.inputs), None)
+            if consumer is not None:
+                return NonFiniteOrigin(
+                    consumer.name,
+                    consumer.op_type,
+                    "backward",
+                    bad.name,
+                    layer_of_node.get(consumer.name),
+                )
+        return None
+    # parameters only: no node-level view; name the layer when we can
+    if not math.isfinite(loss_value):
+        return NonFiniteOrigin("model", "unknown (parameters_only coverage)", "forward")
+    bad = next((p for p in reversed(parameters) if p.non_finite), None)
+    if bad is not None:
+        layer = bad.layer or bad.name
+        op = next((lyr.op for lyr in layers if lyr.name == layer), "unknown")
+        return NonFiniteOrigin(layer, op, "backward", bad.name, bad.layer)
+    return None
+
+
+def _gradient_producer(nodes: list[Any], value: str) -> Any:
+    """The node whose backward produced the gradient of `value`: its (last) consumer."""
+    consumers = [n for n in nodes if value in n.inputs]
+    return consumers[-1] if consumers else None
+
+
+# -- parameters-only coverage ----------------------------------------------------------------
+
+
+def module_layers(module: torch.nn.Module, names: list[str]) -> list[Layer]:
+    """Layers of a module that cannot be observed: its parameters grouped by owning submodule,
+    in parameter order; op = the submodule's class (TorchScript keeps it as `original_name`)."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        prefix = name.rsplit(".", 1)[0] if "." in name else name
+        groups.setdefault(prefix, []).append(name)
+    layers = []
+    for depth, (prefix, params) in enumerate(groups.items()):
+        try:
+            sub = module.get_submodule(prefix)
+            op = str(getattr(sub, "original_name", type(sub).__name__))
+        except AttributeError:
+            op = "parameter"
+        layer = Layer(
+            name=prefix, op=op, depth=depth, main=prefix, nodes=[], params=params, output=""
+        )
+        weight = next((p for p in params if p.endswith("weight")), None)
+        if weight is not None and canonical(op) in {"linear", "conv1d", "conv2d", "conv3d"}:
+            shape = list(module.get_parameter(weight).shape)
+            # fan-in only: the activation after it is not visible, so no He/Xavier reference
+            layer.fan_in = shape[1] * math.prod(shape[2:]) if len(shape) >= 2 else None
+        layers.append(layer)
+    return layers

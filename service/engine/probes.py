@@ -1,0 +1,185 @@
+"""The observer passed to `ObservableGraph.run`: forward statistics and backward hooks per node.
+
+Per pass (one micro-batch) it collects, all as 0-dim/small tensors on the model's device:
+- forward: a float32 sum of every node output that can create a NaN/Inf (view-like ops are
+  skipped: they only move values). A non-finite sum marks a non-finite output; the first such
+  node in execution order is the forward origin.
+- layer outputs (layers.py): mean/variance, saturated count, alive-unit mask, and a gradient
+  hook giving ‖∂L/∂output‖² of the layer.
+- backward: a hook on every other probed output giving its gradient's float32 norm, in the
+  order autograd calls them (the backward execution order), for the backward origin.
+
+Values go into Python lists during the pass and are stacked once at its end (one kernel per
+kind, rather than one copy kernel per node into a preallocated buffer), then added into
+accumulators allocated on the first pass. Nothing calls `.item()` or `.cpu()`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from service.engine.formats.fx import VIEW_OPS
+from service.engine.graph import Node, ObservableGraph
+from service.engine.layers import RELU_LIKE, SATURATING, Layer, canonical
+from service.engine.stats import alive_units, moments, saturated_count
+
+# ONNX spellings of the view-like ops (the FX ones come from formats/fx.py).
+_ONNX_VIEWS = frozenset(
+    {"reshape", "transpose", "squeeze", "unsqueeze", "flatten", "identity", "slice"}
+    | {"gather", "concat", "split", "expand", "shape", "cast", "constant"}
+)
+
+
+@dataclass
+class ProbeTotals:
+    """Accumulated over the passes; all tensors on the device."""
+
+    forward_sums: list[torch.Tensor] = field(default_factory=list)  # one [n_checked] per pass
+    backward_norms: list[torch.Tensor] = field(default_factory=list)  # one [n_hooked] per pass
+    backward_orders: list[list[int]] = field(default_factory=list)  # slot order per pass
+    layer_grad_sq: torch.Tensor | None = None  # [n_layers]
+    layer_sum: torch.Tensor | None = None  # Σ n·mean
+    layer_sumsq: torch.Tensor | None = None  # Σ n·(var + mean²)
+    layer_count: torch.Tensor | None = None  # Σ n (host-known, kept on device for the math)
+    layer_saturated: torch.Tensor | None = None
+    layer_seen: torch.Tensor | None = None  # whether the layer output was observed
+    alive: dict[int, torch.Tensor] = field(default_factory=dict)  # layer index → unit mask
+
+
+class Probe:
+    """A NodeObserver; call `begin_pass()` before each forward and `end_pass()` after backward."""
+
+    def __init__(self, graph: ObservableGraph, layers: list[Layer], device: torch.device):
+        self.graph = graph
+        self.layers = layers
+        self.device = device
+        self.layer_of_output = {layer.output: i for i, layer in enumerate(layers)}
+        self.checked_nodes: list[int] = []  # node index per forward slot
+        self.hooked_values: list[tuple[int, str]] = []  # (node index, value) per backward slot
+        self._forward_slot: dict[int, int] = {}
+        self._backward_slot: dict[str, int] = {}
+        for index, node in enumerate(graph.nodes):
+            op = canonical(node.op_type)
+            if op in VIEW_OPS or op in _ONNX_VIEWS:
+                continue
+            self._forward_slot[index] = len(self.checked_nodes)
+            self.checked_nodes.append(index)
+            for value in node.outputs:
+                if value:
+                    self._backward_slot[value] = len(self.hooked_values)
+                    self.hooked_values.append((index, value))
+        for layer in layers:  # layer outputs are always hooked (e.g. through a getitem)
+            if layer.output not in self._backward_slot:
+                node_index = next(i for i, n in enumerate(graph.nodes) if layer.output in n.outputs)
+                self._backward_slot[layer.output] = len(self.hooked_values)
+                self.hooked_values.append((node_index, layer.output))
+        self.node_index = {node.name: i for i, node in enumerate(graph.nodes)}
+        self.totals = ProbeTotals()
+        self._pass: dict[str, Any] = {}
+        self.last_node = -1  # index of the last node that ran (names the failing one)
+
+    # -- per pass -----------------------------------------------------------------------
+    def begin_pass(self) -> None:
+        self.last_node = -1
+        self._pass = {
+            "forward": [],  # (slot, sum)
+            "backward": [],  # (slot, norm)
+            "layer_grad": {},  # layer index → ‖g‖²
+            "layer_mean": {},
+            "layer_var": {},
+            "layer_n": {},
+            "layer_sat": {},
+        }
+
+    def __call__(self, node: Node, outputs: Sequence[Any]) -> None:
+        index = self.node_index[node.name]
+        self.last_node = index
+        forward_slot = self._forward_slot.get(index)
+        for value_name, value in zip(node.outputs, outputs, strict=False):
+            if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+                continue
+            detached = value.detach()
+            if forward_slot is not None:
+                self._pass["forward"].append(
+                    (forward_slot, torch.sum(detached, dtype=torch.float32))
+                )
+            layer_index = self.layer_of_output.get(value_name)
+            if layer_index is not None:
+                self._layer_forward(layer_index, detached)
+            slot = self._backward_slot.get(value_name)
+            if slot is not None and value.requires_grad:
+                value.register_hook(self._make_hook(slot, layer_index))
+
+    def _layer_forward(self, layer_index: int, y: torch.Tensor) -> None:
+        layer = self.layers[layer_index]
+        mean, var = moments(y)
+        p = self._pass
+        p["layer_mean"][layer_index] = mean
+        p["layer_var"][layer_index] = var
+        p["layer_n"][layer_index] = y.numel()
+        if layer.activation in SATURATING:
+            p["layer_sat"][layer_index] = saturated_count(y, layer.activation)
+        if layer.activation in RELU_LIKE:
+            alive = alive_units(y)
+            previous = self.totals.alive.get(layer_index)
+            self.totals.alive[layer_index] = alive if previous is None else previous | alive
+
+    def _make_hook(self, slot: int, layer_index: int | None) -> Any:
+        record = self._pass
+
+        def hook(grad: torch.Tensor) -> None:
+            norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
+            record["backward"].append((slot, norm))
+            if layer_index is not None:
+                record["layer_grad"][layer_index] = norm.square()
+
+        return hook
+
+    def end_pass(self) -> None:
+        """Stack this pass's values and add them into the accumulators (device only)."""
+        p, t = self._pass, self.totals
+        zero = torch.zeros((), device=self.device)
+        forward = [zero] * len(self.checked_nodes)  # unobserved (non-float) outputs: finite
+        for slot, value in p["forward"]:
+            forward[slot] = value
+        t.forward_sums.append(_stack(forward, self.device))
+        order = [slot for slot, _ in p["backward"]]
+        t.backward_orders.append(order)
+        t.backward_norms.append(_stack([v for _, v in p["backward"]], self.device))
+        n_layers = len(self.layers)
+        if not n_layers:
+            return
+        rows = range(n_layers)
+        grad_sq = _stack([p["layer_grad"].get(i, zero) for i in rows], self.device)
+        mean = _stack([p["layer_mean"].get(i, zero) for i in rows], self.device)
+        var = _stack([p["layer_var"].get(i, zero) for i in rows], self.device)
+        counts = torch.tensor([float(p["layer_n"].get(i, 0)) for i in rows], device=self.device)
+        sat = _stack([p["layer_sat"].get(i, zero).float() for i in rows], self.device)
+        seen = torch.tensor(
+            [1.0 if i in p["layer_grad"] else 0.0 for i in rows], device=self.device
+        )
+        layer_sum = mean * counts
+        layer_sumsq = (var + mean.square()) * counts
+        if t.layer_grad_sq is None:
+            t.layer_grad_sq, t.layer_sum, t.layer_sumsq = grad_sq, layer_sum, layer_sumsq
+            t.layer_count, t.layer_saturated, t.layer_seen = counts, sat, seen
+        else:
+            assert t.layer_sum is not None and t.layer_sumsq is not None
+            assert t.layer_count is not None and t.layer_saturated is not None
+            assert t.layer_seen is not None
+            t.layer_grad_sq += grad_sq
+            t.layer_sum += layer_sum
+            t.layer_sumsq += layer_sumsq
+            t.layer_count += counts
+            t.layer_saturated += sat
+            t.layer_seen = torch.maximum(t.layer_seen, seen)
+
+
+def _stack(values: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    if not values:
+        return torch.zeros(0, device=device)
+    return torch.stack([v.reshape(()).float() for v in values])
