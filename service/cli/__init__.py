@@ -14,6 +14,13 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _root() -> None:
+    """Find where gradients vanish or explode, and how to fix it."""
+    # A callback keeps `app` a command group even while only one command is registered
+    # (typer otherwise turns a single command into the whole program).
+
+
 def main() -> None:
     from service.cli import commands  # noqa: F401  (registers the commands)
 

@@ -1,0 +1,177 @@
+"""`gradhealth diagnose MODEL --batch BATCH`: one diagnosis in-process (CONTRACT.md §2).
+
+Exit codes: 0 no finding at or above `--fail-on`; 1 at least one; 2 bad input or usage (one
+line on stderr naming the problem); 3 internal failure. Never a traceback for the user.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from service.cli import app
+
+EXIT_OK, EXIT_FINDINGS, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+_SEVERITY_RANK = {"info": 0, "warning": 1, "error": 2}
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    typer.echo(f"gradhealth: {message}", err=True)
+    return typer.Exit(code)
+
+
+@app.command("diagnose")
+def diagnose_command(
+    model: Annotated[Path, typer.Argument(help="ONNX, TorchScript or torch.export (.pt2) file")],
+    batch: Annotated[Path, typer.Option("--batch", help=".npz, .safetensors or .pt sample batch")],
+    loss: Annotated[
+        str | None,
+        typer.Option(help="cross_entropy|nll|mse|l1|bce_with_logits|output_norm"),
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto|cpu|cuda|cuda:N")] = "auto",
+    mode: Annotated[str, typer.Option(help="train|eval")] = "train",
+    precision: Annotated[str, typer.Option(help="fp32|bf16|fp16 (autocast)")] = "fp32",
+    micro_batches: Annotated[int, typer.Option(help="split the batch, accumulate gradients")] = 1,
+    verify: Annotated[bool, typer.Option(help="try automatic fixes on a copy")] = True,
+    output_format: Annotated[str, typer.Option("--format", help="table|json")] = "table",
+    fail_on: Annotated[str, typer.Option(help="warning|error")] = "error",
+) -> None:
+    """Measure gradient health layer by layer and say how to fix what is wrong."""
+    if output_format not in ("table", "json"):
+        raise _fail(f"--format must be table or json, not {output_format!r}", EXIT_BAD_INPUT)
+    if fail_on not in ("warning", "error"):
+        raise _fail(f"--fail-on must be warning or error, not {fail_on!r}", EXIT_BAD_INPUT)
+    for path, what in ((model, "model"), (batch, "batch")):
+        if not path.is_file():
+            raise _fail(f"the {what} file {str(path)!r} does not exist", EXIT_BAD_INPUT)
+    try:
+        report = _run(model, batch, loss, device, mode, precision, micro_batches, verify)
+    except typer.Exit:
+        raise
+    except Exception as exc:
+        raise _classify(exc) from None
+    if output_format == "json":
+        sys.stdout.write(json.dumps(report.to_jsonable()) + "\n")
+    else:
+        print_report(report)
+    threshold = _SEVERITY_RANK[fail_on]
+    failing = any(_SEVERITY_RANK[f.severity] >= threshold for f in report.findings)
+    raise typer.Exit(EXIT_FINDINGS if failing else EXIT_OK)
+
+
+def _run(
+    model: Path,
+    batch: Path,
+    loss: str | None,
+    device: str,
+    mode: str,
+    precision: str,
+    micro_batches: int,
+    verify: bool,
+) -> Any:
+    from pydantic import ValidationError
+
+    from service.engine.options import DiagnoseOptions
+    from service.engine.pipeline import diagnose
+
+    try:
+        options = DiagnoseOptions.model_validate(
+            {
+                "loss": loss,
+                "device": device,
+                "mode": mode,
+                "precision": precision,
+                "micro_batches": micro_batches,
+                "verify_fixes": verify,
+            }
+        )
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = ".".join(str(p) for p in error["loc"])
+        raise _fail(f"--{field.replace('_', '-')}: {error['msg']}", EXIT_BAD_INPUT) from None
+    return diagnose(model, batch, options)
+
+
+def _classify(exc: Exception) -> typer.Exit:
+    from service.errors import GradhealthError
+
+    if isinstance(exc, GradhealthError):
+        return _fail(exc.message, EXIT_BAD_INPUT if exc.is_client_error else EXIT_INTERNAL)
+    if isinstance(exc, MemoryError):
+        return _fail("out of memory: try --micro-batches or a smaller batch", EXIT_INTERNAL)
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return _fail(f"internal error ({type(exc).__name__}: {text})", EXIT_INTERNAL)
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value == 0 or 1e-3 <= abs(value) < 1e4:
+        return f"{value:.3g}"
+    return f"{value:.2e}"
+
+
+def print_report(report: Any) -> None:
+    """The report as rich tables on stdout (also used by `gradhealth submit`)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    # not a terminal (pipes, CI logs): wide enough that the layer table is not truncated
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    colour = {"healthy": "green", "at_risk": "yellow", "unhealthy": "red"}[report.verdict]
+    console.print(
+        f"[bold {colour}]{report.verdict}[/]  {report.model.format} model, "
+        f"{report.model.parameter_count:,} parameters, batch {report.batch.size}, "
+        f"loss {report.loss.kind} = {_fmt(report.loss.value)}, {report.device}, "
+        f"{report.mode}, {report.precision}"
+    )
+    if report.model.probe_coverage != "full":
+        console.print(f"[yellow]probes: parameters only[/] ({report.model.probe_coverage_reason})")
+    table = Table(title="layers (input → output)")
+    for column in ("depth", "layer", "op", "act", "‖∂L/∂a‖", "‖∇W‖", "‖∇W‖/‖W‖"):
+        table.add_column(column, justify="right" if column.startswith(("d", "‖")) else "left")
+    for column in ("saturated", "dead", "init/ref"):
+        table.add_column(column, justify="right")
+    for layer in report.layers:
+        stats = layer.activation_stats
+        table.add_row(
+            str(layer.depth),
+            layer.name,
+            layer.op,
+            stats.activation or "",
+            _fmt(layer.activation_grad_norm),
+            _fmt(layer.grad_norm),
+            _fmt(layer.grad_to_weight),
+            _fmt(stats.saturated_fraction),
+            _fmt(stats.dead_fraction),
+            _fmt(layer.init_std_ratio),
+        )
+    console.print(table)
+    depth = report.profiles.depth
+    if depth.growth_factor is not None:
+        console.print(
+            f"depth profile: ‖∂L/∂a‖ grows ×{_fmt(depth.growth_factor)} per layer towards the "
+            f"output; first/last = {_fmt(depth.first_last_ratio)}"
+        )
+    for profile in report.profiles.time:
+        console.print(
+            f"time profile ({profile.input}, axis {profile.axis}): ×{_fmt(profile.growth_factor)}"
+            f" per step; first/last = {_fmt(profile.first_last_ratio)}"
+        )
+    if not report.findings:
+        console.print("[green]no findings[/]")
+    for index, finding in enumerate(report.findings):
+        sev = {"info": "blue", "warning": "yellow", "error": "red"}[finding.severity]
+        layers = f" [{', '.join(finding.layers[:5])}]" if finding.layers else ""
+        console.print(f"[{sev}]{index}. {finding.severity} {finding.kind}[/]{layers}: ")
+        console.print(f"   {finding.message}", markup=False)
+    for rank, rec in enumerate(report.recommendations, start=1):
+        verified = ""
+        if rec.verified is not None and rec.verified.applied:
+            verified = " (verified: resolved)" if rec.verified.resolved else " (verified)"
+        console.print(f"[bold]fix {rank}: {rec.fix}[/]{verified}")
+        console.print(f"   {rec.rationale}", markup=False)
