@@ -142,7 +142,11 @@ class BatchRecord(Base):
     sha256: Mapped[str] = mapped_column(ForeignKey("blobs.sha256"), index=True)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     filename: Mapped[str | None] = mapped_column(String(500), default=None)
+    # npz | safetensors | pt, from the content (the API lists arrays from headers only).
+    format: Mapped[str | None] = mapped_column(String(16), default=None)
     arrays: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    # False for a .pt whose arrays cannot be listed without loading it (the worker does).
+    arrays_complete: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

@@ -23,14 +23,18 @@ def add(
     sha256: str,
     size_bytes: int,
     filename: str | None,
+    format: str,
     arrays: list[dict[str, Any]],
+    arrays_complete: bool = True,
 ) -> BatchRecord:
     record = BatchRecord(
         tenant_id=tenant_id,
         sha256=sha256,
         size_bytes=size_bytes,
         filename=filename,
+        format=format,
         arrays=arrays,
+        arrays_complete=arrays_complete,
     )
     session.add(record)
     session.flush()

@@ -1,10 +1,8 @@
 """Diagnoses: the requests clients see and, at the same time, the job queue's rows.
 
-This module holds the client-side queries (enqueue, read, list, cancel). Claiming, leases and
-heartbeats belong to the queue (`service.queue`), which works on the same table.
-
-Enqueueing wakes idle Postgres workers with `NOTIFY` on `QUEUE_CHANNEL`, inside the enqueueing
-transaction, so the notification is delivered only if the row is committed; SQLite workers poll.
+This module holds the client-side reads (one, by idempotency key, paginated list, counts).
+Every state change (enqueue with its NOTIFY, claim, lease, cancel) belongs to the queue,
+`service.queue`, which works on the same table.
 """
 
 from __future__ import annotations
@@ -14,58 +12,16 @@ import binascii
 import json
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
-from sqlalchemy import and_, func, or_, select, text, update
-from sqlalchemy.engine import CursorResult
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
-from service.db.models import Diagnosis, utcnow
+from service.db.models import Diagnosis
 
-QUEUE_CHANNEL = "gradhealth_jobs"
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 KIND_DIAGNOSE = "diagnose"
 KIND_INSPECT = "inspect"
-
-
-def notify_workers(session: Session, job_id: str) -> None:
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(
-            text("SELECT pg_notify(:channel, :job_id)"),
-            {
-                "channel": QUEUE_CHANNEL,
-                "job_id": job_id,
-            },
-        )
-
-
-def enqueue(
-    session: Session,
-    tenant_id: str,
-    *,
-    kind: str,
-    model_id: str,
-    batch_id: str | None,
-    options: dict[str, Any],
-    max_attempts: int,
-    idempotency_key: str | None = None,
-) -> Diagnosis:
-    job = Diagnosis(
-        tenant_id=tenant_id,
-        kind=kind,
-        model_id=model_id,
-        batch_id=batch_id,
-        options=options,
-        max_attempts=max_attempts,
-        idempotency_key=idempotency_key,
-        status="queued",
-        available_at=utcnow(),
-    )
-    session.add(job)
-    session.flush()
-    notify_workers(session, job.id)
-    return job
 
 
 def get(
@@ -139,34 +95,6 @@ def list_page(
         return rows, None
     page = rows[:limit]
     return page, Cursor(created_at=page[-1].created_at, id=page[-1].id)
-
-
-def request_cancel(session: Session, job: Diagnosis) -> Diagnosis:
-    """A queued job is cancelled at once; a running one is flagged (`cancel_requested`) and its
-    worker stops it. Conditional UPDATEs, so a worker claiming the row at the same moment either
-    sees `cancelled` or gets the flag. Returns the row as it is now."""
-    now = utcnow()
-    result: CursorResult[Any] = session.execute(  # type: ignore[assignment]
-        update(Diagnosis)
-        .where(Diagnosis.id == job.id, Diagnosis.status == "queued")
-        .values(
-            status="cancelled",
-            cancel_requested=True,
-            finished_at=now,
-            error_code="cancelled",
-            error_message="cancelled by the client before it started",
-        )
-        .execution_options(synchronize_session=False)
-    )
-    if not result.rowcount:
-        session.execute(
-            update(Diagnosis)
-            .where(Diagnosis.id == job.id, Diagnosis.status.not_in(TERMINAL_STATUSES))
-            .values(cancel_requested=True)
-            .execution_options(synchronize_session=False)
-        )
-    session.refresh(job)
-    return job
 
 
 def count_by_status(session: Session) -> dict[str, int]:

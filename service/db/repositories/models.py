@@ -1,8 +1,7 @@
-"""Uploaded models: versions per (tenant, name), metadata filled by the worker's inspection."""
+"""Uploaded models: versions per (tenant, name). Their metadata (format, inputs, outputs,
+parameter_count) is written by the worker's inspection job (`service.queue.complete_inspection`)."""
 
 from __future__ import annotations
-
-from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -56,33 +55,3 @@ def add(
     session.add(record)
     session.flush()
     return record
-
-
-def record_inspection(
-    session: Session,
-    model_id: str,
-    *,
-    format: str,
-    inputs: list[dict[str, Any]],
-    outputs: list[dict[str, Any]],
-    parameter_count: int,
-) -> None:
-    """Worker side (no tenant filter: the job row already names the model): the inspection
-    job's result. `inputs`/`outputs` are `TensorSpec` dicts (name, shape, dtype)."""
-    record = session.get(ModelRecord, model_id)
-    if record is None:
-        return
-    record.format = format
-    record.inputs = inputs
-    record.outputs = outputs
-    record.parameter_count = parameter_count
-    record.inspection_status = "succeeded"
-    record.inspection_error = None
-
-
-def record_inspection_failure(session: Session, model_id: str, message: str) -> None:
-    record = session.get(ModelRecord, model_id)
-    if record is None:
-        return
-    record.inspection_status = "failed"
-    record.inspection_error = message

@@ -1,0 +1,66 @@
+"""POST /v1/batches: upload a sample batch; its arrays are listed from the file's headers."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+
+from service.api.deps import DatabaseDep, SessionDep, SettingsDep, StoreDep, TenantDep
+from service.api.operations import create_batch, get_batch
+from service.api.presenters import batch_out
+from service.api.routers.models import UPLOAD_ERRORS
+from service.api.schemas import BatchOut, ErrorResponse
+from service.api.uploads import SpooledUpload, multipart_body, receive_form
+from service.auth import CurrentTenant
+from service.db.session import Database
+from service.storage import BlobStore
+from service.storage.batch_listing import list_batch
+
+router = APIRouter(prefix="/v1/batches", tags=["batches"])
+
+
+def store_batch(
+    database: Database, store: BlobStore, tenant: CurrentTenant, upload: SpooledUpload
+) -> BatchOut:
+    listing = list_batch(upload.path)
+    filename = upload.filename
+    blob = store.save(upload)
+    with database.session() as session:
+        record = create_batch(session, tenant.id, blob=blob, filename=filename, listing=listing)
+        session.commit()
+        return batch_out(record)
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=BatchOut,
+    summary="Upload a sample batch",
+    description="multipart `file`: `.npz` (no pickled objects), `.safetensors`, or a `.pt` "
+    "written by torch.save holding a dict of tensors. Arrays named like the model's inputs "
+    "feed them; `target` (or `targets`, `labels`, `y`) is the loss target.",
+    responses={**UPLOAD_ERRORS, 422: {"model": ErrorResponse, "description": "not a batch"}},
+    openapi_extra=multipart_body({"file": "the batch file"}),
+)
+async def upload_batch(
+    request: Request,
+    tenant: TenantDep,
+    settings: SettingsDep,
+    database: DatabaseDep,
+    store: StoreDep,
+) -> BatchOut:
+    form = await receive_form(request, settings, files=("file",))
+    try:
+        return await run_in_threadpool(store_batch, database, store, tenant, form.files["file"])
+    finally:
+        form.discard()
+
+
+@router.get(
+    "/{batch_id}",
+    response_model=BatchOut,
+    summary="Get a batch",
+    responses={404: {"model": ErrorResponse, "description": "no such batch for this tenant"}},
+)
+def read_batch(batch_id: str, tenant: TenantDep, session: SessionDep) -> BatchOut:
+    return batch_out(get_batch(session, tenant.id, batch_id))

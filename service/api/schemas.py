@@ -1,0 +1,200 @@
+"""Request and response bodies of the REST API (pydantic v2), each with an OpenAPI example so
+that the /docs page alone is enough to try the service."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.engine.options import LossKind
+
+EXAMPLE_SHA = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+EXAMPLE_TIME = "2026-11-26T15:40:00Z"
+DiagnosisStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+def _examples(*examples: dict[str, Any]) -> ConfigDict:
+    return ConfigDict(json_schema_extra={"examples": list(examples)})
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="stable machine-readable code")
+    message: str = Field(description="what went wrong and what to change")
+
+
+class ErrorResponse(BaseModel):
+    model_config = _examples(
+        {"error": {"code": "not_found", "message": "no diagnosis with id 0f3c… for this tenant"}}
+    )
+    error: ErrorBody
+
+
+class TensorSpecOut(BaseModel):
+    name: str
+    shape: list[int | str | None]
+    dtype: str
+
+
+class InspectionOut(BaseModel):
+    status: str = Field(description="pending | done | failed: the worker-side inspection job")
+    error: str | None = None
+
+
+class ModelOut(BaseModel):
+    model_config = _examples(
+        {
+            "id": "5b1e0c7d2f0a4c1e9a8b7c6d5e4f3a2b",
+            "name": "resnet-tiny",
+            "version": 2,
+            "sha256": EXAMPLE_SHA,
+            "format": "onnx",
+            "size_bytes": 48213,
+            "inputs": [],
+            "outputs": [],
+            "parameter_count": None,
+            "inspection": {"status": "pending", "error": None},
+            "created_at": EXAMPLE_TIME,
+        }
+    )
+    id: str
+    name: str
+    version: int = Field(description="1, 2, … per model name within the tenant")
+    sha256: str
+    format: str | None = Field(description="onnx | torchscript | torch_export")
+    size_bytes: int
+    inputs: list[TensorSpecOut] = Field(description="filled by the inspection job")
+    outputs: list[TensorSpecOut] = Field(description="filled by the inspection job")
+    parameter_count: int | None
+    inspection: InspectionOut
+    created_at: datetime
+
+
+class ArrayOut(BaseModel):
+    name: str
+    shape: list[int]
+    dtype: str
+
+
+class BatchOut(BaseModel):
+    model_config = _examples(
+        {
+            "id": "a1b2c3d4e5f60718293a4b5c6d7e8f90",
+            "sha256": EXAMPLE_SHA,
+            "size_bytes": 1334,
+            "format": "npz",
+            "filename": "batch.npz",
+            "arrays": [
+                {"name": "x", "shape": [8, 3, 32, 32], "dtype": "float32"},
+                {"name": "target", "shape": [8], "dtype": "int64"},
+            ],
+            "arrays_complete": True,
+            "created_at": EXAMPLE_TIME,
+        }
+    )
+    id: str
+    sha256: str
+    size_bytes: int
+    format: str = Field(description="npz | safetensors | pt (from the content)")
+    filename: str | None
+    arrays: list[ArrayOut]
+    arrays_complete: bool = Field(
+        description="false for a .pt whose contents cannot be listed without loading it; "
+        "the worker loads it (weights_only) and reports any problem in the diagnosis"
+    )
+    created_at: datetime
+
+
+class DiagnosisCreate(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "model_id": "5b1e0c7d2f0a4c1e9a8b7c6d5e4f3a2b",
+                    "batch_id": "a1b2c3d4e5f60718293a4b5c6d7e8f90",
+                    "loss": "cross_entropy",
+                    "mode": "train",
+                    "options": {"verify_fixes": True},
+                }
+            ]
+        },
+    )
+    model_id: str
+    batch_id: str
+    loss: LossKind | None = None
+    mode: Literal["train", "eval"] | None = None
+    precision: Literal["fp32", "bf16", "fp16"] | None = None
+    device: str | None = Field(None, description="auto | cpu | cuda | cuda:N")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="any other DiagnoseOptions field (see the engine)"
+    )
+
+
+DIAGNOSIS_EXAMPLE: dict[str, Any] = {
+    "id": "0f3c9a8b7d6e5f4a3b2c1d0e9f8a7b6c",
+    "status": "succeeded",
+    "model_id": "5b1e0c7d2f0a4c1e9a8b7c6d5e4f3a2b",
+    "batch_id": "a1b2c3d4e5f60718293a4b5c6d7e8f90",
+    "options": {"loss": "cross_entropy", "mode": "train"},
+    "attempts": 1,
+    "max_attempts": 3,
+    "cancel_requested": False,
+    "created_at": EXAMPLE_TIME,
+    "started_at": "2026-11-26T15:40:01Z",
+    "finished_at": "2026-11-26T15:40:03Z",
+    "verdict": "unhealthy",
+    "report": {"report_version": "1", "verdict": "unhealthy", "findings": []},
+    "error": None,
+}
+
+
+class DiagnosisSummary(BaseModel):
+    model_config = _examples({k: v for k, v in DIAGNOSIS_EXAMPLE.items() if k != "report"})
+    id: str
+    status: DiagnosisStatus
+    model_id: str
+    batch_id: str | None
+    options: dict[str, Any]
+    attempts: int
+    max_attempts: int
+    cancel_requested: bool
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    verdict: str | None = Field(description="healthy | at_risk | unhealthy, once succeeded")
+    error: ErrorBody | None = Field(
+        description="why it failed, or why the last attempt did not finish while it is retried"
+    )
+
+
+class DiagnosisOut(DiagnosisSummary):
+    model_config = _examples(DIAGNOSIS_EXAMPLE)
+    report: dict[str, Any] | None = Field(description="the report (CONTRACT §3) once succeeded")
+
+
+class DiagnosisPage(BaseModel):
+    model_config = _examples(
+        {
+            "items": [{k: v for k, v in DIAGNOSIS_EXAMPLE.items() if k != "report"}],
+            "next_cursor": "WyIyMDI2LTExLTI2VDE1OjQwOjAwKzAwOjAwIiwgIjBmM2MiXQ",
+        }
+    )
+    items: list[DiagnosisSummary]
+    next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null at end")
+
+
+class Health(BaseModel):
+    model_config = _examples({"status": "ok"})
+    status: str
+
+
+class Readiness(BaseModel):
+    model_config = _examples(
+        {"status": "ready", "database": "ok", "revision": "0001", "head": "0001"}
+    )
+    status: Literal["ready", "not_ready"]
+    database: str
+    revision: str | None
+    head: str | None
