@@ -1,3 +1,17 @@
 """Op implementations, one module per family; importing this package registers them all."""
 
-from service.engine.onnx.ops import attention, microsoft, recurrent  # noqa: F401
+from service.engine.onnx.ops import (  # noqa: F401
+    activation,
+    attention,
+    control,
+    conv,
+    elementwise,
+    indexing,
+    linalg,
+    microsoft,
+    normalization,
+    recurrent,
+    reduce,
+    resize,
+    shape,
+)

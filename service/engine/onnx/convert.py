@@ -1,0 +1,480 @@
+"""ONNX → `ObservableGraph`: one torch callable per ONNX node, differentiable end to end.
+
+    model = load_onnx(data)                       # or load_onnx_bundle(zip_bytes)
+    graph = convert(model, mode="train")          # raises before any compute if unsupported
+    outputs = graph(*inputs)                      # nn.Module; named_parameters() = initializers
+
+What becomes what:
+- Float initializers → `nn.Parameter`s registered under their exact initializer names; the
+  proto's copy of their bytes is released (`release_weights=True`), so one copy is kept.
+- Integer initializers and `Constant` values → buffers (moved by `.to(device)`); small integer
+  ones (shapes, axes: at most `SMALL_INT_NUMEL` elements) → `constants`, kept on the CPU because
+  shape arithmetic reads them as Python ints and a device round trip would only add syncs.
+- Graph inputs that are also initializers (IR < 4) are not inputs.
+- `metadata`: `opset_imports` {domain: version}, `inputs`/`outputs` [{name, shape, dtype}]
+  (symbolic dims as strings, unknown as None), `ir_version`, `producer`.
+
+Validation: every node, subgraphs included, is built before anything runs. Unknown
+(domain, op_type, opset) and every attribute a builder refuses are collected and raised together
+as one `UnsupportedModelError`; a malformed graph (checker failure, names nothing produces,
+cycles) raises `ModelFormatError`.
+
+How op builders (service/engine/onnx/ops/*, registered with `registry.register`) see a node,
+through the `registry.OpContext` they receive:
+- `ctx.attrs` / `ctx.attr(name, default)`: decoded attributes: int, float, str (utf-8 decoded),
+  lists of those, `torch.Tensor` for tensor attributes, `onnx.GraphProto` for graph attributes.
+- `ctx.opset`: the opset version of the node's domain; `ctx.num_inputs` / `ctx.num_outputs`
+  count the node's declared inputs/outputs ("" = omitted optional, passed to fn as None).
+- `ctx.mode`: "train" (normalisation uses batch statistics, dropout off unless
+  `ctx.extra.get("dropout")`) or "eval" (the graph exactly as exported).
+- `ctx.extra`: the `extra` mapping given to `convert` (e.g. {"dropout": True}).
+- `ctx.convert_subgraph(graph_proto) -> Subgraph`: converts a body (If/Loop/Scan). A builder
+  that calls it must return a fn taking the node's inputs positionally plus a keyword
+  `outer: dict[str, Any]` holding the outer-scope values the bodies read; the converter appends
+  those names to the Node's inputs, so data flow stays explicit in the node list. Call a body
+  as `subgraph(inputs: list, outer) -> list` (its declared outputs in order).
+- Refuse what cannot be honoured by raising `registry.UnsupportedAttribute(message)` from the
+  builder (never from the returned fn): it is collected with the node name and opset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from onnx import GraphProto, ModelProto, NodeProto, TensorProto, helper
+
+from service.engine.graph import Node, ObservableGraph
+from service.engine.onnx import ops  # noqa: F401  (registers every op family)
+from service.engine.onnx.loading import load_onnx, load_onnx_bundle, resolve_external_data
+from service.engine.onnx.ops._util import FLOAT_DTYPES, ONNX_TO_TORCH
+from service.engine.onnx.registry import (
+    DEFAULT_DOMAINS,
+    OpContext,
+    UnsupportedAttribute,
+    lookup,
+)
+from service.errors import BatchError, BadInputError, ModelFormatError, UnsupportedModelError
+
+SMALL_INT_NUMEL = 64
+MODES = ("train", "eval")
+
+__all__ = [
+    "Subgraph",
+    "check_inputs",
+    "convert",
+    "load_onnx",
+    "load_onnx_bundle",
+    "tensor_from_proto",
+]
+
+
+def tensor_from_proto(proto: TensorProto) -> torch.Tensor:
+    """One copy of a TensorProto's data as a torch tensor (bfloat16 and friends included)."""
+    if proto.data_type not in ONNX_TO_TORCH:
+        raise UnsupportedAttribute(
+            f"tensor '{proto.name}' has element type "
+            f"{TensorProto.DataType.Name(proto.data_type)}, which is not supported"
+        )
+    dtype = ONNX_TO_TORCH[proto.data_type]
+    shape = tuple(proto.dims)
+    if proto.HasField("raw_data"):
+        raw = proto.raw_data
+        if not raw:
+            return torch.empty(shape, dtype=dtype)
+        # bytearray: one copy we own (the proto's bytes are released afterwards).
+        return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape)
+    array = onnx.numpy_helper.to_array(proto)
+    if dtype == torch.bfloat16:
+        return torch.tensor(array.astype("float32"), dtype=torch.bfloat16).reshape(shape)
+    return torch.from_numpy(array.copy()).reshape(shape)
+
+
+def _release(proto: TensorProto) -> None:
+    for name in (
+        "raw_data",
+        "float_data",
+        "double_data",
+        "int32_data",
+        "int64_data",
+        "uint64_data",
+        "string_data",
+    ):
+        proto.ClearField(name)  # type: ignore[arg-type]
+
+
+def _decode_attr(attr: onnx.AttributeProto) -> Any:
+    value = helper.get_attribute_value(attr)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, TensorProto):
+        return tensor_from_proto(value)
+    if isinstance(value, list) and value and isinstance(value[0], bytes):
+        return [v.decode("utf-8", "replace") for v in value]
+    if isinstance(value, list) and value and isinstance(value[0], TensorProto):
+        return [tensor_from_proto(v) for v in value]
+    return value
+
+
+def _value_spec(info: onnx.ValueInfoProto) -> dict[str, Any]:
+    kind = info.type.WhichOneof("value")
+    spec: dict[str, Any] = {"name": info.name, "shape": None, "dtype": None, "kind": kind}
+    if kind == "tensor_type":
+        tt = info.type.tensor_type
+        dtype = ONNX_TO_TORCH.get(tt.elem_type)
+        spec["dtype"] = (
+            str(dtype).removeprefix("torch.")
+            if dtype
+            else TensorProto.DataType.Name(tt.elem_type).lower()
+        )
+        if tt.HasField("shape"):
+            spec["shape"] = [
+                d.dim_value
+                if d.HasField("dim_value")
+                else (d.dim_param if d.HasField("dim_param") else None)
+                for d in tt.shape.dim
+            ]
+    return spec
+
+
+@dataclass
+class Subgraph:
+    """A converted body (If branch, Loop/Scan body): runs its nodes over local values.
+
+    `free_names` are the outer-scope values it reads; pass them in `outer`.
+    """
+
+    input_names: list[str]
+    output_names: list[str]
+    nodes: list[Node]
+    initial: dict[str, Any]
+    free_names: list[str] = field(default_factory=list)
+
+    def __call__(self, inputs: Sequence[Any], outer: Mapping[str, Any]) -> list[Any]:
+        values: dict[str, Any] = dict(self.initial)
+        values.update(outer)
+        values.update(zip(self.input_names, inputs, strict=False))
+        values[""] = None
+        for node in self.nodes:
+            result = node.fn(*[values[name] for name in node.inputs])
+            outputs = (result,) if len(node.outputs) == 1 else result
+            for name, value in zip(node.outputs, outputs, strict=False):
+                if name:
+                    values[name] = value
+        return [values[name] for name in self.output_names]
+
+
+class _Builder:
+    """Builds nodes for one model, collecting every problem instead of stopping at the first."""
+
+    def __init__(self, opsets: dict[str, int], mode: str, extra: Mapping[str, Any]) -> None:
+        self.opsets = opsets
+        self.mode = mode
+        self.extra = dict(extra)
+        self.problems: list[tuple[str, str, int, str, str]] = []  # domain, op, opset, node, why
+        self.used_names: set[str] = set()
+
+    def node_name(self, node: NodeProto, index: int, prefix: str) -> str:
+        base = node.name or f"{prefix}{node.op_type}_{index}"
+        name, k = base, 1
+        while name in self.used_names:
+            k += 1
+            name = f"{base}_{k}"
+        self.used_names.add(name)
+        return name
+
+    def build_node(self, node: NodeProto, name: str) -> Node:
+        domain = "" if node.domain in DEFAULT_DOMAINS else node.domain
+        opset = self.opsets.get(domain, 0)
+        inputs = list(node.input)
+        outputs = list(node.output)
+        subgraphs: list[Subgraph] = []
+
+        def convert_subgraph(graph: GraphProto) -> Subgraph:
+            sub = self.build_subgraph(graph, prefix=f"{name}/")
+            subgraphs.append(sub)
+            return sub
+
+        fn: Any = _unsupported
+        builder = lookup(node.op_type, domain, opset)
+        if builder is None:
+            self.problems.append((domain, node.op_type, opset, name, ""))
+        else:
+            ctx = OpContext(
+                node=node,
+                op_type=node.op_type,
+                domain=domain,
+                opset=opset,
+                attrs={a.name: _decode_attr(a) for a in node.attribute},
+                num_inputs=len(inputs),
+                num_outputs=len(outputs),
+                mode=self.mode,
+                convert_subgraph=convert_subgraph,
+                extra=self.extra,
+            )
+            try:
+                fn = builder(ctx)
+            except UnsupportedAttribute as exc:
+                self.problems.append((domain, node.op_type, opset, name, str(exc)))
+        if subgraphs:
+            declared = len(inputs)
+            free = sorted({n for sub in subgraphs for n in sub.free_names} - {""})
+            inputs += free
+            fn = _with_outer(fn, declared, free)
+        return Node(
+            name=name,
+            op_type=node.op_type,
+            inputs=inputs,
+            outputs=outputs,
+            fn=fn,
+            domain=domain,
+            attrs={},
+            source=node,
+        )
+
+    def build_subgraph(self, graph: GraphProto, prefix: str) -> Subgraph:
+        initial: dict[str, Any] = {}
+        for init in graph.initializer:
+            try:
+                initial[init.name] = tensor_from_proto(init)
+            except UnsupportedAttribute as exc:
+                self.problems.append(("", "initializer", 0, init.name, str(exc)))
+        nodes = [
+            self.build_node(n, self.node_name(n, i, prefix)) for i, n in enumerate(graph.node)
+        ]
+        defined = set(initial) | {i.name for i in graph.input} | {""}
+        free: list[str] = []
+        for node in nodes:
+            for name in node.inputs:
+                if name not in defined and name not in free:
+                    free.append(name)
+            defined.update(node.outputs)
+        free += [o.name for o in graph.output if o.name not in defined and o.name not in free]
+        return Subgraph(
+            input_names=[i.name for i in graph.input],
+            output_names=[o.name for o in graph.output],
+            nodes=nodes,
+            initial=initial,
+            free_names=free,
+        )
+
+
+def _unsupported(*args: Any, **kwargs: Any) -> Any:
+    raise RuntimeError("unsupported node executed")  # never reached: convert() raises first
+
+
+def _with_outer(fn: Any, declared: int, free: list[str]) -> Any:
+    def run(*args: Any) -> Any:
+        return fn(*args[:declared], outer=dict(zip(free, args[declared:], strict=True)))
+
+    return run
+
+
+def _check_structure(graph: GraphProto) -> None:
+    """Dangling names and cycles, with messages that name the node and the value."""
+    produced: dict[str, int] = {}
+    for index, node in enumerate(graph.node):
+        for out in node.output:
+            if out:
+                produced[out] = index
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    missing: list[str] = []
+    for node in graph.node:
+        for name in node.input:
+            if name not in available and name not in produced:
+                missing.append(f"input '{name}' of node '{node.name or node.op_type}'")
+    for out in graph.output:
+        if out.name not in available and out.name not in produced:
+            missing.append(f"graph output '{out.name}'")
+    if missing:
+        raise ModelFormatError(
+            "malformed ONNX graph: no node, initializer or graph input produces "
+            + "; ".join(missing[:10])
+            + (f" (and {len(missing) - 10} more)" if len(missing) > 10 else "")
+        )
+    # Kahn's algorithm over data dependencies: whatever cannot be scheduled is on a cycle.
+    waiting = [
+        {produced[n] for n in node.input if n in produced and n not in available}
+        for node in graph.node
+    ]
+    users: dict[int, list[int]] = {}
+    for index, deps in enumerate(waiting):
+        for dep in deps:
+            users.setdefault(dep, []).append(index)
+    ready = [i for i, deps in enumerate(waiting) if not deps]
+    done = 0
+    while ready:
+        index = ready.pop()
+        done += 1
+        for user in users.get(index, []):
+            waiting[user].discard(index)
+            if not waiting[user]:
+                ready.append(user)
+    if done < len(graph.node):
+        stuck = [graph.node[i].name or graph.node[i].op_type for i, d in enumerate(waiting) if d]
+        raise ModelFormatError(
+            f"malformed ONNX graph: nodes form a cycle ({', '.join(stuck[:10])})"
+        )
+
+
+def _run_checker(model: ModelProto) -> None:
+    if model.ByteSize() >= 2**31 - 1:
+        return  # the checker cannot serialise it; our own structure checks still ran
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelFormatError(f"malformed ONNX model: {first}") from exc
+
+
+def _format_problems(problems: list[tuple[str, str, int, str, str]]) -> str:
+    ops: dict[tuple[str, str, int, str], list[str]] = {}
+    for domain, op_type, opset, node, why in problems:
+        ops.setdefault((domain, op_type, opset, why), []).append(node)
+    lines = []
+    for (domain, op_type, opset, why), nodes in ops.items():
+        where = ", ".join(nodes[:5]) + (f" and {len(nodes) - 5} more" if len(nodes) > 5 else "")
+        what = f"{domain or 'ai.onnx'}::{op_type} (opset {opset})"
+        lines.append(f"{what}: {why or 'op not supported'} [nodes: {where}]")
+    return (
+        f"the model uses {len(ops)} unsupported op/attribute combination(s); "
+        "re-export it without them or with another opset: " + "; ".join(lines)
+    )
+
+
+def convert(
+    model: ModelProto,
+    *,
+    mode: str = "train",
+    bundle_dir: Path | None = None,
+    extra: Mapping[str, Any] | None = None,
+    release_weights: bool = True,
+) -> ObservableGraph:
+    """Convert an ONNX model into an executable, differentiable `ObservableGraph`."""
+    if mode not in MODES:
+        raise BadInputError(f"mode must be one of {', '.join(MODES)}, not '{mode}'")
+    resolve_external_data(model, bundle_dir)
+    graph = model.graph
+    _check_structure(graph)
+    _run_checker(model)
+    opsets = {
+        ("" if o.domain in DEFAULT_DOMAINS else o.domain): int(o.version)
+        for o in model.opset_import
+    }
+    builder = _Builder(opsets, mode, extra or {})
+
+    init_names = {i.name for i in graph.initializer}
+    input_infos = [i for i in graph.input if i.name not in init_names]
+    for info in [*input_infos, *graph.output]:
+        spec = _value_spec(info)
+        if spec["kind"] != "tensor_type":
+            builder.problems.append(
+                ("", "graph value", 0, info.name, f"'{info.name}' is a {spec['kind']}")
+            )
+        elif info.type.tensor_type.elem_type not in ONNX_TO_TORCH:
+            builder.problems.append(
+                ("", "graph value", 0, info.name, f"'{info.name}' has type {spec['dtype']}")
+            )
+
+    parameters: dict[str, torch.Tensor] = {}
+    buffers: dict[str, torch.Tensor] = {}
+    constants: dict[str, Any] = {}
+    for init in graph.initializer:
+        try:
+            tensor = tensor_from_proto(init)
+        except UnsupportedAttribute as exc:
+            builder.problems.append(("", "initializer", 0, init.name, str(exc)))
+            continue
+        if tensor.dtype in FLOAT_DTYPES:
+            parameters[init.name] = torch.nn.Parameter(tensor)
+        elif tensor.numel() <= SMALL_INT_NUMEL:
+            constants[init.name] = tensor
+        else:
+            buffers[init.name] = tensor
+
+    nodes: list[Node] = []
+    for index, proto in enumerate(graph.node):
+        node = builder.build_node(proto, builder.node_name(proto, index, ""))
+        if proto.op_type == "Constant" and not builder.problems and len(node.outputs) == 1:
+            node = _constant_as_state(node, buffers, constants)
+        nodes.append(node)
+    if builder.problems:
+        raise UnsupportedModelError(_format_problems(builder.problems))
+
+    if release_weights:
+        for init in graph.initializer:
+            _release(init)
+    metadata = {
+        "opset_imports": opsets,
+        "ir_version": int(model.ir_version),
+        "producer": f"{model.producer_name} {model.producer_version}".strip(),
+        "inputs": [_value_spec(i) for i in input_infos],
+        "outputs": [_value_spec(o) for o in graph.output],
+    }
+    for spec in metadata["inputs"] + metadata["outputs"]:
+        spec.pop("kind", None)
+    return ObservableGraph(
+        nodes,
+        input_names=[i.name for i in input_infos],
+        output_names=[o.name for o in graph.output],
+        parameters=parameters,
+        buffers=buffers,
+        constants=constants,
+        metadata=metadata,
+    )
+
+
+def _constant_as_state(
+    node: Node, buffers: dict[str, torch.Tensor], constants: dict[str, Any]
+) -> Node:
+    """A Constant's value becomes module state (moved by `.to()`); the node just reads it."""
+    value = node.fn()
+    if not isinstance(value, torch.Tensor):
+        return node
+    key = f"{node.outputs[0]}::constant"
+    if value.dtype in FLOAT_DTYPES or value.numel() > SMALL_INT_NUMEL:
+        buffers[key] = value
+    else:
+        constants[key] = value
+    node.inputs = [key]
+    node.fn = _identity
+    return node
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def check_inputs(graph: ObservableGraph, inputs: Sequence[torch.Tensor]) -> None:
+    """Refuse inputs whose count, rank or fixed dims differ from the model's declared inputs."""
+    specs = graph.metadata.get("inputs", [])
+    if len(inputs) != len(specs):
+        names = ", ".join(s["name"] for s in specs)
+        raise BatchError(f"the model takes {len(specs)} input(s) ({names}), the batch gives {len(inputs)}")
+    symbols: dict[str, int] = {}
+    for spec, value in zip(specs, inputs, strict=True):
+        shape = spec.get("shape")
+        if shape is None:
+            continue
+        actual = list(value.shape)
+        if len(actual) != len(shape):
+            raise BatchError(
+                f"input '{spec['name']}' must have {len(shape)} dimensions {shape}, "
+                f"the batch gives shape {actual}"
+            )
+        for axis, (want, got) in enumerate(zip(shape, actual, strict=True)):
+            if isinstance(want, int) and want > 0 and want != got:
+                raise BatchError(
+                    f"input '{spec['name']}' must have size {want} on axis {axis} "
+                    f"(declared shape {shape}), the batch gives shape {actual}"
+                )
+            if isinstance(want, str) and want:
+                if symbols.setdefault(want, got) != got:
+                    raise BatchError(
+                        f"dimension '{want}' of input '{spec['name']}' is {got} but another "
+                        f"input gives it size {symbols[want]}"
+                    )

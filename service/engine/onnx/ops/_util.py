@@ -1,0 +1,86 @@
+"""Helpers shared by the op families: dtype maps, shape-like values, broadcasting axes.
+
+UINT16/32/64 are left out on purpose: torch has almost no kernels for them (add, compare,
+shift all raise), so a model using them is refused up front instead of failing mid-run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from onnx import TensorProto
+
+from service.engine.onnx.registry import UnsupportedAttribute
+
+ONNX_TO_TORCH: dict[int, torch.dtype] = {
+    TensorProto.FLOAT: torch.float32,
+    TensorProto.DOUBLE: torch.float64,
+    TensorProto.FLOAT16: torch.float16,
+    TensorProto.BFLOAT16: torch.bfloat16,
+    TensorProto.INT8: torch.int8,
+    TensorProto.UINT8: torch.uint8,
+    TensorProto.INT16: torch.int16,
+    TensorProto.INT32: torch.int32,
+    TensorProto.INT64: torch.int64,
+    TensorProto.BOOL: torch.bool,
+    TensorProto.COMPLEX64: torch.complex64,
+    TensorProto.COMPLEX128: torch.complex128,
+}
+TORCH_TO_ONNX: dict[torch.dtype, int] = {v: k for k, v in ONNX_TO_TORCH.items()}
+FLOAT_DTYPES = {torch.float32, torch.float64, torch.float16, torch.bfloat16}
+
+
+def torch_dtype(onnx_type: int) -> torch.dtype:
+    """The torch dtype of an ONNX element type; refuses the ones torch cannot compute with."""
+    try:
+        return ONNX_TO_TORCH[onnx_type]
+    except KeyError:
+        name = TensorProto.DataType.Name(onnx_type) if onnx_type else "UNDEFINED"
+        raise UnsupportedAttribute(f"element type {name} is not supported") from None
+
+
+def ints(value: Any) -> list[int]:
+    """A shape-like value (tensor, list, int) as a list of Python ints."""
+    if value is None:
+        return []
+    if isinstance(value, torch.Tensor):
+        return [int(v) for v in value.reshape(-1).tolist()]
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]
+
+
+def scalar(value: Any) -> Any:
+    """A 0-d/1-element tensor or a number as a Python number."""
+    if isinstance(value, torch.Tensor):
+        return value.reshape(-1)[0].item()
+    return value
+
+
+def as_tensor(value: Any, like: torch.Tensor | None = None) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    if like is not None:
+        return torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    return torch.as_tensor(value)
+
+
+def norm_axis(axis: int, rank: int) -> int:
+    return axis + rank if axis < 0 else axis
+
+
+def norm_axes(axes: Sequence[int], rank: int) -> list[int]:
+    return [norm_axis(int(a), rank) for a in axes]
+
+
+def on_device(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Index tensors (often from shape computations on CPU) moved next to the data."""
+    return index if index.device == like.device else index.to(like.device)
+
+
+def require(condition: bool, message: str) -> None:
+    """Refuse a node at build time (collected into the model's UnsupportedModelError)."""
+    if not condition:
+        raise UnsupportedAttribute(message)

@@ -1,0 +1,314 @@
+"""Conv, ConvTranspose and pooling (Max/Average/Lp, Global*), 1-D to 3-D."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from service.engine.graph import NodeFn
+from service.engine.onnx.ops._util import require
+from service.engine.onnx.registry import OpContext, register
+
+AUTO_PADS = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+_MAX = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+_AVG = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
+
+
+def _auto_pad(ctx: OpContext) -> str:
+    auto_pad = str(ctx.attr("auto_pad", "NOTSET"))
+    require(auto_pad in AUTO_PADS, f"auto_pad='{auto_pad}' is not one of {', '.join(AUTO_PADS)}")
+    return auto_pad
+
+
+def _same_pads(
+    spatial: list[int], kernel: list[int], strides: list[int], dilations: list[int], upper: bool
+) -> list[int]:
+    """ONNX pads [begin..., end...] that keep ceil(in/stride) outputs."""
+    begins, ends = [], []
+    for size, k, s, d in zip(spatial, kernel, strides, dilations, strict=True):
+        total = max(0, (math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size)
+        small, large = total // 2, total - total // 2
+        begins.append(small if upper else large)
+        ends.append(large if upper else small)
+    return begins + ends
+
+
+class _Window:
+    """The window attributes shared by Conv and the pools, resolved per input shape."""
+
+    def __init__(self, ctx: OpContext, kernel: list[int] | None) -> None:
+        self.auto_pad = _auto_pad(ctx)
+        self.kernel = kernel
+        self.strides: list[int] | None = ctx.attr("strides")
+        self.dilations: list[int] | None = ctx.attr("dilations")
+        self.pads: list[int] | None = ctx.attr("pads")
+
+    def resolve(self, x: torch.Tensor, kernel: list[int]) -> tuple[list[int], list[int], list[int]]:
+        n = len(kernel)
+        strides = list(self.strides or [1] * n)
+        dilations = list(self.dilations or [1] * n)
+        if self.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            pads = _same_pads(
+                list(x.shape[2:]), kernel, strides, dilations, self.auto_pad == "SAME_UPPER"
+            )
+        elif self.auto_pad == "VALID":
+            pads = [0] * (2 * n)
+        else:
+            pads = list(self.pads or [0] * (2 * n))
+        return strides, dilations, pads
+
+
+def _torch_pad(pads: list[int]) -> list[int]:
+    """ONNX [b1, b2, ..., e1, e2, ...] → F.pad's [bn, en, ..., b1, e1]."""
+    n = len(pads) // 2
+    out: list[int] = []
+    for i in reversed(range(n)):
+        out += [pads[i], pads[i + n]]
+    return out
+
+
+def _symmetric(pads: list[int]) -> list[int] | None:
+    n = len(pads) // 2
+    return pads[:n] if pads[:n] == pads[n:] else None
+
+
+@register("Conv")
+def conv(ctx: OpContext) -> NodeFn:
+    window = _Window(ctx, ctx.attr("kernel_shape"))
+    groups = int(ctx.attr("group", 1))
+    static = window.auto_pad in ("NOTSET", "VALID")
+
+    def fn(x: torch.Tensor, w: torch.Tensor, b: Any = None) -> torch.Tensor:
+        kernel = list(w.shape[2:])
+        require_rank(x, len(kernel))
+        strides, dilations, pads = window.resolve(x, kernel)
+        sym = _symmetric(pads)
+        if sym is None:
+            x = F.pad(x, _torch_pad(pads))
+            sym = [0] * len(kernel)
+        return _CONV[len(kernel)](x, w, b, strides, sym, dilations, groups)
+
+    if static and window.kernel is not None:
+        require(1 <= len(window.kernel) <= 3, f"{len(window.kernel)}-D convolution")
+    return fn
+
+
+def require_rank(x: torch.Tensor, spatial: int) -> None:
+    if x.dim() != spatial + 2 or spatial not in _CONV:
+        raise ValueError(f"Conv expects a {spatial + 2}-D input, got shape {list(x.shape)}")
+
+
+@register("ConvTranspose")
+def conv_transpose(ctx: OpContext) -> NodeFn:
+    window = _Window(ctx, ctx.attr("kernel_shape"))
+    groups = int(ctx.attr("group", 1))
+    output_padding_attr = ctx.attr("output_padding")
+    output_shape = ctx.attr("output_shape")
+
+    def fn(x: torch.Tensor, w: torch.Tensor, b: Any = None) -> torch.Tensor:
+        kernel = list(w.shape[2:])
+        n = len(kernel)
+        strides = list(window.strides or [1] * n)
+        dilations = list(window.dilations or [1] * n)
+        out_pad = list(output_padding_attr or [0] * n)
+        spatial = list(x.shape[2:])
+        full = [
+            s * (i - 1) + (k - 1) * d + 1 + op
+            for s, i, k, d, op in zip(strides, spatial, kernel, dilations, out_pad, strict=True)
+        ]
+        if output_shape is not None or window.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            target = (
+                list(output_shape)[-n:]
+                if output_shape is not None
+                else [i * s for i, s in zip(spatial, strides, strict=True)]
+            )
+            total = [f - t for f, t in zip(full, target, strict=True)]
+            if window.auto_pad == "SAME_UPPER":
+                pads = [t // 2 for t in total] + [t - t // 2 for t in total]
+            else:
+                pads = [t - t // 2 for t in total] + [t // 2 for t in total]
+        elif window.auto_pad == "VALID":
+            pads = [0] * (2 * n)
+        else:
+            pads = list(window.pads or [0] * (2 * n))
+        sym = _symmetric(pads)
+        if sym is not None and all(
+            p < max(s, d) for p, s, d in zip(out_pad, strides, dilations, strict=True)
+        ) and min(sym) >= 0:
+            return _CONV_T[n](x, w, b, strides, sym, out_pad, groups, dilations)
+        y = _CONV_T[n](x, w, None, strides, 0, 0, groups, dilations)
+        # Asymmetric (or negative) pads and large output_padding: pad the end, then crop.
+        y = F.pad(y, _torch_pad([0] * n + out_pad))
+        y = F.pad(y, _torch_pad([-p for p in pads]))  # crops positive pads, extends negative
+        if b is not None:
+            y = y + b.reshape([1, -1] + [1] * n)
+        return y
+
+    return fn
+
+
+def _pool_kernel(ctx: OpContext) -> list[int]:
+    kernel = ctx.attr("kernel_shape")
+    require(kernel is not None and 1 <= len(kernel) <= 3, "kernel_shape must have 1 to 3 dims")
+    return [int(k) for k in kernel]
+
+
+def _ceil_pads(
+    spatial: list[int],
+    kernel: list[int],
+    strides: list[int],
+    dilations: list[int],
+    pads: list[int],
+    ceil_mode: bool,
+) -> list[int]:
+    """Extra end padding so that floor-mode pooling yields ONNX's ceil-mode output count.
+
+    The last window must start inside the input or the begin padding (ONNX opset 19 text,
+    onnxruntime and torch agree on this).
+    """
+    n = len(kernel)
+    if not ceil_mode:
+        return [0] * n
+    extra = []
+    for i in range(n):
+        span = spatial[i] + pads[i] + pads[i + n] - ((kernel[i] - 1) * dilations[i] + 1)
+        out = math.ceil(span / strides[i]) + 1
+        if (out - 1) * strides[i] >= spatial[i] + pads[i]:
+            out -= 1
+        need = (out - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1
+        extra.append(max(0, need - (spatial[i] + pads[i] + pads[i + n])))
+    return extra
+
+
+@register("MaxPool")
+def max_pool(ctx: OpContext) -> NodeFn:
+    kernel = _pool_kernel(ctx)
+    window = _Window(ctx, kernel)
+    ceil_mode = bool(ctx.attr("ceil_mode", 0))
+    require(int(ctx.attr("storage_order", 0)) == 0, "storage_order=1 (column-major indices)")
+    want_indices = ctx.num_outputs > 1 and bool(ctx.node.output[1])
+    n = len(kernel)
+
+    def fn(x: torch.Tensor) -> Any:
+        strides, dilations, pads = window.resolve(x, kernel)
+        spatial = list(x.shape[2:])
+        extra = _ceil_pads(spatial, kernel, strides, dilations, pads, ceil_mode)
+        full = pads[:n] + [p + e for p, e in zip(pads[n:], extra, strict=True)]
+        sym = _symmetric(pads) if not any(extra) else None
+        if sym is not None and all(p <= k // 2 for p, k in zip(sym, kernel, strict=True)):
+            y, idx = _MAX[n](x, kernel, strides, sym, dilations, False, True)
+        else:
+            low = torch.finfo(x.dtype).min if x.dtype.is_floating_point else -(2**31)
+            padded = F.pad(x, _torch_pad(full), value=low)
+            y, idx = _MAX[n](padded, kernel, strides, 0, dilations, False, True)
+            if want_indices:
+                idx = _unpad_indices(idx, list(padded.shape[2:]), spatial, full[:n])
+        if not want_indices:
+            return (y, None)
+        plane = math.prod(spatial)
+        offsets = torch.arange(x.shape[0] * x.shape[1], device=x.device) * plane
+        return (y, idx + offsets.reshape([x.shape[0], x.shape[1]] + [1] * n))
+
+    if not want_indices:
+        return lambda x: fn(x)[0]
+    return fn
+
+
+def _unpad_indices(
+    idx: torch.Tensor, padded: list[int], spatial: list[int], begins: list[int]
+) -> torch.Tensor:
+    coords = []
+    rest = idx
+    for size in reversed(padded):
+        coords.append(rest % size)
+        rest = rest // size
+    coords.reverse()
+    flat = torch.zeros_like(idx)
+    for c, b, size in zip(coords, begins, spatial, strict=True):
+        flat = flat * size + (c - b)
+    return flat
+
+
+@register("AveragePool")
+def average_pool(ctx: OpContext) -> NodeFn:
+    kernel = _pool_kernel(ctx)
+    window = _Window(ctx, kernel)
+    ceil_mode = bool(ctx.attr("ceil_mode", 0))
+    include_pad = bool(ctx.attr("count_include_pad", 0))
+    require(
+        not window.dilations or all(d == 1 for d in window.dilations),
+        "AveragePool with dilations",
+    )
+    n = len(kernel)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        strides, dilations, pads = window.resolve(x, kernel)
+        spatial = list(x.shape[2:])
+        extra = _ceil_pads(spatial, kernel, strides, dilations, pads, ceil_mode)
+        sym = _symmetric(pads)
+        if (
+            not any(extra)
+            and sym is not None
+            and all(p <= k // 2 for p, k in zip(sym, kernel, strict=True))
+        ):
+            return _AVG[n](x, kernel, strides, sym, False, include_pad)
+        # General case: sum over the window divided by the count of the cells that ONNX
+        # counts (padding included or not; the ceil-mode overhang never counts).
+        full = pads[:n] + [p + e for p, e in zip(pads[n:], extra, strict=True)]
+        total = _AVG[n](F.pad(x, _torch_pad(full)), kernel, strides, 0, False, True)
+        ones = torch.ones((1, 1, *spatial), dtype=x.dtype, device=x.device)
+        counted = F.pad(ones, _torch_pad(pads), value=1.0 if include_pad else 0.0)
+        counted = F.pad(counted, _torch_pad([0] * n + extra))
+        count = _AVG[n](counted, kernel, strides, 0, False, True)
+        return total / count
+
+    return fn
+
+
+@register("LpPool")
+def lp_pool(ctx: OpContext) -> NodeFn:
+    kernel = _pool_kernel(ctx)
+    window = _Window(ctx, kernel)
+    p = float(ctx.attr("p", 2))
+    ceil_mode = bool(ctx.attr("ceil_mode", 0))
+    require(
+        not window.dilations or all(d == 1 for d in window.dilations), "LpPool with dilations"
+    )
+    n = len(kernel)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        strides, dilations, pads = window.resolve(x, kernel)
+        extra = _ceil_pads(list(x.shape[2:]), kernel, strides, dilations, pads, ceil_mode)
+        full = pads[:n] + [q + e for q, e in zip(pads[n:], extra, strict=True)]
+        powered = F.pad(x.abs().pow(p), _torch_pad(full))
+        summed = _AVG[n](powered, kernel, strides, 0, False, True) * math.prod(kernel)
+        return summed.pow(1.0 / p)
+
+    return fn
+
+
+def _global(reduce: Callable[[torch.Tensor, list[int]], torch.Tensor]) -> NodeFn:
+    return lambda x: reduce(x, list(range(2, x.dim())))
+
+
+@register("GlobalAveragePool")
+def global_average_pool(ctx: OpContext) -> NodeFn:
+    return _global(lambda x, dims: x.mean(dim=dims, keepdim=True))
+
+
+@register("GlobalMaxPool")
+def global_max_pool(ctx: OpContext) -> NodeFn:
+    return _global(lambda x, dims: x.amax(dim=dims, keepdim=True))
+
+
+@register("GlobalLpPool")
+def global_lp_pool(ctx: OpContext) -> NodeFn:
+    p = float(ctx.attr("p", 2))
+    return _global(lambda x, dims: x.abs().pow(p).sum(dim=dims, keepdim=True).pow(1.0 / p))

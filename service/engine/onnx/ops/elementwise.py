@@ -1,0 +1,226 @@
+"""Elementwise math, comparison and logic, Cast/CastLike, Identity, Where, Clip."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from service.engine.graph import NodeFn
+from service.engine.onnx.ops._util import (
+    FLOAT_DTYPES,
+    as_tensor,
+    require,
+    torch_dtype,
+)
+from service.engine.onnx.registry import OpContext, register
+
+
+def _unary(op_type: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    register(op_type)(lambda ctx: fn)
+
+
+for _name, _fn in {
+    "Abs": torch.abs,
+    "Neg": torch.neg,
+    "Exp": torch.exp,
+    "Log": torch.log,
+    "Sqrt": torch.sqrt,
+    "Reciprocal": torch.reciprocal,
+    "Floor": torch.floor,
+    "Ceil": torch.ceil,
+    "Sign": torch.sign,
+    "Sin": torch.sin,
+    "Cos": torch.cos,
+    "Tan": torch.tan,
+    "Asin": torch.asin,
+    "Acos": torch.acos,
+    "Atan": torch.atan,
+    "Sinh": torch.sinh,
+    "Cosh": torch.cosh,
+    "Asinh": torch.asinh,
+    "Acosh": torch.acosh,
+    "Atanh": torch.atanh,
+    "Erf": torch.erf,
+    "Not": torch.logical_not,
+    "IsNaN": torch.isnan,
+    "BitwiseNot": torch.bitwise_not,
+    "Round": torch.round,  # round half to even, like ONNX
+}.items():
+    _unary(_name, _fn)
+
+
+def _binary(op_type: str, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+    @register(op_type)
+    def build(ctx: OpContext) -> NodeFn:
+        axis = ctx.attr("axis")
+        if ctx.opset < 7 and ctx.attr("broadcast") and axis is not None:
+            return lambda a, b: fn(a, _align_legacy(b, a.dim(), axis))
+        return fn
+
+
+def _align_legacy(b: torch.Tensor, rank: int, axis: int) -> torch.Tensor:
+    """Opset < 7 broadcast with `axis`: b's dims line up with a's from `axis` on."""
+    axis = axis + rank if axis < 0 else axis
+    return b.reshape(list(b.shape) + [1] * (rank - axis - b.dim()))
+
+
+def _div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    if a.dtype.is_floating_point or b.dtype.is_floating_point:
+        return torch.div(a, b)
+    return torch.div(a, b, rounding_mode="trunc")
+
+
+def _pow(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    result = torch.pow(a, b)
+    return result if result.dtype == a.dtype else result.to(a.dtype)
+
+
+for _name, _bfn in {
+    "Add": torch.add,
+    "Sub": torch.sub,
+    "Mul": torch.mul,
+    "Div": _div,
+    "Pow": _pow,
+    "Equal": torch.eq,
+    "Less": torch.lt,
+    "Greater": torch.gt,
+    "LessOrEqual": torch.le,
+    "GreaterOrEqual": torch.ge,
+    "And": torch.logical_and,
+    "Or": torch.logical_or,
+    "Xor": torch.logical_xor,
+    "BitwiseAnd": torch.bitwise_and,
+    "BitwiseOr": torch.bitwise_or,
+    "BitwiseXor": torch.bitwise_xor,
+}.items():
+    _binary(_name, _bfn)
+
+
+@register("Mod")
+def mod(ctx: OpContext) -> NodeFn:
+    if ctx.attr("fmod", 0):
+        return torch.fmod
+
+    def python_mod(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.remainder(a, b)
+
+    return python_mod
+
+
+@register("BitShift")
+def bit_shift(ctx: OpContext) -> NodeFn:
+    direction = ctx.attr("direction")
+    require(direction in ("LEFT", "RIGHT"), f"direction '{direction}' is not LEFT or RIGHT")
+    if direction == "LEFT":
+        return torch.bitwise_left_shift
+    return torch.bitwise_right_shift
+
+
+@register("IsInf")
+def is_inf(ctx: OpContext) -> NodeFn:
+    pos, neg = ctx.attr("detect_positive", 1), ctx.attr("detect_negative", 1)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        if pos and neg:
+            return torch.isinf(x)
+        if pos:
+            return torch.isposinf(x)
+        if neg:
+            return torch.isneginf(x)
+        return torch.zeros_like(x, dtype=torch.bool)
+
+    return fn
+
+
+def _variadic(op_type: str, combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+    @register(op_type)
+    def build(ctx: OpContext) -> NodeFn:
+        mean = op_type == "Mean"
+
+        def fn(*xs: torch.Tensor) -> torch.Tensor:
+            result = functools.reduce(combine, xs)
+            return result / len(xs) if mean else result
+
+        return fn
+
+
+_variadic("Sum", torch.add)
+_variadic("Mean", torch.add)
+_variadic("Max", torch.maximum)
+_variadic("Min", torch.minimum)
+
+
+@register("Identity")
+def identity(ctx: OpContext) -> NodeFn:
+    return lambda x: x
+
+
+@register("Where")
+def where(ctx: OpContext) -> NodeFn:
+    return lambda c, a, b: torch.where(c.to(a.device) if c.device != a.device else c, a, b)
+
+
+@register("Cast")
+def cast(ctx: OpContext) -> NodeFn:
+    dtype = torch_dtype(int(ctx.attr("to")))
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in FLOAT_DTYPES and not dtype.is_floating_point and dtype != torch.bool:
+            return x.trunc().to(dtype) if x.dtype != dtype else x
+        return x.to(dtype)
+
+    return fn
+
+
+@register("CastLike")
+def cast_like(ctx: OpContext) -> NodeFn:
+    return lambda x, like: x.to(like.dtype)
+
+
+def _clip_values(x: torch.Tensor, low: Any, high: Any) -> torch.Tensor:
+    if low is None and high is None:
+        return x
+    if isinstance(low, torch.Tensor) and low.numel() == 1:
+        low = low.reshape(()).to(x.device)
+    if isinstance(high, torch.Tensor) and high.numel() == 1:
+        high = high.reshape(()).to(x.device)
+    if isinstance(low, torch.Tensor) or isinstance(high, torch.Tensor):
+        low_t = as_tensor(low, x) if low is not None else None
+        high_t = as_tensor(high, x) if high is not None else None
+        return torch.clamp(x, low_t, high_t)
+    return torch.clamp(x, low, high)
+
+
+@register("Clip")
+def clip_6(ctx: OpContext) -> NodeFn:
+    low = ctx.attr("min", float("-inf"))
+    high = ctx.attr("max", float("inf"))
+    return lambda x: torch.clamp(x, low, high)
+
+
+@register("Clip", since=11)
+def clip_11(ctx: OpContext) -> NodeFn:
+    def fn(x: torch.Tensor, low: Any = None, high: Any = None) -> torch.Tensor:
+        return _clip_values(x, low, high)
+
+    return fn
+
+
+@register("Shrink")
+def shrink(ctx: OpContext) -> NodeFn:
+    bias, lambd = float(ctx.attr("bias", 0.0)), float(ctx.attr("lambd", 0.5))
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        out = torch.where(x < -lambd, x + bias, torch.where(x > lambd, x - bias, 0.0))
+        return out.to(x.dtype)
+
+    return fn
+
+
+@register("Det")
+def det(ctx: OpContext) -> NodeFn:
+    return torch.linalg.det
+

@@ -1,0 +1,49 @@
+"""Gemm, MatMul, Einsum."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from service.engine.graph import NodeFn
+from service.engine.onnx.ops._util import require
+from service.engine.onnx.registry import OpContext, register
+
+
+@register("Gemm")
+def gemm(ctx: OpContext) -> NodeFn:
+    alpha, beta = float(ctx.attr("alpha", 1.0)), float(ctx.attr("beta", 1.0))
+    trans_a, trans_b = bool(ctx.attr("transA", 0)), bool(ctx.attr("transB", 0))
+
+    if alpha == 1.0 and beta == 1.0 and not trans_a and trans_b:
+        # The exporters' Linear: one fused kernel, like nn.Linear itself.
+        def linear(a: torch.Tensor, b: torch.Tensor, c: Any = None) -> torch.Tensor:
+            return F.linear(a, b, c)
+
+        return linear
+
+    def fn(a: torch.Tensor, b: torch.Tensor, c: Any = None) -> torch.Tensor:
+        a = a.t() if trans_a else a
+        b = b.t() if trans_b else b
+        out = a @ b
+        if alpha != 1.0:
+            out = out * alpha
+        if c is not None:
+            out = out + (c * beta if beta != 1.0 else c)
+        return out
+
+    return fn
+
+
+@register("MatMul")
+def matmul(ctx: OpContext) -> NodeFn:
+    return torch.matmul
+
+
+@register("Einsum")
+def einsum(ctx: OpContext) -> NodeFn:
+    equation = str(ctx.attr("equation", "")).replace(" ", "")
+    require(bool(equation), "Einsum without an equation")
+    return lambda *xs: torch.einsum(equation, *xs)

@@ -1,0 +1,173 @@
+"""Normalisation layers and Dropout, with the `mode` semantics of CONTRACT.md §2.
+
+`train`: BatchNormalization normalises with the batch's statistics whatever the export said, and
+Dropout is the identity unless the diagnosis asked for it (`ctx.extra["dropout"]`).
+`eval`: the graph as exported: training_mode attributes/inputs are honoured.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from service.engine.graph import NodeFn
+from service.engine.onnx.ops._util import norm_axes, norm_axis, require, scalar
+from service.engine.onnx.registry import OpContext, register
+
+
+def _bn_uses_batch_stats(ctx: OpContext) -> bool:
+    if ctx.mode == "train":
+        return True
+    if ctx.opset >= 14:
+        return bool(ctx.attr("training_mode", 0))
+    # Before opset 14 a training graph is the one that asks for the statistics outputs.
+    return any(name for name in list(ctx.node.output)[1:])
+
+
+@register("BatchNormalization")
+def batch_norm(ctx: OpContext) -> NodeFn:
+    require(int(ctx.attr("spatial", 1)) == 1, "spatial=0 (per-activation statistics)")
+    eps = float(ctx.attr("epsilon", 1e-5))
+    momentum = float(ctx.attr("momentum", 0.9))
+    batch_stats = _bn_uses_batch_stats(ctx)
+    extra_outputs = ctx.num_outputs - 1
+
+    def fn(x: torch.Tensor, scale: Any, bias: Any, mean: Any, var: Any) -> Any:
+        if not batch_stats:
+            # Running statistics are data, not weights: no gradient flows into them.
+            return F.batch_norm(x, mean.detach(), var.detach(), scale, bias, False, 0.0, eps)
+        y = F.batch_norm(x, None, None, scale, bias, True, 0.0, eps)
+        if extra_outputs == 0:
+            return y
+        dims = [0, *range(2, x.dim())]
+        batch_mean = x.mean(dim=dims)
+        batch_var = x.var(dim=dims, unbiased=False)
+        running_mean = mean * momentum + batch_mean * (1 - momentum)
+        running_var = var * momentum + batch_var * (1 - momentum)
+        outs = [y, running_mean, running_var, batch_mean, batch_var]
+        return tuple(outs[: 1 + extra_outputs])
+
+    return fn
+
+
+@register("InstanceNormalization")
+def instance_norm(ctx: OpContext) -> NodeFn:
+    eps = float(ctx.attr("epsilon", 1e-5))
+    return lambda x, scale, bias: F.instance_norm(x, None, None, scale, bias, True, 0.0, eps)
+
+
+@register("LayerNormalization", since=17)
+def layer_norm(ctx: OpContext) -> NodeFn:
+    axis = int(ctx.attr("axis", -1))
+    eps = float(ctx.attr("epsilon", 1e-5))
+    stats = ctx.num_outputs > 1
+
+    def fn(x: torch.Tensor, scale: torch.Tensor, bias: Any = None) -> Any:
+        a = norm_axis(axis, x.dim())
+        shape = list(x.shape[a:])
+        if not stats and list(scale.shape) == shape and (bias is None or bias.shape == scale.shape):
+            return F.layer_norm(x, shape, scale, bias, eps)
+        dims = list(range(a, x.dim()))
+        mean = x.mean(dim=dims, keepdim=True)
+        inv_std = torch.rsqrt(x.var(dim=dims, unbiased=False, keepdim=True) + eps)
+        y = (x - mean) * inv_std * scale
+        if bias is not None:
+            y = y + bias
+        return (y, mean, inv_std)[: max(1, len(ctx.node.output))] if stats else y
+
+    return fn
+
+
+@register("RMSNormalization", since=23)
+def rms_norm(ctx: OpContext) -> NodeFn:
+    axis = int(ctx.attr("axis", -1))
+    eps = float(ctx.attr("epsilon", 1e-5))
+
+    def fn(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        dims = list(range(norm_axis(axis, x.dim()), x.dim()))
+        return x * torch.rsqrt(x.pow(2).mean(dim=dims, keepdim=True) + eps) * scale
+
+    return fn
+
+
+def _group_norm(ctx: OpContext, per_group_affine: bool) -> NodeFn:
+    groups = int(ctx.attr("num_groups", 1))
+    eps = float(ctx.attr("epsilon", 1e-5))
+
+    def fn(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        if per_group_affine:  # opset 18: one scale/bias per group
+            channels = x.shape[1] // groups
+            scale = scale.repeat_interleave(channels)
+            bias = bias.repeat_interleave(channels)
+        return F.group_norm(x, groups, scale, bias, eps)
+
+    return fn
+
+
+@register("GroupNormalization", since=18)
+def group_norm_18(ctx: OpContext) -> NodeFn:
+    return _group_norm(ctx, per_group_affine=True)
+
+
+@register("GroupNormalization", since=21)
+def group_norm_21(ctx: OpContext) -> NodeFn:
+    return _group_norm(ctx, per_group_affine=False)
+
+
+@register("LRN")
+def lrn(ctx: OpContext) -> NodeFn:
+    size = int(ctx.attr("size"))
+    alpha, beta = float(ctx.attr("alpha", 1e-4)), float(ctx.attr("beta", 0.75))
+    bias = float(ctx.attr("bias", 1.0))
+    return lambda x: F.local_response_norm(x, size, alpha, beta, bias)
+
+
+@register("MeanVarianceNormalization")
+def mean_variance_norm(ctx: OpContext) -> NodeFn:
+    axes = ctx.attr("axes", [0, 2, 3])
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        dims = norm_axes(axes, x.dim())
+        mean = x.mean(dim=dims, keepdim=True)
+        var = (x - mean).pow(2).mean(dim=dims, keepdim=True)
+        return (x - mean) / torch.sqrt(var + 1e-9)
+
+    return fn
+
+
+def _dropout_active(ctx: OpContext, training_input: Any) -> bool:
+    if ctx.mode == "train":
+        return bool(ctx.extra.get("dropout", False))
+    return bool(scalar(training_input)) if training_input is not None else False
+
+
+def _dropout(x: torch.Tensor, ratio: float, active: bool, want_mask: bool) -> Any:
+    if not active or ratio == 0.0:
+        mask = torch.ones_like(x, dtype=torch.bool) if want_mask else None
+        return (x, mask) if want_mask else x
+    keep = torch.rand_like(x) >= ratio
+    y = x * keep / (1.0 - ratio)
+    return (y, keep) if want_mask else y
+
+
+@register("Dropout")
+def dropout_legacy(ctx: OpContext) -> NodeFn:
+    ratio = float(ctx.attr("ratio", 0.5))
+    is_test = bool(ctx.attr("is_test", 0)) if ctx.opset < 7 else False
+    want_mask = ctx.num_outputs > 1
+    # Before opset 12 the exported graph's Dropout is an inference no-op (onnxruntime's too).
+    active = ctx.mode == "train" and bool(ctx.extra.get("dropout", False)) and not is_test
+    return lambda x: _dropout(x, ratio, active, want_mask)
+
+
+@register("Dropout", since=12)
+def dropout(ctx: OpContext) -> NodeFn:
+    want_mask = ctx.num_outputs > 1
+
+    def fn(x: torch.Tensor, ratio: Any = None, training_mode: Any = None) -> Any:
+        r = float(scalar(ratio)) if ratio is not None else 0.5
+        return _dropout(x, r, _dropout_active(ctx, training_mode), want_mask)
+
+    return fn

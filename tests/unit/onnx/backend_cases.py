@@ -1,0 +1,148 @@
+"""The ONNX backend test data shipped in the `onnx` package, run through the converter.
+
+Node cases come from `onnx.backend.test.case.node` (generated in memory: the wheel does not
+ship `data/node`), the model cases from `onnx/backend/test/data/{pytorch-converted,
+pytorch-operator,simple,light}`. A case is *supported* when the converter accepts the model and
+every input and output is a tensor; a supported case must match the expected outputs (node and
+directory cases) or onnxruntime (`light` models, which ship no inputs).
+
+Used by tests/unit/onnx/test_backend_data.py and bench/onnx_backend.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from service.engine.onnx.convert import convert
+from service.errors import UnsupportedModelError
+
+DATA_DIR = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data")
+MODEL_SUITES = ("pytorch-converted", "pytorch-operator", "simple", "light")
+
+# Cases whose expected outputs come from a random generator (numpy's): no implementation can
+# reproduce them; they are reported apart, never counted as passes.
+RANDOM_CASES = ("test_training_dropout", "test_bernoulli", "test_random")
+
+
+@dataclass
+class Case:
+    name: str
+    suite: str
+    model: onnx.ModelProto
+    data_sets: list[tuple[list[Any], list[Any]]] = field(default_factory=list)
+    rtol: float = 1e-3
+    atol: float = 1e-7
+
+
+def node_cases() -> Iterator[Case]:
+    from onnx.backend.test.case.node import collect_testcases
+
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        collected = collect_testcases(None)
+    for tc in collected:
+        yield Case(tc.name, "node", tc.model, list(tc.data_sets or []), tc.rtol, tc.atol)
+
+
+def _read_pb(path: str) -> Any:
+    proto = onnx.TensorProto()
+    with open(path, "rb") as handle:
+        proto.ParseFromString(handle.read())
+    return numpy_helper.to_array(proto)
+
+
+def model_cases(suites: tuple[str, ...] = MODEL_SUITES) -> Iterator[Case]:
+    for suite in suites:
+        root = os.path.join(DATA_DIR, suite)
+        if suite == "light":
+            for path in sorted(glob.glob(os.path.join(root, "*.onnx"))):
+                name = os.path.splitext(os.path.basename(path))[0]
+                yield Case(name, suite, onnx.load(path))
+            continue
+        for case_dir in sorted(glob.glob(os.path.join(root, "test_*"))):
+            model = onnx.load(os.path.join(case_dir, "model.onnx"))
+            sets = []
+            for data_dir in sorted(glob.glob(os.path.join(case_dir, "test_data_set_*"))):
+                ins = sorted(glob.glob(os.path.join(data_dir, "input_*.pb")))
+                outs = sorted(glob.glob(os.path.join(data_dir, "output_*.pb")))
+                ins.sort(key=lambda p: int(p.rsplit("_", 1)[1].split(".")[0]))
+                outs.sort(key=lambda p: int(p.rsplit("_", 1)[1].split(".")[0]))
+                sets.append(([_read_pb(p) for p in ins], [_read_pb(p) for p in outs]))
+            yield Case(os.path.basename(case_dir), suite, model, sets)
+
+
+def _to_torch(value: Any) -> torch.Tensor | None:
+    if not isinstance(value, np.ndarray) or value.dtype.kind in "OUS":
+        return None
+    try:
+        return torch.from_numpy(np.ascontiguousarray(value))
+    except TypeError:  # bfloat16/float8 numpy types torch cannot take
+        return None
+
+
+def _light_data(case: Case) -> list[tuple[list[Any], list[Any]]]:
+    import onnxruntime as ort
+
+    inits = {i.name for i in case.model.graph.initializer}
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for inp in case.model.graph.input:
+        if inp.name in inits:
+            continue
+        shape = [d.dim_value or 1 for d in inp.type.tensor_type.shape.dim]
+        feeds[inp.name] = rng.standard_normal(shape).astype(np.float32)
+    session = ort.InferenceSession(
+        case.model.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    return [(list(feeds.values()), session.run(None, feeds))]
+
+
+def run_case(case: Case) -> tuple[str, str]:
+    """("pass" | "unsupported" | "random" | "fail", detail)."""
+    if case.name.startswith(RANDOM_CASES):
+        return "random", "expected outputs come from a random generator"
+    try:
+        graph = convert(copy.deepcopy(case.model), mode="eval")
+    except UnsupportedModelError as exc:
+        return "unsupported", exc.message
+    except Exception as exc:
+        return "fail", f"conversion: {type(exc).__name__}: {exc}"
+    data_sets = case.data_sets or (_light_data(case) if case.suite == "light" else [])
+    for inputs, expected in data_sets:
+        feeds = [_to_torch(v) for v in inputs]
+        if any(f is None for f in feeds) or any(_to_torch(v) is None for v in expected):
+            return "unsupported", "non-tensor (sequence, optional, string) inputs or outputs"
+        if len(feeds) > len(graph.input_names):  # optional graph inputs left out
+            return "unsupported", "more inputs than the graph declares"
+        try:
+            with torch.no_grad():
+                outputs = graph.run(feeds + [None] * (len(graph.input_names) - len(feeds)))
+        except Exception as exc:
+            return "fail", f"{type(exc).__name__}: {exc}"
+        for i, (got, want) in enumerate(zip(outputs, expected, strict=True)):
+            got_np = got.detach().numpy() if isinstance(got, torch.Tensor) else np.asarray(got)
+            if got_np.dtype != want.dtype:
+                return "fail", f"output {i}: dtype {got_np.dtype}, expected {want.dtype}"
+            rtol, atol = case.rtol, max(case.atol, 1e-6)
+            if want.dtype == np.float16:  # expected values were rounded once, ours per op
+                rtol, atol = max(rtol, 4e-3), max(atol, 1e-3)
+            try:
+                np.testing.assert_allclose(got_np, want, rtol=rtol, atol=atol, equal_nan=True)
+            except AssertionError as exc:
+                return "fail", f"output {i}: {str(exc).strip().splitlines()[:6]}"
+    return "pass", ""
+
+
+def all_cases() -> list[Case]:
+    return [*node_cases(), *model_cases()]
