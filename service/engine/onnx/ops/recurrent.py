@@ -133,6 +133,12 @@ def _settings(ctx: OpContext, per_direction: Sequence[str]) -> _Settings:
 # A step: (input projection at t [B, G·H], hidden [B, H], cell [B, H] or None) → (hidden, cell)
 Step = Callable[[Tensor, Tensor, Tensor | None], tuple[Tensor, Tensor | None]]
 
+# A step maker: (R [G·H, H], Rb [G·H] or None, P [3·H] or None, activations, clip)
+# → (step, the part of Rb that is folded into the input projection, or None).
+# Folding a bias into the one big input matmul saves an add per step; it is exact wherever
+# the bias is added outside any product (all but GRU's Rbh with linear_before_reset=1).
+StepMaker = Callable[..., tuple[Step, Tensor | None]]
+
 
 class RecurrentFn:
     """The NodeFn of one RNN/GRU/LSTM node.
@@ -144,7 +150,7 @@ class RecurrentFn:
     """
 
     def __init__(
-        self, settings: _Settings, make_step: Callable[..., Step], gates: int, has_cell: bool
+        self, settings: _Settings, make_step: StepMaker, gates: int, has_cell: bool
     ) -> None:
         self.settings = settings
         self.make_step = make_step
@@ -188,18 +194,20 @@ class RecurrentFn:
         for d in range(s.directions):
             w_bias = None if B is None else B[d, : self.gates * hidden]
             r_bias = None if B is None else B[d, self.gates * hidden :]
-            projected = F.linear(X, W[d], w_bias)  # [seq, batch, G·H]: no recurrence, one matmul
-            h0 = X.new_zeros(batch, hidden) if initial_h is None else initial_h[d]
-            c0 = None
-            if self.has_cell:
-                c0 = X.new_zeros(batch, hidden) if initial_c is None else initial_c[d]
-            step = self.make_step(
+            step, folded = self.make_step(
                 R[d],
                 r_bias,
                 None if P is None else P[d],
                 s.activations[d * per_dir : (d + 1) * per_dir],
                 s.clip,
             )
+            bias = w_bias if folded is None or w_bias is None else w_bias + folded
+            # [seq, batch, G·H]: the input side has no recurrence, so one matmul for all steps
+            projected = F.linear(X, W[d], bias)
+            h0 = X.new_zeros(batch, hidden) if initial_h is None else initial_h[d]
+            c0 = None
+            if self.has_cell:
+                c0 = X.new_zeros(batch, hidden) if initial_c is None else initial_c[d]
             reverse = s.reverse_only or d == 1
             y, h, c = self._unroll(projected, valid, reverse, h0, c0, step)
             ys.append(y)
@@ -225,9 +233,10 @@ class RecurrentFn:
         step: Step,
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         steps = projected.shape[0]
-        outputs: list[Tensor] = [projected] * steps  # placeholders, all overwritten
+        inputs = projected.unbind(0)  # one autograd node for all steps, not one per index
+        outputs: list[Tensor] = list(inputs)  # placeholders, all overwritten
         for t in range(steps - 1, -1, -1) if reverse else range(steps):
-            h_new, c_new = step(projected[t], h, c)
+            h_new, c_new = step(inputs[t], h, c)
             if valid is None:
                 h, c = h_new, c_new
                 outputs[t] = h_new
@@ -254,46 +263,49 @@ def _clipped(clip: float | None) -> Callable[[Tensor], Tensor]:
 
 def _rnn_step(
     R: Tensor, r_bias: Tensor | None, _p: Tensor | None, acts: list[Activation], clip: float | None
-) -> Step:
+) -> tuple[Step, Tensor | None]:
     (f,) = acts
     cl = _clipped(clip)
+    R_t = R.t()
 
     def step(x: Tensor, h: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        return f(cl(x + F.linear(h, R, r_bias))), None
+        return f(cl(torch.addmm(x, h, R_t))), None
 
-    return step
+    return step, r_bias
 
 
-def _gru_step_factory(linear_before_reset: bool) -> Callable[..., Step]:
+def _gru_step_factory(linear_before_reset: bool) -> StepMaker:
     def make(
         R: Tensor,
         r_bias: Tensor | None,
         _p: Tensor | None,
         acts: list[Activation],
         clip: float | None,
-    ) -> Step:
+    ) -> tuple[Step, Tensor | None]:
         f, g = acts
         cl = _clipped(clip)
         hidden = R.shape[-1]
-        R_zr, R_h = R[: 2 * hidden], R[2 * hidden :]
-        b_zr = None if r_bias is None else r_bias[: 2 * hidden]
-        b_h = None if r_bias is None else r_bias[2 * hidden :]
+        R_t, R_zr_t, R_h_t = R.t(), R[: 2 * hidden].t(), R[2 * hidden :].t()
+        folded, inner_bias = r_bias, None
+        if linear_before_reset and r_bias is not None:
+            # Rbh sits inside r ⊙ (h·Rhᵀ + Rbh): only Rbz, Rbr fold into the projection
+            zr_bias, h_bias = r_bias[: 2 * hidden], r_bias[2 * hidden :]
+            folded = torch.cat([zr_bias, torch.zeros_like(h_bias)])
+            inner_bias = torch.cat([torch.zeros_like(zr_bias), h_bias])
 
         def step(x: Tensor, h: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor | None]:
-            x_z, x_r, x_h = x.split(hidden, -1)
+            x_zr, x_h = x[:, : 2 * hidden], x[:, 2 * hidden :]
             if linear_before_reset:  # one matmul for all three gates
-                h_z, h_r, h_h = F.linear(h, R, r_bias).split(hidden, -1)
+                h_all = torch.mm(h, R_t) if inner_bias is None else torch.addmm(inner_bias, h, R_t)
+                z, r = f(cl(x_zr + h_all[:, : 2 * hidden])).chunk(2, -1)
+                candidate = g(cl(x_h + r * h_all[:, 2 * hidden :]))
             else:
-                h_z, h_r = F.linear(h, R_zr, b_zr).split(hidden, -1)
-            z = f(cl(x_z + h_z))
-            r = f(cl(x_r + h_r))
-            if linear_before_reset:
-                candidate = g(cl(x_h + r * h_h))
-            else:
-                candidate = g(cl(x_h + F.linear(r * h, R_h, b_h)))
-            return (1 - z) * candidate + z * h, None
+                z, r = f(cl(torch.addmm(x_zr, h, R_zr_t))).chunk(2, -1)
+                candidate = g(cl(torch.addmm(x_h, r * h, R_h_t)))
+            # (1 - z) ⊙ candidate + z ⊙ h, as one op
+            return torch.lerp(candidate, h, z), None
 
-        return step
+        return step, folded
 
     return make
 
@@ -305,27 +317,35 @@ def _lstm_step(
     acts: list[Activation],
     clip: float | None,
     input_forget: bool = False,
-) -> Step:
+) -> tuple[Step, Tensor | None]:
     f, g, h_act = acts
     cl = _clipped(clip)
     hidden = R.shape[-1]
+    R_t = R.t()
     p_i, p_o, p_f = (None, None, None) if P is None else P.split(hidden, -1)
+    # gates are laid out i, o, f, c: without peepholes the first three share one call of f
+    grouped = P is None and not input_forget
 
     def step(x: Tensor, h: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor | None]:
         assert c is not None
-        x_i, x_o, x_f, x_c = (x + F.linear(h, R, r_bias)).split(hidden, -1)
+        gates = torch.addmm(x, h, R_t)
+        if grouped:
+            i, o, forget = f(cl(gates[:, : 3 * hidden])).chunk(3, -1)
+            c_new = torch.addcmul(forget * c, i, g(cl(gates[:, 3 * hidden :])))
+            return o * h_act(c_new), c_new
+        x_i, x_o, x_f, x_c = gates.split(hidden, -1)
         if p_i is not None and p_f is not None:
             x_i = x_i + p_i * c
             x_f = x_f + p_f * c
         i = f(cl(x_i))
         forget = 1 - i if input_forget else f(cl(x_f))
-        c_new = forget * c + i * g(cl(x_c))
+        c_new = torch.addcmul(forget * c, i, g(cl(x_c)))
         if p_o is not None:
             x_o = x_o + p_o * c_new
         o = f(cl(x_o))
         return o * h_act(c_new), c_new
 
-    return step
+    return step, r_bias
 
 
 @register("RNN", since=7)
