@@ -57,9 +57,11 @@ class Case:
         x_shape = (self.steps, self.batch) if seq_first else (self.batch, self.steps)
         state_shape = (dirs, self.batch) if seq_first else (self.batch, dirs)
         lens = None
-        if self.sequence_lens:  # one sequence full length, the others shorter
+        if self.sequence_lens:  # one sequence full length, one empty, the others shorter
             lens = rng.integers(1, self.steps + 1, size=self.batch).astype(np.int32)
             lens[0] = self.steps
+            if self.batch > 2:
+                lens[-1] = 0
         values: list[np.ndarray | None] = [
             normal(*x_shape, self.input_size),
             normal(dirs, gates * self.hidden, self.input_size, scale=0.7),

@@ -8,7 +8,8 @@ torch ops, so autograd sees every step and `Y` stacks exactly the tensors the lo
 Semantics follow the ONNX spec where it is precise and onnxruntime where it is not (the tests
 compare against onnxruntime over the attribute grid):
 - `sequence_lens`: a step at or past a sequence's length leaves its state unchanged and writes
-  zeros to `Y`; the reverse direction therefore starts at the sequence's last valid step.
+  zeros to `Y`; the reverse direction therefore starts at the sequence's last valid step. A
+  sequence of length 0 gives zero `Y_h` / `Y_c` (not its initial state), as onnxruntime does.
 - `activation_alpha` / `activation_beta` are consumed in order by the activations that take them
   (as onnxruntime does); an activation without a given value uses its ONNX default.
 - `activations` must list every direction's functions (onnxruntime refuses a short list too).
@@ -182,12 +183,13 @@ class RecurrentFn:
                 f"{s.op_type}: W has shape {tuple(W.shape)}, expected "
                 f"[{s.directions}, {self.gates * hidden}, input_size]"
             )
-        valid = None
+        valid = nonempty = None
         if sequence_lens is not None:
             lens = sequence_lens.to(device=X.device, dtype=torch.long)
             if bool((lens < steps).any()):  # all full length: the mask would change nothing
                 t = torch.arange(steps, device=X.device).unsqueeze(1)
                 valid = (t < lens.unsqueeze(0)).unsqueeze(-1)  # [seq, batch, 1]
+                nonempty = (lens > 0).unsqueeze(-1)  # [batch, 1]
         ys, last_h, last_c = [], [], []
         self.step_hidden = []
         per_dir = len(s.activations) // s.directions
@@ -210,6 +212,9 @@ class RecurrentFn:
                 c0 = X.new_zeros(batch, hidden) if initial_c is None else initial_c[d]
             reverse = s.reverse_only or d == 1
             y, h, c = self._unroll(projected, valid, reverse, h0, c0, step)
+            if nonempty is not None:  # an empty sequence ends in zero states (as onnxruntime)
+                h = torch.where(nonempty, h, torch.zeros_like(h))
+                c = None if c is None else torch.where(nonempty, c, torch.zeros_like(c))
             ys.append(y)
             last_h.append(h)
             last_c.append(c)
