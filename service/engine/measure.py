@@ -446,17 +446,20 @@ def module_layers(module: torch.nn.Module, names: list[str]) -> list[Layer]:
         groups.setdefault(prefix, []).append(name)
     layers = []
     for depth, (prefix, params) in enumerate(groups.items()):
-        try:
-            sub = module.get_submodule(prefix)
-            op = str(getattr(sub, "original_name", type(sub).__name__))
-        except AttributeError:
-            op = "parameter"
+        sub: Any = module
+        for part in prefix.split("."):  # ScriptModules have no get_submodule
+            sub = getattr(sub, part, None)
+        op = (
+            str(getattr(sub, "original_name", type(sub).__name__))
+            if sub is not None
+            else "parameter"
+        )
         layer = Layer(
             name=prefix, op=op, depth=depth, main=prefix, nodes=[], params=params, output=""
         )
         weight = next((p for p in params if p.endswith("weight")), None)
         if weight is not None and canonical(op) in {"linear", "conv1d", "conv2d", "conv3d"}:
-            shape = list(module.get_parameter(weight).shape)
+            shape = list(dict(module.named_parameters())[weight].shape)
             # fan-in only: the activation after it is not visible, so no He/Xavier reference
             layer.fan_in = shape[1] * math.prod(shape[2:]) if len(shape) >= 2 else None
         layers.append(layer)

@@ -63,7 +63,13 @@ def load_torchscript(data: bytes, *, mode: str = "train", dropout: bool = False)
     )
 
     def finish(example: Sequence[torch.Tensor]) -> None:
-        _make_observable(loaded, module, names, example, mode=mode, dropout=dropout)
+        # the converter rewrites the module it is given (an RNN's flat weights stop being its
+        # parameters), so it gets a copy of its own and `module` stays usable as a fallback
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            copy = torch.jit.load(io.BytesIO(data), map_location="cpu")
+        copy.train(mode == "train")
+        _make_observable(loaded, copy, names, example, mode=mode, dropout=dropout)
 
     loaded.finish = finish
     return loaded
