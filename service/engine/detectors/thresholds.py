@@ -55,13 +55,13 @@ non_finite: any NaN/Inf in the loss, in a parameter gradient or at a node output
   the origin (first node, forward pass before backward) is named. No threshold.
 
 saturation: a sigmoid/tanh-like layer with saturated fraction (the measurement's definition:
-  the share of activations whose local derivative is below 1% of its maximum) ≥
+  the share of activation entries whose local derivative is below 0.01, stats.py) ≥
   `saturation_fraction_warning` (0.2) → warning, ≥ `saturation_fraction_error` (0.5) → error
   (Glorot & Bengio 2010 show top sigmoid layers saturating and stalling training; the cut-offs
   are ours).
 
 dead_units: a ReLU-like layer whose dead fraction (units zero for every example of the batch) is
-  ≥ `dead_fraction_warning` (0.3) → warning, ≥ `dead_fraction_error` (0.7) → error (AUTOTRAINER
+  ≥ `dead_fraction_warning` (0.4) → warning, ≥ `dead_fraction_error` (0.7) → error (AUTOTRAINER
   tests dying ReLU by the share of dead neurons; these cut-offs are ours). "Zero for the whole
   batch" means little for a batch of one or two: give a batch of 16 or more examples.
 
@@ -181,7 +181,7 @@ THRESHOLDS: tuple[Threshold, ...] = (
     ),
     Threshold(
         "dead_fraction_warning",
-        0.3,
+        0.4,
         "gradhealth (AUTOTRAINER tests dying ReLU by dead share)",
         "dead share of a ReLU-like layer at or above it: warning",
     ),

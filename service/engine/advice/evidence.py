@@ -1,0 +1,188 @@
+"""What the advice needs to know about the model beyond the findings: which activations,
+whether there is normalisation or shortcuts, which parameters are weights, and numbers such as
+the suggested `max_norm` and loss scale derived from the measured norms."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+from service.engine.detectors.optypes import (
+    canonical_op,
+    is_gated_rnn,
+    is_normalization,
+    is_saturating,
+    is_shortcut_add,
+    is_vanilla_rnn,
+)
+from service.engine.graph import ObservableGraph
+from service.engine.measurements import Measurements
+from service.engine.report import LayerReport
+
+FP16_MIN_SUBNORMAL = 2.0**-24
+FP16_MIN_NORMAL = 2.0**-14
+FP16_MAX = 65504.0
+
+
+def by_depth(m: Measurements) -> list[LayerReport]:
+    return sorted(m.layers, key=lambda x: x.depth)
+
+
+def activation_of(layer: LayerReport) -> str | None:
+    act = layer.activation_stats.activation
+    return canonical_op(act) if act else None
+
+
+def weight_layers(m: Measurements) -> list[LayerReport]:
+    return [x for x in by_depth(m) if x.params and not is_normalization(x.op)]
+
+
+def saturating_layers(m: Measurements) -> list[LayerReport]:
+    """Layers followed by sigmoid/tanh, the output layer left out: its activation defines what
+    the model outputs (a probability), and changing it changes the task."""
+    layers = by_depth(m)
+    hidden = layers[:-1] if len(layers) > 1 else layers
+    return [x for x in hidden if (a := activation_of(x)) is not None and is_saturating(a)]
+
+
+def saturating_ops(m: Measurements) -> list[str]:
+    return sorted({canonical_op(op) for op in m.op_types if is_saturating(op)})
+
+
+def has_normalization(m: Measurements) -> bool:
+    return any(is_normalization(op) for op in m.op_types) or any(
+        is_normalization(x.op) for x in m.layers
+    )
+
+
+def residual_adds(graph: ObservableGraph | None) -> int | None:
+    """How many adds join two data-dependent values (a shortcut's signature); None if unknown.
+
+    A bias add (data + parameter) is not one; both operands must depend on a graph input.
+    """
+    if graph is None:
+        return None
+    data = set(graph.input_names)
+    count = 0
+    for node in graph.nodes:
+        data_in = [v for v in node.inputs if v in data]
+        if data_in:
+            data.update(o for o in node.outputs if o)
+        if is_shortcut_add(node.op_type) and len(data_in) >= 2:
+            count += 1
+    return count
+
+
+def vanilla_rnn_layers(m: Measurements) -> list[str]:
+    named = [x.name for x in m.layers if is_vanilla_rnn(x.op)]
+    if named:
+        return named
+    if any(is_vanilla_rnn(op) for op in m.op_types):
+        return list(m.recurrent_layers) or ["the recurrent layer"]
+    return []
+
+
+def gated_rnn_present(m: Measurements) -> bool:
+    return any(is_gated_rnn(op) for op in m.op_types) or any(is_gated_rnn(x.op) for x in m.layers)
+
+
+def uses_convolution(m: Measurements) -> bool:
+    return any(
+        canonical_op(x.op) in {"convolution", "conv1d", "conv2d", "conv3d"} for x in m.layers
+    )
+
+
+def init_scheme(layer: LayerReport, activation: str | None = None) -> str:
+    """He for ReLU-like successors, Xavier otherwise (He et al. 2015; Glorot & Bengio 2010).
+
+    Xavier with gain 1 for tanh too, as Glorot & Bengio derived it and as the measurement's
+    init_std_ratio is referenced (PyTorch's calculate_gain("tanh") = 5/3 would read as 1.67×).
+    """
+    act = activation or activation_of(layer)
+    if act is None or act in {"sigmoid", "softsign", "hardsigmoid", "tanh", "hardtanh"}:
+        return "xavier"
+    return "kaiming"
+
+
+def weight_params(m: Measurements, layer: LayerReport) -> list[str]:
+    shapes = {p.name: p.shape for p in m.parameters}
+    return [p for p in layer.params if len(shapes.get(p, [])) >= 2]
+
+
+def bias_params(m: Measurements, layer: LayerReport) -> list[str]:
+    """1-D parameters named like a bias (a normalisation's gain is 1-D too, and is not one)."""
+    shapes = {p.name: p.shape for p in m.parameters}
+    return [
+        p
+        for p in layer.params
+        if len(shapes.get(p, [0, 0])) == 1 and p.rsplit(".", 1)[-1].lower().startswith("bias")
+    ]
+
+
+def one_significant(value: float) -> float:
+    if value <= 0 or not math.isfinite(value):
+        return value
+    exponent = math.floor(math.log10(value))
+    return float(f"{round(value / 10**exponent):d}e{exponent}")
+
+
+def total_grad_norm(m: Measurements) -> float:
+    return math.sqrt(
+        sum(p.grad_norm**2 for p in m.parameters if p.grad_norm and math.isfinite(p.grad_norm))
+    )
+
+
+def suggested_max_norm(m: Measurements, exploding_layers: list[str]) -> tuple[float, str]:
+    """(max_norm, how it was derived) for clip_grad_norm_, rounded to one significant digit.
+
+    1. √Σ min(‖g_i‖, ‖W_i‖)²: the norm the gradient would have if no tensor's step at lr 1 were
+       larger than the tensor itself; used when it actually clips (is below the total norm).
+    2. Else the median gradient norm of the tensors outside the exploding layers × √(tensors):
+       the scale of an unamplified gradient.
+    3. Else (every layer explodes, nothing to compare with) the customary 1.0.
+    """
+    total = total_grad_norm(m)
+    pairs = [
+        (p.layer, p.grad_norm, p.weight_norm or p.grad_norm)
+        for p in m.parameters
+        if p.grad_norm is not None and math.isfinite(p.grad_norm)
+    ]
+    capped = math.sqrt(sum(min(g, w) ** 2 for _, g, w in pairs))
+    if 0 < capped < 0.9 * total:
+        return one_significant(capped), (
+            f"the total norm if no tensor's gradient exceeded its weight norm ({capped:.3g}, "
+            f"against {total:.3g} measured)"
+        )
+    named = set(exploding_layers)
+    calm = [g for layer, g, _ in pairs if layer not in named and g > 0]
+    if calm:
+        typical = statistics.median(calm) * math.sqrt(len(m.parameters))
+        if typical < 0.9 * total:
+            return one_significant(typical), (
+                f"median gradient norm of the {len(calm)} tensors outside the exploding layers "
+                f"({statistics.median(calm):.3g}) × √{len(m.parameters)} tensors"
+            )
+    return 1.0, "no unamplified reference in this pass; 1.0 is the customary bound"
+
+
+def suggested_loss_scale(m: Measurements) -> tuple[float, str]:
+    """A power of two that lifts the smallest tensor's rms gradient to fp16's normal range
+    without pushing the largest gradient norm past fp16's maximum (an entry ≤ the norm)."""
+    rms = [
+        p.grad_norm / math.sqrt(max(1, math.prod(p.shape)))
+        for p in m.parameters
+        if p.grad_norm and math.isfinite(p.grad_norm) and p.grad_norm > 0
+    ]
+    largest = max(
+        (p.grad_norm for p in m.parameters if p.grad_norm and math.isfinite(p.grad_norm)),
+        default=1.0,
+    )
+    if not rms:
+        return 2.0**16, "no usable gradient norms; 2^16 is GradScaler's default"
+    want = math.ceil(math.log2(FP16_MIN_NORMAL / min(rms)))
+    cap = math.floor(math.log2(FP16_MAX / 2 / largest))
+    exponent = max(0, min(want, cap, 64))
+    return 2.0**exponent, (
+        f"2^{exponent}: lifts the smallest rms gradient ({min(rms):.3g}) towards fp16's normal "
+        f"range (2^-14) while the largest gradient norm ({largest:.3g}) stays below 65504/2"
+    )

@@ -1,0 +1,401 @@
+"""From findings to recommendations: every classic cause of vanishing/exploding gradients and
+its remedy, each tied to the numbers that justify it.
+
+A rule only fires on evidence: a finding it addresses plus a measured cause (a saturating
+activation, a weight scale off He/Xavier, no normalisation layer, no shortcut, a vanilla RNN,
+the op that produced a NaN). Recommendations of the same fix are merged, their `addresses`
+joined.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.engine.advice import evidence as ev
+from service.engine.advice import snippets
+from service.engine.detectors.optypes import canonical_op, is_normalization
+from service.engine.detectors.profile import sig
+from service.engine.detectors.thresholds import resolve_thresholds
+from service.engine.graph import ObservableGraph
+from service.engine.measurements import Measurements
+from service.engine.report import SEVERITY_RANK, Finding, LayerReport, Recommendation
+
+# Rank among recommendations of equal severity: causes before symptoms, specific before generic.
+PRIORITY = {
+    "guard_numerics": 100,
+    "use_gated_recurrent_unit": 90,
+    "replace_activation": 80,
+    "reinitialize_weights": 75,
+    "loss_scaling": 70,
+    "clip_gradients": 60,
+    "add_normalization": 50,
+    "add_residual_connections": 45,
+    "use_bf16": 40,
+    "lower_learning_rate": 30,
+}
+MIN_DEPTH_FOR_NORMALIZATION = 4  # weight layers; shallower nets rarely need it
+MIN_DEPTH_FOR_SHORTCUTS = 6  # weight layers; He et al. 2016 saw plain nets degrade from ~20
+
+
+@dataclass
+class Draft:
+    fix: str
+    addresses: set[int] = field(default_factory=set)
+    layers: list[str] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
+    boost: int = 0
+
+
+class Advisor:
+    def __init__(
+        self,
+        findings: list[Finding],
+        m: Measurements,
+        graph: ObservableGraph | None,
+        thresholds: dict[str, Any] | None,
+    ) -> None:
+        self.findings = findings
+        self.m = m
+        self.graph = graph
+        self.t = resolve_thresholds(thresholds)
+        self.drafts: dict[str, Draft] = {}
+        self.layers = {x.name: x for x in m.layers}
+
+    # -- plumbing ----------------------------------------------------------------------------
+    def add(self, fix: str, index: int, reason: str, layers: list[str], **params: Any) -> Draft:
+        draft = self.drafts.setdefault(fix, Draft(fix))
+        draft.addresses.add(index)
+        if reason not in draft.reasons:
+            draft.reasons.append(reason)
+        draft.layers += [x for x in layers if x not in draft.layers]
+        for key, value in params.items():
+            if isinstance(value, dict):
+                draft.params.setdefault(key, {}).update(value)
+            elif isinstance(value, list):
+                old = draft.params.setdefault(key, [])
+                old += [v for v in value if v not in old]
+            else:
+                draft.params.setdefault(key, value)
+        return draft
+
+    def recommendations(self) -> list[Recommendation]:
+        for index, finding in enumerate(self.findings):
+            handler = getattr(self, f"_{finding.kind}", None)
+            if handler is not None:
+                handler(index, finding)
+        recs = [self._build(d) for d in self.drafts.values()]
+
+        def rank(r: Recommendation) -> tuple[int, int, int]:
+            worst = max(SEVERITY_RANK[self.findings[i].severity] for i in r.addresses)  # type: ignore[index]
+            boost = self.drafts[r.fix].boost
+            return (-worst, -(PRIORITY[r.fix] + boost), -len(r.addresses))
+
+        return sorted(recs, key=rank)
+
+    def _build(self, d: Draft) -> Recommendation:
+        snippet = self._snippet(d)
+        return Recommendation(
+            fix=d.fix,  # type: ignore[arg-type]
+            addresses=sorted(d.addresses),
+            rationale=" ".join(d.reasons),
+            snippet=snippet,
+            params=d.params,
+            layers=d.layers,
+        )
+
+    def _snippet(self, d: Draft) -> str:
+        p = d.params
+        if d.fix == "replace_activation":
+            return snippets.replace_activation(p["from"], p["to"], p.get("init"))
+        if d.fix == "reinitialize_weights":
+            return snippets.reinitialize(p["schemes"])
+        if d.fix == "clip_gradients":
+            return snippets.clip_gradients(p["max_norm"])
+        if d.fix == "lower_learning_rate":
+            return snippets.lower_learning_rate(p["factor"])
+        if d.fix == "add_normalization":
+            return snippets.add_normalization(p["kind"], d.layers)
+        if d.fix == "add_residual_connections":
+            return snippets.add_residual(d.layers)
+        if d.fix == "use_gated_recurrent_unit":
+            return snippets.gated_recurrent(d.layers)
+        if d.fix == "guard_numerics":
+            return snippets.guard_numerics(p["op"], p["node"])
+        if d.fix == "loss_scaling":
+            return snippets.loss_scaling(p["scale"])
+        return snippets.use_bf16()
+
+    # -- shared causes -----------------------------------------------------------------------
+    def _saturating_cause(self, index: int, why: str, layers: list[str] | None = None) -> None:
+        sat = ev.saturating_layers(self.m)
+        if layers is not None:
+            sat = [x for x in sat if x.name in layers] or sat
+        if not sat:
+            return
+        acts = sorted({ev.activation_of(x) or "" for x in sat})
+        self.add(
+            "replace_activation",
+            index,
+            f"{len(sat)} hidden layer(s) ({sat[0].name} … {sat[-1].name}) use "
+            f"{'/'.join(acts)}, whose derivative is at most "
+            f"{'0.25' if acts == ['sigmoid'] else '1 and near 0 once saturated'}; {why} "
+            f"ReLU with He initialisation passes gradients at full scale.",
+            [x.name for x in sat],
+            **{"from": acts, "to": "ReLU", "init": "kaiming"},
+        )
+
+    def _init_cause(self, index: int, names: list[str], direction: str, why: str) -> None:
+        low, high = self.t["init_ratio_low"], self.t["init_ratio_high"]
+        picked: list[LayerReport] = []
+        for name in names:
+            layer = self.layers.get(name)
+            r = layer.init_std_ratio if layer is not None else None
+            if layer is None or r is None:
+                continue
+            if (direction == "small" and r < low) or (direction == "large" and r > high):
+                picked.append(layer)
+        if not picked:
+            return
+        schemes = {p: ev.init_scheme(x) for x in picked for p in ev.weight_params(self.m, x)}
+        if not schemes:
+            return
+        worst = min(picked, key=lambda x: x.init_std_ratio or 0.0)
+        if direction == "large":
+            worst = max(picked, key=lambda x: x.init_std_ratio or 0.0)
+        draft = self.add(
+            "reinitialize_weights",
+            index,
+            f"The weights of {len(picked)} layer(s) are {sig(worst.init_std_ratio)}× "
+            f"(at {worst.name}) the std He/Xavier initialisation gives for their fan-in; {why}",
+            [x.name for x in picked],
+            schemes=schemes,
+        )
+        draft.boost = max(draft.boost, 15)
+
+    def _normalization_cause(self, index: int, why: str, layers: list[str]) -> None:
+        weights = ev.weight_layers(self.m)
+        if ev.has_normalization(self.m) or len(weights) < MIN_DEPTH_FOR_NORMALIZATION:
+            return
+        kind = "BatchNorm" if ev.uses_convolution(self.m) else "LayerNorm"
+        self.add(
+            "add_normalization",
+            index,
+            f"The model has {len(weights)} weight layers and no normalisation layer; {why} "
+            f"a {kind} after each layer keeps every layer's input at unit scale.",
+            layers or [x.name for x in weights],
+            kind=kind,
+        )
+
+    def _shortcut_cause(self, index: int, why: str, layers: list[str]) -> None:
+        weights = ev.weight_layers(self.m)
+        shortcuts = ev.residual_adds(self.graph)
+        if shortcuts is None or shortcuts > 0 or len(weights) < MIN_DEPTH_FOR_SHORTCUTS:
+            return
+        self.add(
+            "add_residual_connections",
+            index,
+            f"The gradient crosses all {len(weights)} weight layers in series (no shortcut adds "
+            f"in the graph); {why} identity shortcuts give it a path that skips them.",
+            layers or [x.name for x in weights],
+        )
+
+    # -- per finding kind ---------------------------------------------------------------------
+    def _vanishing_gradients(self, index: int, f: Finding) -> None:
+        e = f.evidence
+        if e.get("axis") == "time":
+            rnn = ev.vanilla_rnn_layers(self.m)
+            if rnn:
+                self.add(
+                    "use_gated_recurrent_unit",
+                    index,
+                    f"{', '.join(rnn)} is a vanilla RNN: the gradient reaching the first of "
+                    f"{e['steps']} steps is {sig(e['time_ratio'])} of the last step's "
+                    f"(×{sig(e['per_step_factor'])} per step), so only the last "
+                    f"{e['horizon_steps']} steps teach it; LSTM/GRU gates keep an additive "
+                    f"path through time.",
+                    rnn,
+                )
+            return
+        ratio = e.get("depth_ratio")
+        factor = e.get("per_layer_factor")
+        how = (
+            f"‖∂L/∂a‖ at the first layer is {sig(ratio)} of the last's "
+            f"(×{sig(factor)} per layer backwards)."
+            if ratio is not None
+            else f"the first layer's weight gradient is {sig(e.get('weight_ratio'))} of the last's."
+        )
+        self._saturating_cause(index, how)
+        weights = [x.name for x in ev.weight_layers(self.m)]
+        if "absolute_scale" in e.get("rules", []):
+            self._init_cause(
+                index,
+                weights,
+                "small",
+                f"the largest grad/weight is {sig(e.get('max_grad_to_weight'))}, so every layer's "
+                f"signal and gradient shrink together.",
+            )
+        else:
+            self._init_cause(index, f.layers or weights, "small", how)
+        self._normalization_cause(index, how, f.layers)
+        self._shortcut_cause(index, how, f.layers)
+
+    def _exploding_gradients(self, index: int, f: Finding) -> None:
+        e = f.evidence
+        max_norm, derivation = ev.suggested_max_norm(self.m, f.layers)
+        total = ev.total_grad_norm(self.m)
+        if e.get("axis") == "time":
+            grows = (
+                f"the gradient at the first of {e['steps']} steps is {sig(e['time_ratio'])}× the "
+                f"last step's"
+            )
+            rnn = ev.vanilla_rnn_layers(self.m)
+            if rnn:
+                self.add(
+                    "use_gated_recurrent_unit",
+                    index,
+                    f"{', '.join(rnn)} is a vanilla RNN and {grows}; gated units bound the "
+                    f"recurrent Jacobian.",
+                    rnn,
+                )
+        else:
+            grows = (
+                f"‖∂L/∂a‖ grows ×{sig(e.get('per_layer_factor'))} per layer backwards "
+                f"({sig(e.get('depth_ratio'))}× from {f.layers[-1] if f.layers else 'output'} "
+                f"side to input side)"
+                if e.get("per_layer_factor")
+                else f"grad/weight reaches {sig(e.get('max_grad_to_weight'))}"
+            )
+        self.add(
+            "clip_gradients",
+            index,
+            f"The total gradient norm is {sig(total)} and {grows}; clipping at "
+            f"max_norm={max_norm:g} ({derivation}) bounds each update while the cause is fixed.",
+            f.layers,
+            max_norm=max_norm,
+            total_grad_norm=total,
+        )
+        weights = [x.name for x in ev.weight_layers(self.m)]
+        if e.get("axis") != "time":
+            self._init_cause(index, weights, "large", f"{grows}, as that gain compounds.")
+            self._normalization_cause(index, grows + ";", f.layers)
+        g2w = e.get("max_grad_to_weight")
+        if g2w is not None and math.isfinite(g2w) and g2w > 1.0:
+            factor = 10.0 ** -min(3, max(1, math.ceil(math.log10(g2w))))
+            self.add(
+                "lower_learning_rate",
+                index,
+                f"grad/weight reaches {sig(g2w)}: an SGD step at lr 1 would change a layer "
+                f"{sig(g2w)}× its size; lower the learning rate ×{factor:g} (or warm it up).",
+                f.layers,
+                factor=factor,
+            )
+
+    def _non_finite(self, index: int, f: Finding) -> None:
+        origin = f.evidence.get("origin")
+        if not origin:
+            bad = f.evidence.get("non_finite_parameters") or {}
+            self.add(
+                "guard_numerics",
+                index,
+                f"NaN/Inf gradients in {len(bad)} parameter(s) without a forward origin: an op's "
+                f"backward divides by zero (sqrt/pow/norm at 0); guard it with an eps.",
+                f.layers,
+                op="unknown",
+                node="",
+                eps=1e-6,
+            )
+            return
+        op = canonical_op(origin["op_type"])
+        self.add(
+            "guard_numerics",
+            index,
+            f"Node {origin['node']!r} ({origin['op_type']}) is the first to produce NaN/Inf, in "
+            f"the {origin['phase']} pass (loss = {f.evidence.get('loss')}); its input leaves "
+            f"the op's domain, so clamp it or add an eps there.",
+            f.layers or [origin["node"]],
+            node=origin["node"],
+            op=op,
+            op_type=origin["op_type"],
+            phase=origin["phase"],
+            eps=1e-6,
+        )
+
+    def _saturation(self, index: int, f: Finding) -> None:
+        frac = f.evidence.get("worst_fraction")
+        why = f"{sig(frac)} of the activations of {f.layers[0]} are saturated."
+        self._saturating_cause(index, why, f.layers)
+        self._init_cause(
+            index, f.layers, "large", "large weights push sigmoid/tanh into saturation."
+        )
+        self._normalization_cause(index, why, f.layers)
+
+    def _dead_units(self, index: int, f: Finding) -> None:
+        frac = f.evidence.get("worst_fraction")
+        layers = [self.layers[n] for n in f.layers if n in self.layers]
+        weighted = [x for x in layers if not is_normalization(x.op)]
+        self.add(
+            "replace_activation",
+            index,
+            f"{sig(frac)} of the units of {f.layers[0]} are zero for the whole batch and get no "
+            f"gradient; LeakyReLU keeps a small slope below zero so they can recover.",
+            f.layers,
+            **{"from": sorted({ev.activation_of(x) or "relu" for x in layers}), "to": "LeakyReLU"},
+        )
+        self.drafts["replace_activation"].params["to"] = "LeakyReLU"
+        schemes = {p: "kaiming" for x in weighted for p in ev.weight_params(self.m, x)}
+        schemes.update({p: "zero_bias" for x in weighted for p in ev.bias_params(self.m, x)})
+        if schemes:
+            bias = self._bias_mean(weighted)
+            self.add(
+                "reinitialize_weights",
+                index,
+                f"Re-initialise {', '.join(x.name for x in weighted[:3])} (He weights, zero bias)"
+                + (
+                    f": the mean bias is {sig(bias)}, which keeps pre-activations negative."
+                    if bias is not None and bias < 0
+                    else "."
+                ),
+                f.layers,
+                schemes=schemes,
+            )
+
+    def _bias_mean(self, layers: list[Any]) -> float | None:
+        if self.graph is None:
+            return None
+        values = []
+        for x in layers:
+            for name in ev.bias_params(self.m, x):
+                if name in self.graph.param_names:
+                    values.append(float(self.graph.parameter(name).detach().float().mean()))
+        return sum(values) / len(values) if values else None
+
+    def _init_scale(self, index: int, f: Finding) -> None:
+        direction = f.evidence.get("direction", "small")
+        self._init_cause(
+            index,
+            f.layers,
+            direction,
+            "signals and gradients then shrink or grow by that factor at every layer.",
+        )
+
+    def _fp16_underflow(self, index: int, f: Finding) -> None:
+        share = f.evidence.get("underflow_fraction")
+        scale, how = ev.suggested_loss_scale(self.m)
+        self.add(
+            "loss_scaling",
+            index,
+            f"{sig(share)} of the gradient entries fall below fp16's smallest value; scaling "
+            f"the loss by {scale:g} ({how}) keeps them representable.",
+            f.layers,
+            scale=scale,
+        )
+        self.add(
+            "use_bf16",
+            index,
+            f"bf16 has fp32's exponent range, so the {sig(share)} of gradient entries below "
+            f"2^-24 stay representable without loss scaling.",
+            f.layers,
+        )

@@ -1,0 +1,164 @@
+"""Short PyTorch snippets for each fix, filled in with the layer and parameter names measured.
+
+They are written against the user's own `nn.Module` (`model`, `optimizer`, `loss`), not against
+gradhealth's converted graph: the point is the change to make in the training code.
+"""
+
+from __future__ import annotations
+
+
+def _names(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return f"[{shown}{', ...' if len(names) > limit else ''}]"
+
+
+def replace_activation(old: list[str], new: str, init: str | None) -> str:
+    module = {"ReLU": "nn.ReLU()", "LeakyReLU": "nn.LeakyReLU(0.01)", "GELU": "nn.GELU()"}[new]
+    classes = ", ".join(
+        {"sigmoid": "nn.Sigmoid", "tanh": "nn.Tanh", "relu": "nn.ReLU"}.get(o, "nn." + o)
+        for o in old
+    )
+    lines = [
+        "import torch.nn as nn",
+        "",
+        f"# in the model definition: {' / '.join(old)} → {new}",
+        "for parent in model.modules():",
+        "    for child_name, child in parent.named_children():",
+        f"        if isinstance(child, ({classes},)):",
+        f"            setattr(parent, child_name, {module})",
+        f"# functional calls (torch.sigmoid(x), torch.tanh(x), F.relu(x)) → F.{new.lower()}(x)",
+    ]
+    if init == "kaiming":
+        slope = ", a=0.01" if new == "LeakyReLU" else ""
+        nonlin = "leaky_relu" if new == "LeakyReLU" else "relu"
+        lines += [
+            "for m in model.modules():  # He initialisation suits the new activation",
+            "    if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):",
+            f'        nn.init.kaiming_normal_(m.weight{slope}, nonlinearity="{nonlin}")',
+            "        if m.bias is not None:",
+            "            nn.init.zeros_(m.bias)",
+        ]
+    return "\n".join(lines)
+
+
+def reinitialize(scheme_by_param: dict[str, str]) -> str:
+    lines = ["import torch.nn as nn", "", "params = dict(model.named_parameters())"]
+    groups: dict[str, list[str]] = {}
+    for name, scheme in scheme_by_param.items():
+        groups.setdefault(scheme, []).append(name)
+    for scheme, names in groups.items():
+        call = {
+            "kaiming": 'nn.init.kaiming_normal_(params[name], nonlinearity="relu")',
+            "xavier_tanh": "nn.init.xavier_normal_(params[name], gain=5 / 3)  # tanh's gain",
+            "xavier": "nn.init.xavier_normal_(params[name])",
+            "zero_bias": "nn.init.zeros_(params[name])",
+            "orthogonal": "nn.init.orthogonal_(params[name])",
+            "forget_bias": "params[name].data.chunk(4)[1].fill_(1.0)  # LSTM forget gate",
+        }[scheme]
+        lines += [f"for name in {_names(names)}:", f"    {call}"]
+    return "\n".join(lines)
+
+
+def clip_gradients(max_norm: float) -> str:
+    return "\n".join(
+        [
+            "loss.backward()",
+            f"torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={max_norm:g})",
+            "optimizer.step()",
+        ]
+    )
+
+
+def lower_learning_rate(factor: float) -> str:
+    return "\n".join(
+        [
+            "for group in optimizer.param_groups:",
+            f'    group["lr"] *= {factor:g}',
+            "# or warm up: torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01,"
+            " total_iters=1000)",
+        ]
+    )
+
+
+def add_normalization(kind: str, after: list[str]) -> str:
+    norm = "nn.BatchNorm2d(out_channels)" if kind == "BatchNorm" else "nn.LayerNorm(out_features)"
+    return "\n".join(
+        [
+            "import torch.nn as nn",
+            "",
+            f"# insert a {kind} between each of {_names(after, 4)} and its activation, e.g.",
+            f"block = nn.Sequential(layer, {norm}, activation)",
+        ]
+    )
+
+
+def add_residual(layers: list[str]) -> str:
+    return "\n".join(
+        [
+            "import torch.nn as nn",
+            "",
+            "class Residual(nn.Module):",
+            "    def __init__(self, block: nn.Module):",
+            "        super().__init__()",
+            "        self.block = block",
+            "",
+            "    def forward(self, x):",
+            "        return x + self.block(x)  # the identity path carries the gradient back",
+            "",
+            f"# wrap each shape-preserving block among {_names(layers, 4)} in Residual(...)",
+        ]
+    )
+
+
+def gated_recurrent(layers: list[str]) -> str:
+    return "\n".join(
+        [
+            "import torch.nn as nn",
+            "",
+            f"# {_names(layers)}: nn.RNN → nn.LSTM (or nn.GRU), same sizes",
+            "rnn = nn.LSTM(input_size, hidden_size, num_layers=num_layers, batch_first=True)",
+            "out, (h, c) = rnn(x)  # nn.RNN returned (out, h)",
+        ]
+    )
+
+
+def guard_numerics(op: str, node: str) -> str:
+    guards = {
+        "log": "y = torch.log(x.clamp_min(1e-6))",
+        "log2": "y = torch.log2(x.clamp_min(1e-6))",
+        "log10": "y = torch.log10(x.clamp_min(1e-6))",
+        "log1p": "y = torch.log1p(x.clamp_min(-1 + 1e-6))",
+        "sqrt": "y = torch.sqrt(x.clamp_min(1e-12))",
+        "rsqrt": "y = torch.rsqrt(x.clamp_min(1e-12))",
+        "reciprocal": "y = 1.0 / torch.where(x.abs() < 1e-6, torch.full_like(x, 1e-6), x)",
+        "div": "y = a / torch.where(b.abs() < 1e-6, torch.full_like(b, 1e-6), b)",
+        "pow": "y = x.clamp_min(0.0) ** p  # fractional powers of negatives are NaN",
+        "exp": "y = torch.exp(x.clamp_max(80.0))",
+        "acos": "y = torch.acos(x.clamp(-1 + 1e-6, 1 - 1e-6))",
+        "asin": "y = torch.asin(x.clamp(-1 + 1e-6, 1 - 1e-6))",
+    }
+    body = guards.get(op, f"y = torch.nan_to_num({op}(x))  # or guard its inputs")
+    return f"# node {node!r} ({op}): guard its input domain\n{body}"
+
+
+def loss_scaling(scale: float) -> str:
+    return "\n".join(
+        [
+            f"scaler = torch.amp.GradScaler(init_scale={scale:g})",
+            "with torch.autocast(device_type='cuda', dtype=torch.float16):",
+            "    loss = loss_fn(model(x), y)",
+            "scaler.scale(loss).backward()",
+            "scaler.step(optimizer)",
+            "scaler.update()",
+        ]
+    )
+
+
+def use_bf16() -> str:
+    return "\n".join(
+        [
+            "with torch.autocast(device_type='cuda', dtype=torch.bfloat16):",
+            "    loss = loss_fn(model(x), y)",
+            "loss.backward()  # bf16 keeps fp32's exponent range: no loss scaling needed",
+        ]
+    )

@@ -1,0 +1,221 @@
+"""Fix verification (CONTRACT.md §5): apply a recommendation's transform to a COPY of the
+Subject, measure again on the same batch, run the detectors, and record the before/after
+figures of the findings it addresses in `Recommendation.verified`.
+
+    verify_recommendations(recommendations, findings, m, subject, options) -> same list, filled
+
+What each fix does here:
+- replace_activation: swap the sigmoid/tanh (or ReLU) nodes in the ObservableGraph, and when the
+  recommendation says so re-initialise the preceding layers with He, as its snippet does.
+- reinitialize_weights: re-initialise the named parameters (He / Xavier / zero bias).
+- guard_numerics: clamp the input of the op that produced the first NaN/Inf.
+- clip_gradients: no new pass: the same gradients scaled by the clip coefficient (this is what
+  clip_grad_norm_ does), so the report shows the clipped update norm; the profile's shape is
+  unchanged by design, which the detectors then say.
+- loss_scaling / use_bf16: one plain backward of the scaled loss, and the share of gradient
+  entries that would underflow in fp16 (resp. bf16) recounted.
+- add_normalization, add_residual_connections, use_gated_recurrent_unit, lower_learning_rate:
+  not applied; `reason` says why (new layers need training / one pass has no learning rate).
+
+`resolved` = none of the addressed findings is present after the fix (same kind and axis).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+
+from service.engine.detectors import detect
+from service.engine.detectors.optypes import RELU_LIKE, SATURATING
+from service.engine.measurements import Measurements, Subject
+from service.engine.options import DiagnoseOptions
+from service.engine.report import Finding, Recommendation, Verification
+from service.engine.verify.figures import figures, same_finding, summary
+from service.engine.verify.transforms import (
+    NotApplicable,
+    copy_subject,
+    guard_node,
+    reinitialize,
+    swap_activations,
+)
+
+__all__ = ["verify_recommendations"]
+
+FP16_TINY = 2.0**-24
+FP16_MAX = 65504.0
+BF16_TINY = 2.0**-133  # smallest bf16 subnormal
+
+_NOT_AUTOMATIC = {
+    "add_normalization": "adds layers whose parameters must be trained; not applied",
+    "add_residual_connections": "changes the architecture (which blocks get shortcuts is a "
+    "design choice); not applied",
+    "use_gated_recurrent_unit": "replaces the recurrent layer by one with new, untrained gate "
+    "parameters; not applied",
+    "lower_learning_rate": "one gradient pass has no learning rate to change; the effect shows "
+    "only over training steps",
+}
+
+
+def verify_recommendations(
+    recommendations: list[Recommendation],
+    findings: list[Finding],
+    m: Measurements,
+    subject: Subject,
+    options: DiagnoseOptions,
+) -> list[Recommendation]:
+    for rec in recommendations:
+        rec.verified = _verify(rec, findings, m, subject, options)
+    return recommendations
+
+
+def _verify(
+    rec: Recommendation,
+    findings: list[Finding],
+    m: Measurements,
+    subject: Subject,
+    options: DiagnoseOptions,
+) -> Verification:
+    if rec.fix in _NOT_AUTOMATIC:
+        return Verification(applied=False, reason=_NOT_AUTOMATIC[rec.fix])
+    addressed = [findings[i] for i in rec.addresses if isinstance(i, int) and i < len(findings)]
+    kinds: set[str] = {str(f.kind) for f in addressed}
+    try:
+        transform, after_m = _apply(rec, m, subject, options)
+    except NotApplicable as exc:
+        return Verification(applied=False, reason=str(exc))
+    after_findings = detect(after_m, options.thresholds)
+    before: dict[str, Any] = {"figures": figures(m, kinds)}
+    after: dict[str, Any] = {"figures": figures(after_m, kinds)}
+    resolved = True
+    for f in addressed:
+        match = same_finding(f, after_findings)
+        key = f"{f.kind}" + (f"[{f.evidence['axis']}]" if "axis" in f.evidence else "")
+        before[key] = summary(f)
+        after[key] = summary(match)
+        resolved = resolved and match is None
+    new = [f for f in after_findings if f.severity == "error" and same_finding(f, findings) is None]
+    if new:
+        after["new_errors"] = [f.kind for f in new]
+    return Verification(
+        applied=True, transform=transform, before=before, after=after, resolved=resolved
+    )
+
+
+def _apply(
+    rec: Recommendation, m: Measurements, subject: Subject, options: DiagnoseOptions
+) -> tuple[str, Measurements]:
+    from service.engine.measure import measure
+
+    fan_in = {p: x.fan_in for x in m.layers for p in x.params}
+    if rec.fix == "replace_activation":
+        new = str(rec.params.get("to", "ReLU"))
+        old = set(rec.params.get("from") or []) & (SATURATING | RELU_LIKE)
+        if not old:
+            raise NotApplicable("no activation to replace was named")
+        copy_ = copy_subject(subject)
+        swapped = swap_activations(copy_, old, new)
+        text = f"replaced {'/'.join(sorted(old))} by {new} in {len(swapped)} node(s)"
+        if rec.params.get("init") == "kaiming":
+            layers = {x.name: x for x in m.layers}
+            schemes = {
+                p: "kaiming"
+                for name in rec.layers
+                if name in layers
+                for p in layers[name].params
+                if len(_shape(m, p)) >= 2
+            }
+            if schemes:
+                reinitialize(copy_, schemes, fan_in)
+                text += f"; He-initialised {len(schemes)} weight(s) before them"
+        return text, measure(copy_, options)
+    if rec.fix == "reinitialize_weights":
+        copy_ = copy_subject(subject)
+        done = reinitialize(copy_, dict(rec.params.get("schemes", {})), fan_in)
+        return f"re-initialised {len(done)} tensor(s): " + "; ".join(done[:4]), measure(
+            copy_, options
+        )
+    if rec.fix == "guard_numerics":
+        copy_ = copy_subject(subject)
+        text = guard_node(copy_, str(rec.params.get("node", "")))
+        return text, measure(copy_, options)
+    if rec.fix == "clip_gradients":
+        return _clipped(m, float(rec.params["max_norm"]))
+    if rec.fix in ("loss_scaling", "use_bf16"):
+        scale = float(rec.params.get("scale", 1.0)) if rec.fix == "loss_scaling" else 1.0
+        tiny = FP16_TINY if rec.fix == "loss_scaling" else BF16_TINY
+        return _rescaled_underflow(m, subject, scale, tiny, rec.fix)
+    raise NotApplicable(f"no automatic transform for {rec.fix}")
+
+
+def _shape(m: Measurements, name: str) -> list[int]:
+    return next((p.shape for p in m.parameters if p.name == name), [])
+
+
+def _clipped(m: Measurements, max_norm: float) -> tuple[str, Measurements]:
+    total = math.sqrt(
+        sum(p.grad_norm**2 for p in m.parameters if p.grad_norm and math.isfinite(p.grad_norm))
+    )
+    coef = min(1.0, max_norm / (total + 1e-6))
+    after = copy.deepcopy(m)
+    for p in after.parameters:
+        if p.grad_norm is not None:
+            p.grad_norm *= coef
+            p.grad_to_weight = p.grad_norm / p.weight_norm if p.weight_norm else None
+    for layer in after.layers:
+        if layer.grad_norm is not None:
+            layer.grad_norm *= coef
+            layer.grad_to_weight = (
+                layer.grad_norm / layer.weight_norm if layer.weight_norm else None
+            )
+    text = (
+        f"clip_grad_norm_(max_norm={max_norm:g}): total gradient norm {total:.3g} → "
+        f"{min(total, max_norm):.3g} (coefficient {coef:.3g}); ‖∂L/∂a‖ ratios are unchanged"
+    )
+    return text, after
+
+
+def _rescaled_underflow(
+    m: Measurements, subject: Subject, scale: float, tiny: float, fix: str
+) -> tuple[str, Measurements]:
+    """One plain backward of `scale` × loss on a copy; recount underflow against `tiny`."""
+    from service.engine.losses import compute_loss
+
+    copy_ = copy_subject(subject)
+    if copy_.graph is not None:
+        named = copy_.graph.named_graph_parameters()
+        outputs = copy_.graph.run(copy_.inputs)
+    else:
+        named = list(copy_.module.named_parameters())
+        out = copy_.module(*copy_.inputs)
+        outputs = list(out) if isinstance(out, tuple | list) else [out]
+    tensors = [o for o in outputs if isinstance(o, torch.Tensor)]
+    loss = compute_loss(copy_.loss_kind, tensors, copy_.target)
+    params = [p for _, p in named if p.requires_grad]
+    grads = torch.autograd.grad(loss * scale, params, allow_unused=True)
+    by_name = {
+        n: g for (n, p), g in zip([x for x in named if x[1].requires_grad], grads, strict=True)
+    }
+    after = copy.deepcopy(m)
+    counts: dict[str, torch.Tensor] = {}
+    for name, g in by_name.items():
+        if g is None:
+            continue
+        a = g.detach().float().abs()
+        counts[name] = torch.stack(
+            [((a > 0) & (a < tiny)).sum(), (a > FP16_MAX).sum(), torch.tensor(a.numel())]
+        )
+    host = {n: c.tolist() for n, c in counts.items()}  # one transfer per tensor, verify only
+    for p in after.parameters:
+        if p.name in host:
+            under, over, numel = host[p.name]
+            p.fp16_underflow_fraction = under / max(1, numel)
+            p.fp16_overflow_fraction = over / max(1, numel) if fix == "loss_scaling" else 0.0
+    text = (
+        f"loss × {scale:g}: gradients recounted against fp16's 2^-24"
+        if fix == "loss_scaling"
+        else "gradients recounted against bf16's smallest value 2^-133"
+    )
+    return text, after

@@ -1,0 +1,210 @@
+"""Fix transforms applied to a COPY of a Subject: the user's model is never touched.
+
+- `copy_subject`: parameters and nodes copied, the source objects (FX nodes, ONNX protos,
+  the loaded program) shared, since transforms never modify those.
+- `swap_activations`: replace sigmoid/tanh (or ReLU) node functions in the ObservableGraph;
+  op types are compared through `optypes.canonical_op`, so ONNX "Sigmoid", FX "sigmoid" and
+  "aten.sigmoid.default" are one case.
+- `reinitialize`: He/Xavier/zero/orthogonal re-initialisation of named parameters, using the
+  fan-in the measurement found for the layer (ONNX exports may store weights transposed, so
+  torch's own fan computation from the tensor layout could be wrong).
+- `guard_node`: clamp the input of the op that produced the first NaN/Inf.
+
+Each returns a short description of what it changed, or raises `NotApplicable(reason)`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from service.engine.detectors.optypes import aten_style, canonical_op
+from service.engine.graph import ObservableGraph
+from service.engine.measurements import Subject
+
+REINIT_SEED = 0  # re-initialisation is reproducible: same fix, same numbers
+GUARD_EPS = 1e-6
+
+
+class NotApplicable(Exception):
+    """The transform cannot be applied to this subject; the message says why."""
+
+
+def copy_subject(subject: Subject) -> Subject:
+    module = subject.module
+    memo: dict[int, Any] = {}
+    graphs = [g for g in (subject.graph, module) if isinstance(g, ObservableGraph)]
+    for graph in graphs:
+        for node in graph.nodes:
+            memo[id(node.source)] = node.source  # FX nodes / ONNX protos: shared, read-only
+            memo[id(node.fn)] = node.fn
+        memo[id(graph.metadata)] = graph.metadata
+    new_module = copy.deepcopy(module, memo)
+    if subject.graph is None:
+        new_graph = None
+    elif subject.graph is module:
+        new_graph = new_module
+    else:
+        new_graph = copy.deepcopy(subject.graph, memo)
+    return dataclasses.replace(
+        subject,
+        module=new_module,
+        graph=new_graph,  # type: ignore[arg-type]
+        extra=dict(subject.extra),
+    )
+
+
+# -- activation swap -----------------------------------------------------------------------------
+
+_NEW_ACTIVATIONS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], str, str]] = {
+    # name → (fn, FX/aten op type, ONNX op type)
+    "ReLU": (torch.relu, "relu", "Relu"),
+    "LeakyReLU": (lambda x: F.leaky_relu(x, 0.01), "leaky_relu", "LeakyRelu"),
+    "GELU": (F.gelu, "gelu", "Gelu"),
+}
+
+
+def swap_activations(subject: Subject, old: set[str], new: str) -> list[str]:
+    """Replace every node whose canonical op is in `old` by `new`; graph outputs are kept (an
+    output activation defines what the model predicts). Returns the swapped node names."""
+    graph = subject.graph
+    if graph is None:
+        raise NotApplicable(
+            "the model could not be made observable (probe coverage parameters_only), so its "
+            "activations cannot be swapped"
+        )
+    fn, fx_type, onnx_type = _NEW_ACTIVATIONS[new]
+    outputs = set(graph.output_names)
+    swapped: list[str] = []
+    for node in graph.nodes:
+        if canonical_op(node.op_type) not in old or outputs.intersection(node.outputs):
+            continue
+        node.fn = _unary(fn)
+        onnx_like = node.op_type[:1].isupper() and not aten_style(node.op_type)
+        node.op_type = onnx_type if onnx_like else fx_type
+        node.attrs = {}
+        swapped.append(node.name)
+    if not swapped:
+        raise NotApplicable(f"no {'/'.join(sorted(old))} node outside the graph outputs")
+    return swapped
+
+
+def _unary(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def activation(x: torch.Tensor, *_ignored: Any) -> torch.Tensor:
+        return fn(x)
+
+    return activation
+
+
+# -- re-initialisation ---------------------------------------------------------------------------
+
+
+def _tensor(subject: Subject, name: str) -> torch.Tensor:
+    if subject.graph is not None and name in subject.graph.param_names:
+        return subject.graph.parameter(name)
+    params = dict(subject.module.named_parameters())
+    if name not in params:
+        raise NotApplicable(f"parameter {name!r} not found in the model")
+    return params[name]
+
+
+def reinitialize(
+    subject: Subject, schemes: dict[str, str], fan_in: dict[str, int | None]
+) -> list[str]:
+    """Re-initialise each named parameter by its scheme; returns what was done per tensor."""
+    generator = torch.Generator().manual_seed(REINIT_SEED)
+    done: list[str] = []
+    with torch.no_grad():
+        for name, scheme in schemes.items():
+            tensor = _tensor(subject, name)
+            fan = fan_in.get(name) or _default_fan_in(tensor)
+            fan_out = max(1, tensor.numel() // max(1, fan))
+            if scheme == "zero_bias":
+                tensor.zero_()
+                done.append(f"{name}: zeros")
+                continue
+            if scheme == "kaiming":
+                std = math.sqrt(2.0 / fan)
+            elif scheme == "xavier_tanh":
+                std = (5.0 / 3.0) * math.sqrt(2.0 / (fan + fan_out))
+            elif scheme == "xavier":
+                std = math.sqrt(2.0 / (fan + fan_out))
+            elif scheme == "orthogonal":
+                fresh = torch.empty(tensor.shape, dtype=torch.float32)
+                nn.init.orthogonal_(fresh, generator=generator)
+                tensor.copy_(fresh)
+                done.append(f"{name}: orthogonal")
+                continue
+            else:
+                raise NotApplicable(f"no automatic transform for initialisation {scheme!r}")
+            fresh = torch.randn(tensor.shape, generator=generator, dtype=torch.float32) * std
+            tensor.copy_(fresh.to(tensor.device, tensor.dtype))
+            done.append(f"{name}: normal(0, {std:.3g}) ({scheme}, fan-in {fan})")
+    return done
+
+
+def _default_fan_in(tensor: torch.Tensor) -> int:
+    if tensor.dim() < 2:
+        return max(1, tensor.numel())
+    return int(tensor.shape[1] * math.prod(tensor.shape[2:]))
+
+
+# -- numerics guard ------------------------------------------------------------------------------
+
+
+def _clamp_min(low: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda x: x.clamp_min(low)
+
+
+def _away_from_zero(x: torch.Tensor) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        return x
+    small = x.abs() < GUARD_EPS
+    return torch.where(small, torch.full_like(x, GUARD_EPS), x)
+
+
+# canonical op → (index of the input to guard, guard)
+_GUARDS: dict[str, tuple[int, Callable[[torch.Tensor], torch.Tensor]]] = {
+    "log": (0, _clamp_min(GUARD_EPS)),
+    "log2": (0, _clamp_min(GUARD_EPS)),
+    "log10": (0, _clamp_min(GUARD_EPS)),
+    "log1p": (0, _clamp_min(-1.0 + GUARD_EPS)),
+    "sqrt": (0, _clamp_min(GUARD_EPS)),
+    "rsqrt": (0, _clamp_min(GUARD_EPS)),
+    "reciprocal": (0, _away_from_zero),
+    "div": (1, _away_from_zero),
+    "pow": (0, _clamp_min(0.0)),
+    "exp": (0, lambda x: x.clamp_max(80.0)),
+    "acos": (0, lambda x: x.clamp(-1 + GUARD_EPS, 1 - GUARD_EPS)),
+    "asin": (0, lambda x: x.clamp(-1 + GUARD_EPS, 1 - GUARD_EPS)),
+}
+
+
+def guard_node(subject: Subject, node_name: str) -> str:
+    graph = subject.graph
+    if graph is None:
+        raise NotApplicable("the model has no observable graph, so no op can be guarded")
+    node = next((n for n in graph.nodes if n.name == node_name), None)
+    if node is None:
+        raise NotApplicable(f"node {node_name!r} not found in the graph")
+    op = canonical_op(node.op_type)
+    if op not in _GUARDS:
+        raise NotApplicable(f"no automatic guard for op {node.op_type!r}; guard it by hand")
+    position, guard = _GUARDS[op]
+    original = node.fn
+
+    def guarded(*values: Any) -> Any:
+        values_list = list(values)
+        if position < len(values_list) and isinstance(values_list[position], torch.Tensor):
+            values_list[position] = guard(values_list[position])
+        return original(*values_list)
+
+    node.fn = guarded
+    return f"guarded input {position} of {node_name!r} ({node.op_type})"
