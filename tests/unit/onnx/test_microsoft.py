@@ -128,3 +128,91 @@ def test_skip_layer_normalization_gradients_float64() -> None:
         for shape in [(2, 3), (2, 3), (3,), (3,), (3,)]
     ]
     assert torch.autograd.gradcheck(fn, args)
+
+
+def test_contrib_ops_inside_a_converted_graph_match_onnxruntime_and_train() -> None:
+    from onnx import TensorProto, numpy_helper
+
+    from service.engine.onnx.convert import convert
+
+    rng = np.random.default_rng(0)
+    shapes = {"enc.w1": (8, 16), "enc.b1": (16,), "enc.w2": (8, 16), "enc.gamma": (8,)}
+    shapes |= {"enc.beta": (8,), "enc.b2": (8,)}
+    initializers = [
+        numpy_helper.from_array((rng.standard_normal(s) * 0.5).astype(np.float32), name)
+        for name, s in shapes.items()
+    ]
+    nodes = [
+        helper.make_node("FusedMatMul", ["x", "enc.w1"], ["h1"], domain=MS, alpha=0.5),
+        helper.make_node("BiasGelu", ["h1", "enc.b1"], ["h2"], domain=MS),
+        helper.make_node("FusedMatMul", ["h2", "enc.w2"], ["h3"], domain=MS, transB=1),
+        helper.make_node(
+            "SkipLayerNormalization",
+            ["h3", "x", "enc.gamma", "enc.beta", "enc.b2"],
+            ["y"],
+            domain=MS,
+            epsilon=1e-5,
+        ),
+        helper.make_node("QuickGelu", ["y"], ["z"], domain=MS),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "contrib",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 3, 8])],
+        initializers,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)]
+    )
+    model.ir_version = 10
+    x = rng.standard_normal((2, 3, 8)).astype(np.float32)
+    (expected,) = run_onnxruntime(model, {"x": x})
+    converted = convert(model)
+    out = converted(torch.from_numpy(x))
+    np.testing.assert_allclose(out.detach().numpy(), expected, rtol=1e-5, atol=1e-5)
+    out.square().sum().backward()
+    parameters = dict(converted.named_graph_parameters())
+    assert set(parameters) == set(shapes)
+    for name, parameter in parameters.items():
+        assert parameter.grad is not None and float(parameter.grad.abs().sum()) > 0, name
+
+
+@pytest.mark.slow  # the dynamo export and onnxruntime's optimizer: a few seconds
+def test_onnxruntime_optimized_transformer_converts_and_matches(tmp_path: Any) -> None:
+    # onnxruntime's transformer optimizer fuses a dynamo-exported encoder into
+    # SkipLayerNormalization and BiasGelu (attention fusion off: com.microsoft Attention is not
+    # among the supported ops)
+    import onnx
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    from service.engine.onnx.convert import convert
+    from tests.support.export import to_onnx
+
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(
+        16, 2, 32, dropout=0.0, batch_first=True, activation="gelu"
+    )
+    encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 5, 16)
+    options = FusionOptions("bert")
+    options.enable_attention = False
+    optimized = optimize_model(
+        onnx.load_from_string(to_onnx(encoder, x, dynamo=True)),
+        model_type="bert",
+        num_heads=2,
+        hidden_size=16,
+        optimization_options=options,
+        opt_level=0,
+    )
+    # saving is what adds the com.microsoft opset import: a user uploads the saved file
+    optimized.save_model_to_file(str(tmp_path / "optimized.onnx"))
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"))
+    contrib = {n.op_type for n in optimized.graph.node if n.domain == MS}
+    assert {"SkipLayerNormalization", "BiasGelu"} <= contrib
+    input_name = optimized.graph.input[0].name
+    (expected,) = run_onnxruntime(optimized, {input_name: x.numpy()})
+    with torch.no_grad():
+        got = convert(optimized, mode="eval")(x)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-4, atol=1e-5)
