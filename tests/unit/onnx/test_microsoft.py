@@ -10,6 +10,7 @@ import pytest
 import torch
 from onnx import helper
 
+from service.engine.onnx.registry import UnsupportedAttribute
 from tests.support.recurrent_zoo import (
     as_outputs,
     build_node_fn,
@@ -216,3 +217,76 @@ def test_onnxruntime_optimized_transformer_converts_and_matches(tmp_path: Any) -
     with torch.no_grad():
         got = convert(optimized, mode="eval")(x)
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-4, atol=1e-5)
+
+
+FUSED_ACTIVATIONS: list[tuple[str, list[float]]] = [
+    ("Relu", []),
+    ("Tanh", []),
+    ("Sigmoid", []),
+    ("LeakyRelu", [0.1]),
+    ("HardSigmoid", [0.3, 0.4]),
+    ("Clip", [-0.5, 0.7]),
+]
+
+
+@pytest.mark.parametrize(("activation", "params"), FUSED_ACTIVATIONS)
+def test_fused_conv(activation: str, params: list[float]) -> None:
+    x, w, b = _random(2, 3, 6, 6), _random(4, 3, 3, 3, seed=1), _random(4, seed=2)
+    attrs: dict[str, Any] = {"activation": activation, "kernel_shape": [3, 3], "pads": [1, 0, 1, 0]}
+    if params:
+        attrs["activation_params"] = params
+    _check("FusedConv", [x, w, b], ["Y"], **attrs)
+    z = _random(2, 4, 6, 4, seed=3)  # the summed residual
+    _check("FusedConv", [x, w, b, z], ["Y"], **attrs)
+
+
+@pytest.mark.parametrize(("activation", "params"), FUSED_ACTIVATIONS[:5])
+def test_fused_gemm(activation: str, params: list[float]) -> None:
+    a, b, c = _random(3, 4), _random(5, 4, seed=1), _random(5, seed=2)
+    attrs: dict[str, Any] = {"activation": activation, "transB": 1, "alpha": 0.5}
+    attrs |= dict(zip(["activation_alpha", "activation_beta"], params, strict=False))
+    _check("FusedGemm", [a, b, c], ["Y"], **attrs)
+
+
+def test_unknown_fused_activation_is_refused() -> None:
+    node = helper.make_node("FusedConv", ["x", "w"], ["y"], domain=MS, activation="Swish")
+    with pytest.raises(UnsupportedAttribute, match="Swish"):
+        build_node_fn(node, 1)
+
+
+def test_model_saved_by_onnxruntime_optimizer_converts(tmp_path: Any) -> None:
+    # onnxruntime's extended optimizations fold BatchNorm and fuse activations into
+    # com.microsoft FusedConv / FusedGemm; a user may upload such a saved file
+    import onnx
+    import onnxruntime as ort
+
+    from service.engine.onnx.convert import convert
+    from tests.support.export import to_onnx
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(4, 4, 3),
+        torch.nn.LeakyReLU(0.1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4 * 4 * 4, 6),
+        torch.nn.ReLU(),
+    ).eval()
+    x = torch.randn(2, 3, 6, 6)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(
+        to_onnx(net, x, training=False), options, providers=["CPUExecutionProvider"]
+    )
+    model = onnx.load(str(tmp_path / "optimized.onnx"))
+    fused = {n.op_type for n in model.graph.node if n.domain == MS}
+    assert {"FusedConv", "FusedGemm"} <= fused
+    (expected,) = run_onnxruntime(model, {model.graph.input[0].name: x.numpy()})
+    converted = convert(model, mode="eval")
+    out = converted(x)
+    np.testing.assert_allclose(out.detach().numpy(), expected, rtol=1e-4, atol=1e-5)
+    out.sum().backward()
+    assert all(p.grad is not None for _, p in converted.named_graph_parameters())

@@ -1,9 +1,11 @@
 """onnxruntime's contrib ops that exporters and the transformer optimizer emit.
 
 `com.microsoft` domain: FusedMatMul, Gelu, FastGelu, BiasGelu, QuickGelu, SkipLayerNormalization,
-SkipSimplifiedLayerNormalization. Default domain, opset < 17: onnxruntime's own
-LayerNormalization and SimplifiedLayerNormalization (the optimizer fuses them into opset-13/14
-models; from opset 17 on, LayerNormalization is the ONNX op in normalization.py).
+SkipSimplifiedLayerNormalization, and FusedConv / FusedGemm (Conv / Gemm plus an activation: what
+a model saved by onnxruntime with extended graph optimizations holds). Default domain,
+opset < 17: onnxruntime's own LayerNormalization and SimplifiedLayerNormalization (the optimizer
+fuses them into opset-13/14 models; from opset 17 on, LayerNormalization is the ONNX op in
+normalization.py).
 
 Semantics and attribute defaults are onnxruntime's (its CPU kernels are the reference the
 tests compare against). Statistics are computed in float32 for half-precision inputs, as
@@ -12,6 +14,9 @@ onnxruntime's `stash_type=1` does.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -19,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from service.engine.graph import NodeFn
-from service.engine.onnx.registry import OpContext, UnsupportedAttribute, register
+from service.engine.onnx.registry import OpContext, UnsupportedAttribute, lookup, register
 
 MS = "com.microsoft"
 
@@ -170,3 +175,56 @@ def skip_simplified_layer_normalization(ctx: OpContext) -> NodeFn:
         return _outputs((normalized * gamma, mean, inv_std, total), count)
 
     return fn
+
+
+# onnxruntime's fused activations: name → (parameter defaults, function of (x, parameters))
+_FUSED_ACTIVATIONS: dict[str, tuple[tuple[float, ...], Callable[[Tensor, list[float]], Tensor]]] = {
+    "Relu": ((), lambda x, p: torch.relu(x)),
+    "Tanh": ((), lambda x, p: torch.tanh(x)),
+    "Sigmoid": ((), lambda x, p: torch.sigmoid(x)),
+    "LeakyRelu": ((0.01,), lambda x, p: F.leaky_relu(x, p[0])),
+    "HardSigmoid": ((0.2, 0.5), lambda x, p: torch.clamp(p[0] * x + p[1], 0.0, 1.0)),
+    "Clip": ((-math.inf, math.inf), lambda x, p: torch.clamp(x, p[0], p[1])),
+}
+
+
+def _fused_activation(name: Any, given: Sequence[float]) -> Callable[[Tensor], Tensor]:
+    name = name.decode() if isinstance(name, bytes) else name
+    if name not in _FUSED_ACTIVATIONS:
+        raise UnsupportedAttribute(
+            f"activation {name!r} is not supported; supported: " + ", ".join(_FUSED_ACTIVATIONS)
+        )
+    defaults, function = _FUSED_ACTIVATIONS[name]
+    params = [float(v) for v in given] + list(defaults[len(given) :])
+    return lambda x: function(x, params)
+
+
+def _default_domain_builder(ctx: OpContext, op_type: str, opset: int, drop: set[str]) -> Any:
+    """The default-domain builder of `op_type` (conv.py, linalg.py) for this node, minus the
+    fused attributes: the fused op is that op followed by an activation."""
+    builder = lookup(op_type, "", opset)
+    if builder is None:
+        raise UnsupportedAttribute(f"{op_type} is not available to implement Fused{op_type}")
+    attrs = {k: v for k, v in ctx.attrs.items() if k not in drop}
+    return builder(dataclasses.replace(ctx, op_type=op_type, domain="", opset=opset, attrs=attrs))
+
+
+@register("FusedConv", domain=MS)
+def fused_conv(ctx: OpContext) -> NodeFn:
+    activation = _fused_activation(ctx.attr("activation"), ctx.attr("activation_params", []))
+    convolution = _default_domain_builder(ctx, "Conv", 11, {"activation", "activation_params"})
+
+    def fn(x: Tensor, w: Tensor, b: Tensor | None = None, z: Tensor | None = None) -> Tensor:
+        y = convolution(x, w, b)
+        return activation(y if z is None else y + z)  # Z: a residual summed before it
+
+    return fn
+
+
+@register("FusedGemm", domain=MS)
+def fused_gemm(ctx: OpContext) -> NodeFn:
+    names = ("activation_alpha", "activation_beta", "activation_gamma")
+    given = [ctx.attrs[n] for n in names if n in ctx.attrs]
+    activation = _fused_activation(ctx.attr("activation"), given)
+    gemm = _default_domain_builder(ctx, "Gemm", 13, {"activation", *names})
+    return lambda a, b, c=None: activation(gemm(a, b, c))
