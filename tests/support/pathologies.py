@@ -211,10 +211,6 @@ class ResidualCNN(nn.Module):
         return self.head(x.mean(dim=(2, 3)))
 
 
-def _positive_inputs(g: torch.Generator, shape: tuple[int, ...]) -> torch.Tensor:
-    return torch.randn(shape, generator=g)
-
-
 # -- the zoo -------------------------------------------------------------------------------------
 
 ZOO: dict[str, Case] = {

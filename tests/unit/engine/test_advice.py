@@ -1,0 +1,147 @@
+"""Advice rules on hand-built measurements: which fix for which evidence, the numbers in the
+rationale, the snippet, the ranking, and no recommendation without a finding."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from service.engine.advice import recommend
+from service.engine.advice.evidence import (
+    one_significant,
+    suggested_loss_scale,
+    suggested_max_norm,
+)
+from service.engine.detectors import detect
+from service.engine.report import ParameterReport
+from tests.unit.engine.measurements_factory import geometric, mlp, with_non_finite, with_time
+
+
+def fixes(recs):
+    return [r.fix for r in recs]
+
+
+def test_no_findings_no_recommendations():
+    m = mlp(geometric(1.0, 1.0, 6))
+    assert recommend(detect(m), m) == []
+
+
+def test_sigmoid_vanishing_recommends_relu_with_he_first():
+    m = mlp(geometric(1e-6, 5.0, 8), activation="aten.sigmoid.default")
+    m.layers[-1].activation_stats.activation = None  # the head has no activation
+    findings = detect(m)
+    recs = recommend(findings, m)
+    assert recs[0].fix == "replace_activation"
+    rec = recs[0]
+    assert rec.params["to"] == "ReLU" and rec.params["from"] == ["sigmoid"]
+    assert rec.layers == [f"fc{i}" for i in range(7)]
+    assert "0.25" in rec.rationale and "×0.2 per layer" in rec.rationale
+    assert "nn.ReLU()" in rec.snippet and "kaiming_normal_" in rec.snippet
+    assert "add_normalization" in fixes(recs)  # 8 weight layers, no normalisation
+    # shortcuts are not recommended without a graph to prove their absence
+    assert "add_residual_connections" not in fixes(recs)
+    assert all(r.addresses == [0] for r in recs)
+
+
+def test_output_sigmoid_is_not_blamed():
+    m = mlp(geometric(1e-6, 5.0, 8), activation="aten.relu.default")
+    m.layers[-1].activation_stats.activation = "sigmoid"  # probability output
+    assert "replace_activation" not in fixes(recommend(detect(m), m))
+
+
+def test_exploding_gets_clip_with_derived_max_norm_and_reinit():
+    m = mlp(
+        geometric(2.0**11, 0.5, 12),
+        weight_grad_norms=[300.0] * 12,
+        weight_norms=[10.0] * 12,
+        init_ratios=[2.0] * 12,
+    )
+    findings = detect(m)
+    recs = recommend(findings, m)
+    assert recs[0].fix == "reinitialize_weights"  # the cause, verified or not, before clipping
+    assert set(recs[0].params["schemes"].values()) == {"kaiming"}
+    clip = next(r for r in recs if r.fix == "clip_gradients")
+    # no tensor's gradient above its weight norm: √(12 × 10²) ≈ 35 → 30
+    assert clip.params["max_norm"] == 30.0
+    assert "max_norm=30" in clip.snippet
+    lr = next(r for r in recs if r.fix == "lower_learning_rate")
+    assert lr.params["factor"] == pytest.approx(0.01)  # grad/weight 30 → 10^-2
+
+
+def test_max_norm_falls_back_to_calm_layers_then_one():
+    m = mlp([1.0] * 4, weight_grad_norms=[5.0, 5.0, 0.1, 0.1], weight_norms=[100.0] * 4)
+    value, how = suggested_max_norm(m, ["fc0", "fc1"])
+    assert value == 0.2 and "median" in how  # median 0.1 × √4 tensors
+    value, how = suggested_max_norm(m, ["fc0", "fc1", "fc2", "fc3"])
+    assert value == 1.0 and "customary" in how
+
+
+def test_one_significant():
+    assert one_significant(2696.5) == 3000.0
+    assert one_significant(0.0347) == 0.03
+
+
+def test_non_finite_guards_the_origin_op():
+    m = mlp([1.0] * 3)
+    with_non_finite(m, node="log_1", op="Log")
+    (rec,) = recommend(detect(m), m)
+    assert rec.fix == "guard_numerics"
+    assert rec.params["node"] == "log_1" and rec.params["op"] == "log"
+    assert "clamp_min" in rec.snippet and "'log_1'" in rec.rationale
+
+
+def test_fp16_underflow_loss_scale_is_a_power_of_two_within_fp16_range():
+    m = mlp([1.0] * 3, weight_grad_norms=[1e-6, 1e-3, 1e-2], fp16_underflow=0.3)
+    recs = recommend(detect(m), m)
+    assert fixes(recs) == ["loss_scaling", "use_bf16"]
+    scale = recs[0].params["scale"]
+    assert math.log2(scale).is_integer() and scale > 1
+    value, _ = suggested_loss_scale(m)
+    assert value == scale and 1e-2 * value < 65504 / 2  # the largest gradient norm stays in range
+    assert "GradScaler(init_scale=" in recs[0].snippet
+
+
+def test_vanilla_rnn_gets_gated_units_lstm_does_not():
+    m = mlp([1.0] * 3)
+    with_time(m, geometric(1e-6, 1.15, 120))
+    recs = recommend(detect(m), m)
+    assert recs[0].fix == "use_gated_recurrent_unit" and recs[0].layers == ["rnn"]
+    assert "nn.LSTM" in recs[0].snippet and "120 steps" in recs[0].rationale
+    lstm = mlp([1.0] * 3)
+    with_time(lstm, geometric(1e-6, 1.15, 120), rnn_op="LSTM")
+    assert "use_gated_recurrent_unit" not in fixes(recommend(detect(lstm), lstm))
+
+
+def test_dead_units_leaky_relu_and_zero_bias():
+    m = mlp([1.0] * 3, dead=[0.9, 0.0, 0.0])
+    m.layers[0].params.append("fc0.bias")
+    m.parameters.append(ParameterReport(name="fc0.bias", shape=[16], layer="fc0", grad_norm=0.1))
+    recs = recommend(detect(m), m)
+    act = next(r for r in recs if r.fix == "replace_activation")
+    assert act.params["to"] == "LeakyReLU" and act.layers == ["fc0"]
+    reinit = next(r for r in recs if r.fix == "reinitialize_weights")
+    assert reinit.params["schemes"] == {"fc0.weight": "kaiming", "fc0.bias": "zero_bias"}
+
+
+def test_saturation_with_large_init_recommends_xavier():
+    m = mlp([1.0] * 3, activation="tanh", saturated=[0.8, 0.0, 0.0], init_ratios=[8.0, 1, 1])
+    recs = recommend(detect(m), m)
+    reinit = next(r for r in recs if r.fix == "reinitialize_weights")
+    assert reinit.params["schemes"] == {"fc0.weight": "xavier"}
+    assert "replace_activation" in fixes(recs)
+
+
+def test_convolutional_nets_get_batchnorm():
+    m = mlp(geometric(1e-6, 5.0, 8), op="aten.conv2d.default")
+    rec = next(r for r in recommend(detect(m), m) if r.fix == "add_normalization")
+    assert rec.params["kind"] == "BatchNorm" and "BatchNorm2d" in rec.snippet
+
+
+def test_error_findings_are_addressed_before_warnings():
+    m = mlp(geometric(1e-6, 5.0, 8), fp16_underflow=0.2, activation="sigmoid")
+    m.layers[-1].activation_stats.activation = None
+    findings = detect(m)
+    recs = recommend(findings, m)
+    tiers = [max(findings[i].severity == "error" for i in r.addresses) for r in recs]
+    assert tiers == sorted(tiers, reverse=True)
