@@ -26,11 +26,13 @@ from tests.support.export import to_onnx
 from tests.support.recurrent_zoo import RECURRENT_ZOO, ZooEntry, run_onnxruntime
 
 
-def _exported(entry: ZooEntry, dynamo: bool) -> tuple[torch.nn.Module, onnx.ModelProto]:
+def _exported(
+    entry: ZooEntry, dynamo: bool, opset: int | None = None
+) -> tuple[torch.nn.Module, onnx.ModelProto]:
     torch.manual_seed(0)
     module = entry.make()
     return module, onnx.load_from_string(
-        to_onnx(module, entry.example(), dynamo=dynamo, training=True)
+        to_onnx(module, entry.example(), dynamo=dynamo, opset=opset, training=True)
     )
 
 
@@ -57,11 +59,18 @@ def test_forward_equals_onnxruntime(entry: ZooEntry, dynamo: bool) -> None:
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("opset", [None, 9], ids=["default_opset", "opset9"])
 @pytest.mark.parametrize("entry", RECURRENT_ZOO, ids=lambda e: e.name)
-def test_legacy_training_export_gradients_equal_torch(entry: ZooEntry) -> None:
-    module, model = _exported(entry, dynamo=False)
-    graph = convert(model, mode="train")
+def test_legacy_training_export_gradients_equal_torch(entry: ZooEntry, opset: int | None) -> None:
+    module, model = _exported(entry, dynamo=False, opset=opset)
+    assert opset is None or model.opset_import[0].version == opset
     example = entry.example()
+    # the same forward as onnxruntime's, then the same gradients as torch's
+    feeds = {n: t.numpy() for n, t in zip(_graph_inputs(model), example, strict=True)}
+    (expected,) = run_onnxruntime(model, feeds)
+    graph = convert(model, mode="train")  # releases the proto's copy of the weights
+    with torch.no_grad():
+        np.testing.assert_allclose(graph(*example).numpy(), expected, rtol=1e-4, atol=1e-6)
     weights = torch.randn(2, 5, 2, generator=torch.Generator().manual_seed(1))
 
     x_torch = example[0].clone().requires_grad_(True)
