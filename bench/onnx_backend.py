@@ -16,7 +16,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from tests.unit.onnx.backend_cases import all_cases, run_case  # noqa: E402
+from tests.unit.onnx.backend_cases import all_cases, run_case
 
 
 def main() -> None:

@@ -6,13 +6,15 @@
 
 What becomes what:
 - Float initializers → `nn.Parameter`s registered under their exact initializer names; the
-  proto's copy of their bytes is released (`release_weights=True`), so one copy is kept.
+  proto's copy of their bytes is released (`release_weights=True`), so one copy is kept
+  (`conformance.check_conversion` refills a copy from the graph when onnxruntime needs it).
+  Float initializers used only as BatchNormalization statistics (running mean/var) → buffers.
 - Integer initializers and `Constant` values → buffers (moved by `.to(device)`); small integer
   ones (shapes, axes: at most `SMALL_INT_NUMEL` elements) → `constants`, kept on the CPU because
   shape arithmetic reads them as Python ints and a device round trip would only add syncs.
 - Graph inputs that are also initializers (IR < 4) are not inputs.
-- `metadata`: `opset_imports` {domain: version}, `inputs`/`outputs` [{name, shape, dtype}]
-  (symbolic dims as strings, unknown as None), `ir_version`, `producer`.
+- `metadata`: `mode`, `extra`, `opset_imports` {domain: version}, `inputs`/`outputs`
+  [{name, shape, dtype}] (symbolic dims as strings, unknown as None), `ir_version`, `producer`.
 
 Validation: every node, subgraphs included, is built before anything runs. Unknown
 (domain, op_type, opset) and every attribute a builder refuses are collected and raised together
@@ -48,8 +50,8 @@ import onnx
 import torch
 from onnx import GraphProto, ModelProto, NodeProto, TensorProto, helper
 
+import service.engine.onnx.ops  # noqa: F401  (registers every op family)
 from service.engine.graph import Node, ObservableGraph
-from service.engine.onnx import ops  # noqa: F401  (registers every op family)
 from service.engine.onnx.loading import load_onnx, load_onnx_bundle, resolve_external_data
 from service.engine.onnx.ops._util import FLOAT_DTYPES, ONNX_TO_TORCH
 from service.engine.onnx.registry import (
@@ -58,10 +60,13 @@ from service.engine.onnx.registry import (
     UnsupportedAttribute,
     lookup,
 )
-from service.errors import BatchError, BadInputError, ModelFormatError, UnsupportedModelError
+from service.errors import BadInputError, BatchError, ModelFormatError, UnsupportedModelError
 
 SMALL_INT_NUMEL = 64
 MODES = ("train", "eval")
+# Float inputs that hold statistics, not weights: an initializer feeding only these slots is a
+# buffer (like torch's running_mean/running_var), so it is never reported as trainable.
+STATISTICS_SLOTS = {("", "BatchNormalization"): (3, 4)}
 
 __all__ = [
     "Subgraph",
@@ -104,7 +109,7 @@ def _release(proto: TensorProto) -> None:
         "uint64_data",
         "string_data",
     ):
-        proto.ClearField(name)  # type: ignore[arg-type]
+        proto.ClearField(name)
 
 
 def _decode_attr(attr: onnx.AttributeProto) -> Any:
@@ -243,9 +248,7 @@ class _Builder:
                 initial[init.name] = tensor_from_proto(init)
             except UnsupportedAttribute as exc:
                 self.problems.append(("", "initializer", 0, init.name, str(exc)))
-        nodes = [
-            self.build_node(n, self.node_name(n, i, prefix)) for i, n in enumerate(graph.node)
-        ]
+        nodes = [self.build_node(n, self.node_name(n, i, prefix)) for i, n in enumerate(graph.node)]
         defined = set(initial) | {i.name for i in graph.input} | {""}
         free: list[str] = []
         for node in nodes:
@@ -383,14 +386,17 @@ def convert(
     parameters: dict[str, torch.Tensor] = {}
     buffers: dict[str, torch.Tensor] = {}
     constants: dict[str, Any] = {}
+    statistics = _statistics_initializers(graph)
     for init in graph.initializer:
         try:
             tensor = tensor_from_proto(init)
         except UnsupportedAttribute as exc:
             builder.problems.append(("", "initializer", 0, init.name, str(exc)))
             continue
-        if tensor.dtype in FLOAT_DTYPES:
+        if tensor.dtype in FLOAT_DTYPES and init.name not in statistics:
             parameters[init.name] = torch.nn.Parameter(tensor)
+        elif tensor.dtype in FLOAT_DTYPES:
+            buffers[init.name] = tensor
         elif tensor.numel() <= SMALL_INT_NUMEL:
             constants[init.name] = tensor
         else:
@@ -408,7 +414,9 @@ def convert(
     if release_weights:
         for init in graph.initializer:
             _release(init)
-    metadata = {
+    metadata: dict[str, Any] = {
+        "mode": mode,
+        "extra": dict(extra or {}),
         "opset_imports": opsets,
         "ir_version": int(model.ir_version),
         "producer": f"{model.producer_name} {model.producer_version}".strip(),
@@ -426,6 +434,17 @@ def convert(
         constants=constants,
         metadata=metadata,
     )
+
+
+def _statistics_initializers(graph: GraphProto) -> set[str]:
+    at_slot: set[str] = set()
+    elsewhere: set[str] = set()
+    for node in graph.node:
+        domain = "" if node.domain in DEFAULT_DOMAINS else node.domain
+        slots = STATISTICS_SLOTS.get((domain, node.op_type), ())
+        for i, name in enumerate(node.input):
+            (at_slot if i in slots else elsewhere).add(name)
+    return at_slot - elsewhere
 
 
 def _constant_as_state(
@@ -454,7 +473,9 @@ def check_inputs(graph: ObservableGraph, inputs: Sequence[torch.Tensor]) -> None
     specs = graph.metadata.get("inputs", [])
     if len(inputs) != len(specs):
         names = ", ".join(s["name"] for s in specs)
-        raise BatchError(f"the model takes {len(specs)} input(s) ({names}), the batch gives {len(inputs)}")
+        raise BatchError(
+            f"the model takes {len(specs)} input(s) ({names}), the batch gives {len(inputs)}"
+        )
     symbols: dict[str, int] = {}
     for spec, value in zip(specs, inputs, strict=True):
         shape = spec.get("shape")
@@ -472,9 +493,8 @@ def check_inputs(graph: ObservableGraph, inputs: Sequence[torch.Tensor]) -> None
                     f"input '{spec['name']}' must have size {want} on axis {axis} "
                     f"(declared shape {shape}), the batch gives shape {actual}"
                 )
-            if isinstance(want, str) and want:
-                if symbols.setdefault(want, got) != got:
-                    raise BatchError(
-                        f"dimension '{want}' of input '{spec['name']}' is {got} but another "
-                        f"input gives it size {symbols[want]}"
-                    )
+            if isinstance(want, str) and want and symbols.setdefault(want, got) != got:
+                raise BatchError(
+                    f"dimension '{want}' of input '{spec['name']}' is {got} but another "
+                    f"input gives it size {symbols[want]}"
+                )

@@ -19,7 +19,7 @@ import tempfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-
+from typing import IO
 
 from google.protobuf.message import DecodeError
 from onnx import GraphProto, ModelProto, TensorProto
@@ -43,9 +43,7 @@ def load_onnx(data: bytes, *, bundle_dir: Path | None = None) -> ModelProto:
     return model
 
 
-def load_onnx_bundle(
-    zip_bytes: bytes, *, max_bytes: int = DEFAULT_MAX_BUNDLE_BYTES
-) -> ModelProto:
+def load_onnx_bundle(zip_bytes: bytes, *, max_bytes: int = DEFAULT_MAX_BUNDLE_BYTES) -> ModelProto:
     """Load a zip holding one `.onnx` file and its external data files."""
     try:
         archive = zipfile.ZipFile(io.BytesIO(zip_bytes))
@@ -61,7 +59,9 @@ def load_onnx_bundle(
                 continue
             _check_relative(name, "bundle member")
             if stat.S_ISLNK(info.external_attr >> 16):
-                raise ModelFormatError(f"bundle member '{name}' is a symbolic link; links are refused")
+                raise ModelFormatError(
+                    f"bundle member '{name}' is a symbolic link; links are refused"
+                )
             total += info.file_size
             if total > max_bytes:
                 raise ModelFormatError(
@@ -75,15 +75,13 @@ def load_onnx_bundle(
                 models.append(name)
         if len(models) != 1:
             found = ", ".join(models) or "none"
-            raise ModelFormatError(
-                f"a bundle must contain exactly one .onnx file (found: {found})"
-            )
+            raise ModelFormatError(f"a bundle must contain exactly one .onnx file (found: {found})")
         return load_onnx((root / models[0]).read_bytes(), bundle_dir=(root / models[0]).parent)
 
 
-def _copy_capped(src: io.BufferedIOBase | object, dst: io.BufferedWriter, declared: int) -> None:
+def _copy_capped(src: IO[bytes], dst: IO[bytes], declared: int) -> None:
     written = 0
-    while chunk := src.read(1 << 20):  # type: ignore[attr-defined]
+    while chunk := src.read(1 << 20):
         written += len(chunk)
         if written > declared:  # the header lied about the size
             raise ModelFormatError("a bundle member is larger than its zip header says")

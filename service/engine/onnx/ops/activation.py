@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -109,7 +111,7 @@ def gelu(ctx: OpContext) -> NodeFn:
 
 
 def _softmax_family(op_type: str) -> None:
-    kinds = {
+    kinds: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
         "Softmax": torch.softmax,
         "LogSoftmax": torch.log_softmax,
         "Hardmax": _hardmax,

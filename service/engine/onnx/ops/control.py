@@ -52,7 +52,7 @@ def loop(ctx: OpContext) -> NodeFn:
         scans: list[list[torch.Tensor]] = []
         i = 0
         while keep and (limit is None or i < limit):
-            outs = body([torch.tensor(i, dtype=torch.int64), torch.tensor(keep)] + values, outer)
+            outs = body([torch.tensor(i, dtype=torch.int64), torch.tensor(keep), *values], outer)
             keep = bool(scalar(outs[0]))
             values = list(outs[1 : 1 + carried])
             steps = outs[1 + carried :]

@@ -139,9 +139,11 @@ def conv_transpose(ctx: OpContext) -> NodeFn:
         else:
             pads = list(window.pads or [0] * (2 * n))
         sym = _symmetric(pads)
-        if sym is not None and all(
-            p < max(s, d) for p, s, d in zip(out_pad, strides, dilations, strict=True)
-        ) and min(sym) >= 0:
+        if (
+            sym is not None
+            and all(p < max(s, d) for p, s, d in zip(out_pad, strides, dilations, strict=True))
+            and min(sym) >= 0
+        ):
             return _CONV_T[n](x, w, b, strides, sym, out_pad, groups, dilations)
         y = _CONV_T[n](x, w, None, strides, 0, 0, groups, dilations)
         # Asymmetric (or negative) pads and large output_padding: pad the end, then crop.
@@ -278,9 +280,7 @@ def lp_pool(ctx: OpContext) -> NodeFn:
     window = _Window(ctx, kernel)
     p = float(ctx.attr("p", 2))
     ceil_mode = bool(ctx.attr("ceil_mode", 0))
-    require(
-        not window.dilations or all(d == 1 for d in window.dilations), "LpPool with dilations"
-    )
+    require(not window.dilations or all(d == 1 for d in window.dilations), "LpPool with dilations")
     n = len(kernel)
 
     def fn(x: torch.Tensor) -> torch.Tensor:

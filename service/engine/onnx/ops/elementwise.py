@@ -18,11 +18,11 @@ from service.engine.onnx.ops._util import (
 from service.engine.onnx.registry import OpContext, register
 
 
-def _unary(op_type: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+def _unary(op_type: str, fn: Callable[..., torch.Tensor]) -> None:
     register(op_type)(lambda ctx: fn)
 
 
-for _name, _fn in {
+_UNARY: dict[str, Callable[..., torch.Tensor]] = {
     "Abs": torch.abs,
     "Neg": torch.neg,
     "Exp": torch.exp,
@@ -48,11 +48,12 @@ for _name, _fn in {
     "IsNaN": torch.isnan,
     "BitwiseNot": torch.bitwise_not,
     "Round": torch.round,  # round half to even, like ONNX
-}.items():
+}
+for _name, _fn in _UNARY.items():
     _unary(_name, _fn)
 
 
-def _binary(op_type: str, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+def _binary(op_type: str, fn: Callable[..., torch.Tensor]) -> None:
     @register(op_type)
     def build(ctx: OpContext) -> NodeFn:
         axis = ctx.attr("axis")
@@ -78,7 +79,7 @@ def _pow(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return result if result.dtype == a.dtype else result.to(a.dtype)
 
 
-for _name, _bfn in {
+_BINARY: dict[str, Callable[..., torch.Tensor]] = {
     "Add": torch.add,
     "Sub": torch.sub,
     "Mul": torch.mul,
@@ -95,7 +96,8 @@ for _name, _bfn in {
     "BitwiseAnd": torch.bitwise_and,
     "BitwiseOr": torch.bitwise_or,
     "BitwiseXor": torch.bitwise_xor,
-}.items():
+}
+for _name, _bfn in _BINARY.items():
     _binary(_name, _bfn)
 
 
@@ -223,4 +225,3 @@ def shrink(ctx: OpContext) -> NodeFn:
 @register("Det")
 def det(ctx: OpContext) -> NodeFn:
     return torch.linalg.det
-

@@ -1,0 +1,164 @@
+"""Does the converted graph compute what onnxruntime computes on the same batch?
+
+`check_conversion` runs onnxruntime (CPUExecutionProvider) on the model and compares its outputs
+with the converted graph's forward outputs: the report's `model.conversion` (CONTRACT.md §3).
+
+Which forward is compared: onnxruntime runs the graph as exported. A graph converted in
+`eval` mode computes exactly that. A graph converted in `train` mode differs where the mode
+changes semantics on purpose (BatchNormalization exported for inference normalised with batch
+statistics, dropout kept active on request); then a second conversion of the same weights in
+`eval` mode is compared and `reason` says so. Training-mode exports (BatchNormalization with
+`training_mode=1`) run with batch statistics in onnxruntime too, so they compare directly.
+
+Errors: `max_abs_error` = max |ours − ort| over all float outputs; `max_rel_error` = max of
+|ours − ort| / max(|ort|, 1e-3 · max|ort|) per output, so entries near zero do not explode it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import ModelProto, TensorProto
+
+from service.engine.graph import ObservableGraph
+from service.engine.onnx.convert import convert
+from service.engine.onnx.ops._util import TORCH_TO_ONNX
+from service.engine.report import ConversionCheck
+
+PROVIDER = "CPUExecutionProvider"
+
+
+def _reference() -> str:
+    import onnxruntime
+
+    return f"onnxruntime {onnxruntime.__version__} ({PROVIDER})"
+
+
+def _refill(model: ModelProto, graph: ObservableGraph) -> ModelProto:
+    """A copy of `model` whose initializers hold the graph's current values."""
+    values = graph.initial_values()
+    copy = ModelProto()
+    copy.CopyFrom(model)
+    for init in copy.graph.initializer:
+        value = values.get(init.name)
+        if not isinstance(value, torch.Tensor):
+            continue
+        tensor = value.detach().cpu().contiguous()
+        fresh = TensorProto(name=init.name, dims=list(tensor.shape))
+        fresh.data_type = TORCH_TO_ONNX[tensor.dtype]
+        fresh.raw_data = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+        init.CopyFrom(fresh)
+    return copy
+
+
+def _mode_differs(model: ModelProto, graph: ObservableGraph) -> str | None:
+    """Why the graph's train-mode forward differs from the exported graph, or None."""
+    if graph.metadata.get("mode", "eval") != "train":
+        return None
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    for node in model.graph.node:
+        if node.op_type == "BatchNormalization":
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            training = (
+                bool(attrs.get("training_mode", 0)) if opset >= 14 else any(list(node.output)[1:])
+            )
+            if not training:
+                return (
+                    "compared in eval mode: the model's BatchNormalization was exported for "
+                    "inference, which onnxruntime runs with running statistics, while train "
+                    "mode normalises with batch statistics"
+                )
+        if node.op_type == "Dropout" and graph.metadata.get("extra", {}).get("dropout"):
+            return "compared in eval mode: dropout is active in this diagnosis and is random"
+    return None
+
+
+def _metrics(ours: Sequence[Any], theirs: Sequence[np.ndarray]) -> tuple[float, float]:
+    max_abs, max_rel = 0.0, 0.0
+    for a, b in zip(ours, theirs, strict=True):
+        if not isinstance(a, torch.Tensor) or b.dtype.kind not in "fc":
+            continue
+        ref = torch.from_numpy(np.asarray(b, dtype=np.float64))
+        got = a.detach().cpu().to(torch.float64)
+        if got.shape != ref.shape:
+            raise ValueError(f"shape {list(got.shape)} vs onnxruntime's {list(ref.shape)}")
+        if ref.numel() == 0:
+            continue
+        diff = (got - ref).abs()
+        both_nonfinite = ~torch.isfinite(ref) & (got == ref)
+        diff = torch.where(both_nonfinite, torch.zeros_like(diff), diff)
+        scale = ref.abs().nan_to_num(0.0, 0.0, 0.0).max().clamp(min=1e-30)
+        floor = torch.clamp(ref.abs(), min=float(scale) * 1e-3)
+        max_abs = max(max_abs, float(diff.max()))
+        max_rel = max(max_rel, float((diff / floor).max()))
+    return max_abs, max_rel
+
+
+def check_conversion(
+    model: ModelProto,
+    graph: ObservableGraph,
+    inputs: list[torch.Tensor],
+    outputs: list[torch.Tensor] | None = None,
+) -> ConversionCheck:
+    """Compare the converted forward with onnxruntime on `inputs`; never raises for a model
+    onnxruntime cannot run (the check says why instead)."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:  # pragma: no cover - onnxruntime is a dependency
+        return ConversionCheck(checked=False, reason=f"onnxruntime is not installed: {exc}")
+    reference = _reference()
+    try:
+        feeds = {
+            name: value.detach().cpu().numpy()
+            for name, value in zip(graph.input_names, inputs, strict=True)
+        }
+    except (TypeError, ValueError) as exc:
+        return ConversionCheck(
+            checked=False,
+            reference=reference,
+            reason=f"inputs cannot be given to onnxruntime: {exc}",
+        )
+    refilled = _refill(model, graph)
+    try:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(refilled.SerializeToString(), options, providers=[PROVIDER])
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return ConversionCheck(
+            checked=False, reference=reference, reason=f"onnxruntime cannot load the model: {first}"
+        )
+    try:
+        expected = session.run(None, feeds)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return ConversionCheck(
+            checked=False,
+            reference=reference,
+            reason=f"onnxruntime failed to run the model: {first}",
+        )
+
+    reason = _mode_differs(model, graph)
+    with torch.no_grad():
+        if reason is not None:
+            twin = convert(refilled, mode="eval", release_weights=False)
+            ours = twin.run([t.detach().cpu() for t in inputs])
+        elif outputs is not None:
+            ours = list(outputs)
+        else:
+            ours = graph.run(list(inputs))
+    try:
+        max_abs, max_rel = _metrics(ours, expected)
+    except ValueError as exc:
+        return ConversionCheck(checked=True, reference=reference, reason=f"output mismatch: {exc}")
+    return ConversionCheck(
+        checked=True,
+        max_abs_error=max_abs,
+        max_rel_error=max_rel,
+        reference=reference,
+        reason=reason,
+    )
