@@ -76,7 +76,6 @@ def _run(
     from pydantic import ValidationError
 
     from service.engine.options import DiagnoseOptions
-    from service.engine.pipeline import diagnose
 
     try:
         options = DiagnoseOptions.model_validate(
@@ -93,6 +92,8 @@ def _run(
         error = exc.errors()[0]
         field = ".".join(str(p) for p in error["loc"])
         raise _fail(f"--{field.replace('_', '-')}: {error['msg']}", EXIT_BAD_INPUT) from None
+    from service.engine.pipeline import diagnose  # torch is imported only from here on
+
     return diagnose(model, batch, options)
 
 

@@ -43,7 +43,7 @@ from service.engine.report import (
     TimeProfile,
 )
 from service.engine.stats import parameter_statistics
-from service.errors import BadInputError
+from service.errors import BadInputError, GradhealthError
 
 RECURRENT_OPS = frozenset(
     {"rnn", "lstm", "gru", "rnntanh", "rnnrelu", "lstmcell", "grucell", "rnntanhcell"}
@@ -144,7 +144,11 @@ def _forward(
             if subject.graph is not None:
                 return list(subject.graph.run(inputs, probe))
             out = subject.module(*inputs)
+    except torch.OutOfMemoryError as exc:
+        raise _out_of_memory(exc) from exc
     except (RuntimeError, IndexError, TypeError, ValueError) as exc:
+        if "can't allocate memory" in str(exc) or "out of memory" in str(exc):
+            raise _out_of_memory(exc) from exc
         where = ""
         if probe is not None and subject.graph is not None:
             nodes = subject.graph.nodes
@@ -163,6 +167,17 @@ def _forward(
     if isinstance(out, dict):
         return [o for o in out.values() if isinstance(o, torch.Tensor)]
     raise BadInputError(f"the model returned a {type(out).__name__}, not tensors")
+
+
+def _out_of_memory(exc: BaseException) -> GradhealthError:
+    """Running out of memory is the machine's limit, not a fault in the input: exit 3 / 5xx."""
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return GradhealthError(
+        f"out of memory while running the model ({first}); try --micro-batches N or a smaller "
+        "batch",
+        code="out_of_memory",
+        status=507,
+    )
 
 
 def _sync(device: torch.device) -> None:

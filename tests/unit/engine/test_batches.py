@@ -1,0 +1,141 @@
+"""Batch files (CONTRACT.md §2): formats from content, input matching, targets, every error."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save as safetensors_save
+
+from service.engine.batches import TARGET_NAMES, load_batch, match_batch
+from service.engine.report import TensorSpec
+from service.errors import BatchError
+from tests.unit.engine.measure_support import npz_bytes
+
+SPECS = [
+    TensorSpec(name="image", shape=["batch", 3], dtype="float32"),
+    TensorSpec(name="mask", shape=[None, 2], dtype="int64"),
+]
+
+
+def _pt(obj: object) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _arrays() -> dict[str, torch.Tensor]:
+    return {"image": torch.randn(4, 3), "mask": torch.ones(4, 2, dtype=torch.int64)}
+
+
+@pytest.mark.parametrize("fmt", ["npz", "safetensors", "pt"])
+def test_each_format_loads_with_names_and_order(fmt: str) -> None:
+    arrays = _arrays()
+    data = {
+        "npz": lambda: npz_bytes(**arrays),
+        "safetensors": lambda: safetensors_save(arrays),
+        "pt": lambda: _pt(arrays),
+    }[fmt]()
+    batch = load_batch(data)
+    assert batch.format == fmt
+    assert list(batch.arrays) == ["image", "mask"]
+    for name, tensor in arrays.items():
+        assert torch.equal(batch.arrays[name], tensor)
+
+
+def test_arrays_named_like_inputs_feed_them_whatever_the_file_order() -> None:
+    arrays = _arrays()
+    data = npz_bytes(mask=arrays["mask"], image=arrays["image"])  # reversed order
+    matched = match_batch(load_batch(data), SPECS)
+    assert torch.equal(matched.inputs[0], arrays["image"])
+    assert torch.equal(matched.inputs[1], arrays["mask"])
+    assert [a.feeds for a in matched.info.arrays] == ["image", "mask"]
+    assert matched.info.size == 4
+
+
+def test_unnamed_arrays_feed_inputs_in_file_order() -> None:
+    arrays = _arrays()
+    matched = match_batch(load_batch(npz_bytes(a=arrays["image"], b=arrays["mask"])), SPECS)
+    assert torch.equal(matched.inputs[0], arrays["image"])
+    assert [(a.name, a.feeds) for a in matched.info.arrays] == [("a", "image"), ("b", "mask")]
+
+
+@pytest.mark.parametrize("target_name", TARGET_NAMES)
+def test_target_names_are_never_inputs(target_name: str) -> None:
+    arrays = _arrays()
+    target = torch.tensor([0, 1, 2, 1])
+    data = npz_bytes(**{target_name: target}, **arrays)  # the target first in the file
+    matched = match_batch(load_batch(data), SPECS)
+    assert matched.target is not None and torch.equal(matched.target, target)
+    assert torch.equal(matched.inputs[0], arrays["image"])
+    roles = {a.name: a.role for a in matched.info.arrays}
+    assert roles[target_name] == "target"
+
+
+def test_float_arrays_are_cast_to_the_declared_float_dtype() -> None:
+    specs = [TensorSpec(name="x", shape=[2, 3], dtype="float16")]
+    matched = match_batch(load_batch(npz_bytes(x=np.zeros((2, 3), np.float32))), specs)
+    assert matched.inputs[0].dtype == torch.float16
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "empty"),
+        (b"not a batch at all", "not .npz"),
+        (b"PK\x03\x04garbage", "damaged zip"),
+    ],
+)
+def test_unreadable_files(data: bytes, message: str) -> None:
+    with pytest.raises(BatchError, match=message):
+        load_batch(data)
+
+
+def test_npz_with_object_arrays_is_refused_without_unpickling() -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, x=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(BatchError, match="no pickle"):
+        load_batch(buffer.getvalue())
+
+
+def test_pt_with_arbitrary_objects_is_refused_by_weights_only() -> None:
+    import datetime  # any class outside torch's weights_only allow-list
+
+    with pytest.raises(BatchError, match="weights_only"):
+        load_batch(_pt({"x": datetime.date(2020, 1, 1)}))
+
+
+def test_pt_entries_must_be_tensors() -> None:
+    with pytest.raises(BatchError, match="'x' of the .pt batch is a int"):
+        load_batch(_pt({"x": 3}))
+
+
+def test_missing_input_is_named() -> None:
+    with pytest.raises(BatchError, match="add arrays named mask"):
+        match_batch(load_batch(npz_bytes(image=torch.randn(4, 3))), SPECS)
+
+
+def test_extra_arrays_are_an_error_when_not_named_like_inputs() -> None:
+    data = npz_bytes(a=torch.randn(4, 3), b=torch.ones(4, 2), c=torch.ones(4))
+    with pytest.raises(BatchError, match="3 input arrays"):
+        match_batch(load_batch(data), SPECS)
+
+
+def test_wrong_shape_names_the_input_and_the_shapes() -> None:
+    arrays = _arrays() | {"image": torch.randn(4, 5)}
+    with pytest.raises(BatchError, match=r"input 'image' expects shape \[batch, 3\].*\[4, 5\]"):
+        match_batch(load_batch(npz_bytes(**arrays)), SPECS)
+
+
+def test_wrong_rank_names_the_input() -> None:
+    arrays = _arrays() | {"mask": torch.ones(4, dtype=torch.int64)}
+    with pytest.raises(BatchError, match="input 'mask' expects shape"):
+        match_batch(load_batch(npz_bytes(**arrays)), SPECS)
+
+
+def test_wrong_dtype_kind_names_the_input() -> None:
+    arrays = _arrays() | {"mask": torch.ones(4, 2)}
+    with pytest.raises(BatchError, match="input 'mask' expects int64 but the batch gives float32"):
+        match_batch(load_batch(npz_bytes(**arrays)), SPECS)

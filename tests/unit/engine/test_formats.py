@@ -1,0 +1,62 @@
+"""Model format detection from content, never from the file name."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from service.engine.formats.detect import detect_format
+from service.errors import ModelFormatError
+from tests.support.export import to_onnx, to_torch_export, to_torchscript
+
+
+@pytest.fixture(scope="module")
+def model_bytes() -> dict[str, bytes]:
+    module, x = nn.Sequential(nn.Linear(3, 2), nn.ReLU()), torch.randn(2, 3)
+    return {
+        "torch_export": to_torch_export(module, x),
+        "torchscript": to_torchscript(module, x),
+        "onnx": to_onnx(module, x),
+    }
+
+
+@pytest.mark.parametrize("fmt", ["torch_export", "torchscript", "onnx"])
+def test_format_from_content_even_when_renamed(
+    fmt: str, model_bytes: dict[str, bytes], tmp_path: object
+) -> None:
+    from pathlib import Path
+
+    path = Path(str(tmp_path)) / "model.npz"  # a misleading name
+    path.write_bytes(model_bytes[fmt])
+    assert detect_format(path.read_bytes()) == fmt
+
+
+def test_pickled_checkpoint_is_refused_with_advice() -> None:
+    buffer = io.BytesIO()
+    torch.save(nn.Linear(2, 2).state_dict(), buffer)
+    with pytest.raises(ModelFormatError, match="torch.save checkpoint"):
+        detect_format(buffer.getvalue())
+
+
+@pytest.mark.parametrize("data", [b"", b"hello world", b"PK\x03\x04broken"])
+def test_garbage_is_refused(data: bytes) -> None:
+    with pytest.raises(ModelFormatError):
+        detect_format(data)
+
+
+def test_damaged_pt2_names_the_loader() -> None:
+    import zipfile
+
+    from service.engine.formats.torch_export import load_torch_export
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("archive/archive_format", "pt2")
+        archive.writestr("archive/models/model.json", "{not json")
+    data = buffer.getvalue()
+    assert detect_format(data) == "torch_export"
+    with pytest.raises(ModelFormatError, match="torch.export.load"):
+        load_torch_export(data)

@@ -1,0 +1,102 @@
+"""The non-finite origin: first node producing NaN/Inf in the forward pass, else the node whose
+backward first produced a non-finite gradient, in one pass (no detect_anomaly)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from service.engine.layers import canonical
+from service.engine.measure import measure
+from service.engine.options import DiagnoseOptions
+from service.engine.subject import build_subject
+from tests.support.export import to_onnx, to_torch_export, to_torchscript
+from tests.unit.engine.measure_support import npz_bytes, onnx_available
+
+FORMATS = ["torch_export", "torchscript"] + (["onnx"] if onnx_available() else [])
+
+
+class LogOfNegative(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 6)
+        self.fc2 = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.log(self.fc1(x)))  # fc1 gives negative values → NaN
+
+
+class SqrtOfZero(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 6)
+        self.fc2 = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        # forward is finite (sqrt(0) = 0), the backward of sqrt at 0 is infinite
+        return self.fc2(torch.sqrt(h * 0.0) + h)
+
+
+def _export(module: nn.Module, x: torch.Tensor, fmt: str) -> bytes:
+    if fmt == "torch_export":
+        return to_torch_export(module, x)
+    if fmt == "torchscript":
+        return to_torchscript(module, x)
+    return to_onnx(module, x, input_names=["x"])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_forward_origin_is_the_log(fmt: str) -> None:
+    torch.manual_seed(0)
+    module, x = LogOfNegative(), torch.randn(8, 4)
+    subject = build_subject(_export(module, x, fmt), npz_bytes(x=x), DiagnoseOptions())
+    m = measure(subject)
+    origin = m.non_finite_origin
+    assert origin is not None
+    assert origin.phase == "forward"
+    assert canonical(origin.op_type) == "log"
+    assert any(p.non_finite for p in m.parameters)  # the NaN reaches the gradients too
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_backward_origin_is_the_sqrt(fmt: str) -> None:
+    torch.manual_seed(0)
+    module, x = SqrtOfZero(), torch.randn(8, 4)
+    subject = build_subject(_export(module, x, fmt), npz_bytes(x=x), DiagnoseOptions())
+    m = measure(subject)
+    assert m.loss.value is not None and torch.isfinite(torch.tensor(m.loss.value))
+    origin = m.non_finite_origin
+    assert origin is not None
+    assert origin.phase == "backward"
+    assert canonical(origin.op_type) == "sqrt"
+    bad = {p.name for p in m.parameters if p.non_finite}
+    assert bad == {"fc1.weight", "fc1.bias"}  # fc2 sees finite gradients
+
+
+def test_healthy_model_has_no_origin_and_counts_match() -> None:
+    torch.manual_seed(0)
+    module, x = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1)), torch.randn(8, 4)
+    subject = build_subject(to_torch_export(module, x), npz_bytes(x=x), DiagnoseOptions())
+    m = measure(subject)
+    assert m.non_finite_origin is None
+    assert all(p.non_finite_count == 0 and not p.non_finite for p in m.parameters)
+
+
+def test_fp16_underflow_fraction_matches_reference() -> None:
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 1))
+    with torch.no_grad():
+        module[1].weight.mul_(1e-6)  # gradients into layer 0 around 1e-8: below 2^-24
+    x = torch.randn(8, 16)
+    subject = build_subject(to_torch_export(module, x), npz_bytes(x=x), DiagnoseOptions())
+    m = measure(subject)
+    module.zero_grad()
+    module(x).square().mean().backward()
+    for p in m.parameters:
+        g = dict(module.named_parameters())[p.name].grad
+        assert g is not None
+        want = ((g.abs() < 2.0**-24) & (g != 0)).double().mean().item()
+        assert p.fp16_underflow_fraction == pytest.approx(want, abs=1e-9)
+    assert m.parameters[0].fp16_underflow_fraction > 0.5
