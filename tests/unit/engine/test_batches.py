@@ -108,7 +108,7 @@ def test_pt_with_arbitrary_objects_is_refused_by_weights_only() -> None:
 
 
 def test_pt_entries_must_be_tensors() -> None:
-    with pytest.raises(BatchError, match="'x' of the .pt batch is a int"):
+    with pytest.raises(BatchError, match=r"'x' of the \.pt batch is a int"):
         load_batch(_pt({"x": 3}))
 
 

@@ -37,7 +37,7 @@ def test_format_from_content_even_when_renamed(
 def test_pickled_checkpoint_is_refused_with_advice() -> None:
     buffer = io.BytesIO()
     torch.save(nn.Linear(2, 2).state_dict(), buffer)
-    with pytest.raises(ModelFormatError, match="torch.save checkpoint"):
+    with pytest.raises(ModelFormatError, match=r"torch\.save checkpoint"):
         detect_format(buffer.getvalue())
 
 
@@ -58,5 +58,5 @@ def test_damaged_pt2_names_the_loader() -> None:
         archive.writestr("archive/models/model.json", "{not json")
     data = buffer.getvalue()
     assert detect_format(data) == "torch_export"
-    with pytest.raises(ModelFormatError, match="torch.export.load"):
+    with pytest.raises(ModelFormatError, match=r"torch\.export\.load"):
         load_torch_export(data)
