@@ -11,7 +11,8 @@ compare against onnxruntime over the attribute grid):
   zeros to `Y`; the reverse direction therefore starts at the sequence's last valid step. A
   sequence of length 0 gives zero `Y_h` / `Y_c` (not its initial state), as onnxruntime does.
 - `activation_alpha` / `activation_beta` are consumed in order by the activations that take them
-  (as onnxruntime does); an activation without a given value uses its ONNX default.
+  (as onnxruntime does); an activation left without a value uses onnxruntime's default, which
+  for ThresholdedRelu, ScaledTanh and Affine is 0 rather than the spec's (see _ACTIVATIONS).
 - `activations` must list every direction's functions (onnxruntime refuses a short list too).
 - `clip` bounds every gate's pre-activation (peephole terms included).
 
@@ -37,9 +38,10 @@ def _as_str(value: str | bytes) -> str:
 
 
 # name (lower case) → (takes alpha, takes beta, default alpha, default beta, function).
-# Defaults are onnxruntime's: where the ONNX spec's "same as the ONNX operator" differs
-# (ThresholdedRelu alpha 1.0, Affine/ScaledTanh alpha 1.0), onnxruntime uses 0, and a model
-# means what its runtime computes; the conformance check compares against onnxruntime.
+# Defaults are onnxruntime's: where the spec's "same as the ONNX operator" would give
+# ThresholdedRelu alpha 1.0 and Affine/ScaledTanh alpha 1.0, onnxruntime uses 0 for all
+# of them. A model means what its runtime computes, and the engine's conformance check
+# compares against onnxruntime, so its values win.
 _ActivationFn = Callable[[Tensor, float, float], Tensor]
 _ACTIVATIONS: dict[str, tuple[bool, bool, float, float, _ActivationFn]] = {
     "sigmoid": (False, False, 0.0, 0.0, lambda x, a, b: torch.sigmoid(x)),
@@ -144,10 +146,10 @@ StepMaker = Callable[..., tuple[Step, Tensor | None]]
 class RecurrentFn:
     """The NodeFn of one RNN/GRU/LSTM node.
 
-    Set `record_steps = True` to keep, after each call, the hidden state tensor of every step
-    (`step_hidden[direction][t]`, shape [batch, hidden], in time order): these are the tensors
-    the next step consumes, so a gradient hook on them sees the full gradient reaching step t
-    (through `Y` and through the recurrence), which `Y`'s own gradient does not.
+    Set `record_steps = True` to keep, after each call, the hidden state computed at every step
+    (`step_hidden[direction][t]`, shape [batch, hidden], in time order). Both `Y[t]` and the
+    next step are computed from it, so a gradient hook on it sees the full gradient reaching
+    step t (through `Y` and through the recurrence), which a hook on `Y` does not.
     """
 
     def __init__(
@@ -211,7 +213,11 @@ class RecurrentFn:
             if self.has_cell:
                 c0 = X.new_zeros(batch, hidden) if initial_c is None else initial_c[d]
             reverse = s.reverse_only or d == 1
-            y, h, c = self._unroll(projected, valid, reverse, h0, c0, step)
+            record: list[Tensor] | None = None
+            if self.record_steps:
+                record = [h0] * steps  # placeholders, all overwritten
+                self.step_hidden.append(record)
+            y, h, c = self._unroll(projected, valid, reverse, h0, c0, step, record)
             if nonempty is not None:  # an empty sequence ends in zero states (as onnxruntime)
                 h = torch.where(nonempty, h, torch.zeros_like(h))
                 c = None if c is None else torch.where(nonempty, c, torch.zeros_like(c))
@@ -236,6 +242,7 @@ class RecurrentFn:
         h: Tensor,
         c: Tensor | None,
         step: Step,
+        record: list[Tensor] | None,
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         steps = projected.shape[0]
         inputs = projected.unbind(0)  # one autograd node for all steps, not one per index
@@ -250,14 +257,9 @@ class RecurrentFn:
                 h = torch.where(valid[t], h_new, h)
                 if c is not None and c_new is not None:
                     c = torch.where(valid[t], c_new, c)
-            if self.record_steps:  # h_new: Y[t] and the next step both read it
-                self._record(reverse, t, steps, h_new)
+            if record is not None:
+                record[t] = h_new
         return torch.stack(outputs, 0), h, c
-
-    def _record(self, reverse: bool, t: int, steps: int, h: Tensor) -> None:
-        if not self.step_hidden or (reverse and t == steps - 1) or (not reverse and t == 0):
-            self.step_hidden.append([h] * steps)
-        self.step_hidden[-1][t] = h
 
 
 def _clipped(clip: float | None) -> Callable[[Tensor], Tensor]:
