@@ -66,3 +66,6 @@ class Measurements:
     timing: dict[str, float] = field(default_factory=dict)  # forward, backward, ... seconds
     micro_batches: int = 1
     notes: list[str] = field(default_factory=list)
+    # the precision the pass ran in (options.precision); the fp16_underflow detector is an
+    # error only when it is "fp16"
+    precision: str = "fp32"

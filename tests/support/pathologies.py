@@ -135,6 +135,18 @@ class LogOfNegatives(nn.Module):
         return self.head(torch.log(self.fc0(x)))
 
 
+class SqrtAtZero(nn.Module):
+    """sqrt of a ReLU output: finite forward, but d sqrt/dx = inf at the zeros (backward Inf)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc0 = nn.Linear(WIDTH, WIDTH)
+        self.head = nn.Linear(WIDTH, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.sqrt(torch.relu(self.fc0(x))))
+
+
 class DeadReLU(nn.Module):
     """fc0's bias is -10 on 80% of its units: those ReLUs output zero for every example."""
 
@@ -254,6 +266,14 @@ ZOO: dict[str, Case] = {
         Case(
             "log_of_negatives",
             lambda _s: LogOfNegatives(),
+            (BATCH, WIDTH),
+            expect={"non_finite": "error"},
+            fixes=["guard_numerics"],
+            main_fix="guard_numerics",
+        ),
+        Case(
+            "sqrt_at_zero_backward",
+            lambda _s: SqrtAtZero(),
             (BATCH, WIDTH),
             expect={"non_finite": "error"},
             fixes=["guard_numerics"],

@@ -44,7 +44,7 @@ _KIND_ORDER = [
 def detect(m: Measurements, thresholds: dict[str, Any] | None = None) -> list[Finding]:
     """All findings of one pass, worst first. `thresholds` overrides named defaults."""
     t = resolve_thresholds(thresholds)
-    precision = str(getattr(m, "precision", "fp32"))
+    precision = m.precision
     findings: list[Finding] = []
     findings += no_parameter_findings(m)
     findings += non_finite_findings(m)

@@ -19,7 +19,7 @@ def _ordered_layers(m: Measurements) -> list[LayerReport]:
     return sorted(m.layers, key=lambda layer: layer.depth)
 
 
-def _depth_profile(m: Measurements) -> tuple[list[str], list[float | None]]:
+def depth_profile(m: Measurements) -> tuple[list[str], list[float | None]]:
     depth = m.profiles.depth
     if depth.layers and any(usable(v) for v in depth.grad_norms):
         return list(depth.layers), list(depth.grad_norms)
@@ -38,7 +38,7 @@ def _weight_layers(m: Measurements) -> list[LayerReport]:
 
 
 def depth_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
-    names, norms = _depth_profile(m)
+    names, norms = depth_profile(m)
     ratio = first_last_ratio(norms) if len(names) >= 2 else None
     factor = backward_factor(norms)
     last = norms[-1] if norms else None
@@ -174,6 +174,10 @@ def depth_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
     return findings
 
 
+def _fraction(ratio: float) -> str:
+    return "0 (it underflows to exactly zero)" if ratio == 0 else sig(ratio)
+
+
 def time_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
     findings: list[Finding] = []
     for prof in m.profiles.time:
@@ -207,7 +211,7 @@ def time_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
                     severity="error",
                     message=(
                         f"Gradients vanish over time: ‖∂L/∂x_t‖ of input {prof.input!r} at the "
-                        f"first of {len(norms)} steps is {sig(ratio)} of that at the last "
+                        f"first of {len(norms)} steps is {_fraction(ratio)} of that at the last "
                         f"(×{sig(factor)} per step); only the last {horizon} steps are learned "
                         f"from."
                     ),

@@ -199,20 +199,19 @@ def _rescaled_underflow(
         n: g for (n, p), g in zip([x for x in named if x[1].requires_grad], grads, strict=True)
     }
     after = copy.deepcopy(m)
-    counts: dict[str, torch.Tensor] = {}
-    for name, g in by_name.items():
-        if g is None:
-            continue
-        a = g.detach().float().abs()
-        counts[name] = torch.stack(
-            [((a > 0) & (a < tiny)).sum(), (a > FP16_MAX).sum(), torch.tensor(a.numel())]
-        )
-    host = {n: c.tolist() for n, c in counts.items()}  # one transfer per tensor, verify only
+    names = [n for n, g in by_name.items() if g is not None]
+    rows = []
+    for name in names:
+        a = by_name[name].detach().float().abs()
+        numel = torch.full((), a.numel(), device=a.device, dtype=torch.long)
+        rows.append(torch.stack([((a > 0) & (a < tiny)).sum(), (a > FP16_MAX).sum(), numel]))
+    # one transfer for all tensors, as in measure()
+    host = dict(zip(names, torch.stack(rows).tolist(), strict=True)) if rows else {}
     for p in after.parameters:
         if p.name in host:
-            under, over, numel = host[p.name]
-            p.fp16_underflow_fraction = under / max(1, numel)
-            p.fp16_overflow_fraction = over / max(1, numel) if fix == "loss_scaling" else 0.0
+            under, over, numel_ = host[p.name]
+            p.fp16_underflow_fraction = under / max(1, numel_)
+            p.fp16_overflow_fraction = over / max(1, numel_) if fix == "loss_scaling" else 0.0
     text = (
         f"loss × {scale:g}: gradients recounted against fp16's 2^-24"
         if fix == "loss_scaling"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from service.engine.detectors.gradients import _depth_profile
+from service.engine.detectors.gradients import depth_profile
 from service.engine.detectors.profile import backward_factor, first_last_ratio
 from service.engine.measurements import Measurements
 from service.engine.report import Finding
@@ -20,7 +20,7 @@ def _max(values: list[float | None]) -> float | None:
 def figures(m: Measurements, kinds: set[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if kinds & {"vanishing_gradients", "exploding_gradients"}:
-        _, norms = _depth_profile(m)
+        _, norms = depth_profile(m)
         out["depth_ratio"] = first_last_ratio(norms)
         out["per_layer_factor"] = backward_factor(norms)
         out["max_grad_to_weight"] = _max([x.grad_to_weight for x in m.layers])

@@ -154,7 +154,7 @@ def test_fp16_underflow_warning_and_error_under_fp16():
     m = mlp([1.0] * 3, fp16_underflow=0.6)
     (f,) = [f for f in detect(m) if f.kind == "fp16_underflow"]
     assert f.severity == "warning"
-    m.precision = "fp16"  # type: ignore[attr-defined]
+    m.precision = "fp16"
     (f,) = [f for f in detect(m) if f.kind == "fp16_underflow"]
     assert f.severity == "error"
     assert not [f for f in detect(mlp([1.0] * 3, fp16_underflow=0.01)) if f.kind.startswith("fp")]

@@ -165,6 +165,16 @@ def test_log_of_negatives_origin_is_the_log_op(fmt: str) -> None:
     assert math.isfinite(after["loss"]) and after["non_finite_parameters"] == 0
 
 
+def test_backward_origin_is_named_with_its_phase() -> None:
+    report = run(ZOO["sqrt_at_zero_backward"], "torch_export")
+    origin = report.findings[0].evidence["origin"]
+    assert canonical_op(origin["op_type"]) == "sqrt" and origin["phase"] == "backward"
+    assert "backward pass" in report.findings[0].message
+    guard = report.recommendations[0]
+    assert guard.params["op"] == "sqrt" and "clamp_min" in guard.snippet
+    assert guard.verified is not None and guard.verified.resolved
+
+
 def test_verification_can_be_turned_off() -> None:
     report = run(ZOO["dead_relu"], "torch_export", verify_fixes=False)
     assert report.recommendations and all(r.verified is None for r in report.recommendations)
