@@ -243,3 +243,43 @@ def test_unsupported_attributes_are_refused_at_build_time(
 ) -> None:
     with pytest.raises(UnsupportedAttribute, match=message):
         build_node_fn(helper.make_node("Attention", ["Q", "K", "V"], ["Y"], **attrs), 25)
+
+
+@pytest.mark.parametrize(
+    ("attrs", "three_d", "with_past"),
+    [
+        ({}, False, False),
+        ({"is_causal": 1, "scale": 0.2}, False, False),
+        ({"q_num_heads": 4, "kv_num_heads": 2, "is_causal": 1}, True, False),
+        ({}, False, True),
+    ],
+)
+def test_fused_kernel_path_equals_the_explicit_form_with_gradients(
+    attrs: dict[str, Any], three_d: bool, with_past: bool
+) -> None:
+    # without masks/softcap/qk output the builder calls F.scaled_dot_product_attention; asking
+    # for qk_matmul_output (which does not change Y) forces the explicit form
+    gen = torch.Generator().manual_seed(0)
+    if three_d:
+        shapes = [(2, 3, 4 * 4), (2, 5, 2 * 4), (2, 5, 2 * 4)]
+    else:
+        shapes = [(2, 2, 3, 4), (2, 2, 5, 4), (2, 2, 5, 4)]
+    names = ["Q", "K", "V"]
+    if with_past:
+        shapes += [(2, 2, 2, 4), (2, 2, 2, 4)]
+        names += ["", "past_key", "past_value"]
+    values = [torch.randn(s, generator=gen) for s in shapes]
+    results = []
+    for outputs in (["Y"], ["Y", "", "", "qk"]):
+        fn = build_node_fn(helper.make_node("Attention", names, outputs, **attrs), 23)
+        leaves = [v.clone().requires_grad_(True) for v in values]
+        args: list[torch.Tensor | None] = list(leaves)
+        if with_past:
+            args.insert(3, None)
+        y = as_outputs(fn(*args), len(outputs))[0]
+        (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+        results.append((y.detach(), [leaf.grad for leaf in leaves]))
+    (fast_y, fast_grads), (explicit_y, explicit_grads) = results
+    torch.testing.assert_close(fast_y, explicit_y, rtol=1e-5, atol=1e-6)
+    for fast, explicit in zip(fast_grads, explicit_grads, strict=True):
+        torch.testing.assert_close(fast, explicit, rtol=1e-4, atol=1e-6)

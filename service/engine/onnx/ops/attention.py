@@ -1,10 +1,12 @@
 """Attention (default domain, opsets 23, 24, 25): scaled dot-product attention as the spec draws it.
 
-Computed with explicit torch ops (scale, matmul, softcap, bias, softmax, matmul) rather than
-`F.scaled_dot_product_attention`, so that every quantity the spec defines, including the
-optional `qk_matmul_output`, is the tensor the graph actually used, and so that a fully masked
-query row gives a zero row and a zero gradient instead of NaN (the spec's errata; a NaN in
-the forward pass would poison the whole backward pass through softmax).
+Computed with explicit torch ops (scale, matmul, softcap, bias, softmax, matmul) whenever a
+mask, a softcap, a window, a softmax precision or the `qk_matmul_output` is involved, so that
+every quantity the spec defines is the tensor the graph actually used, and so that a fully
+masked query row gives a zero row and a zero gradient instead of NaN (the spec's errata; a NaN
+in the forward pass would poison the whole backward pass through softmax). Without any of
+those (what exporters emit for `F.scaled_dot_product_attention`), `F.scaled_dot_product_attention`
+computes it: the same function, the kernel the source model ran.
 
 Per version: 23 has Q/K/V, attn_mask, past_key/past_value; 24 adds `nonpad_kv_seqlen` (external
 KV cache: a per-batch key padding mask, and the causal diagonal offset by `nonpad - q_len`);
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from service.engine.graph import NodeFn
@@ -155,6 +158,15 @@ def _bias(
 def attention(ctx: OpContext) -> NodeFn:
     spec = _spec(ctx)
     takes_nonpad = ctx.opset >= 24
+    causal = spec.is_causal
+    # no softcap, no softmax cast, no window, no qk output: torch's fused kernel computes it
+    plain = (
+        spec.softcap <= 0
+        and spec.softmax_dtype is None
+        and spec.left_window < 0
+        and spec.right_window < 0
+        and spec.num_outputs <= 3
+    )
 
     def fn(
         Q: Tensor,
@@ -184,6 +196,11 @@ def attention(ctx: OpContext) -> NodeFn:
             K = K.repeat_interleave(q_heads // kv_heads, 1)
             V = V.repeat_interleave(q_heads // kv_heads, 1)
         scale = spec.scale if spec.scale is not None else 1.0 / math.sqrt(Q.shape[-1])
+        if plain and attn_mask is None and nonpad is None and (past_len is None or not causal):
+            # nothing the explicit form is needed for: torch's kernel (what the source model
+            # ran, for exports of F.scaled_dot_product_attention), same result, less memory
+            Y = F.scaled_dot_product_attention(Q, K, V, is_causal=causal, scale=scale)
+            return _pack(Y, three_d, present_key, present_value, None, spec.num_outputs)
         root = math.sqrt(scale)  # the spec scales Q and K by √scale each (overflow-safe)
         qk = raw_qk = torch.matmul(Q * root, (K * root).transpose(-1, -2))
         if spec.softcap > 0:
@@ -207,11 +224,23 @@ def attention(ctx: OpContext) -> NodeFn:
         probs = probs.to(Q.dtype)
         if spec.qk_output_mode == 3:
             qk_output = probs
+        if qk_output is not None:
+            qk_output = qk_output.to(Q.dtype)
         Y = torch.matmul(probs, V)
-        if three_d:
-            Y = Y.transpose(1, 2).reshape(Y.shape[0], Y.shape[2], -1)
-        assert qk_output is not None
-        outputs = (Y, present_key, present_value, qk_output.to(Q.dtype))[: spec.num_outputs]
-        return outputs[0] if len(outputs) == 1 else outputs
+        return _pack(Y, three_d, present_key, present_value, qk_output, spec.num_outputs)
 
     return fn
+
+
+def _pack(
+    Y: Tensor,
+    three_d: bool,
+    present_key: Tensor,
+    present_value: Tensor,
+    qk_output: Tensor | None,
+    count: int,
+) -> Any:
+    if three_d:  # [batch, heads, q, size] → [batch, q, heads·size]
+        Y = Y.transpose(1, 2).reshape(Y.shape[0], Y.shape[2], -1)
+    outputs = (Y, present_key, present_value, qk_output)[:count]
+    return outputs[0] if count <= 1 else outputs
