@@ -1,7 +1,7 @@
 """Rows for queue and worker tests: a tenant, a model and a batch to hang diagnoses on.
 
 The queue tests need only rows (no bytes behind them); the worker tests store real bytes
-through the blob store (see `store_model_and_batch`).
+through the blob store (see `make_uploaded_owner`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
+from service.config import Settings
 from service.db.models import BatchRecord, Blob, Diagnosis, ModelRecord, Tenant, new_id
+from service.db.session import Database
 from service.queue import jobs as diagnoses_repo
 
 
@@ -83,3 +85,28 @@ def claim_until_empty(
     finally:
         results.put((worker_id, done))  # type: ignore[attr-defined]
         database.dispose()
+
+
+def store_bytes(settings: Settings, database: Database, data: bytes, field: str = "file") -> str:
+    """Put `data` in the blob store the way an upload does; returns its sha256."""
+    from service.storage.blobs import BlobStore
+    from service.storage.spool import SpooledUpload
+
+    upload = SpooledUpload(
+        settings.upload_tmp_dir, max_bytes=len(data) + 1, field=field, filename=None
+    )
+    upload.write(data)
+    upload.finish()
+    return BlobStore(settings, database).save(upload).sha256
+
+
+def make_uploaded_owner(
+    settings: Settings, database: Database, model_bytes: bytes, batch_bytes: bytes
+) -> Owner:
+    """Like `make_owner`, with the bytes really stored (workers read them)."""
+    store_bytes(settings, database, model_bytes, "model")
+    store_bytes(settings, database, batch_bytes, "batch")
+    with database.session() as session:
+        owner = make_owner(session, model_bytes=model_bytes, batch_bytes=batch_bytes)
+        session.commit()
+    return owner

@@ -1,0 +1,71 @@
+"""The worker child: a long-lived process that runs jobs one at a time.
+
+Started by the supervisor with the `spawn` method (a fresh interpreter: no inherited database
+connections, threads or CUDA state). Before torch is imported it applies its environment
+(`CUDA_VISIBLE_DEVICES` pins it to its GPU, or hides every GPU for a CPU child), then imports
+torch and the engine once, initialises CUDA once, and answers `ChildReady`. After that each
+job costs only its own work. The child never writes job state: the supervisor does, so a child
+that is killed mid-job leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from multiprocessing.connection import Connection
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def child_main(
+    conn: Connection, settings: Any, env: dict[str, str], torch_threads: int, cache_bytes: int
+) -> None:
+    os.environ.update(env)
+    # The supervisor decides when a child stops (SIGTERM goes to the whole process group from
+    # a terminal or `docker stop`): the child finishes its job and is then told to exit.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s child %(process)d %(message)s")
+
+    import torch
+
+    _import_engine()
+    from service.db.session import Database
+    from service.storage.blobs import BlobStore
+    from service.workers.model_cache import ModelCache
+    from service.workers.protocol import ChildReady, JobRequest
+    from service.workers.runner import JobRunner
+
+    torch.set_num_threads(torch_threads)
+    device = "cpu"
+    if torch.cuda.is_available():
+        torch.cuda.init()
+        device = f"cuda:0 ({torch.cuda.get_device_name(0)})"
+    database = Database.from_settings(settings)
+    store = BlobStore(settings, database)
+    runner = JobRunner(store.blob_path, ModelCache(cache_bytes))
+    conn.send(ChildReady(pid=os.getpid(), device=device))
+    try:
+        while True:
+            try:
+                request = conn.recv()
+            except EOFError:  # the supervisor is gone
+                break
+            if request is None:
+                break
+            assert isinstance(request, JobRequest)
+            conn.send(runner.run(request))
+    finally:
+        database.dispose()
+
+
+def _import_engine() -> None:
+    """Import the engine now, not at the first job (its imports cost seconds)."""
+    import importlib
+
+    try:
+        importlib.import_module("service.engine.pipeline")
+    except ModuleNotFoundError as exc:
+        log.warning("engine not importable yet (%s); diagnoses will fail", exc)

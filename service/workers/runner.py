@@ -1,0 +1,182 @@
+"""Running one job inside a worker child: fetch the inputs, call the engine, shape the result.
+
+Errors: a `GradhealthError` from the engine (bad model, bad batch, unsupported op) fails the
+job with its code and message, without a retry (the same inputs give the same error). Any
+other exception fails it as `internal_error`: the child survived, so it is not a crash.
+
+CUDA out-of-memory: the pass is retried with the batch split into twice as many micro-batches
+(gradient accumulation, `DiagnoseOptions.micro_batches`) up to `MAX_OOM_MICRO_BATCHES`; the
+report's `micro_batches` and `notes` say so. Only then does the job fail (`out_of_memory`).
+
+Test hook (tests only, documented in README "Workers and scaling"): with the environment
+variable `GRADHEALTH_WORKER_TEST_HOLD_S=<seconds>` a child pauses that long after fetching the
+inputs of a job's FIRST attempt, so that end-to-end tests can kill, time out or cancel a job
+while it runs without depending on how fast the machine is. Unset, it does nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from service.errors import GradhealthError
+from service.queue.jobs import ERROR_INTERNAL, KIND_INSPECT
+from service.workers.model_cache import ModelCache
+from service.workers.protocol import JobRequest, JobResult
+
+log = logging.getLogger(__name__)
+
+MAX_OOM_MICRO_BATCHES = 64
+ERROR_OUT_OF_MEMORY = "out_of_memory"
+TEST_HOLD_ENV = "GRADHEALTH_WORKER_TEST_HOLD_S"
+
+
+class OutOfMemoryFailure(GradhealthError):
+    code = ERROR_OUT_OF_MEMORY
+    status = 422
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def _release_device_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def diagnose_with_oom_retry(
+    run: Callable[[Any], Any], options: Any, *, max_micro_batches: int = MAX_OOM_MICRO_BATCHES
+) -> Any:
+    """`run(options) -> Report`; on out-of-memory, retry with twice the micro-batches."""
+    notes: list[str] = []
+    while True:
+        try:
+            report = run(options)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            _release_device_memory()
+            tried = options.micro_batches
+            if tried * 2 > max_micro_batches:
+                raise OutOfMemoryFailure(
+                    f"the device ran out of memory even with the batch split into {tried} "
+                    "micro-batches; send a smaller batch or use a device with more memory"
+                ) from exc
+            notes.append(
+                f"the device ran out of memory with micro_batches={tried}; "
+                f"retried with micro_batches={tried * 2} (gradient accumulation)"
+            )
+            log.warning("job out of memory with micro_batches=%d; retrying", tried)
+            options = options.model_copy(update={"micro_batches": tried * 2})
+            continue
+        if notes:
+            report.notes.extend(notes)
+            report.micro_batches = options.micro_batches
+        return report
+
+
+def inspect_model(data: bytes) -> dict[str, Any]:
+    """Format, declared inputs/outputs and trainable parameter count of an uploaded model."""
+    from service.engine.formats.detect import detect_format
+
+    model_format = detect_format(data)
+    if model_format == "onnx":
+        from service.engine.formats.onnx import load_onnx_model
+
+        loaded = load_onnx_model(data, check_conversion=False)
+    elif model_format == "torchscript":
+        from service.engine.formats.torchscript import load_torchscript
+
+        loaded = load_torchscript(data)
+    else:
+        from service.engine.formats.torch_export import load_torch_export
+
+        loaded = load_torch_export(data)
+    parameters = [p for p in loaded.module.parameters() if p.requires_grad]
+    return {
+        "format": model_format,
+        "inputs": [spec.model_dump(mode="json") for spec in loaded.inputs],
+        "outputs": [spec.model_dump(mode="json") for spec in loaded.outputs],
+        "parameter_count": int(sum(p.numel() for p in parameters)),
+    }
+
+
+class JobRunner:
+    """Lives as long as its child; `blob_path(sha256) -> Path` reads uploads (BlobStore)."""
+
+    def __init__(self, blob_path: Callable[[str], Path], models: ModelCache) -> None:
+        self.blob_path = blob_path
+        self.models = models
+
+    def model_bytes(self, sha256: str) -> bytes:
+        data = self.models.get(sha256)
+        if data is None:
+            data = self.blob_path(sha256).read_bytes()
+            self.models.put(sha256, data)
+        return data
+
+    def run(self, request: JobRequest) -> JobResult:
+        started = time.perf_counter()
+        try:
+            return self._run(request)
+        except GradhealthError as exc:
+            return JobResult(
+                request.job_id, ok=False, error_code=exc.code, error_message=exc.message
+            )
+        except Exception as exc:
+            log.error("job %s failed:\n%s", request.job_id, traceback.format_exc())
+            return JobResult(
+                request.job_id,
+                ok=False,
+                error_code=ERROR_INTERNAL,
+                error_message=f"internal error in the worker: {type(exc).__name__}: {exc}",
+                engine_s=time.perf_counter() - started,
+            )
+
+    def _run(self, request: JobRequest) -> JobResult:
+        model = self.model_bytes(request.model_sha256)
+        batch_path = None if request.batch_sha256 is None else self.blob_path(request.batch_sha256)
+        _test_hold(request)
+        started = time.perf_counter()
+        if request.kind == KIND_INSPECT:
+            info = inspect_model(model)
+            return JobResult(
+                request.job_id, ok=True, model_info=info, engine_s=time.perf_counter() - started
+            )
+        if batch_path is None:
+            raise GradhealthError("a diagnosis needs a batch", code="bad_batch", status=422)
+
+        from service.engine import diagnose
+        from service.engine.options import DiagnoseOptions
+
+        options = DiagnoseOptions.model_validate(request.options)
+        report = diagnose_with_oom_retry(lambda opts: diagnose(model, batch_path, opts), options)
+        return JobResult(
+            request.job_id,
+            ok=True,
+            report=report.to_jsonable(),
+            verdict=report.verdict,
+            engine_s=time.perf_counter() - started,
+        )
+
+
+def _test_hold(request: JobRequest) -> None:
+    hold = os.environ.get(TEST_HOLD_ENV)
+    if hold and request.attempt == 1:
+        log.warning("%s=%s: holding job %s (tests only)", TEST_HOLD_ENV, hold, request.job_id)
+        time.sleep(float(hold))

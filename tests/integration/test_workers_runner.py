@@ -1,0 +1,80 @@
+"""The pieces a worker child is made of, without processes: the model cache and the CUDA
+out-of-memory policy (retry with more micro-batches, say so in the report)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from service.engine.options import DiagnoseOptions
+from service.engine.report import Environment, LossInfo, ModelInfo, Report
+from service.workers.model_cache import ModelCache
+from service.workers.runner import (
+    OutOfMemoryFailure,
+    diagnose_with_oom_retry,
+    is_out_of_memory,
+)
+
+
+def a_report(micro_batches: int) -> Report:
+    return Report(
+        model=ModelInfo(format="onnx", sha256="0" * 64),
+        loss=LossInfo(kind="mse", value=1.0),
+        device="cuda:0",
+        micro_batches=micro_batches,
+        environment=Environment(gradhealth="test", torch=torch.__version__, device_name="gpu"),
+    )
+
+
+class RunsOutOfMemoryBelow:
+    """The engine's behaviour under memory pressure: OOM until the batch is split enough."""
+
+    def __init__(self, needed_micro_batches: int) -> None:
+        self.needed = needed_micro_batches
+        self.tried: list[int] = []
+
+    def __call__(self, options: Any) -> Report:
+        self.tried.append(options.micro_batches)
+        if options.micro_batches < self.needed:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return a_report(options.micro_batches)
+
+
+def test_out_of_memory_is_retried_with_twice_the_micro_batches() -> None:
+    run = RunsOutOfMemoryBelow(4)
+    report = diagnose_with_oom_retry(run, DiagnoseOptions())
+    assert run.tried == [1, 2, 4]
+    assert report.micro_batches == 4
+    assert len(report.notes) == 2 and "micro_batches=4" in report.notes[-1]
+
+
+def test_out_of_memory_gives_up_past_the_limit() -> None:
+    run = RunsOutOfMemoryBelow(1000)
+    with pytest.raises(OutOfMemoryFailure, match="8 micro-batches"):
+        diagnose_with_oom_retry(run, DiagnoseOptions(), max_micro_batches=8)
+    assert run.tried == [1, 2, 4, 8]
+
+
+def test_other_errors_are_not_retried() -> None:
+    def broken(options: Any) -> Report:
+        raise ValueError("shape mismatch")
+
+    with pytest.raises(ValueError, match="shape mismatch"):
+        diagnose_with_oom_retry(broken, DiagnoseOptions())
+    assert not is_out_of_memory(ValueError("out of memory"))
+    assert is_out_of_memory(RuntimeError("CUDA error: out of memory"))
+
+
+def test_model_cache_evicts_least_recently_used_within_its_budget() -> None:
+    cache = ModelCache(budget_bytes=10)
+    cache.put("a", b"1234")
+    cache.put("b", b"1234")
+    assert cache.get("a") == b"1234"  # "a" is now the most recently used
+    cache.put("c", b"1234")  # 12 bytes > 10: evicts "b"
+    assert "b" not in cache and "a" in cache and "c" in cache
+    assert cache.size_bytes == 8
+    cache.put("huge", b"x" * 11)  # larger than the whole budget: not kept
+    assert "huge" not in cache and len(cache) == 2
+    assert (cache.hits, cache.misses) == (1, 0)
