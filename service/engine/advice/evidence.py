@@ -120,10 +120,11 @@ def bias_params(m: Measurements, layer: LayerReport) -> list[str]:
 
 
 def one_significant(value: float) -> float:
+    """Rounded DOWN to one significant digit (a clip bound never above what was derived)."""
     if value <= 0 or not math.isfinite(value):
         return value
     exponent = math.floor(math.log10(value))
-    return float(f"{round(value / 10**exponent):d}e{exponent}")
+    return float(f"{max(1, math.floor(value / 10**exponent + 1e-9)):d}e{exponent}")
 
 
 def total_grad_norm(m: Measurements) -> float:
@@ -133,7 +134,7 @@ def total_grad_norm(m: Measurements) -> float:
 
 
 def suggested_max_norm(m: Measurements, exploding_layers: list[str]) -> tuple[float, str]:
-    """(max_norm, how it was derived) for clip_grad_norm_, rounded to one significant digit.
+    """(max_norm, how it was derived) for clip_grad_norm_, rounded down to one significant digit.
 
     1. √Σ min(‖g_i‖, ‖W_i‖)²: the norm the gradient would have if no tensor's step at lr 1 were
        larger than the tensor itself; used when it actually clips (is below the total norm).

@@ -39,6 +39,10 @@ MIN_DEPTH_FOR_NORMALIZATION = 4  # weight layers; shallower nets rarely need it
 MIN_DEPTH_FOR_SHORTCUTS = 6  # weight layers; He et al. 2016 saw plain nets degrade from ~20
 
 
+def _share(ratio: float) -> str:
+    return "exactly 0 (underflowed)" if ratio == 0 else sig(ratio)
+
+
 @dataclass
 class Draft:
     fix: str
@@ -136,10 +140,11 @@ class Advisor:
         if not sat:
             return
         acts = sorted({ev.activation_of(x) or "" for x in sat})
+        span = sat[0].name if len(sat) == 1 else f"{sat[0].name} … {sat[-1].name}"
         self.add(
             "replace_activation",
             index,
-            f"{len(sat)} hidden layer(s) ({sat[0].name} … {sat[-1].name}) use "
+            f"{len(sat)} hidden layer(s) ({span}) use "
             f"{'/'.join(acts)}, whose derivative is at most "
             f"{'0.25' if acts == ['sigmoid'] else '1 and near 0 once saturated'}; {why} "
             f"ReLU with He initialisation passes gradients at full scale.",
@@ -165,13 +170,19 @@ class Advisor:
         worst = min(picked, key=lambda x: x.init_std_ratio or 0.0)
         if direction == "large":
             worst = max(picked, key=lambda x: x.init_std_ratio or 0.0)
+        bound = "up to" if direction == "large" else "as little as"
+        base = (
+            f"The weights of these layers are {bound} "
+            f"{sig(worst.init_std_ratio)}× (at {worst.name}) the std He/Xavier initialisation "
+            f"gives for their fan-in"
+        )
+        existing = self.drafts.get("reinitialize_weights")
+        if existing is not None and any(r.startswith("The weights of") for r in existing.reasons):
+            reason = why[:1].upper() + why[1:]  # the base sentence is there already
+        else:
+            reason = f"{base}; {why}"
         draft = self.add(
-            "reinitialize_weights",
-            index,
-            f"The weights of {len(picked)} layer(s) are {sig(worst.init_std_ratio)}× "
-            f"(at {worst.name}) the std He/Xavier initialisation gives for their fan-in; {why}",
-            [x.name for x in picked],
-            schemes=schemes,
+            "reinitialize_weights", index, reason, [x.name for x in picked], schemes=schemes
         )
         draft.boost = max(draft.boost, 15)
 
@@ -184,7 +195,7 @@ class Advisor:
             "add_normalization",
             index,
             f"The model has {len(weights)} weight layers and no normalisation layer; {why} "
-            f"a {kind} after each layer keeps every layer's input at unit scale.",
+            f"A {kind} after each layer keeps every layer's input at unit scale.",
             layers or [x.name for x in weights],
             kind=kind,
         )
@@ -198,7 +209,7 @@ class Advisor:
             "add_residual_connections",
             index,
             f"The gradient crosses all {len(weights)} weight layers in series (no shortcut adds "
-            f"in the graph); {why} identity shortcuts give it a path that skips them.",
+            f"in the graph); {why} Identity shortcuts give it a path that skips them.",
             layers or [x.name for x in weights],
         )
 
@@ -212,7 +223,7 @@ class Advisor:
                     "use_gated_recurrent_unit",
                     index,
                     f"{', '.join(rnn)} is a vanilla RNN: the gradient reaching the first of "
-                    f"{e['steps']} steps is {sig(e['time_ratio'])} of the last step's "
+                    f"{e['steps']} steps is {_share(e['time_ratio'])} of the last step's "
                     f"(×{sig(e['per_step_factor'])} per step), so only the last "
                     f"{e['horizon_steps']} steps teach it; LSTM/GRU gates keep an additive "
                     f"path through time.",
@@ -263,8 +274,7 @@ class Advisor:
         else:
             grows = (
                 f"‖∂L/∂a‖ grows ×{sig(e.get('per_layer_factor'))} per layer backwards "
-                f"({sig(e.get('depth_ratio'))}× from {f.layers[-1] if f.layers else 'output'} "
-                f"side to input side)"
+                f"({sig(e.get('depth_ratio'))}× larger at the first layer than at the last)"
                 if e.get("per_layer_factor")
                 else f"grad/weight reaches {sig(e.get('max_grad_to_weight'))}"
             )
@@ -280,7 +290,7 @@ class Advisor:
         weights = [x.name for x in ev.weight_layers(self.m)]
         if e.get("axis") != "time":
             self._init_cause(index, weights, "large", f"{grows}, as that gain compounds.")
-            self._normalization_cause(index, grows + ";", f.layers)
+            self._normalization_cause(index, grows + ".", f.layers)
         g2w = e.get("max_grad_to_weight")
         if g2w is not None and math.isfinite(g2w) and g2w > 1.0:
             factor = 10.0 ** -min(3, max(1, math.ceil(math.log10(g2w))))

@@ -175,7 +175,7 @@ def depth_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
 
 
 def _fraction(ratio: float) -> str:
-    return "0 (it underflows to exactly zero)" if ratio == 0 else sig(ratio)
+    return "exactly 0 (underflowed)" if ratio == 0 else sig(ratio)
 
 
 def time_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:

@@ -78,8 +78,9 @@ def test_max_norm_falls_back_to_calm_layers_then_one():
 
 
 def test_one_significant():
-    assert one_significant(2696.5) == 3000.0
+    assert one_significant(2696.5) == 2000.0
     assert one_significant(0.0347) == 0.03
+    assert one_significant(0.2) == 0.2
 
 
 def test_non_finite_guards_the_origin_op():
