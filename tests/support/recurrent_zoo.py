@@ -145,6 +145,18 @@ class TanhRnnNet(nn.Module):
         return self.head(y)
 
 
+class ProjectedGruNet(nn.Module):
+    """Linear → ReLU → GRU, batch-first or sequence-first: the two input layouts exporters meet."""
+
+    def __init__(self, batch_first: bool) -> None:
+        super().__init__()
+        self.proj = nn.Linear(3, 3)
+        self.rnn = nn.GRU(3, 4, batch_first=batch_first)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rnn(torch.relu(self.proj(x)))[0]
+
+
 @dataclass
 class ZooEntry:
     name: str

@@ -22,8 +22,14 @@ import pytest
 import torch
 
 from service.engine.onnx.convert import convert
+from service.engine.onnx.ops.recurrent import SequenceAxes, sequence_axes
 from tests.support.export import to_onnx
-from tests.support.recurrent_zoo import RECURRENT_ZOO, ZooEntry, run_onnxruntime
+from tests.support.recurrent_zoo import (
+    RECURRENT_ZOO,
+    ProjectedGruNet,
+    ZooEntry,
+    run_onnxruntime,
+)
 
 
 def _exported(
@@ -86,3 +92,27 @@ def test_legacy_training_export_gradients_equal_torch(entry: ZooEntry, opset: in
         torch.testing.assert_close(converted[name].grad, parameter.grad, rtol=2e-3, atol=1e-6)
     # the gradient per time step of the input: what the time profile is made of
     torch.testing.assert_close(x_graph.grad, x_torch.grad, rtol=2e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("entry", RECURRENT_ZOO, ids=lambda e: e.name)
+def test_sequence_axes_of_batch_first_zoo_inputs(entry: ZooEntry) -> None:
+    _, model = _exported(entry, dynamo=False)
+    graph = convert(model)
+    # the data input is batch-first; the initial states are not sequences
+    assert sequence_axes(graph) == {graph.input_names[0]: SequenceAxes(batch=0, time=1)}
+
+
+@pytest.mark.parametrize(
+    "dynamo", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["legacy", "dynamo"]
+)
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])
+def test_sequence_axes_follow_the_layout_through_projection_and_transpose(
+    batch_first: bool, dynamo: bool
+) -> None:
+    torch.manual_seed(0)
+    model = onnx.load_from_string(
+        to_onnx(ProjectedGruNet(batch_first), torch.randn(2, 5, 3), dynamo=dynamo)
+    )
+    graph = convert(model)
+    expected = SequenceAxes(batch=0, time=1) if batch_first else SequenceAxes(batch=1, time=0)
+    assert sequence_axes(graph) == {graph.input_names[0]: expected}

@@ -18,6 +18,10 @@ compare against onnxruntime over the attribute grid):
 
 Opset versions 7, 14 and 22 differ only in `layout` (added in 14, defaults to 0) and in the
 element types allowed, so one builder per op serves all of them.
+
+Also here, for the time profile: `sequence_axes(graph)` tells which axis of each graph input
+a recurrent node reads as time (exporters produce both batch-first and sequence-first inputs),
+and `RecurrentFn.record_steps` exposes each step's hidden state for gradient hooks.
 """
 
 from __future__ import annotations
@@ -25,11 +29,14 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import onnx
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from service.engine.graph import Node, ObservableGraph
 from service.engine.onnx.registry import OpContext, UnsupportedAttribute, register
 
 
@@ -377,3 +384,78 @@ def lstm(ctx: OpContext) -> RecurrentFn:
         raise UnsupportedAttribute(f"input_forget {input_forget}: expected 0 or 1")
     make = functools.partial(_lstm_step, input_forget=bool(input_forget))
     return RecurrentFn(settings, make, gates=4, has_cell=True)
+
+
+# --- where the time axis of a graph input is ------------------------------------------------
+
+RECURRENT_OPS = frozenset({"RNN", "GRU", "LSTM"})
+
+# Ops whose output keeps the axes of their first input, in order (elementwise with
+# broadcasting from constants, normalisation over the last axis, a MatMul by a weight).
+_AXIS_PRESERVING = frozenset(
+    {"Identity", "Cast", "CastLike", "Dropout", "Relu", "LeakyRelu", "PRelu", "Elu", "Selu"}
+    | {"Celu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Softplus", "Softsign", "Gelu"}
+    | {"Erf", "Mish", "Swish", "Add", "Sub", "Mul", "Div", "Neg", "Abs", "Exp", "Log", "Sqrt"}
+    | {"Pow", "Clip", "Softmax", "LogSoftmax", "LayerNormalization", "MatMul"}
+)
+
+
+@dataclass(frozen=True)
+class SequenceAxes:
+    """The axes of a graph input that a recurrent node reads as batch and as time."""
+
+    batch: int
+    time: int
+
+
+def sequence_axes(graph: ObservableGraph) -> dict[str, SequenceAxes]:
+    """graph input name → its batch and time axes, for the inputs that reach the `X` of an
+    RNN/GRU/LSTM node through transposes and axis-preserving ops.
+
+    Exporters lay inputs out both ways: `batch_first=True` modules get [batch, seq, feature]
+    inputs and a Transpose before a layout-0 node; seq-first ones feed [seq, batch, feature]
+    straight in. Reading axis 1 as time is right for the first and wrong for the second.
+    An input reached two ways with different axes, or through an op that moves axes in ways
+    not followed here (Reshape, Gather, ...), is left out.
+    """
+    producer = {out: node for node in graph.nodes for out in node.outputs if out}
+    stored = set(graph.param_names) | set(graph.buffer_names) | set(graph.constants)
+    inputs = set(graph.input_names)
+    found: dict[str, SequenceAxes | None] = {}
+    for node in graph.nodes:
+        if node.op_type not in RECURRENT_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        layout = int(_onnx_attr(node, "layout", 0))
+        # axes of X as (batch, time), followed backwards to the graph inputs
+        pending = [(node.inputs[0], (1, 0) if layout == 0 else (0, 1))]
+        seen: set[str] = set()
+        while pending:
+            value, (batch, time) = pending.pop()
+            if value in seen or value in stored or not value:
+                continue
+            seen.add(value)
+            if value in inputs:
+                axes = SequenceAxes(batch, time)
+                found[value] = axes if found.get(value, axes) == axes else None
+                continue
+            source = producer.get(value)
+            if source is None:
+                continue
+            if source.op_type == "Transpose":
+                perm = _onnx_attr(source, "perm", None)
+                if perm is None:  # default: reverse all axes, rank unknown here
+                    continue
+                pending.append((source.inputs[0], (int(perm[batch]), int(perm[time]))))
+            elif source.op_type in _AXIS_PRESERVING:
+                followed = source.inputs[:1] if source.op_type == "MatMul" else source.inputs
+                pending.extend((name, (batch, time)) for name in followed)
+    return {name: axes for name, axes in found.items() if axes is not None}
+
+
+def _onnx_attr(node: Node, name: str, default: Any) -> Any:
+    if name in node.attrs:
+        return node.attrs[name]
+    for attribute in getattr(node.source, "attribute", ()):
+        if attribute.name == name:
+            return onnx.helper.get_attribute_value(attribute)
+    return default
