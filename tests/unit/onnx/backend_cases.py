@@ -86,7 +86,7 @@ def _to_torch(value: Any) -> torch.Tensor | None:
     if not isinstance(value, np.ndarray) or value.dtype.kind in "OUS":
         return None
     try:
-        return torch.from_numpy(np.ascontiguousarray(value))
+        return torch.from_numpy(np.array(value, copy=True))
     except TypeError:  # bfloat16/float8 numpy types torch cannot take
         return None
 

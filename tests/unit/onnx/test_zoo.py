@@ -28,7 +28,9 @@ def _matrix() -> list[pytest.param]:  # type: ignore[valid-type]
     for name, entry in ZOO.items():
         legacy = [LEGACY_LOWEST.get(name, LEGACY_DEFAULT_LOWEST), None, HIGHEST]
         for opset in legacy:
-            params.append(pytest.param(name, False, opset, id=f"{name}-legacy-{opset or 'default'}"))
+            params.append(
+                pytest.param(name, False, opset, id=f"{name}-legacy-{opset or 'default'}")
+            )
         if entry.scripted:
             continue  # control flow in torch.jit.script: only the legacy exporter takes it
         for opset in (DYNAMO_LOWEST, None, HIGHEST):

@@ -1,0 +1,236 @@
+"""Error paths: unsupported ops/attributes, malformed graphs, external-data traversal, inputs."""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from service.engine.onnx.convert import check_inputs, convert, load_onnx, load_onnx_bundle
+from service.errors import BatchError, ModelFormatError, UnsupportedModelError
+
+F = TensorProto.FLOAT
+
+
+def _model(nodes, inputs, outputs, initializers=(), opset=17, check=True) -> onnx.ModelProto:  # type: ignore[no-untyped-def]
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    if check:
+        onnx.checker.check_model(model)
+    return model
+
+
+def _vi(name: str, shape: list, elem: int = F) -> onnx.ValueInfoProto:  # type: ignore[type-arg]
+    return helper.make_tensor_value_info(name, elem, shape)
+
+
+def test_every_unsupported_op_and_attribute_is_listed_in_one_error() -> None:
+    model = _model(
+        [
+            helper.make_node("Relu", ["x"], ["a"], name="ok_relu"),
+            helper.make_node("StringNormalizer", ["s"], ["s2"], name="strings"),
+            helper.make_node("DFT", ["a"], ["b"], name="fourier"),
+            helper.make_node("DFT", ["b"], ["c"], name="fourier_again"),
+            helper.make_node("Resize", ["c", "", "scales"], ["y"], name="aa", antialias=1),
+        ],
+        [_vi("x", [1, 1, 4, 4]), _vi("s", [2], TensorProto.STRING)],
+        [_vi("y", [1, 1, 8, 8]), _vi("s2", [2], TensorProto.STRING)],
+        [numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")],
+        opset=19,
+        check=False,
+    )
+    with pytest.raises(UnsupportedModelError) as info:
+        convert(model)
+    message = info.value.message
+    for expected in (
+        "ai.onnx::StringNormalizer (opset 19)",
+        "strings",
+        "ai.onnx::DFT (opset 19)",
+        "fourier, fourier_again",
+        "antialias=1",
+        "[nodes: aa]",
+        "'s' has type string",
+    ):
+        assert expected in message
+    assert "ok_relu" not in message
+
+
+def test_unsupported_op_inside_a_subgraph_is_found_before_running() -> None:
+    then_branch = helper.make_graph(
+        [helper.make_node("DFT", ["x"], ["t"], name="deep_dft")], "then", [], [_vi("t", [2])]
+    )
+    else_branch = helper.make_graph(
+        [helper.make_node("Neg", ["x"], ["e"], name="neg")], "else", [], [_vi("e", [2])]
+    )
+    model = _model(
+        [
+            helper.make_node(
+                "If", ["c"], ["y"], then_branch=then_branch, else_branch=else_branch, name="if"
+            )
+        ],
+        [_vi("c", [], TensorProto.BOOL), _vi("x", [2])],
+        [_vi("y", [2])],
+        check=False,
+    )
+    with pytest.raises(UnsupportedModelError, match="deep_dft"):
+        convert(model)
+
+
+def test_dangling_input_is_a_format_error_naming_value_and_node() -> None:
+    model = _model(
+        [helper.make_node("Add", ["x", "ghost"], ["y"], name="adder")],
+        [_vi("x", [2])],
+        [_vi("y", [2])],
+        check=False,
+    )
+    with pytest.raises(ModelFormatError, match="'ghost' of node 'adder'"):
+        convert(model)
+
+
+def test_cycle_is_a_format_error() -> None:
+    model = _model(
+        [
+            helper.make_node("Add", ["x", "b"], ["a"], name="first"),
+            helper.make_node("Relu", ["a"], ["b"], name="second"),
+        ],
+        [_vi("x", [2])],
+        [_vi("b", [2])],
+        check=False,
+    )
+    with pytest.raises(ModelFormatError, match="cycle"):
+        convert(model)
+
+
+def test_checker_failure_is_a_format_error() -> None:
+    model = _model(
+        [helper.make_node("Relu", ["x"], ["y"], name="r", bogus=3)],
+        [_vi("x", [2])],
+        [_vi("y", [2])],
+        check=False,
+    )
+    with pytest.raises(ModelFormatError, match="malformed ONNX model"):
+        convert(model)
+
+
+def test_garbage_bytes_are_a_format_error() -> None:
+    with pytest.raises(ModelFormatError):
+        load_onnx(b"\x00\xffnot a protobuf at all\xff" * 10)
+
+
+def _external_model(location: str) -> bytes:
+    weight = numpy_helper.from_array(np.ones((2,), np.float32), "w")
+    weight.ClearField("raw_data")
+    weight.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", "8")):
+        entry = weight.external_data.add()
+        entry.key, entry.value = key, value
+    model = _model(
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        [_vi("x", [2])],
+        [_vi("y", [2])],
+        [weight],
+        check=False,
+    )
+    return model.SerializeToString()
+
+
+@pytest.mark.parametrize(
+    ("location", "match"),
+    [
+        ("/etc/passwd", "absolute path"),
+        ("../secret.bin", r"outside the bundle \('..'\)"),
+        ("data/../../secret.bin", r"outside the bundle \('..'\)"),
+        ("C:/windows/secret.bin", "absolute path"),
+    ],
+)
+def test_external_data_path_traversal_is_refused(tmp_path: Path, location: str, match: str) -> None:
+    (tmp_path / "secret.bin").write_bytes(b"\x00" * 8)
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    with pytest.raises(ModelFormatError, match=match):
+        load_onnx(_external_model(location), bundle_dir=bundle)
+
+
+def test_external_data_symlink_escaping_the_bundle_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "secret.bin").write_bytes(b"\x00" * 8)
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    os.symlink(tmp_path / "secret.bin", bundle / "weights.bin")
+    with pytest.raises(ModelFormatError, match="resolves outside the bundle"):
+        load_onnx(_external_model("weights.bin"), bundle_dir=bundle)
+
+
+def test_external_data_without_a_bundle_asks_for_one() -> None:
+    with pytest.raises(ModelFormatError, match="upload a zip bundle"):
+        load_onnx(_external_model("weights.bin"))
+
+
+def test_external_data_inside_the_bundle_is_loaded(tmp_path: Path) -> None:
+    (tmp_path / "weights.bin").write_bytes(np.array([1.5, -2.0], np.float32).tobytes())
+    model = load_onnx(_external_model("weights.bin"), bundle_dir=tmp_path)
+    graph = convert(model)
+    out = graph(torch.zeros(2))
+    assert out.tolist() == [1.5, -2.0]
+    assert graph.named_graph_parameters()[0][0] == "w"
+
+
+def _zip(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def test_bundle_zip_loads_model_and_data() -> None:
+    data = np.array([0.25, 4.0], np.float32).tobytes()
+    model = load_onnx_bundle(
+        _zip({"model.onnx": _external_model("weights.bin"), "weights.bin": data})
+    )
+    assert convert(model)(torch.ones(2)).tolist() == [1.25, 5.0]
+
+
+def test_bundle_zip_with_traversing_member_is_refused() -> None:
+    with pytest.raises(ModelFormatError, match="outside the bundle"):
+        load_onnx_bundle(_zip({"model.onnx": b"", "../evil.bin": b"x"}))
+
+
+def test_bundle_needs_exactly_one_model() -> None:
+    with pytest.raises(ModelFormatError, match=r"exactly one \.onnx"):
+        load_onnx_bundle(_zip({"a.bin": b"x"}))
+
+
+def _mlp_graph():  # type: ignore[no-untyped-def]
+    w = numpy_helper.from_array(np.ones((3, 4), np.float32), "fc.weight")
+    model = _model(
+        [helper.make_node("MatMul", ["x", "fc.weight"], ["y"])],
+        [_vi("x", ["batch", 3])],
+        [_vi("y", ["batch", 4])],
+        [w],
+    )
+    return convert(model)
+
+
+def test_wrong_input_count_is_a_batch_error() -> None:
+    graph = _mlp_graph()
+    with pytest.raises(BatchError, match=r"takes 1 input\(s\) \(x\), the batch gives 2"):
+        check_inputs(graph, [torch.zeros(2, 3), torch.zeros(2, 3)])
+    with pytest.raises(ValueError, match="takes 1 inputs"):
+        graph.run([torch.zeros(2, 3), torch.zeros(2, 3)])
+
+
+def test_wrong_input_shape_is_a_batch_error() -> None:
+    graph = _mlp_graph()
+    check_inputs(graph, [torch.zeros(5, 3)])  # symbolic batch: any size
+    with pytest.raises(BatchError, match="size 3 on axis 1"):
+        check_inputs(graph, [torch.zeros(5, 4)])
+    with pytest.raises(BatchError, match="must have 2 dimensions"):
+        check_inputs(graph, [torch.zeros(3)])
