@@ -335,7 +335,7 @@ def _layer_report(
 
         reference = reference_std(layer)
         if reference:
-            init_ratio = params[layer.weight]["weight_std"] / reference
+            init_ratio = params[layer.weight]["weight_rms"] / reference
     return LayerReport(
         name=layer.name,
         op=layer.op,

@@ -1,0 +1,265 @@
+"""Probe overhead: a full diagnosis pass vs a plain forward+backward of the same module.
+
+    .venv/bin/python bench/overhead.py [--device cpu|cuda] [--repeats N] [--full-size]
+
+For each model: the median time of
+- `plain`: the original nn.Module, forward + loss + backward (eager PyTorch), the baseline;
+- `graph`: the same model loaded from its `.pt2` as an ObservableGraph, run without observer;
+- `measure`: `measure(subject)`, the whole measurement pass (probes, hooks, parameter
+  statistics, the one host transfer, the report objects),
+and the ratios graph/plain and measure/plain; on CUDA also the peak-memory ratio
+(torch.cuda.max_memory_allocated of measure vs plain). All in one process, same device.
+
+Models: ResNet-50 (bottleneck blocks [3, 4, 6, 3], width 64, BatchNorm), ViT-B (patch 16,
+d=768, 12 layers, 12 heads), a 24-layer sigmoid MLP, a 2-layer LSTM. On CPU the default sizes
+are smaller (fewer pixels / tokens / widths, same structure; the table says which) because a
+2-core machine needs seconds per ResNet-50 step; `--full-size` uses the GPU sizes anyway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from service.engine.measure import measure
+from service.engine.options import DiagnoseOptions
+from service.engine.subject import build_subject
+from tests.support.export import to_torch_export
+
+
+# -- models ------------------------------------------------------------------------------------
+class Bottleneck(nn.Module):
+    def __init__(self, inplanes: int, planes: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.down: nn.Module | None = None
+        if stride != 1 or inplanes != planes * 4:
+            self.down = nn.Sequential(
+                nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False), nn.BatchNorm2d(planes * 4)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + (x if self.down is None else self.down(x)))
+
+
+class ResNet50(nn.Module):
+    def __init__(self, classes: int = 1000, width: int = 64) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.MaxPool2d(3, 2, 1),
+        )  # fmt: skip
+        blocks: list[nn.Module] = []
+        inplanes = width
+        stages = zip([3, 4, 6, 3], [width, 2 * width, 4 * width, 8 * width], strict=True)
+        for i, (count, planes) in enumerate(stages):
+            for j in range(count):
+                blocks.append(Bottleneck(inplanes, planes, 2 if (j == 0 and i > 0) else 1))
+                inplanes = planes * 4
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(inplanes, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.blocks(self.stem(x)).mean(dim=(2, 3)))
+
+
+class ViT(nn.Module):
+    def __init__(self, image: int, patch: int, dim: int, depth: int, heads: int) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, patch, patch)
+        tokens = (image // patch) ** 2 + 1
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, 4 * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 1000)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        return self.head(self.norm(self.encoder(x))[:, 0])
+
+
+def sigmoid_mlp(width: int, depth: int = 24) -> nn.Module:
+    layers: list[nn.Module] = []
+    for _ in range(depth - 1):
+        layers += [nn.Linear(width, width), nn.Sigmoid()]
+    return nn.Sequential(*layers, nn.Linear(width, 10))
+
+
+class LSTMNet(nn.Module):
+    def __init__(self, features: int, hidden: int) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(features, hidden, num_layers=2, batch_first=True)
+        self.head = nn.Linear(hidden, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(x)
+        return self.head(out[:, -1])
+
+
+@dataclass
+class Bench:
+    name: str
+    size: str
+    build: Callable[[], nn.Module]
+    x: torch.Tensor
+    classes: int
+
+
+def benches(full: bool) -> list[Bench]:
+    torch.manual_seed(0)
+    if full:
+        return [
+            Bench("resnet50", "224px, batch 32", ResNet50, torch.randn(32, 3, 224, 224), 1000),
+            Bench("vit_b", "224px/16, d768x12, batch 32",
+                  lambda: ViT(224, 16, 768, 12, 12), torch.randn(32, 3, 224, 224), 1000),
+            Bench("sigmoid_mlp24", "width 1024, batch 512",
+                  lambda: sigmoid_mlp(1024), torch.randn(512, 1024), 10),
+            Bench("lstm2", "hidden 512, 100 steps, batch 64",
+                  lambda: LSTMNet(128, 512), torch.randn(64, 100, 128), 10),
+        ]  # fmt: skip
+    return [
+        Bench("resnet50", "full depth/width, 64px, batch 4 (CPU size)",
+              ResNet50, torch.randn(4, 3, 64, 64), 1000),
+        Bench("vit_b", "d384x6, 6 heads, 96px/16, batch 4 (CPU size)",
+              lambda: ViT(96, 16, 384, 6, 6), torch.randn(4, 3, 96, 96), 1000),
+        Bench("sigmoid_mlp24", "width 256, batch 512 (CPU size)",
+              lambda: sigmoid_mlp(256), torch.randn(512, 256), 10),
+        Bench("lstm2", "hidden 128, 50 steps, batch 16 (CPU size)",
+              lambda: LSTMNet(32, 128), torch.randn(16, 50, 32), 10),
+    ]  # fmt: skip
+
+
+# -- timing ------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_time(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    fn()  # warm-up (allocator, autotuning)
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _peak(fn: Callable[[], object], device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    _sync(device)
+    return float(torch.cuda.max_memory_allocated(device))
+
+
+def run(bench: Bench, device: torch.device, repeats: int) -> dict[str, float | None]:
+    module = bench.build().train()
+    target = torch.randint(0, bench.classes, (bench.x.shape[0],))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        data = to_torch_export(module, bench.x)
+    import io
+
+    batch = io.BytesIO()
+    np.savez(batch, x=bench.x.numpy(), target=target.numpy())
+    options = DiagnoseOptions(device=str(device), verify_fixes=False)
+    subject = build_subject(data, batch.getvalue(), options)
+    module = module.to(device)
+    x, y = bench.x.to(device), target.to(device)
+    params = list(module.parameters())
+
+    def plain() -> None:
+        for p in params:
+            p.grad = None
+        F.cross_entropy(module(x), y).backward()
+
+    graph = subject.graph
+    assert graph is not None
+    graph_params = [p for _, p in graph.named_graph_parameters()]
+
+    def unprobed() -> None:
+        for p in graph_params:
+            p.grad = None
+        F.cross_entropy(graph.run([x])[0], y).backward()
+
+    def diagnosis() -> None:
+        measure(subject, options)
+
+    result: dict[str, float | None] = {}
+    # interleave the variants so machine-load drift hits them alike
+    t_plain, t_graph, t_measure = [], [], []
+    for _ in range(max(1, repeats // 3)):
+        t_plain.append(_median_time(plain, device, 3))
+        t_graph.append(_median_time(unprobed, device, 3))
+        t_measure.append(_median_time(diagnosis, device, 3))
+    result["plain_s"] = statistics.median(t_plain)
+    result["graph_s"] = statistics.median(t_graph)
+    result["measure_s"] = statistics.median(t_measure)
+    peak_plain, peak_measure = _peak(plain, device), _peak(diagnosis, device)
+    result["peak_ratio"] = (
+        peak_measure / peak_plain if peak_plain and peak_measure is not None else None
+    )
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--full-size", action="store_true")
+    parser.add_argument("--only", default="", help="comma-separated model names")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    full = args.full_size or device.type == "cuda"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device: {name}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"{'model':<15}{'size':<48}{'plain':>9}{'graph/pl':>10}{'meas/pl':>9}{'peak':>7}")
+    only = {n for n in args.only.split(",") if n}
+    for bench in benches(full):
+        if only and bench.name not in only:
+            continue
+        r = run(bench, device, args.repeats)
+        plain = r["plain_s"] or 1.0
+        peak = f"{r['peak_ratio']:.2f}" if r["peak_ratio"] is not None else "n/a"
+        print(
+            f"{bench.name:<15}{bench.size:<48}{plain * 1e3:>7.1f}ms"
+            f"{(r['graph_s'] or 0) / plain:>9.2f}x{(r['measure_s'] or 0) / plain:>8.2f}x{peak:>7}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

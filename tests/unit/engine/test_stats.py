@@ -1,0 +1,44 @@
+"""On-device statistics against direct computations, including the edge values."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from service.engine.stats import (
+    FP16_MAX,
+    FP16_TINY,
+    alive_units,
+    moments,
+    parameter_statistics,
+    saturated_count,
+)
+
+
+def test_parameter_counts_with_edge_values() -> None:
+    g1 = torch.tensor([0.0, 1e-8, -1e-9, 2.0**-24, 1.0, 7e4, -1e6, math.inf, -math.inf, math.nan])
+    g2 = torch.tensor([[0.5, -1e-30], [3.0, 0.0]])
+    w1, w2 = torch.ones(10), torch.full((2, 2), 2.0)
+    s = parameter_statistics([w1, w2, torch.ones(3)], [g1, g2, None])
+    assert s["non_finite"].tolist() == [3, 0, 0]
+    assert s["underflow"].tolist() == [2, 1, 0]  # 1e-8, -1e-9 | -1e-30; 2^-24 itself is not
+    assert s["overflow"].tolist() == [2, 0, 0]  # 7e4, -1e6 (finite only)
+    assert s["numel"].tolist() == [10, 4, 3]
+    assert math.isnan(s["grad_norm"][0].item())
+    assert s["grad_norm"][1].item() == torch.linalg.vector_norm(g2).item()
+    assert s["grad_norm"][2].item() == 0.0
+    assert torch.allclose(s["weight_norm"], torch.tensor([math.sqrt(10), 4.0, math.sqrt(3)]))
+    assert torch.allclose(s["weight_rms"], torch.tensor([1.0, 2.0, 1.0]))
+    assert FP16_TINY == 2.0**-24 and FP16_MAX == 65504.0
+
+
+def test_saturation_dead_units_and_moments() -> None:
+    y = torch.sigmoid(torch.tensor([[-10.0, 0.0, 10.0, 1.0]]))
+    assert saturated_count(y, "sigmoid").item() == 2  # σ(1-σ) < 0.01 at ±10
+    t = torch.tanh(torch.tensor([3.0, 0.5, -4.0]))
+    assert saturated_count(t, "tanh").item() == 2  # 1 - tanh² < 0.01 beyond |x| ≈ 2.99
+    relu = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 2.0]])
+    assert alive_units(relu).tolist() == [False, True, True]
+    mean, var = moments(torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float16))
+    assert mean.dtype == torch.float32 and mean.item() == 2.5 and var.item() == 1.25
