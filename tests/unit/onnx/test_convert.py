@@ -1,0 +1,185 @@
+"""What `convert` builds: names, state, metadata, observability, modes, the conformance check."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from service.engine.graph import Node
+from service.engine.onnx.conformance import check_conversion
+from service.engine.onnx.convert import convert
+from service.errors import BadInputError
+from tests.support.export import to_onnx
+from tests.support.zoo import ZOO
+
+
+@functools.cache
+def _mlp_bytes() -> bytes:
+    return to_onnx(ZOO["mlp"].build(), ZOO["mlp"].example())
+
+
+class _BNDropout(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.bn = nn.BatchNorm2d(3)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.bn(self.conv(x)))
+
+
+def _bn_module() -> _BNDropout:
+    module = _BNDropout()
+    with torch.no_grad():  # running statistics far from any batch's
+        module.bn.running_mean.fill_(3.0)
+        module.bn.running_var.fill_(5.0)
+    return module
+
+
+X = torch.randn(4, 2, 6, 6, generator=torch.Generator().manual_seed(2))
+
+
+def test_parameters_keep_initializer_names_and_proto_weights_are_released() -> None:
+    model = onnx.load_from_string(_mlp_bytes())
+    graph = convert(model)
+    names = [name for name, _ in graph.named_parameters()]
+    assert names == [name for name, _ in ZOO["mlp"].build().named_parameters()]
+    assert [n for n, _ in graph.named_graph_parameters()] == names
+    assert all(not init.raw_data and not init.float_data for init in model.graph.initializer)
+    assert graph.metadata["opset_imports"] == {"": 20}
+    assert graph.metadata["inputs"][0]["dtype"] == "float32"
+    assert graph.metadata["inputs"][0]["shape"] == [3, 8]
+
+
+def test_weights_can_be_kept_in_the_proto_on_request() -> None:
+    model = onnx.load_from_string(_mlp_bytes())
+    convert(model, release_weights=False)
+    assert all(init.raw_data for init in model.graph.initializer)
+
+
+def test_every_node_output_is_observed_in_graph_order() -> None:
+    model = onnx.load_from_string(_mlp_bytes())
+    ops = [n.op_type for n in model.graph.node]
+    graph = convert(model)
+    seen: list[tuple[str, str, int]] = []
+
+    def observer(node: Node, outputs: object) -> None:
+        assert isinstance(node.source, onnx.NodeProto)
+        seen.append((node.name, node.op_type, len(outputs)))  # type: ignore[arg-type]
+
+    graph.observer = observer
+    graph(ZOO["mlp"].example())
+    assert [op for _, op, _ in seen] == ops
+    assert len({name for name, _, _ in seen}) == len(seen)  # unique names
+
+
+def test_integer_initializers_and_constants_are_state_not_parameters() -> None:
+    nodes = [
+        helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.ones(3, "f"))),
+        helper.make_node("Add", ["x", "c"], ["a"]),
+        helper.make_node("Reshape", ["a", "shape"], ["r"]),
+        helper.make_node("Gather", ["r", "big_index"], ["y"], axis=1),
+    ]
+    graph_proto = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 100])],
+        [
+            numpy_helper.from_array(np.array([1, 3], np.int64), "shape"),
+            numpy_helper.from_array(np.zeros(100, np.int64), "big_index"),
+        ],
+    )
+    model = helper.make_model(graph_proto, opset_imports=[helper.make_opsetid("", 17)])
+    graph = convert(model)
+    assert list(graph.named_parameters()) == []
+    assert "big_index" in graph.buffer_names  # large integer tensor: a buffer
+    assert "shape" in graph.constants  # small integer tensor: a CPU constant
+    assert "c::constant" in graph.buffer_names  # Constant float value: moves with .to()
+    assert graph.input_names == ["x"]
+    assert graph(torch.zeros(3)).shape == (1, 100)
+
+
+def test_unknown_mode_is_refused() -> None:
+    with pytest.raises(BadInputError, match="mode must be one of train, eval"):
+        convert(onnx.load_from_string(_mlp_bytes()), mode="inference")
+
+
+def test_train_mode_uses_batch_statistics_for_an_inference_export() -> None:
+    module = _bn_module()
+    data = to_onnx(module.eval(), X, training=False)
+    train_graph = convert(onnx.load_from_string(data), mode="train")
+    eval_graph = convert(onnx.load_from_string(data), mode="eval")
+    with torch.no_grad():
+        expected_eval = module.eval()(X)
+        module.train()
+        module.drop.p = 0.0  # train mode without dropout: what the diagnosis runs
+        expected_train = module(X)
+    torch.testing.assert_close(eval_graph(X), expected_eval, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(train_graph(X), expected_train, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(expected_train, expected_eval, atol=1e-2)
+
+
+def test_conformance_of_train_mode_inference_export_compares_in_eval_mode() -> None:
+    data = to_onnx(_bn_module().eval(), X, training=False)
+    model = onnx.load_from_string(data)
+    graph = convert(model, mode="train")
+    check = check_conversion(model, graph, [X])
+    assert check.checked
+    assert check.reason is not None and "compared in eval mode" in check.reason
+    assert check.max_rel_error is not None and check.max_rel_error < 1e-4
+    assert check.reference is not None and check.reference.startswith("onnxruntime ")
+
+
+def test_conformance_sees_a_wrong_weight() -> None:
+    model = onnx.load_from_string(_mlp_bytes())
+    graph = convert(model, mode="eval")
+    x = ZOO["mlp"].example()
+    assert check_conversion(model, graph, [x]).max_abs_error < 1e-5  # type: ignore[operator]
+    with torch.no_grad():
+        graph.parameter("out.bias").add_(1.0)
+    ours = [graph(x)]
+    # The refilled model carries the graph's current weights: still equal...
+    assert check_conversion(model, graph, [x]).max_abs_error < 1e-5  # type: ignore[operator]
+    # ...but outputs computed before a change are caught.
+    with torch.no_grad():
+        graph.parameter("out.bias").sub_(1.0)
+    check = check_conversion(model, graph, [x], ours)
+    assert check.max_abs_error is not None and abs(check.max_abs_error - 1.0) < 1e-5
+
+
+def test_conformance_says_why_when_onnxruntime_cannot_run_the_model() -> None:
+    graph_proto = helper.make_graph(
+        [helper.make_node("Erf", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [2])],
+    )
+    model = helper.make_model(graph_proto, opset_imports=[helper.make_opsetid("", 17)])
+    graph = convert(model)
+    x = torch.tensor([0.5, -1.0], dtype=torch.bfloat16)
+    assert graph(x).dtype == torch.bfloat16
+    check = check_conversion(model, graph, [x])
+    assert not check.checked
+    assert check.reason
+
+
+def test_dropout_is_off_in_train_mode_unless_asked() -> None:
+    module = _bn_module().train()
+    data = to_onnx(module, X)  # TRAINING export: Dropout with training_mode=True
+    off = convert(onnx.load_from_string(data), mode="train")
+    torch.testing.assert_close(off(X), off(X))
+    on = convert(onnx.load_from_string(data), mode="train", extra={"dropout": True})
+    y = on(X)
+    zero_fraction = float((y == 0).float().mean())
+    assert 0.3 < zero_fraction < 0.7
+    eval_graph = convert(onnx.load_from_string(data), mode="eval")  # as exported: active
+    assert float((eval_graph(X) == 0).float().mean()) > 0.3
