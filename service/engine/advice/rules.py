@@ -18,6 +18,7 @@ from service.engine.advice import snippets
 from service.engine.detectors.optypes import canonical_op, is_normalization
 from service.engine.detectors.profile import sig
 from service.engine.detectors.thresholds import resolve_thresholds
+from service.engine.detectors.units import init_ratio
 from service.engine.graph import ObservableGraph
 from service.engine.measurements import Measurements
 from service.engine.report import SEVERITY_RANK, Finding, LayerReport, Recommendation
@@ -155,11 +156,13 @@ class Advisor:
     def _init_cause(self, index: int, names: list[str], direction: str, why: str) -> None:
         low, high = self.t["init_ratio_low"], self.t["init_ratio_high"]
         picked: list[LayerReport] = []
+        ratio: dict[str, float] = {}
         for name in names:
             layer = self.layers.get(name)
-            r = layer.init_std_ratio if layer is not None else None
+            r = init_ratio(layer, self.m) if layer is not None else None
             if layer is None or r is None:
                 continue
+            ratio[name] = r
             if (direction == "small" and r < low) or (direction == "large" and r > high):
                 picked.append(layer)
         if not picked:
@@ -167,13 +170,13 @@ class Advisor:
         schemes = {p: ev.init_scheme(x) for x in picked for p in ev.weight_params(self.m, x)}
         if not schemes:
             return
-        worst = min(picked, key=lambda x: x.init_std_ratio or 0.0)
+        worst = min(picked, key=lambda x: ratio[x.name])
         if direction == "large":
-            worst = max(picked, key=lambda x: x.init_std_ratio or 0.0)
+            worst = max(picked, key=lambda x: ratio[x.name])
         bound = "up to" if direction == "large" else "as little as"
         base = (
             f"The weights of these layers are {bound} "
-            f"{sig(worst.init_std_ratio)}× (at {worst.name}) the std He/Xavier initialisation "
+            f"{sig(ratio[worst.name])}× (at {worst.name}) the std He/Xavier initialisation "
             f"gives for their fan-in"
         )
         existing = self.drafts.get("reinitialize_weights")

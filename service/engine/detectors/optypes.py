@@ -52,6 +52,36 @@ _ONNX_NAMES = {
     "Mul": "mul",
 }
 
+# torch.nn class names (TorchScript modules seen with parameters-only coverage keep them)
+_MODULE_NAMES = {
+    "ReLU": "relu",
+    "ReLU6": "relu6",
+    "LeakyReLU": "leaky_relu",
+    "PReLU": "prelu",
+    "GELU": "gelu",
+    "SiLU": "silu",
+    "ELU": "elu",
+    "SELU": "selu",
+    "CELU": "celu",
+    "Hardtanh": "hardtanh",
+    "Hardsigmoid": "hardsigmoid",
+    "Hardswish": "hardswish",
+    "BatchNorm1d": "batch_norm",
+    "BatchNorm2d": "batch_norm",
+    "BatchNorm3d": "batch_norm",
+    "SyncBatchNorm": "batch_norm",
+    "InstanceNorm1d": "instance_norm",
+    "InstanceNorm2d": "instance_norm",
+    "InstanceNorm3d": "instance_norm",
+    "LayerNorm": "layer_norm",
+    "GroupNorm": "group_norm",
+    "RMSNorm": "rms_norm",
+    "Linear": "linear",
+    "Conv1d": "conv1d",
+    "Conv2d": "conv2d",
+    "Conv3d": "conv3d",
+}
+
 SATURATING = frozenset({"sigmoid", "hardsigmoid", "tanh", "hardtanh", "softsign"})
 RELU_LIKE = frozenset({"relu", "relu6", "threshold"})
 LEAKY = frozenset({"leaky_relu", "prelu", "rrelu", "elu", "selu", "celu"})
@@ -100,9 +130,12 @@ _CAMEL = re.compile(r"(?<!^)(?=[A-Z])")
 
 
 def canonical_op(op_type: str) -> str:
-    """'aten.sigmoid.default' / 'aten::sigmoid' / 'Sigmoid' / 'relu_' → 'sigmoid' / 'relu'."""
+    """'aten.sigmoid.default' / 'aten::sigmoid' / 'Sigmoid' / 'relu_' / 'nn.ReLU' class name
+    'ReLU' → 'sigmoid' / 'relu'."""
     if op_type in _ONNX_NAMES:
         return _ONNX_NAMES[op_type]
+    if op_type in _MODULE_NAMES:
+        return _MODULE_NAMES[op_type]
     name = op_type.strip()
     if _ATEN_PREFIX.match(name):
         name = _ATEN_PREFIX.sub("", name)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from service.engine.detectors.optypes import is_normalization
 from service.engine.detectors.profile import sig
 from service.engine.measurements import Measurements
@@ -10,6 +12,36 @@ from service.engine.report import Finding, LayerReport
 
 def _by_depth(m: Measurements) -> list[LayerReport]:
     return sorted(m.layers, key=lambda layer: layer.depth)
+
+
+def init_ratio(layer: LayerReport, m: Measurements) -> float | None:
+    """The layer's weight std over the He/Xavier std for its fan-in.
+
+    The measurement's `init_std_ratio` when it has one. Without it (parameters-only coverage:
+    the activation after the layer is not visible, so He vs Xavier is unknown) the weight is
+    compared with the reference that makes it look least wrong: above 1 only if it is larger
+    than He's std (the larger one), below 1 only if it is smaller than Xavier's.
+    """
+    if layer.init_std_ratio is not None:
+        return layer.init_std_ratio
+    if not layer.fan_in:
+        return None
+    shapes = {p.name: p for p in m.parameters}
+    weight = next(
+        (shapes[n] for n in layer.params if n in shapes and len(shapes[n].shape) >= 2), None
+    )
+    if weight is None or not weight.weight_norm:
+        return None
+    numel = math.prod(weight.shape)
+    std = weight.weight_norm / math.sqrt(numel)
+    fan_out = numel / layer.fan_in
+    he = math.sqrt(2.0 / layer.fan_in)
+    xavier = math.sqrt(2.0 / (layer.fan_in + fan_out))
+    if std > he:
+        return std / he
+    if std < xavier:
+        return std / xavier
+    return 1.0
 
 
 def saturation_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
@@ -78,13 +110,15 @@ def init_scale_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
     layers = _by_depth(m)
     too_small: list[LayerReport] = []
     too_large: list[LayerReport] = []
+    ratios: dict[str, float] = {}
     for i, layer in enumerate(layers):
-        r = layer.init_std_ratio
+        r = init_ratio(layer, m)
         if r is None or is_normalization(layer.op):
             continue
         following = layers[i + 1] if i + 1 < len(layers) else None
         if following is not None and is_normalization(following.op):
             continue  # scale-invariant: the normalisation divides the scale out
+        ratios[layer.name] = r
         if r < t["init_ratio_low"]:
             too_small.append(layer)
         elif r > t["init_ratio_high"]:
@@ -93,11 +127,10 @@ def init_scale_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
     for group, direction in ((too_small, "small"), (too_large, "large")):
         if not group:
             continue
-        ratios = {x.name: x.init_std_ratio for x in group}
         sign = 1.0 if direction == "small" else -1.0
-        group = sorted(group, key=lambda x: sign * (x.init_std_ratio or 0.0))
+        group = sorted(group, key=lambda x: sign * ratios[x.name])
         worst = group[0]
-        r = worst.init_std_ratio or 0.0
+        r = ratios[worst.name]
         error = r < t["init_ratio_error_low"] or r > t["init_ratio_error_high"]
         findings.append(
             Finding(
@@ -111,7 +144,7 @@ def init_scale_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
                 layers=[x.name for x in group],
                 evidence={
                     "direction": direction,
-                    "init_std_ratio": ratios,
+                    "init_std_ratio": {x.name: ratios[x.name] for x in group},
                     "fan_in": {x.name: x.fan_in for x in group},
                     "worst_ratio": r,
                 },

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import math
 from collections.abc import Callable
 from typing import Any
@@ -46,7 +47,7 @@ def copy_subject(subject: Subject) -> Subject:
             memo[id(node.source)] = node.source  # FX nodes / ONNX protos: shared, read-only
             memo[id(node.fn)] = node.fn
         memo[id(graph.metadata)] = graph.metadata
-    new_module = copy.deepcopy(module, memo)
+    new_module = _copy_module(module, memo, subject.device)
     if subject.graph is None:
         new_graph = None
     elif subject.graph is module:
@@ -59,6 +60,19 @@ def copy_subject(subject: Subject) -> Subject:
         graph=new_graph,  # type: ignore[arg-type]
         extra=dict(subject.extra),
     )
+
+
+def _copy_module(module: nn.Module, memo: dict[int, Any], device: torch.device) -> nn.Module:
+    if isinstance(module, torch.jit.ScriptModule):
+        # deepcopy of a ScriptModule yields non-leaf parameters (no .grad); a save/load round
+        # trip gives a true copy
+        buffer = io.BytesIO()
+        torch.jit.save(module, buffer)
+        buffer.seek(0)
+        loaded = torch.jit.load(buffer, map_location=device)
+        loaded.train(module.training)
+        return loaded
+    return copy.deepcopy(module, memo)
 
 
 # -- activation swap -----------------------------------------------------------------------------

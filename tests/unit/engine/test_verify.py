@@ -179,3 +179,30 @@ def test_clip_and_not_automatic_fixes_are_reported() -> None:
 def test_mlp_builder_names_layers_for_the_zoo() -> None:
     names = [n for n, _ in MLP(2, nn.ReLU).named_parameters()]
     assert names[:2] == ["fc0.weight", "fc0.bias"]
+
+
+def test_parameters_only_model_is_still_diagnosed_and_reinit_verified() -> None:
+    """A TorchScript model that could not be made observable: weight-gradient and weight-scale
+    rules still find the tiny init, and the re-initialisation is verified on a true copy."""
+    import io
+
+    case = ZOO["relu_tiny_init"]
+    subject = subject_of(case.name, "torchscript")
+    subject.module = torch.jit.load(io.BytesIO(case.model_bytes("torchscript")))
+    subject.module.train()
+    subject.graph = None
+    m = measure(subject, OPTIONS)
+    findings = detect(m)
+    kinds = {(f.kind, f.severity) for f in findings}
+    assert {("vanishing_gradients", "error"), ("init_scale", "error")} <= kinds
+    from service.engine.advice import recommend
+
+    recs = recommend(findings, m, subject, OPTIONS)
+    reinit = recs[0]
+    assert reinit.fix == "reinitialize_weights"
+    assert reinit.verified is not None and reinit.verified.resolved
+    # the user's module is untouched
+    original = dict(subject.module.named_parameters())["fc0.weight"]
+    assert original.std().item() < 0.01
+    copied = copy_subject(subject)
+    assert all(p.is_leaf for p in copied.module.parameters())
