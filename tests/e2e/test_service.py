@@ -89,7 +89,7 @@ def poll(url: str, key: str, diagnosis_id: str, *, until: tuple[str, ...]) -> di
         ).json()
         return body if body["status"] in until else None
 
-    return wait_until(current, f"diagnosis {diagnosis_id} to be {until}", JOB_WAIT_S)  # type: ignore[no-any-return]
+    return wait_until(current, f"diagnosis {diagnosis_id} to be {until}", JOB_WAIT_S)
 
 
 def submit(url: str, key: str, model: Path, batch: Path, *extra: str) -> Any:
