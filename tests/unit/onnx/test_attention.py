@@ -283,3 +283,61 @@ def test_fused_kernel_path_equals_the_explicit_form_with_gradients(
     torch.testing.assert_close(fast_y, explicit_y, rtol=1e-5, atol=1e-6)
     for fast, explicit in zip(fast_grads, explicit_grads, strict=True):
         torch.testing.assert_close(fast, explicit, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("opset", [23, pytest.param(24, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_exported_transformer_encoder_matches_onnxruntime_and_torch_gradients(
+    opset: int, causal: bool
+) -> None:
+    # the dynamo exporter turns F.scaled_dot_product_attention into Attention from opset 23
+    import onnx
+
+    from service.engine.onnx.convert import convert
+    from tests.support.export import to_onnx
+
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(
+        16, 2, 32, dropout=0.0, batch_first=True, activation="gelu"
+    )
+    encoder = torch.nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+    mask = torch.nn.Transformer.generate_square_subsequent_mask(5) if causal else None
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.encoder(x, mask=mask, is_causal=causal)
+
+    module = Model()
+    with torch.no_grad():  # no two equal tensors: the exporter would merge them into one
+        for parameter in module.parameters():
+            parameter.normal_(0.0, 0.3)
+    x = torch.randn(2, 5, 16)
+    model = onnx.load_from_string(to_onnx(module, x, dynamo=True, opset=opset))
+    assert any(n.op_type == "Attention" for n in model.graph.node)
+    (expected,) = run_onnxruntime(model, {model.graph.input[0].name: x.numpy()})
+    graph = convert(model, mode="train")
+    weights = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1))
+    out = graph(x)
+    np.testing.assert_allclose(out.detach().numpy(), expected, rtol=1e-4, atol=1e-5)
+    (out * weights).sum().backward()
+    (module(x) * weights).sum().backward()
+
+    source = dict(module.named_parameters())
+    for name, converted in graph.named_graph_parameters():
+        assert converted.grad is not None, name
+        if name in source:
+            torch.testing.assert_close(converted.grad, source[name].grad, rtol=2e-3, atol=1e-6)
+            continue
+        # the exporter stored some Linear weights transposed under new names: match by value
+        (original,) = [
+            p
+            for p in source.values()
+            if p.dim() == 2
+            and p.t().shape == converted.shape
+            and torch.equal(p.t(), converted.detach())
+        ]
+        torch.testing.assert_close(converted.grad, original.grad.t(), rtol=2e-3, atol=1e-6)
