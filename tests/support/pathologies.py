@@ -193,6 +193,22 @@ class TanhRNN(nn.Module):
         return self.head(out[:, -1])
 
 
+class ReluRNN(nn.Module):
+    """A ReLU RNN whose recurrent matrix is 1.3·I: the state and the gradient back in time grow
+    ×1.3 per step (30 steps: ~1e3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.RNN(4, WIDTH, nonlinearity="relu", batch_first=True)
+        self.head = nn.Linear(WIDTH, CLASSES)
+        with torch.no_grad():
+            self.rnn.weight_hh_l0.copy_(1.3 * torch.eye(WIDTH))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(x)
+        return self.head(out[:, -1])
+
+
 class ResidualBlock(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -262,6 +278,14 @@ ZOO: dict[str, Case] = {
             (8, 120, 4),
             expect={"vanishing_gradients": "error"},
             fixes=["use_gated_recurrent_unit"],
+        ),
+        Case(
+            "relu_rnn_exploding",
+            lambda _s: ReluRNN(),
+            (8, 30, 4),
+            expect={"exploding_gradients": "error"},
+            fixes=["use_gated_recurrent_unit", "clip_gradients", "reinitialize_weights"],
+            main_fix="reinitialize_weights",
         ),
         Case(
             "log_of_negatives",

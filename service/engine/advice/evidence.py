@@ -82,6 +82,18 @@ def vanilla_rnn_layers(m: Measurements) -> list[str]:
     return []
 
 
+def recurrent_weights(m: Measurements) -> list[str]:
+    """Hidden-to-hidden weight matrices of the recurrent layers (torch: weight_hh_l*; ONNX: R)."""
+    layers = set(m.recurrent_layers)
+    return [
+        p.name
+        for p in m.parameters
+        if p.layer in layers
+        and len(p.shape) >= 2
+        and ("weight_hh" in p.name or p.name.rsplit(".", 1)[-1] in {"R", "recurrence_weight"})
+    ]
+
+
 def gated_rnn_present(m: Measurements) -> bool:
     return any(is_gated_rnn(op) for op in m.op_types) or any(is_gated_rnn(x.op) for x in m.layers)
 

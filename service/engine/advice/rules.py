@@ -274,6 +274,18 @@ class Advisor:
                     f"recurrent Jacobian.",
                     rnn,
                 )
+            recurrent = ev.recurrent_weights(self.m)
+            if recurrent:
+                self.add(
+                    "reinitialize_weights",
+                    index,
+                    f"The gradient grows ×{sig(e.get('per_step_factor'))} per step back in "
+                    f"time: the recurrent weights ({', '.join(recurrent[:3])}) amplify; an "
+                    f"orthogonal initialisation (all singular values 1) neither grows nor "
+                    f"shrinks the state (Saxe et al. 2014).",
+                    list(self.m.recurrent_layers),
+                    schemes=dict.fromkeys(recurrent, "orthogonal"),
+                )
         else:
             grows = (
                 f"‖∂L/∂a‖ grows ×{sig(e.get('per_layer_factor'))} per layer backwards "

@@ -151,6 +151,19 @@ def test_rnn_vanishes_over_time_and_gated_units_are_recommended() -> None:
     assert rec.verified is not None and not rec.verified.applied and rec.verified.reason
 
 
+def test_rnn_explodes_over_time_and_orthogonal_reinit_resolves() -> None:
+    report = run(ZOO["relu_rnn_exploding"], "torch_export")
+    finding = next(
+        f
+        for f in report.findings
+        if f.kind == "exploding_gradients" and f.evidence["axis"] == "time"
+    )
+    assert finding.evidence["time_ratio"] > 70 and finding.evidence["per_step_factor"] > 1.1
+    reinit = next(r for r in report.recommendations if r.fix == "reinitialize_weights")
+    assert reinit.params["schemes"] == {"rnn.weight_hh_l0": "orthogonal"}
+    assert reinit.verified is not None and reinit.verified.resolved
+
+
 @pytest.mark.parametrize("fmt", ["torch_export", "onnx"])
 def test_log_of_negatives_origin_is_the_log_op(fmt: str) -> None:
     report = run(ZOO["log_of_negatives"], fmt)
