@@ -41,6 +41,7 @@ from service.engine.verify.transforms import (
     reinitialize,
     swap_activations,
 )
+from service.errors import GradhealthError
 
 __all__ = ["verify_recommendations"]
 
@@ -86,6 +87,10 @@ def _verify(
         transform, after_m = _apply(rec, m, subject, options)
     except NotApplicable as exc:
         return Verification(applied=False, reason=str(exc))
+    except (RuntimeError, ValueError, GradhealthError) as exc:
+        # the diagnosis stands without its verification; say what went wrong with the copy
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return Verification(applied=False, reason=f"re-measuring the fixed copy failed: {first}")
     after_findings = detect(after_m, options.thresholds)
     before: dict[str, Any] = {"figures": figures(m, kinds)}
     after: dict[str, Any] = {"figures": figures(after_m, kinds)}
