@@ -10,8 +10,10 @@ Words used below
   parameters plus the activation after it), listed input → output in `profiles.depth`.
 - depth ratio: ‖∂L/∂a_first‖ / ‖∂L/∂a_last‖ (first = nearest the input). Below 1 the gradient
   shrinks on its way back to the input, above 1 it grows.
-- per-layer factor: the least-squares fit of log ‖∂L/∂a_l‖ against l, read backwards (output →
-  input): 2.0 means the gradient doubles at every layer it crosses towards the input.
+- per-layer factor: the robust (Theil–Sen: median of pairwise slopes) fit of log ‖∂L/∂a_l‖
+  against l, read backwards (output → input): 2.0 means the gradient doubles at every layer it
+  crosses towards the input. Robust so that one jump (a normalisation dividing by a small std,
+  the loss-side head) does not pass for growth that compounds.
 - weight ratio: ‖∂L/∂W_first‖ / ‖∂L/∂W_last‖ over the layers that own parameters.
 - grad/weight: ‖∂L/∂W‖ / ‖W‖ of one layer: the relative step plain SGD with lr 1 would take.
 
@@ -52,7 +54,8 @@ vanishing/exploding over time (axis "time"): for every input with a sequence axi
   `vanishing_time_ratio` of the last step's.
 
 non_finite: any NaN/Inf in the loss, in a parameter gradient or at a node output is an error;
-  the origin (first node, forward pass before backward) is named. No threshold.
+  the origin is named: the first node (execution order) whose output is non-finite in the
+  forward pass, else the first whose backward produced one, with the phase. No threshold.
 
 saturation: a sigmoid/tanh-like layer with saturated fraction (the measurement's definition:
   the share of activation entries whose local derivative is below 0.01, stats.py) ≥
@@ -62,7 +65,7 @@ saturation: a sigmoid/tanh-like layer with saturated fraction (the measurement's
 
 dead_units: a ReLU-like layer whose dead fraction (units zero for every example of the batch) is
   ≥ `dead_fraction_warning` (0.4) → warning, ≥ `dead_fraction_error` (0.7) → error (AUTOTRAINER
-  tests dying ReLU by the share of dead neurons; these cut-offs are ours). "Zero for the whole
+  also checks for dying ReLU; these cut-offs are ours). "Zero for the whole
   batch" means little for a batch of one or two: give a batch of 16 or more examples.
 
 init_scale: a layer's weight std over the std He (ReLU-like) or Xavier (others) would give for
@@ -72,11 +75,15 @@ init_scale: a layer's weight std over the std He (ReLU-like) or Xavier (others) 
   gives 0.41 of He, hence a low bound below it. A layer whose output goes straight into a
   normalisation layer is scale-invariant and is not judged. In a plain ReLU stack a ratio r
   multiplies ‖∂L/∂a‖ by about r per layer, so 1.5 over 10 layers is already ×58.
+  Parameters-only coverage (the activation after a layer is not visible): the weight std,
+  ‖W‖/√numel, is compared with He's std for "too large" and with Xavier's for "too small", so
+  that a layer is only flagged if it is wrong under either choice.
 
 fp16_underflow: the share of gradient entries with 0 < |g| < 2^-24 (they flush to zero in fp16)
   over all parameters ≥ `fp16_underflow_fraction` (0.05) → warning; error when the pass ran in
-  fp16 and the share is ≥ `fp16_underflow_fraction_error` (0.5) (mixed-precision training,
-  Micikevicius et al. 2018, found ~5% of gradient values underflowing without loss scaling).
+  fp16 and the share is ≥ `fp16_underflow_fraction_error` (0.5) (Micikevicius et al., "Mixed
+  Precision Training", 2018, show such gradients lost without loss scaling; the cut-offs are
+  ours). In fp32/bf16 runs the finding is a warning about switching to fp16.
 
 no_trainable_parameters: the model has no trainable tensor: error.
 
@@ -182,13 +189,13 @@ THRESHOLDS: tuple[Threshold, ...] = (
     Threshold(
         "dead_fraction_warning",
         0.4,
-        "gradhealth (AUTOTRAINER tests dying ReLU by dead share)",
+        "gradhealth (AUTOTRAINER also checks dying ReLU)",
         "dead share of a ReLU-like layer at or above it: warning",
     ),
     Threshold(
         "dead_fraction_error",
         0.7,
-        "gradhealth (AUTOTRAINER tests dying ReLU by dead share)",
+        "gradhealth (AUTOTRAINER also checks dying ReLU)",
         "dead share at or above it: error",
     ),
     Threshold("init_ratio_low", 0.25, "He 2015 / Glorot 2010", "weight std / He|Xavier std below"),
@@ -198,7 +205,7 @@ THRESHOLDS: tuple[Threshold, ...] = (
     Threshold(
         "fp16_underflow_fraction",
         0.05,
-        "Micikevicius et al. 2018 (mixed precision training)",
+        "gradhealth (after Micikevicius et al. 2018, mixed precision training)",
         "share of gradient entries that flush to zero in fp16 at or above it: warning",
     ),
     Threshold(
