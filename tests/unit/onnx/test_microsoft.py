@@ -290,3 +290,66 @@ def test_model_saved_by_onnxruntime_optimizer_converts(tmp_path: Any) -> None:
     np.testing.assert_allclose(out.detach().numpy(), expected, rtol=1e-4, atol=1e-5)
     out.sum().backward()
     assert all(p.grad is not None for _, p in converted.named_graph_parameters())
+
+
+def _ms_attention_cases() -> list[Any]:
+    rng = np.random.default_rng(5)
+    batch, seq, width, heads, size = 2, 4, 6, 2, 3
+    hidden = heads * size
+    x, w, b = _random(batch, seq, width), _random(width, 3 * hidden, seed=1), _random(3 * hidden)
+    padded = (rng.random((batch, seq)) > 0.5).astype(np.int32)
+    padded[0, :2] = 0  # with unidirectional: query 0 sees only key 0, which is padding
+    per_query = (rng.random((batch, seq, seq)) > 0.3).astype(np.int32)
+    per_query[0, 1] = 0  # one fully padded query row
+    past = _random(2, batch, heads, 3, size, seed=2)
+    return [
+        pytest.param([x, w, b], ["y"], {}, id="plain"),
+        pytest.param([x, w], ["y"], {"unidirectional": 1, "scale": 0.3}, id="causal_nobias"),
+        pytest.param([x, w, b, np.array([3, 2], np.int32)], ["y"], {}, id="right_padding"),
+        pytest.param([x, w, b, np.array([4, 3, 1, 0], np.int32)], ["y"], {}, id="left_padding"),
+        pytest.param([x, w, b, padded], ["y"], {"unidirectional": 1}, id="raw_2d_causal"),
+        pytest.param([x, w, b, per_query], ["y"], {}, id="raw_3d"),
+        pytest.param([x, w, b, per_query], ["y"], {"unidirectional": 1}, id="raw_3d_causal"),
+        pytest.param([x, w, b, None, past], ["y", "present"], {}, id="past"),
+        pytest.param(
+            [x, w, b, (rng.random((batch, seq + 3)) > 0.3).astype(np.int32), past],
+            ["y", "present"],
+            {"unidirectional": 1, "mask_filter_value": -1e9},
+            id="past_mask_causal",
+        ),
+        pytest.param(
+            [x, w, b, None, None, _random(1, heads, seq, seq, seed=3)], ["y"], {}, id="bias"
+        ),
+        pytest.param(
+            [x, _random(width, 2 * hidden + 4, seed=4), _random(2 * hidden + 4, seed=5)],
+            ["y"],
+            {"qkv_hidden_sizes": [hidden, hidden, 4]},
+            id="v_size",
+        ),
+    ]
+
+
+@pytest.mark.parametrize(("inputs", "outputs", "attrs"), _ms_attention_cases())
+def test_ms_attention(
+    inputs: list[np.ndarray | None], outputs: list[str], attrs: dict[str, Any]
+) -> None:
+    _check("Attention", inputs, outputs, num_heads=2, **attrs)
+
+
+def test_ms_attention_gradcheck_and_refusals() -> None:
+    node = helper.make_node(
+        "Attention", ["x", "w", "b", "m"], ["y"], domain=MS, num_heads=2, unidirectional=1
+    )
+    fn = build_node_fn(node, 1)
+    gen = torch.Generator().manual_seed(0)
+    args = [
+        torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
+        for shape in [(1, 3, 4), (4, 12), (12,)]
+    ]
+    mask = torch.tensor([[1, 0, 1]])
+    assert torch.autograd.gradcheck(lambda x, w, b: fn(x, w, b, mask), args)
+    for attrs in ({"do_rotary": 1}, {"qkv_hidden_sizes": [4, 4, 3]}, {}):
+        heads = {} if not attrs else {"num_heads": 2}
+        refused = helper.make_node("Attention", ["x", "w"], ["y"], domain=MS, **heads, **attrs)
+        with pytest.raises(UnsupportedAttribute):
+            build_node_fn(refused, 1)

@@ -1,7 +1,8 @@
 """onnxruntime's contrib ops that exporters and the transformer optimizer emit.
 
 `com.microsoft` domain: FusedMatMul, Gelu, FastGelu, BiasGelu, QuickGelu, SkipLayerNormalization,
-SkipSimplifiedLayerNormalization, and FusedConv / FusedGemm (Conv / Gemm plus an activation: what
+SkipSimplifiedLayerNormalization, Attention (BERT/GPT-2 style, packed QKV weights), and
+FusedConv / FusedGemm (Conv / Gemm plus an activation: what
 a model saved by onnxruntime with extended graph optimizations holds). Default domain,
 opset < 17: onnxruntime's own LayerNormalization and SimplifiedLayerNormalization (the optimizer
 fuses them into opset-13/14 models; from opset 17 on, LayerNormalization is the ONNX op in
@@ -228,3 +229,101 @@ def fused_gemm(ctx: OpContext) -> NodeFn:
     activation = _fused_activation(ctx.attr("activation"), given)
     gemm = _default_domain_builder(ctx, "Gemm", 13, {"activation", *names})
     return lambda a, b, c=None: activation(gemm(a, b, c))
+
+
+@register("Attention", domain=MS)
+def ms_attention(ctx: OpContext) -> NodeFn:
+    """onnxruntime's BERT/GPT-2 Attention: one packed Q/K/V projection, then scaled dot-product
+    attention. Padding (`mask_index`) adds the finite `mask_filter_value` to masked scores, so
+    a fully padded row attends uniformly rather than yielding NaN; `unidirectional` removes
+    future keys outright. Both as onnxruntime's CPU kernel does."""
+    heads = ctx.attr("num_heads")
+    if heads is None or int(heads) <= 0:
+        raise UnsupportedAttribute("num_heads must be a positive number of heads")
+    heads = int(heads)
+    for unsupported in ("do_rotary", "past_present_share_buffer"):
+        if int(ctx.attr(unsupported, 0)):
+            raise UnsupportedAttribute(f"{unsupported}=1 is not supported")
+    sizes = ctx.attr("qkv_hidden_sizes")
+    if sizes is not None and (len(sizes) != 3 or any(int(s) % heads for s in sizes)):
+        raise UnsupportedAttribute(
+            f"qkv_hidden_sizes {list(sizes)}: expected 3 sizes, each a multiple of num_heads"
+        )
+    causal = bool(ctx.attr("unidirectional", 0))
+    scale_attr = ctx.attr("scale")
+    filter_value = float(ctx.attr("mask_filter_value", -10000.0))
+    count = ctx.num_outputs
+
+    def fn(
+        x: Tensor,
+        weights: Tensor,
+        bias: Tensor | None = None,
+        mask_index: Tensor | None = None,
+        past: Tensor | None = None,
+        attention_bias: Tensor | None = None,
+        past_sequence_length: Tensor | None = None,
+    ) -> Any:
+        batch, seq = x.shape[0], x.shape[1]
+        width = weights.shape[1]
+        q_size, k_size, v_size = (int(s) for s in sizes) if sizes else (width // 3,) * 3
+        qkv = (
+            torch.matmul(x, weights)
+            if bias is None
+            else torch.addmm(bias, x.reshape(-1, x.shape[-1]), weights).reshape(batch, seq, width)
+        )
+        q, k, v = qkv.split([q_size, k_size, v_size], -1)
+
+        def heads_first(t: Tensor) -> Tensor:  # [B, S, heads·size] → [B, heads, S, size]
+            return t.reshape(batch, seq, heads, -1).transpose(1, 2)
+
+        q, k, v = heads_first(q), heads_first(k), heads_first(v)
+        past_len = 0
+        if past is not None:
+            past_len = past.shape[3]
+            k = torch.cat([past[0], k], 2)
+            v = torch.cat([past[1], v], 2)
+        total = k.shape[2]
+        scale = float(scale_attr) if scale_attr else 1.0 / math.sqrt(q.shape[-1])
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+        keep = _ms_key_mask(mask_index, batch, total, x.device)
+        if keep is not None:  # padding: a finite penalty, as onnxruntime
+            scores = scores + torch.where(keep, 0.0, filter_value).to(scores.dtype)
+        if attention_bias is not None:
+            scores = scores + attention_bias
+        if causal:  # future keys: excluded outright (the lowest float), whatever the padding
+            keys = torch.arange(total, device=x.device)
+            future = keys > torch.arange(seq, device=x.device).unsqueeze(1) + past_len
+            scores = scores.masked_fill(future, torch.finfo(scores.dtype).min)
+        y = torch.matmul(torch.softmax(scores, -1), v)
+        y = y.transpose(1, 2).reshape(batch, seq, -1)
+        if count <= 1:
+            return y
+        if k.shape != v.shape:
+            raise ValueError("com.microsoft Attention: present needs equal K and V hidden sizes")
+        return _outputs((y, torch.stack([k, v])), count)
+
+    return fn
+
+
+def _ms_key_mask(
+    mask_index: Tensor | None, batch: int, total: int, device: torch.device
+) -> Tensor | None:
+    """Which keys each query may attend by `mask_index`, broadcastable to [B, heads, S, total];
+    None when there is no mask."""
+    if mask_index is None:
+        return None
+    keys = torch.arange(total, device=device)
+    m = mask_index.to(device)
+    if m.dim() == 1 and m.shape[0] == batch:  # right padding: valid lengths
+        return keys < m.reshape(batch, 1, 1, 1)
+    if m.dim() == 1 and m.shape[0] == 2 * batch:  # left padding: ends, then starts
+        ends, starts = m[:batch].reshape(batch, 1, 1, 1), m[batch:].reshape(batch, 1, 1, 1)
+        return (keys < ends) & (keys >= starts)
+    if m.dim() == 2:  # raw [B, total]: 1 keep, 0 mask
+        return (m != 0).reshape(batch, 1, 1, total)
+    if m.dim() == 3:  # raw [B, S, total]
+        return (m != 0).unsqueeze(1)
+    raise ValueError(
+        f"com.microsoft Attention: mask_index of shape {list(m.shape)} is not supported "
+        "(supported: [batch], [2·batch], [batch, total], [batch, seq, total])"
+    )
