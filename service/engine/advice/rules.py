@@ -61,9 +61,11 @@ class Advisor:
         m: Measurements,
         graph: ObservableGraph | None,
         thresholds: dict[str, Any] | None,
+        precision: str | None = None,
     ) -> None:
         self.findings = findings
         self.m = m
+        self.precision = precision or m.precision
         self.graph = graph
         self.t = resolve_thresholds(thresholds)
         self.drafts: dict[str, Draft] = {}
@@ -417,6 +419,8 @@ class Advisor:
             f.layers,
             scale=scale,
         )
+        if self.precision == "bf16":
+            return  # already there
         self.add(
             "use_bf16",
             index,

@@ -101,6 +101,8 @@ def test_fp16_underflow_loss_scale_is_a_power_of_two_within_fp16_range():
     value, _ = suggested_loss_scale(m)
     assert value == scale and 1e-2 * value < 65504 / 2  # the largest gradient norm stays in range
     assert "GradScaler(init_scale=" in recs[0].snippet
+    m.precision = "bf16"  # already in bf16: not told to switch to it
+    assert fixes(recommend(detect(m), m)) == ["loss_scaling"]
 
 
 def test_vanilla_rnn_gets_gated_units_lstm_does_not():

@@ -17,6 +17,7 @@ from service.engine import diagnose
 from service.engine.detectors.optypes import canonical_op
 from service.engine.options import DiagnoseOptions
 from service.engine.report import SEVERITY_RANK, Report
+from service.errors import BadInputError
 from tests.support.pathologies import ZOO, Case
 
 FORMATS = [
@@ -186,6 +187,15 @@ def test_backward_origin_is_named_with_its_phase() -> None:
     guard = report.recommendations[0]
     assert guard.params["op"] == "sqrt" and "clamp_min" in guard.snippet
     assert guard.verified is not None and guard.verified.resolved
+
+
+def test_threshold_overrides_reach_the_detectors() -> None:
+    case = ZOO["saturated_tanh"]
+    report = run(case, "torch_export", thresholds={"saturation_fraction_error": 0.95})
+    saturation = next(f for f in report.findings if f.kind == "saturation")
+    assert saturation.severity == "warning"
+    with pytest.raises(BadInputError, match="known thresholds"):
+        run(case, "torch_export", thresholds={"saturation": 0.5})
 
 
 def test_verification_can_be_turned_off() -> None:
