@@ -98,6 +98,16 @@ def gated_rnn_present(m: Measurements) -> bool:
     return any(is_gated_rnn(op) for op in m.op_types) or any(is_gated_rnn(x.op) for x in m.layers)
 
 
+_ATTENTION_OPS = frozenset(
+    {"scaled_dot_product_attention", "_scaled_dot_product_flash_attention", "softmax"}
+    | {"_softmax", "attention", "multi_head_attention", "_native_multi_head_attention"}
+)
+
+
+def is_attention_model(m: Measurements) -> bool:
+    return any(canonical_op(op) in _ATTENTION_OPS for op in m.op_types)
+
+
 def uses_convolution(m: Measurements) -> bool:
     return any(
         canonical_op(x.op) in {"convolution", "conv1d", "conv2d", "conv3d"} for x in m.layers

@@ -144,15 +144,17 @@ class Advisor:
             return
         acts = sorted({ev.activation_of(x) or "" for x in sat})
         span = sat[0].name if len(sat) == 1 else f"{sat[0].name} … {sat[-1].name}"
+        # attention models use GELU in their MLPs (BERT, GPT, ViT); ReLU elsewhere
+        new = "GELU" if ev.is_attention_model(self.m) else "ReLU"
         self.add(
             "replace_activation",
             index,
             f"{len(sat)} hidden layer(s) ({span}) use "
             f"{'/'.join(acts)}, whose derivative is at most "
             f"{'0.25' if acts == ['sigmoid'] else '1 and near 0 once saturated'}; {why} "
-            f"ReLU with He initialisation passes gradients at full scale.",
+            f"{new} with He initialisation passes gradients at full scale.",
             [x.name for x in sat],
-            **{"from": acts, "to": "ReLU", "init": "kaiming"},
+            **{"from": acts, "to": new, "init": "kaiming"},
         )
 
     def _init_cause(self, index: int, names: list[str], direction: str, why: str) -> None:

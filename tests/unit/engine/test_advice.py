@@ -44,6 +44,15 @@ def test_sigmoid_vanishing_recommends_relu_with_he_first():
     assert all(r.addresses == [0] for r in recs)
 
 
+def test_attention_models_get_gelu():
+    m = mlp(geometric(1e-6, 5.0, 8), activation="Tanh")
+    m.layers[-1].activation_stats.activation = None
+    m.op_types.append("Softmax")
+    rec = recommend(detect(m), m)[0]
+    assert rec.fix == "replace_activation" and rec.params["to"] == "GELU"
+    assert "nn.GELU()" in rec.snippet
+
+
 def test_output_sigmoid_is_not_blamed():
     m = mlp(geometric(1e-6, 5.0, 8), activation="aten.relu.default")
     m.layers[-1].activation_stats.activation = "sigmoid"  # probability output
