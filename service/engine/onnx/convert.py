@@ -415,6 +415,7 @@ def convert(
         nodes.append(node)
     if builder.problems:
         raise UnsupportedModelError(_format_problems(builder.problems))
+    _fold_constants(nodes, constants)
 
     if release_weights:
         for init in graph.initializer:
@@ -439,6 +440,66 @@ def convert(
         constants=constants,
         metadata=metadata,
     )
+
+
+# Ops never folded: their value changes per run (randomness) or they carry subgraphs.
+UNFOLDABLE = {
+    "Dropout",
+    "RandomNormal",
+    "RandomUniform",
+    "RandomNormalLike",
+    "RandomUniformLike",
+    "Multinomial",
+    "Bernoulli",
+    "If",
+    "Loop",
+    "Scan",
+}
+
+
+def _fold_constants(nodes: list[Node], constants: dict[str, Any]) -> None:
+    """Precompute nodes that only read small CPU constants (exporters' `Constant → Unsqueeze
+    → Concat` chains): the Node stays, observable as before, but returns the stored value.
+
+    Only integer/bool results (or 0-d ones) are kept, so nothing pinned to the CPU ever meets
+    a non-scalar tensor on another device.
+    """
+    static = set(constants)
+    for node in nodes:
+        if (
+            node.op_type in UNFOLDABLE
+            or not node.inputs
+            or not all(name in static or name == "" for name in node.inputs)
+        ):
+            continue
+        args = [constants.get(name) if name else None for name in node.inputs]
+        try:
+            with torch.no_grad():
+                result = node.fn(*args)
+        except Exception:  # left to fail, with its message, at run time
+            continue
+        outputs = (result,) if len(node.outputs) == 1 else tuple(result)
+        if not all(_foldable_value(v) for v in outputs):
+            continue
+        for name, value in zip(node.outputs, outputs, strict=False):
+            if name:
+                static.add(name)
+                constants[name] = value
+        node.fn = _returning(result)
+
+
+def _foldable_value(value: Any) -> bool:
+    if not isinstance(value, torch.Tensor):
+        return False
+    small = value.numel() <= SMALL_INT_NUMEL
+    return small and (value.dim() == 0 or not (value.dtype.is_floating_point or value.is_complex()))
+
+
+def _returning(result: Any) -> Any:
+    def fn(*args: Any) -> Any:
+        return result
+
+    return fn
 
 
 def _statistics_initializers(graph: GraphProto) -> set[str]:
