@@ -36,6 +36,8 @@ PRIORITY = {
     "use_bf16": 40,
     "lower_learning_rate": 30,
 }
+COMPOUND_LOW = 0.7  # init ratio below it counts when the gradient already vanishes
+COMPOUND_HIGH = 1.3  # init ratio above it counts when the gradient already explodes
 MIN_DEPTH_FOR_NORMALIZATION = 4  # weight layers; shallower nets rarely need it
 MIN_DEPTH_FOR_SHORTCUTS = 6  # weight layers; He et al. 2016 saw plain nets degrade from ~20
 
@@ -157,14 +159,25 @@ class Advisor:
             **{"from": acts, "to": new, "init": "kaiming"},
         )
 
-    def _init_cause(self, index: int, names: list[str], direction: str, why: str) -> None:
+    def _init_cause(
+        self, index: int, names: list[str], direction: str, why: str, compounding: bool = False
+    ) -> None:
+        """Re-initialisation for layers whose weight scale is off He/Xavier.
+
+        `compounding`: the finding shows the gradient already shrinking/growing through the
+        stack, so a scale merely off by COMPOUND_LOW/HIGH counts (it multiplies at every layer;
+        PyTorch's default 0.41 of He over 8 ReLU layers is ×8e-4).
+        """
         low, high = self.t["init_ratio_low"], self.t["init_ratio_high"]
+        if compounding:
+            low, high = max(low, COMPOUND_LOW), min(high, COMPOUND_HIGH)
         picked: list[LayerReport] = []
         ratio: dict[str, float] = {}
+        scale_free = ev.followed_by_normalization(self.m)
         for name in names:
             layer = self.layers.get(name)
             r = init_ratio(layer, self.m) if layer is not None else None
-            if layer is None or r is None:
+            if layer is None or r is None or name in scale_free:
                 continue
             ratio[name] = r
             if (direction == "small" and r < low) or (direction == "large" and r > high):
@@ -183,6 +196,9 @@ class Advisor:
             f"{sig(ratio[worst.name])}× (at {worst.name}) the std He/Xavier initialisation "
             f"gives for their fan-in"
         )
+        if len(picked) > 1:
+            gain = math.prod(ratio[x.name] for x in picked)
+            base += f", ×{sig(gain)} compounded over the {len(picked)} layers"
         existing = self.drafts.get("reinitialize_weights")
         if existing is not None and any(r.startswith("The weights of") for r in existing.reasons):
             reason = why[:1].upper() + why[1:]  # the base sentence is there already
@@ -256,7 +272,7 @@ class Advisor:
                 f"signal and gradient shrink together.",
             )
         else:
-            self._init_cause(index, f.layers or weights, "small", how)
+            self._init_cause(index, weights, "small", how, compounding=True)
         self._normalization_cause(index, how, f.layers)
         self._shortcut_cause(index, how, f.layers)
 
@@ -308,7 +324,9 @@ class Advisor:
         )
         weights = [x.name for x in ev.weight_layers(self.m)]
         if e.get("axis") != "time":
-            self._init_cause(index, weights, "large", f"{grows}, as that gain compounds.")
+            self._init_cause(
+                index, weights, "large", f"{grows}, as that gain compounds.", compounding=True
+            )
             self._normalization_cause(index, grows + ".", f.layers)
         g2w = e.get("max_grad_to_weight")
         if g2w is not None and math.isfinite(g2w) and g2w > 1.0:

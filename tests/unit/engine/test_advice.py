@@ -157,3 +157,17 @@ def test_error_findings_are_addressed_before_warnings():
     recs = recommend(findings, m)
     tiers = [max(findings[i].severity == "error" for i in r.addresses) for r in recs]
     assert tiers == sorted(tiers, reverse=True)
+
+
+def test_default_init_is_blamed_only_when_the_gradient_already_vanishes():
+    # PyTorch's default init is 0.41 of He: fine alone, a cause once ‖∂L/∂a‖ shrinks ×0.4/layer
+    vanishing = mlp(geometric(1e-4, 2.5, 9), init_ratios=[0.41] * 9)
+    rec = next(r for r in recommend(detect(vanishing), vanishing) if r.fix.startswith("reinit"))
+    assert set(rec.params["schemes"]) == {f"fc{i}.weight" for i in range(9)}
+    assert "compounded over the 9 layers" in rec.rationale
+    healthy = mlp([1.0] * 9, init_ratios=[0.41] * 9)
+    assert recommend(detect(healthy), healthy) == []
+    # a layer feeding a normalisation layer is scale-free: not re-initialised
+    vanishing.layers[1].op = "layer_norm"
+    rec = next(r for r in recommend(detect(vanishing), vanishing) if r.fix.startswith("reinit"))
+    assert "fc0.weight" not in rec.params["schemes"]
