@@ -214,8 +214,8 @@ def _collect(
         out["layer.count"] = totals.layer_count
         out["layer.saturated"] = totals.layer_saturated
         out["layer.seen"] = totals.layer_seen
-    for index, alive in totals.alive.items():
-        out[f"dead.{index}"] = 1.0 - alive.float().mean().reshape(1)
+    for index, peaks in totals.alive.items():
+        out[f"dead.{index}"] = (peaks == 0).sum().reshape(1) / max(peaks.numel(), 1)
     return out
 
 

@@ -25,7 +25,7 @@ import torch
 from service.engine.formats.fx import VIEW_OPS
 from service.engine.graph import Node, ObservableGraph
 from service.engine.layers import RELU_LIKE, SATURATING, Layer, canonical
-from service.engine.stats import alive_units, moments, saturated_count
+from service.engine.stats import first_moments, saturated_count, unit_peaks
 
 # ONNX spellings of the view-like ops (the FX ones come from formats/fx.py).
 _ONNX_VIEWS = frozenset(
@@ -42,12 +42,12 @@ class ProbeTotals:
     backward_norms: list[torch.Tensor] = field(default_factory=list)  # one [n_hooked] per pass
     backward_orders: list[list[int]] = field(default_factory=list)  # slot order per pass
     layer_grad_sq: torch.Tensor | None = None  # [n_layers]
-    layer_sum: torch.Tensor | None = None  # Σ n·mean
-    layer_sumsq: torch.Tensor | None = None  # Σ n·(var + mean²)
+    layer_sum: torch.Tensor | None = None  # Σy over the layer output's entries
+    layer_sumsq: torch.Tensor | None = None  # Σy²
     layer_count: torch.Tensor | None = None  # Σ n (host-known, kept on device for the math)
     layer_saturated: torch.Tensor | None = None
     layer_seen: torch.Tensor | None = None  # whether the layer output was observed
-    alive: dict[int, torch.Tensor] = field(default_factory=dict)  # layer index → unit mask
+    alive: dict[int, torch.Tensor] = field(default_factory=dict)  # layer → per-unit peak |y|
 
 
 class Probe:
@@ -89,8 +89,8 @@ class Probe:
             "forward": [],  # (slot, sum)
             "backward": [],  # (slot, norm)
             "layer_grad": {},  # layer index → ‖g‖²
-            "layer_mean": {},
-            "layer_var": {},
+            "layer_sum": {},
+            "layer_sumsq": {},
             "layer_n": {},
             "layer_sat": {},
         }
@@ -103,30 +103,32 @@ class Probe:
             if not isinstance(value, torch.Tensor) or not value.is_floating_point():
                 continue
             detached = value.detach()
-            if forward_slot is not None:
-                self._pass["forward"].append(
-                    (forward_slot, torch.sum(detached, dtype=torch.float32))
-                )
             layer_index = self.layer_of_output.get(value_name)
+            total = None
+            if forward_slot is not None or layer_index is not None:
+                total = torch.sum(detached, dtype=torch.float32)
+            if forward_slot is not None:
+                self._pass["forward"].append((forward_slot, total))
             if layer_index is not None:
-                self._layer_forward(layer_index, detached)
+                assert total is not None
+                self._layer_forward(layer_index, detached, total)
             slot = self._backward_slot.get(value_name)
             if slot is not None and value.requires_grad:
                 value.register_hook(self._make_hook(slot, layer_index))
 
-    def _layer_forward(self, layer_index: int, y: torch.Tensor) -> None:
+    def _layer_forward(self, layer_index: int, y: torch.Tensor, total: torch.Tensor) -> None:
         layer = self.layers[layer_index]
-        mean, var = moments(y)
         p = self._pass
-        p["layer_mean"][layer_index] = mean
-        p["layer_var"][layer_index] = var
+        p["layer_sum"][layer_index], p["layer_sumsq"][layer_index] = first_moments(y, total)
         p["layer_n"][layer_index] = y.numel()
         if layer.activation in SATURATING:
             p["layer_sat"][layer_index] = saturated_count(y, layer.activation)
         if layer.activation in RELU_LIKE:
-            alive = alive_units(y)
+            peaks = unit_peaks(y)
             previous = self.totals.alive.get(layer_index)
-            self.totals.alive[layer_index] = alive if previous is None else previous | alive
+            self.totals.alive[layer_index] = (
+                peaks if previous is None else torch.maximum(previous, peaks)
+            )
 
     def _make_hook(self, slot: int, layer_index: int | None) -> Any:
         record = self._pass
@@ -155,15 +157,13 @@ class Probe:
             return
         rows = range(n_layers)
         grad_sq = _stack([p["layer_grad"].get(i, zero) for i in rows], self.device)
-        mean = _stack([p["layer_mean"].get(i, zero) for i in rows], self.device)
-        var = _stack([p["layer_var"].get(i, zero) for i in rows], self.device)
+        layer_sum = _stack([p["layer_sum"].get(i, zero) for i in rows], self.device)
+        layer_sumsq = _stack([p["layer_sumsq"].get(i, zero) for i in rows], self.device)
         counts = torch.tensor([float(p["layer_n"].get(i, 0)) for i in rows], device=self.device)
         sat = _stack([p["layer_sat"].get(i, zero).float() for i in rows], self.device)
         seen = torch.tensor(
             [1.0 if i in p["layer_grad"] else 0.0 for i in rows], device=self.device
         )
-        layer_sum = mean * counts
-        layer_sumsq = (var + mean.square()) * counts
         if t.layer_grad_sq is None:
             t.layer_grad_sq, t.layer_sum, t.layer_sumsq = grad_sq, layer_sum, layer_sumsq
             t.layer_count, t.layer_saturated, t.layer_seen = counts, sat, seen

@@ -16,7 +16,6 @@ Definitions (also in the report's docs):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -24,51 +23,83 @@ import torch
 SATURATION_DERIVATIVE = 0.01
 FP16_TINY = 2.0**-24
 FP16_MAX = 65504.0
-_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+# Saturation thresholds as a distance from the activation's centre: for sigmoid, σ(1−σ) < 0.01
+# ⇔ |σ − ½| > ½ − c with c = (1 − √0.96)/2; for tanh, 1 − t² < 0.01 ⇔ |t| > √0.99; for
+# softsign, (1 − |y|)² < 0.01 ⇔ |y| > 0.9. (centre, threshold, strict)
+_SATURATION = {
+    "sigmoid": (0.5, 0.5 - (1.0 - (1.0 - 4 * SATURATION_DERIVATIVE) ** 0.5) / 2, True),
+    "tanh": (0.0, (1.0 - SATURATION_DERIVATIVE) ** 0.5, True),
+    "softsign": (0.0, 1.0 - SATURATION_DERIVATIVE**0.5, True),
+    "hardsigmoid": (0.5, 0.5, False),  # derivative 0 at and beyond the bounds 0 and 1
+    "hardtanh": (0.0, 1.0, False),
+}
 
 
 def saturated_count(y: torch.Tensor, activation: str) -> torch.Tensor:
     """Entries of activation output `y` whose local derivative < SATURATION_DERIVATIVE."""
-    y = y.float()
-    if activation == "sigmoid":
-        derivative = y * (1.0 - y)
-    elif activation == "tanh":
-        derivative = 1.0 - y * y
-    elif activation == "softsign":
-        derivative = (1.0 - y.abs()).square()
-    elif activation == "hardsigmoid":
-        return ((y <= 0.0) | (y >= 1.0)).sum()
-    elif activation == "hardtanh":
-        return (y.abs() >= 1.0).sum()
-    else:
-        return torch.zeros((), device=y.device, dtype=torch.int64)
-    return (derivative < SATURATION_DERIVATIVE).sum()
+    rule = _SATURATION.get(activation)
+    if rule is None:
+        return torch.zeros((), device=y.device)
+    centre, threshold, strict = rule
+    distance = (y.float() - centre).abs_()
+    if not strict:
+        return (distance >= threshold).sum().float()
+    # sign(max(d − t, 0)) is 1 exactly where d > t: a float count, no bool tensor (bool
+    # reductions and bool→float conversions are the slow paths on CPU)
+    return distance.sub_(threshold).clamp_(min=0.0).sign_().sum()
+
+
+def unit_peaks(y: torch.Tensor) -> torch.Tensor:
+    """Per unit (all axes but the batch axis 0), the largest |output| over the batch; a unit
+    is dead when its peak is 0. Kept as a max so micro-batches combine with `maximum`."""
+    if y.dim() == 0:
+        return y.detach().abs().reshape(1).float()
+    return y.detach().abs().amax(dim=0).float()
 
 
 def alive_units(y: torch.Tensor) -> torch.Tensor:
-    """Bool mask over the units (all axes but the batch axis 0): non-zero for some sample."""
-    if y.dim() == 0:
-        return (y != 0).reshape(1)
-    return (y != 0).any(dim=0)
+    """Bool mask over the units: non-zero for some sample of the batch."""
+    return unit_peaks(y) > 0
+
+
+def first_moments(y: torch.Tensor, total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σy, Σy²) in float32, given Σy already computed (the forward finiteness check's sum).
+    Mean and variance follow as Σy/n and Σy²/n − mean²: two cheap reductions instead of
+    `var_mean`'s Welford pass (100× slower on CPU). The subtraction loses precision only when
+    |mean| ≫ std, which no activation of interest has."""
+    return total, torch.linalg.vector_norm(y, dtype=torch.float32).square()
 
 
 def moments(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, biased variance) in float32."""
-    var, mean = torch.var_mean(y.float() if y.dtype != torch.float32 else y, correction=0)
-    return mean, var
+    n = max(y.numel(), 1)
+    total, squares = first_moments(y, torch.sum(y, dtype=torch.float32))
+    mean = total / n
+    return mean, (squares / n - mean.square()).clamp_min(0.0)
+
+
+def _float_bits(value: float) -> int:
+    return int(torch.tensor([value], dtype=torch.float32).view(torch.int32).item())
+
+
+# |g| compared through the IEEE-754 bit pattern of float32 (sign bit cleared), which orders
+# non-negative floats like their values: integer arithmetic has no slow path for subnormal
+# gradients (exactly the values underflow counting is about, and 100× slower as floats on CPU),
+# and NaN/inf are simply the patterns at or above the exponent-all-ones mark.
+_TINY_BITS = _float_bits(FP16_TINY)
+_FP16_MAX_BITS = _float_bits(FP16_MAX)
+_NON_FINITE_BITS = 0x7F800000
+_MAGNITUDE_MASK = 0x7FFFFFFF
 
 
 def parameter_statistics(
     weights: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]
 ) -> dict[str, torch.Tensor]:
-    """Per-parameter vectors (one entry per tensor) with a fixed number of kernels whatever the
-    number of parameters: norms by `_foreach_norm`, counts by concatenating the gradients once
-    and reducing 0/1 indicator rows per segment.
-
-    The indicators come from `heaviside` on shifted |g| because it writes float32 directly:
-    comparisons give bool tensors, and bool→float conversion and `isfinite` are unvectorised
-    on CPU (10-20× slower than the arithmetic here). NaN is mapped to inf first so that every
-    indicator stays 0/1. A missing gradient counts as zeros.
+    """Per-parameter vectors (one entry per tensor): norms by `_foreach_norm`; counts from the
+    gradients concatenated once, turned into 0/1 integer indicator rows by clamping the
+    magnitude bits, and summed per parameter. A missing gradient counts as zeros.
     `weight_rms` = ‖W‖/√n, the weight scale compared with He/Xavier (equal to the std for the
     zero-mean initialisations those schemes prescribe).
     """
@@ -82,15 +113,17 @@ def parameter_statistics(
         for w, g in zip(weights, grads, strict=True)
     ]
     flat = torch.cat([g.reshape(-1).float() for g in grads_or_zero])
-    magnitude = torch.nan_to_num(flat.abs(), nan=math.inf, posinf=math.inf)
-    zero, one = torch.zeros((), device=device), torch.ones((), device=device)
-    rows = torch.empty((4, flat.numel()), device=device)
-    torch.heaviside(magnitude - _FLOAT32_MAX, zero, out=rows[0])  # non-finite
-    torch.heaviside(FP16_TINY - magnitude, zero, out=rows[1])  # |g| < 2^-24, zeros included
-    torch.heaviside(-magnitude, one, out=rows[2])  # g == 0
-    torch.heaviside(magnitude - FP16_MAX, zero, out=rows[3])  # |g| > 65504, inf included
-    lengths = torch.tensor(sizes, device=device).expand(4, -1).contiguous()
-    counts = torch.segment_reduce(rows, "sum", lengths=lengths, axis=1)
+    bits = flat.view(torch.int32) & _MAGNITUDE_MASK
+    rows = torch.empty((4, flat.numel()), device=device, dtype=torch.int32)
+    torch.clamp(bits - (_NON_FINITE_BITS - 1), 0, 1, out=rows[0])  # NaN or ±inf
+    torch.clamp(_TINY_BITS - bits, 0, 1, out=rows[1])  # |g| < 2^-24, zeros included
+    torch.clamp(1 - bits, 0, 1, out=rows[2])  # g == 0
+    torch.clamp(bits - _FP16_MAX_BITS, 0, 1, out=rows[3])  # |g| > 65504, non-finite included
+    counts, offset = [], 0
+    for size in sizes:  # one small reduction per parameter; no per-element segment ids
+        counts.append(rows[:, offset : offset + size].sum(dim=1))
+        offset += size
+    per_param = torch.stack(counts, dim=1).float()  # [4, n_params]
     grad_norms = torch.stack(
         [n.float() for n in torch._foreach_norm([g.float() for g in grads_or_zero])]
     )
@@ -102,8 +135,8 @@ def parameter_statistics(
         "grad_norm": grad_norms,
         "weight_norm": weight_norms,
         "weight_rms": weight_norms / numel.sqrt(),
-        "non_finite": counts[0],
-        "underflow": counts[1] - counts[2],
-        "overflow": counts[3] - counts[0],
+        "non_finite": per_param[0],
+        "underflow": per_param[1] - per_param[2],
+        "overflow": per_param[3] - per_param[0],
         "numel": numel,
     }
