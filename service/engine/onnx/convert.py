@@ -368,12 +368,64 @@ def convert(
     resolve_external_data(model, bundle_dir)
     graph = model.graph
     _check_structure(graph)
-    _run_checker(model)
+    # Initializers are read (one copy each, as torch tensors) and their proto bytes dropped
+    # before the checker runs on a weightless twin: serialising 300 MB for the checker would
+    # cost more than the whole conversion.
+    weights: dict[str, torch.Tensor] = {}
+    problems: list[tuple[str, str, int, str, str]] = []
+    for init in graph.initializer:
+        try:
+            weights[init.name] = tensor_from_proto(init)
+        except UnsupportedAttribute as exc:
+            problems.append(("", "initializer", 0, init.name, str(exc)))
+            continue
+        _release(init)
+    try:
+        _run_checker(_weightless_twin(model))
+        graph_module = _convert_checked(model, mode, extra, weights, problems)
+    finally:
+        if not release_weights:
+            _restore(graph, weights)
+    return graph_module
+
+
+def _weightless_twin(model: ModelProto) -> ModelProto:
+    """`model` with its (released) initializers declared as graph inputs: the checker sees
+    the same graph without needing their bytes."""
+    twin = ModelProto()
+    twin.CopyFrom(model)
+    declared = {i.name for i in twin.graph.input}
+    for init in twin.graph.initializer:
+        if init.name not in declared:
+            twin.graph.input.append(
+                helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
+            )
+    del twin.graph.initializer[:]
+    return twin
+
+
+def _restore(graph: GraphProto, weights: Mapping[str, torch.Tensor]) -> None:
+    for init in graph.initializer:
+        tensor = weights.get(init.name)
+        if tensor is not None and not init.HasField("raw_data"):
+            flat = tensor.detach().contiguous().reshape(-1)
+            init.raw_data = flat.view(torch.uint8).numpy().tobytes()
+
+
+def _convert_checked(
+    model: ModelProto,
+    mode: str,
+    extra: Mapping[str, Any] | None,
+    weights: dict[str, torch.Tensor],
+    problems: list[tuple[str, str, int, str, str]],
+) -> ObservableGraph:
+    graph = model.graph
     opsets = {
         ("" if o.domain in DEFAULT_DOMAINS else o.domain): int(o.version)
         for o in model.opset_import
     }
     builder = _Builder(opsets, mode, extra or {})
+    builder.problems.extend(problems)
 
     init_names = {i.name for i in graph.initializer}
     input_infos = [i for i in graph.input if i.name not in init_names]
@@ -392,20 +444,15 @@ def convert(
     buffers: dict[str, torch.Tensor] = {}
     constants: dict[str, Any] = {}
     statistics = _statistics_initializers(graph)
-    for init in graph.initializer:
-        try:
-            tensor = tensor_from_proto(init)
-        except UnsupportedAttribute as exc:
-            builder.problems.append(("", "initializer", 0, init.name, str(exc)))
-            continue
-        if tensor.dtype in FLOAT_DTYPES and init.name not in statistics:
-            parameters[init.name] = torch.nn.Parameter(tensor)
+    for name, tensor in weights.items():
+        if tensor.dtype in FLOAT_DTYPES and name not in statistics:
+            parameters[name] = torch.nn.Parameter(tensor)
         elif tensor.dtype in FLOAT_DTYPES:
-            buffers[init.name] = tensor
+            buffers[name] = tensor
         elif tensor.numel() <= SMALL_INT_NUMEL:
-            constants[init.name] = tensor
+            constants[name] = tensor
         else:
-            buffers[init.name] = tensor
+            buffers[name] = tensor
 
     nodes: list[Node] = []
     for index, proto in enumerate(graph.node):
@@ -416,10 +463,6 @@ def convert(
     if builder.problems:
         raise UnsupportedModelError(_format_problems(builder.problems))
     _fold_constants(nodes, constants)
-
-    if release_weights:
-        for init in graph.initializer:
-            _release(init)
     metadata: dict[str, Any] = {
         "mode": mode,
         "extra": dict(extra or {}),
