@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.engine.detectors.optypes import is_normalization
+from service.engine.detectors.optypes import is_normalization, is_recurrent
 from service.engine.detectors.profile import backward_factor, first_last_ratio, sig, usable
 from service.engine.measurements import Measurements
 from service.engine.report import Finding, LayerReport
@@ -179,7 +179,13 @@ def _fraction(ratio: float) -> str:
 
 
 def time_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
+    """Only for models with a recurrent layer: a rank-3 input of a convolution or a transformer
+    also has a per-position gradient profile, but no gradient path through time steps, so a
+    first/last ratio there says which positions matter, not that gradients vanish."""
     findings: list[Finding] = []
+    recurrent = bool(m.recurrent_layers) or any(is_recurrent(op) for op in m.op_types)
+    if not recurrent:
+        return findings
     for prof in m.profiles.time:
         norms: list[float | None] = list(prof.grad_norms)
         ratio = first_last_ratio(norms)

@@ -46,7 +46,9 @@ exploding_gradients (axis "depth"), error when ANY of:
   Warning instead of error when only depth ratio > `exploding_profile_ratio_warning` (10) with
   the per-layer factor above `exploding_layer_factor`.
 
-vanishing/exploding over time (axis "time"): for every input with a sequence axis, the ratio
+vanishing/exploding over time (axis "time"), judged only for models with a recurrent layer
+  (RNN/GRU/LSTM: a conv or attention model's per-position gradients have no path through time):
+  for every input with a sequence axis, the ratio
   ‖∂L/∂x_first‖ / ‖∂L/∂x_last‖ < `vanishing_time_ratio` (1e-3) → vanishing, error;
   > `exploding_time_ratio` (70) → exploding, error (the same AUTOTRAINER ratios, applied over time
   steps as Bengio, Simard & Frasconi 1994 and Pascanu, Mikolov & Bengio 2013 do). The evidence

@@ -101,6 +101,14 @@ def test_vanishing_over_time_names_recurrent_layer():
     assert not detect(short)
 
 
+def test_time_profile_of_a_non_recurrent_model_is_not_judged():
+    from service.engine.report import TimeProfile
+
+    m = mlp([1.0] * 3)  # e.g. a transformer fed (batch, tokens, features)
+    m.profiles.time.append(TimeProfile(input="x", axis=1, grad_norms=geometric(1e-6, 1.15, 120)))
+    assert not detect(m)
+
+
 def test_non_finite_names_origin():
     m = mlp([1.0] * 3)
     with_non_finite(m)
