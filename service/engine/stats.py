@@ -98,8 +98,8 @@ def parameter_statistics(
     weights: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]
 ) -> dict[str, torch.Tensor]:
     """Per-parameter vectors (one entry per tensor): norms by `_foreach_norm`; counts from the
-    gradients concatenated once, turned into 0/1 integer indicator rows by clamping the
-    magnitude bits, and summed per parameter. A missing gradient counts as zeros.
+    gradients concatenated once, compared through their magnitude bits into four indicator
+    rows, and summed per parameter. A missing gradient counts as zeros.
     `weight_rms` = ‖W‖/√n, the weight scale compared with He/Xavier (equal to the std for the
     zero-mean initialisations those schemes prescribe).
     """
@@ -114,16 +114,18 @@ def parameter_statistics(
     ]
     flat = torch.cat([g.reshape(-1).float() for g in grads_or_zero])
     bits = flat.view(torch.int32) & _MAGNITUDE_MASK
-    rows = torch.empty((4, flat.numel()), device=device, dtype=torch.int32)
-    torch.clamp(bits - (_NON_FINITE_BITS - 1), 0, 1, out=rows[0])  # NaN or ±inf
-    torch.clamp(_TINY_BITS - bits, 0, 1, out=rows[1])  # |g| < 2^-24, zeros included
-    torch.clamp(1 - bits, 0, 1, out=rows[2])  # g == 0
-    torch.clamp(bits - _FP16_MAX_BITS, 0, 1, out=rows[3])  # |g| > 65504, non-finite included
+    rows = torch.empty((4, flat.numel()), device=device, dtype=torch.bool)
+    torch.ge(bits, _NON_FINITE_BITS, out=rows[0])  # NaN or ±inf
+    torch.lt(bits, _TINY_BITS, out=rows[1])  # |g| < 2^-24, zeros included
+    torch.eq(bits, 0, out=rows[2])  # g == 0
+    torch.gt(bits, _FP16_MAX_BITS, out=rows[3])  # |g| > 65504, non-finite included
+    # bool reductions are a slow path on CPU; the same bytes summed as uint8 into float32 are not
+    as_bytes = rows.view(torch.uint8)
     counts, offset = [], 0
     for size in sizes:  # one small reduction per parameter; no per-element segment ids
-        counts.append(rows[:, offset : offset + size].sum(dim=1))
+        counts.append(as_bytes[:, offset : offset + size].sum(dim=1, dtype=torch.float32))
         offset += size
-    per_param = torch.stack(counts, dim=1).float()  # [4, n_params]
+    per_param = torch.stack(counts, dim=1)  # [4, n_params]
     grad_norms = torch.stack(
         [n.float() for n in torch._foreach_norm([g.float() for g in grads_or_zero])]
     )
