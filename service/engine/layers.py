@@ -180,7 +180,7 @@ def _fan(layer: Layer, node: Node, param_in: list[str], shapes: dict[str, list[i
     shape = shapes[weight]
     layer.weight = weight
     receptive = math.prod(shape[2:]) if len(shape) > 2 else 1
-    if op in _OUT_IN_LAYOUT or transposed_operand or (op == "gemm" and node.attrs.get("transB")):
+    if op in _OUT_IN_LAYOUT or transposed_operand or (op == "gemm" and _attr(node, "transB")):
         layer.fan_in, layer.fan_out = shape[1] * receptive, shape[0] * receptive
     elif op in _MATMUL:
         layer.fan_in, layer.fan_out = shape[-2], shape[-1]
@@ -188,6 +188,18 @@ def _fan(layer: Layer, node: Node, param_in: list[str], shapes: dict[str, list[i
         return
     else:
         layer.fan_in, layer.fan_out = shape[1] * receptive, shape[0] * receptive
+
+
+def _attr(node: Node, name: str) -> object:
+    """An attribute of the source op: `Node.attrs`, else the ONNX NodeProto kept in `source`."""
+    if name in node.attrs:
+        return node.attrs[name]
+    for attribute in getattr(node.source, "attribute", ()):
+        if getattr(attribute, "name", None) == name:
+            import onnx
+
+            return onnx.helper.get_attribute_value(attribute)
+    return None
 
 
 def _largest_source(layer: Layer, shapes: dict[str, list[int]]) -> str | None:

@@ -112,9 +112,10 @@ def test_statistics_match_plain_autograd(case_name: str, fmt: str, device: str) 
     assert m.non_finite_origin is None
 
 
-def test_init_std_ratio_against_he_and_xavier() -> None:
-    case = CASES["mlp"]()
-    subject = build_subject(export(case, "torch_export"), case_batch(case), DiagnoseOptions())
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_init_std_ratio_against_he_and_xavier(fmt: str) -> None:
+    case = CASES["mlp"]()  # its last layer is 8 → 3: fan-in and fan-out must not be swapped
+    subject = build_subject(export(case, fmt), case_batch(case), DiagnoseOptions())
     m = measure(subject)
     modules = dict(case.module.named_modules())
     for layer in m.layers:
