@@ -36,6 +36,8 @@ class Case:
     fixes: list[str] = field(default_factory=list)  # fixes that must be recommended
     main_fix: str | None = None  # must be verified to resolve (or measurably improve)
     healthy: bool = False
+    # torch.jit.trace's sanity check fails on nn.TransformerEncoder's fast path
+    formats: tuple[str, ...] = ("torch_export", "onnx", "torchscript")
     input_fn: Callable[[torch.Generator, tuple[int, ...]], torch.Tensor] | None = None
 
     def module(self, seed: int = 0) -> nn.Module:
@@ -209,6 +211,22 @@ class ReluRNN(nn.Module):
         return self.head(out[:, -1])
 
 
+class TinyTransformer(nn.Module):
+    """Two pre-built encoder layers (GELU MLPs, LayerNorm, residuals) over 12 tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(WIDTH, WIDTH)
+        layer = nn.TransformerEncoderLayer(
+            WIDTH, 2, dim_feedforward=32, dropout=0.0, batch_first=True, activation="gelu"
+        )
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(WIDTH, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(x)).mean(dim=1))
+
+
 class ResidualBlock(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -334,6 +352,13 @@ ZOO: dict[str, Case] = {
             lambda _s: ResidualCNN(),
             (8, 3, 8, 8),
             healthy=True,
+        ),
+        Case(
+            "healthy_tiny_transformer",
+            lambda _s: TinyTransformer(),
+            (8, 12, WIDTH),
+            healthy=True,
+            formats=("torch_export", "onnx"),
         ),
     ]
 }

@@ -20,11 +20,23 @@ from service.engine.report import SEVERITY_RANK, Report
 from service.errors import BadInputError
 from tests.support.pathologies import ZOO, Case
 
-FORMATS = [
-    "torch_export",
-    "onnx",
-    pytest.param("torchscript", marks=pytest.mark.slow),  # TorchScript → FX tracing is slower
-]
+SLOW_FORMATS = {"torchscript"}  # TorchScript → FX conversion is the slowest path
+
+
+def grid(cases: list[Case]) -> list[object]:
+    """(case, format) pairs each case can be exported to."""
+    return [
+        pytest.param(
+            case,
+            fmt,
+            id=f"{case.name}-{fmt}",
+            marks=[pytest.mark.slow] if fmt in SLOW_FORMATS else [],
+        )
+        for case in cases
+        for fmt in case.formats
+    ]
+
+
 _CACHE: dict[tuple[str, str, int], Report] = {}
 
 
@@ -55,8 +67,7 @@ PATHOLOGIES = [c for c in ZOO.values() if not c.healthy]
 HEALTHY = [c for c in ZOO.values() if c.healthy]
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("case", PATHOLOGIES, ids=lambda c: c.name)
+@pytest.mark.parametrize(("case", "fmt"), grid(PATHOLOGIES))
 def test_pathology_is_diagnosed(case: Case, fmt: str) -> None:
     report = run(case, fmt)
     check_structure(report)
@@ -79,8 +90,7 @@ def test_pathology_is_diagnosed(case: Case, fmt: str) -> None:
         assert rec.verified.resolved is True, (rec.verified.before, rec.verified.after)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("case", HEALTHY, ids=lambda c: c.name)
+@pytest.mark.parametrize(("case", "fmt"), grid(HEALTHY))
 def test_healthy_control_has_no_error(case: Case, fmt: str) -> None:
     report = run(case, fmt)
     check_structure(report)
