@@ -39,7 +39,13 @@ class Settings(BaseSettings):
         "the embedded SQLite",
     )
     blob_chunk_bytes: int = Field(default=DEFAULT_BLOB_CHUNK_BYTES, ge=1024)
-    db_pool_size: int = Field(default=10, ge=1, description="Postgres connections per process")
+    db_pool_size: int = Field(default=10, ge=1, description="database connections per process")
+    auth_cache_ttl_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="how long an API process trusts a key it has checked (0: check every request); "
+        "also the longest a revoked key keeps working",
+    )
 
     @property
     def is_sqlite(self) -> bool:

@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 import service
+from service.api.deps import AuthCache
 from service.api.errors import install_error_handlers
 from service.api.metrics import Metrics, MetricsMiddleware
 from service.api.routers import batches, diagnoses, health, models
@@ -57,6 +58,7 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
     app.state.database = db
     app.state.blob_store = BlobStore(settings, db)
     app.state.metrics = Metrics(db)
+    app.state.auth_cache = AuthCache(settings.auth_cache_ttl_s)
     install_error_handlers(app)
     for router in (health.router, models.router, batches.router, diagnoses.router):
         app.include_router(router)

@@ -27,7 +27,7 @@ class QueueCollector(Collector):
         family = GaugeMetricFamily(
             "gradhealth_jobs", "diagnoses rows by kind and status", labels=["kind", "status"]
         )
-        with self.database.session() as session:
+        with self.database.session(read_only=True) as session:
             counts = diagnoses_repo.count_by_status(session)
         for key, count in sorted(counts.items()):
             kind, status = key.split(":", 1)

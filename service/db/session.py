@@ -7,7 +7,9 @@ and every transaction opened with `BEGIN IMMEDIATE`. Why IMMEDIATE: with the def
 `BEGIN` a transaction that reads and then writes (a queue claim, a version bump) can fail at once
 with SQLITE_BUSY when another connection wrote in between, and the busy timeout does not help
 there. Taking the write lock up front serialises writers through the busy timeout instead;
-the embedded mode is one machine, so that is cheap. The pysqlite driver's own transaction
+the embedded mode is one machine, so that is cheap. Sessions opened with `read_only=True`
+(GET requests, authentication) use a plain deferred `BEGIN`: in WAL mode readers never wait
+for the writer and never hold it up. The pysqlite driver's own transaction
 handling is switched off so that SQLAlchemy's `begin` event decides what is emitted.
 """
 
@@ -24,6 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.config import Settings
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+READ_ONLY_OPTION = "gradhealth_read_only"
 
 
 def _configure_sqlite(engine: Engine) -> None:
@@ -39,7 +42,8 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        read_only = connection.get_execution_options().get(READ_ONLY_OPTION, False)
+        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
 def create_db_engine(settings: Settings) -> Engine:
@@ -49,6 +53,8 @@ def create_db_engine(settings: Settings) -> Engine:
         engine = create_engine(
             url,
             connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+            pool_size=settings.db_pool_size,
+            max_overflow=settings.db_pool_size,
         )
         _configure_sqlite(engine)
         return engine
@@ -76,10 +82,17 @@ class Database:
     def is_postgres(self) -> bool:
         return self.engine.dialect.name == "postgresql"
 
+    def new_session(self, *, read_only: bool = False) -> Session:
+        """A session the caller closes. `read_only` promises no writes (on SQLite: no write
+        lock is taken; see the module doc)."""
+        if read_only:
+            return self.sessionmaker(bind=self._read_only_engine)
+        return self.sessionmaker()
+
     @contextmanager
-    def session(self) -> Iterator[Session]:
+    def session(self, *, read_only: bool = False) -> Iterator[Session]:
         """A session for one unit of work; the caller commits, anything uncommitted rolls back."""
-        session = self.sessionmaker()
+        session = self.new_session(read_only=read_only)
         try:
             yield session
         except BaseException:
@@ -87,6 +100,11 @@ class Database:
             raise
         finally:
             session.close()
+
+    @property
+    def _read_only_engine(self) -> Engine:
+        # Shares the pool; only the begin event's behaviour differs.
+        return self.engine.execution_options(**{READ_ONLY_OPTION: True})
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -91,7 +91,7 @@ class BlobStore:
         """Store a finished spooled upload (in its own committed transaction: a blob row is
         harmless without a model or batch pointing at it) and remove the temporary file."""
         try:
-            with self.database.session() as session:
+            with self.database.session(read_only=True) as session:
                 existing = blobs_repo.get_complete(session, upload.sha256)
                 if existing is not None:
                     return StoredBlob(upload.sha256, existing.size_bytes, created=False)
@@ -144,11 +144,13 @@ class BlobStore:
 
     def open_blob(self, sha256: str) -> BinaryIO:
         """A binary file object; close it when done (a `db` blob holds a session until then)."""
-        with self.database.session() as session:
+        with self.database.session(read_only=True) as session:
             blob = self._blob(session, sha256)
             if blob.storage == "file":
                 return file_path(self.settings, sha256).open("rb")
-        session = self.database.sessionmaker()
+        session = self.database.sessionmaker(
+            bind=self.database.engine.execution_options(gradhealth_read_only=True)
+        )
 
         def chunks() -> Iterator[bytes]:
             try:
@@ -164,7 +166,7 @@ class BlobStore:
 
     def blob_path(self, sha256: str) -> Path:
         """A local file with the blob's bytes (see the module doc)."""
-        with self.database.session() as session:
+        with self.database.session(read_only=True) as session:
             storage = self._blob(session, sha256).storage
         if storage == "file":
             return file_path(self.settings, sha256)

@@ -5,7 +5,13 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import DatabaseDep, SessionDep, SettingsDep, StoreDep, TenantDep
+from service.api.deps import (
+    DatabaseDep,
+    SettingsDep,
+    StoreDep,
+    TenantDep,
+    in_read_session,
+)
 from service.api.operations import create_batch, get_batch
 from service.api.presenters import batch_out
 from service.api.routers.models import UPLOAD_ERRORS
@@ -62,5 +68,7 @@ async def upload_batch(
     summary="Get a batch",
     responses={404: {"model": ErrorResponse, "description": "no such batch for this tenant"}},
 )
-def read_batch(batch_id: str, tenant: TenantDep, session: SessionDep) -> BatchOut:
-    return batch_out(get_batch(session, tenant.id, batch_id))
+async def read_batch(batch_id: str, tenant: TenantDep, database: DatabaseDep) -> BatchOut:
+    return await in_read_session(
+        database, lambda session: batch_out(get_batch(session, tenant.id, batch_id))
+    )

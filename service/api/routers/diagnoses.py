@@ -6,9 +6,17 @@ import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import DatabaseDep, SessionDep, SettingsDep, StoreDep, TenantDep
+from service.api.deps import (
+    DatabaseDep,
+    SessionDep,
+    SettingsDep,
+    StoreDep,
+    TenantDep,
+    in_read_session,
+)
 from service.api.operations import (
     BadOptionsError,
     build_options,
@@ -84,16 +92,16 @@ def queue_diagnosis(
     idempotency_key: IdempotencyKey = None,
 ) -> DiagnosisOut:
     options = build_options(body.model_dump(include=set(OPTION_FIELDS)), body.options)
-    job = create_diagnosis(
-        session,
-        tenant.id,
-        model_id=body.model_id,
-        batch_id=body.batch_id,
-        options=options,
-        max_attempts=settings.max_attempts,
-        idempotency_key=idempotency_key,
-    )
-    session.commit()
+    with session.begin():
+        job = create_diagnosis(
+            session,
+            tenant.id,
+            model_id=body.model_id,
+            batch_id=body.batch_id,
+            options=options,
+            max_attempts=settings.max_attempts,
+            idempotency_key=idempotency_key,
+        )
     return accepted(job, response)
 
 
@@ -150,7 +158,7 @@ def store_and_queue(
 
 
 def _existing_answer(database: Database, tenant_id: str, key: str | None) -> Diagnosis | None:
-    with database.session() as session:
+    with database.session(read_only=True) as session:
         return first_answer_for_key(session, tenant_id, key)
 
 
@@ -204,8 +212,12 @@ async def run_diagnosis(
     summary="A diagnosis: its status and, once succeeded, its report",
     responses={**AUTH, **NOT_FOUND},
 )
-def read_diagnosis(diagnosis_id: str, tenant: TenantDep, session: SessionDep) -> DiagnosisOut:
-    return diagnosis_out(get_diagnosis(session, tenant.id, diagnosis_id))
+async def read_diagnosis(
+    diagnosis_id: str, tenant: TenantDep, database: DatabaseDep
+) -> DiagnosisOut:
+    return await in_read_session(
+        database, lambda session: diagnosis_out(get_diagnosis(session, tenant.id, diagnosis_id))
+    )
 
 
 @router.get(
@@ -214,9 +226,9 @@ def read_diagnosis(diagnosis_id: str, tenant: TenantDep, session: SessionDep) ->
     summary="List diagnoses, newest first (reports left out: GET one for its report)",
     responses={**AUTH, 422: {"model": ErrorResponse, "description": "bad cursor or filter"}},
 )
-def list_diagnoses(
+async def list_diagnoses(
     tenant: TenantDep,
-    session: SessionDep,
+    database: DatabaseDep,
     model_id: str | None = None,
     status: DiagnosisStatus | None = None,
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
@@ -226,13 +238,17 @@ def list_diagnoses(
         after = diagnoses_repo.Cursor.decode(cursor) if cursor else None
     except ValueError as exc:
         raise BadInputError(f"{exc}; pass the next_cursor of a previous page") from exc
-    items, nxt = diagnoses_repo.list_page(
-        session, tenant.id, model_id=model_id, status=status, after=after, limit=limit
-    )
-    return DiagnosisPage(
-        items=[diagnosis_summary(job) for job in items],
-        next_cursor=nxt.encode() if nxt else None,
-    )
+
+    def page(session: Session) -> DiagnosisPage:
+        items, nxt = diagnoses_repo.list_page(
+            session, tenant.id, model_id=model_id, status=status, after=after, limit=limit
+        )
+        return DiagnosisPage(
+            items=[diagnosis_summary(job) for job in items],
+            next_cursor=nxt.encode() if nxt else None,
+        )
+
+    return await in_read_session(database, page)
 
 
 @router.post(
@@ -246,6 +262,6 @@ def list_diagnoses(
     },
 )
 def cancel(diagnosis_id: str, tenant: TenantDep, session: SessionDep) -> DiagnosisOut:
-    job = cancel_diagnosis(session, tenant.id, diagnosis_id)
-    session.commit()
+    with session.begin():
+        job = cancel_diagnosis(session, tenant.id, diagnosis_id)
     return diagnosis_out(job)

@@ -7,7 +7,13 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import DatabaseDep, SessionDep, SettingsDep, StoreDep, TenantDep
+from service.api.deps import (
+    DatabaseDep,
+    SettingsDep,
+    StoreDep,
+    TenantDep,
+    in_read_session,
+)
 from service.api.operations import create_model, get_model, model_name
 from service.api.presenters import model_out
 from service.api.schemas import ErrorResponse, ModelOut
@@ -94,5 +100,7 @@ async def upload_model(
     summary="Get a model",
     responses={404: {"model": ErrorResponse, "description": "no such model for this tenant"}},
 )
-def read_model(model_id: str, tenant: TenantDep, session: SessionDep) -> ModelOut:
-    return model_out(get_model(session, tenant.id, model_id))
+async def read_model(model_id: str, tenant: TenantDep, database: DatabaseDep) -> ModelOut:
+    return await in_read_session(
+        database, lambda session: model_out(get_model(session, tenant.id, model_id))
+    )
