@@ -143,6 +143,7 @@ def other_tenant(backend: Backend) -> TenantKey:
 
 def make_client(backend: Backend, **settings_overrides: Any) -> TestClient:
     from fastapi.testclient import TestClient
+
     from service.api.app import create_app
 
     settings = backend.settings.model_copy(update=settings_overrides)

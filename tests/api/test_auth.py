@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import httpx
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
@@ -9,8 +10,9 @@ from service.db.repositories import tenants as tenants_repo
 from tests.conftest import Backend, TenantKey, make_client
 
 
-def _error(response: object) -> dict[str, str]:
-    return response.json()["error"]  # type: ignore[attr-defined, no-any-return]
+def _error(response: httpx.Response) -> dict[str, str]:
+    error: dict[str, str] = response.json()["error"]
+    return error
 
 
 def test_missing_key_is_401_with_a_hint(backend: Backend) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
@@ -23,7 +25,7 @@ def test_postgres_is_at_head(postgres_database: Database) -> None:
     assert is_at_head(postgres_database.engine)
 
 
-def test_upgrade_creates_the_embedded_database_from_nothing(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_upgrade_creates_the_embedded_database_from_nothing(tmp_path: Path) -> None:
     from service.config import Settings
 
     settings = Settings(data_dir=tmp_path / "fresh", environment="test")
