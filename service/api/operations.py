@@ -22,6 +22,7 @@ from service.storage import StoredBlob
 from service.storage.batch_listing import BatchListing
 
 MAX_NAME_LENGTH = 200
+MAX_FILENAME_LENGTH = 500  # batches.filename: kept for people, never used as a path
 VERSION_RETRIES = 5
 FINISHED = frozenset({"succeeded", "failed", "cancelled"})
 
@@ -37,10 +38,11 @@ class ConflictError(GradhealthError):
 
 def model_name(name: str | None, filename: str | None) -> str:
     """The given name, else the uploaded file's name without its extension, else `model`."""
-    chosen = (name or "").strip() or (PurePath(filename).stem if filename else "") or "model"
-    if len(chosen) > MAX_NAME_LENGTH:
+    given = (name or "").strip()
+    if len(given) > MAX_NAME_LENGTH:
         raise BadInputError(f"the model name is longer than {MAX_NAME_LENGTH} characters")
-    return chosen
+    from_file = PurePath(filename).stem[:MAX_NAME_LENGTH] if filename else ""
+    return given or from_file or "model"
 
 
 def create_model(
@@ -106,7 +108,7 @@ def create_batch(
         tenant_id,
         sha256=blob.sha256,
         size_bytes=blob.size_bytes,
-        filename=filename,
+        filename=filename[:MAX_FILENAME_LENGTH] if filename else None,
         format=listing.format,
         arrays=listing.arrays,
         arrays_complete=listing.complete,

@@ -78,6 +78,12 @@ def test_object_arrays_and_garbage_are_422(client: TestClient) -> None:
     assert ".npz" in garbage.json()["error"]["message"]
 
 
+def test_a_very_long_file_name_is_shortened(client: TestClient, samples: Samples) -> None:
+    response = upload_batch(client, samples.npz, "b" * 900 + ".npz")
+    assert response.status_code == 201
+    assert len(response.json()["filename"]) == 500
+
+
 def test_batch_past_the_limit_is_413(backend: Backend, tenant: TenantKey, samples: Samples) -> None:
     with make_client(backend, max_upload_bytes=100) as client:
         client.headers.update(tenant.headers)

@@ -55,6 +55,12 @@ def test_format_is_detected_from_content_not_name(client: TestClient, samples: S
 def test_name_defaults_to_the_file_stem(client: TestClient, samples: Samples) -> None:
     response = client.post("/v1/models", files={"file": ("resnet-tiny.pt2", samples.torch_export)})
     assert response.json()["name"] == "resnet-tiny"
+    long_file = client.post("/v1/models", files={"file": ("n" * 600 + ".onnx", samples.onnx)})
+    assert long_file.status_code == 201
+    assert long_file.json()["name"] == "n" * 200
+    long_name = upload_model(client, samples.onnx, name="n" * 201)
+    assert long_name.status_code == 422
+    assert "200 characters" in long_name.json()["error"]["message"]
 
 
 def test_unknown_format_is_422_naming_the_formats(client: TestClient, samples: Samples) -> None:
