@@ -20,7 +20,7 @@ from service.queue.jobs import QUEUE_CHANNEL
 log = logging.getLogger(__name__)
 
 # Without a notification, how often an idle worker looks at the queue anyway.
-POLL_INTERVAL_SQLITE_S = 0.1  # the cheap `has_available` read; submit→start latency ~ half this
+POLL_INTERVAL_SQLITE_S = 0.05  # the cheap `has_available` read; submit→start latency ~ half this
 POLL_INTERVAL_POSTGRES_S = 2.0  # NOTIFY wakes earlier; this catches ends of retry backoffs
 
 

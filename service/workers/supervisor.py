@@ -254,13 +254,15 @@ class Supervisor:
         fileno = listener.fileno() if listener is not None else None
         if fileno is not None:
             waitables.append(fileno)
+        # Sleep exactly until the next periodic duty, so that a poll is never a tick late.
+        duties = ["reap"]
         if any(s.job is not None for s in self.slots):
-            timeout = CANCEL_CHECK_INTERVAL_S
-        elif any(s.idle for s in self.slots):
-            timeout = self._intervals["poll"]
-        else:
-            timeout = IDLE_WAIT_S
-        ready = wait(waitables, timeout=timeout)
+            duties += ["cancel", "heartbeat"]
+        if any(s.idle for s in self.slots) and not self._stop_requests:
+            duties.append("poll")
+        now = time.monotonic()
+        timeout = min(self._last[d] + self._intervals[d] - now for d in duties)
+        ready = wait(waitables, timeout=min(IDLE_WAIT_S, max(0.0, timeout)))
         if self._wake_r in ready:
             try:
                 while os.read(self._wake_r, 512):
