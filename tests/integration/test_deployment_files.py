@@ -60,6 +60,6 @@ def test_compose_config_validates() -> None:
     legacy = shutil.which("docker-compose")
     command = [legacy, "config", "-q"] if legacy else ["docker", "compose", "config", "-q"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
-    if result.returncode != 0 and "command" in result.stderr and "compose" in result.stderr:
+    if not legacy and "unknown command" in result.stderr:  # docker without the plugin
         pytest.skip("docker has no compose plugin here")
     assert result.returncode == 0, result.stderr
