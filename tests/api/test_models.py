@@ -113,3 +113,18 @@ def test_get_model_and_cross_tenant_404(
 def test_upload_needs_a_key(backend: Backend, samples: Samples) -> None:
     with make_client(backend) as client:
         assert upload_model(client, samples.onnx).status_code == 401
+
+
+def test_a_declared_length_past_the_limit_is_refused_before_reading(
+    backend: Backend, tenant: TenantKey
+) -> None:
+    body = b'--b\r\nContent-Disposition: form-data; name="file"; filename="m"\r\n\r\nx\r\n--b--\r\n'
+    headers = {
+        **tenant.headers,
+        "Content-Type": "multipart/form-data; boundary=b",
+        "Content-Length": str(10**12),
+    }
+    with make_client(backend) as client:
+        response = client.post("/v1/models", content=body, headers=headers)
+    assert response.status_code == 413
+    assert "declares" in response.json()["error"]["message"]
