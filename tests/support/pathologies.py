@@ -195,6 +195,20 @@ class TanhRNN(nn.Module):
         return self.head(out[:, -1])
 
 
+class GatedRNN(nn.Module):
+    """An LSTM or GRU read at its last step (not in the zoo: gated units at initialisation
+    decay over time too, which is a warning, not a pathology)."""
+
+    def __init__(self, cell: type[nn.Module] = nn.LSTM) -> None:
+        super().__init__()
+        self.rnn = cell(4, WIDTH, batch_first=True)
+        self.head = nn.Linear(WIDTH, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(x)
+        return self.head(out[:, -1])
+
+
 class ReluRNN(nn.Module):
     """A ReLU RNN whose recurrent matrix is 1.3·I: the state and the gradient back in time grow
     ×1.3 per step (30 steps: ~1e3)."""

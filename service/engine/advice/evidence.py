@@ -102,6 +102,17 @@ def recurrent_weights(m: Measurements) -> list[str]:
     ]
 
 
+def lstm_input_biases(m: Measurements) -> list[str]:
+    """`bias_ih_l*` of LSTM layers (torch's gate order i, f, g, o: chunk 1 is the forget gate).
+    Other layouts (ONNX's i, o, f, c in `B`) are left alone rather than guessed."""
+    lstm = {x.name for x in m.layers if canonical_op(x.op) in {"lstm", "lstm_cell"}}
+    return [
+        p.name
+        for p in m.parameters
+        if p.layer in lstm and len(p.shape) == 1 and "bias_ih" in p.name.rsplit(".", 1)[-1]
+    ]
+
+
 def gated_rnn_present(m: Measurements) -> bool:
     return any(is_gated_rnn(op) for op in m.op_types) or any(is_gated_rnn(x.op) for x in m.layers)
 

@@ -252,6 +252,18 @@ class Advisor:
                     f"path through time.",
                     rnn,
                 )
+            forget = ev.lstm_input_biases(self.m)
+            if forget:
+                self.add(
+                    "reinitialize_weights",
+                    index,
+                    f"The LSTM's gradient shrinks ×{sig(e['per_step_factor'])} per step back in "
+                    f"time; with forget-gate bias 0 its forget gates start half closed "
+                    f"(σ(0) = 0.5). A forget-gate bias of 1 (Gers et al. 2000; Jozefowicz et al. "
+                    f"2015) keeps more of the state, and of its gradient, per step.",
+                    list(self.m.recurrent_layers),
+                    schemes=dict.fromkeys(forget, "forget_bias"),
+                )
             return
         ratio = e.get("depth_ratio")
         factor = e.get("per_layer_factor")

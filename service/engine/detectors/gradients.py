@@ -9,7 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.engine.detectors.optypes import is_normalization, is_recurrent
+from service.engine.detectors.optypes import (
+    is_gated_rnn,
+    is_normalization,
+    is_recurrent,
+    is_vanilla_rnn,
+)
 from service.engine.detectors.profile import backward_factor, first_last_ratio, sig, usable
 from service.engine.measurements import Measurements
 from service.engine.report import Finding, LayerReport
@@ -186,6 +191,11 @@ def time_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
     recurrent = bool(m.recurrent_layers) or any(is_recurrent(op) for op in m.op_types)
     if not recurrent:
         return findings
+    ops = [*m.op_types, *(x.op for x in m.layers)]
+    # gated units (LSTM/GRU) decay at initialisation too, but their gates can learn to keep
+    # the state; only a vanilla RNN has no such path: error for it, warning for gated ones
+    gated_only = any(is_gated_rnn(op) for op in ops) and not any(is_vanilla_rnn(op) for op in ops)
+    vanishing_severity = "warning" if gated_only else "error"
     for prof in m.profiles.time:
         norms: list[float | None] = list(prof.grad_norms)
         ratio = first_last_ratio(norms)
@@ -214,7 +224,7 @@ def time_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
             findings.append(
                 Finding(
                     kind="vanishing_gradients",
-                    severity="error",
+                    severity=vanishing_severity,  # type: ignore[arg-type]
                     message=(
                         f"Gradients vanish over time: ‖∂L/∂x_t‖ of input {prof.input!r} at the "
                         f"first of {len(norms)} steps is {_fraction(ratio)} of that at the last "

@@ -49,7 +49,9 @@ exploding_gradients (axis "depth"), error when ANY of:
 vanishing/exploding over time (axis "time"), judged only for models with a recurrent layer
   (RNN/GRU/LSTM: a conv or attention model's per-position gradients have no path through time):
   for every input with a sequence axis, the ratio
-  ‖∂L/∂x_first‖ / ‖∂L/∂x_last‖ < `vanishing_time_ratio` (1e-3) → vanishing, error;
+  ‖∂L/∂x_first‖ / ‖∂L/∂x_last‖ < `vanishing_time_ratio` (1e-3) → vanishing, error for a vanilla
+  RNN, warning when every recurrent layer is gated (LSTM/GRU also decay at initialisation, but
+  their gates can learn to keep the state; a vanilla RNN cannot);
   > `exploding_time_ratio` (70) → exploding, error (the same AUTOTRAINER ratios, applied over time
   steps as Bengio, Simard & Frasconi 1994 and Pascanu, Mikolov & Bengio 2013 do). The evidence
   gives the per-step factor and the horizon: how many steps back the gradient stays above

@@ -144,6 +144,12 @@ def reinitialize(
                 tensor.zero_()
                 done.append(f"{name}: zeros")
                 continue
+            if scheme == "forget_bias":
+                if tensor.dim() != 1 or tensor.numel() % 4:
+                    raise NotApplicable(f"{name} is not an LSTM bias (4 gates)")
+                tensor.chunk(4)[1].fill_(1.0)  # torch's gate order: input, forget, cell, output
+                done.append(f"{name}: forget-gate bias 1")
+                continue
             if scheme == "kaiming":
                 std = math.sqrt(2.0 / fan)
             elif scheme == "xavier_tanh":

@@ -101,6 +101,13 @@ def test_vanishing_over_time_names_recurrent_layer():
     assert not detect(short)
 
 
+def test_gated_units_decaying_over_time_is_a_warning():
+    m = mlp([1.0] * 3)
+    with_time(m, geometric(1e-6, 1.15, 120), rnn_op="aten.lstm.input")
+    (f,) = detect(m)
+    assert f.kind == "vanishing_gradients" and f.severity == "warning"
+
+
 def test_time_profile_of_a_non_recurrent_model_is_not_judged():
     from service.engine.report import TimeProfile
 

@@ -206,3 +206,19 @@ def test_parameters_only_model_is_still_diagnosed_and_reinit_verified() -> None:
     assert original.std().item() < 0.01
     copied = copy_subject(subject)
     assert all(p.is_leaf for p in copied.module.parameters())
+
+
+def test_lstm_time_decay_is_a_warning_and_forget_bias_is_verified() -> None:
+    from service.engine import diagnose
+    from tests.support.pathologies import Case, GatedRNN
+
+    case = Case("lstm", lambda _s: GatedRNN(nn.LSTM), (8, 30, 4))
+    report = diagnose(case.model_bytes("torch_export"), case.batch_bytes(), OPTIONS)
+    (finding,) = report.findings
+    assert finding.kind == "vanishing_gradients" and finding.severity == "warning"
+    assert finding.evidence["axis"] == "time"
+    (rec,) = report.recommendations
+    assert rec.params["schemes"] == {"rnn.bias_ih_l0": "forget_bias"}
+    assert rec.verified is not None and rec.verified.resolved
+    before = rec.verified.before["figures"]["time_ratio"]
+    assert rec.verified.after["figures"]["time_ratio"] > 100 * before
