@@ -16,6 +16,7 @@ DEFAULT_LEASE_S = 60.0
 # 1 MiB per `blob_chunks` row: few rows for a large checkpoint, small enough that a worker
 # streaming a blob out of Postgres never holds more than one chunk per read.
 DEFAULT_BLOB_CHUNK_BYTES = 1024 * 1024
+DEFAULT_BLOB_CACHE_BYTES = 20 * 1024**3
 SQLITE_FILE_NAME = "gradhealth.sqlite3"
 
 
@@ -39,6 +40,11 @@ class Settings(BaseSettings):
         "the embedded SQLite",
     )
     blob_chunk_bytes: int = Field(default=DEFAULT_BLOB_CHUNK_BYTES, ge=1024)
+    blob_cache_bytes: int = Field(
+        default=DEFAULT_BLOB_CACHE_BYTES,
+        ge=0,
+        description="workers' local copies of database blobs (data_dir/blob-cache), LRU-evicted",
+    )
     db_pool_size: int = Field(default=10, ge=1, description="database connections per process")
     auth_cache_ttl_s: float = Field(
         default=10.0,

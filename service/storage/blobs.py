@@ -13,7 +13,9 @@ For workers (and anyone holding a sha256 from a `models`/`batches` row):
     with store.open_blob(sha256) as f: f.read(n)     # streaming, binary file object
     store.blob_path(sha256) -> Path                  # a local file: the stored file itself
                                                      # (`file`), or a sha256-verified copy under
-                                                     # <data_dir>/blob-cache (`db`)
+                                                     # <data_dir>/blob-cache (`db`; least
+                                                     # recently used copies are deleted past
+                                                     # GRADHEALTH_BLOB_CACHE_BYTES)
 Each raises `BlobNotFoundError` for an unknown (or not yet complete) sha256.
 """
 
@@ -172,6 +174,7 @@ class BlobStore:
             return file_path(self.settings, sha256)
         cached = self.settings.data_dir.resolve() / "blob-cache" / sha256
         if cached.exists():
+            os.utime(cached)  # mtime = last use, for the eviction below
             return cached
         cached.parent.mkdir(parents=True, exist_ok=True)
         digest = hashlib.sha256()
@@ -186,4 +189,26 @@ class BlobStore:
             os.replace(tmp, cached)  # atomic: concurrent workers never see a partial file
         finally:
             Path(tmp).unlink(missing_ok=True)
+        evict_least_recently_used(cached.parent, self.settings.blob_cache_bytes, keep=cached)
         return cached
+
+
+def evict_least_recently_used(directory: Path, budget_bytes: int, *, keep: Path) -> None:
+    """Delete the least recently used cached blobs until the cache fits `budget_bytes`
+    (`keep`, just fetched, stays even if it alone is larger)."""
+    entries = []
+    for path in directory.iterdir():
+        if path.name.startswith(".partial-"):
+            continue
+        try:
+            stat = path.stat()
+        except FileNotFoundError:  # another worker evicted it
+            continue
+        entries.append((stat.st_mtime, stat.st_size, path))
+    total = sum(size for _, size, _ in entries)
+    for _, size, path in sorted(entries):
+        if total <= budget_bytes:
+            break
+        if path != keep:
+            path.unlink(missing_ok=True)
+            total -= size

@@ -50,6 +50,22 @@ def test_blobs_round_trip_in_chunks_and_are_stored_once(backend: Backend, tmp_pa
     assert not list(tmp_path.glob("upload-*"))  # temporary files removed
 
 
+def test_the_worker_cache_evicts_least_recently_used_copies(
+    backend: Backend, tmp_path: Path
+) -> None:
+    settings = backend.settings.model_copy(update={"blob_storage": "db", "blob_cache_bytes": 2500})
+    store = BlobStore(settings, backend.database)
+    blobs = [store.save(spool(tmp_path, bytes([i]) * 1000)).sha256 for i in range(3)]
+    a = store.blob_path(blobs[0])
+    b = store.blob_path(blobs[1])
+    os.utime(a, (1, 1))  # a: used long ago
+    os.utime(b, (2, 2))
+    store.blob_path(blobs[0])  # a used again: now the most recent
+    c = store.blob_path(blobs[2])  # 3000 bytes > 2500: the least recently used (b) goes
+    assert a.exists() and c.exists() and not b.exists()
+    assert store.blob_path(blobs[1]).read_bytes() == bytes([1]) * 1000  # fetched again
+
+
 def test_a_corrupt_chunk_is_detected_when_materialised(backend: Backend, tmp_path: Path) -> None:
     settings = backend.settings.model_copy(update={"blob_storage": "db"})
     store = BlobStore(settings, backend.database)
