@@ -145,14 +145,14 @@ def benches(full: bool) -> list[Bench]:
                   lambda: LSTMNet(128, 512), torch.randn(64, 100, 128), 10),
         ]  # fmt: skip
     return [
-        Bench("resnet50", "full depth/width, 64px, batch 4 (CPU size)",
-              ResNet50, torch.randn(4, 3, 64, 64), 1000),
-        Bench("vit_b", "d384x6, 6 heads, 96px/16, batch 4 (CPU size)",
-              lambda: ViT(96, 16, 384, 6, 6), torch.randn(4, 3, 96, 96), 1000),
+        Bench("resnet50", "full depth/width, 128px, batch 8 (CPU size)",
+              ResNet50, torch.randn(8, 3, 128, 128), 1000),
+        Bench("vit_b", "d384x6, 6 heads, 128px/16, batch 8 (CPU size)",
+              lambda: ViT(128, 16, 384, 6, 6), torch.randn(8, 3, 128, 128), 1000),
         Bench("sigmoid_mlp24", "width 256, batch 512 (CPU size)",
               lambda: sigmoid_mlp(256), torch.randn(512, 256), 10),
-        Bench("lstm2", "hidden 128, 50 steps, batch 16 (CPU size)",
-              lambda: LSTMNet(32, 128), torch.randn(16, 50, 32), 10),
+        Bench("lstm2", "hidden 256, 50 steps, batch 32 (CPU size)",
+              lambda: LSTMNet(64, 256), torch.randn(32, 50, 64), 10),
     ]  # fmt: skip
 
 

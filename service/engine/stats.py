@@ -94,12 +94,43 @@ _NON_FINITE_BITS = 0x7F800000
 _MAGNITUDE_MASK = 0x7FFFFFFF
 
 
+_CPU_CHUNK = 1 << 19  # 2 MiB of float32 (8 MiB of rows): temporaries stay on the heap
+
+
+def _indicator_rows(flat: torch.Tensor) -> torch.Tensor:
+    """[4, n] float 0/1 rows for a 1-D float32 tensor: non-finite, |g| < 2^-24 (zeros
+    included), g == 0, |g| > 65504 (non-finite included)."""
+    # magnitude bit patterns as float32: exact for the integer order up to 1 part in 2^24 of
+    # the thresholds, and plain (never subnormal) floats, so all that follows is fast arithmetic
+    bits = (flat.view(torch.int32) & _MAGNITUDE_MASK).float()
+    rows = torch.empty((4, flat.numel()), device=flat.device)
+    # indicator(bits < t) = clamp(t − bits, 0, 1): both sides are integers, so exactly 0 or 1
+    # (negate-then-add: a scalar-first `torch.sub(c, t, out=)` is a slow broadcast path)
+    # (the thresholds are exact float32 values; a finite |g| within 64 ulps of FLT_MAX, or
+    # within 32 ulps below 2^-24 / above 65504, rounds onto the threshold: 1 part in 2^17)
+    torch.add(bits, -float(_NON_FINITE_BITS), out=rows[0]).add_(1.0).clamp_(0.0, 1.0)
+    torch.neg(bits, out=rows[1]).add_(float(_TINY_BITS)).clamp_(0.0, 1.0)
+    torch.neg(bits, out=rows[2]).add_(1.0).clamp_(0.0, 1.0)
+    torch.add(bits, -float(_FP16_MAX_BITS), out=rows[3]).clamp_(0.0, 1.0)
+    return rows
+
+
+def _chunked_sums(flat: torch.Tensor) -> torch.Tensor:
+    chunks = flat.split(_CPU_CHUNK)
+    if len(chunks) == 1:
+        return _indicator_rows(flat).sum(dim=1)
+    return torch.stack([_indicator_rows(c).sum(dim=1) for c in chunks]).sum(dim=0)
+
+
 def parameter_statistics(
     weights: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]
 ) -> dict[str, torch.Tensor]:
     """Per-parameter vectors (one entry per tensor): norms by `_foreach_norm`; counts from the
-    gradients concatenated once, compared through their magnitude bits into four indicator
-    rows, and summed per parameter. A missing gradient counts as zeros.
+    gradients classified through their magnitude bit patterns into four 0/1 rows, summed per
+    parameter. Why bit patterns: float arithmetic on subnormal gradients (exactly the values
+    underflow counting is about) takes a microcode slow path on CPUs, ~100× slower; bool
+    comparisons and bool reductions are slow paths on CPU too. A missing gradient counts as
+    zeros.
     `weight_rms` = ‖W‖/√n, the weight scale compared with He/Xavier (equal to the std for the
     zero-mean initialisations those schemes prescribe).
     """
@@ -112,19 +143,18 @@ def parameter_statistics(
         g.detach() if g is not None else torch.zeros_like(w)
         for w, g in zip(weights, grads, strict=True)
     ]
-    flat = torch.cat([g.reshape(-1).float() for g in grads_or_zero])
-    bits = flat.view(torch.int32) & _MAGNITUDE_MASK
-    rows = torch.empty((4, flat.numel()), device=device, dtype=torch.bool)
-    torch.ge(bits, _NON_FINITE_BITS, out=rows[0])  # NaN or ±inf
-    torch.lt(bits, _TINY_BITS, out=rows[1])  # |g| < 2^-24, zeros included
-    torch.eq(bits, 0, out=rows[2])  # g == 0
-    torch.gt(bits, _FP16_MAX_BITS, out=rows[3])  # |g| > 65504, non-finite included
-    # bool reductions are a slow path on CPU; the same bytes summed as uint8 into float32 are not
-    as_bytes = rows.view(torch.uint8)
-    counts, offset = [], 0
-    for size in sizes:  # one small reduction per parameter; no per-element segment ids
-        counts.append(as_bytes[:, offset : offset + size].sum(dim=1, dtype=torch.float32))
-        offset += size
+    if device.type == "cpu":
+        # per parameter, in chunks: on the CPU, big fresh temporaries cost more in page faults
+        # (allocations above glibc's mmap threshold are new pages every time) than the maths
+        counts = [_chunked_sums(g.reshape(-1).float()) for g in grads_or_zero]
+    else:
+        # on a GPU: one concatenation, fixed kernel count for the indicators, column sums
+        flat = torch.cat([g.reshape(-1).float() for g in grads_or_zero])
+        rows = _indicator_rows(flat)
+        counts, offset = [], 0
+        for size in sizes:
+            counts.append(rows[:, offset : offset + size].sum(dim=1))
+            offset += size
     per_param = torch.stack(counts, dim=1)  # [4, n_params]
     grad_norms = torch.stack(
         [n.float() for n in torch._foreach_norm([g.float() for g in grads_or_zero])]
