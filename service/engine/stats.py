@@ -122,6 +122,24 @@ def _chunked_sums(flat: torch.Tensor) -> torch.Tensor:
     return torch.stack([_indicator_rows(c).sum(dim=1) for c in chunks]).sum(dim=0)
 
 
+def counts_per_parameter(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[4, n_params] indicator counts, parameter by parameter in chunks. The CPU path: big
+    fresh temporaries cost more in page faults (allocations above glibc's mmap threshold are
+    new pages every time) than the arithmetic."""
+    return torch.stack([_chunked_sums(g.reshape(-1).float()) for g in grads], dim=1)
+
+
+def counts_by_concatenation(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[4, n_params] indicator counts from one concatenation: a fixed number of kernels for the
+    indicators whatever the parameter count (the GPU path: launches, not bytes, are the cost)."""
+    rows = _indicator_rows(torch.cat([g.reshape(-1).float() for g in grads]))
+    counts, offset = [], 0
+    for size in (g.numel() for g in grads):
+        counts.append(rows[:, offset : offset + size].sum(dim=1))
+        offset += size
+    return torch.stack(counts, dim=1)
+
+
 def parameter_statistics(
     weights: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]
 ) -> dict[str, torch.Tensor]:
@@ -143,19 +161,11 @@ def parameter_statistics(
         g.detach() if g is not None else torch.zeros_like(w)
         for w, g in zip(weights, grads, strict=True)
     ]
-    if device.type == "cpu":
-        # per parameter, in chunks: on the CPU, big fresh temporaries cost more in page faults
-        # (allocations above glibc's mmap threshold are new pages every time) than the maths
-        counts = [_chunked_sums(g.reshape(-1).float()) for g in grads_or_zero]
-    else:
-        # on a GPU: one concatenation, fixed kernel count for the indicators, column sums
-        flat = torch.cat([g.reshape(-1).float() for g in grads_or_zero])
-        rows = _indicator_rows(flat)
-        counts, offset = [], 0
-        for size in sizes:
-            counts.append(rows[:, offset : offset + size].sum(dim=1))
-            offset += size
-    per_param = torch.stack(counts, dim=1)  # [4, n_params]
+    per_param = (
+        counts_per_parameter(grads_or_zero)
+        if device.type == "cpu"
+        else counts_by_concatenation(grads_or_zero)
+    )  # [4, n_params]
     grad_norms = torch.stack(
         [n.float() for n in torch._foreach_norm([g.float() for g in grads_or_zero])]
     )

@@ -8,9 +8,12 @@ import pytest
 import torch
 
 from service.engine.stats import (
+    _CPU_CHUNK,
     FP16_MAX,
     FP16_TINY,
     alive_units,
+    counts_by_concatenation,
+    counts_per_parameter,
     moments,
     parameter_statistics,
     saturated_count,
@@ -44,3 +47,21 @@ def test_saturation_dead_units_and_moments() -> None:
     mean, var = moments(torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float16))
     assert mean.dtype == torch.float32 and mean.item() == 2.5
     assert var.item() == pytest.approx(1.25, rel=1e-6)
+
+
+def test_both_count_paths_agree_across_chunk_boundaries() -> None:
+    """The GPU path (one concatenation) and the CPU path (per parameter, chunked) must count
+    alike; a parameter larger than a chunk exercises the chunk sums."""
+    torch.manual_seed(0)
+    big = torch.randn(_CPU_CHUNK + 1000) * 1e-7  # about a third below 2^-24
+    big[::97] = 0.0
+    big[5] = math.inf
+    big[_CPU_CHUNK + 3] = 1e5
+    small = torch.tensor([math.nan, 1e-30, 0.0, 7e4])
+    grads = [big, small, torch.zeros(3)]
+    by_parameter = counts_per_parameter(grads)
+    assert torch.equal(by_parameter, counts_by_concatenation(grads))
+    a = big.abs()
+    assert by_parameter[1, 0].item() == (a < 2.0**-24).sum().item()
+    assert by_parameter[2, 0].item() == (big == 0).sum().item()
+    assert by_parameter[:, 1].tolist() == [1.0, 2.0, 1.0, 2.0]
