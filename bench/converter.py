@@ -67,7 +67,9 @@ def _median_times(
             run()
             _sync(device)
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: statistics.median(t) for name, t in times.items()} | {
+        f"{name}_min": min(t) for name, t in times.items()
+    }
 
 
 def compare(
@@ -89,9 +91,11 @@ def compare(
 
     medians = _median_times({"torch": original, "converted": converted}, repeats, device)
     ratio = medians["converted"] / medians["torch"]
+    best = medians["converted_min"] / medians["torch_min"]
     print(
-        f"{name:<22} torch {medians['torch'] * 1e3:8.2f} ms   converted "
-        f"{medians['converted'] * 1e3:8.2f} ms   ratio {ratio:5.3f}   ({len(graph.nodes)} nodes)"
+        f"{name:<22} median: torch {medians['torch'] * 1e3:8.2f} ms, converted "
+        f"{medians['converted'] * 1e3:8.2f} ms, ratio {ratio:5.3f} | min ratio {best:5.3f}"
+        f"   ({len(graph.nodes)} nodes)"
     )
     return ratio
 
@@ -146,12 +150,16 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     scale = 1 if args.quick else 4
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(
-        f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'})"
-        f", torch {torch.__version__}, onnx {onnx.__version__}, threads {torch.get_num_threads()}"
+        f"device {device} ({name}), torch {torch.__version__}, onnx {onnx.__version__}, "
+        f"threads {torch.get_num_threads()}"
     )
 
     torch.manual_seed(0)

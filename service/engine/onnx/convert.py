@@ -179,10 +179,17 @@ class Subgraph:
 class _Builder:
     """Builds nodes for one model, collecting every problem instead of stopping at the first."""
 
-    def __init__(self, opsets: dict[str, int], mode: str, extra: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        opsets: dict[str, int],
+        mode: str,
+        extra: Mapping[str, Any],
+        consumed: set[str] | None = None,
+    ) -> None:
         self.opsets = opsets
         self.mode = mode
         self.extra = dict(extra)
+        self.consumed = consumed  # every value name read anywhere; None = unknown
         self.problems: list[tuple[str, str, int, str, str]] = []  # domain, op, opset, node, why
         self.used_names: set[str] = set()
 
@@ -223,6 +230,9 @@ class _Builder:
                 mode=self.mode,
                 convert_subgraph=convert_subgraph,
                 extra=self.extra,
+                outputs_used=[
+                    bool(o) and (self.consumed is None or o in self.consumed) for o in outputs
+                ],
             )
             try:
                 fn = builder(ctx)
@@ -424,7 +434,7 @@ def _convert_checked(
         ("" if o.domain in DEFAULT_DOMAINS else o.domain): int(o.version)
         for o in model.opset_import
     }
-    builder = _Builder(opsets, mode, extra or {})
+    builder = _Builder(opsets, mode, extra or {}, _consumed_names(graph))
     builder.problems.extend(problems)
 
     init_names = {i.name for i in graph.initializer}
@@ -543,6 +553,17 @@ def _returning(result: Any) -> Any:
         return result
 
     return fn
+
+
+def _consumed_names(graph: GraphProto) -> set[str]:
+    """Every value name read by a node (subgraphs included) or returned by a graph."""
+    names = {o.name for o in graph.output}
+    for node in graph.node:
+        names.update(node.input)
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                names |= _consumed_names(sub)
+    return names
 
 
 def _statistics_initializers(graph: GraphProto) -> set[str]:

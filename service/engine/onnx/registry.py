@@ -43,9 +43,20 @@ class OpContext:
     # Converts a subgraph attribute (If/Loop/Scan bodies) into a callable; set by the converter.
     convert_subgraph: Callable[..., Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # Per declared output: does anything (a node, a subgraph, the graph's outputs) read it?
+    # Empty = unknown (treat every output as used). Lets builders skip optional outputs that
+    # exporters name but nothing consumes (BatchNormalization's running statistics, masks).
+    outputs_used: list[bool] = field(default_factory=list)
 
     def attr(self, name: str, default: Any = None) -> Any:
         return self.attrs.get(name, default)
+
+    def output_used(self, index: int) -> bool:
+        """Whether output `index` is declared and (as far as the converter knows) read."""
+        names = list(self.node.output) if self.node is not None else []
+        if index >= len(names) or not names[index]:
+            return False
+        return self.outputs_used[index] if index < len(self.outputs_used) else True
 
 
 Builder = Callable[[OpContext], NodeFn]

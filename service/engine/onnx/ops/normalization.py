@@ -32,7 +32,10 @@ def batch_norm(ctx: OpContext) -> NodeFn:
     eps = float(ctx.attr("epsilon", 1e-5))
     momentum = float(ctx.attr("momentum", 0.9))
     batch_stats = _bn_uses_batch_stats(ctx)
-    extra_outputs = ctx.num_outputs - 1
+    # Trailing statistics outputs nothing reads (the legacy exporter names them all) cost
+    # two extra reductions over the activations: compute only up to the last one read.
+    used = [i for i in range(1, ctx.num_outputs) if ctx.output_used(i)]
+    extra_outputs = max(used, default=0)
 
     def fn(x: torch.Tensor, scale: Any, bias: Any, mean: Any, var: Any) -> Any:
         if not batch_stats:
@@ -40,14 +43,14 @@ def batch_norm(ctx: OpContext) -> NodeFn:
             return F.batch_norm(x, mean.detach(), var.detach(), scale, bias, False, 0.0, eps)
         y = F.batch_norm(x, None, None, scale, bias, True, 0.0, eps)
         if extra_outputs == 0:
-            return y
+            return y if ctx.num_outputs == 1 else (y,) + (None,) * (ctx.num_outputs - 1)
         dims = [0, *range(2, x.dim())]
         batch_mean = x.mean(dim=dims)
         batch_var = x.var(dim=dims, unbiased=False)
         running_mean = mean * momentum + batch_mean * (1 - momentum)
         running_var = var * momentum + batch_var * (1 - momentum)
         outs = [y, running_mean, running_var, batch_mean, batch_var]
-        return tuple(outs[: 1 + extra_outputs])
+        return tuple(outs[: 1 + extra_outputs]) + (None,) * (ctx.num_outputs - 1 - extra_outputs)
 
     return fn
 
@@ -143,31 +146,38 @@ def _dropout_active(ctx: OpContext, training_input: Any) -> bool:
     return bool(scalar(training_input)) if training_input is not None else False
 
 
-def _dropout(x: torch.Tensor, ratio: float, active: bool, want_mask: bool) -> Any:
+def _dropout(x: torch.Tensor, ratio: float, active: bool, mask: tuple[bool, bool]) -> Any:
+    declared, used = mask
     if not active or ratio == 0.0:
-        mask = torch.ones_like(x, dtype=torch.bool) if want_mask else None
-        return (x, mask) if want_mask else x
+        if not declared:
+            return x
+        return (x, torch.ones_like(x, dtype=torch.bool) if used else None)
     keep = torch.rand_like(x) >= ratio
     y = x * keep / (1.0 - ratio)
-    return (y, keep) if want_mask else y
+    return (y, keep) if declared else y
+
+
+def _mask_output(ctx: OpContext) -> tuple[bool, bool]:
+    """(declared, read): an all-true mask is only built when something reads it."""
+    return ctx.num_outputs > 1, ctx.output_used(1)
 
 
 @register("Dropout")
 def dropout_legacy(ctx: OpContext) -> NodeFn:
     ratio = float(ctx.attr("ratio", 0.5))
     is_test = bool(ctx.attr("is_test", 0)) if ctx.opset < 7 else False
-    want_mask = ctx.num_outputs > 1
+    mask = _mask_output(ctx)
     # Before opset 12 the exported graph's Dropout is an inference no-op (onnxruntime's too).
     active = ctx.mode == "train" and bool(ctx.extra.get("dropout", False)) and not is_test
-    return lambda x: _dropout(x, ratio, active, want_mask)
+    return lambda x: _dropout(x, ratio, active, mask)
 
 
 @register("Dropout", since=12)
 def dropout(ctx: OpContext) -> NodeFn:
-    want_mask = ctx.num_outputs > 1
+    mask = _mask_output(ctx)
 
     def fn(x: torch.Tensor, ratio: Any = None, training_mode: Any = None) -> Any:
         r = float(scalar(ratio)) if ratio is not None else 0.5
-        return _dropout(x, r, _dropout_active(ctx, training_mode), want_mask)
+        return _dropout(x, r, _dropout_active(ctx, training_mode), mask)
 
     return fn
