@@ -1,0 +1,72 @@
+"""Grouping graph nodes into layers on hand-built graphs (the ONNX shapes of things)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from service.engine.graph import Node, ObservableGraph
+from service.engine.layers import group_layers, reference_std
+
+
+def _graph(nodes: list[Node], params: dict[str, torch.Tensor], out: str) -> ObservableGraph:
+    return ObservableGraph(nodes, input_names=["x"], output_names=[out], parameters=params)
+
+
+def test_transposed_matmul_plus_bias_plus_activation_is_one_layer() -> None:
+    """ONNX exports of nn.Linear: MatMul(x, Transpose(W)) then Add(b), then the activation."""
+    params = {"fc.weight": torch.randn(5, 3), "fc.bias": torch.randn(5)}
+    nodes = [
+        Node("t", "Transpose", ["fc.weight"], ["wt"], lambda w: w.t()),
+        Node("mm", "MatMul", ["x", "wt"], ["h"], torch.matmul),
+        Node("add", "Add", ["h", "fc.bias"], ["z"], torch.add),
+        Node("act", "Tanh", ["z"], ["y"], torch.tanh),
+    ]
+    (layer,) = group_layers(_graph(nodes, params, "y"))
+    assert layer.name == "fc"
+    assert layer.params == ["fc.weight", "fc.bias"]
+    assert layer.nodes == ["mm", "add", "act"]
+    assert layer.output == "y" and layer.activation == "tanh"
+    assert (layer.fan_in, layer.fan_out) == (3, 5)
+    assert reference_std(layer) == math.sqrt(2 / 8)  # Xavier before tanh
+
+
+def test_shared_output_is_not_merged_and_unnamed_params_use_the_node_name() -> None:
+    params = {"w1": torch.randn(4, 4), "w2": torch.randn(4, 4)}
+    nodes = [
+        Node("mm1", "MatMul", ["x", "w1"], ["a"], torch.matmul),
+        Node("relu", "Relu", ["a"], ["r"], torch.relu),
+        Node("mm2", "MatMul", ["r", "w2"], ["b"], torch.matmul),
+        Node("skip", "Add", ["b", "r"], ["y"], torch.add),  # data + data: not a layer
+    ]
+    layers = group_layers(_graph(nodes, params, "y"))
+    assert [lyr.name for lyr in layers] == ["mm1", "mm2"]
+    assert layers[0].activation == "relu" and layers[0].output == "r"
+    assert layers[1].activation is None and layers[1].output == "b"
+    assert [lyr.depth for lyr in layers] == [0, 1]
+    assert layers[0].fan_in == 4 and reference_std(layers[0]) == math.sqrt(2 / 4)  # He
+
+
+def test_conv_feeding_batchnorm_then_relu_is_judged_against_he() -> None:
+    params = {
+        "conv.weight": torch.randn(8, 3, 3, 3),
+        "bn.weight": torch.ones(8),
+        "bn.bias": torch.zeros(8),
+    }
+    nodes = [
+        Node("conv", "Conv", ["x", "conv.weight"], ["c"], torch.conv2d),
+        Node(
+            "bn",
+            "BatchNormalization",
+            ["c", "bn.weight", "bn.bias"],
+            ["n"],
+            lambda c, w, b: torch.nn.functional.batch_norm(c, None, None, w, b, training=True),
+        ),
+        Node("relu", "Relu", ["n"], ["y"], torch.relu),
+    ]
+    conv, bn = group_layers(_graph(nodes, params, "y"))
+    assert (conv.name, bn.name) == ("conv", "bn")
+    assert conv.fan_in == 27 and conv.init_activation == "relu"
+    assert reference_std(conv) == math.sqrt(2 / 27)
+    assert bn.activation == "relu" and bn.fan_in is None and reference_std(bn) is None
