@@ -206,14 +206,11 @@ def _collect(
         out[f"backward.{p}"] = bwd
     if totals.layer_grad_sq is not None:
         assert totals.layer_sum is not None and totals.layer_sumsq is not None
-        assert totals.layer_count is not None and totals.layer_saturated is not None
-        assert totals.layer_seen is not None
+        assert totals.layer_saturated is not None
         out["layer.grad_sq"] = totals.layer_grad_sq
         out["layer.sum"] = totals.layer_sum
         out["layer.sumsq"] = totals.layer_sumsq
-        out["layer.count"] = totals.layer_count
         out["layer.saturated"] = totals.layer_saturated
-        out["layer.seen"] = totals.layer_seen
     for index, peaks in totals.alive.items():
         out[f"dead.{index}"] = (peaks == 0).sum().reshape(1) / max(peaks.numel(), 1)
     return out
@@ -263,8 +260,9 @@ def _build(
     by_name: dict[str, dict[str, float]] = {}
     for i, (name, p) in enumerate(trainable):
         row = {k.removeprefix("param."): v[i] for k, v in host.items() if k.startswith("param.")}
+        numel = max(p.numel(), 1)
+        row["weight_rms"] = row["weight_norm"] / math.sqrt(numel)
         by_name[name] = row
-        numel = max(row["numel"], 1.0)
         parameters.append(
             ParameterReport(
                 name=name,
@@ -279,7 +277,11 @@ def _build(
                 fp16_overflow_fraction=row["overflow"] / numel,
             )
         )
-    reports = [_layer_report(i, layer, host, by_name) for i, layer in enumerate(layers)]
+    counts = probe.totals.layer_count if probe is not None else []
+    seen = probe.totals.layer_seen if probe is not None else []
+    reports = [
+        _layer_report(i, layer, host, by_name, counts, seen) for i, layer in enumerate(layers)
+    ]
     depth = _depth_profile(reports)
     times = []
     for i in sequence_inputs:
@@ -312,15 +314,20 @@ def _build(
 
 
 def _layer_report(
-    index: int, layer: Layer, host: dict[str, list[float]], params: dict[str, dict[str, float]]
+    index: int,
+    layer: Layer,
+    host: dict[str, list[float]],
+    params: dict[str, dict[str, float]],
+    counts: list[int],
+    seen: list[bool],
 ) -> LayerReport:
     grad_sq = sum(params[p]["grad_norm"] ** 2 for p in layer.params if p in params)
     weight_sq = sum(params[p]["weight_norm"] ** 2 for p in layer.params if p in params)
     grad_norm, weight_norm = math.sqrt(grad_sq), math.sqrt(weight_sq)
     stats = ActivationStats(activation=layer.activation)
     activation_grad = None
-    if "layer.count" in host and host["layer.seen"][index] > 0:
-        count = host["layer.count"][index]
+    if "layer.sum" in host and seen[index] and counts[index] > 0:
+        count = counts[index]
         mean = host["layer.sum"][index] / count
         var = max(host["layer.sumsq"][index] / count - mean * mean, 0.0)
         stats.mean, stats.std = mean, math.sqrt(var) if math.isfinite(var) else var
@@ -335,6 +342,7 @@ def _layer_report(
 
         reference = reference_std(layer)
         if reference:
+            # weight RMS = ‖W‖/√n: the scale He/Xavier prescribe as a std for zero-mean init
             init_ratio = params[layer.weight]["weight_rms"] / reference
     return LayerReport(
         name=layer.name,

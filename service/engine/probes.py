@@ -44,9 +44,11 @@ class ProbeTotals:
     layer_grad_sq: torch.Tensor | None = None  # [n_layers]
     layer_sum: torch.Tensor | None = None  # Σy over the layer output's entries
     layer_sumsq: torch.Tensor | None = None  # Σy²
-    layer_count: torch.Tensor | None = None  # Σ n (host-known, kept on device for the math)
     layer_saturated: torch.Tensor | None = None
-    layer_seen: torch.Tensor | None = None  # whether the layer output was observed
+    # host-side: known without looking at any tensor, so never copied to the device (a
+    # host→device copy from a Python list waits for the GPU queue like a sync would)
+    layer_count: list[int] = field(default_factory=list)  # Σ entries of the layer output
+    layer_seen: list[bool] = field(default_factory=list)  # its gradient hook fired
     alive: dict[int, torch.Tensor] = field(default_factory=dict)  # layer → per-unit peak |y|
 
 
@@ -159,24 +161,22 @@ class Probe:
         grad_sq = _stack([p["layer_grad"].get(i, zero) for i in rows], self.device)
         layer_sum = _stack([p["layer_sum"].get(i, zero) for i in rows], self.device)
         layer_sumsq = _stack([p["layer_sumsq"].get(i, zero) for i in rows], self.device)
-        counts = torch.tensor([float(p["layer_n"].get(i, 0)) for i in rows], device=self.device)
+        counts = [int(p["layer_n"].get(i, 0)) for i in rows]
         sat = _stack([p["layer_sat"].get(i, zero).float() for i in rows], self.device)
-        seen = torch.tensor(
-            [1.0 if i in p["layer_grad"] else 0.0 for i in rows], device=self.device
-        )
+        seen = [i in p["layer_grad"] for i in rows]
         if t.layer_grad_sq is None:
             t.layer_grad_sq, t.layer_sum, t.layer_sumsq = grad_sq, layer_sum, layer_sumsq
-            t.layer_count, t.layer_saturated, t.layer_seen = counts, sat, seen
+            t.layer_saturated = sat
+            t.layer_count, t.layer_seen = counts, seen
         else:
             assert t.layer_sum is not None and t.layer_sumsq is not None
-            assert t.layer_count is not None and t.layer_saturated is not None
-            assert t.layer_seen is not None
+            assert t.layer_saturated is not None
             t.layer_grad_sq += grad_sq
             t.layer_sum += layer_sum
             t.layer_sumsq += layer_sumsq
-            t.layer_count += counts
             t.layer_saturated += sat
-            t.layer_seen = torch.maximum(t.layer_seen, seen)
+            t.layer_count = [a + b for a, b in zip(t.layer_count, counts, strict=True)]
+            t.layer_seen = [a or b for a, b in zip(t.layer_seen, seen, strict=True)]
 
 
 def _stack(values: list[torch.Tensor], device: torch.device) -> torch.Tensor:

@@ -149,14 +149,11 @@ def parameter_statistics(
     underflow counting is about) takes a microcode slow path on CPUs, ~100× slower; bool
     comparisons and bool reductions are slow paths on CPU too. A missing gradient counts as
     zeros.
-    `weight_rms` = ‖W‖/√n, the weight scale compared with He/Xavier (equal to the std for the
-    zero-mean initialisations those schemes prescribe).
     """
-    keys = ("grad_norm", "weight_norm", "weight_rms", "non_finite", "underflow", "overflow")
+    keys = ("grad_norm", "weight_norm", "non_finite", "underflow", "overflow")
     if not weights:
-        return {k: torch.zeros(0) for k in (*keys, "numel")}
+        return {k: torch.zeros(0) for k in keys}
     device = weights[0].device
-    sizes = [w.numel() for w in weights]
     grads_or_zero = [
         g.detach() if g is not None else torch.zeros_like(w)
         for w, g in zip(weights, grads, strict=True)
@@ -172,13 +169,10 @@ def parameter_statistics(
     weight_norms = torch.stack(
         [n.float() for n in torch._foreach_norm([w.detach().float() for w in weights])]
     )
-    numel = torch.tensor(sizes, device=device, dtype=torch.float32)
     return {
         "grad_norm": grad_norms,
         "weight_norm": weight_norms,
-        "weight_rms": weight_norms / numel.sqrt(),
         "non_finite": per_param[0],
         "underflow": per_param[1] - per_param[2],
         "overflow": per_param[3] - per_param[0],
-        "numel": numel,
     }
