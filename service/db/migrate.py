@@ -18,6 +18,7 @@ from sqlalchemy import Connection, Engine
 import service
 from service.config import Settings
 from service.db.session import create_db_engine
+from service.errors import GradhealthError
 
 MIGRATIONS_DIR = Path(service.__file__).resolve().parent.parent / "migrations"
 
@@ -26,6 +27,12 @@ def alembic_config(connection: Connection | None = None, url: str | None = None)
     """A Config for our scripts. `env.py` uses `connection` when given (tests, `migrate`), else
     `url`, else `Settings()`: the URL is never written into the ini (a `%` in a password would
     break configparser interpolation)."""
+    if not (MIGRATIONS_DIR / "env.py").is_file():
+        raise GradhealthError(
+            f"the Alembic migrations are not at {MIGRATIONS_DIR}: install gradhealth from its "
+            "source tree (`pip install -e .`, as the Makefile and the Dockerfile do)",
+            code="migrations_missing",
+        )
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     config.attributes["connection"] = connection
