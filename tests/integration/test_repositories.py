@@ -16,6 +16,7 @@ from service.db.models import Blob, BlobChunk, Diagnosis, ModelRecord, utcnow
 from service.db.repositories import diagnoses as diagnoses_repo
 from service.db.repositories import models as models_repo
 from service.db.repositories import tenants as tenants_repo
+from service.db.session import Database
 from service.errors import PayloadTooLargeError
 from service.queue import enqueue
 from service.storage import BlobNotFoundError, BlobStore, SpooledUpload, StoredBlob
@@ -215,3 +216,25 @@ def test_cursor_decoding_refuses_garbage() -> None:
     for bad in ("", "!!!", "bm90IGpzb24", "WzFd"):
         with pytest.raises(ValueError):
             diagnoses_repo.Cursor.decode(bad)
+
+
+def test_a_worker_elsewhere_reads_uploads_with_only_the_database_url(
+    postgres_backend: Backend, tmp_path: Path
+) -> None:
+    from service.config import Settings
+
+    api_store = BlobStore(postgres_backend.settings, postgres_backend.database)
+    data = os.urandom(3 * 1024 * 1024 + 17)  # several chunks
+    sha = api_store.save(spool(tmp_path / "api-spool", data)).sha256
+    # Another machine: its own (empty) data dir, its own engine, the same database URL.
+    remote_settings = Settings(
+        database_url=postgres_backend.settings.database_url, data_dir=tmp_path / "remote"
+    )
+    remote_db = Database.from_settings(remote_settings)
+    try:
+        remote = BlobStore(remote_settings, remote_db)
+        path = remote.blob_path(sha)
+        assert path.is_relative_to((tmp_path / "remote").resolve())
+        assert path.read_bytes() == data
+    finally:
+        remote_db.dispose()
