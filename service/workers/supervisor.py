@@ -399,7 +399,9 @@ class Supervisor:
 
     def _claim(self, slot: Slot) -> jobs.ClaimedJob | None:
         try:
-            with self.database.session() as session:
+            # SQLite: a read first (no write lock; see service/db/session.py), the claim only
+            # when there is something to take.
+            with self.database.session(read_only=True) as session:
                 if not self.database.is_postgres and not jobs.has_available(session):
                     return None
             with self.database.session() as session:
@@ -439,7 +441,7 @@ class Supervisor:
         running = self._running()
         if not running:
             return
-        cancelled = self._db_call(jobs.cancelled_among, list(running))
+        cancelled = self._db_call(jobs.cancelled_among, list(running), read_only=True)
         for job_id in cancelled or ():
             log.info("job %s cancelled: stopping it", job_id)
             self._retire(running[job_id], kill=True)
@@ -464,14 +466,15 @@ class Supervisor:
             self._db_call(jobs.requeue, job.id, reason="the worker shut down; the job was requeued")
             log.info("job %s given back to the queue", job.id)
 
-    def _db_call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    def _db_call(self, fn: Any, *args: Any, read_only: bool = False, **kwargs: Any) -> Any:
         """`fn(session, ...)` in its own committed transaction. A database error is logged, not
         raised: the loop must go on, and every write here is safe to lose (an unrenewed lease
         expires, an unrecorded result is recomputed)."""
         try:
-            with self.database.session() as session:
+            with self.database.session(read_only=read_only) as session:
                 value = fn(session, *args, **kwargs)
-                session.commit()
+                if not read_only:
+                    session.commit()
                 return value
         except SQLAlchemyError as exc:
             log.error("database call %s failed: %s", getattr(fn, "__name__", fn), exc)
