@@ -25,13 +25,15 @@ class QueueCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily(
-            "gradhealth_jobs", "diagnoses rows by kind and status", labels=["kind", "status"]
+            "gradhealth_jobs",
+            "queued and running jobs by kind (diagnose | inspect) and status",
+            labels=["kind", "status"],
         )
         with self.database.session(read_only=True) as session:
-            counts = diagnoses_repo.count_by_status(session)
-        for key, count in sorted(counts.items()):
-            kind, status = key.split(":", 1)
-            family.add_metric([kind, status], count)
+            counts = diagnoses_repo.count_active(session)
+        for kind in (diagnoses_repo.KIND_DIAGNOSE, diagnoses_repo.KIND_INSPECT):
+            for status in diagnoses_repo.ACTIVE_STATUSES:
+                family.add_metric([kind, status], counts.get((kind, status), 0))
         yield family
 
 

@@ -6,6 +6,7 @@ from fastapi.testclient import TestClient
 
 from service.api.app import create_app
 from service.config import Settings
+from tests.api.conftest import Samples
 from tests.conftest import Backend, TenantKey, make_client
 
 
@@ -43,6 +44,17 @@ def test_metrics_count_requests_by_route_and_jobs_by_status(
         'status="404"} 1.0' in text
     )
     assert "# TYPE gradhealth_jobs gauge" in text
+    assert 'gradhealth_jobs{kind="diagnose",status="queued"} 0.0' in text
+
+
+def test_metrics_show_the_queue_depth(client: TestClient, samples: Samples) -> None:
+    model = client.post("/v1/models", files={"file": ("m.onnx", samples.onnx)}).json()
+    batch = client.post("/v1/batches", files={"file": ("b.npz", samples.npz)}).json()
+    for _ in range(2):
+        client.post("/v1/diagnoses", json={"model_id": model["id"], "batch_id": batch["id"]})
+    text = client.get("/metrics").text
+    assert 'gradhealth_jobs{kind="diagnose",status="queued"} 2.0' in text
+    assert 'gradhealth_jobs{kind="inspect",status="queued"} 1.0' in text
 
 
 def test_unknown_route_answers_in_the_error_shape(backend: Backend) -> None:

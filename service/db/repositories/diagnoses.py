@@ -20,6 +20,7 @@ from service.db.models import Diagnosis
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+ACTIVE_STATUSES = ("queued", "running")
 KIND_DIAGNOSE = "diagnose"
 KIND_INSPECT = "inspect"
 
@@ -97,11 +98,13 @@ def list_page(
     return page, Cursor(created_at=page[-1].created_at, id=page[-1].id)
 
 
-def count_by_status(session: Session) -> dict[str, int]:
-    """All tenants: for /metrics only."""
+def count_active(session: Session) -> dict[tuple[str, str], int]:
+    """(kind, status) → rows, for queued and running jobs of all tenants (for /metrics). Only
+    the unfinished states: they are the queue's depth, few rows, found through the
+    (status, available_at) index; finished rows grow without bound."""
     rows = session.execute(
-        select(Diagnosis.kind, Diagnosis.status, func.count()).group_by(
-            Diagnosis.kind, Diagnosis.status
-        )
+        select(Diagnosis.kind, Diagnosis.status, func.count())
+        .where(Diagnosis.status.in_(ACTIVE_STATUSES))
+        .group_by(Diagnosis.kind, Diagnosis.status)
     ).all()
-    return {f"{kind}:{status}": count for kind, status, count in rows}
+    return {(kind, status): count for kind, status, count in rows}
