@@ -32,7 +32,7 @@ from service.engine.layers import RELU_LIKE, SATURATING, Layer, canonical, group
 from service.engine.losses import compute_loss, default_loss
 from service.engine.measurements import Measurements, NonFiniteOrigin, Subject
 from service.engine.options import DiagnoseOptions
-from service.engine.probes import Probe
+from service.engine.probes import Probe, is_backward_safe
 from service.engine.report import (
     ActivationStats,
     DepthProfile,
@@ -104,7 +104,11 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
                 step_sq[i] = sq if i not in step_sq else step_sq[i] + sq
     start = time.perf_counter()
     pstats = parameter_statistics([p for _, p in trainable], [p.grad for _, p in trainable])
-    host = _to_host(_collect(pstats, probe, loss_total, step_sq))
+    collected = _collect(pstats, probe, loss_total, step_sq)
+    for i, x in enumerate(subject.inputs):  # a NaN in the batch is its own origin
+        if x.is_floating_point():
+            collected[f"input.{i}"] = torch.sum(x, dtype=torch.float32).reshape(1)
+    host = _to_host(collected)
     result = _build(subject, layers, trainable, host, probe, sequence_inputs)
     result.micro_batches = parts
     timing["analysis"] = time.perf_counter() - start
@@ -401,6 +405,9 @@ def _origin(
 ) -> NonFiniteOrigin | None:
     graph = subject.graph
     layer_of_node = {n: layer.name for layer in layers for n in layer.nodes}
+    for i, spec in enumerate(subject.model_info.inputs):
+        if not math.isfinite(host.get(f"input.{i}", [0.0])[0]):
+            return NonFiniteOrigin(spec.name, "input", "forward", spec.name)
     if graph is not None and probe is not None:
         nodes = graph.nodes
         first: int | None = None
@@ -422,7 +429,7 @@ def _origin(
             for position, slot in enumerate(order):
                 if not math.isfinite(norms[position]):
                     _, value = probe.hooked_values[slot]
-                    node = _gradient_producer(graph.nodes, value)
+                    node = _gradient_producer(probe, value)
                     if node is None:
                         return NonFiniteOrigin("loss", subject.loss_kind, "backward", value)
                     return NonFiniteOrigin(
@@ -451,10 +458,24 @@ def _origin(
     return None
 
 
-def _gradient_producer(nodes: list[Any], value: str) -> Any:
-    """The node whose backward produced the gradient of `value`: its (last) consumer."""
-    consumers = [n for n in nodes if value in n.inputs]
-    return consumers[-1] if consumers else None
+def _gradient_producer(probe: Probe, value: str, depth: int = 0) -> Any:
+    """The node whose backward first made the gradient of `value` non-finite.
+
+    `value` is the first hooked value (in backward order) with a non-finite gradient, so the
+    hooked outputs of its consumers were finite: a consumer that is not backward-safe, or whose
+    output was hooked, produced it. A backward-safe consumer with unhooked outputs only passed
+    a non-finite gradient on, so the search continues through its outputs."""
+    users = probe.consumers.get(value, [])
+    for node in reversed(users):  # later consumers run first in the backward pass
+        if not is_backward_safe(node) or any(o in probe.backward_slots for o in node.outputs):
+            return node
+    if depth < 64:
+        for node in reversed(users):
+            for output in node.outputs:
+                found = _gradient_producer(probe, output, depth + 1)
+                if found is not None:
+                    return found
+    return users[-1] if users else None
 
 
 # -- parameters-only coverage ----------------------------------------------------------------

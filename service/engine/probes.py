@@ -1,13 +1,14 @@
 """The observer passed to `ObservableGraph.run`: forward statistics and backward hooks per node.
 
 Per pass (one micro-batch) it collects, all as 0-dim/small tensors on the model's device:
-- forward: a float32 sum of every node output that can create a NaN/Inf (view-like ops are
-  skipped: they only move values). A non-finite sum marks a non-finite output; the first such
-  node in execution order is the forward origin.
+- forward: a float32 sum of every node output that can create a NaN/Inf (FORWARD_SAFE ops,
+  which cannot, are skipped). A non-finite sum marks a non-finite output; the first such node
+  in execution order is the forward origin.
 - layer outputs (layers.py): mean/variance, saturated count, alive-unit mask, and a gradient
   hook giving ‖∂L/∂output‖² of the layer.
-- backward: a hook on every other probed output giving its gradient's float32 norm, in the
-  order autograd calls them (the backward execution order), for the backward origin.
+- backward: a hook on every value not read only by BACKWARD_SAFE ops, giving its gradient's
+  float32 norm in the order autograd calls them (the backward execution order), for the
+  backward origin.
 
 Values go into Python lists during the pass and are stacked once at its end (one kernel per
 kind, rather than one copy kernel per node into a preallocated buffer), then added into
@@ -32,6 +33,29 @@ _ONNX_VIEWS = frozenset(
     {"reshape", "transpose", "squeeze", "unsqueeze", "flatten", "identity", "slice"}
     | {"gather", "concat", "split", "expand", "shape", "cast", "constant"}
 )
+_VIEWS = frozenset(canonical(op) for op in VIEW_OPS) | _ONNX_VIEWS
+
+# Ops that cannot turn finite inputs into NaN/Inf in the forward pass: their outputs need no
+# finiteness check, since a non-finite value reaching them comes from a checked node upstream.
+FORWARD_SAFE = _VIEWS | frozenset(
+    {"relu", "relu6", "leakyrelu", "sigmoid", "tanh", "hardtanh", "hardsigmoid", "softsign"}
+    | {"gelu", "silu", "elu", "selu", "celu", "mish", "hardswish", "threshold", "clamp", "clip"}
+    | {"maxpool2d", "maxpool1d", "maxpool3d", "maxpool2dwithindices", "maxpool", "globalmaxpool"}
+    | {"dropout", "nativedropout", "softmax", "logsoftmax", "abs", "neg", "zeros", "zeroslike"}
+    | {"onesl", "fill", "full", "sign", "floor", "ceil", "round", "where", "mean", "reducemean"}
+)
+# Ops whose backward only masks, routes or adds gradients: finite in, finite out. A value read
+# only by such ops needs no gradient hook; its gradient is finite iff theirs are (the origin
+# search in measure.py walks through them).
+BACKWARD_SAFE = _VIEWS | frozenset(
+    {"relu", "relu6", "leakyrelu", "threshold", "hardtanh", "clamp", "clip", "add", "sub"}
+    | {"neg", "dropout", "nativedropout", "maxpool2d", "maxpool1d", "maxpool3d", "maxpool"}
+    | {"maxpool2dwithindices", "getitem"}
+)
+
+
+def is_backward_safe(node: Node) -> bool:
+    return canonical(node.op_type) in BACKWARD_SAFE
 
 
 @dataclass
@@ -63,21 +87,26 @@ class Probe:
         self.checked_nodes: list[int] = []  # node index per forward slot
         self.hooked_values: list[tuple[int, str]] = []  # (node index, value) per backward slot
         self._forward_slot: dict[int, int] = {}
-        self._backward_slot: dict[str, int] = {}
+        self.backward_slots: dict[str, int] = {}
+        consumers: dict[str, list[Node]] = {}
+        for node in graph.nodes:
+            for name in dict.fromkeys(node.inputs):
+                consumers.setdefault(name, []).append(node)
+        self.consumers = consumers
         for index, node in enumerate(graph.nodes):
             op = canonical(node.op_type)
-            if op in VIEW_OPS or op in _ONNX_VIEWS:
-                continue
-            self._forward_slot[index] = len(self.checked_nodes)
-            self.checked_nodes.append(index)
+            if op not in FORWARD_SAFE:
+                self._forward_slot[index] = len(self.checked_nodes)
+                self.checked_nodes.append(index)
             for value in node.outputs:
-                if value:
-                    self._backward_slot[value] = len(self.hooked_values)
+                users = consumers.get(value, [])
+                if value and (not users or not all(is_backward_safe(u) for u in users)):
+                    self.backward_slots[value] = len(self.hooked_values)
                     self.hooked_values.append((index, value))
         for layer in layers:  # layer outputs are always hooked (e.g. through a getitem)
-            if layer.output not in self._backward_slot:
+            if layer.output not in self.backward_slots:
                 node_index = next(i for i, n in enumerate(graph.nodes) if layer.output in n.outputs)
-                self._backward_slot[layer.output] = len(self.hooked_values)
+                self.backward_slots[layer.output] = len(self.hooked_values)
                 self.hooked_values.append((node_index, layer.output))
         self.node_index = {node.name: i for i, node in enumerate(graph.nodes)}
         self.totals = ProbeTotals()
@@ -114,7 +143,7 @@ class Probe:
             if layer_index is not None:
                 assert total is not None
                 self._layer_forward(layer_index, detached, total)
-            slot = self._backward_slot.get(value_name)
+            slot = self.backward_slots.get(value_name)
             if slot is not None and value.requires_grad:
                 value.register_hook(self._make_hook(slot, layer_index))
 

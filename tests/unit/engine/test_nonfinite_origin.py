@@ -100,3 +100,13 @@ def test_fp16_underflow_fraction_matches_reference() -> None:
         want = ((g.abs() < 2.0**-24) & (g != 0)).double().mean().item()
         assert p.fp16_underflow_fraction == pytest.approx(want, abs=1e-9)
     assert m.parameters[0].fp16_underflow_fraction > 0.5
+
+
+def test_nan_in_the_batch_is_reported_as_the_input() -> None:
+    module, x = nn.Sequential(nn.ReLU(), nn.Linear(4, 2)), torch.randn(8, 4)
+    data = to_torch_export(module, x)
+    x[3, 1] = float("nan")
+    m = measure(build_subject(data, npz_bytes(x=x), DiagnoseOptions()))
+    assert m.non_finite_origin is not None
+    assert (m.non_finite_origin.op_type, m.non_finite_origin.phase) == ("input", "forward")
+    assert m.non_finite_origin.node == "input"
