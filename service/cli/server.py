@@ -67,12 +67,28 @@ def _uvicorn(app_: Any, host: str, port: int) -> None:
 def api_command(
     host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    processes: Annotated[
+        int, typer.Option(min=1, help="API processes sharing the port (uvicorn workers)")
+    ] = 1,
 ) -> None:
     """Run the REST API alone (workers run elsewhere: `gradhealth worker`)."""
     from service.api.app import create_app
 
     settings = _settings()
-    _uvicorn(create_app(settings), host, port)
+    if processes == 1:
+        _uvicorn(create_app(settings), host, port)
+        return
+    import uvicorn
+
+    # Each process builds its own app (and connection pool) from the same environment.
+    uvicorn.run(
+        "service.api.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=processes,
+        log_level="info",
+    )
 
 
 def ensure_default_key(settings: Any) -> str | None:
