@@ -96,6 +96,16 @@ def build_subject(
     loaded = load_model(model_bytes, options)
     loaded_at = time.perf_counter()
     matched = match_batch(load_batch(batch_bytes), loaded.inputs)
+    if loaded.format == "torchscript":
+        # TorchScript declares no input dtypes: float arrays follow the model's float dtype
+        # (float32 data for a bf16/fp16 model), as they do for the formats that declare them
+        float_dtype = next(
+            (p.dtype for p in loaded.module.parameters() if p.is_floating_point()), None
+        )
+        if float_dtype is not None:
+            matched.inputs = [
+                x.to(float_dtype) if x.is_floating_point() else x for x in matched.inputs
+            ]
     if loaded.finish is not None:
         loaded.finish(matched.inputs)
     finished_at = time.perf_counter()

@@ -192,3 +192,22 @@ def test_torchscript_that_cannot_be_converted_keeps_parameter_gradients() -> Non
     assert {layer.name for layer in m.layers} == {"rnn", "fc"}
     assert all(layer.activation_grad_norm is None for layer in m.layers)
     assert m.profiles.time and close(m.profiles.time[0].grad_norms[0], ref["time"][0], abs_=1e-9)
+
+
+@pytest.mark.parametrize("fmt", ["torch_export", "torchscript"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_are_measured_in_float32(fmt: str, dtype: torch.dtype) -> None:
+    case = CASES["mlp"]()
+    case.module = case.module.to(dtype)
+    float_batch = case_batch(case)  # float32 arrays: cast to the model's dtype on loading
+    case.inputs = [x.to(dtype) for x in case.inputs]
+    m = measure(build_subject(export(case, fmt), float_batch, DiagnoseOptions()))
+    module = case.module.train()
+    module.zero_grad(set_to_none=True)
+    out = module(case.inputs[0])
+    torch.nn.functional.cross_entropy(out.float(), case.target).backward()
+    assert close(m.loss.value, torch.nn.functional.cross_entropy(out.float(), case.target).item())
+    for p in m.parameters:
+        grad = dict(module.named_parameters())[p.name].grad
+        assert grad is not None
+        assert close(p.grad_norm, grad.float().norm().item(), rel=1e-3), p.name
