@@ -40,17 +40,19 @@ bearer_scheme = HTTPBearer(
 )
 
 
-def get_settings(request: Request) -> Settings:
+# The accessors are `async def` on purpose: FastAPI runs a plain `def` dependency in a
+# threadpool thread, a hop per request for a dictionary lookup.
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_database(request: Request) -> Database:
+async def get_database(request: Request) -> Database:
     database: Database = request.app.state.database
     return database
 
 
-def get_store(request: Request) -> BlobStore:
+async def get_store(request: Request) -> BlobStore:
     store: BlobStore = request.app.state.blob_store
     return store
 
