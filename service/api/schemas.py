@@ -38,7 +38,7 @@ class TensorSpecOut(BaseModel):
 
 
 class InspectionOut(BaseModel):
-    status: str = Field(description="pending | done | failed: the worker-side inspection job")
+    status: str = Field(description="pending | succeeded | failed: the worker-side inspection job")
     error: str | None = None
 
 
