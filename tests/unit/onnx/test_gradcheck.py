@@ -317,3 +317,31 @@ def test_control_flow_loop_body_reads_outer_parameter() -> None:
     assert steps.shape == (3, 3)
     h.sum().backward()
     assert converted.parameter("w").grad is not None
+
+
+@pytest.mark.parametrize("op", ["NegativeLogLikelihoodLoss", "SoftmaxCrossEntropyLoss"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_losses(op: str, reduction: str) -> None:
+    _check(
+        op,
+        [_rand(3, 4, 2)],
+        attrs={"reduction": reduction, "ignore_index": 1},
+        consts={"t": np.array([[0, 1], [3, 2], [1, 0]], np.int64)},
+        opset=13,
+    )
+
+
+@pytest.mark.parametrize(
+    ("op", "inputs", "attrs", "consts"),
+    [
+        ("CumProd", [V], {"exclusive": 1}, {"axis": np.array(2, np.int64)}),
+        ("LpNormalization", [V], {"axis": 1, "p": 2}, {}),
+        ("Compress", [V], {"axis": 2}, {"c": np.array([True, False, True, True])}),
+        ("ReverseSequence", [_rand(4, 3, 2)], {}, {"lens": np.array([4, 1, 2], np.int64)}),
+        ("GridSample", [X, _rand(2, 4, 3, 2, seed=7) * 0.8], {"align_corners": 1}, {}),
+    ],
+)
+def test_more_ops(
+    op: str, inputs: list[torch.Tensor], attrs: dict[str, Any], consts: dict[str, np.ndarray]
+) -> None:
+    _check(op, inputs, attrs=attrs, consts=consts, opset=26 if op == "CumProd" else 20)

@@ -8,6 +8,7 @@ from service.engine.onnx.ops import (  # noqa: F401
     elementwise,
     indexing,
     linalg,
+    loss,
     microsoft,
     normalization,
     recurrent,

@@ -208,3 +208,34 @@ def pad_11(ctx: OpContext) -> NodeFn:
         return _pad(x, ints(pads), mode, value, ints(axes) or None)
 
     return fn
+
+
+@register("Compress", since=9)
+def compress(ctx: OpContext) -> NodeFn:
+    axis = ctx.attr("axis")
+
+    def fn(x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        data = x.reshape(-1) if axis is None else x
+        a = 0 if axis is None else norm_axis(int(axis), x.dim())
+        keep = torch.nonzero(condition.reshape(-1)[: data.shape[a]]).reshape(-1)
+        return data.index_select(a, on_device(keep, data))
+
+    return fn
+
+
+@register("ReverseSequence", since=10)
+def reverse_sequence(ctx: OpContext) -> NodeFn:
+    batch_axis, time_axis = int(ctx.attr("batch_axis", 1)), int(ctx.attr("time_axis", 0))
+
+    def fn(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        steps = x.shape[time_axis]
+        t = torch.arange(steps, device=x.device).reshape(-1, 1)
+        lens = on_device(lengths.long(), x).reshape(1, -1)
+        index = torch.where(t < lens, lens - 1 - t, t)  # [time, batch]
+        if batch_axis < time_axis:
+            index = index.t()
+        shape = [1] * x.dim()
+        shape[time_axis], shape[batch_axis] = x.shape[time_axis], x.shape[batch_axis]
+        return torch.gather(x, time_axis, index.reshape(shape).expand(x.shape))
+
+    return fn

@@ -181,3 +181,15 @@ def dropout(ctx: OpContext) -> NodeFn:
         return _dropout(x, r, _dropout_active(ctx, training_mode), mask)
 
     return fn
+
+
+@register("LpNormalization")
+def lp_normalization(ctx: OpContext) -> NodeFn:
+    axis, p = int(ctx.attr("axis", -1)), int(ctx.attr("p", 2))
+    require(p in (1, 2), f"p={p} (only 1 and 2 are defined)")
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        norm = torch.linalg.vector_norm(x, ord=p, dim=axis, keepdim=True)
+        return x / torch.where(norm == 0, torch.ones_like(norm), norm)  # zero vectors stay 0
+
+    return fn

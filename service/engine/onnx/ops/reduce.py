@@ -121,7 +121,7 @@ def cumsum(ctx: OpContext) -> NodeFn:
     def fn(x: torch.Tensor, axis: Any) -> torch.Tensor:
         a = norm_axis(int(scalar(axis)), x.dim())
         y = x.flip(a) if reverse else x
-        out = torch.cumsum(y, dim=a)
+        out = torch.cumsum(y, dim=a, dtype=x.dtype)
         if exclusive:
             out = out - y
         return out.flip(a) if reverse else out
@@ -149,3 +149,20 @@ def topk_10(ctx: OpContext) -> NodeFn:
     largest = bool(ctx.attr("largest", 1)) if ctx.opset >= 11 else True
     sort = bool(ctx.attr("sorted", 1)) if ctx.opset >= 11 else True
     return lambda x, k: _topk(x, int(scalar(k)), axis, largest, sort)
+
+
+@register("CumProd")
+def cumprod(ctx: OpContext) -> NodeFn:
+    exclusive = bool(ctx.attr("exclusive", 0))
+    reverse = bool(ctx.attr("reverse", 0))
+
+    def fn(x: torch.Tensor, axis: Any) -> torch.Tensor:
+        a = norm_axis(int(scalar(axis)), x.dim())
+        y = x.flip(a) if reverse else x
+        if exclusive:  # shift right by one, starting from the multiplicative identity
+            ones = torch.ones_like(y.narrow(a, 0, 1))
+            y = torch.cat([ones, y.narrow(a, 0, y.shape[a] - 1)], dim=a)
+        out = torch.cumprod(y, dim=a, dtype=x.dtype)
+        return out.flip(a) if reverse else out
+
+    return fn

@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from service.engine.graph import NodeFn
 from service.engine.onnx.ops._util import ints, norm_axes, require
@@ -200,3 +201,35 @@ def upsample_7(ctx: OpContext) -> NodeFn:
 def upsample_9(ctx: OpContext) -> NodeFn:
     spec = _ResizeSpec(ctx, legacy_mode=True)
     return lambda x, scales: spec.apply(x, scales, None)
+
+
+_GRID_MODES = {
+    "bilinear": "bilinear",
+    "linear": "bilinear",
+    "nearest": "nearest",
+    "bicubic": "bicubic",
+    "cubic": "bicubic",
+}
+
+
+@register("GridSample", since=16)
+def grid_sample(ctx: OpContext) -> NodeFn:
+    mode = str(ctx.attr("mode", "bilinear" if ctx.opset < 20 else "linear"))
+    require(mode in _GRID_MODES, f"mode '{mode}'")
+    padding = str(ctx.attr("padding_mode", "zeros"))
+    require(padding in ("zeros", "border", "reflection"), f"padding_mode '{padding}'")
+    align = bool(ctx.attr("align_corners", 0))
+    torch_mode = _GRID_MODES[mode]
+
+    def fn(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        if torch_mode == "bicubic" and x.dim() != 4:
+            raise ValueError("cubic GridSample is supported on 4-D inputs only")
+        return F.grid_sample(x, grid, torch_mode, padding, align)
+
+    return fn
+
+
+@register("AffineGrid", since=20)
+def affine_grid(ctx: OpContext) -> NodeFn:
+    align = bool(ctx.attr("align_corners", 0))
+    return lambda theta, size: F.affine_grid(theta, ints(size), align_corners=align)
