@@ -264,6 +264,9 @@ def run_backend(name: str, args: argparse.Namespace, work: Path, model: Path, ba
     with context as (service, key):
         try:
             measure(service, key, args, work, model, batch)
+        except Exception:
+            print(f"  server log (last lines):\n{chr(10).join(service.log().splitlines()[-30:])}")
+            raise
         finally:
             problems = [line for line in service.log().splitlines() if "Error" in line]
             if problems:
