@@ -53,13 +53,33 @@ for _name, _fn in _UNARY.items():
     _unary(_name, _fn)
 
 
+def colocated(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """`fn(a, b)` that first moves a CPU operand next to the other one's device.
+
+    Values made on the CPU by shape arithmetic (Shape, Range, ConstantOfShape, folded
+    constants) meet device data here; torch only mixes devices for 0-d tensors.
+    """
+
+    def run(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if a.device != b.device:
+            if a.device.type == "cpu":
+                a = a.to(b.device)
+            else:
+                b = b.to(a.device)
+        return fn(a, b)
+
+    return run
+
+
 def _binary(op_type: str, fn: Callable[..., torch.Tensor]) -> None:
+    safe = colocated(fn)
+
     @register(op_type)
     def build(ctx: OpContext) -> NodeFn:
         axis = ctx.attr("axis")
         if ctx.opset < 7 and ctx.attr("broadcast") and axis is not None:
-            return lambda a, b: fn(a, _align_legacy(b, a.dim(), axis))
-        return fn
+            return lambda a, b: safe(a, _align_legacy(b, a.dim(), axis))
+        return safe
 
 
 def _align_legacy(b: torch.Tensor, rank: int, axis: int) -> torch.Tensor:
@@ -142,8 +162,10 @@ def _variadic(op_type: str, combine: Callable[[torch.Tensor, torch.Tensor], torc
     def build(ctx: OpContext) -> NodeFn:
         mean = op_type == "Mean"
 
+        safe = colocated(combine)
+
         def fn(*xs: torch.Tensor) -> torch.Tensor:
-            result = functools.reduce(combine, xs)
+            result = functools.reduce(safe, xs)
             return result / len(xs) if mean else result
 
         return fn
