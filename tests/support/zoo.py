@@ -204,12 +204,27 @@ class ControlFlow(nn.Module):
         return self.pos(h) if bool(h.sum() > 0) else self.neg(h) * 2.0
 
 
+class Cond(nn.Module):
+    """A data-dependent branch written with `torch.cond`: the dynamo exporter's ONNX If."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, 6)
+        self.pos = nn.Linear(6, 3)
+        self.neg = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(x))
+        return torch.cond(h.sum() > 0, lambda t: self.pos(t), lambda t: self.neg(t) * 2.0, (h,))
+
+
 @dataclass(frozen=True)
 class ZooModel:
     name: str
     build: Callable[[], nn.Module]
     example: Callable[[], torch.Tensor]
     scripted: bool = False  # export torch.jit.script(module): keeps control flow
+    exporters: tuple[str, ...] = ("legacy", "dynamo")
 
 
 def _seeded(factory: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
@@ -237,6 +252,13 @@ ZOO: dict[str, ZooModel] = {
         ZooModel("convnext", _seeded(ConvNeXt), _input(2, 3, 8, 8)),
         ZooModel("vit", _seeded(ViT), _input(2, 3, 8, 8)),
         ZooModel("transformer", _seeded(TransformerEncoder), _input(2, 5, 16)),
-        ZooModel("control_flow", _seeded(ControlFlow), _input(3, 4), scripted=True),
+        ZooModel(
+            "control_flow",
+            _seeded(ControlFlow),
+            _input(3, 4),
+            scripted=True,
+            exporters=("legacy",),  # TorchScript control flow: the legacy exporter only
+        ),
+        ZooModel("cond", _seeded(Cond), _input(3, 4), exporters=("dynamo",)),  # torch.cond
     ]
 }

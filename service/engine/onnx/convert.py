@@ -16,6 +16,13 @@ What becomes what:
 - `metadata`: `mode`, `extra`, `opset_imports` {domain: version}, `inputs`/`outputs`
   [{name, shape, dtype}] (symbolic dims as strings, unknown as None), `ir_version`, `producer`.
 
+Observability: every top-level node is one `Node` of the graph (named by the ONNX node name,
+or `<op_type>_<index>` when it has none) and its outputs reach `ObservableGraph`'s observer.
+Nodes inside If/Loop/Scan bodies run inside their parent node: the parent's outputs are
+observed, the body's own nodes are not. Nodes whose inputs are all small integer constants
+(exporters' `Constant → Unsqueeze → Concat` chains) are evaluated once at conversion; they stay
+in the node list and return the stored value.
+
 Validation: every node, subgraphs included, is built before anything runs. Unknown
 (domain, op_type, opset) and every attribute a builder refuses are collected and raised together
 as one `UnsupportedModelError`; a malformed graph (checker failure, names nothing produces,

@@ -27,13 +27,11 @@ def _matrix() -> list[pytest.param]:  # type: ignore[valid-type]
     params = []
     for name, entry in ZOO.items():
         legacy = [LEGACY_LOWEST.get(name, LEGACY_DEFAULT_LOWEST), None, HIGHEST]
-        for opset in legacy:
+        for opset in legacy if "legacy" in entry.exporters else []:
             params.append(
                 pytest.param(name, False, opset, id=f"{name}-legacy-{opset or 'default'}")
             )
-        if entry.scripted:
-            continue  # control flow in torch.jit.script: only the legacy exporter takes it
-        for opset in (DYNAMO_LOWEST, None, HIGHEST):
+        for opset in [] if "dynamo" not in entry.exporters else (DYNAMO_LOWEST, None, HIGHEST):
             marks = [] if opset is None else [pytest.mark.slow]
             params.append(
                 pytest.param(
