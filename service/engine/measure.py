@@ -65,9 +65,12 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
     for _, p in trainable:
         p.grad = None
     probe = Probe(graph, layers, subject.device) if graph is not None else None
-    sequence_inputs = [
-        i for i, x in enumerate(subject.inputs) if x.is_floating_point() and x.dim() == 3
-    ]
+    sequence_axes = {
+        i: sequence_axis(subject, i)
+        for i, x in enumerate(subject.inputs)
+        if x.is_floating_point() and x.dim() == 3
+    }
+    sequence_inputs = list(sequence_axes)
     timing = {"forward": 0.0, "backward": 0.0}
     loss_total = torch.zeros((), device=subject.device)
     step_sq: dict[int, torch.Tensor] = {}
@@ -99,7 +102,7 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
         for i in sequence_inputs:
             grad = inputs[i].grad
             if grad is not None:
-                dims = [d for d in range(grad.dim()) if d != 1]
+                dims = [d for d in range(grad.dim()) if d != sequence_axes[i]]
                 sq = grad.float().square().sum(dim=dims)
                 step_sq[i] = sq if i not in step_sq else step_sq[i] + sq
     start = time.perf_counter()
@@ -109,7 +112,7 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
         if x.is_floating_point():
             collected[f"input.{i}"] = torch.sum(x, dtype=torch.float32).reshape(1)
     host = _to_host(collected)
-    result = _build(subject, layers, trainable, host, probe, sequence_inputs)
+    result = _build(subject, layers, trainable, host, probe, sequence_axes)
     result.micro_batches = parts
     timing["analysis"] = time.perf_counter() - start
     result.timing = timing
@@ -117,6 +120,31 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
 
 
 # -- running ---------------------------------------------------------------------------------
+
+
+_SEQUENCE_FIRST_OPS = frozenset({"lstm", "gru", "rnn", "rnntanh", "rnnrelu"})
+
+
+def sequence_axis(subject: Subject, index: int) -> int:
+    """The time axis of rank-3 input `index`: 1 (batch-first, torch's usual layout) unless the
+    input feeds a recurrent op directly in sequence-first layout: ONNX LSTM/GRU/RNN with
+    `layout` 0, or an aten lstm/gru/rnn called with `batch_first=False`."""
+    graph = subject.graph
+    if graph is None or index >= len(graph.input_names):
+        return 1
+    name = graph.input_names[index]
+    for node in graph.nodes:
+        if name not in node.inputs or canonical(node.op_type) not in _SEQUENCE_FIRST_OPS:
+            continue
+        source = node.source
+        if node.domain == "aten" and source is not None and source.args:
+            return 1 if source.args[-1] is True else 0  # aten.*(…, batch_first)
+        layout = next(
+            (a for a in getattr(source, "attribute", ()) if getattr(a, "name", "") == "layout"),
+            None,
+        )
+        return 1 if layout is not None and layout.i == 1 else 0
+    return 1
 
 
 def _micro_batches(
@@ -173,14 +201,19 @@ def _forward(
     raise BadInputError(f"the model returned a {type(out).__name__}, not tensors")
 
 
+class DeviceOutOfMemory(GradhealthError, RuntimeError):
+    """Running out of memory is the machine's limit, not a fault in the input (exit 3 / 5xx).
+    Also a RuntimeError saying "out of memory", as torch's own, so that callers that retry with
+    more micro-batches (service/workers/runner.py) recognise it."""
+
+    code = "out_of_memory"
+    status = 507
+
+
 def _out_of_memory(exc: BaseException) -> GradhealthError:
-    """Running out of memory is the machine's limit, not a fault in the input: exit 3 / 5xx."""
     first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return GradhealthError(
-        f"out of memory while running the model ({first}); try --micro-batches N or a smaller "
-        "batch",
-        code="out_of_memory",
-        status=507,
+    return DeviceOutOfMemory(
+        f"out of memory while running the model ({first}); try --micro-batches N or a smaller batch"
     )
 
 
@@ -254,7 +287,7 @@ def _build(
     trainable: list[tuple[str, torch.nn.Parameter]],
     host: dict[str, list[float]],
     probe: Probe | None,
-    sequence_inputs: list[int],
+    sequence_axes: dict[int, int],
 ) -> Measurements:
     layer_of_param: dict[str, str] = {}
     for layer in layers:
@@ -288,7 +321,7 @@ def _build(
     ]
     depth = _depth_profile(reports)
     times = []
-    for i in sequence_inputs:
+    for i, axis in sequence_axes.items():
         sq = host.get(f"time.{i}")
         if sq:
             norms = [math.sqrt(v) for v in sq]
@@ -298,7 +331,7 @@ def _build(
                     input=subject.model_info.inputs[i].name
                     if i < len(subject.model_info.inputs)
                     else f"input_{i}",
-                    axis=1,
+                    axis=axis,
                     grad_norms=norms,
                     growth_factor=growth,
                     first_last_ratio=first_last,

@@ -211,3 +211,33 @@ def test_half_precision_models_are_measured_in_float32(fmt: str, dtype: torch.dt
         grad = dict(module.named_parameters())[p.name].grad
         assert grad is not None
         assert close(p.grad_norm, grad.float().norm().item(), rel=1e-3), p.name
+
+
+class _SeqFirstRNN(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = torch.nn.RNN(3, 5)  # batch_first=False: input [time, batch, features]
+        self.fc = torch.nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(x)
+        return self.fc(out[-1])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_time_profile_follows_a_sequence_first_layout(fmt: str) -> None:
+    torch.manual_seed(0)
+    case = CASES["rnn"]()
+    case.module, case.inputs = _SeqFirstRNN(), [torch.randn(9, 4, 3)]
+    m = measure(build_subject(export(case, fmt), case_batch(case), DiagnoseOptions()))
+    (profile,) = m.profiles.time
+    assert profile.axis == 0 and len(profile.grad_norms) == 9
+    ref = reference(case)  # sums over axes (0, 2): recompute over (1, 2) for this layout
+    x = case.inputs[0].clone().requires_grad_(True)
+    case.module.zero_grad()
+    case.module(x).square().mean().backward()
+    assert x.grad is not None
+    want = x.grad.double().square().sum(dim=(1, 2)).sqrt().tolist()
+    assert ref["loss"] == pytest.approx(m.loss.value, rel=1e-5)
+    for got, expected in zip(profile.grad_norms, want, strict=True):
+        assert close(got, expected, abs_=1e-9)
