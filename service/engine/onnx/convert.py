@@ -222,16 +222,23 @@ class _Builder:
             return sub
 
         fn: Any = _unsupported
+        attrs: dict[str, Any] = {}
         builder = lookup(node.op_type, domain, opset)
         if builder is None:
             self.problems.append((domain, node.op_type, opset, name, ""))
         else:
+            try:
+                attrs = {a.name: _decode_attr(a) for a in node.attribute}
+            except UnsupportedAttribute as exc:
+                self.problems.append((domain, node.op_type, opset, name, str(exc)))
+                builder = None
+        if builder is not None:
             ctx = OpContext(
                 node=node,
                 op_type=node.op_type,
                 domain=domain,
                 opset=opset,
-                attrs={a.name: _decode_attr(a) for a in node.attribute},
+                attrs=attrs,
                 num_inputs=len(inputs),
                 num_outputs=len(outputs),
                 mode=self.mode,
@@ -257,7 +264,8 @@ class _Builder:
             outputs=outputs,
             fn=fn,
             domain=domain,
-            attrs={},
+            # Decoded attributes (bodies left out): what a transform or a report reads.
+            attrs={k: v for k, v in attrs.items() if not _is_graph(v)},
             source=node,
         )
 
@@ -284,6 +292,12 @@ class _Builder:
             initial=initial,
             free_names=free,
         )
+
+
+def _is_graph(value: Any) -> bool:
+    return isinstance(value, GraphProto) or (
+        isinstance(value, list) and bool(value) and isinstance(value[0], GraphProto)
+    )
 
 
 def _unsupported(*args: Any, **kwargs: Any) -> Any:
