@@ -114,6 +114,13 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
     host = _to_host(collected)
     result = _build(subject, layers, trainable, host, probe, sequence_axes)
     result.micro_batches = parts
+    unreached = [name for name, p in trainable if p.grad is None]
+    if unreached:
+        shown = ", ".join(unreached[:5]) + (", ..." if len(unreached) > 5 else "")
+        result.notes.append(
+            f"{len(unreached)} parameter(s) received no gradient from this loss (unused, or "
+            f"state such as running statistics stored as float initializers): {shown}"
+        )
     timing["analysis"] = time.perf_counter() - start
     result.timing = timing
     return result
@@ -305,9 +312,11 @@ def _build(
                 name=name,
                 shape=list(p.shape),
                 layer=layer_of_param.get(name),
-                grad_norm=row["grad_norm"],
+                grad_norm=row["grad_norm"] if p.grad is not None else None,
                 weight_norm=row["weight_norm"],
-                grad_to_weight=_ratio(row["grad_norm"], row["weight_norm"]),
+                grad_to_weight=_ratio(row["grad_norm"], row["weight_norm"])
+                if p.grad is not None
+                else None,
                 non_finite=row["non_finite"] > 0,
                 non_finite_count=int(row["non_finite"]),
                 fp16_underflow_fraction=row["underflow"] / numel,

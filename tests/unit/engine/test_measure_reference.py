@@ -63,7 +63,7 @@ def test_statistics_match_plain_autograd(case_name: str, fmt: str, device: str) 
     assert names == list(ref["params"])
     for p in m.parameters:
         if p.name not in ref["params"]:
-            assert p.grad_norm == 0.0
+            assert p.grad_norm is None  # no gradient reaches running statistics
             continue
         want = ref["params"][p.name]
         assert close(p.grad_norm, want["grad_norm"]), p.name
