@@ -7,7 +7,8 @@ Prints, per database (embedded SQLite via `gradhealth serve`; Postgres via `grad
    ONNX model with a warm worker: what the queue, the worker hand-off, the database and HTTP
    add. Target ≤ 300 ms median. The client polls every `POLL_S`, which adds up to that much.
 2. status-poll latency (GET /v1/diagnoses/{id} of a finished job, report included) with 100
-   concurrent clients, each polling once per `--think-ms` (a pipeline waiting for its report);
+   concurrent clients, each polling once per `--think-ms` (a pipeline waiting for its report)
+   from a random starting point (pollers are not in step);
    baseline in the same run: GET /healthz (no database) under the same load. Target p99
    ≤ 30 ms. The clients run on the same machine as the server (their own CPU time counts).
 3. the API process's resident memory growth while a 1 GB batch upload streams through it
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -177,6 +179,8 @@ async def _hammer(
     async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=120) as http:
 
         async def one_client() -> None:
+            # Independent pollers are not in step: each starts at a random point of its period.
+            await asyncio.sleep(random.uniform(0, think_s))
             while time.perf_counter() < deadline:
                 started = time.perf_counter()
                 response = await http.get(path)
