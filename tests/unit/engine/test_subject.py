@@ -71,3 +71,24 @@ def test_model_and_batch_info() -> None:
     assert subject.loss_kind == "cross_entropy"
     assert subject.batch_info.size == 5
     assert [a.role for a in subject.batch_info.arrays] == ["input", "target"]
+
+
+class TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, image: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return self.fc(image) * scale
+
+
+@pytest.mark.parametrize("fmt", ["torch_export", "torchscript"])
+def test_arrays_feed_inputs_by_name_end_to_end(fmt: str) -> None:
+    torch.manual_seed(0)
+    module, image, scale = TwoInputs(), torch.randn(6, 4), torch.rand(6, 2) + 1
+    data = (to_torch_export if fmt == "torch_export" else to_torchscript)(module, (image, scale))
+    subject = build_subject(data, npz_bytes(scale=scale, image=image), DiagnoseOptions())
+    assert [s.name for s in subject.model_info.inputs] == ["image", "scale"]
+    assert torch.equal(subject.inputs[0], image) and torch.equal(subject.inputs[1], scale)
+    with torch.no_grad():
+        assert torch.allclose(subject.module(*subject.inputs), module(image, scale))
