@@ -91,25 +91,16 @@ def diagnose_with_oom_retry(
 
 
 def inspect_model(data: bytes) -> dict[str, Any]:
-    """Format, declared inputs/outputs and trainable parameter count of an uploaded model."""
-    from service.engine.formats.detect import detect_format
+    """Format, declared inputs/outputs and trainable parameter count of an uploaded model,
+    through the engine's own loader (no batch, no conversion check: this is metadata)."""
+    from service.engine.options import DiagnoseOptions
+    from service.engine.subject import load_model
 
-    model_format = detect_format(data)
-    if model_format == "onnx":
-        from service.engine.formats.onnx import load_onnx_model
-
-        loaded = load_onnx_model(data, check_conversion=False)
-    elif model_format == "torchscript":
-        from service.engine.formats.torchscript import load_torchscript
-
-        loaded = load_torchscript(data)
-    else:
-        from service.engine.formats.torch_export import load_torch_export
-
-        loaded = load_torch_export(data)
+    options = DiagnoseOptions.model_validate({"device": "cpu", "check_conversion": False})
+    loaded = load_model(data, options)
     parameters = [p for p in loaded.module.parameters() if p.requires_grad]
     return {
-        "format": model_format,
+        "format": loaded.format,
         "inputs": [spec.model_dump(mode="json") for spec in loaded.inputs],
         "outputs": [spec.model_dump(mode="json") for spec in loaded.outputs],
         "parameter_count": int(sum(p.numel() for p in parameters)),

@@ -44,7 +44,7 @@ class RunsOutOfMemoryBelow:
 
 def test_out_of_memory_is_retried_with_twice_the_micro_batches() -> None:
     run = RunsOutOfMemoryBelow(4)
-    report = diagnose_with_oom_retry(run, DiagnoseOptions())
+    report = diagnose_with_oom_retry(run, DiagnoseOptions.model_validate({}))
     assert run.tried == [1, 2, 4]
     assert report.micro_batches == 4
     assert len(report.notes) == 2 and "micro_batches=4" in report.notes[-1]
@@ -53,7 +53,7 @@ def test_out_of_memory_is_retried_with_twice_the_micro_batches() -> None:
 def test_out_of_memory_gives_up_past_the_limit() -> None:
     run = RunsOutOfMemoryBelow(1000)
     with pytest.raises(OutOfMemoryFailure, match="8 micro-batches"):
-        diagnose_with_oom_retry(run, DiagnoseOptions(), max_micro_batches=8)
+        diagnose_with_oom_retry(run, DiagnoseOptions.model_validate({}), max_micro_batches=8)
     assert run.tried == [1, 2, 4, 8]
 
 
@@ -62,7 +62,7 @@ def test_other_errors_are_not_retried() -> None:
         raise ValueError("shape mismatch")
 
     with pytest.raises(ValueError, match="shape mismatch"):
-        diagnose_with_oom_retry(broken, DiagnoseOptions())
+        diagnose_with_oom_retry(broken, DiagnoseOptions.model_validate({}))
     assert not is_out_of_memory(ValueError("out of memory"))
     assert is_out_of_memory(RuntimeError("CUDA error: out of memory"))
 
