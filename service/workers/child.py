@@ -23,6 +23,8 @@ def child_main(
     conn: Connection, settings: Any, env: dict[str, str], torch_threads: int, cache_bytes: int
 ) -> None:
     os.environ.update(env)
+    if getattr(settings, "environment", "") == "production":
+        os.environ.pop("GRADHEALTH_WORKER_TEST_HOLD_S", None)  # a test hook never runs there
     # The supervisor decides when a child stops (SIGTERM goes to the whole process group from
     # a terminal or `docker stop`): the child finishes its job and is then told to exit.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
