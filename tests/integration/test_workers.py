@@ -245,3 +245,20 @@ def test_graceful_stop_lets_a_running_job_finish(
     supervisor.stop()
     assert supervisor.join(30)
     assert row(backend.database, job_id).status == "succeeded"
+
+
+@POSTGRES_ONLY
+def test_a_job_left_by_a_dead_worker_is_taken_over(
+    backend: Backend, owner: Owner, run_supervisor: Callable[..., Supervisor]
+) -> None:
+    """Another worker claimed the job and vanished (its lease ran out): this pool's reaper
+    puts the job back and runs it."""
+    job_id = enqueue_inspection(backend.database, owner)
+    with backend.database.session() as session:
+        claimed = jobs.claim(session, "gone-host:1/2", lease_s=0.01)
+        session.commit()
+    assert claimed is not None and claimed.id == job_id
+    run_supervisor()
+    done = wait_for(lambda: finished(backend.database, job_id), "the takeover")
+    assert (done.status, done.attempts) == ("succeeded", 2)
+    assert done.worker_id != "gone-host:1/2"
