@@ -9,6 +9,8 @@ changes semantics on purpose (BatchNormalization exported for inference normalis
 statistics, dropout kept active on request); then a second conversion of the same weights in
 `eval` mode is compared and `reason` says so. Training-mode exports (BatchNormalization with
 `training_mode=1`) run with batch statistics in onnxruntime too, so they compare directly.
+Dropout whose `training_mode` input is set is random: it is switched off on both sides (a
+constant False fed to onnxruntime, the same for the compared graph) and `reason` says so.
 
 Errors: `max_abs_error` = max |ours − ort| over all float outputs; `max_rel_error` = max of
 |ours − ort| / max(|ort|, 1e-3 · max|ort|) per output, so entries near zero do not explode it.
@@ -55,10 +57,35 @@ def _refill(model: ModelProto, graph: ObservableGraph) -> ModelProto:
     return copy
 
 
-def _mode_differs(model: ModelProto, graph: ObservableGraph) -> str | None:
-    """Why the graph's train-mode forward differs from the exported graph, or None."""
+DROPOUT_OFF = "gradhealth::dropout_off"
+
+
+def _switch_dropout_off(model: ModelProto) -> bool:
+    """Point every Dropout's training_mode input at a constant False (in place); True if any.
+
+    Active dropout is random, so neither side can reproduce the other; both compare with it
+    off (the diagnosis' train mode has it off anyway unless asked for).
+    """
+    changed = False
+    for node in model.graph.node:
+        if node.op_type == "Dropout" and len(node.input) >= 3 and node.input[2]:
+            node.input[2] = DROPOUT_OFF
+            changed = True
+    if changed:
+        model.graph.initializer.append(
+            onnx.helper.make_tensor(DROPOUT_OFF, TensorProto.BOOL, [], [False])
+        )
+        if model.ir_version < 4:
+            model.graph.input.append(
+                onnx.helper.make_tensor_value_info(DROPOUT_OFF, TensorProto.BOOL, [])
+            )
+    return changed
+
+
+def _batch_norm_differs(model: ModelProto, graph: ObservableGraph) -> bool:
+    """Train mode normalises with batch statistics where the export used running ones."""
     if graph.metadata.get("mode", "eval") != "train":
-        return None
+        return False
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     for node in model.graph.node:
         if node.op_type == "BatchNormalization":
@@ -67,14 +94,8 @@ def _mode_differs(model: ModelProto, graph: ObservableGraph) -> str | None:
                 bool(attrs.get("training_mode", 0)) if opset >= 14 else any(list(node.output)[1:])
             )
             if not training:
-                return (
-                    "compared in eval mode: the model's BatchNormalization was exported for "
-                    "inference, which onnxruntime runs with running statistics, while train "
-                    "mode normalises with batch statistics"
-                )
-        if node.op_type == "Dropout" and graph.metadata.get("extra", {}).get("dropout"):
-            return "compared in eval mode: dropout is active in this diagnosis and is random"
-    return None
+                return True
+    return False
 
 
 def _metrics(ours: Sequence[Any], theirs: Sequence[np.ndarray]) -> tuple[float, float]:
@@ -123,6 +144,7 @@ def check_conversion(
             reason=f"inputs cannot be given to onnxruntime: {exc}",
         )
     refilled = _refill(model, graph)
+    dropout_switched = _switch_dropout_off(refilled)
     try:
         options = ort.SessionOptions()
         options.log_severity_level = 3
@@ -142,15 +164,30 @@ def check_conversion(
             reason=f"onnxruntime failed to run the model: {first}",
         )
 
-    reason = _mode_differs(model, graph)
+    reasons: list[str] = []
+    twin_needed = False
+    if _batch_norm_differs(model, graph):
+        twin_needed = True
+        reasons.append(
+            "compared in eval mode: the model's BatchNormalization was exported for inference, "
+            "which onnxruntime runs with running statistics, while train mode normalises with "
+            "batch statistics"
+        )
+    dropout_random = graph.metadata.get("mode") == "eval" or bool(
+        graph.metadata.get("extra", {}).get("dropout")
+    )
+    if dropout_switched:
+        reasons.append("dropout switched off on both sides for the comparison (it is random)")
+        twin_needed = twin_needed or dropout_random
     with torch.no_grad():
-        if reason is not None:
+        if twin_needed:  # same weights, converted as onnxruntime runs them
             twin = convert(refilled, mode="eval", release_weights=False)
             ours = twin.run([t.detach().cpu() for t in inputs])
         elif outputs is not None:
             ours = list(outputs)
         else:
             ours = graph.run(list(inputs))
+    reason = "; ".join(reasons) or None
     try:
         max_abs, max_rel = _metrics(ours, expected)
     except ValueError as exc:

@@ -183,3 +183,15 @@ def test_dropout_is_off_in_train_mode_unless_asked() -> None:
     assert 0.3 < zero_fraction < 0.7
     eval_graph = convert(onnx.load_from_string(data), mode="eval")  # as exported: active
     assert float((eval_graph(X) == 0).float().mean()) > 0.3
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_conformance_of_a_training_export_with_dropout(mode: str) -> None:
+    """onnxruntime runs TRAINING-mode Dropout randomly: the check turns it off on both sides."""
+    module = _bn_module().train()
+    model = onnx.load_from_string(to_onnx(module, X))
+    graph = convert(model, mode=mode)
+    check = check_conversion(model, graph, [X])
+    assert check.checked
+    assert check.reason is not None and "dropout switched off" in check.reason
+    assert check.max_rel_error is not None and check.max_rel_error < 1e-4

@@ -60,7 +60,7 @@ def test_forward_matches_onnxruntime(name: str, dynamo: bool, opset: int | None)
     check = check_conversion(onnx.load_from_string(data), graph, [x], [ours])
     assert check.checked, check.reason
     assert check.max_rel_error is not None and check.max_rel_error <= 1e-4, check
-    assert check.reason is None
+    assert check.reason is None or check.reason.startswith("dropout switched off")
 
 
 def _legacy_params() -> list[pytest.param]:  # type: ignore[valid-type]
