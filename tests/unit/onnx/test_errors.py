@@ -234,3 +234,20 @@ def test_wrong_input_shape_is_a_batch_error() -> None:
         check_inputs(graph, [torch.zeros(5, 4)])
     with pytest.raises(BatchError, match="must have 2 dimensions"):
         check_inputs(graph, [torch.zeros(3)])
+
+
+def test_bundle_symlink_member_is_refused() -> None:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("model.onnx", _external_model("weights.bin"))
+        link = zipfile.ZipInfo("weights.bin")
+        link.external_attr = (0o120777 << 16) | 0  # a symbolic link to /etc/passwd
+        archive.writestr(link, "/etc/passwd")
+    with pytest.raises(ModelFormatError, match="symbolic link"):
+        load_onnx_bundle(buffer.getvalue())
+
+
+def test_bundle_larger_than_the_cap_is_refused() -> None:
+    data = _zip({"model.onnx": _external_model("weights.bin"), "weights.bin": b"\0" * 4096})
+    with pytest.raises(ModelFormatError, match="unpacks to more than"):
+        load_onnx_bundle(data, max_bytes=1024)
