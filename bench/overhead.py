@@ -7,8 +7,10 @@ For each model: the median time of
 - `graph`: the same model loaded from its `.pt2` as an ObservableGraph, run without observer;
 - `measure`: `measure(subject)`, the whole measurement pass (probes, hooks, parameter
   statistics, the one host transfer, the report objects),
-and the ratios graph/plain and measure/plain; on CUDA also the peak-memory ratio
-(torch.cuda.max_memory_allocated of measure vs plain). All in one process, same device.
+and the ratios graph/plain and measure/plain; the peak-memory ratio, on CUDA from
+torch.cuda.max_memory_allocated (measure vs plain, in process), on the CPU with `--memory` from
+the resident-set high-water mark of one step in a fresh child process per variant (the step's
+own memory: activations, gradients, probe temporaries; the weights loaded before are excluded).
 
 Models: ResNet-50 (bottleneck blocks [3, 4, 6, 3], width 64, BatchNorm), ViT-B (patch 16,
 d=768, 12 layers, 12 heads), a 24-layer sigmoid MLP, a 2-layer LSTM. On CPU the default sizes
@@ -27,6 +29,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -188,18 +191,87 @@ def _peak(fn: Callable[[], object], device: torch.device) -> float | None:
     return float(torch.cuda.max_memory_allocated(device))
 
 
-def run(bench: Bench, device: torch.device, repeats: int) -> dict[str, float | None]:
-    module = bench.build().train()
-    target = torch.randint(0, bench.classes, (bench.x.shape[0],))
+def _subject(
+    bench: Bench, module: nn.Module, target: torch.Tensor, options: DiagnoseOptions
+) -> Any:
+    import io
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         data = to_torch_export(module, bench.x)
-    import io
-
     batch = io.BytesIO()
     np.savez(batch, x=bench.x.numpy(), target=target.numpy())
+    return build_subject(data, batch.getvalue(), options)
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_child(bench: Bench, variant: str) -> None:
+    """CPU peak memory of one step, in a fresh process: the resident-set high-water mark
+    (VmHWM, reset through /proc/self/clear_refs) minus the resident set just before the step.
+    Prints the bytes as one JSON number."""
+    import gc
+    import json
+
+    module = bench.build().train()
+    target = torch.randint(0, bench.classes, (bench.x.shape[0],))
+    options = DiagnoseOptions(device="cpu", verify_fixes=False)
+    step: Callable[[], object]
+    if variant == "measure":
+        subject = _subject(bench, module, target, options)
+        del module
+
+        def step() -> object:
+            return measure(subject, options)
+
+    elif variant == "graph":
+        graph = _subject(bench, module, target, options).graph
+        del module
+
+        def step() -> object:
+            return F.cross_entropy(graph.run([bench.x])[0], target).backward()
+
+    else:
+
+        def step() -> object:
+            return F.cross_entropy(module(bench.x), target).backward()
+
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
+    before = _status_kib("VmRSS")
+    step()
+    print(json.dumps((_status_kib("VmHWM") - before) * 1024))
+
+
+def memory_ratio_cpu(bench: Bench, threads: int) -> float | None:
+    import json
+    import subprocess
+
+    used = {}
+    for variant in ("plain", "graph", "measure"):
+        out = subprocess.run(
+            [sys.executable, __file__, "--memory-child", variant, "--only", bench.name,
+             "--threads", str(threads), "--device", "cpu"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        used[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+    print(
+        f"  {bench.name} step memory (MiB): "
+        + ", ".join(f"{k} {v / 2**20:.1f}" for k, v in used.items())
+    )
+    return used["measure"] / used["plain"] if used["plain"] > 0 else None
+
+
+def run(bench: Bench, device: torch.device, repeats: int) -> dict[str, float | None]:
+    module = bench.build().train()
+    target = torch.randint(0, bench.classes, (bench.x.shape[0],))
     options = DiagnoseOptions(device=str(device), verify_fixes=False)
-    subject = build_subject(data, batch.getvalue(), options)
+    subject = _subject(bench, module, target, options)
     module = module.to(device)
     x, y = bench.x.to(device), target.to(device)
     params = list(module.parameters())
@@ -245,6 +317,12 @@ def main() -> None:
     parser.add_argument("--full-size", action="store_true")
     parser.add_argument("--only", default="", help="comma-separated model names")
     parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="CPU: also measure the peak-memory ratio (two child processes per model)",
+    )
+    parser.add_argument("--memory-child", default="", help=argparse.SUPPRESS)
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -255,6 +333,10 @@ def main() -> None:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     full = args.full_size or device.type == "cuda"
+    if args.memory_child:
+        (bench,) = [b for b in benches(full) if b.name == args.only]
+        memory_child(bench, args.memory_child)
+        return
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device: {name}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     clock = "wall time" if device.type == "cuda" else "process CPU time"
@@ -265,6 +347,8 @@ def main() -> None:
         if only and bench.name not in only:
             continue
         r = run(bench, device, args.repeats)
+        if device.type == "cpu" and args.memory:
+            r["peak_ratio"] = memory_ratio_cpu(bench, args.threads)
         plain = r["plain_s"] or 1.0
         peak = f"{r['peak_ratio']:.2f}" if r["peak_ratio"] is not None else "n/a"
         print(
