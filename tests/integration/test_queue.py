@@ -309,11 +309,10 @@ def test_inspection_job_fills_the_model(database: Database, owner: Owner) -> Non
         assert (model.format, model.parameter_count) == ("torchscript", 3)
 
 
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)  # SQLite workers poll
 def test_listener_hears_a_job_only_when_its_transaction_commits(
     database: Database, owner: Owner
 ) -> None:
-    if not database.is_postgres:
-        pytest.skip("LISTEN/NOTIFY is Postgres only; SQLite workers poll")
     listener = Listener(str(database.engine.url.render_as_string(hide_password=False)))
     try:
         fileno = listener.fileno()
