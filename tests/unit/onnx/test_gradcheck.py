@@ -228,6 +228,7 @@ def test_cumsum() -> None:
             },
         ),
         ("Gather", [V], {"axis": 1}, {"i": np.array([[2, -1], [0, 0]], np.int64)}),
+        ("Gather", [V], {"axis": 2}, {"i": np.array(-1, np.int64)}),
         ("GatherElements", [V], {"axis": 2}, {"i": np.zeros((2, 3, 2), np.int64)}),
         ("GatherND", [V], {"batch_dims": 1}, {"i": np.array([[1], [0]], np.int64)}),
         ("Expand", [_rand(3, 1)], {}, {"shape": np.array([2, 3, 4], np.int64)}),

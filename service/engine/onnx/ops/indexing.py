@@ -22,6 +22,10 @@ def gather(ctx: OpContext) -> NodeFn:
 
     def fn(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         a = norm_axis(axis, x.dim())
+        if index.dim() == 0 and index.device.type == "cpu":
+            # One position (exporters' q/k/v split, shape picks): a view whose backward is a
+            # slice copy, not index_select's scatter-add.
+            return x.select(a, int(index))
         index = on_device(_wrap_negative(index.long(), x.shape[a]), x)
         picked = x.index_select(a, index.reshape(-1))
         return picked.reshape([*x.shape[:a], *index.shape, *x.shape[a + 1 :]])
