@@ -184,7 +184,12 @@ def identity(ctx: OpContext) -> NodeFn:
 
 @register("Where")
 def where(ctx: OpContext) -> NodeFn:
-    return lambda c, a, b: torch.where(c.to(a.device) if c.device != a.device else c, a, b)
+    def fn(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        device = next((t.device for t in (a, b, c) if t.device.type != "cpu"), a.device)
+        c, a, b = (t if t.device == device else t.to(device) for t in (c, a, b))
+        return torch.where(c, a, b)
+
+    return fn
 
 
 @register("Cast")
