@@ -340,9 +340,17 @@ def test_losses(op: str, reduction: str) -> None:
         ("Compress", [V], {"axis": 2}, {"c": np.array([True, False, True, True])}),
         ("ReverseSequence", [_rand(4, 3, 2)], {}, {"lens": np.array([4, 1, 2], np.int64)}),
         ("GridSample", [X, _rand(2, 4, 3, 2, seed=7) * 0.8], {"align_corners": 1}, {}),
+        ("CenterCropPad", [X], {"axes": [2, 3]}, {"s": np.array([3, 8], np.int64)}),
+        (
+            "RotaryEmbedding",
+            [_rand(2, 2, 3, 4), _rand(5, 2, seed=1), _rand(5, 2, seed=2)],
+            {"interleaved": 1},
+            {"ids": np.array([[0, 1, 2], [4, 3, 2]], np.int64)},
+        ),
     ],
 )
 def test_more_ops(
     op: str, inputs: list[torch.Tensor], attrs: dict[str, Any], consts: dict[str, np.ndarray]
 ) -> None:
-    _check(op, inputs, attrs=attrs, consts=consts, opset=26 if op == "CumProd" else 20)
+    opset = {"CumProd": 26, "RotaryEmbedding": 23}.get(op, 20)
+    _check(op, inputs, attrs=attrs, consts=consts, opset=opset)

@@ -11,6 +11,7 @@ from service.engine.onnx.ops import (  # noqa: F401
     loss,
     microsoft,
     normalization,
+    positional,
     recurrent,
     reduce,
     resize,

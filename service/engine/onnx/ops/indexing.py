@@ -243,3 +243,21 @@ def reverse_sequence(ctx: OpContext) -> NodeFn:
         return torch.gather(x, time_axis, index.reshape(shape).expand(x.shape))
 
     return fn
+
+
+@register("CenterCropPad", since=18)
+def center_crop_pad(ctx: OpContext) -> NodeFn:
+    axes_attr = ctx.attr("axes")
+
+    def fn(x: torch.Tensor, shape: Any) -> torch.Tensor:
+        axes = norm_axes(axes_attr, x.dim()) if axes_attr else list(range(x.dim()))
+        begin = [0] * x.dim()
+        end = [0] * x.dim()
+        for axis, size in zip(axes, ints(shape), strict=False):
+            dim = x.shape[axis]
+            # Centred: a crop drops (dim - size) // 2 first, a pad adds (size - dim) // 2 first.
+            begin[axis] = -((dim - size) // 2) if size < dim else (size - dim) // 2
+            end[axis] = size - dim - begin[axis]
+        return _pad(x, begin + end, "constant", 0, None)
+
+    return fn
