@@ -155,7 +155,7 @@ class Probe:
         if layer.activation in SATURATING:
             p["layer_sat"][layer_index] = saturated_count(y, layer.activation)
         if layer.activation in RELU_LIKE:
-            peaks = unit_peaks(y)
+            peaks = unit_peaks(y, non_negative=layer.activation in ("relu", "relu6"))
             previous = self.totals.alive.get(layer_index)
             self.totals.alive[layer_index] = (
                 peaks if previous is None else torch.maximum(previous, peaks)

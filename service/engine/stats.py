@@ -51,12 +51,14 @@ def saturated_count(y: torch.Tensor, activation: str) -> torch.Tensor:
     return distance.sub_(threshold).clamp_(min=0.0).sign_().sum()
 
 
-def unit_peaks(y: torch.Tensor) -> torch.Tensor:
+def unit_peaks(y: torch.Tensor, non_negative: bool = False) -> torch.Tensor:
     """Per unit (all axes but the batch axis 0), the largest |output| over the batch; a unit
-    is dead when its peak is 0. Kept as a max so micro-batches combine with `maximum`."""
+    is dead when its peak is 0. Kept as a max so micro-batches combine with `maximum`.
+    `non_negative` (ReLU outputs): skip the activation-sized |y| temporary."""
+    y = y.detach()
     if y.dim() == 0:
-        return y.detach().abs().reshape(1).float()
-    return y.detach().abs().amax(dim=0).float()
+        return y.abs().reshape(1).float()
+    return (y if non_negative else y.abs()).amax(dim=0).float()
 
 
 def alive_units(y: torch.Tensor) -> torch.Tensor:
