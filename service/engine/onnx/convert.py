@@ -8,7 +8,8 @@ What becomes what:
 - Float initializers → `nn.Parameter`s registered under their exact initializer names; the
   proto's copy of their bytes is released (`release_weights=True`), so one copy is kept
   (`conformance.check_conversion` refills a copy from the graph when onnxruntime needs it).
-  Float initializers used only as BatchNormalization statistics (running mean/var) → buffers.
+  Float initializers used only as BatchNormalization statistics (running mean/var), or read by
+  no node at all, → buffers.
 - Integer initializers and `Constant` values → buffers (moved by `.to(device)`); small integer
   ones (shapes, axes: at most `SMALL_INT_NUMEL` elements) → `constants`, kept on the CPU because
   shape arithmetic reads them as Python ints and a device round trip would only add syncs.
@@ -455,7 +456,8 @@ def _convert_checked(
         ("" if o.domain in DEFAULT_DOMAINS else o.domain): int(o.version)
         for o in model.opset_import
     }
-    builder = _Builder(opsets, mode, extra or {}, _consumed_names(graph))
+    consumed = _consumed_names(graph)
+    builder = _Builder(opsets, mode, extra or {}, consumed)
     builder.problems.extend(problems)
 
     init_names = {i.name for i in graph.initializer}
@@ -474,9 +476,11 @@ def _convert_checked(
     parameters: dict[str, torch.Tensor] = {}
     buffers: dict[str, torch.Tensor] = {}
     constants: dict[str, Any] = {}
-    statistics = _statistics_initializers(graph)
+    # Statistics and initializers nothing reads are state, not trainable weights: reporting
+    # them as parameters would show gradients that can never exist.
+    not_trainable = _statistics_initializers(graph) | (set(weights) - consumed)
     for name, tensor in weights.items():
-        if tensor.dtype in FLOAT_DTYPES and name not in statistics:
+        if tensor.dtype in FLOAT_DTYPES and name not in not_trainable:
             parameters[name] = torch.nn.Parameter(tensor)
         elif tensor.dtype in FLOAT_DTYPES:
             buffers[name] = tensor
