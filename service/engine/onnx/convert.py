@@ -520,7 +520,8 @@ def _convert_checked(
     )
 
 
-# Ops never folded: their value changes per run (randomness) or they carry subgraphs.
+# Ops never folded: their value changes per run (randomness), they carry subgraphs, or
+# their output size is data-dependent (below).
 UNFOLDABLE = {
     "Dropout",
     "RandomNormal",
@@ -532,6 +533,18 @@ UNFOLDABLE = {
     "If",
     "Loop",
     "Scan",
+    # Ops whose output size comes from input *values*: a hostile model could ask for
+    # terabytes at conversion time; at run time the job's limits apply.
+    "ConstantOfShape",
+    "Range",
+    "Expand",
+    "Tile",
+    "EyeLike",
+    "OneHot",
+    "Resize",
+    "Upsample",
+    "Pad",
+    "CenterCropPad",
 }
 
 
