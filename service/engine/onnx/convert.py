@@ -415,9 +415,11 @@ def convert(
     try:
         _run_checker(_weightless_twin(model))
         graph_module = _convert_checked(model, mode, extra, weights, problems)
-    finally:
-        if not release_weights:
-            _restore(graph, weights)
+    except BaseException:
+        _restore(graph, weights)  # a refused model keeps its weights for the caller
+        raise
+    if not release_weights:
+        _restore(graph, weights)
     return graph_module
 
 
