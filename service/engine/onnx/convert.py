@@ -43,8 +43,16 @@ through the `registry.OpContext` they receive:
   `outer: dict[str, Any]` holding the outer-scope values the bodies read; the converter appends
   those names to the Node's inputs, so data flow stays explicit in the node list. Call a body
   as `subgraph(inputs: list, outer) -> list` (its declared outputs in order).
+- `ctx.output_used(i)`: whether output i is declared and read by anything; skip computing
+  optional outputs nobody reads (return None in their place).
 - Refuse what cannot be honoured by raising `registry.UnsupportedAttribute(message)` from the
   builder (never from the returned fn): it is collected with the node name and opset.
+- Values reaching a fn: torch tensors (data on the model's device; shape arithmetic on small
+  int64 CPU tensors, see ops/elementwise.colocated for mixing them) or None for omitted inputs.
+
+`release_weights=True` (the default) empties the initializers of the given proto on success;
+a refused model keeps them. `check_inputs(graph, inputs)` checks a batch against the declared
+inputs (count, rank, fixed and symbolic dims) and raises `BatchError` naming the input.
 """
 
 from __future__ import annotations
