@@ -186,6 +186,33 @@ class TransformerEncoder(nn.Module):
         return self.head(self.encoder(x))
 
 
+class TinyGPT(nn.Module):
+    """Token and position embeddings, one causal attention block, a tied-free LM head: the ops
+    language-model exports carry (Gather on token ids, Range/arange positions, causal mask)."""
+
+    def __init__(self, vocab: int = 50, dim: int = 16, heads: int = 2, context: int = 16) -> None:
+        super().__init__()
+        self.heads = heads
+        self.tok = nn.Embedding(vocab, dim)
+        self.pos = nn.Embedding(context, dim)
+        self.ln1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.ln2 = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, 4 * dim)
+        self.out = nn.Linear(4 * dim, dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        b, t = ids.shape
+        x = self.tok(ids) + self.pos(torch.arange(t, device=ids.device))
+        q, k, v = self.qkv(self.ln1(x)).reshape(b, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        att = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(att.transpose(1, 2).reshape(b, t, -1))
+        x = x + self.out(nn.functional.gelu(self.fc(self.ln2(x)), approximate="tanh"))
+        return self.lm_head(x)
+
+
 class ControlFlow(nn.Module):
     """A loop with a data-dependent trip count and a branch: scripted, so exported as
     ONNX Loop and If (with parameters read from the outer scope inside the bodies)."""
@@ -235,6 +262,13 @@ def _seeded(factory: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
     return build
 
 
+def _tokens(*shape: int, vocab: int = 50) -> Callable[[], torch.Tensor]:
+    def make() -> torch.Tensor:
+        return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(1))
+
+    return make
+
+
 def _input(*shape: int, seed: int = 1) -> Callable[[], torch.Tensor]:
     def make() -> torch.Tensor:
         return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
@@ -252,6 +286,7 @@ ZOO: dict[str, ZooModel] = {
         ZooModel("convnext", _seeded(ConvNeXt), _input(2, 3, 8, 8)),
         ZooModel("vit", _seeded(ViT), _input(2, 3, 8, 8)),
         ZooModel("transformer", _seeded(TransformerEncoder), _input(2, 5, 16)),
+        ZooModel("gpt", _seeded(TinyGPT), _tokens(2, 6)),
         ZooModel(
             "control_flow",
             _seeded(ControlFlow),
