@@ -21,7 +21,9 @@ pytestmark = [
 ]
 
 
-@pytest.mark.parametrize("name", ["resnet", "mobilenet", "vit", "transformer", "control_flow"])
+@pytest.mark.parametrize(
+    "name", ["resnet", "mobilenet", "vit", "transformer", "gpt", "control_flow"]
+)
 def test_cuda_matches_cpu(name: str) -> None:
     entry = ZOO[name]
     module = entry.build()
@@ -32,7 +34,7 @@ def test_cuda_matches_cpu(name: str) -> None:
     for device in ("cpu", "cuda"):
         graph = convert(onnx.load_from_string(data), mode="train").to(device)
         out = graph(x.to(device))
-        out.square().mean().backward()
+        out.float().square().mean().backward()
         grads = {n: p.grad.detach().cpu() for n, p in graph.named_graph_parameters()}
         results[device] = (out.detach().cpu(), grads)
     torch.testing.assert_close(results["cuda"][0], results["cpu"][0], rtol=1e-3, atol=1e-4)
