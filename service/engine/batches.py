@@ -1,8 +1,9 @@
 """Sample batches (CONTRACT.md §2): `.npz` (no pickle), `.safetensors`, `.pt` (weights_only).
 
 Arrays named like the model's inputs feed those inputs; otherwise the arrays feed the inputs in
-file order. An array named `target` (or `targets`, `labels`, `y`) is the loss target, never an
-input. Shapes and dtypes are checked against the model's declared inputs, and each error names
+file order (for safetensors: the order of their data in the file, which its writers choose).
+An array named `target` (or `targets`, `labels`, `y`) is the loss target, never an input.
+Shapes and dtypes are checked against the model's declared inputs, and each error names
 the input and what to change.
 
 Dtype policy: a floating array feeding a floating input is cast to the input's declared dtype
@@ -100,12 +101,22 @@ def _load_npz(data: bytes) -> dict[str, torch.Tensor]:
 
 
 def _load_safetensors(data: bytes) -> dict[str, torch.Tensor]:
+    """Arrays in the order their data lies in the file: the header is a JSON object whose key
+    order the writers do not keep (safetensors lays data out by dtype, then name)."""
+    import json
+
     from safetensors.torch import load
 
     try:
-        return dict(load(data))
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + header_len])
+        tensors = load(data)
     except Exception as exc:
         raise BatchError(f"the .safetensors batch could not be read: {exc}") from exc
+    names = sorted(
+        (k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0]
+    )
+    return {name: tensors[name] for name in names}
 
 
 def _load_pt(data: bytes) -> dict[str, torch.Tensor]:
