@@ -5,14 +5,15 @@ micro-batch, gradients accumulated) and every statistic the detectors read.
   non-finite count, fp16 underflow/overflow fractions.
 - Per layer (layers.py, probes.py): ‖∂L/∂output‖, activation mean/std/saturation/dead units,
   fan-in and weight std relative to He/Xavier.
-- Profiles: depth (log ‖∂L/∂a_l‖ fitted against depth l) and time (‖∂L/∂x_t‖ per step for
-  floating inputs of rank 3, whose axis 1 is taken as the sequence axis: batch-first layout).
+- Profiles: depth (log ‖∂L/∂a_l‖ fitted against depth l) and time (‖∂L/∂x_t‖ per step of the
+  inputs with a sequence axis, read off the recurrent ops' layouts by sequences.py; token
+  inputs get ‖∂L/∂e_t‖ of their embedding output; batch-first is only the fallback, noted).
 - Non-finite origin: the first node producing NaN/Inf in the forward pass, else the node whose
   backward first produced a non-finite gradient.
 
-Micro-batches: the batch is split along axis 0, each part's loss is weighted by its share of
-the batch, so accumulated gradients equal the full batch's (exactly, unless the model mixes
-samples, e.g. BatchNorm in train mode sees each part's statistics).
+Micro-batches: the batch is split along each input's batch axis (sequences.py), each part's
+loss is weighted by its share of the batch, so accumulated gradients equal the full batch's
+(exactly, unless the model mixes samples, e.g. BatchNorm in train mode sees each part's statistics).
 
 Everything stays on the device until one transfer at the end (`_to_host`).
 """
@@ -28,6 +29,7 @@ from typing import Any
 
 import torch
 
+from service.engine.graph import Node
 from service.engine.layers import RELU_LIKE, SATURATING, Layer, canonical, group_layers
 from service.engine.losses import compute_loss, default_loss
 from service.engine.measurements import Measurements, Subject
@@ -42,6 +44,13 @@ from service.engine.report import (
     ParameterReport,
     Profiles,
     TimeProfile,
+)
+from service.engine.sequences import (
+    TimeSource,
+    describe,
+    sequence_layout,
+    step_norms_sq,
+    tap_hook,
 )
 from service.engine.stats import parameter_statistics
 from service.errors import BadInputError, GradhealthError
@@ -66,26 +75,23 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
     for _, p in trainable:
         p.grad = None
     probe = Probe(graph, layers, subject.device) if graph is not None else None
-    sequence_axes = {
-        i: sequence_axis(subject, i)
-        for i, x in enumerate(subject.inputs)
-        if x.is_floating_point() and x.dim() == 3
-    }
-    sequence_inputs = list(sequence_axes)
+    layout = sequence_layout(graph, subject.inputs, [s.name for s in subject.model_info.inputs])
+    direct = {s.input_index: k for k, s in enumerate(layout.sources) if s.value is None}
+    tapped = {s.value: k for k, s in enumerate(layout.sources) if s.value is not None}
     timing = {"forward": 0.0, "backward": 0.0}
     loss_total = torch.zeros((), device=subject.device)
     step_sq: dict[int, torch.Tensor] = {}
+    observer = _with_taps(probe, tapped, layout.sources, step_sq)
     parts = 0
-    for inputs, target, share in _micro_batches(subject, options.micro_batches):
+    for inputs, target, share in _micro_batches(subject, options.micro_batches, layout.batch_axes):
         parts += 1
         inputs = [
-            x.detach().requires_grad_(True) if i in sequence_inputs else x
-            for i, x in enumerate(inputs)
+            x.detach().requires_grad_(True) if i in direct else x for i, x in enumerate(inputs)
         ]
         start = time.perf_counter()
         if probe is not None:
             probe.begin_pass()
-        outputs = _forward(subject, inputs, probe, options.precision)
+        outputs = _forward(subject, inputs, probe, options.precision, observer)
         if subject.loss_kind in ("", "auto"):
             subject.loss_kind, subject.loss_reason = default_loss(
                 subject.target, list(outputs[0].shape) if outputs else None
@@ -100,12 +106,11 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
         if probe is not None:
             probe.end_pass()
         loss_total += loss.detach().float() * share
-        for i in sequence_inputs:
+        for i, key in direct.items():
             grad = inputs[i].grad
             if grad is not None:
-                dims = [d for d in range(grad.dim()) if d != sequence_axes[i]]
-                sq = grad.float().square().sum(dim=dims)
-                step_sq[i] = sq if i not in step_sq else step_sq[i] + sq
+                sq = step_norms_sq(grad, layout.sources[key].axes.time)
+                step_sq[key] = sq if key not in step_sq else step_sq[key] + sq
     start = time.perf_counter()
     pstats = parameter_statistics([p for _, p in trainable], [p.grad for _, p in trainable])
     collected = _collect(pstats, probe, loss_total, step_sq)
@@ -113,7 +118,8 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
         if x.is_floating_point():
             collected[f"input.{i}"] = torch.sum(x, dtype=torch.float32).reshape(1)
     host = _to_host(collected)
-    result = _build(subject, layers, trainable, host, probe, sequence_axes)
+    result = _build(subject, layers, trainable, host, probe, layout.sources)
+    result.notes.extend(layout.notes)
     result.micro_batches = parts
     unreached = [name for name, p in trainable if p.grad is None]
     if unreached:
@@ -130,48 +136,78 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
 # -- running ---------------------------------------------------------------------------------
 
 
-_SEQUENCE_FIRST_OPS = frozenset({"lstm", "gru", "rnn", "rnntanh", "rnnrelu"})
+def _with_taps(
+    probe: Probe | None,
+    tapped: dict[str, int],
+    sources: list[TimeSource],
+    step_sq: dict[int, torch.Tensor],
+) -> Any:
+    """The graph observer: the probe, plus a per-step gradient hook on each tapped value
+    (embedding outputs of token inputs)."""
+    if not tapped:
+        return probe
 
+    def observe(node: Node, outputs: Sequence[Any]) -> None:
+        if probe is not None:
+            probe(node, outputs)
+        for name, value in zip(node.outputs, outputs, strict=False):
+            key = tapped.get(name)
+            if key is not None and isinstance(value, torch.Tensor) and value.requires_grad:
+                value.register_hook(tap_hook(step_sq, key, sources[key].axes.time))
 
-def sequence_axis(subject: Subject, index: int) -> int:
-    """The time axis of rank-3 input `index`: 1 (batch-first, torch's usual layout) unless the
-    input feeds a recurrent op directly in sequence-first layout: ONNX LSTM/GRU/RNN with
-    `layout` 0, or an aten lstm/gru/rnn called with `batch_first=False`."""
-    graph = subject.graph
-    if graph is None or index >= len(graph.input_names):
-        return 1
-    name = graph.input_names[index]
-    for node in graph.nodes:
-        if name not in node.inputs or canonical(node.op_type) not in _SEQUENCE_FIRST_OPS:
-            continue
-        source = node.source
-        if node.domain == "aten" and source is not None and source.args:
-            return 1 if source.args[-1] is True else 0  # aten.*(…, batch_first)
-        layout = next(
-            (a for a in getattr(source, "attribute", ()) if getattr(a, "name", "") == "layout"),
-            None,
-        )
-        return 1 if layout is not None and layout.i == 1 else 0
-    return 1
+    return observe
 
 
 def _micro_batches(
-    subject: Subject, count: int
+    subject: Subject, count: int, batch_axes: dict[int, int]
 ) -> Iterator[tuple[list[torch.Tensor], torch.Tensor | None, float]]:
-    size = subject.inputs[0].shape[0] if subject.inputs and subject.inputs[0].dim() else 1
+    """Parts of the batch along each input's batch axis (axis 0 unless a recurrent op reads it
+    otherwise, sequence-first inputs [T, B, F] are split along axis 1)."""
+    first = subject.inputs[0] if subject.inputs else None
+    axis0 = batch_axes.get(0, 0)
+    size = first.shape[axis0] if first is not None and first.dim() > axis0 else 1
     count = max(1, min(count, size))
     if count == 1:
         yield list(subject.inputs), subject.target, 1.0
         return
+    target_axis = _target_batch_axis(subject, size, axis0)
     bounds = [round(size * k / count) for k in range(count + 1)]
     for lo, hi in itertools.pairwise(bounds):
-        inputs = [x[lo:hi] for x in subject.inputs]
-        target = subject.target[lo:hi] if subject.target is not None else None
+        inputs = []
+        for i, x in enumerate(subject.inputs):
+            axis = batch_axes.get(i, 0)
+            split = x.dim() > axis and x.shape[axis] == size
+            inputs.append(x.narrow(axis, lo, hi - lo) if split else x)
+        target = subject.target
+        if target is not None and target_axis is not None:
+            target = target.narrow(target_axis, lo, hi - lo)
         yield inputs, target, (hi - lo) / size
 
 
+def _target_batch_axis(subject: Subject, size: int, input_axis: int) -> int | None:
+    """The target's batch axis: the first input's when the target shares its leading shape
+    ([T, B] targets of a [T, B, F] sequence-first model), else axis 0."""
+    target = subject.target
+    if target is None:
+        return None
+    first = subject.inputs[0]
+    lead = min(target.dim(), first.dim(), input_axis + 1)
+    if lead > input_axis and target.shape[:lead] == first.shape[:lead]:
+        return input_axis
+    if target.dim() and target.shape[0] == size:
+        return 0
+    raise BadInputError(
+        f"cannot split the target of shape {list(target.shape)} into micro-batches: no axis "
+        f"of it has the batch size {size}; run with --micro-batches 1"
+    )
+
+
 def _forward(
-    subject: Subject, inputs: list[torch.Tensor], probe: Probe | None, precision: str
+    subject: Subject,
+    inputs: list[torch.Tensor],
+    probe: Probe | None,
+    precision: str,
+    observer: Any = None,
 ) -> list[torch.Tensor]:
     dtype = _AUTOCAST.get(precision)
     context: Any = (
@@ -182,7 +218,7 @@ def _forward(
     try:
         with context:
             if subject.graph is not None:
-                return list(subject.graph.run(inputs, probe))
+                return list(subject.graph.run(inputs, observer))
             out = subject.module(*inputs)
     except torch.OutOfMemoryError as exc:
         raise _out_of_memory(exc) from exc
@@ -295,7 +331,7 @@ def _build(
     trainable: list[tuple[str, torch.nn.Parameter]],
     host: dict[str, list[float]],
     probe: Probe | None,
-    sequence_axes: dict[int, int],
+    sources: list[TimeSource],
 ) -> Measurements:
     layer_of_param: dict[str, str] = {}
     for layer in layers:
@@ -331,17 +367,22 @@ def _build(
     ]
     depth = _depth_profile(reports)
     times = []
-    for i, axis in sequence_axes.items():
-        sq = host.get(f"time.{i}")
+    for key, source in enumerate(sources):
+        sq = host.get(f"time.{key}")
         if sq:
             norms = [math.sqrt(v) for v in sq]
             growth, first_last = _fit(norms)
+            i = source.input_index
+            name = (
+                subject.model_info.inputs[i].name
+                if i < len(subject.model_info.inputs)
+                else f"input_{i}"
+            )
             times.append(
                 TimeProfile(
-                    input=subject.model_info.inputs[i].name
-                    if i < len(subject.model_info.inputs)
-                    else f"input_{i}",
-                    axis=axis,
+                    input=name,
+                    axis=source.axes.time,
+                    tensor=describe(source, name),
                     grad_norms=norms,
                     growth_factor=growth,
                     first_last_ratio=first_last,

@@ -144,6 +144,9 @@ class DepthProfile(_Model):
 class TimeProfile(_Model):
     input: str
     axis: int
+    # the tensor whose per-step gradient norm this is: the input itself, or for token inputs
+    # the embedding output computed from them
+    tensor: str | None = None
     grad_norms: list[float] = []
     growth_factor: float | None = None  # fitted per-step factor, first step → last
     first_last_ratio: float | None = None

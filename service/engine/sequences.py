@@ -1,0 +1,260 @@
+"""Where the batch and time axes of the model's inputs are, and which tensors get a time profile.
+
+Layouts differ: `nn.LSTM(batch_first=True)` reads [batch, time, feature], the default
+`nn.LSTM()` reads [time, batch, feature]. The time profile (‖∂L/∂x_t‖ per step) and the
+micro-batch split both need the right axes, so they are read off the recurrent ops:
+
+- ONNX graphs: `service.engine.onnx.ops.recurrent.sequence_axes` (RNN/GRU/LSTM `layout`,
+  followed back through Transpose and axis-preserving ops to the graph inputs);
+- FX graphs (torch.export, TorchScript converted to FX): `aten.lstm/gru/rnn_tanh/rnn_relu`
+  with their `batch_first` argument, followed back through transpose/permute and
+  axis-preserving ops the same way.
+
+Token inputs (integer ids feeding an embedding / Gather of a parameter) have no gradient: their
+profile is taken of the embedding's output instead, ‖∂L/∂e_t‖ per step, whose leading axes are
+the ids' axes.
+
+When nothing reads an input's axes (no recurrent op reaches it), a rank-3 float input and a
+rank-2 token input fall back to batch axis 0, time axis 1 (batch-first), and a note says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from service.engine.graph import Node, ObservableGraph
+from service.engine.layers import canonical
+
+
+@dataclass(frozen=True)
+class StepAxes:
+    batch: int
+    time: int
+
+
+@dataclass
+class TimeSource:
+    """One time profile: of graph input `input_index` itself, or (token inputs) of the
+    embedding output `value` computed from it."""
+
+    input_index: int
+    axes: StepAxes
+    value: str | None = None  # the embedding output's value name; None: the input itself
+    known: bool = True  # False: the batch-first fallback
+
+
+@dataclass
+class SequenceLayout:
+    sources: list[TimeSource]
+    batch_axes: dict[int, int]  # graph input index → its batch axis (micro-batch split)
+    notes: list[str]
+
+
+_FX_RECURRENT = frozenset({"lstm", "gru", "rnntanh", "rnnrelu"})
+_ONNX_RECURRENT = frozenset({"RNN", "GRU", "LSTM"})
+# Ops whose output keeps their data input's leading axes in order.
+_FX_PRESERVING = frozenset(
+    {"dropout", "nativedropout", "add", "sub", "mul", "div", "neg", "relu", "tanh", "sigmoid"}
+    | {"gelu", "silu", "elu", "leakyrelu", "hardtanh", "clone", "contiguous", "todtype", "to"}
+    | {"alias", "detach", "layernorm", "nativelayernorm", "linear", "type_as", "typeas"}
+)
+_FX_FIRST_ONLY = frozenset({"linear", "layernorm", "nativelayernorm", "todtype", "to"})
+_ONNX_PRESERVING = frozenset(
+    {"Identity", "Cast", "CastLike", "Dropout", "Relu", "LeakyRelu", "Elu", "Sigmoid", "Tanh"}
+    | {"Gelu", "Add", "Sub", "Mul", "Div", "Neg", "LayerNormalization", "MatMul", "Gemm"}
+)
+_ONNX_FIRST_ONLY = frozenset({"MatMul", "Gemm", "LayerNormalization"})
+
+
+def _recurrent_x_axes(node: Node) -> StepAxes | None:
+    """(batch, time) axes of the data input X of a recurrent node, or None if not one."""
+    if node.domain == "aten" and canonical(node.op_type) in _FX_RECURRENT:
+        source = node.source
+        target = getattr(source, "target", None)
+        if getattr(target, "_overloadname", "input") != "input":
+            return None  # the packed-sequence overload has no batch_first
+        args = getattr(source, "args", ())
+        if not args or not isinstance(args[-1], bool):
+            return None
+        return StepAxes(0, 1) if args[-1] else StepAxes(1, 0)
+    if node.domain in ("", "ai.onnx") and node.op_type in _ONNX_RECURRENT:
+        from service.engine.layers import _attr
+
+        layout = _attr(node, "layout")
+        return StepAxes(0, 1) if layout == 1 else StepAxes(1, 0)
+    return None
+
+
+def _rank(node: Node) -> int | None:
+    value = getattr(node.source, "meta", {}).get("val") if node.source is not None else None
+    return value.dim() if isinstance(value, torch.Tensor) else None
+
+
+def _backwards(node: Node, axes: StepAxes) -> list[tuple[str, StepAxes]]:
+    """The producer `node`'s inputs and the axes they carry, given its output's axes."""
+    if node.domain == "aten":
+        op = canonical(node.op_type)
+        args: tuple[Any, ...] = tuple(getattr(node.source, "args", ()))
+        if op in ("transpose", "swapaxes") and len(args) == 3:
+            rank = _rank(node)
+            d0, d1 = int(args[1]), int(args[2])
+            if d0 < 0 or d1 < 0:
+                if rank is None:
+                    return []
+                d0, d1 = d0 % rank, d1 % rank
+            swap = {d0: d1, d1: d0}
+            return [
+                (
+                    node.inputs[0],
+                    StepAxes(swap.get(axes.batch, axes.batch), swap.get(axes.time, axes.time)),
+                )
+            ]
+        if op == "permute" and len(args) == 2:
+            dims = [int(d) for d in args[1]]
+            rank = len(dims)
+            dims = [d % rank for d in dims]
+            return [(node.inputs[0], StepAxes(dims[axes.batch], dims[axes.time]))]
+        if op in _FX_PRESERVING:
+            followed = node.inputs[:1] if op in _FX_FIRST_ONLY else node.inputs
+            return [(name, axes) for name in followed]
+        return []
+    if node.op_type == "Transpose":
+        from service.engine.layers import _attr
+
+        perm = _attr(node, "perm")
+        if perm is None:
+            return []
+        perm = [int(p) for p in perm]  # type: ignore[attr-defined]
+        return [(node.inputs[0], StepAxes(perm[axes.batch], perm[axes.time]))]
+    if node.op_type in _ONNX_PRESERVING:
+        followed = node.inputs[:1] if node.op_type in _ONNX_FIRST_ONLY else node.inputs
+        return [(name, axes) for name in followed]
+    return []
+
+
+def traced_axes(graph: ObservableGraph) -> dict[str, StepAxes]:
+    """Every value (graph input or intermediate) that reaches a recurrent op's data input
+    through layout-following ops → its (batch, time) axes. A value reached with two different
+    layouts is left out."""
+    producer = {out: node for node in graph.nodes for out in node.outputs if out}
+    stored = set(graph.param_names) | set(graph.buffer_names) | set(graph.constants)
+    found: dict[str, StepAxes | None] = {}
+    for node in graph.nodes:
+        x_axes = _recurrent_x_axes(node)
+        if x_axes is None or not node.inputs:
+            continue
+        pending = [(node.inputs[0], x_axes)]
+        seen: set[str] = set()
+        while pending:
+            value, axes = pending.pop()
+            if not value or value in seen or value in stored:
+                continue
+            seen.add(value)
+            found[value] = axes if found.get(value, axes) == axes else None
+            source = producer.get(value)
+            if source is not None:
+                pending.extend(_backwards(source, axes))
+    return {name: axes for name, axes in found.items() if axes is not None}
+
+
+def _input_axes(graph: ObservableGraph, traced: dict[str, StepAxes]) -> dict[str, StepAxes]:
+    """Graph input → axes; ONNX graphs through the converter's own `sequence_axes`."""
+    known = {name: traced[name] for name in graph.input_names if name in traced}
+    if any(n.domain in ("", "ai.onnx") and n.op_type in _ONNX_RECURRENT for n in graph.nodes):
+        from service.engine.onnx.ops.recurrent import sequence_axes
+
+        for name, axes in sequence_axes(graph).items():
+            known[name] = StepAxes(axes.batch, axes.time)
+    return known
+
+
+def _embeddings(graph: ObservableGraph, inputs: list[torch.Tensor]) -> dict[int, str]:
+    """Token input index → the output of the embedding (aten.embedding, ONNX Gather on axis 0
+    of a parameter) that reads it first."""
+    index_of = {name: i for i, name in enumerate(graph.input_names)}
+    params = set(graph.param_names)
+    found: dict[int, str] = {}
+    for node in graph.nodes:
+        op = canonical(node.op_type)
+        if op not in ("embedding", "gather") or len(node.inputs) < 2:
+            continue
+        if op == "gather":
+            from service.engine.layers import _attr
+
+            if int(_attr(node, "axis") or 0) != 0:  # type: ignore[call-overload]
+                continue
+        table, ids = node.inputs[0], node.inputs[1]
+        i = index_of.get(ids)
+        tokens = i is not None and i < len(inputs) and not inputs[i].is_floating_point()
+        if table in params and tokens and i is not None:
+            found.setdefault(i, node.outputs[0])
+    return found
+
+
+def sequence_layout(
+    graph: ObservableGraph | None, inputs: list[torch.Tensor], input_names: list[str]
+) -> SequenceLayout:
+    """The time profiles to take and each input's batch axis."""
+    sources: list[TimeSource] = []
+    batch_axes: dict[int, int] = {}
+    notes: list[str] = []
+    known: dict[str, StepAxes] = {}
+    embeddings: dict[int, str] = {}
+    traced: dict[str, StepAxes] = {}
+    if graph is not None:
+        traced = traced_axes(graph)
+        known = _input_axes(graph, traced)
+        embeddings = _embeddings(graph, inputs)
+    for i, x in enumerate(inputs):
+        name = input_names[i] if i < len(input_names) else f"input_{i}"
+        graph_name = graph.input_names[i] if graph is not None else None
+        axes = known.get(graph_name) if graph_name is not None else None
+        if i in embeddings:
+            value = embeddings[i]
+            value_axes = traced.get(value) or axes
+            if value_axes is not None:
+                sources.append(TimeSource(i, value_axes, value))
+                batch_axes[i] = value_axes.batch
+            elif x.dim() == 2:
+                sources.append(TimeSource(i, StepAxes(0, 1), value, known=False))
+                notes.append(
+                    f"time profile of token input {name!r} is of its embedding output "
+                    f"{value!r}, with axis 1 taken as time (batch-first assumed: no recurrent "
+                    "op reads it)"
+                )
+            continue
+        if axes is not None:
+            batch_axes[i] = axes.batch
+            if x.is_floating_point():
+                sources.append(TimeSource(i, axes))
+        elif x.is_floating_point() and x.dim() == 3:
+            sources.append(TimeSource(i, StepAxes(0, 1), known=False))
+            notes.append(
+                f"time profile of input {name!r} takes axis 1 as time (batch-first assumed: "
+                "no recurrent op's layout could be traced to it)"
+            )
+    return SequenceLayout(sources=sources, batch_axes=batch_axes, notes=notes)
+
+
+def describe(source: TimeSource, input_name: str) -> str:
+    """What tensor a profile is of, for the report."""
+    if source.value is None:
+        return f"∂L/∂{input_name} (the input)"
+    return f"∂L/∂{source.value} (embedding output of token input {input_name})"
+
+
+def step_norms_sq(grad: torch.Tensor, time_axis: int) -> torch.Tensor:
+    """Σ over every axis but `time_axis` of g², float32, on the device."""
+    dims = [d for d in range(grad.dim()) if d != time_axis]
+    return grad.float().square().sum(dim=dims)
+
+
+def tap_hook(store: dict[int, Any], key: int, time_axis: int) -> Any:
+    def hook(grad: torch.Tensor) -> None:
+        sq = step_norms_sq(grad, time_axis)
+        store[key] = sq if key not in store else store[key] + sq
+
+    return hook

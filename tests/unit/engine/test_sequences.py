@@ -1,0 +1,130 @@
+"""Sequence axes read off the recurrent ops (sequences.py): the time profile and the micro-batch
+split follow a sequence-first layout even through ops before the LSTM, token inputs are
+profiled on their embedding output, and batch-first is a noted fallback only."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from service.engine.measure import measure
+from service.engine.options import DiagnoseOptions
+from service.engine.subject import build_subject
+from tests.unit.engine.measure_support import CASES, case_batch, export, onnx_available
+
+FORMATS = ["torch_export", "torchscript"] + (["onnx"] if onnx_available() else [])
+
+
+class ProjectedSeqFirstLSTM(nn.Module):
+    """[T, B, F] input through a Linear (and a scale) before a sequence-first LSTM: the time
+    axis is 0, and the LSTM does not read the graph input directly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(3, 4)
+        self.rnn = nn.LSTM(4, 5)
+        self.fc = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(self.proj(x) * 0.5)
+        return self.fc(out)  # [T, B, 2]
+
+
+class TokenSeqFirstLSTM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(11, 4)
+        self.rnn = nn.LSTM(4, 5)
+        self.fc = nn.Linear(5, 2)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(self.emb(ids))
+        return self.fc(out[-1])
+
+
+def _case(module: nn.Module, x: torch.Tensor, target: torch.Tensor | None = None) -> object:
+    case = CASES["rnn"]()
+    case.module, case.inputs, case.target = module, [x], target
+    case.loss = "output_norm" if target is None else "mse"
+    return case
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_time_axis_is_traced_through_ops_before_a_sequence_first_lstm(fmt: str) -> None:
+    torch.manual_seed(0)
+    module, x = ProjectedSeqFirstLSTM(), torch.randn(7, 4, 3)  # T=7, B=4
+    case = _case(module, x)
+    m = measure(build_subject(export(case, fmt), case_batch(case), DiagnoseOptions()))
+    (profile,) = m.profiles.time
+    assert profile.axis == 0 and len(profile.grad_norms) == 7
+    assert profile.tensor is not None and "input" in profile.tensor
+    leaf = x.clone().requires_grad_(True)
+    module.zero_grad()
+    module(leaf).square().mean().backward()
+    assert leaf.grad is not None
+    want = leaf.grad.double().square().sum(dim=(1, 2)).sqrt().tolist()
+    for got, expected in zip(profile.grad_norms, want, strict=True):
+        assert math.isclose(got, expected, rel_tol=2e-4, abs_tol=1e-9)
+    assert not any("batch-first assumed" in note for note in m.notes)
+
+
+# (a legacy ONNX export bakes the batch size into the LSTM's initial-state Expand: it cannot be
+# micro-batched along any axis)
+@pytest.mark.parametrize("fmt", ["torch_export"])
+def test_micro_batches_split_the_batch_axis_of_a_sequence_first_model(fmt: str) -> None:
+    torch.manual_seed(1)
+    module, x = ProjectedSeqFirstLSTM(), torch.randn(6, 4, 3)  # T=6, B=4
+    target = torch.randn(6, 4, 2)  # [T, B, 2] like the output
+    case = _case(module, x, target)
+    data, batch = export(case, fmt), case_batch(case)
+    full = measure(build_subject(data, batch, DiagnoseOptions(loss="mse")))
+    options = DiagnoseOptions(loss="mse", micro_batches=2)
+    split = measure(build_subject(data, batch, options), options)
+    assert split.micro_batches == 2
+    # splitting the time axis would run the LSTM on half sequences: different gradients
+    assert split.loss.value == pytest.approx(full.loss.value, rel=1e-5)
+    for a, b in zip(split.parameters, full.parameters, strict=True):
+        assert a.grad_norm == pytest.approx(b.grad_norm, rel=1e-4, abs=1e-9), a.name
+    assert split.profiles.time[0].grad_norms == pytest.approx(
+        full.profiles.time[0].grad_norms, rel=1e-4
+    )
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_token_input_is_profiled_on_its_embedding_output(fmt: str) -> None:
+    torch.manual_seed(2)
+    module, ids = TokenSeqFirstLSTM(), torch.randint(0, 11, (8, 3))  # T=8, B=3
+    case = _case(module, ids)
+    m = measure(build_subject(export(case, fmt), case_batch(case), DiagnoseOptions()))
+    (profile,) = m.profiles.time
+    assert profile.axis == 0 and len(profile.grad_norms) == 8
+    assert profile.tensor is not None and "embedding output" in profile.tensor
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep(_m: nn.Module, _i: object, out: torch.Tensor) -> None:
+        out.retain_grad()
+        captured["e"] = out
+
+    handle = module.emb.register_forward_hook(keep)
+    module.zero_grad()
+    module(ids).square().mean().backward()
+    handle.remove()
+    grad = captured["e"].grad
+    assert grad is not None
+    want = grad.double().square().sum(dim=(1, 2)).sqrt().tolist()
+    for got, expected in zip(profile.grad_norms, want, strict=True):
+        assert math.isclose(got, expected, rel_tol=2e-4, abs_tol=1e-9)
+
+
+def test_batch_first_fallback_is_noted_when_no_recurrent_op_reads_the_input() -> None:
+    torch.manual_seed(3)
+    module = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x = torch.randn(2, 5, 3)
+    case = _case(module, x)
+    m = measure(build_subject(export(case, "torch_export"), case_batch(case), DiagnoseOptions()))
+    (profile,) = m.profiles.time
+    assert profile.axis == 1 and len(profile.grad_norms) == 5
+    assert any("batch-first assumed" in note for note in m.notes)
