@@ -2,7 +2,8 @@
 
 For deployments where the API runs elsewhere (`gradhealth api`): point any number of these at
 the same Postgres (GRADHEALTH_DATABASE_URL) on any number of machines; they share the queue.
-Uploads are read through the database (blob chunks), cached on this machine by sha256.
+Uploads are read through the database (blob chunks), cached on this machine by sha256; each
+child keeps the models it loaded (parsed, converted) for the next job on the same file.
 
 SIGTERM / Ctrl-C: stop claiming, let running jobs finish for `--grace` seconds, then give them
 back to the queue; a second signal gives them back at once.
@@ -17,6 +18,7 @@ from typing import Annotated, Any
 import typer
 
 from service.cli import app
+from service.workers.loaded_cache import DEFAULT_LOADED_CACHE_BYTES
 
 
 def _parse_gpus(value: str) -> list[int]:
@@ -41,6 +43,14 @@ def worker_command(
     grace: Annotated[
         float, typer.Option(min=0, help="seconds running jobs get to finish on SIGTERM")
     ] = 30.0,
+    model_cache_mb: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="per child: memory for loaded models kept between jobs (parameters + buffers, "
+            "on the child's device), LRU; 0 keeps none",
+        ),
+    ] = DEFAULT_LOADED_CACHE_BYTES // 2**20,
 ) -> None:
     """Run diagnoses from the queue: one child per GPU (default: every GPU found), or N CPU
     children."""
@@ -62,10 +72,23 @@ def worker_command(
 
         gpu_list = detect_gpus() or None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    run_pool(settings, cpus=None if gpu_list else (cpus or 1), gpus=gpu_list, grace_s=grace)
+    run_pool(
+        settings,
+        cpus=None if gpu_list else (cpus or 1),
+        gpus=gpu_list,
+        grace_s=grace,
+        loaded_cache_bytes=model_cache_mb * 2**20,
+    )
 
 
-def run_pool(settings: Any, *, cpus: int | None, gpus: list[int] | None, grace_s: float) -> None:
+def run_pool(
+    settings: Any,
+    *,
+    cpus: int | None,
+    gpus: list[int] | None,
+    grace_s: float,
+    loaded_cache_bytes: int = DEFAULT_LOADED_CACHE_BYTES,
+) -> None:
     from service.db.migrate import is_at_head
     from service.db.session import Database
     from service.workers.supervisor import Supervisor
@@ -86,7 +109,9 @@ def run_pool(settings: Any, *, cpus: int | None, gpus: list[int] | None, grace_s
         raise typer.Exit(3) from exc
     finally:
         database.dispose()
-    supervisor = Supervisor(settings, cpus=cpus, gpus=gpus, grace_s=grace_s)
+    supervisor = Supervisor(
+        settings, cpus=cpus, gpus=gpus, grace_s=grace_s, loaded_cache_bytes=loaded_cache_bytes
+    )
 
     def on_signal(signum: int, _frame: Any) -> None:
         supervisor.stop()

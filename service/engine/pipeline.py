@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 import service
+from service.engine.formats.loaded import LoadedModel
 from service.engine.measure import measure
 from service.engine.options import DiagnoseOptions
 from service.engine.report import Environment, Finding, Recommendation, Report, Timing
@@ -55,10 +56,13 @@ def diagnose(
     model: bytes | Path | str,
     batch: bytes | Path | str,
     options: DiagnoseOptions | None = None,
+    *,
+    loaded: LoadedModel | None = None,
 ) -> Report:
+    """`loaded`: a model loaded earlier by `subject.load_model` (see `build_subject`)."""
     options = options or DiagnoseOptions.model_validate({})
     started = time.perf_counter()
-    subject = build_subject(model, batch, options)
+    subject = build_subject(model, batch, options, loaded=loaded)
     measurements = measure(subject, options)
     analysis_start = time.perf_counter()
     notes = list(subject.extra.get("notes", [])) + list(measurements.notes)

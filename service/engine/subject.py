@@ -85,7 +85,15 @@ def build_subject(
     model: bytes | Path | str,
     batch: bytes | Path | str,
     options: DiagnoseOptions | None = None,
+    *,
+    loaded: LoadedModel | None = None,
 ) -> Subject:
+    """`loaded`: the model already loaded by `load_model(model_bytes, options)` with the same
+    mode and dropout, possibly used by earlier subjects (a worker's cache of loaded models):
+    loading is skipped and `timing.load` is 0. TorchScript's FX conversion then is the one done
+    for the first batch (its `finish` runs once); ONNX's conformance check runs again on this
+    batch, on the CPU as for a fresh load. The caller keeps the module unchanged between jobs
+    (measure() leaves `.grad` set; fix verification works on copies)."""
     options = options or DiagnoseOptions.model_validate({})
     if options.loss is not None and options.loss not in LOSS_KINDS:
         raise BadInputError(f"loss must be one of {', '.join(LOSS_KINDS)}")
@@ -93,7 +101,9 @@ def build_subject(
     model_bytes = read_bytes(model, "model")
     batch_bytes = read_bytes(batch, "batch")
     start = time.perf_counter()
-    loaded = load_model(model_bytes, options)
+    preloaded = loaded is not None
+    if loaded is None:
+        loaded = load_model(model_bytes, options)
     loaded_at = time.perf_counter()
     matched = match_batch(load_batch(batch_bytes), loaded.inputs)
     if loaded.format == "torchscript":
@@ -107,7 +117,11 @@ def build_subject(
                 x.to(float_dtype) if x.is_floating_point() else x for x in matched.inputs
             ]
     if loaded.finish is not None:
+        if preloaded:
+            loaded.module.to("cpu")  # an earlier subject moved it; the check runs on the CPU
         loaded.finish(matched.inputs)
+        if loaded.format != "onnx":
+            loaded.finish = None  # TorchScript → FX is done once; ONNX's is a per-batch check
     finished_at = time.perf_counter()
 
     module = loaded.module.to(device)

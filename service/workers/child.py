@@ -20,7 +20,12 @@ log = logging.getLogger(__name__)
 
 
 def child_main(
-    conn: Connection, settings: Any, env: dict[str, str], torch_threads: int, cache_bytes: int
+    conn: Connection,
+    settings: Any,
+    env: dict[str, str],
+    torch_threads: int,
+    cache_bytes: int,
+    loaded_cache_bytes: int | None = None,
 ) -> None:
     os.environ.update(env)
     if getattr(settings, "environment", "") == "production":
@@ -36,6 +41,7 @@ def child_main(
     _import_engine()
     from service.db.session import Database
     from service.storage.blobs import BlobStore
+    from service.workers.loaded_cache import DEFAULT_LOADED_CACHE_BYTES, LoadedModelCache
     from service.workers.model_cache import ModelCache
     from service.workers.protocol import ChildReady, JobRequest
     from service.workers.runner import JobRunner
@@ -47,7 +53,10 @@ def child_main(
         device = f"cuda:0 ({torch.cuda.get_device_name(0)})"
     database = Database.from_settings(settings)
     store = BlobStore(settings, database)
-    runner = JobRunner(store.blob_path, ModelCache(cache_bytes))
+    loaded = LoadedModelCache(
+        DEFAULT_LOADED_CACHE_BYTES if loaded_cache_bytes is None else loaded_cache_bytes
+    )
+    runner = JobRunner(store.blob_path, ModelCache(cache_bytes), loaded)
     conn.send(ChildReady(pid=os.getpid(), device=device))
     try:
         while True:

@@ -1,10 +1,9 @@
 """A worker child's in-memory cache of model bytes, keyed by sha256, LRU within a byte budget.
 
 Pipelines diagnose the same model again and again (a new batch, a schedule): keeping its
-bytes saves the database read (Postgres chunks) or the disk read per job. What is cached is
-the serialized model, not the converted graph: the engine converts per job because the probes
-and the fix verification mutate the module it runs, and a conversion of the small models this
-serves costs milliseconds next to the forward/backward passes.
+bytes saves the database read (Postgres chunks) or the disk read per job. The loaded
+(parsed, converted) models are cached separately, in `loaded_cache.LoadedModelCache`; the bytes
+are still needed on a miss there, and for the model's sha256 in the report.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from typing import Any
 
 from service.errors import GradhealthError
 from service.queue.jobs import ERROR_INTERNAL, KIND_INSPECT
+from service.workers.loaded_cache import LoadedKey, LoadedModelCache
 from service.workers.model_cache import ModelCache
 from service.workers.protocol import JobRequest, JobResult
 
@@ -60,9 +61,14 @@ def _release_device_memory() -> None:
 
 
 def diagnose_with_oom_retry(
-    run: Callable[[Any], Any], options: Any, *, max_micro_batches: int = MAX_OOM_MICRO_BATCHES
+    run: Callable[[Any], Any],
+    options: Any,
+    *,
+    max_micro_batches: int = MAX_OOM_MICRO_BATCHES,
+    on_oom: Callable[[], None] | None = None,
 ) -> Any:
-    """`run(options) -> Report`; on out-of-memory, retry with twice the micro-batches."""
+    """`run(options) -> Report`; on out-of-memory, retry with twice the micro-batches
+    (`on_oom()` first frees what the caller can)."""
     notes: list[str] = []
     while True:
         try:
@@ -70,6 +76,8 @@ def diagnose_with_oom_retry(
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise
+            if on_oom is not None:
+                on_oom()
             _release_device_memory()
             tried = options.micro_batches
             if tried * 2 > max_micro_batches:
@@ -108,11 +116,20 @@ def inspect_model(data: bytes) -> dict[str, Any]:
 
 
 class JobRunner:
-    """Lives as long as its child; `blob_path(sha256) -> Path` reads uploads (BlobStore)."""
+    """Lives as long as its child; `blob_path(sha256) -> Path` reads uploads (BlobStore).
 
-    def __init__(self, blob_path: Callable[[str], Path], models: ModelCache) -> None:
+    `models` keeps serialized bytes (saves the database read), `loaded` keeps loaded models
+    (saves parsing and converting; see loaded_cache.py)."""
+
+    def __init__(
+        self,
+        blob_path: Callable[[str], Path],
+        models: ModelCache,
+        loaded: LoadedModelCache | None = None,
+    ) -> None:
         self.blob_path = blob_path
         self.models = models
+        self.loaded = loaded if loaded is not None else LoadedModelCache()
 
     def model_bytes(self, sha256: str) -> bytes:
         data = self.models.get(sha256)
@@ -152,11 +169,10 @@ class JobRunner:
         if batch_path is None:
             raise GradhealthError("a diagnosis needs a batch", code="bad_batch", status=422)
 
-        from service.engine import diagnose
         from service.engine.options import DiagnoseOptions
 
         options = DiagnoseOptions.model_validate(request.options)
-        report = diagnose_with_oom_retry(lambda opts: diagnose(model, batch_path, opts), options)
+        report = self.diagnose(request.model_sha256, model, batch_path, options)
         return JobResult(
             request.job_id,
             ok=True,
@@ -164,6 +180,67 @@ class JobRunner:
             verdict=report.verdict,
             engine_s=time.perf_counter() - started,
         )
+
+    def diagnose(self, sha256: str, model: bytes, batch: Path | bytes, options: Any) -> Any:
+        """`engine.diagnose` on this child's cached LoadedModel of `model` (loaded on a miss).
+
+        On a miss the load is timed here and written into the report's `timing.load` (the
+        engine sees a pre-loaded model); on a hit `timing.load` is ~0 and a note says so. A job
+        that fails on a cached model is run once more on a fresh load before it counts: the
+        cache must never change an outcome (e.g. a TorchScript graph converted for the first
+        batch's shapes meeting a batch of other shapes)."""
+        from service.engine.pipeline import diagnose
+        from service.engine.subject import load_model, pick_device
+
+        key = LoadedKey(
+            sha256=sha256,
+            mode=options.mode,
+            dropout=bool(options.dropout),
+            check_conversion=bool(options.check_conversion),
+            device=str(pick_device(options.device)),
+        )
+        loaded = self.loaded.acquire(key)
+        if loaded is not None:
+            try:
+                report = self._diagnose_on(key, loaded, model, batch, options, diagnose)
+            except OutOfMemoryFailure:
+                raise  # every micro-batch split was tried: a fresh load would not help
+            except Exception as exc:
+                log.warning("job on cached model %s failed (%s); reloading", sha256[:12], exc)
+                self.loaded.discard(key)
+            else:
+                report.notes.append(
+                    f"model reused from this worker's cache of loaded models (sha256 "
+                    f"{sha256[:12]}…): no load or conversion in this job's timing"
+                )
+                return report
+        started = time.perf_counter()
+        loaded = load_model(model, options)
+        load_s = time.perf_counter() - started
+        self.loaded.put(key, loaded)
+        report = self._diagnose_on(key, loaded, model, batch, options, diagnose)
+        report.timing.load = load_s
+        report.timing.total += load_s
+        return report
+
+    def _diagnose_on(
+        self,
+        key: LoadedKey,
+        loaded: Any,
+        model: bytes,
+        batch: Path | bytes,
+        options: Any,
+        diagnose: Callable[..., Any],
+    ) -> Any:
+        def on_oom() -> None:
+            self.loaded.clear_except(key)  # other cached models hold device memory
+
+        try:
+            return diagnose_with_oom_retry(
+                lambda opts: diagnose(model, batch, opts, loaded=loaded), options, on_oom=on_oom
+            )
+        finally:
+            self.loaded.release(key, loaded)
 
 
 def _test_hold(request: JobRequest) -> None:

@@ -45,6 +45,7 @@ from service.db.session import Database
 from service.queue import jobs
 from service.queue.wakeup import POLL_INTERVAL_POSTGRES_S, POLL_INTERVAL_SQLITE_S, Listener
 from service.workers.child import child_main
+from service.workers.loaded_cache import DEFAULT_LOADED_CACHE_BYTES
 from service.workers.model_cache import DEFAULT_MODEL_CACHE_BYTES
 from service.workers.protocol import ChildReady, JobRequest, JobResult
 
@@ -115,6 +116,7 @@ class Supervisor:
         database: Database | None = None,
         grace_s: float = GRACEFUL_STOP_S,
         model_cache_bytes: int = DEFAULT_MODEL_CACHE_BYTES,
+        loaded_cache_bytes: int = DEFAULT_LOADED_CACHE_BYTES,
     ) -> None:
         if cpus is not None and gpus:
             raise ValueError("give either cpus or gpus, not both")
@@ -124,6 +126,7 @@ class Supervisor:
         self.slots = default_slots(cpus, gpus)
         self.grace_s = grace_s
         self.model_cache_bytes = model_cache_bytes
+        self.loaded_cache_bytes = loaded_cache_bytes
         self._own_database = database is None
         self.database = database or Database.from_settings(settings)
         self._ctx = get_context("spawn")
@@ -279,7 +282,14 @@ class Supervisor:
         parent_conn, child_conn = self._ctx.Pipe()
         process = self._ctx.Process(
             target=child_main,
-            args=(child_conn, self.settings, slot.env, slot.torch_threads, self.model_cache_bytes),
+            args=(
+                child_conn,
+                self.settings,
+                slot.env,
+                slot.torch_threads,
+                self.model_cache_bytes,
+                self.loaded_cache_bytes,
+            ),
             name=f"gradhealth-worker-{slot.label}",
             daemon=True,
         )

@@ -1,0 +1,157 @@
+"""A worker child's cache of loaded models (service/workers/loaded_cache.py) through the real
+JobRunner and the real engine: a job on a cached model gives the report a fresh load gives,
+and leaves the cached module as it found it (no gradients, same parameters and buffers)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from service.engine.formats.loaded import LoadedModel
+from service.engine.options import DiagnoseOptions
+from service.engine.pipeline import diagnose
+from service.workers.loaded_cache import LoadedKey, LoadedModelCache
+from service.workers.model_cache import ModelCache
+from service.workers.protocol import JobRequest
+from service.workers.runner import JobRunner
+from tests.support.export import to_torch_export, to_torchscript
+from tests.support.zoo import ZOO
+
+
+def _store(directory: Path, data: bytes) -> str:
+    sha = hashlib.sha256(data).hexdigest()
+    (directory / sha).write_bytes(data)
+    return sha
+
+
+def _npz(x: torch.Tensor, target: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, x=x.numpy(), target=target)
+    return buffer.getvalue()
+
+
+def _comparable(report: dict[str, Any]) -> str:
+    """The report without what may differ between two runs of the same job."""
+    report = dict(report)
+    report.pop("timing")
+    report.pop("created_at")
+    report["notes"] = [n for n in report["notes"] if "worker's cache" not in n]
+    return json.dumps(report, sort_keys=True)
+
+
+def _state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _run(runner: JobRunner, model_sha: str, batch_sha: str, job: str) -> dict[str, Any]:
+    result = runner.run(
+        JobRequest(
+            job_id=job,
+            kind="diagnose",
+            attempt=1,
+            model_sha256=model_sha,
+            batch_sha256=batch_sha,
+            options={"device": "cpu"},
+        )
+    )
+    assert result.ok, result.error_message
+    assert result.report is not None
+    return result.report
+
+
+def test_consecutive_jobs_on_a_cached_model_match_a_fresh_load(tmp_path: Path) -> None:
+    # a CNN with batch norm: train mode counts batches in num_batches_tracked (a buffer
+    # written in place), the case the cache must put back
+    zoo = ZOO["cnn_bn"]
+    x = zoo.example()
+    model = to_torch_export(zoo.build(), x)
+    batch = _npz(x, np.array([0, 1]))
+    model_sha, batch_sha = _store(tmp_path, model), _store(tmp_path, batch)
+    runner = JobRunner(lambda sha: tmp_path / sha, ModelCache(), LoadedModelCache())
+
+    fresh = diagnose(model, batch, DiagnoseOptions.model_validate({"device": "cpu"}))
+    first = _run(runner, model_sha, batch_sha, "j1")
+    assert runner.loaded.misses == 1 and len(runner.loaded) == 1
+    key = next(iter(runner.loaded._entries))
+    cached = runner.loaded._entries[key].loaded.module
+    before = _state(cached)
+    second = _run(runner, model_sha, batch_sha, "j2")
+    third = _run(runner, model_sha, batch_sha, "j3")
+
+    assert runner.loaded.hits == 2 and runner.loaded.evicted_changed == 0
+    assert _comparable(first) == _comparable(fresh.to_jsonable())
+    assert _comparable(second) == _comparable(first) == _comparable(third)
+    # the hit is visible: no load, no conversion, and a note
+    assert first["timing"]["load"] > 0
+    assert second["timing"]["load"] < 1e-3 and second["timing"]["convert"] < 0.01
+    assert any("worker's cache" in n for n in second["notes"])
+    assert not any("worker's cache" in n for n in first["notes"])
+    # the cached module is as the jobs found it
+    after = _state(cached)
+    assert before.keys() == after.keys()
+    for name in before:
+        assert torch.equal(before[name], after[name]), name
+    assert all(p.grad is None for p in cached.parameters())
+
+
+def test_a_cached_torchscript_graph_meeting_other_shapes_still_gives_the_fresh_report(
+    tmp_path: Path,
+) -> None:
+    """TorchScript → FX is converted once, for the first batch; a later batch of another size
+    runs on it, or (if it cannot) on a fresh load: the cache never changes the outcome."""
+    zoo = ZOO["mlp"]
+    x = zoo.example()
+    model = to_torchscript(zoo.build(), x)
+    model_sha = _store(tmp_path, model)
+    runner = JobRunner(lambda sha: tmp_path / sha, ModelCache(), LoadedModelCache())
+    small = _npz(x, np.zeros((x.shape[0], 4), dtype=np.float32))
+    x_big = torch.randn(7, x.shape[1], generator=torch.Generator().manual_seed(3))
+    big = _npz(x_big, np.zeros((7, 4), dtype=np.float32))
+    _run(runner, model_sha, _store(tmp_path, small), "j1")
+    report = _run(runner, model_sha, _store(tmp_path, big), "j2")
+    fresh = diagnose(model, big, DiagnoseOptions.model_validate({"device": "cpu"}))
+    assert report["batch"]["size"] == 7
+    assert _comparable(report) == _comparable(fresh.to_jsonable())
+
+
+def _linear_model(features: int) -> LoadedModel:
+    return LoadedModel(format="onnx", module=nn.Linear(features, features), graph=None, inputs=[])
+
+
+def _key(name: str) -> LoadedKey:
+    return LoadedKey(name, "train", False, True, "cpu")
+
+
+def test_loaded_cache_is_lru_within_its_parameter_byte_budget() -> None:
+    one = 4 * (10 * 10 + 10)  # float32 weight + bias of Linear(10, 10)
+    cache = LoadedModelCache(budget_bytes=2 * one)
+    a, b, c = _linear_model(10), _linear_model(10), _linear_model(10)
+    assert cache.put(_key("a"), a) and cache.put(_key("b"), b)
+    assert cache.acquire(_key("a")) is a  # "a" is now the most recently used
+    cache.release(_key("a"), a)
+    assert cache.put(_key("c"), c)  # over budget: evicts "b"
+    assert _key("b") not in cache and _key("a") in cache and _key("c") in cache
+    assert cache.size_bytes == 2 * one
+    assert not cache.put(_key("huge"), _linear_model(40))  # larger than the whole budget
+    assert (cache.hits, cache.misses) == (1, 0)
+
+
+def test_a_job_that_writes_a_parameter_evicts_the_model() -> None:
+    cache = LoadedModelCache()
+    model = _linear_model(3)
+    cache.put(_key("m"), model)
+    loaded = cache.acquire(_key("m"))
+    assert loaded is model
+    with torch.no_grad():
+        model.module.weight.add_(1.0)  # what no job may do to a shared model
+    model.module.weight.grad = torch.ones_like(model.module.weight)
+    cache.release(_key("m"), model)
+    assert _key("m") not in cache and cache.evicted_changed == 1
+    assert model.module.weight.grad is None
