@@ -33,8 +33,11 @@ class ErrorResponse(BaseModel):
 
 class TensorSpecOut(BaseModel):
     name: str
-    shape: list[int | str | None]
-    dtype: str
+    shape: list[int | str | None] | None = Field(
+        description="a symbolic dim is its name, an unknown one null; null: the format does not "
+        "declare shapes (TorchScript)"
+    )
+    dtype: str | None = Field(description="null: not declared by the format (TorchScript)")
 
 
 class InspectionOut(BaseModel):

@@ -100,19 +100,46 @@ def diagnose_with_oom_retry(
 
 def inspect_model(data: bytes) -> dict[str, Any]:
     """Format, declared inputs/outputs and trainable parameter count of an uploaded model,
-    through the engine's own loader (no batch, no conversion check: this is metadata)."""
+    through the engine's own loader (no batch, no conversion check: this is metadata).
+
+    Inputs and outputs are CONTRACT §4's (name, shape, dtype), as far as the file declares
+    them: ONNX and torch.export declare all three (a dynamic dim is its symbol's name, an
+    unnamed one None). TorchScript declares only the names of its inputs and the number of
+    its outputs: their `shape` and `dtype` are None (unknown), never a made-up value."""
     from service.engine.options import DiagnoseOptions
     from service.engine.subject import load_model
 
     options = DiagnoseOptions.model_validate({"device": "cpu", "check_conversion": False})
     loaded = load_model(data, options)
     parameters = [p for p in loaded.module.parameters() if p.requires_grad]
+    inputs = [spec.model_dump(mode="json") for spec in loaded.inputs]
+    outputs = [spec.model_dump(mode="json") for spec in loaded.outputs]
+    if loaded.format == "torchscript":
+        inputs = [{"name": spec.name, "shape": None, "dtype": None} for spec in loaded.inputs]
+        outputs = [
+            {"name": name, "shape": None, "dtype": None}
+            for name in torchscript_output_names(loaded.source)
+        ]
     return {
         "format": loaded.format,
-        "inputs": [spec.model_dump(mode="json") for spec in loaded.inputs],
-        "outputs": [spec.model_dump(mode="json") for spec in loaded.outputs],
+        "inputs": inputs,
+        "outputs": outputs,
         "parameter_count": int(sum(p.numel() for p in parameters)),
     }
+
+
+def torchscript_output_names(module: Any) -> list[str]:
+    """`output` for a forward returning one tensor, `output_0`, `output_1`, ... for a tuple:
+    the schema gives the count, TorchScript keeps no output names."""
+    try:
+        returns = module.forward.schema.returns
+    except (AttributeError, RuntimeError):
+        return []
+    if len(returns) != 1:
+        return [f"output_{i}" for i in range(len(returns))]
+    kind = returns[0].type
+    elements = kind.elements() if hasattr(kind, "elements") and kind.kind() == "TupleType" else []
+    return [f"output_{i}" for i in range(len(elements))] if elements else ["output"]
 
 
 class JobRunner:

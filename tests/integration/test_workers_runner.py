@@ -14,6 +14,7 @@ from service.workers.model_cache import ModelCache
 from service.workers.runner import (
     OutOfMemoryFailure,
     diagnose_with_oom_retry,
+    inspect_model,
     is_out_of_memory,
 )
 
@@ -78,3 +79,31 @@ def test_model_cache_evicts_least_recently_used_within_its_budget() -> None:
     cache.put("huge", b"x" * 11)  # larger than the whole budget: not kept
     assert "huge" not in cache and len(cache) == 2
     assert (cache.hits, cache.misses) == (1, 0)
+
+
+class TwoHeads(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Linear(4, 3)
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.body(features)
+        return h.relu(), h.sum(dim=1)
+
+
+def test_torchscript_inspection_says_what_it_knows_and_marks_the_rest_unknown() -> None:
+    from tests.support.export import to_onnx, to_torchscript
+
+    example = torch.randn(2, 4)
+    scripted = inspect_model(to_torchscript(TwoHeads(), example))
+    assert scripted["format"] == "torchscript"
+    assert scripted["inputs"] == [{"name": "features", "shape": None, "dtype": None}]
+    assert scripted["outputs"] == [
+        {"name": "output_0", "shape": None, "dtype": None},
+        {"name": "output_1", "shape": None, "dtype": None},
+    ]
+    assert scripted["parameter_count"] == 4 * 3 + 3
+    # a format that declares shapes and dtypes keeps them
+    onnx_info = inspect_model(to_onnx(TwoHeads(), example, input_names=["features"]))
+    assert onnx_info["inputs"][0]["shape"] == [2, 4]
+    assert onnx_info["inputs"][0]["dtype"] == "float32"
