@@ -29,7 +29,15 @@ def to_torchscript(module: nn.Module, example: torch.Tensor | Sequence[torch.Ten
 
 def to_torch_export(module: nn.Module, example: torch.Tensor | Sequence[torch.Tensor]) -> bytes:
     buffer = io.BytesIO()
-    program = torch.export.export(module, _as_tuple(example))
+    with warnings.catch_warnings():
+        # nn.RNN/nn.LSTM/nn.GRU reassign their `_flat_weights` list while being traced; the
+        # weights are parameters all the same and the exported program keeps them as such.
+        warnings.filterwarnings(
+            "ignore",
+            message=r"The tensor attributes self\._flat_weights\[",
+            category=UserWarning,
+        )
+        program = torch.export.export(module, _as_tuple(example))
     torch.export.save(program, buffer)
     return buffer.getvalue()
 
@@ -43,9 +51,17 @@ def to_onnx(
     training: bool = True,
     input_names: list[str] | None = None,
     output_names: list[str] | None = None,
+    optimize: bool | None = None,
 ) -> bytes:
     """`dynamo=False` exports in TRAINING mode without constant folding, so that parameters
-    stay initializers named as in the module (the converter's gradient tests rely on it)."""
+    stay initializers named as in the module (the converter's gradient tests rely on it).
+
+    `optimize` (dynamo only; None = False): the dynamo exporter's ONNX optimizer folds
+    BatchNormalization into the convolution weights even for a module in train mode, and merges
+    equal initializers, so by default it is off and exports keep BN and the module's parameter
+    names. Pass True to get what a user running `torch.onnx.export(..., dynamo=True)` gets."""
+    if optimize is not None and not dynamo:
+        raise ValueError("optimize applies to dynamo exports only")
     args = _as_tuple(example)
     buffer = io.BytesIO()
     kwargs: dict[str, object] = {}
@@ -58,7 +74,14 @@ def to_onnx(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if dynamo:
-            program = torch.onnx.export(module, args, dynamo=True, verbose=False, **kwargs)  # type: ignore[arg-type]
+            program = torch.onnx.export(
+                module,
+                args,
+                dynamo=True,
+                verbose=False,
+                optimize=bool(optimize),
+                **kwargs,  # type: ignore[arg-type]
+            )
             assert program is not None
             program.save(buffer)  # type: ignore[arg-type]
         else:

@@ -8,8 +8,8 @@ What becomes what:
 - Float initializers → `nn.Parameter`s registered under their exact initializer names; the
   proto's copy of their bytes is released (`release_weights=True`), so one copy is kept
   (`conformance.check_conversion` refills a copy from the graph when onnxruntime needs it).
-  Float initializers used only as BatchNormalization statistics (running mean/var), or read by
-  no node at all, → buffers.
+  Float initializers used only as BatchNormalization statistics (running mean/var) or Shape/Size
+  inputs (`NON_DIFFERENTIABLE_SLOTS`), or read by no node at all, → buffers.
 - Integer initializers and `Constant` values → buffers (moved by `.to(device)`); small integer
   ones (shapes, axes: at most `SMALL_INT_NUMEL` elements) → `constants`, kept on the CPU because
   shape arithmetic reads them as Python ints and a device round trip would only add syncs.
@@ -80,9 +80,14 @@ from service.errors import BadInputError, BatchError, ModelFormatError, Unsuppor
 
 SMALL_INT_NUMEL = 64
 MODES = ("train", "eval")
-# Float inputs that hold statistics, not weights: an initializer feeding only these slots is a
-# buffer (like torch's running_mean/running_var), so it is never reported as trainable.
-STATISTICS_SLOTS = {("", "BatchNormalization"): (3, 4)}
+# Float input slots that never reach a differentiable path: BatchNormalization's statistics
+# (torch's running_mean/running_var buffers) and inputs whose values are never read (Shape,
+# Size). An initializer feeding only these slots is a buffer, never reported as trainable.
+NON_DIFFERENTIABLE_SLOTS = {
+    ("", "BatchNormalization"): (3, 4),
+    ("", "Shape"): (0,),
+    ("", "Size"): (0,),
+}
 # Checker complaints that onnxruntime does not share and that do not affect conversion:
 # a graph output declared without a shape is still computable.
 TOLERATED_CHECKER_ERRORS = {"Field 'shape' of 'type' is required but missing."}
@@ -488,7 +493,7 @@ def _convert_checked(
     constants: dict[str, Any] = {}
     # Statistics and initializers nothing reads are state, not trainable weights: reporting
     # them as parameters would show gradients that can never exist.
-    not_trainable = _statistics_initializers(graph) | (set(weights) - consumed)
+    not_trainable = _non_differentiable_initializers(graph) | (set(weights) - consumed)
     for name, tensor in weights.items():
         if tensor.dtype in FLOAT_DTYPES and name not in not_trainable:
             parameters[name] = torch.nn.Parameter(tensor)
@@ -614,14 +619,19 @@ def _consumed_names(graph: GraphProto) -> set[str]:
     return names
 
 
-def _statistics_initializers(graph: GraphProto) -> set[str]:
+def _non_differentiable_initializers(graph: GraphProto) -> set[str]:
+    """Names read only at `NON_DIFFERENTIABLE_SLOTS` of top-level nodes (a read inside a
+    subgraph or as a graph output counts as differentiable)."""
     at_slot: set[str] = set()
-    elsewhere: set[str] = set()
+    elsewhere: set[str] = {o.name for o in graph.output}
     for node in graph.node:
         domain = "" if node.domain in DEFAULT_DOMAINS else node.domain
-        slots = STATISTICS_SLOTS.get((domain, node.op_type), ())
+        slots = NON_DIFFERENTIABLE_SLOTS.get((domain, node.op_type), ())
         for i, name in enumerate(node.input):
             (at_slot if i in slots else elsewhere).add(name)
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                elsewhere |= _consumed_names(sub)
     return at_slot - elsewhere
 
 

@@ -195,3 +195,84 @@ def test_conformance_of_a_training_export_with_dropout(mode: str) -> None:
     assert check.checked
     assert check.reason is not None and "dropout switched off" in check.reason
     assert check.max_rel_error is not None and check.max_rel_error < 1e-4
+
+
+def _model(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], out: str) -> onnx.ModelProto:
+    graph_proto = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 5, 5])],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)],
+        inits,
+    )
+    return helper.make_model(graph_proto, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_node_attrs_hold_the_decoded_attributes() -> None:
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], group=2, auto_pad="SAME_UPPER", name="conv"),
+        helper.make_node("Flatten", ["c"], ["f"], axis=1, name="flat"),
+        helper.make_node("Gemm", ["f", "g"], ["y"], transB=1, alpha=0.5, name="gemm"),
+    ]
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((4, 2, 3, 3)).astype("f"), "w"),
+        numpy_helper.from_array(rng.standard_normal((3, 100)).astype("f"), "g"),
+    ]
+    graph = convert(_model(nodes, inits, "y"))
+    attrs = {node.name: node.attrs for node in graph.nodes}
+    assert attrs["conv"] == {"group": 2, "auto_pad": "SAME_UPPER"}  # bytes decoded to str
+    assert attrs["flat"] == {"axis": 1}
+    assert attrs["gemm"] == {"transB": 1, "alpha": 0.5}
+    assert graph(torch.randn(2, 4, 5, 5)).shape == (2, 3)
+
+
+def test_node_attrs_leave_out_subgraph_bodies() -> None:
+    branch = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["b"])],
+        "branch",
+        [],
+        [helper.make_tensor_value_info("b", TensorProto.FLOAT, None)],
+    )
+    nodes = [
+        helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0, name="sum"),
+        helper.make_node("Greater", ["s", "zero"], ["cond"], name="gt"),
+        helper.make_node("If", ["cond"], ["y"], then_branch=branch, else_branch=branch, name="if"),
+    ]
+    inits = [numpy_helper.from_array(np.zeros((), "f"), "zero")]
+    graph = convert(_model(nodes, inits, "y"))
+    assert {node.name: node.attrs for node in graph.nodes}["if"] == {}
+
+
+def test_initializers_off_any_differentiable_path_are_buffers() -> None:
+    """Read only as Shape's input, or only as BatchNormalization's mean/var: buffers. Read
+    also inside a subgraph: a parameter (the body may differentiate through it)."""
+    branch = helper.make_graph(
+        [helper.make_node("Add", ["x", "mean_also_in_body"], ["b"])],
+        "branch",
+        [],
+        [helper.make_tensor_value_info("b", TensorProto.FLOAT, None)],
+    )
+    nodes = [
+        helper.make_node("Shape", ["shape_only"], ["shape"]),
+        helper.make_node("Reshape", ["x", "shape"], ["r"]),
+        helper.make_node(
+            "BatchNormalization", ["r", "scale", "bias", "mean", "mean_also_in_body"], ["n"]
+        ),
+        helper.make_node("ReduceSum", ["n"], ["s"], keepdims=0),
+        helper.make_node("Greater", ["s", "zero"], ["cond"]),
+        helper.make_node("If", ["cond"], ["y"], then_branch=branch, else_branch=branch),
+    ]
+    ones = np.ones(4, "f")
+    inits = [
+        numpy_helper.from_array(np.zeros((2, 4, 5, 5), "f"), "shape_only"),
+        numpy_helper.from_array(ones, "scale"),
+        numpy_helper.from_array(ones * 0, "bias"),
+        numpy_helper.from_array(ones * 0, "mean"),
+        numpy_helper.from_array(ones, "mean_also_in_body"),
+        numpy_helper.from_array(np.zeros((), "f"), "zero"),
+    ]
+    graph = convert(_model(nodes, inits, "y"), mode="eval")
+    parameters = [name for name, _ in graph.named_parameters()]
+    assert parameters == ["scale", "bias", "mean_also_in_body", "zero"]
+    assert {"shape_only", "mean"} <= set(graph.buffer_names)

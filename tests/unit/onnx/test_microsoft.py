@@ -200,7 +200,8 @@ def test_onnxruntime_optimized_transformer_converts_and_matches(tmp_path: Any) -
     options = FusionOptions("bert")
     options.enable_attention = False
     optimized = optimize_model(
-        onnx.load_from_string(to_onnx(encoder, x, dynamo=True)),
+        # the exporter's optimizer on, as a user's export has it: the fusions need its output
+        onnx.load_from_string(to_onnx(encoder, x, dynamo=True, optimize=True)),
         model_type="bert",
         num_heads=2,
         hidden_size=16,
