@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, func, select, text, update
+from sqlalchemy import ColumnElement, func, select, text, true, update
 from sqlalchemy.orm import Session
 
 from service.db.models import BatchRecord, Diagnosis, ModelRecord, utcnow
@@ -58,6 +58,10 @@ KIND_INSPECT = "inspect"
 # caused by the machine (OOM killer, preemption) is likelier to pass after a pause.
 RETRY_BACKOFF_S = 1.0
 MAX_RETRY_BACKOFF_S = 60.0
+
+# A job asking for `device: cuda` waits this long for a GPU worker; then a CPU worker takes it
+# and fails it saying so (no GPU worker may ever come: `gradhealth serve` on a laptop).
+CUDA_WAIT_S = 300.0
 
 # Error codes written by the queue and the workers (beside the engine's GradhealthError codes).
 ERROR_LEASE_EXPIRED = "lease_expired"
@@ -185,25 +189,53 @@ def request_cancel(session: Session, job: Diagnosis) -> Diagnosis:
     return job
 
 
-def has_available(session: Session) -> bool:
+def needs_cuda() -> ColumnElement[bool]:
+    """The job's options ask for a CUDA device (`cuda`, `cuda:N`); `auto`, `cpu` or nothing
+    runs anywhere. Read from the JSON options on both databases (`->>` / JSON_EXTRACT)."""
+    device = func.lower(func.trim(func.coalesce(Diagnosis.options["device"].as_string(), "")))
+    return device.like("cuda%")
+
+
+def _runnable(session: Session, cuda: bool, cuda_wait_s: float) -> ColumnElement[bool]:
+    """What a worker may claim. One without CUDA skips jobs that ask for it, until such a job
+    has waited `cuda_wait_s` for a GPU worker: then it takes it, to fail it with a message that
+    says so, rather than leave it queued forever where no GPU worker runs."""
+    if cuda:
+        return true()
+    waited_until = _now(session) - timedelta(seconds=cuda_wait_s)
+    return ~needs_cuda() | (Diagnosis.available_at <= waited_until)
+
+
+def has_available(session: Session, *, cuda: bool = True, cuda_wait_s: float = CUDA_WAIT_S) -> bool:
     """A cheap read before `claim`: an idle worker polls with this, and claims (a write) only
-    when there is something to take."""
+    when there is something to take (that it can run: see `claim`)."""
     found = session.execute(
         select(Diagnosis.id)
         .where(Diagnosis.status == QUEUED, Diagnosis.available_at <= _now(session))
+        .where(_runnable(session, cuda, cuda_wait_s))
         .limit(1)
     ).first()
     return found is not None
 
 
 def claim(
-    session: Session, worker_id: str, *, lease_s: float, kinds: tuple[str, ...] | None = None
+    session: Session,
+    worker_id: str,
+    *,
+    lease_s: float,
+    kinds: tuple[str, ...] | None = None,
+    cuda: bool = True,
+    cuda_wait_s: float = CUDA_WAIT_S,
 ) -> ClaimedJob | None:
-    """Take the oldest available queued job, or None. Must open its transaction (see above)."""
+    """Take the oldest available queued job, or None. Must open its transaction (see above).
+
+    `cuda=False` (a worker without a GPU) skips jobs whose options ask for a CUDA device
+    until they waited `cuda_wait_s` (see `_runnable`)."""
     now = _now(session)
     candidate = (
         select(Diagnosis.id)
         .where(Diagnosis.status == QUEUED, Diagnosis.available_at <= now)
+        .where(_runnable(session, cuda, cuda_wait_s))
         .order_by(Diagnosis.available_at, Diagnosis.created_at)
         .limit(1)
     )

@@ -24,8 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from service.errors import GradhealthError
-from service.queue.jobs import ERROR_INTERNAL, KIND_INSPECT
+from service.errors import BadInputError, GradhealthError
+from service.queue.jobs import CUDA_WAIT_S, ERROR_INTERNAL, KIND_INSPECT
 from service.workers.loaded_cache import LoadedKey, LoadedModelCache
 from service.workers.model_cache import ModelCache
 from service.workers.protocol import JobRequest, JobResult
@@ -142,6 +142,32 @@ def torchscript_output_names(module: Any) -> list[str]:
     return [f"output_{i}" for i in range(len(elements))] if elements else ["output"]
 
 
+def worker_device(options: Any) -> tuple[Any, str | None]:
+    """The device a job asks for, as this child can give it.
+
+    A child sees one GPU at most (pinned with CUDA_VISIBLE_DEVICES), so `cuda:N` means "a GPU"
+    here: it runs on this child's (with a note). A child without CUDA gets a `cuda` job only
+    after it waited `CUDA_WAIT_S` for a GPU worker (jobs.claim): it fails, saying so."""
+    import torch
+
+    spec = str(options.device or "auto").strip().lower()
+    if not spec.startswith("cuda"):
+        return options, None
+    if not torch.cuda.is_available():
+        raise BadInputError(
+            f"the job asks for device {options.device!r}, but no GPU worker took it within "
+            f"{CUDA_WAIT_S:g} s and this worker has no GPU; start `gradhealth worker --gpus ...` "
+            "against this database, or send device auto or cpu"
+        )
+    if spec in ("cuda", "cuda:0") or torch.cuda.device_count() > 1:
+        return options, None
+    note = (
+        f"device {options.device!r} ran on this worker's GPU ({torch.cuda.get_device_name(0)}): "
+        "each worker child is pinned to one GPU"
+    )
+    return options.model_copy(update={"device": "cuda"}), note
+
+
 class JobRunner:
     """Lives as long as its child; `blob_path(sha256) -> Path` reads uploads (BlobStore).
 
@@ -198,8 +224,10 @@ class JobRunner:
 
         from service.engine.options import DiagnoseOptions
 
-        options = DiagnoseOptions.model_validate(request.options)
+        options, device_note = worker_device(DiagnoseOptions.model_validate(request.options))
         report = self.diagnose(request.model_sha256, model, batch_path, options)
+        if device_note:
+            report.notes.append(device_note)
         return JobResult(
             request.job_id,
             ok=True,

@@ -124,6 +124,9 @@ class Supervisor:
             raise ValueError("cpus must be at least 1")
         self.settings = settings
         self.slots = default_slots(cpus, gpus)
+        # CPU children cannot run a job that asks for `device: cuda`: they leave it to GPU
+        # workers (jobs.claim); "auto" and "cpu" run anywhere
+        self.has_cuda = bool(gpus)
         self.grace_s = grace_s
         self.model_cache_bytes = model_cache_bytes
         self.loaded_cache_bytes = loaded_cache_bytes
@@ -412,10 +415,14 @@ class Supervisor:
             # SQLite: a read first (no write lock; see service/db/session.py), the claim only
             # when there is something to take.
             with self.database.session(read_only=True) as session:
-                if not self.database.is_postgres and not jobs.has_available(session):
+                if not self.database.is_postgres and not jobs.has_available(
+                    session, cuda=self.has_cuda
+                ):
                     return None
             with self.database.session() as session:
-                job = jobs.claim(session, slot.worker_id, lease_s=self.settings.lease_s)
+                job = jobs.claim(
+                    session, slot.worker_id, lease_s=self.settings.lease_s, cuda=self.has_cuda
+                )
                 session.commit()
                 return job
         except SQLAlchemyError as exc:

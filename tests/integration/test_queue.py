@@ -326,3 +326,52 @@ def test_listener_hears_a_job_only_when_its_transaction_commits(
         assert listener.drain().new_job
     finally:
         listener.close()
+
+
+def _enqueue_on(database: Database, owner: Owner, device: str | None) -> str:
+    with database.session() as session:
+        job = jobs.enqueue(
+            session,
+            owner.tenant_id,
+            kind="diagnose",
+            model_id=owner.model_id,
+            batch_id=owner.batch_id,
+            options={} if device is None else {"device": device, "loss": "mse"},
+            max_attempts=3,
+        )
+        session.commit()
+        return job.id
+
+
+def _claim_as(database: Database, *, cuda: bool, cuda_wait_s: float = 300) -> str | None:
+    with database.session(read_only=True) as session:
+        available = jobs.has_available(session, cuda=cuda, cuda_wait_s=cuda_wait_s)
+    with database.session() as session:
+        job = jobs.claim(session, "w", lease_s=60, cuda=cuda, cuda_wait_s=cuda_wait_s)
+        session.commit()
+    assert available == (job is not None)
+    return job.id if job is not None else None
+
+
+def test_workers_claim_only_jobs_they_can_run(database: Database, owner: Owner) -> None:
+    needs_gpu = [_enqueue_on(database, owner, d) for d in ("cuda", " CUDA:1")]
+    anywhere = [_enqueue_on(database, owner, d) for d in ("auto", "cpu", None)]
+    # a CPU worker passes over the older cuda jobs and takes the rest in order
+    assert [_claim_as(database, cuda=False) for _ in range(4)] == [*anywhere, None]
+    # a GPU worker takes what is left
+    assert [_claim_as(database, cuda=True) for _ in range(3)] == [*needs_gpu, None]
+
+
+def test_a_cuda_job_no_gpu_worker_takes_goes_to_a_cpu_worker_after_the_wait(
+    database: Database, owner: Owner
+) -> None:
+    job_id = _enqueue_on(database, owner, "cuda")
+    assert _claim_as(database, cuda=False, cuda_wait_s=60) is None
+    with database.session() as session:  # it has waited 61 s for a GPU worker
+        session.execute(
+            update(Diagnosis)
+            .where(Diagnosis.id == job_id)
+            .values(available_at=utcnow() - timedelta(seconds=61))
+        )
+        session.commit()
+    assert _claim_as(database, cuda=False, cuda_wait_s=60) == job_id

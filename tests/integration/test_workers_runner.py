@@ -107,3 +107,14 @@ def test_torchscript_inspection_says_what_it_knows_and_marks_the_rest_unknown() 
     onnx_info = inspect_model(to_onnx(TwoHeads(), example, input_names=["features"]))
     assert onnx_info["inputs"][0]["shape"] == [2, 4]
     assert onnx_info["inputs"][0]["dtype"] == "float32"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="what a worker without a GPU does")
+def test_a_cuda_job_on_a_worker_without_gpu_fails_saying_why() -> None:
+    from service.errors import BadInputError
+    from service.workers.runner import worker_device
+
+    options = DiagnoseOptions.model_validate({"device": "auto"})
+    assert worker_device(options) == (options, None)
+    with pytest.raises(BadInputError, match="no GPU worker took it within"):
+        worker_device(DiagnoseOptions.model_validate({"device": "cuda"}))
