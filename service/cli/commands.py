@@ -2,19 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
+from service.cli import diagnose, keys, server, submit, worker
 
-COMMAND_MODULES = [
-    "service.cli.diagnose",
-    "service.cli.server",
-    "service.cli.keys",
-    "service.cli.submit",
-    "service.cli.worker",
-]
-
-for _module in COMMAND_MODULES:
-    try:
-        importlib.import_module(_module)
-    except ModuleNotFoundError as exc:  # a command module not written yet
-        if exc.name != _module:
-            raise
+__all__ = ["diagnose", "keys", "server", "submit", "worker"]
