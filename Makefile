@@ -25,8 +25,8 @@ postgres:
 	scripts/ensure-postgres.sh "$(PG_ADMIN_URL)" "$(TEST_DB)"
 
 lint: install
-	$(BIN)/ruff check service tests bench
-	$(BIN)/ruff format --check service tests bench
+	$(BIN)/ruff check service tests bench scripts
+	$(BIN)/ruff format --check service tests bench scripts
 	$(BIN)/mypy
 
 test: install postgres
