@@ -82,6 +82,10 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
     loss_total = torch.zeros((), device=subject.device)
     step_sq: dict[int, torch.Tensor] = {}
     observer = _with_taps(probe, tapped, layout.sources, step_sq)
+    # fp16 runs: fp32 gradients of the same batch, to count what fp16 flushed to zero
+    reference: list[torch.Tensor | None] | None = (
+        [None] * len(trainable) if options.precision == "fp16" else None
+    )
     parts = 0
     for inputs, target, share in _micro_batches(subject, options.micro_batches, layout.batch_axes):
         parts += 1
@@ -89,6 +93,7 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
             x.detach().requires_grad_(True) if i in direct else x for i, x in enumerate(inputs)
         ]
         start = time.perf_counter()
+        rng = _rng_state(subject.device) if reference is not None else None
         if probe is not None:
             probe.begin_pass()
         outputs = _forward(subject, inputs, probe, options.precision, observer)
@@ -106,13 +111,28 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
         if probe is not None:
             probe.end_pass()
         loss_total += loss.detach().float() * share
+        if reference is not None and rng is not None:
+            started = time.perf_counter()
+            _add_fp32_gradients(subject, inputs, target, share, trainable, reference, rng)
+            timing["fp32_reference"] = timing.get("fp32_reference", 0.0)
+            timing["fp32_reference"] += time.perf_counter() - started
         for i, key in direct.items():
             grad = inputs[i].grad
             if grad is not None:
                 sq = step_norms_sq(grad, layout.sources[key].axes.time)
                 step_sq[key] = sq if key not in step_sq else step_sq[key] + sq
     start = time.perf_counter()
-    pstats = parameter_statistics([p for _, p in trainable], [p.grad for _, p in trainable])
+    pstats = parameter_statistics(
+        [p for _, p in trainable], [p.grad for _, p in trainable], reference
+    )
+    if reference is not None and trainable:
+        norms = torch._foreach_norm(
+            [
+                r.float() if r is not None else torch.zeros(1, device=p.device)
+                for r, (_, p) in zip(reference, trainable, strict=True)
+            ]
+        )
+        pstats["fp32_grad_norm"] = torch.stack([n.float() for n in norms])
     collected = _collect(pstats, probe, loss_total, step_sq)
     for i, x in enumerate(subject.inputs):  # a NaN in the batch is its own origin
         if x.is_floating_point():
@@ -121,6 +141,7 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
     result = _build(subject, layers, trainable, host, probe, layout.sources)
     result.notes.extend(layout.notes)
     result.micro_batches = parts
+    result.precision = options.precision
     unreached = [name for name, p in trainable if p.grad is None]
     if unreached:
         shown = ", ".join(unreached[:5]) + (", ..." if len(unreached) > 5 else "")
@@ -156,6 +177,44 @@ def _with_taps(
                 value.register_hook(tap_hook(step_sq, key, sources[key].axes.time))
 
     return observe
+
+
+def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(device: torch.device, state: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def _add_fp32_gradients(
+    subject: Subject,
+    inputs: list[torch.Tensor],
+    target: torch.Tensor | None,
+    share: float,
+    trainable: list[tuple[str, torch.nn.Parameter]],
+    into: list[torch.Tensor | None],
+    rng: tuple[torch.Tensor, torch.Tensor | None],
+) -> None:
+    """The fp16 pass's reference: the same micro-batch again in fp32 (no autocast, no probes),
+    from the RNG state the fp16 pass started with so dropout draws the same masks; its
+    parameter gradients are added into `into`. (BatchNorm running statistics, in train mode,
+    see this second batch too.)"""
+    after = _rng_state(subject.device)
+    _set_rng_state(subject.device, rng)
+    try:
+        outputs = _forward(subject, [x.detach() for x in inputs], None, "fp32")
+        loss = compute_loss(subject.loss_kind, outputs, target)
+        grads = torch.autograd.grad(loss * share, [p for _, p in trainable], allow_unused=True)
+    finally:
+        _set_rng_state(subject.device, after)
+    for k, g in enumerate(grads):
+        previous = into[k]
+        if g is not None:
+            into[k] = g if previous is None else previous + g
 
 
 def _micro_batches(
@@ -398,6 +457,9 @@ def _build(
         non_finite_origin=find_origin(subject, layers, host, probe, parameters, loss_value),
         op_types=op_types,
         recurrent_layers=[layer.name for layer in layers if canonical(layer.op) in RECURRENT_OPS],
+        fp32_grad_norms={
+            name: row["fp32_grad_norm"] for name, row in by_name.items() if "fp32_grad_norm" in row
+        },
     )
 
 

@@ -69,3 +69,6 @@ class Measurements:
     # the precision the pass ran in (options.precision); the fp16_underflow detector is an
     # error only when it is "fp16"
     precision: str = "fp32"
+    # fp16 runs only: parameter name → gradient norm of the fp32 reference pass (the fp16 pass's
+    # own norms miss what fp16 flushed to zero; the loss-scale suggestion needs the real scale)
+    fp32_grad_norms: dict[str, float] = field(default_factory=dict)

@@ -12,6 +12,10 @@ Definitions (also in the report's docs):
 - fp16 underflow fraction: entries g with g ≠ 0 and |g| < 2⁻²⁴ (the smallest fp16 subnormal),
   i.e. non-zero gradients that fp16 would round to zero or to its coarsest subnormal, divided by
   all entries. Overflow fraction: entries with |g| > 65504 (fp16 max), non-finite excluded.
+  In a pass run in fp16 (autocast) that count is useless: the gradients that underflow are
+  already exactly 0 there. Such runs pass `reference` (the same batch's gradients from a
+  second pass in fp32, same dropout masks), and the underflow count is the entries that are
+  exactly 0 in the fp16 pass but non-zero in the fp32 reference (`flushed_counts`).
 """
 
 from __future__ import annotations
@@ -142,15 +146,32 @@ def counts_by_concatenation(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(counts, dim=1)
 
 
+def flushed_counts(
+    grads: Sequence[torch.Tensor], reference: Sequence[torch.Tensor | None]
+) -> torch.Tensor:
+    """Per parameter, the entries exactly 0 in `grads` (an fp16 pass) whose fp32 `reference`
+    gradient is non-zero: the ones fp16 flushed to zero. A missing reference counts as zeros."""
+    counts = [
+        torch.logical_and(g == 0, r != 0).sum().float()
+        if r is not None
+        else torch.zeros((), device=g.device)
+        for g, r in zip(grads, reference, strict=True)
+    ]
+    return torch.stack(counts)
+
+
 def parameter_statistics(
-    weights: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]
+    weights: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor | None],
+    reference: Sequence[torch.Tensor | None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-parameter vectors (one entry per tensor): norms by `_foreach_norm`; counts from the
     gradients classified through their magnitude bit patterns into four 0/1 rows, summed per
     parameter. Why bit patterns: float arithmetic on subnormal gradients (exactly the values
     underflow counting is about) takes a microcode slow path on CPUs, ~100× slower; bool
     comparisons and bool reductions are slow paths on CPU too. A missing gradient counts as
-    zeros.
+    zeros. `reference` (fp16 runs only): fp32 gradients of the same pass; the underflow count
+    is then `flushed_counts` instead (see the module docstring).
     """
     keys = ("grad_norm", "weight_norm", "non_finite", "underflow", "overflow")
     if not weights:
@@ -175,6 +196,8 @@ def parameter_statistics(
         "grad_norm": grad_norms,
         "weight_norm": weight_norms,
         "non_finite": per_param[0],
-        "underflow": per_param[1] - per_param[2],
+        "underflow": per_param[1] - per_param[2]
+        if reference is None
+        else flushed_counts(grads_or_zero, reference),
         "overflow": per_param[3] - per_param[0],
     }

@@ -209,16 +209,17 @@ def suggested_max_norm(m: Measurements, exploding_layers: list[str]) -> tuple[fl
 
 def suggested_loss_scale(m: Measurements) -> tuple[float, str]:
     """A power of two that lifts the smallest tensor's rms gradient to fp16's normal range
-    without pushing the largest gradient norm past fp16's maximum (an entry ≤ the norm)."""
+    without pushing the largest gradient norm past fp16's maximum (an entry ≤ the norm).
+    In fp16 runs the norms are the fp32 reference pass's (`Measurements.fp32_grad_norms`): the
+    fp16 pass's own are 0 exactly where underflow is worst."""
+    reference = m.fp32_grad_norms
+    norms = [(p, reference.get(p.name, p.grad_norm)) for p in m.parameters]
     rms = [
-        p.grad_norm / math.sqrt(max(1, math.prod(p.shape)))
-        for p in m.parameters
-        if p.grad_norm and math.isfinite(p.grad_norm) and p.grad_norm > 0
+        norm / math.sqrt(max(1, math.prod(p.shape)))
+        for p, norm in norms
+        if norm and math.isfinite(norm) and norm > 0
     ]
-    largest = max(
-        (p.grad_norm for p in m.parameters if p.grad_norm and math.isfinite(p.grad_norm)),
-        default=1.0,
-    )
+    largest = max((norm for _, norm in norms if norm and math.isfinite(norm)), default=1.0)
     if not rms:
         return 2.0**16, "no usable gradient norms; 2^16 is GradScaler's default"
     want = math.ceil(math.log2(FP16_MIN_NORMAL / min(rms)))

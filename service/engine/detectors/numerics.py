@@ -70,8 +70,13 @@ def fp16_findings(m: Measurements, t: dict[str, float], precision: str) -> list[
             kind="fp16_underflow",
             severity="error" if error else "warning",
             message=(
-                f"{sig(share)} of all gradient entries are below fp16's smallest value (2^-24) "
-                f"and would be flushed to zero in fp16 training"
+                (
+                    f"{sig(share)} of all gradient entries were flushed to zero by this fp16 "
+                    f"pass (they are non-zero in an fp32 pass of the same batch)"
+                    if precision == "fp16"
+                    else f"{sig(share)} of all gradient entries are below fp16's smallest value "
+                    f"(2^-24) and would be flushed to zero in fp16 training"
+                )
                 + (f", worst in {worst[0].name}" if worst else "")
                 + "."
             ),

@@ -22,6 +22,7 @@ What each fix does here:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from typing import Any
@@ -185,31 +186,36 @@ def _clipped(m: Measurements, max_norm: float) -> tuple[str, Measurements]:
 def _rescaled_underflow(
     m: Measurements, subject: Subject, scale: float, tiny: float, fix: str
 ) -> tuple[str, Measurements]:
-    """One plain backward of `scale` × loss on a copy; recount underflow against `tiny`."""
-    from service.engine.losses import compute_loss
-
+    """One backward of `scale` × loss on a copy; recount underflow against `tiny`. When the
+    diagnosis ran in fp16, loss scaling is checked the way it would act: the scaled pass runs
+    in fp16 autocast and the entries it still flushes to exactly 0 (non-zero in an fp32 pass
+    of the same batch, same dropout masks) are counted, as measure() does for fp16 runs."""
     copy_ = copy_subject(subject)
     if copy_.graph is not None:
         named = copy_.graph.named_graph_parameters()
-        outputs = copy_.graph.run(copy_.inputs)
     else:
         named = list(copy_.module.named_parameters())
-        out = copy_.module(*copy_.inputs)
-        outputs = list(out) if isinstance(out, tuple | list) else [out]
-    tensors = [o for o in outputs if isinstance(o, torch.Tensor)]
-    loss = compute_loss(copy_.loss_kind, tensors, copy_.target)
-    params = [p for _, p in named if p.requires_grad]
-    grads = torch.autograd.grad(loss * scale, params, allow_unused=True)
-    by_name = {
-        n: g for (n, p), g in zip([x for x in named if x[1].requires_grad], grads, strict=True)
-    }
+    trainable = [(n, p) for n, p in named if p.requires_grad]
+    params: list[torch.Tensor] = [p for _, p in trainable]
+    in_fp16 = fix == "loss_scaling" and m.precision == "fp16"
+    rng_devices = [copy_.device] if copy_.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices):  # the reference draws the same masks
+        grads = _loss_gradients(copy_, params, scale, fp16=in_fp16)
+    reference = _loss_gradients(copy_, params, 1.0, fp16=False) if in_fp16 else grads
     after = copy.deepcopy(m)
-    names = [n for n, g in by_name.items() if g is not None]
-    rows = []
-    for name in names:
-        a = by_name[name].detach().float().abs()
-        numel = torch.full((), a.numel(), device=a.device, dtype=torch.long)
-        rows.append(torch.stack([((a > 0) & (a < tiny)).sum(), (a > FP16_MAX).sum(), numel]))
+    names, rows = [], []
+    for (name, _), g, r in zip(trainable, grads, reference, strict=True):
+        if g is None:
+            continue
+        names.append(name)
+        numel = torch.full((), g.numel(), device=g.device, dtype=torch.long)
+        if in_fp16:
+            flushed = torch.logical_and(g == 0, r != 0).sum() if r is not None else numel * 0
+            overflowed = (~torch.isfinite(g)).sum()  # an fp16 overflow is an inf
+            rows.append(torch.stack([flushed, overflowed, numel]))
+        else:
+            a = g.detach().float().abs()
+            rows.append(torch.stack([((a > 0) & (a < tiny)).sum(), (a > FP16_MAX).sum(), numel]))
     # one transfer for all tensors, as in measure()
     host = dict(zip(names, torch.stack(rows).tolist(), strict=True)) if rows else {}
     for p in after.parameters:
@@ -217,9 +223,38 @@ def _rescaled_underflow(
             under, over, numel_ = host[p.name]
             p.fp16_underflow_fraction = under / max(1, numel_)
             p.fp16_overflow_fraction = over / max(1, numel_) if fix == "loss_scaling" else 0.0
-    text = (
-        f"loss × {scale:g}: gradients recounted against fp16's 2^-24"
-        if fix == "loss_scaling"
-        else "gradients recounted against bf16's smallest value 2^-133"
-    )
+    if in_fp16:
+        text = (
+            f"loss × {scale:g} in fp16 autocast: gradient entries still flushed to 0 recounted "
+            "against an fp32 pass"
+        )
+    elif fix == "loss_scaling":
+        text = f"loss × {scale:g}: gradients recounted against fp16's 2^-24"
+    else:
+        text = "gradients recounted against bf16's smallest value 2^-133"
     return text, after
+
+
+def _loss_gradients(
+    subject: Subject, params: list[torch.Tensor], scale: float, *, fp16: bool
+) -> tuple[torch.Tensor | None, ...]:
+    """∂(scale × loss)/∂params / scale, unscaled in fp32; the forward in fp16 autocast or not."""
+    from service.engine.losses import compute_loss
+
+    context = (
+        torch.autocast(device_type=subject.device.type, dtype=torch.float16)
+        if fp16
+        else contextlib.nullcontext()
+    )
+    with context:
+        if subject.graph is not None:
+            outputs = subject.graph.run(subject.inputs)
+        else:
+            out = subject.module(*subject.inputs)
+            outputs = list(out) if isinstance(out, tuple | list) else [out]
+    tensors = [o for o in outputs if isinstance(o, torch.Tensor)]
+    loss = compute_loss(subject.loss_kind, tensors, subject.target)
+    grads = torch.autograd.grad(loss * scale, params, allow_unused=True)
+    if not fp16:
+        return grads  # the fp32 recount keeps the scaled values (that is what it counts)
+    return tuple(g.float() / scale if g is not None else None for g in grads)

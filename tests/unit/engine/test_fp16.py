@@ -1,0 +1,65 @@
+"""fp16 underflow under `--precision fp16`: the gradients that underflow are exactly 0 in an
+fp16 autocast pass, so they are counted against an fp32 reference pass of the same batch
+(stats.flushed_counts), and loss scaling is recommended and verified in fp16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from service.engine import diagnose
+from service.engine.measure import measure
+from service.engine.options import DiagnoseOptions
+from service.engine.subject import build_subject
+from tests.support.export import to_torch_export
+from tests.unit.engine.measure_support import npz_bytes
+
+
+def tiny_gradient_model() -> tuple[bytes, bytes, torch.Tensor, nn.Module]:
+    """fp32 gradients of the first layer ~1e-10 (a 1e-4-scaled head under output_norm): below
+    fp16's 2^-24, while the head's own gradients (~1e-6) stay representable."""
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    with torch.no_grad():
+        module[2].weight.mul_(1e-4)
+        module[2].bias.zero_()
+    x = torch.randn(32, 8)
+    return to_torch_export(module, x), npz_bytes(x=x), x, module
+
+
+def test_precision_is_recorded_and_fp16_flushes_are_counted_against_fp32() -> None:
+    model, batch, x, module = tiny_gradient_model()
+    options = DiagnoseOptions(precision="fp16", loss="output_norm")
+    m = measure(build_subject(model, batch, options), options)
+    assert m.precision == "fp16"
+    # the reference: which entries an fp16 autocast pass zeroes that fp32 does not
+    grads = {}
+    for autocast in (True, False):
+        module.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16, enabled=autocast):
+            out = module(x)
+        out.float().square().mean().backward()
+        grads[autocast] = {n: p.grad.clone() for n, p in module.named_parameters()}  # type: ignore[union-attr]
+    for p in m.parameters:
+        g16, g32 = grads[True][p.name], grads[False][p.name]
+        want = ((g16 == 0) & (g32 != 0)).double().mean().item()
+        assert p.fp16_underflow_fraction == pytest.approx(want, abs=1e-9), p.name
+        assert m.fp32_grad_norms[p.name] == pytest.approx(g32.norm().item(), rel=1e-4)
+    first = next(p for p in m.parameters if p.name == "0.weight")
+    assert first.fp16_underflow_fraction == 1.0 and first.grad_norm == 0.0
+
+
+def test_fp16_underflow_is_an_error_and_loss_scaling_is_verified_in_fp16() -> None:
+    model, batch, _, _ = tiny_gradient_model()
+    report = diagnose(model, batch, DiagnoseOptions(precision="fp16", loss="output_norm"))
+    finding = next(f for f in report.findings if f.kind == "fp16_underflow")
+    assert finding.severity == "error"
+    assert finding.evidence["precision"] == "fp16"
+    assert finding.evidence["underflow_fraction"] > 0.5
+    index = report.findings.index(finding)
+    rec = next(r for r in report.recommendations if r.fix == "loss_scaling")
+    assert index in rec.addresses
+    assert rec.verified is not None and rec.verified.applied and rec.verified.resolved
+    assert "fp16 autocast" in (rec.verified.transform or "")
+    assert rec.verified.after["figures"]["fp16_underflow_fraction"] < 0.05
