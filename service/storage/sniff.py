@@ -14,6 +14,7 @@ import zipfile
 from pathlib import Path
 from typing import BinaryIO
 
+from service.engine.formats.detect import format_of_zip_members
 from service.errors import ModelFormatError
 
 ZIP_MAGIC = b"PK\x03\x04"
@@ -48,21 +49,7 @@ def zip_members(path: Path) -> list[str]:
 
 
 def _zip_model_format(path: Path) -> str:
-    members = {n.split("/", 1)[1] if "/" in n else n for n in zip_members(path)}
-    if "archive_format" in members or any(
-        m.startswith("models/") and m.endswith(".json") for m in members
-    ):
-        return "torch_export"
-    if "constants.pkl" in members or any(m.startswith("code/") for m in members):
-        return "torchscript"
-    if "data.pkl" in members:
-        raise ModelFormatError(
-            "the model file is a torch.save checkpoint (pickled module or state dict), which "
-            "cannot be run safely; save the model with torch.export.save (.pt2) or torch.jit.save"
-        )
-    raise ModelFormatError(
-        "the model file is a zip archive but neither a torch.export program nor TorchScript"
-    )
+    return format_of_zip_members(zip_members(path))
 
 
 def _read_varint(f: BinaryIO) -> int | None:

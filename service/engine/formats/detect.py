@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import zipfile
+from collections.abc import Iterable
 
 from service.engine.report import ModelFormat
 from service.errors import ModelFormatError
@@ -35,6 +36,12 @@ def _zip_format(data: bytes) -> ModelFormat:
         names = zipfile.ZipFile(io.BytesIO(data)).namelist()
     except zipfile.BadZipFile as exc:
         raise ModelFormatError(f"the model file is a damaged zip archive ({exc})") from exc
+    return format_of_zip_members(names)
+
+
+def format_of_zip_members(names: Iterable[str]) -> ModelFormat:
+    """torch.export or TorchScript from a zip's member names; shared with the API's upload
+    check (service/storage/sniff.py), which must not import torch."""
     members = {name.split("/", 1)[1] if "/" in name else name for name in names}
     if "archive_format" in members or any(
         m.startswith("models/") and m.endswith(".json") for m in members
