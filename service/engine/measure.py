@@ -52,7 +52,7 @@ from service.engine.sequences import (
     step_norms_sq,
     tap_hook,
 )
-from service.engine.stats import parameter_statistics
+from service.engine.stats import combine_moments, parameter_statistics
 from service.errors import BadInputError, GradhealthError
 
 RECURRENT_OPS = frozenset(
@@ -345,11 +345,13 @@ def _collect(
         out[f"forward.{p}"] = fwd
         out[f"backward.{p}"] = bwd
     if totals.layer_grad_sq is not None:
-        assert totals.layer_sum is not None and totals.layer_sumsq is not None
         assert totals.layer_saturated is not None
         out["layer.grad_sq"] = totals.layer_grad_sq
-        out["layer.sum"] = totals.layer_sum
-        out["layer.sumsq"] = totals.layer_sumsq
+        for k, (means, variances) in enumerate(
+            zip(totals.layer_means, totals.layer_vars, strict=True)
+        ):
+            out[f"layer.mean.{k}"] = means
+            out[f"layer.var.{k}"] = variances
         out["layer.saturated"] = totals.layer_saturated
     for index, peaks in totals.alive.items():
         out[f"dead.{index}"] = (peaks == 0).sum().reshape(1) / max(peaks.numel(), 1)
@@ -421,8 +423,10 @@ def _build(
         )
     counts = probe.totals.layer_count if probe is not None else []
     seen = probe.totals.layer_seen if probe is not None else []
+    pass_counts = probe.totals.layer_counts if probe is not None else []
     reports = [
-        _layer_report(i, layer, host, by_name, counts, seen) for i, layer in enumerate(layers)
+        _layer_report(i, layer, host, by_name, counts, seen, pass_counts)
+        for i, layer in enumerate(layers)
     ]
     depth = _depth_profile(reports)
     times = []
@@ -470,16 +474,21 @@ def _layer_report(
     params: dict[str, dict[str, float]],
     counts: list[int],
     seen: list[bool],
+    pass_counts: list[list[int]],
 ) -> LayerReport:
     grad_sq = sum(params[p]["grad_norm"] ** 2 for p in layer.params if p in params)
     weight_sq = sum(params[p]["weight_norm"] ** 2 for p in layer.params if p in params)
     grad_norm, weight_norm = math.sqrt(grad_sq), math.sqrt(weight_sq)
     stats = ActivationStats(activation=layer.activation)
     activation_grad = None
-    if "layer.sum" in host and seen[index] and counts[index] > 0:
+    if "layer.mean.0" in host and seen[index] and counts[index] > 0:
         count = counts[index]
-        mean = host["layer.sum"][index] / count
-        var = max(host["layer.sumsq"][index] / count - mean * mean, 0.0)
+        _, mean, var = combine_moments(
+            [
+                (n[index], host[f"layer.mean.{k}"][index], host[f"layer.var.{k}"][index])
+                for k, n in enumerate(pass_counts)
+            ]
+        )
         stats.mean, stats.std = mean, math.sqrt(var) if math.isfinite(var) else var
         if layer.activation in SATURATING:
             stats.saturated_fraction = host["layer.saturated"][index] / count

@@ -4,8 +4,8 @@ Per pass (one micro-batch) it collects, all as 0-dim/small tensors on the model'
 - forward: a float32 sum of every node output that can create a NaN/Inf (FORWARD_SAFE ops,
   which cannot, are skipped). A non-finite sum marks a non-finite output; the first such node
   in execution order is the forward origin.
-- layer outputs (layers.py): mean/variance, saturated count, alive-unit mask, and a gradient
-  hook giving ‖∂L/∂output‖² of the layer.
+- layer outputs (layers.py): mean/variance (torch.var_mean), saturated count, alive-unit
+  mask, and a gradient hook giving ‖∂L/∂output‖² of the layer.
 - backward: a hook on every value not read only by BACKWARD_SAFE ops, giving its gradient's
   float32 norm in the order autograd calls them (the backward execution order), for the
   backward origin.
@@ -26,7 +26,7 @@ import torch
 from service.engine.formats.fx import VIEW_OPS
 from service.engine.graph import Node, ObservableGraph
 from service.engine.layers import RELU_LIKE, SATURATING, Layer, canonical
-from service.engine.stats import first_moments, saturated_count, unit_peaks
+from service.engine.stats import moments, saturated_count, unit_peaks
 
 # ONNX spellings of the view-like ops (the FX ones come from formats/fx.py).
 _ONNX_VIEWS = frozenset(
@@ -66,8 +66,11 @@ class ProbeTotals:
     backward_norms: list[torch.Tensor] = field(default_factory=list)  # one [n_hooked] per pass
     backward_orders: list[list[int]] = field(default_factory=list)  # slot order per pass
     layer_grad_sq: torch.Tensor | None = None  # [n_layers]
-    layer_sum: torch.Tensor | None = None  # Σy over the layer output's entries
-    layer_sumsq: torch.Tensor | None = None  # Σy²
+    # per pass: mean and biased variance of each layer output's entries ([n_layers] each),
+    # combined over the passes on the host (stats.combine_moments) with `layer_counts`
+    layer_means: list[torch.Tensor] = field(default_factory=list)
+    layer_vars: list[torch.Tensor] = field(default_factory=list)
+    layer_counts: list[list[int]] = field(default_factory=list)
     layer_saturated: torch.Tensor | None = None
     # host-side: known without looking at any tensor, so never copied to the device (a
     # host→device copy from a Python list waits for the GPU queue like a sync would)
@@ -120,8 +123,8 @@ class Probe:
             "forward": [],  # (slot, sum)
             "backward": [],  # (slot, norm)
             "layer_grad": {},  # layer index → ‖g‖²
-            "layer_sum": {},
-            "layer_sumsq": {},
+            "layer_mean": {},
+            "layer_var": {},
             "layer_n": {},
             "layer_sat": {},
         }
@@ -135,22 +138,19 @@ class Probe:
                 continue
             detached = value.detach()
             layer_index = self.layer_of_output.get(value_name)
-            total = None
-            if forward_slot is not None or layer_index is not None:
-                total = torch.sum(detached, dtype=torch.float32)
             if forward_slot is not None:
+                total = torch.sum(detached, dtype=torch.float32)
                 self._pass["forward"].append((forward_slot, total))
             if layer_index is not None:
-                assert total is not None
-                self._layer_forward(layer_index, detached, total)
+                self._layer_forward(layer_index, detached)
             slot = self.backward_slots.get(value_name)
             if slot is not None and value.requires_grad:
                 value.register_hook(self._make_hook(slot, layer_index))
 
-    def _layer_forward(self, layer_index: int, y: torch.Tensor, total: torch.Tensor) -> None:
+    def _layer_forward(self, layer_index: int, y: torch.Tensor) -> None:
         layer = self.layers[layer_index]
         p = self._pass
-        p["layer_sum"][layer_index], p["layer_sumsq"][layer_index] = first_moments(y, total)
+        p["layer_mean"][layer_index], p["layer_var"][layer_index] = moments(y)
         p["layer_n"][layer_index] = y.numel()
         if layer.activation in SATURATING:
             p["layer_sat"][layer_index] = saturated_count(y, layer.activation)
@@ -188,21 +188,19 @@ class Probe:
             return
         rows = range(n_layers)
         grad_sq = _stack([p["layer_grad"].get(i, zero) for i in rows], self.device)
-        layer_sum = _stack([p["layer_sum"].get(i, zero) for i in rows], self.device)
-        layer_sumsq = _stack([p["layer_sumsq"].get(i, zero) for i in rows], self.device)
+        t.layer_means.append(_stack([p["layer_mean"].get(i, zero) for i in rows], self.device))
+        t.layer_vars.append(_stack([p["layer_var"].get(i, zero) for i in rows], self.device))
         counts = [int(p["layer_n"].get(i, 0)) for i in rows]
         sat = _stack([p["layer_sat"].get(i, zero).float() for i in rows], self.device)
         seen = [i in p["layer_grad"] for i in rows]
+        t.layer_counts.append(counts)
         if t.layer_grad_sq is None:
-            t.layer_grad_sq, t.layer_sum, t.layer_sumsq = grad_sq, layer_sum, layer_sumsq
+            t.layer_grad_sq = grad_sq
             t.layer_saturated = sat
             t.layer_count, t.layer_seen = counts, seen
         else:
-            assert t.layer_sum is not None and t.layer_sumsq is not None
             assert t.layer_saturated is not None
             t.layer_grad_sq += grad_sq
-            t.layer_sum += layer_sum
-            t.layer_sumsq += layer_sumsq
             t.layer_saturated += sat
             t.layer_count = [a + b for a, b in zip(t.layer_count, counts, strict=True)]
             t.layer_seen = [a or b for a, b in zip(t.layer_seen, seen, strict=True)]

@@ -70,20 +70,34 @@ def alive_units(y: torch.Tensor) -> torch.Tensor:
     return unit_peaks(y) > 0
 
 
-def first_moments(y: torch.Tensor, total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Σy, Σy²) in float32, given Σy already computed (the forward finiteness check's sum).
-    Mean and variance follow as Σy/n and Σy²/n − mean²: two cheap reductions instead of
-    `var_mean`'s Welford pass (100× slower on CPU). The subtraction loses precision only when
-    |mean| ≫ std, which no activation of interest has."""
-    return total, torch.linalg.vector_norm(y, dtype=torch.float32).square()
-
-
 def moments(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, biased variance) in float32."""
-    n = max(y.numel(), 1)
-    total, squares = first_moments(y, torch.sum(y, dtype=torch.float32))
-    mean = total / n
-    return mean, (squares / n - mean.square()).clamp_min(0.0)
+    """(mean, biased variance) in float32, on the device, by `torch.var_mean` (a stable
+    single-pass reduction). Not Σy²/n − mean²: that difference cancels catastrophically when
+    |mean| ≫ std (an activation offset by a large bias: 1e4 ± 1 in float32 leaves no digit of
+    the variance). Costs more than two plain sums on CPU (bench/overhead.py)."""
+    x = y.detach()
+    if x.dtype != torch.float32:
+        x = x.float()  # half-precision outputs: reduce in float32, as the other statistics
+    if x.numel() == 0:
+        zero = torch.zeros((), device=x.device)
+        return zero, zero
+    var, mean = torch.var_mean(x, correction=0)
+    return mean, var
+
+
+def combine_moments(parts: Sequence[tuple[int, float, float]]) -> tuple[int, float, float]:
+    """(count, mean, biased variance) of the union of parts given as (count, mean, variance):
+    Chan et al.'s pairwise update, in host floats (micro-batches of one layer output)."""
+    n, mean, m2 = 0, 0.0, 0.0
+    for n_b, mean_b, var_b in parts:
+        if n_b <= 0:
+            continue
+        total = n + n_b
+        delta = mean_b - mean
+        mean += delta * n_b / total
+        m2 += var_b * n_b + delta * delta * n * n_b / total
+        n = total
+    return n, mean, (m2 / n if n else 0.0)
 
 
 def _float_bits(value: float) -> int:

@@ -241,3 +241,23 @@ def test_time_profile_follows_a_sequence_first_layout(fmt: str) -> None:
     assert ref["loss"] == pytest.approx(m.loss.value, rel=1e-5)
     for got, expected in zip(profile.grad_norms, want, strict=True):
         assert close(got, expected, abs_=1e-9)
+
+
+@pytest.mark.parametrize("micro_batches", [1, 3])
+def test_activation_std_is_exact_when_the_mean_dwarfs_it(micro_batches: int) -> None:
+    """A Linear whose bias (1e4) dwarfs its output's spread (~0.3): the reported std must
+    still match float64, also when combined over micro-batches."""
+    torch.manual_seed(4)
+    module = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 2))
+    with torch.no_grad():
+        module[0].bias.fill_(1e4)
+        module[0].weight.mul_(0.3)
+    x, y = torch.randn(12, 4), torch.randn(12, 2)
+    case = CASES["mlp"]()
+    case.module, case.inputs, case.target, case.loss = module, [x], y, "mse"
+    options = DiagnoseOptions(loss="mse", micro_batches=micro_batches)
+    m = measure(build_subject(export(case, "torch_export"), case_batch(case), options), options)
+    first = next(layer for layer in m.layers if layer.name == "0")
+    out = module[0](x).detach().double()
+    assert close(first.activation_stats.mean, out.mean().item(), rel=1e-7)
+    assert close(first.activation_stats.std, out.std(correction=0).item(), rel=1e-3)

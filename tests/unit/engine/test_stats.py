@@ -12,6 +12,7 @@ from service.engine.stats import (
     FP16_MAX,
     FP16_TINY,
     alive_units,
+    combine_moments,
     counts_by_concatenation,
     counts_per_parameter,
     moments,
@@ -63,3 +64,25 @@ def test_both_count_paths_agree_across_chunk_boundaries() -> None:
     assert by_parameter[1, 0].item() == (a < 2.0**-24).sum().item()
     assert by_parameter[2, 0].item() == (big == 0).sum().item()
     assert by_parameter[:, 1].tolist() == [1.0, 2.0, 1.0, 2.0]
+
+
+def test_moments_are_stable_when_the_mean_dwarfs_the_spread() -> None:
+    """1e4 ± ~1 in float32: Σy²/n − mean² keeps no digit of the variance; var_mean does."""
+    torch.manual_seed(0)
+    y = 1e4 + torch.randn(4096)
+    mean, var = moments(y)
+    want = y.double().var(correction=0).item()
+    assert mean.item() == pytest.approx(y.double().mean().item(), rel=1e-7)
+    assert var.item() == pytest.approx(want, rel=1e-4)
+
+
+def test_combined_micro_batch_moments_equal_the_whole() -> None:
+    torch.manual_seed(1)
+    y = 5e3 + 0.5 * torch.randn(1000, dtype=torch.float64)
+    parts = [y[:100], y[100:650], y[650:]]
+    combined = combine_moments(
+        [(p.numel(), p.mean().item(), p.var(correction=0).item()) for p in parts]
+    )
+    assert combined[0] == 1000
+    assert combined[1] == pytest.approx(y.mean().item(), rel=1e-12)
+    assert combined[2] == pytest.approx(y.var(correction=0).item(), rel=1e-9)
