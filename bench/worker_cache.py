@@ -1,0 +1,103 @@
+"""What a worker child's cache of loaded models saves per job (run:
+`.venv/bin/python bench/worker_cache.py`).
+
+In-process, no database: the real `JobRunner` a child uses, on zoo CNNs in each model format,
+a job after job on the same model file (what a pipeline or a schedule sends). Baseline in the
+same process: the same runner with a cache budget of 0 (every job loads and converts, as before
+the cache). Runs alternate between the two, medians over `--jobs`. Prints per model and format:
+the engine's own load + convert time per job (report `timing`), the whole job's wall time, and
+the ratio cached / uncached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from service.workers.loaded_cache import LoadedModelCache
+from service.workers.model_cache import ModelCache
+from service.workers.protocol import JobRequest
+from service.workers.runner import JobRunner
+from tests.support.export import to_onnx, to_torch_export, to_torchscript
+from tests.support.zoo import ZOO
+
+EXPORTERS = {"onnx": to_onnx, "torch_export": to_torch_export, "torchscript": to_torchscript}
+
+
+def job(runner: JobRunner, model_sha: str, batch_sha: str, device: str) -> tuple[float, float]:
+    """(load + convert seconds from the report, wall seconds of the job)."""
+    started = time.perf_counter()
+    result = runner.run(
+        JobRequest("bench", "diagnose", 1, model_sha, batch_sha, {"device": device})
+    )
+    wall = time.perf_counter() - started
+    assert result.ok and result.report is not None, result.error_message
+    timing = result.report["timing"]
+    return timing["load"] + timing["convert"], wall
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="cnn_bn,resnet")
+    parser.add_argument("--jobs", type=int, default=7)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    print(f"worker loaded-model cache, torch {torch.__version__}, device {args.device}")
+    print(
+        f"{'model':10s} {'format':13s} {'load+convert ms':>24s} {'job wall ms':>22s} "
+        f"{'wall ratio':>10s}"
+    )
+    print(f"{'':24s} {'uncached':>11s} {'cached':>12s} {'uncached':>10s} {'cached':>11s}")
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+
+        def store(data: bytes) -> str:
+            sha = hashlib.sha256(data).hexdigest()
+            (directory / sha).write_bytes(data)
+            return sha
+
+        for name in args.models.split(","):
+            zoo = ZOO[name]
+            x = zoo.example()
+            buffer = io.BytesIO()
+            np.savez(buffer, x=x.numpy(), target=np.arange(x.shape[0]) % 2)
+            batch_sha = store(buffer.getvalue())
+            for fmt, export in EXPORTERS.items():
+                model_sha = store(export(zoo.build(), x))
+                cached = JobRunner(lambda s: directory / s, ModelCache(), LoadedModelCache())
+                uncached = JobRunner(lambda s: directory / s, ModelCache(), LoadedModelCache(0))
+                job(cached, model_sha, batch_sha, args.device)  # the miss that fills the cache
+                job(uncached, model_sha, batch_sha, args.device)  # same warm-up
+                rows: dict[str, list[tuple[float, float]]] = {"cached": [], "uncached": []}
+                for _ in range(args.jobs):
+                    rows["uncached"].append(job(uncached, model_sha, batch_sha, args.device))
+                    rows["cached"].append(job(cached, model_sha, batch_sha, args.device))
+                assert cached.loaded.hits == args.jobs and uncached.loaded.hits == 0
+                med = {
+                    k: (
+                        statistics.median(r[0] for r in v) * 1e3,
+                        statistics.median(r[1] for r in v) * 1e3,
+                    )
+                    for k, v in rows.items()
+                }
+                print(
+                    f"{name:10s} {fmt:13s} {med['uncached'][0]:11.1f} {med['cached'][0]:12.1f} "
+                    f"{med['uncached'][1]:10.1f} {med['cached'][1]:11.1f} "
+                    f"{med['cached'][1] / med['uncached'][1]:10.2f}",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()
