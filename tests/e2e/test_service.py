@@ -138,7 +138,12 @@ def test_serve_on_sqlite_diagnoses_an_upload(
 
     result = submit(url, key, files["model"], files["batch"], "--format", "json")
     assert result.returncode in (0, 1), result.stderr
-    assert json.loads(result.stdout)["model"]["sha256"] == report["model"]["sha256"]
+    again = json.loads(result.stdout)
+    assert again["model"]["sha256"] == report["model"]["sha256"]
+    # the one worker child kept the model it loaded for the first diagnosis
+    assert not any("worker's cache" in note for note in report["notes"])
+    assert any("worker's cache" in note for note in again["notes"]), again["notes"]
+    assert again["timing"]["load"] < 1e-3
 
     bad = submit(url, key, files["junk"], files["batch"])
     assert bad.returncode == 2, (bad.stdout, bad.stderr)
