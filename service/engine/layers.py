@@ -10,8 +10,9 @@ A value is *parameter-derived* when it is a parameter or computed only from para
 constants (e.g. `Transpose(weight)` in ONNX exports of `nn.Linear`); *data* when it depends on a
 graph input. Layers are listed in execution order; `depth` is that index (0 = nearest the input).
 
-A layer's name is the common dotted prefix of its parameters' names (`layer1.0.conv1`), which
-is the module path for torch models; otherwise the main node's name.
+A layer's name is the common dotted prefix of its main node's parameters' names
+(`layer1.0.conv1`), which is the module path for torch models; else that of all its parameters;
+otherwise the main node's name.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class Layer:
     fan_out: int | None = None
     weight: str | None = None  # the parameter whose scale is compared with He/Xavier
     extra: dict[str, object] = field(default_factory=dict)
+    main_params: list[str] = field(default_factory=list)  # the ones the main node reads
 
 
 def _consumers(nodes: list[Node]) -> dict[str, list[int]]:
@@ -122,6 +124,7 @@ def group_layers(graph: ObservableGraph) -> list[Layer]:
             nodes=[node.name],
             params=owned,
             output=node.outputs[0],
+            main_params=list(owned),
         )
         _fan(layer, node, param_in, shapes)
         claimed.add(index)
@@ -208,9 +211,12 @@ def _largest_source(layer: Layer, shapes: dict[str, list[int]]) -> str | None:
 
 
 def _name_layers(layers: list[Layer]) -> None:
+    """The module path of the main node's parameters (`fc` for `fc.weight` even when a
+    top-level `scale` multiplied after it joined the layer), else of all its parameters, else
+    the main node's name."""
     used: set[str] = set()
     for layer in layers:
-        name = _common_prefix(layer.params) or layer.main
+        name = _common_prefix(layer.main_params) or _common_prefix(layer.params) or layer.main
         if name in used:
             name = f"{name}/{layer.main}"
         used.add(name)
