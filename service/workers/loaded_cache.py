@@ -128,6 +128,8 @@ class LoadedModelCache:
     def put(self, key: LoadedKey, loaded: Any) -> bool:
         """Keep a freshly loaded model (call before its first job); False if it is too big."""
         self.discard(key)
+        if self.budget_bytes <= 0:
+            return False
         entry = _Entry(loaded, 0)
         _snapshot(entry)
         if entry.size_bytes > self.budget_bytes:

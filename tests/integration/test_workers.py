@@ -124,8 +124,36 @@ def test_inspection_fills_the_model_from_its_bytes(
         model = session.get_one(ModelRecord, owner.model_id)
     assert model.format == "torchscript" and model.inspection_status == "succeeded"
     assert model.parameter_count == 4 * 3 + 3 + 3 * 2 + 2
-    # TorchScript declares its inputs' names; shapes become known with a batch.
+    # TorchScript declares its inputs' names only: shape and dtype are unknown (null)
     assert model.inputs is not None and len(model.inputs) == 1 and model.inputs[0]["name"]
+    assert model.inputs[0]["shape"] is None and model.inputs[0]["dtype"] is None
+
+
+def enqueue_diagnosis_on(database: Database, owner: Owner, device: str) -> str:
+    with database.session() as session:
+        job_id = jobs.enqueue(
+            session,
+            owner.tenant_id,
+            kind="diagnose",
+            model_id=owner.model_id,
+            batch_id=owner.batch_id,
+            options={"device": device},
+            max_attempts=3,
+        ).id
+        session.commit()
+    return job_id
+
+
+def test_a_cpu_worker_leaves_cuda_jobs_to_gpu_workers(
+    backend: Backend, owner: Owner, run_supervisor: Callable[..., Supervisor]
+) -> None:
+    needs_gpu = enqueue_diagnosis_on(backend.database, owner, "cuda")
+    anywhere = enqueue_diagnosis_on(backend.database, owner, "auto")
+    run_supervisor()
+    done = wait_for(lambda: finished(backend.database, anywhere), "the auto job")
+    assert done.status == "succeeded", done.error_message
+    waiting = row(backend.database, needs_gpu)
+    assert (waiting.status, waiting.attempts) == ("queued", 0)
 
 
 @POSTGRES_ONLY
