@@ -88,7 +88,7 @@ def to_onnx(
             torch.onnx.export(
                 module,
                 args,
-                buffer,
+                buffer,  # type: ignore[arg-type]
                 dynamo=False,
                 training=torch.onnx.TrainingMode.TRAINING
                 if training

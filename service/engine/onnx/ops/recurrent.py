@@ -35,6 +35,7 @@ import onnx
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from service.engine.graph import Node, ObservableGraph
 from service.engine.onnx.registry import OpContext, UnsupportedAttribute, register
@@ -75,6 +76,20 @@ class Activation:
 
     def __call__(self, x: Tensor) -> Tensor:
         return _ACTIVATIONS[self.name.lower()][4](x, self.alpha, self.beta)
+
+    @property
+    def fn(self) -> Callable[[Tensor], Tensor]:
+        """The activation as a one-argument callable, torch's own function where one exists:
+        steps call it a few times per time step, so the indirection is left out."""
+        direct = _DIRECT_ACTIVATIONS.get(self.name.lower())
+        return direct if direct is not None else self
+
+
+_DIRECT_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "relu": torch.relu,
+}
 
 
 def _activations(ctx: OpContext, per_direction: Sequence[str], directions: int) -> list[Activation]:
@@ -160,12 +175,20 @@ class RecurrentFn:
     """
 
     def __init__(
-        self, settings: _Settings, make_step: StepMaker, gates: int, has_cell: bool
+        self,
+        settings: _Settings,
+        make_step: StepMaker,
+        gates: int,
+        has_cell: bool,
+        linear_recurrence: bool = False,
     ) -> None:
         self.settings = settings
         self.make_step = make_step
         self.gates = gates
         self.has_cell = has_cell  # LSTM: a cell state runs beside the hidden state
+        # RNN, LSTM: every gate's pre-activation is x_t + h_{t-1}·Rᵀ (plus terms without R), so
+        # R's gradient is Σ_t dx_tᵀ·h_{t-1} and is computed once per call (see _DeferredRGrad)
+        self.linear_recurrence = linear_recurrence
         self.record_steps = False
         self.step_hidden: list[list[Tensor]] = []
 
@@ -205,8 +228,12 @@ class RecurrentFn:
         for d in range(s.directions):
             w_bias = None if B is None else B[d, : self.gates * hidden]
             r_bias = None if B is None else B[d, self.gates * hidden :]
+            # Steps read R detached when its gradient is deferred to one matmul per call: a
+            # per-step dR (a [G·H, batch]·[batch, H] product plus an accumulation into R's
+            # gradient) was the largest cost of the unrolled backward.
+            defer_r_grad = self.linear_recurrence and torch.is_grad_enabled() and R.requires_grad
             step, folded = self.make_step(
-                R[d],
+                R[d].detach() if defer_r_grad else R[d],
                 r_bias,
                 None if P is None else P[d],
                 s.activations[d * per_dir : (d + 1) * per_dir],
@@ -215,6 +242,10 @@ class RecurrentFn:
             bias = w_bias if folded is None or w_bias is None else w_bias + folded
             # [seq, batch, G·H]: the input side has no recurrence, so one matmul for all steps
             projected = F.linear(X, W[d], bias)
+            previous: list[Tensor] | None = None
+            if defer_r_grad:
+                previous = []  # filled by _unroll with the stacked h_{t-1}
+                projected = _DeferredRGrad.apply(projected, R[d], previous)
             h0 = X.new_zeros(batch, hidden) if initial_h is None else initial_h[d]
             c0 = None
             if self.has_cell:
@@ -224,7 +255,7 @@ class RecurrentFn:
             if self.record_steps:
                 record = [h0] * steps  # placeholders, all overwritten
                 self.step_hidden.append(record)
-            y, h, c = self._unroll(projected, valid, reverse, h0, c0, step, record)
+            y, h, c = self._unroll(projected, valid, reverse, h0, c0, step, record, previous)
             if nonempty is not None:  # an empty sequence ends in zero states (as onnxruntime)
                 h = torch.where(nonempty, h, torch.zeros_like(h))
                 c = None if c is None else torch.where(nonempty, c, torch.zeros_like(c))
@@ -250,11 +281,15 @@ class RecurrentFn:
         c: Tensor | None,
         step: Step,
         record: list[Tensor] | None,
+        previous: list[Tensor] | None,
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         steps = projected.shape[0]
         inputs = projected.unbind(0)  # one autograd node for all steps, not one per index
         outputs: list[Tensor] = list(inputs)  # placeholders, all overwritten
+        h_before: list[Tensor] = list(inputs)  # h_{t-1} as step t reads it (deferred dR only)
         for t in range(steps - 1, -1, -1) if reverse else range(steps):
+            if previous is not None:
+                h_before[t] = h
             h_new, c_new = step(inputs[t], h, c)
             if valid is None:
                 h, c = h_new, c_new
@@ -266,7 +301,33 @@ class RecurrentFn:
                     c = torch.where(valid[t], c_new, c)
             if record is not None:
                 record[t] = h_new
+        if previous is not None:
+            with torch.no_grad():  # a constant of R's gradient, not part of the graph
+                previous.append(torch.stack(h_before, 0))
         return torch.stack(outputs, 0), h, c
+
+
+class _DeferredRGrad(torch.autograd.Function):
+    """Identity on the input projection [seq, batch, G·H] that also takes R [G·H, H].
+
+    Its backward runs after every step's (each step reads a slice of the projection) and then
+    holds dx_t = d loss / d(x_t + h_{t-1}·Rᵀ) for all t: R's gradient is one matmul,
+    Σ_t dx_tᵀ·h_{t-1}, with the h_{t-1} that `_unroll` stacked into `previous` (detached: a
+    second-order gradient through R is refused rather than wrong, see once_differentiable).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, projected: Tensor, R: Tensor, previous: list[Tensor]) -> Tensor:
+        ctx.previous = previous
+        return projected.view_as(projected)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+        (h_before,) = ctx.previous
+        gates = grad.shape[-1]
+        r_grad = grad.reshape(-1, gates).t().mm(h_before.reshape(-1, h_before.shape[-1]))
+        return grad, r_grad, None
 
 
 def _clipped(clip: float | None) -> Callable[[Tensor], Tensor]:
@@ -278,7 +339,7 @@ def _clipped(clip: float | None) -> Callable[[Tensor], Tensor]:
 def _rnn_step(
     R: Tensor, r_bias: Tensor | None, _p: Tensor | None, acts: list[Activation], clip: float | None
 ) -> tuple[Step, Tensor | None]:
-    (f,) = acts
+    f = acts[0].fn
     cl = _clipped(clip)
     R_t = R.t()
 
@@ -332,13 +393,15 @@ def _lstm_step(
     clip: float | None,
     input_forget: bool = False,
 ) -> tuple[Step, Tensor | None]:
-    f, g, h_act = acts
+    f, g, h_act = (a.fn for a in acts)
     cl = _clipped(clip)
     hidden = R.shape[-1]
     R_t = R.t()
     p_i, p_o, p_f = (None, None, None) if P is None else P.split(hidden, -1)
     # gates are laid out i, o, f, c: without peepholes the first three share one call of f
     grouped = P is None and not input_forget
+    if grouped and clip is None:
+        return _default_lstm_step(R, f, g, h_act), r_bias
 
     def step(x: Tensor, h: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor | None]:
         assert c is not None
@@ -362,9 +425,29 @@ def _lstm_step(
     return step, r_bias
 
 
+def _default_lstm_step(R: Tensor, f: Any, g: Any, h_act: Any) -> Step:
+    """The common case (torch's nn.LSTM: no peepholes, clip or coupled gates) with as few ops
+    per step as the math allows: one split (its backward is one cat, where two slices would
+    each zero-fill a [batch, 4·H] gradient), one call of f for i, o, f."""
+    hidden = R.shape[-1]
+    R_t = R.t()
+    split = [3 * hidden, hidden]
+
+    def step(x: Tensor, h: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        assert c is not None
+        sig, cand = torch.addmm(x, h, R_t).split(split, 1)
+        i, o, forget = f(sig).chunk(3, 1)
+        c_new = torch.addcmul(forget * c, i, g(cand))
+        return o * h_act(c_new), c_new
+
+    return step
+
+
 @register("RNN", since=7)
 def rnn(ctx: OpContext) -> RecurrentFn:
-    return RecurrentFn(_settings(ctx, ["Tanh"]), _rnn_step, gates=1, has_cell=False)
+    return RecurrentFn(
+        _settings(ctx, ["Tanh"]), _rnn_step, gates=1, has_cell=False, linear_recurrence=True
+    )
 
 
 @register("GRU", since=7)
@@ -383,7 +466,7 @@ def lstm(ctx: OpContext) -> RecurrentFn:
     if input_forget not in (0, 1):
         raise UnsupportedAttribute(f"input_forget {input_forget}: expected 0 or 1")
     make = functools.partial(_lstm_step, input_forget=bool(input_forget))
-    return RecurrentFn(settings, make, gates=4, has_cell=True)
+    return RecurrentFn(settings, make, gates=4, has_cell=True, linear_recurrence=True)
 
 
 # --- where the time axis of a graph input is ------------------------------------------------
