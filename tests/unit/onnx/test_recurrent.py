@@ -331,3 +331,49 @@ def test_gradcheck_float64(case: Case) -> None:
 
     floats = [tensors[i].clone().requires_grad_(True) for i in float_positions]  # type: ignore[union-attr]
     assert torch.autograd.gradcheck(run, floats, eps=1e-6, atol=1e-5)
+
+
+DEFERRED = [
+    Case("LSTM", direction="bidirectional", sequence_lens=True),
+    Case("LSTM", peepholes=True, attrs={"clip": 2.0}, layout=1),
+    Case("RNN", direction="reverse", sequence_lens=True, steps=5),
+]
+
+
+@pytest.mark.parametrize("case", DEFERRED, ids=lambda c: f"{c.op}-{c.direction}-{c.attrs}")
+def test_deferred_recurrence_weight_gradient_equals_the_per_step_one(case: Case) -> None:
+    """RNN/LSTM compute R's gradient once per call; it must equal the gradient autograd
+    accumulates step by step (the same node with the deferral switched off), and the
+    per-step states keep receiving their gradients."""
+    node = case.node()
+    weights = torch.randn(case.steps * 2, generator=torch.Generator().manual_seed(4))
+
+    def grads(deferred: bool) -> list[torch.Tensor]:
+        fn = build_node_fn(node, case.opset)
+        assert isinstance(fn, RecurrentFn) and fn.linear_recurrence
+        fn.linear_recurrence = deferred
+        fn.record_steps = True
+        tensors = [None if v is None else torch.from_numpy(v) for v in case.inputs()]
+        for i in (0, 1, 2):
+            tensors[i].requires_grad_(True)  # type: ignore[union-attr]
+        Y = as_outputs(fn(*tensors), len(node.output))[0]
+        time_axis = 0 if case.layout == 0 else 1
+        per_step = Y.movedim(time_axis, 0).flatten(1).sum(1)  # one value per step
+        loss = (per_step * weights[: case.steps]).sum()
+        return list(torch.autograd.grad(loss, [*tensors[:3], *fn.step_hidden[0]]))
+
+    for got, expected in zip(grads(True), grads(False), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_second_order_gradient_through_deferred_recurrence_weights_is_refused() -> None:
+    # R's deferred gradient is computed from detached states: differentiating it again
+    # must fail loudly rather than return a wrong Hessian term
+    case = Case("LSTM")
+    fn = build_node_fn(case.node(), case.opset)
+    tensors = [None if v is None else torch.from_numpy(v) for v in case.inputs()]
+    R = tensors[2].requires_grad_(True)  # type: ignore[union-attr]
+    Y = as_outputs(fn(*tensors), 3)[0]
+    (r_grad,) = torch.autograd.grad(Y.square().sum(), [R], create_graph=True)
+    with pytest.raises(RuntimeError, match=r"once_differentiable|differentiate twice"):
+        r_grad.sum().backward()

@@ -4,6 +4,10 @@ Why not `torch.nn.LSTM` & co.: the fused kernels hide the per-step states, and g
 profile needs the gradient that reaches each step. Here the input projection `X·Wᵀ + Wb` is one
 matmul over all steps (it has no recurrence), then a Python loop applies the recurrence with plain
 torch ops, so autograd sees every step and `Y` stacks exactly the tensors the loop produced.
+For RNN and LSTM the steps read R detached and R's gradient is one matmul per call
+(`_DeferredRGrad` on the input projection): the per-step dR was the unrolled backward's largest
+cost. Consequence: a second-order gradient through R raises (once_differentiable) instead of
+being silently wrong; first-order gradients, per-step states and their hooks are unchanged.
 
 Semantics follow the ONNX spec where it is precise and onnxruntime where it is not (the tests
 compare against onnxruntime over the attribute grid):
