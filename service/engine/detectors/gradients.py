@@ -211,6 +211,7 @@ def time_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
         evidence: dict[str, Any] = {
             "axis": "time",
             "input": prof.input,
+            "tensor": prof.tensor,  # the input itself, or a token input's embedding output
             "sequence_axis": prof.axis,
             "steps": len(norms),
             "time_ratio": ratio,

@@ -18,6 +18,8 @@ from service.engine.stats import (
     moments,
     parameter_statistics,
     saturated_count,
+    shifted_moments,
+    var_mean_moments,
 )
 
 
@@ -66,14 +68,21 @@ def test_both_count_paths_agree_across_chunk_boundaries() -> None:
     assert by_parameter[:, 1].tolist() == [1.0, 2.0, 1.0, 2.0]
 
 
-def test_moments_are_stable_when_the_mean_dwarfs_the_spread() -> None:
-    """1e4 ± ~1 in float32: Σy²/n − mean² keeps no digit of the variance; var_mean does."""
+@pytest.mark.parametrize("method", [moments, shifted_moments, var_mean_moments])
+def test_moments_are_stable_when_the_mean_dwarfs_the_spread(method: object) -> None:
+    """1e4 ± ~1 in float32: Σy²/n − mean² keeps no digit of the variance. Both forms (CPU:
+    shifted sums, CUDA: var_mean) must; a layout whose first sample sits apart from the rest
+    bounds the shifted form's cancellation by the spread, not by the mean."""
+    assert callable(method)
     torch.manual_seed(0)
-    y = 1e4 + torch.randn(4096)
-    mean, var = moments(y)
-    want = y.double().var(correction=0).item()
-    assert mean.item() == pytest.approx(y.double().mean().item(), rel=1e-7)
-    assert var.item() == pytest.approx(want, rel=1e-4)
+    for y in (
+        1e4 + torch.randn(64, 8, 8),
+        torch.cat([torch.full((1, 64), 1e4 + 3.0), 1e4 + torch.randn(63, 64)]),
+    ):
+        mean, var = method(y)
+        want = y.double().var(correction=0).item()
+        assert mean.item() == pytest.approx(y.double().mean().item(), rel=1e-7)
+        assert var.item() == pytest.approx(want, rel=1e-4)
 
 
 def test_combined_micro_batch_moments_equal_the_whole() -> None:
