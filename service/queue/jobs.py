@@ -335,6 +335,18 @@ def finish_cancelled(session: Session, job_id: str) -> bool:
 
 def complete(session: Session, job_id: str, *, report: dict[str, Any], verdict: str | None) -> bool:
     """Store a diagnosis result. True if written; False if the job had already finished."""
+    model_id = _finish_succeeded(session, job_id, report=report, verdict=verdict)
+    if model_id is None:
+        return False
+    _fill_model_from_report(session, model_id, report)
+    return True
+
+
+def _finish_succeeded(
+    session: Session, job_id: str, *, report: dict[str, Any], verdict: str | None
+) -> str | None:
+    """End an unfinished, uncancelled job `succeeded` with `report`. Returns its model id, or
+    None if it had already finished or its cancellation was asked for."""
     written = session.execute(
         update(Diagnosis)
         .where(
@@ -354,10 +366,7 @@ def complete(session: Session, job_id: str, *, report: dict[str, Any], verdict: 
         .returning(Diagnosis.model_id)
         .execution_options(synchronize_session=False)
     ).first()
-    if written is None:
-        return False
-    _fill_model_from_report(session, written[0], report)
-    return True
+    return None if written is None else str(written[0])
 
 
 def _fill_model_from_report(session: Session, model_id: str, report: dict[str, Any]) -> None:
@@ -376,27 +385,10 @@ def _fill_model_from_report(session: Session, model_id: str, report: dict[str, A
 def complete_inspection(session: Session, job_id: str, model_info: dict[str, Any]) -> bool:
     """Store an inspection result (`format`, `inputs`, `outputs`, `parameter_count`) on the
     job's model and finish the job. False if the job had already finished."""
-    written = session.execute(
-        update(Diagnosis)
-        .where(
-            Diagnosis.id == job_id,
-            Diagnosis.status.in_((QUEUED, RUNNING)),
-            Diagnosis.cancel_requested.is_(False),
-        )
-        .values(
-            status=SUCCEEDED,
-            report={"model": model_info},
-            finished_at=_now(session),
-            lease_expires_at=None,
-            error_code=None,
-            error_message=None,
-        )
-        .returning(Diagnosis.model_id)
-        .execution_options(synchronize_session=False)
-    ).first()
-    if written is None:
+    model_id = _finish_succeeded(session, job_id, report={"model": model_info}, verdict=None)
+    if model_id is None:
         return False
-    _record_inspection(session, written[0], model_info)
+    _record_inspection(session, model_id, model_info)
     return True
 
 
@@ -422,10 +414,8 @@ def fail(
     """Record a failed attempt. With `retry` and attempts left, the job goes back to the queue
     (after a backoff); otherwise it ends `failed` with `code`/`message`. Returns the new status,
     or None if the job had already finished (a late report from a stalled worker)."""
-    diagnosis = session.execute(
-        select(Diagnosis).where(Diagnosis.id == job_id).with_for_update()
-    ).scalar_one_or_none()
-    if diagnosis is None or diagnosis.status in FINISHED_STATUSES:
+    diagnosis = _lock_unfinished(session, job_id)
+    if diagnosis is None:
         return None
     if retry and diagnosis.attempts < diagnosis.max_attempts:
         _back_to_queue(diagnosis, code=code, message=message)
@@ -440,16 +430,24 @@ def fail(
 def requeue(session: Session, job_id: str, *, reason: str) -> str | None:
     """Give a running job back without counting the attempt (graceful shutdown: the job did
     nothing wrong). Returns the new status, or None if it had already finished."""
-    diagnosis = session.execute(
-        select(Diagnosis).where(Diagnosis.id == job_id).with_for_update()
-    ).scalar_one_or_none()
-    if diagnosis is None or diagnosis.status in FINISHED_STATUSES:
+    diagnosis = _lock_unfinished(session, job_id)
+    if diagnosis is None:
         return None
     diagnosis.attempts = max(0, diagnosis.attempts - 1)
     _back_to_queue(diagnosis, code=None, message=reason, delay_s=0.0)
     session.flush()
     notify_workers(session, diagnosis.id)
     return diagnosis.status
+
+
+def _lock_unfinished(session: Session, job_id: str) -> Diagnosis | None:
+    """The job's row locked for update, or None if it is gone or already finished."""
+    diagnosis = session.execute(
+        select(Diagnosis).where(Diagnosis.id == job_id).with_for_update()
+    ).scalar_one_or_none()
+    if diagnosis is None or diagnosis.status in FINISHED_STATUSES:
+        return None
+    return diagnosis
 
 
 def requeue_expired(session: Session) -> list[tuple[str, str]]:
