@@ -113,6 +113,25 @@ def enqueue_inspection(database: Database, owner: Owner, max_attempts: int = 3) 
     return job_id
 
 
+def start_held_inspection(
+    backend: Backend,
+    owner: Owner,
+    run_supervisor: Callable[..., Supervisor],
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    hold_s: float = 60,
+    max_attempts: int = 3,
+    **supervisor_kwargs: Any,
+) -> tuple[Supervisor, str, int]:
+    """Start a pool whose child holds the first attempt of an inspection `hold_s` seconds
+    and return once that job runs: (the supervisor, the job id, the child's pid)."""
+    monkeypatch.setenv(TEST_HOLD_ENV, str(hold_s))
+    supervisor = run_supervisor(**supervisor_kwargs)
+    job_id = enqueue_inspection(backend.database, owner, max_attempts=max_attempts)
+    pid = wait_for(lambda: running_pid(supervisor, job_id), "the job to start")
+    return supervisor, job_id, pid
+
+
 def test_inspection_fills_the_model_from_its_bytes(
     backend: Backend, owner: Owner, run_supervisor: Callable[..., Supervisor]
 ) -> None:
@@ -178,10 +197,7 @@ def test_a_killed_child_is_replaced_and_its_job_runs_again(
     run_supervisor: Callable[..., Supervisor],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv(TEST_HOLD_ENV, "60")
-    supervisor = run_supervisor()
-    job_id = enqueue_inspection(backend.database, owner)
-    pid = wait_for(lambda: running_pid(supervisor, job_id), "the job to start")
+    supervisor, job_id, pid = start_held_inspection(backend, owner, run_supervisor, monkeypatch)
     os.kill(pid, signal.SIGKILL)
     done = wait_for(lambda: finished(backend.database, job_id), "the second attempt")
     assert (done.status, done.attempts) == ("succeeded", 2)
@@ -195,10 +211,9 @@ def test_a_child_that_always_dies_ends_the_job_failed(
     run_supervisor: Callable[..., Supervisor],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv(TEST_HOLD_ENV, "60")
-    supervisor = run_supervisor()
-    job_id = enqueue_inspection(backend.database, owner, max_attempts=1)
-    pid = wait_for(lambda: running_pid(supervisor, job_id), "the job to start")
+    _, job_id, pid = start_held_inspection(
+        backend, owner, run_supervisor, monkeypatch, max_attempts=1
+    )
     os.kill(pid, signal.SIGKILL)
     done = wait_for(lambda: finished(backend.database, job_id), "the failure")
     assert (done.status, done.error_code) == ("failed", "worker_crashed")
@@ -212,10 +227,10 @@ def test_a_job_past_the_timeout_is_stopped(
     run_supervisor: Callable[..., Supervisor],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv(TEST_HOLD_ENV, "60")
-    supervisor = run_supervisor(backend.settings.model_copy(update={"job_timeout_s": 1.0}))
-    job_id = enqueue_inspection(backend.database, owner)
-    pid = wait_for(lambda: running_pid(supervisor, job_id), "the job to start")
+    timeout_settings = backend.settings.model_copy(update={"job_timeout_s": 1.0})
+    supervisor, job_id, pid = start_held_inspection(
+        backend, owner, run_supervisor, monkeypatch, settings=timeout_settings
+    )
     done = wait_for(lambda: finished(backend.database, job_id), "the timeout")
     assert (done.status, done.error_code, done.attempts) == ("failed", "timeout", 1)
     assert "GRADHEALTH_JOB_TIMEOUT_S" in (done.error_message or "")
@@ -230,10 +245,7 @@ def test_cancelling_a_running_job_stops_it(
     run_supervisor: Callable[..., Supervisor],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv(TEST_HOLD_ENV, "60")
-    supervisor = run_supervisor()
-    job_id = enqueue_inspection(backend.database, owner)
-    pid = wait_for(lambda: running_pid(supervisor, job_id), "the job to start")
+    supervisor, job_id, pid = start_held_inspection(backend, owner, run_supervisor, monkeypatch)
     with backend.database.session() as session:
         jobs.request_cancel(session, session.get_one(Diagnosis, job_id))
         session.commit()
@@ -249,10 +261,9 @@ def test_graceful_stop_requeues_a_job_that_does_not_finish_in_time(
     run_supervisor: Callable[..., Supervisor],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv(TEST_HOLD_ENV, "60")
-    supervisor = run_supervisor(grace_s=0.5)
-    job_id = enqueue_inspection(backend.database, owner)
-    wait_for(lambda: running_pid(supervisor, job_id), "the job to start")
+    supervisor, job_id, _ = start_held_inspection(
+        backend, owner, run_supervisor, monkeypatch, grace_s=0.5
+    )
     supervisor.stop()
     assert supervisor.join(30)
     current = row(backend.database, job_id)
@@ -266,10 +277,9 @@ def test_graceful_stop_lets_a_running_job_finish(
     run_supervisor: Callable[..., Supervisor],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv(TEST_HOLD_ENV, "1")
-    supervisor = run_supervisor(grace_s=30)
-    job_id = enqueue_inspection(backend.database, owner)
-    wait_for(lambda: running_pid(supervisor, job_id), "the job to start")
+    supervisor, job_id, _ = start_held_inspection(
+        backend, owner, run_supervisor, monkeypatch, hold_s=1, grace_s=30
+    )
     supervisor.stop()
     assert supervisor.join(30)
     assert row(backend.database, job_id).status == "succeeded"
