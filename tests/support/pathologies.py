@@ -182,12 +182,12 @@ class SaturatedTanh(nn.Module):
         return self.head(torch.tanh(self.fc0(x)))
 
 
-class TanhRNN(nn.Module):
-    """A vanilla tanh RNN read at its last step: the first steps get almost no gradient."""
+class LastStepRNN(nn.Module):
+    """A recurrent layer `rnn` (batch first, 16 wide) read at its last step by a Linear head."""
 
-    def __init__(self) -> None:
+    def __init__(self, rnn: nn.Module) -> None:
         super().__init__()
-        self.rnn = nn.RNN(4, WIDTH, batch_first=True)
+        self.rnn = rnn
         self.head = nn.Linear(WIDTH, CLASSES)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -195,34 +195,30 @@ class TanhRNN(nn.Module):
         return self.head(out[:, -1])
 
 
-class GatedRNN(nn.Module):
+class TanhRNN(LastStepRNN):
+    """A vanilla tanh RNN read at its last step: the first steps get almost no gradient."""
+
+    def __init__(self) -> None:
+        super().__init__(nn.RNN(4, WIDTH, batch_first=True))
+
+
+class GatedRNN(LastStepRNN):
     """An LSTM or GRU read at its last step (not in the zoo: gated units at initialisation
     decay over time too, which is a warning, not a pathology)."""
 
     def __init__(self, cell: type[nn.Module] = nn.LSTM) -> None:
-        super().__init__()
-        self.rnn = cell(4, WIDTH, batch_first=True)
-        self.head = nn.Linear(WIDTH, CLASSES)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out, _ = self.rnn(x)
-        return self.head(out[:, -1])
+        super().__init__(cell(4, WIDTH, batch_first=True))
 
 
-class ReluRNN(nn.Module):
+class ReluRNN(LastStepRNN):
     """A ReLU RNN whose recurrent matrix is 1.3·I: the state and the gradient back in time grow
     ×1.3 per step (30 steps: ~1e3)."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.rnn = nn.RNN(4, WIDTH, nonlinearity="relu", batch_first=True)
-        self.head = nn.Linear(WIDTH, CLASSES)
+        rnn = nn.RNN(4, WIDTH, nonlinearity="relu", batch_first=True)
+        super().__init__(rnn)
         with torch.no_grad():
-            self.rnn.weight_hh_l0.copy_(1.3 * torch.eye(WIDTH))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out, _ = self.rnn(x)
-        return self.head(out[:, -1])
+            rnn.weight_hh_l0.copy_(1.3 * torch.eye(WIDTH))
 
 
 class TinyTransformer(nn.Module):
