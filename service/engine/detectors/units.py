@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from service.engine.detectors.optypes import is_normalization
 from service.engine.detectors.profile import sig
 from service.engine.measurements import Measurements
-from service.engine.report import Finding, LayerReport
+from service.engine.report import Finding, FindingKind, LayerReport
 
 
 def _by_depth(m: Measurements) -> list[LayerReport]:
@@ -44,66 +45,81 @@ def init_ratio(layer: LayerReport, m: Measurements) -> float | None:
     return 1.0
 
 
-def saturation_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
+def _worst_fraction_finding(
+    m: Measurements,
+    t: dict[str, float],
+    *,
+    kind: FindingKind,
+    fraction_of: Callable[[LayerReport], float | None],
+    evidence_key: str,
+    threshold: str,
+    message: Callable[[int, LayerReport, float], str],
+) -> list[Finding]:
+    """One finding over the layers whose fraction (`fraction_of`) reaches
+    `t[threshold + "_warning"]`, an error when the worst reaches `t[threshold + "_error"]`;
+    the fractions are the evidence under `evidence_key`. `message(count, worst layer, worst
+    fraction)` says what is wrong."""
     hits = [
-        (x, x.activation_stats.saturated_fraction)
+        (x, fraction)
         for x in _by_depth(m)
-        if x.activation_stats.saturated_fraction is not None
-        and x.activation_stats.saturated_fraction >= t["saturation_fraction_warning"]
+        if (fraction := fraction_of(x)) is not None and fraction >= t[f"{threshold}_warning"]
     ]
     if not hits:
         return []
     hits.sort(key=lambda p: -p[1])
     worst, worst_fraction = hits[0]
-    error = worst_fraction >= t["saturation_fraction_error"]
-    act = worst.activation_stats.activation or "activation"
+    error = worst_fraction >= t[f"{threshold}_error"]
     return [
         Finding(
-            kind="saturation",
+            kind=kind,
             severity="error" if error else "warning",
-            message=(
-                f"{len(hits)} layer(s) saturate: {sig(worst_fraction)} of the {act} outputs of "
-                f"{worst.name} sit where its derivative is near zero, so almost no gradient "
-                f"passes them."
-            ),
+            message=message(len(hits), worst, worst_fraction),
             layers=[x.name for x, _ in hits],
             evidence={
-                "saturated_fraction": {x.name: f for x, f in hits},
+                evidence_key: {x.name: f for x, f in hits},
                 "activation": {x.name: x.activation_stats.activation for x, _ in hits},
                 "worst_fraction": worst_fraction,
             },
         )
     ]
+
+
+def saturation_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
+    def message(count: int, worst: LayerReport, fraction: float) -> str:
+        act = worst.activation_stats.activation or "activation"
+        return (
+            f"{count} layer(s) saturate: {sig(fraction)} of the {act} outputs of "
+            f"{worst.name} sit where its derivative is near zero, so almost no gradient "
+            f"passes them."
+        )
+
+    return _worst_fraction_finding(
+        m,
+        t,
+        kind="saturation",
+        fraction_of=lambda x: x.activation_stats.saturated_fraction,
+        evidence_key="saturated_fraction",
+        threshold="saturation_fraction",
+        message=message,
+    )
 
 
 def dead_unit_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
-    hits = [
-        (x, x.activation_stats.dead_fraction)
-        for x in _by_depth(m)
-        if x.activation_stats.dead_fraction is not None
-        and x.activation_stats.dead_fraction >= t["dead_fraction_warning"]
-    ]
-    if not hits:
-        return []
-    hits.sort(key=lambda p: -p[1])
-    worst, worst_fraction = hits[0]
-    error = worst_fraction >= t["dead_fraction_error"]
-    return [
-        Finding(
-            kind="dead_units",
-            severity="error" if error else "warning",
-            message=(
-                f"{len(hits)} layer(s) have dead units: {sig(worst_fraction)} of the units of "
-                f"{worst.name} output zero for every example of the batch and get no gradient."
-            ),
-            layers=[x.name for x, _ in hits],
-            evidence={
-                "dead_fraction": {x.name: f for x, f in hits},
-                "activation": {x.name: x.activation_stats.activation for x, _ in hits},
-                "worst_fraction": worst_fraction,
-            },
+    def message(count: int, worst: LayerReport, fraction: float) -> str:
+        return (
+            f"{count} layer(s) have dead units: {sig(fraction)} of the units of "
+            f"{worst.name} output zero for every example of the batch and get no gradient."
         )
-    ]
+
+    return _worst_fraction_finding(
+        m,
+        t,
+        kind="dead_units",
+        fraction_of=lambda x: x.activation_stats.dead_fraction,
+        evidence_key="dead_fraction",
+        threshold="dead_fraction",
+        message=message,
+    )
 
 
 def init_scale_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
