@@ -323,28 +323,36 @@ class Supervisor:
 
     def _collect_messages(self) -> None:
         for slot in self.slots:
-            while slot.conn is not None and slot.process is not None:
-                try:
-                    if not slot.conn.poll():
-                        break
-                    message = slot.conn.recv()
-                except (EOFError, OSError):
-                    break  # the child died: `_reap_dead_children` handles it
-                if isinstance(message, ChildReady):
-                    slot.ready, slot.device = True, message.device
-                    slot.respawn_backoff_s = RESPAWN_BACKOFF_S
-                    self._claim_now = True
-                    log.info("child %s ready on %s", message.pid, message.device)
-                elif isinstance(message, JobResult) and slot.job is not None:
-                    job, slot.job = slot.job, None
-                    slot.results += 1
-                    self._record_result(job, message)
-                    self._claim_now = True
+            self._receive(slot)
+
+    def _receive(self, slot: Slot) -> None:
+        """Handle every message the slot's child has written so far."""
+        while slot.conn is not None and slot.process is not None:
+            try:
+                if not slot.conn.poll():
+                    break
+                message = slot.conn.recv()
+            except (EOFError, OSError):
+                break  # the child died: `_reap_dead_children` handles it
+            if isinstance(message, ChildReady):
+                slot.ready, slot.device = True, message.device
+                slot.respawn_backoff_s = RESPAWN_BACKOFF_S
+                self._claim_now = True
+                log.info("child %s ready on %s", message.pid, message.device)
+            elif isinstance(message, JobResult) and slot.job is not None:
+                job, slot.job = slot.job, None
+                slot.results += 1
+                self._record_result(job, message)
+                self._claim_now = True
 
     def _reap_dead_children(self, now: float) -> None:
         for slot in self.slots:
             if slot.process is None or slot.process.is_alive():
                 continue
+            # A child that sent its result and then died (in its exit, say) between
+            # `_collect_messages` and here: the result is in the pipe, record it rather than
+            # count a crash against a job that finished.
+            self._receive(slot)
             reason = describe_exit(slot.process.exitcode)
             job = slot.job
             log.warning("child %s (%s) died: %s", slot.process.pid, slot.label, reason)

@@ -12,8 +12,10 @@ from __future__ import annotations
 import io
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
+from multiprocessing import Pipe, get_context
 from typing import Any
 
 import numpy as np
@@ -26,6 +28,7 @@ from service.db.models import Diagnosis, ModelRecord
 from service.db.session import Database
 from service.queue import jobs
 from service.workers import Supervisor
+from service.workers.protocol import JobResult
 from service.workers.runner import TEST_HOLD_ENV
 from tests.conftest import Backend
 from tests.support.export import to_torchscript
@@ -300,3 +303,29 @@ def test_a_job_left_by_a_dead_worker_is_taken_over(
     done = wait_for(lambda: finished(backend.database, job_id), "the takeover")
     assert (done.status, done.attempts) == ("succeeded", 2)
     assert done.worker_id != "gone-host:1/2"
+
+
+def test_a_result_sent_just_before_the_child_died_is_recorded(
+    backend: Backend, owner: Owner
+) -> None:
+    """The child answered, then died before the supervisor read the pipe: the answer counts,
+    not a crash (which would requeue a finished job and spend an attempt)."""
+    supervisor = Supervisor(backend.settings, cpus=1, database=backend.database)
+    slot = supervisor.slots[0]
+    slot.worker_id = "this-host:1/2"
+    job_id = enqueue_inspection(backend.database, owner, max_attempts=1)
+    with backend.database.session() as session:
+        claimed = jobs.claim(session, slot.worker_id, lease_s=60)
+        session.commit()
+    assert claimed is not None and claimed.id == job_id
+    parent_end, child_end = Pipe()
+    info = {"format": "torchscript", "inputs": [], "outputs": [], "parameter_count": 29}
+    child_end.send(JobResult(job_id, ok=True, model_info=info))
+    child_end.close()
+    dead = get_context("fork").Process(target=sys.exit, args=(0,))
+    dead.start()
+    dead.join()
+    slot.process, slot.conn, slot.ready, slot.job = dead, parent_end, True, claimed
+    supervisor._reap_dead_children(time.monotonic())
+    done = row(backend.database, job_id)
+    assert (done.status, done.attempts, done.error_code) == ("succeeded", 1, None)
