@@ -30,7 +30,14 @@ from typing import Any
 import torch
 
 from service.engine.graph import Node
-from service.engine.layers import RELU_LIKE, SATURATING, Layer, canonical, group_layers
+from service.engine.layers import (
+    RELU_LIKE,
+    SATURATING,
+    Layer,
+    canonical,
+    group_layers,
+    reference_std,
+)
 from service.engine.losses import compute_loss, default_loss
 from service.engine.measurements import Measurements, Subject
 from service.engine.options import DiagnoseOptions
@@ -400,8 +407,10 @@ def _build(
             layer_of_param.setdefault(name, layer.name)
     parameters = []
     by_name: dict[str, dict[str, float]] = {}
+    # the per-parameter vectors, found once (host also holds per-layer and per-pass keys)
+    param_vectors = {k.removeprefix("param."): v for k, v in host.items() if k.startswith("param.")}
     for i, (name, p) in enumerate(trainable):
-        row = {k.removeprefix("param."): v[i] for k, v in host.items() if k.startswith("param.")}
+        row = {k: v[i] for k, v in param_vectors.items()}
         numel = max(p.numel(), 1)
         row["weight_rms"] = row["weight_norm"] / math.sqrt(numel)
         by_name[name] = row
@@ -497,8 +506,6 @@ def _layer_report(
         stats.dead_fraction = host[f"dead.{index}"][0]
     init_ratio = None
     if layer.weight is not None and layer.weight in params:
-        from service.engine.layers import reference_std
-
         reference = reference_std(layer)
         if reference:
             # weight RMS = ‖W‖/√n: the scale He/Xavier prescribe as a std for zero-mean init
@@ -560,6 +567,7 @@ def module_layers(module: torch.nn.Module, names: list[str]) -> list[Layer]:
     for name in names:
         prefix = name.rsplit(".", 1)[0] if "." in name else name
         groups.setdefault(prefix, []).append(name)
+    shapes = {name: list(p.shape) for name, p in module.named_parameters()}
     layers = []
     for depth, (prefix, params) in enumerate(groups.items()):
         sub: Any = module
@@ -575,7 +583,7 @@ def module_layers(module: torch.nn.Module, names: list[str]) -> list[Layer]:
         )
         weight = next((p for p in params if p.endswith("weight")), None)
         if weight is not None and canonical(op) in {"linear", "conv1d", "conv2d", "conv3d"}:
-            shape = list(dict(module.named_parameters())[weight].shape)
+            shape = shapes[weight]
             # fan-in only: the activation after it is not visible, so no He/Xavier reference
             layer.fan_in = shape[1] * math.prod(shape[2:]) if len(shape) >= 2 else None
         layers.append(layer)

@@ -106,9 +106,13 @@ class Probe:
                 if value and (not users or not all(is_backward_safe(u) for u in users)):
                     self.backward_slots[value] = len(self.hooked_values)
                     self.hooked_values.append((index, value))
+        producer: dict[str, int] = {}  # value → the first node that outputs it
+        for i, node in enumerate(graph.nodes):
+            for value in node.outputs:
+                producer.setdefault(value, i)
         for layer in layers:  # layer outputs are always hooked (e.g. through a getitem)
             if layer.output not in self.backward_slots:
-                node_index = next(i for i, n in enumerate(graph.nodes) if layer.output in n.outputs)
+                node_index = producer[layer.output]
                 self.backward_slots[layer.output] = len(self.hooked_values)
                 self.hooked_values.append((node_index, layer.output))
         self.node_index = {node.name: i for i, node in enumerate(graph.nodes)}
