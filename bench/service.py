@@ -51,7 +51,7 @@ from tests.e2e.processes import (
     free_port,
     run_cli,
     start,
-    wait_for_log,
+    start_serve,
     wait_healthy,
 )
 from tests.support.export import to_onnx
@@ -78,14 +78,8 @@ def tiny_files(directory: Path) -> tuple[Path, Path]:
 
 @contextmanager
 def sqlite_service(work: Path) -> Iterator[tuple[Service, str]]:
-    port = free_port()
-    env = base_env(GRADHEALTH_DATA_DIR=str(work / "sqlite-data"))
-    service = start("serve", ["serve", "--port", str(port), "--workers", "1"], env, work)
-    service.url = f"http://127.0.0.1:{port}"
+    service, key = start_serve(work / "sqlite-data", work)
     try:
-        log = wait_for_log(service, "API key for tenant")
-        key = log.split("API key for tenant", 1)[1].splitlines()[1].strip()
-        wait_healthy(service)
         yield service, key
     finally:
         service.stop()

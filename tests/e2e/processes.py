@@ -115,3 +115,21 @@ def wait_for_log(service: Service, text: str, timeout: float = START_TIMEOUT_S) 
         return None
 
     return str(wait_until(found, f"{text!r} in the log of {service.name}", timeout))
+
+
+def start_serve(data_dir: Path, log_dir: Path) -> tuple[Service, str]:
+    """`gradhealth serve` (one worker, the embedded SQLite default in `data_dir`) on a free
+    port, once it answers: (the service, the API key it printed for its tenant). The caller
+    stops it."""
+    port = free_port()
+    env = base_env(GRADHEALTH_DATA_DIR=str(data_dir))
+    service = start("serve", ["serve", "--port", str(port), "--workers", "1"], env, log_dir)
+    service.url = f"http://127.0.0.1:{port}"
+    try:
+        log = wait_for_log(service, "API key for tenant")
+        key = log.split("API key for tenant", 1)[1].splitlines()[1].strip()
+        wait_healthy(service)
+    except BaseException:
+        service.stop()
+        raise
+    return service, key

@@ -29,7 +29,7 @@ from tests.e2e.processes import (
     free_port,
     run_cli,
     start,
-    wait_for_log,
+    start_serve,
     wait_healthy,
     wait_until,
 )
@@ -110,14 +110,8 @@ def stop_all(services: list[Service]) -> None:
 
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[tuple[str, str]]:
-    port = free_port()
-    env = base_env(GRADHEALTH_DATA_DIR=str(tmp_path / "data"))
-    service = start("serve", ["serve", "--port", str(port), "--workers", "1"], env, tmp_path)
-    service.url = f"http://127.0.0.1:{port}"
+    service, key = start_serve(tmp_path / "data", tmp_path)
     try:
-        log = wait_for_log(service, "API key for tenant")
-        key = log.split("API key for tenant", 1)[1].splitlines()[1].strip()
-        wait_healthy(service)
         yield service.url, key
     finally:
         stop_all([service])
