@@ -20,8 +20,9 @@ lock at once, so claimers are serialised by the database and the `status = 'queu
 makes a lost race claim nothing. `claim` must be the first statement of its transaction (a
 SQLite transaction that read first cannot upgrade to a writer once another writer committed).
 
-Time. On Postgres, leases are computed with the database clock (`now()`), so worker machines
-with skewed clocks still agree; SQLite is one machine, and uses the Python clock.
+Time. On Postgres, leases and retry backoffs are computed with the database clock (`now()`),
+so worker machines with skewed clocks still agree; SQLite is one machine, and uses the Python
+clock.
 
 Idempotency. A stalled job is run again, so a result can arrive twice (the first worker was
 only slow). `complete` accepts a result for a job that is `queued` or `running` whoever holds
@@ -103,6 +104,13 @@ def is_postgres(session: Session) -> bool:
 def _now(session: Session) -> datetime | ColumnElement[datetime]:
     """The clock leases are measured with: the database's on Postgres, Python's on SQLite."""
     return func.now() if is_postgres(session) else utcnow()
+
+
+def _clock_now(session: Session) -> datetime:
+    """`_now` as a value, for rows changed through the ORM (one query on Postgres)."""
+    if is_postgres(session):
+        return session.execute(select(func.now())).scalar_one()
+    return utcnow()
 
 
 def notify_workers(session: Session, job_id: str) -> None:
@@ -418,9 +426,9 @@ def fail(
     if diagnosis is None:
         return None
     if retry and diagnosis.attempts < diagnosis.max_attempts:
-        _back_to_queue(diagnosis, code=code, message=message)
+        _back_to_queue(diagnosis, _clock_now(session), code=code, message=message)
     else:
-        _finish_failed(diagnosis, code=code, message=message)
+        _finish_failed(diagnosis, _clock_now(session), code=code, message=message)
         if diagnosis.kind == KIND_INSPECT:
             _mark_inspection_failed(session, diagnosis.model_id, message)
     session.flush()
@@ -434,7 +442,7 @@ def requeue(session: Session, job_id: str, *, reason: str) -> str | None:
     if diagnosis is None:
         return None
     diagnosis.attempts = max(0, diagnosis.attempts - 1)
-    _back_to_queue(diagnosis, code=None, message=reason, delay_s=0.0)
+    _back_to_queue(diagnosis, _clock_now(session), code=None, message=reason, delay_s=0.0)
     session.flush()
     notify_workers(session, diagnosis.id)
     return diagnosis.status
@@ -462,17 +470,23 @@ def requeue_expired(session: Session) -> list[tuple[str, str]]:
     )
     if is_postgres(session):
         query = query.with_for_update(skip_locked=True)
+    expired = session.execute(query).scalars().all()
+    if not expired:
+        return []
     changed: list[tuple[str, str]] = []
-    for diagnosis in session.execute(query).scalars():
+    now = _clock_now(session)
+    for diagnosis in expired:
         if diagnosis.attempts < diagnosis.max_attempts:
             _back_to_queue(
                 diagnosis,
+                now,
                 code=ERROR_LEASE_EXPIRED,
                 message=f"worker {diagnosis.worker_id} stopped renewing its lease",
             )
         else:
             _finish_failed(
                 diagnosis,
+                now,
                 code=ERROR_LEASE_EXPIRED,
                 message=(
                     f"the job's worker stopped responding on each of its {diagnosis.attempts} "
@@ -490,23 +504,30 @@ def requeue_expired(session: Session) -> list[tuple[str, str]]:
 
 
 def _back_to_queue(
-    diagnosis: Diagnosis, *, code: str | None, message: str | None, delay_s: float | None = None
+    diagnosis: Diagnosis,
+    now: datetime,
+    *,
+    code: str | None,
+    message: str | None,
+    delay_s: float | None = None,
 ) -> None:
+    """Queue the job again after `delay_s` (default: the backoff for its attempts), counted
+    from `now` on the clock claims compare with (`_clock_now`)."""
     if delay_s is None:
         delay_s = min(MAX_RETRY_BACKOFF_S, RETRY_BACKOFF_S * 2 ** max(0, diagnosis.attempts - 1))
     diagnosis.status = QUEUED
     diagnosis.worker_id = None
     diagnosis.lease_expires_at = None
-    diagnosis.available_at = utcnow() + timedelta(seconds=delay_s)
+    diagnosis.available_at = now + timedelta(seconds=delay_s)
     # Kept for the client while it waits: why the last attempt did not finish.
     diagnosis.error_code = code
     diagnosis.error_message = message
 
 
-def _finish_failed(diagnosis: Diagnosis, *, code: str, message: str) -> None:
+def _finish_failed(diagnosis: Diagnosis, now: datetime, *, code: str, message: str) -> None:
     diagnosis.status = FAILED
     diagnosis.lease_expires_at = None
-    diagnosis.finished_at = utcnow()
+    diagnosis.finished_at = now
     diagnosis.error_code = code
     diagnosis.error_message = message
 

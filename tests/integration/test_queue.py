@@ -179,6 +179,23 @@ def test_expired_lease_requeues_until_max_attempts_then_fails(
     assert _claim(database) is None
 
 
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)  # SQLite: one machine, one clock
+def test_a_requeue_from_a_worker_with_a_fast_clock_waits_only_its_backoff(
+    database: Database, owner: Owner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Claims compare `available_at` with the database clock: a requeue must set it on that
+    clock too, or a worker whose clock runs an hour ahead hides the job for an hour."""
+    (job_id,) = _enqueue(database, owner)
+    assert _claim(database) is not None
+    monkeypatch.setattr(jobs, "utcnow", lambda: utcnow() + timedelta(hours=1))
+    with database.session() as session:
+        jobs.fail(session, job_id, code="worker_crashed", message="signal 9", retry=True)
+        session.commit()
+    row = _row(database, job_id)
+    assert (row.status, row.attempts) == ("queued", 1)
+    assert row.available_at < utcnow() + timedelta(seconds=jobs.MAX_RETRY_BACKOFF_S)
+
+
 def test_requeued_job_waits_for_its_backoff(database: Database, owner: Owner) -> None:
     (job_id,) = _enqueue(database, owner)
     assert _claim(database) is not None
