@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import textwrap
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -116,22 +117,73 @@ def _fmt(value: float | None) -> str:
     return f"{value:.2e}"
 
 
+def _verified_label(rec: Any) -> str:
+    """What trying the fix on a copy showed: resolved, tried without resolving, or why not tried."""
+    verified = rec.verified
+    if verified is None:
+        return ""
+    if not verified.applied:
+        return f" (not tried on a copy: {verified.reason})" if verified.reason else ""
+    if verified.resolved:
+        return " (verified on a copy: resolved)"
+    if verified.resolved is False:
+        return " (tried on a copy: not resolved)"
+    return " (tried on a copy)"
+
+
+def _addressed(rec: Any, findings: list[Any]) -> str:
+    """`→ #0 vanishing_gradients`: which numbered findings a fix answers."""
+    parts = []
+    for ref in rec.addresses:
+        if isinstance(ref, int) and 0 <= ref < len(findings):
+            parts.append(f"#{ref} {findings[ref].kind}")
+        else:
+            parts.append(str(ref))
+    return f" → {', '.join(parts)}" if parts else ""
+
+
+def _layer_list(names: list[str], shown: int = 5) -> str:
+    more = f", … +{len(names) - shown} more" if len(names) > shown else ""
+    return f" [{', '.join(names[:shown])}{more}]" if names else ""
+
+
 def print_report(report: Any) -> None:
     """The report as rich tables on stdout (also used by `gradhealth submit`)."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
     # not a terminal (pipes, CI logs): wide enough that the layer table is not truncated
     console = Console(width=None if sys.stdout.isatty() else 160)
+
+    def print_indented(text: str) -> None:
+        # wrapped lines of a long message stay under their heading, without rich's padding to
+        # the full width; no markup, so names like [layers.0] print as they are
+        width = max(console.width - 1, 40)
+        wrapped = textwrap.fill(text, width, initial_indent="   ", subsequent_indent="   ")
+        console.print(wrapped, markup=False, highlight=False, soft_wrap=True)
+
     colour = {"healthy": "green", "at_risk": "yellow", "unhealthy": "red"}[report.verdict]
     console.print(
         f"[bold {colour}]{report.verdict}[/]  {report.model.format} model, "
         f"{report.model.parameter_count:,} parameters, batch {report.batch.size}, "
-        f"loss {report.loss.kind} = {_fmt(report.loss.value)}, {report.device}, "
+        f"loss {escape(report.loss.kind)} = {_fmt(report.loss.value)}, {escape(report.device)}, "
         f"{report.mode}, {report.precision}"
     )
+    conversion = report.model.conversion
+    if conversion is not None:
+        if conversion.checked:
+            line = (
+                f"ONNX conversion vs {conversion.reference or 'onnxruntime'}: max abs error "
+                f"{_fmt(conversion.max_abs_error)}, max rel error {_fmt(conversion.max_rel_error)}"
+            )
+        else:
+            line = f"ONNX conversion not checked against onnxruntime: {conversion.reason}"
+        console.print(line, markup=False, highlight=False)
     if report.model.probe_coverage != "full":
-        console.print(f"[yellow]probes: parameters only[/] ({report.model.probe_coverage_reason})")
+        reason = escape(report.model.probe_coverage_reason or "")
+        console.print(f"[yellow]probes: parameters only[/] ({reason})")
     table = Table(title="layers (input → output)")
     for column in ("depth", "layer", "op", "act", "‖∂L/∂a‖", "‖∇W‖", "‖∇W‖/‖W‖"):
         table.add_column(column, justify="right" if column.startswith(("d", "‖")) else "left")
@@ -141,9 +193,9 @@ def print_report(report: Any) -> None:
         stats = layer.activation_stats
         table.add_row(
             str(layer.depth),
-            layer.name,
-            layer.op,
-            stats.activation or "",
+            Text(layer.name),
+            Text(layer.op),
+            Text(stats.activation or ""),
             _fmt(layer.activation_grad_norm),
             _fmt(layer.grad_norm),
             _fmt(layer.grad_to_weight),
@@ -156,23 +208,28 @@ def print_report(report: Any) -> None:
     if depth.growth_factor is not None:
         console.print(
             f"depth profile: ‖∂L/∂a‖ grows ×{_fmt(depth.growth_factor)} per layer towards the "
-            f"output; first/last = {_fmt(depth.first_last_ratio)}"
+            f"output; first/last = {_fmt(depth.first_last_ratio)}",
+            highlight=False,
         )
     for profile in report.profiles.time:
+        tensor = profile.tensor or f"∂L/∂{profile.input}"
         console.print(
-            f"time profile ({profile.input}, axis {profile.axis}): ×{_fmt(profile.growth_factor)}"
-            f" per step; first/last = {_fmt(profile.first_last_ratio)}"
+            f"time profile ({profile.input}, axis {profile.axis}): {tensor} grows "
+            f"×{_fmt(profile.growth_factor)} per step towards the last step; first/last = "
+            f"{_fmt(profile.first_last_ratio)}",
+            markup=False,
+            highlight=False,
         )
     if not report.findings:
         console.print("[green]no findings[/]")
     for index, finding in enumerate(report.findings):
         sev = {"info": "blue", "warning": "yellow", "error": "red"}[finding.severity]
-        layers = f" [{', '.join(finding.layers[:5])}]" if finding.layers else ""
-        console.print(f"[{sev}]{index}. {finding.severity} {finding.kind}[/]{layers}: ")
-        console.print(f"   {finding.message}", markup=False)
+        heading = Text(f"#{index} {finding.severity} {finding.kind}", style=sev)
+        heading.append(f"{_layer_list(finding.layers)}:")
+        console.print(heading)
+        print_indented(finding.message)
     for rank, rec in enumerate(report.recommendations, start=1):
-        verified = ""
-        if rec.verified is not None and rec.verified.applied:
-            verified = " (verified: resolved)" if rec.verified.resolved else " (verified)"
-        console.print(f"[bold]fix {rank}: {rec.fix}[/]{verified}")
-        console.print(f"   {rec.rationale}", markup=False)
+        heading = Text(f"fix {rank}: {rec.fix}", style="bold")
+        heading.append(f"{_addressed(rec, report.findings)}{_verified_label(rec)}")
+        console.print(heading)
+        print_indented(rec.rationale)

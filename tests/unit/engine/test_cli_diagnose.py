@@ -149,3 +149,100 @@ def test_internal_failure_exits_3_without_traceback(files: dict[str, Path]) -> N
     assert result.returncode == 3, result.stdout + result.stderr
     assert "out of memory" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _table_report() -> Report:
+    """A report shaped like the ONNX GPT one: layer names that look like rich markup tags."""
+    long_message = "Gradients vanish towards the input. " * 8
+    return Report.model_validate(
+        {
+            "verdict": "unhealthy",
+            "model": {
+                "format": "onnx",
+                "sha256": "0" * 64,
+                "parameter_count": 1234,
+                "conversion": {
+                    "checked": True,
+                    "max_abs_error": 1.5e-7,
+                    "max_rel_error": 3.2e-5,
+                    "reference": "onnxruntime 1.32.0 (CPUExecutionProvider)",
+                },
+            },
+            "loss": {"kind": "cross_entropy", "value": 3.87},
+            "device": "cpu",
+            "layers": [
+                {"name": "blocks.0.attn", "op": "MatMul", "depth": 0},
+                {"name": "/blocks.0/self_attn/Add_3", "op": "Add", "depth": 1},
+            ],
+            "profiles": {
+                "time": [
+                    {
+                        "input": "idx",
+                        "axis": 1,
+                        "tensor": "∂L/∂embedding",
+                        "growth_factor": 1.48,
+                        "first_last_ratio": 8.8e-4,
+                    }
+                ]
+            },
+            "findings": [
+                {
+                    "kind": "vanishing_gradients",
+                    "severity": "error",
+                    "message": long_message,
+                    "layers": [f"blocks.{i}.attn" for i in range(7)],
+                },
+                {"kind": "init_scale", "severity": "warning", "message": "re-initialise them."},
+            ],
+            "recommendations": [
+                {
+                    "fix": "replace_activation",
+                    "addresses": [0],
+                    "rationale": "ReLU passes gradients at full scale.",
+                    "verified": {"applied": True, "resolved": True},
+                },
+                {
+                    "fix": "reinitialize_weights",
+                    "addresses": [0, 1],
+                    "rationale": "He initialisation.",
+                    "verified": {"applied": True, "resolved": False},
+                },
+                {
+                    "fix": "add_normalization",
+                    "addresses": ["vanishing_gradients"],
+                    "rationale": "A LayerNorm after each layer.",
+                    "verified": {"applied": False, "reason": "adds layers to train"},
+                },
+            ],
+            "environment": {"gradhealth": "0", "torch": "2", "device_name": "cpu"},
+        }
+    )
+
+
+def test_table_prints_names_verbatim_and_says_what_each_fix_answers(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from service.cli.diagnose import print_report
+
+    print_report(_table_report())
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    # names starting with a letter inside [...] used to be swallowed as rich markup tags
+    assert "#0 error vanishing_gradients [blocks.0.attn, blocks.1.attn, blocks.2.attn, " in out
+    assert "blocks.4.attn, … +2 more]:" in out
+    assert "#1 warning init_scale:" in out
+    assert "/blocks.0/self_attn/Add_3" in out
+    assert "max abs error 1.50e-07, max rel error 3.20e-05" in out
+    assert "∂L/∂embedding grows ×1.48 per step" in out
+    assert "fix 1: replace_activation → #0 vanishing_gradients (verified on a copy: resolved)" in (
+        out
+    )
+    assert (
+        "fix 2: reinitialize_weights → #0 vanishing_gradients, #1 init_scale "
+        "(tried on a copy: not resolved)" in out
+    )
+    assert "fix 3: add_normalization → vanishing_gradients (not tried on a copy: adds layers" in out
+    # a long message wraps under its heading, indented, with no padding to the console width
+    message_lines = [line for line in lines if "Gradients vanish towards the input." in line]
+    assert len(message_lines) > 1
+    assert all(line.startswith("   ") and not line.endswith(" ") for line in message_lines)
