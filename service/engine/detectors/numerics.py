@@ -52,6 +52,12 @@ def non_finite_findings(m: Measurements) -> list[Finding]:
 
 
 def fp16_findings(m: Measurements, t: dict[str, float], precision: str) -> list[Finding]:
+    """fp16 underflow. Only an fp16 run (`--precision fp16` or an fp16 model) loses these
+    gradients now: warning, error past `fp16_underflow_fraction_error`. An fp32 run gets an
+    `info` forecast ("if you train in fp16…"), which never turns the verdict; a bf16 run none
+    (bf16 has fp32's exponent range)."""
+    if precision == "bf16":
+        return []
     sized = [(p, math.prod(p.shape) if p.shape else 1) for p in m.parameters]
     total = sum(n for _, n in sized)
     if total == 0:
@@ -64,18 +70,22 @@ def fp16_findings(m: Measurements, t: dict[str, float], precision: str) -> list[
         (p for p, _ in sized if p.fp16_underflow_fraction > 0),
         key=lambda p: -p.fp16_underflow_fraction,
     )
-    error = precision == "fp16" and share >= t["fp16_underflow_fraction_error"]
+    in_fp16 = precision == "fp16"
+    severity = "info"
+    if in_fp16:
+        severity = "error" if share >= t["fp16_underflow_fraction_error"] else "warning"
     return [
         Finding(
             kind="fp16_underflow",
-            severity="error" if error else "warning",
+            severity=severity,
             message=(
                 (
                     f"{sig(share)} of all gradient entries were flushed to zero by this fp16 "
                     f"pass (they are non-zero in an fp32 pass of the same batch)"
                     if precision == "fp16"
-                    else f"{sig(share)} of all gradient entries are below fp16's smallest value "
-                    f"(2^-24) and would be flushed to zero in fp16 training"
+                    else f"If you train in fp16: {sig(share)} of all gradient entries are below "
+                    f"fp16's smallest value (2^-24) and would be flushed to zero (this {precision} "
+                    f"run is not affected)"
                 )
                 + (f", worst in {worst[0].name}" if worst else "")
                 + "."
@@ -84,6 +94,7 @@ def fp16_findings(m: Measurements, t: dict[str, float], precision: str) -> list[
             evidence={
                 "underflow_fraction": share,
                 "precision": precision,
+                "forecast": not in_fp16,
                 "parameters": {p.name: p.fp16_underflow_fraction for p in worst[:10]},
                 "min_nonzero_grad_norm": min(
                     (p.grad_norm for p, _ in sized if p.grad_norm), default=None

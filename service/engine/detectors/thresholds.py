@@ -83,11 +83,16 @@ init_scale: a layer's weight std over the std He (ReLU-like) or Xavier (others) 
   ‖W‖/√numel, is compared with He's std for "too large" and with Xavier's for "too small", so
   that a layer is only flagged if it is wrong under either choice.
 
-fp16_underflow: the share of gradient entries with 0 < |g| < 2^-24 (they flush to zero in fp16)
-  over all parameters ≥ `fp16_underflow_fraction` (0.05) → warning; error when the pass ran in
-  fp16 and the share is ≥ `fp16_underflow_fraction_error` (0.5) (Micikevicius et al., "Mixed
-  Precision Training", 2018, show such gradients lost without loss scaling; the cut-offs are
-  ours). In fp32/bf16 runs the finding is a warning about switching to fp16.
+fp16_underflow: the share of gradient entries lost to fp16 over all parameters. In an fp16 run
+  (`--precision fp16`, or a model whose parameters are fp16) it is the share flushed to exactly
+  zero against an fp32 reference pass: ≥ `fp16_underflow_fraction` (0.05) → warning, ≥
+  `fp16_underflow_fraction_error` (0.5) → error (Micikevicius et al., "Mixed Precision
+  Training", 2018, show such gradients lost without loss scaling; the cut-offs are ours).
+  In an fp32 run it is a forecast: the share with 0 < |g| < 2^-24 that WOULD flush to zero if
+  you trained in fp16, ≥ `fp16_underflow_fraction` → `info` only (the run itself loses
+  nothing, so it never turns the verdict or `--fail-on warning`; its loss_scaling / use_bf16
+  recommendations are advisory). In a bf16 run (or a bf16 model) there is no finding: bf16
+  has fp32's exponent range.
 
 no_trainable_parameters: the model has no trainable tensor: error.
 
@@ -210,7 +215,8 @@ THRESHOLDS: tuple[Threshold, ...] = (
         "fp16_underflow_fraction",
         0.05,
         "gradhealth (after Micikevicius et al. 2018, mixed precision training)",
-        "share of gradient entries that flush to zero in fp16 at or above it: warning",
+        "share of gradient entries that flush to zero in fp16 at or above it: warning in fp16 "
+        "runs, info (a forecast) in fp32 runs",
     ),
     Threshold(
         "fp16_underflow_fraction_error",

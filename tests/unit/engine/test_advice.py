@@ -14,7 +14,14 @@ from service.engine.advice.evidence import (
     suggested_max_norm,
 )
 from service.engine.detectors import detect
-from service.engine.report import ParameterReport
+from service.engine.report import (
+    BatchInfo,
+    Environment,
+    LossInfo,
+    ModelInfo,
+    ParameterReport,
+    Report,
+)
 from tests.unit.engine.measurements_factory import geometric, mlp, with_non_finite, with_time
 
 
@@ -110,8 +117,26 @@ def test_fp16_underflow_loss_scale_is_a_power_of_two_within_fp16_range():
     value, _ = suggested_loss_scale(m)
     assert value == scale and 1e-2 * value < 65504 / 2  # the largest gradient norm stays in range
     assert "GradScaler(init_scale=" in recs[0].snippet
-    m.precision = "bf16"  # already in bf16: not told to switch to it
-    assert fixes(recommend(detect(m), m)) == ["loss_scaling"]
+    m.precision = "bf16"  # bf16 keeps these gradients: no finding, no advice
+    assert recommend(detect(m), m) == []
+
+
+def test_fp16_forecast_in_fp32_keeps_advisory_fixes_and_a_healthy_verdict():
+    m = mlp([1.0] * 3, weight_grad_norms=[1e-3, 1e-3, 1e-2], fp16_underflow=0.3)
+    findings = detect(m)
+    assert [(f.kind, f.severity) for f in findings] == [("fp16_underflow", "info")]
+    recs = recommend(findings, m)
+    assert fixes(recs) == ["loss_scaling", "use_bf16"]
+    report = Report(
+        model=ModelInfo(format="onnx", sha256="0" * 64),
+        batch=BatchInfo(size=1),
+        loss=LossInfo(kind="mse"),
+        device="cpu",
+        environment=Environment(gradhealth="0", torch="0", device_name="cpu"),
+        findings=findings,
+        recommendations=recs,
+    )
+    assert report.compute_verdict() == "healthy"
 
 
 def test_vanilla_rnn_gets_gated_units_lstm_does_not():

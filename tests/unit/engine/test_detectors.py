@@ -165,13 +165,19 @@ def test_init_scale_ignored_before_normalisation():
     assert not [f for f in detect(m) if f.kind == "init_scale"]
 
 
-def test_fp16_underflow_warning_and_error_under_fp16():
+def test_fp16_underflow_is_a_forecast_in_fp32_absent_in_bf16_judged_in_fp16():
     m = mlp([1.0] * 3, fp16_underflow=0.6)
     (f,) = [f for f in detect(m) if f.kind == "fp16_underflow"]
-    assert f.severity == "warning"
+    assert f.severity == "info" and f.evidence["forecast"] is True
+    assert f.message.startswith("If you train in fp16")
+    m.precision = "bf16"  # bf16 has fp32's exponent range: nothing to forecast
+    assert not [f for f in detect(m) if f.kind == "fp16_underflow"]
     m.precision = "fp16"
     (f,) = [f for f in detect(m) if f.kind == "fp16_underflow"]
-    assert f.severity == "error"
+    assert f.severity == "error" and f.evidence["forecast"] is False
+    m = mlp([1.0] * 3, fp16_underflow=0.2)
+    m.precision = "fp16"
+    assert [f.severity for f in detect(m) if f.kind == "fp16_underflow"] == ["warning"]
     assert not [f for f in detect(mlp([1.0] * 3, fp16_underflow=0.01)) if f.kind.startswith("fp")]
 
 
