@@ -95,7 +95,9 @@ def _run(
         raise _fail(f"--{field.replace('_', '-')}: {error['msg']}", EXIT_BAD_INPUT) from None
     from service.engine.pipeline import diagnose  # torch is imported only from here on
 
-    return diagnose(model, batch, options)
+    # external data that torch.onnx.export wrote next to the model (`model.onnx.data`) is read
+    # from the model's folder, under loading.py's rules (no absolute paths, `..` or links out)
+    return diagnose(model, batch, options, bundle_dir=model.absolute().parent)
 
 
 def _classify(exc: Exception) -> typer.Exit:

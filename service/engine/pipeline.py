@@ -58,11 +58,13 @@ def diagnose(
     options: DiagnoseOptions | None = None,
     *,
     loaded: LoadedModel | None = None,
+    bundle_dir: Path | None = None,
 ) -> Report:
-    """`loaded`: a model loaded earlier by `subject.load_model` (see `build_subject`)."""
+    """`loaded`: a model loaded earlier by `subject.load_model` (see `build_subject`).
+    `bundle_dir`: where an ONNX model's external data files are read from (`load_model`)."""
     options = options or DiagnoseOptions.model_validate({})
     started = time.perf_counter()
-    subject = build_subject(model, batch, options, loaded=loaded)
+    subject = build_subject(model, batch, options, loaded=loaded, bundle_dir=bundle_dir)
     measurements = measure(subject, options)
     analysis_start = time.perf_counter()
     notes = list(subject.extra.get("notes", [])) + list(measurements.notes)

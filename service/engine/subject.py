@@ -60,8 +60,12 @@ def pick_device(spec: str) -> torch.device:
     raise BadInputError(f"device must be auto, cpu, cuda or cuda:N, not {spec!r}")
 
 
-def load_model(data: bytes, options: DiagnoseOptions) -> LoadedModel:
-    """Detect the format from content and load the model on the CPU."""
+def load_model(
+    data: bytes, options: DiagnoseOptions, *, bundle_dir: Path | None = None
+) -> LoadedModel:
+    """Detect the format from content and load the model on the CPU. `bundle_dir`: the folder
+    an ONNX model's external data files are read from (the CLI's model folder; never set for
+    uploads, whose external data comes in a zip bundle)."""
     fmt = detect_format(data)
     if fmt == "torch_export":
         from service.engine.formats.torch_export import load_torch_export
@@ -78,6 +82,7 @@ def load_model(data: bytes, options: DiagnoseOptions) -> LoadedModel:
         mode=options.mode,
         dropout=options.dropout,
         check_conversion=options.check_conversion,
+        bundle_dir=bundle_dir,
     )
 
 
@@ -87,6 +92,7 @@ def build_subject(
     options: DiagnoseOptions | None = None,
     *,
     loaded: LoadedModel | None = None,
+    bundle_dir: Path | None = None,
 ) -> Subject:
     """`loaded`: the model already loaded by `load_model(model_bytes, options)` with the same
     mode and dropout, possibly used by earlier subjects (a worker's cache of loaded models):
@@ -103,7 +109,7 @@ def build_subject(
     start = time.perf_counter()
     preloaded = loaded is not None
     if loaded is None:
-        loaded = load_model(model_bytes, options)
+        loaded = load_model(model_bytes, options, bundle_dir=bundle_dir)
     loaded_at = time.perf_counter()
     matched = match_batch(load_batch(batch_bytes), loaded.inputs)
     if loaded.format == "torchscript":

@@ -1,5 +1,10 @@
 """ONNX models: glue to the converter (service/engine/onnx, issue 2).
 
+A model arrives as ONNX bytes (external data read from `bundle_dir`, the folder the model
+file came from, when the CLI gives one) or as a zip bundle of one `.onnx` file plus its external
+data files (`loading.load_onnx_bundle`), which is what to upload when `torch.onnx.export` wrote
+the weights to a separate `.data` file.
+
 The converter turns the ModelProto into an ObservableGraph (full probes). Once the batch is
 known, `finish` compares the converted forward with onnxruntime on it
 (`service.engine.onnx.conformance.check_conversion`), so the report says how far the converted
@@ -18,6 +23,8 @@ import torch
 from service.engine.formats.loaded import LoadedModel
 from service.engine.report import ConversionCheck, TensorSpec
 from service.errors import UnsupportedModelError
+
+_ZIP_MAGIC = b"PK\x03\x04"
 
 
 def _import(module: str) -> Any:
@@ -44,7 +51,12 @@ def load_onnx_model(
 ) -> LoadedModel:
     loading = _import("service.engine.onnx.loading")
     convert_mod = _import("service.engine.onnx.convert")
-    model = loading.load_onnx(data, bundle_dir=bundle_dir)
+    if data.startswith(_ZIP_MAGIC):
+        # external data is resolved inside the bundle's own temporary folder, never bundle_dir
+        model = loading.load_onnx_bundle(data)
+        bundle_dir = None
+    else:
+        model = loading.load_onnx(data, bundle_dir=bundle_dir)
     graph = convert_mod.convert(
         model,
         mode=mode,
