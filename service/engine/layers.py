@@ -49,6 +49,27 @@ _OUT_IN_LAYOUT = frozenset(
     | {"conv_transpose1d", "convtranspose1d", "convtranspose2d", "convtranspose3d"}
 )
 _MATMUL = frozenset({"matmul", "mm", "bmm", "addmm", "gemm"})
+# Recurrent ops → gates per hidden unit. Their input weight is [gates*H, in] (torch, per layer)
+# or [dirs, gates*H, in] (ONNX W); the recurrent one [gates*H, H] / [dirs, gates*H, H] (R).
+RECURRENT_GATES = {
+    "lstm": 4,
+    "lstmcell": 4,
+    "gru": 3,
+    "grucell": 3,
+    "rnn": 1,
+    "rnntanh": 1,
+    "rnnrelu": 1,
+    "rnntanhcell": 1,
+    "rnnrelucell": 1,
+}
+
+
+def recurrent_gates(op_type: str) -> int | None:
+    """Gates of a recurrent op (`aten.lstm.input`, `LSTM`, `gru`), else None."""
+    op = canonical(op_type)
+    if op.startswith("aten."):
+        op = op.split(".")[1]
+    return RECURRENT_GATES.get(op)
 _BIAS_OPS = frozenset({"add", "sub", "mul", "div"})
 _PASSTHROUGH = frozenset({"getitem"})
 
@@ -182,6 +203,13 @@ def _fan(layer: Layer, node: Node, param_in: list[str], shapes: dict[str, list[i
         weight = return_weight
     shape = shapes[weight]
     layer.weight = weight
+    gates = recurrent_gates(node.op_type)
+    if gates is not None:
+        # the input weight W: fan-in = the input size (last axis), not dirs × gates*H × input;
+        # H (= the recurrent weight R's fan-in) decides the reference std (reference_std)
+        layer.fan_in, layer.fan_out = shape[-1], shape[-2]
+        layer.extra["hidden_size"] = max(1, shape[-2] // gates)
+        return
     receptive = math.prod(shape[2:]) if len(shape) > 2 else 1
     if op in _OUT_IN_LAYOUT or transposed_operand or (op == "gemm" and _attr(node, "transB")):
         layer.fan_in, layer.fan_out = shape[1] * receptive, shape[0] * receptive
@@ -255,10 +283,16 @@ def _init_activations(
 
 def reference_std(layer: Layer) -> float | None:
     """He std sqrt(2/fan_in) before ReLU-family activations, Xavier sqrt(2/(fan_in+fan_out))
-    before tanh/sigmoid or nothing. The report's `init_std_ratio` is the weight's RMS (‖W‖/√n)
+    before tanh/sigmoid or nothing; 1/√H for recurrent layers (hidden size H). The report's `init_std_ratio` is the weight's RMS (‖W‖/√n)
     over this; note torch's default nn.Linear/Conv init gives ≈0.41 against He."""
     if not layer.fan_in or not layer.fan_out:
         return None
+    hidden = layer.extra.get("hidden_size")
+    if isinstance(hidden, int) and hidden > 0:
+        # RNN/GRU/LSTM: every gate's rows are scaled for the H-dimensional state (orthogonal R
+        # has rows of norm 1 → std 1/√H; torch's default U(±1/√H) gives 1/√3 of it, whatever
+        # the input size), not Xavier over the stacked gates
+        return 1.0 / math.sqrt(hidden)
     if layer.init_activation in HE_FAMILY:
         return math.sqrt(2.0 / layer.fan_in)
     return math.sqrt(2.0 / (layer.fan_in + layer.fan_out))
