@@ -70,6 +70,8 @@ def recurrent_gates(op_type: str) -> int | None:
     if op.startswith("aten."):
         op = op.split(".")[1]
     return RECURRENT_GATES.get(op)
+
+
 _BIAS_OPS = frozenset({"add", "sub", "mul", "div"})
 _PASSTHROUGH = frozenset({"getitem"})
 
@@ -283,8 +285,9 @@ def _init_activations(
 
 def reference_std(layer: Layer) -> float | None:
     """He std sqrt(2/fan_in) before ReLU-family activations, Xavier sqrt(2/(fan_in+fan_out))
-    before tanh/sigmoid or nothing; 1/√H for recurrent layers (hidden size H). The report's `init_std_ratio` is the weight's RMS (‖W‖/√n)
-    over this; note torch's default nn.Linear/Conv init gives ≈0.41 against He."""
+    before tanh/sigmoid or nothing; 1/√H for recurrent layers (hidden size H). The report's
+    `init_std_ratio` is the weight's RMS (‖W‖/√n) over this; note torch's default
+    nn.Linear/Conv init gives ≈0.41 against He."""
     if not layer.fan_in or not layer.fan_out:
         return None
     hidden = layer.extra.get("hidden_size")
