@@ -9,7 +9,8 @@ What becomes what:
   proto's copy of their bytes is released (`release_weights=True`), so one copy is kept
   (`conformance.check_conversion` refills a copy from the graph when onnxruntime needs it).
   Float initializers used only as BatchNormalization statistics (running mean/var) or Shape/Size
-  inputs (`NON_DIFFERENTIABLE_SLOTS`), or read by no node at all, → buffers.
+  inputs (`NON_DIFFERENTIABLE_SLOTS`), read by no node at all, or holding any inf/NaN (attention
+  masks registered as torch buffers) → buffers.
 - Integer initializers and `Constant` values → buffers (moved by `.to(device)`); small integer
   ones (shapes, axes: at most `SMALL_INT_NUMEL` elements) → `constants`, kept on the CPU because
   shape arithmetic reads them as Python ints and a device round trip would only add syncs.
@@ -493,7 +494,11 @@ def _convert_checked(
     constants: dict[str, Any] = {}
     # Statistics and initializers nothing reads are state, not trainable weights: reporting
     # them as parameters would show gradients that can never exist.
-    not_trainable = _non_differentiable_initializers(graph) | (set(weights) - consumed)
+    not_trainable = (
+        _non_differentiable_initializers(graph)
+        | (set(weights) - consumed)
+        | _non_finite_initializers(weights)
+    )
     for name, tensor in weights.items():
         if tensor.dtype in FLOAT_DTYPES and name not in not_trainable:
             parameters[name] = torch.nn.Parameter(tensor)
@@ -606,6 +611,17 @@ def _returning(result: Any) -> Any:
         return result
 
     return fn
+
+
+def _non_finite_initializers(weights: Mapping[str, torch.Tensor]) -> set[str]:
+    """Float initializers holding an inf or NaN: masks (a causal attention mask full of -inf,
+    registered as a buffer in torch), never weights that training could have produced. As
+    parameters they would be reported as non-finite weights and re-initialised by fixes."""
+    return {
+        name
+        for name, tensor in weights.items()
+        if tensor.dtype in FLOAT_DTYPES and not bool(torch.isfinite(tensor).all())
+    }
 
 
 def _consumed_names(graph: GraphProto) -> set[str]:

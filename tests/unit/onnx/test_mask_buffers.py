@@ -1,0 +1,73 @@
+"""Initializers holding inf/NaN (a causal attention mask registered as a torch buffer) are
+buffers, never trainable parameters: as parameters they were reported as non-finite weights,
+compared with He/Xavier, and re-randomised by the re-initialisation fix."""
+
+from __future__ import annotations
+
+import functools
+
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from service.engine.onnx.convert import convert
+from tests.support.export import to_onnx
+
+SEQ, WIDTH = 6, 16
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.qkv = nn.Linear(WIDTH, 3 * WIDTH)
+        self.proj = nn.Linear(WIDTH, WIDTH)
+        self.register_buffer("mask", torch.full((SEQ, SEQ), float("-inf")).triu(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.qkv(x)  # sliced, not chunked: chunk exports as SplitToSequence (unsupported)
+        q, k, v = h[..., :WIDTH], h[..., WIDTH : 2 * WIDTH], h[..., 2 * WIDTH :]
+        scores = q @ k.transpose(-2, -1) / WIDTH**0.5 + self.mask
+        return self.proj(torch.softmax(scores, dim=-1) @ v)
+
+
+@functools.cache
+def _export(dynamo: bool) -> bytes:
+    return to_onnx(CausalSelfAttention(), torch.randn(2, SEQ, WIDTH), dynamo=dynamo)
+
+
+def test_a_default_dynamo_export_keeps_no_non_finite_parameter() -> None:
+    """`optimize=True` (the exporter's default) renames and merges initializers."""
+    exported = to_onnx(
+        CausalSelfAttention(), torch.randn(2, SEQ, WIDTH), dynamo=True, optimize=True
+    )
+    graph = convert(onnx.load_from_string(exported))
+    assert all(torch.isfinite(p).all() for _, p in graph.named_graph_parameters())
+    assert any(torch.isinf(b).any() for b in graph.buffers())
+    assert graph.param_names  # the weights are still trainable
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
+def test_a_mask_full_of_inf_is_a_buffer_and_the_weights_stay_parameters(dynamo: bool) -> None:
+    model = onnx.load_from_string(_export(dynamo))
+    assert "mask" in {init.name for init in model.graph.initializer}  # the premise
+    graph = convert(model)
+    assert set(graph.param_names) == {"qkv.weight", "qkv.bias", "proj.weight", "proj.bias"}
+    assert "mask" in graph.buffer_names
+    mask = dict(graph.named_buffers())[graph.buffer_names["mask"]]
+    assert torch.isinf(mask).any() and not mask.requires_grad
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
+def test_the_masked_model_still_matches_torch_and_its_weights_get_gradients(
+    dynamo: bool,
+) -> None:
+    graph = convert(onnx.load_from_string(_export(dynamo)))
+    reference = CausalSelfAttention()
+    x = torch.randn(2, SEQ, WIDTH)
+    out = graph(x)
+    torch.testing.assert_close(out, reference(x), rtol=1e-4, atol=1e-5)
+    out.square().sum().backward()
+    grads = {name: p.grad for name, p in graph.named_graph_parameters()}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
