@@ -89,9 +89,14 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
     loss_total = torch.zeros((), device=subject.device)
     step_sq: dict[int, torch.Tensor] = {}
     observer = _with_taps(probe, tapped, layout.sources, step_sq)
-    # fp16 runs: fp32 gradients of the same batch, to count what fp16 flushed to zero
+    precision, precision_note = effective_precision(trainable, options.precision)
+    # fp16 runs: fp32 gradients of the same batch, to count what fp16 flushed to zero; for a
+    # model whose own parameters are fp16, from an fp32 copy of it
     reference: list[torch.Tensor | None] | None = (
-        [None] * len(trainable) if options.precision == "fp16" else None
+        [None] * len(trainable) if precision == "fp16" else None
+    )
+    fp32_copy = (
+        _fp32_copy(subject) if reference is not None and options.precision != "fp16" else None
     )
     parts = 0
     for inputs, target, share in _micro_batches(subject, options.micro_batches, layout.batch_axes):
@@ -120,7 +125,14 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
         loss_total += loss.detach().float() * share
         if reference is not None and rng is not None:
             started = time.perf_counter()
-            _add_fp32_gradients(subject, inputs, target, share, trainable, reference, rng)
+            if fp32_copy is not None:
+                copy_subject_, copy_params = fp32_copy
+                copy_inputs = [x.float() if x.is_floating_point() else x for x in inputs]
+                _add_fp32_gradients(
+                    copy_subject_, copy_inputs, target, share, copy_params, reference, rng
+                )
+            else:
+                _add_fp32_gradients(subject, inputs, target, share, trainable, reference, rng)
             timing["fp32_reference"] = timing.get("fp32_reference", 0.0)
             timing["fp32_reference"] += time.perf_counter() - started
         for i, key in direct.items():
@@ -148,7 +160,9 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
     result = _build(subject, layers, trainable, host, probe, layout.sources)
     result.notes.extend(layout.notes)
     result.micro_batches = parts
-    result.precision = options.precision
+    result.precision = precision
+    if precision_note:
+        result.notes.append(precision_note)
     unreached = [name for name, p in trainable if p.grad is None]
     if unreached:
         shown = ", ".join(unreached[:5]) + (", ..." if len(unreached) > 5 else "")
@@ -162,6 +176,42 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
 
 
 # -- running ---------------------------------------------------------------------------------
+
+_MODEL_PRECISION = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def effective_precision(
+    trainable: Sequence[tuple[str, torch.Tensor]], requested: str
+) -> tuple[str, str | None]:
+    """The precision the gradients are really computed in, and a note when it is not the one
+    asked for: a model whose floating parameters are all fp16 (bf16) trains in fp16 (bf16)
+    whatever `--precision` says (autocast only lowers fp32 ops)."""
+    dtypes = {p.dtype for _, p in trainable if p.is_floating_point()}
+    own = _MODEL_PRECISION.get(next(iter(dtypes))) if len(dtypes) == 1 else None
+    if own is None or own == requested:
+        return requested, None
+    dtype = str(next(iter(dtypes))).removeprefix("torch.")
+    return own, (
+        f"the model's parameters are {dtype}: analysed as a {own} run (precision {own}), "
+        f"not the {requested} asked for"
+    )
+
+
+def _fp32_copy(subject: Subject) -> tuple[Subject, list[tuple[str, torch.nn.Parameter]]]:
+    """An fp32 copy of an fp16 model, for the reference pass that tells which gradient entries
+    fp16 flushed to zero; its trainable parameters in the same order as the model's."""
+    from service.engine.verify.transforms import copy_subject
+
+    copy_ = copy_subject(subject)
+    copy_.module.float()
+    if copy_.graph is not None and copy_.graph is not copy_.module:
+        copy_.graph.float()
+    named = (
+        copy_.graph.named_graph_parameters()
+        if copy_.graph is not None
+        else list(copy_.module.named_parameters())
+    )
+    return copy_, [(n, p) for n, p in named if p.requires_grad]
 
 
 def _with_taps(

@@ -96,7 +96,7 @@ def diagnose(
         loss=measurements.loss,
         device=str(subject.device),
         mode=options.mode,
-        precision=options.precision,
+        precision=measurements.precision,  # type: ignore[arg-type]  # model's own fp16/bf16
         micro_batches=measurements.micro_batches,
         layers=measurements.layers,
         parameters=measurements.parameters,

@@ -6,7 +6,7 @@ import math
 
 from service.engine.detectors.profile import sig
 from service.engine.measurements import Measurements
-from service.engine.report import Finding
+from service.engine.report import Finding, Severity
 
 
 def non_finite_findings(m: Measurements) -> list[Finding]:
@@ -71,7 +71,7 @@ def fp16_findings(m: Measurements, t: dict[str, float], precision: str) -> list[
         key=lambda p: -p.fp16_underflow_fraction,
     )
     in_fp16 = precision == "fp16"
-    severity = "info"
+    severity: Severity = "info"
     if in_fp16:
         severity = "error" if share >= t["fp16_underflow_fraction_error"] else "warning"
     return [

@@ -63,3 +63,20 @@ def test_fp16_underflow_is_an_error_and_loss_scaling_is_verified_in_fp16() -> No
     assert rec.verified is not None and rec.verified.applied and rec.verified.resolved
     assert "fp16 autocast" in (rec.verified.transform or "")
     assert rec.verified.after["figures"]["fp16_underflow_fraction"] < 0.05
+
+
+def test_a_half_model_is_analysed_as_fp16_against_an_fp32_copy() -> None:
+    """`.half()` models run in fp16 whatever --precision says: the report's precision is fp16,
+    a note says why, and what fp16 flushed is counted against an fp32 copy of the model."""
+    _, _, x, module = tiny_gradient_model()
+    half = module.half()
+    x16 = x.half()
+    report = diagnose(
+        to_torch_export(half, x16), npz_bytes(x=x16), DiagnoseOptions(loss="output_norm")
+    )
+    assert report.precision == "fp16"
+    assert any("float16" in note and "fp16 run" in note for note in report.notes)
+    first = next(p for p in report.parameters if p.name == "0.weight")
+    assert first.grad_norm == 0.0 and first.fp16_underflow_fraction == 1.0
+    finding = next(f for f in report.findings if f.kind == "fp16_underflow")
+    assert finding.severity == "error" and finding.evidence["precision"] == "fp16"
