@@ -34,6 +34,9 @@ class Node:
     `inputs` are value names; "" marks an omitted optional input (passed to `fn` as None).
     `source` keeps what a transform or an error message needs of the original node
     (ONNX NodeProto, FX node, ...), never used while running.
+    `scope`: the dotted path of the source module the op came from (`blocks.0.attn`), when the
+    exporter recorded it (dynamo ONNX `pkg.torch.onnx.name_scopes`, FX `nn_module_stack`);
+    None when unknown or at the top level.
     """
 
     name: str
@@ -44,6 +47,7 @@ class Node:
     domain: str = ""
     attrs: dict[str, Any] = field(default_factory=dict)
     source: Any = None
+    scope: str | None = None
 
 
 class NodeObserver(Protocol):

@@ -12,7 +12,10 @@ graph input. Layers are listed in execution order; `depth` is that index (0 = ne
 
 A layer's name is the common dotted prefix of its main node's parameters' names
 (`layer1.0.conv1`), which is the module path for torch models; else that of all its parameters;
-otherwise the main node's name.
+else the main node's source module path (`Node.scope`: dynamo ONNX exports rename folded or
+merged weights `val_97` but record each node's module, as FX does); otherwise the main node's
+name. A name already taken by an earlier layer (the dynamo optimizer merges equal initializers,
+so `blocks.1.ln` may read `blocks.0.ln.weight`) gives way to the scope.
 """
 
 from __future__ import annotations
@@ -92,6 +95,7 @@ class Layer:
     weight: str | None = None  # the parameter whose scale is compared with He/Xavier
     extra: dict[str, object] = field(default_factory=dict)
     main_params: list[str] = field(default_factory=list)  # the ones the main node reads
+    scope: str | None = None  # the main node's source module path, when known
 
 
 def _consumers(nodes: list[Node]) -> dict[str, list[int]]:
@@ -148,6 +152,7 @@ def group_layers(graph: ObservableGraph) -> list[Layer]:
             params=owned,
             output=node.outputs[0],
             main_params=list(owned),
+            scope=node.scope,
         )
         _fan(layer, node, param_in, shapes)
         claimed.add(index)
@@ -243,10 +248,17 @@ def _largest_source(layer: Layer, shapes: dict[str, list[int]]) -> str | None:
 def _name_layers(layers: list[Layer]) -> None:
     """The module path of the main node's parameters (`fc` for `fc.weight` even when a
     top-level `scale` multiplied after it joined the layer), else of all its parameters, else
-    the main node's name."""
+    the main node's source module (scope), else the main node's name."""
     used: set[str] = set()
     for layer in layers:
-        name = _common_prefix(layer.main_params) or _common_prefix(layer.params) or layer.main
+        name = (
+            _common_prefix(layer.main_params)
+            or _common_prefix(layer.params)
+            or layer.scope
+            or layer.main
+        )
+        if name in used and layer.scope and layer.scope not in used:
+            name = layer.scope
         if name in used:
             name = f"{name}/{layer.main}"
         used.add(name)

@@ -238,7 +238,16 @@ def _convert_call(fx_node: fx.Node, attr_names: dict[str, str], mode: str, dropo
         fn=_make_fn(fn_target, fx_node.args, fx_node.kwargs, slots),
         domain="aten",
         source=fx_node,
+        scope=_module_scope(fx_node),
     )
+
+
+def _module_scope(fx_node: fx.Node) -> str | None:
+    """The innermost module path in `nn_module_stack` ({key: (path, type)}, outermost first)."""
+    stack = fx_node.meta.get("nn_module_stack") or {}
+    entries = list(stack.values())
+    path = entries[-1][0] if entries and isinstance(entries[-1], tuple) else None
+    return path if isinstance(path, str) and path else None
 
 
 def _get_attr(gm: nn.Module, dotted: str) -> Any:

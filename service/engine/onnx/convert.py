@@ -58,6 +58,7 @@ inputs (count, rank, fixed and symbolic dims) and raises `BatchError` naming the
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -282,6 +283,7 @@ class _Builder:
             # Decoded attributes (bodies left out): what a transform or a report reads.
             attrs={k: v for k, v in attrs.items() if not _is_graph(v)},
             source=node,
+            scope=module_scope(node),
         )
 
     def build_subgraph(self, graph: GraphProto, prefix: str) -> Subgraph:
@@ -307,6 +309,26 @@ class _Builder:
             initial=initial,
             free_names=free,
         )
+
+
+NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+
+
+def module_scope(node: NodeProto) -> str | None:
+    """The source module path of a dynamo-exported node. Its `pkg.torch.onnx.name_scopes`
+    lists the enclosing module paths, outermost first, then the FX op's own name:
+    `['', 'blocks.0', 'blocks.0.attn', 'linear_1']` → `blocks.0.attn`; top-level ops → None."""
+    for prop in node.metadata_props:
+        if prop.key != NAME_SCOPES_KEY:
+            continue
+        try:
+            scopes = ast.literal_eval(prop.value)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            return None
+        if isinstance(scopes, list) and len(scopes) >= 2 and isinstance(scopes[-2], str):
+            return scopes[-2] or None
+        return None
+    return None
 
 
 def _is_graph(value: Any) -> bool:
