@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from service.engine.detectors.profile import growth_factor
 from service.engine.graph import Node
 from service.engine.layers import (
     RELU_LIKE,
@@ -127,6 +128,7 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
             started = time.perf_counter()
             if fp32_copy is not None:
                 copy_subject_, copy_params = fp32_copy
+                copy_subject_.loss_kind = subject.loss_kind  # resolved by the first pass
                 copy_inputs = [x.float() if x.is_floating_point() else x for x in inputs]
                 _add_fp32_gradients(
                     copy_subject_, copy_inputs, target, share, copy_params, reference, rng
@@ -161,6 +163,13 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
     result.notes.extend(layout.notes)
     result.micro_batches = parts
     result.precision = precision
+    left_out = result.profiles.depth.left_out
+    if left_out:
+        shown = ", ".join(left_out[:5]) + (", ..." if len(left_out) > 5 else "")
+        result.notes.append(
+            f"{len(left_out)} layer(s) have no measured ‖∂L/∂a‖ and are left out of the depth "
+            f"profile and its fit: {shown}"
+        )
     if precision_note:
         result.notes.append(precision_note)
     unreached = [name for name, p in trainable if p.grad is None]
@@ -576,17 +585,9 @@ def _layer_report(
 
 
 def _fit(norms: Sequence[float | None]) -> tuple[float | None, float | None]:
-    """(growth factor per step of the least-squares fit of log norm, first/last ratio)."""
-    points = [(i, math.log(n)) for i, n in enumerate(norms) if n is not None and 0 < n < math.inf]
-    growth = None
-    if len(points) >= 2:
-        mean_x = sum(x for x, _ in points) / len(points)
-        mean_y = sum(y for _, y in points) / len(points)
-        sxx = sum((x - mean_x) ** 2 for x, _ in points)
-        sxy = sum((x - mean_x) * (y - mean_y) for x, y in points)
-        if sxx > 0:
-            slope = sxy / sxx
-            growth = math.exp(slope) if slope < 700 else math.inf
+    """(growth factor per step, first/last ratio). The factor is the detectors' own fit
+    (`detectors.profile.growth_factor`, Theil–Sen), so the profile and the findings agree."""
+    growth = growth_factor(norms)
     first_last = None
     if norms and norms[0] is not None and norms[-1] is not None:
         first, last = norms[0], norms[-1]
@@ -596,7 +597,10 @@ def _fit(norms: Sequence[float | None]) -> tuple[float | None, float | None]:
 
 
 def _depth_profile(reports: list[LayerReport]) -> DepthProfile:
+    """Layers without a ‖∂L/∂a‖ (a recurrent layer whose output gradient is not observed, a
+    layer off the loss's path) are left out of the profile and of its fit, and counted."""
     measured = [r for r in reports if r.activation_grad_norm is not None]
+    left_out = [r.name for r in reports if r.activation_grad_norm is None]
     norms: list[float | None] = [r.activation_grad_norm for r in measured]
     growth, first_last = _fit(norms)
     return DepthProfile(
@@ -604,6 +608,8 @@ def _depth_profile(reports: list[LayerReport]) -> DepthProfile:
         grad_norms=norms,
         growth_factor=growth,
         first_last_ratio=first_last,
+        layers_left_out=len(left_out),
+        left_out=left_out,
     )
 
 

@@ -139,6 +139,9 @@ class DepthProfile(_Model):
     grad_norms: list[float | None] = []
     growth_factor: float | None = None  # fitted per-layer factor of ‖∂L/∂a‖, input → output
     first_last_ratio: float | None = None  # first layer's norm / last layer's norm
+    # layers with no ‖∂L/∂a‖ (not observed, or off the loss's path): not in the profile or fit
+    layers_left_out: int = 0
+    left_out: list[str] = []
 
 
 class TimeProfile(_Model):

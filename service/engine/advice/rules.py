@@ -16,7 +16,7 @@ from typing import Any
 from service.engine.advice import evidence as ev
 from service.engine.advice import snippets
 from service.engine.detectors.optypes import canonical_op, is_normalization
-from service.engine.detectors.profile import sig
+from service.engine.detectors.profile import depth_fit_phrase, sig
 from service.engine.detectors.thresholds import resolve_thresholds
 from service.engine.detectors.units import init_ratio
 from service.engine.graph import ObservableGraph
@@ -266,10 +266,9 @@ class Advisor:
                 )
             return
         ratio = e.get("depth_ratio")
-        factor = e.get("per_layer_factor")
         how = (
-            f"‖∂L/∂a‖ at the first layer is {sig(ratio)} of the last's "
-            f"(×{sig(factor)} per layer backwards)."
+            f"‖∂L/∂a‖ at the first layer is {_share(ratio)} of the last's "
+            f"({depth_fit_phrase(e.get('growth_factor'))})."
             if ratio is not None
             else f"the first layer's weight gradient is {sig(e.get('weight_ratio'))} of the last's."
         )

@@ -15,7 +15,14 @@ from service.engine.detectors.optypes import (
     is_recurrent,
     is_vanilla_rnn,
 )
-from service.engine.detectors.profile import backward_factor, first_last_ratio, sig, usable
+from service.engine.detectors.profile import (
+    backward_factor,
+    depth_fit_phrase,
+    first_last_ratio,
+    growth_factor,
+    sig,
+    usable,
+)
 from service.engine.measurements import Measurements
 from service.engine.report import Finding, LayerReport
 
@@ -46,8 +53,12 @@ def depth_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
     names, norms = depth_profile(m)
     ratio = first_last_ratio(norms) if len(names) >= 2 else None
     factor = backward_factor(norms)
+    forward = growth_factor(norms)
     last = norms[-1] if norms else None
     rel = [(n, v / last) for n, v in zip(names, norms, strict=True) if usable(last) and usable(v)]  # type: ignore[operator]
+    # layers whose ‖∂L/∂a‖ is exactly 0 (fp16 flushed it, or nothing reaches them): the
+    # worst case of vanishing, named first; the fit and `rel` cannot use them
+    zero = [n for n, v in zip(names, norms, strict=True) if v == 0.0 and usable(last)]
 
     wl = _weight_layers(m)
     w_first, w_last = (wl[0], wl[-1]) if len(wl) >= 2 else (None, None)
@@ -59,7 +70,9 @@ def depth_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
     evidence: dict[str, Any] = {
         "axis": "depth",
         "depth_ratio": ratio,
-        "per_layer_factor": factor,
+        "per_layer_factor": factor,  # backwards (output → input) = 1 / growth_factor
+        "growth_factor": forward,  # the depth profile's fit, input → output
+        "zero_gradient_layers": zero,
         "layers_in_profile": len(names),
         "weight_ratio": weight_ratio,
         "first_weight_grad_norm": w_first.grad_norm if w_first else None,
@@ -89,7 +102,7 @@ def depth_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
             layers = [n for n, _ in sorted(g2w, key=lambda p: p[1])]
         else:
             cut = t["vanishing_profile_ratio_warning"]
-            layers = [n for n, r in sorted(rel, key=lambda p: p[1]) if r < cut]
+            layers = zero + [n for n, r in sorted(rel, key=lambda p: p[1]) if r < cut]
             if not layers and w_last is not None and usable(w_last.grad_norm):
                 layers = [
                     x.name
@@ -104,11 +117,24 @@ def depth_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
                 f"initialisation scale of {layers[0] if layers else 'the layers'}."
             )
         elif "depth_ratio" in rules or severity == "warning":
-            msg = (
-                f"Gradients vanish towards the input: ‖∂L/∂a‖ at {names[0]} is {sig(ratio)} of "
-                f"that at {names[-1]} (×{sig(factor)} per layer backwards); the earliest layers "
-                f"({', '.join(layers[:3])}) barely learn."
-            )
+            shrinking = [n for n in layers if n not in zero]
+            if zero:
+                learn = (
+                    f"; the next earliest ({', '.join(shrinking[:3])}) barely learn"
+                    if shrinking
+                    else ""
+                )
+                msg = (
+                    f"Gradients vanish towards the input: {_span(zero, names)} get exactly zero "
+                    f"gradient (‖∂L/∂a‖ = 0){learn}; {depth_fit_phrase(forward)}, ‖∂L/∂a‖ at "
+                    f"{names[0]} is {_fraction(ratio or 0.0)} of that at {names[-1]}."
+                )
+            else:
+                msg = (
+                    f"Gradients vanish towards the input: ‖∂L/∂a‖ at {names[0]} is {sig(ratio)} "
+                    f"of that at {names[-1]} ({depth_fit_phrase(forward)}); the earliest layers "
+                    f"({', '.join(layers[:3])}) barely learn."
+                )
         else:
             msg = (
                 f"Weight gradients vanish towards the input: {w_first.name} gets "  # type: ignore[union-attr]
@@ -154,7 +180,8 @@ def depth_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
         if "depth_ratio" in rules or rules == ["depth_ratio_warning"]:
             msg = (
                 f"Gradients explode towards the input: ‖∂L/∂a‖ grows ×{sig(factor)} per layer "
-                f"backwards, {sig(ratio)}× larger at {names[0]} than at {names[-1]}."
+                f"backwards ({depth_fit_phrase(forward)}), {sig(ratio)}× larger at {names[0]} "
+                f"than at {names[-1]}."
             )
         elif "weight_ratio" in rules:
             msg = (
@@ -177,6 +204,14 @@ def depth_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
             )
         )
     return findings
+
+
+def _span(chosen: list[str], order: list[str]) -> str:
+    """`layers.0–layers.2` when the layers are consecutive in `order`, else a list."""
+    positions = sorted(order.index(n) for n in chosen)
+    if len(chosen) >= 3 and positions == list(range(positions[0], positions[-1] + 1)):
+        return f"{order[positions[0]]}–{order[positions[-1]]}"
+    return ", ".join(order[p] for p in positions)
 
 
 def _fraction(ratio: float) -> str:

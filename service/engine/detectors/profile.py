@@ -13,13 +13,15 @@ def usable(value: float | None) -> bool:
     return value is not None and math.isfinite(value) and value > 0.0
 
 
-def backward_factor(norms: Sequence[float | None]) -> float | None:
-    """Per-step factor of the norms read from the last entry back to the first.
+def growth_factor(norms: Sequence[float | None]) -> float | None:
+    """Per-step factor of the norms read from the first entry to the last: THE fit of a norm
+    profile (the report's `profiles.depth.growth_factor` / `profiles.time[].growth_factor` and
+    the detectors' per-layer factor both come from it).
 
     Theil–Sen slope (median of pairwise slopes) of log(norm) against the index, so that one jump
     (a normalisation layer dividing by a small std, a loss-side layer) does not pass for growth
-    that compounds. 2.0 = doubles at every step towards the input (or towards the first time
-    step). None when fewer than 3 usable points.
+    that compounds. Entries that are None, 0 or not finite are left out (their index stays, so
+    the slope is still per step). None when fewer than 3 usable points.
     """
     points = [(i, math.log(v)) for i, v in enumerate(norms) if usable(v)]  # type: ignore[arg-type]
     if len(points) < 3:
@@ -32,7 +34,24 @@ def backward_factor(norms: Sequence[float | None]) -> float | None:
     )
     mid = len(slopes) // 2
     slope = slopes[mid] if len(slopes) % 2 else (slopes[mid - 1] + slopes[mid]) / 2
-    return math.exp(-slope)
+    return math.exp(slope) if slope < 700 else math.inf
+
+
+def backward_factor(norms: Sequence[float | None]) -> float | None:
+    """`growth_factor` read from the last entry back to the first (its reciprocal): 2.0 =
+    doubles at every step towards the input (or towards the first time step)."""
+    forward = growth_factor(norms)
+    if forward is None:
+        return None
+    return 1.0 / forward if forward > 0 else math.inf
+
+
+def depth_fit_phrase(forward: float | None) -> str:
+    """How messages quote the depth fit: in the profile's own direction (input → output), as
+    the report's `profiles.depth.growth_factor` and the CLI's profile line do."""
+    if forward is None:
+        return "no per-layer fit (fewer than 3 measured layers)"
+    return f"the depth profile grows ×{sig(forward)} per layer towards the output"
 
 
 def first_last_ratio(norms: Sequence[float | None]) -> float | None:

@@ -213,6 +213,7 @@ def reference(case: Case, *, train: bool = True) -> dict[str, Any]:
 
 
 def fit_growth(norms: list[float]) -> float:
-    xs = np.arange(len(norms), dtype=np.float64)
-    slope = np.polyfit(xs, np.log(np.asarray(norms, dtype=np.float64)), 1)[0]
-    return math.exp(slope)
+    """Theil–Sen in numpy: exp(median of the pairwise slopes of log norm against index)."""
+    logs = np.log(np.asarray(norms, dtype=np.float64))
+    i, j = np.triu_indices(len(logs), k=1)
+    return math.exp(float(np.median((logs[j] - logs[i]) / (j - i))))

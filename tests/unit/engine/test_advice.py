@@ -43,7 +43,7 @@ def test_sigmoid_vanishing_recommends_relu_with_he_first():
     rec = recs[0]
     assert rec.params["to"] == "ReLU" and rec.params["from"] == ["sigmoid"]
     assert rec.layers == [f"fc{i}" for i in range(7)]
-    assert "0.25" in rec.rationale and "×0.2 per layer" in rec.rationale
+    assert "0.25" in rec.rationale and "×5 per layer towards the output" in rec.rationale
     assert "nn.ReLU()" in rec.snippet and "kaiming_normal_" in rec.snippet
     assert "add_normalization" in fixes(recs)  # 8 weight layers, no normalisation
     # shortcuts are not recommended without a graph to prove their absence

@@ -205,3 +205,23 @@ def test_thresholds_documented_and_validated():
         resolve_thresholds({"explode": 1})
     with pytest.raises(BadInputError, match="must be a number"):
         resolve_thresholds({"exploding_profile_ratio": "big"})
+
+
+def test_layers_with_exactly_zero_gradient_are_said_so_and_named_first():
+    # an fp16 run: the first three layers' ‖∂L/∂a‖ flushed to 0, the rest shrinking
+    m = mlp([0.0, 0.0, 0.0, 1e-7, 1e-5, 1e-3, 1e-1, 1.0], activation="aten.sigmoid.default")
+    (f,) = [f for f in detect(m) if f.kind == "vanishing_gradients"]
+    assert f.severity == "error"
+    assert f.layers[:4] == ["fc0", "fc1", "fc2", "fc3"]
+    assert f.evidence["zero_gradient_layers"] == ["fc0", "fc1", "fc2"]
+    assert "fc0–fc2 get exactly zero gradient" in f.message
+    assert "the next earliest (fc3, fc4, fc5) barely learn" in f.message
+    assert "exactly 0 (underflowed) of that at fc7" in f.message
+
+
+def test_vanishing_message_quotes_the_profile_fit_in_the_profile_direction():
+    m = mlp(geometric(1e-6, 5.0, 8), activation="aten.sigmoid.default")
+    (f,) = [f for f in detect(m) if f.kind == "vanishing_gradients"]
+    assert f.evidence["growth_factor"] == pytest.approx(5.0)
+    assert f.evidence["per_layer_factor"] * f.evidence["growth_factor"] == pytest.approx(1.0)
+    assert "the depth profile grows ×5 per layer towards the output" in f.message
