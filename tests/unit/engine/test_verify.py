@@ -171,8 +171,10 @@ def test_clip_and_not_automatic_fixes_are_reported() -> None:
         and clip.applied
         and clip.after["figures"]["total_grad_norm"] == (pytest.approx(5.0, rel=1e-3))
     )
-    # clipping bounds the step; the compounding profile is still there, and the report says so
-    assert clip.resolved is False
+    # clipping bounds the step, which one pass shows; whether that is enough shows only over
+    # training steps: neither resolved nor not resolved, and the reason says so
+    assert clip.before["figures"]["total_grad_norm"] > 5.0 * 1.01
+    assert clip.resolved is None and "one gradient pass cannot show" in (clip.reason or "")
     assert norm is not None and not norm.applied and "trained" in (norm.reason or "")
 
 
