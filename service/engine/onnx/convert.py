@@ -551,6 +551,9 @@ def _convert_checked(
     }
     for spec in metadata["inputs"] + metadata["outputs"]:
         spec.pop("kind", None)
+    notes = folded_batchnorm_notes(graph)
+    if notes:
+        metadata["notes"] = notes  # the engine adds them to the report's notes
     return ObservableGraph(
         nodes,
         input_names=[i.name for i in input_infos],
@@ -633,6 +636,42 @@ def _returning(result: Any) -> Any:
         return result
 
     return fn
+
+
+# The dynamo exporter's optimizer (`optimize=True`, its default) folds BatchNormalization into
+# the convolution (or Gemm) before it. It tags the fused node with the rewrite rule's name
+# (`FuseBatchNormIntoConv`) and, for a convolution without a bias, names the new bias after the
+# weight (`conv1.weight_bias`).
+REWRITE_RULE_KEY = "pkg.onnxscript.rewriter.rule_name"
+FOLDED_BN_BIAS_SUFFIX = "weight_bias"
+CONV_OPS = frozenset({"Conv", "ConvTranspose"})
+
+
+def _folds_batchnorm(node: NodeProto) -> bool:
+    if any(p.key == REWRITE_RULE_KEY and "BatchNorm" in p.value for p in node.metadata_props):
+        return True
+    return (
+        node.op_type in CONV_OPS
+        and len(node.input) > 2
+        and node.input[2].endswith(FOLDED_BN_BIAS_SUFFIX)
+    )
+
+
+def folded_batchnorm_notes(graph: GraphProto) -> list[str]:
+    """A note when BatchNormalization was folded into convolutions at export: the graph then
+    has no BN layers to measure and `mode=train` cannot use batch statistics."""
+    if any(node.op_type == "BatchNormalization" for node in graph.node):
+        return []
+    folded = [module_scope(n) or n.name or n.op_type for n in graph.node if _folds_batchnorm(n)]
+    if not folded:
+        return []
+    shown = ", ".join(folded[:3]) + (f" and {len(folded) - 3} more" if len(folded) > 3 else "")
+    return [
+        f"BatchNorm ({shown}) was folded into the layer before it by the ONNX exporter's "
+        "optimizer: there are no BatchNorm layers to measure and batch statistics are not "
+        "available, so mode=train runs the inference-time normalisation; re-export with "
+        "torch.onnx.export(..., dynamo=True, optimize=False) to keep BatchNorm"
+    ]
 
 
 def _non_finite_initializers(weights: Mapping[str, torch.Tensor]) -> set[str]:
