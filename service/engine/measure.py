@@ -162,6 +162,9 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
     result = _build(subject, layers, trainable, host, probe, layout.sources)
     result.notes.extend(layout.notes)
     result.micro_batches = parts
+    result.notes.extend(
+        micro_batch_notes(_batch_size(subject, layout.batch_axes), options.micro_batches)
+    )
     result.precision = precision
     left_out = result.profiles.depth.left_out
     if left_out:
@@ -288,15 +291,13 @@ def _micro_batches(
 ) -> Iterator[tuple[list[torch.Tensor], torch.Tensor | None, float]]:
     """Parts of the batch along each input's batch axis (axis 0 unless a recurrent op reads it
     otherwise, sequence-first inputs [T, B, F] are split along axis 1)."""
-    first = subject.inputs[0] if subject.inputs else None
     axis0 = batch_axes.get(0, 0)
-    size = first.shape[axis0] if first is not None and first.dim() > axis0 else 1
-    count = max(1, min(count, size))
-    if count == 1:
+    size = _batch_size(subject, batch_axes)
+    bounds = _split_bounds(size, count)
+    if len(bounds) == 2:
         yield list(subject.inputs), subject.target, 1.0
         return
     target_axis = _target_batch_axis(subject, size, axis0)
-    bounds = [round(size * k / count) for k in range(count + 1)]
     for lo, hi in itertools.pairwise(bounds):
         inputs = []
         for i, x in enumerate(subject.inputs):
@@ -307,6 +308,42 @@ def _micro_batches(
         if target is not None and target_axis is not None:
             target = target.narrow(target_axis, lo, hi - lo)
         yield inputs, target, (hi - lo) / size
+
+
+def _batch_size(subject: Subject, batch_axes: dict[int, int]) -> int:
+    first = subject.inputs[0] if subject.inputs else None
+    axis0 = batch_axes.get(0, 0)
+    return int(first.shape[axis0]) if first is not None and first.dim() > axis0 else 1
+
+
+def _split_bounds(size: int, count: int) -> list[int]:
+    """Where the batch is cut: `count` parts (at most one per example) as even as rounding
+    allows."""
+    count = max(1, min(count, size))
+    return [round(size * k / count) for k in range(count + 1)]
+
+
+def micro_batch_notes(size: int, requested: int) -> list[str]:
+    """What the report says when the micro-batches are not the `requested` equal parts."""
+    bounds = _split_bounds(size, requested)
+    parts = [hi - lo for lo, hi in itertools.pairwise(bounds)]
+    notes = []
+    if requested > len(parts):
+        notes.append(
+            f"--micro-batches {requested} is more than the batch's {size} example(s): ran "
+            f"{len(parts)} micro-batch(es) of one example each"
+        )
+    if len(set(parts)) > 1:
+        counts = ", ".join(
+            f"{parts.count(n)} of {n} example(s)" for n in sorted(set(parts), reverse=True)
+        )
+        notes.append(
+            f"{size} examples do not split evenly into {len(parts)} micro-batches ({counts}); "
+            "each part's loss is weighted by its share of the batch, so the accumulated "
+            "gradients still equal the full batch's (layers that mix examples, such as "
+            "BatchNorm in train mode, see each part's own statistics)"
+        )
+    return notes
 
 
 def _target_batch_axis(subject: Subject, size: int, input_axis: int) -> int | None:

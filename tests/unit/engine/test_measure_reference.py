@@ -159,6 +159,23 @@ def test_micro_batches_accumulate_to_the_full_batch() -> None:
             assert a.activation_stats.dead_fraction == b.activation_stats.dead_fraction
 
 
+def test_micro_batches_clipped_or_uneven_are_noted() -> None:
+    case = CASES["mlp"]()
+    data, batch = export(case, "torch_export"), case_batch(case)
+    size = case.inputs[0].shape[0]
+    assert size % 5  # 5 parts are uneven for this batch
+    assert not [n for n in measure(build_subject(data, batch)).notes if "micro-batch" in n]
+    many = DiagnoseOptions(micro_batches=size * 2)
+    m = measure(build_subject(data, batch, many), many)
+    assert m.micro_batches == size
+    assert any(f"--micro-batches {size * 2} is more than the batch's {size}" in n for n in m.notes)
+    uneven = DiagnoseOptions(micro_batches=5)
+    m = measure(build_subject(data, batch, uneven), uneven)
+    assert m.micro_batches == 5
+    (note,) = [n for n in m.notes if "do not split evenly" in n]
+    assert note.startswith(f"{size} examples do not split evenly into 5 micro-batches")
+
+
 def test_bf16_autocast_matches_autocast_reference() -> None:
     case = CASES["mlp"]()
     options = DiagnoseOptions(precision="bf16")
