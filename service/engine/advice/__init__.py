@@ -28,7 +28,7 @@ def recommend(
 ) -> list[Recommendation]:
     graph = subject.graph if subject is not None else None
     thresholds = options.thresholds if options is not None else None
-    precision = options.precision if options is not None else None
+    precision = m.precision  # the effective one (an fp16 model is fp16 whatever was asked)
     recommendations = Advisor(findings, m, graph, thresholds, precision).recommendations()
     if subject is not None and options is not None and options.verify_fixes:
         from service.engine.verify import verify_recommendations

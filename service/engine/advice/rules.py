@@ -442,11 +442,13 @@ class Advisor:
     def _fp16_underflow(self, index: int, f: Finding) -> None:
         share = f.evidence.get("underflow_fraction")
         scale, how = ev.suggested_loss_scale(self.m)
+        # an info finding is a forecast for fp16 training: its advice is advisory
+        advisory = "Advisory, if you train in fp16: " if f.severity == "info" else ""
         self.add(
             "loss_scaling",
             index,
-            f"{sig(share)} of the gradient entries fall below fp16's smallest value; scaling "
-            f"the loss by {scale:g} ({how}) keeps them representable.",
+            f"{advisory}{sig(share)} of the gradient entries fall below fp16's smallest value; "
+            f"scaling the loss by {scale:g} ({how}) keeps them representable.",
             f.layers,
             scale=scale,
         )
@@ -455,7 +457,8 @@ class Advisor:
         self.add(
             "use_bf16",
             index,
-            f"bf16 has fp32's exponent range, so the {sig(share)} of gradient entries below "
+            f"{advisory}bf16 has fp32's exponent range, so the {sig(share)} of gradient "
+            f"entries below "
             f"2^-24 stay representable without loss scaling.",
             f.layers,
         )

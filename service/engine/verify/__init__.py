@@ -221,7 +221,11 @@ def _rescaled_underflow(
     rng_devices = [copy_.device] if copy_.device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices):  # the reference draws the same masks
         grads = _loss_gradients(copy_, params, scale, fp16=in_fp16)
-    reference = _loss_gradients(copy_, params, 1.0, fp16=False) if in_fp16 else grads
+    if in_fp16:
+        ref_subject, ref_params = _fp32_of(copy_, params)
+        reference = _loss_gradients(ref_subject, ref_params, 1.0, fp16=False)
+    else:
+        reference = grads
     after = copy.deepcopy(m)
     names, rows = [], []
     for (name, _), g, r in zip(trainable, grads, reference, strict=True):
@@ -253,6 +257,18 @@ def _rescaled_underflow(
     else:
         text = "gradients recounted against bf16's smallest value 2^-133"
     return text, after
+
+
+def _fp32_of(subject: Subject, params: list[torch.Tensor]) -> tuple[Subject, list[torch.Tensor]]:
+    """The subject itself, or for a model whose own parameters are fp16 an fp32 copy (inputs
+    too, parameters in the same order): the reference pass must not run in fp16 itself."""
+    from service.engine.measure import _fp32_copy
+
+    if not any(p.dtype == torch.float16 for p in params):
+        return subject, params
+    copy_, named = _fp32_copy(subject)
+    copy_.inputs = [x.float() if x.is_floating_point() else x for x in copy_.inputs]
+    return copy_, [p for _, p in named]
 
 
 def _loss_gradients(

@@ -127,6 +127,7 @@ def test_fp16_forecast_in_fp32_keeps_advisory_fixes_and_a_healthy_verdict():
     assert [(f.kind, f.severity) for f in findings] == [("fp16_underflow", "info")]
     recs = recommend(findings, m)
     assert fixes(recs) == ["loss_scaling", "use_bf16"]
+    assert all(r.rationale.startswith("Advisory, if you train in fp16") for r in recs)
     report = Report(
         model=ModelInfo(format="onnx", sha256="0" * 64),
         batch=BatchInfo(size=1),

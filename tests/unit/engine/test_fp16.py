@@ -9,9 +9,13 @@ import torch
 from torch import nn
 
 from service.engine import diagnose
+from service.engine.advice import recommend
+from service.engine.detectors import detect
 from service.engine.measure import measure
 from service.engine.options import DiagnoseOptions
+from service.engine.report import Recommendation
 from service.engine.subject import build_subject
+from service.engine.verify import verify_recommendations
 from tests.support.export import to_torch_export
 from tests.unit.engine.measure_support import npz_bytes
 
@@ -80,3 +84,29 @@ def test_a_half_model_is_analysed_as_fp16_against_an_fp32_copy() -> None:
     assert first.grad_norm == 0.0 and first.fp16_underflow_fraction == 1.0
     finding = next(f for f in report.findings if f.kind == "fp16_underflow")
     assert finding.severity == "error" and finding.evidence["precision"] == "fp16"
+
+
+def test_loss_scaling_of_a_half_model_is_checked_against_an_fp32_copy() -> None:
+    """The recount after loss scaling compares with an fp32 pass, not with the fp16 model
+    itself (against which nothing would ever look flushed): a scale of 1 changes nothing."""
+    _, _, x, module = tiny_gradient_model()
+    half = module.half()
+    x16 = x.half()
+    options = DiagnoseOptions(loss="output_norm")
+    subject = build_subject(to_torch_export(half, x16), npz_bytes(x=x16), options)
+    m = measure(subject, options)
+    findings = detect(m)
+    index = next(i for i, f in enumerate(findings) if f.kind == "fp16_underflow")
+    assert findings[index].severity == "error"
+    recs = recommend(findings, m)
+    assert not [r for r in recs if r.rationale.startswith("Advisory")]  # not a forecast
+    unscaled = Recommendation(
+        fix="loss_scaling", addresses=[index], rationale="r", params={"scale": 1.0}
+    )
+    verify_recommendations([unscaled], findings, m, subject, options)
+    assert unscaled.verified is not None and unscaled.verified.applied
+    assert "fp16 autocast" in (unscaled.verified.transform or "")
+    before = unscaled.verified.before["figures"]["fp16_underflow_fraction"]
+    after = unscaled.verified.after["figures"]["fp16_underflow_fraction"]
+    assert before > 0.5 and after == before
+    assert unscaled.verified.resolved is False
