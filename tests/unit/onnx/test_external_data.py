@@ -8,11 +8,13 @@ import json
 import os
 import warnings
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from fastapi.testclient import TestClient
 from torch import nn
 from typer.testing import CliRunner
 
@@ -22,6 +24,7 @@ from service.engine.formats.detect import detect_format
 from service.engine.formats.onnx import load_onnx_model
 from service.errors import ModelFormatError
 from service.storage.sniff import sniff_model_format
+from tests.conftest import Backend, make_client, make_tenant_key
 
 
 class SmallTanhNet(nn.Module):
@@ -159,3 +162,25 @@ def test_upload_check_accepts_the_same_model_with_weights_inside(
     inline = tmp_path / "inline.onnx"
     onnx.save(proto, str(inline))
     assert sniff_model_format(inline) == "onnx"
+
+
+@pytest.fixture
+def api_client(sqlite_backend: Backend) -> Iterator[TestClient]:
+    """The real API on SQLite (the upload check is the same on Postgres)."""
+    tenant = make_tenant_key(sqlite_backend, "acme")
+    with make_client(sqlite_backend) as client:
+        client.headers.update(tenant.headers)
+        yield client
+
+
+def test_api_accepts_the_bundle_and_refuses_the_bare_model_at_upload(
+    exported: dict[str, object], api_client: TestClient
+) -> None:
+    model, bundle = exported["model"], exported["bundle"]
+    assert isinstance(model, Path) and isinstance(bundle, Path)
+    bare = api_client.post("/v1/models", files={"file": ("model.onnx", model.read_bytes())})
+    assert bare.status_code == 422, bare.text
+    assert "zip bundle" in bare.json()["error"]["message"]
+    zipped = api_client.post("/v1/models", files={"file": ("model.zip", bundle.read_bytes())})
+    assert zipped.status_code == 201, zipped.text
+    assert zipped.json()["format"] == "onnx"
