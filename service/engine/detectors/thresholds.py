@@ -76,9 +76,12 @@ init_scale: a layer's weight std over the std He (ReLU-like) or Xavier (others) 
   its fan-in (He et al. 2015; Glorot & Bengio 2010), outside [`init_ratio_low`,
   `init_ratio_high`] = [0.25, 1.5] → warning; outside [`init_ratio_error_low`,
   `init_ratio_error_high`] = [0.02, 5] → error. PyTorch's default (kaiming_uniform with a=√5)
-  gives 0.41 of He, hence a low bound below it. A layer whose output goes straight into a
-  normalisation layer is scale-invariant and is not judged. In a plain ReLU stack a ratio r
-  multiplies ‖∂L/∂a‖ by about r per layer, so 1.5 over 10 layers is already ×58.
+  gives 0.41 of He, hence a low bound below it. RNN/GRU/LSTM layers: the input weight's
+  fan-in is the input size (ONNX W [dirs, gates*H, input]), and the reference std is 1/√H (an
+  orthogonal recurrent matrix; torch's default U(±1/√H) gives 0.58 of it at any input size).
+  A layer whose output goes straight into a normalisation layer is scale-invariant and is
+  not judged. In a plain ReLU stack a ratio r multiplies ‖∂L/∂a‖ by about r per layer, so
+  1.5 over 10 layers is already ×58.
   Parameters-only coverage (the activation after a layer is not visible): the weight std,
   ‖W‖/√numel, is compared with He's std for "too large" and with Xavier's for "too small", so
   that a layer is only flagged if it is wrong under either choice.
