@@ -54,6 +54,10 @@ BACKWARD_SAFE = _VIEWS | frozenset(
 )
 
 
+# Ops through which a mask's -inf entries travel to where they are used (added to scores).
+MASK_CARRIERS = _VIEWS | frozenset({"add", "sub", "mul", "where", "expand", "tile", "cast"})
+
+
 def is_backward_safe(node: Node) -> bool:
     return canonical(node.op_type) in BACKWARD_SAFE
 
@@ -96,9 +100,15 @@ class Probe:
             for name in dict.fromkeys(node.inputs):
                 consumers.setdefault(name, []).append(node)
         self.consumers = consumers
+        # Values carrying a mask's intended -inf (a state listed by the ONNX converter, through
+        # elementwise ops up to e.g. the Softmax that absorbs it) are no NaN/Inf origin.
+        masked = set(graph.metadata.get("non_finite_states", ()))
         for index, node in enumerate(graph.nodes):
             op = canonical(node.op_type)
-            if op not in FORWARD_SAFE:
+            carries_mask = op in MASK_CARRIERS and any(v in masked for v in node.inputs)
+            if carries_mask:
+                masked.update(o for o in node.outputs if o)
+            if op not in FORWARD_SAFE and not carries_mask:
                 self._forward_slot[index] = len(self.checked_nodes)
                 self.checked_nodes.append(index)
             for value in node.outputs:

@@ -16,7 +16,9 @@ What becomes what:
   shape arithmetic reads them as Python ints and a device round trip would only add syncs.
 - Graph inputs that are also initializers (IR < 4) are not inputs.
 - `metadata`: `mode`, `extra`, `opset_imports` {domain: version}, `inputs`/`outputs`
-  [{name, shape, dtype}] (symbolic dims as strings, unknown as None), `ir_version`, `producer`.
+  [{name, shape, dtype}] (symbolic dims as strings, unknown as None), `ir_version`, `producer`;
+  when present, `non_finite_states` (buffers holding inf/NaN: attention masks) and `notes`
+  (for the report, e.g. BatchNorm folded at export).
 
 Observability: every top-level node is one `Node` of the graph (named by the ONNX node name,
 or `<op_type>_<index>` when it has none) and its outputs reach `ObservableGraph`'s observer.
@@ -516,11 +518,8 @@ def _convert_checked(
     constants: dict[str, Any] = {}
     # Statistics and initializers nothing reads are state, not trainable weights: reporting
     # them as parameters would show gradients that can never exist.
-    not_trainable = (
-        _non_differentiable_initializers(graph)
-        | (set(weights) - consumed)
-        | _non_finite_initializers(weights)
-    )
+    non_finite = _non_finite_initializers(weights)
+    not_trainable = _non_differentiable_initializers(graph) | (set(weights) - consumed) | non_finite
     for name, tensor in weights.items():
         if tensor.dtype in FLOAT_DTYPES and name not in not_trainable:
             parameters[name] = torch.nn.Parameter(tensor)
@@ -551,6 +550,10 @@ def _convert_checked(
     }
     for spec in metadata["inputs"] + metadata["outputs"]:
         spec.pop("kind", None)
+    if non_finite:
+        # masks: their -inf entries spread through Add/Where until a Softmax absorbs them, which
+        # is no NaN/Inf origin (service/engine/probes.py)
+        metadata["non_finite_states"] = sorted(non_finite)
     notes = folded_batchnorm_notes(graph)
     if notes:
         metadata["notes"] = notes  # the engine adds them to the report's notes

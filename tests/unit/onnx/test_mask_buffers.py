@@ -1,17 +1,23 @@
 """Initializers holding inf/NaN (a causal attention mask registered as a torch buffer) are
 buffers, never trainable parameters: as parameters they were reported as non-finite weights,
-compared with He/Xavier, and re-randomised by the re-initialisation fix."""
+compared with He/Xavier, and re-randomised by the re-initialisation fix. Nor is the -inf they
+add to attention scores a NaN/Inf origin."""
 
 from __future__ import annotations
 
 import functools
+import io
 
+import numpy as np
 import onnx
 import pytest
 import torch
 from torch import nn
 
 from service.engine.onnx.convert import convert
+from service.engine.options import DiagnoseOptions
+from service.engine.pipeline import diagnose
+from service.engine.report import Report
 from tests.support.export import to_onnx
 
 SEQ, WIDTH = 6, 16
@@ -71,3 +77,30 @@ def test_the_masked_model_still_matches_torch_and_its_weights_get_gradients(
     out.square().sum().backward()
     grads = {name: p.grad for name, p in graph.named_graph_parameters()}
     assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+
+
+def _diagnose(exported: bytes) -> Report:
+    buffer = io.BytesIO()
+    np.savez(buffer, x=torch.randn(2, SEQ, WIDTH).numpy())
+    options = DiagnoseOptions.model_validate({"device": "cpu", "verify_fixes": False})
+    return diagnose(exported, buffer.getvalue(), options)
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
+def test_a_diagnosis_finds_no_non_finite_values_in_a_masked_model(dynamo: bool) -> None:
+    """The mask's -inf added to the scores (then absorbed by Softmax) is no NaN/Inf origin."""
+    report = _diagnose(_export(dynamo))
+    assert "mask" not in {p.name for p in report.parameters}
+    assert [f for f in report.findings if f.kind == "non_finite"] == []
+
+
+class MaskedThenLog(CausalSelfAttention):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log(super().forward(x) - 100.0)  # a real NaN, after the mask
+
+
+def test_a_real_nan_after_the_mask_is_still_found_at_its_origin() -> None:
+    exported = to_onnx(MaskedThenLog(), torch.randn(2, SEQ, WIDTH), dynamo=True)
+    found = [f for f in _diagnose(exported).findings if f.kind == "non_finite"]
+    assert len(found) == 1
+    assert "Log" in found[0].message
