@@ -130,7 +130,7 @@ def _verified_label(rec: Any) -> str:
         return " (verified on a copy: resolved)"
     if verified.resolved is False:
         return " (tried on a copy: not resolved)"
-    return " (tried on a copy)"
+    return f" (tried on a copy: {verified.reason})" if verified.reason else " (tried on a copy)"
 
 
 def _addressed(rec: Any, findings: list[Any]) -> str:

@@ -246,3 +246,26 @@ def test_table_prints_names_verbatim_and_says_what_each_fix_answers(
     message_lines = [line for line in lines if "Gradients vanish towards the input." in line]
     assert len(message_lines) > 1
     assert all(line.startswith("   ") and not line.endswith(" ") for line in message_lines)
+
+
+@pytest.mark.parametrize(
+    ("applied", "resolved", "reason", "expected"),
+    [
+        (True, True, None, " (verified on a copy: resolved)"),
+        (True, False, None, " (tried on a copy: not resolved)"),
+        (True, None, "one pass cannot show it", " (tried on a copy: one pass cannot show it)"),
+        (False, None, "needs a new layer", " (not tried on a copy: needs a new layer)"),
+    ],
+)
+def test_verification_label_says_what_the_copy_showed(
+    applied: bool, resolved: bool | None, reason: str | None, expected: str
+) -> None:
+    from service.cli.diagnose import _verified_label
+    from service.engine.report import Recommendation, Verification
+
+    rec = Recommendation(
+        fix="clip_gradients",
+        rationale="r",
+        verified=Verification(applied=applied, resolved=resolved, reason=reason),
+    )
+    assert _verified_label(rec) == expected
