@@ -9,8 +9,9 @@ What becomes what:
   proto's copy of their bytes is released (`release_weights=True`), so one copy is kept
   (`conformance.check_conversion` refills a copy from the graph when onnxruntime needs it).
   Float initializers used only as BatchNormalization statistics (running mean/var) or Shape/Size
-  inputs (`NON_DIFFERENTIABLE_SLOTS`), read by no node at all, or holding any inf/NaN (attention
-  masks registered as torch buffers) → buffers.
+  inputs (`NON_DIFFERENTIABLE_SLOTS`), read by no node at all, holding any inf/NaN (attention
+  masks registered as torch buffers), or one-element constants the dynamo optimizer folded
+  (`val_81`) → buffers.
 - Integer initializers and `Constant` values → buffers (moved by `.to(device)`); small integer
   ones (shapes, axes: at most `SMALL_INT_NUMEL` elements) → `constants`, kept on the CPU because
   shape arithmetic reads them as Python ints and a device round trip would only add syncs.
@@ -61,6 +62,7 @@ inputs (count, rank, fixed and symbolic dims) and raises `BatchError` naming the
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -519,7 +521,12 @@ def _convert_checked(
     # Statistics and initializers nothing reads are state, not trainable weights: reporting
     # them as parameters would show gradients that can never exist.
     non_finite = _non_finite_initializers(weights)
-    not_trainable = _non_differentiable_initializers(graph) | (set(weights) - consumed) | non_finite
+    not_trainable = (
+        _non_differentiable_initializers(graph)
+        | (set(weights) - consumed)
+        | non_finite
+        | _folded_scalars(weights)
+    )
     for name, tensor in weights.items():
         if tensor.dtype in FLOAT_DTYPES and name not in not_trainable:
             parameters[name] = torch.nn.Parameter(tensor)
@@ -675,6 +682,23 @@ def folded_batchnorm_notes(graph: GraphProto) -> list[str]:
         "available, so mode=train runs the inference-time normalisation; re-export with "
         "torch.onnx.export(..., dynamo=True, optimize=False) to keep BatchNorm"
     ]
+
+
+# Names the dynamo exporter gives the values it creates (`val_81`), not the module's.
+EXPORTER_VALUE_NAME = re.compile(r"val_\d+")
+
+
+def _folded_scalars(weights: Mapping[str, torch.Tensor]) -> set[str]:
+    """One-element float initializers the dynamo exporter's optimizer made by constant folding
+    (attention's 1/sqrt(head_dim) scale becomes `val_81`): constants, not weights. A module's
+    own scalar parameter keeps its name (`temperature`, `blocks.0.gamma`)."""
+    return {
+        name
+        for name, tensor in weights.items()
+        if tensor.dtype in FLOAT_DTYPES
+        and tensor.numel() == 1
+        and EXPORTER_VALUE_NAME.fullmatch(name)
+    }
 
 
 def _non_finite_initializers(weights: Mapping[str, torch.Tensor]) -> set[str]:

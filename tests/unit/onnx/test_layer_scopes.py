@@ -80,6 +80,10 @@ def test_gpt_layers_are_the_blocks_modules() -> None:
         f"blocks.{i}.{m}" for i in (0, 1) for m in ("ln", "attn.out_proj", "mlp.0", "mlp.2")
     }
     assert expected <= names, names
+    # the optimizer's folded attention scales (`val_81`, one element) are no weights: no
+    # extra layer `blocks.0.attn/node_Mul_71` around them
+    assert not [name for name in names if "/" in name]
+    assert all(p.numel() > 1 for _, p in graph.named_graph_parameters())
 
 
 def test_lstm_layers_are_rnn_and_fc() -> None:
