@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Every check that needs a GPU, in one prepared run for the device tool (15 minutes a session):
+# the `gpu`-marked tests, then the CUDA rows of bench/converter.py and bench/overhead.py.
+# Copy the numbers it prints into bench/README.md, naming the card.
+#
+# The device image has torch, onnx, onnxruntime, onnxscript, numpy, safetensors and pytest, but
+# not pydantic. Before the call, on the development machine (repository root):
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#     -d .whl pydantic pydantic-core annotated-types typing-inspection
+# then: run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=540).
+# `--noconftest`: the gpu tests are engine/converter tests; the shared conftest needs the
+# database stack, which the device image lacks.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-/tmp/gradhealth-gpu}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+python3 -c "import torch, onnxruntime; print('torch', torch.__version__, torch.cuda.get_device_name(), 'onnxruntime', onnxruntime.__version__)"
+timeout 200 python3 -m pytest -q -p no:cacheprovider --noconftest -m gpu tests/unit 2>&1 \
+  | tee "$out/gpu_tests.log" | tail -15
+timeout 120 python3 bench/converter.py --device cuda 2>&1 | tee "$out/converter_cuda.txt"
+timeout 180 python3 bench/overhead.py --device cuda 2>&1 | tee "$out/overhead_cuda.txt"
