@@ -45,22 +45,23 @@ class InspectionOut(BaseModel):
     error: str | None = None
 
 
+MODEL_EXAMPLE: dict[str, Any] = {
+    "id": "5b1e0c7d2f0a4c1e9a8b7c6d5e4f3a2b",
+    "name": "resnet-tiny",
+    "version": 2,
+    "sha256": EXAMPLE_SHA,
+    "format": "onnx",
+    "size_bytes": 48213,
+    "inputs": [],
+    "outputs": [],
+    "parameter_count": None,
+    "inspection": {"status": "pending", "error": None},
+    "created_at": EXAMPLE_TIME,
+}
+
+
 class ModelOut(BaseModel):
-    model_config = _examples(
-        {
-            "id": "5b1e0c7d2f0a4c1e9a8b7c6d5e4f3a2b",
-            "name": "resnet-tiny",
-            "version": 2,
-            "sha256": EXAMPLE_SHA,
-            "format": "onnx",
-            "size_bytes": 48213,
-            "inputs": [],
-            "outputs": [],
-            "parameter_count": None,
-            "inspection": {"status": "pending", "error": None},
-            "created_at": EXAMPLE_TIME,
-        }
-    )
+    model_config = _examples(MODEL_EXAMPLE)
     id: str
     name: str
     version: int = Field(description="1, 2, … per model name within the tenant")
@@ -80,22 +81,23 @@ class ArrayOut(BaseModel):
     dtype: str
 
 
+BATCH_EXAMPLE: dict[str, Any] = {
+    "id": "a1b2c3d4e5f60718293a4b5c6d7e8f90",
+    "sha256": EXAMPLE_SHA,
+    "size_bytes": 1334,
+    "format": "npz",
+    "filename": "batch.npz",
+    "arrays": [
+        {"name": "x", "shape": [8, 3, 32, 32], "dtype": "float32"},
+        {"name": "target", "shape": [8], "dtype": "int64"},
+    ],
+    "arrays_complete": True,
+    "created_at": EXAMPLE_TIME,
+}
+
+
 class BatchOut(BaseModel):
-    model_config = _examples(
-        {
-            "id": "a1b2c3d4e5f60718293a4b5c6d7e8f90",
-            "sha256": EXAMPLE_SHA,
-            "size_bytes": 1334,
-            "format": "npz",
-            "filename": "batch.npz",
-            "arrays": [
-                {"name": "x", "shape": [8, 3, 32, 32], "dtype": "float32"},
-                {"name": "target", "shape": [8], "dtype": "int64"},
-            ],
-            "arrays_complete": True,
-            "created_at": EXAMPLE_TIME,
-        }
-    )
+    model_config = _examples(BATCH_EXAMPLE)
     id: str
     sha256: str
     size_bytes: int
@@ -185,6 +187,21 @@ class DiagnosisPage(BaseModel):
         }
     )
     items: list[DiagnosisSummary]
+    next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null at end")
+
+
+EXAMPLE_CURSOR = "WyIyMDI2LTExLTI2VDE1OjQwOjAwKzAwOjAwIiwgIjBmM2MiXQ"
+
+
+class ModelPage(BaseModel):
+    model_config = _examples({"items": [MODEL_EXAMPLE], "next_cursor": EXAMPLE_CURSOR})
+    items: list[ModelOut]
+    next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null at end")
+
+
+class BatchPage(BaseModel):
+    model_config = _examples({"items": [BATCH_EXAMPLE], "next_cursor": EXAMPLE_CURSOR})
+    items: list[BatchOut]
     next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null at end")
 
 

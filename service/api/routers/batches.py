@@ -1,8 +1,10 @@
-"""POST /v1/batches: upload a sample batch; its arrays are listed from the file's headers."""
+"""POST /v1/batches: upload a sample batch; its arrays are listed from the file's headers.
+GET: list them or read one."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import (
@@ -14,10 +16,17 @@ from service.api.deps import (
 )
 from service.api.operations import create_batch, get_batch
 from service.api.presenters import batch_out
-from service.api.routers.models import UPLOAD_ERRORS
-from service.api.schemas import BatchOut, ErrorResponse
+from service.api.routers.models import (
+    LIST_ERRORS,
+    UPLOAD_ERRORS,
+    CursorQuery,
+    LimitQuery,
+    parse_cursor,
+)
+from service.api.schemas import BatchOut, BatchPage, ErrorResponse
 from service.api.uploads import SpooledUpload, multipart_body, receive_form
 from service.auth import CurrentTenant
+from service.db.repositories import batches as batches_repo
 from service.db.session import Database
 from service.storage import BlobStore
 from service.storage.batch_listing import list_batch
@@ -60,6 +69,27 @@ async def upload_batch(
         return await run_in_threadpool(store_batch, database, store, tenant, form.files["file"])
     finally:
         form.discard()
+
+
+@router.get(
+    "",
+    response_model=BatchPage,
+    summary="List batches, newest first",
+    responses=LIST_ERRORS,
+)
+async def list_batches(
+    tenant: TenantDep, database: DatabaseDep, cursor: CursorQuery = None, limit: LimitQuery = 50
+) -> BatchPage:
+    after = parse_cursor(cursor)
+
+    def page(session: Session) -> BatchPage:
+        items, nxt = batches_repo.list_page(session, tenant.id, after=after, limit=limit)
+        return BatchPage(
+            items=[batch_out(record) for record in items],
+            next_cursor=nxt.encode() if nxt else None,
+        )
+
+    return await in_read_session(database, page)
 
 
 @router.get(

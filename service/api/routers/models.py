@@ -1,10 +1,12 @@
-"""POST /v1/models: upload a model (a new version of its name) and queue its inspection."""
+"""POST /v1/models: upload a model (a new version of its name) and queue its inspection;
+GET: list them or read one."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import (
@@ -16,11 +18,14 @@ from service.api.deps import (
 )
 from service.api.operations import create_model, get_model, model_name
 from service.api.presenters import model_out
-from service.api.schemas import ErrorResponse, ModelOut
+from service.api.schemas import ErrorResponse, ModelOut, ModelPage
 from service.api.uploads import SpooledUpload, multipart_body, receive_form
 from service.auth import CurrentTenant
 from service.config import Settings
+from service.db.repositories import models as models_repo
+from service.db.repositories.diagnoses import Cursor
 from service.db.session import Database
+from service.errors import BadInputError
 from service.storage import BlobStore
 from service.storage.sniff import sniff_model_format
 
@@ -31,6 +36,20 @@ UPLOAD_ERRORS: dict[int | str, dict[str, Any]] = {
     415: {"model": ErrorResponse, "description": "not multipart/form-data"},
     422: {"model": ErrorResponse, "description": "not a model in a supported format"},
 }
+LIST_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: UPLOAD_ERRORS[401],
+    422: {"model": ErrorResponse, "description": "bad cursor or limit"},
+}
+CursorQuery = Annotated[str | None, Query(description="next_cursor of the previous page")]
+LimitQuery = Annotated[int, Query(ge=1, le=200)]
+
+
+def parse_cursor(cursor: str | None) -> Cursor | None:
+    """The position a list request resumes after; 422 naming the fix for a foreign string."""
+    try:
+        return Cursor.decode(cursor) if cursor else None
+    except ValueError as exc:
+        raise BadInputError(f"{exc}; pass the next_cursor of a previous page") from exc
 
 
 def store_model(
@@ -92,6 +111,31 @@ async def upload_model(
         )
     finally:
         form.discard()
+
+
+@router.get(
+    "",
+    response_model=ModelPage,
+    summary="List models, newest first (every version; `name` keeps one name's versions)",
+    responses=LIST_ERRORS,
+)
+async def list_models(
+    tenant: TenantDep,
+    database: DatabaseDep,
+    name: Annotated[str | None, Query(description="exact model name: all its versions")] = None,
+    cursor: CursorQuery = None,
+    limit: LimitQuery = 50,
+) -> ModelPage:
+    after = parse_cursor(cursor)
+
+    def page(session: Session) -> ModelPage:
+        items, nxt = models_repo.list_page(session, tenant.id, name=name, after=after, limit=limit)
+        return ModelPage(
+            items=[model_out(record) for record in items],
+            next_cursor=nxt.encode() if nxt else None,
+        )
+
+    return await in_read_session(database, page)
 
 
 @router.get(

@@ -8,6 +8,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.db.models import BatchRecord
+from service.db.repositories.diagnoses import Cursor
+from service.db.repositories.pagination import newest_first_page
 
 
 def get(session: Session, tenant_id: str, batch_id: str) -> BatchRecord | None:
@@ -39,3 +41,13 @@ def add(
     session.add(record)
     session.flush()
     return record
+
+
+def list_page(
+    session: Session, tenant_id: str, *, after: Cursor | None = None, limit: int = 50
+) -> tuple[list[BatchRecord], Cursor | None]:
+    """One page of the tenant's batches, newest first."""
+    query = select(BatchRecord).where(BatchRecord.tenant_id == tenant_id)
+    return newest_first_page(
+        session, query, BatchRecord.created_at, BatchRecord.id, after=after, limit=limit
+    )

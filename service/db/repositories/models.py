@@ -7,6 +7,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from service.db.models import ModelRecord
+from service.db.repositories.diagnoses import Cursor
+from service.db.repositories.pagination import newest_first_page
 
 
 def get(session: Session, tenant_id: str, model_id: str) -> ModelRecord | None:
@@ -55,3 +57,20 @@ def add(
     session.add(record)
     session.flush()
     return record
+
+
+def list_page(
+    session: Session,
+    tenant_id: str,
+    *,
+    name: str | None = None,
+    after: Cursor | None = None,
+    limit: int = 50,
+) -> tuple[list[ModelRecord], Cursor | None]:
+    """One page of the tenant's models (every version), newest first; `name`: that name only."""
+    query = select(ModelRecord).where(ModelRecord.tenant_id == tenant_id)
+    if name is not None:
+        query = query.where(ModelRecord.name == name)
+    return newest_first_page(
+        session, query, ModelRecord.created_at, ModelRecord.id, after=after, limit=limit
+    )
