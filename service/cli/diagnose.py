@@ -235,3 +235,7 @@ def print_report(report: Any) -> None:
         heading.append(f"{_addressed(rec, report.findings)}{_verified_label(rec)}")
         console.print(heading)
         print_indented(rec.rationale)
+    for note in report.notes:
+        # what the engine adjusted or could not do (folded BatchNorm, micro-batch splits, ...)
+        console.print(Text("note:", style="dim"))
+        print_indented(note)

@@ -264,8 +264,9 @@ def time_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
                     message=(
                         f"Gradients vanish over time: ‖∂L/∂x_t‖ of input {prof.input!r} at the "
                         f"first of {len(norms)} steps is {_fraction(ratio)} of that at the last "
-                        f"(×{sig(factor)} per step); only the last {horizon} steps are learned "
-                        f"from."
+                        f"(×{sig(factor)} per step); steps more than {horizon} back from the "
+                        f"last get under {sig(t['vanishing_time_ratio'])} of its gradient, so "
+                        f"what they carry is barely learned."
                     ),
                     layers=layers,
                     evidence=evidence,

@@ -269,3 +269,12 @@ def test_verification_label_says_what_the_copy_showed(
         verified=Verification(applied=applied, resolved=resolved, reason=reason),
     )
     assert _verified_label(rec) == expected
+
+
+def test_table_prints_the_reports_notes(capsys: pytest.CaptureFixture[str]) -> None:
+    from service.cli.diagnose import print_report
+
+    report = _table_report().model_copy(update={"notes": ["BatchNorm was folded into conv1"]})
+    print_report(report)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[lines.index("note:") + 1] == "   BatchNorm was folded into conv1"
