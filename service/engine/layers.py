@@ -15,12 +15,15 @@ A layer's name is the common dotted prefix of its main node's parameters' names
 else the main node's source module path (`Node.scope`: dynamo ONNX exports rename folded or
 merged weights `val_97` but record each node's module, as FX does); otherwise the main node's
 name. A name already taken by an earlier layer (the dynamo optimizer merges equal initializers,
-so `blocks.1.ln` may read `blocks.0.ln.weight`) gives way to the scope.
+so `blocks.1.ln` may read `blocks.0.ln.weight`) gives way to the scope. Several recurrent
+layers of one module path (ONNX splits a `num_layers=2` nn.LSTM into two LSTM nodes) are named
+`lstm.l0`, `lstm.l1` by torch's `_l<k>` parameter suffix, else by their graph order.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 from service.engine.graph import Node, ObservableGraph
@@ -245,13 +248,54 @@ def _largest_source(layer: Layer, shapes: dict[str, list[int]]) -> str | None:
     return ranked[0] if ranked else None
 
 
+_TORCH_LAYER_SUFFIX = re.compile(r"_l(\d+)(?:_reverse)?$")
+
+
+def _stacked_recurrent_names(layers: list[Layer]) -> dict[int, str]:
+    """`lstm.l0`, `lstm.l1` for the per-layer nodes of one stacked nn.LSTM/GRU/RNN.
+
+    ONNX exports a `num_layers=2` module as two recurrent nodes whose parameters share the
+    module path `lstm`. The index is torch's `_l<k>` / `_l<k>_reverse` suffix of their
+    parameter names (`weight_ih_l1`); where the names carry none (dynamo's `val_N`) and the
+    layers read distinct input weights W, their order in the graph."""
+    groups: dict[str, list[Layer]] = {}
+    for layer in layers:
+        if recurrent_gates(layer.op) is None:
+            continue
+        base = _common_prefix(layer.main_params) or _common_prefix(layer.params) or layer.scope
+        if base:
+            groups.setdefault(base, []).append(layer)
+    names: dict[int, str] = {}
+    for base, group in groups.items():
+        if len(group) < 2:
+            continue
+        indices: list[str | None] = []
+        for layer in group:
+            found = {m.group(1) for p in layer.params if (m := _TORCH_LAYER_SUFFIX.search(p))}
+            indices.append(found.pop() if len(found) == 1 else None)
+        if None in indices:
+            # dynamo may share a zeros initial state between the nodes, so compare the input
+            # weights W: one module called twice reads the same W, and is not a stack
+            weights = [layer.weight for layer in group]
+            if None in weights or len(set(weights)) != len(weights):
+                continue
+            indices = [str(k) for k in range(len(group))]
+        if len(set(indices)) == len(indices):
+            names.update(
+                {id(layer): f"{base}.l{k}" for layer, k in zip(group, indices, strict=True)}
+            )
+    return names
+
+
 def _name_layers(layers: list[Layer]) -> None:
     """The module path of the main node's parameters (`fc` for `fc.weight` even when a
     top-level `scale` multiplied after it joined the layer), else of all its parameters, else
-    the main node's source module (scope), else the main node's name."""
+    the main node's source module (scope), else the main node's name. The layers of a stacked
+    recurrent module are `lstm.l0`, `lstm.l1` (_stacked_recurrent_names)."""
     used: set[str] = set()
+    stacked = _stacked_recurrent_names(layers)
     for layer in layers:
-        name = (
+        name = stacked.get(id(layer)) or (
             _common_prefix(layer.main_params)
             or _common_prefix(layer.params)
             or layer.scope

@@ -113,6 +113,30 @@ def lstm_input_biases(m: Measurements) -> list[str]:
     ]
 
 
+def onnx_lstm_biases(m: Measurements) -> dict[str, list[str]]:
+    """ONNX LSTM biases `B` ([dirs, 8H]: Wb then Rb, each in ONNX's gate order i, o, f, c) of
+    LSTM layers that have no torch-named `bias_ih` (dynamo exports fold torch's biases into one
+    initializer `val_N`), mapped to the torch parameters they came from (`lstm.bias_ih_l0`,
+    `…_reverse`): the layer `lstm.l1` is torch's layer 1 of module `lstm`, `lstm` its layer 0."""
+    torch_named = set(lstm_input_biases(m))
+    found: dict[str, list[str]] = {}
+    for layer in m.layers:
+        if canonical_op(layer.op) != "lstm":
+            continue
+        mine = [p for p in m.parameters if p.layer == layer.name]
+        if any(p.name in torch_named for p in mine):
+            continue
+        gate_rows = {p.shape[-2] for p in mine if len(p.shape) == 3}  # W/R: [dirs, 4H, *]
+        module, _, index = layer.name.rpartition(".l")
+        if not (module and index.isdigit()):
+            module, index = layer.name, "0"
+        for p in mine:
+            if len(p.shape) == 2 and p.shape[0] in (1, 2) and p.shape[1] // 2 in gate_rows:
+                suffixes = ["", "_reverse"][: p.shape[0]]
+                found[p.name] = [f"{module}.bias_ih_l{index}{s}" for s in suffixes]
+    return found
+
+
 def gated_rnn_present(m: Measurements) -> bool:
     return any(is_gated_rnn(op) for op in m.op_types) or any(is_gated_rnn(x.op) for x in m.layers)
 

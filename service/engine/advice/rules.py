@@ -120,7 +120,7 @@ class Advisor:
         if d.fix == "replace_activation":
             return snippets.replace_activation(p["from"], p["to"], p.get("init"))
         if d.fix == "reinitialize_weights":
-            return snippets.reinitialize(p["schemes"])
+            return snippets.reinitialize(p["schemes"], p.get("source_names"))
         if d.fix == "clip_gradients":
             return snippets.clip_gradients(p["max_norm"])
         if d.fix == "lower_learning_rate":
@@ -253,16 +253,27 @@ class Advisor:
                     rnn,
                 )
             forget = ev.lstm_input_biases(self.m)
-            if forget:
+            onnx_biases = ev.onnx_lstm_biases(self.m)
+            schemes = dict.fromkeys(forget, "forget_bias")
+            schemes.update(dict.fromkeys(onnx_biases, "onnx_forget_bias"))
+            extra: dict[str, Any] = {"source_names": onnx_biases} if onnx_biases else {}
+            if schemes:
                 self.add(
                     "reinitialize_weights",
                     index,
                     f"The LSTM's gradient shrinks ×{sig(e['per_step_factor'])} per step back in "
                     f"time; with forget-gate bias 0 its forget gates start half closed "
                     f"(σ(0) = 0.5). A forget-gate bias of 1 (Gers et al. 2000; Jozefowicz et al. "
-                    f"2015) keeps more of the state, and of its gradient, per step.",
+                    f"2015) keeps more of the state, and of its gradient, per step."
+                    + (
+                        " In the ONNX graph that is B[:, 2H:3H] of each LSTM (its W/R/B gate "
+                        "order is i, o, f, c); in torch, chunk 1 of bias_ih (order i, f, g, o)."
+                        if onnx_biases
+                        else ""
+                    ),
                     list(self.m.recurrent_layers),
-                    schemes=dict.fromkeys(forget, "forget_bias"),
+                    schemes=schemes,
+                    **extra,
                 )
             return
         ratio = e.get("depth_ratio")

@@ -41,10 +41,19 @@ def replace_activation(old: list[str], new: str, init: str | None) -> str:
     return "\n".join(lines)
 
 
-def reinitialize(scheme_by_param: dict[str, str]) -> str:
+def reinitialize(
+    scheme_by_param: dict[str, str], source_names: dict[str, list[str]] | None = None
+) -> str:
+    """`source_names`: graph parameter → the source model's parameters it was exported from
+    (an ONNX LSTM's `B` → `lstm.bias_ih_l0`); the snippet names those, in torch's layout."""
     lines = ["import torch.nn as nn", "", "params = dict(model.named_parameters())"]
     groups: dict[str, list[str]] = {}
     for name, scheme in scheme_by_param.items():
+        if scheme == "onnx_forget_bias":
+            scheme = "forget_bias"  # the same change, written on torch's nn.LSTM
+            for source in (source_names or {}).get(name, [name]):
+                groups.setdefault(scheme, []).append(source)
+            continue
         groups.setdefault(scheme, []).append(name)
     for scheme, names in groups.items():
         call = {
@@ -53,6 +62,7 @@ def reinitialize(scheme_by_param: dict[str, str]) -> str:
             "xavier": "nn.init.xavier_normal_(params[name])",
             "zero_bias": "nn.init.zeros_(params[name])",
             "orthogonal": "nn.init.orthogonal_(params[name])",
+            # torch's gate order i, f, g, o (ONNX's is i, o, f, c): chunk 1 is the forget gate
             "forget_bias": "params[name].data.chunk(4)[1].fill_(1.0)  # LSTM forget gate",
         }[scheme]
         lines += [f"for name in {_names(names)}:", f"    {call}"]

@@ -150,6 +150,15 @@ def reinitialize(
                 tensor.chunk(4)[1].fill_(1.0)  # torch's gate order: input, forget, cell, output
                 done.append(f"{name}: forget-gate bias 1")
                 continue
+            if scheme == "onnx_forget_bias":
+                # ONNX LSTM B = [dirs, 8H]: Wb then Rb, gates i, o, f, c; torch's forget bias
+                # of 1 in bias_ih is Wb's forget slice [2H:3H] = 1
+                if tensor.dim() != 2 or tensor.shape[1] % 8:
+                    raise NotApplicable(f"{name} is not an ONNX LSTM bias B [dirs, 8H]")
+                hidden = tensor.shape[1] // 8
+                tensor[:, 2 * hidden : 3 * hidden].fill_(1.0)
+                done.append(f"{name}: forget-gate bias 1 (ONNX B[:, {2 * hidden}:{3 * hidden}])")
+                continue
             if scheme == "kaiming":
                 std = math.sqrt(2.0 / fan)
             elif scheme == "xavier_tanh":
