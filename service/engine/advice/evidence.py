@@ -102,31 +102,34 @@ def recurrent_weights(m: Measurements) -> list[str]:
     ]
 
 
-def lstm_input_biases(m: Measurements) -> list[str]:
-    """`bias_ih_l*` of LSTM layers (torch's gate order i, f, g, o: chunk 1 is the forget gate).
-    Other layouts (ONNX's i, o, f, c in `B`) are left alone rather than guessed."""
-    lstm = {x.name for x in m.layers if canonical_op(x.op) in {"lstm", "lstm_cell"}}
+def lstm_input_biases(m: Measurements, op: str = "lstm") -> list[str]:
+    """`bias_ih_l*` of LSTM layers (torch's gate order i, f, g, o: chunk 1 is the forget gate),
+    or with op="gru" of GRU layers (order r, z, n: chunk 1 is the update gate). Other layouts
+    (ONNX's `B`) are onnx_gate_biases'."""
+    ops = {"lstm": {"lstm", "lstm_cell"}, "gru": {"gru", "gru_cell"}}[op]
+    chosen = {x.name for x in m.layers if canonical_op(x.op) in ops}
     return [
         p.name
         for p in m.parameters
-        if p.layer in lstm and len(p.shape) == 1 and "bias_ih" in p.name.rsplit(".", 1)[-1]
+        if p.layer in chosen and len(p.shape) == 1 and "bias_ih" in p.name.rsplit(".", 1)[-1]
     ]
 
 
-def onnx_lstm_biases(m: Measurements) -> dict[str, list[str]]:
-    """ONNX LSTM biases `B` ([dirs, 8H]: Wb then Rb, each in ONNX's gate order i, o, f, c) of
-    LSTM layers that have no torch-named `bias_ih` (dynamo exports fold torch's biases into one
-    initializer `val_N`), mapped to the torch parameters they came from (`lstm.bias_ih_l0`,
-    `…_reverse`): the layer `lstm.l1` is torch's layer 1 of module `lstm`, `lstm` its layer 0."""
-    torch_named = set(lstm_input_biases(m))
+def onnx_gate_biases(m: Measurements, op: str = "lstm") -> dict[str, list[str]]:
+    """ONNX LSTM/GRU biases `B` ([dirs, 2·gates·H]: Wb then Rb; gate order i, o, f, c for LSTM,
+    z, r, h for GRU) of layers that have no torch-named `bias_ih` (dynamo exports fold torch's
+    biases into one initializer `val_N`), mapped to the torch parameters they came from
+    (`lstm.bias_ih_l0`, `…_reverse`): the layer `lstm.l1` is torch's layer 1 of module `lstm`,
+    `lstm` its layer 0."""
+    torch_named = set(lstm_input_biases(m, op))
     found: dict[str, list[str]] = {}
     for layer in m.layers:
-        if canonical_op(layer.op) != "lstm":
+        if canonical_op(layer.op) != op:
             continue
         mine = [p for p in m.parameters if p.layer == layer.name]
         if any(p.name in torch_named for p in mine):
             continue
-        gate_rows = {p.shape[-2] for p in mine if len(p.shape) == 3}  # W/R: [dirs, 4H, *]
+        gate_rows = {p.shape[-2] for p in mine if len(p.shape) == 3}  # W/R: [dirs, gates*H, *]
         module, _, index = layer.name.rpartition(".l")
         if not (module and index.isdigit()):
             module, index = layer.name, "0"
@@ -135,6 +138,17 @@ def onnx_lstm_biases(m: Measurements) -> dict[str, list[str]]:
                 suffixes = ["", "_reverse"][: p.shape[0]]
                 found[p.name] = [f"{module}.bias_ih_l{index}{s}" for s in suffixes]
     return found
+
+
+def biasless_gated_layers(m: Measurements) -> list[str]:
+    """LSTM/GRU layers whose input bias neither name nor ONNX layout locates
+    (`nn.LSTM(..., bias=False)`, or an export that computes B at run time)."""
+    located: set[str | None] = set()
+    for op in ("lstm", "gru"):
+        names = set(lstm_input_biases(m, op)) | set(onnx_gate_biases(m, op))
+        located |= {p.layer for p in m.parameters if p.name in names}
+    gated = {"lstm", "lstm_cell", "gru", "gru_cell"}
+    return [x.name for x in m.layers if canonical_op(x.op) in gated and x.name not in located]
 
 
 def gated_rnn_present(m: Measurements) -> bool:

@@ -236,6 +236,58 @@ class Advisor:
             layers or [x.name for x in weights],
         )
 
+    def _gate_bias_cause(self, index: int, e: dict[str, Any]) -> None:
+        """LSTM forget-gate / GRU update-gate bias 1, on torch's `bias_ih_l<k>` or on the ONNX
+        `B` the export folded them into; a gated layer without bias gets the advice with a
+        scheme verification cannot apply (a parameter cannot be added to the graph)."""
+        schemes: dict[str, str] = {}
+        sources: dict[str, list[str]] = {}
+        for op, gate in (("lstm", "forget"), ("gru", "update")):
+            schemes.update(dict.fromkeys(ev.lstm_input_biases(self.m, op), f"{gate}_bias"))
+            onnx_biases = ev.onnx_gate_biases(self.m, op)
+            schemes.update(dict.fromkeys(onnx_biases, f"onnx_{gate}_bias"))
+            sources.update(onnx_biases)
+        ops = {x.name: canonical_op(x.op) for x in self.m.layers}
+        for layer in ev.biasless_gated_layers(self.m):
+            gate = "update" if ops[layer].startswith("gru") else "forget"
+            schemes[layer] = f"no_bias_{gate}"
+            module, _, k = layer.rpartition(".l")
+            module, k = (module, k) if module and k.isdigit() else (layer, "0")
+            sources[layer] = [f"{module}.bias_ih_l{k}"]
+        if not schemes:
+            return
+        used = set(schemes.values())
+        why = []
+        if used & {"forget_bias", "onnx_forget_bias", "no_bias_forget"}:
+            why.append(
+                "with forget-gate bias 0 the LSTM's forget gates start half closed (σ(0) = 0.5); "
+                "a forget-gate bias of 1 (Gers et al. 2000; Jozefowicz et al. 2015) keeps more "
+                "of the state, and of its gradient, per step"
+            )
+        if used & {"update_bias", "onnx_update_bias", "no_bias_update"}:
+            why.append(
+                "the GRU keeps z·h of its state per step with z = σ(bias) = 0.5 at bias 0; an "
+                "update-gate bias of 1 (z ≈ 0.73) carries more of it, and of its gradient, back"
+            )
+        if used & {"onnx_forget_bias", "onnx_update_bias"}:
+            why.append(
+                "in the ONNX graph that is B[:, 2H:3H] of an LSTM (ONNX gate order i, o, f, c) "
+                "or B[:, 0:H] of a GRU (z, r, h); in torch, chunk 1 of bias_ih (LSTM i, f, g, o; "
+                "GRU r, z, n)"
+            )
+        if used & {"no_bias_forget", "no_bias_update"}:
+            why.append("a layer built with bias=False needs its bias back first")
+        self.add(
+            "reinitialize_weights",
+            index,
+            f"The gradient shrinks ×{sig(e['per_step_factor'])} per step back in time; "
+            + "; ".join(why)
+            + ".",
+            list(self.m.recurrent_layers),
+            schemes=schemes,
+            **({"source_names": sources} if sources else {}),
+        )
+
     # -- per finding kind ---------------------------------------------------------------------
     def _vanishing_gradients(self, index: int, f: Finding) -> None:
         e = f.evidence
@@ -252,29 +304,7 @@ class Advisor:
                     f"path through time.",
                     rnn,
                 )
-            forget = ev.lstm_input_biases(self.m)
-            onnx_biases = ev.onnx_lstm_biases(self.m)
-            schemes = dict.fromkeys(forget, "forget_bias")
-            schemes.update(dict.fromkeys(onnx_biases, "onnx_forget_bias"))
-            extra: dict[str, Any] = {"source_names": onnx_biases} if onnx_biases else {}
-            if schemes:
-                self.add(
-                    "reinitialize_weights",
-                    index,
-                    f"The LSTM's gradient shrinks ×{sig(e['per_step_factor'])} per step back in "
-                    f"time; with forget-gate bias 0 its forget gates start half closed "
-                    f"(σ(0) = 0.5). A forget-gate bias of 1 (Gers et al. 2000; Jozefowicz et al. "
-                    f"2015) keeps more of the state, and of its gradient, per step."
-                    + (
-                        " In the ONNX graph that is B[:, 2H:3H] of each LSTM (its W/R/B gate "
-                        "order is i, o, f, c); in torch, chunk 1 of bias_ih (order i, f, g, o)."
-                        if onnx_biases
-                        else ""
-                    ),
-                    list(self.m.recurrent_layers),
-                    schemes=schemes,
-                    **extra,
-                )
+            self._gate_bias_cause(index, e)
             return
         ratio = e.get("depth_ratio")
         how = (

@@ -49,12 +49,16 @@ def reinitialize(
     lines = ["import torch.nn as nn", "", "params = dict(model.named_parameters())"]
     groups: dict[str, list[str]] = {}
     for name, scheme in scheme_by_param.items():
-        if scheme == "onnx_forget_bias":
-            scheme = "forget_bias"  # the same change, written on torch's nn.LSTM
+        if scheme.startswith(("onnx_", "no_bias_")):
+            # the same change, written on torch's nn.LSTM / nn.GRU parameters
+            gate = scheme.removeprefix("onnx_").removeprefix("no_bias_").removesuffix("_bias")
+            scheme = f"{gate}_bias"
             for source in (source_names or {}).get(name, [name]):
                 groups.setdefault(scheme, []).append(source)
             continue
         groups.setdefault(scheme, []).append(name)
+    if any(s.startswith("no_bias_") for s in scheme_by_param.values()):
+        lines.insert(2, "# build the nn.LSTM / nn.GRU with bias=True (the default), then:")
     for scheme, names in groups.items():
         call = {
             "kaiming": 'nn.init.kaiming_normal_(params[name], nonlinearity="relu")',
@@ -64,6 +68,8 @@ def reinitialize(
             "orthogonal": "nn.init.orthogonal_(params[name])",
             # torch's gate order i, f, g, o (ONNX's is i, o, f, c): chunk 1 is the forget gate
             "forget_bias": "params[name].data.chunk(4)[1].fill_(1.0)  # LSTM forget gate",
+            # GRU gate order r, z, n: chunk 1 is the update gate z
+            "update_bias": "params[name].data.chunk(3)[1].fill_(1.0)  # GRU update gate",
         }[scheme]
         lines += [f"for name in {_names(names)}:", f"    {call}"]
     return "\n".join(lines)

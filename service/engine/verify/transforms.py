@@ -137,6 +137,11 @@ def reinitialize(
     done: list[str] = []
     with torch.no_grad():
         for name, scheme in schemes.items():
+            if scheme.startswith("no_bias_"):
+                raise NotApplicable(
+                    f"{name} has no bias parameter (built with bias=False?): a parameter cannot "
+                    f"be added to the graph, so rebuild it with bias=True and set the gate bias"
+                )
             tensor = _tensor(subject, name)
             fan = fan_in.get(name) or _default_fan_in(tensor)
             fan_out = max(1, tensor.numel() // max(1, fan))
@@ -149,6 +154,20 @@ def reinitialize(
                     raise NotApplicable(f"{name} is not an LSTM bias (4 gates)")
                 tensor.chunk(4)[1].fill_(1.0)  # torch's gate order: input, forget, cell, output
                 done.append(f"{name}: forget-gate bias 1")
+                continue
+            if scheme == "update_bias":
+                if tensor.dim() != 1 or tensor.numel() % 3:
+                    raise NotApplicable(f"{name} is not a GRU bias (3 gates)")
+                tensor.chunk(3)[1].fill_(1.0)  # torch's gate order: reset, update, new
+                done.append(f"{name}: update-gate bias 1")
+                continue
+            if scheme == "onnx_update_bias":
+                # ONNX GRU B = [dirs, 6H]: Wb then Rb, gates z, r, h: Wb's z is [0:H]
+                if tensor.dim() != 2 or tensor.shape[1] % 6:
+                    raise NotApplicable(f"{name} is not an ONNX GRU bias B [dirs, 6H]")
+                hidden = tensor.shape[1] // 6
+                tensor[:, :hidden].fill_(1.0)
+                done.append(f"{name}: update-gate bias 1 (ONNX B[:, 0:{hidden}])")
                 continue
             if scheme == "onnx_forget_bias":
                 # ONNX LSTM B = [dirs, 8H]: Wb then Rb, gates i, o, f, c; torch's forget bias

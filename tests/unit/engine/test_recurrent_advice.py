@@ -34,7 +34,6 @@ def _model_bytes(fmt: str, module: nn.Module, x: torch.Tensor) -> bytes:
         return export.to_onnx(module, x, input_names=["x"], dynamo=True, optimize=True)
 
 
-@pytest.mark.slow
 def test_lstm_time_vanishing_gets_forget_bias_advice_in_every_format() -> None:
     if not onnx_available():
         pytest.skip("ONNX converter not built")
@@ -79,7 +78,6 @@ class StackedLSTM(nn.Module):
         return self.fc(out[:, -1])
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["onnx_legacy", "onnx_dynamo", "torch_export"])
 def test_stacked_lstm_layers_are_named_by_torch_layer_index(fmt: str) -> None:
     if fmt.startswith("onnx") and not onnx_available():
@@ -97,3 +95,44 @@ def test_stacked_lstm_layers_are_named_by_torch_layer_index(fmt: str) -> None:
     if fmt == "onnx_legacy":  # torch's names survive: the suffix decides
         assert owner["lstm.weight_ih_l0"] == "lstm.l0"
         assert owner["lstm.weight_hh_l1"] == "lstm.l1"
+
+
+def _time_advice(report):  # type: ignore[no-untyped-def]
+    kinds = [(f.kind, f.evidence.get("axis")) for f in report.findings]
+    index = kinds.index(("vanishing_gradients", "time"))
+    (rec,) = [r for r in report.recommendations if index in r.addresses]
+    return rec
+
+
+def test_gru_gets_update_gate_bias_advice_verified_alike_in_torch_and_onnx() -> None:
+    if not onnx_available():
+        pytest.skip("ONNX converter not built")
+    case = Case("gru", lambda _s: GatedRNN(nn.GRU), (8, 30, 4))
+    x, _ = case.batch()
+    after: dict[str, float] = {}
+    for fmt in ("torch_export", "onnx_dynamo"):
+        report = diagnose(_model_bytes(fmt, case.module(), x), case.batch_bytes(), OPTIONS)
+        rec = _time_advice(report)
+        assert rec.fix == "reinitialize_weights"
+        assert "'rnn.bias_ih_l0'" in rec.snippet and "chunk(3)[1].fill_(1.0)" in rec.snippet
+        assert set(rec.params["schemes"].values()) <= {"update_bias", "onnx_update_bias"}
+        assert rec.verified is not None and rec.verified.applied, rec.verified
+        after[fmt] = rec.verified.after["figures"]["time_ratio"]
+        assert after[fmt] > rec.verified.before["figures"]["time_ratio"]
+    # ONNX's B[:, 0:H] (gates z, r, h) is torch's chunk 1 of bias_ih (r, z, n)
+    assert after["onnx_dynamo"] == pytest.approx(after["torch_export"], rel=1e-3)
+
+
+def _biasless_lstm(*args: int, **kwargs: bool) -> nn.Module:
+    return nn.LSTM(*args, bias=False, **kwargs)
+
+
+def test_lstm_without_bias_gets_advice_that_verification_says_it_cannot_apply() -> None:
+    case = Case("nobias", lambda _s: GatedRNN(_biasless_lstm), (8, 30, 4))  # type: ignore[arg-type]
+    x, _ = case.batch()
+    report = diagnose(_model_bytes("torch_export", case.module(), x), case.batch_bytes(), OPTIONS)
+    rec = _time_advice(report)
+    assert rec.params["schemes"] == {"rnn": "no_bias_forget"}
+    assert "bias=True" in rec.snippet and "'rnn.bias_ih_l0'" in rec.snippet
+    assert rec.verified is not None and not rec.verified.applied
+    assert rec.verified.reason and "bias=False" in rec.verified.reason
