@@ -10,8 +10,8 @@ What becomes what:
   (`conformance.check_conversion` refills a copy from the graph when onnxruntime needs it).
   Float initializers used only as BatchNormalization statistics (running mean/var) or Shape/Size
   inputs (`NON_DIFFERENTIABLE_SLOTS`), read by no node at all, holding any inf/NaN (attention
-  masks registered as torch buffers), or one-element constants the dynamo optimizer folded
-  (`val_81`) → buffers.
+  masks registered as torch buffers), one-element constants the dynamo optimizer folded
+  (`val_81`), or all-zero recurrent initial states it stored (`val_16`) → buffers.
 - Integer initializers and `Constant` values → buffers (moved by `.to(device)`); small integer
   ones (shapes, axes: at most `SMALL_INT_NUMEL` elements) → `constants`, kept on the CPU because
   shape arithmetic reads them as Python ints and a device round trip would only add syncs.
@@ -526,6 +526,7 @@ def _convert_checked(
         | (set(weights) - consumed)
         | non_finite
         | _folded_scalars(weights)
+        | _zero_initial_states(graph, weights)
     )
     for name, tensor in weights.items():
         if tensor.dtype in FLOAT_DTYPES and name not in not_trainable:
@@ -698,6 +699,36 @@ def _folded_scalars(weights: Mapping[str, torch.Tensor]) -> set[str]:
         if tensor.dtype in FLOAT_DTYPES
         and tensor.numel() == 1
         and EXPORTER_VALUE_NAME.fullmatch(name)
+    }
+
+
+# Recurrent ops' initial-state inputs (initial_h; LSTM's initial_c).
+INITIAL_STATE_SLOTS = {("", "LSTM"): (5, 6), ("", "GRU"): (5,), ("", "RNN"): (5,)}
+
+
+def _zero_initial_states(graph: GraphProto, weights: Mapping[str, torch.Tensor]) -> set[str]:
+    """All-zero float initializers with exporter-made names (`val_16`) read only as a recurrent
+    op's initial state: torch's default zero state (`nn.LSTM(x)` without `(h0, c0)`), which
+    the dynamo exporter stores as a constant. It is no weight of the source model; as a
+    parameter its gradient (∂L/∂h0, tiny after many steps) made a false fp16-underflow
+    forecast and counted in parameter_count. A learned state keeps its module name."""
+    at_slot: set[str] = set()
+    elsewhere: set[str] = {o.name for o in graph.output}
+    for node in graph.node:
+        domain = "" if node.domain in DEFAULT_DOMAINS else node.domain
+        slots = INITIAL_STATE_SLOTS.get((domain, node.op_type), ())
+        for i, name in enumerate(node.input):
+            (at_slot if i in slots else elsewhere).add(name)
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                elsewhere |= _consumed_names(sub)
+    return {
+        name
+        for name in at_slot - elsewhere
+        if EXPORTER_VALUE_NAME.fullmatch(name)
+        and name in weights
+        and weights[name].dtype in FLOAT_DTYPES
+        and not bool(weights[name].any())
     }
 
 
