@@ -6,6 +6,7 @@ import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import HTMLResponse
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -28,6 +29,9 @@ from service.api.operations import (
     model_name,
     reuse_or_create_model,
 )
+from service.api.pages.layout import page_headers
+from service.api.pages.report_page import render_page
+from service.api.pages.view import load_view
 from service.api.presenters import diagnosis_out, diagnosis_summary
 from service.api.routers.models import UPLOAD_ERRORS
 from service.api.schemas import (
@@ -218,6 +222,27 @@ async def read_diagnosis(
     return await in_read_session(
         database, lambda session: diagnosis_out(get_diagnosis(session, tenant.id, diagnosis_id))
     )
+
+
+@router.get(
+    "/diagnoses/{diagnosis_id}/report.html",
+    response_class=HTMLResponse,
+    summary="The diagnosis as a page with charts",
+    description="A self-contained HTML page (inline CSS and SVG charts, no scripts, nothing "
+    "fetched from the network): verdict, findings with their evidence, recommendations with "
+    "code and verified before/after figures, the depth and time gradient profiles, layer and "
+    "parameter tables. A queued or running diagnosis gets a page that reloads itself; a failed "
+    "one shows its error. Same API key as every /v1 call.",
+    responses={200: {"content": {"text/html": {}}}, **AUTH, **NOT_FOUND},
+)
+async def read_report_page(
+    diagnosis_id: str, tenant: TenantDep, database: DatabaseDep
+) -> HTMLResponse:
+    view = await in_read_session(
+        database, lambda session: load_view(session, tenant.id, diagnosis_id)
+    )
+    html = await run_in_threadpool(render_page, view)  # big reports take a while to draw
+    return HTMLResponse(html, headers=page_headers(view.status))
 
 
 @router.get(

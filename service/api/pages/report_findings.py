@@ -1,0 +1,176 @@
+"""Findings ranked by severity with their evidence, and the ranked recommendations with their
+snippets and, when a fix was tried on a copy of the model, its before/after figures."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from service.api.pages.formatting import as_float, esc, num
+from service.engine.report import SEVERITY_RANK, Finding, Recommendation, Verification
+
+MAX_CHIPS = 24
+MAX_EVIDENCE_ITEMS = 24
+
+
+def title_of(kind: str) -> str:
+    return kind.replace("_", " ").capitalize()
+
+
+def chips(names: list[str], css: str = "chips") -> str:
+    shown = "".join(f'<span class="chip">{esc(n)}</span>' for n in names[:MAX_CHIPS])
+    more = (
+        f'<span class="muted">+{len(names) - MAX_CHIPS} more</span>'
+        if len(names) > MAX_CHIPS
+        else ""
+    )
+    return f'<div class="{css}">{shown}{more}</div>' if names else ""
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if as_float(value) is not None:
+        return esc(num(value))
+    if isinstance(value, list):
+        if not value:
+            return '<span class="muted">none</span>'
+        return ", ".join(_value(v) for v in value[:MAX_EVIDENCE_ITEMS]) + (
+            " …" if len(value) > MAX_EVIDENCE_ITEMS else ""
+        )
+    if isinstance(value, dict):
+        items = list(value.items())
+        inner = "; ".join(
+            f'<span class="mono">{esc(k)}</span> {_value(v)}' for k, v in items[:MAX_EVIDENCE_ITEMS]
+        )
+        return inner + (" …" if len(items) > MAX_EVIDENCE_ITEMS else "")
+    return esc(value)
+
+
+def _origin(origin: dict[str, Any]) -> str:
+    node = esc(origin.get("node"))
+    op = esc(origin.get("op_type"))
+    phase = esc(origin.get("phase"))
+    layer = f", in layer {esc(origin['layer'])}" if origin.get("layer") else ""
+    return f'node <span class="mono">{node}</span> ({op}), {phase} pass{layer}'
+
+
+def evidence_table(evidence: dict[str, Any]) -> str:
+    rows = []
+    for key, value in evidence.items():
+        shown = _origin(value) if key == "origin" and isinstance(value, dict) else _value(value)
+        rows.append(f"<div><dt>{esc(key.replace('_', ' '))}</dt><dd>{shown}</dd></div>")
+    if not rows:
+        return ""
+    return f'<dl class="evidence">{"".join(rows)}</dl>'
+
+
+def ranked(findings: list[Finding]) -> list[tuple[int, Finding]]:
+    """(index in the report, finding), worst severity first, report order within one."""
+    indexed = list(enumerate(findings))
+    return sorted(indexed, key=lambda item: -SEVERITY_RANK[item[1].severity])
+
+
+def findings_section(findings: list[Finding]) -> str:
+    if not findings:
+        return (
+            '<section id="findings"><h2>Findings</h2><div class="card">No gradient problem '
+            "found: every detector stayed under its thresholds.</div></section>"
+        )
+    cards = []
+    for index, finding in ranked(findings):
+        cards.append(
+            f'<div class="card finding {finding.severity}" id="finding-{index}">'
+            f'<div class="head"><span class="pill {finding.severity}">{finding.severity}</span>'
+            f'<span class="kind">{esc(title_of(finding.kind))}</span></div>'
+            f'<p class="message">{esc(finding.message)}</p>'
+            f"{chips(finding.layers)}{evidence_table(finding.evidence)}</div>"
+        )
+    return f'<section id="findings"><h2>Findings</h2>{"".join(cards)}</section>'
+
+
+def _addresses(rec: Recommendation, findings: list[Finding]) -> str:
+    links = []
+    for target in rec.addresses:
+        if isinstance(target, int) and 0 <= target < len(findings):
+            kind = findings[target].kind
+            links.append(f'<a href="#finding-{target}">{esc(title_of(kind).lower())}</a>')
+        else:
+            links.append(esc(str(target).replace("_", " ")))
+    return ", ".join(links)
+
+
+def _change(before: Any, after: Any) -> str:
+    b, a = as_float(before), as_float(after)
+    if b is None or a is None or b == 0 or a != a or b != b:
+        return ""
+    return f"×{num(a / b)}"
+
+
+def _presence(state: Any) -> str:
+    if not isinstance(state, dict):
+        return _value(state)
+    if not state.get("present"):
+        return '<span class="better">gone</span>'
+    return f'<span class="worse">present ({esc(state.get("severity", ""))})</span>'
+
+
+def verification_block(verified: Verification | None) -> str:
+    if verified is None:
+        return ""
+    if not verified.applied:
+        return (
+            '<div class="verify"><span class="pill neutral">not tried</span> '
+            f"{esc(verified.reason or '')}</div>"
+        )
+    if verified.resolved is True:
+        badge = '<span class="pill ok">verified: resolved</span>'
+    elif verified.resolved is False:
+        badge = '<span class="pill warning">tried: not resolved</span>'
+    else:
+        badge = '<span class="pill neutral">tried: no verdict</span>'
+    rows = []
+    before_figures = verified.before.get("figures", {}) or {}
+    after_figures = verified.after.get("figures", {}) or {}
+    for name in dict.fromkeys([*before_figures, *after_figures]):
+        b, a = before_figures.get(name), after_figures.get(name)
+        rows.append(
+            f'<tr><td class="mono">{esc(name)}</td><td class="n">{esc(num(b))}</td>'
+            f'<td class="n">{esc(num(a))}</td><td class="n">{esc(_change(b, a))}</td></tr>'
+        )
+    for key in dict.fromkeys([*verified.before, *verified.after]):
+        if key == "figures":
+            continue
+        rows.append(
+            f'<tr><td class="mono">{esc(key)}</td><td>{_presence(verified.before.get(key))}</td>'
+            f"<td>{_presence(verified.after.get(key))}</td><td></td></tr>"
+        )
+    table = (
+        '<table><tr><th>measure</th><th class="n">before</th><th class="n">after</th>'
+        f'<th class="n">change</th></tr>{"".join(rows)}</table>'
+        if rows
+        else ""
+    )
+    transform = (
+        f' <span class="muted">{esc(verified.transform)}</span>' if verified.transform else ""
+    )
+    reason = f'<p class="muted">{esc(verified.reason)}</p>' if verified.reason else ""
+    return f'<div class="verify">{badge}{transform}{reason}{table}</div>'
+
+
+def recommendations_section(recs: list[Recommendation], findings: list[Finding]) -> str:
+    if not recs:
+        return ""
+    cards = []
+    for rank, rec in enumerate(recs, start=1):
+        params = f'<p class="muted">Parameters: {_value(rec.params)}</p>' if rec.params else ""
+        snippet = f"<pre><code>{esc(rec.snippet)}</code></pre>" if rec.snippet else ""
+        addresses = _addresses(rec, findings)
+        cards.append(
+            f'<div class="card rec" id="rec-{rank}"><div class="head">'
+            f'<span class="pill neutral">#{rank}</span>'
+            f'<span class="fix">{esc(title_of(rec.fix))}</span>'
+            + (f'<span class="muted">addresses {addresses}</span>' if addresses else "")
+            + f"</div><p>{esc(rec.rationale)}</p>{chips(rec.layers)}{params}{snippet}"
+            f"{verification_block(rec.verified)}</div>"
+        )
+    return f'<section id="recommendations"><h2>Recommendations</h2>{"".join(cards)}</section>'
