@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from service.engine.detectors.profile import growth_factor
-from service.engine.graph import Node
+from service.engine.graph import Node, ObservableGraph
 from service.engine.layers import (
     RELU_LIKE,
     SATURATING,
@@ -40,9 +40,9 @@ from service.engine.layers import (
     reference_std,
 )
 from service.engine.losses import compute_loss, default_loss
-from service.engine.measurements import Measurements, Subject
+from service.engine.measurements import Measurements, NonFiniteOrigin, Subject
 from service.engine.options import DiagnoseOptions
-from service.engine.origin import find_origin
+from service.engine.origin import OriginReached, OriginRecorder, find_origin
 from service.engine.probes import Probe
 from service.engine.report import (
     ActivationStats,
@@ -160,6 +160,9 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
             collected[f"input.{i}"] = torch.sum(x, dtype=torch.float32).reshape(1)
     host = _to_host(collected)
     result = _build(subject, layers, trainable, host, probe, layout.sources)
+    origin = result.non_finite_origin
+    if origin is not None and graph is not None:
+        origin.values = _trace_origin(subject, graph, origin, layers, options, layout.batch_axes)
     result.notes.extend(layout.notes)
     result.micro_batches = parts
     result.notes.extend(
@@ -286,6 +289,41 @@ def _add_fp32_gradients(
             into[k] = g if previous is None else previous + g
 
 
+def _trace_origin(
+    subject: Subject,
+    graph: ObservableGraph,
+    origin: NonFiniteOrigin,
+    layers: list[Layer],
+    options: DiagnoseOptions,
+    batch_axes: dict[int, int],
+) -> dict[str, Any]:
+    """What the NaN/Inf origin node read and produced (origin.OriginRecorder): the forward
+    again, without gradients, micro-batch by micro-batch, up to that node. The RNG state is
+    restored after, so dropout masks elsewhere are unchanged."""
+    node = next((n for n in graph.nodes if n.name == origin.node), None)
+    if node is None:
+        return {}
+    recorder = None
+    rng = _rng_state(subject.device)
+    try:
+        with torch.no_grad():
+            for inputs, _, _ in _micro_batches(subject, options.micro_batches, batch_axes):
+                fresh = OriginRecorder(
+                    node, graph.initial_values(), dict(zip(graph.input_names, inputs, strict=False))
+                )
+                if recorder is not None:  # keep accumulating into the first one's counts
+                    fresh.inputs, fresh.outputs = recorder.inputs, recorder.outputs
+                recorder = fresh
+                with contextlib.suppress(OriginReached):
+                    _forward(subject, list(inputs), None, options.precision, recorder)
+    finally:
+        _set_rng_state(subject.device, rng)
+    if recorder is None:
+        return {}
+    layer_of_node = {n: layer.name for layer in layers for n in layer.nodes}
+    return recorder.evidence(graph, layer_of_node)
+
+
 def _micro_batches(
     subject: Subject, count: int, batch_axes: dict[int, int]
 ) -> Iterator[tuple[list[torch.Tensor], torch.Tensor | None, float]]:
@@ -380,7 +418,9 @@ def _forward(
     try:
         with context:
             if subject.graph is not None:
-                return list(subject.graph.run(inputs, observer))
+                # ONNX sequence outputs (lists of tensors) are not what a loss reads
+                outs = subject.graph.run(inputs, observer)
+                return [o for o in outs if isinstance(o, torch.Tensor)]
             out = subject.module(*inputs)
     except torch.OutOfMemoryError as exc:
         raise _out_of_memory(exc) from exc

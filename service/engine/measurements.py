@@ -32,6 +32,9 @@ class NonFiniteOrigin:
     phase: str  # "forward" | "backward"
     value: str | None = None  # the value (tensor) name
     layer: str | None = None  # the layer it belongs to, if any
+    # what its inputs and outputs held (origin.OriginRecorder): counts of negative / zero /
+    # NaN / ±inf entries, what fed each input; empty when not traced (no node-level view)
+    values: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

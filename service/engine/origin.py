@@ -12,6 +12,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
+
+from service.engine.graph import Node, ObservableGraph
 from service.engine.layers import Layer
 from service.engine.measurements import NonFiniteOrigin, Subject
 from service.engine.probes import Probe, is_backward_safe
@@ -99,3 +102,101 @@ def _gradient_producer(probe: Probe, value: str, depth: int = 0) -> Any:
                 if found is not None:
                     return found
     return users[-1] if users else None
+
+
+# -- what the origin's inputs held ------------------------------------------------------------
+
+# exp overflows float32 above log(3.4e38) ≈ 88.72 (float16: log(65504) ≈ 11.09)
+EXP_LIMIT = {torch.float32: 88.72, torch.float16: 11.09, torch.bfloat16: 88.72}
+_COUNT_KEYS = ("numel", "negative", "zero", "nan", "posinf", "neginf", "above_exp_limit")
+
+
+class OriginReached(Exception):
+    """Raised by `OriginRecorder` once it has seen the origin node: the rest is not needed."""
+
+
+def value_counts(x: torch.Tensor) -> dict[str, float]:
+    """numel and counts of negative (−inf included), zero, NaN, +inf, −inf entries, entries
+    above exp's overflow limit, and the finite min/max; one host transfer."""
+    x = x.detach()
+    limit = EXP_LIMIT.get(x.dtype, 88.72)
+    x = x.float()
+    finite = torch.isfinite(x)
+    stacked = torch.stack(
+        [
+            torch.tensor(float(x.numel()), device=x.device),
+            (x < 0).sum().float(),
+            (x == 0).sum().float(),
+            torch.isnan(x).sum().float(),
+            torch.isposinf(x).sum().float(),
+            torch.isneginf(x).sum().float(),
+            (x > limit).sum().float(),
+            torch.where(finite, x, torch.inf).min() if x.numel() else x.new_zeros(()),
+            torch.where(finite, x, -torch.inf).max() if x.numel() else x.new_zeros(()),
+        ]
+    ).tolist()
+    out = dict(zip(_COUNT_KEYS, stacked[:7], strict=True))
+    out["min"], out["max"] = stacked[7], stacked[8]
+    return out
+
+
+def merge_counts(a: dict[str, float] | None, b: dict[str, float]) -> dict[str, float]:
+    """Counts of two micro-batches: sums, and the min/max of the extremes."""
+    if a is None:
+        return dict(b)
+    out = {k: a[k] + b[k] for k in _COUNT_KEYS}
+    out["min"], out["max"] = min(a["min"], b["min"]), max(a["max"], b["max"])
+    return out
+
+
+class OriginRecorder:
+    """A graph observer for a re-run of the forward pass (no grad): keeps the values the origin
+    node reads as they are produced, and at the node counts what its inputs and outputs hold,
+    then stops the run (`OriginReached`). Only run when a NaN/Inf was found: one extra forward
+    up to that node, never on a healthy model."""
+
+    def __init__(self, node: Node, initial: dict[str, Any], inputs: dict[str, Any]) -> None:
+        self.node = node
+        self.wanted = set(node.inputs) - {""}
+        self.values: dict[str, Any] = {
+            k: v for k, v in {**initial, **inputs}.items() if k in self.wanted
+        }
+        self.inputs: list[dict[str, float] | None] = [None] * len(node.inputs)
+        self.outputs: list[dict[str, float] | None] = [None] * len(node.outputs)
+
+    def __call__(self, node: Node, outputs: Any) -> None:
+        if node is not self.node:
+            for name, value in zip(node.outputs, outputs, strict=False):
+                if name in self.wanted:
+                    self.values[name] = value
+            return
+        for k, name in enumerate(node.inputs):
+            value = self.values.get(name)
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                self.inputs[k] = merge_counts(self.inputs[k], value_counts(value))
+        for k, value in enumerate(outputs):
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                self.outputs[k] = merge_counts(self.outputs[k], value_counts(value))
+        self.values = {}
+        raise OriginReached
+
+    def evidence(self, graph: ObservableGraph, layer_of_node: dict[str, str]) -> dict[str, Any]:
+        """{"inputs": [{value, source, counts...}], "output": {counts...}}: `source` names what
+        fed the input: a layer (`fc1`), a node outside any layer, a model input or a parameter."""
+        producer = {o: n for n in graph.nodes for o in n.outputs if o}
+        params = {name for name, _ in graph.named_graph_parameters()}
+        inputs = []
+        for name, counts in zip(self.node.inputs, self.inputs, strict=True):
+            if counts is None:
+                continue
+            node = producer.get(name)
+            if node is not None:
+                source = layer_of_node.get(node.name) or node.name
+                kind = "layer" if node.name in layer_of_node else "node"
+            elif name in graph.input_names:
+                source, kind = name, "model input"
+            else:
+                source, kind = name, "parameter" if name in params else "constant"
+            inputs.append({"value": name, "source": source, "source_kind": kind, **counts})
+        output = next((c for c in self.outputs if c is not None), None)
+        return {"inputs": inputs, "output": output} if inputs or output else {}

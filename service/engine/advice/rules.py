@@ -16,6 +16,7 @@ from typing import Any
 from service.engine.advice import evidence as ev
 from service.engine.advice import snippets
 from service.engine.detectors.optypes import canonical_op, is_normalization
+from service.engine.detectors.origin_text import describe as describe_origin
 from service.engine.detectors.profile import depth_fit_phrase, sig
 from service.engine.detectors.thresholds import resolve_thresholds
 from service.engine.detectors.units import init_ratio
@@ -408,12 +409,18 @@ class Advisor:
             )
             return
         op = canonical_op(origin["op_type"])
+        what, guard = describe_origin(origin)
+        reason = (
+            f"{what} (loss = {f.evidence.get('loss')}): {guard}."
+            if origin.get("values")
+            else f"Node {origin['node']!r} ({origin['op_type']}) is the first to produce NaN/Inf, "
+            f"in the {origin['phase']} pass (loss = {f.evidence.get('loss')}); its input leaves "
+            f"the op's domain, so clamp it or add an eps there."
+        )
         self.add(
             "guard_numerics",
             index,
-            f"Node {origin['node']!r} ({origin['op_type']}) is the first to produce NaN/Inf, in "
-            f"the {origin['phase']} pass (loss = {f.evidence.get('loss')}); its input leaves "
-            f"the op's domain, so clamp it or add an eps there.",
+            reason,
             f.layers or [origin["node"]],
             node=origin["node"],
             op=op,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from service.engine.detectors.origin_text import describe
 from service.engine.detectors.profile import sig
 from service.engine.measurements import Measurements
 from service.engine.report import Finding, Severity
@@ -33,18 +34,26 @@ def non_finite_findings(m: Measurements) -> list[Finding]:
             "value": origin.value,
             "layer": origin.layer,
         }
-        where = (
-            f"first produced by node {origin.node!r} ({origin.op_type}) in the {origin.phase} pass"
+        if origin.values:  # what the op's inputs and outputs held (origin.OriginRecorder)
+            evidence["origin"]["values"] = origin.values  # type: ignore[index]
+        what, guard = describe(evidence["origin"])  # type: ignore[arg-type]
+        message = (
+            f"NaN/Inf values appear: {what}; {guard}."
+            if origin.values
+            else f"NaN/Inf values appear, {what}; {guard}."
         )
     elif loss_bad:
-        where = f"the loss is {m.loss.value}"
+        message = f"NaN/Inf values appear, the loss is {m.loss.value}; guard the op that feeds it."
     else:
-        where = f"in the gradients of {len(bad_params)} parameter(s)"
+        message = (
+            f"NaN/Inf values appear in the gradients of {len(bad_params)} parameter(s); an op's "
+            "backward divides by zero (sqrt/pow/norm at 0): guard it with an eps."
+        )
     return [
         Finding(
             kind="non_finite",
             severity="error",
-            message=f"NaN/Inf values appear, {where}; guard that op against its invalid inputs.",
+            message=message,
             layers=layers,
             evidence=evidence,
         )
