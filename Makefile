@@ -6,7 +6,11 @@ TORCH_SPEC ?= torch==2.13.0
 TEST_DB ?= gradhealth_test
 PG_ADMIN_URL ?= postgresql://postgres@127.0.0.1:5432/postgres
 
-.PHONY: install serve test lint postgres
+# The browser tests drive Debian's Chromium (Playwright's own download needs a network at test
+# time); root installs it directly, anyone else through sudo.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install serve test lint postgres chromium
 
 $(BIN)/gradhealth: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -16,7 +20,11 @@ $(BIN)/gradhealth: pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(BIN)/gradhealth
 
-install: $(BIN)/gradhealth
+chromium:
+	@test -x /usr/bin/chromium || { $(SUDO) apt-get update -q && \
+		$(SUDO) apt-get install -y -q --no-install-recommends chromium; }
+
+install: $(BIN)/gradhealth chromium
 
 serve: install
 	$(BIN)/gradhealth serve

@@ -82,7 +82,7 @@ def test_succeeded_page_shows_verdict_findings_fixes_and_charts(
     assert "sigmoid v1" in html
     vanishing = report["findings"][0]
     assert vanishing["kind"] == "vanishing_gradients"
-    assert html.index("Vanishing gradients") < html.index("Fp16 underflow")  # error first
+    assert html.index("Vanishing gradients") < html.index("fp16 underflow<")  # error first
     assert "1.83e-08" in html  # the depth ratio from the evidence
     # Charts: one marker per layer of the depth profile, the threshold lines, fractions.
     assert markers(html, "depth-profile") == report["profiles"]["depth"]["layers"]

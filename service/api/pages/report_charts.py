@@ -106,6 +106,9 @@ def depth_chart(report: Report, limits: dict[str, float]) -> str:
         if profile.layers_left_out
         else ""
     )
+    non_finite = sum(1 for v in values if v is not None and (v != v or abs(v) == float("inf")))
+    if non_finite:
+        left_out += f" × marks {non_finite} layer(s) whose norm is NaN or infinite."
     caption = (
         "Norm of the loss gradient with respect to each layer's output. Dashed lines: the "
         "vanishing/exploding thresholds on the first layer's norm, relative to the last "

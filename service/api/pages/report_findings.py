@@ -12,8 +12,16 @@ MAX_CHIPS = 24
 MAX_EVIDENCE_ITEMS = 24
 
 
+TITLES = {
+    "non_finite": "Non-finite values (NaN/Inf)",
+    "fp16_underflow": "fp16 underflow",
+    "init_scale": "Initialisation scale",
+    "use_bf16": "Use bf16",
+}
+
+
 def title_of(kind: str) -> str:
-    return kind.replace("_", " ").capitalize()
+    return TITLES.get(kind, kind.replace("_", " ").capitalize())
 
 
 def chips(names: list[str], css: str = "chips") -> str:
@@ -27,6 +35,8 @@ def chips(names: list[str], css: str = "chips") -> str:
 
 
 def _value(value: Any) -> str:
+    if value is None:
+        return '<span class="muted">—</span>'
     if isinstance(value, bool):
         return "yes" if value else "no"
     if as_float(value) is not None:
@@ -141,8 +151,9 @@ def verification_block(verified: Verification | None) -> str:
         if key == "figures":
             continue
         rows.append(
-            f'<tr><td class="mono">{esc(key)}</td><td>{_presence(verified.before.get(key))}</td>'
-            f"<td>{_presence(verified.after.get(key))}</td><td></td></tr>"
+            f'<tr><td class="mono">{esc(key)}</td>'
+            f'<td class="n">{_presence(verified.before.get(key))}</td>'
+            f'<td class="n">{_presence(verified.after.get(key))}</td><td></td></tr>'
         )
     table = (
         '<table><tr><th>measure</th><th class="n">before</th><th class="n">after</th>'
