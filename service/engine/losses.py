@@ -89,3 +89,28 @@ def compute_loss(
             f"{list(target.shape)}: {str(exc).splitlines()[0]}"
         ) from exc
     raise BadInputError(f"unknown loss {kind!r}; use one of {', '.join(LOSS_KINDS)}")
+
+
+# log-probabilities are ≤ 0 and each row's exp sums to 1 (logsumexp over the class axis = 0);
+# these tolerances allow float32 rounding of a log_softmax, not a different quantity
+_LOG_PROB_MAX = 1e-4
+_LOGSUMEXP_TOLERANCE = 1e-3
+
+
+def loss_input_notes(kind: str, outputs: Sequence[torch.Tensor]) -> list[str]:
+    """Notes for the report when the model's output does not look like what the loss expects:
+    `nll` reads log-probabilities, so raw logits (values > 0, or rows whose exp does not sum to
+    1) give a loss and gradients of a different objective. One host read, nll runs only."""
+    if kind != "nll" or not outputs or outputs[0].dim() < 2 or not outputs[0].numel():
+        return []
+    y = outputs[0].detach().float()
+    row_sums = torch.logsumexp(y, dim=1)
+    peak, off = torch.stack([y.max(), (row_sums.abs() > _LOGSUMEXP_TOLERANCE).sum()]).tolist()
+    rows = row_sums.numel()
+    if peak <= _LOG_PROB_MAX and off == 0:
+        return []
+    return [
+        f"--loss nll expects log-probabilities, but the model's output looks like logits "
+        f"(largest value {peak:.3g}; {int(off)} of {rows} rows' exp does not sum to 1): use "
+        "--loss cross_entropy, or end the model with log_softmax"
+    ]

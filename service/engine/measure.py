@@ -39,7 +39,7 @@ from service.engine.layers import (
     group_layers,
     reference_std,
 )
-from service.engine.losses import compute_loss, default_loss
+from service.engine.losses import compute_loss, default_loss, loss_input_notes
 from service.engine.measurements import Measurements, NonFiniteOrigin, Subject
 from service.engine.options import DiagnoseOptions
 from service.engine.origin import OriginReached, OriginRecorder, find_origin
@@ -100,6 +100,7 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
         _fp32_copy(subject) if reference is not None and options.precision != "fp16" else None
     )
     parts = 0
+    loss_notes: list[str] = []
     for inputs, target, share in _micro_batches(subject, options.micro_batches, layout.batch_axes):
         parts += 1
         inputs = [
@@ -115,6 +116,8 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
                 subject.target, list(outputs[0].shape) if outputs else None
             )
         loss = compute_loss(subject.loss_kind, outputs, target)
+        if parts == 1:
+            loss_notes = loss_input_notes(subject.loss_kind, outputs)
         _sync(subject.device)
         middle = time.perf_counter()
         (loss * share).backward()
@@ -164,6 +167,7 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
     if origin is not None and graph is not None:
         origin.values = _trace_origin(subject, graph, origin, layers, options, layout.batch_axes)
     result.notes.extend(layout.notes)
+    result.notes.extend(loss_notes)
     result.micro_batches = parts
     result.notes.extend(
         micro_batch_notes(_batch_size(subject, layout.batch_axes), options.micro_batches)
