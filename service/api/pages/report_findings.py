@@ -61,7 +61,14 @@ def _origin(origin: dict[str, Any]) -> str:
     op = esc(origin.get("op_type"))
     phase = esc(origin.get("phase"))
     layer = f", in layer {esc(origin['layer'])}" if origin.get("layer") else ""
-    return f'node <span class="mono">{node}</span> ({op}), {phase} pass{layer}'
+    shown = ("node", "op_type", "phase", "layer")
+    more = "; ".join(
+        f'<span class="mono">{esc(k)}</span> {_value(v)}'
+        for k, v in origin.items()
+        if k not in shown and v not in (None, {}, [])
+    )
+    extra = f"<br>{more}" if more else ""
+    return f'node <span class="mono">{node}</span> ({op}), {phase} pass{layer}{extra}'
 
 
 def evidence_table(evidence: dict[str, Any]) -> str:
