@@ -32,6 +32,9 @@ from service.engine.stats import moments, saturated_count, unit_peaks
 _ONNX_VIEWS = frozenset(
     {"reshape", "transpose", "squeeze", "unsqueeze", "flatten", "identity", "slice"}
     | {"gather", "concat", "split", "expand", "shape", "cast", "constant"}
+    # sequence ops only pick, group or join tensors (their list outputs are never observed)
+    | {"splittosequence", "sequenceat", "concatfromsequence", "sequenceconstruct"}
+    | {"sequenceinsert", "sequenceerase"}
 )
 _VIEWS = frozenset(canonical(op) for op in VIEW_OPS) | _ONNX_VIEWS
 

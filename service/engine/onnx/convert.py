@@ -52,7 +52,13 @@ through the `registry.OpContext` they receive:
 - Refuse what cannot be honoured by raising `registry.UnsupportedAttribute(message)` from the
   builder (never from the returned fn): it is collected with the node name and opset.
 - Values reaching a fn: torch tensors (data on the model's device; shape arithmetic on small
-  int64 CPU tensors, see ops/elementwise.colocated for mixing them) or None for omitted inputs.
+  int64 CPU tensors, see ops/elementwise.colocated for mixing them), Python lists of tensors
+  for ONNX sequences (ops/sequence.py; never mutate one, build a new list), or None for
+  omitted inputs.
+
+Graph inputs and outputs may be tensors or sequences of tensors (`metadata` dtype
+`seq(float32)`; a batch cannot feed a sequence input, `check_inputs` says so); optional values,
+maps, sparse tensors and sequences of sequences are refused by name.
 
 `release_weights=True` (the default) empties the initializers of the given proto on success;
 a refused model keeps them. `check_inputs(graph, inputs)` checks a batch against the declared
@@ -85,6 +91,8 @@ from service.engine.onnx.registry import (
 from service.errors import BadInputError, BatchError, ModelFormatError, UnsupportedModelError
 
 SMALL_INT_NUMEL = 64
+# dtype of a `seq(tensor(float))` graph input/output in `metadata`: `seq(float32)`
+SEQUENCE_DTYPE_PREFIX = "seq("
 MODES = ("train", "eval")
 # Float input slots that never reach a differentiable path: BatchNormalization's statistics
 # (torch's running_mean/running_var buffers) and inputs whose values are never read (Shape,
@@ -158,6 +166,13 @@ def _decode_attr(attr: onnx.AttributeProto) -> Any:
 def _value_spec(info: onnx.ValueInfoProto) -> dict[str, Any]:
     kind = info.type.WhichOneof("value")
     spec: dict[str, Any] = {"name": info.name, "shape": None, "dtype": None, "kind": kind}
+    if kind == "sequence_type":  # dtype `seq(float32)`: the element's; no shape
+        element = info.type.sequence_type.elem_type
+        if element.WhichOneof("value") == "tensor_type":
+            dtype = ONNX_TO_TORCH.get(element.tensor_type.elem_type)
+            name = str(dtype).removeprefix("torch.") if dtype else "unsupported"
+            spec["dtype"] = f"{SEQUENCE_DTYPE_PREFIX}{name})"
+        return spec
     if kind == "tensor_type":
         tt = info.type.tensor_type
         dtype = ONNX_TO_TORCH.get(tt.elem_type)
@@ -174,6 +189,47 @@ def _value_spec(info: onnx.ValueInfoProto) -> dict[str, Any]:
                 for d in tt.shape.dim
             ]
     return spec
+
+
+# ONNX type kinds, as an error message names them
+_TYPE_KIND_NAMES = {
+    "sequence_type": "sequence",
+    "optional_type": "optional value",
+    "map_type": "map",
+    "sparse_tensor_type": "sparse tensor",
+    "opaque_type": "opaque value",
+}
+
+
+def _element_type_name(elem_type: int) -> str:
+    try:
+        return TensorProto.DataType.Name(elem_type).lower()
+    except ValueError:  # a number newer than this onnx knows
+        return f"element type {elem_type}"
+
+
+def _unsupported_value_type(name: str, proto: onnx.TypeProto) -> str | None:
+    """Why a graph input/output of this type cannot be converted; None if it can. Tensors of
+    a torch dtype and sequences of them (Python lists of tensors, ops/sequence.py) can;
+    optional values, maps, sparse tensors and sequences of anything but tensors cannot."""
+    kind = proto.WhichOneof("value")
+    if kind == "tensor_type":
+        if proto.tensor_type.elem_type in ONNX_TO_TORCH:
+            return None
+        return f"'{name}' has type {_element_type_name(proto.tensor_type.elem_type)}"
+    if kind == "sequence_type":
+        element = proto.sequence_type.elem_type
+        element_kind = element.WhichOneof("value")
+        if element_kind != "tensor_type":
+            what = _TYPE_KIND_NAMES.get(element_kind or "", "value of unknown type")
+            return f"'{name}' is a sequence of {what}s: only sequences of tensors are supported"
+        if element.tensor_type.elem_type not in ONNX_TO_TORCH:
+            dtype = _element_type_name(element.tensor_type.elem_type)
+            return f"'{name}' is a sequence of {dtype} tensors"
+        return None
+    what = _TYPE_KIND_NAMES.get(kind or "", "value of unknown type")
+    article = "an" if what[0] in "aeiou" else "a"
+    return f"'{name}' is {article} {what}: only tensors and sequences of tensors are supported"
 
 
 @dataclass
@@ -505,15 +561,9 @@ def _convert_checked(
     init_names = {i.name for i in graph.initializer}
     input_infos = [i for i in graph.input if i.name not in init_names]
     for info in [*input_infos, *graph.output]:
-        spec = _value_spec(info)
-        if spec["kind"] != "tensor_type":
-            builder.problems.append(
-                ("", "graph value", 0, info.name, f"'{info.name}' is a {spec['kind']}")
-            )
-        elif info.type.tensor_type.elem_type not in ONNX_TO_TORCH:
-            builder.problems.append(
-                ("", "graph value", 0, info.name, f"'{info.name}' has type {spec['dtype']}")
-            )
+        why = _unsupported_value_type(info.name, info.type)
+        if why:
+            builder.problems.append(("", "graph value", 0, info.name, why))
 
     parameters: dict[str, torch.Tensor] = {}
     buffers: dict[str, torch.Tensor] = {}
@@ -799,6 +849,12 @@ def check_inputs(graph: ObservableGraph, inputs: Sequence[torch.Tensor]) -> None
         raise BatchError(
             f"the model takes {len(specs)} input(s) ({names}), the batch gives {len(inputs)}"
         )
+    for spec in specs:
+        if str(spec.get("dtype") or "").startswith(SEQUENCE_DTYPE_PREFIX):
+            raise BatchError(
+                f"input '{spec['name']}' is a sequence of tensors ({spec['dtype']}): a batch "
+                "feeds tensors only; re-export the model with one tensor input per element"
+            )
     symbols: dict[str, int] = {}
     for spec, value in zip(specs, inputs, strict=True):
         shape = spec.get("shape")

@@ -82,7 +82,12 @@ def model_cases(suites: tuple[str, ...] = MODEL_SUITES) -> Iterator[Case]:
             yield Case(os.path.basename(case_dir), suite, model, sets)
 
 
-def _to_torch(value: Any) -> torch.Tensor | None:
+def _to_torch(value: Any) -> Any:
+    """A tensor, a list of tensors for an ONNX sequence, or None (strings, optionals, ...)."""
+    if isinstance(value, list):
+        tensors = [_to_torch(v) for v in value]
+        ok = all(isinstance(t, torch.Tensor) for t in tensors)
+        return tensors if ok else None
     if not isinstance(value, np.ndarray) or value.dtype.kind in "OUS":
         return None
     try:
@@ -133,17 +138,34 @@ def run_case(case: Case) -> tuple[str, str]:
         except Exception as exc:
             return "fail", f"{type(exc).__name__}: {exc}"
         for i, (got, want) in enumerate(zip(outputs, expected, strict=True)):
-            got_np = got.detach().numpy() if isinstance(got, torch.Tensor) else np.asarray(got)
-            if got_np.dtype != want.dtype:
-                return "fail", f"output {i}: dtype {got_np.dtype}, expected {want.dtype}"
-            rtol, atol = case.rtol, max(case.atol, 1e-6)
-            if want.dtype == np.float16:  # expected values were rounded once, ours per op
-                rtol, atol = max(rtol, 4e-3), max(atol, 1e-3)
-            try:
-                np.testing.assert_allclose(got_np, want, rtol=rtol, atol=atol, equal_nan=True)
-            except AssertionError as exc:
-                return "fail", f"output {i}: {str(exc).strip().splitlines()[:6]}"
+            mismatch = _mismatch(got, want, case)
+            if mismatch:
+                return "fail", f"output {i}: {mismatch}"
     return "pass", ""
+
+
+def _mismatch(got: Any, want: Any, case: Case) -> str:
+    """Why `got` differs from the expected `want` ("" if it does not); lists are sequences."""
+    if isinstance(want, list):
+        if not isinstance(got, list) or len(got) != len(want):
+            length = len(got) if isinstance(got, list) else type(got).__name__
+            return f"sequence of {length}, expected {len(want)} tensor(s)"
+        for j, (g, w) in enumerate(zip(got, want, strict=True)):
+            mismatch = _mismatch(g, w, case)
+            if mismatch:
+                return f"element {j}: {mismatch}"
+        return ""
+    got_np = got.detach().numpy() if isinstance(got, torch.Tensor) else np.asarray(got)
+    if got_np.dtype != want.dtype:
+        return f"dtype {got_np.dtype}, expected {want.dtype}"
+    rtol, atol = case.rtol, max(case.atol, 1e-6)
+    if want.dtype == np.float16:  # expected values were rounded once, ours per op
+        rtol, atol = max(rtol, 4e-3), max(atol, 1e-3)
+    try:
+        np.testing.assert_allclose(got_np, want, rtol=rtol, atol=atol, equal_nan=True)
+    except AssertionError as exc:
+        return str(str(exc).strip().splitlines()[:6])
+    return ""
 
 
 def all_cases() -> list[Case]:

@@ -15,5 +15,6 @@ from service.engine.onnx.ops import (  # noqa: F401
     recurrent,
     reduce,
     resize,
+    sequence,
     shape,
 )
