@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -153,6 +154,18 @@ def _declared_dtype(spec: TensorSpec) -> torch.dtype | None:
     return getattr(torch, spec.dtype, None) if spec.dtype else None
 
 
+SHOWN_NAMES = 5
+
+
+def shown_names(names: Iterable[str], limit: int = SHOWN_NAMES) -> str:
+    """'a, b, c, d, e and 95 more': a batch file can hold hundreds of arrays, and a message
+    listing every name runs to many hundreds of characters on one stderr line."""
+    names = list(names)
+    if len(names) <= limit + 1:  # "and 1 more" is no shorter than the name itself
+        return ", ".join(names)
+    return f"{', '.join(names[:limit])} and {len(names) - limit} more"
+
+
 def match_batch(batch: Batch, declared: list[TensorSpec]) -> MatchedBatch:
     """Assign arrays to the model's inputs and check them against the declared specs."""
     target_name = next((n for n in TARGET_NAMES if n in batch.arrays), None)
@@ -164,19 +177,22 @@ def match_batch(batch: Batch, declared: list[TensorSpec]) -> MatchedBatch:
         chosen_arrays = input_names
         extra = [n for n in candidates if n not in input_names]
         if extra:
-            notes.append(f"batch arrays {extra} match no model input and were ignored")
+            notes.append(
+                f"{len(extra)} batch array(s) match no model input and were ignored: "
+                f"{shown_names(extra)}"
+            )
     else:
         missing = [n for n in input_names if n not in candidates]
         if len(candidates) < len(declared):
             raise BatchError(
-                f"the model takes {len(declared)} inputs ({', '.join(input_names)}) but the "
-                f"batch has {len(candidates)} input arrays ({', '.join(candidates) or 'none'}); "
-                f"add arrays named {', '.join(missing)}"
+                f"the model takes {len(declared)} inputs ({shown_names(input_names)}) but the "
+                f"batch has {len(candidates)} input arrays ({shown_names(candidates) or 'none'}); "
+                f"add arrays named {shown_names(missing)}"
             )
         if len(candidates) > len(declared):
             raise BatchError(
-                f"the batch has {len(candidates)} input arrays ({', '.join(candidates)}) but "
-                f"the model takes {len(declared)} ({', '.join(input_names)}); name the arrays "
+                f"the batch has {len(candidates)} input arrays ({shown_names(candidates)}) but "
+                f"the model takes {len(declared)} ({shown_names(input_names)}); name the arrays "
                 "after the inputs or remove the extra ones"
             )
         chosen = list(zip(input_names, candidates.values(), strict=True))
