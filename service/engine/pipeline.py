@@ -59,12 +59,21 @@ def diagnose(
     *,
     loaded: LoadedModel | None = None,
     bundle_dir: Path | None = None,
+    conformance_reference: Any = None,
 ) -> Report:
     """`loaded`: a model loaded earlier by `subject.load_model` (see `build_subject`).
-    `bundle_dir`: where an ONNX model's external data files are read from (`load_model`)."""
+    `bundle_dir`: where an ONNX model's external data files are read from (`load_model`).
+    `conformance_reference`: the onnxruntime session kept with `loaded` (see `build_subject`)."""
     options = options or DiagnoseOptions.model_validate({})
     started = time.perf_counter()
-    subject = build_subject(model, batch, options, loaded=loaded, bundle_dir=bundle_dir)
+    subject = build_subject(
+        model,
+        batch,
+        options,
+        loaded=loaded,
+        bundle_dir=bundle_dir,
+        conformance_reference=conformance_reference,
+    )
     measurements = measure(subject, options)
     analysis_start = time.perf_counter()
     notes = list(subject.extra.get("notes", [])) + list(measurements.notes)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -93,13 +94,17 @@ def build_subject(
     *,
     loaded: LoadedModel | None = None,
     bundle_dir: Path | None = None,
+    conformance_reference: Any = None,
 ) -> Subject:
     """`loaded`: the model already loaded by `load_model(model_bytes, options)` with the same
     mode and dropout, possibly used by earlier subjects (a worker's cache of loaded models):
     loading is skipped and `timing.load` is 0. TorchScript's FX conversion then is the one done
     for the first batch (its `finish` runs once); ONNX's conformance check runs again on this
     batch, on the CPU as for a fresh load. The caller keeps the module unchanged between jobs
-    (measure() leaves `.grad` set; fix verification works on copies)."""
+    (measure() leaves `.grad` set; fix verification works on copies).
+
+    `conformance_reference`: with `loaded` (ONNX), the `conformance.ConformanceReference` kept
+    with it, so that check reuses the onnxruntime session built for an earlier batch."""
     options = options or DiagnoseOptions.model_validate({})
     if options.loss is not None and options.loss not in LOSS_KINDS:
         raise BadInputError(f"loss must be one of {', '.join(LOSS_KINDS)}")
@@ -125,7 +130,10 @@ def build_subject(
     if loaded.finish is not None:
         if preloaded:
             loaded.module.to("cpu")  # an earlier subject moved it; the check runs on the CPU
-        loaded.finish(matched.inputs)
+        if conformance_reference is not None and loaded.format == "onnx":
+            loaded.finish(matched.inputs, conformance_reference)
+        else:
+            loaded.finish(matched.inputs)
         if loaded.format != "onnx":
             loaded.finish = None  # TorchScript → FX is done once; ONNX's is a per-batch check
     finished_at = time.perf_counter()

@@ -7,9 +7,16 @@ dropout change the graph that is built, and the module lives on the device its f
 it to, so a CPU job and a CUDA job of the same file are separate entries.
 
 LRU within a budget counted in parameter + buffer bytes, buffers twice (a copy is kept to restore
-them; see below): what the entry holds in host or device memory (the serialized bytes live in
-`ModelCache`). A model larger than the whole budget is
-used for its job and not kept.
+them; see below), plus the ONNX conformance reference once built: what the entry holds in host
+or device memory (the serialized bytes live in `ModelCache`). A model larger than the whole
+budget is used for its job and not kept.
+
+ONNX: every job still runs the conformance check on its own batch (the report's
+`model.conversion`), but the onnxruntime session it compares against (and the eval-mode twin,
+where one is compared) is built once per entry, on the first job that needs it
+(`conformance_reference`, an `onnx.conformance.ConformanceReference`). It holds another copy of
+the weights: counted in the entry's size once built (re-counted after each job), and closed
+when the entry goes (evicted, discarded, replaced), which frees it.
 
 A job may not corrupt an entry (the next job must see the model the file describes):
 - `measure()` leaves `.grad` on every trainable tensor: `release()` sets them to None after
@@ -49,6 +56,8 @@ class _Entry:
     params: list[tuple[int, int]] = field(default_factory=list)  # (identity, version)
     buffers: list[tuple[int, int]] = field(default_factory=list)
     saved_buffers: dict[int, Any] = field(default_factory=dict)  # identity → copy
+    model_bytes: int = 0  # parameters, buffers and the saved buffer copies
+    reference: Any = None  # ONNX: conformance.ConformanceReference, once a job asked for it
 
 
 def _modules(loaded: Any) -> Iterator[Any]:
@@ -87,9 +96,14 @@ def _snapshot(entry: _Entry) -> None:
     entry.params = _versions(_parameters(entry.loaded))
     entry.buffers = _versions(buffers)
     entry.saved_buffers = {id(b): b.detach().clone() for b in buffers}
-    entry.size_bytes = loaded_size_bytes(entry.loaded) + sum(
+    entry.model_bytes = loaded_size_bytes(entry.loaded) + sum(
         b.numel() * b.element_size() for b in buffers
     )
+    entry.size_bytes = entry.model_bytes + _reference_bytes(entry)
+
+
+def _reference_bytes(entry: _Entry) -> int:
+    return 0 if entry.reference is None else int(entry.reference.size_bytes)
 
 
 def _same_tensors(before: list[tuple[int, int]], after: list[tuple[int, int]]) -> bool:
@@ -104,6 +118,7 @@ class LoadedModelCache:
         self.hits = 0
         self.misses = 0
         self.evicted_changed = 0  # entries dropped because a job changed them
+        self.references_built = 0  # ONNX conformance references created (one per entry)
 
     @property
     def size_bytes(self) -> int:
@@ -124,6 +139,20 @@ class LoadedModelCache:
         self._entries.move_to_end(key)
         self.hits += 1
         return entry.loaded
+
+    def conformance_reference(self, key: LoadedKey) -> Any | None:
+        """The ONNX conformance reference kept with `key`'s entry (created empty on first ask;
+        the check builds its session on first use), or None: no entry, not ONNX, or no
+        conformance check asked for (then jobs build nothing to keep)."""
+        entry = self._entries.get(key)
+        if entry is None or not key.check_conversion or entry.loaded.format != "onnx":
+            return None
+        if entry.reference is None:
+            from service.engine.onnx.conformance import ConformanceReference
+
+            entry.reference = ConformanceReference()
+            self.references_built += 1
+        return entry.reference
 
     def put(self, key: LoadedKey, loaded: Any) -> bool:
         """Keep a freshly loaded model (call before its first job); False if it is too big."""
@@ -175,6 +204,10 @@ class LoadedModelCache:
                     if int(buffer._version) != before:
                         buffer.copy_(entry.saved_buffers[ident])
             entry.buffers = _versions(buffers)
+        # the job may have built the conformance reference (its first check): count it now
+        grown = entry.model_bytes + _reference_bytes(entry) - entry.size_bytes
+        entry.size_bytes += grown
+        self._size += grown
         if entry.size_bytes > self.budget_bytes:
             self._pop(key)
         self._evict_over_budget()
@@ -195,3 +228,5 @@ class LoadedModelCache:
     def _pop(self, key: LoadedKey) -> None:
         entry = self._entries.pop(key)
         self._size -= entry.size_bytes
+        if entry.reference is not None:
+            entry.reference.close()  # frees the session even if a caller still holds it

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from service.errors import BadInputError, GradhealthError
+from service.errors import BadInputError, BatchError, GradhealthError
 from service.queue.jobs import CUDA_WAIT_S, ERROR_INTERNAL, KIND_INSPECT
 from service.workers.loaded_cache import LoadedKey, LoadedModelCache
 from service.workers.model_cache import ModelCache
@@ -183,6 +183,8 @@ class JobRunner:
         self.blob_path = blob_path
         self.models = models
         self.loaded = loaded if loaded is not None else LoadedModelCache()
+        self.loads = 0  # models loaded from their bytes (cache misses and reloads)
+        self.reloads_after_failure = 0  # jobs run again on a fresh load after failing cached
 
     def model_bytes(self, sha256: str) -> bytes:
         data = self.models.get(sha256)
@@ -241,9 +243,11 @@ class JobRunner:
 
         On a miss the load is timed here and written into the report's `timing.load` (the
         engine sees a pre-loaded model); on a hit `timing.load` is ~0 and a note says so. A job
-        that fails on a cached model is run once more on a fresh load before it counts: the
-        cache must never change an outcome (e.g. a TorchScript graph converted for the first
-        batch's shapes meeting a batch of other shapes)."""
+        that fails on a cached model is run once more on a fresh load only when the failure
+        could be the cached model's fault (`worth_a_fresh_load`): the cache must never change an
+        outcome (e.g. a TorchScript graph converted for the first batch's shapes meeting a batch
+        of other shapes), but a batch that cannot feed the model fails at once, with its own
+        error, not after a second load and run."""
         from service.engine.pipeline import diagnose
         from service.engine.subject import load_model, pick_device
 
@@ -258,11 +262,12 @@ class JobRunner:
         if loaded is not None:
             try:
                 report = self._diagnose_on(key, loaded, model, batch, options, diagnose)
-            except OutOfMemoryFailure:
-                raise  # every micro-batch split was tried: a fresh load would not help
             except Exception as exc:
+                if not worth_a_fresh_load(exc, loaded):
+                    raise
                 log.warning("job on cached model %s failed (%s); reloading", sha256[:12], exc)
                 self.loaded.discard(key)
+                self.reloads_after_failure += 1
             else:
                 report.notes.append(
                     f"model reused from this worker's cache of loaded models (sha256 "
@@ -272,6 +277,7 @@ class JobRunner:
         started = time.perf_counter()
         loaded = load_model(model, options)
         load_s = time.perf_counter() - started
+        self.loads += 1
         self.loaded.put(key, loaded)
         report = self._diagnose_on(key, loaded, model, batch, options, diagnose)
         report.timing.load = load_s
@@ -290,12 +296,42 @@ class JobRunner:
         def on_oom() -> None:
             self.loaded.clear_except(key)  # other cached models hold device memory
 
+        # ONNX: the onnxruntime session of the conformance check, kept with the cache entry
+        # (None when the model is not kept: then the check builds one for this job only)
+        reference = self.loaded.conformance_reference(key)
         try:
             return diagnose_with_oom_retry(
-                lambda opts: diagnose(model, batch, opts, loaded=loaded), options, on_oom=on_oom
+                lambda opts: diagnose(
+                    model, batch, opts, loaded=loaded, conformance_reference=reference
+                ),
+                options,
+                on_oom=on_oom,
             )
         finally:
             self.loaded.release(key, loaded)
+
+
+def worth_a_fresh_load(exc: BaseException, loaded: Any) -> bool:
+    """Whether a job that failed on a cached model could succeed (or fail otherwise) on a
+    fresh load of the same file, so that running it again is worth a load and a second run.
+
+    - Out of memory after every micro-batch split (`OutOfMemoryFailure`): no; a fresh copy
+      needs the same memory.
+    - `BatchError` (code `bad_batch`: the batch file unreadable, an input missing, a shape or
+      dtype that does not fit the inputs the FILE declares): no; nothing cached takes part.
+    - Any other error about the user's input (`GradhealthError` with a 4xx status: the model
+      failing to run on the batch's shapes, a target that does not fit the output for the
+      loss, an option): no for ONNX and torch.export, whose cached model is the file's and
+      nothing else (jobs leave it as they found it, loaded_cache.py). Yes for TorchScript: its
+      FX graph was converted once, for the batch of the model's first job, and may be
+      specialised to that batch's shapes; a fresh load converts it for this batch.
+    - Anything else (an internal error, a 5xx): yes; the cached state may be what broke.
+    """
+    if isinstance(exc, (OutOfMemoryFailure, BatchError)):
+        return False
+    if isinstance(exc, GradhealthError) and exc.is_client_error:
+        return bool(getattr(loaded, "format", None) == "torchscript")
+    return True
 
 
 def _test_hold(request: JobRequest) -> None:

@@ -1,6 +1,8 @@
 """A worker child's cache of loaded models (service/workers/loaded_cache.py) through the real
 JobRunner and the real engine: a job on a cached model gives the report a fresh load gives,
-and leaves the cached module as it found it (no gradients, same parameters and buffers)."""
+and leaves the cached module as it found it (no gradients, same parameters and buffers); a job
+that fails on a cached model is run again on a fresh load only when the cache could be at
+fault, never for a batch that cannot feed the model."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -21,7 +24,7 @@ from service.workers.loaded_cache import LoadedKey, LoadedModelCache
 from service.workers.model_cache import ModelCache
 from service.workers.protocol import JobRequest
 from service.workers.runner import JobRunner
-from tests.support.export import to_torch_export, to_torchscript
+from tests.support.export import to_onnx, to_torch_export, to_torchscript
 from tests.support.zoo import ZOO
 
 
@@ -155,3 +158,67 @@ def test_a_job_that_writes_a_parameter_evicts_the_model() -> None:
     cache.release(_key("m"), model)
     assert _key("m") not in cache and cache.evicted_changed == 1
     assert model.module.weight.grad is None
+
+
+def _bad_batches(x: torch.Tensor) -> dict[str, tuple[bytes, str, str]]:
+    """Batches that cannot feed the model: (batch, error code, what the message must name)."""
+    target = np.zeros((x.shape[0], 4), dtype=np.float32)
+    missing = io.BytesIO()
+    np.savez(missing, target=target)
+    return {
+        "wrong_shape": (_npz(torch.zeros(x.shape[0], 5), target), "bad_batch", "input 'x'"),
+        "missing_input": (missing.getvalue(), "bad_batch", "add arrays named x"),
+        "loss_mismatch": (_npz(x, target[:, :3]), "bad_input", "target shaped like the output"),
+    }
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torch_export"])
+@pytest.mark.parametrize("bad", ["wrong_shape", "missing_input", "loss_mismatch"])
+def test_a_bad_batch_on_a_cached_model_fails_at_once_without_a_reload(
+    tmp_path: Path, fmt: str, bad: str
+) -> None:
+    """The batch's fault is not the cache's: one attempt, its own error, the entry kept."""
+    zoo = ZOO["mlp"]
+    x = zoo.example()
+    model = (
+        to_onnx(zoo.build(), x, input_names=["x"])
+        if fmt == "onnx"
+        else to_torch_export(zoo.build(), x)
+    )
+    model_sha = _store(tmp_path, model)
+    good = _store(tmp_path, _npz(x, np.zeros((x.shape[0], 4), dtype=np.float32)))
+    runner = JobRunner(lambda sha: tmp_path / sha, ModelCache(), LoadedModelCache())
+    _run(runner, model_sha, good, "j1")
+    assert (runner.loads, runner.loaded.misses) == (1, 1)
+
+    batch, code, named = _bad_batches(x)[bad]
+    result = runner.run(
+        JobRequest("j2", "diagnose", 1, model_sha, _store(tmp_path, batch), {"device": "cpu"})
+    )
+    assert not result.ok and result.error_code == code
+    assert result.error_message is not None and named in result.error_message
+    assert runner.loads == 1 and runner.reloads_after_failure == 0  # attempted once
+    assert runner.loaded.hits == 1 and len(runner.loaded) == 1  # on the cached model, kept
+
+    _run(runner, model_sha, good, "j3")
+    assert (runner.loads, runner.loaded.hits) == (1, 2)
+
+
+def test_a_job_failing_inside_a_cached_model_runs_again_on_a_fresh_load(tmp_path: Path) -> None:
+    """An internal error may be the cached state's fault: the job runs once more on a fresh
+    load, succeeds there, and the broken entry is replaced by the fresh one."""
+    zoo = ZOO["mlp"]
+    x = zoo.example()
+    model_sha = _store(tmp_path, to_onnx(zoo.build(), x, input_names=["x"]))
+    batch_sha = _store(tmp_path, _npz(x, np.zeros((x.shape[0], 4), dtype=np.float32)))
+    runner = JobRunner(lambda sha: tmp_path / sha, ModelCache(), LoadedModelCache())
+    first = _run(runner, model_sha, batch_sha, "j1")
+    (key,) = runner.loaded._entries
+    broken = runner.loaded._entries[key].loaded
+    broken.graph.nodes = []  # a cached graph that lost its nodes: outputs never computed
+
+    second = _run(runner, model_sha, batch_sha, "j2")
+    assert runner.loads == 2 and runner.reloads_after_failure == 1
+    assert runner.loaded._entries[key].loaded is not broken
+    assert second["timing"]["load"] > 0
+    assert _comparable(second) == _comparable(first)

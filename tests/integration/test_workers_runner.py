@@ -1,5 +1,6 @@
-"""The pieces a worker child is made of, without processes: the model cache and the CUDA
-out-of-memory policy (retry with more micro-batches, say so in the report)."""
+"""The pieces a worker child is made of, without processes: the model cache, the CUDA
+out-of-memory policy (retry with more micro-batches, say so in the report) and which failures
+on a cached model are worth a fresh load."""
 
 from __future__ import annotations
 
@@ -7,15 +8,19 @@ from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
+from service.engine.formats.loaded import LoadedModel
 from service.engine.options import DiagnoseOptions
 from service.engine.report import Environment, LossInfo, ModelInfo, Report
+from service.errors import BadInputError, BatchError, GradhealthError
 from service.workers.model_cache import ModelCache
 from service.workers.runner import (
     OutOfMemoryFailure,
     diagnose_with_oom_retry,
     inspect_model,
     is_out_of_memory,
+    worth_a_fresh_load,
 )
 
 
@@ -118,3 +123,24 @@ def test_a_cuda_job_on_a_worker_without_gpu_fails_saying_why() -> None:
     assert worker_device(options) == (options, None)
     with pytest.raises(BadInputError, match="no GPU worker took it within"):
         worker_device(DiagnoseOptions.model_validate({"device": "cuda"}))
+
+
+@pytest.mark.parametrize(
+    ("error", "fmt", "reload"),
+    [
+        (BatchError("input 'x' expects shape [3, 8]"), "torchscript", False),
+        (BadInputError("loss 'mse' needs a target shaped like the output"), "onnx", False),
+        (BadInputError("loss 'mse' needs a target shaped like the output"), "torch_export", False),
+        # TorchScript's cached FX graph was converted for an earlier batch's shapes
+        (BadInputError("running the model on the batch failed"), "torchscript", True),
+        (OutOfMemoryFailure("even with 64 micro-batches"), "onnx", False),
+        (KeyError("node_output"), "onnx", True),
+        (GradhealthError("internal"), "torch_export", True),
+    ],
+)
+def test_a_fresh_load_is_tried_only_where_the_cached_model_could_be_at_fault(
+    error: Exception, fmt: str, reload: bool
+) -> None:
+    module = nn.Linear(2, 2)
+    loaded = LoadedModel(format=fmt, module=module, graph=None, inputs=[])  # type: ignore[arg-type]
+    assert worth_a_fresh_load(error, loaded) is reload

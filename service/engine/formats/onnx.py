@@ -78,21 +78,25 @@ def load_onnx_model(
         loaded.conversion = ConversionCheck(checked=False, reason="not requested")
         return loaded
 
-    def finish(example: Sequence[torch.Tensor]) -> None:
-        loaded.conversion = _check(model, graph, example)
+    def finish(example: Sequence[torch.Tensor], reference: Any = None) -> None:
+        loaded.conversion = _check(model, graph, example, reference)
 
     loaded.finish = finish
     return loaded
 
 
-def _check(model: Any, graph: Any, example: Sequence[torch.Tensor]) -> ConversionCheck:
+def _check(
+    model: Any, graph: Any, example: Sequence[torch.Tensor], reference: Any = None
+) -> ConversionCheck:
+    """`reference`: a `conformance.ConformanceReference` kept by the caller (a worker's cache
+    of loaded models) so the onnxruntime session is built once per model, not per batch."""
     try:
         conformance = importlib.import_module("service.engine.onnx.conformance")
     except ModuleNotFoundError:
         return ConversionCheck(checked=False, reason="conformance check not available")
     try:
         # it refills the proto's initializers from the graph and runs the forward it needs
-        result = conformance.check_conversion(model, graph, list(example))
+        result = conformance.check_conversion(model, graph, list(example), reference=reference)
     except Exception as exc:  # a reference-runtime failure must not stop the diagnosis
         return ConversionCheck(checked=False, reason=f"{type(exc).__name__}: {exc}")
     assert isinstance(result, ConversionCheck)

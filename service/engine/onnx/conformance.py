@@ -14,6 +14,11 @@ constant False fed to onnxruntime, the same for the compared graph) and `reason`
 
 Errors: `max_abs_error` = max |ours − ort| over all float outputs; `max_rel_error` = max of
 |ours − ort| / max(|ort|, 1e-3 · max|ort|) per output, so entries near zero do not explode it.
+
+Cost: building the onnxruntime session (and the eval-mode twin) is the check's fixed part, the
+comparison the per-batch part. A caller that checks many batches of one unchanged model (a
+worker's cache of loaded models) keeps both in a `ConformanceReference`; one-shot callers (the
+CLI) pass none and nothing outlives the call.
 """
 
 from __future__ import annotations
@@ -119,19 +124,108 @@ def _metrics(ours: Sequence[Any], theirs: Sequence[np.ndarray]) -> tuple[float, 
     return max_abs, max_rel
 
 
+class ConformanceReference:
+    """What the check builds from the model's weights, kept for the next batch's check.
+
+    The onnxruntime session (parsing, optimising and copying the initializers: the check's
+    fixed cost, paid again for every batch without this) and, where the check compares an
+    eval-mode twin (see the module doc), that twin. Built on first use from the graph's weights
+    at that time, so a holder is only for a caller that checks many batches against a model
+    whose weights do not change between checks: a worker's cache of loaded models (it puts
+    written buffers back after each job and drops a model whose parameters a job wrote, and
+    with the model, its holder). The comparison itself runs on every batch.
+
+    One-shot callers (the CLI) pass no holder: `check_conversion` builds one for the call and
+    drops it on return, as before. `close()` frees the session and the twin at once.
+    """
+
+    def __init__(self) -> None:
+        self._providers: tuple[str, ...] | None = None
+        self._session: Any = None
+        self._failure: str | None = None  # onnxruntime cannot load the model: the same next time
+        self._dropout_switched = False
+        self._twin: ObservableGraph | None = None
+        self._twin_built = False
+        self._session_bytes = 0
+        self.sessions_built = 0
+
+    @property
+    def size_bytes(self) -> int:
+        """Host memory held: the session's copy of the weights (estimated as the size of the
+        model it was built from; onnxruntime may pre-pack some weights on top) and the twin's
+        parameters and buffers."""
+        twin = 0
+        if self._twin is not None:
+            tensors = list(self._twin.parameters()) + list(self._twin.buffers())
+            twin = sum(t.numel() * t.element_size() for t in tensors)
+        return self._session_bytes + twin
+
+    def close(self) -> None:
+        self._providers = self._session = self._failure = self._twin = None
+        self._twin_built = False
+        self._session_bytes = 0
+
+    def session(self, model: ModelProto, graph: ObservableGraph, providers: Sequence[str]) -> Any:
+        """The session for `providers` (a session is never reused for other providers);
+        raises `ReferenceUnavailable` with the reason when onnxruntime cannot load the model."""
+        if self._providers != tuple(providers):
+            self.close()
+            self._providers = tuple(providers)
+            refilled = _refill(model, graph)
+            self._dropout_switched = _switch_dropout_off(refilled)
+            serialized = refilled.SerializeToString()
+            del refilled
+            try:
+                import onnxruntime as ort
+
+                options = ort.SessionOptions()
+                options.log_severity_level = 3
+                self._session = ort.InferenceSession(serialized, options, providers=list(providers))
+                self._session_bytes = len(serialized)
+                self.sessions_built += 1
+            except Exception as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                self._failure = f"onnxruntime cannot load the model: {first}"
+        if self._failure is not None:
+            raise ReferenceUnavailable(self._failure)
+        return self._session
+
+    @property
+    def dropout_switched(self) -> bool:
+        """Whether the session's model has its Dropout switched off (`_switch_dropout_off`)."""
+        return self._dropout_switched
+
+    def twin(self, model: ModelProto, graph: ObservableGraph) -> ObservableGraph:
+        """The same weights converted in `eval` mode, as onnxruntime runs them (CPU)."""
+        if not self._twin_built:
+            refilled = _refill(model, graph)
+            _switch_dropout_off(refilled)
+            self._twin = convert(refilled, mode="eval", release_weights=False)
+            self._twin_built = True
+        assert self._twin is not None
+        return self._twin
+
+
+class ReferenceUnavailable(Exception):
+    """onnxruntime cannot load the model; the message says why (goes into the check)."""
+
+
 def check_conversion(
     model: ModelProto,
     graph: ObservableGraph,
     inputs: list[torch.Tensor],
     outputs: list[torch.Tensor] | None = None,
+    *,
+    reference: ConformanceReference | None = None,
 ) -> ConversionCheck:
     """Compare the converted forward with onnxruntime on `inputs`; never raises for a model
-    onnxruntime cannot run (the check says why instead)."""
+    onnxruntime cannot run (the check says why instead). `reference`: the session (and twin)
+    kept from an earlier check of the same unchanged model (see `ConformanceReference`)."""
     try:
-        import onnxruntime as ort
+        import onnxruntime  # noqa: F401
     except ImportError as exc:  # pragma: no cover - onnxruntime is a dependency
         return ConversionCheck(checked=False, reason=f"onnxruntime is not installed: {exc}")
-    reference = _reference()
+    reference_name = _reference()
     try:
         feeds = {
             name: value.detach().cpu().numpy()
@@ -140,27 +234,21 @@ def check_conversion(
     except (TypeError, ValueError) as exc:
         return ConversionCheck(
             checked=False,
-            reference=reference,
+            reference=reference_name,
             reason=f"inputs cannot be given to onnxruntime: {exc}",
         )
-    refilled = _refill(model, graph)
-    dropout_switched = _switch_dropout_off(refilled)
+    kept = reference if reference is not None else ConformanceReference()
     try:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        session = ort.InferenceSession(refilled.SerializeToString(), options, providers=[PROVIDER])
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return ConversionCheck(
-            checked=False, reference=reference, reason=f"onnxruntime cannot load the model: {first}"
-        )
+        session = kept.session(model, graph, [PROVIDER])
+    except ReferenceUnavailable as exc:
+        return ConversionCheck(checked=False, reference=reference_name, reason=str(exc))
     try:
         expected = session.run(None, feeds)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return ConversionCheck(
             checked=False,
-            reference=reference,
+            reference=reference_name,
             reason=f"onnxruntime failed to run the model: {first}",
         )
 
@@ -176,26 +264,29 @@ def check_conversion(
     dropout_random = graph.metadata.get("mode") == "eval" or bool(
         graph.metadata.get("extra", {}).get("dropout")
     )
-    if dropout_switched:
+    if kept.dropout_switched:
         reasons.append("dropout switched off on both sides for the comparison (it is random)")
         twin_needed = twin_needed or dropout_random
     with torch.no_grad():
         if twin_needed:  # same weights, converted as onnxruntime runs them
-            twin = convert(refilled, mode="eval", release_weights=False)
-            ours = twin.run([t.detach().cpu() for t in inputs])
+            ours = kept.twin(model, graph).run([t.detach().cpu() for t in inputs])
         elif outputs is not None:
             ours = list(outputs)
         else:
             ours = graph.run(list(inputs))
+    if reference is None:
+        kept.close()  # one-shot: nothing outlives the check
     reason = "; ".join(reasons) or None
     try:
         max_abs, max_rel = _metrics(ours, expected)
     except ValueError as exc:
-        return ConversionCheck(checked=True, reference=reference, reason=f"output mismatch: {exc}")
+        return ConversionCheck(
+            checked=True, reference=reference_name, reason=f"output mismatch: {exc}"
+        )
     return ConversionCheck(
         checked=True,
         max_abs_error=max_abs,
         max_rel_error=max_rel,
-        reference=reference,
+        reference=reference_name,
         reason=reason,
     )
