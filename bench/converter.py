@@ -78,8 +78,16 @@ def _median_times(
 
 
 def compare(
-    name: str, module: nn.Module, x: torch.Tensor, device: torch.device, repeats: int
-) -> float:
+    name: str,
+    module: nn.Module,
+    x: torch.Tensor,
+    device: torch.device,
+    repeats: int,
+    only: str = "",
+) -> float | None:
+    """Print and return the converted/original time ratio; None when `only` excludes the row."""
+    if only not in name:
+        return None
     module.train()
     data = to_onnx(module, x)
     graph = convert(load_onnx(data), mode="train").to(device)
@@ -157,6 +165,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument("--only", default="", help="run only the rows whose name contains this")
+    parser.add_argument("--skip-conversion", action="store_true", help="no conversion timing")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -175,6 +185,7 @@ def main() -> None:
         torch.randn(8, 3, 32, 32),
         device,
         args.repeats,
+        args.only,
     )
     torch.manual_seed(0)
     compare(
@@ -183,6 +194,7 @@ def main() -> None:
         torch.randn(8, 32, 64 * scale),
         device,
         args.repeats,
+        args.only,
     )
     if lookup("LSTM", "", 14) is None:
         print("lstm                   skipped: the recurrent ops (LSTM) are not registered yet")
@@ -194,8 +206,21 @@ def main() -> None:
             torch.randn(8, 24, 16 * scale),
             device,
             args.repeats,
+            args.only,
         )
-    conversion_time(30 if args.quick else 300)
+        # a training-sized LSTM: the small one above is bound by per-op overhead, this one by
+        # its products (hidden 512, batch 32, 50 steps; --quick: a quarter of each)
+        torch.manual_seed(0)
+        compare(
+            "lstm (2 layers, large)",
+            LSTMModel(32 * scale, 128 * scale),
+            torch.randn(8 * scale, 50 if scale > 1 else 12, 32 * scale),
+            device,
+            max(3, args.repeats // 3),
+            args.only,
+        )
+    if not args.skip_conversion:
+        conversion_time(30 if args.quick else 300)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from service.engine.graph import Node, ObservableGraph
+from service.engine.onnx.ops.lstm_sequence import lstm_sequence
 from service.engine.onnx.registry import OpContext, UnsupportedAttribute, register
 
 
@@ -195,6 +196,14 @@ class RecurrentFn:
         self.linear_recurrence = linear_recurrence
         self.record_steps = False
         self.step_hidden: list[list[Tensor]] = []
+        # LSTMs as torch exports them run through lstm_sequence (hand-written backward through
+        # time, same per-step loop): set by the LSTM builder when the attributes allow it
+        self.whole_sequence = False
+        # Set `collect_hidden_grads` to get ∂L/∂h_t of every step from the whole-sequence path:
+        # after the backward of each call, `hidden_grads[direction]` holds one
+        # [T, batch, hidden] tensor in time order (empty if the unrolled path ran)
+        self.collect_hidden_grads = False
+        self.hidden_grads: list[list[Tensor]] = []
 
     def __call__(
         self,
@@ -226,40 +235,27 @@ class RecurrentFn:
                 t = torch.arange(steps, device=X.device).unsqueeze(1)
                 valid = (t < lens.unsqueeze(0)).unsqueeze(-1)  # [seq, batch, 1]
                 nonempty = (lens > 0).unsqueeze(-1)  # [batch, 1]
-        ys, last_h, last_c = [], [], []
+        ys: list[Tensor] = []
+        last_h: list[Tensor] = []
+        last_c: list[Tensor | None] = []
         self.step_hidden = []
-        per_dir = len(s.activations) // s.directions
+        self.hidden_grads = [[] for _ in range(s.directions)]
+        whole_sequence = (
+            self.whole_sequence and P is None and valid is None and not self.record_steps
+        )
         for d in range(s.directions):
-            w_bias = None if B is None else B[d, : self.gates * hidden]
-            r_bias = None if B is None else B[d, self.gates * hidden :]
-            # Steps read R detached when its gradient is deferred to one matmul per call: a
-            # per-step dR (a [G·H, batch]·[batch, H] product plus an accumulation into R's
-            # gradient) was the largest cost of the unrolled backward.
-            defer_r_grad = self.linear_recurrence and torch.is_grad_enabled() and R.requires_grad
-            step, folded = self.make_step(
-                R[d].detach() if defer_r_grad else R[d],
-                r_bias,
-                None if P is None else P[d],
-                s.activations[d * per_dir : (d + 1) * per_dir],
-                s.clip,
-            )
-            bias = w_bias if folded is None or w_bias is None else w_bias + folded
-            # [seq, batch, G·H]: the input side has no recurrence, so one matmul for all steps
-            projected = F.linear(X, W[d], bias)
-            previous: list[Tensor] | None = None
-            if defer_r_grad:
-                previous = []  # filled by _unroll with the stacked h_{t-1}
-                projected = _DeferredRGrad.apply(projected, R[d], previous)
+            reverse = s.reverse_only or d == 1
             h0 = X.new_zeros(batch, hidden) if initial_h is None else initial_h[d]
             c0 = None
             if self.has_cell:
                 c0 = X.new_zeros(batch, hidden) if initial_c is None else initial_c[d]
-            reverse = s.reverse_only or d == 1
-            record: list[Tensor] | None = None
-            if self.record_steps:
-                record = [h0] * steps  # placeholders, all overwritten
-                self.step_hidden.append(record)
-            y, h, c = self._unroll(projected, valid, reverse, h0, c0, step, record, previous)
+            c: Tensor | None
+            if whole_sequence and steps > 0 and c0 is not None:
+                bias = None if B is None else B[d, : 4 * hidden] + B[d, 4 * hidden :]
+                sink = self.hidden_grads[d] if self.collect_hidden_grads else None
+                y, h, c = lstm_sequence(X, W[d], R[d], bias, h0, c0, reverse, sink)
+            else:
+                y, h, c = self._unrolled_direction(d, X, W, R, B, P, h0, c0, valid, reverse)
             if nonempty is not None:  # an empty sequence ends in zero states (as onnxruntime)
                 h = torch.where(nonempty, h, torch.zeros_like(h))
                 c = None if c is None else torch.where(nonempty, c, torch.zeros_like(c))
@@ -275,6 +271,49 @@ class RecurrentFn:
             Y_c = None if Y_c is None else Y_c.transpose(0, 1)
         outputs = (Y, Y_h, Y_c)[: s.num_outputs]
         return outputs[0] if len(outputs) == 1 else outputs  # type: ignore[return-value]
+
+    def _unrolled_direction(
+        self,
+        d: int,
+        X: Tensor,
+        W: Tensor,
+        R: Tensor,
+        B: Tensor | None,
+        P: Tensor | None,
+        h0: Tensor,
+        c0: Tensor | None,
+        valid: Tensor | None,
+        reverse: bool,
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Direction `d` through the step functions, every step recorded by autograd."""
+        s = self.settings
+        steps, hidden = X.shape[0], R.shape[-1]
+        per_dir = len(s.activations) // s.directions
+        w_bias = None if B is None else B[d, : self.gates * hidden]
+        r_bias = None if B is None else B[d, self.gates * hidden :]
+        # Steps read R detached when its gradient is deferred to one matmul per call: a
+        # per-step dR (a [G·H, batch]·[batch, H] product plus an accumulation into R's
+        # gradient) was the largest cost of the unrolled backward.
+        defer_r_grad = self.linear_recurrence and torch.is_grad_enabled() and R.requires_grad
+        step, folded = self.make_step(
+            R[d].detach() if defer_r_grad else R[d],
+            r_bias,
+            None if P is None else P[d],
+            s.activations[d * per_dir : (d + 1) * per_dir],
+            s.clip,
+        )
+        bias = w_bias if folded is None or w_bias is None else w_bias + folded
+        # [seq, batch, G·H]: the input side has no recurrence, so one matmul for all steps
+        projected = F.linear(X, W[d], bias)
+        previous: list[Tensor] | None = None
+        if defer_r_grad:
+            previous = []  # filled by _unroll with the stacked h_{t-1}
+            projected = _DeferredRGrad.apply(projected, R[d], previous)
+        record: list[Tensor] | None = None
+        if self.record_steps:
+            record = [h0] * steps  # placeholders, all overwritten
+            self.step_hidden.append(record)
+        return self._unroll(projected, valid, reverse, h0, c0, step, record, previous)
 
     def _unroll(
         self,
@@ -470,7 +509,14 @@ def lstm(ctx: OpContext) -> RecurrentFn:
     if input_forget not in (0, 1):
         raise UnsupportedAttribute(f"input_forget {input_forget}: expected 0 or 1")
     make = functools.partial(_lstm_step, input_forget=bool(input_forget))
-    return RecurrentFn(settings, make, gates=4, has_cell=True, linear_recurrence=True)
+    fn = RecurrentFn(settings, make, gates=4, has_cell=True, linear_recurrence=True)
+    default_activations = [torch.sigmoid, torch.tanh, torch.tanh] * settings.directions
+    fn.whole_sequence = (
+        not input_forget
+        and settings.clip is None
+        and [a.fn for a in settings.activations] == default_activations
+    )
+    return fn
 
 
 # --- where the time axis of a graph input is ------------------------------------------------

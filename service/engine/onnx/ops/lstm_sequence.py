@@ -1,0 +1,166 @@
+"""One LSTM direction over a whole sequence, step by step, with a hand-written backward.
+
+The unrolled autograd version (recurrent.py's steps) records ~9 autograd nodes per time step;
+their bookkeeping, not the arithmetic, made the converted LSTM 3.5× slower than torch's fused
+kernel. Here the forward is the same loop of plain torch ops (one product and six elementwise
+ops per step, written into preallocated [T, ...] buffers), and the backward is backpropagation
+through time written out: every factor that does not depend on the incoming gradient is computed
+for all steps at once, so the sequential part is one product and four elementwise ops per step.
+It is still computed one step at a time (no fused kernel), and the gradient reaching each step's
+hidden state, ∂L/∂h_t through `Y` and through the recurrence, is a by-product of the backward:
+callers that pass a `hidden_grads` list get it ([T, batch, hidden], time order) when the
+backward runs.
+
+Covers the LSTM that exporters write for `nn.LSTM`: activations sigmoid/tanh/tanh, no peepholes,
+no clip, no coupled input-forget gate, every sequence full length. Gates are in ONNX order
+i, o, f, c. Other LSTMs take the unrolled path in recurrent.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from service.engine.onnx.ops import _onednn
+
+
+def lstm_sequence(
+    X: Tensor,
+    W: Tensor,
+    R: Tensor,
+    bias: Tensor | None,
+    h0: Tensor,
+    c0: Tensor,
+    reverse: bool = False,
+    hidden_grads: list[Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(Y [T, B, H], h_T [B, H], c_T [B, H]) for X [T, B, I], W [4H, I], R [4H, H],
+    bias [4H] (input and recurrent biases summed) or None, h0/c0 [B, H].
+
+    Under autocast the inputs are cast to its dtype first, as the products of the unrolled
+    path would be; the loop itself then runs with autocast off (its `out=` buffers must keep
+    one dtype)."""
+    device_type = X.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        X, W, R, h0, c0 = (t.to(dtype) for t in (X, W, R, h0, c0))
+        bias = None if bias is None else bias.to(dtype)
+    if reverse:  # the reverse direction is the forward one on the time-flipped sequence
+        X = X.flip(0)
+    with torch.autocast(device_type, enabled=False):
+        Y, h, c = _LSTMSequence.apply(X, W, R, bias, h0, c0, hidden_grads, reverse)
+    return (Y.flip(0) if reverse else Y), h, c
+
+
+class _LSTMSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        X: Tensor,
+        W: Tensor,
+        R: Tensor,
+        bias: Tensor | None,
+        h0: Tensor,
+        c0: Tensor,
+        hidden_grads: list[Tensor] | None,
+        reverse: bool,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        steps, batch = X.shape[0], X.shape[1]
+        hidden = R.shape[1]
+        projected = _onednn.linear(X, W, bias)  # [T, B, 4H]: the input side, all steps at once
+        gates = torch.empty_like(projected)  # activated gates i, o, f, c
+        cells = projected.new_empty(steps, batch, hidden)
+        tanh_cells = torch.empty_like(cells)
+        Y = torch.empty_like(cells)
+        # per-step views, made once: slicing inside the loop would cost as much as the ops
+        p_t, g_t = projected.unbind(0), gates.unbind(0)
+        sig_t, cand_t = gates[..., : 3 * hidden].unbind(0), gates[..., 3 * hidden :].unbind(0)
+        i_t, o_t, f_t = (gates[..., k * hidden : (k + 1) * hidden].unbind(0) for k in range(3))
+        c_t, tc_t, y_t = cells.unbind(0), tanh_cells.unbind(0), Y.unbind(0)
+        recurrent = _onednn.StepProduct(R, batch)
+        h, c = h0, c0
+        for t in range(steps):
+            pre = recurrent(h, p_t[t], out=g_t[t])  # x_t·Wᵀ + b + h_{t-1}·Rᵀ
+            torch.sigmoid(pre[:, : 3 * hidden], out=sig_t[t])
+            torch.tanh(pre[:, 3 * hidden :], out=cand_t[t])
+            torch.mul(f_t[t], c, out=c_t[t])
+            c_t[t].addcmul_(i_t[t], cand_t[t])
+            torch.tanh(c_t[t], out=tc_t[t])
+            torch.mul(o_t[t], tc_t[t], out=y_t[t])
+            h, c = y_t[t], c_t[t]
+        ctx.save_for_backward(X, W, R, h0, c0, gates, cells, tanh_cells, Y)
+        ctx.hidden_grads = hidden_grads
+        ctx.reverse = reverse
+        ctx.has_bias = bias is not None
+        # h_T and c_T as their own tensors: views of Y or of a saved buffer could be changed
+        # in place by a caller and corrupt the backward
+        return Y, h.clone(), c.clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: Any, dY: Tensor, dh_last: Tensor, dc_last: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        X, W, R, h0, c0, gates, cells, tanh_cells, Y = ctx.saved_tensors
+        steps, batch, four_h = gates.shape
+        hidden = four_h // 4
+        i, o, f, g = gates.split(hidden, -1)
+        c_prev = torch.cat([c0.unsqueeze(0), cells[:-1]], 0)
+        # ∂L/∂(pre-activation) = dc·F for the i, f, c gates and dh·F for o, with F from the
+        # forward's values alone: computed here for all steps at once
+        factors = torch.empty_like(gates)
+        F_i, F_o, F_f, F_c = factors.split(hidden, -1)
+        torch.mul(g, i * (1 - i), out=F_i)
+        torch.mul(tanh_cells, o * (1 - o), out=F_o)
+        torch.mul(c_prev, f * (1 - f), out=F_f)
+        torch.mul(i, 1 - g * g, out=F_c)
+        dc_from_h = o * (1 - tanh_cells * tanh_cells)  # ∂c_t/∂h_t's factor: o·(1 − tanh²c)
+        dgates = torch.empty_like(gates)
+        dhidden = torch.empty_like(Y)  # ∂L/∂h_t, through Y and through the recurrence
+        by_gate = (steps, batch, 4, hidden)
+        f4_t, dg4_t = factors.view(by_gate).unbind(0), dgates.view(by_gate).unbind(0)
+        dg_t = dgates.unbind(0)
+        fo_t, dgo_t = F_o.unbind(0), dgates[..., hidden : 2 * hidden].unbind(0)
+        a_t, f_t, dy_t, dh_t = dc_from_h.unbind(0), f.unbind(0), dY.unbind(0), dhidden.unbind(0)
+        recurrent_t = _onednn.StepProduct(R.t().contiguous(), batch)  # dgates_t·R
+        last = steps - 1
+        dh = torch.add(dy_t[last], dh_last, out=dh_t[last])
+        dc = torch.addcmul(dc_last, dh, a_t[last])
+        for t in range(last, -1, -1):
+            if t < last:
+                dh = recurrent_t(dg_t[t + 1], dy_t[t], out=dh_t[t])
+                dc = torch.addcmul(dc * f_t[t + 1], dh, a_t[t])
+            torch.mul(f4_t[t], dc.unsqueeze(1), out=dg4_t[t])  # i, f, c gates (o overwritten)
+            torch.mul(fo_t[t], dh, out=dgo_t[t])
+        if ctx.hidden_grads is not None:
+            ctx.hidden_grads.append(dhidden.flip(0) if ctx.reverse else dhidden)
+        return _LSTMSequence._input_grads(ctx, X, W, R, h0, Y, dgates, dc * f_t[0])
+
+    @staticmethod
+    def _input_grads(
+        ctx: Any,
+        X: Tensor,
+        W: Tensor,
+        R: Tensor,
+        h0: Tensor,
+        Y: Tensor,
+        dgates: Tensor,
+        dc0: Tensor,
+    ) -> tuple[Tensor | None, ...]:
+        """The products over all steps at once: dX, dW, dR, db, dh0, dc0."""
+        steps, batch, four_h = dgates.shape
+        flat = dgates.reshape(steps * batch, four_h)
+        need_x, need_w, need_r, need_b, need_h0, need_c0 = ctx.needs_input_grad[:6]
+        dX = _onednn.linear(flat, W.t()).view_as(X) if need_x else None
+        dW = dR = None
+        if need_w or need_r:  # one product for both: dgatesᵀ·[h_{t-1} | x_t]
+            h_prev = torch.cat([h0.unsqueeze(0), Y[:-1]], 0).reshape(steps * batch, -1)
+            sides = torch.cat([h_prev, X.reshape(steps * batch, -1)], 1)
+            both = _onednn.linear(flat.t(), sides.t())
+            dR, dW = both[:, : R.shape[1]], both[:, R.shape[1] :]
+        db = flat.sum(0) if need_b and ctx.has_bias else None
+        dh0 = torch.mm(dgates[0], R) if need_h0 else None
+        return dX, dW, dR, db, dh0, dc0 if need_c0 else None, None, None

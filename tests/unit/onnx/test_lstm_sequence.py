@@ -1,0 +1,169 @@
+"""The whole-sequence LSTM (hand-written backward through time) against the unrolled autograd path.
+
+test_recurrent.py already compares every LSTM direction/layout with onnxruntime; here: float64
+gradchecks of the function itself, equality of values and of every gradient with the unrolled
+path (which autograd differentiates step by step), both product back ends (addmm for small
+steps, oneDNN with a packed weight for large ones), the per-step hidden-state gradients it
+reports, and which LSTM nodes take it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from service.engine.onnx.ops import _onednn
+from service.engine.onnx.ops.lstm_sequence import lstm_sequence
+from service.engine.onnx.ops.recurrent import RecurrentFn
+from tests.support.recurrent_zoo import as_outputs, build_node_fn
+from tests.unit.onnx.test_recurrent import Case
+
+
+def _lstm_args(
+    steps: int, batch: int, inputs: int, hidden: int, dtype: torch.dtype, seed: int = 0
+) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+
+    def normal(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g, dtype=dtype) * scale).requires_grad_(True)
+
+    return [
+        normal(steps, batch, inputs),
+        normal(4 * hidden, inputs, scale=0.5),
+        normal(4 * hidden, hidden, scale=0.5),
+        normal(4 * hidden, scale=0.3),
+        normal(batch, hidden),
+        normal(batch, hidden),
+    ]
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_gradcheck_float64(reverse: bool, with_bias: bool) -> None:
+    X, W, R, b, h0, c0 = _lstm_args(4, 2, 3, 2, torch.float64)
+
+    def run(*a: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x, w, r, h, c = a[0], a[1], a[2], a[-2], a[-1]
+        bias = a[3] if with_bias else None
+        return lstm_sequence(x, w, r, bias, h, c, reverse)
+
+    args = (X, W, R, b, h0, c0) if with_bias else (X, W, R, h0, c0)
+    assert torch.autograd.gradcheck(run, args, eps=1e-6, atol=1e-6)
+
+
+def _both_paths(case: Case) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Outputs then input gradients of one LSTM node, through the whole-sequence path and
+    through the unrolled one, for a loss that weighs every output element differently."""
+    node = case.node()
+    results = []
+    for whole in (True, False):
+        fn = build_node_fn(node, case.opset)
+        assert isinstance(fn, RecurrentFn) and fn.whole_sequence
+        fn.whole_sequence = whole
+        tensors = [None if v is None else torch.from_numpy(v) for v in case.inputs()]
+        floats = [
+            t.requires_grad_(True) for t in tensors if t is not None and t.is_floating_point()
+        ]
+        outputs = as_outputs(fn(*tensors), len(node.output))
+        seed = torch.Generator().manual_seed(7)
+        weights = [torch.randn(o.shape, generator=seed) for o in outputs]
+        loss = sum((o * w).sum() for o, w in zip(outputs, weights, strict=True))
+        grads = torch.autograd.grad(loss, floats)  # type: ignore[arg-type]
+        results.append(([o.detach() for o in outputs], list(grads)))
+    (whole_out, whole_grads), (unrolled_out, unrolled_grads) = results
+    for got, expected in zip(whole_out, unrolled_out, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    return whole_grads, unrolled_grads
+
+
+SMALL = [
+    Case("LSTM", direction="forward"),
+    Case("LSTM", direction="reverse", layout=1),
+    Case("LSTM", direction="bidirectional", initial_state=False),
+    Case("LSTM", direction="bidirectional", bias=False, opset=7),
+]
+
+
+@pytest.mark.parametrize("case", SMALL, ids=lambda c: f"{c.direction}-l{c.layout}-o{c.opset}")
+def test_gradients_equal_the_unrolled_path(case: Case) -> None:
+    for got, expected in zip(*_both_paths(case), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_large_steps_use_onednn_and_still_equal_the_unrolled_path() -> None:
+    case = replace(Case("LSTM", direction="bidirectional"), batch=32, hidden=128, input_size=8)
+    assert case.batch * case.hidden * 4 * case.hidden >= _onednn.PACKED_STEP_MIN_MACS
+    product = _onednn.StepProduct(torch.zeros(4 * case.hidden, case.hidden), case.batch)
+    assert product.packed is not None, "this torch build should offer oneDNN's packed products"
+    for got, expected in zip(*_both_paths(case), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_hidden_gradients_equal_the_gradients_reaching_each_recorded_step() -> None:
+    """`hidden_grads` (from the backward through time) is ∂L/∂h_t: the same values autograd
+    gives for the states that the unrolled path records."""
+    case = Case("LSTM", direction="bidirectional", steps=5)
+    node = case.node()
+    weights = torch.randn(case.steps, 2, case.batch, case.hidden)
+
+    def run(fn: RecurrentFn) -> torch.Tensor:
+        tensors = [None if v is None else torch.from_numpy(v) for v in case.inputs()]
+        tensors[0].requires_grad_(True)  # type: ignore[union-attr]
+        Y = as_outputs(fn(*tensors), len(node.output))[0]
+        return (Y * weights).sum()
+
+    whole = build_node_fn(node, case.opset)
+    assert isinstance(whole, RecurrentFn)
+    whole.collect_hidden_grads = True
+    run(whole).backward()
+    assert [len(d) for d in whole.hidden_grads] == [1, 1]  # one tensor per direction
+
+    unrolled = build_node_fn(node, case.opset)
+    assert isinstance(unrolled, RecurrentFn)
+    unrolled.record_steps = True
+    loss = run(unrolled)
+    expected = torch.autograd.grad(loss, [*unrolled.step_hidden[0], *unrolled.step_hidden[1]])
+    for d in range(2):
+        got = whole.hidden_grads[d][0]
+        assert got.shape == (case.steps, case.batch, case.hidden)
+        want = torch.stack(expected[d * case.steps : (d + 1) * case.steps])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert bool((got.abs().sum((1, 2)) > 0).all())  # every step receives a gradient
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case("LSTM", peepholes=True),
+        Case("LSTM", attrs={"clip": 3.0}),
+        Case("LSTM", attrs={"input_forget": 1}),
+        Case("LSTM", attrs={"activations": ["HardSigmoid", "Tanh", "Tanh"]}),
+    ],
+    ids=["peepholes", "clip", "input_forget", "activations"],
+)
+def test_lstms_outside_the_default_cell_stay_unrolled(case: Case) -> None:
+    fn = build_node_fn(case.node(), case.opset)
+    assert isinstance(fn, RecurrentFn)
+    if case.peepholes:  # decided per call: P is an input
+        assert fn.whole_sequence
+        fn.collect_hidden_grads = True
+        tensors = [None if v is None else torch.from_numpy(v) for v in case.inputs()]
+        tensors[0].requires_grad_(True)  # type: ignore[union-attr]
+        as_outputs(fn(*tensors), 3)[0].sum().backward()
+        assert fn.hidden_grads == [[]]  # the unrolled path ran
+    else:
+        assert not fn.whole_sequence
+
+
+def test_autocast_bfloat16_runs_the_loop_in_the_autocast_dtype() -> None:
+    X, W, R, b, h0, c0 = _lstm_args(3, 2, 3, 4, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        Y, _, _ = lstm_sequence(X, W, R, b, h0, c0)
+    assert Y.dtype == torch.bfloat16
+    Y.float().sum().backward()
+    assert W.grad is not None and W.grad.dtype == torch.float32
+    expected, _, _ = lstm_sequence(X.detach(), W.detach(), R.detach(), b.detach(), h0, c0)
+    np.testing.assert_allclose(Y.float().detach().numpy(), expected.detach().numpy(), atol=0.05)
