@@ -167,11 +167,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--only", default="", help="run only the rows whose name contains this")
     parser.add_argument("--skip-conversion", action="store_true", help="no conversion timing")
+    parser.add_argument(
+        "--size",
+        choices=["auto", "small", "reference"],
+        default="auto",
+        help="reference: the issue's 12-layer d=768 encoder and a wide ResNet (auto: on CUDA)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     scale = 1 if args.quick else 4
+    reference = args.size == "reference" or (args.size == "auto" and device.type == "cuda")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(
         f"device {device} ({name}), torch {torch.__version__}, onnx {onnx.__version__}, "
@@ -179,19 +186,21 @@ def main() -> None:
     )
 
     torch.manual_seed(0)
-    compare(
-        "resnet-style CNN",
-        ResNet(width=8 * scale, blocks=4),
-        torch.randn(8, 3, 32, 32),
-        device,
-        args.repeats,
-        args.only,
-    )
+    if reference:  # the reference sizes: a 12-layer d=768 encoder, a wide ResNet
+        cnn = (ResNet(width=64, blocks=4), torch.randn(32, 3, 64, 64), "w64, 4 blocks, 32x64px")
+        encoder = TransformerEncoder(dim=768, heads=12, layers=12, ffn=3072)
+        tokens = (encoder, torch.randn(16, 128, 768), "d768 x12, batch 16x128")
+    else:
+        cnn = (ResNet(width=8 * scale, blocks=4), torch.randn(8, 3, 32, 32), "")
+        encoder = TransformerEncoder(dim=64 * scale, heads=4, layers=4, ffn=256 * scale)
+        tokens = (encoder, torch.randn(8, 32, 64 * scale), "")
+    torch.manual_seed(0)
+    compare(f"resnet-style CNN {cnn[2]}".strip(), cnn[0], cnn[1], device, args.repeats, args.only)
     torch.manual_seed(0)
     compare(
-        "transformer encoder",
-        TransformerEncoder(dim=64 * scale, heads=4, layers=4, ffn=256 * scale),
-        torch.randn(8, 32, 64 * scale),
+        f"transformer encoder {tokens[2]}".strip(),
+        tokens[0],
+        tokens[1],
         device,
         args.repeats,
         args.only,

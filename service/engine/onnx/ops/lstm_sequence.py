@@ -11,6 +11,8 @@ hidden state, ∂L/∂h_t through `Y` and through the recurrence, is a by-produc
 callers that pass a `hidden_grads` list get it ([T, batch, hidden], time order) when the
 backward runs.
 
+On CUDA the steps run through lstm_fused_cell instead: one cell kernel per step each way.
+
 Covers the LSTM that exporters write for `nn.LSTM`: activations sigmoid/tanh/tanh, no peepholes,
 no clip, no coupled input-forget gate, every sequence full length. Gates are in ONNX order
 i, o, f, c. Other LSTMs take the unrolled path in recurrent.py.
@@ -24,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from service.engine.onnx.ops import _onednn
+from service.engine.onnx.ops import _onednn, lstm_fused_cell
 
 
 def lstm_sequence(
@@ -51,7 +53,10 @@ def lstm_sequence(
     if reverse:  # the reverse direction is the forward one on the time-flipped sequence
         X = X.flip(0)
     with torch.autocast(device_type, enabled=False):
-        Y, h, c = _LSTMSequence.apply(X, W, R, bias, h0, c0, hidden_grads, reverse)
+        if lstm_fused_cell.available(X):
+            Y, h, c = lstm_fused_cell.lstm_fused_cell(X, W, R, bias, h0, c0, hidden_grads, reverse)
+        else:
+            Y, h, c = _LSTMSequence.apply(X, W, R, bias, h0, c0, hidden_grads, reverse)
     return (Y.flip(0) if reverse else Y), h, c
 
 

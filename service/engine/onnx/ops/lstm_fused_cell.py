@@ -1,0 +1,114 @@
+"""The whole-sequence LSTM on CUDA: the same step loop, each step's cell in one kernel.
+
+On a GPU the CPU-side cost of launching kernels is what an unrolled LSTM pays for: lstm_sequence's
+loop launches a product and six elementwise kernels per step forward and five backward, each
+~10 µs of Python and dispatch, while the GPU idles (H100: a 2-layer LSTM, hidden 512, 50 steps,
+batch 32 took 4.0× torch's cuDNN kernel that way). torch ships the per-step cell as one CUDA
+kernel each way (`_thnn_fused_lstm_cell` and its backward, what `nn.LSTMCell` runs on CUDA), so
+here a step is one product plus one cell kernel forward, one product plus one cell kernel
+backward. Still one step at a time, and ∂L/∂h_t of every step is still at hand in the backward.
+
+The cell kernels use torch's gate order i, f, g, o; ONNX orders i, o, f, c. `lstm_fused_cell`
+reorders W, R and the bias once per call (autograd carries the gradients back through that).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+# The cell kernels, as module attributes so that tests on a machine without CUDA can put a
+# pure-torch equivalent in their place (tests/unit/onnx/test_lstm_fused_cell.py).
+cell_forward = torch.ops.aten._thnn_fused_lstm_cell
+cell_backward = torch.ops.aten._thnn_fused_lstm_cell_backward_impl
+
+
+def available(x: Tensor) -> bool:
+    """The fused cell kernels exist for CUDA floating tensors."""
+    return x.is_cuda and x.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _torch_gate_order(hidden: int, device: torch.device) -> Tensor:
+    """Row indices that turn ONNX's gate blocks (i, o, f, c) into torch's (i, f, g, o)."""
+    blocks = [0, 2, 3, 1]  # torch's i, f, g, o are ONNX blocks 0, 2, 3, 1
+    return torch.cat([torch.arange(b * hidden, (b + 1) * hidden, device=device) for b in blocks])
+
+
+def lstm_fused_cell(
+    X: Tensor,
+    W: Tensor,
+    R: Tensor,
+    bias: Tensor | None,
+    h0: Tensor,
+    c0: Tensor,
+    hidden_grads: list[Tensor] | None,
+    reversed_time: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """lstm_sequence's contract (ONNX gate order in W, R, bias) on CUDA, for X already in the
+    order the steps run; `reversed_time`: X was flipped, so hidden_grads are flipped back."""
+    order = _torch_gate_order(R.shape[1], W.device)
+    W_t, R_t = W.index_select(0, order), R.index_select(0, order)
+    b_t = None if bias is None else bias.index_select(0, order)
+    projected = F.linear(X, W_t, b_t)  # [T, B, 4H]: the input side of every step at once
+    Y, h, c = _FusedCellSequence.apply(projected, R_t, h0, c0, hidden_grads, reversed_time)
+    return Y, h, c
+
+
+class _FusedCellSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        projected: Tensor,
+        R: Tensor,
+        h0: Tensor,
+        c0: Tensor,
+        hidden_grads: list[Tensor] | None,
+        reversed_time: bool,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        R_t = R.t()
+        h, c = h0, c0
+        hiddens, cells, workspaces = [], [], []
+        for p in projected.unbind(0):
+            # workspace: the step's activated gates, which the backward kernel reads
+            h, c, workspace = cell_forward(p, torch.mm(h, R_t), c)
+            hiddens.append(h)
+            cells.append(c)
+            workspaces.append(workspace)
+        Y = torch.stack(hiddens)
+        ctx.save_for_backward(R, h0, c0, Y)
+        # per-step tensors nobody else holds: kept as lists rather than stacked (no copies)
+        ctx.cells, ctx.workspaces = cells, workspaces
+        ctx.hidden_grads, ctx.reversed_time = hidden_grads, reversed_time
+        return Y, h.clone(), c.clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dY: Tensor, dh_last: Tensor, dc_last: Tensor) -> tuple[Any, ...]:
+        R, h0, c0, Y = ctx.saved_tensors
+        cells, workspaces = ctx.cells, ctx.workspaces
+        steps = len(cells)
+        dgates: list[Tensor] = [dY] * steps  # placeholders, all overwritten
+        dhidden: list[Tensor] = [dY] * steps
+        dc = dc_last
+        for t in range(steps - 1, -1, -1):
+            # ∂L/∂h_t: through Y_t and (but for the last step) through step t+1's gates
+            last = t == steps - 1
+            dh = dY[t] + dh_last if last else torch.addmm(dY[t], dgates[t + 1], R)
+            previous_cell = cells[t - 1] if t > 0 else c0
+            dgates[t], dc, _ = cell_backward(dh, dc, previous_cell, cells[t], workspaces[t], False)
+            dhidden[t] = dh
+        if ctx.hidden_grads is not None:
+            stacked = torch.stack(dhidden)
+            ctx.hidden_grads.append(stacked.flip(0) if ctx.reversed_time else stacked)
+        d_projected = torch.stack(dgates)  # [T, B, 4H]
+        need_p, need_r, need_h0, need_c0 = ctx.needs_input_grad[:4]
+        dR = None
+        if need_r:  # Σ_t dgates_tᵀ·h_{t-1}, one product for all steps
+            h_prev = torch.cat([h0.unsqueeze(0), Y[:-1]], 0).flatten(0, 1)
+            dR = d_projected.flatten(0, 1).t().mm(h_prev)
+        dh0 = torch.mm(dgates[0], R) if need_h0 else None
+        return d_projected if need_p else None, dR, dh0, dc if need_c0 else None, None, None

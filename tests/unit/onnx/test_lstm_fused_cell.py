@@ -1,0 +1,155 @@
+"""The CUDA whole-sequence LSTM (lstm_fused_cell) and its plumbing.
+
+torch's fused cell kernels exist only for CUDA. On the CPU the tests put `emulated_cell_*`
+(the same arithmetic in plain torch, torch's gate order i, f, g, o) in their place and check
+the loop, the gate reordering, the backward through time and the per-step hidden gradients
+against the unrolled path; the `gpu` test checks that the emulation computes what the real
+kernels compute, which is what makes the CPU tests meaningful.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import Tensor
+
+from service.engine.onnx.ops import lstm_fused_cell
+from service.engine.onnx.ops.lstm_sequence import _LSTMSequence, lstm_sequence
+
+
+def emulated_cell_forward(
+    input_gates: Tensor,
+    hidden_gates: Tensor,
+    cx: Tensor,
+    input_bias: Tensor | None = None,
+    hidden_bias: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    gates = input_gates + hidden_gates
+    if input_bias is not None and hidden_bias is not None:
+        gates = gates + input_bias + hidden_bias
+    i, f, g, o = gates.chunk(4, 1)
+    i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
+    cy = f * cx + i * g
+    return o * cy.tanh(), cy, torch.cat([i, f, g, o], 1)
+
+
+def emulated_cell_backward(
+    grad_hy: Tensor, grad_cy: Tensor, cx: Tensor, cy: Tensor, workspace: Tensor, has_bias: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    i, f, g, o = workspace.chunk(4, 1)
+    tanh_cy = cy.tanh()
+    dc = grad_cy + grad_hy * o * (1 - tanh_cy * tanh_cy)
+    d_gates = torch.cat(
+        [
+            dc * g * i * (1 - i),
+            dc * cx * f * (1 - f),
+            dc * i * (1 - g * g),
+            grad_hy * tanh_cy * o * (1 - o),
+        ],
+        1,
+    )
+    return d_gates, dc * f, d_gates.sum(0) if has_bias else None
+
+
+@pytest.fixture
+def emulated_kernels(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """The emulation in place of the CUDA kernels; yields the log of the cell calls made."""
+    calls: list[str] = []
+
+    def forward(*args: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        calls.append("forward")
+        return emulated_cell_forward(*args)
+
+    def backward(*args: object) -> tuple[Tensor, Tensor, Tensor | None]:
+        calls.append("backward")
+        return emulated_cell_backward(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(lstm_fused_cell, "cell_forward", forward)
+    monkeypatch.setattr(lstm_fused_cell, "cell_backward", backward)
+    monkeypatch.setattr(lstm_fused_cell, "available", lambda x: True)
+    yield calls
+
+
+def _args(dtype: torch.dtype, hidden: int = 3, seed: int = 0) -> list[Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    steps, batch, inputs = 5, 2, 4
+
+    def normal(*shape: int, scale: float = 1.0) -> Tensor:
+        return (torch.randn(*shape, generator=g, dtype=dtype) * scale).requires_grad_(True)
+
+    return [
+        normal(steps, batch, inputs),
+        normal(4 * hidden, inputs, scale=0.5),
+        normal(4 * hidden, hidden, scale=0.5),
+        normal(4 * hidden, scale=0.3),
+        normal(batch, hidden),
+        normal(batch, hidden),
+    ]
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_fused_cell_path_equals_the_cpu_path(emulated_kernels: list[str], reverse: bool) -> None:
+    args = _args(torch.float64)
+    weights = [torch.randn(s) for s in ((5, 2, 3), (2, 3), (2, 3))]
+    results = []
+    for fused in (True, False):
+        sink: list[Tensor] = []
+        if fused:
+            outputs = lstm_sequence(*args, reverse=reverse, hidden_grads=sink)
+        else:  # the CPU Function, reached directly
+            x = args[0].flip(0) if reverse else args[0]
+            y, h, c = _LSTMSequence.apply(x, *args[1:], sink, reverse)
+            outputs = (y.flip(0) if reverse else y, h, c)
+        loss = sum((o * w).sum() for o, w in zip(outputs, weights, strict=True))
+        grads = torch.autograd.grad(loss, args)
+        results.append(([o.detach() for o in outputs], grads, sink))
+    (out_a, grads_a, sink_a), (out_b, grads_b, sink_b) = results
+    for a, b in zip([*out_a, *grads_a, *sink_a], [*out_b, *grads_b, *sink_b], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert len(sink_a) == 1 and sink_a[0].shape == (5, 2, 3)
+    assert emulated_kernels == ["forward"] * 5 + ["backward"] * 5  # one cell call per step
+
+
+def test_fused_cell_path_gradcheck(emulated_kernels: list[str]) -> None:
+    X, W, R, b, h0, c0 = _args(torch.float64, hidden=2)
+    assert torch.autograd.gradcheck(
+        lambda *a: lstm_sequence(*a), (X, W, R, b, h0, c0), eps=1e-6, atol=1e-6
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_emulation_matches_torchs_cuda_kernels() -> None:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    batch, hidden = 3, 5
+    gates_in, gates_h = (torch.randn(batch, 4 * hidden, device="cuda", generator=g) for _ in "ab")
+    cx = torch.randn(batch, hidden, device="cuda", generator=g)
+    real = torch.ops.aten._thnn_fused_lstm_cell(gates_in, gates_h, cx)
+    emulated = emulated_cell_forward(gates_in, gates_h, cx)
+    for a, b in zip(real, emulated, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    hy, cy, workspace = real
+    grad_hy, grad_cy = torch.randn_like(hy), torch.randn_like(cy)
+    real_back = torch.ops.aten._thnn_fused_lstm_cell_backward_impl(
+        grad_hy, grad_cy, cx, cy, workspace, False
+    )
+    emulated_back = emulated_cell_backward(grad_hy, grad_cy, cx, cy, workspace, False)
+    for a, b in zip(real_back[:2], emulated_back[:2], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_whole_sequence_equals_the_cpu_one() -> None:
+    args = _args(torch.float32, hidden=8)
+    cuda_args = [a.detach().cuda().requires_grad_(True) for a in args]
+    assert lstm_fused_cell.available(cuda_args[0])
+    for reverse in (False, True):
+        cpu_out = lstm_sequence(*args, reverse=reverse)
+        gpu_out = lstm_sequence(*cuda_args, reverse=reverse)
+        cpu_grads = torch.autograd.grad(sum(o.sum() for o in cpu_out), args)
+        gpu_grads = torch.autograd.grad(sum(o.sum() for o in gpu_out), cuda_args)
+        for a, b in zip([*cpu_out, *cpu_grads], [*gpu_out, *gpu_grads], strict=True):
+            torch.testing.assert_close(b.detach().cpu(), a.detach(), rtol=1e-4, atol=1e-5)
