@@ -180,6 +180,10 @@ class ConformanceReference:
 
                 options = ort.SessionOptions()
                 options.log_severity_level = 3
+                # a kept session's idle threads must sleep, not spin after each check: they
+                # would take the cores from the job's own forward and backward that follow
+                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                options.add_session_config_entry("session.inter_op.allow_spinning", "0")
                 self._session = ort.InferenceSession(serialized, options, providers=list(providers))
                 self._session_bytes = len(serialized)
                 self.sessions_built += 1
