@@ -218,3 +218,195 @@ class Readiness(BaseModel):
     database: str
     revision: str | None
     head: str | None
+
+
+# -- GET /v1/models/{id}/history ----------------------------------------------------------------
+
+# A number from a report: float, or "inf" / "-inf" / "nan" where it is not finite (as in §3).
+Figure = float | str | None
+HISTORY_FIRST_ID = "0f3c9a8b7d6e5f4a3b2c1d0e9f8a7b6c"
+HISTORY_SECOND_ID = "7e6d5c4b3a291807f6e5d4c3b2a19080"
+HISTORY_EXAMPLE: dict[str, Any] = {
+    "model_id": "5b1e0c7d2f0a4c1e9a8b7c6d5e4f3a2b",
+    "name": "resnet-tiny",
+    "change_factor": 10.0,
+    "items": [
+        {
+            "diagnosis_id": HISTORY_FIRST_ID,
+            "model_id": "5b1e0c7d2f0a4c1e9a8b7c6d5e4f3a2b",
+            "model_version": 2,
+            "batch_id": "a1b2c3d4e5f60718293a4b5c6d7e8f90",
+            "created_at": EXAMPLE_TIME,
+            "finished_at": "2026-11-26T15:40:03Z",
+            "verdict": "unhealthy",
+            "counts": {"errors": 1, "warnings": 1, "info": 0},
+            "findings": [
+                {"kind": "exploding_gradients", "severity": "error", "layers": ["fc0", "fc1"]},
+                {"kind": "init_scale", "severity": "warning", "layers": ["fc0"]},
+            ],
+            "layers": [
+                {
+                    "name": "fc0",
+                    "op": "linear",
+                    "grad_norm": 416.8,
+                    "activation_grad_norm": 114.9,
+                    "dead_fraction": 0.0,
+                    "saturated_fraction": None,
+                },
+                {
+                    "name": "fc1",
+                    "op": "linear",
+                    "grad_norm": 398.4,
+                    "activation_grad_norm": 71.1,
+                    "dead_fraction": 0.0,
+                    "saturated_fraction": None,
+                },
+                {
+                    "name": "fc2",
+                    "op": "linear",
+                    "grad_norm": 295.8,
+                    "activation_grad_norm": 32.9,
+                    "dead_fraction": 0.0,
+                    "saturated_fraction": None,
+                },
+            ],
+            "changes": {
+                "compared_with": HISTORY_SECOND_ID,
+                "compared_with_version": 1,
+                "findings_appeared": ["exploding_gradients", "init_scale"],
+                "findings_resolved": [],
+                "severity_changed": [],
+                "layers_added": ["fc2"],
+                "layers_removed": [],
+                "flagged_layers": ["fc0", "fc1"],
+                "layers": [
+                    {
+                        "name": "fc0",
+                        "grad_norm_ratio": 4554.5,
+                        "activation_grad_norm_ratio": 3933.3,
+                        "flagged": True,
+                    },
+                    {
+                        "name": "fc1",
+                        "grad_norm_ratio": 5365.4,
+                        "activation_grad_norm_ratio": 2404.7,
+                        "flagged": True,
+                    },
+                ],
+            },
+        },
+        {
+            "diagnosis_id": HISTORY_SECOND_ID,
+            "model_id": "c0ffee0c7d2f0a4c1e9a8b7c6d5e4f3a",
+            "model_version": 1,
+            "batch_id": "a1b2c3d4e5f60718293a4b5c6d7e8f90",
+            "created_at": "2026-11-25T09:00:00Z",
+            "finished_at": "2026-11-25T09:00:02Z",
+            "verdict": "healthy",
+            "counts": {"errors": 0, "warnings": 0, "info": 0},
+            "findings": [],
+            "layers": [
+                {
+                    "name": "fc0",
+                    "op": "linear",
+                    "grad_norm": 0.0915,
+                    "activation_grad_norm": 0.0292,
+                    "dead_fraction": 0.0,
+                    "saturated_fraction": None,
+                },
+                {
+                    "name": "fc1",
+                    "op": "linear",
+                    "grad_norm": 0.0742,
+                    "activation_grad_norm": 0.0296,
+                    "dead_fraction": 0.0,
+                    "saturated_fraction": None,
+                },
+            ],
+            "changes": None,
+        },
+    ],
+    "next_cursor": None,
+}
+
+
+class FindingBrief(BaseModel):
+    kind: str = Field(description="the finding's kind (CONTRACT §3), e.g. exploding_gradients")
+    severity: str = Field(description="info | warning | error")
+    layers: list[str] = Field(description="the layers it names, worst first")
+
+
+class FindingCounts(BaseModel):
+    errors: int
+    warnings: int
+    info: int
+
+
+class LayerFigures(BaseModel):
+    """One layer of a report, the figures that show a gradient problem."""
+
+    name: str
+    op: str | None
+    grad_norm: Figure = Field(description="‖∂L/∂θ‖ of the layer's parameters")
+    activation_grad_norm: Figure = Field(description="‖∂L/∂a‖ of the layer's output")
+    dead_fraction: Figure = Field(description="units that output zero for every example")
+    saturated_fraction: Figure = Field(description="outputs in the activation's flat region")
+
+
+class SeverityChange(BaseModel):
+    kind: str
+    before: str
+    after: str
+
+
+class LayerChange(BaseModel):
+    name: str
+    grad_norm_ratio: Figure = Field(
+        description="grad_norm now / before; null where there is nothing to compare (no "
+        "figure on one side, zero or non-finite on both)"
+    )
+    activation_grad_norm_ratio: Figure = Field(description="activation_grad_norm now / before")
+    flagged: bool = Field(
+        description="a ratio is ≥ change_factor or ≤ 1/change_factor, or non-finite"
+    )
+
+
+class HistoryChanges(BaseModel):
+    compared_with: str = Field(description="the diagnosis this entry is compared with")
+    compared_with_version: int = Field(description="the model version of that diagnosis")
+    findings_appeared: list[str] = Field(description="finding kinds absent before")
+    findings_resolved: list[str] = Field(description="finding kinds gone since")
+    severity_changed: list[SeverityChange] = Field(
+        description="kinds present on both sides whose worst severity changed"
+    )
+    layers_added: list[str] = Field(description="layers absent before (the architecture changed)")
+    layers_removed: list[str] = Field(description="layers gone since")
+    flagged_layers: list[str] = Field(description="names of the flagged entries of `layers`")
+    layers: list[LayerChange] = Field(description="every layer present on both sides, in order")
+
+
+class HistoryEntry(BaseModel):
+    diagnosis_id: str
+    model_id: str
+    model_version: int
+    batch_id: str | None
+    created_at: datetime
+    finished_at: datetime
+    verdict: str | None = Field(description="healthy | at_risk | unhealthy")
+    counts: FindingCounts
+    findings: list[FindingBrief]
+    layers: list[LayerFigures] = Field(description="the report's layers, input → output")
+    changes: HistoryChanges | None = Field(
+        description="compared with the next older entry of the same list; null for the oldest"
+    )
+
+
+class ModelHistory(BaseModel):
+    model_config = _examples(HISTORY_EXAMPLE)
+    model_id: str = Field(description="the model asked for")
+    name: str = Field(description="its name: the history covers every version of this name")
+    change_factor: float = Field(
+        description="a layer is flagged when a gradient norm grew or shrank by this factor"
+    )
+    items: list[HistoryEntry] = Field(description="succeeded diagnoses, newest first")
+    next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null at end")

@@ -1,5 +1,5 @@
 """POST /v1/models: upload a model (a new version of its name) and queue its inspection;
-GET: list them or read one."""
+GET: list them, read one, or read its name's history of diagnoses."""
 
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ from service.api.deps import (
     TenantDep,
     in_read_session,
 )
+from service.api.history import LAYER_CHANGE_FACTOR, model_history, parse_timestamp
 from service.api.operations import create_model, get_model, model_name
 from service.api.presenters import model_out
-from service.api.schemas import ErrorResponse, ModelOut, ModelPage
+from service.api.schemas import ErrorResponse, ModelHistory, ModelOut, ModelPage
 from service.api.uploads import SpooledUpload, multipart_body, receive_form
 from service.auth import CurrentTenant
 from service.config import Settings
@@ -147,4 +148,55 @@ async def list_models(
 async def read_model(model_id: str, tenant: TenantDep, database: DatabaseDep) -> ModelOut:
     return await in_read_session(
         database, lambda session: model_out(get_model(session, tenant.id, model_id))
+    )
+
+
+@router.get(
+    "/{model_id}/history",
+    response_model=ModelHistory,
+    summary="Diagnoses of this model's name over time, with per-layer changes",
+    description="The succeeded diagnoses of every version of the model's name, newest first "
+    "(by `finished_at`), each with its verdict, finding counts and kinds, and per layer the "
+    "gradient norms and dead/saturated fractions. `changes` compares each entry with the next "
+    "older one of the same list (whatever `since`/`until` and the page cut off; pass `batch_id` "
+    "to compare like with like): findings that appeared or were resolved, layers added or "
+    "removed between versions, and per shared layer the ratio now/before of the gradient norms, "
+    f"`flagged` at ×{LAYER_CHANGE_FACTOR:g} or ÷{LAYER_CHANGE_FACTOR:g} (`change_factor`).",
+    responses={
+        **LIST_ERRORS,
+        404: {"model": ErrorResponse, "description": "no such model for this tenant"},
+        422: {"model": ErrorResponse, "description": "bad cursor, limit, since or until"},
+    },
+)
+async def read_model_history(
+    model_id: str,
+    tenant: TenantDep,
+    database: DatabaseDep,
+    since: Annotated[
+        str | None,
+        Query(description="ISO 8601: diagnoses finished at or after this time (UTC if no offset)"),
+    ] = None,
+    until: Annotated[
+        str | None, Query(description="ISO 8601: diagnoses finished before this time")
+    ] = None,
+    batch_id: Annotated[
+        str | None, Query(description="only diagnoses on this batch (like-for-like changes)")
+    ] = None,
+    cursor: CursorQuery = None,
+    limit: LimitQuery = 50,
+) -> ModelHistory:
+    after = parse_cursor(cursor)
+    window = parse_timestamp(since, "since"), parse_timestamp(until, "until")
+    return await in_read_session(
+        database,
+        lambda session: model_history(
+            session,
+            tenant.id,
+            model_id,
+            since=window[0],
+            until=window[1],
+            batch_id=batch_id,
+            after=after,
+            limit=limit,
+        ),
     )
