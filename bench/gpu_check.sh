@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every check that needs a GPU, in one prepared run for the device tool (15 minutes a session):
-# the `gpu`-marked tests, then the CUDA rows of bench/converter.py and bench/overhead.py.
+# the `gpu`-marked tests, bench/lstm_cuda.py, then the CUDA rows of bench/converter.py and
+# bench/overhead.py.
 # Copy the numbers it prints into bench/README.md, naming the card.
 #
 # The device image has torch, onnx, onnxruntime, onnxscript, numpy, safetensors and pytest, but
@@ -24,8 +25,9 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, onnxruntime; print('torch', torch.__version__, torch.cuda.get_device_name(), 'onnxruntime', onnxruntime.__version__)"
-timeout 200 python3 -m pytest -q -p no:cacheprovider --noconftest --continue-on-collection-errors \
+timeout 150 python3 -m pytest -q -p no:cacheprovider --noconftest --continue-on-collection-errors \
   -m gpu tests/unit 2>&1 \
   | tee "$out/gpu_tests.log" | tail -15
-timeout 120 python3 bench/converter.py --device cuda 2>&1 | tee "$out/converter_cuda.txt"
+timeout 60 python3 bench/lstm_cuda.py 2>&1 | tee "$out/lstm_cuda.txt"
+timeout 180 python3 bench/converter.py --device cuda 2>&1 | tee "$out/converter_cuda.txt"
 timeout 180 python3 bench/overhead.py --device cuda 2>&1 | tee "$out/overhead_cuda.txt"

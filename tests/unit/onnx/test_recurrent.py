@@ -45,6 +45,7 @@ class Case:
     hidden: int = 3
     seed: int = 0
     dtype: Any = np.float32
+    weight_scale: float = 0.7  # of W and R; large hidden sizes need ~1/sqrt(hidden)
 
     def inputs(self) -> list[np.ndarray | None]:
         rng = np.random.default_rng(self.seed)
@@ -64,8 +65,8 @@ class Case:
                 lens[-1] = 0
         values: list[np.ndarray | None] = [
             normal(*x_shape, self.input_size),
-            normal(dirs, gates * self.hidden, self.input_size, scale=0.7),
-            normal(dirs, gates * self.hidden, self.hidden, scale=0.7),
+            normal(dirs, gates * self.hidden, self.input_size, scale=self.weight_scale),
+            normal(dirs, gates * self.hidden, self.hidden, scale=self.weight_scale),
             normal(dirs, 2 * gates * self.hidden, scale=0.3) if self.bias else None,
             lens,
             normal(*state_shape, self.hidden) if self.initial_state else None,

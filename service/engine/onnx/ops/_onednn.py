@@ -61,8 +61,11 @@ class StepProduct:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch)
 
     def __call__(self, h: Tensor, other: Tensor, out: Tensor) -> Tensor:
-        """The product, in `out` (addmm) or in a new tensor (oneDNN writes no `out`): callers
-        read the returned tensor and never assume `out` was written."""
+        """h·Wᵀ + other (other [batch, N], or [N] broadcast over the batch), in `out` (addmm)
+        or in a new tensor (oneDNN writes no `out`): callers read the returned tensor and
+        never assume `out` was written."""
         if self.packed is None:
             return torch.addmm(other, h, self.weight_t, out=out)
+        if other.dim() == 1:  # a bias: oneDNN's own bias input
+            return torch.ops.mkldnn._linear_pointwise(h, self.packed, other, "none", [], "")
         return torch.ops.mkldnn._linear_pointwise.binary(h, other, self.packed, None, "add")

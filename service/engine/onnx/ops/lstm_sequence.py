@@ -27,6 +27,24 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from service.engine.onnx.ops import _onednn, lstm_fused_cell
+from service.engine.onnx.ops._sequence_common import run_in_time_order
+
+
+def lstm_direction(
+    X: Tensor,
+    W: Tensor,
+    R: Tensor,
+    B: Tensor | None,
+    h0: Tensor,
+    c0: Tensor | None,
+    reverse: bool,
+    hidden_grads: list[Tensor] | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One direction of an ONNX LSTM node: B is the node's bias row [8H] (Wb then Rb)."""
+    hidden = R.shape[1]
+    bias = None if B is None else B[: 4 * hidden] + B[4 * hidden :]
+    assert c0 is not None, "an LSTM always has a cell state"
+    return lstm_sequence(X, W, R, bias, h0, c0, reverse, hidden_grads)
 
 
 def lstm_sequence(
@@ -40,24 +58,16 @@ def lstm_sequence(
     hidden_grads: list[Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(Y [T, B, H], h_T [B, H], c_T [B, H]) for X [T, B, I], W [4H, I], R [4H, H],
-    bias [4H] (input and recurrent biases summed) or None, h0/c0 [B, H].
+    bias [4H] (input and recurrent biases summed) or None, h0/c0 [B, H]."""
 
-    Under autocast the inputs are cast to its dtype first, as the products of the unrolled
-    path would be; the loop itself then runs with autocast off (its `out=` buffers must keep
-    one dtype)."""
-    device_type = X.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        X, W, R, h0, c0 = (t.to(dtype) for t in (X, W, R, h0, c0))
-        bias = None if bias is None else bias.to(dtype)
-    if reverse:  # the reverse direction is the forward one on the time-flipped sequence
-        X = X.flip(0)
-    with torch.autocast(device_type, enabled=False):
-        if lstm_fused_cell.available(X):
-            Y, h, c = lstm_fused_cell.lstm_fused_cell(X, W, R, bias, h0, c0, hidden_grads, reverse)
-        else:
-            Y, h, c = _LSTMSequence.apply(X, W, R, bias, h0, c0, hidden_grads, reverse)
-    return (Y.flip(0) if reverse else Y), h, c
+    def apply(*tensors: Tensor) -> tuple[Tensor, ...]:
+        x, w, r, b, h, c = tensors
+        if lstm_fused_cell.available(x):
+            return lstm_fused_cell.lstm_fused_cell(x, w, r, b, h, c, hidden_grads, reverse)
+        return _LSTMSequence.apply(x, w, r, b, h, c, hidden_grads, reverse)
+
+    Y, h, c = run_in_time_order(apply, reverse, X, W, R, bias, h0, c0)
+    return Y, h, c
 
 
 class _LSTMSequence(torch.autograd.Function):

@@ -42,7 +42,9 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from service.engine.graph import Node, ObservableGraph
-from service.engine.onnx.ops.lstm_sequence import lstm_sequence
+from service.engine.onnx.ops.gru_sequence import gru_direction
+from service.engine.onnx.ops.lstm_sequence import lstm_direction
+from service.engine.onnx.ops.rnn_sequence import rnn_direction
 from service.engine.onnx.registry import OpContext, UnsupportedAttribute, register
 
 
@@ -163,6 +165,11 @@ def _settings(ctx: OpContext, per_direction: Sequence[str]) -> _Settings:
 # A step: (input projection at t [B, G·H], hidden [B, H], cell [B, H] or None) → (hidden, cell)
 Step = Callable[[Tensor, Tensor, Tensor | None], tuple[Tensor, Tensor | None]]
 
+# One direction over the whole sequence: (X [T, batch, input], W [G·H, input], R [G·H, H],
+# the node's bias row [2·G·H] or None, h0, c0 or None, reverse, a list collecting ∂L/∂h_t or
+# None) → (Y [T, batch, H], h_T, c_T or None)
+SequenceFn = Callable[..., tuple[Tensor, Tensor, Tensor | None]]
+
 # A step maker: (R [G·H, H], Rb [G·H] or None, P [3·H] or None, activations, clip)
 # → (step, the part of Rb that is folded into the input projection, or None).
 # Folding a bias into the one big input matmul saves an add per step; it is exact wherever
@@ -196,8 +203,12 @@ class RecurrentFn:
         self.linear_recurrence = linear_recurrence
         self.record_steps = False
         self.step_hidden: list[list[Tensor]] = []
-        # LSTMs as torch exports them run through lstm_sequence (hand-written backward through
-        # time, same per-step loop): set by the LSTM builder when the attributes allow it
+        # Nodes as torch exports them (default activations, no clip/peepholes, GRU with
+        # linear_before_reset=1) run each direction through a whole-sequence function: the
+        # same per-step loop with a hand-written backward through time (lstm_sequence.py,
+        # gru_sequence.py, rnn_sequence.py). Set by the builders; `whole_sequence = False`
+        # forces the unrolled path (tests compare the two).
+        self.sequence_fn: SequenceFn | None = None
         self.whole_sequence = False
         # Set `collect_hidden_grads` to get ∂L/∂h_t of every step from the whole-sequence path:
         # after the backward of each call, `hidden_grads[direction]` holds one
@@ -250,10 +261,10 @@ class RecurrentFn:
             if self.has_cell:
                 c0 = X.new_zeros(batch, hidden) if initial_c is None else initial_c[d]
             c: Tensor | None
-            if whole_sequence and steps > 0 and c0 is not None:
-                bias = None if B is None else B[d, : 4 * hidden] + B[d, 4 * hidden :]
+            if whole_sequence and steps > 0 and self.sequence_fn is not None:
                 sink = self.hidden_grads[d] if self.collect_hidden_grads else None
-                y, h, c = lstm_sequence(X, W[d], R[d], bias, h0, c0, reverse, sink)
+                bias = None if B is None else B[d]
+                y, h, c = self.sequence_fn(X, W[d], R[d], bias, h0, c0, reverse, sink)
             else:
                 y, h, c = self._unrolled_direction(d, X, W, R, B, P, h0, c0, valid, reverse)
             if nonempty is not None:  # an empty sequence ends in zero states (as onnxruntime)
@@ -486,11 +497,21 @@ def _default_lstm_step(R: Tensor, f: Any, g: Any, h_act: Any) -> Step:
     return step
 
 
+def _use_sequence_fn(fn: RecurrentFn, sequence_fn: SequenceFn, *defaults: Callable) -> None:
+    """Route `fn` through `sequence_fn` when its node has no clip and every direction uses
+    `defaults` as its activations (the cases the whole-sequence functions implement)."""
+    s = fn.settings
+    if s.clip is None and [a.fn for a in s.activations] == list(defaults) * s.directions:
+        fn.sequence_fn, fn.whole_sequence = sequence_fn, True
+
+
 @register("RNN", since=7)
 def rnn(ctx: OpContext) -> RecurrentFn:
-    return RecurrentFn(
+    fn = RecurrentFn(
         _settings(ctx, ["Tanh"]), _rnn_step, gates=1, has_cell=False, linear_recurrence=True
     )
+    _use_sequence_fn(fn, rnn_direction, torch.tanh)
+    return fn
 
 
 @register("GRU", since=7)
@@ -499,7 +520,10 @@ def gru(ctx: OpContext) -> RecurrentFn:
     lbr = int(ctx.attr("linear_before_reset", 0))
     if lbr not in (0, 1):
         raise UnsupportedAttribute(f"linear_before_reset {lbr}: expected 0 or 1")
-    return RecurrentFn(settings, _gru_step_factory(bool(lbr)), gates=3, has_cell=False)
+    fn = RecurrentFn(settings, _gru_step_factory(bool(lbr)), gates=3, has_cell=False)
+    if lbr:  # what torch exports for nn.GRU
+        _use_sequence_fn(fn, gru_direction, torch.sigmoid, torch.tanh)
+    return fn
 
 
 @register("LSTM", since=7)
@@ -510,12 +534,8 @@ def lstm(ctx: OpContext) -> RecurrentFn:
         raise UnsupportedAttribute(f"input_forget {input_forget}: expected 0 or 1")
     make = functools.partial(_lstm_step, input_forget=bool(input_forget))
     fn = RecurrentFn(settings, make, gates=4, has_cell=True, linear_recurrence=True)
-    default_activations = [torch.sigmoid, torch.tanh, torch.tanh] * settings.directions
-    fn.whole_sequence = (
-        not input_forget
-        and settings.clip is None
-        and [a.fn for a in settings.activations] == default_activations
-    )
+    if not input_forget:  # peepholes (an input, P) are checked per call
+        _use_sequence_fn(fn, lstm_direction, torch.sigmoid, torch.tanh, torch.tanh)
     return fn
 
 

@@ -1,10 +1,11 @@
-"""The whole-sequence LSTM (hand-written backward through time) against the unrolled autograd path.
+"""The whole-sequence LSTM, GRU and RNN (hand-written backward through time) against the unrolled
+autograd path.
 
-test_recurrent.py already compares every LSTM direction/layout with onnxruntime; here: float64
-gradchecks of the function itself, equality of values and of every gradient with the unrolled
-path (which autograd differentiates step by step), both product back ends (addmm for small
-steps, oneDNN with a packed weight for large ones), the per-step hidden-state gradients it
-reports, and which LSTM nodes take it.
+test_recurrent.py already compares every direction/layout with onnxruntime; here: float64
+gradchecks, equality of values and of every gradient with the unrolled path (which autograd
+differentiates step by step), both product back ends (addmm for small steps, oneDNN with a
+packed weight for large ones), the per-step hidden-state gradients they report, and which nodes
+take them.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import pytest
 import torch
 
 from service.engine.onnx.ops import _onednn
-from service.engine.onnx.ops.lstm_sequence import lstm_sequence
+from service.engine.onnx.ops.gru_sequence import gru_direction
+from service.engine.onnx.ops.lstm_sequence import lstm_direction, lstm_sequence
 from service.engine.onnx.ops.recurrent import RecurrentFn
+from service.engine.onnx.ops.rnn_sequence import rnn_direction
 from tests.support.recurrent_zoo import as_outputs, build_node_fn
 from tests.unit.onnx.test_recurrent import Case
 
@@ -54,8 +57,29 @@ def test_gradcheck_float64(reverse: bool, with_bias: bool) -> None:
     assert torch.autograd.gradcheck(run, args, eps=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("op", ["LSTM", "GRU", "RNN"])
+def test_direction_functions_gradcheck_float64(op: str, reverse: bool) -> None:
+    """Each direction function with the node's own bias row (Wb then Rb), float64."""
+    direction = {"LSTM": lstm_direction, "GRU": gru_direction, "RNN": rnn_direction}[op]
+    gates, hidden, g = {"LSTM": 4, "GRU": 3, "RNN": 1}[op], 2, torch.Generator().manual_seed(3)
+
+    def normal(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * 0.7).requires_grad_(True)
+
+    X, W, R = normal(4, 2, 3), normal(gates * hidden, 3), normal(gates * hidden, hidden)
+    B, h0, c0 = normal(2 * gates * hidden), normal(2, hidden), normal(2, hidden)
+
+    def run(*a: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        y, h, c = direction(*a[:5], a[5] if op == "LSTM" else None, reverse, None)
+        return (y, h) if c is None else (y, h, c)
+
+    args = (X, W, R, B, h0, c0) if op == "LSTM" else (X, W, R, B, h0)
+    assert torch.autograd.gradcheck(run, args, eps=1e-6, atol=1e-6)
+
+
 def _both_paths(case: Case) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Outputs then input gradients of one LSTM node, through the whole-sequence path and
+    """Outputs then input gradients of one recurrent node, through the whole-sequence path and
     through the unrolled one, for a loss that weighs every output element differently."""
     node = case.node()
     results = []
@@ -80,32 +104,52 @@ def _both_paths(case: Case) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
 
 
 SMALL = [
-    Case("LSTM", direction="forward"),
-    Case("LSTM", direction="reverse", layout=1),
-    Case("LSTM", direction="bidirectional", initial_state=False),
-    Case("LSTM", direction="bidirectional", bias=False, opset=7),
+    Case(op, direction=direction, layout=layout, initial_state=initial, bias=bias, opset=opset)
+    for op in ("LSTM", "GRU", "RNN")
+    for direction, layout, initial, bias, opset in (
+        ("forward", 0, True, True, 14),
+        ("reverse", 1, True, True, 14),
+        ("bidirectional", 0, False, True, 14),
+        ("bidirectional", 0, True, False, 7),
+    )
 ]
+GRU_ATTRS = {"linear_before_reset": 1}  # what torch exports; =0 stays unrolled
 
 
-@pytest.mark.parametrize("case", SMALL, ids=lambda c: f"{c.direction}-l{c.layout}-o{c.opset}")
+def _with_defaults(case: Case) -> Case:
+    return replace(case, attrs=GRU_ATTRS) if case.op == "GRU" else case
+
+
+@pytest.mark.parametrize(
+    "case", SMALL, ids=lambda c: f"{c.op}-{c.direction}-l{c.layout}-b{c.bias}-o{c.opset}"
+)
 def test_gradients_equal_the_unrolled_path(case: Case) -> None:
-    for got, expected in zip(*_both_paths(case), strict=True):
+    for got, expected in zip(*_both_paths(_with_defaults(case)), strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_large_steps_use_onednn_and_still_equal_the_unrolled_path() -> None:
-    case = replace(Case("LSTM", direction="bidirectional"), batch=32, hidden=128, input_size=8)
-    assert case.batch * case.hidden * 4 * case.hidden >= _onednn.PACKED_STEP_MIN_MACS
-    product = _onednn.StepProduct(torch.zeros(4 * case.hidden, case.hidden), case.batch)
+@pytest.mark.parametrize("op", ["LSTM", "GRU", "RNN"])
+def test_large_steps_use_onednn_and_still_equal_the_unrolled_path(op: str) -> None:
+    gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
+    hidden = 128 if op == "LSTM" else 256
+    case = replace(
+        Case(op, direction="bidirectional", weight_scale=hidden**-0.5),
+        batch=32,
+        hidden=hidden,
+        input_size=8,
+    )
+    assert case.batch * case.hidden * gates * case.hidden >= _onednn.PACKED_STEP_MIN_MACS
+    product = _onednn.StepProduct(torch.zeros(gates * hidden, hidden), case.batch)
     assert product.packed is not None, "this torch build should offer oneDNN's packed products"
-    for got, expected in zip(*_both_paths(case), strict=True):
+    for got, expected in zip(*_both_paths(_with_defaults(case)), strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_hidden_gradients_equal_the_gradients_reaching_each_recorded_step() -> None:
+@pytest.mark.parametrize("op", ["LSTM", "GRU", "RNN"])
+def test_hidden_gradients_equal_the_gradients_reaching_each_recorded_step(op: str) -> None:
     """`hidden_grads` (from the backward through time) is ∂L/∂h_t: the same values autograd
     gives for the states that the unrolled path records."""
-    case = Case("LSTM", direction="bidirectional", steps=5)
+    case = _with_defaults(Case(op, direction="bidirectional", steps=5))
     node = case.node()
     weights = torch.randn(case.steps, 2, case.batch, case.hidden)
 
@@ -141,10 +185,13 @@ def test_hidden_gradients_equal_the_gradients_reaching_each_recorded_step() -> N
         Case("LSTM", attrs={"clip": 3.0}),
         Case("LSTM", attrs={"input_forget": 1}),
         Case("LSTM", attrs={"activations": ["HardSigmoid", "Tanh", "Tanh"]}),
+        Case("GRU"),  # linear_before_reset=0
+        Case("GRU", attrs={"linear_before_reset": 1, "clip": 2.0}),
+        Case("RNN", attrs={"activations": ["Relu"]}),
     ],
-    ids=["peepholes", "clip", "input_forget", "activations"],
+    ids=["peepholes", "clip", "input_forget", "activations", "gru-lbr0", "gru-clip", "rnn-relu"],
 )
-def test_lstms_outside_the_default_cell_stay_unrolled(case: Case) -> None:
+def test_nodes_outside_the_default_cells_stay_unrolled(case: Case) -> None:
     fn = build_node_fn(case.node(), case.opset)
     assert isinstance(fn, RecurrentFn)
     if case.peepholes:  # decided per call: P is an input

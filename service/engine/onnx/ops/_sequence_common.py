@@ -1,0 +1,33 @@
+"""What the whole-sequence recurrences (lstm_sequence, gru_sequence, rnn_sequence) share: the
+autocast cast and the reverse direction as the forward one on the time-flipped sequence."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+
+def run_in_time_order(
+    apply: Callable[..., tuple[Tensor, ...]],
+    reverse: bool,
+    X: Tensor,
+    *others: Tensor | None,
+) -> tuple[Tensor, ...]:
+    """`apply(X, *others)` with X [T, ...] in the order the steps run; returns its outputs with
+    the first (Y, [T, ...]) back in time order.
+
+    Under autocast the inputs are cast to its dtype first, as the products of the unrolled
+    path would be; the loop itself then runs with autocast off (its `out=` buffers must keep
+    one dtype)."""
+    device_type = X.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        X = X.to(dtype)
+        others = tuple(None if t is None else t.to(dtype) for t in others)
+    if reverse:
+        X = X.flip(0)
+    with torch.autocast(device_type, enabled=False):
+        Y, *rest = apply(X, *others)
+    return (Y.flip(0) if reverse else Y, *rest)
