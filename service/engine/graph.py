@@ -25,6 +25,13 @@ from torch import nn
 
 NodeFn = Callable[..., Any]
 
+# The value name under which a node can read the device the graph's tensors are on now (a
+# `torch.device`; `ObservableGraph.device`). Nodes that create tensors from nothing, such as an
+# exported program's `aten.zeros(..., device=cpu)` for an RNN's initial state, list it as an
+# input so that they follow `.to(device)`: the device written into the graph is the one it was
+# traced on, not the one it runs on.
+DEVICE_VALUE = "gradhealth::device"
+
 
 @dataclass
 class Node:
@@ -105,6 +112,8 @@ class ObservableGraph(nn.Module):
     - `buffers`: value name → non-trainable tensor (integer initializers, constants).
     - `constants`: value name → any Python/torch value that is not a tensor state (e.g. a shape).
     - `input_names` / `output_names`: the graph's external inputs and outputs, in order.
+    - `device`: where the parameters and buffers are now (kept up to date by `.to()`, `.cuda()`,
+      ...; every move goes through `_apply`); nodes read it as the value `DEVICE_VALUE`.
     """
 
     def __init__(
@@ -131,6 +140,17 @@ class ObservableGraph(nn.Module):
         for i, (value_name, tensor) in enumerate((buffers or {}).items()):
             self.buffer_names[value_name] = self._register(value_name, f"buffer_{i}", tensor, False)
         self.observer: NodeObserver | None = None
+        held = [*(parameters or {}).values(), *(buffers or {}).values()]
+        self.device: torch.device = held[0].device if held else torch.device("cpu")
+
+    def _apply(self, fn: Callable[[torch.Tensor], Any], recurse: bool = True) -> ObservableGraph:
+        moved = super()._apply(fn, recurse)
+        # `fn` is the move itself (`.to(device)`, `.cuda()`, `.half()`, ...): applied to an
+        # empty tensor it says where tensors go, also for a graph that holds none
+        probe = fn(torch.empty(0, device=self.device))
+        if isinstance(probe, torch.Tensor):
+            self.device = probe.device
+        return moved
 
     def _register(self, name: str, fallback: str, tensor: torch.Tensor, parameter: bool) -> str:
         if _is_registrable(name):
@@ -151,6 +171,7 @@ class ObservableGraph(nn.Module):
 
     def initial_values(self) -> dict[str, Any]:
         values: dict[str, Any] = dict(self.constants)
+        values[DEVICE_VALUE] = self.device
         for value_name, registered in self.buffer_names.items():
             values[value_name] = _lookup_dotted(self, registered)
         for value_name, registered in self.param_names.items():

@@ -8,6 +8,16 @@ Mode (CONTRACT.md §2): in `train` mode normalization uses batch statistics even
 program was exported for inference, and dropout is off unless asked for; in `eval` mode the
 graph runs exactly as exported. Batch norm in train mode is given no running statistics so a
 diagnosis never mutates the model (a fix verification re-measures the same graph).
+
+Device and layout: an exported graph records what it saw when it was traced, usually on the
+CPU. Ops that create tensors carry that device as an argument (`aten.zeros(..., device=cpu)`
+for an RNN's initial state); those nodes take the graph's current device instead (they read
+`DEVICE_VALUE`), so the graph runs wherever `.to()` put it. And `aten.view` runs as
+`aten.reshape`: the trace dropped every `.contiguous()` that was a no-op on the CPU, and on
+CUDA some kernels return other strides (flash / memory-efficient attention), where the view
+would fail. Reshape returns the same view wherever a view is possible, so nothing changes for a
+graph that ran before; where it is not, it copies, which an exported (functional) graph cannot
+tell apart.
 """
 
 from __future__ import annotations
@@ -19,7 +29,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from service.engine.graph import Node, ObservableGraph
+from service.engine.graph import DEVICE_VALUE, Node, ObservableGraph
 from service.errors import UnsupportedModelError
 
 aten = torch.ops.aten
@@ -56,6 +66,9 @@ VIEW_OPS = frozenset(
         "lift_fresh_copy",
     }
 )
+
+# Views run as reshapes (module docstring): same arguments (self, size).
+_RESHAPING_VIEWS = frozenset({aten.view.default})
 
 _DROPOUT_OPS = {"dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout"}
 
@@ -122,6 +135,28 @@ def _make_fn(
         return target(*fx.node.map_arg(args, sub), **fx.node.map_arg(kwargs, sub))
 
     return call
+
+
+def _make_device_following_fn(
+    target: Callable[..., Any], args: Any, kwargs: Any, slots: list[fx.Node]
+) -> Callable[..., Any]:
+    """Like `_make_fn`, for a node whose args hold a `torch.device` (the one it was traced on):
+    the callable takes one more value, the graph's device, which replaces every such arg."""
+    index = {n: i for i, n in enumerate(slots)}
+
+    def call(*values: Any) -> Any:
+        *node_values, device = values
+        sub = lambda n: node_values[index[n]]  # noqa: E731
+        place = lambda a: device if isinstance(a, torch.device) else a  # noqa: E731
+        call_args = [place(a) for a in fx.node.map_arg(args, sub)]
+        call_kwargs = {k: place(v) for k, v in fx.node.map_arg(kwargs, sub).items()}
+        return target(*call_args, **call_kwargs)
+
+    return call
+
+
+def _holds_device(args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
+    return any(isinstance(a, torch.device) for a in (*args, *kwargs.values()))
 
 
 def _unique_inputs(args: Iterable[Any], kwargs: dict[str, Any]) -> list[fx.Node]:
@@ -228,14 +263,22 @@ def _convert_call(fx_node: fx.Node, attr_names: dict[str, str], mode: str, dropo
     replacement = _train_mode_fn(target, dropout) if mode == "train" else None
     if replacement is not None:
         fn_target, name = replacement
+    elif target in _RESHAPING_VIEWS:
+        fn_target = aten.reshape.default  # see the module docstring; op_type stays "view"
     else:
         fn_target = target
+    inputs = [_value_name(s, attr_names) for s in slots]
+    if _holds_device(fx_node.args, fx_node.kwargs):
+        fn = _make_device_following_fn(fn_target, fx_node.args, fx_node.kwargs, slots)
+        inputs.append(DEVICE_VALUE)
+    else:
+        fn = _make_fn(fn_target, fx_node.args, fx_node.kwargs, slots)
     return Node(
         name=fx_node.name,
         op_type=name,
-        inputs=[_value_name(s, attr_names) for s in slots],
+        inputs=inputs,
         outputs=[fx_node.name],
-        fn=_make_fn(fn_target, fx_node.args, fx_node.kwargs, slots),
+        fn=fn,
         domain="aten",
         source=fx_node,
         scope=_module_scope(fx_node),
