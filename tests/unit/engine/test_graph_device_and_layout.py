@@ -12,6 +12,9 @@ What a GPU run found, checked on the CPU:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,7 +22,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from service.engine.formats.torch_export import load_torch_export
-from service.engine.graph import ObservableGraph
+from service.engine.graph import Node, ObservableGraph
 from service.engine.options import DiagnoseOptions
 from service.engine.subject import build_subject
 from service.engine.verify.transforms import copy_subject
@@ -36,7 +39,19 @@ def held_tensors(graph: ObservableGraph) -> dict[str, torch.Tensor]:
 
 
 def run_on_meta(graph: ObservableGraph, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    outputs = graph.run([x.to("meta") for x in inputs])
+    """Run on `meta` inputs; every float value any node produces must be on `meta` too (meta
+    kernels of some ops, matmul among them, do not check that their operands share a device,
+    so the outputs alone could hide a CPU tensor made on the way)."""
+    elsewhere: list[str] = []
+
+    def observer(node: Node, outputs: Sequence[Any]) -> None:
+        for value in outputs:
+            floating = isinstance(value, torch.Tensor) and value.is_floating_point()
+            if floating and value.device.type != "meta":
+                elsewhere.append(f"{node.name} ({node.op_type}): {value.device}")
+
+    outputs = graph.run([x.to("meta") for x in inputs], observer)
+    assert not elsewhere, elsewhere
     return [o for o in outputs if isinstance(o, torch.Tensor)]
 
 
@@ -51,8 +66,12 @@ def test_the_graph_runs_where_it_was_moved(case_name: str, fmt: str) -> None:
     assert graph.device.type == "meta"
     left = [n for n, t in held_tensors(graph).items() if t.device.type != "meta"]
     assert not left, left
-    if fmt != "onnx":  # ONNX keeps small integer constants (shapes) on the CPU on purpose
-        assert not [n for n, v in graph.constants.items() if isinstance(v, torch.Tensor)]
+    if fmt == "onnx":
+        # ONNX keeps small integer constants (shapes) on the CPU on purpose, and its recurrent
+        # ops ask autocast about the device, which knows no `meta`: the state is checked, the
+        # run is left to the CUDA tests (tests/unit/onnx/test_cuda.py)
+        return
+    assert not [n for n, v in graph.constants.items() if isinstance(v, torch.Tensor)]
     outputs = run_on_meta(graph, subject.inputs)
     assert outputs and all(o.device.type == "meta" for o in outputs)
 
