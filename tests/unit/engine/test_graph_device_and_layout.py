@@ -151,7 +151,7 @@ def test_a_view_after_attention_runs_whatever_layout_the_backend_returns() -> No
     torch.testing.assert_close(got, want)
     assert got_grads.keys() == want_grads.keys()
     for name, grad in want_grads.items():
-        torch.testing.assert_close(got_grads[name], grad, msg=name)
+        torch.testing.assert_close(got_grads[name], grad, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_a_view_of_a_channels_last_activation() -> None:
@@ -164,4 +164,4 @@ def test_a_view_of_a_channels_last_activation() -> None:
     want, want_grads = module_and_grads(module, x)
     torch.testing.assert_close(got, want)
     for name, grad in want_grads.items():
-        torch.testing.assert_close(got_grads[name], grad, msg=name)
+        torch.testing.assert_close(got_grads[name], grad, msg=lambda m, n=name: f"{n}: {m}")

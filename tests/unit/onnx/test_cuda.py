@@ -80,6 +80,9 @@ def test_recurrent_cuda_matches_the_torch_module(entry: ZooEntry) -> None:
     on_cpu = convert(onnx.load_from_string(data), mode="train")
     cpu_out, cpu_grads = _output_and_grads(on_cpu, dict(on_cpu.named_graph_parameters()), inputs)
 
+    with torch.no_grad():
+        module_on_cpu = module(*inputs)  # only for the failure message below
+
     module = module.to(DEVICE)
     inputs = tuple(t.to(DEVICE) for t in inputs)
     graph = convert(onnx.load_from_string(data), mode="train").to(DEVICE)
@@ -94,14 +97,25 @@ def test_recurrent_cuda_matches_the_torch_module(entry: ZooEntry) -> None:
     torch.testing.assert_close(got, cpu_out, rtol=1e-5, atol=1e-5)
     assert got_grads.keys() == cpu_grads.keys()
     for name, grad in cpu_grads.items():
-        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(
+            got_grads[name], grad, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
+        )
 
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    off = (expected - module_on_cpu).abs().max().item()
+    torch.testing.assert_close(
+        got,
+        expected,
+        rtol=1e-4,
+        atol=1e-5,
+        msg=lambda m: f"{m}\n(the torch module on {DEVICE} vs on the CPU: max abs {off:.3g})",
+    )
     converted = dict(graph.named_graph_parameters())
     compared = 0
     for name, grad in expected_grads.items():
         if name in converted and converted[name].shape == grad.shape:
             assert name in got_grads, name
-            torch.testing.assert_close(got_grads[name], grad, rtol=2e-3, atol=1e-5, msg=name)
+            torch.testing.assert_close(
+                got_grads[name], grad, rtol=2e-3, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
+            )
             compared += 1
     assert compared >= 4  # the recurrent weights and biases keep their names in the export
