@@ -97,7 +97,7 @@ def describe(origin: dict[str, Any]) -> tuple[str, str]:
         text = f"{head} produced {_produced(values.get('output'))} in the forward pass"
         text += f" from {what}" if what else ""
     else:
-        text = f"{head}'s backward made the gradient non-finite"
+        text = f"{head} made the gradient non-finite in the backward pass"
         text += f" at {what}" if what else ""
     return f"{text} ({fed})", guard
 
