@@ -1,6 +1,6 @@
 """Probe overhead: a full diagnosis pass vs a plain forward+backward of the same module.
 
-    .venv/bin/python bench/overhead.py [--device cpu|cuda] [--repeats N] [--full-size]
+    .venv/bin/python bench/overhead.py [--device cpu|cuda] [--repeats N] [--full-size] [--profile]
 
 For each model: the median time of
 - `plain`: the original nn.Module, forward + loss + backward (eager PyTorch), the baseline;
@@ -12,6 +12,11 @@ torch.cuda.max_memory_allocated (measure vs plain, in process), on the CPU with 
 the resident-set high-water mark of one step in a fresh child process per variant (the step's
 own memory: activations, gradients, probe temporaries; the weights loaded before are excluded;
 glibc's mmap threshold fixed at 64 KiB so that freed temporaries do not stay resident).
+
+`--profile` (CUDA): after the timings, one more `measure()` under torch.profiler and under
+`torch.cuda.set_sync_debug_mode("warn")`: the kernel count and CUDA time of `measure` against
+`plain`, the top kernels by CUDA time, and every host-device synchronisation with the line that
+caused it (the design allows one: the transfer at the end).
 
 Models: ResNet-50 (bottleneck blocks [3, 4, 6, 3], width 64, BatchNorm), ViT-B (patch 16,
 d=768, 12 layers, 12 heads), a 24-layer sigmoid MLP, a 2-layer LSTM. On CPU the default sizes
@@ -273,7 +278,74 @@ def memory_ratio_cpu(bench: Bench, threads: int) -> float | None:
     return used["measure"] / used["plain"] if used["plain"] > 0 else None
 
 
-def run(bench: Bench, device: torch.device, repeats: int) -> dict[str, float | None]:
+def _kernels(fn: Callable[[], object], device: torch.device) -> Any:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        _sync(device)
+    return prof
+
+
+def _device_events(prof: Any) -> list[Any]:
+    return [e for e in prof.events() if getattr(e, "device_type", None) is not None
+            and str(e.device_type).endswith("CUDA")]  # fmt: skip
+
+
+def _event_us(event: Any) -> float:
+    for name in ("device_time_total", "cuda_time_total", "device_time", "cuda_time"):
+        value = getattr(event, name, None)
+        if isinstance(value, (int, float)):
+            return float(value)
+    return 0.0
+
+
+_PROFILE_LATER: list[tuple[Bench, dict[str, Callable[[], object]], torch.device]] = []
+
+
+def profile_report(
+    bench: Bench, fns: dict[str, Callable[[], object]], device: torch.device
+) -> None:
+    """Kernel counts and CUDA time per variant, the top kernels of `measure`, and the host-device
+    synchronisations `measure` performs (set_sync_debug_mode warns once per sync)."""
+    for name, fn in fns.items():
+        kernels = _device_events(_kernels(fn, device))
+        total = sum(_event_us(e) for e in kernels) / 1e3
+        print(f"  {bench.name} {name}: {len(kernels)} kernels, {total:.2f} ms CUDA time")
+    prof = _kernels(fns["measure"], device)
+    print(f"  {bench.name} measure, top kernels by CUDA time:")
+    table = prof.key_averages().table(sort_by="device_time_total", row_limit=15)
+    print("\n".join("    " + line for line in table.splitlines()))
+    import traceback
+
+    syncs: list[str] = []
+
+    def record(message: Any, category: Any, filename: str, lineno: int, *rest: Any) -> None:
+        if "synchroniz" in str(message):
+            frames = [f for f in traceback.extract_stack()[:-1] if "/service/" in f.filename]
+            where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else filename
+            syncs.append(f"{where}: {str(message).splitlines()[0]}")
+
+    fns["measure"]()
+    _sync(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record  # restored by catch_warnings
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fns["measure"]()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    print(f"  {bench.name} measure: {len(syncs)} host-device synchronisation(s)")
+    for line in syncs[:20]:
+        print(f"    {line}")
+
+
+def run(
+    bench: Bench, device: torch.device, repeats: int, profile: bool = False
+) -> dict[str, float | None]:
     module = bench.build().train()
     target = torch.randint(0, bench.classes, (bench.x.shape[0],))
     options = DiagnoseOptions(device=str(device), verify_fixes=False)
@@ -313,6 +385,10 @@ def run(bench: Bench, device: torch.device, repeats: int) -> dict[str, float | N
     result["peak_ratio"] = (
         peak_measure / peak_plain if peak_plain and peak_measure is not None else None
     )
+    if profile and device.type == "cuda":  # after the table row is printed (main)
+        _PROFILE_LATER.append(
+            (bench, {"plain": plain, "graph": unprobed, "measure": diagnosis}, device)
+        )
     return result
 
 
@@ -328,6 +404,11 @@ def main() -> None:
         help="CPU: also measure the peak-memory ratio (two child processes per model)",
     )
     parser.add_argument("--memory-child", default="", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="CUDA: kernel counts, top kernels and host-device syncs of one measure() per model",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -352,7 +433,7 @@ def main() -> None:
     for bench in benches(full):
         if only and bench.name not in only:
             continue
-        r = run(bench, device, args.repeats)
+        r = run(bench, device, args.repeats, args.profile)
         if device.type == "cpu" and args.memory:
             r["peak_ratio"] = memory_ratio_cpu(bench, args.threads)
         plain = r["plain_s"] or 1.0
@@ -362,6 +443,11 @@ def main() -> None:
             f"{(r['graph_s'] or 0) / plain:>9.2f}x{(r['measure_s'] or 0) / plain:>8.2f}x{peak:>7}",
             flush=True,
         )
+        while _PROFILE_LATER:
+            try:  # a profiler problem must not cost the timings of the models after it
+                profile_report(*_PROFILE_LATER.pop())
+            except Exception as exc:
+                print(f"  profile failed: {type(exc).__name__}: {exc}", flush=True)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from service.engine.detectors.profile import growth_factor
@@ -87,7 +88,8 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
     direct = {s.input_index: k for k, s in enumerate(layout.sources) if s.value is None}
     tapped = {s.value: k for k, s in enumerate(layout.sources) if s.value is not None}
     timing = {"forward": 0.0, "backward": 0.0}
-    loss_total = torch.zeros((), device=subject.device)
+    clock = _PassClock(subject.device)
+    loss_total: torch.Tensor | None = None
     step_sq: dict[int, torch.Tensor] = {}
     observer = _with_taps(probe, tapped, layout.sources, step_sq)
     precision, precision_note = effective_precision(trainable, options.precision)
@@ -106,7 +108,7 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
         inputs = [
             x.detach().requires_grad_(True) if i in direct else x for i, x in enumerate(inputs)
         ]
-        start = time.perf_counter()
+        start = clock.mark()
         rng = _rng_state(subject.device) if reference is not None else None
         if probe is not None:
             probe.begin_pass()
@@ -118,15 +120,13 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
         loss = compute_loss(subject.loss_kind, outputs, target)
         if parts == 1:
             loss_notes = loss_input_notes(subject.loss_kind, outputs)
-        _sync(subject.device)
-        middle = time.perf_counter()
+        middle = clock.mark()
         (loss * share).backward()
-        _sync(subject.device)
-        timing["forward"] += middle - start
-        timing["backward"] += time.perf_counter() - middle
+        clock.add_pass(start, middle, clock.mark())
         if probe is not None:
             probe.end_pass()
-        loss_total += loss.detach().float() * share
+        weighted = loss.detach().float() * share if share != 1.0 else loss.detach().float()
+        loss_total = weighted if loss_total is None else loss_total + weighted
         if reference is not None and rng is not None:
             started = time.perf_counter()
             if fp32_copy is not None:
@@ -157,11 +157,15 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
             ]
         )
         pstats["fp32_grad_norm"] = torch.stack([n.float() for n in norms])
+    if loss_total is None:
+        loss_total = torch.zeros((), device=subject.device)
     collected = _collect(pstats, probe, loss_total, step_sq)
     for i, x in enumerate(subject.inputs):  # a NaN in the batch is its own origin
         if x.is_floating_point():
             collected[f"input.{i}"] = torch.sum(x, dtype=torch.float32).reshape(1)
     host = _to_host(collected)
+    _dead_fractions(host, probe)
+    timing["forward"], timing["backward"] = clock.totals()  # the transfer waited for the passes
     result = _build(subject, layers, trainable, host, probe, layout.sources)
     origin = result.non_finite_origin
     if origin is not None and graph is not None:
@@ -189,7 +193,7 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
             f"{len(unreached)} parameter(s) received no gradient from this loss (unused, or "
             f"state such as running statistics stored as float initializers): {shown}"
         )
-    timing["analysis"] = time.perf_counter() - start
+    timing["analysis"] = clock.analysis(start, timing)
     result.timing = timing
     return result
 
@@ -467,9 +471,52 @@ def _out_of_memory(exc: BaseException) -> GradhealthError:
     )
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+class _PassClock:
+    """Forward and backward time per pass without stopping the device: on CUDA, events recorded
+    on the stream and read after the one transfer (which waited for them anyway); a
+    `torch.cuda.synchronize` after each half stalled the host, which then could not queue the
+    next kernels while the GPU ran (bench/overhead.py). Elsewhere `time.perf_counter`."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.passes: list[tuple[Any, Any, Any]] = []
+        self.wall_start: float | None = None
+
+    def mark(self) -> Any:
+        if self.wall_start is None:
+            self.wall_start = time.perf_counter()
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def add_pass(self, start: Any, middle: Any, end: Any) -> None:
+        self.passes.append((start, middle, end))
+
+    def totals(self) -> tuple[float, float]:
+        """(forward, backward) seconds summed over the passes; on CUDA only once the events
+        are complete (after the transfer), else `elapsed_time` would wait for them."""
+        forward = backward = 0.0
+        for start, middle, end in self.passes:
+            if self.cuda:
+                forward += start.elapsed_time(middle) / 1e3
+                backward += middle.elapsed_time(end) / 1e3
+            else:
+                forward += middle - start
+                backward += end - middle
+        return forward, backward
+
+    def analysis(self, started: float, timing: dict[str, float]) -> float:
+        """Seconds of the analysis begun at `started` (host clock). On CUDA the host reaches
+        it while the device still runs the backward, which the transfer then waits for: there,
+        the whole call's wall time less the device's forward/backward (and fp32 reference)."""
+        now = time.perf_counter()
+        if not self.cuda or self.wall_start is None:
+            return now - started
+        passes = timing["forward"] + timing["backward"] + timing.get("fp32_reference", 0.0)
+        return max(now - self.wall_start - passes, 0.0)
 
 
 # -- the one transfer --------------------------------------------------------------------------
@@ -501,17 +548,51 @@ def _collect(
             out[f"layer.var.{k}"] = variances
         out["layer.saturated"] = totals.layer_saturated
     for index, peaks in totals.alive.items():
-        out[f"dead.{index}"] = (peaks == 0).sum().reshape(1) / max(peaks.numel(), 1)
+        # units alive; `_dead_fractions` turns them into the dead fraction on the host (one
+        # kernel per layer here, instead of compare, sum, reshape and divide)
+        out[f"alive.{index}"] = torch.count_nonzero(peaks)
     return out
 
 
+def _dead_fractions(host: dict[str, list[float]], probe: Probe | None) -> None:
+    """`dead.<layer>`: the fraction of units never non-zero, from the transferred alive counts;
+    float32 arithmetic, as the device computed it before (count / units in float32)."""
+    if probe is None:
+        return
+    for index, peaks in probe.totals.alive.items():
+        alive = host.pop(f"alive.{index}", None)
+        if alive is None:
+            continue
+        units = peaks.numel()
+        dead = np.float32(units - round(alive[0])) / np.float32(max(units, 1))
+        host[f"dead.{index}"] = [float(dead)]
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach() if t.requires_grad else t
+    return t if t.dim() == 1 else t.reshape(-1)
+
+
 def _to_host(tensors: dict[str, torch.Tensor]) -> dict[str, list[float]]:
-    """One device→host copy: everything is flattened into one float64 vector first."""
+    """One device→host copy: everything is flattened into one float64 vector first, with one
+    concatenation per dtype (not one conversion kernel per entry)."""
     if not tensors:
         return {}
-    flat = [t.detach().reshape(-1).to(torch.float64) for t in tensors.values()]
+    flat = [_flat(t) for t in tensors.values()]
     lengths = [f.numel() for f in flat]
-    values = torch.cat(flat).cpu().tolist()
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for position, f in enumerate(flat):
+        by_dtype.setdefault(f.dtype, []).append(position)
+    groups = [torch.cat([flat[k] for k in positions]) for positions in by_dtype.values()]
+    joined = torch.cat([g.to(torch.float64) for g in groups])
+    grouped = joined.cpu().tolist()
+    values: list[float] = [0.0] * len(grouped)  # back into the order of `tensors`
+    starts = list(itertools.accumulate(lengths, initial=0))
+    cursor = 0
+    for positions in by_dtype.values():
+        for k in positions:
+            values[starts[k] : starts[k] + lengths[k]] = grouped[cursor : cursor + lengths[k]]
+            cursor += lengths[k]
     out: dict[str, list[float]] = {}
     offset = 0
     for key, length in zip(tensors, lengths, strict=True):

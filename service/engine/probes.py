@@ -3,16 +3,22 @@
 Per pass (one micro-batch) it collects, all as 0-dim/small tensors on the model's device:
 - forward: a float32 sum of every node output that can create a NaN/Inf (FORWARD_SAFE ops,
   which cannot, are skipped). A non-finite sum marks a non-finite output; the first such node
-  in execution order is the forward origin.
+  in execution order is the forward origin. For a node whose output is a layer output the
+  layer's mean stands in for the sum (non-finite when the output holds a NaN/Inf, as the sum).
 - layer outputs (layers.py): mean/variance (torch.var_mean), saturated count, alive-unit
-  mask, and a gradient hook giving ‖∂L/∂output‖² of the layer.
+  mask, and a gradient hook giving ‖∂L/∂output‖ of the layer (squared at the end of the pass).
 - backward: a hook on every value not read only by BACKWARD_SAFE ops, giving its gradient's
   float32 norm in the order autograd calls them (the backward execution order), for the
   backward origin.
 
-Values go into Python lists during the pass and are stacked once at its end (one kernel per
-kind, rather than one copy kernel per node into a preallocated buffer), then added into
-accumulators allocated on the first pass. Nothing calls `.item()` or `.cpu()`.
+On a GPU each of these is a kernel launch and a Python dispatch, and any host read of a value
+stalls the host until the device catches up (bench/overhead.py measured 2.87x a plain
+ResNet-50 step before the per-node work was cut to what is listed here). So: at most one
+reduction per node output in the forward (two for a ReLU layer: moments and unit peaks), one
+norm per hooked gradient, no detach/reshape/cast for values not measured; the pass's values go
+into Python lists and are stacked into one tensor at its end (one kernel for the whole pass),
+then added into accumulators allocated on the first pass. Nothing calls `.item()` or `.cpu()`
+(tests/unit/engine/test_measure_device_work.py counts both).
 """
 
 from __future__ import annotations
@@ -137,7 +143,7 @@ class Probe:
     def begin_pass(self) -> None:
         self.last_node = -1
         self._pass = {
-            "forward": [],  # (slot, sum)
+            "forward": {},  # slot → sum (or the layer's mean: finite iff the sum is)
             "backward": [],  # (slot, norm)
             "layer_grad": {},  # layer index → ‖g‖²
             "layer_mean": {},
@@ -153,21 +159,29 @@ class Probe:
         for value_name, value in zip(node.outputs, outputs, strict=False):
             if not isinstance(value, torch.Tensor) or not value.is_floating_point():
                 continue
-            detached = value.detach()
             layer_index = self.layer_of_output.get(value_name)
-            if forward_slot is not None:
-                total = torch.sum(detached, dtype=torch.float32)
-                self._pass["forward"].append((forward_slot, total))
+            if layer_index is not None or forward_slot is not None:
+                # (only then: a detach per node output is host time for nothing on the others)
+                detached = value.detach()
             if layer_index is not None:
-                self._layer_forward(layer_index, detached)
+                mean = self._layer_forward(layer_index, detached)
+                if forward_slot is not None:
+                    # the layer's mean is non-finite iff the output holds a NaN/Inf: it is the
+                    # finiteness check, one reduction over the output instead of two
+                    self._pass["forward"][forward_slot] = mean
+            elif forward_slot is not None:
+                total = torch.sum(detached, dtype=torch.float32)
+                self._pass["forward"][forward_slot] = total
             slot = self.backward_slots.get(value_name)
             if slot is not None and value.requires_grad:
                 value.register_hook(self._make_hook(slot, layer_index))
 
-    def _layer_forward(self, layer_index: int, y: torch.Tensor) -> None:
+    def _layer_forward(self, layer_index: int, y: torch.Tensor) -> torch.Tensor:
+        """The layer output's statistics for this pass; returns its mean (0-dim, float32)."""
         layer = self.layers[layer_index]
         p = self._pass
-        p["layer_mean"][layer_index], p["layer_var"][layer_index] = moments(y)
+        mean, var = moments(y)
+        p["layer_mean"][layer_index], p["layer_var"][layer_index] = mean, var
         p["layer_n"][layer_index] = y.numel()
         if layer.activation in SATURATING:
             p["layer_sat"][layer_index] = saturated_count(y, layer.activation)
@@ -177,6 +191,7 @@ class Probe:
             self.totals.alive[layer_index] = (
                 peaks if previous is None else torch.maximum(previous, peaks)
             )
+        return mean
 
     def _make_hook(self, slot: int, layer_index: int | None) -> Any:
         record = self._pass
@@ -185,30 +200,39 @@ class Probe:
             norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
             record["backward"].append((slot, norm))
             if layer_index is not None:
-                record["layer_grad"][layer_index] = norm.square()
+                record["layer_grad"][layer_index] = norm  # squared at the end of the pass
 
         return hook
 
     def end_pass(self) -> None:
-        """Stack this pass's values and add them into the accumulators (device only)."""
+        """Stack this pass's 0-dim values into one tensor (one kernel for the whole pass, then
+        views of it) and add the layer rows into the accumulators (device only)."""
         p, t = self._pass, self.totals
         zero = torch.zeros((), device=self.device)
         forward = [zero] * len(self.checked_nodes)  # unobserved (non-float) outputs: finite
-        for slot, value in p["forward"]:
+        for slot, value in p["forward"].items():
             forward[slot] = value
-        t.forward_sums.append(_stack(forward, self.device))
-        order = [slot for slot, _ in p["backward"]]
-        t.backward_orders.append(order)
-        t.backward_norms.append(_stack([v for _, v in p["backward"]], self.device))
+        backward = [v for _, v in p["backward"]]
+        t.backward_orders.append([slot for slot, _ in p["backward"]])
         n_layers = len(self.layers)
+        rows = range(n_layers)
+        layer_rows = [
+            p[kind].get(i, zero)
+            for kind in ("layer_grad", "layer_mean", "layer_var", "layer_sat")
+            for i in rows
+        ]
+        pieces = forward + backward + layer_rows
+        stacked = torch.stack(pieces).float() if pieces else torch.zeros(0, device=self.device)
+        sizes = [len(forward), len(backward)] + [n_layers] * 4
+        fwd, bwd, grad_norm, means, variances, sat = stacked.split(sizes)
+        t.forward_sums.append(fwd)
+        t.backward_norms.append(bwd)
         if not n_layers:
             return
-        rows = range(n_layers)
-        grad_sq = _stack([p["layer_grad"].get(i, zero) for i in rows], self.device)
-        t.layer_means.append(_stack([p["layer_mean"].get(i, zero) for i in rows], self.device))
-        t.layer_vars.append(_stack([p["layer_var"].get(i, zero) for i in rows], self.device))
+        grad_sq = grad_norm.square()
+        t.layer_means.append(means)
+        t.layer_vars.append(variances)
         counts = [int(p["layer_n"].get(i, 0)) for i in rows]
-        sat = _stack([p["layer_sat"].get(i, zero).float() for i in rows], self.device)
         seen = [i in p["layer_grad"] for i in rows]
         t.layer_counts.append(counts)
         if t.layer_grad_sq is None:
@@ -217,13 +241,7 @@ class Probe:
             t.layer_count, t.layer_seen = counts, seen
         else:
             assert t.layer_saturated is not None
-            t.layer_grad_sq += grad_sq
-            t.layer_saturated += sat
+            t.layer_grad_sq = t.layer_grad_sq + grad_sq
+            t.layer_saturated = t.layer_saturated + sat
             t.layer_count = [a + b for a, b in zip(t.layer_count, counts, strict=True)]
             t.layer_seen = [a or b for a, b in zip(t.layer_seen, seen, strict=True)]
-
-
-def _stack(values: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    if not values:
-        return torch.zeros(0, device=device)
-    return torch.stack([v.reshape(()).float() for v in values])

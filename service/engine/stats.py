@@ -59,10 +59,15 @@ def unit_peaks(y: torch.Tensor, non_negative: bool = False) -> torch.Tensor:
     """Per unit (all axes but the batch axis 0), the largest |output| over the batch; a unit
     is dead when its peak is 0. Kept as a max so micro-batches combine with `maximum`.
     `non_negative` (ReLU outputs): skip the activation-sized |y| temporary."""
-    y = y.detach()
+    y = _detached(y)
     if y.dim() == 0:
         return y.abs().reshape(1).float()
     return (y if non_negative else y.abs()).amax(dim=0).float()
+
+
+def _detached(y: torch.Tensor) -> torch.Tensor:
+    # the probes pass detached outputs already; another `detach` would be one more dispatch
+    return y.detach() if y.requires_grad else y
 
 
 def alive_units(y: torch.Tensor) -> torch.Tensor:
@@ -84,7 +89,7 @@ def moments(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def var_mean_moments(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    x = y.detach()
+    x = _detached(y)
     if x.dtype != torch.float32:
         x = x.float()  # half-precision outputs: reduce in float32, as the other statistics
     if x.numel() == 0:
@@ -161,6 +166,29 @@ def _indicator_rows(flat: torch.Tensor) -> torch.Tensor:
     return rows
 
 
+def _indicator_rows_by_comparison(flat: torch.Tensor) -> torch.Tensor:
+    """`_indicator_rows` as one comparison kernel per row (the GPU path, where bytes moved are
+    the cost: 2 passes per row instead of 6). Equal entry by entry: the float bit patterns and
+    thresholds are integer-valued floats, so every difference `_indicator_rows` forms rounds to
+    an integer-valued float with the sign of the exact difference, and its clamp to [0, 1] is
+    1 exactly where the comparison below holds (bits ≥ inf-bits, bits < tiny-bits, bits < 1,
+    bits > max-bits)."""
+    bits = (flat.view(torch.int32) & _MAGNITUDE_MASK).float()
+    rows = torch.empty((4, flat.numel()), device=flat.device)
+    comparisons = (
+        (torch.ge, float(_NON_FINITE_BITS)),
+        (torch.lt, float(_TINY_BITS)),
+        (torch.lt, 1.0),
+        (torch.gt, float(_FP16_MAX_BITS)),
+    )
+    for row, (compare, threshold) in zip(rows, comparisons, strict=True):
+        try:  # a float `out` takes the 0/1 result in the same kernel
+            compare(bits, threshold, out=row)
+        except RuntimeError:  # a backend without dtype-casting comparison outputs
+            row.copy_(compare(bits, threshold))
+    return rows
+
+
 def _chunked_sums(flat: torch.Tensor) -> torch.Tensor:
     chunks = flat.split(_CPU_CHUNK)
     if len(chunks) == 1:
@@ -176,14 +204,26 @@ def counts_per_parameter(grads: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def counts_by_concatenation(grads: Sequence[torch.Tensor]) -> torch.Tensor:
-    """[4, n_params] indicator counts from one concatenation: a fixed number of kernels for the
-    indicators whatever the parameter count (the GPU path: launches, not bytes, are the cost)."""
-    rows = _indicator_rows(torch.cat([g.reshape(-1).float() for g in grads]))
-    counts, offset = [], 0
-    for size in (g.numel() for g in grads):
-        counts.append(rows[:, offset : offset + size].sum(dim=1))
-        offset += size
-    return torch.stack(counts, dim=1)
+    """[4, n_params] indicator counts from one concatenation: a fixed number of kernels whatever
+    the parameter count (the GPU path: launches, not bytes, are the cost). The per-parameter
+    sums are one `_foreach_norm(ord=1)` over views of the rows (Σ|0/1| = the count), not a
+    slice-and-sum kernel per parameter and row."""
+    sizes = [g.numel() for g in grads]
+    rows = _indicator_rows_by_comparison(torch.cat([_float32(g).reshape(-1) for g in grads]))
+    if 0 in sizes:  # an empty parameter: plain slices (fused kernels skip empty tensors)
+        counts, offset = [], 0
+        for size in sizes:
+            counts.append(rows[:, offset : offset + size].sum(dim=1))
+            offset += size
+        return torch.stack(counts, dim=1)
+    segments = [segment for row in rows for segment in row.split(sizes)]
+    return torch.stack(torch._foreach_norm(segments, 1)).reshape(4, len(sizes))
+
+
+def _float32(t: torch.Tensor) -> torch.Tensor:
+    # `.float()` of a float32 tensor is no kernel but still a dispatch; 2×161 of them on a
+    # ResNet-50 are ~0.5 ms of host time, which a GPU spends waiting
+    return t if t.dtype == torch.float32 else t.float()
 
 
 def flushed_counts(
@@ -217,27 +257,30 @@ def parameter_statistics(
     if not weights:
         return {k: torch.zeros(0) for k in keys}
     device = weights[0].device
-    grads_or_zero = [
-        g.detach() if g is not None else torch.zeros_like(w)
-        for w, g in zip(weights, grads, strict=True)
-    ]
-    per_param = (
-        counts_per_parameter(grads_or_zero)
-        if device.type == "cpu"
-        else counts_by_concatenation(grads_or_zero)
-    )  # [4, n_params]
-    grad_norms = torch.stack(
-        [n.float() for n in torch._foreach_norm([g.float() for g in grads_or_zero])]
-    )
-    weight_norms = torch.stack(
-        [n.float() for n in torch._foreach_norm([w.detach().float() for w in weights])]
-    )
+    with torch.no_grad():  # parameters require grad: no autograd record, no per-tensor detach
+        grads_or_zero = [
+            g if g is not None else torch.zeros_like(w) for w, g in zip(weights, grads, strict=True)
+        ]
+        per_param = (
+            counts_per_parameter(grads_or_zero)
+            if device.type == "cpu"
+            else counts_by_concatenation(grads_or_zero)
+        )  # [4, n_params]
+        grad_norms = torch.stack(
+            [_float32(n) for n in torch._foreach_norm([_float32(g) for g in grads_or_zero])]
+        )
+        weight_norms = torch.stack(
+            [_float32(n) for n in torch._foreach_norm([_float32(w) for w in weights])]
+        )
+        underflow = (
+            per_param[1] - per_param[2]
+            if reference is None
+            else flushed_counts(grads_or_zero, reference)
+        )
     return {
         "grad_norm": grad_norms,
         "weight_norm": weight_norms,
         "non_finite": per_param[0],
-        "underflow": per_param[1] - per_param[2]
-        if reference is None
-        else flushed_counts(grads_or_zero, reference),
+        "underflow": underflow,
         "overflow": per_param[3] - per_param[0],
     }
