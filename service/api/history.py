@@ -26,10 +26,7 @@ from service.api.schemas import (
     Figure,
     FindingBrief,
     FindingCounts,
-    HistoryChanges,
     HistoryEntry,
-    LayerChange,
-    LayerFigures,
     ModelHistory,
     SeverityChange,
 )
@@ -47,6 +44,7 @@ from service.errors import BadInputError
 LAYER_CHANGE_FACTOR = 10.0
 SEVERITY_RANK = {"info": 0, "warning": 1, "error": 2}
 COUNTED_SEVERITIES = {"error": "errors", "warning": "warnings", "info": "info"}
+NO_DIGEST = ReportDigest(verdict=None, layers=[], findings=[])  # a row deleted in between
 
 
 def parse_timestamp(value: str | None, parameter: str) -> datetime | None:
@@ -110,29 +108,33 @@ def model_history(
 def history_entry(
     row: HistoryRow, digests: dict[str, ReportDigest], older: HistoryRow | None
 ) -> HistoryEntry:
-    digest = digests.get(row.diagnosis_id, ReportDigest(layers=[], findings=[]))
+    digest = digests.get(row.diagnosis_id, NO_DIGEST)
     findings = [finding_brief(f) for f in digest.findings]
     layers = [layer_figures(layer) for layer in digest.layers]
     changes = None
     if older is not None:
-        before = digests.get(older.diagnosis_id, ReportDigest(layers=[], findings=[]))
+        before = digests.get(older.diagnosis_id, NO_DIGEST)
         changes = compare(
             older,
             before=([finding_brief(f) for f in before.findings], before.layers),
             after=(findings, digest.layers),
         )
-    return HistoryEntry(
-        diagnosis_id=row.diagnosis_id,
-        model_id=row.model_id,
-        model_version=row.model_version,
-        batch_id=row.batch_id,
-        created_at=row.created_at,
-        finished_at=row.finished_at,
-        verdict=row.verdict,
-        counts=count_findings(findings),
-        findings=findings,
-        layers=layers,
-        changes=changes,
+    # Per-layer parts are plain dicts validated in one pass with the entry: a page can hold
+    # tens of thousands of them, and a model constructor call per layer costs twice as much.
+    return HistoryEntry.model_validate(
+        {
+            "diagnosis_id": row.diagnosis_id,
+            "model_id": row.model_id,
+            "model_version": row.model_version,
+            "batch_id": row.batch_id,
+            "created_at": row.created_at,
+            "finished_at": row.finished_at,
+            "verdict": digest.verdict,
+            "counts": count_findings(findings),
+            "findings": findings,
+            "layers": layers,
+            "changes": changes,
+        }
     )
 
 
@@ -153,16 +155,17 @@ def count_findings(findings: Iterable[FindingBrief]) -> FindingCounts:
     return FindingCounts(**counts)
 
 
-def layer_figures(layer: dict[str, Any]) -> LayerFigures:
+def layer_figures(layer: dict[str, Any]) -> dict[str, Any]:
+    """A report layer → the fields of `LayerFigures`."""
     stats = layer.get("activation_stats") or {}
-    return LayerFigures(
-        name=str(layer.get("name")),
-        op=layer.get("op"),
-        grad_norm=as_figure(as_float(layer.get("grad_norm"))),
-        activation_grad_norm=as_figure(as_float(layer.get("activation_grad_norm"))),
-        dead_fraction=as_figure(as_float(stats.get("dead_fraction"))),
-        saturated_fraction=as_figure(as_float(stats.get("saturated_fraction"))),
-    )
+    return {
+        "name": str(layer.get("name")),
+        "op": layer.get("op"),
+        "grad_norm": as_figure(as_float(layer.get("grad_norm"))),
+        "activation_grad_norm": as_figure(as_float(layer.get("activation_grad_norm"))),
+        "dead_fraction": as_figure(as_float(stats.get("dead_fraction"))),
+        "saturated_fraction": as_figure(as_float(stats.get("saturated_fraction"))),
+    }
 
 
 def compare(
@@ -170,9 +173,9 @@ def compare(
     *,
     before: tuple[list[FindingBrief], list[dict[str, Any]]],
     after: tuple[list[FindingBrief], list[dict[str, Any]]],
-) -> HistoryChanges:
-    """What changed from the `older` diagnosis (`before`: its findings and report layers) to
-    this one (`after`)."""
+) -> dict[str, Any]:
+    """The fields of `HistoryChanges`: what changed from the `older` diagnosis (`before`: its
+    findings and report layers) to this one (`after`)."""
     worst_before, worst_after = worst_by_kind(before[0]), worst_by_kind(after[0])
     layers_before = {str(layer.get("name")): layer for layer in before[1]}
     layers_after = {str(layer.get("name")): layer for layer in after[1]}
@@ -181,21 +184,21 @@ def compare(
         for name, layer in layers_after.items()
         if name in layers_before
     ]
-    return HistoryChanges(
-        compared_with=older.diagnosis_id,
-        compared_with_version=older.model_version,
-        findings_appeared=[kind for kind in worst_after if kind not in worst_before],
-        findings_resolved=[kind for kind in worst_before if kind not in worst_after],
-        severity_changed=[
+    return {
+        "compared_with": older.diagnosis_id,
+        "compared_with_version": older.model_version,
+        "findings_appeared": [kind for kind in worst_after if kind not in worst_before],
+        "findings_resolved": [kind for kind in worst_before if kind not in worst_after],
+        "severity_changed": [
             SeverityChange(kind=kind, before=worst_before[kind], after=severity)
             for kind, severity in worst_after.items()
             if kind in worst_before and worst_before[kind] != severity
         ],
-        layers_added=[name for name in layers_after if name not in layers_before],
-        layers_removed=[name for name in layers_before if name not in layers_after],
-        flagged_layers=[change.name for change in common if change.flagged],
-        layers=common,
-    )
+        "layers_added": [name for name in layers_after if name not in layers_before],
+        "layers_removed": [name for name in layers_before if name not in layers_after],
+        "flagged_layers": [change["name"] for change in common if change["flagged"]],
+        "layers": common,
+    }
 
 
 def worst_by_kind(findings: Iterable[FindingBrief]) -> dict[str, str]:
@@ -212,15 +215,16 @@ def rank(severity: str) -> int:
     return SEVERITY_RANK.get(severity, -1)
 
 
-def layer_change(name: str, before: dict[str, Any], after: dict[str, Any]) -> LayerChange:
+def layer_change(name: str, before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """Two report layers of one name → the fields of `LayerChange`."""
     grad = norm_ratio(before.get("grad_norm"), after.get("grad_norm"))
     activation = norm_ratio(before.get("activation_grad_norm"), after.get("activation_grad_norm"))
-    return LayerChange(
-        name=name,
-        grad_norm_ratio=as_figure(grad),
-        activation_grad_norm_ratio=as_figure(activation),
-        flagged=is_large_change(grad) or is_large_change(activation),
-    )
+    return {
+        "name": name,
+        "grad_norm_ratio": as_figure(grad),
+        "activation_grad_norm_ratio": as_figure(activation),
+        "flagged": is_large_change(grad) or is_large_change(activation),
+    }
 
 
 def norm_ratio(before: Any, after: Any) -> float | None:

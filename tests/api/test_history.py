@@ -16,7 +16,7 @@ from sqlalchemy import update
 
 from service.api.history import LAYER_CHANGE_FACTOR, is_large_change, norm_ratio
 from service.db.models import Diagnosis
-from service.queue import KIND_DIAGNOSE, claim, complete, fail
+from service.queue import KIND_DIAGNOSE, KIND_INSPECT, claim, complete, complete_inspection, fail
 from tests.conftest import Backend, TenantKey, make_client
 
 T0 = datetime(2026, 11, 1, 9, 0, tzinfo=UTC)
@@ -287,6 +287,13 @@ def test_only_this_tenants_succeeded_diagnoses_of_this_name(
     model, report = cases["calm"]
     batch_id = upload_batch(client, cases["batch"])
     mine = upload(client, model)["id"]
+    with backend.database.session() as session:  # the upload's inspection job: not a diagnosis
+        inspection = claim(session, "test-worker", lease_s=60, kinds=(KIND_INSPECT,))
+        session.commit()
+    assert inspection is not None and inspection.model_id == mine
+    with backend.database.session() as session:
+        assert complete_inspection(session, inspection.id, report["model"])
+        session.commit()
     done = succeed(backend, client, mine, batch_id, report, T0)
     failed = queue(client, mine, batch_id)
     claim_it(backend, failed)

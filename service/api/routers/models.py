@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -184,12 +184,12 @@ async def read_model_history(
     ] = None,
     cursor: CursorQuery = None,
     limit: LimitQuery = 50,
-) -> ModelHistory:
+) -> Response:
     after = parse_cursor(cursor)
     window = parse_timestamp(since, "since"), parse_timestamp(until, "until")
-    return await in_read_session(
-        database,
-        lambda session: model_history(
+
+    def page(session: Session) -> bytes:
+        history = model_history(
             session,
             tenant.id,
             model_id,
@@ -198,5 +198,12 @@ async def read_model_history(
             batch_id=batch_id,
             after=after,
             limit=limit,
-        ),
-    )
+        )
+        return history.model_dump_json().encode()
+
+    # A page can hold thousands of per-layer figures: the body, built and validated once as a
+    # ModelHistory, is serialised here in the worker thread. Returning the model instead would
+    # make FastAPI dump, validate and serialise it again in the event loop (about as long as
+    # building it).
+    body = await in_read_session(database, page)
+    return Response(content=body, media_type="application/json")

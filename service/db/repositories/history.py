@@ -1,17 +1,19 @@
 """A model name's history: the tenant's succeeded diagnoses of every version of one name,
 newest first, read in two steps so that a page never loads whole reports.
 
-1. `history_rows`: the page's rows without their reports (ids, version, batch, times, verdict),
+1. `history_rows`: the page's rows without their reports (ids, version, batch, times),
    keyset-paginated on (finished_at, id). A succeeded diagnosis always has `finished_at`, the
    moment its report was written: history is ordered by when things were measured.
-2. `report_digests`: for those rows only, the two parts of each report the history shows
-   (`layers` and `findings`), extracted by the database (`report -> 'layers'` on Postgres,
-   `json_extract` on SQLite). The rest of a report (per-tensor `parameters`, profiles,
-   recommendations with their snippets) never leaves the database.
+2. `report_digests`: for those rows only, the verdict and the two parts of each report the
+   history shows (`layers` and `findings`), extracted by the database (`report -> 'layers'`
+   on Postgres, `json_extract` on SQLite). The rest of a report (per-tensor `parameters`,
+   profiles, recommendations with their snippets) never leaves the database.
 
 Two steps rather than one query because Postgres would evaluate the JSON extraction for every
 candidate row before the sort and the LIMIT (it is too cheap an expression to postpone), i.e.
 detoast every report of the name; the second query touches at most one page of reports.
+The first query reads no column stored after `report` either (hence no `verdict`): SQLite keeps
+a row's columns in one record, and reaching one past a large report walks its overflow pages.
 """
 
 from __future__ import annotations
@@ -37,7 +39,6 @@ class HistoryRow:
     batch_id: str | None
     created_at: datetime
     finished_at: datetime
-    verdict: str | None
 
     @property
     def cursor(self) -> Cursor:
@@ -49,6 +50,7 @@ class HistoryRow:
 class ReportDigest:
     """The parts of one report the history needs (absent parts are empty lists)."""
 
+    verdict: str | None
     layers: list[dict[str, Any]]
     findings: list[dict[str, Any]]
 
@@ -75,7 +77,6 @@ def history_rows(
             Diagnosis.batch_id,
             Diagnosis.created_at,
             finished_at,
-            Diagnosis.verdict,
         )
         .join(ModelRecord, ModelRecord.id == Diagnosis.model_id)
         .where(
@@ -107,24 +108,26 @@ def history_rows(
             batch_id=row.batch_id,
             created_at=row.created_at,
             finished_at=row.finished_at,
-            verdict=row.verdict,
         )
         for row in rows
     ]
 
 
 def report_digests(session: Session, diagnosis_ids: list[str]) -> dict[str, ReportDigest]:
-    """diagnosis id → the `layers` and `findings` of its report, extracted in the database."""
+    """diagnosis id → its verdict and the `layers` and `findings` of its report, extracted in
+    the database."""
     if not diagnosis_ids:
         return {}
     report = Diagnosis.report
     rows = session.execute(
-        select(Diagnosis.id, report["layers"], report["findings"]).where(
+        select(Diagnosis.id, Diagnosis.verdict, report["layers"], report["findings"]).where(
             Diagnosis.id.in_(diagnosis_ids)
         )
     )
     return {
-        row[0]: ReportDigest(layers=_list_of_dicts(row[1]), findings=_list_of_dicts(row[2]))
+        row[0]: ReportDigest(
+            verdict=row[1], layers=_list_of_dicts(row[2]), findings=_list_of_dicts(row[3])
+        )
         for row in rows
     }
 
