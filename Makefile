@@ -6,11 +6,12 @@ TORCH_SPEC ?= torch==2.13.0
 TEST_DB ?= gradhealth_test
 PG_ADMIN_URL ?= postgresql://postgres@127.0.0.1:5432/postgres
 
-# The browser tests drive Debian's Chromium (Playwright's own download needs a network at test
-# time); root installs it directly, anyone else through sudo.
+# Tools the tests need beyond Python packages, from Debian: Chromium for the browser tests
+# (Playwright's own download needs a network at test time) and docker-compose to validate
+# docker-compose.yml where Docker has no compose plugin. Root installs them, anyone else sudo.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install serve test lint postgres chromium
+.PHONY: install serve test lint postgres test-tools
 
 $(BIN)/gradhealth: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -20,11 +21,15 @@ $(BIN)/gradhealth: pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(BIN)/gradhealth
 
-chromium:
-	@test -x /usr/bin/chromium || { $(SUDO) apt-get update -q && \
-		$(SUDO) apt-get install -y -q --no-install-recommends chromium; }
+test-tools:
+	@missing=""; \
+	test -x /usr/bin/chromium || missing="chromium"; \
+	command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1 \
+		|| missing="$$missing docker-compose"; \
+	if [ -n "$$missing" ]; then $(SUDO) apt-get update -q && \
+		$(SUDO) apt-get install -y -q --no-install-recommends $$missing; fi
 
-install: $(BIN)/gradhealth chromium
+install: $(BIN)/gradhealth
 
 serve: install
 	$(BIN)/gradhealth serve
@@ -37,6 +42,6 @@ lint: install
 	$(BIN)/ruff format --check service tests bench scripts
 	$(BIN)/mypy
 
-test: install postgres
+test: install test-tools postgres
 	GRADHEALTH_TEST_DATABASE_URL=postgresql+psycopg://postgres@127.0.0.1:5432/$(TEST_DB) \
 		$(BIN)/pytest $(PYTEST_ARGS)
