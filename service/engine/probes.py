@@ -23,6 +23,7 @@ then added into accumulators allocated on the first pass. Nothing calls `.item()
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -138,6 +139,15 @@ class Probe:
         self.totals = ProbeTotals()
         self._pass: dict[str, Any] = {}
         self.last_node = -1  # index of the last node that ran (names the failing one)
+
+    def fresh(self) -> Probe:
+        """A probe for another measure() call on the same graph: this one's plan (slots,
+        consumers, indices; only read while running) shared, its recorded values not."""
+        probe = copy.copy(self)
+        probe.totals = ProbeTotals()
+        probe._pass = {}
+        probe.last_node = -1
+        return probe
 
     # -- per pass -----------------------------------------------------------------------
     def begin_pass(self) -> None:

@@ -12,6 +12,7 @@ probe kernels per graph node on the code path a CUDA device takes. They run anyw
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -26,6 +27,7 @@ from service.engine.measure import measure
 from service.engine.measurements import Subject
 from service.engine.options import DiagnoseOptions
 from service.engine.subject import build_subject
+from service.engine.verify.transforms import copy_subject, swap_activations
 from tests.support.pathologies import ZOO
 
 # aten ops that read a device value on the host (they block until the GPU queue is drained)
@@ -198,3 +200,26 @@ def test_comparison_rows_equal_the_clamp_rows_at_every_threshold() -> None:
     by_clamp = stats._indicator_rows(values)
     assert by_clamp.sum() > 0 and by_clamp[1].sum() < values.numel()  # both outcomes occur
     assert torch.equal(stats._indicator_rows_by_comparison(values), by_clamp)
+
+
+def _report(result: Any) -> dict[str, Any]:
+    dumped = dataclasses.asdict(result)
+    dumped.pop("timing")
+    return dumped
+
+
+def test_the_kept_graph_plan_gives_the_first_calls_numbers_and_follows_in_place_changes() -> None:
+    """measure() keeps the layer grouping and the probe plan per graph (host time a GPU would
+    wait through): a second call measures exactly what the first did, and a graph whose nodes
+    were changed in place since (verify's activation swap does that to its copy) is planned
+    afresh, as an unrelated copy of it would be."""
+    zoo = ZOO["deep_sigmoid_mlp"]
+    subject = build_subject(zoo.model_bytes("torch_export"), zoo.batch_bytes(), DiagnoseOptions())
+    first = measure(subject)
+    assert _report(measure(subject)) == _report(first)
+    assert any(layer.activation_stats.activation == "sigmoid" for layer in first.layers)
+    swap_activations(subject, {"sigmoid"}, "ReLU")
+    swapped = measure(subject)
+    assert all(layer.activation_stats.activation != "sigmoid" for layer in swapped.layers)
+    assert any(layer.activation_stats.dead_fraction is not None for layer in swapped.layers)
+    assert _report(swapped) == _report(measure(copy_subject(subject)))
