@@ -30,4 +30,7 @@ timeout 150 python3 -m pytest -q -p no:cacheprovider --noconftest --continue-on-
   | tee "$out/gpu_tests.log" | tail -15
 timeout 60 python3 bench/lstm_cuda.py 2>&1 | tee "$out/lstm_cuda.txt"
 timeout 180 python3 bench/converter.py --device cuda 2>&1 | tee "$out/converter_cuda.txt"
-timeout 180 python3 bench/overhead.py --device cuda 2>&1 | tee "$out/overhead_cuda.txt"
+timeout 180 python3 bench/overhead.py --device cuda --repeats 6 2>&1 | tee "$out/overhead_cuda.txt"
+# where a diagnosis pass's GPU time goes (kernels, busy vs wall, syncs): ResNet-50 only
+timeout 90 python3 bench/overhead.py --device cuda --only resnet50 --repeats 3 --profile 2>&1 \
+  > "$out/overhead_profile.txt"; tail -25 "$out/overhead_profile.txt"
