@@ -206,8 +206,13 @@ class Probe:
     def _make_hook(self, slot: int, layer_index: int | None) -> Any:
         record = self._pass
 
-        def hook(grad: torch.Tensor) -> None:
-            norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
+        def hook(grad: torch.Tensor | None) -> None:
+            # None: no gradient reached this value in this pass (cuDNN's RNN hands its unused
+            # outputs' hooks None on CUDA where the CPU kernels give zeros): a zero norm
+            if grad is None:
+                norm = torch.zeros((), dtype=torch.float32, device=self.device)
+            else:
+                norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
             record["backward"].append((slot, norm))
             if layer_index is not None:
                 record["layer_grad"][layer_index] = norm  # squared at the end of the pass
