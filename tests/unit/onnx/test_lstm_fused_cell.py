@@ -153,3 +153,33 @@ def test_cuda_whole_sequence_equals_the_cpu_one() -> None:
         gpu_grads = torch.autograd.grad(sum(o.sum() for o in gpu_out), cuda_args)
         for a, b in zip([*cpu_out, *cpu_grads], [*gpu_out, *gpu_grads], strict=True):
             torch.testing.assert_close(b.detach().cpu(), a.detach(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_repeated_shape_replays_captured_graphs_with_the_eager_results(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Second sight of a shape captures the loops; two layers of one shape share the capture,
+    both forwards running before either backward (static buffers must not leak between them)."""
+    from service.engine.onnx.ops import lstm_cuda_graphs
+
+    layers = [[a.detach().cuda() for a in _args(torch.float32, hidden=16, seed=s)] for s in (1, 2)]
+    steps, batch = layers[0][0].shape[:2]
+
+    def run() -> list[Tensor]:
+        leaves = [[t.clone().requires_grad_(True) for t in layer] for layer in layers]
+        outputs = [lstm_sequence(*leaf) for leaf in leaves]  # both forwards, then one backward
+        loss = sum((o * (k + 1)).sum() for outs in outputs for k, o in enumerate(outs))
+        grads = torch.autograd.grad(loss, [t for leaf in leaves for t in leaf])
+        return [o.detach() for outs in outputs for o in outs] + list(grads)
+
+    with monkeypatch.context() as eager_only:
+        eager_only.setattr(lstm_cuda_graphs, "loops_for", lambda *args: None)
+        eager = run()
+    key = (steps, batch, 16, torch.float32, layers[0][0].device)
+    for _ in range(3):  # first call: one eager layer, then the capture; then replays only
+        replayed = run()
+        for a, b in zip(eager, replayed, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert key in lstm_cuda_graphs.captured_shapes()

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from service.engine.onnx.ops import lstm_cuda_graphs
+
 # The cell kernels, as module attributes so that tests on a machine without CUDA can put a
 # pure-torch equivalent in their place (tests/unit/onnx/test_lstm_fused_cell.py).
 cell_forward = torch.ops.aten._thnn_fused_lstm_cell
@@ -58,6 +60,44 @@ def lstm_fused_cell(
     return Y, h, c
 
 
+def forward_steps(projected: Tensor, R: Tensor, h0: Tensor, c0: Tensor) -> tuple[Tensor, ...]:
+    """The forward loop: (Y, cells, workspaces), each stacked over the steps. A workspace holds
+    the step's activated gates, which the backward kernel reads."""
+    R_t = R.t()
+    h, c = h0, c0
+    hiddens, cells, workspaces = [], [], []
+    for p in projected.unbind(0):
+        h, c, workspace = cell_forward(p, torch.mm(h, R_t), c)
+        hiddens.append(h)
+        cells.append(c)
+        workspaces.append(workspace)
+    return torch.stack(hiddens), torch.stack(cells), torch.stack(workspaces)
+
+
+def backward_steps(
+    dY: Tensor,
+    dh_last: Tensor,
+    dc_last: Tensor,
+    cells: Tensor,
+    workspaces: Tensor,
+    c0: Tensor,
+    R: Tensor,
+) -> tuple[Tensor, ...]:
+    """The backward loop: (∂L/∂gates [T, B, 4H], ∂L/∂c0, ∂L/∂h_t [T, B, H])."""
+    steps = cells.shape[0]
+    dgates: list[Tensor] = [dY] * steps  # placeholders, all overwritten
+    dhidden: list[Tensor] = [dY] * steps
+    dc = dc_last
+    for t in range(steps - 1, -1, -1):
+        # ∂L/∂h_t: through Y_t and (but for the last step) through step t+1's gates
+        last = t == steps - 1
+        dh = dY[t] + dh_last if last else torch.addmm(dY[t], dgates[t + 1], R)
+        previous_cell = cells[t - 1] if t > 0 else c0
+        dgates[t], dc, _ = cell_backward(dh, dc, previous_cell, cells[t], workspaces[t], False)
+        dhidden[t] = dh
+    return torch.stack(dgates), dc, torch.stack(dhidden)
+
+
 class _FusedCellSequence(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -69,46 +109,32 @@ class _FusedCellSequence(torch.autograd.Function):
         hidden_grads: list[Tensor] | None,
         reversed_time: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        R_t = R.t()
-        h, c = h0, c0
-        hiddens, cells, workspaces = [], [], []
-        for p in projected.unbind(0):
-            # workspace: the step's activated gates, which the backward kernel reads
-            h, c, workspace = cell_forward(p, torch.mm(h, R_t), c)
-            hiddens.append(h)
-            cells.append(c)
-            workspaces.append(workspace)
-        Y = torch.stack(hiddens)
-        ctx.save_for_backward(R, h0, c0, Y)
-        # per-step tensors nobody else holds: kept as lists rather than stacked (no copies)
-        ctx.cells, ctx.workspaces = cells, workspaces
-        ctx.hidden_grads, ctx.reversed_time = hidden_grads, reversed_time
-        return Y, h.clone(), c.clone()
+        steps, batch, four_h = projected.shape
+        # the same loops replayed as CUDA graphs once this shape repeats (lstm_cuda_graphs.py)
+        loops = lstm_cuda_graphs.loops_for(steps, batch, four_h // 4, projected)
+        run_forward = forward_steps if loops is None else loops.forward
+        Y, cells, workspaces = run_forward(projected, R, h0, c0)
+        ctx.save_for_backward(R, h0, c0, Y, cells, workspaces)
+        ctx.loops, ctx.hidden_grads, ctx.reversed_time = loops, hidden_grads, reversed_time
+        return Y, Y[-1].clone(), cells[-1].clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dY: Tensor, dh_last: Tensor, dc_last: Tensor) -> tuple[Any, ...]:
-        R, h0, c0, Y = ctx.saved_tensors
-        cells, workspaces = ctx.cells, ctx.workspaces
-        steps = len(cells)
-        dgates: list[Tensor] = [dY] * steps  # placeholders, all overwritten
-        dhidden: list[Tensor] = [dY] * steps
-        dc = dc_last
-        for t in range(steps - 1, -1, -1):
-            # ∂L/∂h_t: through Y_t and (but for the last step) through step t+1's gates
-            last = t == steps - 1
-            dh = dY[t] + dh_last if last else torch.addmm(dY[t], dgates[t + 1], R)
-            previous_cell = cells[t - 1] if t > 0 else c0
-            dgates[t], dc, _ = cell_backward(dh, dc, previous_cell, cells[t], workspaces[t], False)
-            dhidden[t] = dh
+        R, h0, c0, Y, cells, workspaces = ctx.saved_tensors
+        run_backward = backward_steps if ctx.loops is None else ctx.loops.backward
+        d_projected, dc0, dhidden = run_backward(
+            dY.contiguous(), dh_last, dc_last, cells, workspaces, c0, R
+        )
         if ctx.hidden_grads is not None:
-            stacked = torch.stack(dhidden)
-            ctx.hidden_grads.append(stacked.flip(0) if ctx.reversed_time else stacked)
-        d_projected = torch.stack(dgates)  # [T, B, 4H]
+            ctx.hidden_grads.append(dhidden.flip(0) if ctx.reversed_time else dhidden)
         need_p, need_r, need_h0, need_c0 = ctx.needs_input_grad[:4]
         dR = None
         if need_r:  # Σ_t dgates_tᵀ·h_{t-1}, one product for all steps
             h_prev = torch.cat([h0.unsqueeze(0), Y[:-1]], 0).flatten(0, 1)
             dR = d_projected.flatten(0, 1).t().mm(h_prev)
-        dh0 = torch.mm(dgates[0], R) if need_h0 else None
-        return d_projected if need_p else None, dR, dh0, dc if need_c0 else None, None, None
+        dh0 = torch.mm(d_projected[0], R) if need_h0 else None
+        return d_projected if need_p else None, dR, dh0, dc0 if need_c0 else None, None, None
+
+
+lstm_cuda_graphs.register_bodies(forward_steps, backward_steps)
