@@ -9,15 +9,18 @@ Why one IR rather than hooks per format: the probes (statistics and gradient hoo
 node output), the layer grouping (which node owns which parameters) and the fix transforms
 (swap an activation, re-initialise a weight) are written once against this form.
 
-Execution is a plain Python loop over the nodes. Per node it costs a dict lookup and a call;
-for the models gradhealth looks at, that is far below the cost of the ops themselves
-(see bench/converter.py).
+Execution is a plain Python loop over the nodes, over a list of value slots planned once per
+graph structure (`_RunPlan`): per node a call plus a few list reads and writes. On a GPU the
+host time per node is what the device waits for (a 12-layer transformer export has ~1900
+nodes), so the loop does nothing per node that can be done once (bench/converter.py
+--host-overhead).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any, Protocol
 
 import torch
@@ -55,6 +58,30 @@ class Node:
     attrs: dict[str, Any] = field(default_factory=dict)
     source: Any = None
     scope: str | None = None
+
+
+class ConstantResult:
+    """A node fn whose result was fixed at conversion (a folded shape computation).
+
+    `run()` places `value` among the graph's initial values and, with no observer attached,
+    does not call the node at all; with an observer the node is called (it returns `value`)
+    and observed in its place as before. Replacing `node.fn` (a transform) makes the node run
+    again like any other.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __call__(self, *args: Any) -> Any:
+        return self.value
+
+
+def passthrough(value: Any) -> Any:
+    """A node fn that returns its one input (a Constant node reading its stored value, an
+    Identity): `run()` gives the output the input's slot instead of copying it per call."""
+    return value
 
 
 class NodeObserver(Protocol):
@@ -145,6 +172,7 @@ class ObservableGraph(nn.Module):
 
     def _apply(self, fn: Callable[[torch.Tensor], Any], recurse: bool = True) -> ObservableGraph:
         moved = super()._apply(fn, recurse)
+        self.__dict__.pop("_plan", None)  # buffers were replaced: the plan holds their owners
         # `fn` is the move itself (`.to(device)`, `.cuda()`, `.half()`, ...): applied to an
         # empty tensor it says where tensors go, also for a graph that holds none
         probe = fn(torch.empty(0, device=self.device))
@@ -185,35 +213,163 @@ class ObservableGraph(nn.Module):
                 f"graph takes {len(self.input_names)} inputs ({', '.join(self.input_names)}), "
                 f"got {len(inputs)}"
             )
-        values = self.initial_values()
-        values.update(zip(self.input_names, inputs, strict=True))
-        values[""] = None
-        # Drop each value after its last reader, as eager PyTorch frees a temporary when its
-        # last reference goes: otherwise every intermediate lives until the forward ends
-        # (+30 % peak memory on a ResNet-50 step; bench/overhead.py). Autograd keeps what the
-        # backward needs on its own.
-        last_use: dict[str, int] = {}
-        for index, node in enumerate(self.nodes):
-            for name in node.inputs:
-                last_use[name] = index
-        keep = set(self.output_names)
-        for index, node in enumerate(self.nodes):
-            result = node.fn(*[values[name] for name in node.inputs])
-            if len(node.outputs) == 1:
-                outputs: Sequence[Any] = (result,)
-            else:
-                outputs = result
-            for name, value in zip(node.outputs, outputs, strict=False):
-                if name:
-                    values[name] = value
-            if observer is not None:
+        plan = self._run_plan()
+        slots = plan.template.copy()
+        slots[plan.device_slot] = self.device
+        for slot, owner, leaf in plan.state:
+            slots[slot] = owner[leaf]
+        for slot, value in zip(plan.input_slots, inputs, strict=True):
+            slots[slot] = value
+        if observer is None:
+            for node, reads, writes, frees in plan.computing:
+                result = node.fn(*[slots[i] for i in reads])
+                if len(writes) == 1:
+                    slots[writes[0]] = result
+                else:
+                    for i, value in zip(writes, result, strict=False):
+                        slots[i] = value
+                del result
+                for i in frees:
+                    slots[i] = None
+        else:
+            for node, reads, writes, frees in plan.every:
+                result = node.fn(*[slots[i] for i in reads])
+                outputs: Sequence[Any] = (result,) if len(writes) == 1 else result
+                for i, value in zip(writes, outputs, strict=False):
+                    slots[i] = value
                 observer(node, outputs)
-            del result, outputs
-            for name in (*node.inputs, *node.outputs):
-                if name and name not in keep and last_use.get(name, -1) <= index:
-                    values.pop(name, None)
-        return [values[name] for name in self.output_names]
+                del result, outputs
+                for i in frees:
+                    slots[i] = None
+        return [slots[i] for i in plan.output_slots]
+
+    def _run_plan(self) -> _RunPlan:
+        """The slot plan for the current nodes; rebuilt when a node, its wiring or its fn
+        changed since it was made (transforms swap fns in place), or for a copy of the graph
+        (`copy.deepcopy` carries the plan along; it names the graph it was made for)."""
+        plan: _RunPlan | None = self.__dict__.get("_plan")
+        nodes = self.nodes
+        if plan is None or not plan.matches(self, nodes):
+            plan = _RunPlan(self, nodes)
+            self.__dict__["_plan"] = plan
+        return plan
 
     def forward(self, *inputs: Any) -> Any:
         outputs = self.run(inputs, self.observer)
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
+_NODE_WIRING = attrgetter("fn", "inputs", "outputs")
+# Slot 0 always holds None (an omitted optional input, ""); slot 1 receives outputs named "".
+_NONE_SLOT, _SINK_SLOT = 0, 1
+
+
+class _RunPlan:
+    """`ObservableGraph.run` over a list of slots instead of a dict of names.
+
+    Made once per graph structure: one slot per value name, per node the slots it reads and
+    writes and the slots to clear after it (values whose last reader it is: eager PyTorch
+    frees a temporary when its last reference goes; without this every intermediate lives
+    until the forward ends, +30 % peak memory on a ResNet-50 step, bench/overhead.py; autograd
+    keeps what the backward needs on its own). `template` holds what never changes per call
+    (constants, folded results); parameters and buffers are read from their modules per call,
+    so in-place updates and re-registered tensors are seen.
+    """
+
+    def __init__(self, graph: ObservableGraph, nodes: list[Node]) -> None:
+        self.graph_id = id(graph)
+        self.node_ids = list(map(id, nodes))
+        self.wiring = [(n.fn, list(n.inputs), list(n.outputs)) for n in nodes]
+        self.constants_key = (id(graph.constants), len(graph.constants))
+        slot_of: dict[str, int] = {"": _NONE_SLOT}
+        template: list[Any] = [None, None]
+
+        def new_slot(name: str, value: Any = None) -> int:
+            slot_of[name] = len(template)
+            template.append(value)
+            return slot_of[name]
+
+        for name, value in graph.constants.items():
+            new_slot(name, value)
+        self.device_slot = new_slot(DEVICE_VALUE)
+        self.state: list[tuple[int, dict[str, Any], str]] = []
+        for names, parameter in ((graph.buffer_names, False), (graph.param_names, True)):
+            for value_name, registered in names.items():
+                owner, leaf = _owner_of(graph, registered)
+                table = owner._parameters if parameter else owner._buffers
+                slot = slot_of.get(value_name)
+                self.state.append((new_slot(value_name) if slot is None else slot, table, leaf))
+        self.input_slots = [slot_of.get(n) or new_slot(n) for n in graph.input_names]
+
+        steps: list[tuple[Node, tuple[int, ...], tuple[int, ...]]] = []
+        for node in nodes:
+            reads = tuple(_read_slot(slot_of, name, node) for name in node.inputs)
+            if node.fn is passthrough and len(reads) == 1 and len(node.outputs) == 1:
+                slot_of.setdefault(node.outputs[0], reads[0])  # the output is its input
+            writes = tuple(
+                (slot_of.get(name) or new_slot(name)) if name else _SINK_SLOT
+                for name in node.outputs
+            )
+            if isinstance(node.fn, ConstantResult):
+                for slot, value in zip(writes, _as_outputs(node, node.fn.value), strict=False):
+                    if slot != _SINK_SLOT:
+                        template[slot] = value
+            steps.append((node, reads, writes))
+        self.template = template
+        self.output_slots = [_read_slot(slot_of, name, None) for name in graph.output_names]
+
+        kept = {_NONE_SLOT, _SINK_SLOT, *self.output_slots}
+        last_use: dict[int, int] = {}
+        for index, (_, reads, _) in enumerate(steps):
+            for slot in reads:
+                last_use[slot] = index
+        self.every: list[tuple[Node, tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = []
+        for index, (node, reads, writes) in enumerate(steps):
+            frees = tuple(
+                slot
+                for slot in dict.fromkeys((*reads, *writes))
+                if slot not in kept and last_use.get(slot, -1) <= index
+            )
+            self.every.append((node, reads, writes, frees))
+        # Without an observer a folded node has nothing to do (its value is in the template)
+        # and neither has a passthrough (its output shares the input's slot); the values they
+        # would clear are cleared by the step before them instead.
+        self.computing = []
+        pending: tuple[int, ...] = ()
+        for node, reads, writes, frees in self.every:
+            skipped = isinstance(node.fn, ConstantResult) or (
+                node.fn is passthrough and len(writes) == 1 and writes[0] == reads[0]
+            )
+            if skipped:
+                pending += frees
+                continue
+            self.computing.append((node, reads, writes, pending + frees))
+            pending = ()
+
+    def matches(self, graph: ObservableGraph, nodes: list[Node]) -> bool:
+        return (
+            self.graph_id == id(graph)
+            and self.constants_key == (id(graph.constants), len(graph.constants))
+            and list(map(id, nodes)) == self.node_ids
+            and list(map(_NODE_WIRING, nodes)) == self.wiring
+        )
+
+
+def _as_outputs(node: Node, result: Any) -> Sequence[Any]:
+    return (result,) if len(node.outputs) == 1 else result
+
+
+def _read_slot(slot_of: dict[str, int], name: str, node: Node | None) -> int:
+    slot = slot_of.get(name)
+    if slot is None:
+        where = f"node {node.name!r} ({node.op_type})" if node is not None else "graph output"
+        raise KeyError(f"{where} reads {name!r}, which no input, state or earlier node provides")
+    return slot
+
+
+def _owner_of(root: nn.Module, dotted: str) -> tuple[nn.Module, str]:
+    *path, leaf = dotted.split(".")
+    module = root
+    for part in path:
+        module = module._modules[part]  # type: ignore[assignment]
+    return module, leaf

@@ -79,7 +79,7 @@ import torch
 from onnx import GraphProto, ModelProto, NodeProto, TensorProto, helper
 
 import service.engine.onnx.ops  # noqa: F401  (registers every op family)
-from service.engine.graph import Node, ObservableGraph
+from service.engine.graph import ConstantResult, Node, ObservableGraph, passthrough
 from service.engine.onnx.loading import load_onnx, load_onnx_bundle, resolve_external_data
 from service.engine.onnx.ops._util import FLOAT_DTYPES, ONNX_TO_TORCH
 from service.engine.onnx.registry import (
@@ -682,7 +682,7 @@ def _fold_constants(nodes: list[Node], constants: dict[str, Any]) -> None:
             if name:
                 static.add(name)
                 constants[name] = value
-        node.fn = _returning(result)
+        node.fn = ConstantResult(result)
 
 
 def _foldable_value(value: Any) -> bool:
@@ -690,13 +690,6 @@ def _foldable_value(value: Any) -> bool:
         return False
     small = value.numel() <= SMALL_INT_NUMEL
     return small and (value.dim() == 0 or not (value.dtype.is_floating_point or value.is_complex()))
-
-
-def _returning(result: Any) -> Any:
-    def fn(*args: Any) -> Any:
-        return result
-
-    return fn
 
 
 # The dynamo exporter's optimizer (`optimize=True`, its default) folds BatchNormalization into
@@ -833,12 +826,8 @@ def _constant_as_state(
     else:
         constants[key] = value
     node.inputs = [key]
-    node.fn = _identity
+    node.fn = passthrough
     return node
-
-
-def _identity(value: Any) -> Any:
-    return value
 
 
 def check_inputs(graph: ObservableGraph, inputs: Sequence[torch.Tensor]) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from service.engine.graph import NodeFn
+from service.engine.graph import NodeFn, passthrough
 from service.engine.onnx.ops._util import (
     FLOAT_DTYPES,
     as_tensor,
@@ -179,7 +179,7 @@ _variadic("Min", torch.minimum)
 
 @register("Identity")
 def identity(ctx: OpContext) -> NodeFn:
-    return lambda x: x
+    return passthrough  # run() gives the output its input's slot
 
 
 @register("Where")
