@@ -1,6 +1,7 @@
 """Probe overhead: a full diagnosis pass vs a plain forward+backward of the same module.
 
     .venv/bin/python bench/overhead.py [--device cpu|cuda] [--repeats N] [--full-size] [--profile]
+    .venv/bin/python bench/overhead.py --host-overhead [--repeats N]
 
 For each model: the median time of
 - `plain`: the original nn.Module, forward + loss + backward (eager PyTorch), the baseline;
@@ -17,6 +18,14 @@ glibc's mmap threshold fixed at 64 KiB so that freed temporaries do not stay res
 `torch.cuda.set_sync_debug_mode("warn")`: the kernel count and CUDA time of `measure` against
 `plain`, the top kernels by CUDA time, and every host-device synchronisation with the line that
 caused it (the design allows one: the transfer at the end).
+
+`--host-overhead` (CPU, no GPU needed): the host time of the pass, which bounds it on a GPU
+(the H100 ran ResNet-50's measure() with the GPU busy 24.8 of 62.2 ms). The same structures with
+tiny tensors (ResNet-50 width 8 at 32 px, batch 2; the 24-layer sigmoid MLP at width 16, batch 4),
+so that compute is negligible, timed on one thread as process CPU time: measure/unprobed (the
+graph's own forward+backward) and measure/plain (the nn.Module). `gpu path` rows compute the
+statistics as a CUDA device does (var_mean moments, one-concatenation parameter counts); `cpu
+path` rows as the CPU does.
 
 Models: ResNet-50 (bottleneck blocks [3, 4, 6, 3], width 64, BatchNorm), ViT-B (patch 16,
 d=768, 12 layers, 12 heads), a 24-layer sigmoid MLP, a 2-layer LSTM. On CPU the default sizes
@@ -402,6 +411,68 @@ def run(
     return result
 
 
+def host_overhead(repeats: int) -> None:
+    """Tiny-tensor host-time ratios (see the module docstring, `--host-overhead`)."""
+    from service.engine import probes, stats
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    tiny = [
+        Bench("resnet50", "width 8, 32px, batch 2", lambda: ResNet50(10, 8),
+              torch.randn(2, 3, 32, 32), 10),
+        Bench("sigmoid_mlp24", "width 16, batch 4", lambda: sigmoid_mlp(16),
+              torch.randn(4, 16), 10),
+    ]  # fmt: skip
+    cpu_paths = (probes.moments, stats.counts_per_parameter)
+    gpu_paths = (stats.var_mean_moments, stats.counts_by_concatenation)
+    print(f"host time (process CPU, 1 thread, torch {torch.__version__}), median per step")
+    print(f"{'model':<15}{'size':<26}{'path':<10}{'plain':>9}{'graph':>9}{'measure':>9}"
+          f"{'meas/graph':>12}{'meas/plain':>12}")  # fmt: skip
+    for bench in tiny:
+        _host_rows(bench, repeats, cpu_paths, gpu_paths)
+
+
+def _host_rows(bench: Bench, repeats: int, cpu_paths: Any, gpu_paths: Any) -> None:
+    from service.engine import probes, stats
+
+    module = bench.build().train()
+    target = torch.randint(0, bench.classes, (bench.x.shape[0],))
+    options = DiagnoseOptions(device="cpu", verify_fixes=False)
+    subject = _subject(bench, module, target, options)
+    graph = subject.graph
+    assert graph is not None
+    params = list(module.parameters())
+    graph_params = [p for _, p in graph.named_graph_parameters()]
+
+    def plain() -> None:
+        for p in params:
+            p.grad = None
+        F.cross_entropy(module(bench.x), target).backward()
+
+    def unprobed() -> None:
+        for p in graph_params:
+            p.grad = None
+        F.cross_entropy(graph.run([bench.x])[0], target).backward()
+
+    def diagnosis() -> object:
+        return measure(subject, options)
+
+    for path, (moments, counts) in (("gpu path", gpu_paths), ("cpu path", cpu_paths)):
+        probes.moments, stats.counts_per_parameter = moments, counts
+        try:
+            times: dict[str, list[float]] = {"plain": [], "graph": [], "measure": []}
+            for _ in range(max(1, repeats)):  # interleaved against load drift
+                for name, fn in (("plain", plain), ("graph", unprobed),
+                                 ("measure", diagnosis)):  # fmt: skip
+                    times[name].append(_median_time(fn, torch.device("cpu"), 15))
+        finally:
+            probes.moments, stats.counts_per_parameter = cpu_paths
+        tp, tg, tm = (statistics.median(times[k]) for k in ("plain", "graph", "measure"))
+        print(f"{bench.name:<15}{bench.size:<26}{path:<10}{tp * 1e3:>7.2f}ms"
+              f"{tg * 1e3:>7.2f}ms{tm * 1e3:>7.2f}ms{tm / tg:>11.2f}x{tm / tp:>11.2f}x",
+              flush=True)  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -425,7 +496,15 @@ def main() -> None:
         default=1,
         help="CPU threads (1: OpenMP spin-waits on a busy machine would count as CPU time)",
     )
+    parser.add_argument(
+        "--host-overhead",
+        action="store_true",
+        help="CPU: host-time ratios of measure() on tiny tensors (what bounds it on a GPU)",
+    )
     args = parser.parse_args()
+    if args.host_overhead:
+        host_overhead(args.repeats)
+        return
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)

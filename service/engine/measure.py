@@ -587,10 +587,11 @@ def _collect(
             out[f"layer.mean.{k}"] = means
             out[f"layer.var.{k}"] = variances
         out["layer.saturated"] = totals.layer_saturated
-    for index, peaks in totals.alive.items():
-        # units alive; `_dead_fractions` turns them into the dead fraction on the host (one
-        # kernel per layer here, instead of compare, sum, reshape and divide)
-        out[f"alive.{index}"] = torch.count_nonzero(peaks)
+    if totals.alive:
+        # units alive per ReLU layer, in `totals.alive` order; `_dead_fractions` turns them
+        # into the dead fractions on the host (one count per layer and one stack here, instead
+        # of compare, sum, reshape and divide per layer)
+        out["alive"] = torch.stack([torch.count_nonzero(p) for p in totals.alive.values()])
     return out
 
 
@@ -599,12 +600,12 @@ def _dead_fractions(host: dict[str, list[float]], probe: Probe | None) -> None:
     float32 arithmetic, as the device computed it before (count / units in float32)."""
     if probe is None:
         return
-    for index, peaks in probe.totals.alive.items():
-        alive = host.pop(f"alive.{index}", None)
-        if alive is None:
-            continue
+    counts = host.pop("alive", None)
+    if counts is None:
+        return
+    for (index, peaks), alive in zip(probe.totals.alive.items(), counts, strict=True):
         units = peaks.numel()
-        dead = np.float32(units - round(alive[0])) / np.float32(max(units, 1))
+        dead = np.float32(units - round(alive)) / np.float32(max(units, 1))
         host[f"dead.{index}"] = [float(dead)]
 
 

@@ -47,7 +47,7 @@ def saturated_count(y: torch.Tensor, activation: str) -> torch.Tensor:
     if rule is None:
         return torch.zeros((), device=y.device)
     centre, threshold, strict = rule
-    distance = (y.float() - centre).abs_()
+    distance = (_float32(y) - centre).abs_()
     if not strict:
         return (distance >= threshold).sum().float()
     # sign(max(d − t, 0)) is 1 exactly where d > t: a float count, no bool tensor (bool
@@ -61,13 +61,14 @@ def unit_peaks(y: torch.Tensor, non_negative: bool = False) -> torch.Tensor:
     `non_negative` (ReLU outputs): skip the activation-sized |y| temporary."""
     y = _detached(y)
     if y.dim() == 0:
-        return y.abs().reshape(1).float()
-    return (y if non_negative else y.abs()).amax(dim=0).float()
+        return _float32(y.abs().reshape(1))
+    return _float32((y if non_negative else y.abs()).amax(dim=0))
 
 
 def _detached(y: torch.Tensor) -> torch.Tensor:
-    # the probes pass detached outputs already; another `detach` would be one more dispatch
-    return y.detach() if y.requires_grad else y
+    # the probes call these with gradient recording off (no graph is recorded: the output
+    # itself is read), or pass detached outputs; a `detach` would be one more dispatch
+    return y.detach() if y.requires_grad and torch.is_grad_enabled() else y
 
 
 def alive_units(y: torch.Tensor) -> torch.Tensor:
@@ -104,7 +105,7 @@ def shifted_moments(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     (`y[0]`, a view: no copy, no host sync). The cancellation in Σd²/n − (Σd/n)² is then
     relative to (mean − c)², which is of the order of the spread itself rather than mean²
     (the "shifted data" algorithm; exact up to float32 accumulation of Σd²)."""
-    x = y.detach()
+    x = _detached(y)
     n = x.numel()
     if n == 0:
         zero = torch.zeros((), device=x.device)
@@ -207,9 +208,10 @@ def counts_by_concatenation(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     """[4, n_params] indicator counts from one concatenation: a fixed number of kernels whatever
     the parameter count (the GPU path: launches, not bytes, are the cost). The per-parameter
     sums are one `_foreach_norm(ord=1)` over views of the rows (Σ|0/1| = the count), not a
-    slice-and-sum kernel per parameter and row."""
+    slice-and-sum kernel per parameter and row; the concatenation is one C++ call
+    (`_flattened`), not a reshape and a cast per parameter."""
     sizes = [g.numel() for g in grads]
-    rows = _indicator_rows_by_comparison(torch.cat([_float32(g).reshape(-1) for g in grads]))
+    rows = _indicator_rows_by_comparison(_flattened(grads))
     if 0 in sizes:  # an empty parameter: plain slices (fused kernels skip empty tensors)
         counts, offset = [], 0
         for size in sizes:
@@ -220,10 +222,25 @@ def counts_by_concatenation(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(torch._foreach_norm(segments, 1)).reshape(4, len(sizes))
 
 
+def _flattened(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """All entries as one float32 vector: one C++ call (not a reshape and a cast per tensor);
+    other dtypes are cast once after (fp16/bf16 → float32 is exact, as a cast per tensor)."""
+    flat = torch._C._nn.flatten_dense_tensors(list(grads))
+    return flat if flat.dtype == torch.float32 else flat.float()
+
+
 def _float32(t: torch.Tensor) -> torch.Tensor:
     # `.float()` of a float32 tensor is no kernel but still a dispatch; 2×161 of them on a
     # ResNet-50 are ~0.5 ms of host time, which a GPU spends waiting
     return t if t.dtype == torch.float32 else t.float()
+
+
+def _norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[n] float32 L2 norms by one `_foreach_norm`; float32 tensors (the usual case) are
+    passed as they are, without a cast call per tensor and per norm."""
+    if all(t.dtype == torch.float32 for t in tensors):
+        return torch.stack(torch._foreach_norm(list(tensors)))
+    return torch.stack([_float32(n) for n in torch._foreach_norm([_float32(t) for t in tensors])])
 
 
 def flushed_counts(
@@ -266,12 +283,8 @@ def parameter_statistics(
             if device.type == "cpu"
             else counts_by_concatenation(grads_or_zero)
         )  # [4, n_params]
-        grad_norms = torch.stack(
-            [_float32(n) for n in torch._foreach_norm([_float32(g) for g in grads_or_zero])]
-        )
-        weight_norms = torch.stack(
-            [_float32(n) for n in torch._foreach_norm([_float32(w) for w in weights])]
-        )
+        grad_norms = _norms(grads_or_zero)
+        weight_norms = _norms(weights)
         underflow = (
             per_param[1] - per_param[2]
             if reference is None

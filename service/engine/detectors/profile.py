@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
+
+import numpy as np
 
 _MAX_PAIRWISE = 200  # points kept for the pairwise fit (~20k slopes)
 
@@ -29,12 +32,33 @@ def growth_factor(norms: Sequence[float | None]) -> float | None:
     if len(points) > _MAX_PAIRWISE:  # long time profiles: evenly thinned, same median slope
         step = len(points) / _MAX_PAIRWISE
         points = [points[int(k * step)] for k in range(_MAX_PAIRWISE)]
-    slopes = sorted(
-        (yj - yi) / (xj - xi) for a, (xi, yi) in enumerate(points) for xj, yj in points[a + 1 :]
-    )
+    slopes = _pairwise_slopes(points)
     mid = len(slopes) // 2
-    slope = slopes[mid] if len(slopes) % 2 else (slopes[mid - 1] + slopes[mid]) / 2
+    # the middle one or two of the sorted slopes (a partial sort, as numpy floats → Python)
+    middle = np.partition(slopes, [mid - 1, mid] if len(slopes) % 2 == 0 else [mid])
+    slope = (
+        float(middle[mid]) if len(slopes) % 2 else (float(middle[mid - 1]) + float(middle[mid])) / 2
+    )
     return math.exp(slope) if slope < 700 else math.inf
+
+
+@functools.lru_cache(maxsize=64)
+def _pairs(count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs i < j of `count` points (read-only; the same few counts recur)."""
+    first, second = np.triu_indices(count, k=1)
+    first.flags.writeable = second.flags.writeable = False
+    return first, second
+
+
+def _pairwise_slopes(points: list[tuple[int, float]]) -> np.ndarray:
+    """(y_j − y_i)/(x_j − x_i) for every pair i < j, as one float64 array: the same IEEE
+    operations as the Python expression per pair (the indices are small integers, exact as
+    floats), without ~n²/2 Python steps: a 107-layer ResNet-50 profile's 5.7k slopes took
+    ~1.5 ms of host time per diagnosis that way, after the device had finished."""
+    xs = np.fromiter((x for x, _ in points), dtype=np.float64, count=len(points))
+    ys = np.fromiter((y for _, y in points), dtype=np.float64, count=len(points))
+    first, second = _pairs(len(points))
+    return (ys[second] - ys[first]) / (xs[second] - xs[first])
 
 
 def backward_factor(norms: Sequence[float | None]) -> float | None:
