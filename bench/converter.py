@@ -37,7 +37,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from service.engine.graph import ConstantResult, passthrough
 from service.engine.onnx.convert import convert, load_onnx
 from service.engine.onnx.registry import lookup
 from tests.support.export import to_onnx
@@ -163,10 +162,13 @@ def _step_counts(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor)
     }
 
 
-def _computing_nodes(graph: torch.nn.Module) -> int:
-    """Nodes that still compute per call (not folded to a stored value at conversion)."""
-    nodes = graph.nodes  # type: ignore[union-attr]
-    return sum(1 for n in nodes if not (isinstance(n.fn, ConstantResult) or n.fn is passthrough))
+def _nodes_called(graph: nn.Module, x: torch.Tensor) -> int:
+    """Nodes whose fn a call with `x` runs: not folded at conversion, not a passthrough, not
+    shape arithmetic known from an earlier call with the same input shape."""
+    graph(x)
+    plan = graph._run_plan()  # type: ignore[operator]
+    schedules = list(plan.by_signature.values()) or [plan.base]
+    return len(schedules[-1].computing)
 
 
 def host_overhead(name: str, module: nn.Module, x: torch.Tensor, repeats: int) -> None:
@@ -189,7 +191,7 @@ def host_overhead(name: str, module: nn.Module, x: torch.Tensor, repeats: int) -
         f"{name:<34} cpu time per step: torch {medians['torch_cpu'] * 1e3:7.2f} ms, converted "
         f"{medians['converted_cpu'] * 1e3:7.2f} ms, ratio {ratio:5.2f}"
     )
-    print(f"{'':<34} graph nodes {len(graph.nodes)}, computing per call {_computing_nodes(graph)}")
+    print(f"{'':<34} graph nodes {len(graph.nodes)}, called per call {_nodes_called(graph, x)}")
     for side, c in counts.items():
         print(
             f"{'':<34} {side:<9}: aten ops forward {c['aten_fwd']:5d}, backward "

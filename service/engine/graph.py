@@ -18,9 +18,9 @@ nodes), so the loop does nothing per node that can be done once (bench/converter
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
-from operator import attrgetter
+from operator import is_
 from typing import Any, Protocol
 
 import torch
@@ -47,6 +47,10 @@ class Node:
     `scope`: the dotted path of the source module the op came from (`blocks.0.attn`), when the
     exporter recorded it (dynamo ONNX `pkg.torch.onnx.name_scopes`, FX `nn_module_stack`);
     None when unknown or at the top level.
+
+    `fn`, `inputs` and `outputs` may be reassigned at any time (a transform swapping an
+    activation): `ObservableGraph.run` notices and plans again. Assign new lists rather than
+    editing them in place once the graph has run: an in-place edit goes unnoticed.
     """
 
     name: str
@@ -58,6 +62,22 @@ class Node:
     attrs: dict[str, Any] = field(default_factory=dict)
     source: Any = None
     scope: str | None = None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _WIRING_FIELDS and name in self.__dict__:
+            _wiring_changed()
+        object.__setattr__(self, name, value)
+
+
+# Bumped whenever a node's fn, inputs or outputs are reassigned: a run plan made before is
+# stale (checking every node's wiring per call instead costs ~0.2 ms on a 1900-node graph).
+_WIRING_FIELDS = frozenset({"fn", "inputs", "outputs"})
+_wiring_version = 0
+
+
+def _wiring_changed() -> None:
+    global _wiring_version
+    _wiring_version += 1
 
 
 class ConstantResult:
@@ -78,9 +98,10 @@ class ConstantResult:
         return self.value
 
 
-def passthrough(value: Any) -> Any:
-    """A node fn that returns its one input (a Constant node reading its stored value, an
-    Identity): `run()` gives the output the input's slot instead of copying it per call."""
+def passthrough(value: Any, *ignored: Any) -> Any:
+    """A node fn that returns its first input (a Constant node reading its stored value, an
+    Identity, an inactive Dropout): `run()` gives its one output the input's slot instead of
+    calling it, unless an observer is attached."""
     return value
 
 
@@ -141,6 +162,11 @@ class ObservableGraph(nn.Module):
     - `input_names` / `output_names`: the graph's external inputs and outputs, in order.
     - `device`: where the parameters and buffers are now (kept up to date by `.to()`, `.cuda()`,
       ...; every move goes through `_apply`); nodes read it as the value `DEVICE_VALUE`.
+    - `input_shape_nodes`: names of nodes whose outputs are fixed by the shapes, dtypes and
+      device of the graph inputs alone (shape arithmetic an exporter wrote: `Shape → Slice →
+      Concat`): `run()` computes them on the first call with given input shapes and reuses
+      their values on later calls with the same (still handing them to the observer). The
+      format's converter says which (onnx/shape_values.py); empty: all run every call.
     """
 
     def __init__(
@@ -153,6 +179,7 @@ class ObservableGraph(nn.Module):
         buffers: dict[str, torch.Tensor] | None = None,
         constants: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
+        input_shape_nodes: Iterable[str] = (),
     ) -> None:
         super().__init__()
         self.nodes = nodes
@@ -167,6 +194,7 @@ class ObservableGraph(nn.Module):
         for i, (value_name, tensor) in enumerate((buffers or {}).items()):
             self.buffer_names[value_name] = self._register(value_name, f"buffer_{i}", tensor, False)
         self.observer: NodeObserver | None = None
+        self.input_shape_nodes = frozenset(input_shape_nodes)
         held = [*(parameters or {}).values(), *(buffers or {}).values()]
         self.device: torch.device = held[0].device if held else torch.device("cpu")
 
@@ -214,14 +242,22 @@ class ObservableGraph(nn.Module):
                 f"got {len(inputs)}"
             )
         plan = self._run_plan()
-        slots = plan.template.copy()
+        schedule, signature = plan.base, None
+        if plan.input_shape_steps:
+            signature = _signature(inputs, self.device)
+            schedule = plan.by_signature.get(signature, plan.base) if signature else plan.base
+        slots = schedule.template.copy()
         slots[plan.device_slot] = self.device
         for slot, owner, leaf in plan.state:
             slots[slot] = owner[leaf]
         for slot, value in zip(plan.input_slots, inputs, strict=True):
             slots[slot] = value
-        if observer is None:
-            for node, reads, writes, frees in plan.computing:
+        if signature is not None and schedule is plan.base:
+            # first call with these input shapes: run everything, keep what they fix
+            captured = plan.base.run_observed(slots, observer, plan.input_shape_steps)
+            plan.remember(signature, captured)
+        elif observer is None:
+            for node, reads, writes, frees in schedule.computing:
                 result = node.fn(*[slots[i] for i in reads])
                 if len(writes) == 1:
                     slots[writes[0]] = result
@@ -232,15 +268,7 @@ class ObservableGraph(nn.Module):
                 for i in frees:
                     slots[i] = None
         else:
-            for node, reads, writes, frees in plan.every:
-                result = node.fn(*[slots[i] for i in reads])
-                outputs: Sequence[Any] = (result,) if len(writes) == 1 else result
-                for i, value in zip(writes, outputs, strict=False):
-                    slots[i] = value
-                observer(node, outputs)
-                del result, outputs
-                for i in frees:
-                    slots[i] = None
+            schedule.run_observed(slots, observer, ())
         return [slots[i] for i in plan.output_slots]
 
     def _run_plan(self) -> _RunPlan:
@@ -259,9 +287,62 @@ class ObservableGraph(nn.Module):
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
-_NODE_WIRING = attrgetter("fn", "inputs", "outputs")
 # Slot 0 always holds None (an omitted optional input, ""); slot 1 receives outputs named "".
 _NONE_SLOT, _SINK_SLOT = 0, 1
+# Values reused across calls with the same input shapes are small shape arithmetic; a larger
+# one (a mask built from a shape) is computed per call rather than held between calls.
+REUSED_VALUE_MAX_NUMEL = 1 << 16
+# Input signatures remembered per graph (a worker sees few batch shapes per model).
+MAX_SIGNATURES = 8
+
+Step = tuple[Node, tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+
+
+class _Schedule:
+    """What one call executes: `template` (slot values set before the first node), `every`
+    node in order with the outputs known in advance (None: compute them), and `computing`,
+    the steps left when nobody observes (known outputs are already in the template; values
+    they would clear are cleared by the step before them instead)."""
+
+    def __init__(
+        self, template: list[Any], steps: list[Step], known: dict[int, tuple[Any, ...]]
+    ) -> None:
+        self.template = template
+        self.every = [(*step, known.get(index)) for index, step in enumerate(steps)]
+        self.computing: list[Step] = []
+        pending: tuple[int, ...] = ()
+        for index, (node, reads, writes, frees) in enumerate(steps):
+            if index in known or (
+                node.fn is passthrough and len(writes) == 1 and writes[0] == reads[0]
+            ):
+                pending += frees
+                continue
+            self.computing.append((node, reads, writes, pending + frees))
+            pending = ()
+
+    def run_observed(
+        self, slots: list[Any], observer: NodeObserver | None, capture: frozenset[int] | tuple
+    ) -> dict[int, tuple[Any, ...]]:
+        """Every node in order, each handed to `observer`; returns the outputs of the steps
+        in `capture`."""
+        captured: dict[int, tuple[Any, ...]] = {}
+        for index, (node, reads, writes, frees, known) in enumerate(self.every):
+            if known is None:
+                result = node.fn(*[slots[i] for i in reads])
+                outputs: Sequence[Any] = (result,) if len(writes) == 1 else result
+                for i, value in zip(writes, outputs, strict=False):
+                    slots[i] = value
+                del result
+            else:
+                outputs = known
+            if index in capture:
+                captured[index] = tuple(outputs)
+            if observer is not None:
+                observer(node, outputs)
+            del outputs
+            for i in frees:
+                slots[i] = None
+        return captured
 
 
 class _RunPlan:
@@ -271,16 +352,18 @@ class _RunPlan:
     writes and the slots to clear after it (values whose last reader it is: eager PyTorch
     frees a temporary when its last reference goes; without this every intermediate lives
     until the forward ends, +30 % peak memory on a ResNet-50 step, bench/overhead.py; autograd
-    keeps what the backward needs on its own). `template` holds what never changes per call
+    keeps what the backward needs on its own). The template holds what never changes per call
     (constants, folded results); parameters and buffers are read from their modules per call,
-    so in-place updates and re-registered tensors are seen.
+    so in-place updates and re-registered tensors are seen. Per input signature, a schedule
+    that also knows the outputs of `graph.input_shape_nodes` from the first call with it.
     """
 
     def __init__(self, graph: ObservableGraph, nodes: list[Node]) -> None:
         self.graph_id = id(graph)
-        self.node_ids = list(map(id, nodes))
-        self.wiring = [(n.fn, list(n.inputs), list(n.outputs)) for n in nodes]
+        self.wiring_version = _wiring_version
+        self.nodes = list(nodes)
         self.constants_key = (id(graph.constants), len(graph.constants))
+        self.shape_nodes = graph.input_shape_nodes
         slot_of: dict[str, int] = {"": _NONE_SLOT}
         template: list[Any] = [None, None]
 
@@ -301,58 +384,100 @@ class _RunPlan:
                 self.state.append((new_slot(value_name) if slot is None else slot, table, leaf))
         self.input_slots = [slot_of.get(n) or new_slot(n) for n in graph.input_names]
 
-        steps: list[tuple[Node, tuple[int, ...], tuple[int, ...]]] = []
+        wired: list[tuple[Node, tuple[int, ...], tuple[int, ...]]] = []
+        known: dict[int, tuple[Any, ...]] = {}
         for node in nodes:
             reads = tuple(_read_slot(slot_of, name, node) for name in node.inputs)
-            if node.fn is passthrough and len(reads) == 1 and len(node.outputs) == 1:
+            if node.fn is passthrough and reads and len(node.outputs) == 1:
                 slot_of.setdefault(node.outputs[0], reads[0])  # the output is its input
             writes = tuple(
                 (slot_of.get(name) or new_slot(name)) if name else _SINK_SLOT
                 for name in node.outputs
             )
             if isinstance(node.fn, ConstantResult):
-                for slot, value in zip(writes, _as_outputs(node, node.fn.value), strict=False):
-                    if slot != _SINK_SLOT:
-                        template[slot] = value
-            steps.append((node, reads, writes))
-        self.template = template
+                outputs = tuple(_as_outputs(node, node.fn.value))
+                known[len(wired)] = _place(template, writes, outputs)
+            wired.append((node, reads, writes))
         self.output_slots = [_read_slot(slot_of, name, None) for name in graph.output_names]
 
         kept = {_NONE_SLOT, _SINK_SLOT, *self.output_slots}
         last_use: dict[int, int] = {}
-        for index, (_, reads, _) in enumerate(steps):
+        for index, (_, reads, _) in enumerate(wired):
             for slot in reads:
                 last_use[slot] = index
-        self.every: list[tuple[Node, tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = []
-        for index, (node, reads, writes) in enumerate(steps):
-            frees = tuple(
-                slot
-                for slot in dict.fromkeys((*reads, *writes))
-                if slot not in kept and last_use.get(slot, -1) <= index
+        self.steps: list[Step] = [
+            (
+                node,
+                reads,
+                writes,
+                tuple(
+                    slot
+                    for slot in dict.fromkeys((*reads, *writes))
+                    if slot not in kept and last_use.get(slot, -1) <= index
+                ),
             )
-            self.every.append((node, reads, writes, frees))
-        # Without an observer a folded node has nothing to do (its value is in the template)
-        # and neither has a passthrough (its output shares the input's slot); the values they
-        # would clear are cleared by the step before them instead.
-        self.computing = []
-        pending: tuple[int, ...] = ()
-        for node, reads, writes, frees in self.every:
-            skipped = isinstance(node.fn, ConstantResult) or (
-                node.fn is passthrough and len(writes) == 1 and writes[0] == reads[0]
-            )
-            if skipped:
-                pending += frees
-                continue
-            self.computing.append((node, reads, writes, pending + frees))
-            pending = ()
+            for index, (node, reads, writes) in enumerate(wired)
+        ]
+        self.known = known
+        self.base = _Schedule(template, self.steps, known)
+        self.input_shape_steps = frozenset(
+            index
+            for index, (node, _, _, _) in enumerate(self.steps)
+            if node.name in self.shape_nodes and index not in known
+        )
+        self.by_signature: dict[Hashable, _Schedule] = {}
 
     def matches(self, graph: ObservableGraph, nodes: list[Node]) -> bool:
         return (
             self.graph_id == id(graph)
+            and self.wiring_version == _wiring_version
+            and self.shape_nodes is graph.input_shape_nodes
             and self.constants_key == (id(graph.constants), len(graph.constants))
-            and list(map(id, nodes)) == self.node_ids
-            and list(map(_NODE_WIRING, nodes)) == self.wiring
+            and len(nodes) == len(self.nodes)
+            and all(map(is_, nodes, self.nodes))
         )
+
+    def remember(self, signature: Hashable, captured: dict[int, tuple[Any, ...]]) -> None:
+        """A schedule for `signature` that places the captured outputs instead of computing
+        them (outputs too large to hold between calls, or not tensors, are computed)."""
+        template = self.base.template.copy()
+        known = dict(self.known)
+        for index, outputs in captured.items():
+            if all(_reusable(value) for value in outputs):
+                _, _, writes, _ = self.steps[index]
+                known[index] = _place(template, writes, outputs)
+        if len(self.by_signature) >= MAX_SIGNATURES:
+            self.by_signature.clear()
+        self.by_signature[signature] = _Schedule(template, self.steps, known)
+
+
+def _signature(inputs: Sequence[Any], device: torch.device) -> Hashable | None:
+    """What fixes the values of `input_shape_nodes`; None when an input is no tensor."""
+    key: list[Any] = [device, torch.is_autocast_enabled(device.type)]
+    for value in inputs:
+        if not isinstance(value, torch.Tensor):
+            return None
+        key.append((value.shape, value.dtype, value.device))
+    if key[1]:
+        key.append(torch.get_autocast_dtype(device.type))
+    return tuple(key)
+
+
+def _reusable(value: Any) -> bool:
+    return value is None or (
+        isinstance(value, torch.Tensor)
+        and not value.requires_grad
+        and value.numel() <= REUSED_VALUE_MAX_NUMEL
+    )
+
+
+def _place(
+    template: list[Any], writes: tuple[int, ...], outputs: tuple[Any, ...]
+) -> tuple[Any, ...]:
+    for slot, value in zip(writes, outputs, strict=False):
+        if slot != _SINK_SLOT:
+            template[slot] = value
+    return outputs
 
 
 def _as_outputs(node: Node, result: Any) -> Sequence[Any]:

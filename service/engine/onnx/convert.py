@@ -26,7 +26,9 @@ or `<op_type>_<index>` when it has none) and its outputs reach `ObservableGraph`
 Nodes inside If/Loop/Scan bodies run inside their parent node: the parent's outputs are
 observed, the body's own nodes are not. Nodes whose inputs are all small integer constants
 (exporters' `Constant → Unsqueeze → Concat` chains) are evaluated once at conversion; they stay
-in the node list and return the stored value.
+in the node list and return the stored value. Nodes whose values follow from the input shapes
+alone (`Shape` of an activation and the arithmetic on it) are computed once per input shape by
+`ObservableGraph.run` (onnx/shape_values.py) and observed with the values they had.
 
 Validation: every node, subgraphs included, is built before anything runs. Unknown
 (domain, op_type, opset) and every attribute a builder refuses are collected and raised together
@@ -88,6 +90,7 @@ from service.engine.onnx.registry import (
     UnsupportedAttribute,
     lookup,
 )
+from service.engine.onnx.shape_values import input_shape_nodes
 from service.errors import BadInputError, BatchError, ModelFormatError, UnsupportedModelError
 
 SMALL_INT_NUMEL = 64
@@ -615,14 +618,18 @@ def _convert_checked(
     notes = folded_batchnorm_notes(graph)
     if notes:
         metadata["notes"] = notes  # the engine adds them to the report's notes
+    input_names = [i.name for i in input_infos]
     return ObservableGraph(
         nodes,
-        input_names=[i.name for i in input_infos],
+        input_names=input_names,
         output_names=[o.name for o in graph.output],
         parameters=parameters,
         buffers=buffers,
         constants=constants,
         metadata=metadata,
+        input_shape_nodes=input_shape_nodes(
+            nodes, inputs=input_names, state=[*parameters, *buffers], constants=constants
+        ),
     )
 
 

@@ -9,11 +9,14 @@ import weakref
 from collections.abc import Sequence
 from typing import Any
 
+import onnx
 import pytest
 import torch
+from onnx import TensorProto, helper
 
 from service.engine.graph import ConstantResult, Node, ObservableGraph, passthrough
 from service.engine.onnx.convert import convert, load_onnx
+from service.engine.onnx.ops._util import LastTensorMemo
 from tests.support.export import to_onnx
 from tests.support.zoo import TransformerEncoder
 
@@ -127,9 +130,17 @@ def test_a_value_is_dropped_after_its_last_reader() -> None:
 def test_rewiring_a_node_in_place_is_planned_afresh() -> None:
     graph = _chain([])
     assert float(graph.run([torch.ones(3)])[0]) == 12.0
-    graph.nodes[1].inputs[1] = "x"  # b = a * x
+    graph.nodes[1].inputs = ["a", "x"]  # b = a * x
     assert float(graph.run([torch.ones(3)])[0]) == 6.0
-    graph.nodes[3].inputs = ["a"]
+    graph.nodes[3].outputs = ["c2"]  # nothing writes c any more
+    with pytest.raises(KeyError, match="graph output reads 'c'"):
+        graph.run([torch.ones(3)])
+    graph.nodes[3].outputs = ["c"]
+    graph.nodes.insert(3, Node("scale", "Mul", ["b2", "w"], ["b3"], torch.mul))
+    graph.nodes[4].inputs = ["b3"]
+    assert float(graph.run([torch.ones(3)])[0]) == 12.0
+    graph.nodes.pop(3)
+    graph.nodes[3].inputs = ["b2"]
     assert float(graph.run([torch.ones(3)])[0]) == 6.0
 
 
@@ -151,3 +162,76 @@ def test_a_graph_reading_a_missing_value_names_it() -> None:
     graph = ObservableGraph(nodes, input_names=["x"], output_names=["y"])
     with pytest.raises(KeyError, match="node 'n' \\(Relu\\) reads 'nowhere'"):
         graph.run([torch.ones(1)])
+
+
+def _shape_arithmetic_model() -> onnx.ModelProto:
+    """y = Reshape(x, [Shape(x)[0], -1]) * sqrt(Shape(x)[1]): values from the input shape."""
+    i64 = TensorProto.INT64
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Constant", [], ["zero"], value=helper.make_tensor("z", i64, [1], [0])),
+        helper.make_node("Constant", [], ["one"], value=helper.make_tensor("o", i64, [1], [1])),
+        helper.make_node("Constant", [], ["two"], value=helper.make_tensor("t", i64, [1], [2])),
+        helper.make_node("Constant", [], ["rest"], value=helper.make_tensor("r", i64, [1], [-1])),
+        helper.make_node("Slice", ["shape", "zero", "one"], ["rows"]),
+        helper.make_node("Slice", ["shape", "one", "two"], ["cols"]),
+        helper.make_node("Concat", ["rows", "rest"], ["target"], axis=0),
+        helper.make_node("Reshape", ["x", "target"], ["flat"]),
+        helper.make_node("Cast", ["cols"], ["cols_f"], to=TensorProto.FLOAT),
+        helper.make_node("Sqrt", ["cols_f"], ["scale"]),
+        helper.make_node("Mul", ["flat", "scale"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "shape_arithmetic",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", "c", "w"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", None])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _counting(fn: Any, name: str, calls: list[str]) -> Any:
+    def counted(*args: Any) -> Any:
+        calls.append(name)
+        return fn(*args)
+
+    return counted
+
+
+def test_shape_arithmetic_is_reused_per_input_shape_and_redone_for_a_new_one() -> None:
+    graph = convert(_shape_arithmetic_model())
+    reused = {"Shape_0", "Slice_5", "Slice_6", "Concat_7", "Cast_9", "Sqrt_10"}
+    assert reused <= graph.input_shape_nodes
+    assert not {"Reshape_8", "Mul_11"} & graph.input_shape_nodes
+    calls: list[str] = []
+    for node in graph.nodes:
+        if node.name in reused:
+            node.fn = _counting(node.fn, node.name, calls)
+    small, large = torch.randn(2, 3, 4), torch.randn(5, 9, 2)
+    seen: set[torch.Size] = set()
+    observed: list[tuple[str, list[Any]]] = []
+    for x in (small, small, large, large, small):
+        calls.clear()
+        (y,) = graph.run([x])
+        assert torch.equal(y, x.reshape(x.shape[0], -1) * torch.tensor(float(x.shape[1])).sqrt())
+        # computed on the first call with this shape only
+        assert sorted(calls) == ([] if x.shape in seen else sorted(reused))
+        seen.add(x.shape)
+        calls.clear()
+        observed.clear()
+        (again,) = graph.run([x], lambda node, outputs: observed.append((node.name, list(outputs))))
+        assert torch.equal(again, y) and not calls
+        assert [name for name, _ in observed] == [n.name for n in graph.nodes]
+        assert torch.equal(dict(observed)["Sqrt_10"][0], torch.tensor([float(x.shape[1])]).sqrt())
+
+
+def test_a_remembered_shape_input_changed_in_place_is_read_again() -> None:
+    memo = LastTensorMemo(lambda t: t.tolist())
+    target = torch.tensor([2, 3])
+    assert memo(target) == [2, 3]
+    target[0] = 3  # same tensor, new version
+    assert memo(target) == [3, 3]
+    assert memo(torch.tensor([1, 6])) == [1, 6]
+    weight = torch.ones(2, requires_grad=True)
+    memo(weight)
+    assert memo._last is None or memo._last[0] is not weight

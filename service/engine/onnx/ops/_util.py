@@ -6,7 +6,7 @@ shift all raise), so a model using them is refused up front instead of failing m
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -84,3 +84,40 @@ def require(condition: bool, message: str) -> None:
     """Refuse a node at build time (collected into the model's UnsupportedModelError)."""
     if not condition:
         raise UnsupportedAttribute(message)
+
+
+# Largest tensor a `LastTensorMemo` keeps alive between calls.
+MEMO_MAX_NUMEL = 1024
+
+
+class LastTensorMemo:
+    """`fn(value, *extra)` remembered for the last small tensor `value` seen, by identity and
+    in-place version.
+
+    A node's shape-like input (a Reshape target, Unsqueeze axes, a Gather index) is usually
+    the same tensor call after call: a folded constant, or shape arithmetic `ObservableGraph.run`
+    reuses per input shape. Reading it back as Python ints per call is a dispatcher call (and,
+    for a tensor on a GPU, a device sync); moving a CPU one next to device data is a copy.
+    Results are shared between calls: callers must not modify them. Tensors that need a
+    gradient are never remembered (their graph is per call).
+    """
+
+    __slots__ = ("_fn", "_last")
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self._fn = fn
+        self._last: tuple[Any, int, tuple[Any, ...], Any] | None = None
+
+    def __call__(self, value: Any, *extra: Any) -> Any:
+        last = self._last
+        if last is not None and last[0] is value and last[2] == extra and value._version == last[1]:
+            return last[3]
+        result = self._fn(value, *extra)
+        if (
+            isinstance(value, torch.Tensor)
+            and not value.requires_grad
+            and not value.is_inference()  # (no version counter)
+            and value.numel() <= MEMO_MAX_NUMEL
+        ):
+            self._last = (value, value._version, extra, result)
+        return result

@@ -11,6 +11,7 @@ import torch
 from service.engine.graph import NodeFn, passthrough
 from service.engine.onnx.ops._util import (
     FLOAT_DTYPES,
+    LastTensorMemo,
     as_tensor,
     require,
     torch_dtype,
@@ -53,6 +54,10 @@ for _name, _fn in _UNARY.items():
     _unary(_name, _fn)
 
 
+def _moved(value: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return value.to(device)
+
+
 def colocated(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """`fn(a, b)` that first moves a CPU operand next to the other one's device.
 
@@ -60,12 +65,17 @@ def colocated(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     constants) meet device data here; torch only mixes devices for 0-d tensors.
     """
 
+    # the CPU operand is mostly the same small constant call after call (attention's
+    # 1/sqrt(head_dim), reused per input shape by ObservableGraph.run): copied to the device
+    # once, not per call (a host-to-device copy stalls the host)
+    move_a, move_b = LastTensorMemo(_moved), LastTensorMemo(_moved)
+
     def run(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if a.device != b.device:
             if a.device.type == "cpu":
-                a = a.to(b.device)
+                a = move_a(a, b.device)
             else:
-                b = b.to(a.device)
+                b = move_b(b, a.device)
         return fn(a, b)
 
     return run

@@ -8,7 +8,15 @@ import torch
 import torch.nn.functional as F
 
 from service.engine.graph import NodeFn
-from service.engine.onnx.ops._util import ints, norm_axes, norm_axis, on_device, require, scalar
+from service.engine.onnx.ops._util import (
+    LastTensorMemo,
+    ints,
+    norm_axes,
+    norm_axis,
+    on_device,
+    require,
+    scalar,
+)
 from service.engine.onnx.registry import OpContext, register
 
 
@@ -19,13 +27,14 @@ def _wrap_negative(index: torch.Tensor, size: int | torch.Tensor) -> torch.Tenso
 @register("Gather")
 def gather(ctx: OpContext) -> NodeFn:
     axis = int(ctx.attr("axis", 0))
+    position = LastTensorMemo(int)  # the index is mostly a constant: read it once
 
     def fn(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         a = norm_axis(axis, x.dim())
         if index.dim() == 0 and index.device.type == "cpu":
             # One position (exporters' q/k/v split, shape picks): a view whose backward is a
             # slice copy, not index_select's scatter-add.
-            return x.select(a, int(index))
+            return x.select(a, position(index))
         index = on_device(_wrap_negative(index.long(), x.shape[a]), x)
         picked = x.index_select(a, index.reshape(-1))
         return picked.reshape([*x.shape[:a], *index.shape, *x.shape[a + 1 :]])

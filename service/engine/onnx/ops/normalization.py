@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from service.engine.graph import NodeFn
+from service.engine.graph import NodeFn, passthrough
 from service.engine.onnx.ops._util import norm_axes, norm_axis, require, scalar
 from service.engine.onnx.registry import OpContext, register
 
@@ -157,6 +157,15 @@ def _dropout(x: torch.Tensor, ratio: float, active: bool, mask: tuple[bool, bool
     return (y, keep) if declared else y
 
 
+def _inactive_dropout(mask: tuple[bool, bool]) -> NodeFn:
+    declared, used = mask
+    if not declared:
+        return passthrough  # run() gives the output the input's slot
+    if not used:
+        return lambda x, ratio=None, training_mode=None: (x, None)
+    return lambda x, ratio=None, training_mode=None: _dropout(x, 0.0, False, mask)
+
+
 def _mask_output(ctx: OpContext) -> tuple[bool, bool]:
     """(declared, read): an all-true mask is only built when something reads it."""
     return ctx.num_outputs > 1, ctx.output_used(1)
@@ -175,6 +184,10 @@ def dropout_legacy(ctx: OpContext) -> NodeFn:
 @register("Dropout", since=12)
 def dropout(ctx: OpContext) -> NodeFn:
     mask = _mask_output(ctx)
+    if ctx.mode == "train" and not ctx.extra.get("dropout", False):
+        # off whatever the ratio and training_mode inputs say: read neither (a scalar read
+        # per node and step is a dispatcher call and, on a GPU, a device sync)
+        return _inactive_dropout(mask)
 
     def fn(x: torch.Tensor, ratio: Any = None, training_mode: Any = None) -> Any:
         r = float(scalar(ratio)) if ratio is not None else 0.5

@@ -8,12 +8,14 @@ read back as Python ints where a shape is consumed.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from service.engine.graph import NodeFn
 from service.engine.onnx.ops._util import (
+    LastTensorMemo,
     ints,
     norm_axes,
     norm_axis,
@@ -40,10 +42,14 @@ def size(ctx: OpContext) -> NodeFn:
     return lambda x: torch.tensor(x.numel(), dtype=torch.int64)
 
 
-def _reshape(x: torch.Tensor, target: list[int], allowzero: bool) -> torch.Tensor:
-    if not allowzero:
+def _reshape(x: torch.Tensor, target: Sequence[int], allowzero: bool) -> torch.Tensor:
+    if not allowzero and 0 in target:
         target = [x.shape[i] if d == 0 else d for i, d in enumerate(target)]
     return x.reshape(target)
+
+
+def _static_ints(value: Any) -> tuple[int, ...]:
+    return tuple(ints(value))
 
 
 @register("Reshape")
@@ -55,7 +61,8 @@ def reshape_1(ctx: OpContext) -> NodeFn:
 @register("Reshape", since=5)
 def reshape_5(ctx: OpContext) -> NodeFn:
     allowzero = bool(ctx.attr("allowzero", 0))
-    return lambda x, target: _reshape(x, ints(target), allowzero)
+    target_ints = LastTensorMemo(_static_ints)
+    return lambda x, target: _reshape(x, target_ints(target), allowzero)
 
 
 @register("Flatten")
@@ -91,7 +98,8 @@ def squeeze_1(ctx: OpContext) -> NodeFn:
 
 @register("Squeeze", since=13)
 def squeeze_13(ctx: OpContext) -> NodeFn:
-    return lambda x, axes=None: _squeeze(x, ints(axes))
+    axes_ints = LastTensorMemo(_static_ints)
+    return lambda x, axes=None: _squeeze(x, axes_ints(axes))
 
 
 @register("Unsqueeze")
@@ -102,7 +110,8 @@ def unsqueeze_1(ctx: OpContext) -> NodeFn:
 
 @register("Unsqueeze", since=13)
 def unsqueeze_13(ctx: OpContext) -> NodeFn:
-    return lambda x, axes: _unsqueeze(x, ints(axes))
+    axes_ints = LastTensorMemo(_static_ints)
+    return lambda x, axes: _unsqueeze(x, axes_ints(axes))
 
 
 @register("Transpose")
@@ -153,10 +162,10 @@ def split_13(ctx: OpContext) -> NodeFn:
 
 def _slice(
     x: torch.Tensor,
-    starts: list[int],
-    ends: list[int],
-    axes: list[int] | None,
-    steps: list[int] | None,
+    starts: Sequence[int],
+    ends: Sequence[int],
+    axes: Sequence[int] | None,
+    steps: Sequence[int] | None,
 ) -> torch.Tensor:
     axes = norm_axes(axes, x.dim()) if axes else list(range(len(starts)))
     steps = steps or [1] * len(starts)
@@ -191,16 +200,21 @@ def slice_1(ctx: OpContext) -> NodeFn:
 
 @register("Slice", since=10)
 def slice_10(ctx: OpContext) -> NodeFn:
+    memos = [LastTensorMemo(_static_ints) for _ in range(4)]
+
     def fn(x: torch.Tensor, starts: Any, ends: Any, axes: Any = None, steps: Any = None) -> Any:
-        return _slice(x, ints(starts), ints(ends), ints(axes) or None, ints(steps) or None)
+        s, e, a, st = (memo(v) for memo, v in zip(memos, (starts, ends, axes, steps), strict=True))
+        return _slice(x, s, e, a or None, st or None)
 
     return fn
 
 
 @register("Expand", since=8)
 def expand(ctx: OpContext) -> NodeFn:
+    target_ints = LastTensorMemo(_static_ints)
+
     def fn(x: torch.Tensor, target: Any) -> torch.Tensor:
-        return x.expand(torch.broadcast_shapes(tuple(x.shape), tuple(ints(target))))
+        return x.expand(torch.broadcast_shapes(tuple(x.shape), target_ints(target)))
 
     return fn
 
