@@ -72,3 +72,37 @@ def test_one_call_concatenation_counts_like_the_per_parameter_path_for_mixed_dty
     before = grads[4].clone()
     assert torch.equal(stats.counts_by_concatenation(single), stats.counts_per_parameter(single))
     assert torch.equal(grads[4], before)
+
+
+def _saturated_by_clamp(y: torch.Tensor, activation: str) -> torch.Tensor:
+    """The saturated count as |y − c| − t clamped at 0, signed and summed (before)."""
+    centre, threshold, _ = stats._SATURATION[activation]
+    distance = (y.float() - centre).abs_()
+    return distance.sub_(threshold).clamp_(min=0.0).sign_().sum()
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh", "softsign"])
+def test_saturated_count_equals_the_clamp_count_at_and_around_the_threshold(
+    activation: str,
+) -> None:
+    """Entries a few float32 ulps either side of both thresholds c ± t, exactly at them, NaN,
+    ±inf, zeros, subnormals and random outputs (also half precision): the same count."""
+    centre, threshold, _ = stats._SATURATION[activation]
+    torch.manual_seed(0)
+    edges = torch.tensor([centre + threshold, centre - threshold], dtype=torch.float32)
+    near = [edges]
+    for direction in (math.inf, -math.inf):
+        step = edges
+        for _ in range(8):
+            step = torch.nextafter(step, torch.full_like(step, direction))
+            near.append(step)
+    special = torch.tensor([math.nan, math.inf, -math.inf, 0.0, -0.0, 1e-45, centre, 1.0, -1.0])
+    values = torch.cat([*near, special, torch.rand(5000) * 2.4 - 1.2, torch.randn(3000)])
+    strided = values[: 20 * (values.numel() // 20)].reshape(20, -1)[:, :7]  # non-contiguous
+    for y in (values, strided, values.half(), torch.sigmoid(values)):
+        expected = _saturated_by_clamp(y, activation)
+        got = stats.saturated_count(y, activation)
+        assert got.dtype == expected.dtype == torch.float32
+        assert torch.equal(got, expected), (got, expected)
+    assert stats.saturated_count(values, activation) > 0  # both outcomes occur
+    assert stats.saturated_count(values, activation) < values.numel()
