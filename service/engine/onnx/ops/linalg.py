@@ -37,9 +37,20 @@ def gemm(ctx: OpContext) -> NodeFn:
     return fn
 
 
+def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    if a.dim() == b.dim() > 3 and a.shape[:-2] == b.shape[:-2]:
+        # Attention's (batch, heads, m, k) @ (batch, heads, k, n): the batched product
+        # torch.matmul runs too, without its two broadcasting `expand`s (each a dispatcher
+        # call and an autograd node per step: host time a GPU waits for)
+        batch = a.shape[:-2]
+        out = torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]))
+        return out.view(*batch, *out.shape[-2:])
+    return torch.matmul(a, b)
+
+
 @register("MatMul")
 def matmul(ctx: OpContext) -> NodeFn:
-    return torch.matmul
+    return _matmul
 
 
 @register("Einsum")
