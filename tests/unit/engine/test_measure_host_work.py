@@ -85,8 +85,9 @@ def _saturated_by_clamp(y: torch.Tensor, activation: str) -> torch.Tensor:
 def test_saturated_count_equals_the_clamp_count_at_and_around_the_threshold(
     activation: str,
 ) -> None:
-    """Entries a few float32 ulps either side of both thresholds c ± t, exactly at them, NaN,
-    ±inf, zeros, subnormals and random outputs (also half precision): the same count."""
+    """The GPU path's hardshrink count against the clamp count (the CPU path's, and what both
+    counted before): entries a few float32 ulps either side of both thresholds c ± t, exactly
+    at them, NaN, ±inf, zeros, subnormals and random outputs (also half precision)."""
     centre, threshold, _ = stats._SATURATION[activation]
     torch.manual_seed(0)
     edges = torch.tensor([centre + threshold, centre - threshold], dtype=torch.float32)
@@ -101,8 +102,8 @@ def test_saturated_count_equals_the_clamp_count_at_and_around_the_threshold(
     strided = values[: 20 * (values.numel() // 20)].reshape(20, -1)[:, :7]  # non-contiguous
     for y in (values, strided, values.half(), torch.sigmoid(values)):
         expected = _saturated_by_clamp(y, activation)
-        got = stats.saturated_count(y, activation)
+        got = stats._saturated_by_hardshrink(y, centre, threshold)  # the GPU path's count
+        assert torch.equal(stats.saturated_count(y, activation), expected)  # the CPU path's
         assert got.dtype == expected.dtype == torch.float32
         assert torch.equal(got, expected), (got, expected)
-    assert stats.saturated_count(values, activation) > 0  # both outcomes occur
-    assert stats.saturated_count(values, activation) < values.numel()
+    assert 0 < stats._saturated_by_hardshrink(values, centre, threshold) < values.numel()
