@@ -145,11 +145,16 @@ def test_large_steps_use_onednn_and_still_equal_the_unrolled_path(op: str) -> No
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("size", ["small", "large"])
 @pytest.mark.parametrize("op", ["LSTM", "GRU", "RNN"])
-def test_hidden_gradients_equal_the_gradients_reaching_each_recorded_step(op: str) -> None:
+def test_hidden_gradients_equal_the_gradients_reaching_each_recorded_step(
+    op: str, size: str
+) -> None:
     """`hidden_grads` (from the backward through time) is ∂L/∂h_t: the same values autograd
-    gives for the states that the unrolled path records."""
+    gives for the states that the unrolled path records (large: the oneDNN product path)."""
     case = _with_defaults(Case(op, direction="bidirectional", steps=5))
+    if size == "large":
+        case = replace(case, batch=32, hidden=256, input_size=8, weight_scale=256**-0.5)
     node = case.node()
     weights = torch.randn(case.steps, 2, case.batch, case.hidden)
 
@@ -174,7 +179,7 @@ def test_hidden_gradients_equal_the_gradients_reaching_each_recorded_step(op: st
         got = whole.hidden_grads[d][0]
         assert got.shape == (case.steps, case.batch, case.hidden)
         want = torch.stack(expected[d * case.steps : (d + 1) * case.steps])
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
         assert bool((got.abs().sum((1, 2)) > 0).all())  # every step receives a gradient
 
 

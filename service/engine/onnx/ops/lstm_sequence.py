@@ -142,15 +142,18 @@ class _LSTMSequence(torch.autograd.Function):
         a_t, f_t, dy_t, dh_t = dc_from_h.unbind(0), f.unbind(0), dY.unbind(0), dhidden.unbind(0)
         recurrent_t = _onednn.StepProduct(R.t().contiguous(), batch)  # dgates_t·R
         last = steps - 1
+        collect = ctx.hidden_grads is not None
         dh = torch.add(dy_t[last], dh_last, out=dh_t[last])
         dc = torch.addcmul(dc_last, dh, a_t[last])
         for t in range(last, -1, -1):
             if t < last:
                 dh = recurrent_t(dg_t[t + 1], dy_t[t], out=dh_t[t])
+                if collect and dh is not dh_t[t]:  # oneDNN wrote a new tensor
+                    dh_t[t].copy_(dh)
                 dc = torch.addcmul(dc * f_t[t + 1], dh, a_t[t])
             torch.mul(f4_t[t], dc.unsqueeze(1), out=dg4_t[t])  # i, f, c gates (o overwritten)
             torch.mul(fo_t[t], dh, out=dgo_t[t])
-        if ctx.hidden_grads is not None:
+        if collect:
             ctx.hidden_grads.append(dhidden.flip(0) if ctx.reverse else dhidden)
         return _LSTMSequence._input_grads(ctx, X, W, R, h0, Y, dgates, dc * f_t[0])
 
