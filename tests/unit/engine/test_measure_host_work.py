@@ -81,9 +81,22 @@ def _saturated_by_clamp(y: torch.Tensor, activation: str) -> torch.Tensor:
     return distance.sub_(threshold).clamp_(min=0.0).sign_().sum()
 
 
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("activation", ["sigmoid", "tanh", "softsign"])
 def test_saturated_count_equals_the_clamp_count_at_and_around_the_threshold(
-    activation: str,
+    activation: str, device: str
 ) -> None:
     """The GPU path's hardshrink count against the clamp count (the CPU path's, and what both
     counted before): entries a few float32 ulps either side of both thresholds c ± t, exactly
@@ -99,6 +112,7 @@ def test_saturated_count_equals_the_clamp_count_at_and_around_the_threshold(
             near.append(step)
     special = torch.tensor([math.nan, math.inf, -math.inf, 0.0, -0.0, 1e-45, centre, 1.0, -1.0])
     values = torch.cat([*near, special, torch.rand(5000) * 2.4 - 1.2, torch.randn(3000)])
+    values = values.to(device)  # on CUDA: its hardshrink/sign kernels against its clamp ones
     strided = values[: 20 * (values.numel() // 20)].reshape(20, -1)[:, :7]  # non-contiguous
     for y in (values, strided, values.half(), torch.sigmoid(values)):
         expected = _saturated_by_clamp(y, activation)
