@@ -224,22 +224,49 @@ def counts_per_parameter(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([_chunked_sums(g.reshape(-1).float()) for g in grads], dim=1)
 
 
-def counts_by_concatenation(grads: Sequence[torch.Tensor]) -> torch.Tensor:
-    """[4, n_params] indicator counts from one concatenation: a fixed number of kernels whatever
-    the parameter count (the GPU path: launches, not bytes, are the cost). The per-parameter
-    sums are one `_foreach_norm(ord=1)` over views of the rows (Σ|0/1| = the count), not a
-    slice-and-sum kernel per parameter and row; the concatenation is one C++ call
-    (`_flattened`), not a reshape and a cast per parameter."""
-    sizes = [g.numel() for g in grads]
-    rows = _indicator_rows_by_comparison(_flattened(grads))
-    if 0 in sizes:  # an empty parameter: plain slices (fused kernels skip empty tensors)
-        counts, offset = [], 0
-        for size in sizes:
-            counts.append(rows[:, offset : offset + size].sum(dim=1))
-            offset += size
-        return torch.stack(counts, dim=1)
-    segments = [segment for row in rows for segment in row.split(sizes)]
-    return torch.stack(torch._foreach_norm(segments, 1)).reshape(4, len(sizes))
+# The GPU path classifies gradients in buckets of at most this many entries: the bit patterns and
+# the four rows are 6× a bucket's bytes, so the temporaries stay under ~96 MiB for any model (one
+# concatenation of everything needed 6× the parameters: a 24-layer width-1024 MLP peaked at 2.25×
+# its plain step's memory on an H100, and a billion-parameter model would need 24 GB more).
+GPU_BUCKET_ENTRIES = 1 << 22
+
+
+def counts_by_concatenation(
+    grads: Sequence[torch.Tensor], bucket_entries: int = GPU_BUCKET_ENTRIES
+) -> torch.Tensor:
+    """[4, n_params] indicator counts from a few concatenations: a fixed number of kernels per
+    bucket of `bucket_entries` entries, whatever the parameter count (the GPU path: launches,
+    not bytes, are the cost). Parameters larger than a bucket are cut into pieces. Per piece
+    the sums are one `_foreach_norm(ord=1)` over views of the rows (Σ|0/1| = the count), not a
+    slice-and-sum kernel per parameter and row; each bucket is concatenated in one C++ call
+    (`_flattened`). No index tensor is built: that would be a host→device copy mid-pass."""
+    pieces_per_param = []
+    buckets: list[list[torch.Tensor]] = []
+    filled = 0
+    for g in grads:
+        pieces = [p for p in g.reshape(-1).split(bucket_entries) if p.numel()]
+        pieces_per_param.append(len(pieces))  # 0: an empty parameter (fused kernels skip it)
+        for piece in pieces:
+            if not buckets or filled + piece.numel() > bucket_entries:
+                buckets.append([])
+                filled = 0
+            buckets[-1].append(piece)
+            filled += piece.numel()
+    columns = []
+    for bucket in buckets:
+        rows = _indicator_rows_by_comparison(_flattened(bucket))
+        segments = [segment for row in rows for segment in row.split([p.numel() for p in bucket])]
+        columns.append(torch.stack(torch._foreach_norm(segments, 1)).reshape(4, len(bucket)))
+    device = grads[0].device if grads else torch.device("cpu")
+    by_piece = torch.cat(columns, dim=1) if columns else torch.zeros((4, 0), device=device)
+    if all(n == 1 for n in pieces_per_param):  # the usual case: one piece per parameter
+        return by_piece
+    per_param = by_piece.split(pieces_per_param, dim=1)
+    zero = torch.zeros(4, device=device)
+    return torch.stack(
+        [c[:, 0] if c.shape[1] == 1 else c.sum(dim=1) if c.shape[1] else zero for c in per_param],
+        dim=1,
+    )
 
 
 def _flattened(grads: Sequence[torch.Tensor]) -> torch.Tensor:

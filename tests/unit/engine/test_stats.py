@@ -95,3 +95,19 @@ def test_combined_micro_batch_moments_equal_the_whole() -> None:
     assert combined[0] == 1000
     assert combined[1] == pytest.approx(y.mean().item(), rel=1e-12)
     assert combined[2] == pytest.approx(y.var(correction=0).item(), rel=1e-9)
+
+
+@pytest.mark.parametrize("bucket", [1, 3, 7, 40, 1 << 22])
+def test_gpu_counts_in_buckets_equal_the_per_parameter_counts(bucket: int) -> None:
+    """The GPU path classifies at most `bucket` entries at a time (its temporaries are 6× a
+    bucket): parameters cut across buckets, several per bucket, empty ones and fp16 ones all
+    count as parameter by parameter."""
+    torch.manual_seed(1)
+    grads = [
+        torch.tensor([math.nan, 1e-30, 0.0, 7e4, -math.inf]),
+        torch.zeros(0),
+        torch.randn(33) * 1e-7,
+        (torch.randn(3, 4) * 1e5).half(),
+        torch.tensor([0.0, 1.0]),
+    ]
+    assert torch.equal(counts_by_concatenation(grads, bucket), counts_per_parameter(grads))
