@@ -178,3 +178,23 @@ RECURRENT_ZOO = [
     ZooEntry("gru", GruNet, lambda: _inputs(False)),
     ZooEntry("rnn_tanh", TanhRnnNet, lambda: _inputs(False)),
 ]
+
+
+def lstm_sequence_args(
+    steps: int, batch: int, inputs: int, hidden: int, dtype: torch.dtype, seed: int = 0
+) -> list[torch.Tensor]:
+    """Leaf tensors for `lstm_sequence(X, W, R, bias, h0, c0)` (ONNX gate order), all
+    requiring grad: X [T, B, I], W [4H, I], R [4H, H], bias [4H], h0 and c0 [B, H]."""
+    g = torch.Generator().manual_seed(seed)
+
+    def normal(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g, dtype=dtype) * scale).requires_grad_(True)
+
+    return [
+        normal(steps, batch, inputs),
+        normal(4 * hidden, inputs, scale=0.5),
+        normal(4 * hidden, hidden, scale=0.5),
+        normal(4 * hidden, scale=0.3),
+        normal(batch, hidden),
+        normal(batch, hidden),
+    ]

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from service.engine.onnx.ops import lstm_fused_cell
 from service.engine.onnx.ops.lstm_sequence import _LSTMSequence, lstm_sequence
+from tests.support.recurrent_zoo import lstm_sequence_args
 
 
 def emulated_cell_forward(
@@ -73,20 +74,7 @@ def emulated_kernels(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
 
 
 def _args(dtype: torch.dtype, hidden: int = 3, seed: int = 0) -> list[Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    steps, batch, inputs = 5, 2, 4
-
-    def normal(*shape: int, scale: float = 1.0) -> Tensor:
-        return (torch.randn(*shape, generator=g, dtype=dtype) * scale).requires_grad_(True)
-
-    return [
-        normal(steps, batch, inputs),
-        normal(4 * hidden, inputs, scale=0.5),
-        normal(4 * hidden, hidden, scale=0.5),
-        normal(4 * hidden, scale=0.3),
-        normal(batch, hidden),
-        normal(batch, hidden),
-    ]
+    return lstm_sequence_args(5, 2, 4, hidden, dtype, seed)
 
 
 @pytest.mark.parametrize("reverse", [False, True])

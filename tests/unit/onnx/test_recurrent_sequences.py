@@ -21,32 +21,14 @@ from service.engine.onnx.ops.gru_sequence import gru_direction
 from service.engine.onnx.ops.lstm_sequence import lstm_direction, lstm_sequence
 from service.engine.onnx.ops.recurrent import RecurrentFn
 from service.engine.onnx.ops.rnn_sequence import rnn_direction
-from tests.support.recurrent_zoo import as_outputs, build_node_fn
+from tests.support.recurrent_zoo import as_outputs, build_node_fn, lstm_sequence_args
 from tests.unit.onnx.test_recurrent import Case
-
-
-def _lstm_args(
-    steps: int, batch: int, inputs: int, hidden: int, dtype: torch.dtype, seed: int = 0
-) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-
-    def normal(*shape: int, scale: float = 1.0) -> torch.Tensor:
-        return (torch.randn(*shape, generator=g, dtype=dtype) * scale).requires_grad_(True)
-
-    return [
-        normal(steps, batch, inputs),
-        normal(4 * hidden, inputs, scale=0.5),
-        normal(4 * hidden, hidden, scale=0.5),
-        normal(4 * hidden, scale=0.3),
-        normal(batch, hidden),
-        normal(batch, hidden),
-    ]
 
 
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_gradcheck_float64(reverse: bool, with_bias: bool) -> None:
-    X, W, R, b, h0, c0 = _lstm_args(4, 2, 3, 2, torch.float64)
+    X, W, R, b, h0, c0 = lstm_sequence_args(4, 2, 3, 2, torch.float64)
 
     def run(*a: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x, w, r, h, c = a[0], a[1], a[2], a[-2], a[-1]
@@ -211,7 +193,7 @@ def test_nodes_outside_the_default_cells_stay_unrolled(case: Case) -> None:
 
 
 def test_autocast_bfloat16_runs_the_loop_in_the_autocast_dtype() -> None:
-    X, W, R, b, h0, c0 = _lstm_args(3, 2, 3, 4, torch.float32)
+    X, W, R, b, h0, c0 = lstm_sequence_args(3, 2, 3, 4, torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         Y, _, _ = lstm_sequence(X, W, R, b, h0, c0)
     assert Y.dtype == torch.bfloat16
