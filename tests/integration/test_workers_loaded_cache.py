@@ -6,9 +6,7 @@ fault, never for a batch that cannot feed the model."""
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 from pathlib import Path
 from typing import Any
 
@@ -25,28 +23,8 @@ from service.workers.model_cache import ModelCache
 from service.workers.protocol import JobRequest
 from service.workers.runner import JobRunner
 from tests.support.export import to_onnx, to_torch_export, to_torchscript
+from tests.support.runner_jobs import comparable_report, npz_batch, store_blob
 from tests.support.zoo import ZOO
-
-
-def _store(directory: Path, data: bytes) -> str:
-    sha = hashlib.sha256(data).hexdigest()
-    (directory / sha).write_bytes(data)
-    return sha
-
-
-def _npz(x: torch.Tensor, target: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.savez(buffer, x=x.numpy(), target=target)
-    return buffer.getvalue()
-
-
-def _comparable(report: dict[str, Any]) -> str:
-    """The report without what may differ between two runs of the same job."""
-    report = dict(report)
-    report.pop("timing")
-    report.pop("created_at")
-    report["notes"] = [n for n in report["notes"] if "worker's cache" not in n]
-    return json.dumps(report, sort_keys=True)
 
 
 def _state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -75,8 +53,8 @@ def test_consecutive_jobs_on_a_cached_model_match_a_fresh_load(tmp_path: Path) -
     zoo = ZOO["cnn_bn"]
     x = zoo.example()
     model = to_torch_export(zoo.build(), x)
-    batch = _npz(x, np.array([0, 1]))
-    model_sha, batch_sha = _store(tmp_path, model), _store(tmp_path, batch)
+    batch = npz_batch(x, np.array([0, 1]))
+    model_sha, batch_sha = store_blob(tmp_path, model), store_blob(tmp_path, batch)
     runner = JobRunner(lambda sha: tmp_path / sha, ModelCache(), LoadedModelCache())
 
     fresh = diagnose(model, batch, DiagnoseOptions.model_validate({"device": "cpu"}))
@@ -89,8 +67,8 @@ def test_consecutive_jobs_on_a_cached_model_match_a_fresh_load(tmp_path: Path) -
     third = _run(runner, model_sha, batch_sha, "j3")
 
     assert runner.loaded.hits == 2 and runner.loaded.evicted_changed == 0
-    assert _comparable(first) == _comparable(fresh.to_jsonable())
-    assert _comparable(second) == _comparable(first) == _comparable(third)
+    assert comparable_report(first) == comparable_report(fresh.to_jsonable())
+    assert comparable_report(second) == comparable_report(first) == comparable_report(third)
     # the hit is visible: no load, no conversion, and a note
     assert first["timing"]["load"] > 0
     assert second["timing"]["load"] < 1e-3 and second["timing"]["convert"] < 0.01
@@ -112,16 +90,16 @@ def test_a_cached_torchscript_graph_meeting_other_shapes_still_gives_the_fresh_r
     zoo = ZOO["mlp"]
     x = zoo.example()
     model = to_torchscript(zoo.build(), x)
-    model_sha = _store(tmp_path, model)
+    model_sha = store_blob(tmp_path, model)
     runner = JobRunner(lambda sha: tmp_path / sha, ModelCache(), LoadedModelCache())
-    small = _npz(x, np.zeros((x.shape[0], 4), dtype=np.float32))
+    small = npz_batch(x, np.zeros((x.shape[0], 4), dtype=np.float32))
     x_big = torch.randn(7, x.shape[1], generator=torch.Generator().manual_seed(3))
-    big = _npz(x_big, np.zeros((7, 4), dtype=np.float32))
-    _run(runner, model_sha, _store(tmp_path, small), "j1")
-    report = _run(runner, model_sha, _store(tmp_path, big), "j2")
+    big = npz_batch(x_big, np.zeros((7, 4), dtype=np.float32))
+    _run(runner, model_sha, store_blob(tmp_path, small), "j1")
+    report = _run(runner, model_sha, store_blob(tmp_path, big), "j2")
     fresh = diagnose(model, big, DiagnoseOptions.model_validate({"device": "cpu"}))
     assert report["batch"]["size"] == 7
-    assert _comparable(report) == _comparable(fresh.to_jsonable())
+    assert comparable_report(report) == comparable_report(fresh.to_jsonable())
 
 
 def _linear_model(features: int) -> LoadedModel:
@@ -166,9 +144,13 @@ def _bad_batches(x: torch.Tensor) -> dict[str, tuple[bytes, str, str]]:
     missing = io.BytesIO()
     np.savez(missing, target=target)
     return {
-        "wrong_shape": (_npz(torch.zeros(x.shape[0], 5), target), "bad_batch", "input 'x'"),
+        "wrong_shape": (npz_batch(torch.zeros(x.shape[0], 5), target), "bad_batch", "input 'x'"),
         "missing_input": (missing.getvalue(), "bad_batch", "add arrays named x"),
-        "loss_mismatch": (_npz(x, target[:, :3]), "bad_input", "target shaped like the output"),
+        "loss_mismatch": (
+            npz_batch(x, target[:, :3]),
+            "bad_input",
+            "target shaped like the output",
+        ),
     }
 
 
@@ -185,15 +167,15 @@ def test_a_bad_batch_on_a_cached_model_fails_at_once_without_a_reload(
         if fmt == "onnx"
         else to_torch_export(zoo.build(), x)
     )
-    model_sha = _store(tmp_path, model)
-    good = _store(tmp_path, _npz(x, np.zeros((x.shape[0], 4), dtype=np.float32)))
+    model_sha = store_blob(tmp_path, model)
+    good = store_blob(tmp_path, npz_batch(x, np.zeros((x.shape[0], 4), dtype=np.float32)))
     runner = JobRunner(lambda sha: tmp_path / sha, ModelCache(), LoadedModelCache())
     _run(runner, model_sha, good, "j1")
     assert (runner.loads, runner.loaded.misses) == (1, 1)
 
     batch, code, named = _bad_batches(x)[bad]
     result = runner.run(
-        JobRequest("j2", "diagnose", 1, model_sha, _store(tmp_path, batch), {"device": "cpu"})
+        JobRequest("j2", "diagnose", 1, model_sha, store_blob(tmp_path, batch), {"device": "cpu"})
     )
     assert not result.ok and result.error_code == code
     assert result.error_message is not None and named in result.error_message
@@ -209,8 +191,8 @@ def test_a_job_failing_inside_a_cached_model_runs_again_on_a_fresh_load(tmp_path
     load, succeeds there, and the broken entry is replaced by the fresh one."""
     zoo = ZOO["mlp"]
     x = zoo.example()
-    model_sha = _store(tmp_path, to_onnx(zoo.build(), x, input_names=["x"]))
-    batch_sha = _store(tmp_path, _npz(x, np.zeros((x.shape[0], 4), dtype=np.float32)))
+    model_sha = store_blob(tmp_path, to_onnx(zoo.build(), x, input_names=["x"]))
+    batch_sha = store_blob(tmp_path, npz_batch(x, np.zeros((x.shape[0], 4), dtype=np.float32)))
     runner = JobRunner(lambda sha: tmp_path / sha, ModelCache(), LoadedModelCache())
     first = _run(runner, model_sha, batch_sha, "j1")
     (key,) = runner.loaded._entries
@@ -221,4 +203,4 @@ def test_a_job_failing_inside_a_cached_model_runs_again_on_a_fresh_load(tmp_path
     assert runner.loads == 2 and runner.reloads_after_failure == 1
     assert runner.loaded._entries[key].loaded is not broken
     assert second["timing"]["load"] > 0
-    assert _comparable(second) == _comparable(first)
+    assert comparable_report(second) == comparable_report(first)

@@ -6,9 +6,6 @@ of that batch), the session counted in the cache's size and freed with its entry
 from __future__ import annotations
 
 import gc
-import hashlib
-import io
-import json
 import weakref
 from pathlib import Path
 from typing import Any
@@ -25,27 +22,8 @@ from service.workers.model_cache import ModelCache
 from service.workers.protocol import JobRequest
 from service.workers.runner import JobRunner
 from tests.support.export import to_onnx
+from tests.support.runner_jobs import comparable_report, npz_batch, store_blob
 from tests.support.zoo import ZOO
-
-
-def _store(directory: Path, data: bytes) -> str:
-    sha = hashlib.sha256(data).hexdigest()
-    (directory / sha).write_bytes(data)
-    return sha
-
-
-def _npz(x: torch.Tensor, target: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.savez(buffer, x=x.numpy(), target=target)
-    return buffer.getvalue()
-
-
-def _comparable(report: dict[str, Any]) -> str:
-    report = dict(report)
-    report.pop("timing")
-    report.pop("created_at")
-    report["notes"] = [n for n in report["notes"] if "worker's cache" not in n]
-    return json.dumps(report, sort_keys=True)
 
 
 def _run(runner: JobRunner, model_sha: str, batch_sha: str) -> dict[str, Any]:
@@ -61,8 +39,8 @@ def _batches(tmp_path: Path, x: torch.Tensor, scales: list[float]) -> list[tuple
     out = []
     for seed, scale in enumerate(scales):
         values = scale * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
-        data = _npz(values, np.arange(x.shape[0]) % 2)
-        out.append((data, _store(tmp_path, data)))
+        data = npz_batch(values, np.arange(x.shape[0]) % 2)
+        out.append((data, store_blob(tmp_path, data)))
     return out
 
 
@@ -73,14 +51,14 @@ def test_one_session_per_cached_model_and_each_batch_checked_as_a_fresh_load(
     zoo = ZOO["cnn_bn"]
     x = zoo.example()
     model = to_onnx(zoo.build().eval(), x, training=False)
-    model_sha = _store(tmp_path, model)
+    model_sha = store_blob(tmp_path, model)
     runner = JobRunner(lambda sha: tmp_path / sha, ModelCache(), LoadedModelCache())
 
     reports = []
     for data, sha in _batches(tmp_path, x, [1.0, 1e2, 1e4]):
         report = _run(runner, model_sha, sha)
         fresh = diagnose(model, data, DiagnoseOptions.model_validate({"device": "cpu"}))
-        assert _comparable(report) == _comparable(fresh.to_jsonable())
+        assert comparable_report(report) == comparable_report(fresh.to_jsonable())
         reports.append(report)
 
     errors = [r["model"]["conversion"]["max_abs_error"] for r in reports]
@@ -99,7 +77,7 @@ def test_the_session_is_counted_in_the_cache_size_and_freed_with_its_entry(
     zoo = ZOO["resnet"]
     x = zoo.example()
     (_, batch_sha), *_ = _batches(tmp_path, x, [1.0])
-    first = _store(tmp_path, to_onnx(zoo.build(), x))
+    first = store_blob(tmp_path, to_onnx(zoo.build(), x))
     runner = JobRunner(lambda sha: tmp_path / sha, ModelCache(), LoadedModelCache())
     _run(runner, first, batch_sha)
     (key,) = runner.loaded._entries
@@ -115,7 +93,7 @@ def test_the_session_is_counted_in_the_cache_size_and_freed_with_its_entry(
     # goes with it even while something still holds the entry's reference object
     runner.loaded.budget_bytes = runner.loaded.size_bytes + runner.loaded.size_bytes // 2
     other = to_onnx(ZOO["resnet"].build().apply(_scale_weights), x)
-    _run(runner, _store(tmp_path, other), batch_sha)
+    _run(runner, store_blob(tmp_path, other), batch_sha)
     assert key not in runner.loaded and len(runner.loaded) == 1
     assert reference.size_bytes == 0
     gc.collect()
