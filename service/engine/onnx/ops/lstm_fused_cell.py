@@ -7,6 +7,8 @@ batch 32 took 4.0× torch's cuDNN kernel that way). torch ships the per-step cel
 kernel each way (`_thnn_fused_lstm_cell` and its backward, what `nn.LSTMCell` runs on CUDA), so
 here a step is one product plus one cell kernel forward, one product plus one cell kernel
 backward. Still one step at a time, and ∂L/∂h_t of every step is still at hand in the backward.
+Once a shape repeats, both loops are replayed as CUDA graphs (lstm_cuda_graphs.py): on the H100
+that took the same LSTM from 2.78× to 0.92× cuDNN's time (bench/README.md).
 
 The cell kernels use torch's gate order i, f, g, o; ONNX orders i, o, f, c. `lstm_fused_cell`
 reorders W, R and the bias once per call (autograd carries the gradients back through that).
