@@ -16,7 +16,7 @@ import service
 from service.api.deps import AuthCache
 from service.api.errors import install_error_handlers
 from service.api.metrics import Metrics, MetricsMiddleware
-from service.api.routers import batches, diagnoses, health, models
+from service.api.routers import batches, diagnoses, health, models, schedules
 from service.config import Settings, get_settings
 from service.db.session import Database
 from service.storage import BlobStore
@@ -30,6 +30,8 @@ Find where gradients vanish or explode, and how to fix it.
    sample batch (`.npz`, `.safetensors`, `.pt`), then `POST /v1/diagnoses` with their ids —
    or do all three at once with `POST /v1/diagnoses:run`.
 3. Poll `GET /v1/diagnoses/{id}` until `status` is `succeeded`: the report is in `report`.
+4. For a recurring check, `POST /v1/schedules` (cron expression, time zone, model name, batch,
+   optional webhook).
 
 Errors are `{"error": {"code", "message"}}`; a 4xx is something the request can change.
 """
@@ -60,7 +62,13 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
     app.state.metrics = Metrics(db)
     app.state.auth_cache = AuthCache(settings.auth_cache_ttl_s)
     install_error_handlers(app)
-    for router in (health.router, models.router, batches.router, diagnoses.router):
+    for router in (
+        health.router,
+        models.router,
+        batches.router,
+        diagnoses.router,
+        schedules.router,
+    ):
         app.include_router(router)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app

@@ -410,3 +410,109 @@ class ModelHistory(BaseModel):
     )
     items: list[HistoryEntry] = Field(description="succeeded diagnoses, newest first")
     next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null at end")
+
+
+SCHEDULE_EXAMPLE: dict[str, Any] = {
+    "id": "7c2d9e1f0a3b4c5d6e7f8091a2b3c4d5",
+    "model_name": "resnet-tiny",
+    "batch_id": "a1b2c3d4e5f60718293a4b5c6d7e8f90",
+    "options": {"loss": "cross_entropy", "mode": "train"},
+    "cron": "0 3 * * *",
+    "timezone": "Europe/Berlin",
+    "enabled": True,
+    "webhook_url": "https://ci.example.com/hooks/gradhealth",
+    "next_run_at": "2026-11-27T02:00:00Z",
+    "last_run_at": None,
+    "last_diagnosis_id": None,
+    "last_error": None,
+    "created_at": EXAMPLE_TIME,
+    "updated_at": EXAMPLE_TIME,
+}
+CRON_DESCRIPTION = (
+    "5 fields: minute hour day-of-month month day-of-week (e.g. `0 3 * * *`: 03:00 daily), "
+    "read in `timezone`"
+)
+TIMEZONE_DESCRIPTION = "IANA time zone name; ticks follow its wall clock across DST changes"
+WEBHOOK_DESCRIPTION = (
+    "http(s) URL that gets a POST of `{schedule_id, diagnosis_id, status, verdict, report_url}` "
+    "when a scheduled diagnosis succeeds or fails"
+)
+
+
+class ScheduleCreate(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "model_name": "resnet-tiny",
+                    "batch_id": "a1b2c3d4e5f60718293a4b5c6d7e8f90",
+                    "cron": "0 3 * * *",
+                    "timezone": "Europe/Berlin",
+                    "loss": "cross_entropy",
+                    "webhook_url": "https://ci.example.com/hooks/gradhealth",
+                }
+            ]
+        },
+    )
+    model_name: str = Field(
+        description="each run diagnoses the LATEST version of this model name (uploads with "
+        "`name`) at run time"
+    )
+    batch_id: str
+    cron: str = Field(description=CRON_DESCRIPTION)
+    timezone: str = Field("UTC", description=TIMEZONE_DESCRIPTION)
+    enabled: bool = True
+    webhook_url: str | None = Field(None, description=WEBHOOK_DESCRIPTION)
+    loss: LossKind | None = None
+    mode: Literal["train", "eval"] | None = None
+    precision: Literal["fp32", "bf16", "fp16"] | None = None
+    device: str | None = Field(None, description="auto | cpu | cuda | cuda:N")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="any other DiagnoseOptions field (see the engine)"
+    )
+
+
+class ScheduleUpdate(BaseModel):
+    """Only the fields sent change; `webhook_url: null` removes the webhook. Option fields
+    are applied over the stored options."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"cron": "30 6 * * 1-5", "enabled": False}]},
+    )
+    model_name: str | None = None
+    batch_id: str | None = None
+    cron: str | None = Field(None, description=CRON_DESCRIPTION)
+    timezone: str | None = Field(None, description=TIMEZONE_DESCRIPTION)
+    enabled: bool | None = None
+    webhook_url: str | None = Field(None, description=WEBHOOK_DESCRIPTION)
+    loss: LossKind | None = None
+    mode: Literal["train", "eval"] | None = None
+    precision: Literal["fp32", "bf16", "fp16"] | None = None
+    device: str | None = None
+    options: dict[str, Any] | None = None
+
+
+class ScheduleOut(BaseModel):
+    model_config = _examples(SCHEDULE_EXAMPLE)
+    id: str
+    model_name: str
+    batch_id: str
+    options: dict[str, Any] = Field(description="the full diagnosis options each run uses")
+    cron: str
+    timezone: str
+    enabled: bool
+    webhook_url: str | None
+    next_run_at: datetime = Field(description="UTC; the next tick (runs only while enabled)")
+    last_run_at: datetime | None
+    last_diagnosis_id: str | None
+    last_error: str | None = Field(description="why the last tick queued nothing, if it did not")
+    created_at: datetime
+    updated_at: datetime
+
+
+class SchedulePage(BaseModel):
+    model_config = _examples({"items": [SCHEDULE_EXAMPLE], "next_cursor": EXAMPLE_CURSOR})
+    items: list[ScheduleOut]
+    next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null at end")

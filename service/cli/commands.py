@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from service.cli import diagnose, keys, server, submit, worker
+from service.cli import diagnose, keys, scheduler, server, submit, worker
 
-__all__ = ["diagnose", "keys", "server", "submit", "worker"]
+__all__ = ["diagnose", "keys", "scheduler", "server", "submit", "worker"]

@@ -2,7 +2,8 @@
 
 `serve` is the one-command local service: it migrates the configured database (the embedded
 SQLite file by default), creates an API key for a `default` tenant on first start and prints it,
-then runs the API and an in-process worker pool (`service.workers.supervisor.Supervisor`).
+then runs the API, an in-process worker pool (`service.workers.supervisor.Supervisor`) and the
+scheduler loop (`service.scheduler.loop.SchedulerLoop`, a thread: /v1/schedules).
 """
 
 from __future__ import annotations
@@ -145,6 +146,15 @@ def start_worker_pool(settings: Any, workers: int | None, gpus: list[int] | None
     return supervisor
 
 
+def start_scheduler(settings: Any, public_url: str) -> Any:
+    """The schedules' loop in a daemon thread (several `serve`s on one Postgres are fine)."""
+    from service.scheduler.loop import SchedulerLoop
+
+    scheduler = SchedulerLoop(settings, public_url=public_url)
+    scheduler.start()
+    return scheduler
+
+
 @app.command("serve")
 def serve_command(
     host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
@@ -156,6 +166,13 @@ def serve_command(
     gpus: Annotated[
         str | None, typer.Option(help="GPU indexes for the workers, e.g. 0,1 (one child per GPU)")
     ] = None,
+    public_url: Annotated[
+        str,
+        typer.Option(
+            envvar="GRADHEALTH_PUBLIC_URL",
+            help="the API's address in schedule webhooks' report_url (default: --host/--port)",
+        ),
+    ] = "",
 ) -> None:
     """API + in-process worker pool: the one-command local service (SQLite by default)."""
     from service.api.app import create_app
@@ -173,9 +190,11 @@ def serve_command(
         )
     sys.stdout.flush()
     supervisor = None if workers == 0 else start_worker_pool(settings, workers, gpu_list)
+    scheduler = start_scheduler(settings, public_url or url)
     try:
         _uvicorn(create_app(settings), host, port)
     finally:
+        scheduler.stop()
         if supervisor is not None:
             supervisor.stop()
             supervisor.join()

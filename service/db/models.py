@@ -182,3 +182,60 @@ class Diagnosis(Base):
     verdict: Mapped[str | None] = mapped_column(String(16), default=None)
     error_code: Mapped[str | None] = mapped_column(String(64), default=None)
     error_message: Mapped[str | None] = mapped_column(Text, default=None)
+
+
+class Schedule(Base):
+    """A recurring health check: every tick of `cron` (5 fields, read in `timezone`), a
+    diagnosis of the LATEST version of `model_name` on `batch_id` is queued. By name, not by
+    model id: a pipeline that uploads a new version of its model is checked on that version
+    without editing the schedule. `next_run_at` is UTC; the scheduler claims a due row by
+    advancing it (service.scheduler)."""
+
+    __tablename__ = "schedules"
+    __table_args__ = (
+        # The scheduler's question every few seconds: which enabled rows are due?
+        Index("ix_schedules_due", "enabled", "next_run_at"),
+        Index("ix_schedules_tenant_listing", "tenant_id", "created_at", "id"),
+    )
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    model_name: Mapped[str] = mapped_column(String(200))
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), index=True)
+    options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    cron: Mapped[str] = mapped_column(String(200))
+    timezone: Mapped[str] = mapped_column(String(64), default="UTC")
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    webhook_url: Mapped[str | None] = mapped_column(String(2000), default=None)
+    next_run_at: Mapped[datetime] = mapped_column()
+    last_run_at: Mapped[datetime | None] = mapped_column(default=None)
+    last_diagnosis_id: Mapped[str | None] = mapped_column(
+        ForeignKey("diagnoses.id", ondelete="SET NULL"), default=None
+    )
+    # Why the last tick queued nothing (e.g. no model of that name any more); None after a run.
+    last_error: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ScheduleRun(Base):
+    """One diagnosis a schedule queued, and the delivery state of its webhook. The webhook URL
+    is copied at run time; `webhook_state`: pending → delivered | failed (after
+    `webhook_attempts` tries), None when the schedule had no webhook."""
+
+    __tablename__ = "schedule_runs"
+    __table_args__ = (Index("ix_schedule_runs_webhook", "webhook_state", "webhook_next_at"),)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    schedule_id: Mapped[str] = mapped_column(
+        ForeignKey("schedules.id", ondelete="CASCADE"), index=True
+    )
+    diagnosis_id: Mapped[str] = mapped_column(
+        ForeignKey("diagnoses.id", ondelete="CASCADE"), unique=True
+    )
+    scheduled_for: Mapped[datetime] = mapped_column()
+    webhook_url: Mapped[str | None] = mapped_column(String(2000), default=None)
+    webhook_state: Mapped[str | None] = mapped_column(String(16), default=None)
+    webhook_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    webhook_next_at: Mapped[datetime | None] = mapped_column(default=None)
+    webhook_delivered_at: Mapped[datetime | None] = mapped_column(default=None)
+    webhook_error: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
