@@ -112,6 +112,7 @@ def stop_all(services: list[Service]) -> None:
 def served(tmp_path: Path) -> Iterator[tuple[str, str]]:
     service, key = start_serve(tmp_path / "data", tmp_path)
     try:
+        assert service.url is not None  # start_serve sets it once the service answers
         yield service.url, key
     finally:
         stop_all([service])

@@ -12,7 +12,7 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -54,8 +54,8 @@ def mlp_case() -> Case:
         nn.Linear(8, 3),
     )
     with torch.no_grad():  # large weights: some saturation and some dead units to measure
-        module[2].weight.mul_(4.0)
-        module[4].bias.sub_(0.6)
+        cast(nn.Linear, module[2]).weight.mul_(4.0)
+        cast(nn.Linear, module[4]).bias.sub_(0.6)
     x = torch.randn(12, 6) * 2
     y = torch.randint(0, 3, (12,))
     layers = [
@@ -136,8 +136,13 @@ def onnx_available() -> bool:
 
 def npz_bytes(**arrays: torch.Tensor | np.ndarray) -> bytes:
     buffer = io.BytesIO()
+    # cast: numpy's stub types **kwds as its own keyword `allow_pickle: bool`
     np.savez(
-        buffer, **{k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in arrays.items()}
+        buffer,
+        **cast(
+            dict[str, Any],
+            {k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in arrays.items()},
+        ),
     )
     return buffer.getvalue()
 
@@ -151,8 +156,10 @@ def case_batch(case: Case) -> bytes:
 
 def plain_loss(kind: str, output: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
     if kind == "cross_entropy":
+        assert target is not None, kind
         return F.cross_entropy(output, target)
     if kind == "mse":
+        assert target is not None, kind
         return F.mse_loss(output, target)
     if kind == "output_norm":
         return output.square().mean()
@@ -193,8 +200,10 @@ def reference(case: Case, *, train: bool = True) -> dict[str, Any]:
     layers = {}
     for ref in case.layers:
         out = captured[ref.name].detach().double()
+        activation_grad = captured[ref.name].grad
+        assert activation_grad is not None, ref.name
         entry = {
-            "activation_grad_norm": captured[ref.name].grad.norm().item(),
+            "activation_grad_norm": activation_grad.norm().item(),
             "mean": out.mean().item(),
             "std": out.std(unbiased=False).item(),
         }
@@ -207,7 +216,9 @@ def reference(case: Case, *, train: bool = True) -> dict[str, Any]:
         layers[ref.name] = entry
     result: dict[str, Any] = {"loss": loss.item(), "params": params, "layers": layers}
     if case.sequence:
-        g = inputs[0].grad.double()
+        input_grad = inputs[0].grad
+        assert input_grad is not None
+        g = input_grad.double()
         result["time"] = g.square().sum(dim=(0, 2)).sqrt().tolist()
     return result
 

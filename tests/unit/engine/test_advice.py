@@ -4,6 +4,7 @@ rationale, the snippet, the ranking, and no recommendation without a finding."""
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import pytest
 
@@ -181,7 +182,7 @@ def test_error_findings_are_addressed_before_warnings():
     m.layers[-1].activation_stats.activation = None
     findings = detect(m)
     recs = recommend(findings, m)
-    tiers = [max(findings[i].severity == "error" for i in r.addresses) for r in recs]
+    tiers = [max(findings[cast(int, i)].severity == "error" for i in r.addresses) for r in recs]
     assert tiers == sorted(tiers, reverse=True)
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
@@ -37,7 +39,7 @@ class HealthyMLP(nn.Module):
         self.layers = nn.ModuleList(nn.Linear(16, 16) for _ in range(3))
         self.norms = nn.ModuleList(nn.LayerNorm(16) for _ in range(3))
         self.head = nn.Linear(16, 4)
-        for layer in self.layers:
+        for layer in cast(Iterable[nn.Linear], self.layers):
             nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
             nn.init.zeros_(layer.bias)
 

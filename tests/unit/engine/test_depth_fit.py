@@ -33,7 +33,7 @@ def test_profile_and_finding_report_the_same_fit() -> None:
     )
     depth = report.profiles.depth
     assert depth.layers_left_out == 0
-    assert depth.growth_factor == fit_growth([v for v in depth.grad_norms if v])  # type: ignore[misc]
+    assert depth.growth_factor == fit_growth([v for v in depth.grad_norms if v])
     (finding,) = [f for f in report.findings if f.kind == "vanishing_gradients"]
     assert finding.evidence["growth_factor"] == depth.growth_factor
     assert abs(finding.evidence["per_layer_factor"] * depth.growth_factor - 1) < 1e-12

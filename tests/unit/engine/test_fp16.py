@@ -4,6 +4,8 @@ fp16 autocast pass, so they are counted against an fp32 reference pass of the sa
 
 from __future__ import annotations
 
+from typing import cast
+
 import pytest
 import torch
 from torch import nn
@@ -26,8 +28,8 @@ def tiny_gradient_model() -> tuple[bytes, bytes, torch.Tensor, nn.Module]:
     torch.manual_seed(0)
     module = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
     with torch.no_grad():
-        module[2].weight.mul_(1e-4)
-        module[2].bias.zero_()
+        cast(nn.Linear, module[2]).weight.mul_(1e-4)
+        cast(nn.Linear, module[2]).bias.zero_()
     x = torch.randn(32, 8)
     return to_torch_export(module, x), npz_bytes(x=x), x, module
 

@@ -12,7 +12,7 @@ What a GPU run found, checked on the CPU:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -32,8 +32,18 @@ from tests.unit.engine.measure_support import CASES, case_batch, export, onnx_av
 FORMATS = ["torch_export", "torchscript"] + (["onnx"] if onnx_available() else [])
 
 
+def _prefixed(name: str) -> Callable[[str], str]:
+    """An assert_close `msg` that names the tensor it compared."""
+    return lambda message: f"{name}: {message}"
+
+
+def _grad(tensor: torch.Tensor) -> torch.Tensor:
+    assert tensor.grad is not None, "backward reached every parameter"
+    return tensor.grad
+
+
 def held_tensors(graph: ObservableGraph) -> dict[str, torch.Tensor]:
-    tensors = {n: t for n, t in graph.named_parameters()}
+    tensors: dict[str, torch.Tensor] = {n: t for n, t in graph.named_parameters()}
     tensors.update(graph.named_buffers())
     return tensors
 
@@ -125,7 +135,7 @@ def graph_and_grads(
     graph.zero_grad()
     (out,) = graph.run([x])
     out.square().mean().backward()
-    return out.detach(), {n: p.grad.clone() for n, p in graph.named_graph_parameters()}
+    return out.detach(), {n: _grad(p).clone() for n, p in graph.named_graph_parameters()}
 
 
 def module_and_grads(
@@ -134,7 +144,7 @@ def module_and_grads(
     module.zero_grad()
     out = module(x)
     out.square().mean().backward()
-    return out.detach(), {n: p.grad.clone() for n, p in module.named_parameters()}
+    return out.detach(), {n: _grad(p).clone() for n, p in module.named_parameters()}
 
 
 def test_a_view_after_attention_runs_whatever_layout_the_backend_returns() -> None:
@@ -151,7 +161,7 @@ def test_a_view_after_attention_runs_whatever_layout_the_backend_returns() -> No
     torch.testing.assert_close(got, want)
     assert got_grads.keys() == want_grads.keys()
     for name, grad in want_grads.items():
-        torch.testing.assert_close(got_grads[name], grad, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(got_grads[name], grad, msg=_prefixed(name))
 
 
 def test_a_view_of_a_channels_last_activation() -> None:
@@ -164,4 +174,4 @@ def test_a_view_of_a_channels_last_activation() -> None:
     want, want_grads = module_and_grads(module, x)
     torch.testing.assert_close(got, want)
     for name, grad in want_grads.items():
-        torch.testing.assert_close(got_grads[name], grad, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(got_grads[name], grad, msg=_prefixed(name))

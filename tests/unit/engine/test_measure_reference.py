@@ -4,6 +4,7 @@ on the original torch module, over models × formats × devices."""
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import pytest
 import torch
@@ -123,7 +124,7 @@ def test_init_std_ratio_against_he_and_xavier(fmt: str) -> None:
     m = measure(subject)
     modules = dict(case.module.named_modules())
     for layer in m.layers:
-        weight = modules[layer.name].weight.detach().double()  # type: ignore[union-attr]
+        weight = modules[layer.name].weight.detach().double()
         fan_out, fan_in = weight.shape
         assert layer.fan_in == fan_in
         activation = layer.activation_stats.activation
@@ -155,12 +156,12 @@ def test_micro_batches_accumulate_to_the_full_batch() -> None:
     assert close(split.loss.value, full.loss.value or 0.0)
     for a, b in zip(split.parameters, full.parameters, strict=True):
         assert close(a.grad_norm, b.grad_norm or 0.0)
-    for a, b in zip(split.layers, full.layers, strict=True):
-        assert close(a.activation_grad_norm, b.activation_grad_norm or 0.0)
-        assert close(a.activation_stats.mean, b.activation_stats.mean or 0.0, abs_=1e-6)
-        assert close(a.activation_stats.std, b.activation_stats.std or 0.0, abs_=1e-6)
-        if b.activation_stats.dead_fraction is not None:
-            assert a.activation_stats.dead_fraction == b.activation_stats.dead_fraction
+    for la, lb in zip(split.layers, full.layers, strict=True):
+        assert close(la.activation_grad_norm, lb.activation_grad_norm or 0.0)
+        assert close(la.activation_stats.mean, lb.activation_stats.mean or 0.0, abs_=1e-6)
+        assert close(la.activation_stats.std, lb.activation_stats.std or 0.0, abs_=1e-6)
+        if lb.activation_stats.dead_fraction is not None:
+            assert la.activation_stats.dead_fraction == lb.activation_stats.dead_fraction
 
 
 def test_micro_batches_clipped_or_uneven_are_noted() -> None:
@@ -188,6 +189,7 @@ def test_bf16_autocast_matches_autocast_reference() -> None:
     module.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = module(case.inputs[0])
+    assert case.target is not None
     torch.nn.functional.cross_entropy(out.float(), case.target).backward()
     for p in m.parameters:
         want = dict(module.named_parameters())[p.name].grad.norm().item()  # type: ignore[union-attr]
@@ -226,6 +228,7 @@ def test_half_precision_models_are_measured_in_float32(fmt: str, dtype: torch.dt
     module = case.module.train()
     module.zero_grad(set_to_none=True)
     out = module(case.inputs[0])
+    assert case.target is not None
     torch.nn.functional.cross_entropy(out.float(), case.target).backward()
     assert close(m.loss.value, torch.nn.functional.cross_entropy(out.float(), case.target).item())
     for p in m.parameters:
@@ -271,8 +274,8 @@ def test_activation_std_is_exact_when_the_mean_dwarfs_it(micro_batches: int) -> 
     torch.manual_seed(4)
     module = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 2))
     with torch.no_grad():
-        module[0].bias.fill_(1e4)
-        module[0].weight.mul_(0.3)
+        cast(torch.nn.Linear, module[0]).bias.fill_(1e4)
+        cast(torch.nn.Linear, module[0]).weight.mul_(0.3)
     x, y = torch.randn(12, 4), torch.randn(12, 2)
     case = CASES["mlp"]()
     case.module, case.inputs, case.target, case.loss = module, [x], y, "mse"

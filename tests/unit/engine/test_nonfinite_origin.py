@@ -3,6 +3,8 @@ backward first produced a non-finite gradient, in one pass (no detect_anomaly)."
 
 from __future__ import annotations
 
+from typing import cast
+
 import pytest
 import torch
 from torch import nn
@@ -88,7 +90,8 @@ def test_fp16_underflow_fraction_matches_reference() -> None:
     torch.manual_seed(0)
     module = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 1))
     with torch.no_grad():
-        module[1].weight.mul_(1e-6)  # gradients into layer 0 around 1e-8: below 2^-24
+        # gradients into layer 0 around 1e-8: below 2^-24
+        cast(nn.Linear, module[1]).weight.mul_(1e-6)
     x = torch.randn(8, 16)
     subject = build_subject(to_torch_export(module, x), npz_bytes(x=x), DiagnoseOptions())
     m = measure(subject)

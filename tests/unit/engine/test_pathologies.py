@@ -72,7 +72,7 @@ def test_pathology_is_diagnosed(case: Case, fmt: str) -> None:
     report = run(case, fmt)
     check_structure(report)
     assert report.verdict == "unhealthy"
-    worst = {}
+    worst: dict[str, str] = {}
     for f in report.findings:
         worst[f.kind] = max(worst.get(f.kind, "info"), f.severity, key=SEVERITY_RANK.__getitem__)
     for kind, severity in case.expect.items():

@@ -97,7 +97,7 @@ def test_stacked_lstm_layers_are_named_by_torch_layer_index(fmt: str) -> None:
         assert owner["lstm.weight_hh_l1"] == "lstm.l1"
 
 
-def _time_advice(report):  # type: ignore[no-untyped-def]
+def _time_advice(report):
     kinds = [(f.kind, f.evidence.get("axis")) for f in report.findings]
     index = kinds.index(("vanishing_gradients", "time"))
     (rec,) = [r for r in report.recommendations if index in r.addresses]

@@ -13,7 +13,7 @@ from torch import nn
 from service.engine.measure import measure
 from service.engine.options import DiagnoseOptions
 from service.engine.subject import build_subject
-from tests.unit.engine.measure_support import CASES, case_batch, export, onnx_available
+from tests.unit.engine.measure_support import CASES, Case, case_batch, export, onnx_available
 
 FORMATS = ["torch_export", "torchscript"] + (["onnx"] if onnx_available() else [])
 
@@ -45,7 +45,7 @@ class TokenSeqFirstLSTM(nn.Module):
         return self.fc(out[-1])
 
 
-def _case(module: nn.Module, x: torch.Tensor, target: torch.Tensor | None = None) -> object:
+def _case(module: nn.Module, x: torch.Tensor, target: torch.Tensor | None = None) -> Case:
     case = CASES["rnn"]()
     case.module, case.inputs, case.target = module, [x], target
     case.loss = "output_norm" if target is None else "mse"

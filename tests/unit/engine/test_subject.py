@@ -40,6 +40,7 @@ def test_train_mode_uses_batch_statistics_and_no_dropout_even_for_eval_exports(f
     torch.manual_seed(0)
     module = DropNorm()
     with torch.no_grad():
+        assert module.bn.running_mean is not None
         module.bn.running_mean.fill_(5.0)  # eval-mode output would be far off
     x = torch.randn(8, 4)
     exported = module.eval()
@@ -57,6 +58,7 @@ def test_train_mode_uses_batch_statistics_and_no_dropout_even_for_eval_exports(f
         got_eval = evaluated.module(x)
     assert torch.allclose(got_train, batch_stats, atol=1e-5)
     assert torch.allclose(got_eval, running_stats, atol=1e-5)
+    assert module.bn.running_mean is not None
     assert float(module.bn.running_mean[0]) == 5.0  # diagnosing never mutates the model
 
 

@@ -30,7 +30,7 @@ from tests.support.pathologies import MLP, ZOO
 OPTIONS = DiagnoseOptions()
 
 
-def subject_of(case_name: str, fmt: str, seed: int = 0):  # type: ignore[no-untyped-def]
+def subject_of(case_name: str, fmt: str, seed: int = 0):
     case = ZOO[case_name]
     return build_subject(case.model_bytes(fmt, seed), case.batch_bytes(seed), OPTIONS)
 
@@ -71,7 +71,7 @@ def test_activation_swap_equals_the_hand_edited_model(fmt: str) -> None:
     with torch.no_grad():
         got = copy_.graph.run([x])[0]  # type: ignore[union-attr]
         want = reference(x)
-        original = subject.graph.run([x])[0]  # type: ignore[union-attr]
+        original = subject.graph.run([x])[0]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # the original graph still runs sigmoids
     torch.testing.assert_close(original, case.module(0)(x), rtol=1e-5, atol=1e-5)
@@ -102,11 +102,11 @@ def test_output_activation_is_not_swapped() -> None:
 
 def test_reinitialisation_touches_only_the_copy_and_follows_he() -> None:
     subject = subject_of("relu_tiny_init", "torch_export")
-    before = subject.graph.parameter("fc0.weight").detach().clone()  # type: ignore[union-attr]
+    before = subject.graph.parameter("fc0.weight").detach().clone()
     copy_ = copy_subject(subject)
     done = reinitialize(copy_, {"fc0.weight": "kaiming", "fc0.bias": "zero_bias"}, {})
     assert len(done) == 2
-    torch.testing.assert_close(subject.graph.parameter("fc0.weight"), before)  # type: ignore[union-attr]
+    torch.testing.assert_close(subject.graph.parameter("fc0.weight"), before)
     new = copy_.graph.parameter("fc0.weight")  # type: ignore[union-attr]
     assert new.std().item() == pytest.approx(math.sqrt(2 / 16), rel=0.2)
     assert torch.count_nonzero(copy_.graph.parameter("fc0.bias")) == 0  # type: ignore[union-attr]
@@ -133,10 +133,11 @@ def test_guarding_the_log_removes_the_nan(fmt: str) -> None:
     after = measure(copy_, OPTIONS)
     assert after.non_finite_origin is None and math.isfinite(after.loss.value or math.nan)
     assert not [f for f in detect(after) if f.kind == "non_finite"]
+    assert copy_.graph is not None
     with pytest.raises(NotApplicable, match="no automatic guard"):
         linear = next(
             n for n in copy_.graph.nodes if canonical_op(n.op_type) in {"linear", "addmm"}
-        )  # type: ignore[union-attr]
+        )
         guard_node(copy_, linear.name)
 
 
