@@ -13,6 +13,7 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import torch
@@ -112,7 +113,7 @@ class MLP(nn.Module):
         return self.head(x)
 
 
-def _normal_init(std_fn: Callable[[int], float], bias: float = 0.0):  # type: ignore[no-untyped-def]
+def _normal_init(std_fn: Callable[[int], float], bias: float = 0.0):
     def init(layer: nn.Linear, _i: int) -> None:
         with torch.no_grad():
             layer.weight.normal_(0.0, std_fn(layer.in_features))
@@ -218,7 +219,7 @@ class ReluRNN(LastStepRNN):
         rnn = nn.RNN(4, WIDTH, nonlinearity="relu", batch_first=True)
         super().__init__(rnn)
         with torch.no_grad():
-            rnn.weight_hh_l0.copy_(1.3 * torch.eye(WIDTH))
+            cast(torch.Tensor, rnn.weight_hh_l0).copy_(1.3 * torch.eye(WIDTH))
 
 
 class TinyTransformer(nn.Module):

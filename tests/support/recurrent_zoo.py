@@ -20,6 +20,7 @@ from onnx import helper
 from torch import nn
 
 from service.engine.onnx import ops  # noqa: F401  (registers the builders)
+from service.engine.onnx.ops.recurrent import RecurrentFn
 from service.engine.onnx.registry import OpContext, lookup
 
 
@@ -93,6 +94,16 @@ def build_node_fn(node: onnx.NodeProto, opset: int) -> Callable[..., Any]:
     builder = lookup(node.op_type, node.domain, opset)
     assert builder is not None, f"no builder for {node.domain}::{node.op_type}-{opset}"
     return builder(node_context(node, opset))
+
+
+def call_recurrent(
+    fn: RecurrentFn, tensors: Sequence[torch.Tensor | None]
+) -> torch.Tensor | tuple[torch.Tensor | None, ...]:
+    """`fn(*tensors)` for a recurrent node's ONNX inputs in order; X, W and R are never
+    optional there (spelled out so that mypy can match them to RecurrentFn's parameters)."""
+    X, W, R, *optional = tensors
+    assert X is not None and W is not None and R is not None
+    return fn(X, W, R, *optional)
 
 
 def as_outputs(result: Any, count: int) -> list[Any]:

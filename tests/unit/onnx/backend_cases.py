@@ -17,7 +17,7 @@ import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import onnx
@@ -52,7 +52,9 @@ def node_cases() -> Iterator[Case]:
         warnings.simplefilter("ignore")
         collected = collect_testcases(None)
     for tc in collected:
-        yield Case(tc.name, "node", tc.model, list(tc.data_sets or []), tc.rtol, tc.atol)
+        assert tc.model is not None, tc.name  # node cases always carry their model
+        data_sets = cast(list[tuple[list[Any], list[Any]]], list(tc.data_sets or []))
+        yield Case(tc.name, "node", tc.model, data_sets, tc.rtol, tc.atol)
 
 
 def _read_pb(path: str) -> Any:

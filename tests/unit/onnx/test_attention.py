@@ -190,7 +190,7 @@ def test_qk_output_mode0_is_the_raw_product_as_onnxruntime() -> None:
 def test_fully_masked_row_has_zero_output_and_finite_gradients() -> None:
     node = _node([*_qkv(), ONE_ROW_MASKED], ["Y"], {})
     fn = build_node_fn(node, 23)
-    q, k, v = (torch.from_numpy(x).requires_grad_(True) for x in _qkv())  # type: ignore[arg-type]
+    q, k, v = (torch.from_numpy(x).requires_grad_(True) for x in _qkv())
     y = fn(q, k, v, torch.from_numpy(ONE_ROW_MASKED))
     assert torch.all(y[:, :, 1] == 0)
     y.square().sum().backward()
@@ -261,7 +261,7 @@ def test_fused_kernel_path_equals_the_explicit_form_with_gradients(
     # for qk_matmul_output (which does not change Y) forces the explicit form
     gen = torch.Generator().manual_seed(0)
     if three_d:
-        shapes = [(2, 3, 4 * 4), (2, 5, 2 * 4), (2, 5, 2 * 4)]
+        shapes: list[tuple[int, ...]] = [(2, 3, 4 * 4), (2, 5, 2 * 4), (2, 5, 2 * 4)]
     else:
         shapes = [(2, 2, 3, 4), (2, 2, 5, 4), (2, 2, 5, 4)]
     names = ["Q", "K", "V"]
@@ -340,4 +340,5 @@ def test_exported_transformer_encoder_matches_onnxruntime_and_torch_gradients(
             and p.t().shape == converted.shape
             and torch.equal(p.t(), converted.detach())
         ]
+        assert original.grad is not None, name
         torch.testing.assert_close(converted.grad, original.grad.t(), rtol=2e-3, atol=1e-6)

@@ -39,6 +39,7 @@ class _BNDropout(nn.Module):
 def _bn_module() -> _BNDropout:
     module = _BNDropout()
     with torch.no_grad():  # running statistics far from any batch's
+        assert module.bn.running_mean is not None and module.bn.running_var is not None
         module.bn.running_mean.fill_(3.0)
         module.bn.running_var.fill_(5.0)
     return module

@@ -7,6 +7,8 @@ Skipped without a CUDA device (run through the device tool).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import onnx
 import pytest
 import torch
@@ -53,6 +55,11 @@ def test_cuda_matches_cpu(name: str) -> None:
         torch.testing.assert_close(results["device"][1][pname], grad, rtol=2e-3, atol=1e-4)
 
 
+def _prefixed(name: str) -> Callable[[str], str]:
+    """An assert_close `msg` that names the tensor it compared."""
+    return lambda message: f"{name}: {message}"
+
+
 def _output_and_grads(
     model: torch.nn.Module, params: dict[str, torch.nn.Parameter], inputs: tuple[torch.Tensor, ...]
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -97,9 +104,7 @@ def test_recurrent_cuda_matches_the_torch_module(entry: ZooEntry) -> None:
     torch.testing.assert_close(got, cpu_out, rtol=1e-5, atol=1e-5)
     assert got_grads.keys() == cpu_grads.keys()
     for name, grad in cpu_grads.items():
-        torch.testing.assert_close(
-            got_grads[name], grad, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
-        )
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-5, msg=_prefixed(name))
 
     off = (expected - module_on_cpu).abs().max().item()
     torch.testing.assert_close(
@@ -115,7 +120,7 @@ def test_recurrent_cuda_matches_the_torch_module(entry: ZooEntry) -> None:
         if name in converted and converted[name].shape == grad.shape:
             assert name in got_grads, name
             torch.testing.assert_close(
-                got_grads[name], grad, rtol=2e-3, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
+                got_grads[name], grad, rtol=2e-3, atol=1e-5, msg=_prefixed(name)
             )
             compared += 1
     assert compared >= 4  # the recurrent weights and biases keep their names in the export

@@ -19,7 +19,7 @@ from service.errors import BatchError, ModelFormatError, UnsupportedModelError
 F = TensorProto.FLOAT
 
 
-def _model(nodes, inputs, outputs, initializers=(), opset=17, check=True) -> onnx.ModelProto:  # type: ignore[no-untyped-def]
+def _model(nodes, inputs, outputs, initializers=(), opset=17, check=True) -> onnx.ModelProto:
     graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
@@ -28,7 +28,7 @@ def _model(nodes, inputs, outputs, initializers=(), opset=17, check=True) -> onn
     return model
 
 
-def _vi(name: str, shape: list, elem: int = F) -> onnx.ValueInfoProto:  # type: ignore[type-arg]
+def _vi(name: str, shape: list, elem: int = F) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, elem, shape)
 
 
@@ -209,7 +209,7 @@ def test_bundle_needs_exactly_one_model() -> None:
         load_onnx_bundle(_zip({"a.bin": b"x"}))
 
 
-def _mlp_graph():  # type: ignore[no-untyped-def]
+def _mlp_graph():
     w = numpy_helper.from_array(np.ones((3, 4), np.float32), "fc.weight")
     model = _model(
         [helper.make_node("MatMul", ["x", "fc.weight"], ["y"])],

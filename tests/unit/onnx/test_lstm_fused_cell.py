@@ -9,7 +9,8 @@ kernels compute, which is what makes the CPU tests meaningful.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import cast
 
 import pytest
 import torch
@@ -77,6 +78,15 @@ def _args(dtype: torch.dtype, hidden: int = 3, seed: int = 0) -> list[Tensor]:
     return lstm_sequence_args(5, 2, 4, hidden, dtype, seed)
 
 
+def _lstm_sequence(
+    args: Sequence[Tensor], reverse: bool = False, hidden_grads: list[Tensor] | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`lstm_sequence(*args, ...)` for the six tensors of `_args`, spelled out so that mypy
+    can match them to its parameters."""
+    X, W, R, bias, h0, c0 = args
+    return lstm_sequence(X, W, R, bias, h0, c0, reverse=reverse, hidden_grads=hidden_grads)
+
+
 @pytest.mark.parametrize("reverse", [False, True])
 def test_fused_cell_path_equals_the_cpu_path(emulated_kernels: list[str], reverse: bool) -> None:
     args = _args(torch.float64)
@@ -85,12 +95,12 @@ def test_fused_cell_path_equals_the_cpu_path(emulated_kernels: list[str], revers
     for fused in (True, False):
         sink: list[Tensor] = []
         if fused:
-            outputs = lstm_sequence(*args, reverse=reverse, hidden_grads=sink)
+            outputs = _lstm_sequence(args, reverse=reverse, hidden_grads=sink)
         else:  # the CPU Function, reached directly
             x = args[0].flip(0) if reverse else args[0]
             y, h, c = _LSTMSequence.apply(x, *args[1:], sink, reverse)
             outputs = (y.flip(0) if reverse else y, h, c)
-        loss = sum((o * w).sum() for o, w in zip(outputs, weights, strict=True))
+        loss = cast(Tensor, sum((o * w).sum() for o, w in zip(outputs, weights, strict=True)))
         grads = torch.autograd.grad(loss, args)
         results.append(([o.detach() for o in outputs], grads, sink))
     (out_a, grads_a, sink_a), (out_b, grads_b, sink_b) = results
@@ -135,10 +145,10 @@ def test_cuda_whole_sequence_equals_the_cpu_one() -> None:
     cuda_args = [a.detach().cuda().requires_grad_(True) for a in args]
     assert lstm_fused_cell.available(cuda_args[0])
     for reverse in (False, True):
-        cpu_out = lstm_sequence(*args, reverse=reverse)
-        gpu_out = lstm_sequence(*cuda_args, reverse=reverse)
-        cpu_grads = torch.autograd.grad(sum(o.sum() for o in cpu_out), args)
-        gpu_grads = torch.autograd.grad(sum(o.sum() for o in gpu_out), cuda_args)
+        cpu_out = _lstm_sequence(args, reverse=reverse)
+        gpu_out = _lstm_sequence(cuda_args, reverse=reverse)
+        cpu_grads = torch.autograd.grad(cast(Tensor, sum(o.sum() for o in cpu_out)), args)
+        gpu_grads = torch.autograd.grad(cast(Tensor, sum(o.sum() for o in gpu_out)), cuda_args)
         for a, b in zip([*cpu_out, *cpu_grads], [*gpu_out, *gpu_grads], strict=True):
             torch.testing.assert_close(b.detach().cpu(), a.detach(), rtol=1e-4, atol=1e-5)
 
@@ -157,8 +167,10 @@ def test_a_repeated_shape_replays_captured_graphs_with_the_eager_results(
 
     def run() -> list[Tensor]:
         leaves = [[t.clone().requires_grad_(True) for t in layer] for layer in layers]
-        outputs = [lstm_sequence(*leaf) for leaf in leaves]  # both forwards, then one backward
-        loss = sum((o * (k + 1)).sum() for outs in outputs for k, o in enumerate(outs))
+        outputs = [_lstm_sequence(leaf) for leaf in leaves]  # both forwards, then one backward
+        loss = cast(
+            Tensor, sum((o * (k + 1)).sum() for outs in outputs for k, o in enumerate(outs))
+        )
         grads = torch.autograd.grad(loss, [t for leaf in leaves for t in leaf])
         return [o.detach() for outs in outputs for o in outs] + list(grads)
 

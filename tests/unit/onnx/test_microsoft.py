@@ -349,8 +349,9 @@ def test_ms_attention_gradcheck_and_refusals() -> None:
     ]
     mask = torch.tensor([[1, 0, 1]])
     assert torch.autograd.gradcheck(lambda x, w, b: fn(x, w, b, mask), args)
+    attrs: dict[str, Any]
     for attrs in ({"do_rotary": 1}, {"qkv_hidden_sizes": [4, 4, 3]}, {}):
-        heads = {} if not attrs else {"num_heads": 2}
+        heads: dict[str, Any] = {} if not attrs else {"num_heads": 2}
         refused = helper.make_node("Attention", ["x", "w"], ["y"], domain=MS, **heads, **attrs)
         with pytest.raises(UnsupportedAttribute):
             build_node_fn(refused, 1)

@@ -8,7 +8,7 @@ from pathlib import Path
 SCRIPT = Path(__file__).resolve().parents[3] / "scripts" / "gen_op_table.py"
 
 
-def _script():  # type: ignore[no-untyped-def]
+def _script():
     spec = importlib.util.spec_from_file_location("gen_op_table", SCRIPT)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

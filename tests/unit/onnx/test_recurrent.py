@@ -8,7 +8,7 @@ transposed problem.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -20,6 +20,7 @@ from service.engine.onnx.registry import UnsupportedAttribute
 from tests.support.recurrent_zoo import (
     as_outputs,
     build_node_fn,
+    call_recurrent,
     run_onnxruntime,
     single_node_model,
 )
@@ -254,6 +255,8 @@ def test_lstm_outputs_and_gradients_equal_torch_lstm() -> None:
     X, W, R, B, _, h0, c0 = (
         None if v is None else torch.from_numpy(v).requires_grad_(True) for v in case.inputs()
     )
+    assert X is not None and W is not None and R is not None and B is not None
+    assert h0 is not None and c0 is not None
     fn = build_node_fn(case.node(), case.opset)
     Y, Y_h, Y_c = fn(X, W, R, B, None, h0, c0)
     (Y.square().sum() + Y_h.sum() + Y_c.sum()).backward()
@@ -261,10 +264,14 @@ def test_lstm_outputs_and_gradients_equal_torch_lstm() -> None:
     hidden = case.hidden
     reference = torch.nn.LSTM(case.input_size, hidden)
     with torch.no_grad():
-        reference.weight_ih_l0.copy_(_onnx_to_torch_gates(W[0], hidden))
-        reference.weight_hh_l0.copy_(_onnx_to_torch_gates(R[0], hidden))
-        reference.bias_ih_l0.copy_(_onnx_to_torch_gates(B[0, : 4 * hidden], hidden))
-        reference.bias_hh_l0.copy_(_onnx_to_torch_gates(B[0, 4 * hidden :], hidden))
+        cast(torch.Tensor, reference.weight_ih_l0).copy_(_onnx_to_torch_gates(W[0], hidden))
+        cast(torch.Tensor, reference.weight_hh_l0).copy_(_onnx_to_torch_gates(R[0], hidden))
+        cast(torch.Tensor, reference.bias_ih_l0).copy_(
+            _onnx_to_torch_gates(B[0, : 4 * hidden], hidden)
+        )
+        cast(torch.Tensor, reference.bias_hh_l0).copy_(
+            _onnx_to_torch_gates(B[0, 4 * hidden :], hidden)
+        )
     x_ref, h0_ref, c0_ref = (t.detach().clone().requires_grad_(True) for t in (X, h0, c0))
     y_ref, (h_ref, c_ref) = reference(x_ref, (h0_ref, c0_ref))
     (y_ref.square().sum() + h_ref.sum() + c_ref.sum()).backward()
@@ -273,6 +280,7 @@ def test_lstm_outputs_and_gradients_equal_torch_lstm() -> None:
     torch.testing.assert_close(X.grad, x_ref.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(h0.grad, h0_ref.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(c0.grad, c0_ref.grad, rtol=1e-4, atol=1e-6)
+    assert W.grad is not None and R.grad is not None and B.grad is not None
     pairs = [
         (W.grad[0], reference.weight_ih_l0.grad),
         (R.grad[0], reference.weight_hh_l0.grad),
@@ -294,7 +302,8 @@ def test_every_step_receives_gradient_through_the_recurrence() -> None:
     fn.record_steps = True
     tensors = [None if v is None else torch.from_numpy(v) for v in case.inputs()]
     X = tensors[0].requires_grad_(True)  # type: ignore[union-attr]
-    Y, _ = fn(*tensors)
+    Y, _ = call_recurrent(fn, tensors)
+    assert Y is not None
     assert len(fn.step_hidden) == 2 and all(len(d) == case.steps for d in fn.step_hidden)
     step_grads = torch.autograd.grad(
         Y[-1, 0].sum() + Y[0, 1].sum(), [X, *fn.step_hidden[0], *fn.step_hidden[1]]
@@ -357,11 +366,12 @@ def test_deferred_recurrence_weight_gradient_equals_the_per_step_one(case: Case)
         tensors = [None if v is None else torch.from_numpy(v) for v in case.inputs()]
         for i in (0, 1, 2):
             tensors[i].requires_grad_(True)  # type: ignore[union-attr]
-        Y = as_outputs(fn(*tensors), len(node.output))[0]
+        Y = as_outputs(call_recurrent(fn, tensors), len(node.output))[0]
         time_axis = 0 if case.layout == 0 else 1
         per_step = Y.movedim(time_axis, 0).flatten(1).sum(1)  # one value per step
         loss = (per_step * weights[: case.steps]).sum()
-        return list(torch.autograd.grad(loss, [*tensors[:3], *fn.step_hidden[0]]))
+        leaves = cast(list[torch.Tensor], tensors[:3])  # X, W, R: never None, made leaves above
+        return list(torch.autograd.grad(loss, [*leaves, *fn.step_hidden[0]]))
 
     for got, expected in zip(grads(True), grads(False), strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

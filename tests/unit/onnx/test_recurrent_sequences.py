@@ -10,6 +10,7 @@ take them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
@@ -21,7 +22,12 @@ from service.engine.onnx.ops.gru_sequence import gru_direction
 from service.engine.onnx.ops.lstm_sequence import lstm_direction, lstm_sequence
 from service.engine.onnx.ops.recurrent import RecurrentFn
 from service.engine.onnx.ops.rnn_sequence import rnn_direction
-from tests.support.recurrent_zoo import as_outputs, build_node_fn, lstm_sequence_args
+from tests.support.recurrent_zoo import (
+    as_outputs,
+    build_node_fn,
+    call_recurrent,
+    lstm_sequence_args,
+)
 from tests.unit.onnx.test_recurrent import Case
 
 
@@ -43,7 +49,9 @@ def test_gradcheck_float64(reverse: bool, with_bias: bool) -> None:
 @pytest.mark.parametrize("op", ["LSTM", "GRU", "RNN"])
 def test_direction_functions_gradcheck_float64(op: str, reverse: bool) -> None:
     """Each direction function with the node's own bias row (Wb then Rb), float64."""
-    direction = {"LSTM": lstm_direction, "GRU": gru_direction, "RNN": rnn_direction}[op]
+    directions: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]]
+    directions = {"LSTM": lstm_direction, "GRU": gru_direction, "RNN": rnn_direction}
+    direction = directions[op]
     gates, hidden, g = {"LSTM": 4, "GRU": 3, "RNN": 1}[op], 2, torch.Generator().manual_seed(3)
 
     def normal(*shape: int) -> torch.Tensor:
@@ -73,11 +81,11 @@ def _both_paths(case: Case) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         floats = [
             t.requires_grad_(True) for t in tensors if t is not None and t.is_floating_point()
         ]
-        outputs = as_outputs(fn(*tensors), len(node.output))
+        outputs = as_outputs(call_recurrent(fn, tensors), len(node.output))
         seed = torch.Generator().manual_seed(7)
         weights = [torch.randn(o.shape, generator=seed) for o in outputs]
         loss = sum((o * w).sum() for o, w in zip(outputs, weights, strict=True))
-        grads = torch.autograd.grad(loss, floats)  # type: ignore[arg-type]
+        grads = torch.autograd.grad(loss, floats)
         results.append(([o.detach() for o in outputs], list(grads)))
     (whole_out, whole_grads), (unrolled_out, unrolled_grads) = results
     for got, expected in zip(whole_out, unrolled_out, strict=True):
@@ -143,7 +151,7 @@ def test_hidden_gradients_equal_the_gradients_reaching_each_recorded_step(
     def run(fn: RecurrentFn) -> torch.Tensor:
         tensors = [None if v is None else torch.from_numpy(v) for v in case.inputs()]
         tensors[0].requires_grad_(True)  # type: ignore[union-attr]
-        Y = as_outputs(fn(*tensors), len(node.output))[0]
+        Y = as_outputs(call_recurrent(fn, tensors), len(node.output))[0]
         return (Y * weights).sum()
 
     whole = build_node_fn(node, case.opset)
@@ -186,7 +194,7 @@ def test_nodes_outside_the_default_cells_stay_unrolled(case: Case) -> None:
         fn.collect_hidden_grads = True
         tensors = [None if v is None else torch.from_numpy(v) for v in case.inputs()]
         tensors[0].requires_grad_(True)  # type: ignore[union-attr]
-        as_outputs(fn(*tensors), 3)[0].sum().backward()
+        as_outputs(call_recurrent(fn, tensors), 3)[0].sum().backward()
         assert fn.hidden_grads == [[]]  # the unrolled path ran
     else:
         assert not fn.whole_sequence

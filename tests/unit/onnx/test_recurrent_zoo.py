@@ -84,10 +84,10 @@ def test_legacy_training_export_gradients_equal_torch(entry: ZooEntry, opset: in
     x_graph = example[0].clone().requires_grad_(True)
     (graph(x_graph, *example[1:]) * weights).sum().backward()
 
-    expected = dict(module.named_parameters())
+    torch_parameters = dict(module.named_parameters())
     converted = dict(graph.named_graph_parameters())
-    assert set(expected) <= set(converted), "every torch parameter keeps its name"
-    for name, parameter in expected.items():
+    assert set(torch_parameters) <= set(converted), "every torch parameter keeps its name"
+    for name, parameter in torch_parameters.items():
         assert parameter.grad is not None and converted[name].grad is not None, name
         torch.testing.assert_close(converted[name].grad, parameter.grad, rtol=2e-3, atol=1e-6)
     # the gradient per time step of the input: what the time profile is made of

@@ -6,7 +6,7 @@ torch's own gradients, and that model through the engine's `diagnose` end to end
 from __future__ import annotations
 
 import io
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import onnx
@@ -565,12 +565,15 @@ def test_dynamo_chunk_split_export_matches_onnxruntime_and_torch_gradients(
     for name, param in torch_params.items():
         assert param.grad is not None and ours[name].grad is not None
         torch.testing.assert_close(ours[name].grad, param.grad, rtol=1e-5, atol=1e-6)
-    assert float(ours["proj.weight"].grad.abs().sum()) > 0
+    proj_grad = ours["proj.weight"].grad
+    assert proj_grad is not None
+    assert float(proj_grad.abs().sum()) > 0
 
 
 def _npz(**arrays: torch.Tensor) -> bytes:
     buffer = io.BytesIO()
-    np.savez(buffer, **{k: v.numpy() for k, v in arrays.items()})
+    # cast: numpy's stub types **kwds as its own keyword `allow_pickle: bool`
+    np.savez(buffer, **cast(dict[str, Any], {k: v.numpy() for k, v in arrays.items()}))
     return buffer.getvalue()
 
 
@@ -595,8 +598,9 @@ def test_dynamo_chunk_split_export_through_diagnose(
     layers = {layer.name: layer for layer in report.layers}
     assert {"proj", "head"} <= set(layers)
     for name in ("proj", "head"):  # the layer before the sequence ops is observed too
-        assert layers[name].activation_grad_norm is not None
-        assert layers[name].activation_grad_norm > 0
+        activation_grad_norm = layers[name].activation_grad_norm
+        assert activation_grad_norm is not None
+        assert activation_grad_norm > 0
     assert not any(f.kind == "non_finite" for f in report.findings)
 
 

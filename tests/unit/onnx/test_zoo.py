@@ -13,6 +13,7 @@ import functools
 import onnx
 import pytest
 import torch
+from _pytest.mark import ParameterSet  # what pytest.param returns
 from torch.onnx import _constants as onnx_constants
 
 from service.engine.onnx.conformance import check_conversion
@@ -26,7 +27,7 @@ HIGHEST = onnx_constants.ONNX_MAX_OPSET
 DYNAMO_LOWEST = 18  # the dynamo exporter's first native opset
 
 
-def _matrix() -> list[pytest.param]:  # type: ignore[valid-type]
+def _matrix() -> list[ParameterSet]:
     params = []
     for name, entry in ZOO.items():
         legacy = [LEGACY_LOWEST.get(name, LEGACY_DEFAULT_LOWEST), None, HIGHEST]
@@ -67,7 +68,7 @@ def test_forward_matches_onnxruntime(name: str, dynamo: bool, opset: int | None)
     assert check.reason is None or check.reason.startswith("dropout switched off")
 
 
-def _legacy_params() -> list[pytest.param]:  # type: ignore[valid-type]
+def _legacy_params() -> list[ParameterSet]:
     return [p for p in _matrix() if p.values[1] is False]
 
 
