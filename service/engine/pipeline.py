@@ -105,7 +105,7 @@ def diagnose(
         loss=measurements.loss,
         device=str(subject.device),
         mode=options.mode,
-        precision=measurements.precision,  # type: ignore[arg-type]  # model's own fp16/bf16
+        precision=measurements.precision,
         micro_batches=measurements.micro_batches,
         layers=measurements.layers,
         parameters=measurements.parameters,

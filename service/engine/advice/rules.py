@@ -108,7 +108,7 @@ class Advisor:
     def _build(self, d: Draft) -> Recommendation:
         snippet = self._snippet(d)
         return Recommendation(
-            fix=d.fix,  # type: ignore[arg-type]
+            fix=d.fix,
             addresses=sorted(d.addresses),
             rationale=" ".join(d.reasons),
             snippet=snippet,

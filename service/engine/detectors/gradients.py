@@ -144,7 +144,7 @@ def depth_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
         findings.append(
             Finding(
                 kind="vanishing_gradients",
-                severity=severity,  # type: ignore[arg-type]
+                severity=severity,
                 message=msg,
                 layers=layers,
                 evidence=ev,
@@ -197,7 +197,7 @@ def depth_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
         findings.append(
             Finding(
                 kind="exploding_gradients",
-                severity=severity,  # type: ignore[arg-type]
+                severity=severity,
                 message=msg,
                 layers=layers,
                 evidence={**evidence, "rules": rules},
@@ -260,7 +260,7 @@ def time_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
             findings.append(
                 Finding(
                     kind="vanishing_gradients",
-                    severity=vanishing_severity,  # type: ignore[arg-type]
+                    severity=vanishing_severity,
                     message=(
                         f"Gradients vanish over time: ‖∂L/∂x_t‖ of input {prof.input!r} at the "
                         f"first of {len(norms)} steps is {_fraction(ratio)} of that at the last "
