@@ -14,7 +14,8 @@ Belt and braces: the diagnosis carries the idempotency key `schedule:<id>:<tick>
 tenant, so even a claim that went wrong could not queue a tick twice.
 
 Missed ticks (scheduler down, schedule disabled) are not replayed: a due schedule runs once
-and `next_run_at` moves to the first tick after `now`.
+and `next_run_at` moves to the first tick after `now`. A tick whose previous run is still
+queued or running queues nothing (`last_error` says why): no backlog behind stopped workers.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from sqlalchemy.orm import Session
 
 from service.api.operations import create_diagnosis
 from service.config import DEFAULT_MAX_ATTEMPTS
-from service.db.models import Schedule, ScheduleRun
+from service.db.models import Diagnosis, Schedule, ScheduleRun
 from service.db.repositories import models as models_repo
 from service.db.session import Database
 from service.errors import GradhealthError
@@ -97,7 +98,13 @@ def _run_one(
     diagnosis_id: str | None = None
     error: str | None = None
     model = models_repo.latest_version(session, schedule.tenant_id, schedule.model_name)
-    if model is None:
+    pending = _unfinished_previous_run(session, schedule)
+    if pending is not None:  # no pile-up behind a stopped worker pool or a slow job
+        error = (
+            f"tick skipped: the previous run (diagnosis {schedule.last_diagnosis_id}) is still "
+            f"{pending}; start a worker (gradhealth worker) or space the cron ticks further apart"
+        )
+    elif model is None:
         error = f"no model named {schedule.model_name!r} any more; upload one or change model_name"
     else:
         try:
@@ -138,6 +145,16 @@ def _run_one(
     if error is not None:
         log.warning("schedule %s: tick %s queued nothing: %s", schedule_id, tick, error)
     return ScheduledRun(schedule_id=schedule_id, tick=tick, diagnosis_id=diagnosis_id)
+
+
+def _unfinished_previous_run(session: Session, schedule: Schedule) -> str | None:
+    """The status of the schedule's last diagnosis if it is still queued or running."""
+    if schedule.last_diagnosis_id is None:
+        return None
+    status = session.scalar(
+        select(Diagnosis.status).where(Diagnosis.id == schedule.last_diagnosis_id)
+    )
+    return status if status in ("queued", "running") else None
 
 
 def _has_run(session: Session, diagnosis_id: str) -> bool:

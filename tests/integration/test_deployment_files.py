@@ -22,11 +22,12 @@ def compose() -> dict[str, Any]:
 
 def test_services_start_in_order_behind_health_checks(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) >= {"postgres", "migrate", "api", "worker"}
+    assert set(services) >= {"postgres", "migrate", "api", "worker", "scheduler"}
     assert "pg_isready" in " ".join(services["postgres"]["healthcheck"]["test"])
     assert services["migrate"]["command"] == ["migrate"]
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
-    for name in ("api", "worker"):
+    assert services["scheduler"]["command"] == ["scheduler"]
+    for name in ("api", "worker", "scheduler"):
         condition = services[name]["depends_on"]["migrate"]["condition"]
         assert condition == "service_completed_successfully"
     assert "/readyz" in " ".join(services["api"]["healthcheck"]["test"])
@@ -39,7 +40,7 @@ def test_worker_reserves_nvidia_gpus_and_every_role_uses_postgres(
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
     assert worker["command"][0] == "worker" and "--gpus" in worker["command"]
-    for name in ("migrate", "api", "worker"):
+    for name in ("migrate", "api", "worker", "scheduler"):
         env = compose["services"][name]["environment"]
         assert env["GRADHEALTH_DATABASE_URL"].startswith("postgresql+psycopg://")
         assert env["GRADHEALTH_ENVIRONMENT"] == "production"

@@ -146,6 +146,7 @@ def test_ticks_follow_the_wall_clock_across_a_dst_change(database: Database, own
         tick = _row(database, schedule_id).next_run_at
         seen.append(tick)
         assert len(run_due_schedules(database, tick)) == 1
+        _finish_queued(database)  # a worker ran it before the next day's tick
     assert [t.hour for t in seen] == [8, 7, 7]  # 09:00 local each day
     assert [t.day for t in seen] == [28, 29, 30]
     assert len(_diagnoses(database)) == 3
@@ -185,6 +186,7 @@ def test_concurrent_schedulers_queue_exactly_one_diagnosis_per_tick(
         for thread in threads:
             thread.join()
         assert sum(results) == len(ids), results
+        _finish_queued(database)  # workers ran this round before the next tick
     with database.session() as session:
         per_schedule = dict(
             session.execute(
@@ -236,6 +238,31 @@ def _finish(database: Database, diagnosis_id: str) -> None:
             session, diagnosis_id, report={"verdict": "at_risk"}, verdict="at_risk"
         )
         session.commit()
+
+
+def _finish_queued(database: Database) -> None:
+    for job in _diagnoses(database):
+        if job.status == "queued":
+            _finish(database, job.id)
+
+
+def test_a_tick_whose_previous_run_is_unfinished_queues_nothing_and_says_why(
+    database: Database, owner: Owner
+) -> None:
+    """No backlog piles up behind a stopped worker pool: one queued run per schedule at most."""
+    schedule_id = _schedule(database, owner)
+    [first] = run_due_schedules(database, T0 + timedelta(hours=1))
+    [skipped] = run_due_schedules(database, T0 + timedelta(hours=2))
+    assert first.diagnosis_id is not None and skipped.diagnosis_id is None
+    assert len(_diagnoses(database)) == 1
+    row = _row(database, schedule_id)
+    assert row.last_error is not None and "still queued" in row.last_error
+    assert row.last_diagnosis_id == first.diagnosis_id
+    assert row.next_run_at == datetime(2026, 11, 26, 15, 0, tzinfo=UTC)  # it moves on regardless
+    _finish(database, first.diagnosis_id)
+    [third] = run_due_schedules(database, T0 + timedelta(hours=3))
+    assert third.diagnosis_id is not None and len(_diagnoses(database)) == 2
+    assert _row(database, schedule_id).last_error is None
 
 
 def test_the_webhook_is_delivered_once_when_the_diagnosis_finishes(
