@@ -19,6 +19,8 @@ $(BIN)/gradhealth: pyproject.toml
 	# CPU torch first (small); the project's `torch>=` range is then already satisfied.
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[dev]"
+	# the engine's C++ loops (service/engine/native), compiled for this torch
+	$(BIN)/gradhealth build-native
 	touch $(BIN)/gradhealth
 
 test-tools:

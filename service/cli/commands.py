@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from service.cli import diagnose, keys, scheduler, server, submit, worker
+from service.cli import diagnose, keys, native, scheduler, server, submit, worker
 
-__all__ = ["diagnose", "keys", "scheduler", "server", "submit", "worker"]
+__all__ = ["diagnose", "keys", "native", "scheduler", "server", "submit", "worker"]

@@ -2,14 +2,15 @@
 
 The unrolled autograd version (recurrent.py's steps) records ~9 autograd nodes per time step;
 their bookkeeping, not the arithmetic, made the converted LSTM 3.5× slower than torch's fused
-kernel. Here the forward is the same loop of plain torch ops (one product and six elementwise
-ops per step, written into preallocated [T, ...] buffers), and the backward is backpropagation
-through time written out: every factor that does not depend on the incoming gradient is computed
-for all steps at once, so the sequential part is one product and four elementwise ops per step.
-It is still computed one step at a time (no fused kernel), and the gradient reaching each step's
-hidden state, ∂L/∂h_t through `Y` and through the recurrence, is a by-product of the backward:
-callers that pass a `hidden_grads` list get it ([T, batch, hidden], time order) when the
-backward runs.
+kernel. Here the forward is one loop (a product, the activations and the cell update per step,
+written into preallocated [T, ...] buffers) and the backward is backpropagation through time
+written out (a product and the gate gradients per step); the products that do not depend on
+the previous step (x·Wᵀ, dX, dW, dR, db) run once for all steps. On the CPU both loops are C++
+(service/engine/native/recurrent_cpu.cpp) where that is built, else the same loops in Python below.
+Either way the steps run one at a time (no fused sequence kernel), and the gradient reaching each
+step's hidden state, ∂L/∂h_t through `Y` and through the recurrence, is a by-product of the
+backward: callers that pass a `hidden_grads` list get it ([T, batch, hidden], time order) when
+the backward runs.
 
 On CUDA the steps run through lstm_fused_cell instead: one cell kernel per step each way.
 
@@ -26,7 +27,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from service.engine.onnx.ops import _onednn, lstm_fused_cell
+from service.engine import native
+from service.engine.onnx.ops import lstm_fused_cell
 from service.engine.onnx.ops._sequence_common import run_in_time_order
 
 
@@ -70,6 +72,17 @@ def lstm_sequence(
     return Y, h, c
 
 
+# Which H-wide block of the gate axis holds i, o, f, c: ONNX's order
+ONNX_GATE_BLOCKS = [0, 1, 2, 3]
+
+
+def _native_loops(X: Tensor) -> Any:
+    """The C++ step loops (service/engine/native) where built and X is a CPU float tensor."""
+    if X.device.type != "cpu" or X.dtype not in (torch.float32, torch.float64):
+        return None
+    return native.load_recurrent_cpu()
+
+
 class _LSTMSequence(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -83,36 +96,23 @@ class _LSTMSequence(torch.autograd.Function):
         hidden_grads: list[Tensor] | None,
         reverse: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        steps, batch = X.shape[0], X.shape[1]
-        hidden = R.shape[1]
-        projected = _onednn.linear(X, W, bias)  # [T, B, 4H]: the input side, all steps at once
-        gates = torch.empty_like(projected)  # activated gates i, o, f, c
-        cells = projected.new_empty(steps, batch, hidden)
-        tanh_cells = torch.empty_like(cells)
-        Y = torch.empty_like(cells)
-        # per-step views, made once: slicing inside the loop would cost as much as the ops
-        p_t, g_t = projected.unbind(0), gates.unbind(0)
-        sig_t, cand_t = gates[..., : 3 * hidden].unbind(0), gates[..., 3 * hidden :].unbind(0)
-        i_t, o_t, f_t = (gates[..., k * hidden : (k + 1) * hidden].unbind(0) for k in range(3))
-        c_t, tc_t, y_t = cells.unbind(0), tanh_cells.unbind(0), Y.unbind(0)
-        recurrent = _onednn.StepProduct(R, batch)
-        h, c = h0, c0
-        for t in range(steps):
-            pre = recurrent(h, p_t[t], out=g_t[t])  # x_t·Wᵀ + b + h_{t-1}·Rᵀ
-            torch.sigmoid(pre[:, : 3 * hidden], out=sig_t[t])
-            torch.tanh(pre[:, 3 * hidden :], out=cand_t[t])
-            torch.mul(f_t[t], c, out=c_t[t])
-            c_t[t].addcmul_(i_t[t], cand_t[t])
-            torch.tanh(c_t[t], out=tc_t[t])
-            torch.mul(o_t[t], tc_t[t], out=y_t[t])
-            h, c = y_t[t], c_t[t]
+        # [T, B, 4H]: the input side, all steps at once
+        projected = torch.nn.functional.linear(X, W, bias)
+        loops = _native_loops(X)
+        if loops is not None:
+            gates, cells, tanh_cells, Y = loops.lstm_forward(
+                projected.contiguous(), R, h0, c0, ONNX_GATE_BLOCKS
+            )
+        else:
+            gates, cells, tanh_cells, Y = _forward_steps(projected, R, h0, c0)
         ctx.save_for_backward(X, W, R, h0, c0, gates, cells, tanh_cells, Y)
+        ctx.loops = loops
         ctx.hidden_grads = hidden_grads
         ctx.reverse = reverse
         ctx.has_bias = bias is not None
         # h_T and c_T as their own tensors: views of Y or of a saved buffer could be changed
         # in place by a caller and corrupt the backward
-        return Y, h.clone(), c.clone()
+        return Y, Y[-1].clone(), cells[-1].clone()
 
     @staticmethod
     @once_differentiable
@@ -120,42 +120,18 @@ class _LSTMSequence(torch.autograd.Function):
         ctx: Any, dY: Tensor, dh_last: Tensor, dc_last: Tensor
     ) -> tuple[Tensor | None, ...]:
         X, W, R, h0, c0, gates, cells, tanh_cells, Y = ctx.saved_tensors
-        steps, batch, four_h = gates.shape
-        hidden = four_h // 4
-        i, o, f, g = gates.split(hidden, -1)
-        c_prev = torch.cat([c0.unsqueeze(0), cells[:-1]], 0)
-        # ∂L/∂(pre-activation) = dc·F for the i, f, c gates and dh·F for o, with F from the
-        # forward's values alone: computed here for all steps at once
-        factors = torch.empty_like(gates)
-        F_i, F_o, F_f, F_c = factors.split(hidden, -1)
-        torch.mul(g, i * (1 - i), out=F_i)
-        torch.mul(tanh_cells, o * (1 - o), out=F_o)
-        torch.mul(c_prev, f * (1 - f), out=F_f)
-        torch.mul(i, 1 - g * g, out=F_c)
-        dc_from_h = o * (1 - tanh_cells * tanh_cells)  # ∂c_t/∂h_t's factor: o·(1 − tanh²c)
-        dgates = torch.empty_like(gates)
-        dhidden = torch.empty_like(Y)  # ∂L/∂h_t, through Y and through the recurrence
-        by_gate = (steps, batch, 4, hidden)
-        f4_t, dg4_t = factors.view(by_gate).unbind(0), dgates.view(by_gate).unbind(0)
-        dg_t = dgates.unbind(0)
-        fo_t, dgo_t = F_o.unbind(0), dgates[..., hidden : 2 * hidden].unbind(0)
-        a_t, f_t, dy_t, dh_t = dc_from_h.unbind(0), f.unbind(0), dY.unbind(0), dhidden.unbind(0)
-        recurrent_t = _onednn.StepProduct(R.t().contiguous(), batch)  # dgates_t·R
-        last = steps - 1
         collect = ctx.hidden_grads is not None
-        dh = torch.add(dy_t[last], dh_last, out=dh_t[last])
-        dc = torch.addcmul(dc_last, dh, a_t[last])
-        for t in range(last, -1, -1):
-            if t < last:
-                dh = recurrent_t(dg_t[t + 1], dy_t[t], out=dh_t[t])
-                if collect and dh is not dh_t[t]:  # oneDNN wrote a new tensor
-                    dh_t[t].copy_(dh)
-                dc = torch.addcmul(dc * f_t[t + 1], dh, a_t[t])
-            torch.mul(f4_t[t], dc.unsqueeze(1), out=dg4_t[t])  # i, f, c gates (o overwritten)
-            torch.mul(fo_t[t], dh, out=dgo_t[t])
+        if ctx.loops is not None:
+            dgates, dhidden, dc0 = ctx.loops.lstm_backward(
+                dY, dh_last, dc_last, gates, cells, tanh_cells, c0, R, ONNX_GATE_BLOCKS
+            )
+        else:
+            dgates, dhidden, dc0 = _backward_steps(
+                dY, dh_last, dc_last, gates, cells, tanh_cells, c0, R
+            )
         if collect:
             ctx.hidden_grads.append(dhidden.flip(0) if ctx.reverse else dhidden)
-        return _LSTMSequence._input_grads(ctx, X, W, R, h0, Y, dgates, dc * f_t[0])
+        return _LSTMSequence._input_grads(ctx, X, W, R, h0, Y, dgates, dc0)
 
     @staticmethod
     def _input_grads(
@@ -168,17 +144,92 @@ class _LSTMSequence(torch.autograd.Function):
         dgates: Tensor,
         dc0: Tensor,
     ) -> tuple[Tensor | None, ...]:
-        """The products over all steps at once: dX, dW, dR, db, dh0, dc0."""
+        """The products over all steps at once: dX, dW, dR, db, dh0, dc0 (MKL's products
+        with row-major operands: as fast as oneDNN's here, unlike MKL on transposed views)."""
         steps, batch, four_h = dgates.shape
-        flat = dgates.reshape(steps * batch, four_h)
+        flat = dgates.view(steps * batch, four_h)
         need_x, need_w, need_r, need_b, need_h0, need_c0 = ctx.needs_input_grad[:6]
-        dX = _onednn.linear(flat, W.t()).view_as(X) if need_x else None
-        dW = dR = None
-        if need_w or need_r:  # one product for both: dgatesᵀ·[h_{t-1} | x_t]
-            h_prev = torch.cat([h0.unsqueeze(0), Y[:-1]], 0).reshape(steps * batch, -1)
-            sides = torch.cat([h_prev, X.reshape(steps * batch, -1)], 1)
-            both = _onednn.linear(flat.t(), sides.t())
-            dR, dW = both[:, : R.shape[1]], both[:, R.shape[1] :]
+        dX = torch.mm(flat, W).view_as(X) if need_x else None
+        dW = torch.mm(flat.t(), X.reshape(steps * batch, -1)) if need_w else None
+        dR = None
+        if need_r:  # Σ_t dgates_tᵀ·h_{t-1}: steps 1.. against Y, step 0 against h0
+            dR = torch.mm(dgates[0].t(), h0)
+            if steps > 1:
+                later = flat[batch:].t()
+                dR.addmm_(later, Y[:-1].reshape((steps - 1) * batch, -1))
         db = flat.sum(0) if need_b and ctx.has_bias else None
         dh0 = torch.mm(dgates[0], R) if need_h0 else None
         return dX, dW, dR, db, dh0, dc0 if need_c0 else None, None, None
+
+
+def _forward_steps(
+    projected: Tensor, R: Tensor, h0: Tensor, c0: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The forward loop in Python (where the C++ one is not built, and for other dtypes):
+    (activated gates i, o, f, c [T, B, 4H], cells, tanh(cells), Y [T, B, H])."""
+    steps, batch = projected.shape[0], projected.shape[1]
+    hidden = R.shape[1]
+    gates = torch.empty_like(projected)
+    cells = projected.new_empty(steps, batch, hidden)
+    tanh_cells = torch.empty_like(cells)
+    Y = torch.empty_like(cells)
+    # per-step views, made once: slicing inside the loop would cost as much as the ops
+    p_t, g_t = projected.unbind(0), gates.unbind(0)
+    sig_t, cand_t = gates[..., : 3 * hidden].unbind(0), gates[..., 3 * hidden :].unbind(0)
+    i_t, o_t, f_t = (gates[..., k * hidden : (k + 1) * hidden].unbind(0) for k in range(3))
+    c_t, tc_t, y_t = cells.unbind(0), tanh_cells.unbind(0), Y.unbind(0)
+    R_t = R.t().contiguous()  # row-major operands: MKL is 1.5-3x slower on a transposed view
+    h, c = h0, c0
+    for t in range(steps):
+        pre = torch.addmm(p_t[t], h, R_t, out=g_t[t])  # x_t·Wᵀ + b + h_{t-1}·Rᵀ
+        torch.sigmoid(pre[:, : 3 * hidden], out=sig_t[t])
+        torch.tanh(pre[:, 3 * hidden :], out=cand_t[t])
+        torch.mul(f_t[t], c, out=c_t[t])
+        c_t[t].addcmul_(i_t[t], cand_t[t])
+        torch.tanh(c_t[t], out=tc_t[t])
+        torch.mul(o_t[t], tc_t[t], out=y_t[t])
+        h, c = y_t[t], c_t[t]
+    return gates, cells, tanh_cells, Y
+
+
+def _backward_steps(
+    dY: Tensor,
+    dh_last: Tensor,
+    dc_last: Tensor,
+    gates: Tensor,
+    cells: Tensor,
+    tanh_cells: Tensor,
+    c0: Tensor,
+    R: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Backpropagation through time in Python: (dgates [T, B, 4H], ∂L/∂h_t [T, B, H], dc0)."""
+    steps, batch, four_h = gates.shape
+    hidden = four_h // 4
+    i, o, f, g = gates.split(hidden, -1)
+    c_prev = torch.cat([c0.unsqueeze(0), cells[:-1]], 0)
+    # ∂L/∂(pre-activation) = dc·F for the i, f, c gates and dh·F for o, with F from the
+    # forward's values alone: computed here for all steps at once
+    factors = torch.empty_like(gates)
+    F_i, F_o, F_f, F_c = factors.split(hidden, -1)
+    torch.mul(g, i * (1 - i), out=F_i)
+    torch.mul(tanh_cells, o * (1 - o), out=F_o)
+    torch.mul(c_prev, f * (1 - f), out=F_f)
+    torch.mul(i, 1 - g * g, out=F_c)
+    dc_from_h = o * (1 - tanh_cells * tanh_cells)  # ∂c_t/∂h_t's factor: o·(1 − tanh²c)
+    dgates = torch.empty_like(gates)
+    dhidden = torch.empty_like(cells)  # ∂L/∂h_t, through Y and through the recurrence
+    by_gate = (steps, batch, 4, hidden)
+    f4_t, dg4_t = factors.view(by_gate).unbind(0), dgates.view(by_gate).unbind(0)
+    dg_t = dgates.unbind(0)
+    fo_t, dgo_t = F_o.unbind(0), dgates[..., hidden : 2 * hidden].unbind(0)
+    a_t, f_t, dy_t, dh_t = dc_from_h.unbind(0), f.unbind(0), dY.unbind(0), dhidden.unbind(0)
+    last = steps - 1
+    dh = torch.add(dy_t[last], dh_last, out=dh_t[last])
+    dc = torch.addcmul(dc_last, dh, a_t[last])
+    for t in range(last, -1, -1):
+        if t < last:
+            dh = torch.addmm(dy_t[t], dg_t[t + 1], R, out=dh_t[t])
+            dc = torch.addcmul(dc * f_t[t + 1], dh, a_t[t])
+        torch.mul(f4_t[t], dc.unsqueeze(1), out=dg4_t[t])  # i, f, c gates (o overwritten)
+        torch.mul(fo_t[t], dh, out=dgo_t[t])
+    return dgates, dhidden, dc * f_t[0]
