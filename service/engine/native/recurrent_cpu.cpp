@@ -205,8 +205,228 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dY, const at::Tensor& dh
   return {dgates, dhidden, dc * f0};
 }
 
+// ---- GRU (linear_before_reset=1) and tanh RNN: the loops of gru_sequence.py and rnn_sequence.py,
+// the same way as the LSTM's above (one row-major product per step, activations through torch,
+// the rest as loops over the batch rows), so these too return the gradient reaching every step's
+// hidden state.
+//
+// GRU gates are in ONNX order z, r, n. Per step, with fh = h·Rᵀ + [0, 0, Rb_n] (one product for
+// all three gates; its n block is kept because the backward needs it):
+//     z, r = σ(projected_zr + fh_zr);  n = tanh(projected_n + r ⊙ fh_n);  h' = n + z ⊙ (h − n)
+
+namespace {
+
+void check_recurrent(const at::Tensor& projected, const at::Tensor& R, const at::Tensor& h0, int64_t gates,
+                     const char* what) {
+  TORCH_CHECK(projected.device().is_cpu(), what, ": recurrent_cpu runs on CPU tensors");
+  const int64_t H = R.size(1);
+  TORCH_CHECK(projected.dim() == 3 && projected.is_contiguous() && projected.size(2) == gates * H, what,
+              ": a contiguous [T, B, ", gates, "H] tensor expected");
+  TORCH_CHECK(R.dim() == 2 && R.size(0) == gates * H, what, ": R must be [", gates, "H, H]");
+  TORCH_CHECK(h0.dim() == 2 && h0.size(0) == projected.size(1) && h0.size(1) == H, what, ": h0 must be [B, H]");
+  TORCH_CHECK(R.scalar_type() == projected.scalar_type() && h0.scalar_type() == projected.scalar_type(), what,
+              ": every tensor must have the same dtype");
+}
+
+// z, r pre-activations of one step: projected_zr + fh_zr, in place over projected's z, r blocks.
+template <typename scalar_t>
+void gru_add_zr(scalar_t* gates, const scalar_t* fh, int64_t B, int64_t H) {
+  at::parallel_for(0, B, grain_rows(H), [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      scalar_t* g = gates + b * 3 * H;
+      const scalar_t* f = fh + b * 3 * H;
+      for (int64_t j = 0; j < 2 * H; ++j) g[j] += f[j];
+    }
+  });
+}
+
+// n's pre-activation: projected_n + r ⊙ fh_n, in place over projected's n block.
+template <typename scalar_t>
+void gru_add_n(scalar_t* gates, const scalar_t* fh, int64_t B, int64_t H) {
+  at::parallel_for(0, B, grain_rows(H), [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      scalar_t* g = gates + b * 3 * H;
+      const scalar_t* r = g + H;
+      scalar_t* n = g + 2 * H;
+      const scalar_t* fn = fh + b * 3 * H + 2 * H;
+      for (int64_t j = 0; j < H; ++j) n[j] += r[j] * fn[j];
+    }
+  });
+}
+
+template <typename scalar_t>
+void gru_hidden(const scalar_t* gates, const scalar_t* h_prev, scalar_t* y, int64_t B, int64_t H) {
+  at::parallel_for(0, B, grain_rows(H), [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const scalar_t* z = gates + b * 3 * H;
+      const scalar_t* n = z + 2 * H;
+      const scalar_t* hp = h_prev + b * H;
+      scalar_t* yb = y + b * H;
+      for (int64_t j = 0; j < H; ++j) yb[j] = n[j] + z[j] * (hp[j] - n[j]);
+    }
+  });
+}
+
+// One GRU backward step. dh holds dy_t + (step t+1's gradient through R) on entry; the z ⊙ h
+// term of step t+1 is added here (dh ← dh + dh_{t+1} ⊙ z_{t+1}) and kept, then the four gradient
+// slots of step t, each dh times a factor of the forward's values: z, r, r ⊙ ∂n (the gradient
+// of fh_n) and n. The first three are the gradient of fh (R's side), slots z, r, n of W's side.
+template <typename scalar_t>
+void gru_backward_step(const scalar_t* gates, const scalar_t* fh, const scalar_t* h_prev,
+                       const scalar_t* next_gates, const scalar_t* dh_next, scalar_t* dh, scalar_t* dgates,
+                       int64_t B, int64_t H) {
+  at::parallel_for(0, B, grain_rows(H), [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const scalar_t* z = gates + b * 3 * H;
+      const scalar_t* r = z + H;
+      const scalar_t* n = z + 2 * H;
+      const scalar_t* fn = fh + b * 3 * H + 2 * H;
+      const scalar_t* hp = h_prev + b * H;
+      const scalar_t* z_next = next_gates == nullptr ? nullptr : next_gates + b * 3 * H;
+      const scalar_t* dhn = dh_next == nullptr ? nullptr : dh_next + b * H;
+      scalar_t* dhb = dh + b * H;
+      scalar_t* dz = dgates + b * 4 * H;
+      scalar_t* dr = dz + H;
+      scalar_t* dfn = dz + 2 * H;
+      scalar_t* dn = dz + 3 * H;
+      for (int64_t j = 0; j < H; ++j) {
+        const scalar_t d = z_next == nullptr ? dhb[j] : dhb[j] + dhn[j] * z_next[j];
+        dhb[j] = d;
+        const scalar_t d_n = d * (scalar_t(1) - z[j]) * (scalar_t(1) - n[j] * n[j]);
+        dz[j] = d * (hp[j] - n[j]) * z[j] * (scalar_t(1) - z[j]);
+        dn[j] = d_n;
+        dfn[j] = d_n * r[j];
+        dr[j] = d_n * fn[j] * r[j] * (scalar_t(1) - r[j]);
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void tanh_backward_step(const scalar_t* y, const scalar_t* dh, scalar_t* dpre, int64_t n) {
+  at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) dpre[j] = dh[j] * (scalar_t(1) - y[j] * y[j]);
+  });
+}
+
+}  // namespace
+
+// projected [T, B, 3H]: x_t·Wᵀ + Wb + [Rb_z, Rb_r, 0] for every step (contiguous; overwritten
+// with the activated gates z, r, n). R [3H, H], recurrent_bias [3H] ([0, 0, Rb_n]), h0 [B, H].
+// Returns (gates, fh = h_{t-1}·Rᵀ + recurrent_bias [T, B, 3H], Y [T, B, H]).
+std::vector<at::Tensor> gru_forward(at::Tensor projected, const at::Tensor& R, const at::Tensor& recurrent_bias,
+                                    const at::Tensor& h0) {
+  check_recurrent(projected, R, h0, 3, "gru_forward");
+  const int64_t T = projected.size(0), B = projected.size(1), H = R.size(1);
+  TORCH_CHECK(recurrent_bias.dim() == 1 && recurrent_bias.size(0) == 3 * H, "gru_forward: recurrent_bias [3H]");
+  at::Tensor from_hidden = at::empty_like(projected);
+  at::Tensor Y = at::empty({T, B, H}, projected.options());
+  const at::Tensor Rt = R.t().contiguous();
+  const at::Tensor h0c = h0.contiguous();
+  std::vector<at::Tensor> pre_t = projected.unbind(0), fh_t = from_hidden.unbind(0), y_t = Y.unbind(0);
+  AT_DISPATCH_FLOATING_TYPES(projected.scalar_type(), "gru_forward", [&] {
+    const int64_t gate_step = B * 3 * H, step = B * H;
+    scalar_t* gates = projected.mutable_data_ptr<scalar_t>();
+    const scalar_t* fh = from_hidden.const_data_ptr<scalar_t>();
+    scalar_t* y = Y.mutable_data_ptr<scalar_t>();
+    for (int64_t t = 0; t < T; ++t) {
+      const at::Tensor& h_prev = t == 0 ? h0c : y_t[t - 1];
+      at::addmm_out(fh_t[t], recurrent_bias, h_prev, Rt);
+      gru_add_zr<scalar_t>(gates + t * gate_step, fh + t * gate_step, B, H);
+      pre_t[t].narrow(1, 0, 2 * H).sigmoid_();
+      gru_add_n<scalar_t>(gates + t * gate_step, fh + t * gate_step, B, H);
+      pre_t[t].narrow(1, 2 * H, H).tanh_();
+      gru_hidden<scalar_t>(gates + t * gate_step, h_prev.const_data_ptr<scalar_t>(), y + t * step, B, H);
+    }
+  });
+  return {projected, from_hidden, Y};
+}
+
+// Backward through time from dY [T, B, H] and dh_last [B, H]. Returns (dgates [T, B, 4H], slots
+// z, r, fh_n, n: its first 3H are ∂L/∂fh, its z, r, n slots ∂L/∂projected; dhidden [T, B, H]:
+// ∂L/∂h_t through Y and through the recurrence). ∂L/∂h0 is left to the caller (one product).
+std::vector<at::Tensor> gru_backward(const at::Tensor& dY, const at::Tensor& dh_last, const at::Tensor& gates,
+                                     const at::Tensor& from_hidden, const at::Tensor& h0, const at::Tensor& Y,
+                                     const at::Tensor& R) {
+  check_recurrent(gates, R, h0, 3, "gru_backward");
+  TORCH_CHECK(from_hidden.sizes() == gates.sizes() && from_hidden.is_contiguous() && Y.is_contiguous(),
+              "gru_backward: from_hidden [T, B, 3H] and Y [T, B, H], contiguous");
+  const int64_t T = gates.size(0), B = gates.size(1), H = R.size(1);
+  const at::Tensor dYc = dY.contiguous();
+  at::Tensor dgates = at::empty({T, B, 4 * H}, gates.options());
+  at::Tensor dhidden = at::empty({T, B, H}, gates.options());
+  const at::Tensor h0c = h0.contiguous();
+  const at::Tensor Rc = R.contiguous();
+  // the gradient of fh: a [B, 3H] view with rows 4H apart, which MKL reads in place (row-major)
+  const at::Tensor d_from_hidden = dgates.narrow(2, 0, 3 * H);
+  std::vector<at::Tensor> dh_t = dhidden.unbind(0), dy_t = dYc.unbind(0), dfh_t = d_from_hidden.unbind(0);
+  AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "gru_backward", [&] {
+    const int64_t gate_step = B * 3 * H, step = B * H;
+    const scalar_t* gate = gates.const_data_ptr<scalar_t>();
+    const scalar_t* fh = from_hidden.const_data_ptr<scalar_t>();
+    const scalar_t* y = Y.const_data_ptr<scalar_t>();
+    scalar_t* dgate = dgates.mutable_data_ptr<scalar_t>();
+    scalar_t* dh = dhidden.mutable_data_ptr<scalar_t>();
+    for (int64_t t = T - 1; t >= 0; --t) {
+      const bool last = t == T - 1;
+      if (last) {
+        at::add_out(dh_t[t], dy_t[t], dh_last);
+      } else {
+        at::addmm_out(dh_t[t], dy_t[t], dfh_t[t + 1], Rc);
+      }
+      const scalar_t* h_prev = t == 0 ? h0c.const_data_ptr<scalar_t>() : y + (t - 1) * step;
+      gru_backward_step<scalar_t>(gate + t * gate_step, fh + t * gate_step, h_prev,
+                                  last ? nullptr : gate + (t + 1) * gate_step, last ? nullptr : dh + (t + 1) * step,
+                                  dh + t * step, dgate + t * 4 * step, B, H);
+    }
+  });
+  return {dgates, dhidden};
+}
+
+// projected [T, B, H]: x_t·Wᵀ + b for every step (contiguous; overwritten with Y, each step
+// h_t = tanh(projected_t + h_{t-1}·Rᵀ)). R [H, H], h0 [B, H]. Returns Y [T, B, H].
+at::Tensor rnn_forward(at::Tensor projected, const at::Tensor& R, const at::Tensor& h0) {
+  check_recurrent(projected, R, h0, 1, "rnn_forward");
+  const at::Tensor Rt = R.t().contiguous();
+  std::vector<at::Tensor> y_t = projected.unbind(0);
+  for (size_t t = 0; t < y_t.size(); ++t) y_t[t].addmm_(t == 0 ? h0 : y_t[t - 1], Rt).tanh_();
+  return projected;
+}
+
+// Backward through time from dY [T, B, H] and dh_last [B, H]. Returns (dpre [T, B, H]: ∂L/∂ of
+// each step's pre-activation, dhidden [T, B, H]: ∂L/∂h_t through Y and through the recurrence).
+std::vector<at::Tensor> rnn_backward(const at::Tensor& dY, const at::Tensor& dh_last, const at::Tensor& Y,
+                                     const at::Tensor& R) {
+  check_recurrent(Y, R, dh_last, 1, "rnn_backward");
+  const int64_t T = Y.size(0), B = Y.size(1), H = R.size(1);
+  const at::Tensor dYc = dY.contiguous();
+  at::Tensor dpre = at::empty_like(Y);
+  at::Tensor dhidden = at::empty_like(Y);
+  const at::Tensor Rc = R.contiguous();
+  std::vector<at::Tensor> dh_t = dhidden.unbind(0), dy_t = dYc.unbind(0), dpre_t = dpre.unbind(0);
+  AT_DISPATCH_FLOATING_TYPES(Y.scalar_type(), "rnn_backward", [&] {
+    const int64_t step = B * H;
+    const scalar_t* y = Y.const_data_ptr<scalar_t>();
+    const scalar_t* dh = dhidden.const_data_ptr<scalar_t>();
+    scalar_t* dp = dpre.mutable_data_ptr<scalar_t>();
+    for (int64_t t = T - 1; t >= 0; --t) {
+      if (t == T - 1) {
+        at::add_out(dh_t[t], dy_t[t], dh_last);
+      } else {
+        at::addmm_out(dh_t[t], dy_t[t], dpre_t[t + 1], Rc);
+      }
+      tanh_backward_step<scalar_t>(y + t * step, dh + t * step, dp + t * step, step);
+    }
+  });
+  return {dpre, dhidden};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "gradhealth's recurrent loops on the CPU (see recurrent_cpu.cpp)";
   m.def("lstm_forward", &lstm_forward, "LSTM forward over a whole sequence, step by step");
   m.def("lstm_backward", &lstm_backward, "LSTM backward through time, step by step");
+  m.def("gru_forward", &gru_forward, "GRU (linear_before_reset=1) forward over a whole sequence, step by step");
+  m.def("gru_backward", &gru_backward, "GRU (linear_before_reset=1) backward through time, step by step");
+  m.def("rnn_forward", &rnn_forward, "tanh RNN forward over a whole sequence, step by step");
+  m.def("rnn_backward", &rnn_backward, "tanh RNN backward through time, step by step");
 }

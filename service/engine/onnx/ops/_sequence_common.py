@@ -1,12 +1,24 @@
 """What the whole-sequence recurrences (lstm_sequence, gru_sequence, rnn_sequence) share: the
-autocast cast and the reverse direction as the forward one on the time-flipped sequence."""
+autocast cast, the reverse direction as the forward one on the time-flipped sequence, and the
+choice between the C++ step loops and the Python ones."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from service.engine import native
+
+
+def native_loops(X: Tensor) -> Any:
+    """The C++ step loops (service/engine/native) where built and X is a CPU float tensor, else
+    None (the caller runs its Python loops: same results, slower)."""
+    if X.device.type != "cpu" or X.dtype not in (torch.float32, torch.float64):
+        return None
+    return native.load_recurrent_cpu()
 
 
 def run_in_time_order(

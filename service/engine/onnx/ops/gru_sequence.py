@@ -6,9 +6,12 @@ Gates in ONNX order z, r, h; with linear_before_reset=1 a step is
     z, r = σ(x·W_zrᵀ + Wb_zr + h·R_zrᵀ + Rb_zr)
     n    = tanh(x·W_hᵀ + Wb_h + r ⊙ (h·R_hᵀ + Rb_h))
     h'   = (1 − z) ⊙ n + z ⊙ h
-Forward: one product and five elementwise ops per step. Backward: every gate's gradient is the
-step's ∂L/∂h' times a factor known from the forward alone, so after those factors are computed
-for all steps at once the sequential part is one product and two elementwise ops per step.
+Forward: one product (h·Rᵀ for all three gates) and the activations per step. Backward: every
+gate's gradient is the step's ∂L/∂h' times a factor known from the forward alone, so the
+sequential part is one product and those products-with-a-factor per step. On the CPU both loops
+are C++ (recurrent_cpu.cpp's gru_forward/gru_backward) where that is built, else the same loops
+in Python below (which compute the factors for all steps at once). The products are MKL's with
+row-major operands, as in lstm_sequence (as fast as oneDNN's or faster at every size measured).
 GRUs with linear_before_reset=0, other activations or clip take the unrolled path.
 """
 
@@ -20,8 +23,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from service.engine.onnx.ops import _onednn
-from service.engine.onnx.ops._sequence_common import run_in_time_order
+from service.engine.onnx.ops._sequence_common import native_loops, run_in_time_order
 
 
 def gru_direction(
@@ -65,91 +67,136 @@ class _GRUSequence(torch.autograd.Function):
         hidden_grads: list[Tensor] | None,
         reverse: bool,
     ) -> tuple[Tensor, Tensor]:
-        steps, batch = X.shape[0], X.shape[1]
         hidden = R.shape[1]
-        projected = _onednn.linear(X, W, projection_bias)  # [T, B, 3H]
+        projected = torch.nn.functional.linear(X, W, projection_bias)  # [T, B, 3H]
         # h·Rᵀ + [0, 0, Rb_h] per step: the h part is needed again by the backward
         recurrent_bias = R.new_zeros(3 * hidden)
         if inner_bias is not None:
             recurrent_bias[2 * hidden :] = inner_bias
-        from_hidden = torch.empty_like(projected)
-        zr = projected.new_empty(steps, batch, 2 * hidden)
-        n = projected.new_empty(steps, batch, hidden)
-        Y = torch.empty_like(n)
-        p_zr, p_n = projected[..., : 2 * hidden].unbind(0), projected[..., 2 * hidden :].unbind(0)
-        fh_t = from_hidden.unbind(0)
-        fh_zr, fh_n = (
-            from_hidden[..., : 2 * hidden].unbind(0),
-            from_hidden[..., 2 * hidden :].unbind(0),
-        )
-        zr_t, z_t, r_t = zr.unbind(0), zr[..., :hidden].unbind(0), zr[..., hidden:].unbind(0)
-        n_t, y_t = n.unbind(0), Y.unbind(0)
-        recurrent = _onednn.StepProduct(R, batch)
-        h = h0
-        for t in range(steps):
-            fh = recurrent(h, recurrent_bias, out=fh_t[t])
-            fh_zr_t, fh_n_t = (fh_zr[t], fh_n[t]) if fh is fh_t[t] else fh.split(2 * hidden, 1)
-            torch.add(p_zr[t], fh_zr_t, out=zr_t[t]).sigmoid_()
-            torch.addcmul(p_n[t], r_t[t], fh_n_t, out=n_t[t]).tanh_()
-            torch.lerp(n_t[t], h, z_t[t], out=y_t[t])  # (1 − z)·n + z·h
-            if fh is not fh_t[t]:  # oneDNN wrote a new tensor: keep the h part for the backward
-                fh_n[t].copy_(fh_n_t)
-            h = y_t[t]
-        ctx.save_for_backward(X, W, R, h0, zr, n, from_hidden, Y)
+        loops = native_loops(X)
+        if loops is not None:
+            gates, from_hidden, Y = loops.gru_forward(projected.contiguous(), R, recurrent_bias, h0)
+        else:
+            gates, from_hidden, Y = _forward_steps(projected, R, recurrent_bias, h0)
+        ctx.save_for_backward(X, W, R, h0, gates, from_hidden, Y)
+        ctx.loops = loops
         ctx.hidden_grads, ctx.reverse = hidden_grads, reverse
         ctx.has_biases = (projection_bias is not None, inner_bias is not None)
-        return Y, h.clone()
+        # h_T as its own tensor: a view of Y could be changed in place by a caller (h0 for an
+        # empty sequence, as before the loops moved to C++)
+        return Y, (Y[-1] if len(Y) else h0).clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dY: Tensor, dh_last: Tensor) -> tuple[Tensor | None, ...]:
-        X, W, R, h0, zr, n, from_hidden, Y = ctx.saved_tensors
-        steps, batch, hidden = Y.shape
-        z, r = zr[..., :hidden], zr[..., hidden:]
-        h_prev = torch.cat([h0.unsqueeze(0), Y[:-1]], 0)
-        # ∂L/∂(pre-activations) = ∂L/∂h'_t × factor: slots z, r, r ⊙ ∂n (the h-side product's
-        # gradient), n; the first three are the gradient of h·Rᵀ + [0, 0, Rb_h]
-        factors = n.new_empty(steps, batch, 4, hidden)
-        along_n = (1 - z) * (1 - n * n)  # ∂h'/∂(n's pre-activation)
-        torch.mul(h_prev - n, z * (1 - z), out=factors[:, :, 0])
-        torch.mul(along_n * from_hidden[..., 2 * hidden :], r * (1 - r), out=factors[:, :, 1])
-        torch.mul(along_n, r, out=factors[:, :, 2])
-        factors[:, :, 3] = along_n
-        dgates = torch.empty_like(factors)
-        dhidden = torch.empty_like(Y)  # ∂L/∂h_t through Y and through the recurrence
-        f_t, dg_t = factors.unbind(0), dgates.unbind(0)
-        d_from_hidden = dgates.view(steps, batch, 4 * hidden)[..., : 3 * hidden].unbind(0)
-        dy_t, dh_t, z_t = dY.unbind(0), dhidden.unbind(0), z.unbind(0)
-        recurrent_t = _onednn.StepProduct(R.t().contiguous(), batch)  # d(h·Rᵀ)·R
-        last = steps - 1
-        torch.add(dy_t[last], dh_last, out=dh_t[last])
-        for t in range(last, -1, -1):
-            if t < last:  # through step t+1: its products with R and its z ⊙ h term
-                dh = recurrent_t(d_from_hidden[t + 1], dy_t[t], out=dh_t[t])
-                if dh is not dh_t[t]:
-                    dh_t[t].copy_(dh)
-                dh_t[t].addcmul_(dh_t[t + 1], z_t[t + 1])
-            torch.mul(f_t[t], dh_t[t].unsqueeze(1), out=dg_t[t])
+        X, W, R, h0, gates, from_hidden, Y = ctx.saved_tensors
+        if ctx.loops is not None:
+            dgates, dhidden = ctx.loops.gru_backward(dY, dh_last, gates, from_hidden, h0, Y, R)
+        else:
+            dgates, dhidden = _backward_steps(dY, dh_last, gates, from_hidden, h0, Y, R)
         if ctx.hidden_grads is not None:
             ctx.hidden_grads.append(dhidden.flip(0) if ctx.reverse else dhidden)
-        dh0 = torch.addcmul(d_from_hidden[0].mm(R), dh_t[0], z_t[0])
-        return _GRUSequence._input_grads(ctx, X, W, h_prev, dgates, dh0)
+        return _GRUSequence._input_grads(ctx, X, W, R, h0, Y, gates, dgates, dhidden)
 
     @staticmethod
     def _input_grads(
-        ctx: Any, X: Tensor, W: Tensor, h_prev: Tensor, dgates: Tensor, dh0: Tensor
+        ctx: Any,
+        X: Tensor,
+        W: Tensor,
+        R: Tensor,
+        h0: Tensor,
+        Y: Tensor,
+        gates: Tensor,
+        dgates: Tensor,
+        dhidden: Tensor,
     ) -> tuple[Tensor | None, ...]:
-        steps, batch, _, hidden = dgates.shape
-        flat = dgates.view(steps * batch, 4 * hidden)
-        d_from_hidden = flat[:, : 3 * hidden]
-        d_projected = torch.cat([flat[:, : 2 * hidden], flat[:, 3 * hidden :]], 1)  # z, r, n
+        """The products over all steps at once (MKL with row-major operands, see the module
+        docstring): dX, dW, dR, the biases' gradients and dh0."""
+        steps, batch, four_h = dgates.shape
+        hidden = four_h // 4
+        flat = dgates.view(steps * batch, four_h)
+        d_from_hidden = flat[:, : 3 * hidden]  # slots z, r, fh_n: the gradient of h·Rᵀ
         need_x, need_w, need_r, need_pb, need_ib, need_h0 = ctx.needs_input_grad[:6]
         has_pb, has_ib = ctx.has_biases
-        dX = _onednn.linear(d_projected, W.t()).view_as(X) if need_x else None
-        dW = _onednn.linear(d_projected.t(), X.reshape(steps * batch, -1).t()) if need_w else None
+        d_projected = torch.cat([flat[:, : 2 * hidden], flat[:, 3 * hidden :]], 1)  # z, r, n
+        dX = torch.mm(d_projected, W).view_as(X) if need_x else None
+        dW = torch.mm(d_projected.t(), X.reshape(steps * batch, -1)) if need_w else None
         dR = None
-        if need_r:
-            dR = _onednn.linear(d_from_hidden.t(), h_prev.reshape(steps * batch, hidden).t())
+        if need_r:  # Σ_t d(fh_t)ᵀ·h_{t-1}: steps 1.. against Y, step 0 against h0
+            dR = torch.mm(d_from_hidden[:batch].t(), h0)
+            if steps > 1:
+                dR.addmm_(d_from_hidden[batch:].t(), Y[:-1].reshape((steps - 1) * batch, hidden))
         d_pb = d_projected.sum(0) if need_pb and has_pb else None
         d_ib = d_from_hidden[:, 2 * hidden :].sum(0) if need_ib and has_ib else None
-        return dX, dW, dR, d_pb, d_ib, dh0 if need_h0 else None, None, None
+        dh0 = None
+        if need_h0:  # through step 0's product with R and its z ⊙ h0 term
+            dh0 = torch.addcmul(d_from_hidden[:batch].mm(R), dhidden[0], gates[0, :, :hidden])
+        return dX, dW, dR, d_pb, d_ib, dh0, None, None
+
+
+def _forward_steps(
+    projected: Tensor, R: Tensor, recurrent_bias: Tensor, h0: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The forward loop in Python (where the C++ one is not built, and for other dtypes):
+    (gates z, r, n [T, B, 3H] (activated, over `projected`), fh = h_{t-1}·Rᵀ + recurrent_bias
+    [T, B, 3H], Y [T, B, H])."""
+    steps, batch, three_h = projected.shape
+    hidden = three_h // 3
+    gates = projected  # activated in place: the pre-activations are not needed again
+    from_hidden = torch.empty_like(projected)
+    Y = projected.new_empty(steps, batch, hidden)
+    # per-step views, made once: slicing inside the loop would cost as much as the ops
+    zr_t, n_t = gates[..., : 2 * hidden].unbind(0), gates[..., 2 * hidden :].unbind(0)
+    z_t, r_t = gates[..., :hidden].unbind(0), gates[..., hidden : 2 * hidden].unbind(0)
+    fh_t, fh_zr, fh_n = (
+        from_hidden.unbind(0),
+        from_hidden[..., : 2 * hidden].unbind(0),
+        from_hidden[..., 2 * hidden :].unbind(0),
+    )
+    y_t = Y.unbind(0)
+    R_t = R.t().contiguous()  # row-major operands: MKL is 1.5-3x slower on a transposed view
+    h = h0
+    for t in range(steps):
+        torch.addmm(recurrent_bias, h, R_t, out=fh_t[t])
+        zr_t[t].add_(fh_zr[t]).sigmoid_()
+        n_t[t].addcmul_(r_t[t], fh_n[t]).tanh_()
+        torch.lerp(n_t[t], h, z_t[t], out=y_t[t])  # (1 − z)·n + z·h
+        h = y_t[t]
+    return gates, from_hidden, Y
+
+
+def _backward_steps(
+    dY: Tensor,
+    dh_last: Tensor,
+    gates: Tensor,
+    from_hidden: Tensor,
+    h0: Tensor,
+    Y: Tensor,
+    R: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Backpropagation through time in Python: (dgates [T, B, 4H], slots z, r, fh_n, n; ∂L/∂h_t
+    [T, B, H])."""
+    steps, batch, hidden = Y.shape
+    z, r, n = gates.split(hidden, -1)
+    h_prev = torch.cat([h0.unsqueeze(0), Y[:-1]], 0)
+    # ∂L/∂(pre-activations) = ∂L/∂h'_t × factor: slots z, r, r ⊙ ∂n (the h-side product's
+    # gradient), n; the first three are the gradient of h·Rᵀ + [0, 0, Rb_h]
+    factors = n.new_empty(steps, batch, 4, hidden)
+    along_n = (1 - z) * (1 - n * n)  # ∂h'/∂(n's pre-activation)
+    torch.mul(h_prev - n, z * (1 - z), out=factors[:, :, 0])
+    torch.mul(along_n * from_hidden[..., 2 * hidden :], r * (1 - r), out=factors[:, :, 1])
+    torch.mul(along_n, r, out=factors[:, :, 2])
+    factors[:, :, 3] = along_n
+    dgates = torch.empty_like(factors)
+    dhidden = torch.empty_like(Y)  # ∂L/∂h_t through Y and through the recurrence
+    f_t, dg_t = factors.unbind(0), dgates.unbind(0)
+    d_from_hidden = dgates.view(steps, batch, 4 * hidden)[..., : 3 * hidden].unbind(0)
+    dy_t, dh_t, z_t = dY.unbind(0), dhidden.unbind(0), z.unbind(0)
+    last = steps - 1
+    torch.add(dy_t[last], dh_last, out=dh_t[last])
+    for t in range(last, -1, -1):
+        if t < last:  # through step t+1: its products with R and its z ⊙ h term
+            torch.addmm(dy_t[t], d_from_hidden[t + 1], R, out=dh_t[t])
+            dh_t[t].addcmul_(dh_t[t + 1], z_t[t + 1])
+        torch.mul(f_t[t], dh_t[t].unsqueeze(1), out=dg_t[t])
+    return dgates.view(steps, batch, 4 * hidden), dhidden

@@ -3,7 +3,11 @@ through time (lstm_sequence's approach, see there for why): h_t = tanh(x_t·Wᵀ
 
 Forward: one product and one tanh per step. Backward: ∂L/∂pre_t = (∂L/∂y_t + ∂L/∂pre_{t+1}·R)
 ⊙ (1 − h_t²), one product and one product-with-a-factor per step; R's, W's and the biases'
-gradients are one product each over all steps. Other activations and clip stay unrolled.
+gradients are one product each over all steps. On the CPU both loops are C++ (recurrent_cpu.cpp's
+rnn_forward/rnn_backward) where that is built, else the same loops in Python below; with two
+torch calls a step, interpreter overhead is most of a small RNN's time. The products are MKL's
+with row-major operands, as in lstm_sequence (as fast as oneDNN's or faster at every size measured).
+Other activations and clip stay unrolled.
 """
 
 from __future__ import annotations
@@ -14,8 +18,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from service.engine.onnx.ops import _onednn
-from service.engine.onnx.ops._sequence_common import run_in_time_order
+from service.engine.onnx.ops._sequence_common import native_loops, run_in_time_order
 
 
 def rnn_direction(
@@ -51,51 +54,67 @@ class _TanhRNNSequence(torch.autograd.Function):
         hidden_grads: list[Tensor] | None,
         reverse: bool,
     ) -> tuple[Tensor, Tensor]:
-        projected = _onednn.linear(X, W, bias)  # [T, B, H]
-        Y = torch.empty_like(projected)
-        p_t, y_t = projected.unbind(0), Y.unbind(0)
-        recurrent = _onednn.StepProduct(R, X.shape[1])
-        h = h0
-        for t in range(X.shape[0]):
-            pre = recurrent(h, p_t[t], out=y_t[t])
-            h = torch.tanh(pre, out=y_t[t])
+        projected = torch.nn.functional.linear(X, W, bias)  # [T, B, H]
+        loops = native_loops(X)
+        if loops is not None:
+            Y = loops.rnn_forward(projected.contiguous(), R, h0)
+        else:
+            Y = _forward_steps(projected, R, h0)
         ctx.save_for_backward(X, W, R, h0, Y)
+        ctx.loops = loops
         ctx.hidden_grads, ctx.reverse, ctx.has_bias = hidden_grads, reverse, bias is not None
-        return Y, h.clone()
+        # h_T as its own tensor: a view of Y could be changed in place by a caller (h0 for an
+        # empty sequence, as before the loops moved to C++)
+        return Y, (Y[-1] if len(Y) else h0).clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dY: Tensor, dh_last: Tensor) -> tuple[Tensor | None, ...]:
         X, W, R, h0, Y = ctx.saved_tensors
         steps, batch, hidden = Y.shape
-        slope = 1 - Y * Y  # tanh' at every step, from the forward's outputs
-        dpre = torch.empty_like(Y)
-        dhidden = torch.empty_like(Y)
-        dpre_t, dh_t, dy_t, slope_t = (
-            dpre.unbind(0),
-            dhidden.unbind(0),
-            dY.unbind(0),
-            slope.unbind(0),
-        )
-        recurrent_t = _onednn.StepProduct(R.t().contiguous(), batch)  # dpre·R
-        last = steps - 1
-        torch.add(dy_t[last], dh_last, out=dh_t[last])
-        for t in range(last, -1, -1):
-            if t < last:
-                dh = recurrent_t(dpre_t[t + 1], dy_t[t], out=dh_t[t])
-                if dh is not dh_t[t]:
-                    dh_t[t].copy_(dh)
-            torch.mul(dh_t[t], slope_t[t], out=dpre_t[t])
+        if ctx.loops is not None:
+            dpre, dhidden = ctx.loops.rnn_backward(dY, dh_last, Y, R)
+        else:
+            dpre, dhidden = _backward_steps(dY, dh_last, Y, R)
         if ctx.hidden_grads is not None:
             ctx.hidden_grads.append(dhidden.flip(0) if ctx.reverse else dhidden)
+        # the products over all steps at once, MKL with row-major operands
         flat = dpre.view(steps * batch, hidden)
         need_x, need_w, need_r, need_b, need_h0 = ctx.needs_input_grad[:5]
-        dX = _onednn.linear(flat, W.t()).view_as(X) if need_x else None
-        dW = _onednn.linear(flat.t(), X.reshape(steps * batch, -1).t()) if need_w else None
+        dX = torch.mm(flat, W).view_as(X) if need_x else None
+        dW = torch.mm(flat.t(), X.reshape(steps * batch, -1)) if need_w else None
         dR = None
-        if need_r:
-            h_prev = torch.cat([h0.unsqueeze(0), Y[:-1]], 0).view(steps * batch, hidden)
-            dR = _onednn.linear(flat.t(), h_prev.t())
+        if need_r:  # Σ_t dpre_tᵀ·h_{t-1}: steps 1.. against Y, step 0 against h0
+            dR = torch.mm(dpre[0].t(), h0)
+            if steps > 1:
+                dR.addmm_(flat[batch:].t(), Y[:-1].reshape((steps - 1) * batch, hidden))
         db = flat.sum(0) if need_b and ctx.has_bias else None
-        dh0 = dpre_t[0].mm(R) if need_h0 else None
+        dh0 = torch.mm(dpre[0], R) if need_h0 else None
         return dX, dW, dR, db, dh0, None, None
+
+
+def _forward_steps(projected: Tensor, R: Tensor, h0: Tensor) -> Tensor:
+    """The forward loop in Python (where the C++ one is not built, and for other dtypes): Y
+    [T, B, H], written over `projected`."""
+    R_t = R.t().contiguous()  # row-major operands: MKL is 1.5-3x slower on a transposed view
+    y_t = projected.unbind(0)
+    h = h0
+    for t in range(projected.shape[0]):
+        h = y_t[t].addmm_(h, R_t).tanh_()
+    return projected
+
+
+def _backward_steps(dY: Tensor, dh_last: Tensor, Y: Tensor, R: Tensor) -> tuple[Tensor, Tensor]:
+    """Backpropagation through time in Python: (∂L/∂pre_t, ∂L/∂h_t), each [T, B, H]."""
+    slope = 1 - Y * Y  # tanh' at every step, from the forward's outputs
+    dpre = torch.empty_like(Y)
+    dhidden = torch.empty_like(Y)  # ∂L/∂h_t through Y and through the recurrence
+    dpre_t, dh_t, dy_t = dpre.unbind(0), dhidden.unbind(0), dY.unbind(0)
+    slope_t = slope.unbind(0)
+    last = Y.shape[0] - 1
+    torch.add(dy_t[last], dh_last, out=dh_t[last])
+    for t in range(last, -1, -1):
+        if t < last:
+            torch.addmm(dy_t[t], dpre_t[t + 1], R, out=dh_t[t])
+        torch.mul(dh_t[t], slope_t[t], out=dpre_t[t])
+    return dpre, dhidden
