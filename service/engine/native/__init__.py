@@ -9,6 +9,6 @@ build is missing (no compiler, a new torch), the engine runs the same loops in P
 results, slower. `GRADHEALTH_NATIVE=0` turns the C++ parts off.
 """
 
-from service.engine.native.build import BuildError, build, built_dir, load_recurrent_cpu
+from service.engine.native.loader import BuildError, build, built_dir, load_recurrent_cpu
 
 __all__ = ["BuildError", "build", "built_dir", "load_recurrent_cpu"]

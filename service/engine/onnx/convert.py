@@ -84,6 +84,7 @@ import service.engine.onnx.ops  # noqa: F401  (registers every op family)
 from service.engine.graph import ConstantResult, Node, ObservableGraph, passthrough
 from service.engine.onnx.loading import load_onnx, load_onnx_bundle, resolve_external_data
 from service.engine.onnx.ops._util import FLOAT_DTYPES, ONNX_TO_TORCH
+from service.engine.onnx.recurrent_weights import fold_lstm_weight_reorders
 from service.engine.onnx.registry import (
     DEFAULT_DOMAINS,
     OpContext,
@@ -600,6 +601,9 @@ def _convert_checked(
     if builder.problems:
         raise UnsupportedModelError(_format_problems(builder.problems))
     _fold_constants(nodes, constants)
+    nodes = fold_lstm_weight_reorders(
+        nodes, constants, {**parameters, **buffers}, [o.name for o in graph.output]
+    )
     metadata: dict[str, Any] = {
         "mode": mode,
         "extra": dict(extra or {}),

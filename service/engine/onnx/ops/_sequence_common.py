@@ -43,3 +43,15 @@ def run_in_time_order(
     with torch.autocast(device_type, enabled=False):
         Y, *rest = apply(X, *others)
     return (Y.flip(0) if reverse else Y, *rest)
+
+
+def block_rows(blocks: list[int], size: int, device: torch.device) -> Tensor:
+    """Indexes of the rows of blocks `blocks` (each `size` rows), in that order."""
+    return torch.cat([torch.arange(b * size, (b + 1) * size, device=device) for b in blocks])
+
+
+def reorder_blocks(weights: Tensor, blocks: list[int], dim: int = 0) -> Tensor:
+    """`weights` with its equal blocks along `dim` gathered so that block blocks[j] comes j-th
+    (a recurrent layer's gates from one order into another)."""
+    rows = block_rows(blocks, weights.shape[dim] // len(blocks), weights.device)
+    return weights.index_select(dim, rows)

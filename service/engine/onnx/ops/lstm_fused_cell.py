@@ -11,7 +11,9 @@ Once a shape repeats, both loops are replayed as CUDA graphs (lstm_cuda_graphs.p
 that took the same LSTM from 2.78× to 0.92× cuDNN's time (bench/README.md).
 
 The cell kernels use torch's gate order i, f, g, o; ONNX orders i, o, f, c. `lstm_fused_cell`
-reorders W, R and the bias once per call (autograd carries the gradients back through that).
+reorders W, R and the bias once per call (autograd carries the gradients back through that),
+unless they come in torch's order already (the converter feeds a legacy export's LSTM torch's
+parameters directly: service/engine/onnx/recurrent_weights.py).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from service.engine.onnx.ops import lstm_cuda_graphs
+from service.engine.onnx.ops._sequence_common import block_rows
 
 # The cell kernels, as module attributes so that tests on a machine without CUDA can put a
 # pure-torch equivalent in their place (tests/unit/onnx/test_lstm_fused_cell.py).
@@ -36,10 +39,11 @@ def available(x: Tensor) -> bool:
     return x.is_cuda and x.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _torch_gate_order(hidden: int, device: torch.device) -> Tensor:
-    """Row indices that turn ONNX's gate blocks (i, o, f, c) into torch's (i, f, g, o)."""
-    blocks = [0, 2, 3, 1]  # torch's i, f, g, o are ONNX blocks 0, 2, 3, 1
-    return torch.cat([torch.arange(b * hidden, (b + 1) * hidden, device=device) for b in blocks])
+def _torch_gate_order(hidden: int, device: torch.device, gate_blocks: list[int]) -> Tensor | None:
+    """Row indices that gather torch's gate order (i, f, g, o) from weights whose ONNX gates
+    i, o, f, c sit in blocks `gate_blocks`; None when they already are in torch's order."""
+    blocks = [gate_blocks[k] for k in (0, 2, 3, 1)]  # torch's i, f, g, o are ONNX's i, f, c, o
+    return None if blocks == [0, 1, 2, 3] else block_rows(blocks, hidden, device)
 
 
 def lstm_fused_cell(
@@ -51,12 +55,16 @@ def lstm_fused_cell(
     c0: Tensor,
     hidden_grads: list[Tensor] | None,
     reversed_time: bool = False,
+    gate_blocks: list[int] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """lstm_sequence's contract (ONNX gate order in W, R, bias) on CUDA, for X already in the
-    order the steps run; `reversed_time`: X was flipped, so hidden_grads are flipped back."""
-    order = _torch_gate_order(R.shape[1], W.device)
-    W_t, R_t = W.index_select(0, order), R.index_select(0, order)
-    b_t = None if bias is None else bias.index_select(0, order)
+    """lstm_sequence's contract on CUDA, for X already in the order the steps run;
+    `reversed_time`: X was flipped, so hidden_grads are flipped back. `gate_blocks`: where W,
+    R and bias hold the gates i, o, f, c (None: ONNX's order)."""
+    order = _torch_gate_order(R.shape[1], W.device, gate_blocks or [0, 1, 2, 3])
+    W_t, R_t, b_t = W, R, bias
+    if order is not None:
+        W_t, R_t = W.index_select(0, order), R.index_select(0, order)
+        b_t = None if bias is None else bias.index_select(0, order)
     projected = F.linear(X, W_t, b_t)  # [T, B, 4H]: the input side of every step at once
     Y, h, c = _FusedCellSequence.apply(projected, R_t, h0, c0, hidden_grads, reversed_time)
     return Y, h, c

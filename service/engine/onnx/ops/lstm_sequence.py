@@ -27,9 +27,12 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from service.engine import native
 from service.engine.onnx.ops import lstm_fused_cell
-from service.engine.onnx.ops._sequence_common import run_in_time_order
+from service.engine.onnx.ops._sequence_common import (
+    native_loops,
+    reorder_blocks,
+    run_in_time_order,
+)
 
 
 def lstm_direction(
@@ -41,12 +44,14 @@ def lstm_direction(
     c0: Tensor | None,
     reverse: bool,
     hidden_grads: list[Tensor] | None,
+    gate_blocks: list[int] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """One direction of an ONNX LSTM node: B is the node's bias row [8H] (Wb then Rb)."""
+    """One direction of an ONNX LSTM node: B is the node's bias row [8H] (Wb then Rb), each half
+    in the gates' order (`gate_blocks`, see lstm_sequence)."""
     hidden = R.shape[1]
     bias = None if B is None else B[: 4 * hidden] + B[4 * hidden :]
     assert c0 is not None, "an LSTM always has a cell state"
-    return lstm_sequence(X, W, R, bias, h0, c0, reverse, hidden_grads)
+    return lstm_sequence(X, W, R, bias, h0, c0, reverse, hidden_grads, gate_blocks)
 
 
 def lstm_sequence(
@@ -58,15 +63,26 @@ def lstm_sequence(
     c0: Tensor,
     reverse: bool = False,
     hidden_grads: list[Tensor] | None = None,
+    gate_blocks: list[int] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(Y [T, B, H], h_T [B, H], c_T [B, H]) for X [T, B, I], W [4H, I], R [4H, H],
-    bias [4H] (input and recurrent biases summed) or None, h0/c0 [B, H]."""
+    bias [4H] (input and recurrent biases summed) or None, h0/c0 [B, H].
+
+    `gate_blocks`: which H-wide block of W, R and bias holds the gates i, o, f, c; None for
+    ONNX's order [0, 1, 2, 3]; torch's parameters (i, f, g, o) are [0, 3, 1, 2]."""
+    blocks = ONNX_GATE_BLOCKS if gate_blocks is None else list(gate_blocks)
 
     def apply(*tensors: Tensor) -> tuple[Tensor, ...]:
         x, w, r, b, h, c = tensors
         if lstm_fused_cell.available(x):
-            return lstm_fused_cell.lstm_fused_cell(x, w, r, b, h, c, hidden_grads, reverse)
-        return _LSTMSequence.apply(x, w, r, b, h, c, hidden_grads, reverse)
+            return lstm_fused_cell.lstm_fused_cell(x, w, r, b, h, c, hidden_grads, reverse, blocks)
+        order = blocks
+        if order != ONNX_GATE_BLOCKS and native_loops(x) is None:
+            # the Python loops read ONNX's order
+            w, r = reorder_blocks(w, order), reorder_blocks(r, order)
+            b = None if b is None else reorder_blocks(b, order)
+            order = ONNX_GATE_BLOCKS
+        return _LSTMSequence.apply(x, w, r, b, h, c, hidden_grads, reverse, order)
 
     Y, h, c = run_in_time_order(apply, reverse, X, W, R, bias, h0, c0)
     return Y, h, c
@@ -74,13 +90,6 @@ def lstm_sequence(
 
 # Which H-wide block of the gate axis holds i, o, f, c: ONNX's order
 ONNX_GATE_BLOCKS = [0, 1, 2, 3]
-
-
-def _native_loops(X: Tensor) -> Any:
-    """The C++ step loops (service/engine/native) where built and X is a CPU float tensor."""
-    if X.device.type != "cpu" or X.dtype not in (torch.float32, torch.float64):
-        return None
-    return native.load_recurrent_cpu()
 
 
 class _LSTMSequence(torch.autograd.Function):
@@ -95,18 +104,22 @@ class _LSTMSequence(torch.autograd.Function):
         c0: Tensor,
         hidden_grads: list[Tensor] | None,
         reverse: bool,
+        gate_blocks: list[int] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
+        gate_blocks = gate_blocks or ONNX_GATE_BLOCKS
         # [T, B, 4H]: the input side, all steps at once
         projected = torch.nn.functional.linear(X, W, bias)
-        loops = _native_loops(X)
+        loops = native_loops(X)
         if loops is not None:
             gates, cells, tanh_cells, Y = loops.lstm_forward(
-                projected.contiguous(), R, h0, c0, ONNX_GATE_BLOCKS
+                projected.contiguous(), R, h0, c0, gate_blocks
             )
         else:
+            assert gate_blocks == ONNX_GATE_BLOCKS, "the Python loops read ONNX's gate order"
             gates, cells, tanh_cells, Y = _forward_steps(projected, R, h0, c0)
         ctx.save_for_backward(X, W, R, h0, c0, gates, cells, tanh_cells, Y)
         ctx.loops = loops
+        ctx.gate_blocks = gate_blocks
         ctx.hidden_grads = hidden_grads
         ctx.reverse = reverse
         ctx.has_bias = bias is not None
@@ -123,7 +136,7 @@ class _LSTMSequence(torch.autograd.Function):
         collect = ctx.hidden_grads is not None
         if ctx.loops is not None:
             dgates, dhidden, dc0 = ctx.loops.lstm_backward(
-                dY, dh_last, dc_last, gates, cells, tanh_cells, c0, R, ONNX_GATE_BLOCKS
+                dY, dh_last, dc_last, gates, cells, tanh_cells, c0, R, ctx.gate_blocks
             )
         else:
             dgates, dhidden, dc0 = _backward_steps(
@@ -159,7 +172,7 @@ class _LSTMSequence(torch.autograd.Function):
                 dR.addmm_(later, Y[:-1].reshape((steps - 1) * batch, -1))
         db = flat.sum(0) if need_b and ctx.has_bias else None
         dh0 = torch.mm(dgates[0], R) if need_h0 else None
-        return dX, dW, dR, db, dh0, dc0 if need_c0 else None, None, None
+        return dX, dW, dR, db, dh0, dc0 if need_c0 else None, None, None, None
 
 
 def _forward_steps(

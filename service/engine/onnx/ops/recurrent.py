@@ -42,6 +42,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from service.engine.graph import Node, ObservableGraph
+from service.engine.onnx.ops._sequence_common import reorder_blocks
 from service.engine.onnx.ops.gru_sequence import gru_direction
 from service.engine.onnx.ops.lstm_sequence import lstm_direction
 from service.engine.onnx.ops.rnn_sequence import rnn_direction
@@ -215,6 +216,11 @@ class RecurrentFn:
         # [T, batch, hidden] tensor in time order (empty if the unrolled path ran)
         self.collect_hidden_grads = False
         self.hidden_grads: list[list[Tensor]] = []
+        # Where W, R and B hold each ONNX gate (LSTM: i, o, f, c), as H-wide block indexes;
+        # None = ONNX's own order. Set by `use_gate_blocks` when the converter feeds the node
+        # torch's parameters directly instead of the exporter's reordering Slice/Concat chain
+        # (service/engine/onnx/recurrent_weights.py).
+        self.gate_blocks: list[int] | None = None
 
     def __call__(
         self,
@@ -254,6 +260,11 @@ class RecurrentFn:
         whole_sequence = (
             self.whole_sequence and P is None and valid is None and not self.record_steps
         )
+        if self.gate_blocks is not None and not (whole_sequence and steps > 0):
+            # the step functions read ONNX's order: gather the gate blocks into it
+            W, R = reorder_blocks(W, self.gate_blocks, 1), reorder_blocks(R, self.gate_blocks, 1)
+            bias_blocks = self.gate_blocks + [b + len(self.gate_blocks) for b in self.gate_blocks]
+            B = None if B is None else reorder_blocks(B, bias_blocks, 1)
         for d in range(s.directions):
             reverse = s.reverse_only or d == 1
             h0 = X.new_zeros(batch, hidden) if initial_h is None else initial_h[d]
@@ -495,6 +506,17 @@ def _default_lstm_step(R: Tensor, f: Any, g: Any, h_act: Any) -> Step:
         return o * h_act(c_new), c_new
 
     return step
+
+
+def use_gate_blocks(fn: RecurrentFn, gate_blocks: list[int]) -> bool:
+    """Make `fn` take W, R and B with its gates in `gate_blocks` order (see
+    RecurrentFn.gate_blocks); False where its whole-sequence function cannot (only the LSTM's
+    can: the others keep ONNX's order)."""
+    if fn.sequence_fn is not lstm_direction:
+        return False
+    fn.gate_blocks = list(gate_blocks)
+    fn.sequence_fn = functools.partial(lstm_direction, gate_blocks=fn.gate_blocks)
+    return True
 
 
 def _use_sequence_fn(fn: RecurrentFn, sequence_fn: SequenceFn, *defaults: Callable) -> None:

@@ -1,0 +1,197 @@
+"""Feed legacy-exported LSTMs torch's parameters directly, without the exporter's reordering.
+
+torch.onnx's TorchScript exporter writes the weights of each `nn.LSTM` layer as
+    W = Unsqueeze(Concat(Slice(weight_ih, 0:H), Slice(weight_ih, 3H:4H), Slice(weight_ih, H:3H)))
+(torch's gate order i, f, g, o gathered into ONNX's i, o, f, c), R the same from weight_hh, and B
+as Unsqueeze(Concat(the same of bias_ih, the same of bias_hh)). Run as written, that chain
+copies every weight on each call, and its backward zero-fills and adds a full-size gradient per
+Slice: ~0.37 ms per layer per training step for hidden 128, about a fifth of a 2-layer LSTM's
+whole step. The LSTM computes in any gate order (`RecurrentFn.gate_blocks`), so here the chain
+goes: the LSTM node reads the parameters themselves, told which block holds which gate, and the
+chain's nodes, which compute nothing but that layout, leave the graph. The results and every
+parameter's gradient are the same (the tests compare both against onnxruntime and torch).
+
+Only the exact pattern is folded (constant Slice bounds on whole H-blocks of one parameter
+along axis 0, forming a permutation shared by W, R and both biases; every intermediate value
+read by the chain alone); anything else keeps its nodes and runs as exported.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from service.engine.graph import Node
+from service.engine.onnx.ops.recurrent import RecurrentFn, use_gate_blocks
+
+# LSTM inputs: X, W, R, B, sequence_lens, initial_h, initial_c, P
+_W, _R, _B = 1, 2, 3
+
+
+class DirectWeightsLSTM:
+    """The NodeFn of a rewired LSTM node: (X, weight_ih, weight_hh, bias_ih, bias_hh, *the
+    node's other inputs) → the LSTM's outputs, the weights in their own gate order."""
+
+    def __init__(self, inner: RecurrentFn) -> None:
+        self.inner = inner
+
+    def __call__(
+        self, X: Tensor, w: Tensor, r: Tensor, b_ih: Tensor | None, b_hh: Tensor | None, *rest: Any
+    ) -> Any:
+        bias = None
+        if b_ih is not None and b_hh is not None:
+            bias = torch.cat([b_ih, b_hh]).unsqueeze(0)  # ONNX's B row: Wb then Rb
+        return self.inner(X, w.unsqueeze(0), r.unsqueeze(0), bias, *rest)
+
+
+def fold_lstm_weight_reorders(
+    nodes: list[Node],
+    constants: Mapping[str, Any],
+    state: Mapping[str, Tensor],
+    graph_outputs: Sequence[str],
+) -> list[Node]:
+    """`nodes` with each single-direction LSTM that reads its weights through the exporter's
+    reordering chain rewired to the parameters (see the module docstring). `state`: the
+    graph's parameters and buffers; `constants`: its small constant values."""
+    producers = {out: node for node in nodes for out in node.outputs if out}
+    readers = Counter(name for node in nodes for name in node.inputs if name)
+    readers.update(graph_outputs)
+    dropped: set[int] = set()
+    for node in nodes:
+        if node.op_type != "LSTM" or not isinstance(node.fn, RecurrentFn):
+            continue
+        if node.fn.settings.directions != 1 or len(node.inputs) < 3:
+            continue
+        found = _match_lstm(node, _Lookup(producers, constants, state))
+        if found is None:
+            continue
+        params, blocks, chain = found
+        if not _private(chain, node, readers) or not use_gate_blocks(node.fn, blocks):
+            continue
+        node.fn = DirectWeightsLSTM(node.fn)
+        node.inputs = [node.inputs[0], *params, *node.inputs[4:]]
+        dropped.update(id(n) for n in chain)
+    return [n for n in nodes if id(n) not in dropped]
+
+
+@dataclass
+class _Lookup:
+    """What the matcher reads, and the chain nodes it has walked through."""
+
+    producers: Mapping[str, Node]
+    constants: Mapping[str, Any]
+    state: Mapping[str, Tensor]
+    chain: list[Node] = field(default_factory=list)
+
+
+def _match_lstm(node: Node, look: _Lookup) -> tuple[list[str], list[int], list[Node]] | None:
+    """([weight_ih, weight_hh, bias_ih, bias_hh] ("" for no bias), gate blocks, chain nodes)."""
+    w = _reorder(_unsqueezed(node.inputs[_W], look), look)
+    r = _reorder(_unsqueezed(node.inputs[_R], look), look)
+    if w is None or r is None or w[1] != r[1]:
+        return None
+    params, blocks = [w[0], r[0]], w[1]
+    bias_name = node.inputs[_B] if len(node.inputs) > _B else ""
+    if bias_name:
+        halves = _concat_inputs(_unsqueezed(bias_name, look), look)
+        if halves is None or len(halves) != 2:
+            return None
+        for half in halves:
+            b = _reorder(half, look)
+            if b is None or b[1] != blocks:
+                return None
+            params.append(b[0])
+    else:
+        params += ["", ""]
+    return params, blocks, look.chain
+
+
+def _unsqueezed(name: str, look: _Lookup) -> str | None:
+    """The data input of `name`'s producer when that is an Unsqueeze on axis 0."""
+    node = look.producers.get(name)
+    if node is None or node.op_type != "Unsqueeze":
+        return None
+    axes = node.attrs.get("axes")
+    if axes is None and len(node.inputs) > 1:
+        axes = _ints(look.constants.get(node.inputs[1]))
+    if axes is None or list(axes) != [0]:
+        return None
+    look.chain.append(node)
+    return node.inputs[0]
+
+
+def _concat_inputs(name: str | None, look: _Lookup) -> list[str] | None:
+    node = None if name is None else look.producers.get(name)
+    if node is None or node.op_type != "Concat" or node.attrs.get("axis") != 0:
+        return None
+    look.chain.append(node)
+    return list(node.inputs)
+
+
+def _reorder(name: str | None, look: _Lookup) -> tuple[str, list[int]] | None:
+    """(parameter, its blocks in the order the Concat gathers them) for a Concat of Slices of
+    one parameter along axis 0 that together take each of its 4 blocks once."""
+    pieces = _concat_inputs(name, look)
+    if not pieces:
+        return None
+    sources: set[str] = set()
+    rows: list[tuple[int, int]] = []
+    for piece in pieces:
+        node = look.producers.get(piece)
+        bounds = None if node is None else _slice_rows(node, look.constants)
+        if node is None or bounds is None:
+            return None
+        sources.add(node.inputs[0])
+        rows.append(bounds)
+        look.chain.append(node)
+    source = sources.pop() if len(sources) == 1 else None
+    param = None if source is None or source in look.producers else look.state.get(source)
+    if param is None or param.dim() == 0 or param.shape[0] % 4:
+        return None
+    block = param.shape[0] // 4
+    if any(start % block or end % block or end > param.shape[0] for start, end in rows):
+        return None
+    order = [b for start, end in rows for b in range(start // block, end // block)]
+    return (source, order) if source is not None and sorted(order) == [0, 1, 2, 3] else None
+
+
+def _slice_rows(node: Node, constants: Mapping[str, Any]) -> tuple[int, int] | None:
+    """(start, end) of a Slice on axis 0 with step 1 and constant, non-negative bounds."""
+    if node.op_type != "Slice":
+        return None
+    if "starts" in node.attrs:  # opset < 10: bounds are attributes
+        starts, ends = node.attrs.get("starts"), node.attrs.get("ends")
+        axes, steps = node.attrs.get("axes"), None
+    else:
+        if len(node.inputs) < 3 or any(n and n not in constants for n in node.inputs[1:5]):
+            return None
+        named = [constants.get(n) if n else None for n in node.inputs[1:5]]
+        starts, ends = _ints(named[0]), _ints(named[1])
+        axes = _ints(named[2]) if len(named) > 2 else None
+        steps = _ints(named[3]) if len(named) > 3 else None
+    if starts is None or ends is None or len(starts) != 1 or len(ends) != 1:
+        return None
+    if axes not in (None, [0]) or steps not in (None, [1]):
+        return None
+    start, end = int(starts[0]), int(ends[0])
+    return (start, end) if 0 <= start < end else None
+
+
+def _ints(value: Any) -> list[int] | None:
+    if isinstance(value, Tensor) and not value.dtype.is_floating_point:
+        return [int(v) for v in value.reshape(-1).tolist()]
+    if isinstance(value, list | tuple) and all(isinstance(v, int) for v in value):
+        return list(value)
+    return None
+
+
+def _private(chain: list[Node], lstm: Node, readers: Counter[str]) -> bool:
+    """Whether every value the chain makes is read only by the chain itself and the LSTM."""
+    internal = Counter(name for node in chain for name in node.inputs if name)
+    internal.update(name for name in lstm.inputs[_W : _B + 1] if name)
+    return all(readers[out] == internal[out] for node in chain for out in node.outputs if out)

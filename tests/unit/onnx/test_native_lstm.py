@@ -1,0 +1,181 @@
+"""The C++ LSTM loops (service/engine/native/recurrent_cpu.cpp) against the Python loops and
+against torch's own nn.LSTM.
+
+The module builds the extension first (a no-op where `make install` built it), so these tests
+always run the C++ code; the Python path is reached by taking the loader away.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor
+
+from service.engine import native
+from service.engine.native import loader
+from service.engine.onnx.ops import lstm_sequence as lstm_module
+from service.engine.onnx.ops.lstm_sequence import lstm_sequence
+from tests.support.recurrent_zoo import lstm_sequence_args
+
+TORCH_GATE_BLOCKS = [0, 3, 1, 2]  # torch's i, f, g, o hold ONNX's i, o, f, c in these blocks
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built() -> None:
+    native.build()
+    assert native.load_recurrent_cpu() is not None
+
+
+@pytest.fixture
+def python_loops(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setattr(lstm_module, "native_loops", lambda x: None)
+    yield
+
+
+def _run(
+    args: list[Tensor], reverse: bool = False, gate_blocks: list[int] | None = None
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """Outputs, every input's gradient and ∂L/∂h_t for a loss weighing each element differently."""
+    X, W, R, b, h0, c0 = args
+    sink: list[Tensor] = []
+    outputs = lstm_sequence(X, W, R, b, h0, c0, reverse, sink, gate_blocks)
+    g = torch.Generator().manual_seed(1)
+    loss = torch.stack(
+        [(o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in outputs]
+    ).sum()
+    grads = torch.autograd.grad(loss, args)
+    return [o.detach() for o in outputs], list(grads), sink
+
+
+def _python_path(
+    monkeypatch: pytest.MonkeyPatch, args: list[Tensor], **kwargs: object
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    with monkeypatch.context() as patch:
+        patch.setattr(lstm_module, "native_loops", lambda x: None)
+        return _run(args, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("steps", [1, 7])
+def test_cpp_loops_equal_the_python_loops(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, reverse: bool, steps: int
+) -> None:
+    args = lstm_sequence_args(steps, 3, 5, 6, dtype)
+    assert lstm_module.native_loops(args[0]) is not None
+    cpp = _run(args, reverse=reverse)
+    python = _python_path(monkeypatch, args, reverse=reverse)
+    rtol, atol = (1e-5, 1e-6) if dtype == torch.float32 else (1e-7, 1e-7)
+    assert len(cpp[2]) == len(python[2]) == 1
+    for got, expected in zip(
+        [*cpp[0], *cpp[1], *cpp[2]], [*python[0], *python[1], *python[2]], strict=True
+    ):
+        torch.testing.assert_close(got, expected, rtol=rtol, atol=atol)
+
+
+def test_cpp_loops_gradcheck_float64() -> None:
+    args = lstm_sequence_args(4, 2, 3, 2, torch.float64)
+    assert torch.autograd.gradcheck(lambda *a: lstm_sequence(*a), tuple(args), eps=1e-6, atol=1e-6)
+    X, W, R, b, h0, c0 = args
+
+    def torch_order(
+        x: Tensor, w: Tensor, r: Tensor, bias: Tensor, h: Tensor, c: Tensor
+    ) -> tuple[Tensor, ...]:
+        return lstm_sequence(x, w, r, bias, h, c, gate_blocks=TORCH_GATE_BLOCKS)
+
+    assert torch.autograd.gradcheck(torch_order, (X, W, R, b, h0, c0), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", ["cpp", "python"])
+def test_torch_gate_order_equals_nn_lstm(request: pytest.FixtureRequest, path: str) -> None:
+    """torch's own parameters (gates i, f, g, o) with gate_blocks [0, 3, 1, 2]: the same
+    outputs and parameter gradients as nn.LSTM (the Python path reorders them first)."""
+    if path == "python":
+        request.getfixturevalue("python_loops")
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(5, 6).double()
+    x = torch.randn(7, 3, 5, dtype=torch.float64, requires_grad=True)
+    h0, c0 = torch.randn(2, 1, 3, 6, dtype=torch.float64).unbind(0)
+    names = ["weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"]
+    weights = [dict(lstm.named_parameters())[name] for name in names]
+    expected_out = lstm(x, (h0, c0))
+    y, (h, c) = expected_out
+    expected_grads = torch.autograd.grad(
+        (y.sin().sum() + h.sum() + c.square().sum()), [x, *weights]
+    )
+    w_ih, w_hh, b_ih, b_hh = (t.detach().clone().requires_grad_(True) for t in weights)
+    bias = b_ih + b_hh
+    y2, h2, c2 = lstm_sequence(x, w_ih, w_hh, bias, h0[0], c0[0], gate_blocks=TORCH_GATE_BLOCKS)
+    grads = torch.autograd.grad(
+        (y2.sin().sum() + h2.sum() + c2.square().sum()), [x, w_ih, w_hh, b_ih, b_hh]
+    )
+    torch.testing.assert_close(y2, y)
+    torch.testing.assert_close(h2, h[0])
+    torch.testing.assert_close(c2, c[0])
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_large_steps_equal_the_python_loops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sizes where the batch rows are split across threads (the grain is 16384 elements)."""
+    torch.set_num_threads(2)
+    args = lstm_sequence_args(3, 160, 8, 256, torch.float64)
+    cpp = _run(args, gate_blocks=TORCH_GATE_BLOCKS)
+    python = _python_path(monkeypatch, args, gate_blocks=TORCH_GATE_BLOCKS)
+    for got, expected in zip(
+        [*cpp[0], *cpp[1], *cpp[2]], [*python[0], *python[1], *python[2]], strict=True
+    ):
+        torch.testing.assert_close(got, expected)
+
+
+def test_bad_arguments_name_what_to_change() -> None:
+    loops = native.load_recurrent_cpu()
+    assert loops is not None
+    projected, R = torch.zeros(2, 1, 8), torch.zeros(8, 2)
+    h0 = c0 = torch.zeros(1, 2)
+    with pytest.raises(RuntimeError, match=r"permutation of 0\.\.3"):
+        loops.lstm_forward(projected, R, h0, c0, [0, 0, 1, 2])
+    with pytest.raises(RuntimeError, match=r"R: \[4H, H\]"):
+        loops.lstm_forward(projected, torch.zeros(6, 2), h0, c0, [0, 1, 2, 3])
+    with pytest.raises(RuntimeError, match="dtype"):
+        loops.lstm_forward(projected, R.double(), h0, c0, [0, 1, 2, 3])
+
+
+def test_other_dtypes_take_the_python_loops() -> None:
+    assert lstm_module.native_loops(torch.zeros(1, dtype=torch.bfloat16)) is None
+    assert lstm_module.native_loops(torch.zeros(1)) is not None
+
+
+def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GRADHEALTH_NATIVE", "0")
+    assert native.load_recurrent_cpu() is None
+
+
+def test_a_build_for_another_torch_is_not_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
+    directory = native.built_dir()
+    assert native.build() == directory / "gradhealth_recurrent_cpu.so"  # built: a no-op
+    try:
+        monkeypatch.setattr(torch, "__version__", "0.0.0+another")
+        loader._loaded.cache_clear()
+        assert native.built_dir() != directory
+        assert native.load_recurrent_cpu() is None  # the Python loops run instead
+    finally:
+        monkeypatch.undo()
+        loader._loaded.cache_clear()
+    assert native.load_recurrent_cpu() is not None
+
+
+def test_build_native_command_reports_the_library() -> None:
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "gradhealth"), "build-native"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert str(native.built_dir()) in done.stdout

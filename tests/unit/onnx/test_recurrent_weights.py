@@ -1,0 +1,192 @@
+"""Legacy-exported LSTMs read torch's parameters directly (onnx/recurrent_weights.py): the
+reordering Slice/Concat chain leaves the graph, results and gradients stay those of onnxruntime
+and of the torch module; anything off the exact pattern keeps its nodes.
+
+(`convert` releases the initializers' bytes of the ModelProto it reads: onnxruntime gets its
+own copy, loaded from the same bytes.)"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from service.engine.onnx.convert import convert, load_onnx
+from service.engine.onnx.ops.recurrent import RecurrentFn, use_gate_blocks
+from service.engine.onnx.recurrent_weights import DirectWeightsLSTM
+from tests.support.export import to_onnx
+from tests.support.recurrent_zoo import build_node_fn, call_recurrent, run_onnxruntime
+
+TORCH_GATE_BLOCKS = [0, 3, 1, 2]
+
+
+class TwoLayerLSTM(nn.Module):
+    def __init__(self, bias: bool = True, bidirectional: bool = False) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(
+            5, 6, num_layers=2, batch_first=True, bias=bias, bidirectional=bidirectional
+        )
+        self.head = nn.Linear(12 if bidirectional else 6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+def _onnxruntime(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
+    return run_onnxruntime(model, {model.graph.input[0].name: x})
+
+
+def _check_against_references(module: nn.Module, data: bytes, x: torch.Tensor) -> None:
+    """Forward equals onnxruntime; every parameter's gradient equals the torch module's."""
+    graph = convert(load_onnx(data), mode="train")
+    out = graph(x)
+    (expected,) = _onnxruntime(load_onnx(data), x.numpy())
+    np.testing.assert_allclose(out.detach().numpy(), expected, rtol=1e-4, atol=1e-5)
+    out.square().sum().backward()
+    module.zero_grad()
+    module(x).square().sum().backward()
+    for name, param in module.named_parameters():
+        assert param.grad is not None
+        torch.testing.assert_close(graph.parameter(name).grad, param.grad, rtol=2e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_legacy_lstm_reads_its_parameters_directly(bias: bool) -> None:
+    torch.manual_seed(0)
+    module = TwoLayerLSTM(bias=bias).train()
+    x = torch.randn(4, 7, 5)
+    data = to_onnx(module, x)
+    model = load_onnx(data)
+    graph = convert(model, mode="train")
+    lstms = [n for n in graph.nodes if n.op_type == "LSTM"]
+    assert len(lstms) == 2
+    for k, node in enumerate(lstms):
+        assert isinstance(node.fn, DirectWeightsLSTM)
+        assert node.fn.inner.gate_blocks == TORCH_GATE_BLOCKS
+        biases = [f"lstm.bias_ih_l{k}", f"lstm.bias_hh_l{k}"] if bias else ["", ""]
+        assert node.inputs[1:5] == [f"lstm.weight_ih_l{k}", f"lstm.weight_hh_l{k}", *biases]
+    # no node reorders a parameter any more
+    params = set(graph.param_names)
+    assert not [n.name for n in graph.nodes if n.op_type == "Slice" and n.inputs[0] in params]
+    assert len(graph.nodes) < len(model.graph.node)
+    _check_against_references(module, data, x)
+
+
+def test_bidirectional_lstm_keeps_its_chain_and_stays_correct() -> None:
+    torch.manual_seed(1)
+    module = TwoLayerLSTM(bidirectional=True).train()
+    x = torch.randn(3, 4, 5)
+    data = to_onnx(module, x)
+    graph = convert(load_onnx(data), mode="train")
+    assert all(isinstance(n.fn, RecurrentFn) for n in graph.nodes if n.op_type == "LSTM")
+    _check_against_references(module, data, x)
+
+
+def test_a_chain_value_read_elsewhere_keeps_the_chain() -> None:
+    """The reordered W is also a graph output: the chain must stay to compute it."""
+    torch.manual_seed(2)
+    module = TwoLayerLSTM().train()
+    x = torch.randn(2, 3, 5)
+    model = load_onnx(to_onnx(module, x))
+    first = next(n for n in model.graph.node if n.op_type == "LSTM")
+    model.graph.output.append(
+        helper.make_tensor_value_info(first.input[1], TensorProto.FLOAT, None)
+    )
+    data = model.SerializeToString()
+    graph = convert(load_onnx(data), mode="train")
+    lstms = [n for n in graph.nodes if n.op_type == "LSTM"]
+    assert isinstance(lstms[0].fn, RecurrentFn)  # kept as exported
+    assert isinstance(lstms[1].fn, DirectWeightsLSTM)  # the other layer is still folded
+    outputs = graph(x)
+    expected = _onnxruntime(load_onnx(data), x.numpy())
+    for got, want in zip(outputs, expected, strict=True):
+        np.testing.assert_allclose(got.detach().numpy(), want, rtol=1e-4, atol=1e-5)
+
+
+def _hand_built_lstm(pieces: list[tuple[int, int]]) -> onnx.ModelProto:
+    """An LSTM whose W and R are Unsqueeze(Concat(Slice(param, piece) for each piece))."""
+    hidden, inputs = 2, 3
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4 * hidden, inputs)).astype(np.float32)
+    r = rng.standard_normal((4 * hidden, hidden)).astype(np.float32)
+    nodes, inits = [], [numpy_helper.from_array(w, "w"), numpy_helper.from_array(r, "r")]
+    inits.append(numpy_helper.from_array(np.array([0], dtype=np.int64), "axis0"))
+    for param in ("w", "r"):
+        sliced = []
+        for k, (start, end) in enumerate(pieces):
+            for bound, value in (("s", start), ("e", end)):
+                inits.append(
+                    numpy_helper.from_array(np.array([value], np.int64), f"{param}{bound}{k}")
+                )
+            sliced.append(f"{param}_piece{k}")
+            nodes.append(
+                helper.make_node(
+                    "Slice", [param, f"{param}s{k}", f"{param}e{k}", "axis0"], [sliced[-1]]
+                )
+            )
+        nodes.append(helper.make_node("Concat", sliced, [f"{param}_cat"], axis=0))
+        nodes.append(helper.make_node("Unsqueeze", [f"{param}_cat", "axis0"], [f"{param}_3d"]))
+    nodes.append(helper.make_node("LSTM", ["x", "w_3d", "r_3d"], ["y"], hidden_size=hidden))
+    graph = helper.make_graph(
+        nodes,
+        "hand",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 2, inputs])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize(
+    ("pieces", "folded"),
+    [
+        ([(0, 2), (6, 8), (2, 6)], True),  # torch's order, as the exporter writes it
+        ([(4, 8), (0, 4)], True),  # any permutation of whole blocks
+        ([(0, 2), (0, 2), (2, 6)], False),  # a block twice, one missing
+        ([(0, 3), (3, 8)], False),  # not on block boundaries
+    ],
+)
+def test_only_whole_block_permutations_fold(pieces: list[tuple[int, int]], folded: bool) -> None:
+    data = _hand_built_lstm(pieces).SerializeToString()
+    graph = convert(load_onnx(data), mode="train")
+    (lstm,) = [n for n in graph.nodes if n.op_type == "LSTM"]
+    assert isinstance(lstm.fn, DirectWeightsLSTM) is folded
+    x = np.random.default_rng(1).standard_normal((4, 2, 3)).astype(np.float32)
+    (expected,) = _onnxruntime(load_onnx(data), x)
+    got = graph(torch.from_numpy(x))
+    np.testing.assert_allclose(got.detach().numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_unrolled_path_reads_gate_blocks_too() -> None:
+    """Sequence lengths shorter than the input send a call down the unrolled path, which
+    gathers ONNX's order from weights given in torch's order."""
+    hidden, steps, batch = 3, 5, 2
+    node = helper.make_node(
+        "LSTM", ["X", "W", "R", "B", "lens"], ["Y", "Y_h", "Y_c"], hidden_size=hidden
+    )
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(steps, batch, 4, generator=g)
+    W, R = (
+        torch.randn(1, 4 * hidden, 4, generator=g),
+        torch.randn(1, 4 * hidden, hidden, generator=g),
+    )
+    B = torch.randn(1, 8 * hidden, generator=g)
+    lens = torch.tensor([5, 3], dtype=torch.int32)
+    plain = build_node_fn(node, 17)
+    reordered = build_node_fn(node, 17)
+    assert isinstance(plain, RecurrentFn) and isinstance(reordered, RecurrentFn)
+    assert use_gate_blocks(reordered, TORCH_GATE_BLOCKS)
+    # torch's i, f, g, o from ONNX's i, o, f, c: blocks 0, 2, 3, 1
+    to_torch = torch.cat([torch.arange(b * hidden, (b + 1) * hidden) for b in (0, 2, 3, 1)])
+    W_t, R_t = W[:, to_torch], R[:, to_torch]
+    B_t = torch.cat([B[:, : 4 * hidden][:, to_torch], B[:, 4 * hidden :][:, to_torch]], 1)
+    expected = call_recurrent(plain, [X, W, R, B, lens])
+    got = call_recurrent(reordered, [X, W_t, R_t, B_t, lens])
+    for a, b in zip(got, expected, strict=True):
+        assert a is not None and b is not None
+        torch.testing.assert_close(a, b)
