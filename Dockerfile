@@ -15,6 +15,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
+# A C++ compiler for `gradhealth build-native` (the engine's recurrent loops, built below).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/*
+
 # Torch first, from the CUDA index (its own layer: it is most of the image and changes rarely).
 # The CUDA runtime comes with the wheel; the host needs only the NVIDIA driver + container toolkit.
 RUN pip install --index-url "${TORCH_INDEX_URL}" "${TORCH_SPEC}"
@@ -23,7 +28,10 @@ COPY pyproject.toml README.md alembic.ini ./
 COPY service ./service
 COPY migrations ./migrations
 # Editable: `gradhealth migrate` finds migrations/ next to the service package.
+# build-native compiles the C++ loops for this torch into the Python prefix (read-only at run
+# time: a process only loads what is built, never compiles).
 RUN pip install -e . \
+    && gradhealth build-native \
     && useradd --system --uid 10001 --home-dir /var/lib/gradhealth gradhealth \
     && mkdir -p /var/lib/gradhealth \
     && chown gradhealth /var/lib/gradhealth
