@@ -104,3 +104,23 @@ def test_a_real_nan_after_the_mask_is_still_found_at_its_origin() -> None:
     found = [f for f in _diagnose(exported).findings if f.kind == "non_finite"]
     assert len(found) == 1
     assert "Log" in found[0].message
+
+
+@pytest.mark.parametrize(
+    ("values", "finite"),
+    [
+        ([3e38, 3e38, -1.0], True),  # finite, but their sum overflows to inf
+        ([1.0, float("nan")], False),
+        ([float("inf"), float("-inf")], False),  # their sum is NaN
+        ([0.5, float("-inf")], False),
+    ],
+)
+def test_finiteness_of_initializers_survives_overflowing_sums(
+    values: list[float], finite: bool
+) -> None:
+    """The check sums first (a finite sum proves every element finite) and looks at each
+    element only when the sum is not finite."""
+    from service.engine.onnx.convert import _non_finite_initializers
+
+    weights = {"w": torch.tensor(values, dtype=torch.float32)}
+    assert (_non_finite_initializers(weights) == set()) is finite
