@@ -68,7 +68,8 @@ class _GRUSequence(torch.autograd.Function):
         reverse: bool,
     ) -> tuple[Tensor, Tensor]:
         hidden = R.shape[1]
-        projected = torch.nn.functional.linear(X, W, projection_bias)  # [T, B, 3H]
+        # contiguous X: see lstm_sequence
+        projected = torch.nn.functional.linear(X.contiguous(), W, projection_bias)  # [T, B, 3H]
         # h·Rᵀ + [0, 0, Rb_h] per step: the h part is needed again by the backward
         recurrent_bias = R.new_zeros(3 * hidden)
         if inner_bias is not None:

@@ -107,8 +107,10 @@ class _LSTMSequence(torch.autograd.Function):
         gate_blocks: list[int] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         gate_blocks = gate_blocks or ONNX_GATE_BLOCKS
-        # [T, B, 4H]: the input side, all steps at once
-        projected = torch.nn.functional.linear(X, W, bias)
+        # contiguous: on a transposed X (a batch-first input) F.linear takes matmul's path at
+        # half the speed, and the backward's dW product would copy it again
+        X = X.contiguous()
+        projected = torch.nn.functional.linear(X, W, bias)  # [T, B, 4H]: all steps at once
         loops = native_loops(X)
         if loops is not None:
             gates, cells, tanh_cells, Y = loops.lstm_forward(
@@ -166,10 +168,10 @@ class _LSTMSequence(torch.autograd.Function):
         dW = torch.mm(flat.t(), X.reshape(steps * batch, -1)) if need_w else None
         dR = None
         if need_r:  # Σ_t dgates_tᵀ·h_{t-1}: steps 1.. against Y, step 0 against h0
-            dR = torch.mm(dgates[0].t(), h0)
-            if steps > 1:
-                later = flat[batch:].t()
-                dR.addmm_(later, Y[:-1].reshape((steps - 1) * batch, -1))
+            later = flat[batch:].t()
+            dR = torch.mm(later, Y[:-1].reshape((steps - 1) * batch, R.shape[1]))
+            if bool(h0.any()):  # exporters' initial states are mostly zeros: no term then
+                dR.addmm_(dgates[0].t(), h0)
         db = flat.sum(0) if need_b and ctx.has_bias else None
         dh0 = torch.mm(dgates[0], R) if need_h0 else None
         return dX, dW, dR, db, dh0, dc0 if need_c0 else None, None, None, None

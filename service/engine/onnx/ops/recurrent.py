@@ -274,8 +274,10 @@ class RecurrentFn:
             c: Tensor | None
             if whole_sequence and steps > 0 and self.sequence_fn is not None:
                 sink = self.hidden_grads[d] if self.collect_hidden_grads else None
-                bias = None if B is None else B[d]
-                y, h, c = self.sequence_fn(X, W[d], R[d], bias, h0, c0, reverse, sink)
+                bias = None if B is None else _direction(B, d)
+                y, h, c = self.sequence_fn(
+                    X, _direction(W, d), _direction(R, d), bias, h0, c0, reverse, sink
+                )
             else:
                 y, h, c = self._unrolled_direction(d, X, W, R, B, P, h0, c0, valid, reverse)
             if nonempty is not None:  # an empty sequence ends in zero states (as onnxruntime)
@@ -506,6 +508,12 @@ def _default_lstm_step(R: Tensor, f: Any, g: Any, h_act: Any) -> Step:
         return o * h_act(c_new), c_new
 
     return step
+
+
+def _direction(weights: Tensor, d: int) -> Tensor:
+    """weights[d]; for one direction a squeeze, whose backward is a view where indexing's
+    zero-fills a [1, G·H, ...] gradient and copies into it."""
+    return weights.squeeze(0) if weights.shape[0] == 1 else weights[d]
 
 
 def use_gate_blocks(fn: RecurrentFn, gate_blocks: list[int]) -> bool:

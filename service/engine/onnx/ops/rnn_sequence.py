@@ -54,7 +54,8 @@ class _TanhRNNSequence(torch.autograd.Function):
         hidden_grads: list[Tensor] | None,
         reverse: bool,
     ) -> tuple[Tensor, Tensor]:
-        projected = torch.nn.functional.linear(X, W, bias)  # [T, B, H]
+        # contiguous X: see lstm_sequence
+        projected = torch.nn.functional.linear(X.contiguous(), W, bias)  # [T, B, H]
         loops = native_loops(X)
         if loops is not None:
             Y = loops.rnn_forward(projected.contiguous(), R, h0)

@@ -214,9 +214,22 @@ def expand(ctx: OpContext) -> NodeFn:
     target_ints = LastTensorMemo(_static_ints)
 
     def fn(x: torch.Tensor, target: Any) -> torch.Tensor:
-        return x.expand(torch.broadcast_shapes(tuple(x.shape), target_ints(target)))
+        return x.expand(_broadcast_shape(tuple(x.shape), tuple(target_ints(target))))
 
     return fn
+
+
+def _broadcast_shape(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    """numpy's broadcasting of two shapes, in plain Python: torch.broadcast_shapes goes
+    through torch._refs and cost ~15 µs per call, per Expand node (an LSTM's initial states)."""
+    rank = max(len(a), len(b))
+    a, b = (1,) * (rank - len(a)) + a, (1,) * (rank - len(b)) + b
+    out = []
+    for i, (m, n) in enumerate(zip(a, b, strict=True)):
+        if m != n and m != 1 and n != 1:
+            raise ValueError(f"Expand: shapes {a} and {b} do not broadcast (axis {i}: {m} vs {n})")
+        out.append(n if m == 1 else m)
+    return tuple(out)
 
 
 @register("Tile", since=6)
