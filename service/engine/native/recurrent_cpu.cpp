@@ -485,7 +485,24 @@ std::vector<at::Tensor> rnn_backward(const at::Tensor& dY, const at::Tensor& dh_
   return {dpre, dhidden};
 }
 
+// activations.h's sigmoid and tanh over a float tensor (what the loops use; tests measure
+// their error against torch's over the whole float range).
+std::vector<at::Tensor> activations(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu(), "activations: a CPU float tensor");
+  const at::Tensor source = x.contiguous();
+  at::Tensor sig = at::empty_like(source), tanh = at::empty_like(source);
+  const float* in = source.const_data_ptr<float>();
+  float* s = sig.mutable_data_ptr<float>();
+  float* t = tanh.mutable_data_ptr<float>();
+  for (int64_t k = 0; k < source.numel(); ++k) {
+    s[k] = gradhealth::sigmoid(in[k]);
+    t[k] = gradhealth::tanh(in[k]);
+  }
+  return {sig, tanh};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("activations", &activations, "activations.h's (sigmoid, tanh) of a float tensor");
   m.doc() = "gradhealth's recurrent loops on the CPU (see recurrent_cpu.cpp)";
   m.def("lstm_forward", &lstm_forward, "LSTM forward over a whole sequence, step by step");
   m.def("lstm_backward", &lstm_backward, "LSTM backward through time, step by step");
