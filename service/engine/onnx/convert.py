@@ -141,6 +141,23 @@ def tensor_from_proto(proto: TensorProto) -> torch.Tensor:
     return torch.from_numpy(array.copy()).reshape(shape)
 
 
+def _moves_with_the_module(value: Any) -> bool:
+    """Module state (moved by `.to()`) rather than a CPU constant: a float tensor, or an integer
+    one too large to be a shape or axes argument."""
+    return isinstance(value, torch.Tensor) and (
+        value.dtype in FLOAT_DTYPES or value.numel() > SMALL_INT_NUMEL
+    )
+
+
+def _device_of(values: Sequence[Any]) -> torch.device:
+    """The first accelerator device among `values`' tensors (a body's trip counts and
+    conditions are CPU tensors beside CUDA data), else the CPU."""
+    for value in values:
+        if isinstance(value, torch.Tensor) and value.device.type != "cpu":
+            return value.device
+    return torch.device("cpu")
+
+
 def _release(proto: TensorProto) -> None:
     for name in (
         "raw_data",
@@ -241,6 +258,10 @@ class Subgraph:
     """A converted body (If branch, Loop/Scan body): runs its nodes over local values.
 
     `free_names` are the outer-scope values it reads; pass them in `outer`.
+    `initial` (the body's initializers and Constants) lives on the CPU and is not module state;
+    a call whose tensors are on another device reads a copy moved there, made once per device
+    (the main graph's policy: floats and large integer tensors move, small integer ones, shapes
+    and axes, stay on the CPU).
     """
 
     input_names: list[str]
@@ -248,9 +269,21 @@ class Subgraph:
     nodes: list[Node]
     initial: dict[str, Any]
     free_names: list[str] = field(default_factory=list)
+    _moved: dict[torch.device, dict[str, Any]] = field(default_factory=dict, repr=False)
+
+    def _initial_on(self, device: torch.device) -> dict[str, Any]:
+        if device.type == "cpu":
+            return self.initial
+        if device not in self._moved:
+            self._moved[device] = {
+                name: value.to(device) if _moves_with_the_module(value) else value
+                for name, value in self.initial.items()
+            }
+        return self._moved[device]
 
     def __call__(self, inputs: Sequence[Any], outer: Mapping[str, Any]) -> list[Any]:
-        values: dict[str, Any] = dict(self.initial)
+        device = _device_of([*inputs, *outer.values()])
+        values: dict[str, Any] = dict(self._initial_on(device))
         values.update(outer)
         values.update(zip(self.input_names, inputs, strict=False))
         values[""] = None
@@ -358,6 +391,12 @@ class _Builder:
             except UnsupportedAttribute as exc:
                 self.problems.append(("", "initializer", 0, init.name, str(exc)))
         nodes = [self.build_node(n, self.node_name(n, i, prefix)) for i, n in enumerate(graph.node)]
+        for node in nodes:  # Constants read a value in `initial`, which follows the device
+            if node.op_type == "Constant" and len(node.outputs) == 1 and not self.problems:
+                value = node.fn()
+                if isinstance(value, torch.Tensor):
+                    initial[f"{node.outputs[0]}::constant"] = value
+                    node.inputs, node.fn = [f"{node.outputs[0]}::constant"], passthrough
         defined = set(initial) | {i.name for i in graph.input} | {""}
         free: list[str] = []
         for node in nodes:
@@ -841,7 +880,7 @@ def _constant_as_state(
     if not isinstance(value, torch.Tensor):
         return node
     key = f"{node.outputs[0]}::constant"
-    if value.dtype in FLOAT_DTYPES or value.numel() > SMALL_INT_NUMEL:
+    if _moves_with_the_module(value):
         buffers[key] = value
     else:
         constants[key] = value
