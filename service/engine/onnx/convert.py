@@ -562,6 +562,24 @@ def convert(
     return graph_module
 
 
+def _inferred_dims(model: ModelProto) -> dict[str, list[int | None]]:
+    """Every value's dims by ONNX shape inference with data propagation (None where a dim is
+    not a fixed number; nothing where inference fails): what `Shape` of it gives before any
+    input is seen."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(_weightless_twin(model), data_prop=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError):
+        return {}
+    dims: dict[str, list[int | None]] = {}
+    for info in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        tensor_type = info.type.tensor_type
+        if info.type.HasField("tensor_type") and tensor_type.HasField("shape"):
+            dims[info.name] = [
+                d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim
+            ]
+    return dims
+
+
 def _weightless_twin(model: ModelProto) -> ModelProto:
     """`model` with its (released) initializers declared as graph inputs: the checker sees
     the same graph without needing their bytes."""
@@ -641,7 +659,11 @@ def _convert_checked(
         raise UnsupportedModelError(_format_problems(builder.problems))
     _fold_constants(nodes, constants)
     nodes = fold_lstm_weight_reorders(
-        nodes, constants, {**parameters, **buffers}, [o.name for o in graph.output]
+        nodes,
+        constants,
+        {**parameters, **buffers},
+        [o.name for o in graph.output],
+        static_dims=lambda: _inferred_dims(model),
     )
     metadata: dict[str, Any] = {
         "mode": mode,

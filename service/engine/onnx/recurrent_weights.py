@@ -1,9 +1,10 @@
-"""Feed legacy-exported LSTMs torch's parameters directly, without the exporter's reordering.
+"""Feed exported LSTMs torch's parameters directly, without the exporter's reordering chain.
 
-torch.onnx's TorchScript exporter writes the weights of each `nn.LSTM` layer as
+torch.onnx's exporters write the weights of each `nn.LSTM` layer as
     W = Unsqueeze(Concat(Slice(weight_ih, 0:H), Slice(weight_ih, 3H:4H), Slice(weight_ih, H:3H)))
-(torch's gate order i, f, g, o gathered into ONNX's i, o, f, c), R the same from weight_hh, and B
-as Unsqueeze(Concat(the same of bias_ih, the same of bias_hh)). Run as written, that chain
+(torch's gate order i, f, g, o gathered into ONNX's i, o, f, c; dynamo slices four blocks and
+computes the bounds as H·k from the shape of an initial state), R the same from weight_hh, and
+B as Unsqueeze(Concat(the same of bias_ih, the same of bias_hh)). Run as written, that chain
 copies every weight on each call, and its backward zero-fills and adds a full-size gradient per
 Slice: ~0.37 ms per layer per training step for hidden 128, about a fifth of a 2-layer LSTM's
 whole step. The LSTM computes in any gate order (`RecurrentFn.gate_blocks`), so here the chain
@@ -11,15 +12,16 @@ goes: the LSTM node reads the parameters themselves, told which block holds whic
 chain's nodes, which compute nothing but that layout, leave the graph. The results and every
 parameter's gradient are the same (the tests compare both against onnxruntime and torch).
 
-Only the exact pattern is folded (constant Slice bounds on whole H-blocks of one parameter
-along axis 0, forming a permutation shared by W, R and both biases; every intermediate value
-read by the chain alone); anything else keeps its nodes and runs as exported.
+Only the exact pattern is folded (Slice bounds known before any input (StaticValues) on whole
+H-blocks of one parameter along axis 0, forming a permutation shared by W, R and both biases;
+every intermediate value read by the chain alone); anything else keeps its nodes and runs as
+exported.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,20 +56,23 @@ def fold_lstm_weight_reorders(
     constants: Mapping[str, Any],
     state: Mapping[str, Tensor],
     graph_outputs: Sequence[str],
+    static_dims: Callable[[], Mapping[str, list[int | None]]] = dict,
 ) -> list[Node]:
     """`nodes` with each single-direction LSTM that reads its weights through the exporter's
     reordering chain rewired to the parameters (see the module docstring). `state`: the
-    graph's parameters and buffers; `constants`: its small constant values."""
+    graph's parameters and buffers; `constants`: its small constant values; `static_dims`:
+    called at most once, the dims ONNX shape inference gives each value (None: not static)."""
     producers = {out: node for node in nodes for out in node.outputs if out}
     readers = Counter(name for node in nodes for name in node.inputs if name)
     readers.update(graph_outputs)
     dropped: set[int] = set()
+    values = StaticValues(producers, constants, static_dims)
     for node in nodes:
         if node.op_type != "LSTM" or not isinstance(node.fn, RecurrentFn):
             continue
         if node.fn.settings.directions != 1 or len(node.inputs) < 3:
             continue
-        found = _match_lstm(node, _Lookup(producers, constants, state))
+        found = _match_lstm(node, _Lookup(producers, values, state))
         if found is None:
             continue
         params, blocks, chain = found
@@ -84,9 +89,74 @@ class _Lookup:
     """What the matcher reads, and the chain nodes it has walked through."""
 
     producers: Mapping[str, Node]
-    constants: Mapping[str, Any]
+    values: StaticValues
     state: Mapping[str, Tensor]
     chain: list[Node] = field(default_factory=list)
+
+
+class StaticValues:
+    """Small integer values known before any input: the folded constants, and what the
+    dynamo exporter computes from shapes that do not depend on the input (its LSTM weight
+    slices end at `Shape(zeros)[2:3]`, the hidden size of an initial state, times 1..4).
+
+    A `Shape` is known where ONNX's own shape inference (with data propagation) gives static
+    dims for its input; the arithmetic after it is evaluated with the nodes' own functions.
+    Inference runs at most once, on the first Shape asked for (`static_dims` is lazy).
+    """
+
+    # ops whose small-integer results are evaluated once their inputs are known
+    EVALUATED = frozenset(
+        {"Add", "Sub", "Mul", "Div", "Concat", "Unsqueeze", "Squeeze", "Gather", "Slice"}
+        | {"Cast", "Identity", "Reshape"}
+    )
+
+    def __init__(
+        self,
+        producers: Mapping[str, Node],
+        constants: Mapping[str, Any],
+        static_dims: Callable[[], Mapping[str, list[int | None]]],
+    ) -> None:
+        self.producers = producers
+        self.constants = constants
+        self._static_dims = static_dims
+        self._dims: Mapping[str, list[int | None]] | None = None
+        self._known: dict[str, Tensor | None] = {}
+
+    def get(self, name: str, depth: int = 0) -> Tensor | None:
+        if name in self.constants:
+            value = self.constants[name]
+            return value if isinstance(value, Tensor) else None
+        if name not in self._known:
+            self._known[name] = self._evaluate(name, depth)
+        return self._known[name]
+
+    def _evaluate(self, name: str, depth: int) -> Tensor | None:
+        node = self.producers.get(name)
+        if node is None or depth > 16 or len(node.outputs) != 1:
+            return None
+        if node.op_type == "Shape":
+            return self._shape(node)
+        if node.op_type not in self.EVALUATED:
+            return None
+        args = [self.get(n, depth + 1) if n else None for n in node.inputs]
+        if any(a is None for a, n in zip(args, node.inputs, strict=True) if n):
+            return None
+        with torch.no_grad():
+            value = node.fn(*args)
+        small = isinstance(value, Tensor) and value.numel() <= 64
+        return value if small and not value.dtype.is_floating_point else None
+
+    def _shape(self, node: Node) -> Tensor | None:
+        if self._dims is None:
+            self._dims = self._static_dims()
+        dims = self._dims.get(node.inputs[0])
+        if dims is None:
+            return None
+        start, end = node.attrs.get("start", 0), node.attrs.get("end")
+        wanted = dims[start:end]
+        if any(d is None for d in wanted):
+            return None
+        return torch.tensor(wanted, dtype=torch.int64)
 
 
 def _match_lstm(node: Node, look: _Lookup) -> tuple[list[str], list[int], list[Node]] | None:
@@ -118,7 +188,7 @@ def _unsqueezed(name: str, look: _Lookup) -> str | None:
         return None
     axes = node.attrs.get("axes")
     if axes is None and len(node.inputs) > 1:
-        axes = _ints(look.constants.get(node.inputs[1]))
+        axes = _ints(look.values.get(node.inputs[1]))
     if axes is None or list(axes) != [0]:
         return None
     look.chain.append(node)
@@ -143,7 +213,7 @@ def _reorder(name: str | None, look: _Lookup) -> tuple[str, list[int]] | None:
     rows: list[tuple[int, int]] = []
     for piece in pieces:
         node = look.producers.get(piece)
-        bounds = None if node is None else _slice_rows(node, look.constants)
+        bounds = None if node is None else _slice_rows(node, look.values)
         if node is None or bounds is None:
             return None
         sources.add(node.inputs[0])
@@ -160,17 +230,20 @@ def _reorder(name: str | None, look: _Lookup) -> tuple[str, list[int]] | None:
     return (source, order) if source is not None and sorted(order) == [0, 1, 2, 3] else None
 
 
-def _slice_rows(node: Node, constants: Mapping[str, Any]) -> tuple[int, int] | None:
-    """(start, end) of a Slice on axis 0 with step 1 and constant, non-negative bounds."""
+def _slice_rows(node: Node, values: StaticValues) -> tuple[int, int] | None:
+    """(start, end) of a Slice on axis 0 with step 1 and static, non-negative bounds."""
     if node.op_type != "Slice":
         return None
     if "starts" in node.attrs:  # opset < 10: bounds are attributes
         starts, ends = node.attrs.get("starts"), node.attrs.get("ends")
         axes, steps = node.attrs.get("axes"), None
     else:
-        if len(node.inputs) < 3 or any(n and n not in constants for n in node.inputs[1:5]):
+        bound_names = node.inputs[1:5]
+        named = [values.get(n) if n else None for n in bound_names]
+        if len(node.inputs) < 3 or any(
+            v is None for v, n in zip(named, bound_names, strict=True) if n
+        ):
             return None
-        named = [constants.get(n) if n else None for n in node.inputs[1:5]]
         starts, ends = _ints(named[0]), _ints(named[1])
         axes = _ints(named[2]) if len(named) > 2 else None
         steps = _ints(named[3]) if len(named) > 3 else None

@@ -7,6 +7,8 @@ own copy, loaded from the same bytes.)"""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import onnx
 import pytest
@@ -53,12 +55,18 @@ def _check_against_references(module: nn.Module, data: bytes, x: torch.Tensor) -
         torch.testing.assert_close(graph.parameter(name).grad, param.grad, rtol=2e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("bias", [True, False])
-def test_legacy_lstm_reads_its_parameters_directly(bias: bool) -> None:
+@pytest.mark.parametrize(
+    ("bias", "dynamo"),
+    [(True, False), (False, False), (True, True)],
+    ids=["legacy", "legacy-nobias", "dynamo"],
+)
+def test_an_exported_lstm_reads_its_parameters_directly(bias: bool, dynamo: bool) -> None:
+    """Legacy exports slice with constant bounds; dynamo's bounds are H·k with H read from the
+    shape of an initial state (known by shape inference)."""
     torch.manual_seed(0)
     module = TwoLayerLSTM(bias=bias).train()
     x = torch.randn(4, 7, 5)
-    data = to_onnx(module, x)
+    data = to_onnx(module, x, dynamo=dynamo)
     model = load_onnx(data)
     graph = convert(model, mode="train")
     lstms = [n for n in graph.nodes if n.op_type == "LSTM"]
@@ -106,13 +114,15 @@ def test_a_chain_value_read_elsewhere_keeps_the_chain() -> None:
         np.testing.assert_allclose(got.detach().numpy(), want, rtol=1e-4, atol=1e-5)
 
 
-def _hand_built_lstm(pieces: list[tuple[int, int]]) -> onnx.ModelProto:
-    """An LSTM whose W and R are Unsqueeze(Concat(Slice(param, piece) for each piece))."""
+def _hand_built_lstm(pieces: list[tuple[int, int]], x_dims: list[Any]) -> onnx.ModelProto:
+    """An LSTM whose W and R are Unsqueeze(Concat(Slice(param, piece) for each piece)), except
+    that the first piece of W ends at Shape(x)[1] (the batch size, 2 at run time)."""
     hidden, inputs = 2, 3
     rng = np.random.default_rng(0)
     w = rng.standard_normal((4 * hidden, inputs)).astype(np.float32)
     r = rng.standard_normal((4 * hidden, hidden)).astype(np.float32)
-    nodes, inits = [], [numpy_helper.from_array(w, "w"), numpy_helper.from_array(r, "r")]
+    nodes = [helper.make_node("Shape", ["x"], ["batch"], start=1, end=2)]
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(r, "r")]
     inits.append(numpy_helper.from_array(np.array([0], dtype=np.int64), "axis0"))
     for param in ("w", "r"):
         sliced = []
@@ -122,10 +132,9 @@ def _hand_built_lstm(pieces: list[tuple[int, int]]) -> onnx.ModelProto:
                     numpy_helper.from_array(np.array([value], np.int64), f"{param}{bound}{k}")
                 )
             sliced.append(f"{param}_piece{k}")
+            end_name = "batch" if (param, k) == ("w", 0) else f"{param}e{k}"
             nodes.append(
-                helper.make_node(
-                    "Slice", [param, f"{param}s{k}", f"{param}e{k}", "axis0"], [sliced[-1]]
-                )
+                helper.make_node("Slice", [param, f"{param}s{k}", end_name, "axis0"], [sliced[-1]])
             )
         nodes.append(helper.make_node("Concat", sliced, [f"{param}_cat"], axis=0))
         nodes.append(helper.make_node("Unsqueeze", [f"{param}_cat", "axis0"], [f"{param}_3d"]))
@@ -133,7 +142,7 @@ def _hand_built_lstm(pieces: list[tuple[int, int]]) -> onnx.ModelProto:
     graph = helper.make_graph(
         nodes,
         "hand",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 2, inputs])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_dims)],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
         inits,
     )
@@ -143,16 +152,19 @@ def _hand_built_lstm(pieces: list[tuple[int, int]]) -> onnx.ModelProto:
 
 
 @pytest.mark.parametrize(
-    ("pieces", "folded"),
+    ("pieces", "x_dims", "folded"),
     [
-        ([(0, 2), (6, 8), (2, 6)], True),  # torch's order, as the exporter writes it
-        ([(4, 8), (0, 4)], True),  # any permutation of whole blocks
-        ([(0, 2), (0, 2), (2, 6)], False),  # a block twice, one missing
-        ([(0, 3), (3, 8)], False),  # not on block boundaries
+        ([(0, 2), (6, 8), (2, 6)], [4, 2, 3], True),  # torch's order, as the exporter writes it
+        ([(0, 2), (2, 8)], [4, 2, 3], True),  # the identity is a permutation too
+        ([(0, 2), (6, 8), (2, 6)], [4, "batch", 3], False),  # a bound known only at run time
+        ([(0, 2), (0, 2), (2, 6)], [4, 2, 3], False),  # a block twice, one missing
+        ([(0, 2), (2, 3), (3, 8)], [4, 2, 3], False),  # not on block boundaries
     ],
 )
-def test_only_whole_block_permutations_fold(pieces: list[tuple[int, int]], folded: bool) -> None:
-    data = _hand_built_lstm(pieces).SerializeToString()
+def test_only_whole_block_permutations_fold(
+    pieces: list[tuple[int, int]], x_dims: list[Any], folded: bool
+) -> None:
+    data = _hand_built_lstm(pieces, x_dims).SerializeToString()
     graph = convert(load_onnx(data), mode="train")
     (lstm,) = [n for n in graph.nodes if n.op_type == "LSTM"]
     assert isinstance(lstm.fn, DirectWeightsLSTM) is folded
