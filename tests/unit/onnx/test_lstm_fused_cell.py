@@ -183,3 +183,16 @@ def test_a_repeated_shape_replays_captured_graphs_with_the_eager_results(
         for a, b in zip(eager, replayed, strict=True):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     assert key in lstm_cuda_graphs.captured_shapes()
+
+
+def test_fused_cell_path_takes_torchs_gate_order_as_is(emulated_kernels: list[str]) -> None:
+    """Weights already in torch's order (a folded export: gate_blocks [0, 3, 1, 2]) skip the
+    reordering and give what the same weights gathered into ONNX's order give."""
+    X, W, R, b, h0, c0 = _args(torch.float64)
+    onnx_rows = torch.cat([torch.arange(k * 3, (k + 1) * 3) for k in (0, 3, 1, 2)])
+    expected = lstm_sequence(X, W[onnx_rows], R[onnx_rows], b[onnx_rows], h0, c0)
+    got = lstm_sequence(X, W, R, b, h0, c0, gate_blocks=[0, 3, 1, 2])
+    for a, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, e)
+    assert lstm_fused_cell._torch_gate_order(3, X.device, [0, 3, 1, 2]) is None
+    assert emulated_kernels.count("forward") == 2 * 5
