@@ -141,8 +141,11 @@ class StaticValues:
         args = [self.get(n, depth + 1) if n else None for n in node.inputs]
         if any(a is None for a, n in zip(args, node.inputs, strict=True) if n):
             return None
-        with torch.no_grad():
-            value = node.fn(*args)
+        try:
+            with torch.no_grad():
+                value = node.fn(*args)
+        except Exception:  # left to fail, with its message, at run time (as _fold_constants)
+            return None
         small = isinstance(value, Tensor) and value.numel() <= 64
         return value if small and not value.dtype.is_floating_point else None
 
