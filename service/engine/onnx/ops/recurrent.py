@@ -286,9 +286,9 @@ class RecurrentFn:
             ys.append(y)
             last_h.append(h)
             last_c.append(c)
-        Y = torch.stack(ys, 1)  # [seq, dirs, batch, hidden]
-        Y_h = torch.stack(last_h, 0)  # [dirs, batch, hidden]
-        Y_c = None if last_c[0] is None else torch.stack(last_c, 0)  # type: ignore[arg-type]
+        Y = _stacked(ys, 1)  # [seq, dirs, batch, hidden]
+        Y_h = _stacked(last_h, 0)  # [dirs, batch, hidden]
+        Y_c = None if last_c[0] is None else _stacked(last_c, 0)  # type: ignore[arg-type]
         if s.layout == 1:
             Y = Y.permute(2, 0, 1, 3)  # [batch, seq, dirs, hidden]
             Y_h = Y_h.transpose(0, 1)
@@ -508,6 +508,13 @@ def _default_lstm_step(R: Tensor, f: Any, g: Any, h_act: Any) -> Step:
         return o * h_act(c_new), c_new
 
     return step
+
+
+def _stacked(per_direction: Sequence[Tensor], dim: int) -> Tensor:
+    """torch.stack; for one direction a view (no copy forward, none backward)."""
+    if len(per_direction) == 1:
+        return per_direction[0].unsqueeze(dim)
+    return torch.stack(list(per_direction), dim)
 
 
 def _direction(weights: Tensor, d: int) -> Tensor:
