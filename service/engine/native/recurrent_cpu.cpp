@@ -3,12 +3,12 @@
 //
 // Why C++: the Python loop pays interpreter and dispatcher cost for each of its ~7 torch calls
 // per forward step and ~5 per backward step; at training-sized hidden states that is a quarter
-// of the time, at small ones half. Here each step is one matrix product and the transcendental
-// activations through torch's vectorised kernels; the cell update and the whole backward step
-// are plain loops over the batch rows. The products are addmm with both operands row-major
-// (h·Rᵀ as h·[Rᵀ copied once per call]): MKL was 1.5-3x slower on a transposed view, and as fast
-// as a packed oneDNN weight on the plain layout. The steps still run one at a time, so the
-// gradient reaching every step's hidden state is returned.
+// of the time, at small ones half. Here an LSTM step is one matrix product and one vectorised
+// pass over the batch rows each way (activations, cell update; the gate gradients), GRU and RNN
+// steps a product, torch's activation kernels and plain loops. The products are addmm with both
+// operands row-major (h·Rᵀ as h·[Rᵀ transposed once per call]): MKL was 1.5-3x slower on a
+// transposed view, and as fast as a packed oneDNN weight on the plain layout. The steps still
+// run one at a time, so the gradient reaching every step's hidden state is returned.
 //
 // Gate blocks: `gate_blocks` gives, for i, o, f, c (ONNX's names), which H-wide block of the
 // 4H gate axis holds that gate: {0, 1, 2, 3} for ONNX's order i, o, f, c, {0, 3, 1, 2} for
