@@ -100,7 +100,7 @@ def _enabled() -> bool:
 def _loaded(name: str) -> ModuleType | None:
     library = _library(name)
     if not library.exists():
-        log.info(
+        log.warning(  # an installation gap that only shows as slowness: say it once
             "the C++ %s code is not built for this torch (%s); using the Python ones "
             "(same results, slower): run `gradhealth build-native`",
             name,
