@@ -4,18 +4,19 @@ torch.onnx's exporters write the weights of each `nn.LSTM` layer as
     W = Unsqueeze(Concat(Slice(weight_ih, 0:H), Slice(weight_ih, 3H:4H), Slice(weight_ih, H:3H)))
 (torch's gate order i, f, g, o gathered into ONNX's i, o, f, c; dynamo slices four blocks and
 computes the bounds as H·k from the shape of an initial state), R the same from weight_hh, and
-B as Unsqueeze(Concat(the same of bias_ih, the same of bias_hh)). Run as written, that chain
-copies every weight on each call, and its backward zero-fills and adds a full-size gradient per
-Slice: ~0.37 ms per layer per training step for hidden 128, about a fifth of a 2-layer LSTM's
-whole step. The LSTM computes in any gate order (`RecurrentFn.gate_blocks`), so here the chain
+B as Unsqueeze(Concat(the same of bias_ih, the same of bias_hh)); a bidirectional layer
+concatenates both directions' (Concat(Unsqueeze(forward), Unsqueeze(reverse))). Run as written,
+that chain copies every weight on each call, and its backward zero-fills and adds a full-size
+gradient per Slice: ~0.37 ms per layer per training step for hidden 128, about a fifth of a
+2-layer LSTM's whole step. The LSTM computes in any gate order (`RecurrentFn.gate_blocks`), so here the chain
 goes: the LSTM node reads the parameters themselves, told which block holds which gate, and the
 chain's nodes, which compute nothing but that layout, leave the graph. The results and every
 parameter's gradient are the same (the tests compare both against onnxruntime and torch).
 
 Only the exact pattern is folded (Slice bounds known before any input (StaticValues) on whole
-H-blocks of one parameter along axis 0, forming a permutation shared by W, R and both biases;
-every intermediate value read by the chain alone); anything else keeps its nodes and runs as
-exported.
+H-blocks of one parameter along axis 0, forming a permutation shared by W, R and both biases of
+every direction; every intermediate value read by the chain alone); anything else keeps its
+nodes and runs as exported.
 """
 
 from __future__ import annotations
@@ -36,19 +37,28 @@ _W, _R, _B = 1, 2, 3
 
 
 class DirectWeightsLSTM:
-    """The NodeFn of a rewired LSTM node: (X, weight_ih, weight_hh, bias_ih, bias_hh, *the
-    node's other inputs) → the LSTM's outputs, the weights in their own gate order."""
+    """The NodeFn of a rewired LSTM node with D directions: (X, weight_ih × D, weight_hh × D,
+    (bias_ih, bias_hh) × D, *the node's other inputs) → the LSTM's outputs, the weights in their
+    own gate order."""
 
-    def __init__(self, inner: RecurrentFn) -> None:
+    def __init__(self, inner: RecurrentFn, directions: int) -> None:
         self.inner = inner
+        self.directions = directions
 
-    def __call__(
-        self, X: Tensor, w: Tensor, r: Tensor, b_ih: Tensor | None, b_hh: Tensor | None, *rest: Any
-    ) -> Any:
+    def __call__(self, X: Tensor, *args: Any) -> Any:
+        d = self.directions
+        ws, rs, biases, rest = args[:d], args[d : 2 * d], args[2 * d : 4 * d], args[4 * d :]
         bias = None
-        if b_ih is not None and b_hh is not None:
-            bias = torch.cat([b_ih, b_hh]).unsqueeze(0)  # ONNX's B row: Wb then Rb
-        return self.inner(X, w.unsqueeze(0), r.unsqueeze(0), bias, *rest)
+        if all(b is not None for b in biases):  # ONNX's B rows: Wb then Rb per direction
+            bias = _stacked([torch.cat(biases[2 * k : 2 * k + 2]) for k in range(d)])
+        return self.inner(X, _stacked(ws), _stacked(rs), bias, *rest)
+
+
+def _stacked(per_direction: Sequence[Tensor]) -> Tensor:
+    """[D, ...]; for one direction a view."""
+    if len(per_direction) == 1:
+        return per_direction[0].unsqueeze(0)
+    return torch.stack(list(per_direction))
 
 
 def fold_lstm_weight_reorders(
@@ -70,7 +80,7 @@ def fold_lstm_weight_reorders(
     for node in nodes:
         if node.op_type != "LSTM" or not isinstance(node.fn, RecurrentFn):
             continue
-        if node.fn.settings.directions != 1 or len(node.inputs) < 3:
+        if len(node.inputs) < 3:
             continue
         found = _match_lstm(node, _Lookup(producers, values, state))
         if found is None:
@@ -78,7 +88,7 @@ def fold_lstm_weight_reorders(
         params, blocks, chain = found
         if not _private(chain, node, readers) or not use_gate_blocks(node.fn, blocks):
             continue
-        node.fn = DirectWeightsLSTM(node.fn)
+        node.fn = DirectWeightsLSTM(node.fn, node.fn.settings.directions)
         node.inputs = [node.inputs[0], *params, *node.inputs[4:]]
         dropped.update(id(n) for n in chain)
     return [n for n in nodes if id(n) not in dropped]
@@ -163,25 +173,43 @@ class StaticValues:
 
 
 def _match_lstm(node: Node, look: _Lookup) -> tuple[list[str], list[int], list[Node]] | None:
-    """([weight_ih, weight_hh, bias_ih, bias_hh] ("" for no bias), gate blocks, chain nodes)."""
-    w = _reorder(_unsqueezed(node.inputs[_W], look), look)
-    r = _reorder(_unsqueezed(node.inputs[_R], look), look)
-    if w is None or r is None or w[1] != r[1]:
+    """([weight_ih × D, weight_hh × D, (bias_ih, bias_hh) × D] ("" for no bias), gate blocks,
+    chain nodes) for D directions."""
+    directions = node.fn.settings.directions if isinstance(node.fn, RecurrentFn) else 0
+    weights: list[tuple[str, list[int]]] = []
+    for slot in (_W, _R):
+        for inner in _per_direction(node.inputs[slot], directions, look):
+            weight = _reorder(inner, look)
+            if weight is None:
+                return None
+            weights.append(weight)
+    blocks = weights[0][1]
+    if any(order != blocks for _, order in weights):
         return None
-    params, blocks = [w[0], r[0]], w[1]
+    params = [name for name, _ in weights]
     bias_name = node.inputs[_B] if len(node.inputs) > _B else ""
-    if bias_name:
-        halves = _concat_inputs(_unsqueezed(bias_name, look), look)
+    if not bias_name:
+        return [*params, *[""] * (2 * directions)], blocks, look.chain
+    for both in _per_direction(bias_name, directions, look):
+        halves = _concat_inputs(both, look)
         if halves is None or len(halves) != 2:
             return None
         for half in halves:
-            b = _reorder(half, look)
-            if b is None or b[1] != blocks:
+            bias = _reorder(half, look)
+            if bias is None or bias[1] != blocks:
                 return None
-            params.append(b[0])
-    else:
-        params += ["", ""]
+            params.append(bias[0])
     return params, blocks, look.chain
+
+
+def _per_direction(name: str, directions: int, look: _Lookup) -> list[str | None]:
+    """The per-direction values an LSTM input [D, ...] is made of: Unsqueeze(v) for one
+    direction, Concat(Unsqueeze(forward), Unsqueeze(reverse)) on axis 0 for two; [None] when
+    it is made otherwise (the callers' matching then fails on it)."""
+    pieces = [name] if directions == 1 else _concat_inputs(name, look) if directions == 2 else None
+    if pieces is None or len(pieces) != directions:
+        return [None]
+    return [_unsqueezed(piece, look) for piece in pieces]
 
 
 def _unsqueezed(name: str, look: _Lookup) -> str | None:

@@ -83,13 +83,18 @@ def test_an_exported_lstm_reads_its_parameters_directly(bias: bool, dynamo: bool
     _check_against_references(module, data, x)
 
 
-def test_bidirectional_lstm_keeps_its_chain_and_stays_correct() -> None:
+@pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
+def test_a_bidirectional_lstm_reads_both_directions_parameters(dynamo: bool) -> None:
+    """W = Concat(Unsqueeze(forward chain), Unsqueeze(reverse chain)): each direction's
+    parameters, `_reverse` ones included, feed the node directly."""
     torch.manual_seed(1)
     module = TwoLayerLSTM(bidirectional=True).train()
     x = torch.randn(3, 4, 5)
-    data = to_onnx(module, x)
+    data = to_onnx(module, x, dynamo=dynamo)
     graph = convert(load_onnx(data), mode="train")
-    assert all(isinstance(n.fn, RecurrentFn) for n in graph.nodes if n.op_type == "LSTM")
+    lstms = [n for n in graph.nodes if n.op_type == "LSTM"]
+    assert all(isinstance(n.fn, DirectWeightsLSTM) and n.fn.directions == 2 for n in lstms)
+    assert lstms[1].inputs[1:3] == ["lstm.weight_ih_l1", "lstm.weight_ih_l1_reverse"]
     _check_against_references(module, data, x)
 
 
