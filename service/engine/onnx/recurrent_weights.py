@@ -8,9 +8,9 @@ B as Unsqueeze(Concat(the same of bias_ih, the same of bias_hh)); a bidirectiona
 concatenates both directions' (Concat(Unsqueeze(forward), Unsqueeze(reverse))). Run as written,
 that chain copies every weight on each call, and its backward zero-fills and adds a full-size
 gradient per Slice: ~0.37 ms per layer per training step for hidden 128, about a fifth of a
-2-layer LSTM's whole step. The LSTM computes in any gate order (`RecurrentFn.gate_blocks`), so here the chain
-goes: the LSTM node reads the parameters themselves, told which block holds which gate, and the
-chain's nodes, which compute nothing but that layout, leave the graph. The results and every
+2-layer LSTM's whole step. The LSTM computes in any gate order (`RecurrentFn.gate_blocks`), so
+here the chain goes: the LSTM node reads the parameters themselves, told which block holds which
+gate, and the chain's nodes, which compute nothing but that layout, leave the graph. The results and every
 parameter's gradient are the same (the tests compare both against onnxruntime and torch).
 
 Only the exact pattern is folded (Slice bounds known before any input (StaticValues) on whole
