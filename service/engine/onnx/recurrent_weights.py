@@ -10,8 +10,9 @@ that chain copies every weight on each call, and its backward zero-fills and add
 gradient per Slice: ~0.37 ms per layer per training step for hidden 128, about a fifth of a
 2-layer LSTM's whole step. The LSTM computes in any gate order (`RecurrentFn.gate_blocks`), so
 here the chain goes: the LSTM node reads the parameters themselves, told which block holds which
-gate, and the chain's nodes, which compute nothing but that layout, leave the graph. The results and every
-parameter's gradient are the same (the tests compare both against onnxruntime and torch).
+gate, and the chain's nodes, which compute nothing but that layout, leave the graph. The results
+and every parameter's gradient are the same (the tests compare both against onnxruntime and
+torch).
 
 Only the exact pattern is folded (Slice bounds known before any input (StaticValues) on whole
 H-blocks of one parameter along axis 0, forming a permutation shared by W, R and both biases of
