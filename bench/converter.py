@@ -1,10 +1,11 @@
 """Speed of the ONNX converter's output against the original torch module, and conversion time.
 
-    .venv/bin/python bench/converter.py [--device cpu|cuda] [--repeats 20] [--quick]
+    .venv/bin/python bench/converter.py [--device cpu|cuda] [--repeats 20] [--quick] [--dynamo]
     .venv/bin/python bench/converter.py --host-overhead [--threads 1]
 
 For a ResNet-style CNN, a transformer encoder and an LSTM (when the recurrent ops are
-registered): each module is exported with the legacy exporter in TRAINING mode, converted in
+registered): each module is exported with the legacy exporter in TRAINING mode (`--dynamo`:
+with the dynamo exporter, torch's default, its ONNX optimizer off), converted in
 `train` mode, and the median forward+backward time of the converted graph is divided by the
 original module's, both on the same device, measured alternately in one process.
 Then the conversion time (bytes → ModelProto → ObservableGraph) of a ~300 MB wide MLP.
@@ -94,12 +95,13 @@ def compare(
     device: torch.device,
     repeats: int,
     only: str = "",
+    dynamo: bool = False,
 ) -> float | None:
     """Print and return the converted/original time ratio; None when `only` excludes the row."""
     if only not in name:
         return None
     module.train()
-    data = to_onnx(module, x)
+    data = to_onnx(module, x, dynamo=dynamo)
     graph = convert(load_onnx(data), mode="train").to(device)
     module = module.to(device)
     xd = x.to(device)
@@ -267,6 +269,11 @@ def main() -> None:
     parser.add_argument("--only", default="", help="run only the rows whose name contains this")
     parser.add_argument("--skip-conversion", action="store_true", help="no conversion timing")
     parser.add_argument(
+        "--dynamo",
+        action="store_true",
+        help="export with torch.onnx's dynamo exporter (default: the legacy one, TRAINING mode)",
+    )
+    parser.add_argument(
         "--size",
         choices=["auto", "small", "reference"],
         default="auto",
@@ -303,7 +310,15 @@ def main() -> None:
         encoder = TransformerEncoder(dim=64 * scale, heads=4, layers=4, ffn=256 * scale)
         tokens = (encoder, torch.randn(8, 32, 64 * scale), "")
     torch.manual_seed(0)
-    compare(f"resnet-style CNN {cnn[2]}".strip(), cnn[0], cnn[1], device, args.repeats, args.only)
+    compare(
+        f"resnet-style CNN {cnn[2]}".strip(),
+        cnn[0],
+        cnn[1],
+        device,
+        args.repeats,
+        args.only,
+        args.dynamo,
+    )
     torch.manual_seed(0)
     compare(
         f"transformer encoder {tokens[2]}".strip(),
@@ -312,6 +327,7 @@ def main() -> None:
         device,
         args.repeats,
         args.only,
+        args.dynamo,
     )
     if lookup("LSTM", "", 14) is None:
         print("lstm                   skipped: the recurrent ops (LSTM) are not registered yet")
@@ -324,6 +340,7 @@ def main() -> None:
             device,
             args.repeats,
             args.only,
+            args.dynamo,
         )
         # a training-sized LSTM: the small one above is bound by per-op overhead, this one by
         # its products (hidden 512, batch 32, 50 steps; --quick: a quarter of each)
@@ -335,6 +352,7 @@ def main() -> None:
             device,
             max(3, args.repeats // 3),
             args.only,
+            args.dynamo,
         )
     if not args.skip_conversion:
         conversion_time(30 if args.quick else 300)
