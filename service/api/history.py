@@ -64,6 +64,16 @@ def parse_timestamp(value: str | None, parameter: str) -> datetime | None:
     return moment.astimezone(UTC)
 
 
+# What `GET /v1/models/{id}/history?layers=` accepts (model_history's docstring).
+LAYER_VIEWS = ("all", "flagged", "none")
+
+
+def parse_layer_view(value: str) -> str:
+    if value not in LAYER_VIEWS:
+        raise BadInputError(f"layers must be one of {', '.join(LAYER_VIEWS)}, not {value!r}")
+    return value
+
+
 def model_history(
     session: Session,
     tenant_id: str,
@@ -74,8 +84,14 @@ def model_history(
     batch_id: str | None = None,
     after: Cursor | None = None,
     limit: int = 50,
+    layers: str = "all",
 ) -> ModelHistory:
-    """One page of the history of `model_id`'s name (404 for another tenant's model)."""
+    """One page of the history of `model_id`'s name (404 for another tenant's model).
+
+    `layers`: which per-layer parts each entry carries (LAYER_VIEWS): `all`, `flagged` (the
+    layers flagged or added since the older entry, in `layers` and in `changes.layers`), `none`
+    (no per-layer figures; `changes` still names the flagged, added and removed layers)."""
+    parse_layer_view(layers)
     if since is not None and until is not None and since >= until:
         raise BadInputError(
             f"since ({since.isoformat()}) must be earlier than until ({until.isoformat()})"
@@ -95,7 +111,7 @@ def model_history(
     entries = []
     for index, row in enumerate(page):
         older = compared[index + 1] if index + 1 < len(compared) else None
-        entries.append(history_entry(row, digests, older))
+        entries.append(history_entry(row, digests, older, layers))
     return ModelHistory(
         model_id=model.id,
         name=model.name,
@@ -106,7 +122,10 @@ def model_history(
 
 
 def history_entry(
-    row: HistoryRow, digests: dict[str, ReportDigest], older: HistoryRow | None
+    row: HistoryRow,
+    digests: dict[str, ReportDigest],
+    older: HistoryRow | None,
+    layer_view: str = "all",
 ) -> HistoryEntry:
     digest = digests.get(row.diagnosis_id, NO_DIGEST)
     findings = [finding_brief(f) for f in digest.findings]
@@ -119,6 +138,12 @@ def history_entry(
             before=([finding_brief(f) for f in before.findings], before.layers),
             after=(findings, digest.layers),
         )
+    if layer_view != "all":
+        moved = set() if changes is None else {*changes["flagged_layers"], *changes["layers_added"]}
+        keep = (lambda name: name in moved) if layer_view == "flagged" else (lambda name: False)
+        layers = [layer for layer in layers if keep(layer["name"])]
+        if changes is not None:
+            changes["layers"] = [change for change in changes["layers"] if keep(change["name"])]
     # Per-layer parts are plain dicts validated in one pass with the entry: a page can hold
     # tens of thousands of them, and a model constructor call per layer costs twice as much.
     return HistoryEntry.model_validate(

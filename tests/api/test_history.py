@@ -185,6 +185,41 @@ def test_versions_compared_per_layer_from_real_reports(
     assert back["flagged_layers"] == change["flagged_layers"]
 
 
+def test_layer_views_keep_what_moved_or_nothing(
+    client: TestClient, backend: Backend, cases: dict[str, Any]
+) -> None:
+    """`layers=flagged`: each entry's layers and layer changes cut to the flagged and added
+    layers; `layers=none`: no per-layer figures; everything else as with `layers=all`."""
+    calm_model, calm = cases["calm"]
+    jumped = copy.deepcopy(calm)  # the same model again, one layer's gradient 20× larger
+    layer(jumped, "fc3")["grad_norm"] *= 20
+    batch_id = upload_batch(client, cases["batch"])
+    v1, v2 = upload(client, calm_model), upload(client, calm_model)
+    for i, (version, report) in enumerate([(v1, calm), (v2, jumped)]):
+        succeed(backend, client, version["id"], batch_id, report, T0 + timedelta(hours=i))
+    full = history(client, v1["id"])
+    flagged = history(client, v1["id"], layers="flagged")
+    bare = history(client, v1["id"], layers="none")
+    assert full["items"][0]["changes"]["flagged_layers"] == ["fc3"]
+    assert len(full["items"][0]["layers"]) == len(calm["layers"]) > 1
+    newest = flagged["items"][0]
+    assert [x["name"] for x in newest["layers"]] == ["fc3"]
+    assert newest["layers"][0] == full["items"][0]["layers"][3]
+    assert [x["name"] for x in newest["changes"]["layers"]] == ["fc3"]
+    assert flagged["items"][1]["layers"] == []  # the oldest: nothing to compare with
+    assert all(entry["layers"] == [] for entry in bare["items"])
+    assert bare["items"][0]["changes"]["layers"] == []
+    for view in (flagged, bare):  # the rest of each entry is the full view's
+        for entry, whole in zip(view["items"], full["items"], strict=True):
+            assert {k: v for k, v in entry.items() if k not in ("layers", "changes")} == {
+                k: v for k, v in whole.items() if k not in ("layers", "changes")
+            }
+            if whole["changes"] is not None:
+                assert {k: v for k, v in entry["changes"].items() if k != "layers"} == {
+                    k: v for k, v in whole["changes"].items() if k != "layers"
+                }
+
+
 def test_severity_change_and_non_finite_norms(
     client: TestClient, backend: Backend, cases: dict[str, Any]
 ) -> None:
@@ -344,6 +379,7 @@ def test_a_model_without_diagnoses_has_an_empty_history(
         ({"until": "2026-13-01"}, "until"),
         ({"since": "2026-11-01T09:00:00 00:00"}, "%2B"),  # an unencoded '+' became a space
         ({"since": "2026-11-02T00:00:00Z", "until": "2026-11-01T00:00:00Z"}, "until"),
+        ({"layers": "some"}, "layers"),
     ],
 )
 def test_bad_parameters_are_422_naming_them(

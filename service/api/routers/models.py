@@ -16,7 +16,12 @@ from service.api.deps import (
     TenantDep,
     in_read_session,
 )
-from service.api.history import LAYER_CHANGE_FACTOR, model_history, parse_timestamp
+from service.api.history import (
+    LAYER_CHANGE_FACTOR,
+    model_history,
+    parse_layer_view,
+    parse_timestamp,
+)
 from service.api.operations import create_model, get_model, model_name
 from service.api.presenters import model_out
 from service.api.schemas import ErrorResponse, ModelHistory, ModelOut, ModelPage
@@ -184,9 +189,19 @@ async def read_model_history(
     ] = None,
     cursor: CursorQuery = None,
     limit: LimitQuery = 50,
+    layers: Annotated[
+        str,
+        Query(
+            description="per-layer parts of each entry: `all`; `flagged`, only the layers "
+            "flagged or added since the older entry (in `layers` and `changes.layers`); `none`, "
+            "no per-layer figures (a big model's page shrinks from megabytes to kilobytes; "
+            "`changes` still names the flagged, added and removed layers)"
+        ),
+    ] = "all",
 ) -> Response:
     after = parse_cursor(cursor)
     window = parse_timestamp(since, "since"), parse_timestamp(until, "until")
+    layer_view = parse_layer_view(layers)
 
     def page(session: Session) -> bytes:
         history = model_history(
@@ -198,6 +213,7 @@ async def read_model_history(
             batch_id=batch_id,
             after=after,
             limit=limit,
+            layers=layer_view,
         )
         return history.model_dump_json().encode()
 
