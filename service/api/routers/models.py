@@ -194,7 +194,7 @@ async def read_model_history(
         Query(
             description="per-layer parts of each entry: `all`; `flagged`, only the layers "
             "flagged or added since the older entry (in `layers` and `changes.layers`); `none`, "
-            "no per-layer figures (a big model's page shrinks from megabytes to kilobytes; "
+            "no per-layer figures (a page's size no longer grows with the layer count; "
             "`changes` still names the flagged, added and removed layers)"
         ),
     ] = "all",
