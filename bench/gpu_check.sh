@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every check that needs a GPU, in one prepared run for the device tool (15 minutes a session):
-# the `gpu`-marked tests, bench/lstm_cuda.py, then the CUDA rows of bench/converter.py and
-# bench/overhead.py.
+# the `gpu`-marked tests, bench/lstm_cuda.py, then the CUDA rows of bench/converter.py (the LSTM
+# rows twice: with and without the persistent Triton kernels) and bench/overhead.py.
 # Copy the numbers it prints into bench/README.md, naming the card.
 #
 # The device image has torch, onnx, onnxruntime, onnxscript, numpy, safetensors and pytest, but
@@ -30,6 +30,9 @@ timeout 150 python3 -m pytest -q -p no:cacheprovider --noconftest --continue-on-
   | tee "$out/gpu_tests.log" | tail -15
 timeout 60 python3 bench/lstm_cuda.py 2>&1 | tee "$out/lstm_cuda.txt"
 timeout 180 python3 bench/converter.py --device cuda 2>&1 | tee "$out/converter_cuda.txt"
+# the LSTM rows again with the persistent Triton kernels off (the per-step loops as CUDA graphs)
+GRADHEALTH_LSTM_PERSISTENT=0 timeout 90 python3 bench/converter.py --device cuda --only lstm \
+  --skip-conversion 2>&1 | tee "$out/converter_cuda_no_persistent.txt"
 timeout 180 python3 bench/overhead.py --device cuda --repeats 6 2>&1 | tee "$out/overhead_cuda.txt"
 # where a diagnosis pass's GPU time goes (kernels, busy vs wall, syncs): ResNet-50 only
 timeout 90 python3 bench/overhead.py --device cuda --only resnet50 --repeats 3 --profile 2>&1 \

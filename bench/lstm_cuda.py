@@ -1,13 +1,15 @@
-"""The converter's CUDA LSTM against cuDNN, with and without replaying its loops as CUDA graphs.
+"""The converter's CUDA LSTM against cuDNN: per-step loops eager, replayed as CUDA graphs, and
+as persistent Triton kernels.
 
     python bench/lstm_cuda.py [--repeats 30]
 
-One LSTM layer in ONNX gate order through the converter's `lstm_sequence` (one product and
-torch's fused cell kernel per step each way, lstm_fused_cell.py) against torch's cuDNN
-`nn.LSTM` on the same weights, forward+backward, median of CUDA-event timings: once with the
-loops run eagerly, once replayed as CUDA graphs (lstm_cuda_graphs.py; captured on the second
-sight of a shape, so the warm-up captures them). Checks the weight gradients against cuDNN's
-(TF32 off) first. Needs a GPU.
+One LSTM layer in ONNX gate order through the converter's `lstm_sequence` against torch's
+cuDNN `nn.LSTM` on the same weights, forward+backward, median of CUDA-event timings, three
+ways: the per-step loops (one product and torch's fused cell kernel per step each way,
+lstm_fused_cell.py) run eagerly, the same loops replayed as CUDA graphs (lstm_cuda_graphs.py;
+captured on the second sight of a shape, so the warm-up captures them), and every step in one
+Triton kernel each way (lstm_persistent.py; "n/a" above its MAX_HIDDEN). Checks each way's
+weight gradients against cuDNN's (TF32 off) first. Needs a GPU.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ import argparse
 import os
 import statistics
 import sys
+import time
 from collections.abc import Callable
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from service.engine.onnx.ops import lstm_cuda_graphs
+from service.engine.onnx.ops import lstm_cuda_graphs, lstm_persistent
 from service.engine.onnx.ops.lstm_sequence import lstm_sequence
 
 
@@ -62,22 +65,36 @@ def run(steps: int, batch: int, inputs: int, hidden: int, repeats: int) -> None:
 
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         cudnn()
-    converter()
-    converter()  # second sight of the shape: captured
-    assert R.grad is not None and lstm.weight_hh_l0.grad is not None
-    err = float((R.grad[order.argsort()] - lstm.weight_hh_l0.grad).abs().max())
-    original = lstm_cuda_graphs.loops_for
-    lstm_cuda_graphs.loops_for = lambda *args: None  # type: ignore[assignment]
-    try:
-        eager_ms = _median_ms(converter, repeats)
-    finally:
-        lstm_cuda_graphs.loops_for = original
-    cudnn_ms, graph_ms = _median_ms(cudnn, repeats), _median_ms(converter, repeats)
-    print(
-        f"T={steps} B={batch} {inputs}->{hidden}: cuDNN {cudnn_ms:.3f} ms | eager loops "
-        f"{eager_ms:.3f} ms ({eager_ms / cudnn_ms:.2f}x) | CUDA graphs {graph_ms:.3f} ms "
-        f"({graph_ms / cudnn_ms:.2f}x) | dR vs cuDNN max abs diff {err:.1e}"
-    )
+    assert lstm.weight_hh_l0.grad is not None
+    cudnn_dR = lstm.weight_hh_l0.grad.clone()
+
+    def timed(way: str) -> str:
+        """'<ms> ms (<ratio>x, dR err <e>)' for one way of running the loops."""
+        graphs, persistent = lstm_cuda_graphs.loops_for, lstm_persistent.loops_for
+        if way != "graphs":
+            lstm_cuda_graphs.loops_for = lambda *args: None  # type: ignore[assignment]
+        if way != "persistent":
+            lstm_persistent.loops_for = lambda *args: None  # type: ignore[assignment]
+        try:
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            converter()  # the persistent kernels compile here (cached on disk afterwards)
+            torch.cuda.synchronize()
+            first_s = time.perf_counter() - started
+            converter()  # second sight of the shape: the graphs are captured
+            assert R.grad is not None
+            err = float((R.grad[order.argsort()] - cudnn_dR).abs().max())
+            ms = _median_ms(converter, repeats)
+        finally:
+            lstm_cuda_graphs.loops_for, lstm_persistent.loops_for = graphs, persistent
+        return f"{way} {ms:.3f} ms ({ms / cudnn_ms:.2f}x, dR err {err:.0e}, first {first_s:.2f} s)"
+
+    cudnn_ms = _median_ms(cudnn, repeats)
+    ways = ["eager", "graphs"]
+    if lstm_persistent.loops_for(x.new_empty(1, 1, 4 * hidden)) is not None:
+        ways.append("persistent")
+    results = " | ".join(timed(way) for way in ways)
+    print(f"T={steps} B={batch} {inputs}->{hidden}: cuDNN {cudnn_ms:.3f} ms | {results}")
 
 
 def main() -> None:
@@ -86,6 +103,8 @@ def main() -> None:
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
     run(24, 8, 64, 128, args.repeats)
+    run(24, 64, 64, 128, args.repeats)
+    run(50, 32, 128, 256, args.repeats)
     run(50, 32, 128, 512, args.repeats)
     run(100, 64, 256, 512, args.repeats)
 

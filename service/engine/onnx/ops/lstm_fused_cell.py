@@ -8,7 +8,9 @@ kernel each way (`_thnn_fused_lstm_cell` and its backward, what `nn.LSTMCell` ru
 here a step is one product plus one cell kernel forward, one product plus one cell kernel
 backward. Still one step at a time, and ∂L/∂h_t of every step is still at hand in the backward.
 Once a shape repeats, both loops are replayed as CUDA graphs (lstm_cuda_graphs.py): on the H100
-that took the same LSTM from 2.78× to 0.92× cuDNN's time (bench/README.md).
+that took the same LSTM from 2.78× to 0.92× cuDNN's time (bench/README.md). For float32 with a
+hidden size up to lstm_persistent.MAX_HIDDEN the loops run instead as one Triton kernel each
+way (lstm_persistent.py), same contract.
 
 The cell kernels use torch's gate order i, f, g, o; ONNX orders i, o, f, c. `lstm_fused_cell`
 reorders W, R and the bias once per call (autograd carries the gradients back through that),
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from service.engine.onnx.ops import lstm_cuda_graphs
+from service.engine.onnx.ops import lstm_cuda_graphs, lstm_persistent
 from service.engine.onnx.ops._sequence_common import block_rows
 
 # The cell kernels, as module attributes so that tests on a machine without CUDA can put a
@@ -120,8 +122,11 @@ class _FusedCellSequence(torch.autograd.Function):
         reversed_time: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
         steps, batch, four_h = projected.shape
-        # the same loops replayed as CUDA graphs once this shape repeats (lstm_cuda_graphs.py)
-        loops = lstm_cuda_graphs.loops_for(steps, batch, four_h // 4, projected)
+        # all steps in one kernel each way where that applies (lstm_persistent.py), else the
+        # same loops replayed as CUDA graphs once this shape repeats (lstm_cuda_graphs.py)
+        loops: Any = lstm_persistent.loops_for(projected)
+        if loops is None:
+            loops = lstm_cuda_graphs.loops_for(steps, batch, four_h // 4, projected)
         run_forward = forward_steps if loops is None else loops.forward
         Y, cells, workspaces = run_forward(projected, R, h0, c0)
         ctx.save_for_backward(R, h0, c0, Y, cells, workspaces)
@@ -148,3 +153,4 @@ class _FusedCellSequence(torch.autograd.Function):
 
 
 lstm_cuda_graphs.register_bodies(forward_steps, backward_steps)
+lstm_persistent.register_fallback(forward_steps, backward_steps)

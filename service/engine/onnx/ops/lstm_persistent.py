@@ -1,0 +1,191 @@
+"""The CUDA LSTM's step loops as two persistent Triton kernels: every step of a direction in one
+launch forward and one backward.
+
+Why: at small sizes the per-step loops of lstm_fused_cell are bound by kernel latency, not
+arithmetic. Even replayed as CUDA graphs (lstm_cuda_graphs.py) a step costs a product and a cell
+kernel each way, ~96 dependent kernels per layer for 24 steps, and a 2-layer LSTM of hidden 128
+at batch 8 took 2.99× torch's cuDNN on an H100 (bench/README.md, session 2). Here each direction
+is one kernel forward and one backward that loop over the steps inside (_lstm_triton.py).
+
+The contract is lstm_fused_cell's loops' (same arguments, same outputs, torch's gate order,
+the activated gates as the backward's workspace), so `_FusedCellSequence` takes these loops in
+place of the eager or captured ones. Every step is still computed one after the other and the
+backward still writes ∂L/∂h_t of every step (`grad_hiddens`): the observability that issue 2
+asks of recurrent ops is unchanged.
+
+Used for float32 on CUDA with hidden ≤ MAX_HIDDEN where `triton` imports (it ships with torch's
+CUDA builds). GRADHEALTH_LSTM_PERSISTENT=0 turns it off. If a kernel fails to compile or launch
+(an older Triton, a GPU it does not support), the process warns once and goes back to the
+per-step loops, which compute the same thing.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import os
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+# Above this the four [BLOCK_B, hidden] gate accumulators outgrow one program's registers, and
+# each step's re-read of R (16·hidden² bytes) from L2 by a single program outweighs the launches
+# saved; the captured per-step loops already beat cuDNN there (0.76× at hidden 512).
+MAX_HIDDEN = 256
+BLOCK_B = 16  # batch rows per program: tl.dot's smallest tile
+BLOCK_K = 32  # reduction chunk of the recurrent product
+
+KERNELS_MODULE = "service.engine.onnx.ops._lstm_triton"
+
+StepsFn = Callable[..., tuple[Tensor, ...]]
+_fallback: tuple[StepsFn, StepsFn] | None = None
+_failed = False
+
+
+def register_fallback(forward_steps: StepsFn, backward_steps: StepsFn) -> None:
+    """The per-step loops to run when a kernel fails (lstm_fused_cell registers its own)."""
+    global _fallback
+    _fallback = (forward_steps, backward_steps)
+
+
+@functools.cache
+def kernels() -> ModuleType | None:
+    """_lstm_triton, or None where triton does not import."""
+    try:
+        return importlib.import_module(KERNELS_MODULE)
+    except ImportError:
+        return None
+
+
+def loops_for(projected: Tensor) -> PersistentLoops | None:
+    """The persistent loops when they apply to this LSTM's projected input, else None."""
+    hidden = projected.shape[-1] // 4
+    if (
+        _failed
+        or not projected.is_cuda
+        or projected.dtype != torch.float32
+        or hidden > MAX_HIDDEN
+        or os.environ.get("GRADHEALTH_LSTM_PERSISTENT", "1") == "0"
+        or kernels() is None
+    ):
+        return None
+    return _LOOPS
+
+
+def _tiles(hidden: int) -> dict[str, int]:
+    block_h = max(16, _next_power_of_2(hidden))
+    return {
+        "BLOCK_B": BLOCK_B,
+        "BLOCK_H": block_h,
+        "BLOCK_K": min(BLOCK_K, block_h),
+        "num_warps": 4 if block_h <= 128 else 8,
+        # no software pipelining: it would prefetch step t + 1's hidden state (or gate
+        # gradients) before step t has stored them; the loop's order is the algorithm
+        "num_stages": 1,
+    }
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def forward_steps(projected: Tensor, R: Tensor, h0: Tensor, c0: Tensor) -> tuple[Tensor, ...]:
+    """The forward loop in one kernel: (Y [T, B, H], cells [T, B, H], activated gates
+    [T, B, 4H]), as lstm_fused_cell.forward_steps."""
+    module = kernels()
+    assert module is not None
+    steps, batch, four_h = projected.shape
+    hidden = four_h // 4
+    hiddens = projected.new_empty(steps + 1, batch, hidden)
+    hiddens[0] = h0
+    cells = projected.new_empty(steps, batch, hidden)
+    gates = torch.empty_like(projected)
+    grid = (-(-batch // BLOCK_B),)
+    module.lstm_forward_kernel[grid](
+        projected.contiguous(),
+        R.contiguous(),
+        hiddens,
+        c0.contiguous(),
+        cells,
+        gates,
+        steps,
+        batch,
+        hidden,
+        **_tiles(hidden),
+    )
+    return hiddens[1:], cells, gates
+
+
+def backward_steps(
+    dY: Tensor,
+    dh_last: Tensor,
+    dc_last: Tensor,
+    cells: Tensor,
+    gates: Tensor,
+    c0: Tensor,
+    R: Tensor,
+) -> tuple[Tensor, ...]:
+    """The backward loop in one kernel: (∂L/∂gates [T, B, 4H], ∂L/∂c0, ∂L/∂h_t [T, B, H]), as
+    lstm_fused_cell.backward_steps."""
+    module = kernels()
+    assert module is not None
+    steps, batch, hidden = cells.shape
+    # one slot past the last step, zeros: the last step's recurrent term reads it
+    grad_gates = gates.new_empty(steps + 1, batch, 4 * hidden)
+    grad_gates[steps].zero_()
+    grad_hiddens = torch.empty_like(cells)
+    grad_c0 = torch.empty_like(c0)
+    grid = (-(-batch // BLOCK_B),)
+    module.lstm_backward_kernel[grid](
+        dY.contiguous(),
+        dh_last.contiguous(),
+        dc_last.contiguous(),
+        cells,
+        gates,
+        c0.contiguous(),
+        R.contiguous(),
+        grad_gates,
+        grad_hiddens,
+        grad_c0,
+        steps,
+        batch,
+        hidden,
+        **_tiles(hidden),
+    )
+    return grad_gates[:steps], grad_c0, grad_hiddens
+
+
+class PersistentLoops:
+    """forward/backward with lstm_fused_cell's loop contract; a kernel that fails to compile
+    or launch turns the persistent path off for the process and runs the per-step loops."""
+
+    def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
+        return self._run(forward_steps, 0, inputs)
+
+    def backward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
+        return self._run(backward_steps, 1, inputs)
+
+    @staticmethod
+    def _run(kernel_steps: StepsFn, which: int, inputs: tuple[Tensor, ...]) -> tuple[Any, ...]:
+        global _failed
+        if not _failed:
+            try:
+                return kernel_steps(*inputs)
+            except Exception as error:  # compile errors come in many types
+                _failed = True
+                logger.warning(
+                    "persistent LSTM kernels failed (%s: %s); using the per-step loops",
+                    type(error).__name__,
+                    error,
+                )
+        assert _fallback is not None, "lstm_fused_cell registers the per-step loops"
+        return _fallback[which](*inputs)
+
+
+_LOOPS = PersistentLoops()
