@@ -68,3 +68,20 @@ class PayloadTooLargeError(GradhealthError):
 class JobTimeoutError(GradhealthError):
     code = "timeout"
     status = 500
+
+
+class EngineError(GradhealthError):
+    """gradhealth itself failed on an input that should work (a converter or probe defect):
+    a 5xx, exit 3, never blamed on the user."""
+
+    code = "engine_error"
+    status = 500
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message, or its type's name: torch's and
+    onnxruntime's errors carry pages of context after the sentence a person needs."""
+    for line in str(exc).strip().splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__

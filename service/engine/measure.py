@@ -63,7 +63,7 @@ from service.engine.sequences import (
     tap_hook,
 )
 from service.engine.stats import combine_moments, parameter_statistics
-from service.errors import BadInputError, GradhealthError
+from service.errors import BadInputError, EngineError, GradhealthError, first_line
 
 RECURRENT_OPS = frozenset(
     {"rnn", "lstm", "gru", "rnntanh", "rnnrelu", "lstmcell", "grucell", "rnntanhcell"}
@@ -475,17 +475,7 @@ def _forward(
     except (RuntimeError, IndexError, TypeError, ValueError) as exc:
         if "can't allocate memory" in str(exc) or "out of memory" in str(exc):
             raise _out_of_memory(exc) from exc
-        where = ""
-        if probe is not None and subject.graph is not None:
-            nodes = subject.graph.nodes
-            index = probe.last_node + 1
-            if 0 <= index < len(nodes):
-                where = f" at node {nodes[index].name!r} ({nodes[index].op_type})"
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise BadInputError(
-            f"running the model on the batch failed{where}: {first}; check that the batch's "
-            "shapes and dtypes match what the model was exported with"
-        ) from exc
+        raise _forward_failure(subject, inputs, probe, exc) from exc
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, (tuple, list)):
@@ -505,9 +495,47 @@ class DeviceOutOfMemory(GradhealthError, RuntimeError):
 
 
 def _out_of_memory(exc: BaseException) -> GradhealthError:
-    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return DeviceOutOfMemory(
-        f"out of memory while running the model ({first}); try --micro-batches N or a smaller batch"
+        f"out of memory while running the model ({first_line(exc)}); try --micro-batches N or "
+        "a smaller batch"
+    )
+
+
+def _forward_failure(
+    subject: Subject, inputs: list[torch.Tensor], probe: Probe | None, exc: Exception
+) -> GradhealthError:
+    """Whose fault a failed forward is. The batch already matched the model's declared inputs
+    (batches.py), so what is left is either the batch (values or dims the declaration cannot
+    express: sizes two inputs must share, a length a Reshape needs) or gradhealth. For ONNX,
+    onnxruntime decides: if it runs the same batch, the converted graph is at fault and the
+    error is an EngineError (5xx, exit 3) that says so, not a request to change the input.
+    TorchScript and torch.export models run their own code: an error there is the model's."""
+    where = ""
+    if probe is not None and subject.graph is not None:
+        nodes = subject.graph.nodes
+        index = probe.last_node + 1
+        if 0 <= index < len(nodes):
+            where = f" at node {nodes[index].name!r} ({nodes[index].op_type})"
+    ours = first_line(exc)
+    source = subject.extra.get("source")
+    if subject.graph is not None and source is not None:
+        from service.engine.onnx import conformance
+
+        try:
+            theirs = conformance.reference_failure(source, subject.graph, inputs)
+        except conformance.ReferenceUnavailable:
+            theirs = ""  # cannot tell: left with the input, as the other formats' errors
+        if theirs is None:
+            return EngineError(
+                f"gradhealth failed to run this ONNX model{where}: {ours}. onnxruntime runs "
+                "the same batch, so the fault is in gradhealth's converter, not in the input; "
+                "please report it with the model"
+            )
+        if theirs:
+            ours = f"{ours} (onnxruntime fails on it too: {theirs})"
+    return BadInputError(
+        f"running the model on the batch failed{where}: {ours}; check that the batch's "
+        "shapes and dtypes match what the model was exported with"
     )
 
 

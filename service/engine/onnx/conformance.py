@@ -35,6 +35,7 @@ from service.engine.graph import ObservableGraph
 from service.engine.onnx.convert import convert
 from service.engine.onnx.ops._util import TORCH_TO_ONNX
 from service.engine.report import ConversionCheck
+from service.errors import first_line
 
 PROVIDER = "CPUExecutionProvider"
 
@@ -188,8 +189,7 @@ class ConformanceReference:
                 self._session_bytes = len(serialized)
                 self.sessions_built += 1
             except Exception as exc:
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                self._failure = f"onnxruntime cannot load the model: {first}"
+                self._failure = f"onnxruntime cannot load the model: {first_line(exc)}"
         if self._failure is not None:
             raise ReferenceUnavailable(self._failure)
         return self._session
@@ -249,11 +249,10 @@ def check_conversion(
     try:
         expected = session.run(None, feeds)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return ConversionCheck(
             checked=False,
             reference=reference_name,
-            reason=f"onnxruntime failed to run the model: {first}",
+            reason=f"onnxruntime failed to run the model: {first_line(exc)}",
         )
 
     reasons: list[str] = []
@@ -294,3 +293,31 @@ def check_conversion(
         reference=reference_name,
         reason=reason,
     )
+
+
+def reference_failure(
+    model: ModelProto, graph: ObservableGraph, inputs: Sequence[torch.Tensor]
+) -> str | None:
+    """Whether onnxruntime runs the model (with the graph's current weights) on `inputs`: None
+    when it does, else the first line of its error. Raises `ReferenceUnavailable` when that
+    cannot be told: onnxruntime cannot load the model, or takes no such inputs.
+
+    For a forward of the converted graph that failed: if onnxruntime runs the same batch, the
+    fault is the converter's, not the batch's (measure.py)."""
+    try:
+        feeds = {
+            name: value.detach().cpu().numpy()
+            for name, value in zip(graph.input_names, inputs, strict=True)
+        }
+    except (TypeError, ValueError) as exc:
+        raise ReferenceUnavailable(f"inputs cannot be given to onnxruntime: {exc}") from exc
+    kept = ConformanceReference()
+    try:
+        session = kept.session(model, graph, [PROVIDER])
+        try:
+            session.run(None, feeds)
+        except Exception as exc:
+            return first_line(exc)
+        return None
+    finally:
+        kept.close()

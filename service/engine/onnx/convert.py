@@ -92,7 +92,13 @@ from service.engine.onnx.registry import (
     lookup,
 )
 from service.engine.onnx.shape_values import input_shape_nodes
-from service.errors import BadInputError, BatchError, ModelFormatError, UnsupportedModelError
+from service.errors import (
+    BadInputError,
+    BatchError,
+    ModelFormatError,
+    UnsupportedModelError,
+    first_line,
+)
 
 SMALL_INT_NUMEL = 64
 # dtype of a `seq(tensor(float))` graph input/output in `metadata`: `seq(float32)`
@@ -504,7 +510,7 @@ def _run_checker(model: ModelProto) -> None:
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         if first in TOLERATED_CHECKER_ERRORS:
             return
         raise ModelFormatError(f"malformed ONNX model: {first}") from exc

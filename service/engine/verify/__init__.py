@@ -43,7 +43,7 @@ from service.engine.verify.transforms import (
     reinitialize,
     swap_activations,
 )
-from service.errors import GradhealthError
+from service.errors import GradhealthError, first_line
 
 __all__ = ["verify_recommendations"]
 
@@ -99,8 +99,9 @@ def _verify(
         return Verification(applied=False, reason=str(exc))
     except (RuntimeError, ValueError, GradhealthError) as exc:
         # the diagnosis stands without its verification; say what went wrong with the copy
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return Verification(applied=False, reason=f"re-measuring the fixed copy failed: {first}")
+        return Verification(
+            applied=False, reason=f"re-measuring the fixed copy failed: {first_line(exc)}"
+        )
     before: dict[str, Any] = {"figures": figures(m, kinds)}
     after: dict[str, Any] = {"figures": figures(after_m, kinds)}
     if rec.fix == "clip_gradients":
