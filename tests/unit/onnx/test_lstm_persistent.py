@@ -193,3 +193,60 @@ def test_cuda_float32_lstms_up_to_max_hidden_take_the_persistent_loops(
     assert lstm_persistent.loops_for(projected(128).cpu()) is None
     monkeypatch.setenv("GRADHEALTH_LSTM_PERSISTENT", "0")
     assert lstm_persistent.loops_for(projected(128)) is None
+
+
+def _ptxas_usage(kernel: object, hidden: int) -> tuple[int, int]:
+    """(registers per thread, spill-store bytes) of `kernel` compiled for sm_90 with
+    lstm_persistent's tiles for `hidden`: Triton to PTX, then ptxas -v (bundled with triton),
+    with the options Triton passes it. No GPU needed."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+
+    tiles = lstm_persistent._tiles(hidden)
+    options = {k: tiles.pop(k) for k in ("num_warps", "num_stages")}
+    names = list(kernel.arg_names)  # type: ignore[attr-defined]
+    pointers = names[: names.index("steps")]
+    signature = {n: "*fp32" for n in pointers} | {n: "i32" for n in ("steps", "batch", "hidden")}
+    signature |= {n: "constexpr" for n in tiles}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=tiles)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    with tempfile.TemporaryDirectory() as folder:
+        ptx = f"{folder}/kernel.ptx"
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        log = subprocess.run(
+            [
+                get_ptxas(90).path,
+                "-v",
+                "--regAllocOptLevel=2",
+                "--gpu-name=sm_90a",
+                ptx,
+                "-o",
+                f"{folder}/kernel.cubin",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
+    registers = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores", log)
+    assert registers and spills, log
+    return int(registers.group(1)), int(spills.group(1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernel", ["lstm_forward_kernel", "lstm_backward_kernel"])
+def test_kernels_compile_for_the_h100_without_register_spills_at_hidden_128(kernel: str) -> None:
+    """Compiled for sm_90 (the H100/H200) on this GPU-less machine: a kernel that does not
+    compile fails here, not on the first CUDA diagnosis; spilled registers (local memory on
+    every step) would cost the speed the kernels are for."""
+    module = lstm_persistent.kernels()
+    assert module is not None
+    registers, spill_bytes = _ptxas_usage(getattr(module, kernel), 128)
+    assert spill_bytes == 0, f"{kernel}: {spill_bytes} bytes spilled ({registers} registers)"

@@ -6,7 +6,9 @@ step reads the previous step's hidden state (forward) or gate gradients (backwar
 global memory, where the same program stored them one step earlier, in BLOCK_K-wide chunks;
 `debug_barrier` (a block-wide barrier) between steps makes those stores visible to every thread
 of the program. R is re-read from L2 each step. The products use `input_precision="ieee"`: full
-fp32, no TF32, like torch's default for fp32 matmuls.
+fp32, no TF32, like torch's default for fp32 matmuls. The reduction over k is a loop (`range`),
+not unrolled (`tl.static_range`): unrolled, the compiler issued every chunk's loads at once and
+spilled kilobytes of registers per thread.
 
 Gate order is torch's (i, f, g, o), the same as torch's fused cell kernels, so the buffers match
 lstm_fused_cell's loops: `gates` holds the activated gates, `dgates` the gradients of the
@@ -68,7 +70,7 @@ def lstm_forward_kernel(
         acc_g = tl.load(step_gates + 2 * hidden + gate_at, mask=mask, other=0.0)
         acc_o = tl.load(step_gates + 3 * hidden + gate_at, mask=mask, other=0.0)
         h_prev = hiddens + t * batch * hidden
-        for k0 in tl.static_range(0, BLOCK_H, BLOCK_K):
+        for k0 in range(0, BLOCK_H, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < hidden
             h_chunk = tl.load(
@@ -131,15 +133,18 @@ def lstm_backward_kernel(
     state_at = rows[:, None] * hidden + units[None, :]
     gate_at = rows[:, None] * (4 * hidden) + units[None, :]
     dc = tl.load(grad_c_last + state_at, mask=mask, other=0.0)
+    # ∂L/∂h_T reaches the last step only: added at the first iteration, zero afterwards
+    # (loop-carried rather than a load masked by `t == steps - 1`: scalar-and-block masks
+    # are not accepted by every Triton version's interpreter)
+    extra = tl.load(grad_h_last + state_at, mask=mask, other=0.0)
     for s in range(steps):
         t = steps - 1 - s
-        last = t == steps - 1
-        dh = tl.load(grad_y + t * batch * hidden + state_at, mask=mask, other=0.0)
-        dh += tl.load(grad_h_last + state_at, mask=mask & last, other=0.0)
+        dh = tl.load(grad_y + t * batch * hidden + state_at, mask=mask, other=0.0) + extra
+        extra = extra * 0.0
         # through the recurrence: Σ_n dgates_{t+1}[b, n]·R[n, j] (slot T is zeros)
         later = grad_gates + (t + 1) * batch * 4 * hidden
         for q in tl.static_range(4):
-            for k0 in tl.static_range(0, BLOCK_H, BLOCK_K):
+            for k0 in range(0, BLOCK_H, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 k_ok = ks < hidden
                 dg_chunk = tl.load(
@@ -159,10 +164,14 @@ def lstm_backward_kernel(
         g = tl.load(step_gates + 2 * hidden + gate_at, mask=mask, other=0.0)
         o = tl.load(step_gates + 3 * hidden + gate_at, mask=mask, other=0.0)
         tanh_c = _tanh(tl.load(cells + t * batch * hidden + state_at, mask=mask, other=0.0))
-        # c_{t-1}: the previous step's cell, or c0 at the first step
-        earlier = cells + (t - 1) * batch * hidden
-        c_prev = tl.load(earlier + state_at, mask=mask & (t > 0), other=0.0)
-        c_prev += tl.load(c0 + state_at, mask=mask & (t == 0), other=0.0)
+        # c_{t-1}: the previous step's cell, or c0 at the first step (slot max(t - 1, 0) is
+        # read either way so that no address leaves the buffer)
+        earlier = cells + tl.maximum(t - 1, 0) * batch * hidden
+        c_prev = tl.where(
+            t > 0,
+            tl.load(earlier + state_at, mask=mask, other=0.0),
+            tl.load(c0 + state_at, mask=mask, other=0.0),
+        )
         dc += dh * o * (1.0 - tanh_c * tanh_c)
         step_out = grad_gates + t * batch * 4 * hidden
         tl.store(step_out + gate_at, dc * g * i * (1.0 - i), mask=mask)

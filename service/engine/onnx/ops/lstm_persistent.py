@@ -39,7 +39,10 @@ logger = logging.getLogger(__name__)
 # saved; the captured per-step loops already beat cuDNN there (0.76× at hidden 512).
 MAX_HIDDEN = 256
 BLOCK_B = 16  # batch rows per program: tl.dot's smallest tile
-BLOCK_K = 32  # reduction chunk of the recurrent product
+# Reduction chunk of the recurrent product, and warps per program: with these the kernels
+# compile for sm_90 without register spills up to hidden 128 (ptxas -v; a few hundred bytes
+# at 256), tests/unit/onnx/test_lstm_persistent.py checks that
+BLOCK_K = 16
 
 KERNELS_MODULE = "service.engine.onnx.ops._lstm_triton"
 
@@ -83,8 +86,8 @@ def _tiles(hidden: int) -> dict[str, int]:
     return {
         "BLOCK_B": BLOCK_B,
         "BLOCK_H": block_h,
-        "BLOCK_K": min(BLOCK_K, block_h),
-        "num_warps": 4 if block_h <= 128 else 8,
+        "BLOCK_K": BLOCK_K,
+        "num_warps": 4 if block_h <= 32 else 8,
         # no software pipelining: it would prefetch step t + 1's hidden state (or gate
         # gradients) before step t has stored them; the loop's order is the algorithm
         "num_stages": 1,
