@@ -100,7 +100,12 @@ def run(steps: int, batch: int, inputs: int, hidden: int, repeats: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument(
+        "--tf32x3", action="store_true", help="persistent kernels' products as tf32x3, not ieee"
+    )
     args = parser.parse_args()
+    if args.tf32x3:
+        lstm_persistent.PRODUCT_PRECISION = "tf32x3"
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
     run(24, 8, 64, 128, args.repeats)
     run(24, 64, 64, 128, args.repeats)

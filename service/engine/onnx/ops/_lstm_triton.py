@@ -5,7 +5,7 @@ steps in order (forward) or backwards (backward) inside the kernel. The recurren
 step reads the previous step's hidden state (forward) or gate gradients (backward) back from
 global memory, where the same program stored them one step earlier, in BLOCK_K-wide chunks;
 `debug_barrier` (a block-wide barrier) between steps makes those stores visible to every thread
-of the program. R is re-read from L2 each step. The products use `input_precision="ieee"`: full
+of the program. R is re-read from L2 each step. The products use `input_precision=PRECISION`: full
 fp32, no TF32, like torch's default for fp32 matmuls. The reduction over k is a loop (`range`),
 not unrolled (`tl.static_range`): unrolled, the compiler issued every chunk's loads at once and
 spilled kilobytes of registers per thread.
@@ -54,6 +54,7 @@ def lstm_forward_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     units = tl.arange(0, BLOCK_H)
@@ -83,13 +84,13 @@ def lstm_forward_kernel(
             r_mask = k_ok[:, None] & unit_ok[None, :]
             block = hidden * hidden
             r_i = tl.load(weights_hh + r_at, mask=r_mask, other=0.0)
-            acc_i += tl.dot(h_chunk, r_i, input_precision="ieee")
+            acc_i += tl.dot(h_chunk, r_i, input_precision=PRECISION)
             r_f = tl.load(weights_hh + block + r_at, mask=r_mask, other=0.0)
-            acc_f += tl.dot(h_chunk, r_f, input_precision="ieee")
+            acc_f += tl.dot(h_chunk, r_f, input_precision=PRECISION)
             r_g = tl.load(weights_hh + 2 * block + r_at, mask=r_mask, other=0.0)
-            acc_g += tl.dot(h_chunk, r_g, input_precision="ieee")
+            acc_g += tl.dot(h_chunk, r_g, input_precision=PRECISION)
             r_o = tl.load(weights_hh + 3 * block + r_at, mask=r_mask, other=0.0)
-            acc_o += tl.dot(h_chunk, r_o, input_precision="ieee")
+            acc_o += tl.dot(h_chunk, r_o, input_precision=PRECISION)
         i = _sigmoid(acc_i)
         f = _sigmoid(acc_f)
         g = _tanh(acc_g)
@@ -124,6 +125,7 @@ def lstm_backward_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     units = tl.arange(0, BLOCK_H)
@@ -157,7 +159,7 @@ def lstm_backward_kernel(
                     mask=k_ok[:, None] & unit_ok[None, :],
                     other=0.0,
                 )
-                dh += tl.dot(dg_chunk, r_chunk, input_precision="ieee")
+                dh += tl.dot(dg_chunk, r_chunk, input_precision=PRECISION)
         step_gates = gates + t * batch * 4 * hidden
         i = tl.load(step_gates + gate_at, mask=mask, other=0.0)
         f = tl.load(step_gates + hidden + gate_at, mask=mask, other=0.0)

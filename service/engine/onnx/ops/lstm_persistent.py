@@ -43,6 +43,10 @@ BLOCK_B = 16  # batch rows per program: tl.dot's smallest tile
 # compile for sm_90 without register spills up to hidden 128 (ptxas -v; a few hundred bytes
 # at 256), tests/unit/onnx/test_lstm_persistent.py checks that
 BLOCK_K = 16
+# tl.dot's input_precision: "ieee" is fp32 FMAs, as torch's fp32 matmuls (TF32 off by
+# default); "tf32x3" (three TF32 tensor-core products, close to fp32) is the faster candidate
+# bench/lstm_cuda.py --tf32x3 times
+PRODUCT_PRECISION = "ieee"
 
 KERNELS_MODULE = "service.engine.onnx.ops._lstm_triton"
 
@@ -81,12 +85,13 @@ def loops_for(projected: Tensor) -> PersistentLoops | None:
     return _LOOPS
 
 
-def _tiles(hidden: int) -> dict[str, int]:
+def _tiles(hidden: int) -> dict[str, int | str]:
     block_h = max(16, _next_power_of_2(hidden))
     return {
         "BLOCK_B": BLOCK_B,
         "BLOCK_H": block_h,
         "BLOCK_K": BLOCK_K,
+        "PRECISION": PRODUCT_PRECISION,
         "num_warps": 4 if block_h <= 32 else 8,
         # no software pipelining: it would prefetch step t + 1's hidden state (or gate
         # gradients) before step t has stored them; the loop's order is the algorithm
