@@ -40,8 +40,8 @@ logger = logging.getLogger(__name__)
 MAX_HIDDEN = 256
 BLOCK_B = 16  # batch rows per program: tl.dot's smallest tile
 # Reduction chunk of the recurrent product, and warps per program: with these the kernels
-# compile for sm_90 without register spills up to hidden 128 (ptxas -v; a few hundred bytes
-# at 256), tests/unit/onnx/test_lstm_persistent.py checks that
+# compile for sm_90 with at most 32 bytes of register spill at hidden 128 (ptxas -v, Triton
+# 3.8/3.9; a few hundred bytes at 256); tests/unit/onnx/test_lstm_persistent.py checks it
 BLOCK_K = 16
 # tl.dot's input_precision: "ieee" is fp32 FMAs, as torch's fp32 matmuls (TF32 off by
 # default); "tf32x3" (three TF32 tensor-core products, close to fp32) is the faster candidate
@@ -85,7 +85,7 @@ def loops_for(projected: Tensor) -> PersistentLoops | None:
     return _LOOPS
 
 
-def _tiles(hidden: int) -> dict[str, int | str]:
+def _tiles(hidden: int) -> dict[str, int | str | bool]:
     block_h = max(16, _next_power_of_2(hidden))
     return {
         "BLOCK_B": BLOCK_B,
@@ -96,6 +96,9 @@ def _tiles(hidden: int) -> dict[str, int | str]:
         # no software pipelining: it would prefetch step t + 1's hidden state (or gate
         # gradients) before step t has stored them; the loop's order is the algorithm
         "num_stages": 1,
+        # a·b + c contracted to one FMA, as CUDA compiles by default (Triton 3.9 warns unless
+        # it is said; its default changes in 3.10)
+        "enable_fp_fusion": True,
     }
 
 
