@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from service.engine import native
+from service.engine.onnx.ops import _cpu_products
 from service.engine.onnx.ops.gru_sequence import gru_direction
 from service.engine.onnx.ops.rnn_sequence import rnn_direction
 
@@ -120,7 +121,10 @@ def test_cpp_loops_equal_the_python_loops(
 def test_cpp_loops_equal_the_python_loops_at_threaded_sizes(
     monkeypatch: pytest.MonkeyPatch, op: str
 ) -> None:
-    """Batch and hidden large enough for the row loops to split across threads."""
+    """Batch and hidden large enough for the row loops to split across threads. Products
+    through MKL on both sides: the Python loops' per-step products are addmm (the C++ loops'
+    oneDNN products are compared with MKL's in test_cpu_products.py)."""
+    monkeypatch.setattr(_cpu_products, "onednn_preferred", lambda: False)
     tensors = _inputs(DIRECTIONS[op][1], 4, 64, 8, 512, torch.float32)
 
     def run() -> list[torch.Tensor]:

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from service.engine.onnx.ops import _cpu_products
 from service.engine.onnx.ops._sequence_common import native_loops, run_in_time_order
 
 
@@ -69,14 +70,17 @@ class _GRUSequence(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor]:
         hidden = R.shape[1]
         # contiguous X: see lstm_sequence
-        projected = torch.nn.functional.linear(X.contiguous(), W, projection_bias)  # [T, B, 3H]
+        projected = _cpu_products.linear(X.contiguous(), W, projection_bias)  # [T, B, 3H]
         # h·Rᵀ + [0, 0, Rb_h] per step: the h part is needed again by the backward
         recurrent_bias = R.new_zeros(3 * hidden)
         if inner_bias is not None:
             recurrent_bias[2 * hidden :] = inner_bias
         loops = native_loops(X)
         if loops is not None:
-            gates, from_hidden, Y = loops.gru_forward(projected.contiguous(), R, recurrent_bias, h0)
+            packed_R = _cpu_products.packed_step_weight(R, X.shape[1])
+            gates, from_hidden, Y = loops.gru_forward(
+                projected.contiguous(), R, recurrent_bias, h0, packed_R
+            )
         else:
             gates, from_hidden, Y = _forward_steps(projected, R, recurrent_bias, h0)
         ctx.save_for_backward(X, W, R, h0, gates, from_hidden, Y)
@@ -92,7 +96,10 @@ class _GRUSequence(torch.autograd.Function):
     def backward(ctx: Any, dY: Tensor, dh_last: Tensor) -> tuple[Tensor | None, ...]:
         X, W, R, h0, gates, from_hidden, Y = ctx.saved_tensors
         if ctx.loops is not None:
-            dgates, dhidden = ctx.loops.gru_backward(dY, dh_last, gates, from_hidden, h0, Y, R)
+            packed_Rt = _cpu_products.packed_step_weight(R.t(), gates.shape[1])
+            dgates, dhidden = ctx.loops.gru_backward(
+                dY, dh_last, gates, from_hidden, h0, Y, R, packed_Rt
+            )
         else:
             dgates, dhidden = _backward_steps(dY, dh_last, gates, from_hidden, h0, Y, R)
         if ctx.hidden_grads is not None:
@@ -111,8 +118,8 @@ class _GRUSequence(torch.autograd.Function):
         dgates: Tensor,
         dhidden: Tensor,
     ) -> tuple[Tensor | None, ...]:
-        """The products over all steps at once (MKL with row-major operands, see the module
-        docstring): dX, dW, dR, the biases' gradients and dh0."""
+        """The products over all steps at once (_cpu_products: oneDNN or MKL, whichever this
+        machine runs faster): dX, dW, dR, the biases' gradients and dh0."""
         steps, batch, four_h = dgates.shape
         hidden = four_h // 4
         flat = dgates.view(steps * batch, four_h)
@@ -120,13 +127,14 @@ class _GRUSequence(torch.autograd.Function):
         need_x, need_w, need_r, need_pb, need_ib, need_h0 = ctx.needs_input_grad[:6]
         has_pb, has_ib = ctx.has_biases
         d_projected = torch.cat([flat[:, : 2 * hidden], flat[:, 3 * hidden :]], 1)  # z, r, n
-        dX = torch.mm(d_projected, W).view_as(X) if need_x else None
-        dW = torch.mm(d_projected.t(), X.reshape(steps * batch, -1)) if need_w else None
+        dX = _cpu_products.mm(d_projected, W).view_as(X) if need_x else None
+        dW = _cpu_products.mm(d_projected.t(), X.reshape(steps * batch, -1)) if need_w else None
         dR = None
         if need_r:  # Σ_t d(fh_t)ᵀ·h_{t-1}: steps 1.. against Y, step 0 against h0
             dR = torch.mm(d_from_hidden[:batch].t(), h0)
             if steps > 1:
-                dR.addmm_(d_from_hidden[batch:].t(), Y[:-1].reshape((steps - 1) * batch, hidden))
+                later = d_from_hidden[batch:].t()
+                dR += _cpu_products.mm(later, Y[:-1].reshape((steps - 1) * batch, hidden))
         d_pb = d_projected.sum(0) if need_pb and has_pb else None
         d_ib = d_from_hidden[:, 2 * hidden :].sum(0) if need_ib and has_ib else None
         dh0 = None

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from service.engine.onnx.ops import lstm_fused_cell
+from service.engine.onnx.ops import _cpu_products, lstm_fused_cell
 from service.engine.onnx.ops._sequence_common import (
     native_loops,
     reorder_blocks,
@@ -110,11 +110,12 @@ class _LSTMSequence(torch.autograd.Function):
         # contiguous: on a transposed X (a batch-first input) F.linear takes matmul's path at
         # half the speed, and the backward's dW product would copy it again
         X = X.contiguous()
-        projected = torch.nn.functional.linear(X, W, bias)  # [T, B, 4H]: all steps at once
+        projected = _cpu_products.linear(X, W, bias)  # [T, B, 4H]: all steps at once
         loops = native_loops(X)
         if loops is not None:
+            packed_R = _cpu_products.packed_step_weight(R, X.shape[1])
             gates, cells, tanh_cells, Y = loops.lstm_forward(
-                projected.contiguous(), R, h0, c0, gate_blocks
+                projected.contiguous(), R, h0, c0, gate_blocks, packed_R
             )
         else:
             assert gate_blocks == ONNX_GATE_BLOCKS, "the Python loops read ONNX's gate order"
@@ -137,8 +138,9 @@ class _LSTMSequence(torch.autograd.Function):
         X, W, R, h0, c0, gates, cells, tanh_cells, Y = ctx.saved_tensors
         collect = ctx.hidden_grads is not None
         if ctx.loops is not None:
+            packed_Rt = _cpu_products.packed_step_weight(R.t(), gates.shape[1])
             dgates, dhidden, dc0 = ctx.loops.lstm_backward(
-                dY, dh_last, dc_last, gates, cells, tanh_cells, c0, R, ctx.gate_blocks
+                dY, dh_last, dc_last, gates, cells, tanh_cells, c0, R, ctx.gate_blocks, packed_Rt
             )
         else:
             dgates, dhidden, dc0 = _backward_steps(
@@ -159,17 +161,17 @@ class _LSTMSequence(torch.autograd.Function):
         dgates: Tensor,
         dc0: Tensor,
     ) -> tuple[Tensor | None, ...]:
-        """The products over all steps at once: dX, dW, dR, db, dh0, dc0 (MKL's products
-        with row-major operands: as fast as oneDNN's here, unlike MKL on transposed views)."""
+        """The products over all steps at once: dX, dW, dR, db, dh0, dc0 (_cpu_products:
+        oneDNN or MKL, whichever this machine runs faster)."""
         steps, batch, four_h = dgates.shape
         flat = dgates.view(steps * batch, four_h)
         need_x, need_w, need_r, need_b, need_h0, need_c0 = ctx.needs_input_grad[:6]
-        dX = torch.mm(flat, W).view_as(X) if need_x else None
-        dW = torch.mm(flat.t(), X.reshape(steps * batch, -1)) if need_w else None
+        dX = _cpu_products.mm(flat, W).view_as(X) if need_x else None
+        dW = _cpu_products.mm(flat.t(), X.reshape(steps * batch, -1)) if need_w else None
         dR = None
         if need_r:  # Σ_t dgates_tᵀ·h_{t-1}: steps 1.. against Y, step 0 against h0
             later = flat[batch:].t()
-            dR = torch.mm(later, Y[:-1].reshape((steps - 1) * batch, R.shape[1]))
+            dR = _cpu_products.mm(later, Y[:-1].reshape((steps - 1) * batch, R.shape[1]))
             if bool(h0.any()):  # exporters' initial states are mostly zeros: no term then
                 dR.addmm_(dgates[0].t(), h0)
         db = flat.sum(0) if need_b and ctx.has_bias else None

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from service.engine.onnx.ops import _cpu_products
 from service.engine.onnx.ops._sequence_common import native_loops, run_in_time_order
 
 
@@ -55,10 +56,11 @@ class _TanhRNNSequence(torch.autograd.Function):
         reverse: bool,
     ) -> tuple[Tensor, Tensor]:
         # contiguous X: see lstm_sequence
-        projected = torch.nn.functional.linear(X.contiguous(), W, bias)  # [T, B, H]
+        projected = _cpu_products.linear(X.contiguous(), W, bias)  # [T, B, H]
         loops = native_loops(X)
         if loops is not None:
-            Y = loops.rnn_forward(projected.contiguous(), R, h0)
+            packed_R = _cpu_products.packed_step_weight(R, X.shape[1])
+            Y = loops.rnn_forward(projected.contiguous(), R, h0, packed_R)
         else:
             Y = _forward_steps(projected, R, h0)
         ctx.save_for_backward(X, W, R, h0, Y)
@@ -74,21 +76,23 @@ class _TanhRNNSequence(torch.autograd.Function):
         X, W, R, h0, Y = ctx.saved_tensors
         steps, batch, hidden = Y.shape
         if ctx.loops is not None:
-            dpre, dhidden = ctx.loops.rnn_backward(dY, dh_last, Y, R)
+            packed_Rt = _cpu_products.packed_step_weight(R.t(), Y.shape[1])
+            dpre, dhidden = ctx.loops.rnn_backward(dY, dh_last, Y, R, packed_Rt)
         else:
             dpre, dhidden = _backward_steps(dY, dh_last, Y, R)
         if ctx.hidden_grads is not None:
             ctx.hidden_grads.append(dhidden.flip(0) if ctx.reverse else dhidden)
-        # the products over all steps at once, MKL with row-major operands
+        # the products over all steps at once (_cpu_products: oneDNN or MKL)
         flat = dpre.view(steps * batch, hidden)
         need_x, need_w, need_r, need_b, need_h0 = ctx.needs_input_grad[:5]
-        dX = torch.mm(flat, W).view_as(X) if need_x else None
-        dW = torch.mm(flat.t(), X.reshape(steps * batch, -1)) if need_w else None
+        dX = _cpu_products.mm(flat, W).view_as(X) if need_x else None
+        dW = _cpu_products.mm(flat.t(), X.reshape(steps * batch, -1)) if need_w else None
         dR = None
         if need_r:  # Σ_t dpre_tᵀ·h_{t-1}: steps 1.. against Y, step 0 against h0
             dR = torch.mm(dpre[0].t(), h0)
             if steps > 1:
-                dR.addmm_(flat[batch:].t(), Y[:-1].reshape((steps - 1) * batch, hidden))
+                later = flat[batch:].t()
+                dR += _cpu_products.mm(later, Y[:-1].reshape((steps - 1) * batch, hidden))
         db = flat.sum(0) if need_b and ctx.has_bias else None
         dh0 = torch.mm(dpre[0], R) if need_h0 else None
         return dX, dW, dR, db, dh0, None, None

@@ -1,0 +1,134 @@
+"""The recurrent layers' matrix products on the CPU: MKL (torch's `mm`) or oneDNN, whichever this
+machine runs faster.
+
+Why a choice: torch sends fp32 `mm`/`addmm` to MKL's sgemm, while torch's own `nn.LSTM`/`GRU`/
+`RNN` run oneDNN's fused RNN, whose products are oneDNN's. Which library is faster depends on
+the processor. Measured (2 threads, fp32): on an AMD EPYC, MKL took 2.2-2.4x oneDNN's time for
+the training-sized LSTM's products ([32, 512]·[512, 2048] per step 572 vs 165 µs with the weight
+packed once; [1600, 512]·[512, 2048] 16.9 vs 7.4 ms), so the converted LSTM ran at 2.1x torch's
+time; on an Intel Xeon (AVX-512) MKL with row-major operands matched or beat oneDNN (h·Rᵀ
+[8, 128]·[128, 512] 7.7 vs 49 µs; dW 28.0 vs 37.6 ms, one thread).
+
+So the first product asks, once per process: both libraries time one representative product
+and oneDNN is used only if it is clearly faster (PREFER_ONEDNN_BELOW). GRADHEALTH_CPU_PRODUCTS=
+mkl or onednn fixes the choice. Small per-step products stay on `addmm` either way (below
+PACKED_STEP_MIN_MACS its call overhead is lower). Results differ between the libraries only by
+fp32 rounding (summation order). The oneDNN operators are those torch's own compiler emits for
+CPU linear layers (`mkldnn::_linear_pointwise`, `_reorder_linear_weight`); a build without them
+uses MKL.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+# Per-step products below this many multiply-adds stay on addmm: at [8, 128]·[128, 512]
+# (0.5 M) addmm took 15.6 µs, oneDNN 18.9 µs with a packed weight (AMD EPYC, one thread).
+PACKED_STEP_MIN_MACS = 1 << 21
+# oneDNN is chosen when its time is below this fraction of MKL's on the probe product: a clear
+# win only, so that machines where the two are close keep torch's default.
+PREFER_ONEDNN_BELOW = 0.8
+_PROBE_SHAPE = (256, 512, 1024)  # m, k, n: ~0.13 G multiply-adds, a few ms per library
+_CHOICE_ENV = "GRADHEALTH_CPU_PRODUCTS"
+
+
+@functools.cache
+def _onednn_operators_work() -> bool:
+    """Whether this torch build has the oneDNN linear operators (tried once, on tiny data)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        x, w = torch.ones(2, 3), torch.ones(4, 3)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 2)
+        plain = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+        added = torch.ops.mkldnn._linear_pointwise.binary(x, plain, packed, None, "add")
+    except (AttributeError, RuntimeError):
+        return False
+    return bool((plain == 3).all() and (added == 6).all())
+
+
+def _median_s(fn: object, repeats: int = 5) -> float:
+    assert callable(fn)
+    fn()  # warm-up: first-call allocations, library initialisation
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+@functools.cache
+def onednn_preferred() -> bool:
+    """Whether fp32 CPU products go through oneDNN in this process (see the module doc)."""
+    forced = os.environ.get(_CHOICE_ENV, "").lower()
+    if forced in ("mkl", "onednn"):
+        return forced == "onednn" and _onednn_operators_work()
+    if forced:
+        logger.warning("%s=%r: expected mkl or onednn; choosing by timing", _CHOICE_ENV, forced)
+    if not _onednn_operators_work():
+        return False
+    m, k, n = _PROBE_SHAPE
+    generator = torch.Generator().manual_seed(0)
+    a, w = torch.randn(m, k, generator=generator), torch.randn(n, k, generator=generator)
+    w_t = w.t().contiguous()
+    with torch.no_grad():
+        mkl = _median_s(lambda: torch.mm(a, w_t))
+        onednn = _median_s(lambda: torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], ""))
+    chosen = onednn < PREFER_ONEDNN_BELOW * mkl
+    logger.info(
+        "CPU products: %s (probe [%d, %d]·[%d, %d]: MKL %.2f ms, oneDNN %.2f ms)",
+        "oneDNN" if chosen else "MKL",
+        m,
+        k,
+        k,
+        n,
+        mkl * 1e3,
+        onednn * 1e3,
+    )
+    return chosen
+
+
+def _use_onednn(x: Tensor, weight: Tensor) -> bool:
+    """oneDNN for fp32 CPU operands where it is preferred; never for an empty product (oneDNN
+    refuses a zero-sized dimension: a one-step sequence has no later steps for dR)."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.numel() > 0
+        and weight.numel() > 0
+        and onednn_preferred()
+    )
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x·weightᵀ (+ bias) for x [..., K], weight [N, K]; transposed operands are fine (oneDNN
+    reads strides; MKL is only given row-major ones by the callers)."""
+    if _use_onednn(x, weight):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+def mm(a: Tensor, b: Tensor) -> Tensor:
+    """a·b for 2-D a [M, K], b [K, N]."""
+    if _use_onednn(a, b):
+        return torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")
+    return torch.mm(a, b)
+
+
+def packed_step_weight(weight: Tensor, batch: int) -> Tensor | None:
+    """`weight` [N, K] packed for oneDNN, for a loop that computes h·weightᵀ + other at every
+    step with h [batch, K]; None where the loop should use addmm (MKL chosen, a small step, not
+    fp32 on the CPU)."""
+    steps_macs = batch * weight.shape[0] * weight.shape[1]
+    if steps_macs < PACKED_STEP_MIN_MACS or not _use_onednn(weight, weight):
+        return None
+    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), batch)
