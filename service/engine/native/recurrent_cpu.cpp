@@ -25,8 +25,32 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 #include <vector>
+
+// small_gemm.h compiled for AVX-512 (x86-64-v4) alone: its 512-bit vector type needs it, and it
+// is only called on CPUs that have it (see step_product). Other architectures use addmm.
+#if defined(__x86_64__)
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v4")
+#include "small_gemm.h"
+namespace {
+constexpr bool kSmallGemmBuilt = true;
+void small_gemm_avx512(const gradhealth::small_gemm::Operands& p, int64_t rows) {
+  gradhealth::small_gemm::multiply_add(p, rows);
+}
+}  // namespace
+#pragma GCC pop_options
+#else
+#include "small_gemm.h"
+namespace {
+constexpr bool kSmallGemmBuilt = false;
+void small_gemm_avx512(const gradhealth::small_gemm::Operands&, int64_t) {}
+}  // namespace
+#endif
 
 namespace {
 
@@ -43,12 +67,47 @@ at::Tensor onednn_linear_add(const at::Tensor& x, const at::Tensor& other, const
   return op.call(x, other, packed, std::nullopt, "add");
 }
 
-// out = x·Wᵀ + other: oneDNN where a packed W is given, else MKL's addmm on Wt = Wᵀ
-// (row-major). `out` may be `other` itself.
+// Below this many multiply-adds a step's product goes to small_gemm.h on AVX-512 CPUs: the
+// size under which _cpu_products.PACKED_STEP_MIN_MACS keeps oneDNN out too (2^21).
+constexpr int64_t kSmallStepMacs = int64_t{1} << 21;
+
+// Whether small_gemm.h runs here: an x86-64-v4 CPU, and GRADHEALTH_SMALL_GEMM not 0 (the
+// benchmarks' switch for comparing with addmm).
+bool small_gemm_usable() {
+#if defined(__x86_64__)
+  static const bool cpu = kSmallGemmBuilt && __builtin_cpu_supports("x86-64-v4");
+#else
+  static const bool cpu = false;
+#endif
+  const char* flag = std::getenv("GRADHEALTH_SMALL_GEMM");
+  return cpu && !(flag != nullptr && std::strcmp(flag, "0") == 0);
+}
+
+// out = other + x·Wt with small_gemm.h, for float rows with unit column stride and Wt [K, N]
+// row-major; false (nothing done) where the operands do not fit that
+bool small_step_product(const at::Tensor& out, const at::Tensor& other, const at::Tensor& x, const at::Tensor& Wt) {
+  const int64_t B = x.size(0), K = x.size(1), N = Wt.size(1);
+  // (a GRU's recurrent bias comes as one [3H] row: addmm broadcasts it, small_gemm.h does not)
+  if (x.scalar_type() != at::kFloat || B * K * N >= kSmallStepMacs || other.sizes() != out.sizes() ||
+      !Wt.is_contiguous() || x.stride(1) != 1 || other.stride(1) != 1 || out.stride(1) != 1 ||
+      !small_gemm_usable()) {
+    return false;
+  }
+  const gradhealth::small_gemm::Operands p{x.const_data_ptr<float>(), x.stride(0),    Wt.const_data_ptr<float>(),
+                                           K,                          N,              other.const_data_ptr<float>(),
+                                           other.stride(0),            out.data_ptr<float>(), out.stride(0)};
+  small_gemm_avx512(p, B);
+  return true;
+}
+
+// out = x·Wᵀ + other: oneDNN where a packed W is given, small_gemm.h for a small float step on
+// an AVX-512 CPU, else MKL's addmm on Wt = Wᵀ (row-major). `out` may be `other` itself.
 void step_product(at::Tensor out, const at::Tensor& other, const at::Tensor& x, const at::Tensor& Wt,
                   const std::optional<at::Tensor>& packed) {
   if (packed.has_value()) {
     out.copy_(onednn_linear_add(x, other, *packed));
+  } else if (small_step_product(out, other, x, Wt)) {
+    return;
   } else if (out.is_same(other)) {
     out.addmm_(x, Wt);
   } else {
@@ -523,6 +582,15 @@ std::vector<at::Tensor> rnn_backward(const at::Tensor& dY, const at::Tensor& dh_
   return {dpre, dhidden};
 }
 
+// other + x·w through small_gemm.h where it applies (see small_step_product), else addmm: the
+// tests compare it with torch's product over shapes, strides and tails
+at::Tensor small_gemm_product(const at::Tensor& x, const at::Tensor& w, const at::Tensor& other) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && other.dim() == 2, "small_gemm_product: 2-D operands");
+  at::Tensor out = at::empty_like(other);
+  step_product(out, other, x, w, std::nullopt);
+  return out;
+}
+
 // activations.h's sigmoid and tanh over a float tensor (what the loops use; tests measure
 // their error against torch's over the whole float range).
 std::vector<at::Tensor> activations(const at::Tensor& x) {
@@ -544,6 +612,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // the packed weights are optional, last and keyword-able: None means addmm (MKL)
   m.doc() = "gradhealth's recurrent loops on the CPU (see recurrent_cpu.cpp)";
   m.def("activations", &activations, "activations.h's (sigmoid, tanh) of a float tensor");
+  m.def("small_gemm_product", &small_gemm_product, "other + x·w as the loops compute a step's product");
+  m.def("small_gemm_usable", &small_gemm_usable, "whether small_gemm.h runs on this CPU");
   m.def("lstm_forward", &lstm_forward, "LSTM forward over a whole sequence, step by step", py::arg("projected"),
         py::arg("R"), py::arg("h0"), py::arg("c0"), py::arg("gate_blocks"), py::arg("packed_R") = py::none());
   m.def("lstm_backward", &lstm_backward, "LSTM backward through time, step by step", py::arg("dY"),

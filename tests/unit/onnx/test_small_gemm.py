@@ -1,0 +1,66 @@
+"""The C++ loops' own kernel for small per-step products (service/engine/native/small_gemm.h).
+
+Compiled for AVX-512 and used on CPUs that have it; elsewhere the same entry point runs addmm
+(these tests then check that path, and say which ran).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from service.engine import native
+
+
+def _cpu_has_x86_64_v4() -> bool:
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    return {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"} <= flags
+
+
+@pytest.fixture(scope="module")
+def loops() -> object:
+    native.build()
+    built = native.load_recurrent_cpu()
+    assert built is not None
+    return built
+
+
+def test_the_kernel_runs_where_the_cpu_has_avx512(
+    loops: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert loops.small_gemm_usable() == _cpu_has_x86_64_v4()  # type: ignore[attr-defined]
+    monkeypatch.setenv("GRADHEALTH_SMALL_GEMM", "0")
+    assert not loops.small_gemm_usable()  # type: ignore[attr-defined]
+
+
+# batch rows: the 8- and 4-row blocks and single rows; columns: 32- and 16-wide blocks and a
+# scalar tail; the recurrent shapes of the bench's small LSTM ([8, 128]·[128, 512] and back)
+SHAPES = [(8, 128, 512), (8, 512, 128), (13, 64, 100), (3, 7, 37), (1, 5, 16), (12, 33, 48)]
+
+
+@pytest.mark.parametrize(("rows", "inner", "cols"), SHAPES)
+def test_product_equals_torchs(loops: object, rows: int, inner: int, cols: int) -> None:
+    g = torch.Generator().manual_seed(rows * 1000 + cols)
+    x = torch.randn(rows, inner, generator=g)
+    w = torch.randn(inner, cols, generator=g)
+    other = torch.randn(rows, cols, generator=g)
+    got = loops.small_gemm_product(x, w, other)  # type: ignore[attr-defined]
+    torch.testing.assert_close(got, torch.addmm(other, x, w), rtol=1e-5, atol=1e-5 * inner**0.5)
+
+
+def test_strided_rows_as_the_gru_backward_reads_them(loops: object) -> None:
+    """x as a [B, 3H] view with rows 4H apart (the GRU's ∂L/∂fh inside its dgates buffer)."""
+    g = torch.Generator().manual_seed(7)
+    hidden, batch = 40, 6
+    buffer = torch.randn(batch, 4 * hidden, generator=g)
+    x = buffer[:, : 3 * hidden]
+    w = torch.randn(3 * hidden, hidden, generator=g)
+    other = torch.randn(batch, hidden, generator=g)
+    got = loops.small_gemm_product(x, w, other)  # type: ignore[attr-defined]
+    torch.testing.assert_close(got, torch.addmm(other, x, w), rtol=1e-5, atol=1e-4)
