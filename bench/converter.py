@@ -45,9 +45,12 @@ from tests.support.zoo import ResNet, TransformerEncoder
 
 
 class LSTMModel(nn.Module):
-    def __init__(self, features: int, hidden: int) -> None:
+    """Two recurrent layers (nn.LSTM, or `cell` nn.GRU / nn.RNN) and a linear head on the last
+    step."""
+
+    def __init__(self, features: int, hidden: int, cell: type[nn.Module] = nn.LSTM) -> None:
         super().__init__()
-        self.lstm = nn.LSTM(features, hidden, num_layers=2, batch_first=True)
+        self.lstm = cell(features, hidden, num_layers=2, batch_first=True)
         self.head = nn.Linear(hidden, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -354,6 +357,19 @@ def main() -> None:
             args.only,
             args.dynamo,
         )
+        # GRU and tanh RNN at the small LSTM's size (not among the issue's rows; their loops
+        # share the LSTM's machinery)
+        for name, cell in (("gru (2 layers)", nn.GRU), ("rnn (2 layers)", nn.RNN)):
+            torch.manual_seed(0)
+            compare(
+                name,
+                LSTMModel(16 * scale, 32 * scale, cell),
+                torch.randn(8, 24, 16 * scale),
+                device,
+                args.repeats,
+                args.only,
+                args.dynamo,
+            )
     if not args.skip_conversion:
         conversion_time(30 if args.quick else 300)
 
