@@ -41,6 +41,20 @@ def _tanh(x):
 
 
 @triton.jit
+def _program_tile(batch, hidden, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """This program's batch rows and every hidden unit: (rows, units, their in-range masks,
+    the [rows, units] mask, offsets into a [B, H] state and into gate block 0 of [B, 4H])."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    units = tl.arange(0, BLOCK_H)
+    row_ok = rows < batch
+    unit_ok = units < hidden
+    mask = row_ok[:, None] & unit_ok[None, :]
+    state_at = rows[:, None] * hidden + units[None, :]
+    gate_at = rows[:, None] * (4 * hidden) + units[None, :]
+    return rows, units, row_ok, unit_ok, mask, state_at, gate_at
+
+
+@triton.jit
 def lstm_forward_kernel(
     projected,  # [T, B, 4H]: x_t·Wᵀ + biases, torch's gate order
     weights_hh,  # R [4H, H]
@@ -56,13 +70,9 @@ def lstm_forward_kernel(
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    units = tl.arange(0, BLOCK_H)
-    row_ok = rows < batch
-    unit_ok = units < hidden
-    mask = row_ok[:, None] & unit_ok[None, :]
-    state_at = rows[:, None] * hidden + units[None, :]  # [B, H] offsets
-    gate_at = rows[:, None] * (4 * hidden) + units[None, :]  # gate block 0 in [B, 4H]
+    rows, units, row_ok, unit_ok, mask, state_at, gate_at = _program_tile(
+        batch, hidden, BLOCK_B, BLOCK_H
+    )
     c = tl.load(c0 + state_at, mask=mask, other=0.0)
     for t in range(steps):
         step_gates = projected + t * batch * 4 * hidden
@@ -127,13 +137,9 @@ def lstm_backward_kernel(
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    units = tl.arange(0, BLOCK_H)
-    row_ok = rows < batch
-    unit_ok = units < hidden
-    mask = row_ok[:, None] & unit_ok[None, :]
-    state_at = rows[:, None] * hidden + units[None, :]
-    gate_at = rows[:, None] * (4 * hidden) + units[None, :]
+    rows, units, row_ok, unit_ok, mask, state_at, gate_at = _program_tile(
+        batch, hidden, BLOCK_B, BLOCK_H
+    )
     dc = tl.load(grad_c_last + state_at, mask=mask, other=0.0)
     # ∂L/∂h_T reaches the last step only: added at the first iteration, zero afterwards
     # (loop-carried rather than a load masked by `t == steps - 1`: scalar-and-block masks
