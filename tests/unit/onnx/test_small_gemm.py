@@ -64,3 +64,43 @@ def test_strided_rows_as_the_gru_backward_reads_them(loops: object) -> None:
     other = torch.randn(batch, hidden, generator=g)
     got = loops.small_gemm_product(x, w, other)  # type: ignore[attr-defined]
     torch.testing.assert_close(got, torch.addmm(other, x, w), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU", "RNN"])
+def test_loops_give_the_same_with_the_kernel_off(
+    loops: object, monkeypatch: pytest.MonkeyPatch, op: str
+) -> None:
+    """The C++ loops with their small steps on small_gemm.h and on addmm (what CPUs without
+    AVX-512 run): the same outputs, gradients and per-step hidden gradients."""
+    from service.engine.onnx.ops.gru_sequence import gru_direction
+    from service.engine.onnx.ops.lstm_sequence import lstm_direction
+    from service.engine.onnx.ops.rnn_sequence import rnn_direction
+
+    gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
+    steps, batch, inputs, hidden = 6, 5, 12, 40
+    g = torch.Generator().manual_seed(3)
+
+    def leaf(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * scale).requires_grad_(True)
+
+    X, h0, c0 = leaf(steps, batch, inputs), leaf(batch, hidden), leaf(batch, hidden)
+    W = leaf(gates * hidden, inputs, scale=inputs**-0.5)
+    R = leaf(gates * hidden, hidden, scale=hidden**-0.5)
+    B = leaf(2 * gates * hidden, scale=0.1)
+    leaves = [X, W, R, B, h0] + ([c0] if op == "LSTM" else [])
+
+    def run() -> list[torch.Tensor]:
+        sink: list[torch.Tensor] = []
+        if op == "LSTM":
+            outputs = list(lstm_direction(X, W, R, B, h0, c0, False, sink))
+        else:
+            direction = gru_direction if op == "GRU" else rnn_direction
+            outputs = list(direction(X, W, R, B, h0, None, False, sink)[:2])
+        loss = torch.stack([(o * (k + 1)).sum() for k, o in enumerate(outputs)]).sum()
+        return [*(o.detach() for o in outputs), *torch.autograd.grad(loss, leaves), *sink]
+
+    with_kernel = run()
+    monkeypatch.setenv("GRADHEALTH_SMALL_GEMM", "0")
+    without = run()
+    for a, b in zip(with_kernel, without, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
