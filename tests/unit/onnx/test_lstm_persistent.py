@@ -164,6 +164,50 @@ def test_a_failing_kernel_falls_back_to_the_per_step_loops_once_and_says_so(
     assert emulated_kernels.count("forward") == 3 * 4  # got, again and expected: per-step
 
 
+@pytest.fixture
+def fresh_self_check() -> Iterator[None]:
+    lstm_persistent.self_check.cache_clear()
+    yield
+    lstm_persistent.self_check.cache_clear()
+
+
+@pytest.mark.usefixtures("fresh_self_check")
+def test_self_check_accepts_kernels_that_equal_the_per_step_loops(
+    interpreted: ModuleType,
+    emulated_kernels: list[str],  # noqa: F811 - the fixture
+) -> None:
+    assert lstm_persistent.self_check(torch.device("cpu"), 7)
+    assert lstm_persistent.self_check(torch.device("cpu"), 40)
+
+
+@pytest.mark.usefixtures("fresh_self_check")
+@pytest.mark.parametrize("fault", ["wrong numbers", "an error"])
+def test_self_check_refuses_kernels_that_misbehave_and_says_so(
+    interpreted: ModuleType,
+    emulated_kernels: list[str],  # noqa: F811 - the fixture
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    fault: str,
+) -> None:
+    """What a race between steps on some GPU would look like (numbers off by far more than
+    rounding), or a kernel that does not compile there: the size falls back, with a warning."""
+    honest = lstm_persistent.backward_steps
+
+    def faulty(*args: Tensor) -> tuple[Tensor, ...]:
+        if fault == "an error":
+            raise RuntimeError("PTX assembly aborted")
+        dgates, dc0, dhidden = honest(*args)
+        dhidden[1] += 0.01  # one step's gradient off
+        return dgates, dc0, dhidden
+
+    monkeypatch.setattr(lstm_persistent, "backward_steps", faulty)
+    with caplog.at_level(logging.WARNING, logger=lstm_persistent.__name__):
+        assert not lstm_persistent.self_check(torch.device("cpu"), 7)
+    (record,) = caplog.records
+    expected = "PTX assembly aborted" if fault == "an error" else "differ from the per-step loops"
+    assert expected in record.getMessage()
+
+
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 

@@ -14,9 +14,11 @@ backward still writes ∂L/∂h_t of every step (`grad_hiddens`): the observabil
 asks of recurrent ops is unchanged.
 
 Used for float32 on CUDA with hidden ≤ MAX_HIDDEN where `triton` imports (it ships with torch's
-CUDA builds). GRADHEALTH_LSTM_PERSISTENT=0 turns it off. If a kernel fails to compile or launch
-(an older Triton, a GPU it does not support), the process warns once and goes back to the
-per-step loops, which compute the same thing.
+CUDA builds). GRADHEALTH_LSTM_PERSISTENT=0 turns it off. Before the first LSTM of a hidden size
+runs through them, the kernels are checked against the per-step loops on a small problem on
+that device (`self_check`); if they differ, or fail to compile or launch (an older Triton, a
+GPU it does not support), the process warns and that size goes back to the per-step loops,
+which compute the same thing.
 """
 
 from __future__ import annotations
@@ -50,6 +52,10 @@ PRODUCT_PRECISION = "ieee"
 
 KERNELS_MODULE = "service.engine.onnx.ops._lstm_triton"
 
+# fp32 results of the same recurrence by two summation orders, over a few steps of unit-scale
+# values: ~1e-6 apart; a race or a wrong index is off by far more
+SELF_CHECK_TOLERANCE = 1e-3
+
 StepsFn = Callable[..., tuple[Tensor, ...]]
 _fallback: tuple[StepsFn, StepsFn] | None = None
 _failed = False
@@ -80,9 +86,58 @@ def loops_for(projected: Tensor) -> PersistentLoops | None:
         or hidden > MAX_HIDDEN
         or os.environ.get("GRADHEALTH_LSTM_PERSISTENT", "1") == "0"
         or kernels() is None
+        or not self_check(projected.device, hidden)
     ):
         return None
     return _LOOPS
+
+
+# The self-check's problem: two programs (batch > BLOCK_B), a few steps
+_CHECK_STEPS, _CHECK_BATCH = 4, BLOCK_B + 3
+
+
+@functools.cache
+def self_check(device: torch.device, hidden: int) -> bool:
+    """Whether the kernels compute what the per-step loops compute, on a small random problem
+    of this hidden size (the kernels' tiles depend on it) on this device: once per process and
+    size, before any model's LSTM runs through them. A compiler or GPU on which the kernels
+    misbehave (a race between steps would give wrong numbers, not an error) then costs speed,
+    never correctness: the LSTMs of that size take the per-step loops, with a warning."""
+    assert _fallback is not None, "lstm_fused_cell registers the per-step loops"
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def randn(*shape: int, scale: float = 1.0) -> Tensor:
+        return (torch.randn(*shape, generator=g) * scale).to(device)
+
+    steps, batch = _CHECK_STEPS, _CHECK_BATCH
+    inputs = (randn(steps, batch, 4 * hidden), randn(4 * hidden, hidden, scale=hidden**-0.5))
+    h0, c0 = randn(batch, hidden), randn(batch, hidden)
+    grads = (randn(steps, batch, hidden), randn(batch, hidden), randn(batch, hidden))
+    try:
+        with torch.no_grad():
+            ours = list(forward_steps(*inputs, h0, c0))
+            ours += backward_steps(*grads, ours[1], ours[2], c0, inputs[1])
+    except Exception as error:  # compile errors come in many types
+        logger.warning(
+            "persistent LSTM kernels failed to run (%s: %s); using the per-step loops",
+            type(error).__name__,
+            error,
+        )
+        return False
+    with torch.no_grad():
+        theirs = list(_fallback[0](*inputs, h0, c0))
+        theirs += _fallback[1](*grads, theirs[1], theirs[2], c0, inputs[1])
+    worst = max(float((a - b).abs().max()) for a, b in zip(ours, theirs, strict=True))
+    if worst > SELF_CHECK_TOLERANCE:
+        logger.warning(
+            "persistent LSTM kernels differ from the per-step loops by %.2e at hidden %d on %s; "
+            "using the per-step loops",
+            worst,
+            hidden,
+            device,
+        )
+        return False
+    return True
 
 
 def _tiles(hidden: int) -> dict[str, int | str | bool]:
