@@ -124,9 +124,14 @@ def self_check(device: torch.device, hidden: int) -> bool:
             error,
         )
         return False
-    with torch.no_grad():
-        theirs = list(_fallback[0](*inputs, h0, c0))
-        theirs += _fallback[1](*grads, theirs[1], theirs[2], c0, inputs[1])
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # the reference in fp32, as the kernels
+    try:
+        with torch.no_grad():
+            theirs = list(_fallback[0](*inputs, h0, c0))
+            theirs += _fallback[1](*grads, theirs[1], theirs[2], c0, inputs[1])
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     worst = max(float((a - b).abs().max()) for a, b in zip(ours, theirs, strict=True))
     if worst > SELF_CHECK_TOLERANCE:
         logger.warning(
