@@ -15,6 +15,7 @@ weight gradients against cuDNN's (TF32 off) first. Needs a GPU.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import statistics
 import sys
@@ -94,6 +95,9 @@ def run(steps: int, batch: int, inputs: int, hidden: int, repeats: int) -> None:
     if lstm_persistent.loops_for(x.new_empty(1, 1, 4 * hidden)) is not None:
         ways.append("persistent")
     results = " | ".join(timed(way) for way in ways)
+    if "persistent" not in ways:
+        why = "above MAX_HIDDEN" if hidden > lstm_persistent.MAX_HIDDEN else "see the warning"
+        results += f" | persistent n/a ({why})"
     print(f"T={steps} B={batch} {inputs}->{hidden}: cuDNN {cudnn_ms:.3f} ms | {results}")
 
 
@@ -106,7 +110,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.tf32x3:
         lstm_persistent.PRODUCT_PRECISION = "tf32x3"
-    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    triton = lstm_persistent.kernels()
+    version = getattr(getattr(triton, "triton", None), "__version__", None)
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, triton {version}")
     run(24, 8, 64, 128, args.repeats)
     run(24, 64, 64, 128, args.repeats)
     run(50, 32, 128, 256, args.repeats)
