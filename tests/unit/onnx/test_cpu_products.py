@@ -116,3 +116,83 @@ def test_the_environment_fixes_the_choice_and_otherwise_a_timing_decides(
         chosen = _cpu_products.onednn_preferred()
     (record,) = caplog.records
     assert record.getMessage().startswith(f"CPU products: {'oneDNN' if chosen else 'MKL'} (probe")
+
+
+def _operands(rows: int = 64, inner: int = 256, cols: int = 384) -> list[Tensor]:
+    """a [2, rows/2, inner], weight [cols, inner], bias [cols]: 6.3 M multiply-adds, above
+    GRAPH_PRODUCT_MIN_MACS."""
+    g = torch.Generator().manual_seed(4)
+    return [
+        torch.randn(2, rows // 2, inner, generator=g).requires_grad_(True),
+        (torch.randn(cols, inner, generator=g) * inner**-0.5).requires_grad_(True),
+        torch.randn(cols, generator=g).requires_grad_(True),
+    ]
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_weight_products_through_onednn_equal_torchs(
+    monkeypatch: pytest.MonkeyPatch, with_bias: bool
+) -> None:
+    monkeypatch.setattr(_cpu_products, "onednn_preferred", lambda: True)
+    a, weight, bias = _operands()
+    used = _cpu_products.weight_product(a, weight, bias if with_bias else None)
+    assert used is not None  # the oneDNN Function ran
+    expected = torch.nn.functional.linear(a, weight, bias if with_bias else None)
+    torch.testing.assert_close(used, expected, rtol=1e-5, atol=1e-5)
+    g = torch.randn(expected.shape, generator=torch.Generator().manual_seed(5))
+    leaves = [a, weight, bias] if with_bias else [a, weight]
+    got = torch.autograd.grad(used, leaves, g)
+    want = torch.autograd.grad(expected, leaves, g)
+    for x, y in zip(got, want, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+
+
+def test_weight_products_leave_what_onednn_should_not_take(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_cpu_products, "onednn_preferred", lambda: True)
+    a, weight, bias = _operands()
+    small_a, small_w = a[:, :2, :16], weight[:8, :16]  # 512 multiply-adds
+    assert _cpu_products.weight_product(small_a, small_w) is None
+    assert _cpu_products.weight_product(a.double(), weight.double()) is None
+    assert _cpu_products.weight_product(a, weight, bias[:5]) is None  # not a [N] bias
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _cpu_products.weight_product(a, weight) is None  # torch's product casts
+    monkeypatch.setattr(_cpu_products, "onednn_preferred", lambda: False)
+    assert _cpu_products.weight_product(a, weight) is None
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_converted_linear_layers_through_onednn_equal_the_torch_module(
+    monkeypatch: pytest.MonkeyPatch, dynamo: bool
+) -> None:
+    """Through the converter: a Linear stack exported as Gemm / MatMul(+Add) by both exporters,
+    its outputs and every parameter's gradient against the torch module's."""
+    from service.engine.onnx.convert import convert, load_onnx
+    from tests.support.export import to_onnx
+
+    monkeypatch.setattr(_cpu_products, "onednn_preferred", lambda: True)
+    calls: list[int] = []
+    original = _cpu_products.weight_product
+
+    def spy(*args: Tensor | None) -> Tensor | None:
+        out = original(*args)  # type: ignore[arg-type]
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(_cpu_products, "weight_product", spy)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(128, 512), torch.nn.GELU(), torch.nn.Linear(512, 128)
+    )
+    x = torch.randn(4, 32, 128)
+    graph = convert(load_onnx(to_onnx(model, x, dynamo=dynamo)), mode="train")
+    out = graph.run([x])[0]
+    out.square().mean().backward()
+    model(x).square().mean().backward()
+    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    named = dict(graph.named_graph_parameters())
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None
+        grad = named[name].grad
+        assert grad is not None, name
+        torch.testing.assert_close(grad, parameter.grad, rtol=1e-4, atol=1e-6)
+    assert sum(calls) == 2  # both layers' products went through oneDNN
