@@ -49,10 +49,19 @@ class DirectWeightsLSTM:
     def __call__(self, X: Tensor, *args: Any) -> Any:
         d = self.directions
         ws, rs, biases, rest = args[:d], args[d : 2 * d], args[2 * d : 4 * d], args[4 * d :]
+        if d == 1:  # torch's own tensors straight into one autograd node, where it applies
+            outputs = self.inner.one_direction(X, ws[0], rs[0], *biases, *_padded(rest, 4))
+            if outputs is not None:
+                return outputs
         bias = None
         if all(b is not None for b in biases):  # ONNX's B rows: Wb then Rb per direction
             bias = _stacked([torch.cat(biases[2 * k : 2 * k + 2]) for k in range(d)])
         return self.inner(X, _stacked(ws), _stacked(rs), bias, *rest)
+
+
+def _padded(inputs: Sequence[Any], count: int) -> list[Any]:
+    """`inputs` with the omitted trailing optional inputs as None, `count` in all."""
+    return [*inputs, *[None] * (count - len(inputs))]
 
 
 def _stacked(per_direction: Sequence[Tensor]) -> Tensor:

@@ -40,6 +40,10 @@ SHAPES_FROM_SHAPES = frozenset(
     | {"ScatterND", "ScatterElements", "Scatter", "Einsum", "ArgMax", "ArgMin", "CumSum"}
     | {"DepthToSpace", "SpaceToDepth", "Trilu", "EyeLike", "Conv", "ConvTranspose", "MaxPool"}
     | {"AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"}
+    # [T, directions, batch, hidden] and [directions, batch, hidden] whatever the lengths in
+    # sequence_lens (padding steps hold zeros): the legacy exporter sizes the next layer's
+    # initial state from `Shape` of the previous layer's output
+    | {"RNN", "GRU", "LSTM"}
 )
 # Output shapes follow from the first input's shape and the values of the others.
 SHAPES_FROM_VALUES = frozenset(

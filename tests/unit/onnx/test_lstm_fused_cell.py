@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from service.engine.onnx.ops import lstm_fused_cell
-from service.engine.onnx.ops.lstm_sequence import _LSTMSequence, lstm_sequence
+from service.engine.onnx.ops.lstm_sequence import ONNX_GATE_BLOCKS, _LSTMSequence, lstm_sequence
 from tests.support.recurrent_zoo import lstm_sequence_args
 
 
@@ -97,9 +97,10 @@ def test_fused_cell_path_equals_the_cpu_path(emulated_kernels: list[str], revers
         if fused:
             outputs = _lstm_sequence(args, reverse=reverse, hidden_grads=sink)
         else:  # the CPU Function, reached directly
-            x = args[0].flip(0) if reverse else args[0]
-            y, h, c = _LSTMSequence.apply(x, *args[1:], sink, reverse)
-            outputs = (y.flip(0) if reverse else y, h, c)
+            X, W, R, b, h0, c0 = args
+            outputs = _LSTMSequence.apply(
+                X, W, R, b, None, h0, c0, sink, reverse, ONNX_GATE_BLOCKS, False
+            )
         loss = cast(Tensor, sum((o * w).sum() for o, w in zip(outputs, weights, strict=True)))
         grads = torch.autograd.grad(loss, args)
         results.append(([o.detach() for o in outputs], grads, sink))

@@ -91,6 +91,97 @@ def test_cpp_loops_gradcheck_float64() -> None:
     assert torch.autograd.gradcheck(torch_order, (X, W, R, b, h0, c0), eps=1e-6, atol=1e-6)
 
 
+def _node_shaped(args: list[Tensor], bias_form: str) -> tuple[list[Tensor], dict[str, Tensor]]:
+    """`args` as an ONNX LSTM node of one direction holds them: W [1, 4H, I], R [1, 4H, H],
+    h0/c0 [1, B, H], and the bias as its [1, 8H] row (`row`) or as input-side and recurrent
+    halves (`halves`, torch's bias_ih and bias_hh); new leaves."""
+    X, W, R, b, h0, c0 = (t.detach() for t in args)
+    halves = [0.6 * b, 0.4 * b]
+    bias = torch.cat(halves).unsqueeze(0) if bias_form == "row" else halves[0]
+    tensors = [X, W[None], R[None], bias, h0[None], c0[None]]
+    extra = {"recurrent_bias": halves[1]} if bias_form == "halves" else {}
+    leaves = [t.clone().requires_grad_(True) for t in tensors]
+    return leaves, {k: v.clone().requires_grad_(True) for k, v in extra.items()}
+
+
+@pytest.mark.parametrize("path", ["cpp", "python"])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("bias_form", ["row", "halves"])
+def test_node_shaped_call_is_one_function_equal_to_the_plain_call(
+    request: pytest.FixtureRequest, path: str, reverse: bool, bias_form: str
+) -> None:
+    """What a converted one-direction LSTM node calls (onnx_shapes, its inputs as the node
+    holds them, the time flip inside): one autograd node, with the outputs, every input's
+    gradient and ∂L/∂h_t of the plain call on [4H, ...] weights and a summed bias."""
+    if path == "python":
+        request.getfixturevalue("python_loops")
+    args = lstm_sequence_args(5, 3, 4, 6, torch.float64)
+    plain = _run(args, reverse=reverse)
+    leaves, extra = _node_shaped(args, bias_form)
+    X, W, R, bias, h0, c0 = leaves
+    sink: list[Tensor] = []
+    outputs = lstm_sequence(
+        X,
+        W,
+        R,
+        bias,
+        h0,
+        c0,
+        reverse,
+        sink,
+        recurrent_bias=extra.get("recurrent_bias"),
+        onnx_shapes=True,
+    )
+    assert [tuple(o.shape) for o in outputs] == [(5, 1, 3, 6), (1, 3, 6), (1, 3, 6)]
+    assert {type(o.grad_fn).__name__ for o in outputs} == {"_LSTMSequenceBackward"}
+    g = torch.Generator().manual_seed(1)
+    flat = [o.reshape(p.shape) for o, p in zip(outputs, plain[0], strict=True)]
+    loss = torch.stack(
+        [(o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in flat]
+    ).sum()
+    grads = torch.autograd.grad(loss, [*leaves, *extra.values()])
+    for got, want in zip(flat, plain[0], strict=True):
+        torch.testing.assert_close(got.detach(), want)
+    # the bias halves' gradients are the summed bias's (twice over for the [1, 8H] row)
+    summed = plain[1][3]
+    expected_bias = summed.repeat(2).view(1, -1) if bias_form == "row" else summed
+    expected = [
+        p.reshape(leaf.shape) for p, leaf in zip(plain[1], leaves, strict=True) if p is not summed
+    ]
+    expected.insert(3, expected_bias)
+    expected += [summed] if extra else []
+    assert len(grads) == len(expected)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(sink[0], plain[2][0])
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_node_shaped_call_gradcheck_float64(reverse: bool) -> None:
+    args = lstm_sequence_args(4, 2, 3, 2, torch.float64)
+    leaves, extra = _node_shaped(args, "halves")
+    X, W, R, bias, h0, c0 = leaves
+
+    def node(
+        x: Tensor, w: Tensor, r: Tensor, b: Tensor, rb: Tensor, h: Tensor, c: Tensor
+    ) -> tuple[Tensor, ...]:
+        return lstm_sequence(
+            x,
+            w,
+            r,
+            b,
+            h,
+            c,
+            reverse,
+            gate_blocks=TORCH_GATE_BLOCKS,
+            recurrent_bias=rb,
+            onnx_shapes=True,
+        )
+
+    inputs = (X, W, R, bias, extra["recurrent_bias"], h0, c0)
+    assert torch.autograd.gradcheck(node, inputs, eps=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("path", ["cpp", "python"])
 def test_torch_gate_order_equals_nn_lstm(request: pytest.FixtureRequest, path: str) -> None:
     """torch's own parameters (gates i, f, g, o) with gate_blocks [0, 3, 1, 2]: the same
@@ -109,8 +200,9 @@ def test_torch_gate_order_equals_nn_lstm(request: pytest.FixtureRequest, path: s
         (y.sin().sum() + h.sum() + c.square().sum()), [x, *weights]
     )
     w_ih, w_hh, b_ih, b_hh = (t.detach().clone().requires_grad_(True) for t in weights)
-    bias = b_ih + b_hh
-    y2, h2, c2 = lstm_sequence(x, w_ih, w_hh, bias, h0[0], c0[0], gate_blocks=TORCH_GATE_BLOCKS)
+    y2, h2, c2 = lstm_sequence(
+        x, w_ih, w_hh, b_ih, h0[0], c0[0], gate_blocks=TORCH_GATE_BLOCKS, recurrent_bias=b_hh
+    )
     grads = torch.autograd.grad(
         (y2.sin().sum() + h2.sum() + c2.square().sum()), [x, w_ih, w_hh, b_ih, b_hh]
     )

@@ -45,13 +45,27 @@ def lstm_direction(
     reverse: bool,
     hidden_grads: list[Tensor] | None,
     gate_blocks: list[int] | None = None,
+    *,
+    recurrent_bias: Tensor | None = None,
+    onnx_shapes: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One direction of an ONNX LSTM node: B is the node's bias row [8H] (Wb then Rb), each half
-    in the gates' order (`gate_blocks`, see lstm_sequence)."""
-    hidden = R.shape[1]
-    bias = None if B is None else B[: 4 * hidden] + B[4 * hidden :]
+    in the gates' order (`gate_blocks`, see lstm_sequence), or the input-side bias [4H] with
+    `recurrent_bias` the recurrent one (torch's bias_ih and bias_hh)."""
     assert c0 is not None, "an LSTM always has a cell state"
-    return lstm_sequence(X, W, R, bias, h0, c0, reverse, hidden_grads, gate_blocks)
+    return lstm_sequence(
+        X,
+        W,
+        R,
+        B,
+        h0,
+        c0,
+        reverse,
+        hidden_grads,
+        gate_blocks,
+        recurrent_bias=recurrent_bias,
+        onnx_shapes=onnx_shapes,
+    )
 
 
 def lstm_sequence(
@@ -64,27 +78,54 @@ def lstm_sequence(
     reverse: bool = False,
     hidden_grads: list[Tensor] | None = None,
     gate_blocks: list[int] | None = None,
+    *,
+    recurrent_bias: Tensor | None = None,
+    onnx_shapes: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(Y [T, B, H], h_T [B, H], c_T [B, H]) for X [T, B, I], W [4H, I], R [4H, H],
-    bias [4H] (input and recurrent biases summed) or None, h0/c0 [B, H].
+    """(Y [T, B, H], h_T [B, H], c_T [B, H]) for X [T, B, I], W [4H, I], R [4H, H] (either may
+    carry a leading direction axis of 1), h0/c0 with B·H elements, and the biases as
+    `summed_bias` reads them (None: no bias). `onnx_shapes`: the outputs as an ONNX LSTM node
+    of one direction gives them, Y [T, 1, B, H], Y_h and Y_c [1, B, H].
 
     `gate_blocks`: which H-wide block of W, R and bias holds the gates i, o, f, c; None for
-    ONNX's order [0, 1, 2, 3]; torch's parameters (i, f, g, o) are [0, 3, 1, 2]."""
+    ONNX's order [0, 1, 2, 3]; torch's parameters (i, f, g, o) are [0, 3, 1, 2].
+
+    Where the CPU Function applies (the usual case) the whole call, the reverse direction's
+    time flip and the outputs' shapes included, is ONE autograd node: the views, slices and
+    sums around it cost the small LSTM a tenth of its training step as separate nodes."""
     blocks = ONNX_GATE_BLOCKS if gate_blocks is None else list(gate_blocks)
+    reordered = blocks != ONNX_GATE_BLOCKS and native_loops(X) is None
+    if not (lstm_fused_cell.available(X) or torch.is_autocast_enabled(X.device.type) or reordered):
+        return _LSTMSequence.apply(
+            X, W, R, bias, recurrent_bias, h0, c0, hidden_grads, reverse, blocks, onnx_shapes
+        )
+    hidden = R.shape[-1]
+    summed = summed_bias(bias, recurrent_bias, hidden)
 
     def apply(*tensors: Tensor) -> tuple[Tensor, ...]:
         x, w, r, b, h, c = tensors
         if lstm_fused_cell.available(x):
             return lstm_fused_cell.lstm_fused_cell(x, w, r, b, h, c, hidden_grads, reverse, blocks)
         order = blocks
-        if order != ONNX_GATE_BLOCKS and native_loops(x) is None:
-            # the Python loops read ONNX's order
+        if reordered:  # the Python loops read ONNX's order
             w, r = reorder_blocks(w, order), reorder_blocks(r, order)
             b = None if b is None else reorder_blocks(b, order)
             order = ONNX_GATE_BLOCKS
-        return _LSTMSequence.apply(x, w, r, b, h, c, hidden_grads, reverse, order)
+        return _LSTMSequence.apply(x, w, r, b, None, h, c, hidden_grads, False, order, False)
 
-    Y, h, c = run_in_time_order(apply, reverse, X, W, R, bias, h0, c0)
+    batch = X.shape[1]
+    Y, h, c = run_in_time_order(
+        apply,
+        reverse,
+        X,
+        W.reshape(-1, W.shape[-1]),
+        R.reshape(-1, hidden),
+        summed,
+        h0.reshape(batch, hidden),
+        c0.reshape(batch, hidden),
+    )
+    if onnx_shapes:
+        return Y.unsqueeze(1), h.unsqueeze(0), c.unsqueeze(0)
     return Y, h, c
 
 
@@ -92,7 +133,35 @@ def lstm_sequence(
 ONNX_GATE_BLOCKS = [0, 1, 2, 3]
 
 
+def summed_bias(bias: Tensor | None, recurrent_bias: Tensor | None, hidden: int) -> Tensor | None:
+    """The one [4H] bias the gates add: `bias` is either ONNX's row [8H] (Wb then Rb, any
+    leading axes of 1), or the input-side bias [4H] plus `recurrent_bias` [4H], or already
+    their sum (`recurrent_bias` None)."""
+    if bias is None:
+        assert recurrent_bias is None, "a recurrent bias comes with an input-side one"
+        return None
+    row = bias.reshape(-1)
+    if row.numel() == 8 * hidden:
+        row = row[: 4 * hidden] + row[4 * hidden :]
+    return row if recurrent_bias is None else row + recurrent_bias.reshape(-1)
+
+
+def _bias_grads(
+    db: Tensor, bias: torch.Size | None, recurrent_bias: torch.Size | None
+) -> tuple[Tensor | None, Tensor | None]:
+    """The gradients of `summed_bias`'s inputs, of shapes `bias` and `recurrent_bias`, given
+    the sum's, `db` [4H]."""
+    if bias is None:
+        return None, None
+    d_bias = db.repeat(2) if bias.numel() == 2 * db.numel() else db
+    return d_bias.view(bias), None if recurrent_bias is None else db.view(recurrent_bias)
+
+
 class _LSTMSequence(torch.autograd.Function):
+    """lstm_sequence on the loops of this module (C++ where built): inputs as lstm_sequence
+    takes them, X in time order (`reverse`: the loops run it backwards), no autograd op
+    outside."""
+
     @staticmethod
     def forward(
         ctx: Any,
@@ -100,20 +169,32 @@ class _LSTMSequence(torch.autograd.Function):
         W: Tensor,
         R: Tensor,
         bias: Tensor | None,
+        recurrent_bias: Tensor | None,
         h0: Tensor,
         c0: Tensor,
         hidden_grads: list[Tensor] | None,
         reverse: bool,
-        gate_blocks: list[int] | None = None,
+        gate_blocks: list[int],
+        onnx_shapes: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        gate_blocks = gate_blocks or ONNX_GATE_BLOCKS
-        # contiguous: on a transposed X (a batch-first input) F.linear takes matmul's path at
-        # half the speed, and the backward's dW product would copy it again
-        X = X.contiguous()
-        projected = _cpu_products.linear(X, W, bias)  # [T, B, 4H]: all steps at once
+        batch = X.shape[1]
+        hidden = R.shape[-1]
+        ctx.shapes = X.shape, W.shape, R.shape, h0.shape, c0.shape
+        ctx.biases = (
+            None if bias is None else bias.shape,
+            None if recurrent_bias is None else recurrent_bias.shape,
+        )
+        W, R = W.reshape(-1, W.shape[-1]), R.reshape(-1, hidden)
+        h0, c0 = h0.reshape(batch, hidden), c0.reshape(batch, hidden)
+        # in the order the steps run; contiguous: on a transposed X (a batch-first input)
+        # F.linear takes matmul's path at half the speed, and the backward's dW product would
+        # copy it again
+        X = (X.flip(0) if reverse else X).contiguous()
+        summed = summed_bias(bias, recurrent_bias, hidden)
+        projected = _cpu_products.linear(X, W, summed)  # [T, B, 4H]: all steps at once
         loops = native_loops(X)
         if loops is not None:
-            packed_R = _cpu_products.packed_step_weight(R, X.shape[1])
+            packed_R = _cpu_products.packed_step_weight(R, batch)
             gates, cells, tanh_cells, Y = loops.lstm_forward(
                 projected.contiguous(), R, h0, c0, gate_blocks, packed_R
             )
@@ -125,10 +206,14 @@ class _LSTMSequence(torch.autograd.Function):
         ctx.gate_blocks = gate_blocks
         ctx.hidden_grads = hidden_grads
         ctx.reverse = reverse
-        ctx.has_bias = bias is not None
+        ctx.onnx_shapes = onnx_shapes
         # h_T and c_T as their own tensors: views of Y or of a saved buffer could be changed
         # in place by a caller and corrupt the backward
-        return Y, Y[-1].clone(), cells[-1].clone()
+        h_last, c_last = Y[-1].clone(), cells[-1].clone()
+        Y_out = Y.flip(0) if reverse else Y
+        if onnx_shapes:
+            return Y_out.unsqueeze(1), h_last.unsqueeze(0), c_last.unsqueeze(0)
+        return Y_out, h_last, c_last
 
     @staticmethod
     @once_differentiable
@@ -136,6 +221,10 @@ class _LSTMSequence(torch.autograd.Function):
         ctx: Any, dY: Tensor, dh_last: Tensor, dc_last: Tensor
     ) -> tuple[Tensor | None, ...]:
         X, W, R, h0, c0, gates, cells, tanh_cells, Y = ctx.saved_tensors
+        steps, batch, hidden = Y.shape
+        dY = dY.reshape(steps, batch, hidden)
+        dY = dY.flip(0) if ctx.reverse else dY
+        dh_last, dc_last = dh_last.reshape(batch, hidden), dc_last.reshape(batch, hidden)
         collect = ctx.hidden_grads is not None
         if ctx.loops is not None:
             packed_Rt = _cpu_products.packed_step_weight(R.t(), gates.shape[1])
@@ -161,12 +250,17 @@ class _LSTMSequence(torch.autograd.Function):
         dgates: Tensor,
         dc0: Tensor,
     ) -> tuple[Tensor | None, ...]:
-        """The products over all steps at once: dX, dW, dR, db, dh0, dc0 (_cpu_products:
-        oneDNN or MKL, whichever this machine runs faster)."""
+        """The products over all steps at once: dX, dW, dR, the biases', dh0, dc0
+        (_cpu_products: oneDNN or MKL, whichever this machine runs faster), each shaped as
+        its input was."""
         steps, batch, four_h = dgates.shape
         flat = dgates.view(steps * batch, four_h)
-        need_x, need_w, need_r, need_b, need_h0, need_c0 = ctx.needs_input_grad[:6]
-        dX = _cpu_products.mm(flat, W).view_as(X) if need_x else None
+        x_shape, w_shape, r_shape, h0_shape, c0_shape = ctx.shapes
+        need_x, need_w, need_r, need_b, need_rb, need_h0, need_c0 = ctx.needs_input_grad[:7]
+        dX = None
+        if need_x:
+            dX = _cpu_products.mm(flat, W).view(steps, batch, -1)
+            dX = (dX.flip(0) if ctx.reverse else dX).view(x_shape)
         # dW = Σ_t dgates_tᵀ·x_t and dR = Σ_t dgates_tᵀ·h_{t-1} in ONE product,
         # dgatesᵀ·[X | H_prev]: both read dgates transposed, which oneDNN copies first (that
         # copy cost as much as the product at the small LSTM's size: 2.46 -> ms per pass)
@@ -178,11 +272,14 @@ class _LSTMSequence(torch.autograd.Function):
         both = _cpu_products.mm(flat.t(), torch.cat(operands, 1)) if operands else None
         dW = dR = None
         if both is not None:
-            dW = both[:, : inputs.shape[1]] if need_w else None
-            dR = both[:, -R.shape[1] :] if need_r else None
-        db = flat.sum(0) if need_b and ctx.has_bias else None
-        dh0 = torch.mm(dgates[0], R) if need_h0 else None
-        return dX, dW, dR, db, dh0, dc0 if need_c0 else None, None, None, None
+            dW = both[:, : inputs.shape[1]].reshape(w_shape) if need_w else None
+            dR = both[:, -R.shape[1] :].reshape(r_shape) if need_r else None
+        d_bias = d_recurrent_bias = None
+        if need_b or need_rb:
+            d_bias, d_recurrent_bias = _bias_grads(flat.sum(0), *ctx.biases)
+        dh0 = torch.mm(dgates[0], R).view(h0_shape) if need_h0 else None
+        d_c0 = dc0.view(c0_shape) if need_c0 else None
+        return dX, dW, dR, d_bias, d_recurrent_bias, dh0, d_c0, None, None, None, None
 
 
 def _forward_steps(

@@ -221,6 +221,11 @@ class RecurrentFn:
         # torch's parameters directly instead of the exporter's reordering Slice/Concat chain
         # (service/engine/onnx/recurrent_weights.py).
         self.gate_blocks: list[int] | None = None
+        # A one-direction node's whole computation as ONE autograd node, its outputs shaped as
+        # the node's (LSTM: lstm_sequence.lstm_direction with onnx_shapes): the per-direction
+        # indexing, bias slicing and output stacking around `sequence_fn` would each be a node
+        # of their own. Set by the LSTM builder; None: every node goes through `sequence_fn`.
+        self.layer_fn: SequenceFn | None = None
 
     def __call__(
         self,
@@ -245,6 +250,9 @@ class RecurrentFn:
                 f"{s.op_type}: W has shape {tuple(W.shape)}, expected "
                 f"[{s.directions}, {self.gates * hidden}, input_size]"
             )
+        outputs = self.one_direction(X, W, R, B, None, sequence_lens, initial_h, initial_c, P)
+        if outputs is not None:
+            return outputs
         valid = nonempty = None
         if sequence_lens is not None:
             lens = sequence_lens.to(device=X.device, dtype=torch.long)
@@ -295,6 +303,47 @@ class RecurrentFn:
             Y_c = None if Y_c is None else Y_c.transpose(0, 1)
         outputs = (Y, Y_h, Y_c)[: s.num_outputs]
         return outputs[0] if len(outputs) == 1 else outputs  # type: ignore[return-value]
+
+    def one_direction(
+        self,
+        X: Tensor,
+        W: Tensor,
+        R: Tensor,
+        B: Tensor | None,
+        recurrent_bias: Tensor | None,
+        sequence_lens: Tensor | None,
+        initial_h: Tensor | None,
+        initial_c: Tensor | None,
+        P: Tensor | None,
+    ) -> Tensor | tuple[Tensor | None, ...] | None:
+        """The node's outputs through `layer_fn` (one autograd node), with W and R with or
+        without their direction axis, B the node's bias row, or the input-side bias with
+        `recurrent_bias` the recurrent one. None where that does not apply: no `layer_fn`,
+        more than one direction, layout 1, sequence_lens, peepholes, recorded steps, no steps
+        (the caller runs the node as it would otherwise)."""
+        s = self.settings
+        if (
+            self.layer_fn is None
+            or not self.whole_sequence
+            or self.record_steps
+            or s.directions != 1
+            or s.layout != 0
+            or sequence_lens is not None
+            or P is not None
+            or X.shape[0] == 0
+        ):
+            return None
+        batch, hidden = X.shape[1], R.shape[-1]
+        self.step_hidden = []
+        self.hidden_grads = [[]]
+        sink = self.hidden_grads[0] if self.collect_hidden_grads else None
+        h0 = X.new_zeros(batch, hidden) if initial_h is None else initial_h
+        c0 = X.new_zeros(batch, hidden) if initial_c is None else initial_c
+        Y, Y_h, Y_c = self.layer_fn(
+            X, W, R, B, h0, c0, s.reverse_only, sink, recurrent_bias=recurrent_bias
+        )
+        outputs = (Y, Y_h, Y_c)[: s.num_outputs]
+        return outputs[0] if len(outputs) == 1 else outputs
 
     def _unrolled_direction(
         self,
@@ -531,6 +580,7 @@ def use_gate_blocks(fn: RecurrentFn, gate_blocks: list[int]) -> bool:
         return False
     fn.gate_blocks = list(gate_blocks)
     fn.sequence_fn = functools.partial(lstm_direction, gate_blocks=fn.gate_blocks)
+    fn.layer_fn = functools.partial(fn.sequence_fn, onnx_shapes=True)
     return True
 
 
@@ -573,6 +623,8 @@ def lstm(ctx: OpContext) -> RecurrentFn:
     fn = RecurrentFn(settings, make, gates=4, has_cell=True, linear_recurrence=True)
     if not input_forget:  # peepholes (an input, P) are checked per call
         _use_sequence_fn(fn, lstm_direction, torch.sigmoid, torch.tanh, torch.tanh)
+        if fn.whole_sequence:
+            fn.layer_fn = functools.partial(lstm_direction, onnx_shapes=True)
     return fn
 
 
