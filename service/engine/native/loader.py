@@ -20,8 +20,16 @@ RECURRENT_CPU = "recurrent_cpu"
 # activations.h's target_clones ask; no -march flag, so a build runs on every CPU of its
 # architecture). -fno-trapping-math lets the compiler evaluate both sides of the activations'
 # branch-free selects (clamps, the two tanh formulas), without which it vectorises nothing;
-# it changes no result (NaN and inf stay what IEEE arithmetic makes them).
-CFLAGS = ["-O3", "-fno-trapping-math"]
+# it changes no result (NaN and inf stay what IEEE arithmetic makes them). -fopenmp:
+# at::parallel_for is a header template whose `#pragma omp parallel` is compiled into this
+# extension; without the flag the pragma is dropped and every parallel_for runs on the calling
+# thread alone. Linked
+# with it, the extension needs libgomp.so.1, which the process already has loaded from torch's
+# own lib/ (one OpenMP runtime, torch's thread pool). Linux only: that is where torch's wheels
+# bring GNU libgomp (elsewhere the loops run on one thread, as before).
+OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
+CFLAGS = ["-O3", "-fno-trapping-math", *OPENMP]
+LDFLAGS = OPENMP
 
 
 class BuildError(RuntimeError):
@@ -39,7 +47,7 @@ def _key(name: str) -> str:
     digest = hashlib.sha256((SOURCE_DIR / f"{name}.cpp").read_bytes())
     for header in sorted(SOURCE_DIR.glob("*.h")):  # what the source includes
         digest.update(header.read_bytes())
-    digest.update(" ".join(CFLAGS).encode())
+    digest.update(" ".join(CFLAGS + LDFLAGS).encode())
     digest.update(torch.__version__.encode())
     digest.update(f"{sys.version_info[:2]}-{platform.machine()}".encode())
     return digest.hexdigest()[:16]
@@ -79,6 +87,7 @@ def build(name: str = RECURRENT_CPU, verbose: bool = False) -> Path:
             _module_name(name),
             [str(SOURCE_DIR / f"{name}.cpp")],
             extra_cflags=CFLAGS,
+            extra_ldflags=LDFLAGS,
             build_directory=str(directory),
             verbose=verbose,
         )

@@ -22,9 +22,11 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include "activations.h"
+#include "spin_barrier.h"
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -93,9 +95,9 @@ bool small_step_product(const at::Tensor& out, const at::Tensor& other, const at
       !small_gemm_usable()) {
     return false;
   }
-  const gradhealth::small_gemm::Operands p{x.const_data_ptr<float>(), x.stride(0),    Wt.const_data_ptr<float>(),
-                                           K,                          N,              other.const_data_ptr<float>(),
-                                           other.stride(0),            out.data_ptr<float>(), out.stride(0)};
+  const gradhealth::small_gemm::Operands p{x.const_data_ptr<float>(), x.stride(0), Wt.const_data_ptr<float>(),
+                                           K, N, N, other.const_data_ptr<float>(), other.stride(0),
+                                           out.data_ptr<float>(), out.stride(0)};
   small_gemm_avx512(p, B);
   return true;
 }
@@ -128,8 +130,10 @@ GateBlocks check_blocks(const std::vector<int64_t>& blocks) {
   return out;
 }
 
-// Rows of a [B, ...] step processed per task: 4096 elements and more a task (hidden 512, batch
-// 32 on two threads: the large bench LSTM 1.02-1.10 -> 0.98-1.02x torch; 16384 kept it on one).
+// Rows of a [B, ...] step processed per task: 4096 elements and more a task. (The numbers that
+// chose it, session 3, were taken while the extension was built without OpenMP, when no
+// parallel_for here ran on more than one thread; with it, session 5: the large bench LSTM,
+// hidden 512, batch 32, two threads, 0.99 -> 0.94-0.96x torch.)
 int64_t grain_rows(int64_t hidden) { return std::max<int64_t>(1, 4096 / std::max<int64_t>(1, hidden)); }
 
 // Rᵀ as a new row-major tensor, copied in 32×32 tiles, each read column by column so that the
@@ -168,7 +172,8 @@ __attribute__((always_inline)) inline void forward_rows(scalar_t* __restrict__ g
                                                         scalar_t* __restrict__ cell,
                                                         scalar_t* __restrict__ tanh_cell,
                                                         scalar_t* __restrict__ y, int64_t begin,
-                                                        int64_t end, int64_t H, const GateBlocks& blocks) {
+                                                        int64_t end, int64_t H, const GateBlocks& blocks,
+                                                        int64_t j0, int64_t j1) {
   for (int64_t b = begin; b < end; ++b) {
     scalar_t* row = gates + b * 4 * H;
     scalar_t* __restrict__ i = row + blocks[0] * H;
@@ -179,7 +184,7 @@ __attribute__((always_inline)) inline void forward_rows(scalar_t* __restrict__ g
     scalar_t* __restrict__ c = cell + b * H;
     scalar_t* __restrict__ tc = tanh_cell + b * H;
     scalar_t* __restrict__ yb = y + b * H;
-    for (int64_t j = 0; j < H; ++j) {
+    for (int64_t j = j0; j < j1; ++j) {
       const scalar_t ij = gradhealth::sigmoid(i[j]), oj = gradhealth::sigmoid(o[j]);
       const scalar_t fj = gradhealth::sigmoid(f[j]), gj = gradhealth::tanh(g[j]);
       const scalar_t cj = fj * cp[j] + ij * gj;
@@ -199,8 +204,8 @@ __attribute__((always_inline)) inline void forward_rows(scalar_t* __restrict__ g
 // time by the CPU (8 or 16 lanes instead of SSE2's 4 for the activations' polynomials)
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void forward_rows_float(
     float* gates, const float* c_prev, float* cell, float* tanh_cell, float* y, int64_t begin,
-    int64_t end, int64_t H, const GateBlocks& blocks) {
-  forward_rows<float>(gates, c_prev, cell, tanh_cell, y, begin, end, H, blocks);
+    int64_t end, int64_t H, const GateBlocks& blocks, int64_t j0, int64_t j1) {
+  forward_rows<float>(gates, c_prev, cell, tanh_cell, y, begin, end, H, blocks, j0, j1);
 }
 
 template <typename scalar_t>
@@ -208,9 +213,9 @@ void forward_step(scalar_t* gates, const scalar_t* c_prev, scalar_t* cell, scala
                   int64_t B, int64_t H, const GateBlocks& blocks) {
   at::parallel_for(0, B, grain_rows(H), [&](int64_t begin, int64_t end) {
     if constexpr (std::is_same_v<scalar_t, float>) {
-      forward_rows_float(gates, c_prev, cell, tanh_cell, y, begin, end, H, blocks);
+      forward_rows_float(gates, c_prev, cell, tanh_cell, y, begin, end, H, blocks, 0, H);
     } else {
-      forward_rows<scalar_t>(gates, c_prev, cell, tanh_cell, y, begin, end, H, blocks);
+      forward_rows<scalar_t>(gates, c_prev, cell, tanh_cell, y, begin, end, H, blocks, 0, H);
     }
   });
 }
@@ -222,7 +227,7 @@ __attribute__((always_inline)) inline void backward_rows(
     const scalar_t* __restrict__ gates, const scalar_t* __restrict__ next_gates,
     const scalar_t* __restrict__ tanh_cell, const scalar_t* __restrict__ c_prev,
     const scalar_t* __restrict__ dh, scalar_t* __restrict__ dc, scalar_t* __restrict__ dgates, int64_t begin,
-    int64_t end, int64_t H, const GateBlocks& blocks) {
+    int64_t end, int64_t H, const GateBlocks& blocks, int64_t j0, int64_t j1) {
   for (int64_t b = begin; b < end; ++b) {
     const scalar_t* row = gates + b * 4 * H;
     const scalar_t* __restrict__ i = row + blocks[0] * H;
@@ -240,9 +245,9 @@ __attribute__((always_inline)) inline void backward_rows(
     scalar_t* __restrict__ dg = drow + blocks[3] * H;
     if (next_gates != nullptr) {  // the cell state's gradient through step t+1's forget gate
       const scalar_t* __restrict__ f_next = next_gates + b * 4 * H + blocks[2] * H;
-      for (int64_t j = 0; j < H; ++j) dcb[j] *= f_next[j];
+      for (int64_t j = j0; j < j1; ++j) dcb[j] *= f_next[j];
     }
-    for (int64_t j = 0; j < H; ++j) {
+    for (int64_t j = j0; j < j1; ++j) {
       const scalar_t d = dcb[j] + dhb[j] * o[j] * (scalar_t(1) - tc[j] * tc[j]);
       dcb[j] = d;
       di[j] = d * g[j] * i[j] * (scalar_t(1) - i[j]);
@@ -255,8 +260,9 @@ __attribute__((always_inline)) inline void backward_rows(
 
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void backward_rows_float(
     const float* gates, const float* next_gates, const float* tanh_cell, const float* c_prev, const float* dh,
-    float* dc, float* dgates, int64_t begin, int64_t end, int64_t H, const GateBlocks& blocks) {
-  backward_rows<float>(gates, next_gates, tanh_cell, c_prev, dh, dc, dgates, begin, end, H, blocks);
+    float* dc, float* dgates, int64_t begin, int64_t end, int64_t H, const GateBlocks& blocks, int64_t j0,
+    int64_t j1) {
+  backward_rows<float>(gates, next_gates, tanh_cell, c_prev, dh, dc, dgates, begin, end, H, blocks, j0, j1);
 }
 
 template <typename scalar_t>
@@ -265,9 +271,99 @@ void backward_step(const scalar_t* gates, const scalar_t* next_gates, const scal
                    int64_t H, const GateBlocks& blocks) {
   at::parallel_for(0, B, grain_rows(H), [&](int64_t begin, int64_t end) {
     if constexpr (std::is_same_v<scalar_t, float>) {
-      backward_rows_float(gates, next_gates, tanh_cell, c_prev, dh, dc, dgates, begin, end, H, blocks);
+      backward_rows_float(gates, next_gates, tanh_cell, c_prev, dh, dc, dgates, begin, end, H, blocks, 0, H);
     } else {
-      backward_rows<scalar_t>(gates, next_gates, tanh_cell, c_prev, dh, dc, dgates, begin, end, H, blocks);
+      backward_rows<scalar_t>(gates, next_gates, tanh_cell, c_prev, dh, dc, dgates, begin, end, H, blocks, 0, H);
+    }
+  });
+}
+
+// ---- A small float LSTM's steps on two threads
+//
+// A small LSTM's step (batch 8, hidden 128: an [8, 128]·[128, 512] product and the activations
+// of 4,096 gates, ~7 µs on one core) is too small for a parallel_for per op: forking and joining
+// the pool each call cost what the split saved (session 4). Here the two threads are forked once
+// per call and each owns half of the hidden units for every step: those units' columns of each
+// gate block in the product, their gates, cell and output elements (backward: their columns of
+// dh, their dc and gate gradients). They meet at a spin barrier once per step, when the step's h
+// (backward: dgates) is whole, because the next step's product reads all of it. Per element the
+// arithmetic is the one-thread loops', so the results are the same bit for bit. torch's own
+// nn.LSTM (oneDNN's RNN) also splits each step across the threads it has.
+
+// Whether the steps split: float, small_gemm.h usable and a small step (below kSmallStepMacs, no
+// packed weight), whole 16-float vectors in each half of the hidden units, at least one step,
+// two threads in torch's OpenMP pool and not already inside a parallel region, and
+// GRADHEALTH_SPLIT_STEPS not 0 (the benchmarks' switch for comparing).
+bool split_steps_usable(const at::Tensor& gates, int64_t H, bool packed) {
+#if AT_PARALLEL_OPENMP
+  const char* flag = std::getenv("GRADHEALTH_SPLIT_STEPS");
+  if (flag != nullptr && std::strcmp(flag, "0") == 0) return false;
+  const int64_t T = gates.size(0), B = gates.size(1);
+  return !packed && T > 0 && gates.scalar_type() == at::kFloat && H % 32 == 0 && B * H * 4 * H < kSmallStepMacs &&
+         small_gemm_usable() && at::get_num_threads() >= 2 && !at::in_parallel_region();
+#else
+  // other pools may run both halves' tasks on one thread, one after the other: the barrier
+  // would wait forever
+  return false;
+#endif
+}
+
+// body(j0, j1, barrier) on two threads of the pool, one with hidden units [0, H/2), the other
+// [H/2, H), both given the barrier; where the pool gives a single thread, on it alone with all
+// of [0, H) and no barrier (nullptr).
+template <typename Body>
+void on_two_threads(int64_t H, const Body& body) {
+  gradhealth::SpinBarrier barrier(2);
+  at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
+    const int64_t half = H / 2;
+    if (end - begin == 2) {
+      body(int64_t{0}, H, static_cast<gradhealth::SpinBarrier*>(nullptr));
+    } else {
+      body(begin * half, (begin + 1) * half, &barrier);
+    }
+  });
+}
+
+// lstm_forward's loop (gates: the projection, overwritten with the activated gates), h0 and c0
+// contiguous [B, H], Rt = Rᵀ [H, 4H] row-major.
+void lstm_forward_split(float* gates, const float* Rt, const float* h0, const float* c0, float* cell,
+                        float* tanh_cell, float* y, int64_t T, int64_t B, int64_t H, const GateBlocks& blocks) {
+  const int64_t G = 4 * H, step = B * H;
+  on_two_threads(H, [&](int64_t j0, int64_t j1, gradhealth::SpinBarrier* barrier) {
+    for (int64_t t = 0; t < T; ++t) {
+      float* g = gates + t * B * G;
+      const float* h = t == 0 ? h0 : y + (t - 1) * step;
+      for (int64_t k = 0; k < 4; ++k) {  // this thread's columns of each gate block
+        const int64_t col = k * H + j0;
+        const gradhealth::small_gemm::Operands p{h, H, Rt + col, H, j1 - j0, G, g + col, G, g + col, G};
+        small_gemm_avx512(p, B);
+      }
+      const float* c_prev = t == 0 ? c0 : cell + (t - 1) * step;
+      forward_rows_float(g, c_prev, cell + t * step, tanh_cell + t * step, y + t * step, 0, B, H, blocks, j0, j1);
+      if (barrier != nullptr) barrier->wait();
+    }
+  });
+}
+
+// lstm_backward's loop: dY contiguous [T, B, H]; dhidden [T, B, H] with its last step already
+// dY[T-1] + dh_last; dc [B, H] holding dc_last (updated in place to dc_0); R [4H, H] row-major.
+void lstm_backward_split(const float* gates, const float* cells, const float* tanh_cells, const float* c0,
+                         const float* R, const float* dY, float* dhidden, float* dc, float* dgates, int64_t T,
+                         int64_t B, int64_t H, const GateBlocks& blocks) {
+  const int64_t G = 4 * H, step = B * H;
+  on_two_threads(H, [&](int64_t j0, int64_t j1, gradhealth::SpinBarrier* barrier) {
+    for (int64_t t = T - 1; t >= 0; --t) {
+      float* dh = dhidden + t * step;
+      if (t < T - 1) {  // this thread's columns of dh_t = dy_t + dgates_{t+1}·R
+        const gradhealth::small_gemm::Operands p{dgates + (t + 1) * B * G, G, R + j0, G, j1 - j0, H,
+                                                 dY + t * step + j0,       H, dh + j0, H};
+        small_gemm_avx512(p, B);
+      }
+      const float* next = t == T - 1 ? nullptr : gates + (t + 1) * B * G;
+      const float* c_prev = t == 0 ? c0 : cells + (t - 1) * step;
+      backward_rows_float(gates + t * B * G, next, tanh_cells + t * step, c_prev, dh, dc, dgates + t * B * G, 0, B,
+                          H, blocks, j0, j1);
+      if (barrier != nullptr) barrier->wait();
     }
   });
 }
@@ -299,6 +395,13 @@ std::vector<at::Tensor> lstm_forward(at::Tensor projected, const at::Tensor& R, 
   at::Tensor Y = at::empty({T, B, H}, projected.options());
   const at::Tensor Rt = packed_R.has_value() ? R : transposed(R);
   const at::Tensor c0c = c0.contiguous();
+  if (split_steps_usable(projected, H, packed_R.has_value())) {
+    const at::Tensor h0c = h0.contiguous();
+    lstm_forward_split(projected.mutable_data_ptr<float>(), Rt.const_data_ptr<float>(), h0c.const_data_ptr<float>(),
+                       c0c.const_data_ptr<float>(), cells.mutable_data_ptr<float>(),
+                       tanh_cells.mutable_data_ptr<float>(), Y.mutable_data_ptr<float>(), T, B, H, blocks);
+    return {projected, cells, tanh_cells, Y};
+  }
   // per-step views made once (each select is a dispatcher call)
   std::vector<at::Tensor> pre_t = projected.unbind(0), y_t = Y.unbind(0);
   AT_DISPATCH_FLOATING_TYPES(projected.scalar_type(), "lstm_forward", [&] {
@@ -336,6 +439,13 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dY, const at::Tensor& dh
   const at::Tensor c0c = c0.contiguous();
   const at::Tensor Rc = R.contiguous();
   std::vector<at::Tensor> dh_t = dhidden.unbind(0), dy_t = dYc.unbind(0), dgates_t = dgates.unbind(0);
+  if (split_steps_usable(gates, H, packed_Rt.has_value())) {
+    at::add_out(dh_t[T - 1], dy_t[T - 1], dh_last);
+    lstm_backward_split(gates.const_data_ptr<float>(), cells.const_data_ptr<float>(),
+                        tanh_cells.const_data_ptr<float>(), c0c.const_data_ptr<float>(), Rc.const_data_ptr<float>(),
+                        dYc.const_data_ptr<float>(), dhidden.mutable_data_ptr<float>(), dc.mutable_data_ptr<float>(),
+                        dgates.mutable_data_ptr<float>(), T, B, H, blocks);
+  } else {
   AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_backward", [&] {
     const int64_t gate_step = B * 4 * H, step = B * H;
     const scalar_t* gate = gates.const_data_ptr<scalar_t>();
@@ -355,6 +465,7 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dY, const at::Tensor& dh
                               dc.mutable_data_ptr<scalar_t>(), dgate + t * gate_step, B, H, blocks);
     }
   });
+  }
   const at::Tensor f0 = gates.select(0, 0).narrow(1, blocks[2] * H, H);
   return {dgates, dhidden, dc * f0};
 }
@@ -614,6 +725,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("activations", &activations, "activations.h's (sigmoid, tanh) of a float tensor");
   m.def("small_gemm_product", &small_gemm_product, "other + x·w as the loops compute a step's product");
   m.def("small_gemm_usable", &small_gemm_usable, "whether small_gemm.h runs on this CPU");
+  m.def(
+      "parallel_tasks",
+      [] {
+        std::atomic<int> tasks{0};
+        at::parallel_for(0, 2, 1, [&](int64_t, int64_t) { tasks.fetch_add(1); });
+        return tasks.load();
+      },
+      "how many tasks at::parallel_for(0, 2, 1) runs in this extension: 2 with two threads (1 if it "
+      "was compiled without OpenMP, whose pragma is in that header template)");
+  m.def(
+      "split_steps_usable",
+      [](int64_t batch, int64_t hidden) {
+        return split_steps_usable(at::empty({1, batch, 4 * hidden}, at::kFloat), hidden, false);
+      },
+      "whether a float LSTM of this batch and hidden size runs its steps on two threads now",
+      py::arg("batch"), py::arg("hidden"));
   m.def("lstm_forward", &lstm_forward, "LSTM forward over a whole sequence, step by step", py::arg("projected"),
         py::arg("R"), py::arg("h0"), py::arg("c0"), py::arg("gate_blocks"), py::arg("packed_R") = py::none());
   m.def("lstm_backward", &lstm_backward, "LSTM backward through time, step by step", py::arg("dY"),

@@ -9,8 +9,9 @@
 // whole reduction, reading one row of w and one scalar of x per row and k. Larger products go to
 // oneDNN or MKL, which block for the caches; this one does not.
 //
-// x [B, K] with row stride ldx; w [K, N] row-major; other, out [B, N] with row strides ldo, ldout;
-// out may be other (each block reads its part of other before writing the same part of out).
+// x [B, K] with row stride ldx; w [K, N] with row stride ldw (N for a whole row-major matrix, more
+// for a band of its columns); other, out [B, N] with row strides ldo, ldout; out may be other
+// (each block reads its part of other before writing the same part of out).
 
 #pragma once
 
@@ -26,7 +27,7 @@ struct Operands {
   const float* x;
   int64_t ldx;
   const float* w;
-  int64_t K, N;
+  int64_t K, N, ldw;
   const float* other;
   int64_t ldo;
   float* out;
@@ -42,7 +43,7 @@ inline void block(const Operands& p, int64_t row, int64_t col) {
   const float* x = p.x + row * p.ldx;
   for (int64_t k = 0; k < p.K; ++k) {
     vec wk[VECS];
-    for (int v = 0; v < VECS; ++v) std::memcpy(&wk[v], p.w + k * p.N + col + v * kLanes, 64);
+    for (int v = 0; v < VECS; ++v) std::memcpy(&wk[v], p.w + k * p.ldw + col + v * kLanes, 64);
     for (int r = 0; r < ROWS; ++r) {
       const float xv = x[r * p.ldx + k];
       for (int v = 0; v < VECS; ++v) acc[r][v] += xv * wk[v];
@@ -56,7 +57,7 @@ inline void block(const Operands& p, int64_t row, int64_t col) {
 inline void tail_columns(const Operands& p, int64_t row, int64_t col) {
   for (int64_t c = col; c < p.N; ++c) {
     float acc = p.other[row * p.ldo + c];
-    for (int64_t k = 0; k < p.K; ++k) acc += p.x[row * p.ldx + k] * p.w[k * p.N + c];
+    for (int64_t k = 0; k < p.K; ++k) acc += p.x[row * p.ldx + k] * p.w[k * p.ldw + c];
     p.out[row * p.ldout + c] = acc;
   }
 }

@@ -225,6 +225,59 @@ def test_large_steps_equal_the_python_loops(monkeypatch: pytest.MonkeyPatch) -> 
         torch.testing.assert_close(got, expected)
 
 
+@pytest.fixture
+def two_threads() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.usefixtures("two_threads")
+def test_the_extensions_parallel_loops_run_on_torchs_threads() -> None:
+    """Compiled with OpenMP: at::parallel_for is a header template, and without -fopenmp its
+    `#pragma omp parallel` is dropped and every parallel loop of the extension runs on the
+    calling thread alone (as it did, unnoticed, until session 5)."""
+    loops = native.load_recurrent_cpu()
+    assert loops is not None
+    assert loops.parallel_tasks() == 2
+    torch.set_num_threads(1)
+    assert loops.parallel_tasks() == 1
+
+
+@pytest.mark.usefixtures("two_threads")
+def test_small_steps_split_across_two_threads_where_small_gemm_runs() -> None:
+    loops = native.load_recurrent_cpu()
+    assert loops is not None
+    assert loops.split_steps_usable(8, 128) == loops.small_gemm_usable()
+    assert not loops.split_steps_usable(8, 100)  # halves of 50 units: not whole vectors
+    assert not loops.split_steps_usable(32, 512)  # a large step: oneDNN's packed product
+    torch.set_num_threads(1)
+    assert not loops.split_steps_usable(8, 128)
+
+
+@pytest.mark.usefixtures("two_threads")
+@pytest.mark.parametrize(("steps", "batch", "hidden"), [(1, 1, 32), (5, 3, 64), (6, 8, 128)])
+@pytest.mark.parametrize("gate_blocks", [None, TORCH_GATE_BLOCKS], ids=["onnx", "torch"])
+def test_split_steps_equal_the_one_thread_loops_bit_for_bit(
+    monkeypatch: pytest.MonkeyPatch,
+    steps: int,
+    batch: int,
+    hidden: int,
+    gate_blocks: list[int] | None,
+) -> None:
+    """Each thread computes its half of the hidden units with the same arithmetic, in the same
+    order, as the one-thread loops: outputs, every gradient and ∂L/∂h_t are identical."""
+    args = lstm_sequence_args(steps, batch, 7, hidden, torch.float32)
+    split = _run(args, gate_blocks=gate_blocks)
+    monkeypatch.setenv("GRADHEALTH_SPLIT_STEPS", "0")
+    serial = _run(args, gate_blocks=gate_blocks)
+    for got, expected in zip(
+        [*split[0], *split[1], *split[2]], [*serial[0], *serial[1], *serial[2]], strict=True
+    ):
+        assert torch.equal(got, expected)
+
+
 def test_bad_arguments_name_what_to_change() -> None:
     loops = native.load_recurrent_cpu()
     assert loops is not None
