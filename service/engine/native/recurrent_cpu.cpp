@@ -278,7 +278,7 @@ void backward_step(const scalar_t* gates, const scalar_t* next_gates, const scal
   });
 }
 
-// ---- A small float LSTM's steps on two threads
+// ---- A small float LSTM's steps on raw pointers, on two threads where there are two
 //
 // A small LSTM's step (batch 8, hidden 128: an [8, 128]·[128, 512] product and the activations
 // of 4,096 gates, ~7 µs on one core) is too small for a parallel_for per op: forking and joining
@@ -287,25 +287,32 @@ void backward_step(const scalar_t* gates, const scalar_t* next_gates, const scal
 // gate block in the product, their gates, cell and output elements (backward: their columns of
 // dh, their dc and gate gradients). They meet at a spin barrier once per step, when the step's h
 // (backward: dgates) is whole, because the next step's product reads all of it. Per element the
-// arithmetic is the one-thread loops', so the results are the same bit for bit. torch's own
-// nn.LSTM (oneDNN's RNN) also splits each step across the threads it has.
+// arithmetic is the ATen-based loops' below, so the results are the same bit for bit. torch's
+// own nn.LSTM (oneDNN's RNN) also splits each step across the threads it has. With one thread
+// the same loop runs alone over all the hidden units: no per-step tensor views or dispatcher
+// calls (~0.5 µs each, ~120 of them a layer's forward and backward).
 
-// Whether the steps split: float, small_gemm.h usable and a small step (below kSmallStepMacs, no
-// packed weight), whole 16-float vectors in each half of the hidden units, at least one step,
-// two threads in torch's OpenMP pool and not already inside a parallel region, and
-// GRADHEALTH_SPLIT_STEPS not 0 (the benchmarks' switch for comparing).
-bool split_steps_usable(const at::Tensor& gates, int64_t H, bool packed) {
+// Whether the pointer loops run: float, small_gemm.h usable and a small step (below
+// kSmallStepMacs, no packed weight), whole 16-float vectors in each half of the hidden units,
+// at least one step, torch's pool OpenMP, and GRADHEALTH_SPLIT_STEPS not 0 (the benchmarks' and
+// tests' switch to the ATen-based loops).
+bool pointer_steps_usable(const at::Tensor& gates, int64_t H, bool packed) {
 #if AT_PARALLEL_OPENMP
   const char* flag = std::getenv("GRADHEALTH_SPLIT_STEPS");
   if (flag != nullptr && std::strcmp(flag, "0") == 0) return false;
   const int64_t T = gates.size(0), B = gates.size(1);
   return !packed && T > 0 && gates.scalar_type() == at::kFloat && H % 32 == 0 && B * H * 4 * H < kSmallStepMacs &&
-         small_gemm_usable() && at::get_num_threads() >= 2 && !at::in_parallel_region();
+         small_gemm_usable();
 #else
   // other pools may run both halves' tasks on one thread, one after the other: the barrier
   // would wait forever
   return false;
 #endif
+}
+
+// Whether they split each step across two threads now (parallel_for's own condition).
+bool steps_split(const at::Tensor& gates, int64_t H, bool packed) {
+  return pointer_steps_usable(gates, H, packed) && at::get_num_threads() >= 2 && !at::in_parallel_region();
 }
 
 // body(j0, j1, barrier) on two threads of the pool, one with hidden units [0, H/2), the other
@@ -395,7 +402,7 @@ std::vector<at::Tensor> lstm_forward(at::Tensor projected, const at::Tensor& R, 
   at::Tensor Y = at::empty({T, B, H}, projected.options());
   const at::Tensor Rt = packed_R.has_value() ? R : transposed(R);
   const at::Tensor c0c = c0.contiguous();
-  if (split_steps_usable(projected, H, packed_R.has_value())) {
+  if (pointer_steps_usable(projected, H, packed_R.has_value())) {
     const at::Tensor h0c = h0.contiguous();
     lstm_forward_split(projected.mutable_data_ptr<float>(), Rt.const_data_ptr<float>(), h0c.const_data_ptr<float>(),
                        c0c.const_data_ptr<float>(), cells.mutable_data_ptr<float>(),
@@ -438,14 +445,15 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dY, const at::Tensor& dh
   at::Tensor dc = dc_last.contiguous().clone();
   const at::Tensor c0c = c0.contiguous();
   const at::Tensor Rc = R.contiguous();
-  std::vector<at::Tensor> dh_t = dhidden.unbind(0), dy_t = dYc.unbind(0), dgates_t = dgates.unbind(0);
-  if (split_steps_usable(gates, H, packed_Rt.has_value())) {
-    at::add_out(dh_t[T - 1], dy_t[T - 1], dh_last);
+  if (pointer_steps_usable(gates, H, packed_Rt.has_value())) {
+    at::Tensor dh_last_step = dhidden[T - 1];
+    at::add_out(dh_last_step, dYc[T - 1], dh_last);
     lstm_backward_split(gates.const_data_ptr<float>(), cells.const_data_ptr<float>(),
                         tanh_cells.const_data_ptr<float>(), c0c.const_data_ptr<float>(), Rc.const_data_ptr<float>(),
                         dYc.const_data_ptr<float>(), dhidden.mutable_data_ptr<float>(), dc.mutable_data_ptr<float>(),
                         dgates.mutable_data_ptr<float>(), T, B, H, blocks);
   } else {
+  std::vector<at::Tensor> dh_t = dhidden.unbind(0), dy_t = dYc.unbind(0), dgates_t = dgates.unbind(0);
   AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_backward", [&] {
     const int64_t gate_step = B * 4 * H, step = B * H;
     const scalar_t* gate = gates.const_data_ptr<scalar_t>();
@@ -737,7 +745,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "split_steps_usable",
       [](int64_t batch, int64_t hidden) {
-        return split_steps_usable(at::empty({1, batch, 4 * hidden}, at::kFloat), hidden, false);
+        return steps_split(at::empty({1, batch, 4 * hidden}, at::kFloat), hidden, false);
       },
       "whether a float LSTM of this batch and hidden size runs its steps on two threads now",
       py::arg("batch"), py::arg("hidden"));

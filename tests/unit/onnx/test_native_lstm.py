@@ -259,15 +259,19 @@ def test_small_steps_split_across_two_threads_where_small_gemm_runs() -> None:
 @pytest.mark.usefixtures("two_threads")
 @pytest.mark.parametrize(("steps", "batch", "hidden"), [(1, 1, 32), (5, 3, 64), (6, 8, 128)])
 @pytest.mark.parametrize("gate_blocks", [None, TORCH_GATE_BLOCKS], ids=["onnx", "torch"])
-def test_split_steps_equal_the_one_thread_loops_bit_for_bit(
+@pytest.mark.parametrize("threads", [2, 1])
+def test_pointer_loops_equal_the_aten_loops_bit_for_bit(
     monkeypatch: pytest.MonkeyPatch,
     steps: int,
     batch: int,
     hidden: int,
     gate_blocks: list[int] | None,
+    threads: int,
 ) -> None:
-    """Each thread computes its half of the hidden units with the same arithmetic, in the same
-    order, as the one-thread loops: outputs, every gradient and ∂L/∂h_t are identical."""
+    """The small-step loops on raw pointers (on two threads each computes its half of the
+    hidden units; on one, all of them) do the ATen-based loops' arithmetic in the same order:
+    outputs, every gradient and ∂L/∂h_t are identical."""
+    torch.set_num_threads(threads)
     args = lstm_sequence_args(steps, batch, 7, hidden, torch.float32)
     split = _run(args, gate_blocks=gate_blocks)
     monkeypatch.setenv("GRADHEALTH_SPLIT_STEPS", "0")
