@@ -18,6 +18,10 @@ name. A name already taken by an earlier layer (the dynamo optimizer merges equa
 so `blocks.1.ln` may read `blocks.0.ln.weight`) gives way to the scope. Several recurrent
 layers of one module path (ONNX splits a `num_layers=2` nn.LSTM into two LSTM nodes) are named
 `lstm.l0`, `lstm.l1` by torch's `_l<k>` parameter suffix, else by their graph order.
+
+A vanilla RNN that the exporter wrote out step by step (torch.onnx's dynamo exporter does so for
+`nn.RNN`: a MatMul per step on one weight) is one layer of op `RNN`, as the legacy exporter's RNN
+node is (`_merge_unrolled_rnns`).
 """
 
 from __future__ import annotations
@@ -161,9 +165,177 @@ def group_layers(graph: ObservableGraph) -> list[Layer]:
         claimed.add(index)
         _attach_followers(layer, index, nodes, consumers, claimed)
         layers.append(layer)
+    layers = _merge_unrolled_rnns(layers, nodes, consumers, shapes, list(graph.param_names))
     _name_layers(layers)
     _init_activations(layers, nodes, consumers)
     return layers
+
+
+# --- vanilla RNNs that the exporter wrote out step by step ---------------------------------
+#
+# torch.onnx's dynamo exporter (torch's default) writes `nn.RNN` not as an ONNX `RNN` node but as
+# its steps: the input projection once (MatMul + Add), then per step
+#     h_t = Tanh(Add(Add(MatMul(h_{t-1}, Transpose(weight_hh)), bias_hh), Squeeze(Slice(proj, t))))
+# Grouped node by node, that is one "layer" per step sharing one weight (24 rows for 24 steps),
+# and, with no recurrent op in sight, nothing is judged over time: the same model exported by the
+# legacy exporter is "vanishing over time", this one "healthy". Such a run of steps becomes one
+# layer of op "RNN", as the legacy export's node is.
+
+# Nodes between one step's product and the next step's: the per-step input's add, the
+# nonlinearity (ONNX's RNN: tanh or relu)
+_STEP_GLUE = frozenset({"add", "tanh", "relu"})
+_STEP_NONLINEAR = frozenset({"tanh", "relu"})
+# How the per-step inputs are cut from the projected sequence
+_STEP_SLICES = frozenset({"slice", "squeeze", "gather", "split", "select", "getitem", "unbind"})
+# Fewer steps than this stay layers of their own (two uses of one weight is weight tying)
+_MIN_UNROLLED_STEPS = 3
+
+
+def _merge_unrolled_rnns(
+    layers: list[Layer],
+    nodes: list[Node],
+    consumers: dict[str, list[int]],
+    shapes: dict[str, list[int]],
+    param_order: list[str],
+) -> list[Layer]:
+    """`layers` with each written-out vanilla RNN (see above) as one layer: a run of at least
+    _MIN_UNROLLED_STEPS consecutive layers with the same parameters, each step's product reading
+    the previous step's output through Add/Tanh/Relu only, with a tanh or relu between steps and
+    a per-step input cut from one sequence; the input projection that feeds those cuts joins it."""
+    producer = {out: node for node in nodes for out in node.outputs if out}
+    by_name = {node.name: node for node in nodes}
+    merged: list[Layer] = []
+    start = 0
+    while start < len(layers):
+        end = start + 1
+        while end < len(layers) and _steps_chain(layers[end - 1], layers[end], producer, by_name):
+            end += 1
+        run = layers[start:end]
+        source = _sequence_source(run, producer, consumers, nodes)
+        if len(run) >= _MIN_UNROLLED_STEPS and source is not None:
+            # the input projection whose output the steps' inputs are cut from joins them
+            head = merged.pop() if merged and merged[-1].output == source else None
+            merged.append(_recurrent_layer(head, run, consumers, nodes, shapes, param_order))
+        else:
+            merged.extend(run)
+        start = end
+    for depth, layer in enumerate(merged):
+        layer.depth = depth
+    return merged
+
+
+def _glue_back(value: str, producer: dict[str, Node], limit: int = 3) -> list[Node]:
+    """The Add/Tanh/Relu nodes that `value` comes out of, walking back at most `limit` deep."""
+    found: list[Node] = []
+    frontier = [value]
+    for _ in range(limit):
+        step = [producer[v] for v in frontier if v in producer]
+        step = [n for n in step if canonical(n.op_type) in _STEP_GLUE]
+        if not step:
+            break
+        found.extend(step)
+        frontier = [v for n in step for v in n.inputs if v]
+    return found
+
+
+def _steps_chain(
+    previous: Layer, layer: Layer, producer: dict[str, Node], by_name: dict[str, Node]
+) -> bool:
+    """`layer` is the step after `previous`: the same parameters, and its main node reads
+    `previous`'s output directly or through step glue."""
+    if not layer.params or set(layer.params) != set(previous.params):
+        return False
+    for value in by_name[layer.main].inputs:
+        if value == previous.output:
+            return True
+        if any(previous.output in n.inputs for n in _glue_back(value, producer)):
+            return True
+    return False
+
+
+def _sequence_source(
+    run: list[Layer], producer: dict[str, Node], consumers: dict[str, list[int]], nodes: list[Node]
+) -> str | None:
+    """The one sequence the steps of `run` cut their per-step inputs from, where a tanh or relu
+    lies between the steps; else None (no recurrence over time)."""
+    glue = [n for layer in run for n in _glue_forward(layer.output, consumers, nodes)]
+    ops = {canonical(n.op_type) for n in glue} | {layer.activation for layer in run}
+    if not ops & _STEP_NONLINEAR:
+        return None
+    sources = set()
+    for node in glue:
+        for value in node.inputs:
+            cut = producer.get(value)
+            if cut is not None and canonical(cut.op_type) in _STEP_SLICES:
+                sources.add(_sliced_source(value, producer))
+    return sources.pop() if len(sources) == 1 else None
+
+
+def _glue_forward(value: str, consumers: dict[str, list[int]], nodes: list[Node]) -> list[Node]:
+    """The Add/Tanh/Relu nodes after `value`, each its input's only reader, at most 3."""
+    found: list[Node] = []
+    for _ in range(3):
+        users = consumers.get(value, [])
+        if len(users) != 1 or canonical(nodes[users[0]].op_type) not in _STEP_GLUE:
+            break
+        node = nodes[users[0]]
+        found.append(node)
+        value = node.outputs[0]
+    return found
+
+
+def _step_hidden(layer: Layer, consumers: dict[str, list[int]], nodes: list[Node]) -> str:
+    """A step's hidden state: the end of the glue after the step layer's output."""
+    glue = _glue_forward(layer.output, consumers, nodes)
+    return glue[-1].outputs[0] if glue else layer.output
+
+
+def _sliced_source(value: str, producer: dict[str, Node]) -> str:
+    """The tensor that `value` was cut from through slicing ops."""
+    while value in producer and canonical(producer[value].op_type) in _STEP_SLICES:
+        value = producer[value].inputs[0]
+    return value
+
+
+def _recurrent_layer(
+    head: Layer | None,
+    run: list[Layer],
+    consumers: dict[str, list[int]],
+    nodes: list[Node],
+    shapes: dict[str, list[int]],
+    param_order: list[str],
+) -> Layer:
+    """One layer of op "RNN" for the projection `head` (if any) and the steps `run`. Its output
+    is the node that gathers every step's hidden state (the exporter's Concat), as an ONNX RNN
+    node's Y, else the last step's; its weight the input weight (as that node's W)."""
+    parts = ([head] if head is not None else []) + run
+    hidden = [_step_hidden(layer, consumers, nodes) for layer in run]
+    gathered = [
+        nodes[u] for u in consumers.get(hidden[-1], []) if set(hidden) <= set(nodes[u].inputs)
+    ]
+    glue = [n.name for layer in run for n in _glue_forward(layer.output, consumers, nodes)]
+    rank = {name: k for k, name in enumerate(param_order)}  # the source model's order
+    params = sorted({p for part in parts for p in part.params}, key=rank.__getitem__)
+    main_params = sorted({p for part in parts for p in part.main_params}, key=rank.__getitem__)
+    first = parts[0]
+    layer = Layer(
+        name="",
+        op="RNN",
+        depth=first.depth,
+        main=first.main,
+        nodes=[n for part in parts for n in part.nodes] + glue + [n.name for n in gathered[:1]],
+        params=params,
+        output=gathered[0].outputs[0] if gathered else hidden[-1],
+        main_params=main_params,
+        scope=first.scope,
+    )
+    weights = [p for p in main_params if len(shapes.get(p, [])) == 2]
+    if weights:
+        layer.weight = weights[0]
+        rows, columns = shapes[weights[0]]
+        layer.fan_in, layer.fan_out = columns, rows
+        layer.extra["hidden_size"] = rows
+    return layer
 
 
 def _attach_followers(

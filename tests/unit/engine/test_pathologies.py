@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import pytest
 
@@ -18,6 +19,7 @@ from service.engine.detectors.optypes import canonical_op
 from service.engine.options import DiagnoseOptions
 from service.engine.report import SEVERITY_RANK, Report
 from service.errors import BadInputError
+from tests.support import export
 from tests.support.pathologies import ZOO, Case
 
 SLOW_FORMATS = {"torchscript"}  # TorchScript → FX conversion is the slowest path
@@ -211,3 +213,41 @@ def test_threshold_overrides_reach_the_detectors() -> None:
 def test_verification_can_be_turned_off() -> None:
     report = run(ZOO["dead_relu"], "torch_export", verify_fixes=False)
     assert report.recommendations and all(r.verified is None for r in report.recommendations)
+
+
+@pytest.mark.parametrize("name", ["tanh_rnn_long", "relu_rnn_exploding"])
+def test_a_dynamo_onnx_export_of_nn_rnn_gets_the_legacy_exports_diagnosis(name: str) -> None:
+    """torch's default ONNX exporter writes nn.RNN out step by step (no RNN node; one MatMul
+    per step on the same weight): those steps are one recurrent layer (layers.py), judged over
+    time as the legacy export's RNN node is. (Before, each step was a layer of its own and,
+    with no recurrent op found, the time profile was not judged: "healthy".)"""
+    case = ZOO[name]
+    module = case.module(0)
+    x, _ = case.batch(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        data = export.to_onnx(module, x, dynamo=True, input_names=["x"])
+    dynamo = diagnose(data, case.batch_bytes(0), DiagnoseOptions())
+    legacy = run(case, "onnx")
+    assert [(layer.name, layer.op) for layer in dynamo.layers] == [
+        (layer.name, layer.op) for layer in legacy.layers
+    ]
+    assert [(f.kind, f.severity, f.layers) for f in dynamo.findings] == [
+        (f.kind, f.severity, f.layers) for f in legacy.findings
+    ]
+    assert [r.fix for r in dynamo.recommendations] == [r.fix for r in legacy.recommendations]
+    for ours_rec, their_rec in zip(dynamo.recommendations, legacy.recommendations, strict=True):
+        assert ours_rec.params.keys() == their_rec.params.keys()
+        for key, value in their_rec.params.items():
+            numeric = isinstance(value, float)
+            assert ours_rec.params[key] == (pytest.approx(value, rel=1e-4) if numeric else value)
+        verdicts = [
+            (r.verified.applied, r.verified.resolved) if r.verified else None
+            for r in (ours_rec, their_rec)
+        ]
+        assert verdicts[0] == verdicts[1], ours_rec.fix
+    for ours, theirs in zip(dynamo.findings, legacy.findings, strict=True):
+        if ours.evidence.get("axis") == "time":
+            assert ours.evidence["time_ratio"] == pytest.approx(
+                theirs.evidence["time_ratio"], rel=1e-3
+            )
