@@ -86,6 +86,9 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
     for _, p in trainable:
         p.grad = None
     layout = sequence_layout(graph, subject.inputs, [s.name for s in subject.model_info.inputs])
+    # the batch size along the batch axis the layout found ([seq, batch, ...] inputs of a
+    # recurrent model: not axis 0, which the batch matching had to assume)
+    subject.batch_info.size = _batch_size(subject, layout.batch_axes)
     direct = {s.input_index: k for k, s in enumerate(layout.sources) if s.value is None}
     tapped = {s.value: k for k, s in enumerate(layout.sources) if s.value is not None}
     timing = {"forward": 0.0, "backward": 0.0}

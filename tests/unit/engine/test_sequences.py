@@ -5,6 +5,7 @@ profiled on their embedding output, and batch-first is a noted fallback only."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from torch import nn
 from service.engine.measure import measure
 from service.engine.options import DiagnoseOptions
 from service.engine.subject import build_subject
+from tests.support.export import to_onnx
 from tests.unit.engine.measure_support import CASES, Case, case_batch, export, onnx_available
 
 FORMATS = ["torch_export", "torchscript"] + (["onnx"] if onnx_available() else [])
@@ -52,6 +54,19 @@ def _case(module: nn.Module, x: torch.Tensor, target: torch.Tensor | None = None
     return case
 
 
+def _assert_norms_per_step_of_axis_0(
+    norms: list[float], module: nn.Module, x: torch.Tensor
+) -> None:
+    """`norms` are ‖∂L/∂x[t]‖ for the output-norm loss, t along axis 0, as torch computes them."""
+    leaf = x.clone().requires_grad_(True)
+    module.zero_grad()
+    module(leaf).square().mean().backward()
+    assert leaf.grad is not None
+    want = leaf.grad.double().square().sum(dim=(1, 2)).sqrt().tolist()
+    for got, expected in zip(norms, want, strict=True):
+        assert math.isclose(got, expected, rel_tol=2e-4, abs_tol=1e-9)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_time_axis_is_traced_through_ops_before_a_sequence_first_lstm(fmt: str) -> None:
     torch.manual_seed(0)
@@ -61,13 +76,7 @@ def test_time_axis_is_traced_through_ops_before_a_sequence_first_lstm(fmt: str) 
     (profile,) = m.profiles.time
     assert profile.axis == 0 and len(profile.grad_norms) == 7
     assert profile.tensor is not None and "input" in profile.tensor
-    leaf = x.clone().requires_grad_(True)
-    module.zero_grad()
-    module(leaf).square().mean().backward()
-    assert leaf.grad is not None
-    want = leaf.grad.double().square().sum(dim=(1, 2)).sqrt().tolist()
-    for got, expected in zip(profile.grad_norms, want, strict=True):
-        assert math.isclose(got, expected, rel_tol=2e-4, abs_tol=1e-9)
+    _assert_norms_per_step_of_axis_0(profile.grad_norms, module, x)
     assert not any("batch-first assumed" in note for note in m.notes)
 
 
@@ -128,3 +137,36 @@ def test_batch_first_fallback_is_noted_when_no_recurrent_op_reads_the_input() ->
     (profile,) = m.profiles.time
     assert profile.axis == 1 and len(profile.grad_norms) == 5
     assert any("batch-first assumed" in note for note in m.notes)
+
+
+class SeqFirstRNN(nn.Module):
+    """A sequence-first vanilla RNN read at its last step ([T, B, F] input)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.RNN(3, 5)
+        self.fc = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.rnn(x)[0][-1])
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "legacy"])
+def test_a_written_out_rnn_reads_its_time_axis_from_the_per_step_cuts(dynamo: bool) -> None:
+    """torch.onnx's dynamo exporter writes nn.RNN out step by step: the steps cut their inputs
+    from the projected sequence along its time axis (Slice t:t+1), which is followed back to
+    the graph input as an RNN node's X is: axis 0 here, not the batch-first guess, and the
+    batch (4) is axis 1."""
+    torch.manual_seed(2)
+    module, x = SeqFirstRNN(), torch.randn(7, 4, 3)  # T=7, B=4
+    case = _case(module, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        data = to_onnx(module, x, dynamo=dynamo, input_names=["x"])
+    subject = build_subject(data, case_batch(case), DiagnoseOptions())
+    m = measure(subject)
+    (profile,) = m.profiles.time
+    assert profile.axis == 0 and len(profile.grad_norms) == 7
+    assert not any("batch-first assumed" in note for note in m.notes)
+    assert subject.batch_info.size == 4
+    _assert_norms_per_step_of_axis_0(profile.grad_norms, module, x)
