@@ -38,7 +38,7 @@ class Case:
     main_fix: str | None = None  # must be verified to resolve (or measurably improve)
     healthy: bool = False
     # torch.jit.trace's sanity check fails on nn.TransformerEncoder's fast path
-    formats: tuple[str, ...] = ("torch_export", "onnx", "torchscript")
+    formats: tuple[str, ...] = ("torch_export", "onnx", "onnx_dynamo", "torchscript")
     input_fn: Callable[[torch.Generator, tuple[int, ...]], torch.Tensor] | None = None
 
     def module(self, seed: int = 0) -> nn.Module:
@@ -71,8 +71,10 @@ class Case:
                 return export.to_torch_export(module, x)
             if fmt == "torchscript":
                 return export.to_torchscript(module, x)
-            if fmt == "onnx":
+            if fmt == "onnx":  # the legacy exporter, TRAINING mode
                 return export.to_onnx(module, x, input_names=["x"])
+            if fmt == "onnx_dynamo":  # torch.onnx.export's default exporter
+                return export.to_onnx(module, x, dynamo=True, input_names=["x"])
         raise ValueError(f"unknown format {fmt!r}")
 
 
@@ -369,7 +371,7 @@ ZOO: dict[str, Case] = {
             lambda _s: TinyTransformer(),
             (8, 12, WIDTH),
             healthy=True,
-            formats=("torch_export", "onnx"),
+            formats=("torch_export", "onnx", "onnx_dynamo"),
         ),
     ]
 }
