@@ -2,8 +2,9 @@
 
 Every case is exported to `.pt2`, TorchScript and ONNX (by both of torch.onnx's exporters) and
 must give the same diagnosis: the findings, the layers named, the recommended fixes, and the
-main fix verified on a copy of the model. Healthy controls must produce no error-level finding and no recommendation. Pathologies
-and controls are also checked on other seeds so that the thresholds are not tuned to one draw.
+main fix verified on a copy of the model. Healthy controls must produce no error-level finding
+and no recommendation. Pathologies and controls are also checked on other seeds so that the
+thresholds are not tuned to one draw.
 """
 
 from __future__ import annotations
