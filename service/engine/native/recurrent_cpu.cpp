@@ -333,7 +333,7 @@ void on_two_threads(int64_t H, const Body& body) {
 
 // lstm_forward's loop (gates: the projection, overwritten with the activated gates), h0 and c0
 // contiguous [B, H], Rt = Rᵀ [H, 4H] row-major.
-void lstm_forward_split(float* gates, const float* Rt, const float* h0, const float* c0, float* cell,
+void lstm_forward_small(float* gates, const float* Rt, const float* h0, const float* c0, float* cell,
                         float* tanh_cell, float* y, int64_t T, int64_t B, int64_t H, const GateBlocks& blocks) {
   const int64_t G = 4 * H, step = B * H;
   on_two_threads(H, [&](int64_t j0, int64_t j1, gradhealth::SpinBarrier* barrier) {
@@ -354,7 +354,7 @@ void lstm_forward_split(float* gates, const float* Rt, const float* h0, const fl
 
 // lstm_backward's loop: dY contiguous [T, B, H]; dhidden [T, B, H] with its last step already
 // dY[T-1] + dh_last; dc [B, H] holding dc_last (updated in place to dc_0); R [4H, H] row-major.
-void lstm_backward_split(const float* gates, const float* cells, const float* tanh_cells, const float* c0,
+void lstm_backward_small(const float* gates, const float* cells, const float* tanh_cells, const float* c0,
                          const float* R, const float* dY, float* dhidden, float* dc, float* dgates, int64_t T,
                          int64_t B, int64_t H, const GateBlocks& blocks) {
   const int64_t G = 4 * H, step = B * H;
@@ -404,7 +404,7 @@ std::vector<at::Tensor> lstm_forward(at::Tensor projected, const at::Tensor& R, 
   const at::Tensor c0c = c0.contiguous();
   if (pointer_steps_usable(projected, H, packed_R.has_value())) {
     const at::Tensor h0c = h0.contiguous();
-    lstm_forward_split(projected.mutable_data_ptr<float>(), Rt.const_data_ptr<float>(), h0c.const_data_ptr<float>(),
+    lstm_forward_small(projected.mutable_data_ptr<float>(), Rt.const_data_ptr<float>(), h0c.const_data_ptr<float>(),
                        c0c.const_data_ptr<float>(), cells.mutable_data_ptr<float>(),
                        tanh_cells.mutable_data_ptr<float>(), Y.mutable_data_ptr<float>(), T, B, H, blocks);
     return {projected, cells, tanh_cells, Y};
@@ -448,7 +448,7 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dY, const at::Tensor& dh
   if (pointer_steps_usable(gates, H, packed_Rt.has_value())) {
     at::Tensor dh_last_step = dhidden[T - 1];
     at::add_out(dh_last_step, dYc[T - 1], dh_last);
-    lstm_backward_split(gates.const_data_ptr<float>(), cells.const_data_ptr<float>(),
+    lstm_backward_small(gates.const_data_ptr<float>(), cells.const_data_ptr<float>(),
                         tanh_cells.const_data_ptr<float>(), c0c.const_data_ptr<float>(), Rc.const_data_ptr<float>(),
                         dYc.const_data_ptr<float>(), dhidden.mutable_data_ptr<float>(), dc.mutable_data_ptr<float>(),
                         dgates.mutable_data_ptr<float>(), T, B, H, blocks);
