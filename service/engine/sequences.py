@@ -136,21 +136,17 @@ def _backwards(node: Node, axes: StepAxes) -> list[tuple[str, StepAxes]]:
 
 
 def traced_axes(graph: ObservableGraph) -> dict[str, StepAxes]:
-    """Every value (graph input or intermediate) that reaches a recurrent op's data input, or
-    a sequence cut into single steps (`_step_cuts`), through layout-following ops → its
-    (batch, time) axes. A value reached with two different layouts is left out."""
+    """Every value (graph input or intermediate) that reaches a recurrent op's data input
+    through layout-following ops → its (batch, time) axes. A value reached with two different
+    layouts is left out."""
     producer = {out: node for node in graph.nodes for out in node.outputs if out}
     stored = set(graph.param_names) | set(graph.buffer_names) | set(graph.constants)
     found: dict[str, StepAxes | None] = {}
-    starts = [
-        (node.inputs[0], x_axes)
-        for node in graph.nodes
-        if node.inputs and (x_axes := _recurrent_x_axes(node)) is not None
-    ]
-    # [seq, batch, ...] or [batch, seq, ...]: the other of the first two axes is the batch
-    starts.extend((value, StepAxes(1 - time, time)) for value, time in _step_cuts(graph))
-    for start in starts:
-        pending = [start]
+    for node in graph.nodes:
+        x_axes = _recurrent_x_axes(node)
+        if x_axes is None or not node.inputs:
+            continue
+        pending = [(node.inputs[0], x_axes)]
         seen: set[str] = set()
         while pending:
             value, axes = pending.pop()
@@ -162,35 +158,6 @@ def traced_axes(graph: ObservableGraph) -> dict[str, StepAxes]:
             if source is not None:
                 pending.extend(_backwards(source, axes))
     return {name: axes for name, axes in found.items() if axes is not None}
-
-
-# A sequence sliced into at least this many single steps along one axis is read step by step
-_MIN_STEP_CUTS = 3
-
-
-def _step_cuts(graph: ObservableGraph) -> list[tuple[str, int]]:
-    """(value, axis) for each value that ONNX Slice nodes cut into single steps
-    (`start:start+1`, step 1) along axis 0 or 1 at _MIN_STEP_CUTS or more distinct starts:
-    how a recurrence written out step by step reads its sequence (torch.onnx's dynamo exporter
-    writes nn.RNN so; layers.py makes its steps one recurrent layer)."""
-    values = graph.initial_values()
-    starts: dict[tuple[str, int], set[int]] = {}
-    for node in graph.nodes:
-        if node.op_type != "Slice" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 4:
-            continue
-        begin, end, axis = (_one_int(values.get(name)) for name in node.inputs[1:4])
-        step = _one_int(values.get(node.inputs[4])) if node.inputs[4:5] not in ([], [""]) else 1
-        if begin is None or end != begin + 1 or axis not in (0, 1) or begin < 0 or step != 1:
-            continue
-        starts.setdefault((node.inputs[0], axis), set()).add(begin)
-    return [key for key, steps in starts.items() if len(steps) >= _MIN_STEP_CUTS]
-
-
-def _one_int(value: object) -> int | None:
-    """The value of a one-element integer tensor, else None."""
-    if not isinstance(value, torch.Tensor) or value.is_floating_point() or value.numel() != 1:
-        return None
-    return int(value.item())
 
 
 def _input_axes(graph: ObservableGraph, traced: dict[str, StepAxes]) -> dict[str, StepAxes]:

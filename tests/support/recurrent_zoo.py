@@ -209,3 +209,25 @@ def lstm_sequence_args(
         normal(batch, hidden),
         normal(batch, hidden),
     ]
+
+
+def check_against_references(
+    module: torch.nn.Module, data: bytes, x: torch.Tensor, rtol: float = 2e-4
+) -> None:
+    """The ONNX export `data` of `module`, converted in train mode: its forward equals
+    onnxruntime's on `x` (fed as the graph's first input) and every parameter's gradient of a
+    squared-sum loss equals the module's. (`convert` releases the initializers' bytes of the
+    ModelProto it reads: onnxruntime gets its own copy, loaded from the same bytes.)"""
+    from service.engine.onnx.convert import convert, load_onnx
+
+    graph = convert(load_onnx(data), mode="train")
+    out = graph(x)
+    reference_model = load_onnx(data)
+    (expected,) = run_onnxruntime(reference_model, {reference_model.graph.input[0].name: x.numpy()})
+    np.testing.assert_allclose(out.detach().numpy(), expected, rtol=1e-4, atol=1e-5)
+    out.square().sum().backward()
+    module.zero_grad()
+    module(x).square().sum().backward()
+    for name, param in module.named_parameters():
+        assert param.grad is not None
+        torch.testing.assert_close(graph.parameter(name).grad, param.grad, rtol=rtol, atol=1e-6)

@@ -92,6 +92,7 @@ from service.engine.onnx.registry import (
     lookup,
 )
 from service.engine.onnx.shape_values import input_shape_nodes
+from service.engine.onnx.unrolled_rnn import fold_unrolled_rnns
 from service.errors import (
     BadInputError,
     BatchError,
@@ -670,6 +671,9 @@ def _convert_checked(
         {**parameters, **buffers},
         [o.name for o in graph.output],
         static_dims=lambda: _inferred_dims(model),
+    )
+    nodes = fold_unrolled_rnns(
+        nodes, constants, {**parameters, **buffers}, [o.name for o in graph.output]
     )
     metadata: dict[str, Any] = {
         "mode": mode,

@@ -219,9 +219,10 @@ def test_verification_can_be_turned_off() -> None:
 @pytest.mark.parametrize("name", ["tanh_rnn_long", "relu_rnn_exploding"])
 def test_a_dynamo_onnx_export_of_nn_rnn_gets_the_legacy_exports_diagnosis(name: str) -> None:
     """torch's default ONNX exporter writes nn.RNN out step by step (no RNN node; one MatMul
-    per step on the same weight): those steps are one recurrent layer (layers.py), judged over
-    time as the legacy export's RNN node is. (Before, each step was a layer of its own and,
-    with no recurrent op found, the time profile was not judged: "healthy".)"""
+    per step on the same weight), which the converter folds back into an RNN node
+    (onnx/unrolled_rnn.py): one recurrent layer, judged over time as the legacy export's is.
+    (Unfolded, each step was a layer and, with no recurrent op found, the time profile was not
+    judged: "healthy".)"""
     case = ZOO[name]
     module = case.module(0)
     x, _ = case.batch(0)

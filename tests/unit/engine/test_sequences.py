@@ -152,11 +152,11 @@ class SeqFirstRNN(nn.Module):
 
 
 @pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "legacy"])
-def test_a_written_out_rnn_reads_its_time_axis_from_the_per_step_cuts(dynamo: bool) -> None:
-    """torch.onnx's dynamo exporter writes nn.RNN out step by step: the steps cut their inputs
-    from the projected sequence along its time axis (Slice t:t+1), which is followed back to
-    the graph input as an RNN node's X is: axis 0 here, not the batch-first guess, and the
-    batch (4) is axis 1."""
+def test_a_sequence_first_rnn_is_profiled_along_axis_0_from_both_exporters(dynamo: bool) -> None:
+    """torch.onnx's dynamo exporter writes nn.RNN out step by step, which the converter folds
+    back into an RNN node (onnx/unrolled_rnn.py): its X is followed back to the graph input as
+    the legacy export's is, axis 0 here rather than the batch-first guess, and the batch (4)
+    is axis 1 (the report's batch size too)."""
     torch.manual_seed(2)
     module, x = SeqFirstRNN(), torch.randn(7, 4, 3)  # T=7, B=4
     case = _case(module, x)

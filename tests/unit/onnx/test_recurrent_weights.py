@@ -20,7 +20,12 @@ from service.engine.onnx.convert import convert, load_onnx
 from service.engine.onnx.ops.recurrent import RecurrentFn, use_gate_blocks
 from service.engine.onnx.recurrent_weights import DirectWeightsLSTM
 from tests.support.export import to_onnx
-from tests.support.recurrent_zoo import build_node_fn, call_recurrent, run_onnxruntime
+from tests.support.recurrent_zoo import (
+    build_node_fn,
+    call_recurrent,
+    check_against_references,
+    run_onnxruntime,
+)
 
 TORCH_GATE_BLOCKS = [0, 3, 1, 2]
 
@@ -39,20 +44,6 @@ class TwoLayerLSTM(nn.Module):
 
 def _onnxruntime(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
     return run_onnxruntime(model, {model.graph.input[0].name: x})
-
-
-def _check_against_references(module: nn.Module, data: bytes, x: torch.Tensor) -> None:
-    """Forward equals onnxruntime; every parameter's gradient equals the torch module's."""
-    graph = convert(load_onnx(data), mode="train")
-    out = graph(x)
-    (expected,) = _onnxruntime(load_onnx(data), x.numpy())
-    np.testing.assert_allclose(out.detach().numpy(), expected, rtol=1e-4, atol=1e-5)
-    out.square().sum().backward()
-    module.zero_grad()
-    module(x).square().sum().backward()
-    for name, param in module.named_parameters():
-        assert param.grad is not None
-        torch.testing.assert_close(graph.parameter(name).grad, param.grad, rtol=2e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -80,7 +71,7 @@ def test_an_exported_lstm_reads_its_parameters_directly(bias: bool, dynamo: bool
     params = set(graph.param_names)
     assert not [n.name for n in graph.nodes if n.op_type == "Slice" and n.inputs[0] in params]
     assert len(graph.nodes) < len(model.graph.node)
-    _check_against_references(module, data, x)
+    check_against_references(module, data, x)
 
 
 def test_each_exported_lstm_layer_is_one_autograd_node() -> None:
@@ -161,7 +152,7 @@ def test_a_bidirectional_lstm_reads_both_directions_parameters(dynamo: bool) -> 
     lstms = [n for n in graph.nodes if n.op_type == "LSTM"]
     assert all(isinstance(n.fn, DirectWeightsLSTM) and n.fn.directions == 2 for n in lstms)
     assert lstms[1].inputs[1:3] == ["lstm.weight_ih_l1", "lstm.weight_ih_l1_reverse"]
-    _check_against_references(module, data, x)
+    check_against_references(module, data, x)
 
 
 def test_a_chain_value_read_elsewhere_keeps_the_chain() -> None:
