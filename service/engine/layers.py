@@ -255,8 +255,9 @@ def _stacked_recurrent_names(layers: list[Layer]) -> dict[int, str]:
     """`lstm.l0`, `lstm.l1` for the per-layer nodes of one stacked nn.LSTM/GRU/RNN.
 
     ONNX exports a `num_layers=2` module as two recurrent nodes whose parameters share the
-    module path `lstm`. The index is torch's `_l<k>` / `_l<k>_reverse` suffix of their
-    parameter names (`weight_ih_l1`); where the names carry none (dynamo's `val_N`) and the
+    module path `lstm`. The index is torch's `_l<k>` suffix of their parameter names
+    (`weight_ih_l1`), `_l<k>_reverse` for a node of a reverse direction alone; where the names
+    carry none (dynamo's `val_N`) and the
     layers read distinct input weights W, their order in the graph."""
     groups: dict[str, list[Layer]] = {}
     for layer in layers:
@@ -272,7 +273,12 @@ def _stacked_recurrent_names(layers: list[Layer]) -> dict[int, str]:
         indices: list[str | None] = []
         for layer in group:
             found = {m.group(1) for p in layer.params if (m := _TORCH_LAYER_SUFFIX.search(p))}
-            indices.append(found.pop() if len(found) == 1 else None)
+            index = found.pop() if len(found) == 1 else None
+            if index is not None and all(p.endswith("_reverse") for p in layer.params):
+                # one direction of a bidirectional layer as a node of its own (the converter's
+                # fold of a written-out nn.RNN, onnx/unrolled_rnn.py): `rnn.l0_reverse`
+                index += "_reverse"
+            indices.append(index)
         if None in indices:
             # dynamo may share a zeros initial state between the nodes, so compare the input
             # weights W: one module called twice reads the same W, and is not a stack

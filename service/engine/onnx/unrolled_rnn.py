@@ -13,8 +13,11 @@ was judged over time. Here each such chain becomes one node of op type `RNN`, co
 ONNX RNN node is (RecurrentFn: the whole-sequence loops for tanh), reading the exported
 parameters directly. Its outputs are the whole sequence Y [T, B, H] and every step's hidden
 state under the exporter's names (what its Concat and later nodes read); the per-step nodes
-leave the graph. Only the exact pattern folds (every intermediate value read by its step alone,
-the steps cutting P at 0, 1, ..., T-1, one activation); anything else runs as written.
+leave the graph. A bidirectional module's reverse direction is the same chain over P reversed
+by a Slice (step -1), or cutting P at T-1 first: it folds into an RNN node of direction
+"reverse". Only the exact pattern folds (every intermediate value read by its step alone, the
+steps cutting P at 0, 1, ..., T-1 in one order or the other, one activation); anything else
+runs as written.
 """
 
 from __future__ import annotations
@@ -90,19 +93,24 @@ def fold_unrolled_rnns(
     match = _Matcher(producers, readers, constants, state)
     steps = [s for node in nodes if (s := match.step(node)) is not None]
     after = {s.h_prev: s for s in steps}
+    states = {s.activation.outputs[0] for s in steps}
     position = {id(node): k for k, node in enumerate(nodes)}
     replaced: dict[int, Node | None] = {}  # node id → the folded node at its place, or None
-    for first in (s for s in steps if s.t == 0):
+    for first in (s for s in steps if s.h_prev not in states):
         chain = [first]
         while (following := after.get(chain[-1].activation.outputs[0])) is not None:
-            if not _continues(chain[-1], following):
+            if not _continues(chain, following):
                 break
             chain.append(following)
-        folded = match.projection(chain)
-        if folded is None or len(chain) < 2:
+        # a forward direction cuts P at 0, 1, ..., T-1; a reverse one at T-1, ..., 0, or at
+        # 0, 1, ... of P reversed
+        cuts = [step.t for step in chain]
+        if len(chain) < 2 or sorted(cuts) != list(range(len(chain))):
             continue
-        projection, inputs = folded
-        removed = [n for step in chain for n in step.nodes] + projection
+        projection = match.projection(chain)
+        if projection is None:
+            continue
+        removed = [n for step in chain for n in step.nodes] + projection.nodes
         last = max(position[id(n)] for n in removed)
         outputs = [step.activation.outputs[0] for step in chain]
         # readers of the hidden states outside the chain must run after the folded node
@@ -113,7 +121,7 @@ def fold_unrolled_rnns(
             if any(o in n.inputs for o in outputs)
         ):
             continue
-        node = _folded_node(chain, projection, inputs, state)
+        node = _folded_node(chain, projection, state)
         for n in removed:
             replaced[id(n)] = None
         replaced[id(nodes[last])] = node
@@ -140,9 +148,14 @@ def _read_sequence_whole(node: Node, nodes: list[Node]) -> None:
             concat.fn = passthrough
 
 
-def _continues(step: _Step, following: _Step) -> bool:
+def _continues(chain: list[_Step], following: _Step) -> bool:
+    """`following` is the chain's next step: the next time in the chain's direction, the same
+    sequence, weights and activation."""
+    step = chain[0]
+    direction = following.t - step.t if len(chain) == 1 else chain[1].t - step.t
     return (
-        following.t == step.t + 1
+        following.t == chain[-1].t + direction
+        and direction in (1, -1)
         and following.sequence == step.sequence
         and following.weight_hh == step.weight_hh
         and following.bias_hh == step.bias_hh
@@ -150,13 +163,24 @@ def _continues(step: _Step, following: _Step) -> bool:
     )
 
 
-def _folded_node(
-    chain: list[_Step], projection: list[Node], inputs: list[str], state: Mapping[str, Tensor]
-) -> Node:
-    matmul = projection[1]
+def _folded_node(chain: list[_Step], projection: _Projection, state: Mapping[str, Tensor]) -> Node:
+    """The RNN node for `chain`: forward when it cuts P at 0 first, else reverse. Its outputs
+    after Y are the steps' states in time order, as Y holds them."""
+    matmul = projection.nodes[1]
     hidden = int(state[chain[0].weight_hh].shape[0])
-    activation = _ACTIVATIONS[chain[0].activation.op_type]
-    attrs = {"hidden_size": hidden, "activations": [activation], "layout": 0}
+    steps = len(chain)
+    reverse = projection.flipped or chain[0].t != 0
+    # the time step each chain step computes (over a reversed P, cut k is time T-1-k)
+    times = [steps - 1 - s.t if projection.flipped else s.t for s in chain]
+    states = [
+        s.activation.outputs[0] for _, s in sorted(zip(times, chain, strict=True), key=_first)
+    ]
+    attrs = {
+        "hidden_size": hidden,
+        "activations": [_ACTIVATIONS[chain[0].activation.op_type]],
+        "layout": 0,
+        "direction": "reverse" if reverse else "forward",
+    }
     inner = rnn(
         OpContext(
             node=None,
@@ -173,12 +197,16 @@ def _folded_node(
     return Node(
         name=name,
         op_type="RNN",
-        inputs=inputs,
-        outputs=[f"{name}::Y", *(step.activation.outputs[0] for step in chain)],
+        inputs=projection.inputs,
+        outputs=[f"{name}::Y", *states],
         fn=WrittenOutRNN(inner),
         attrs=attrs,
         scope=matmul.scope,
     )
+
+
+def _first(pair: tuple[int, _Step]) -> int:
+    return pair[0]
 
 
 class _Matcher:
@@ -271,18 +299,27 @@ class _Matcher:
             )
         return None
 
-    def projection(self, chain: list[_Step]) -> tuple[list[Node], list[str]] | None:
-        """(the projection's nodes [Transpose, MatMul, Add?], the folded node's inputs) where
-        P = Add(MatMul(X, Transpose(W_ih)), b_ih) (or the MatMul alone) is read by the chain's
-        cuts alone and biases are both there or both absent."""
+    def projection(self, chain: list[_Step]) -> _Projection | None:
+        """The chain's input projection P = Add(MatMul(X, Transpose(W_ih)), b_ih) (or the MatMul
+        alone), cut by the chain alone, possibly through a Slice that reverses it on axis 0 (how
+        the exporter runs a bidirectional module's reverse direction); biases both there or
+        both absent."""
         sequence = chain[0].sequence
         if self.readers[sequence] != len(chain):
             return None
         node = self.producers.get(sequence)
-        bias = ""
         nodes: list[Node] = []
+        flipped = node is not None and self._reverses(node)
+        if flipped:
+            assert node is not None
+            nodes.append(node)
+            if self.readers[node.inputs[0]] != 1:
+                return None
+            node = self.producers.get(node.inputs[0])
+        bias = ""
         if node is not None and node.op_type == "Add" and self._bias(node.inputs[1]):
-            bias, nodes = node.inputs[1], [node]
+            bias = node.inputs[1]
+            nodes.append(node)
             product = self._private(node.inputs[0], "MatMul")
         else:
             product = node if node is not None and node.op_type == "MatMul" else None
@@ -293,4 +330,24 @@ class _Matcher:
             return None
         transpose = self.producers[product.inputs[1]]
         inputs = [product.inputs[0], weight, chain[0].weight_hh, bias, chain[0].bias_hh]
-        return [transpose, product, *nodes], [*inputs, chain[0].h_prev]
+        return _Projection([transpose, product, *nodes], [*inputs, chain[0].h_prev], flipped)
+
+    def _reverses(self, node: Node) -> bool:
+        """`node` is a Slice that takes its input whole, backwards, along axis 0."""
+        if node.op_type != "Slice" or len(node.inputs) != 5:
+            return False
+        start, end, axes, steps = (self._ints(n) for n in node.inputs[1:5])
+        return (
+            start == [-1]
+            and axes == [0]
+            and steps == [-1]
+            and end is not None
+            and end[0] <= -(2**31)
+        )
+
+
+@dataclass
+class _Projection:
+    nodes: list[Node]  # Transpose(W_ih), MatMul, then the bias Add and the reversing Slice if any
+    inputs: list[str]  # the folded node's: X, W_ih, W_hh, b_ih, b_hh, h0
+    flipped: bool  # the chain cuts P reversed on axis 0

@@ -20,6 +20,7 @@ from onnx import helper
 from torch import nn
 
 from service.engine.graph import Node
+from service.engine.layers import group_layers
 from service.engine.onnx.convert import convert, load_onnx
 from service.engine.onnx.unrolled_rnn import WrittenOutRNN
 from tests.support.export import to_onnx
@@ -67,6 +68,33 @@ def test_a_written_out_rnn_folds_into_rnn_nodes(
     assert not [n for n in graph.nodes if n.op_type in ("MatMul", activation)]
     expected_params = ["weight_ih_l0", "weight_hh_l0", *(["bias_ih_l0", "bias_hh_l0"] * bias)]
     assert rnns[0].inputs[1 : 1 + len(expected_params)] == [f"rnn.{p}" for p in expected_params]
+    check_against_references(module, data, x)
+
+
+class BidirectionalRNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.RNN(3, 5, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(10, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+def test_a_bidirectional_rnns_reverse_direction_folds_into_a_reverse_rnn_node() -> None:
+    """The exporter runs the reverse direction as the same chain over its projection reversed
+    (a Slice with step -1): it folds into an RNN node of direction "reverse", whose layer is
+    `rnn.l0_reverse` beside `rnn.l0`."""
+    torch.manual_seed(3)
+    module = BidirectionalRNN().train()
+    x = torch.randn(4, 6, 3)
+    data = _export(module, x)
+    graph = convert(load_onnx(data), mode="train")
+    rnns = [n for n in graph.nodes if n.op_type == "RNN"]
+    assert [n.attrs["direction"] for n in rnns] == ["forward", "reverse"]
+    assert not [n for n in graph.nodes if n.op_type in ("MatMul", "Tanh")]
+    assert rnns[1].inputs[1:3] == ["rnn.weight_ih_l0_reverse", "rnn.weight_hh_l0_reverse"]
+    assert [layer.name for layer in group_layers(graph)] == ["rnn.l0", "rnn.l0_reverse", "head"]
     check_against_references(module, data, x)
 
 
