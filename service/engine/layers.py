@@ -257,8 +257,8 @@ def _stacked_recurrent_names(layers: list[Layer]) -> dict[int, str]:
     ONNX exports a `num_layers=2` module as two recurrent nodes whose parameters share the
     module path `lstm`. The index is torch's `_l<k>` suffix of their parameter names
     (`weight_ih_l1`), `_l<k>_reverse` for a node of a reverse direction alone; where the names
-    carry none (dynamo's `val_N`) and the
-    layers read distinct input weights W, their order in the graph."""
+    carry none (dynamo's `val_N`) and the layers read distinct input weights W, their order in
+    the graph."""
     groups: dict[str, list[Layer]] = {}
     for layer in layers:
         if recurrent_gates(layer.op) is None:
