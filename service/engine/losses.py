@@ -4,9 +4,15 @@ Kinds: `cross_entropy`, `nll` (the output is log-probabilities), `mse`, `l1`, `b
 `output_norm` (no target: L = mean(y²) over every floating output, i.e. MSE against zero).
 All losses are means over the batch, computed in float32 whatever the model's dtype.
 
-Default when `--loss` is not given: an integer target and a class-shaped output (the target's
-shape is the output's without dim 1) → `cross_entropy`; a floating target → `mse`; no target →
-`output_norm`. With several outputs, target losses use the first.
+Default when `--loss` is not given: an integer target and a class-shaped output → `cross_entropy`;
+a floating target → `mse`; no target → `output_norm`. With several outputs, target losses use the
+first.
+
+Class axis of `cross_entropy` / `nll`: dim 1 as in `F.cross_entropy` (the target's shape is the
+output's without dim 1: [N, C] / [N], [N, C, H, W] / [N, H, W]), else the last axis when the
+target is the output without it: a sequence model's [B, T, vocab] logits with [B, T] labels,
+which training code flattens before its loss. Targets of -100 are ignored (`ignore_index`, as in
+torch and Hugging Face labels).
 """
 
 from __future__ import annotations
@@ -20,16 +26,27 @@ from service.errors import BadInputError
 
 LOSS_KINDS = ("cross_entropy", "nll", "mse", "l1", "bce_with_logits", "output_norm")
 _CLASS_LOSSES = ("cross_entropy", "nll")
+GIVEN_BY_USER = "given by --loss"  # the report's loss.reason when no default applied
 
 
-def _class_shaped(output_shape: Sequence[object], target_shape: Sequence[object]) -> bool:
-    if len(output_shape) < 2:
-        return False
-    expected = [output_shape[0], *output_shape[2:]]
-    return len(expected) == len(target_shape) and all(
-        not isinstance(o, int) or not isinstance(t, int) or o == t
-        for o, t in zip(expected, target_shape, strict=True)
+def _same_shape(expected: Sequence[object], actual: Sequence[object]) -> bool:
+    """Equal where both sizes are known (a symbolic size, e.g. ONNX's "batch", matches any)."""
+    return len(expected) == len(actual) and all(
+        not isinstance(e, int) or not isinstance(a, int) or e == a
+        for e, a in zip(expected, actual, strict=True)
     )
+
+
+def class_axis(output_shape: Sequence[object], target_shape: Sequence[object]) -> int | None:
+    """The output's class axis for class-index targets (module docstring), or None when the
+    target's shape fits neither dim 1 nor the last axis. Dim 1 wins when both fit."""
+    if len(output_shape) < 2:
+        return None
+    if _same_shape([output_shape[0], *output_shape[2:]], target_shape):
+        return 1
+    if _same_shape(output_shape[:-1], target_shape):
+        return len(output_shape) - 1
+    return None
 
 
 def default_loss(
@@ -40,9 +57,17 @@ def default_loss(
         return "output_norm", "the batch has no target array"
     if target.dtype.is_floating_point:
         return "mse", "the target is floating point"
-    if output_shape is None or _class_shaped(output_shape, list(target.shape)):
+    if output_shape is None:
         return "cross_entropy", "integer target and a class-shaped output"
-    return "mse", "integer target whose shape is not the output's without the class axis"
+    axis = class_axis(output_shape, list(target.shape))
+    if axis == 1 or (axis is not None and len(output_shape) == 2):
+        return "cross_entropy", "integer target and a class-shaped output"
+    if axis is not None:
+        return "cross_entropy", "integer target and an output with the classes on its last axis"
+    return "mse", (
+        f"integer target {list(target.shape)} whose shape is not the output's "
+        f"{list(output_shape)} without a class axis (dim 1 or the last)"
+    )
 
 
 def compute_loss(
@@ -68,6 +93,9 @@ def compute_loss(
                     f"loss {kind!r} needs integer class indices as target, got {t.dtype}"
                 )
             t = t.long()
+            axis = class_axis(list(y.shape), list(t.shape))
+            if axis is not None and axis != 1:
+                y = y.movedim(axis, 1)  # F.cross_entropy / nll_loss read classes on dim 1
             if kind == "cross_entropy":
                 return F.cross_entropy(y, t)
             return F.nll_loss(y, t)
@@ -97,14 +125,17 @@ _LOG_PROB_MAX = 1e-4
 _LOGSUMEXP_TOLERANCE = 1e-3
 
 
-def loss_input_notes(kind: str, outputs: Sequence[torch.Tensor]) -> list[str]:
+def loss_input_notes(
+    kind: str, outputs: Sequence[torch.Tensor], target: torch.Tensor | None
+) -> list[str]:
     """Notes for the report when the model's output does not look like what the loss expects:
     `nll` reads log-probabilities, so raw logits (values > 0, or rows whose exp does not sum to
     1) give a loss and gradients of a different objective. One host read, nll runs only."""
     if kind != "nll" or not outputs or outputs[0].dim() < 2 or not outputs[0].numel():
         return []
     y = outputs[0].detach().float()
-    row_sums = torch.logsumexp(y, dim=1)
+    axis = class_axis(list(y.shape), list(target.shape)) if target is not None else None
+    row_sums = torch.logsumexp(y, dim=axis or 1)
     peak, off = torch.stack([y.max(), (row_sums.abs() > _LOGSUMEXP_TOLERANCE).sum()]).tolist()
     rows = row_sums.numel()
     if peak <= _LOG_PROB_MAX and off == 0:

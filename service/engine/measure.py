@@ -41,7 +41,12 @@ from service.engine.layers import (
     group_layers,
     reference_std,
 )
-from service.engine.losses import compute_loss, default_loss, loss_input_notes
+from service.engine.losses import (
+    GIVEN_BY_USER,
+    compute_loss,
+    default_loss,
+    loss_input_notes,
+)
 from service.engine.measurements import Measurements, NonFiniteOrigin, Subject
 from service.engine.options import DiagnoseOptions
 from service.engine.origin import OriginReached, OriginRecorder, find_origin
@@ -121,9 +126,9 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
             subject.loss_kind, subject.loss_reason = default_loss(
                 subject.target, list(outputs[0].shape) if outputs else None
             )
-        loss = compute_loss(subject.loss_kind, outputs, target)
+        loss = _loss(subject, outputs, target)
         if parts == 1:
-            loss_notes = loss_input_notes(subject.loss_kind, outputs)
+            loss_notes = loss_input_notes(subject.loss_kind, outputs, target)
         middle = clock.mark()
         (loss * share).backward()
         clock.add_pass(start, middle, clock.mark())
@@ -451,6 +456,22 @@ def _target_batch_axis(subject: Subject, size: int, input_axis: int) -> int | No
         f"cannot split the target of shape {list(target.shape)} into micro-batches: no axis "
         f"of it has the batch size {size}; run with --micro-batches 1"
     )
+
+
+def _loss(
+    subject: Subject, outputs: Sequence[torch.Tensor], target: torch.Tensor | None
+) -> torch.Tensor:
+    """compute_loss; when the loss was not chosen by the user, its error also says which
+    default applied and why, so the fix (`--loss`) is in the message."""
+    try:
+        return compute_loss(subject.loss_kind, outputs, target)
+    except BadInputError as exc:
+        if subject.loss_reason in (None, GIVEN_BY_USER):
+            raise
+        raise BadInputError(
+            f"{exc}; {subject.loss_kind!r} is the default here ({subject.loss_reason}): "
+            "choose the loss with --loss"
+        ) from exc
 
 
 def _forward(

@@ -20,7 +20,7 @@ import torch
 from service.engine.batches import load_batch, match_batch
 from service.engine.formats.detect import detect_format
 from service.engine.formats.loaded import LoadedModel
-from service.engine.losses import LOSS_KINDS, default_loss
+from service.engine.losses import GIVEN_BY_USER, LOSS_KINDS, default_loss
 from service.engine.measurements import Subject
 from service.engine.options import DiagnoseOptions
 from service.engine.report import ModelInfo, TensorSpec
@@ -170,7 +170,7 @@ def build_subject(
     loss_kind: str
     reason: str | None
     if options.loss is not None:
-        loss_kind, reason = options.loss, "given by --loss"
+        loss_kind, reason = options.loss, GIVEN_BY_USER
     elif target is None or target.is_floating_point():
         loss_kind, reason = default_loss(target, None)
     elif loaded.outputs and loaded.outputs[0].shape:

@@ -34,6 +34,15 @@ def test_nll_on_log_softmax_is_not_noted() -> None:
 
 def test_negative_values_that_are_not_log_probabilities_are_noted() -> None:
     logits = -torch.rand(5, 3) - 1.0  # all < 0, yet rows' exp sum to < 1
-    (note,) = loss_input_notes("nll", [logits])
+    (note,) = loss_input_notes("nll", [logits], None)
     assert "5 of 5 rows" in note
-    assert loss_input_notes("cross_entropy", [logits]) == []
+    assert loss_input_notes("cross_entropy", [logits], None) == []
+
+
+def test_a_sequence_models_log_probabilities_are_read_on_their_class_axis() -> None:
+    """[B, T, V] log-probabilities with [B, T] labels: rows are over V, not over T."""
+    log_probs = torch.randn(2, 5, 7).log_softmax(-1)
+    labels = torch.randint(0, 7, (2, 5))
+    assert loss_input_notes("nll", [log_probs], labels) == []
+    (note,) = loss_input_notes("nll", [torch.randn(2, 5, 7)], labels)
+    assert "of 10 rows" in note

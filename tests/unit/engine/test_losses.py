@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from service.engine.losses import compute_loss, default_loss
+from service.engine.losses import class_axis, compute_loss, default_loss
 from service.errors import BadInputError
 
 torch.manual_seed(0)
@@ -70,3 +70,55 @@ def test_class_loss_with_float_target_is_refused() -> None:
 def test_out_of_range_class_is_a_user_error() -> None:
     with pytest.raises(BadInputError, match="does not fit"):
         compute_loss("cross_entropy", [LOGITS], torch.tensor([0, 9, 1, 2, 1]))
+
+
+SEQUENCE_LOGITS = torch.randn(2, 5, 7)  # [batch, time, vocabulary]
+TOKENS = torch.randint(0, 7, (2, 5))
+
+
+@pytest.mark.parametrize("kind", ["cross_entropy", "nll"])
+def test_classes_on_the_last_axis_of_a_sequence_output(kind: str) -> None:
+    """A language model's [B, T, V] logits with [B, T] labels: the loss training code takes
+    after flattening (dim 1 is time here, not the classes)."""
+    output = SEQUENCE_LOGITS.log_softmax(-1) if kind == "nll" else SEQUENCE_LOGITS
+    flat = output.reshape(-1, 7), TOKENS.reshape(-1)
+    expected = F.cross_entropy(*flat) if kind == "cross_entropy" else F.nll_loss(*flat)
+    assert torch.allclose(compute_loss(kind, [output], TOKENS), expected)
+
+
+def test_labels_of_minus_100_are_ignored_as_in_torch() -> None:
+    labels = TOKENS.clone()
+    labels[:, :2] = -100  # Hugging Face's padding / prompt labels
+    expected = F.cross_entropy(SEQUENCE_LOGITS.reshape(-1, 7), labels.reshape(-1))
+    assert torch.allclose(compute_loss("cross_entropy", [SEQUENCE_LOGITS], labels), expected)
+
+
+def test_dim_1_wins_when_both_axes_fit() -> None:
+    logits, target = torch.randn(2, 3, 3), torch.randint(0, 3, (2, 3))
+    assert class_axis(list(logits.shape), list(target.shape)) == 1
+    expected = F.cross_entropy(logits, target)
+    assert torch.allclose(compute_loss("cross_entropy", [logits], target), expected)
+
+
+def test_sequence_labels_default_to_cross_entropy_and_say_why() -> None:
+    kind, reason = default_loss(TOKENS, [2, 5, 7])
+    assert kind == "cross_entropy" and "last axis" in reason
+    kind, reason = default_loss(TOKENS, [2, 6, 7])
+    assert kind == "mse" and "[2, 5]" in reason and "[2, 6, 7]" in reason
+
+
+def test_a_default_that_does_not_fit_names_the_default_and_the_option() -> None:
+    """Integer labels shaped like no class axis of the output: the default (mse) is refused
+    with a message that says it was a default, why, and which option chooses another."""
+    from service.engine import diagnose
+    from service.engine.options import DiagnoseOptions
+    from tests.support.export import to_torch_export
+    from tests.unit.engine.measure_support import npz_bytes
+
+    x, labels = torch.randn(4, 6), torch.randint(0, 3, (4, 2))
+    model = to_torch_export(torch.nn.Linear(6, 3), x)
+    with pytest.raises(BadInputError) as raised:
+        diagnose(model, npz_bytes(x=x, target=labels), DiagnoseOptions())
+    message = str(raised.value)
+    assert "'mse' is the default here" in message and "--loss" in message
+    assert "[4, 2]" in message and "[4, 3]" in message
