@@ -74,7 +74,7 @@ class Case:
             if fmt == "onnx":  # the legacy exporter, TRAINING mode
                 return export.to_onnx(module, x, input_names=["x"])
             if fmt == "onnx_dynamo":  # torch.onnx.export's default exporter
-                return export.to_onnx(module, x, dynamo=True, input_names=["x"])
+                return export.to_onnx(module, x, dynamo=True, input_names=["x"], optimize=True)
         raise ValueError(f"unknown format {fmt!r}")
 
 

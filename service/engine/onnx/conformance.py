@@ -49,6 +49,11 @@ def _reference() -> str:
 def _refill(model: ModelProto, graph: ObservableGraph) -> ModelProto:
     """A copy of `model` whose initializers hold the graph's current values."""
     values = graph.initial_values()
+    # initializers the converter turned back into the weights they are transposes of
+    transposed = graph.metadata.get("transposed_initializers", {})
+    for folded, weight in transposed.items():
+        if isinstance(values.get(weight), torch.Tensor):
+            values[folded] = values[weight].t()
     copy = ModelProto()
     copy.CopyFrom(model)
     for init in copy.graph.initializer:

@@ -69,8 +69,6 @@ inputs (count, rank, fixed and symbolic dims) and raises `BatchError` naming the
 
 from __future__ import annotations
 
-import ast
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +90,11 @@ from service.engine.onnx.registry import (
     lookup,
 )
 from service.engine.onnx.shape_values import input_shape_nodes
+from service.engine.onnx.source_parameters import (
+    EXPORTER_VALUE_NAME,
+    name_scopes,
+    restore_source_parameters,
+)
 from service.engine.onnx.unrolled_rnn import fold_unrolled_rnns
 from service.errors import (
     BadInputError,
@@ -421,24 +424,11 @@ class _Builder:
         )
 
 
-NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
-
-
 def module_scope(node: NodeProto) -> str | None:
-    """The source module path of a dynamo-exported node. Its `pkg.torch.onnx.name_scopes`
-    lists the enclosing module paths, outermost first, then the FX op's own name:
-    `['', 'blocks.0', 'blocks.0.attn', 'linear_1']` → `blocks.0.attn`; top-level ops → None."""
-    for prop in node.metadata_props:
-        if prop.key != NAME_SCOPES_KEY:
-            continue
-        try:
-            scopes = ast.literal_eval(prop.value)
-        except (ValueError, SyntaxError, MemoryError, RecursionError):
-            return None
-        if isinstance(scopes, list) and len(scopes) >= 2 and isinstance(scopes[-2], str):
-            return scopes[-2] or None
-        return None
-    return None
+    """The source module path of a dynamo-exported node: its innermost name scope
+    (`['', 'blocks.0', 'blocks.0.attn', 'linear_1']` → `blocks.0.attn`); top-level ops → None."""
+    scopes = name_scopes(node)
+    return (scopes[-1] or None) if scopes else None
 
 
 def _is_graph(value: Any) -> bool:
@@ -664,6 +654,9 @@ def _convert_checked(
         nodes.append(node)
     if builder.problems:
         raise UnsupportedModelError(_format_problems(builder.problems))
+    nodes, restored = restore_source_parameters(
+        nodes, parameters, {**buffers, **constants, **{o: 0 for n in nodes for o in n.outputs}}
+    )
     _fold_constants(nodes, constants)
     nodes = fold_lstm_weight_reorders(
         nodes,
@@ -675,6 +668,10 @@ def _convert_checked(
     nodes = fold_unrolled_rnns(
         nodes, constants, {**parameters, **buffers}, [o.name for o in graph.output]
     )
+    # what the folds left unread (an optimised export's folded first RNN step) is no weight
+    read = {name for node in nodes for name in node.inputs}
+    for name in [name for name in parameters if name not in read]:
+        buffers[name] = parameters.pop(name).detach()
     metadata: dict[str, Any] = {
         "mode": mode,
         "extra": dict(extra or {}),
@@ -690,7 +687,9 @@ def _convert_checked(
         # masks: their -inf entries spread through Add/Where until a Softmax absorbs them, which
         # is no NaN/Inf origin (service/engine/probes.py)
         metadata["non_finite_states"] = sorted(non_finite)
-    notes = folded_batchnorm_notes(graph)
+    if restored.transposed:  # onnxruntime's copy of the model reads them
+        metadata["transposed_initializers"] = restored.transposed
+    notes = folded_batchnorm_notes(graph) + restored.notes()
     if notes:
         metadata["notes"] = notes  # the engine adds them to the report's notes
     input_names = [i.name for i in input_infos]
@@ -808,10 +807,6 @@ def folded_batchnorm_notes(graph: GraphProto) -> list[str]:
         "available, so mode=train runs the inference-time normalisation; re-export with "
         "torch.onnx.export(..., dynamo=True, optimize=False) to keep BatchNorm"
     ]
-
-
-# Names the dynamo exporter gives the values it creates (`val_81`), not the module's.
-EXPORTER_VALUE_NAME = re.compile(r"val_\d+")
 
 
 def _folded_scalars(weights: Mapping[str, torch.Tensor]) -> set[str]:

@@ -6,18 +6,22 @@ not as an ONNX `RNN` node but as its steps: the input projection once, then per 
     x_t = Squeeze(Slice(P, [t], [t+1], [0]))        P = Add(MatMul(X, Transpose(W_ih)), b_ih)
     h_t = Tanh(Add(Add(MatMul(h_{t-1}, Transpose(W_hh)), b_hh), x_t))      (or Relu)
 
-(seven nodes a step; no Add where the module has no bias). Run as written, that is a Python call
-and an autograd node per op: the small bench RNN took 1.8× torch's time where the legacy export's
-RNN node takes 0.6×, and the diagnosis saw one layer per step and no recurrent op, so nothing
-was judged over time. Here each such chain becomes one node of op type `RNN`, computed as an
-ONNX RNN node is (RecurrentFn: the whole-sequence loops for tanh), reading the exported
-parameters directly. Its outputs are the whole sequence Y [T, B, H] and every step's hidden
-state under the exporter's names (what its Concat and later nodes read); the per-step nodes
-leave the graph. A bidirectional module's reverse direction is the same chain over P reversed
-by a Slice (step -1), or cutting P at T-1 first: it folds into an RNN node of direction
-"reverse". Only the exact pattern folds (every intermediate value read by its step alone, the
-steps cutting P at 0, 1, ..., T-1 in one order or the other, one activation); anything else
-runs as written.
+(seven nodes a step; no Add where the module has no bias). With the exporter's optimizer (its
+default), the Transposes are folded into `val_N` initializers, which the converter turns back
+into the module's weights, each reader with its own Transpose (onnx/source_parameters.py), and
+the first step, for h0 = 0, reads an initializer holding b_hh in every row (zeros without bias)
+in place of h0·W_hhᵀ + b_hh: that step folds too, the node then starting from zeros.
+
+Run as written, that is a Python call and an autograd node per op: the small bench RNN took 1.8×
+torch's time where the legacy export's RNN node takes 0.6×, and the diagnosis saw one layer per step
+and no recurrent op, so nothing was judged over time. Here each such chain becomes one node of op
+type `RNN`, computed as an ONNX RNN node is (RecurrentFn: the whole-sequence loops for tanh),
+reading the exported parameters directly. Its outputs are the whole sequence Y [T, B, H] and every
+step's hidden state under the exporter's names (what its Concat and later nodes read); the per-step
+nodes leave the graph. A bidirectional module's reverse direction is the same chain over P reversed
+by a Slice (step -1), or cutting P at T-1 first: it folds into an RNN node of direction "reverse".
+Only the exact pattern folds (every intermediate value read by its step alone, the steps cutting P
+at 0, 1, ..., T-1 in one order or the other, one activation); anything else runs as written.
 """
 
 from __future__ import annotations
@@ -47,16 +51,21 @@ class _Step:
     bias_hh: str  # "" without bias
     activation: Node
     nodes: list[Node]  # the step's nodes, the activation last
+    # The first step of an optimised export (below): no h_prev, no product; `start` is the
+    # initializer the exporter's optimizer folded h0·W_hhᵀ + b_hh into, for h0 = 0.
+    start: str = ""
 
 
 class WrittenOutRNN:
     """The NodeFn of a folded chain: (X [T, B, I], W_ih [H, I], W_hh [H, H], b_ih, b_hh or None,
-    h0 [B, H] or [1, B, H]) → (the steps' states concatenated on axis 0, h_0, ..., h_{T-1}),
-    each h_t shaped as h0 (the exporter keeps nn.RNN's [layers, B, H] state axis through the
-    steps, so the first output is then Y [T, B, H]; a view either way)."""
+    h0 [B, H] or [1, B, H], or None for zeros of `state_rank`) → (the steps' states
+    concatenated on axis 0, h_0, ..., h_{T-1}), each h_t shaped as h0 (the exporter keeps
+    nn.RNN's [layers, B, H] state axis through the steps, so the first output is then
+    Y [T, B, H]; a view either way)."""
 
-    def __init__(self, inner: RecurrentFn) -> None:
+    def __init__(self, inner: RecurrentFn, state_rank: int | None = None) -> None:
         self.inner = inner
+        self.state_rank = state_rank
 
     def __call__(
         self,
@@ -65,16 +74,16 @@ class WrittenOutRNN:
         weight_hh: Tensor,
         bias_ih: Tensor | None,
         bias_hh: Tensor | None,
-        h0: Tensor,
+        h0: Tensor | None,
     ) -> tuple[Tensor, ...]:
         bias = None
         if bias_ih is not None and bias_hh is not None:  # ONNX's B row: Wb then Rb
             bias = torch.cat([bias_ih, bias_hh]).unsqueeze(0)
-        initial = h0.reshape(1, X.shape[1], weight_hh.shape[0])
+        initial = None if h0 is None else h0.reshape(1, X.shape[1], weight_hh.shape[0])
         Y = self.inner(X, weight_ih.unsqueeze(0), weight_hh.unsqueeze(0), bias, None, initial)
         assert isinstance(Y, Tensor)  # [T, 1, B, H]
         sequence = Y.squeeze(1)
-        if h0.dim() == 3:
+        if (h0.dim() if h0 is not None else self.state_rank) == 3:
             return (sequence, *Y.unbind(0))
         return (sequence.reshape(-1, sequence.shape[-1]), *sequence.unbind(0))
 
@@ -92,7 +101,7 @@ def fold_unrolled_rnns(
     readers.update(graph_outputs)
     match = _Matcher(producers, readers, constants, state)
     steps = [s for node in nodes if (s := match.step(node)) is not None]
-    after = {s.h_prev: s for s in steps}
+    after = {s.h_prev: s for s in steps if not s.start}
     states = {s.activation.outputs[0] for s in steps}
     position = {id(node): k for k, node in enumerate(nodes)}
     replaced: dict[int, Node | None] = {}  # node id → the folded node at its place, or None
@@ -106,6 +115,8 @@ def fold_unrolled_rnns(
         # 0, 1, ... of P reversed
         cuts = [step.t for step in chain]
         if len(chain) < 2 or sorted(cuts) != list(range(len(chain))):
+            continue
+        if first.start and not match.zero_start(chain):
             continue
         projection = match.projection(chain)
         if projection is None:
@@ -150,15 +161,15 @@ def _read_sequence_whole(node: Node, nodes: list[Node]) -> None:
 
 def _continues(chain: list[_Step], following: _Step) -> bool:
     """`following` is the chain's next step: the next time in the chain's direction, the same
-    sequence, weights and activation."""
-    step = chain[0]
+    sequence, weights and activation (a start step has no weights to compare)."""
+    step, last = chain[0], chain[-1]
     direction = following.t - step.t if len(chain) == 1 else chain[1].t - step.t
     return (
-        following.t == chain[-1].t + direction
+        following.t == last.t + direction
         and direction in (1, -1)
         and following.sequence == step.sequence
-        and following.weight_hh == step.weight_hh
-        and following.bias_hh == step.bias_hh
+        and (bool(last.start) or following.weight_hh == last.weight_hh)
+        and (bool(last.start) or following.bias_hh == last.bias_hh)
         and following.activation.op_type == step.activation.op_type
     )
 
@@ -194,12 +205,14 @@ def _folded_node(chain: list[_Step], projection: _Projection, state: Mapping[str
     )
     assert isinstance(inner, RecurrentFn)
     name = f"{matmul.name}::RNN"
+    start = chain[0].start
+    state_rank = state[start].dim() if start else None
     return Node(
         name=name,
         op_type="RNN",
         inputs=projection.inputs,
         outputs=[f"{name}::Y", *states],
-        fn=WrittenOutRNN(inner),
+        fn=WrittenOutRNN(inner, state_rank),
         attrs=attrs,
         scope=matmul.scope,
     )
@@ -276,6 +289,17 @@ class _Matcher:
             if cut is None:
                 continue
             sequence, t, cut_nodes = cut
+            if self._start_state(recurrent):
+                return _Step(
+                    t=t,
+                    h_prev="",
+                    sequence=sequence,
+                    weight_hh="",
+                    bias_hh="",
+                    activation=activation,
+                    nodes=[*cut_nodes, total, activation],
+                    start=recurrent,
+                )
             bias_node = self._private(recurrent, "Add")
             bias, product_name = "", recurrent
             if bias_node is not None and self._bias(bias_node.inputs[1]):
@@ -298,6 +322,33 @@ class _Matcher:
                 nodes=[*body, *cut_nodes, total, activation],
             )
         return None
+
+    def _start_state(self, name: str) -> bool:
+        """`name` is a float [B, H] or [1, B, H] initializer that no node computes."""
+        tensor = self.state.get(name)
+        return (
+            name not in self.producers
+            and tensor is not None
+            and tensor.is_floating_point()
+            and tensor.dim() in (2, 3)
+            and (tensor.dim() == 2 or tensor.shape[0] == 1)
+        )
+
+    def zero_start(self, chain: list[_Step]) -> bool:
+        """The chain's start step (`_Step.start`) is its step for h0 = 0: the folded
+        initializer holds b_hh in every row (zeros without a bias). Then that step takes the
+        chain's weights, with no initial state: the folded node starts from zeros."""
+        first, second = chain[0], chain[1]
+        folded = self.state[first.start]
+        hidden = self.state[second.weight_hh].shape[0]
+        if folded.shape[-1] != hidden:
+            return False
+        bias = self.state[second.bias_hh] if second.bias_hh else torch.zeros(hidden)
+        with torch.no_grad():
+            if not torch.equal(folded, bias.to(folded.dtype).expand_as(folded)):
+                return False
+        first.weight_hh, first.bias_hh = second.weight_hh, second.bias_hh
+        return True
 
     def projection(self, chain: list[_Step]) -> _Projection | None:
         """The chain's input projection P = Add(MatMul(X, Transpose(W_ih)), b_ih) (or the MatMul

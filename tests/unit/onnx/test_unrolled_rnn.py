@@ -41,24 +41,29 @@ class StackedRNN(nn.Module):
         return self.head(out[:, -1] if self.batch_first else out[-1])
 
 
-def _export(module: nn.Module, x: torch.Tensor) -> bytes:
+def _export(module: nn.Module, x: torch.Tensor, optimize: bool = False) -> bytes:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return to_onnx(module, x, dynamo=True, input_names=["x"])
+        return to_onnx(module, x, dynamo=True, input_names=["x"], optimize=optimize)
 
 
+@pytest.mark.parametrize("optimize", [False, True], ids=["as-written", "optimized"])
 @pytest.mark.parametrize(
     ("nonlinearity", "bias", "batch_first"),
     [("tanh", True, True), ("tanh", True, False), ("relu", True, True), ("tanh", False, True)],
     ids=["tanh", "tanh-seq-first", "relu", "tanh-no-bias"],
 )
 def test_a_written_out_rnn_folds_into_rnn_nodes(
-    nonlinearity: str, bias: bool, batch_first: bool
+    nonlinearity: str, bias: bool, batch_first: bool, optimize: bool
 ) -> None:
+    """`optimize=True` is what `torch.onnx.export(..., dynamo=True)` does by default: the
+    weights' Transposes are folded into `val_N` initializers (turned back into the module's
+    parameters, onnx/source_parameters.py) and the first step, for h0 = 0, reads an
+    initializer holding b_hh (zeros without bias) in place of h0·W_hhᵀ + b_hh."""
     torch.manual_seed(0)
     module = StackedRNN(nonlinearity, bias, batch_first).train()
     x = torch.randn(4, 6, 3) if batch_first else torch.randn(6, 4, 3)
-    data = _export(module, x)
+    data = _export(module, x, optimize)
     exported = load_onnx(data)
     activation = "Tanh" if nonlinearity == "tanh" else "Relu"
     assert sum(n.op_type == activation for n in exported.graph.node) == 12  # 6 steps × 2 layers
@@ -68,6 +73,9 @@ def test_a_written_out_rnn_folds_into_rnn_nodes(
     assert not [n for n in graph.nodes if n.op_type in ("MatMul", activation)]
     expected_params = ["weight_ih_l0", "weight_hh_l0", *(["bias_ih_l0", "bias_hh_l0"] * bias)]
     assert rnns[0].inputs[1 : 1 + len(expected_params)] == [f"rnn.{p}" for p in expected_params]
+    assert {n for n, _ in graph.named_graph_parameters()} == {
+        n for n, _ in module.named_parameters()
+    }
     check_against_references(module, data, x)
 
 
@@ -81,14 +89,17 @@ class BidirectionalRNN(nn.Module):
         return self.head(self.rnn(x)[0][:, -1])
 
 
-def test_a_bidirectional_rnns_reverse_direction_folds_into_a_reverse_rnn_node() -> None:
+@pytest.mark.parametrize("optimize", [False, True], ids=["as-written", "optimized"])
+def test_a_bidirectional_rnns_reverse_direction_folds_into_a_reverse_rnn_node(
+    optimize: bool,
+) -> None:
     """The exporter runs the reverse direction as the same chain over its projection reversed
     (a Slice with step -1): it folds into an RNN node of direction "reverse", whose layer is
     `rnn.l0_reverse` beside `rnn.l0`."""
     torch.manual_seed(3)
     module = BidirectionalRNN().train()
     x = torch.randn(4, 6, 3)
-    data = _export(module, x)
+    data = _export(module, x, optimize)
     graph = convert(load_onnx(data), mode="train")
     rnns = [n for n in graph.nodes if n.op_type == "RNN"]
     assert [n.attrs["direction"] for n in rnns] == ["forward", "reverse"]

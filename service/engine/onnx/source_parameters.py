@@ -1,0 +1,308 @@
+"""Parameters as the source module had them, where the dynamo exporter's optimizer changed them.
+
+`torch.onnx.export(..., dynamo=True)` optimises the graph by default, and three of its rewrites
+change what a report would say about parameters:
+- initializers with identical values are merged into one. A fresh model has many: LayerNorm
+  weights are all ones and biases all zeros, and `nn.TransformerEncoder` deep-copies its layer,
+  so every layer starts as the same tensors. The merged initializer's gradient is then the sum
+  over every layer that reads it (4× a LayerNorm's own in a 2-layer encoder), reported for each.
+- `Transpose(linear.weight)` is constant-folded into a new initializer named like `val_86`, in
+  the transposed shape; a weight the source also reads elsewhere (an output projection tied to
+  the input embedding) is then two tensors, and the tie is gone.
+- an all-zero bias of a `Gemm` (a fresh attention out-projection's) is dropped.
+
+Every node of that exporter records the FX node it came from (`pkg.torch.onnx.fx_node`:
+`aten.linear.default](args = (%x, %p_enc_layers_0_linear1_weight, %p_enc_layers_0_linear1_bias)`)
+and its module scopes (`pkg.torch.onnx.name_scopes`): the parameter placeholders it read, named
+`p_` + the dotted source name with `.` → `_`. From them, `restore_source_parameters` splits a
+merged initializer into one parameter per source parameter (clones of the one tensor: the values
+the source model had), turns a folded weight back into the source's parameter (its readers
+read a `Transpose` of it, as in an unoptimised export; a tied one reads the parameter it is
+tied to) and gives a Gemm its zero bias back. Tied weights (one placeholder read by several
+nodes) stay one parameter. Where any reader of an initializer cannot be resolved
+(no metadata, a legacy export, an ambiguous node), that initializer is left as it is.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from collections.abc import Mapping, MutableMapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from onnx import NodeProto
+
+from service.engine.graph import Node
+
+FX_NODE_KEY = "pkg.torch.onnx.fx_node"
+NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+# Names the dynamo exporter gives the values it creates (`val_81`), not the module's.
+EXPORTER_VALUE_NAME = re.compile(r"val_\d+")
+# torch.export's placeholder for a parameter: `p_` + its dotted name with `.` → `_`
+_PARAMETER_PLACEHOLDER = re.compile(r"%(p_[A-Za-z0-9_]+)")
+_LINEAR_WEIGHT = re.compile(r"aten\.linear\.default\]\(args = \(%\w+, %(p_[A-Za-z0-9_]+)")
+_SHOWN = 3
+
+
+@dataclass
+class Restored:
+    """What `restore_source_parameters` changed: for the report's notes and for onnxruntime's
+    copy of the model (`transposed`: a folded initializer is the transpose of that parameter)."""
+
+    split: dict[str, list[str]] = field(default_factory=dict)  # merged name → names added
+    transposed: dict[str, str] = field(default_factory=dict)  # folded name → its weight
+    tied: list[str] = field(default_factory=list)  # weights a folded copy had untied
+    zero_biases: list[str] = field(default_factory=list)
+
+    def notes(self) -> list[str]:
+        notes = []
+        if self.split:
+            merged = ", ".join(
+                f"{name} also stood for {_listed(added)}"
+                for name, added in list(self.split.items())[:_SHOWN]
+            )
+            more = f" and {len(self.split) - _SHOWN} more" if len(self.split) > _SHOWN else ""
+            notes.append(
+                "the ONNX exporter's optimizer had merged parameters with identical values "
+                f"into one initializer ({merged}{more}); they are separate parameters again, "
+                "restored from the export's metadata, so each layer reports its own gradient "
+                "(re-export with optimize=False to keep them apart in the file)"
+            )
+        if self.transposed:
+            shown = _listed([f"{old} = {new}ᵀ" for old, new in self.transposed.items()])
+            tied = (
+                f"; {_listed(self.tied)} had been untied from its other uses that way and gets "
+                "the gradient of every use again"
+                if self.tied
+                else ""
+            )
+            notes.append(
+                "weights the ONNX exporter had stored transposed under generated names are "
+                f"the source model's parameters again, in their own shapes ({shown}){tied}"
+            )
+        if self.zero_biases:
+            notes.append(
+                "zero biases the ONNX exporter's optimizer removed are parameters again "
+                f"({_listed(self.zero_biases)}): zeros, as in the source model, and with "
+                "their own gradients"
+            )
+        return notes
+
+
+def _listed(names: Sequence[str]) -> str:
+    more = f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else ""
+    return ", ".join(names[:_SHOWN]) + more
+
+
+def _metadata(proto: NodeProto, key: str) -> str | None:
+    return next((p.value for p in proto.metadata_props if p.key == key), None)
+
+
+def name_scopes(proto: NodeProto) -> list[str]:
+    """The module paths enclosing a dynamo-exported node, outermost first (`['', 'blocks.0',
+    'blocks.0.attn']`); empty when the exporter recorded none."""
+    text = _metadata(proto, NAME_SCOPES_KEY)
+    if text is None:
+        return []
+    try:
+        scopes = ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return []
+    if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
+        return []
+    return scopes[:-1]  # the last entry is the FX op's own name
+
+
+def _placeholder(name: str) -> str:
+    return "p_" + name.replace(".", "_")
+
+
+def _dotted(
+    placeholder: str, like: str, scopes: Sequence[str], known: Mapping[str, str]
+) -> str | None:
+    """The dotted source name of `placeholder`: a parameter's of the graph (`known`:
+    placeholder → name) when it is one; else split as the initializer `like` is when they
+    have as many `_`-separated words (`enc.layers.0.self_attn.in_proj_bias` →
+    `enc.layers.1.self_attn.in_proj_bias`), else under the innermost module scope that
+    prefixes it (`p_enc_layers_0_norm2_weight` in `enc.layers.0.norm2`)."""
+    if placeholder in known:
+        return known[placeholder]
+    words = placeholder[2:].split("_")
+    segments = like.split(".")
+    if not EXPORTER_VALUE_NAME.fullmatch(like) and len(words) == sum(
+        len(s.split("_")) for s in segments
+    ):
+        dotted, start = [], 0
+        for segment in segments:
+            count = len(segment.split("_"))
+            dotted.append("_".join(words[start : start + count]))
+            start += count
+        return ".".join(dotted)
+    for scope in sorted(scopes, key=len, reverse=True):
+        prefix = _placeholder(scope) + "_" if scope else "p_"
+        if placeholder.startswith(prefix) and len(placeholder) > len(prefix):
+            attribute = placeholder[len(prefix) :]
+            return f"{scope}.{attribute}" if scope else attribute
+    return None
+
+
+def _read_placeholders(proto: NodeProto) -> list[str]:
+    """The parameter placeholders the node's FX op read, in argument order."""
+    fx_node = _metadata(proto, FX_NODE_KEY)
+    if fx_node is None or "args = " not in fx_node:
+        return []
+    return list(dict.fromkeys(_PARAMETER_PLACEHOLDER.findall(fx_node.split("args = ", 1)[1])))
+
+
+def _reads(initializer: str, proto: NodeProto, known: Mapping[str, str]) -> str | None:
+    """Which source parameter `initializer` stands for in this node, or None if unclear."""
+    placeholders = _read_placeholders(proto)
+    if _placeholder(initializer) in placeholders:
+        return initializer
+    if EXPORTER_VALUE_NAME.fullmatch(initializer):
+        # a folded weight: aten.linear's (it reads input, weight, bias), else the op's only
+        # weight (`weight`, `in_proj_weight`, `weight_hh_l0`)
+        linear = _LINEAR_WEIGHT.search(_metadata(proto, FX_NODE_KEY) or "")
+        matched = [linear[1]] if linear else [p for p in placeholders if "weight" in p]
+    else:
+        attribute = initializer.rsplit(".", 1)[-1]
+        matched = [p for p in placeholders if p.endswith("_" + attribute)]
+    if len(matched) != 1:
+        return None
+    return _dotted(matched[0], initializer, name_scopes(proto), known)
+
+
+def restore_source_parameters(
+    nodes: Sequence[Node],
+    parameters: MutableMapping[str, torch.Tensor],
+    taken: Mapping[str, object],
+) -> tuple[list[Node], Restored]:
+    """Split merged initializers, turn folded transposes back into the source's weights and
+    restore dropped zero biases (module docstring). `parameters`: the graph's trainable
+    tensors by value name (entries are added and removed); `taken`: every other value name in
+    use, never reused for a restored parameter. Returns the nodes, with a `Transpose` ahead of
+    each reader of a folded weight, and what changed."""
+    known = {_placeholder(name): name for name in parameters}
+    readers: dict[str, list[tuple[Node, int]]] = {}
+    for node in nodes:
+        for slot, name in enumerate(node.inputs):
+            if name in parameters:
+                readers.setdefault(name, []).append((node, slot))
+    restored = Restored()
+    used = set(parameters) | set(taken)
+    before: dict[int, list[Node]] = {}  # reader node id → Transposes to run just before it
+    for initializer, reads in readers.items():
+        groups: dict[str, list[tuple[Node, int]]] = {}
+        for node, slot in reads:
+            proto = node.source
+            source = _reads(initializer, proto, known) if isinstance(proto, NodeProto) else None
+            if source is None:
+                break
+            groups.setdefault(source, []).append((node, slot))
+        else:
+            if EXPORTER_VALUE_NAME.fullmatch(initializer):
+                _untranspose(initializer, groups, parameters, used, restored, before)
+            else:
+                _split(initializer, groups, parameters, used, restored)
+    for node in nodes:
+        _restore_zero_bias(node, parameters, used, restored, known)
+    return [t for node in nodes for t in [*before.get(id(node), []), node]], restored
+
+
+def _untranspose(
+    initializer: str,
+    groups: Mapping[str, Sequence[tuple[Node, int]]],
+    parameters: MutableMapping[str, torch.Tensor],
+    used: set[str],
+    restored: Restored,
+    before: dict[int, list[Node]],
+) -> None:
+    """A folded `Transpose(weight)`: the weight becomes a parameter again, in its source shape
+    (or, when the graph has it already, the parameter it is tied to), and each reader of the
+    folded tensor reads its own `Transpose` of it, as an unoptimised export has it."""
+    folded = parameters[initializer]
+    if folded.dim() != 2:
+        return
+    for source in groups:
+        if source in parameters:  # tied: the same values, or not the same parameter
+            with torch.no_grad():
+                if parameters[source].shape != folded.t().shape or not torch.equal(
+                    parameters[source], folded.t()
+                ):
+                    return
+        elif source in used:
+            return
+    del parameters[initializer]
+    for source, reads in groups.items():
+        if source not in parameters:
+            with torch.no_grad():
+                parameters[source] = torch.nn.Parameter(folded.t().contiguous())
+            used.add(source)
+        else:
+            restored.tied.append(source)
+        for k, (node, slot) in enumerate(reads):
+            value = f"{initializer}::{source}.T{k}"
+            transpose = Node(
+                name=value, op_type="Transpose", inputs=[source], outputs=[value], fn=torch.t
+            )
+            transpose.attrs["perm"] = [1, 0]
+            before.setdefault(id(node), []).append(transpose)
+            _rewire([(node, slot)], value)
+    restored.transposed[initializer] = next(iter(groups))
+
+
+def _split(
+    initializer: str,
+    groups: dict[str, list[tuple[Node, int]]],
+    parameters: MutableMapping[str, torch.Tensor],
+    used: set[str],
+    restored: Restored,
+) -> None:
+    """A merged initializer: the source parameters its readers read under other names become
+    parameters of their own (clones of it)."""
+    if initializer not in groups:
+        return  # a source name read only under other names: nothing says which is right
+    if any(s != initializer and s in used for s in groups):
+        return  # a restored name would collide with a value of the graph
+    tensor = parameters[initializer]
+    for source, reads in groups.items():
+        if source == initializer:
+            continue
+        parameters[source] = torch.nn.Parameter(tensor.detach().clone())
+        used.add(source)
+        _rewire(reads, source)
+        restored.split.setdefault(initializer, []).append(source)
+
+
+def _restore_zero_bias(
+    node: Node,
+    parameters: MutableMapping[str, torch.Tensor],
+    used: set[str],
+    restored: Restored,
+    known: Mapping[str, str],
+) -> None:
+    """A Gemm from `aten.linear` whose bias input the optimizer dropped because it was all
+    zeros (a fresh attention out-projection's): the bias comes back as a zero parameter."""
+    if node.op_type != "Gemm" or not isinstance(node.source, NodeProto):
+        return
+    if (len(node.inputs) > 2 and node.inputs[2]) or node.inputs[1] not in parameters:
+        return
+    fx_node = _metadata(node.source, FX_NODE_KEY) or ""
+    biases = [p for p in _read_placeholders(node.source) if p.endswith("bias")]
+    if "aten.linear" not in fx_node or len(biases) != 1:
+        return
+    name = _dotted(biases[0], node.inputs[1], name_scopes(node.source), known)
+    if name is None or name in used or node.attrs.get("transA", 0):
+        return
+    weight = parameters[node.inputs[1]]
+    features = weight.shape[0] if node.attrs.get("transB", 0) else weight.shape[-1]
+    parameters[name] = torch.nn.Parameter(weight.new_zeros(features))
+    used.add(name)
+    node.inputs = [*node.inputs[:2], name]
+    restored.zero_biases.append(name)
+
+
+def _rewire(reads: Sequence[tuple[Node, int]], name: str) -> None:
+    for node, slot in reads:
+        node.inputs = [name if i == slot else v for i, v in enumerate(node.inputs)]
