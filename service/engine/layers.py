@@ -115,6 +115,7 @@ def group_layers(graph: ObservableGraph) -> list[Layer]:
     data: set[str] = set(graph.input_names)
     derived: dict[str, set[str]] = {p: {p} for p in params}  # value → parameters it comes from
     consumers = _consumers(nodes)
+    graph_outputs = set(graph.output_names)
     shapes = {name: list(graph.parameter(name).shape) for name in params}
     layers: list[Layer] = []
     claimed: set[int] = set()
@@ -144,7 +145,7 @@ def group_layers(graph: ObservableGraph) -> list[Layer]:
             previous.params.extend(p for p in owned if p not in previous.params)
             previous.output = node.outputs[0]
             claimed.add(index)
-            _attach_followers(previous, index, nodes, consumers, claimed)
+            _attach_followers(previous, index, nodes, consumers, claimed, graph_outputs)
             continue
         layer = Layer(
             name="",
@@ -159,11 +160,15 @@ def group_layers(graph: ObservableGraph) -> list[Layer]:
         )
         _fan(layer, node, param_in, shapes)
         claimed.add(index)
-        _attach_followers(layer, index, nodes, consumers, claimed)
+        _attach_followers(layer, index, nodes, consumers, claimed, graph_outputs)
         layers.append(layer)
     _name_layers(layers)
     _init_activations(layers, nodes, consumers)
     return layers
+
+
+def _read(value: str, consumers: dict[str, list[int]], graph_outputs: set[str]) -> bool:
+    return bool(consumers.get(value)) or value in graph_outputs
 
 
 def _attach_followers(
@@ -172,10 +177,15 @@ def _attach_followers(
     nodes: list[Node],
     consumers: dict[str, list[int]],
     claimed: set[int],
+    graph_outputs: set[str],
 ) -> None:
-    """Extend `layer` through tuple unpacking, then by the activation that alone follows it."""
+    """Extend `layer` through tuple unpacking, then by the activation that alone follows it.
+    A tuple (torch's LSTM: output, h_n, c_n) unpacked by several getitems of which only one is
+    read further is followed through that one: its value is the layer's output."""
     while True:
         users = consumers.get(layer.output, [])
+        if len(users) > 1 and all(canonical(nodes[u].op_type) in _PASSTHROUGH for u in users):
+            users = [u for u in users if _read(nodes[u].outputs[0], consumers, graph_outputs)]
         if len(users) != 1:
             return
         follower = nodes[users[0]]

@@ -70,3 +70,28 @@ def test_conv_feeding_batchnorm_then_relu_is_judged_against_he() -> None:
     assert conv.fan_in == 27 and conv.init_activation == "relu"
     assert reference_std(conv) == math.sqrt(2 / 27)
     assert bn.activation == "relu" and bn.fan_in is None and reference_std(bn) is None
+
+
+def _lstm_like(read_states: bool) -> ObservableGraph:
+    """torch.export's nn.LSTM: one node giving (output, h_n, c_n), unpacked by three getitems."""
+    params = {"rnn.weight": torch.randn(4, 3), "head.weight": torch.randn(2, 4)}
+    nodes = [
+        Node("lstm", "lstm", ["x", "rnn.weight"], ["lstm"], lambda x, w: (x @ w.t(), x, x)),
+        *[Node(f"get{k}", "getitem", ["lstm"], [f"g{k}"], lambda t, k=k: t[k]) for k in range(3)],
+        Node("head", "linear", ["g0", "head.weight"], ["y"], torch.nn.functional.linear),
+    ]
+    outputs = ["y", "g1"] if read_states else ["y"]
+    return ObservableGraph(nodes, input_names=["x"], output_names=outputs, parameters=params)
+
+
+def test_a_tuple_output_unpacked_by_getitems_is_followed_to_the_one_read() -> None:
+    """Only the sequence (getitem 0) is read: it is the layer's output, whose gradient the
+    report shows (before, the tuple was, and the layer had no ‖∂L/∂a‖)."""
+    rnn, head = group_layers(_lstm_like(read_states=False))
+    assert rnn.output == "g0" and rnn.nodes == ["lstm", "get0"]
+    assert head.params == ["head.weight"]
+
+
+def test_a_tuple_whose_parts_are_read_twice_stays_the_output() -> None:
+    rnn, _ = group_layers(_lstm_like(read_states=True))  # h_n is a graph output too
+    assert rnn.output == "lstm"
