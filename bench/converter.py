@@ -1,13 +1,14 @@
 """Speed of the ONNX converter's output against the original torch module, and conversion time.
 
-    .venv/bin/python bench/converter.py [--device cpu|cuda] [--repeats 20] [--quick] [--dynamo]
+    .venv/bin/python bench/converter.py [--device cpu|cuda] [--repeats 20] [--quick]
+                                        [--dynamo [--optimize]]
     .venv/bin/python bench/converter.py --host-overhead [--threads 1]
 
 For a ResNet-style CNN, a transformer encoder and an LSTM (when the recurrent ops are
 registered): each module is exported with the legacy exporter in TRAINING mode (`--dynamo`:
-with the dynamo exporter, torch's default, its ONNX optimizer off), converted in
-`train` mode, and the median forward+backward time of the converted graph is divided by the
-original module's, both on the same device, measured alternately in one process.
+with the dynamo exporter, torch's default, its ONNX optimizer off unless `--optimize`),
+converted in `train` mode, and the median forward+backward time of the converted graph is
+divided by the original module's, both on the same device, measured alternately in one process.
 Then the conversion time (bytes → ModelProto → ObservableGraph) of a ~300 MB wide MLP.
 Targets (issue 2): ratio ≤ 1.10 on CPU, ≤ 1.05 on CUDA; conversion ≤ 1 s.
 
@@ -98,13 +99,14 @@ def compare(
     device: torch.device,
     repeats: int,
     only: str = "",
-    dynamo: bool = False,
+    export: dict[str, bool] | None = None,
 ) -> float | None:
     """Print and return the converted/original time ratio; None when `only` excludes the row."""
     if only not in name:
         return None
     module.train()
-    data = to_onnx(module, x, dynamo=dynamo)
+    export = export or {}
+    data = to_onnx(module, x, dynamo=export.get("dynamo", False), optimize=export.get("optimize"))
     graph = convert(load_onnx(data), mode="train").to(device)
     module = module.to(device)
     xd = x.to(device)
@@ -277,6 +279,11 @@ def main() -> None:
         help="export with torch.onnx's dynamo exporter (default: the legacy one, TRAINING mode)",
     )
     parser.add_argument(
+        "--optimize",
+        action="store_true",
+        help="with --dynamo: its ONNX optimizer on, as torch.onnx.export does by default",
+    )
+    parser.add_argument(
         "--size",
         choices=["auto", "small", "reference"],
         default="auto",
@@ -295,6 +302,7 @@ def main() -> None:
         host_overhead_rows(args.repeats)
         return
     device = torch.device(args.device)
+    export = {"dynamo": True, "optimize": args.optimize} if args.dynamo else {}
     scale = 1 if args.quick else 4
     reference = args.size == "reference" or (args.size == "auto" and device.type == "cuda")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -320,7 +328,7 @@ def main() -> None:
         device,
         args.repeats,
         args.only,
-        args.dynamo,
+        export,
     )
     torch.manual_seed(0)
     compare(
@@ -330,7 +338,7 @@ def main() -> None:
         device,
         args.repeats,
         args.only,
-        args.dynamo,
+        export,
     )
     if lookup("LSTM", "", 14) is None:
         print("lstm                   skipped: the recurrent ops (LSTM) are not registered yet")
@@ -343,7 +351,7 @@ def main() -> None:
             device,
             args.repeats,
             args.only,
-            args.dynamo,
+            export,
         )
         # a training-sized LSTM: the small one above is bound by per-op overhead, this one by
         # its products (hidden 512, batch 32, 50 steps; --quick: a quarter of each)
@@ -355,7 +363,7 @@ def main() -> None:
             device,
             max(3, args.repeats // 3),
             args.only,
-            args.dynamo,
+            export,
         )
         # GRU and tanh RNN at the small LSTM's size (not among the issue's rows; their loops
         # share the LSTM's machinery)
@@ -368,7 +376,7 @@ def main() -> None:
                 device,
                 args.repeats,
                 args.only,
-                args.dynamo,
+                export,
             )
     if not args.skip_conversion:
         conversion_time(30 if args.quick else 300)

@@ -3,7 +3,8 @@
 A layer is a node that consumes a parameter-derived value together with data (its "main"
 node: Linear, Conv, MatMul with a weight, BatchNorm, LayerNorm, an embedding, ...), plus:
 - an elementwise bias/scale node right after it (ONNX `MatMul` + `Add(bias)` is one layer),
-- tuple unpacking (`getitem`) of its output,
+- tuple unpacking (`getitem`) of its output (of several getitems, the one read further: torch's
+  LSTM gives output, h_n, c_n, and a model reading only the output is measured on it),
 - the activation that follows it, when the main node's output feeds only that activation.
 
 A value is *parameter-derived* when it is a parameter or computed only from parameters and

@@ -82,7 +82,10 @@ import service.engine.onnx.ops  # noqa: F401  (registers every op family)
 from service.engine.graph import ConstantResult, Node, ObservableGraph, passthrough
 from service.engine.onnx.loading import load_onnx, load_onnx_bundle, resolve_external_data
 from service.engine.onnx.ops._util import FLOAT_DTYPES, ONNX_TO_TORCH
-from service.engine.onnx.recurrent_weights import fold_lstm_weight_reorders
+from service.engine.onnx.recurrent_weights import (
+    fold_lstm_weight_reorders,
+    unfold_gru_initializers,
+)
 from service.engine.onnx.registry import (
     DEFAULT_DOMAINS,
     OpContext,
@@ -658,13 +661,19 @@ def _convert_checked(
         nodes, parameters, {**buffers, **constants, **{o: 0 for n in nodes for o in n.outputs}}
     )
     _fold_constants(nodes, constants)
+
+    def add_parameter(name: str, tensor: torch.Tensor) -> None:
+        parameters[name] = torch.nn.Parameter(tensor)
+
     nodes = fold_lstm_weight_reorders(
         nodes,
         constants,
         {**parameters, **buffers},
         [o.name for o in graph.output],
         static_dims=lambda: _inferred_dims(model),
+        add_parameter=lambda name, tensor: parameters.__setitem__(name, torch.nn.Parameter(tensor)),
     )
+    nodes = unfold_gru_initializers(nodes, {**parameters, **buffers}, add_parameter)
     nodes = fold_unrolled_rnns(
         nodes, constants, {**parameters, **buffers}, [o.name for o in graph.output]
     )

@@ -18,6 +18,14 @@ Only the exact pattern is folded (Slice bounds known before any input (StaticVal
 H-blocks of one parameter along axis 0, forming a permutation shared by W, R and both biases of
 every direction; every intermediate value read by the chain alone); anything else keeps its
 nodes and runs as exported.
+
+torch.onnx.export's default optimizer folds those chains into initializers (`val_41` [D, 4H, I]
+in ONNX's gate order; for larger weights only B's): the report would name the layer's
+parameters `val_N`, and B would be one tensor for two. The dynamo exporter records the module's
+parameter names on each LSTM/GRU node (`pkg.torch.onnx.fx_node` of its `aten.lstm` call), so such
+initializers are split back into torch's tensors under those names (`_unfold`): an LSTM then
+reads them as above; a GRU (no direct-weights path) reads the ONNX tensor that a `GateReorder`
+node computes from them (`unfold_gru_initializers`).
 """
 
 from __future__ import annotations
@@ -28,13 +36,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from onnx import NodeProto
 from torch import Tensor
 
 from service.engine.graph import Node
 from service.engine.onnx.ops.recurrent import RecurrentFn, use_gate_blocks
+from service.engine.onnx.source_parameters import fx_node_text, read_parameter_names
 
 # LSTM inputs: X, W, R, B, sequence_lens, initial_h, initial_c, P
 _W, _R, _B = 1, 2, 3
+# ONNX's gates i, o, f, c as torch's blocks (i, f, g, o): block k of an ONNX weight is torch's
+# block ONNX_GATE_BLOCKS[k]
+ONNX_GATE_BLOCKS = [0, 3, 1, 2]
 
 
 class DirectWeightsLSTM:
@@ -77,27 +90,35 @@ def fold_lstm_weight_reorders(
     state: Mapping[str, Tensor],
     graph_outputs: Sequence[str],
     static_dims: Callable[[], Mapping[str, list[int | None]]] = dict,
+    add_parameter: Callable[[str, Tensor], None] | None = None,
 ) -> list[Node]:
     """`nodes` with each single-direction LSTM that reads its weights through the exporter's
     reordering chain rewired to the parameters (see the module docstring). `state`: the
     graph's parameters and buffers; `constants`: its small constant values; `static_dims`:
-    called at most once, the dims ONNX shape inference gives each value (None: not static)."""
+    called at most once, the dims ONNX shape inference gives each value (None: not static);
+    `add_parameter`: registers the parameters split out of an optimised export's folded W, R
+    and B (`_unfold`; without it, such LSTMs are left as they are)."""
     producers = {out: node for node in nodes for out in node.outputs if out}
     readers = Counter(name for node in nodes for name in node.inputs if name)
     readers.update(graph_outputs)
     dropped: set[int] = set()
     values = StaticValues(producers, constants, static_dims)
+    layer_names = _layer_names(nodes) if add_parameter is not None else {}
     for node in nodes:
         if node.op_type != "LSTM" or not isinstance(node.fn, RecurrentFn):
             continue
         if len(node.inputs) < 3:
             continue
-        found = _match_lstm(node, _Lookup(producers, values, state))
+        look = _Lookup(producers, values, state)
+        found = _match_lstm(node, look, layer_names.get(id(node)))
         if found is None:
             continue
         params, blocks, chain = found
         if not _private(chain, node, readers) or not use_gate_blocks(node.fn, blocks):
             continue
+        for name, tensor in look.unfolded.items():
+            assert add_parameter is not None
+            add_parameter(name, tensor)
         node.fn = DirectWeightsLSTM(node.fn, node.fn.settings.directions)
         node.inputs = [node.inputs[0], *params, *node.inputs[4:]]
         dropped.update(id(n) for n in chain)
@@ -112,6 +133,9 @@ class _Lookup:
     values: StaticValues
     state: Mapping[str, Tensor]
     chain: list[Node] = field(default_factory=list)
+    # W, R or B that the exporter's optimizer folded into initializers, split back into
+    # torch's per-direction tensors (`_unfold`), added as parameters if the LSTM is rewired
+    unfolded: dict[str, Tensor] = field(default_factory=dict)
 
 
 class StaticValues:
@@ -182,12 +206,20 @@ class StaticValues:
         return torch.tensor(wanted, dtype=torch.int64)
 
 
-def _match_lstm(node: Node, look: _Lookup) -> tuple[list[str], list[int], list[Node]] | None:
+def _match_lstm(
+    node: Node, look: _Lookup, layer_names: list[str] | None
+) -> tuple[list[str], list[int], list[Node]] | None:
     """([weight_ih × D, weight_hh × D, (bias_ih, bias_hh) × D] ("" for no bias), gate blocks,
-    chain nodes) for D directions."""
+    chain nodes) for D directions. `layer_names`: the module's parameter names for this layer
+    (`_layer_names`), which the inputs an optimised export folded into initializers take."""
     directions = node.fn.settings.directions if isinstance(node.fn, RecurrentFn) else 0
+    named, bias_names = _flat_to_slots(layer_names, directions) if layer_names else ([], [])
     weights: list[tuple[str, list[int]]] = []
-    for slot in (_W, _R):
+    for k, slot in enumerate((_W, _R)):
+        folded_names = named[k * directions : (k + 1) * directions]
+        if folded_names and _unfold(node.inputs[slot], folded_names, ONNX_GATE_BLOCKS, look):
+            weights += [(name, ONNX_GATE_BLOCKS) for name in folded_names]
+            continue
         for inner in _per_direction(node.inputs[slot], directions, look):
             weight = _reorder(inner, look)
             if weight is None:
@@ -200,6 +232,8 @@ def _match_lstm(node: Node, look: _Lookup) -> tuple[list[str], list[int], list[N
     bias_name = node.inputs[_B] if len(node.inputs) > _B else ""
     if not bias_name:
         return [*params, *[""] * (2 * directions)], blocks, look.chain
+    if bias_names and _unfold(bias_name, bias_names, blocks, look):
+        return [*params, *bias_names], blocks, look.chain
     for both in _per_direction(bias_name, directions, look):
         halves = _concat_inputs(both, look)
         if halves is None or len(halves) != 2:
@@ -210,6 +244,133 @@ def _match_lstm(node: Node, look: _Lookup) -> tuple[list[str], list[int], list[N
                 return None
             params.append(bias[0])
     return params, blocks, look.chain
+
+
+def _layer_names(nodes: Sequence[Node], op_type: str = "LSTM") -> dict[int, list[str]]:
+    """Node id → the source module's parameter names of that recurrent layer (torch's flat
+    order, per direction w_ih, w_hh[, b_ih, b_hh]), for dynamo exports: the FX node each LSTM
+    (GRU) node records is the module's whole `aten.lstm` (`aten.gru`), listing every layer's
+    parameters; the k-th node of one FX node is layer k."""
+    by_call: dict[str, list[Node]] = {}
+    for node in nodes:
+        if node.op_type == op_type and isinstance(node.source, NodeProto):
+            call = fx_node_text(node.source)
+            if call is not None:
+                by_call.setdefault(call, []).append(node)
+    names: dict[int, list[str]] = {}
+    for layers in by_call.values():
+        proto = layers[0].source
+        assert isinstance(proto, NodeProto)
+        every = read_parameter_names(proto)
+        if not every or len(every) % len(layers):
+            continue
+        size = len(every) // len(layers)
+        for k, node in enumerate(layers):
+            names[id(node)] = every[k * size : (k + 1) * size]
+    return names
+
+
+def _torch_order(piece: Tensor, blocks: list[int]) -> Tensor:
+    """A [gates·H, ...] piece whose block k holds torch's gate block blocks[k], in torch's
+    order."""
+    inverse = [blocks.index(b) for b in range(len(blocks))]
+    return piece.reshape(len(blocks), -1, *piece.shape[1:])[inverse].reshape(piece.shape)
+
+
+def _unfold(name: str, names: list[str], blocks: list[int], look: _Lookup) -> bool:
+    """An initializer an optimised dynamo export folded its reordering chain into (W or R
+    [D, gates·H, ·] in ONNX's gate order, or B [D, 2·gates·H]: each row bias_ih then bias_hh)
+    split back into torch's per-direction tensors `names`, in torch's gate order (into
+    `look.unfolded`): the layer reads them as it reads an unoptimised export's, and the report
+    names them as the module does."""
+    folded = look.state.get(name)
+    if folded is None or name in look.producers or folded.dim() not in (2, 3):
+        return False
+    if any(n in look.state or n in look.producers or n in look.unfolded for n in names):
+        return False
+    if folded.dim() == 3:  # W or R: one [gates·H, ·] per direction
+        pieces = list(folded.unbind(0))
+    else:  # B: bias_ih, bias_hh per direction
+        pieces = list(folded.reshape(folded.shape[0] * 2, -1).unbind(0))
+    if len(pieces) != len(names) or any(p.shape[0] % len(blocks) for p in pieces):
+        return False
+    with torch.no_grad():
+        for piece_name, piece in zip(names, pieces, strict=True):
+            look.unfolded[piece_name] = _torch_order(piece, blocks).clone()
+    return True
+
+
+def _flat_to_slots(layer_names: list[str], directions: int) -> tuple[list[str], list[str]]:
+    """torch's flat order of a layer's parameters (per direction: w_ih, w_hh[, b_ih, b_hh])
+    → (w_ih × D then w_hh × D, (b_ih, b_hh) × D; empty without biases)."""
+    per = len(layer_names) // directions
+    weights = [layer_names[d * per + k] for k in (0, 1) for d in range(directions)]
+    biases = (
+        [layer_names[d * per + k] for d in range(directions) for k in (2, 3)] if per == 4 else []
+    )
+    return weights, biases
+
+
+class GateReorder:
+    """NodeFn putting torch's per-direction recurrent parameters back into the ONNX tensor an
+    optimised export had folded them into: (one tensor per direction, or bias_ih and bias_hh
+    per direction when `halves`) → [D, ...], gate blocks in ONNX's order (`blocks`)."""
+
+    def __init__(self, blocks: list[int], halves: bool) -> None:
+        self.blocks = blocks
+        self.halves = halves
+
+    def __call__(self, *pieces: Tensor) -> Tensor:
+        n = len(self.blocks)
+        ordered = [p.reshape(n, -1, *p.shape[1:])[self.blocks].reshape(p.shape) for p in pieces]
+        if self.halves:
+            ordered = [torch.cat(ordered[k : k + 2]) for k in range(0, len(ordered), 2)]
+        return torch.stack(ordered)
+
+
+# ONNX's GRU gates z, r, h as torch's blocks (r, z, n)
+ONNX_GRU_GATE_BLOCKS = [1, 0, 2]
+
+
+def unfold_gru_initializers(
+    nodes: list[Node],
+    state: Mapping[str, Tensor],
+    add_parameter: Callable[[str, Tensor], None],
+) -> list[Node]:
+    """GRU nodes of an optimised dynamo export read W, R and B folded into initializers in
+    ONNX's gate order: those become the module's parameters again (named from the export's
+    metadata, torch's gate order), each ONNX tensor computed from them by a `GateReorder`
+    node just before the GRU, so gradients and the report are per torch parameter."""
+    producers = {out: node for node in nodes for out in node.outputs if out}
+    layer_names = _layer_names(nodes, "GRU")
+    before: dict[int, list[Node]] = {}
+    for node in nodes:
+        names = layer_names.get(id(node))
+        if names is None or not isinstance(node.fn, RecurrentFn):
+            continue
+        directions = node.fn.settings.directions
+        weights, biases = _flat_to_slots(names, directions)
+        slots = [(_W, weights[:directions], False), (_R, weights[directions:], False)]
+        if biases and len(node.inputs) > _B and node.inputs[_B]:
+            slots.append((_B, biases, True))
+        for slot, slot_names, halves in slots:
+            look = _Lookup(producers, StaticValues(producers, {}, dict), state)
+            if not _unfold(node.inputs[slot], slot_names, ONNX_GRU_GATE_BLOCKS, look):
+                continue
+            for name, tensor in look.unfolded.items():
+                add_parameter(name, tensor)
+            value = f"{node.inputs[slot]}::from_parameters"
+            reorder = Node(
+                name=value,
+                op_type="GateReorder",
+                domain="gradhealth",
+                inputs=slot_names,
+                outputs=[value],
+                fn=GateReorder(ONNX_GRU_GATE_BLOCKS, halves),
+            )
+            before.setdefault(id(node), []).append(reorder)
+            node.inputs = [value if i == slot else v for i, v in enumerate(node.inputs)]
+    return [n for node in nodes for n in [*before.get(id(node), []), node]]
 
 
 def _per_direction(name: str, directions: int, look: _Lookup) -> list[str | None]:

@@ -58,14 +58,12 @@ class Restored:
     def notes(self) -> list[str]:
         notes = []
         if self.split:
-            merged = ", ".join(
-                f"{name} also stood for {_listed(added)}"
-                for name, added in list(self.split.items())[:_SHOWN]
+            merged = _listed(
+                [f"{name} also stood for {_listed(added)}" for name, added in self.split.items()]
             )
-            more = f" and {len(self.split) - _SHOWN} more" if len(self.split) > _SHOWN else ""
             notes.append(
                 "the ONNX exporter's optimizer had merged parameters with identical values "
-                f"into one initializer ({merged}{more}); they are separate parameters again, "
+                f"into one initializer ({merged}); they are separate parameters again, "
                 "restored from the export's metadata, so each layer reports its own gradient "
                 "(re-export with optimize=False to keep them apart in the file)"
             )
@@ -99,6 +97,11 @@ def _metadata(proto: NodeProto, key: str) -> str | None:
     return next((p.value for p in proto.metadata_props if p.key == key), None)
 
 
+def fx_node_text(proto: NodeProto) -> str | None:
+    """The FX node a dynamo-exported node came from, as the exporter printed it."""
+    return _metadata(proto, FX_NODE_KEY)
+
+
 def name_scopes(proto: NodeProto) -> list[str]:
     """The module paths enclosing a dynamo-exported node, outermost first (`['', 'blocks.0',
     'blocks.0.attn']`); empty when the exporter recorded none."""
@@ -130,8 +133,10 @@ def _dotted(
         return known[placeholder]
     words = placeholder[2:].split("_")
     segments = like.split(".")
-    if not EXPORTER_VALUE_NAME.fullmatch(like) and len(words) == sum(
-        len(s.split("_")) for s in segments
+    if (
+        like
+        and not EXPORTER_VALUE_NAME.fullmatch(like)
+        and len(words) == sum(len(s.split("_")) for s in segments)
     ):
         dotted, start = [], 0
         for segment in segments:
@@ -153,6 +158,17 @@ def _read_placeholders(proto: NodeProto) -> list[str]:
     if fx_node is None or "args = " not in fx_node:
         return []
     return list(dict.fromkeys(_PARAMETER_PLACEHOLDER.findall(fx_node.split("args = ", 1)[1])))
+
+
+def read_parameter_names(proto: NodeProto) -> list[str] | None:
+    """The source names of the parameters the node's FX op read, in argument order (an
+    `aten.lstm` node: every layer's and direction's, in torch's flat-weights order); None
+    when the exporter recorded no FX node or a name cannot be told."""
+    if _metadata(proto, FX_NODE_KEY) is None:
+        return None
+    scopes = name_scopes(proto)
+    names = [_dotted(p, "", scopes, {}) for p in _read_placeholders(proto)]
+    return None if any(n is None for n in names) else [n for n in names if n is not None]
 
 
 def _reads(initializer: str, proto: NodeProto, known: Mapping[str, str]) -> str | None:

@@ -145,7 +145,21 @@ def fold_unrolled_rnns(
             result.append(n)
         elif (folded_node := replaced[id(n)]) is not None:
             result.append(folded_node)
-    return result
+    return _without_orphaned_transposes(result, nodes, graph_outputs)
+
+
+def _without_orphaned_transposes(
+    result: list[Node], before: list[Node], graph_outputs: Sequence[str]
+) -> list[Node]:
+    """Drop the Transposes of a weight that only folded steps read (one shared by every step,
+    as the exporter's optimizer leaves it): nothing reads them any more."""
+    read_before = {name for node in before for name in node.inputs}
+    read_now = {name for node in result for name in node.inputs} | set(graph_outputs)
+    return [
+        n
+        for n in result
+        if n.op_type != "Transpose" or n.outputs[0] not in read_before or n.outputs[0] in read_now
+    ]
 
 
 def _read_sequence_whole(node: Node, nodes: list[Node]) -> None:
@@ -242,10 +256,15 @@ class _Matcher:
             return None
         return node if self.readers[name] == 1 else None
 
-    def _weight_transpose(self, name: str) -> str | None:
-        """The 2-D parameter W of a private Transpose(W, perm [1, 0])."""
-        node = self._private(name, "Transpose")
-        if node is None or list(node.attrs.get("perm", [1, 0])) != [1, 0]:
+    def _weight_transpose(self, name: str, shared: bool = False) -> str | None:
+        """The 2-D parameter W of a private Transpose(W, perm [1, 0]); `shared`: also of one
+        that other nodes read (the optimizer's one Transpose of W_hh for every step)."""
+        node = self.producers.get(name)
+        if node is None or node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
+            return None
+        if list(node.attrs.get("perm", [1, 0])) != [1, 0]:
+            return None
+        if self.readers[name] != 1 and not shared:
             return None
         weight = node.inputs[0]
         tensor = self.state.get(weight)
@@ -307,11 +326,14 @@ class _Matcher:
             product = self._private(product_name, "MatMul")
             if product is None:
                 continue
-            weight = self._weight_transpose(product.inputs[1])
+            weight = self._weight_transpose(product.inputs[1], shared=True)
             if weight is None:
                 continue
-            transpose = self.producers[product.inputs[1]]
-            body = [transpose, product, *([bias_node] if bias_node is not None and bias else [])]
+            # a shared Transpose stays in the graph until nothing reads it (fold_unrolled_rnns)
+            transpose = [self.producers[product.inputs[1]]]
+            if self.readers[product.inputs[1]] > 1:
+                transpose = []
+            body = [*transpose, product, *([bias_node] if bias_node is not None and bias else [])]
             return _Step(
                 t=t,
                 h_prev=product.inputs[0],

@@ -18,7 +18,7 @@ from torch import nn
 
 from service.engine.onnx.convert import convert, load_onnx
 from service.engine.onnx.ops.recurrent import RecurrentFn, use_gate_blocks
-from service.engine.onnx.recurrent_weights import DirectWeightsLSTM
+from service.engine.onnx.recurrent_weights import DirectWeightsLSTM, GateReorder
 from tests.support.export import to_onnx
 from tests.support.recurrent_zoo import (
     build_node_fn,
@@ -31,12 +31,12 @@ TORCH_GATE_BLOCKS = [0, 3, 1, 2]
 
 
 class TwoLayerLSTM(nn.Module):
-    def __init__(self, bias: bool = True, bidirectional: bool = False) -> None:
+    def __init__(self, bias: bool = True, bidirectional: bool = False, hidden: int = 6) -> None:
         super().__init__()
         self.lstm = nn.LSTM(
-            5, 6, num_layers=2, batch_first=True, bias=bias, bidirectional=bidirectional
+            5, hidden, num_layers=2, batch_first=True, bias=bias, bidirectional=bidirectional
         )
-        self.head = nn.Linear(12 if bidirectional else 6, 3)
+        self.head = nn.Linear(hidden * 2 if bidirectional else hidden, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.lstm(x)[0][:, -1])
@@ -47,17 +47,36 @@ def _onnxruntime(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize(
-    ("bias", "dynamo"),
-    [(True, False), (False, False), (True, True)],
-    ids=["legacy", "legacy-nobias", "dynamo"],
+    ("bias", "dynamo", "optimize", "hidden"),
+    [
+        (True, False, None, 6),
+        (False, False, None, 6),
+        (True, True, False, 6),
+        (True, True, True, 6),
+        (False, True, True, 6),
+        (True, True, True, 128),
+    ],
+    ids=[
+        "legacy",
+        "legacy-nobias",
+        "dynamo",
+        "dynamo-optimized",
+        "dynamo-optimized-nobias",
+        "dynamo-optimized-large",
+    ],
 )
-def test_an_exported_lstm_reads_its_parameters_directly(bias: bool, dynamo: bool) -> None:
+def test_an_exported_lstm_reads_its_parameters_directly(
+    bias: bool, dynamo: bool, optimize: bool | None, hidden: int
+) -> None:
     """Legacy exports slice with constant bounds; dynamo's bounds are H·k with H read from the
-    shape of an initial state (known by shape inference)."""
+    shape of an initial state (known by shape inference). torch.onnx.export's default optimizer
+    folds the chains into initializers in ONNX's gate order (all of them for small weights, the
+    biases alone for larger ones): split back into the module's parameters, named from the
+    export's metadata."""
     torch.manual_seed(0)
-    module = TwoLayerLSTM(bias=bias).train()
+    module = TwoLayerLSTM(bias=bias, hidden=hidden).train()
     x = torch.randn(4, 7, 5)
-    data = to_onnx(module, x, dynamo=dynamo)
+    data = to_onnx(module, x, dynamo=dynamo, optimize=optimize)
     model = load_onnx(data)
     graph = convert(model, mode="train")
     lstms = [n for n in graph.nodes if n.op_type == "LSTM"]
@@ -70,7 +89,7 @@ def test_an_exported_lstm_reads_its_parameters_directly(bias: bool, dynamo: bool
     # no node reorders a parameter any more
     params = set(graph.param_names)
     assert not [n.name for n in graph.nodes if n.op_type == "Slice" and n.inputs[0] in params]
-    assert len(graph.nodes) < len(model.graph.node)
+    assert params == {name for name, _ in module.named_parameters()}
     check_against_references(module, data, x)
 
 
@@ -140,14 +159,20 @@ def _counted(fn: Any, name: str, calls: list[str]) -> Any:
     return counted
 
 
-@pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
-def test_a_bidirectional_lstm_reads_both_directions_parameters(dynamo: bool) -> None:
+@pytest.mark.parametrize(
+    ("dynamo", "optimize"),
+    [(False, None), (True, False), (True, True)],
+    ids=["legacy", "dynamo", "dynamo-optimized"],
+)
+def test_a_bidirectional_lstm_reads_both_directions_parameters(
+    dynamo: bool, optimize: bool | None
+) -> None:
     """W = Concat(Unsqueeze(forward chain), Unsqueeze(reverse chain)): each direction's
     parameters, `_reverse` ones included, feed the node directly."""
     torch.manual_seed(1)
     module = TwoLayerLSTM(bidirectional=True).train()
     x = torch.randn(3, 4, 5)
-    data = to_onnx(module, x, dynamo=dynamo)
+    data = to_onnx(module, x, dynamo=dynamo, optimize=optimize)
     graph = convert(load_onnx(data), mode="train")
     lstms = [n for n in graph.nodes if n.op_type == "LSTM"]
     assert all(isinstance(n.fn, DirectWeightsLSTM) and n.fn.directions == 2 for n in lstms)
@@ -264,3 +289,40 @@ def test_unrolled_path_reads_gate_blocks_too() -> None:
     for a, b in zip(got, expected, strict=True):
         assert a is not None and b is not None
         torch.testing.assert_close(a, b)
+
+
+class TwoLayerGRU(nn.Module):
+    def __init__(self, hidden: int, bidirectional: bool = False, bias: bool = True) -> None:
+        super().__init__()
+        self.gru = nn.GRU(
+            5, hidden, num_layers=2, batch_first=True, bias=bias, bidirectional=bidirectional
+        )
+        self.head = nn.Linear(hidden * 2 if bidirectional else hidden, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.gru(x)[0][:, -1])
+
+
+@pytest.mark.parametrize(
+    ("hidden", "bidirectional", "bias"),
+    [(6, False, True), (6, True, True), (6, False, False), (128, False, True)],
+    ids=["small", "bidirectional", "nobias", "large"],
+)
+def test_an_optimized_exports_folded_gru_weights_are_the_modules_parameters(
+    hidden: int, bidirectional: bool, bias: bool
+) -> None:
+    """torch.onnx.export's optimizer folds a GRU's gate reordering into initializers in ONNX's
+    gate order (all of W, R, B for small weights; some for larger): they become the module's
+    parameters again, each ONNX tensor computed from them (GateReorder), so the report names
+    every parameter as the module does and its gradient equals torch's."""
+    torch.manual_seed(2)
+    module = TwoLayerGRU(hidden, bidirectional, bias).train()
+    x = torch.randn(3, 4, 5)
+    data = to_onnx(module, x, dynamo=True, optimize=True)
+    assert any(
+        i.name.startswith("val_") and len(i.dims) == 3 for i in load_onnx(data).graph.initializer
+    )
+    graph = convert(load_onnx(data), mode="train")
+    assert set(graph.param_names) == {name for name, _ in module.named_parameters()}
+    assert any(isinstance(n.fn, GateReorder) for n in graph.nodes)
+    check_against_references(module, data, x)
