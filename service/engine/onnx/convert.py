@@ -664,6 +664,7 @@ def _convert_checked(
 
     def add_parameter(name: str, tensor: torch.Tensor) -> None:
         parameters[name] = torch.nn.Parameter(tensor)
+        restored.unfolded.append(name)
 
     nodes = fold_lstm_weight_reorders(
         nodes,
@@ -671,7 +672,7 @@ def _convert_checked(
         {**parameters, **buffers},
         [o.name for o in graph.output],
         static_dims=lambda: _inferred_dims(model),
-        add_parameter=lambda name, tensor: parameters.__setitem__(name, torch.nn.Parameter(tensor)),
+        add_parameter=add_parameter,
     )
     nodes = unfold_gru_initializers(nodes, {**parameters, **buffers}, add_parameter)
     nodes = fold_unrolled_rnns(

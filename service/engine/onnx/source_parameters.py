@@ -54,6 +54,8 @@ class Restored:
     transposed: dict[str, str] = field(default_factory=dict)  # folded name → its weight
     tied: list[str] = field(default_factory=list)  # weights a folded copy had untied
     zero_biases: list[str] = field(default_factory=list)
+    # recurrent weights split out of initializers the optimizer folded (recurrent_weights.py)
+    unfolded: list[str] = field(default_factory=list)
 
     def notes(self) -> list[str]:
         notes = []
@@ -84,6 +86,12 @@ class Restored:
                 "zero biases the ONNX exporter's optimizer removed are parameters again "
                 f"({_listed(self.zero_biases)}): zeros, as in the source model, and with "
                 "their own gradients"
+            )
+        if self.unfolded:
+            notes.append(
+                "recurrent weights the ONNX exporter's optimizer had folded into initializers "
+                "in ONNX's gate order are the module's parameters again, named from the "
+                f"export's metadata ({_listed(self.unfolded)})"
             )
         return notes
 

@@ -90,6 +90,8 @@ def test_an_exported_lstm_reads_its_parameters_directly(
     params = set(graph.param_names)
     assert not [n.name for n in graph.nodes if n.op_type == "Slice" and n.inputs[0] in params]
     assert params == {name for name, _ in module.named_parameters()}
+    notes = " ".join(graph.metadata.get("notes", []))
+    assert ("folded into initializers in ONNX's gate order" in notes) == bool(optimize)
     check_against_references(module, data, x)
 
 
@@ -325,4 +327,5 @@ def test_an_optimized_exports_folded_gru_weights_are_the_modules_parameters(
     graph = convert(load_onnx(data), mode="train")
     assert set(graph.param_names) == {name for name, _ in module.named_parameters()}
     assert any(isinstance(n.fn, GateReorder) for n in graph.nodes)
+    assert "gru.weight_ih_l0" in " ".join(graph.metadata["notes"])
     check_against_references(module, data, x)
