@@ -197,6 +197,9 @@ def _reads(initializer: str, proto: NodeProto, known: Mapping[str, str]) -> str 
     return _dotted(matched[0], initializer, name_scopes(proto), known)
 
 
+Reads = list[tuple[Node, int]]  # (node, input slot) pairs reading one value
+
+
 def restore_source_parameters(
     nodes: Sequence[Node],
     parameters: MutableMapping[str, torch.Tensor],
@@ -208,16 +211,14 @@ def restore_source_parameters(
     use, never reused for a restored parameter. Returns the nodes, with a `Transpose` ahead of
     each reader of a folded weight, and what changed."""
     known = {_placeholder(name): name for name in parameters}
-    readers: dict[str, list[tuple[Node, int]]] = {}
+    readers: dict[str, Reads] = {}
     for node in nodes:
         for slot, name in enumerate(node.inputs):
             if name in parameters:
                 readers.setdefault(name, []).append((node, slot))
-    restored = Restored()
-    used = set(parameters) | set(taken)
-    before: dict[int, list[Node]] = {}  # reader node id → Transposes to run just before it
+    restoring = _Restoring(parameters, set(parameters) | set(taken))
     for initializer, reads in readers.items():
-        groups: dict[str, list[tuple[Node, int]]] = {}
+        groups: dict[str, Reads] = {}
         for node, slot in reads:
             proto = node.source
             source = _reads(initializer, proto, known) if isinstance(proto, NodeProto) else None
@@ -226,105 +227,96 @@ def restore_source_parameters(
             groups.setdefault(source, []).append((node, slot))
         else:
             if EXPORTER_VALUE_NAME.fullmatch(initializer):
-                _untranspose(initializer, groups, parameters, used, restored, before)
+                restoring.untranspose(initializer, groups)
             else:
-                _split(initializer, groups, parameters, used, restored)
+                restoring.split(initializer, groups)
     for node in nodes:
-        _restore_zero_bias(node, parameters, used, restored, known)
-    return [t for node in nodes for t in [*before.get(id(node), []), node]], restored
+        restoring.zero_bias(node, known)
+    before = restoring.before
+    return [t for node in nodes for t in [*before.get(id(node), []), node]], restoring.restored
 
 
-def _untranspose(
-    initializer: str,
-    groups: Mapping[str, Sequence[tuple[Node, int]]],
-    parameters: MutableMapping[str, torch.Tensor],
-    used: set[str],
-    restored: Restored,
-    before: dict[int, list[Node]],
-) -> None:
-    """A folded `Transpose(weight)`: the weight becomes a parameter again, in its source shape
-    (or, when the graph has it already, the parameter it is tied to), and each reader of the
-    folded tensor reads its own `Transpose` of it, as an unoptimised export has it."""
-    folded = parameters[initializer]
-    if folded.dim() != 2:
-        return
-    for source in groups:
-        if source in parameters:  # tied: the same values, or not the same parameter
-            with torch.no_grad():
-                if parameters[source].shape != folded.t().shape or not torch.equal(
-                    parameters[source], folded.t()
-                ):
-                    return
-        elif source in used:
+@dataclass
+class _Restoring:
+    """The parameters being restored, the value names in use, what changed, and the
+    Transposes to run just before a reader (by reader node id)."""
+
+    parameters: MutableMapping[str, torch.Tensor]
+    used: set[str]
+    restored: Restored = field(default_factory=Restored)
+    before: dict[int, list[Node]] = field(default_factory=dict)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        self.parameters[name] = torch.nn.Parameter(tensor)
+        self.used.add(name)
+
+    def untranspose(self, initializer: str, groups: Mapping[str, Reads]) -> None:
+        """A folded `Transpose(weight)`: the weight becomes a parameter again, in its source
+        shape (or, when the graph has it already, the parameter it is tied to), and each
+        reader of the folded tensor reads its own `Transpose` of it, as an unoptimised export
+        has it."""
+        folded = self.parameters[initializer]
+        if folded.dim() != 2:
             return
-    del parameters[initializer]
-    for source, reads in groups.items():
-        if source not in parameters:
-            with torch.no_grad():
-                parameters[source] = torch.nn.Parameter(folded.t().contiguous())
-            used.add(source)
-        else:
-            restored.tied.append(source)
-        for k, (node, slot) in enumerate(reads):
-            value = f"{initializer}::{source}.T{k}"
-            transpose = Node(
-                name=value, op_type="Transpose", inputs=[source], outputs=[value], fn=torch.t
-            )
-            transpose.attrs["perm"] = [1, 0]
-            before.setdefault(id(node), []).append(transpose)
-            _rewire([(node, slot)], value)
-    restored.transposed[initializer] = next(iter(groups))
+        for source in groups:
+            if source in self.parameters:  # tied: the same values, or not the same parameter
+                weight = self.parameters[source]
+                with torch.no_grad():
+                    if weight.shape != folded.t().shape or not torch.equal(weight, folded.t()):
+                        return
+            elif source in self.used:
+                return
+        del self.parameters[initializer]
+        for source, reads in groups.items():
+            if source not in self.parameters:
+                with torch.no_grad():
+                    self.add(source, folded.t().contiguous())
+            else:
+                self.restored.tied.append(source)
+            for k, (node, slot) in enumerate(reads):
+                value = f"{initializer}::{source}.T{k}"
+                transpose = Node(
+                    name=value, op_type="Transpose", inputs=[source], outputs=[value], fn=torch.t
+                )
+                transpose.attrs["perm"] = [1, 0]
+                self.before.setdefault(id(node), []).append(transpose)
+                _rewire([(node, slot)], value)
+        self.restored.transposed[initializer] = next(iter(groups))
 
+    def split(self, initializer: str, groups: Mapping[str, Reads]) -> None:
+        """A merged initializer: the source parameters its readers read under other names
+        become parameters of their own (clones of it)."""
+        if initializer not in groups:
+            return  # a source name read only under other names: nothing says which is right
+        if any(s != initializer and s in self.used for s in groups):
+            return  # a restored name would collide with a value of the graph
+        tensor = self.parameters[initializer]
+        for source, reads in groups.items():
+            if source == initializer:
+                continue
+            self.add(source, tensor.detach().clone())
+            _rewire(reads, source)
+            self.restored.split.setdefault(initializer, []).append(source)
 
-def _split(
-    initializer: str,
-    groups: dict[str, list[tuple[Node, int]]],
-    parameters: MutableMapping[str, torch.Tensor],
-    used: set[str],
-    restored: Restored,
-) -> None:
-    """A merged initializer: the source parameters its readers read under other names become
-    parameters of their own (clones of it)."""
-    if initializer not in groups:
-        return  # a source name read only under other names: nothing says which is right
-    if any(s != initializer and s in used for s in groups):
-        return  # a restored name would collide with a value of the graph
-    tensor = parameters[initializer]
-    for source, reads in groups.items():
-        if source == initializer:
-            continue
-        parameters[source] = torch.nn.Parameter(tensor.detach().clone())
-        used.add(source)
-        _rewire(reads, source)
-        restored.split.setdefault(initializer, []).append(source)
-
-
-def _restore_zero_bias(
-    node: Node,
-    parameters: MutableMapping[str, torch.Tensor],
-    used: set[str],
-    restored: Restored,
-    known: Mapping[str, str],
-) -> None:
-    """A Gemm from `aten.linear` whose bias input the optimizer dropped because it was all
-    zeros (a fresh attention out-projection's): the bias comes back as a zero parameter."""
-    if node.op_type != "Gemm" or not isinstance(node.source, NodeProto):
-        return
-    if (len(node.inputs) > 2 and node.inputs[2]) or node.inputs[1] not in parameters:
-        return
-    fx_node = _metadata(node.source, FX_NODE_KEY) or ""
-    biases = [p for p in _read_placeholders(node.source) if p.endswith("bias")]
-    if "aten.linear" not in fx_node or len(biases) != 1:
-        return
-    name = _dotted(biases[0], node.inputs[1], name_scopes(node.source), known)
-    if name is None or name in used or node.attrs.get("transA", 0):
-        return
-    weight = parameters[node.inputs[1]]
-    features = weight.shape[0] if node.attrs.get("transB", 0) else weight.shape[-1]
-    parameters[name] = torch.nn.Parameter(weight.new_zeros(features))
-    used.add(name)
-    node.inputs = [*node.inputs[:2], name]
-    restored.zero_biases.append(name)
+    def zero_bias(self, node: Node, known: Mapping[str, str]) -> None:
+        """A Gemm from `aten.linear` whose bias input the optimizer dropped because it was all
+        zeros (a fresh attention out-projection's): the bias comes back as a zero parameter."""
+        if node.op_type != "Gemm" or not isinstance(node.source, NodeProto):
+            return
+        if (len(node.inputs) > 2 and node.inputs[2]) or node.inputs[1] not in self.parameters:
+            return
+        fx_node = _metadata(node.source, FX_NODE_KEY) or ""
+        biases = [p for p in _read_placeholders(node.source) if p.endswith("bias")]
+        if "aten.linear" not in fx_node or len(biases) != 1:
+            return
+        name = _dotted(biases[0], node.inputs[1], name_scopes(node.source), known)
+        if name is None or name in self.used or node.attrs.get("transA", 0):
+            return
+        weight = self.parameters[node.inputs[1]]
+        features = weight.shape[0] if node.attrs.get("transB", 0) else weight.shape[-1]
+        self.add(name, weight.detach().new_zeros(features))
+        node.inputs = [*node.inputs[:2], name]
+        self.restored.zero_biases.append(name)
 
 
 def _rewire(reads: Sequence[tuple[Node, int]], name: str) -> None:
