@@ -31,15 +31,24 @@ TORCH_GATE_BLOCKS = [0, 3, 1, 2]
 
 
 class TwoLayerLSTM(nn.Module):
+    """Two recurrent layers of `cell`, registered under its name (`lstm.weight_ih_l0`), and a
+    linear head on the last step."""
+
+    cell: type[nn.Module] = nn.LSTM
+
     def __init__(self, bias: bool = True, bidirectional: bool = False, hidden: int = 6) -> None:
         super().__init__()
-        self.lstm = nn.LSTM(
-            5, hidden, num_layers=2, batch_first=True, bias=bias, bidirectional=bidirectional
+        self.recurrent = self.cell.__name__.lower()
+        self.add_module(
+            self.recurrent,
+            self.cell(
+                5, hidden, num_layers=2, batch_first=True, bias=bias, bidirectional=bidirectional
+            ),
         )
         self.head = nn.Linear(hidden * 2 if bidirectional else hidden, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.lstm(x)[0][:, -1])
+        return self.head(getattr(self, self.recurrent)(x)[0][:, -1])
 
 
 def _onnxruntime(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
@@ -293,16 +302,8 @@ def test_unrolled_path_reads_gate_blocks_too() -> None:
         torch.testing.assert_close(a, b)
 
 
-class TwoLayerGRU(nn.Module):
-    def __init__(self, hidden: int, bidirectional: bool = False, bias: bool = True) -> None:
-        super().__init__()
-        self.gru = nn.GRU(
-            5, hidden, num_layers=2, batch_first=True, bias=bias, bidirectional=bidirectional
-        )
-        self.head = nn.Linear(hidden * 2 if bidirectional else hidden, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.gru(x)[0][:, -1])
+class TwoLayerGRU(TwoLayerLSTM):
+    cell = nn.GRU
 
 
 @pytest.mark.parametrize(
@@ -318,7 +319,7 @@ def test_an_optimized_exports_folded_gru_weights_are_the_modules_parameters(
     parameters again, each ONNX tensor computed from them (GateReorder), so the report names
     every parameter as the module does and its gradient equals torch's."""
     torch.manual_seed(2)
-    module = TwoLayerGRU(hidden, bidirectional, bias).train()
+    module = TwoLayerGRU(bias, bidirectional, hidden).train()
     x = torch.randn(3, 4, 5)
     data = to_onnx(module, x, dynamo=True, optimize=True)
     assert any(
