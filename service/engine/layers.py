@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 
 from service.engine.graph import Node, ObservableGraph
@@ -307,13 +308,19 @@ def _stacked_recurrent_names(layers: list[Layer]) -> dict[int, str]:
 def _name_layers(layers: list[Layer]) -> None:
     """The module path of the main node's parameters (`fc` for `fc.weight` even when a
     top-level `scale` multiplied after it joined the layer), else of all its parameters, else
-    the main node's source module (scope), else the main node's name. The layers of a stacked
+    the main node's source module (scope), else the main node's name; the scope first for
+    layers whose main parameter other layers read too (tied weights). The layers of a stacked
     recurrent module are `lstm.l0`, `lstm.l1` (_stacked_recurrent_names)."""
     used: set[str] = set()
     stacked = _stacked_recurrent_names(layers)
+    readers = Counter(p for layer in layers for p in layer.main_params)
     for layer in layers:
+        # a tied parameter (an input embedding that is also the output projection) names
+        # neither of its layers: their modules do
+        tied = layer.scope is not None and any(readers[p] > 1 for p in layer.main_params)
         name = stacked.get(id(layer)) or (
-            _common_prefix(layer.main_params)
+            (layer.scope if tied else None)
+            or _common_prefix(layer.main_params)
             or _common_prefix(layer.params)
             or layer.scope
             or layer.main

@@ -24,6 +24,7 @@ then added into accumulators allocated on the first pass. Nothing calls `.item()
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,6 +67,19 @@ BACKWARD_SAFE = _VIEWS | frozenset(
 
 # Ops through which a mask's -inf entries travel to where they are used (added to scores).
 MASK_CARRIERS = _VIEWS | frozenset({"add", "sub", "mul", "where", "expand", "tile", "cast"})
+_MASKED_FILLS = frozenset({"maskedfill", "maskedfill_"})
+
+
+def writes_infinite_fill(node: Node) -> bool:
+    """An FX `masked_fill(scores, mask, -inf)`: a causal or padding mask written as intended
+    -inf (nanoGPT's attention, and most written-out attention), absorbed by the Softmax after
+    it; not a NaN/Inf origin. (ONNX exports make it a Where, which is not checked.)"""
+    if canonical(node.op_type) not in _MASKED_FILLS:
+        return False
+    source = node.source
+    args: Sequence[Any] = getattr(source, "args", ())
+    value = args[2] if len(args) > 2 else getattr(source, "kwargs", {}).get("value")
+    return isinstance(value, float) and math.isinf(value)
 
 
 def is_backward_safe(node: Node) -> bool:
@@ -115,7 +129,9 @@ class Probe:
         masked = set(graph.metadata.get("non_finite_states", ()))
         for index, node in enumerate(graph.nodes):
             op = canonical(node.op_type)
-            carries_mask = op in MASK_CARRIERS and any(v in masked for v in node.inputs)
+            carries_mask = (op in MASK_CARRIERS and any(v in masked for v in node.inputs)) or (
+                writes_infinite_fill(node)
+            )
             if carries_mask:
                 masked.update(o for o in node.outputs if o)
             if op not in FORWARD_SAFE and not carries_mask:

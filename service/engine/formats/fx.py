@@ -173,6 +173,7 @@ def graph_from_fx(
     mode: str = "train",
     dropout: bool = False,
     metadata: dict[str, Any] | None = None,
+    unread_aliases: frozenset[str] = frozenset(),
 ) -> ObservableGraph:
     """Build the ObservableGraph of `gm`.
 
@@ -181,6 +182,8 @@ def graph_from_fx(
     attribute becomes a buffer, and any other attribute (a submodule of a higher-order op,
     a script object) a constant.
     `input_names`: names for the placeholders, in order (default: the placeholder targets).
+    `unread_aliases`: other names of a tied parameter that the graph reads under one name
+    only; they are no tensors of their own (no copy, no "unused parameter" note).
     """
     wanted = set(parameter_names)
     parameters: dict[str, torch.Tensor] = {}
@@ -193,6 +196,8 @@ def graph_from_fx(
     for fx_node in gm.graph.nodes:
         if fx_node.op == "get_attr":
             target = str(fx_node.target)
+            if target in unread_aliases and not fx_node.users:
+                continue
             attr_names[fx_node.name] = target
             value = _get_attr(gm, target)
             if isinstance(value, torch.Tensor) and target in wanted:
@@ -238,7 +243,7 @@ def graph_from_fx(
             output_names = [_value_name(n, attr_names) for n in flat]
     order = {name: i for i, name in enumerate(parameter_names)}
     parameters = dict(sorted(parameters.items(), key=lambda item: order[item[0]]))
-    missing = set(parameter_names) - set(parameters)
+    missing = set(parameter_names) - set(parameters) - unread_aliases
     notes = [f"parameter {n!r} is not used by the graph" for n in sorted(missing)]
     meta = dict(metadata or {})
     meta.setdefault("notes", []).extend(notes)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+import zipfile
 from typing import Any
 
 import torch
@@ -27,6 +29,27 @@ def spec_from_value(name: str, value: Any) -> TensorSpec:
     return TensorSpec(name=name, shape=shape, dtype=dtype_name(value.dtype))
 
 
+_WEIGHTS_CONFIG = "data/weights/model_weights_config.json"
+
+
+def tied_parameter_names(data: bytes) -> list[list[str]]:
+    """Groups of parameter names that are one tensor in the saved program: torch.export.save
+    writes a tied tensor once and maps each of its names to that file
+    (`data/weights/model_weights_config.json`); after loading they are separate tensors, and
+    the graph reads one name only. Empty when the archive does not say (another layout)."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            config_path = next(n for n in archive.namelist() if n.endswith(_WEIGHTS_CONFIG))
+            config = json.loads(archive.read(config_path))["config"]
+        by_file: dict[str, list[str]] = {}
+        for name, entry in config.items():
+            if entry.get("is_param"):
+                by_file.setdefault(str(entry["path_name"]), []).append(str(name))
+    except (StopIteration, KeyError, TypeError, AttributeError, ValueError, zipfile.BadZipFile):
+        return []
+    return [names for names in by_file.values() if len(names) > 1]
+
+
 def load_torch_export(data: bytes, *, mode: str = "train", dropout: bool = False) -> LoadedModel:
     try:
         program = torch.export.load(io.BytesIO(data))
@@ -47,13 +70,26 @@ def load_torch_export(data: bytes, *, mode: str = "train", dropout: bool = False
         outputs.append(spec_from_value(name or f"output_{index}", value))
     module = program.module()
     parameter_names = [name for name, _ in module.named_parameters()]
+    read = {str(n.target) for n in module.graph.nodes if n.op == "get_attr" and n.users}
+    notes: list[str] = []
+    unread: set[str] = set()
+    for names in tied_parameter_names(data):
+        used = [n for n in names if n in read]
+        if len(used) == 1:
+            unread.update(n for n in names if n != used[0])
+            others = ", ".join(n for n in names if n != used[0])
+            notes.append(
+                f"{others} and {used[0]} are one tied parameter in the model (the program reads "
+                f"it as {used[0]}): reported once, under that name, with the gradient of every use"
+            )
     graph = graph_from_fx(
         module,
         parameter_names=parameter_names,
         input_names=[s.name for s in inputs],
         mode=mode,
         dropout=dropout,
-        metadata={"format": "torch_export"},
+        metadata={"format": "torch_export", "notes": notes},
+        unread_aliases=frozenset(unread),
     )
     return LoadedModel(
         format="torch_export",

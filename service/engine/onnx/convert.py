@@ -8,10 +8,10 @@ What becomes what:
 - Float initializers → `nn.Parameter`s registered under their exact initializer names; the
   proto's copy of their bytes is released (`release_weights=True`), so one copy is kept
   (`conformance.check_conversion` refills a copy from the graph when onnxruntime needs it).
-  Float initializers used only as BatchNormalization statistics (running mean/var) or Shape/Size
-  inputs (`NON_DIFFERENTIABLE_SLOTS`), read by no node at all, holding any inf/NaN (attention
-  masks registered as torch buffers), one-element constants the dynamo optimizer folded
-  (`val_81`), or all-zero recurrent initial states it stored (`val_16`) → buffers.
+  Float initializers no gradient can reach (BatchNormalization statistics, Shape inputs, a mask
+  that is only compared: onnx/gradient_paths.py), read by no node at all, holding any inf/NaN
+  (attention masks registered as torch buffers), one-element constants the dynamo optimizer
+  folded (`val_81`), or all-zero recurrent initial states it stored (`val_16`) → buffers.
 - Integer initializers and `Constant` values → buffers (moved by `.to(device)`); small integer
   ones (shapes, axes: at most `SMALL_INT_NUMEL` elements) → `constants`, kept on the CPU because
   shape arithmetic reads them as Python ints and a device round trip would only add syncs.
@@ -80,6 +80,7 @@ from onnx import GraphProto, ModelProto, NodeProto, TensorProto, helper
 
 import service.engine.onnx.ops  # noqa: F401  (registers every op family)
 from service.engine.graph import ConstantResult, Node, ObservableGraph, passthrough
+from service.engine.onnx.gradient_paths import gradient_free_initializers
 from service.engine.onnx.loading import load_onnx, load_onnx_bundle, resolve_external_data
 from service.engine.onnx.ops._util import FLOAT_DTYPES, ONNX_TO_TORCH
 from service.engine.onnx.recurrent_weights import (
@@ -114,11 +115,6 @@ MODES = ("train", "eval")
 # Float input slots that never reach a differentiable path: BatchNormalization's statistics
 # (torch's running_mean/running_var buffers) and inputs whose values are never read (Shape,
 # Size). An initializer feeding only these slots is a buffer, never reported as trainable.
-NON_DIFFERENTIABLE_SLOTS = {
-    ("", "BatchNormalization"): (3, 4),
-    ("", "Shape"): (0,),
-    ("", "Size"): (0,),
-}
 # Checker complaints that onnxruntime does not share and that do not affect conversion:
 # a graph output declared without a shape is still computable.
 TOLERATED_CHECKER_ERRORS = {"Field 'shape' of 'type' is required but missing."}
@@ -428,10 +424,16 @@ class _Builder:
 
 
 def module_scope(node: NodeProto) -> str | None:
-    """The source module path of a dynamo-exported node: its innermost name scope
-    (`['', 'blocks.0', 'blocks.0.attn', 'linear_1']` → `blocks.0.attn`); top-level ops → None."""
+    """The source module path of a node: for the dynamo exporter its innermost name scope
+    (`['', 'blocks.0', 'blocks.0.attn', 'linear_1']` → `blocks.0.attn`); for the legacy one,
+    which names nodes by it, the path of the node's name (`/blocks.0/attn/MatMul` →
+    `blocks.0.attn`); top-level ops → None."""
     scopes = name_scopes(node)
-    return (scopes[-1] or None) if scopes else None
+    if scopes:
+        return scopes[-1] or None
+    if node.name.startswith("/"):
+        return ".".join(node.name.split("/")[1:-1]) or None
+    return None
 
 
 def _is_graph(value: Any) -> bool:
@@ -633,7 +635,7 @@ def _convert_checked(
     # them as parameters would show gradients that can never exist.
     non_finite = _non_finite_initializers(weights)
     not_trainable = (
-        _non_differentiable_initializers(graph)
+        gradient_free_initializers(graph)
         | (set(weights) - consumed)
         | non_finite
         | _folded_scalars(weights)
@@ -891,22 +893,6 @@ def _consumed_names(graph: GraphProto) -> set[str]:
             for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
                 names |= _consumed_names(sub)
     return names
-
-
-def _non_differentiable_initializers(graph: GraphProto) -> set[str]:
-    """Names read only at `NON_DIFFERENTIABLE_SLOTS` of top-level nodes (a read inside a
-    subgraph or as a graph output counts as differentiable)."""
-    at_slot: set[str] = set()
-    elsewhere: set[str] = {o.name for o in graph.output}
-    for node in graph.node:
-        domain = "" if node.domain in DEFAULT_DOMAINS else node.domain
-        slots = NON_DIFFERENTIABLE_SLOTS.get((domain, node.op_type), ())
-        for i, name in enumerate(node.input):
-            (at_slot if i in slots else elsewhere).add(name)
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
-                elsewhere |= _consumed_names(sub)
-    return at_slot - elsewhere
 
 
 def _constant_as_state(

@@ -103,6 +103,19 @@ def test_module_scope_reads_the_innermost_module_path() -> None:
     assert module_scope(node) is None  # a top-level op
 
 
+def test_module_scope_reads_a_legacy_exports_node_name() -> None:
+    """The legacy exporter names nodes by module path: `/blocks.0/attn/MatMul`."""
+    assert (
+        module_scope(
+            onnx.helper.make_node("MatMul", ["a", "b"], ["c"], name="/blocks.0/attn/MatMul")
+        )
+        == "blocks.0.attn"
+    )
+    assert (
+        module_scope(onnx.helper.make_node("MatMul", ["a", "b"], ["c"], name="/MatMul_3")) is None
+    )
+
+
 def test_torch_export_nodes_carry_their_module_path() -> None:
     from service.engine.formats.torch_export import load_torch_export
     from tests.support.export import to_torch_export

@@ -1,0 +1,116 @@
+"""Which initializers no gradient can reach: state, not trainable weights.
+
+A float initializer is a weight only if some path of differentiable inputs leads from it to a
+graph output. Not so for BatchNormalization's running statistics, for what only `Shape` reads,
+or for an attention mask that the legacy exporter writes as a float initializer (a registered
+buffer `blocks.0.mask`) and that the graph only compares (`Equal(Slice(mask), 0)` feeding a
+`Where` condition): reported as parameters they would be layers and "parameters without a
+gradient" that the model does not have.
+
+The walk goes backwards from the graph outputs over the top-level nodes (ONNX lists them in
+topological order): a node's input carries gradient when one of its outputs does, unless the op
+has no gradient at all (comparisons, logic, Shape, index-valued ops; a Cast to an integer or
+bool type) or the input is at a slot that only indexes or shapes (`Where`'s condition,
+`Gather`'s indices, `Reshape`'s shape, ...). Nodes with subgraphs, and unknown ops, pass
+gradient to every input: in doubt, a tensor stays a weight.
+"""
+
+from __future__ import annotations
+
+from onnx import GraphProto, NodeProto, TensorProto
+
+# Ops whose outputs carry no gradient back to any input.
+NO_GRADIENT_OPS = frozenset(
+    {"Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Not", "And", "Or", "Xor"}
+    | {"IsNaN", "IsInf", "Shape", "Size", "ArgMax", "ArgMin", "NonZero", "Sign", "Floor"}
+    | {"Ceil", "Round", "EyeLike", "ConstantOfShape", "RandomNormalLike", "RandomUniformLike"}
+    | {"BitShift", "BitwiseAnd", "BitwiseOr", "BitwiseXor", "BitwiseNot", "OneHot", "Range"}
+)
+# Input slots that only index, shape or select: no gradient flows into them.
+NON_DIFFERENTIABLE_SLOTS: dict[str, tuple[int, ...]] = {
+    "BatchNormalization": (3, 4),  # running statistics
+    "Where": (0,),
+    "Slice": (1, 2, 3, 4),
+    "Reshape": (1,),
+    "Expand": (1,),
+    "Tile": (1,),
+    "Squeeze": (1,),
+    "Unsqueeze": (1,),
+    "Gather": (1,),
+    "GatherElements": (1,),
+    "GatherND": (1,),
+    "ScatterElements": (1,),
+    "ScatterND": (1,),
+    "Pad": (1, 3),
+    "Resize": (1, 2, 3),
+    "Upsample": (1,),
+    "TopK": (1,),
+    "Split": (1,),
+    "CumSum": (1,),
+    "Trilu": (1,),
+    "Dropout": (1, 2),
+    "ReduceMean": (1,),
+    "ReduceSum": (1,),
+    "ReduceMax": (1,),
+    "ReduceMin": (1,),
+    "ReduceProd": (1,),
+    "ReduceL1": (1,),
+    "ReduceL2": (1,),
+    "ReduceSumSquare": (1,),
+    "ReduceLogSum": (1,),
+    "ReduceLogSumExp": (1,),
+}
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+_FLOAT_TYPES = {
+    TensorProto.FLOAT,
+    TensorProto.DOUBLE,
+    TensorProto.FLOAT16,
+    TensorProto.BFLOAT16,
+}
+
+
+def _has_gradient(node: NodeProto) -> bool:
+    if node.domain not in _DEFAULT_DOMAINS:
+        return True
+    if node.op_type in NO_GRADIENT_OPS:
+        return False
+    if node.op_type == "Cast":
+        to = next((a.i for a in node.attribute if a.name == "to"), TensorProto.FLOAT)
+        return to in _FLOAT_TYPES
+    return True
+
+
+def _subgraph_names(graph: GraphProto) -> set[str]:
+    names: set[str] = set()
+    for node in graph.node:
+        names.update(node.input)
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                names |= _subgraph_names(sub)
+    names.update(o.name for o in graph.output)
+    return names
+
+
+def gradient_free_initializers(graph: GraphProto) -> set[str]:
+    """The initializers of `graph` from which no differentiable path reaches an output."""
+    carrying = {o.name for o in graph.output}
+    for node in reversed(graph.node):
+        subgraphs = [
+            sub
+            for attr in node.attribute
+            for sub in ([attr.g] if attr.HasField("g") else list(attr.graphs))
+        ]
+        if subgraphs:  # a body may read any outer value: all of them may carry gradient
+            for sub in subgraphs:
+                carrying |= _subgraph_names(sub)
+            carrying.update(node.input)
+            continue
+        if not _has_gradient(node) or not any(o in carrying for o in node.output if o):
+            continue
+        skipped = (
+            NON_DIFFERENTIABLE_SLOTS.get(node.op_type, ())
+            if node.domain in _DEFAULT_DOMAINS
+            else ()
+        )
+        carrying.update(name for i, name in enumerate(node.input) if i not in skipped)
+    return {init.name for init in graph.initializer} - carrying

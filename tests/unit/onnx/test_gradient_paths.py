@@ -1,0 +1,74 @@
+"""Initializers that no gradient can reach are state, not weights (onnx/gradient_paths.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from service.engine.onnx.convert import convert
+from service.engine.onnx.gradient_paths import gradient_free_initializers
+
+
+def _model(nodes: list[onnx.NodeProto], initializers: dict[str, np.ndarray]) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        [numpy_helper.from_array(v, k) for k, v in initializers.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def _masked_scores() -> onnx.ModelProto:
+    """y = Where(Equal(mask, 0), -1e4, x * scale): the float mask is only compared."""
+    return _model(
+        [
+            helper.make_node("Equal", ["mask", "zero"], ["masked"]),
+            helper.make_node("Mul", ["x", "scale"], ["scaled"]),
+            helper.make_node("Where", ["masked", "fill", "scaled"], ["y"]),
+        ],
+        {
+            "mask": np.tril(np.ones((2, 3), np.float32)),
+            "zero": np.zeros((), np.float32),
+            "scale": np.full((3,), 0.5, np.float32),
+            "fill": np.full((), -1e4, np.float32),
+        },
+    )
+
+
+def test_a_mask_that_is_only_compared_is_no_weight() -> None:
+    free = gradient_free_initializers(_masked_scores().graph)
+    assert {"mask", "zero"} <= free
+    assert "scale" not in free and "fill" not in free  # Where's branches take gradient
+
+
+def test_the_converted_graph_keeps_the_mask_as_a_buffer() -> None:
+    graph = convert(_masked_scores())
+    assert set(graph.param_names) == {"scale", "fill"}
+    assert "mask" in graph.buffer_names
+
+
+def test_a_cast_to_integers_cuts_the_path_and_a_cast_to_float_does_not() -> None:
+    def cast_to(to: int) -> set[str]:
+        model = _model(
+            [
+                helper.make_node("Cast", ["w"], ["c"], to=to),
+                helper.make_node("Cast", ["c"], ["cf"], to=TensorProto.FLOAT),
+                helper.make_node("Add", ["x", "cf"], ["y"]),
+            ],
+            {"w": np.ones((3,), np.float32)},
+        )
+        return gradient_free_initializers(model.graph)
+
+    assert cast_to(TensorProto.INT64) == {"w"}
+    assert cast_to(TensorProto.FLOAT16) == set()
+
+
+def test_an_op_of_another_domain_passes_gradient_in_doubt() -> None:
+    model = _model(
+        [helper.make_node("Equal", ["x", "w"], ["y"], domain="com.example")],
+        {"w": np.ones((3,), np.float32)},
+    )
+    assert gradient_free_initializers(model.graph) == set()
