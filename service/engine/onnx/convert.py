@@ -659,9 +659,9 @@ def _convert_checked(
         nodes.append(node)
     if builder.problems:
         raise UnsupportedModelError(_format_problems(builder.problems))
-    nodes, restored = restore_source_parameters(
-        nodes, parameters, {**buffers, **constants, **{o: 0 for n in nodes for o in n.outputs}}
-    )
+    taken = [*buffers, *constants, *(i.name for i in input_infos)]
+    taken += [o for n in nodes for o in n.outputs]
+    nodes, restored = restore_source_parameters(nodes, parameters, dict.fromkeys(taken))
     _fold_constants(nodes, constants)
 
     def add_parameter(name: str, tensor: torch.Tensor) -> None:
