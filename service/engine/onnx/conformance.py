@@ -34,6 +34,7 @@ from onnx import ModelProto, TensorProto
 from service.engine.graph import ObservableGraph
 from service.engine.onnx.convert import convert
 from service.engine.onnx.ops._util import TORCH_TO_ONNX
+from service.engine.onnx.recurrent_weights import GateReorder
 from service.engine.report import ConversionCheck
 from service.errors import first_line
 
@@ -49,11 +50,16 @@ def _reference() -> str:
 def _refill(model: ModelProto, graph: ObservableGraph) -> ModelProto:
     """A copy of `model` whose initializers hold the graph's current values."""
     values = graph.initial_values()
-    # initializers the converter turned back into the weights they are transposes of
+    # initializers the converter turned back into the weights they were computed from
     transposed = graph.metadata.get("transposed_initializers", {})
     for folded, weight in transposed.items():
         if isinstance(values.get(weight), torch.Tensor):
             values[folded] = values[weight].t()
+    for folded, recipe in graph.metadata.get("gate_reordered_initializers", {}).items():
+        with torch.no_grad():
+            values[folded] = GateReorder(recipe.blocks, recipe.halves)(
+                *(values[name] for name in recipe.parameters)
+            )
     copy = ModelProto()
     copy.CopyFrom(model)
     for init in copy.graph.initializer:

@@ -84,6 +84,7 @@ from service.engine.onnx.gradient_paths import gradient_free_initializers
 from service.engine.onnx.loading import load_onnx, load_onnx_bundle, resolve_external_data
 from service.engine.onnx.ops._util import FLOAT_DTYPES, ONNX_TO_TORCH
 from service.engine.onnx.recurrent_weights import (
+    UnfoldedWeights,
     fold_lstm_weight_reorders,
     unfold_gru_initializers,
 )
@@ -664,19 +665,21 @@ def _convert_checked(
     nodes, restored = restore_source_parameters(nodes, parameters, dict.fromkeys(taken))
     _fold_constants(nodes, constants)
 
-    def add_parameter(name: str, tensor: torch.Tensor) -> None:
-        parameters[name] = torch.nn.Parameter(tensor)
-        restored.unfolded.append(name)
-
+    unfolded = UnfoldedWeights()
     nodes = fold_lstm_weight_reorders(
         nodes,
         constants,
         {**parameters, **buffers},
         [o.name for o in graph.output],
         static_dims=lambda: _inferred_dims(model),
-        add_parameter=add_parameter,
+        unfolded=unfolded,
     )
-    nodes = unfold_gru_initializers(nodes, {**parameters, **buffers}, add_parameter)
+    nodes = unfold_gru_initializers(nodes, {**parameters, **buffers}, unfolded)
+    for name, tensor in unfolded.parameters.items():
+        parameters[name] = torch.nn.Parameter(tensor)
+    restored.unfolded.extend(unfolded.parameters)
+    for name in unfolded.recipes:  # rebuilt from the parameters where needed: no second copy
+        parameters.pop(name, None)
     nodes = fold_unrolled_rnns(
         nodes, constants, {**parameters, **buffers}, [o.name for o in graph.output]
     )
@@ -701,6 +704,8 @@ def _convert_checked(
         metadata["non_finite_states"] = sorted(non_finite)
     if restored.transposed:  # onnxruntime's copy of the model reads them
         metadata["transposed_initializers"] = restored.transposed
+    if unfolded.recipes:
+        metadata["gate_reordered_initializers"] = unfolded.recipes
     notes = folded_batchnorm_notes(graph) + restored.notes()
     if notes:
         metadata["notes"] = notes  # the engine adds them to the report's notes

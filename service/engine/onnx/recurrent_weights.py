@@ -50,6 +50,30 @@ _W, _R, _B = 1, 2, 3
 ONNX_GATE_BLOCKS = [0, 3, 1, 2]
 
 
+@dataclass
+class Recipe:
+    """How an initializer an optimised export folded is built again from torch's tensors
+    (`GateReorder(blocks, halves)(*parameters)`): for onnxruntime's copy of the model, so the
+    folded tensor itself is not kept beside the parameters."""
+
+    parameters: list[str]
+    blocks: list[int]
+    halves: bool
+
+
+@dataclass
+class UnfoldedWeights:
+    """What `_unfold` split out of folded initializers: the new parameters, and the recipe of
+    each initializer they replace."""
+
+    parameters: dict[str, Tensor] = field(default_factory=dict)
+    recipes: dict[str, Recipe] = field(default_factory=dict)
+
+    def take(self, look: _Lookup) -> None:
+        self.parameters.update(look.unfolded)
+        self.recipes.update(look.recipes)
+
+
 class DirectWeightsLSTM:
     """The NodeFn of a rewired LSTM node with D directions: (X, weight_ih × D, weight_hh × D,
     (bias_ih, bias_hh) × D, *the node's other inputs) → the LSTM's outputs, the weights in their
@@ -90,20 +114,20 @@ def fold_lstm_weight_reorders(
     state: Mapping[str, Tensor],
     graph_outputs: Sequence[str],
     static_dims: Callable[[], Mapping[str, list[int | None]]] = dict,
-    add_parameter: Callable[[str, Tensor], None] | None = None,
+    unfolded: UnfoldedWeights | None = None,
 ) -> list[Node]:
     """`nodes` with each single-direction LSTM that reads its weights through the exporter's
     reordering chain rewired to the parameters (see the module docstring). `state`: the
     graph's parameters and buffers; `constants`: its small constant values; `static_dims`:
     called at most once, the dims ONNX shape inference gives each value (None: not static);
-    `add_parameter`: registers the parameters split out of an optimised export's folded W, R
-    and B (`_unfold`; without it, such LSTMs are left as they are)."""
+    `unfolded`: collects the parameters split out of an optimised export's folded W, R and B
+    (`_unfold`; without it, such LSTMs are left as they are)."""
     producers = {out: node for node in nodes for out in node.outputs if out}
     readers = Counter(name for node in nodes for name in node.inputs if name)
     readers.update(graph_outputs)
     dropped: set[int] = set()
     values = StaticValues(producers, constants, static_dims)
-    layer_names = _layer_names(nodes) if add_parameter is not None else {}
+    layer_names = _layer_names(nodes) if unfolded is not None else {}
     for node in nodes:
         if node.op_type != "LSTM" or not isinstance(node.fn, RecurrentFn):
             continue
@@ -116,9 +140,8 @@ def fold_lstm_weight_reorders(
         params, blocks, chain = found
         if not _private(chain, node, readers) or not use_gate_blocks(node.fn, blocks):
             continue
-        for name, tensor in look.unfolded.items():
-            assert add_parameter is not None
-            add_parameter(name, tensor)
+        if unfolded is not None:
+            unfolded.take(look)
         node.fn = DirectWeightsLSTM(node.fn, node.fn.settings.directions)
         node.inputs = [node.inputs[0], *params, *node.inputs[4:]]
         dropped.update(id(n) for n in chain)
@@ -136,6 +159,7 @@ class _Lookup:
     # W, R or B that the exporter's optimizer folded into initializers, split back into
     # torch's per-direction tensors (`_unfold`), added as parameters if the LSTM is rewired
     unfolded: dict[str, Tensor] = field(default_factory=dict)
+    recipes: dict[str, Recipe] = field(default_factory=dict)  # per folded initializer
 
 
 class StaticValues:
@@ -297,6 +321,7 @@ def _unfold(name: str, names: list[str], blocks: list[int], look: _Lookup) -> bo
     with torch.no_grad():
         for piece_name, piece in zip(names, pieces, strict=True):
             look.unfolded[piece_name] = _torch_order(piece, blocks).clone()
+    look.recipes[name] = Recipe(list(names), blocks, halves=folded.dim() == 2)
     return True
 
 
@@ -335,7 +360,7 @@ ONNX_GRU_GATE_BLOCKS = [1, 0, 2]
 def unfold_gru_initializers(
     nodes: list[Node],
     state: Mapping[str, Tensor],
-    add_parameter: Callable[[str, Tensor], None],
+    unfolded: UnfoldedWeights,
 ) -> list[Node]:
     """GRU nodes of an optimised dynamo export read W, R and B folded into initializers in
     ONNX's gate order: those become the module's parameters again (named from the export's
@@ -357,8 +382,7 @@ def unfold_gru_initializers(
             look = _Lookup(producers, StaticValues(producers, {}, dict), state)
             if not _unfold(node.inputs[slot], slot_names, ONNX_GRU_GATE_BLOCKS, look):
                 continue
-            for name, tensor in look.unfolded.items():
-                add_parameter(name, tensor)
+            unfolded.take(look)
             value = f"{node.inputs[slot]}::from_parameters"
             reorder = Node(
                 name=value,
