@@ -97,6 +97,7 @@ from service.engine.onnx.registry import (
 from service.engine.onnx.shape_values import input_shape_nodes
 from service.engine.onnx.source_parameters import (
     EXPORTER_VALUE_NAME,
+    folded_parameter_sources,
     name_scopes,
     restore_source_parameters,
 )
@@ -706,6 +707,7 @@ def _convert_checked(
         metadata["transposed_initializers"] = restored.transposed
     if unfolded.recipes:
         metadata["gate_reordered_initializers"] = unfolded.recipes
+    restored.folded_from = folded_parameter_sources(graph, list(parameters))
     notes = folded_batchnorm_notes(graph) + restored.notes()
     if notes:
         metadata["notes"] = notes  # the engine adds them to the report's notes

@@ -31,11 +31,12 @@ from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from onnx import NodeProto
+from onnx import GraphProto, NodeProto
 
 from service.engine.graph import Node
 
 FX_NODE_KEY = "pkg.torch.onnx.fx_node"
+FOLDED_FROM_KEY = "pkg.onnxscript.optimizer.folded_from"
 NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 # Names the dynamo exporter gives the values it creates (`val_81`), not the module's.
 EXPORTER_VALUE_NAME = re.compile(r"val_\d+")
@@ -56,6 +57,8 @@ class Restored:
     zero_biases: list[str] = field(default_factory=list)
     # recurrent weights split out of initializers the optimizer folded (recurrent_weights.py)
     unfolded: list[str] = field(default_factory=list)
+    # parameters that are constants the optimizer folded out of source parameters → those
+    folded_from: dict[str, list[str]] = field(default_factory=dict)
 
     def notes(self) -> list[str]:
         notes = []
@@ -93,7 +96,44 @@ class Restored:
                 "in ONNX's gate order are the module's parameters again, named from the "
                 f"export's metadata ({_listed(self.unfolded)})"
             )
+        if self.folded_from:
+            shown = _listed(
+                [f"{name} from {', '.join(sources)}" for name, sources in self.folded_from.items()]
+            )
+            notes.append(
+                "the ONNX exporter's optimizer computed some parameters ahead from the model's "
+                f"own ({shown}: e.g. a positional embedding sliced to the sequence length): "
+                "they are reported as the file has them, each gradient that of the part of the "
+                "source parameter the model read; export with optimize=False to measure the "
+                "source parameters themselves"
+            )
         return notes
+
+
+def folded_parameter_sources(graph: GraphProto, parameters: Sequence[str]) -> dict[str, list[str]]:
+    """Parameters of the graph that the dynamo exporter's optimizer folded out of source
+    parameters (its `pkg.onnxscript.optimizer.folded_from` on the value, minus the
+    constants it generated): name → those sources."""
+    wanted = set(parameters)
+    found: dict[str, list[str]] = {}
+    for info in graph.value_info:
+        if info.name not in wanted:
+            continue
+        text = next((p.value for p in info.metadata_props if p.key == FOLDED_FROM_KEY), None)
+        try:
+            sources = ast.literal_eval(text) if text else []
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            continue
+        if not isinstance(sources, list):
+            continue
+        named = [
+            str(s)
+            for s in sources
+            if isinstance(s, str) and not EXPORTER_VALUE_NAME.fullmatch(s) and s not in wanted
+        ]
+        if named:
+            found[info.name] = named
+    return found
 
 
 def _listed(names: Sequence[str]) -> str:

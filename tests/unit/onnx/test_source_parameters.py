@@ -129,3 +129,25 @@ def test_without_the_exporters_metadata_nothing_is_invented() -> None:
     assert names == {i.name for i in model.graph.initializer} & names
     assert "enc.layers.1.norm1.weight" not in names
     assert "transposed_initializers" not in graph.metadata
+
+
+class SlicedPositions(nn.Module):
+    """`pos[:, :T]`: the optimizer computes the slice ahead into a constant of its own name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.pos = nn.Parameter(torch.randn(1, 6, 16) * 0.1)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x + self.pos[:, : x.shape[1]])
+
+
+def test_a_parameter_computed_ahead_by_the_optimizer_names_its_source() -> None:
+    exported = to_onnx(SlicedPositions(), X[:, :6], dynamo=True, optimize=True)
+    graph = convert(onnx.load_from_string(exported))
+    names = {n for n, _ in graph.named_graph_parameters()}
+    assert "pos" not in names  # what the file holds is the computed slice
+    (note,) = [n for n in graph.metadata["notes"] if "computed some parameters ahead" in n]
+    assert "from pos" in note and "optimize=False" in note
