@@ -61,53 +61,46 @@ class Restored:
     folded_from: dict[str, list[str]] = field(default_factory=dict)
 
     def notes(self) -> list[str]:
-        notes = []
-        if self.split:
-            merged = _listed(
-                [f"{name} also stood for {_listed(added)}" for name, added in self.split.items()]
-            )
-            notes.append(
-                "the ONNX exporter's optimizer had merged parameters with identical values "
-                f"into one initializer ({merged}); they are separate parameters again, "
-                "restored from the export's metadata, so each layer reports its own gradient "
-                "(re-export with optimize=False to keep them apart in the file)"
-            )
-        if self.transposed:
-            shown = _listed([f"{old} = {new}ᵀ" for old, new in self.transposed.items()])
-            tied = (
-                f"; {_listed(self.tied)} had been untied from its other uses that way and gets "
-                "the gradient of every use again"
-                if self.tied
-                else ""
-            )
-            notes.append(
-                "weights the ONNX exporter had stored transposed under generated names are "
-                f"the source model's parameters again, in their own shapes ({shown}){tied}"
-            )
-        if self.zero_biases:
-            notes.append(
-                "zero biases the ONNX exporter's optimizer removed are parameters again "
-                f"({_listed(self.zero_biases)}): zeros, as in the source model, and with "
-                "their own gradients"
-            )
-        if self.unfolded:
-            notes.append(
-                "recurrent weights the ONNX exporter's optimizer had folded into initializers "
-                "in ONNX's gate order are the module's parameters again, named from the "
-                f"export's metadata ({_listed(self.unfolded)})"
-            )
-        if self.folded_from:
-            shown = _listed(
-                [f"{name} from {', '.join(sources)}" for name, sources in self.folded_from.items()]
-            )
-            notes.append(
+        """One sentence per kind of change, each listing (some of) what changed."""
+        kinds = [
+            (
+                [f"{name} also stood for {_listed(added)}" for name, added in self.split.items()],
+                "the ONNX exporter's optimizer had merged parameters with identical values into "
+                "one initializer ({}); they are separate parameters again, restored from the "
+                "export's metadata, so each layer reports its own gradient (re-export with "
+                "optimize=False to keep them apart in the file)",
+            ),
+            (
+                [f"{old} = {new}ᵀ" for old, new in self.transposed.items()],
+                "weights the ONNX exporter had stored transposed under generated names are the "
+                "source model's parameters again, in their own shapes ({})",
+            ),
+            (
+                self.tied,
+                "tied weights the exporter had untied by storing a transposed copy ({}) get the "
+                "gradient of every use again",
+            ),
+            (
+                self.zero_biases,
+                "zero biases the ONNX exporter's optimizer removed are parameters again ({}): "
+                "zeros, as in the source model, and with their own gradients",
+            ),
+            (
+                self.unfolded,
+                "recurrent weights the ONNX exporter's optimizer had folded into initializers in "
+                "ONNX's gate order are the module's parameters again, named from the export's "
+                "metadata ({})",
+            ),
+            (
+                [f"{name} from {', '.join(src)}" for name, src in self.folded_from.items()],
                 "the ONNX exporter's optimizer computed some parameters ahead from the model's "
-                f"own ({shown}: e.g. a positional embedding sliced to the sequence length): "
-                "they are reported as the file has them, each gradient that of the part of the "
-                "source parameter the model read; export with optimize=False to measure the "
-                "source parameters themselves"
-            )
-        return notes
+                "own ({}: e.g. a positional embedding sliced to the sequence length): they are "
+                "reported as the file has them, each gradient that of the part of the source "
+                "parameter the model read; export with optimize=False to measure the source "
+                "parameters themselves",
+            ),
+        ]
+        return [sentence.format(_listed(items)) for items, sentence in kinds if items]
 
 
 def folded_parameter_sources(graph: GraphProto, parameters: Sequence[str]) -> dict[str, list[str]]:
