@@ -19,10 +19,10 @@ from service.engine.detectors.optypes import (
 from service.engine.graph import ObservableGraph
 from service.engine.measurements import Measurements
 from service.engine.report import LayerReport
+from service.engine.stats import FP16_MAX
 
-FP16_MIN_SUBNORMAL = 2.0**-24
 FP16_MIN_NORMAL = 2.0**-14
-FP16_MAX = 65504.0
+GRAD_SCALER_INIT_EXPONENT = 16  # torch.amp.GradScaler's init_scale 2^16
 
 
 def by_depth(m: Measurements) -> list[LayerReport]:
@@ -262,6 +262,16 @@ def suggested_loss_scale(m: Measurements) -> tuple[float, str]:
         return 2.0**16, "no usable gradient norms; 2^16 is GradScaler's default"
     want = math.ceil(math.log2(FP16_MIN_NORMAL / min(rms)))
     cap = math.floor(math.log2(FP16_MAX / 2 / largest))
+    if want <= 0 < cap:
+        # every tensor's rms is in fp16's normal range already: what underflows are single
+        # entries far below their tensor's rms, so lift them as far as the range allows
+        exponent = min(cap, GRAD_SCALER_INIT_EXPONENT)
+        return 2.0**exponent, (
+            f"2^{exponent}: every tensor's rms gradient is in fp16's normal range already "
+            f"(smallest {min(rms):.3g}), so the entries that underflow lie far below it; the "
+            f"largest power of two up to GradScaler's 2^{GRAD_SCALER_INIT_EXPONENT} that keeps "
+            f"the largest gradient norm ({largest:.3g}) below 65504/2"
+        )
     exponent = max(0, min(want, cap, 64))
     return 2.0**exponent, (
         f"2^{exponent}: lifts the smallest rms gradient ({min(rms):.3g}) towards fp16's normal "

@@ -35,6 +35,7 @@ from service.engine.detectors.optypes import RELU_LIKE, SATURATING
 from service.engine.measurements import Measurements, Subject
 from service.engine.options import DiagnoseOptions
 from service.engine.report import Finding, Recommendation, Verification
+from service.engine.stats import FP16_MAX, FP16_TINY
 from service.engine.verify.figures import figures, same_finding, summary
 from service.engine.verify.transforms import (
     NotApplicable,
@@ -47,8 +48,6 @@ from service.errors import GradhealthError, first_line
 
 __all__ = ["verify_recommendations"]
 
-FP16_TINY = 2.0**-24
-FP16_MAX = 65504.0
 BF16_TINY = 2.0**-133  # smallest bf16 subnormal
 
 _NOT_AUTOMATIC = {

@@ -198,3 +198,14 @@ def test_default_init_is_blamed_only_when_the_gradient_already_vanishes():
     vanishing.layers[1].op = "layer_norm"
     rec = next(r for r in recommend(detect(vanishing), vanishing) if r.fix.startswith("reinit"))
     assert "fc0.weight" not in rec.params["schemes"]
+
+
+def test_entries_underflowing_below_a_normal_rms_still_get_a_scale_above_one():
+    """Every tensor's rms gradient is in fp16's normal range, yet single entries underflow
+    (a tied embedding's rare rows): a scale of 1 would change nothing; the advice lifts them
+    as far as the largest gradient norm allows (at most GradScaler's 2^16)."""
+    m = mlp([1.0] * 3, weight_grad_norms=[5.0, 1.0, 0.5], fp16_underflow=0.07)
+    value, why = suggested_loss_scale(m)
+    assert value > 1 and math.log2(value).is_integer() and value <= 2**16
+    assert 5.0 * value < 65504 / 2
+    assert "far below" in why
