@@ -49,7 +49,7 @@ from service.engine.losses import (
 )
 from service.engine.measurements import Measurements, NonFiniteOrigin, Subject
 from service.engine.options import DiagnoseOptions
-from service.engine.origin import OriginReached, OriginRecorder, find_origin
+from service.engine.origin import OriginReached, OriginRecorder, find_origin, mask_inputs
 from service.engine.probes import Probe
 from service.engine.report import (
     ActivationStats,
@@ -172,6 +172,9 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
     for i, x in enumerate(subject.inputs):  # a NaN in the batch is its own origin
         if x.is_floating_point():
             collected[f"input.{i}"] = torch.sum(x, dtype=torch.float32).reshape(1)
+            # only -inf besides finite values: an additive attention mask (origin.mask_inputs)
+            bad = torch.isnan(x) | torch.isposinf(x)
+            collected[f"input_nan_posinf.{i}"] = bad.sum(dtype=torch.float32).reshape(1)
     host = _to_host(collected)
     _dead_fractions(host, probe)
     timing["forward"], timing["backward"] = clock.totals()  # the transfer waited for the passes
@@ -181,6 +184,11 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
         origin.values = _trace_origin(subject, graph, origin, layers, options, layout.batch_axes)
     result.notes.extend(layout.notes)
     result.notes.extend(loss_notes)
+    result.notes.extend(
+        f"input {name!r} holds -inf entries and no NaN: taken as an additive attention mask, "
+        "whose -inf the model adds to its scores on purpose (not a NaN/Inf origin)"
+        for name in mask_inputs(subject, host)
+    )
     result.micro_batches = parts
     result.notes.extend(
         micro_batch_notes(_batch_size(subject, layout.batch_axes), options.micro_batches)

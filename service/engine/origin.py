@@ -17,7 +17,7 @@ import torch
 from service.engine.graph import Node, ObservableGraph
 from service.engine.layers import Layer
 from service.engine.measurements import NonFiniteOrigin, Subject
-from service.engine.probes import Probe, is_backward_safe
+from service.engine.probes import Probe, is_backward_safe, mask_carriers
 from service.engine.report import ParameterReport
 
 
@@ -31,15 +31,17 @@ def find_origin(
 ) -> NonFiniteOrigin | None:
     graph = subject.graph
     layer_of_node = {n: layer.name for layer in layers for n in layer.nodes}
+    masks = mask_inputs(subject, host)
     for i, spec in enumerate(subject.model_info.inputs):
-        if not math.isfinite(host.get(f"input.{i}", [0.0])[0]):
+        if not math.isfinite(host.get(f"input.{i}", [0.0])[0]) and spec.name not in masks:
             return NonFiniteOrigin(spec.name, "input", "forward", spec.name)
     if graph is not None and probe is not None:
         nodes = graph.nodes
+        carrying = mask_carriers(graph, masks) if masks else set()
         first: int | None = None
         for p in range(len(probe.totals.forward_sums)):
             for slot, total in enumerate(host[f"forward.{p}"]):
-                if not math.isfinite(total):
+                if not math.isfinite(total) and probe.checked_nodes[slot] not in carrying:
                     index = probe.checked_nodes[slot]
                     first = index if first is None else min(first, index)
                     break
@@ -82,6 +84,18 @@ def find_origin(
         op = next((lyr.op for lyr in layers if lyr.name == layer), "unknown")
         return NonFiniteOrigin(layer, op, "backward", bad.name, bad.layer)
     return None
+
+
+def mask_inputs(subject: Subject, host: dict[str, list[float]]) -> list[str]:
+    """Batch arrays whose only non-finite entries are -inf: additive attention masks (0 where
+    a position is attended, -inf where not), which the model adds to its scores on purpose.
+    (measure() counts each float input's NaN and +inf entries as `input_nan_posinf.i`.)"""
+    return [
+        spec.name
+        for i, spec in enumerate(subject.model_info.inputs)
+        if not math.isfinite(host.get(f"input.{i}", [0.0])[0])
+        and host.get(f"input_nan_posinf.{i}", [1.0])[0] == 0
+    ]
 
 
 def _gradient_producer(probe: Probe, value: str, depth: int = 0) -> Any:

@@ -70,6 +70,22 @@ MASK_CARRIERS = _VIEWS | frozenset({"add", "sub", "mul", "where", "expand", "til
 _MASKED_FILLS = frozenset({"maskedfill", "maskedfill_"})
 
 
+def mask_carriers(graph: ObservableGraph, masks: Sequence[str]) -> set[int]:
+    """Indexes of the nodes that carry the intended -inf of `masks` (values: mask states, or
+    mask inputs of a batch) through MASK_CARRIERS ops, or write one (`writes_infinite_fill`),
+    up to e.g. the Softmax that absorbs it: their non-finite outputs are no NaN/Inf origin."""
+    masked = set(masks)
+    carrying: set[int] = set()
+    for index, node in enumerate(graph.nodes):
+        op = canonical(node.op_type)
+        if (op in MASK_CARRIERS and any(v in masked for v in node.inputs)) or (
+            writes_infinite_fill(node)
+        ):
+            carrying.add(index)
+            masked.update(o for o in node.outputs if o)
+    return carrying
+
+
 def writes_infinite_fill(node: Node) -> bool:
     """An FX `masked_fill(scores, mask, -inf)`: a causal or padding mask written as intended
     -inf (nanoGPT's attention, and most written-out attention), absorbed by the Softmax after
@@ -126,15 +142,10 @@ class Probe:
         self.consumers = consumers
         # Values carrying a mask's intended -inf (a state listed by the ONNX converter, through
         # elementwise ops up to e.g. the Softmax that absorbs it) are no NaN/Inf origin.
-        masked = set(graph.metadata.get("non_finite_states", ()))
+        carrying = mask_carriers(graph, graph.metadata.get("non_finite_states", ()))
         for index, node in enumerate(graph.nodes):
             op = canonical(node.op_type)
-            carries_mask = (op in MASK_CARRIERS and any(v in masked for v in node.inputs)) or (
-                writes_infinite_fill(node)
-            )
-            if carries_mask:
-                masked.update(o for o in node.outputs if o)
-            if op not in FORWARD_SAFE and not carries_mask:
+            if op not in FORWARD_SAFE and index not in carrying:
                 self._forward_slot[index] = len(self.checked_nodes)
                 self.checked_nodes.append(index)
             for value in node.outputs:

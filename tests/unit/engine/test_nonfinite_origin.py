@@ -113,3 +113,45 @@ def test_nan_in_the_batch_is_reported_as_the_input() -> None:
     assert m.non_finite_origin is not None
     assert (m.non_finite_origin.op_type, m.non_finite_origin.phase) == ("input", "forward")
     assert m.non_finite_origin.node == "input"
+
+
+class AdditiveMask(nn.Module):
+    """scores + mask: the batch's mask holds 0 where a position is attended, -inf where not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.out = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        scores = self.q(x) @ self.k(x).transpose(1, 2) / 8**0.5 + mask[:, None, :]
+        return self.out(scores.softmax(-1) @ x).mean(1)
+
+
+def _masked_batch(fill: float) -> tuple[torch.Tensor, torch.Tensor]:
+    x, mask = torch.randn(4, 6, 8), torch.zeros(4, 6)
+    mask[:, 4:] = fill
+    return x, mask
+
+
+@pytest.mark.parametrize("fmt", ["torch_export", "onnx"])
+def test_an_additive_minus_inf_mask_in_the_batch_is_no_origin(fmt: str) -> None:
+    torch.manual_seed(0)
+    module = AdditiveMask()
+    x, mask = _masked_batch(float("-inf"))
+    if fmt == "torch_export":
+        data = to_torch_export(module, (x, mask))
+    else:
+        data = to_onnx(module, (x, mask), input_names=["x", "mask"])
+    m = measure(build_subject(data, npz_bytes(x=x, mask=mask), DiagnoseOptions()))
+    assert m.non_finite_origin is None
+    assert any("'mask' holds -inf entries" in note for note in m.notes)
+
+
+def test_a_plus_inf_or_nan_in_that_mask_is_still_the_origin() -> None:
+    torch.manual_seed(0)
+    module = AdditiveMask()
+    for fill in (float("inf"), float("nan")):
+        x, mask = _masked_batch(fill)
+        data = to_torch_export(module, (x, mask))
+        m = measure(build_subject(data, npz_bytes(x=x, mask=mask), DiagnoseOptions()))
+        assert m.non_finite_origin is not None and m.non_finite_origin.node == "mask"
