@@ -66,8 +66,14 @@ BACKWARD_SAFE = _VIEWS | frozenset(
 
 
 # Ops through which a mask's -inf entries travel to where they are used (added to scores).
-MASK_CARRIERS = _VIEWS | frozenset({"add", "sub", "mul", "where", "expand", "tile", "cast"})
-_MASKED_FILLS = frozenset({"maskedfill", "maskedfill_"})
+MASK_CARRIERS = _VIEWS | frozenset(
+    {"add", "sub", "mul", "where", "expand", "tile", "cast", "triu", "tril", "trilu", "clone"}
+    | {"contiguous", "repeat", "maskedfill", "to", "typeas"}
+)
+# Ops that write a constant value given by the program: an infinite one is a mask's, on purpose.
+_CONSTANT_WRITERS = frozenset(
+    {"maskedfill", "full", "fulllike", "newfull", "fill", "filllike", "scalartensor"}
+)
 
 
 def mask_carriers(graph: ObservableGraph, masks: Sequence[str]) -> set[int]:
@@ -87,15 +93,18 @@ def mask_carriers(graph: ObservableGraph, masks: Sequence[str]) -> set[int]:
 
 
 def writes_infinite_fill(node: Node) -> bool:
-    """An FX `masked_fill(scores, mask, -inf)`: a causal or padding mask written as intended
-    -inf (nanoGPT's attention, and most written-out attention), absorbed by the Softmax after
-    it; not a NaN/Inf origin. (ONNX exports make it a Where, which is not checked.)"""
-    if canonical(node.op_type) not in _MASKED_FILLS:
+    """An FX op writing an infinite constant the program gave it: `masked_fill(scores, mask,
+    -inf)` (nanoGPT's causal mask, MultiheadAttention's padding mask) or `full((T, T), -inf)`
+    (nn.Transformer.generate_square_subsequent_mask): a mask's intended -inf, absorbed by the
+    Softmax after it; not a NaN/Inf origin. (ONNX exports make such masks constants or a
+    Where, neither of which is checked.)"""
+    if canonical(node.op_type) not in _CONSTANT_WRITERS:
         return False
     source = node.source
     args: Sequence[Any] = getattr(source, "args", ())
-    value = args[2] if len(args) > 2 else getattr(source, "kwargs", {}).get("value")
-    return isinstance(value, float) and math.isinf(value)
+    kwargs: dict[str, Any] = getattr(source, "kwargs", {})
+    values = [*args, kwargs.get("value"), kwargs.get("fill_value")]
+    return any(isinstance(v, float) and math.isinf(v) for v in values)
 
 
 def is_backward_safe(node: Node) -> bool:

@@ -688,6 +688,11 @@ def _convert_checked(
     read = {name for node in nodes for name in node.inputs}
     for name in [name for name in parameters if name not in read]:
         buffers[name] = parameters.pop(name).detach()
+    for name, sources in folded_parameter_sources(graph, list(parameters)).items():
+        if sources:
+            restored.folded_from[name] = sources
+        else:  # folded from constants and input shapes: a constant
+            buffers[name] = parameters.pop(name).detach()
     metadata: dict[str, Any] = {
         "mode": mode,
         "extra": dict(extra or {}),
@@ -707,7 +712,6 @@ def _convert_checked(
         metadata["transposed_initializers"] = restored.transposed
     if unfolded.recipes:
         metadata["gate_reordered_initializers"] = unfolded.recipes
-    restored.folded_from = folded_parameter_sources(graph, list(parameters))
     notes = folded_batchnorm_notes(graph) + restored.notes()
     if notes:
         metadata["notes"] = notes  # the engine adds them to the report's notes

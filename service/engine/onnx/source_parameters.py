@@ -104,28 +104,32 @@ class Restored:
 
 
 def folded_parameter_sources(graph: GraphProto, parameters: Sequence[str]) -> dict[str, list[str]]:
-    """Parameters of the graph that the dynamo exporter's optimizer folded out of source
-    parameters (its `pkg.onnxscript.optimizer.folded_from` on the value, minus the
-    constants it generated): name → those sources."""
+    """Parameters of the graph that the dynamo exporter's optimizer folded ahead (its
+    `pkg.onnxscript.optimizer.folded_from` on the value): name → the values it was computed
+    from, less graph inputs (only their shapes can be folded) and the exporter's own
+    constants. An empty list: computed from constants and input shapes alone (`zeros_like` of
+    a padding mask), a constant, no weight."""
     wanted = set(parameters)
+    inputs = {i.name for i in graph.input}
     found: dict[str, list[str]] = {}
     for info in graph.value_info:
         if info.name not in wanted:
             continue
         text = next((p.value for p in info.metadata_props if p.key == FOLDED_FROM_KEY), None)
         try:
-            sources = ast.literal_eval(text) if text else []
+            sources = ast.literal_eval(text) if text else None
         except (ValueError, SyntaxError, MemoryError, RecursionError):
             continue
         if not isinstance(sources, list):
             continue
-        named = [
+        found[info.name] = [
             str(s)
             for s in sources
-            if isinstance(s, str) and not EXPORTER_VALUE_NAME.fullmatch(s) and s not in wanted
+            if isinstance(s, str)
+            and not EXPORTER_VALUE_NAME.fullmatch(s)
+            and s not in wanted
+            and s not in inputs
         ]
-        if named:
-            found[info.name] = named
     return found
 
 

@@ -155,3 +155,36 @@ def test_a_plus_inf_or_nan_in_that_mask_is_still_the_origin() -> None:
         data = to_torch_export(module, (x, mask))
         m = measure(build_subject(data, npz_bytes(x=x, mask=mask), DiagnoseOptions()))
         assert m.non_finite_origin is not None and m.non_finite_origin.node == "mask"
+
+
+class MaskedEncoder(nn.Module):
+    """nn.TransformerEncoder with torch's own causal mask (`full((T, T), -inf)` then `triu`)
+    and a key padding mask (bool; MultiheadAttention turns it into -inf by masked_fill)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        causal = nn.Transformer.generate_square_subsequent_mask(x.shape[1])
+        encoded = self.enc(x, mask=causal, src_key_padding_mask=pad, is_causal=False)
+        return self.out(encoded.mean(1))
+
+
+@pytest.mark.parametrize("fmt", ["torch_export", "onnx_dynamo"])
+def test_torchs_causal_and_padding_masks_are_no_origin(fmt: str) -> None:
+    """And the dynamo optimizer's `zeros_like(pad)`, folded from the padding input's shape
+    alone, is a constant, not a parameter (it was a layer initialised "0×" too small)."""
+    torch.manual_seed(0)
+    module = MaskedEncoder()
+    x, pad = torch.randn(4, 6, 16), torch.zeros(4, 6, dtype=torch.bool)
+    pad[:, 5:] = True
+    if fmt == "torch_export":
+        data = to_torch_export(module, (x, pad))
+    else:
+        data = to_onnx(module, (x, pad), dynamo=True, optimize=True, input_names=["x", "pad"])
+    m = measure(build_subject(data, npz_bytes(x=x, pad=pad), DiagnoseOptions()))
+    assert m.non_finite_origin is None
+    assert {p.name for p in m.parameters} == {n for n, _ in module.named_parameters()}
