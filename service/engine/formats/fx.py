@@ -71,6 +71,18 @@ VIEW_OPS = frozenset(
 _RESHAPING_VIEWS = frozenset({aten.view.default})
 
 _DROPOUT_OPS = {"dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout"}
+_DROPOUT_OPS |= {"native_dropout"}
+# Ops with a dropout inside: (position, keyword) of their dropout probability, set to 0 in train
+# mode unless dropout is asked for. MultiheadAttention in training calls
+# scaled_dot_product_attention with dropout_p = its dropout; a stacked LSTM/GRU/RNN drops out
+# between its layers.
+_INNER_DROPOUT: dict[Any, tuple[int, str]] = {
+    aten.scaled_dot_product_attention.default: (4, "dropout_p"),
+    aten.lstm.input: (5, "dropout"),
+    aten.gru.input: (5, "dropout"),
+    aten.rnn_tanh.input: (5, "dropout"),
+    aten.rnn_relu.input: (5, "dropout"),
+}
 
 
 def op_name(target: Any) -> str:
@@ -110,6 +122,17 @@ def _train_mode_fn(target: Any, dropout: bool) -> tuple[Callable[..., Any], str]
             return target(x, p, dropout)
 
         return dropout_fn, name
+    if target in _INNER_DROPOUT and not dropout:
+        position, keyword = _INNER_DROPOUT[target]
+
+        def without_dropout(*args: Any, **kwargs: Any) -> Any:
+            if len(args) > position:
+                args = (*args[:position], 0.0, *args[position + 1 :])
+            if keyword in kwargs:
+                kwargs = {**kwargs, keyword: 0.0}
+            return target(*args, **kwargs)
+
+        return without_dropout, name
     return None
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -94,3 +96,33 @@ def test_arrays_feed_inputs_by_name_end_to_end(fmt: str) -> None:
     assert torch.equal(subject.inputs[0], image) and torch.equal(subject.inputs[1], scale)
     with torch.no_grad():
         assert torch.allclose(subject.module(*subject.inputs), module(image, scale))
+
+
+class InnerDropout(nn.Module):
+    """Dropout inside ops: MultiheadAttention's (scaled_dot_product_attention's dropout_p in
+    training) and a stacked LSTM's between its layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.5, batch_first=True)
+        self.lstm = nn.LSTM(8, 8, num_layers=2, dropout=0.5, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lstm(self.attn(x))[0]
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_train_mode_switches_off_dropout_inside_ops_unless_asked(dropout: bool) -> None:
+    torch.manual_seed(0)
+    module = InnerDropout().train()  # exported in training: dropout_p = 0.5 in the graph
+    x = torch.randn(3, 5, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nn.LSTM's flat weights warn during torch.export
+        data = to_torch_export(module, x)
+    subject = build_subject(data, npz_bytes(x=x), DiagnoseOptions(dropout=dropout))
+    with torch.no_grad():
+        runs = [subject.module(x) for _ in range(2)]
+        expected = module.eval()(x)
+    assert torch.equal(runs[0], runs[1]) != dropout  # random only when dropout is asked for
+    if not dropout:
+        assert torch.allclose(runs[0], expected, atol=1e-5)
