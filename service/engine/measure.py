@@ -171,7 +171,7 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
     collected = _collect(pstats, probe, loss_total, step_sq)
     for i, x in enumerate(subject.inputs):  # a NaN in the batch is its own origin
         if x.is_floating_point():
-            collected[f"input.{i}"] = torch.sum(x, dtype=torch.float32).reshape(1)
+            collected[f"input.{i}"] = torch.sum(x, dtype=torch.float64).reshape(1)
             # only -inf besides finite values: an additive attention mask (origin.mask_inputs)
             bad = torch.isnan(x) | torch.isposinf(x)
             collected[f"input_nan_posinf.{i}"] = bad.sum(dtype=torch.float32).reshape(1)

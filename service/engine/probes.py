@@ -1,8 +1,9 @@
 """The observer passed to `ObservableGraph.run`: forward statistics and backward hooks per node.
 
 Per pass (one micro-batch) it collects, all as 0-dim/small tensors on the model's device:
-- forward: a float32 sum of every node output that can create a NaN/Inf (FORWARD_SAFE ops,
-  which cannot, are skipped). A non-finite sum marks a non-finite output; the first such node
+- forward: a float64 sum of every node output that can create a NaN/Inf (FORWARD_SAFE ops,
+  which cannot, are skipped; float64 so that large finite values do not overflow it). A
+  non-finite sum marks a non-finite output; the first such node
   in execution order is the forward origin. For a node whose output is a layer output the
   layer's mean stands in for the sum (non-finite when the output holds a NaN/Inf, as the sum).
 - layer outputs (layers.py): mean/variance (torch.var_mean), saturated count, alive-unit
@@ -260,7 +261,9 @@ class Probe:
                     # finiteness check, one reduction over the output instead of two
                     record["forward"][forward_slot] = mean
             elif forward_slot is not None:
-                record["forward"][forward_slot] = torch.sum(value, dtype=torch.float32)
+                # float64: a float32 sum of large finite values (an attention mask's
+                # finfo.min entries) overflows to -inf and would read as a NaN/Inf origin
+                record["forward"][forward_slot] = torch.sum(value, dtype=torch.float64)
             if slot is not None and value.requires_grad:
                 value.register_hook(self._make_hook(slot, layer_index))
 
@@ -314,7 +317,9 @@ class Probe:
             for kind in ("layer_grad", "layer_mean", "layer_var", "layer_sat")
             for i in rows
         ]
-        pieces = forward + backward + layer_rows
+        # the forward sums as finiteness marks, 0 or NaN (x - x), before any float32 cast
+        sums = torch.stack(forward) if forward else torch.zeros(0, device=self.device)
+        pieces = [*(sums - sums).float().unbind(0), *backward, *layer_rows]
         stacked = torch.stack(pieces).float() if pieces else torch.zeros(0, device=self.device)
         sizes = [len(forward), len(backward)] + [n_layers] * 4
         fwd, bwd, grad_norm, means, variances, sat = stacked.split(sizes)

@@ -188,3 +188,53 @@ def test_torchs_causal_and_padding_masks_are_no_origin(fmt: str) -> None:
     m = measure(build_subject(data, npz_bytes(x=x, pad=pad), DiagnoseOptions()))
     assert m.non_finite_origin is None
     assert {p.name for p in m.parameters} == {n for n, _ in module.named_parameters()}
+
+
+class ExtendedMask(nn.Module):
+    """Hugging Face's extended attention mask: (1 - mask) * finfo.min, added to the scores.
+    Finite, but a float32 sum of a few finfo.min entries overflows to -inf."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.q, self.k = nn.Embedding(50, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        extended = (1.0 - attention_mask[:, None, :].to(h.dtype)) * torch.finfo(h.dtype).min
+        scores = self.q(h) @ self.k(h).transpose(1, 2) / 8**0.5 + extended
+        return self.out((scores.softmax(-1) @ h)[:, 0])
+
+
+@pytest.mark.parametrize("fmt", ["torch_export", "onnx_dynamo"])
+def test_large_finite_mask_values_are_not_mistaken_for_inf(fmt: str) -> None:
+    torch.manual_seed(0)
+    module = ExtendedMask()
+    ids, mask = torch.randint(0, 50, (4, 7)), torch.ones(4, 7, dtype=torch.long)
+    mask[:, 5:] = 0
+    if fmt == "torch_export":
+        data = to_torch_export(module, (ids, mask))
+    else:
+        names = ["ids", "attention_mask"]
+        data = to_onnx(module, (ids, mask), dynamo=True, optimize=True, input_names=names)
+    batch = npz_bytes(ids=ids, attention_mask=mask, labels=torch.randint(0, 2, (4,)))
+    m = measure(build_subject(data, batch, DiagnoseOptions()))
+    assert m.non_finite_origin is None
+
+
+class Rescaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x * 1e-38)
+
+
+def test_a_batch_of_large_finite_values_is_no_input_origin() -> None:
+    """Every entry -3e38: finite, though their float32 sum is not."""
+    data = to_torch_export(Rescaled(), torch.randn(8, 4))
+    x = torch.full((8, 4), -3e38)
+    m = measure(build_subject(data, npz_bytes(x=x), DiagnoseOptions(loss="output_norm")))
+    assert m.non_finite_origin is None
+    assert not [note for note in m.notes if "holds -inf" in note]  # nor taken for a mask
