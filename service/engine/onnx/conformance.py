@@ -55,6 +55,10 @@ def _refill(model: ModelProto, graph: ObservableGraph) -> ModelProto:
     for folded, weight in transposed.items():
         if isinstance(values.get(weight), torch.Tensor):
             values[folded] = values[weight].t()
+    shapes = {init.name: list(init.dims) for init in model.graph.initializer}
+    for folded, vector in graph.metadata.get("reshaped_initializers", {}).items():
+        if isinstance(values.get(vector), torch.Tensor) and folded in shapes:
+            values[folded] = values[vector].reshape(shapes[folded])
     for folded, recipe in graph.metadata.get("gate_reordered_initializers", {}).items():
         with torch.no_grad():
             values[folded] = GateReorder(recipe.blocks, recipe.halves)(

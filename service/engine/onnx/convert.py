@@ -663,7 +663,9 @@ def _convert_checked(
         raise UnsupportedModelError(_format_problems(builder.problems))
     taken = [*buffers, *constants, *(i.name for i in input_infos)]
     taken += [o for n in nodes for o in n.outputs]
-    nodes, restored = restore_source_parameters(nodes, parameters, dict.fromkeys(taken))
+    nodes, restored = restore_source_parameters(
+        nodes, parameters, dict.fromkeys(taken), folded_parameter_sources(graph, list(parameters))
+    )
     _fold_constants(nodes, constants)
 
     unfolded = UnfoldedWeights()
@@ -710,6 +712,8 @@ def _convert_checked(
         metadata["non_finite_states"] = sorted(non_finite)
     if restored.transposed:  # onnxruntime's copy of the model reads them
         metadata["transposed_initializers"] = restored.transposed
+    if restored.reshaped:
+        metadata["reshaped_initializers"] = restored.reshaped
     if unfolded.recipes:
         metadata["gate_reordered_initializers"] = unfolded.recipes
     notes = folded_batchnorm_notes(graph) + restored.notes()

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import ast
 import re
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from onnx import GraphProto, NodeProto
@@ -53,6 +54,7 @@ class Restored:
 
     split: dict[str, list[str]] = field(default_factory=dict)  # merged name → names added
     transposed: dict[str, str] = field(default_factory=dict)  # folded name → its weight
+    reshaped: dict[str, str] = field(default_factory=dict)  # folded name → its vector
     tied: list[str] = field(default_factory=list)  # weights a folded copy had untied
     zero_biases: list[str] = field(default_factory=list)
     # recurrent weights split out of initializers the optimizer folded (recurrent_weights.py)
@@ -74,6 +76,12 @@ class Restored:
                 [f"{old} = {new}ᵀ" for old, new in self.transposed.items()],
                 "weights the ONNX exporter had stored transposed under generated names are the "
                 "source model's parameters again, in their own shapes ({})",
+            ),
+            (
+                [f"{old} = {new} reshaped" for old, new in self.reshaped.items()],
+                "vectors the ONNX exporter had stored reshaped under generated names (a "
+                "normalisation's weight as [C, 1, 1]) are the source model's parameters again, "
+                "in their own shapes ({})",
             ),
             (
                 self.tied,
@@ -216,12 +224,19 @@ def read_parameter_names(proto: NodeProto) -> list[str] | None:
     return None if any(n is None for n in names) else [n for n in names if n is not None]
 
 
-def _reads(initializer: str, proto: NodeProto, known: Mapping[str, str]) -> str | None:
-    """Which source parameter `initializer` stands for in this node, or None if unclear."""
+def _reads(
+    initializer: str, proto: NodeProto, known: Mapping[str, str], folded_from: str | None
+) -> str | None:
+    """Which source parameter `initializer` stands for in this node, or None if unclear.
+    `folded_from`: the one source parameter the optimizer folded it from, when it says so."""
     placeholders = _read_placeholders(proto)
     if _placeholder(initializer) in placeholders:
         return initializer
-    if EXPORTER_VALUE_NAME.fullmatch(initializer):
+    if EXPORTER_VALUE_NAME.fullmatch(initializer) and folded_from:
+        # the same attribute as its source (`1.n1.weight` → this GroupNorm's `weight`)
+        attribute = folded_from.rsplit(".", 1)[-1]
+        matched = [p for p in placeholders if p.endswith("_" + attribute)]
+    elif EXPORTER_VALUE_NAME.fullmatch(initializer):
         # a folded weight: aten.linear's (it reads input, weight, bias), else the op's only
         # weight (`weight`, `in_proj_weight`, `weight_hh_l0`)
         linear = _LINEAR_WEIGHT.search(_metadata(proto, FX_NODE_KEY) or "")
@@ -235,18 +250,31 @@ def _reads(initializer: str, proto: NodeProto, known: Mapping[str, str]) -> str 
 
 
 Reads = list[tuple[Node, int]]  # (node, input slot) pairs reading one value
+_ELEMENTWISE = frozenset({"Mul", "Add", "Sub", "Div"})
+
+
+def _scales_elementwise(tensor: torch.Tensor, reads: Reads) -> bool:
+    """A vector in a broadcasting shape ([C, 1, 1]: one dimension not 1) read only by
+    elementwise ops: a normalisation's weight or bias, folded into that shape."""
+    return (
+        tensor.dim() >= 2
+        and sum(d != 1 for d in tensor.shape) <= 1
+        and all(node.op_type in _ELEMENTWISE for node, _ in reads)
+    )
 
 
 def restore_source_parameters(
     nodes: Sequence[Node],
     parameters: MutableMapping[str, torch.Tensor],
     taken: Mapping[str, object],
+    folded_from: Mapping[str, list[str]],
 ) -> tuple[list[Node], Restored]:
     """Split merged initializers, turn folded transposes back into the source's weights and
     restore dropped zero biases (module docstring). `parameters`: the graph's trainable
     tensors by value name (entries are added and removed); `taken`: every other value name in
-    use, never reused for a restored parameter. Returns the nodes, with a `Transpose` ahead of
-    each reader of a folded weight, and what changed."""
+    use, never reused for a restored parameter; `folded_from`: `folded_parameter_sources`.
+    Returns the nodes, with a `Transpose` or `Reshape` ahead of each reader of a folded
+    weight, and what changed."""
     known = {_placeholder(name): name for name in parameters}
     readers: dict[str, Reads] = {}
     for node in nodes:
@@ -255,22 +283,39 @@ def restore_source_parameters(
                 readers.setdefault(name, []).append((node, slot))
     restoring = _Restoring(parameters, set(parameters) | set(taken))
     for initializer, reads in readers.items():
+        sources = folded_from.get(initializer, [])
+        single = sources[0] if len(sources) == 1 else None
         groups: dict[str, Reads] = {}
         for node, slot in reads:
             proto = node.source
-            source = _reads(initializer, proto, known) if isinstance(proto, NodeProto) else None
+            source = (
+                _reads(initializer, proto, known, single) if isinstance(proto, NodeProto) else None
+            )
             if source is None:
                 break
             groups.setdefault(source, []).append((node, slot))
         else:
-            if EXPORTER_VALUE_NAME.fullmatch(initializer):
-                restoring.untranspose(initializer, groups)
-            else:
+            if not EXPORTER_VALUE_NAME.fullmatch(initializer):
                 restoring.split(initializer, groups)
+            elif single and _scales_elementwise(parameters[initializer], reads):
+                restoring.unreshape(initializer, groups)
+            else:
+                restoring.untranspose(initializer, groups)
     for node in nodes:
         restoring.zero_bias(node, known)
     before = restoring.before
     return [t for node in nodes for t in [*before.get(id(node), []), node]], restoring.restored
+
+
+@dataclass
+class _Derivation:
+    """How a folded initializer follows from its source parameter: the op its readers run
+    again (`fn`, as `op_type` with `attrs`) and its inverse (`to_source`)."""
+
+    op_type: str
+    to_source: Callable[[torch.Tensor], torch.Tensor]
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    attrs: dict[str, Any]
 
 
 @dataclass
@@ -292,33 +337,60 @@ class _Restoring:
         shape (or, when the graph has it already, the parameter it is tied to), and each
         reader of the folded tensor reads its own `Transpose` of it, as an unoptimised export
         has it."""
+        if self.parameters[initializer].dim() == 2:
+            transpose = _Derivation("Transpose", torch.t, torch.t, {"perm": [1, 0]})
+            if self._rederive(initializer, groups, transpose):
+                self.restored.transposed[initializer] = next(iter(groups))
+
+    def unreshape(self, initializer: str, groups: Mapping[str, Reads]) -> None:
+        """A folded reshape of a vector (a GroupNorm's weight as [C, 1, 1] for its Mul), maybe
+        merged across layers: one vector parameter per source again, each reader reading its
+        own `Reshape` of it."""
+        shape = tuple(self.parameters[initializer].shape)
+        reshape = _Derivation("Reshape", torch.flatten, lambda w: w.reshape(shape), {})
+        if self._rederive(initializer, groups, reshape):
+            self.restored.reshaped[initializer] = next(iter(groups))
+            if len(groups) > 1:
+                self.restored.split[initializer] = list(groups)[1:]
+
+    def _rederive(
+        self, initializer: str, groups: Mapping[str, Reads], derivation: _Derivation
+    ) -> bool:
+        """Each source parameter of `groups` from the folded tensor (`derivation.to_source`;
+        one already in the graph must hold those values: a tie), the folded tensor gone, and
+        each reader reading its own node that derives it again (`derivation.fn`)."""
         folded = self.parameters[initializer]
-        if folded.dim() != 2:
-            return
+        with torch.no_grad():
+            source_values = derivation.to_source(folded)
         for source in groups:
             if source in self.parameters:  # tied: the same values, or not the same parameter
                 weight = self.parameters[source]
                 with torch.no_grad():
-                    if weight.shape != folded.t().shape or not torch.equal(weight, folded.t()):
-                        return
+                    if weight.shape != source_values.shape or not torch.equal(
+                        weight, source_values
+                    ):
+                        return False
             elif source in self.used:
-                return
+                return False
         del self.parameters[initializer]
         for source, reads in groups.items():
             if source not in self.parameters:
-                with torch.no_grad():
-                    self.add(source, folded.t().contiguous())
+                self.add(source, source_values.contiguous().clone())
             else:
                 self.restored.tied.append(source)
             for k, (node, slot) in enumerate(reads):
-                value = f"{initializer}::{source}.T{k}"
-                transpose = Node(
-                    name=value, op_type="Transpose", inputs=[source], outputs=[value], fn=torch.t
+                value = f"{initializer}::{source}.{derivation.op_type}{k}"
+                derived = Node(
+                    name=value,
+                    op_type=derivation.op_type,
+                    inputs=[source],
+                    outputs=[value],
+                    fn=derivation.fn,
                 )
-                transpose.attrs["perm"] = [1, 0]
-                self.before.setdefault(id(node), []).append(transpose)
+                derived.attrs.update(derivation.attrs)
+                self.before.setdefault(id(node), []).append(derived)
                 _rewire([(node, slot)], value)
-        self.restored.transposed[initializer] = next(iter(groups))
+        return True
 
     def split(self, initializer: str, groups: Mapping[str, Reads]) -> None:
         """A merged initializer: the source parameters its readers read under other names

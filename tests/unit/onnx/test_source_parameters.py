@@ -151,3 +151,38 @@ def test_a_parameter_computed_ahead_by_the_optimizer_names_its_source() -> None:
     assert "pos" not in names  # what the file holds is the computed slice
     (note,) = [n for n in graph.metadata["notes"] if "computed some parameters ahead" in n]
     assert "from pos" in note and "optimize=False" in note
+
+
+class GroupNormBlocks(nn.Module):
+    """GroupNorm exports as InstanceNormalization then Mul/Add by its weight and bias, which
+    the optimizer folds into [C, 1, 1] initializers, merged across layers (all ones/zeros)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.norm1, self.norm2 = nn.GroupNorm(2, 8), nn.GroupNorm(2, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = nn.functional.silu(self.norm1(self.conv1(x)))
+        return nn.functional.silu(self.norm2(self.conv2(h)))
+
+
+IMAGES = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+
+
+def test_a_folded_and_merged_normalisation_vector_is_each_layers_parameter_again() -> None:
+    module = GroupNormBlocks()
+    exported = to_onnx(module, IMAGES, dynamo=True, optimize=True)
+    model = onnx.load_from_string(exported)
+    assert any(i.name.startswith("val_") and len(i.dims) == 3 for i in model.graph.initializer)
+    graph = convert(model)
+    expected = _gradients(module, IMAGES)
+    ours = _graph_gradients(graph, IMAGES)
+    assert set(ours) == set(expected)
+    for name, grad in expected.items():
+        assert ours[name].shape == grad.shape, name
+        assert torch.allclose(ours[name], grad, rtol=2e-3, atol=1e-6), name
+    assert any("stored reshaped" in note for note in graph.metadata["notes"])
+    check = check_conversion(model, graph, [IMAGES])  # weights released: refilled, reshaped
+    assert check.checked and check.max_abs_error is not None and check.max_abs_error < 1e-5
