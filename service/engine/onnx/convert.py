@@ -80,7 +80,11 @@ from onnx import GraphProto, ModelProto, NodeProto, TensorProto, helper
 
 import service.engine.onnx.ops  # noqa: F401  (registers every op family)
 from service.engine.graph import ConstantResult, Node, ObservableGraph, passthrough
-from service.engine.onnx.gradient_paths import gradient_free_initializers
+from service.engine.onnx.gradient_paths import (
+    consumed_names,
+    gradient_free_initializers,
+    subgraphs,
+)
 from service.engine.onnx.loading import load_onnx, load_onnx_bundle, resolve_external_data
 from service.engine.onnx.ops._util import FLOAT_DTYPES, ONNX_TO_TORCH
 from service.engine.onnx.recurrent_weights import (
@@ -619,7 +623,7 @@ def _convert_checked(
         ("" if o.domain in DEFAULT_DOMAINS else o.domain): int(o.version)
         for o in model.opset_import
     }
-    consumed = _consumed_names(graph)
+    consumed = consumed_names(graph)
     builder = _Builder(opsets, mode, extra or {}, consumed)
     builder.problems.extend(problems)
 
@@ -866,9 +870,8 @@ def _zero_initial_states(graph: GraphProto, weights: Mapping[str, torch.Tensor])
         slots = INITIAL_STATE_SLOTS.get((domain, node.op_type), ())
         for i, name in enumerate(node.input):
             (at_slot if i in slots else elsewhere).add(name)
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
-                elsewhere |= _consumed_names(sub)
+        for sub in subgraphs(node):
+            elsewhere |= consumed_names(sub)
     return {
         name
         for name in at_slot - elsewhere
@@ -897,17 +900,6 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     if bool(torch.isfinite(tensor.sum())):
         return True
     return bool(torch.isfinite(tensor).all())
-
-
-def _consumed_names(graph: GraphProto) -> set[str]:
-    """Every value name read by a node (subgraphs included) or returned by a graph."""
-    names = {o.name for o in graph.output}
-    for node in graph.node:
-        names.update(node.input)
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
-                names |= _consumed_names(sub)
-    return names
 
 
 def _constant_as_state(

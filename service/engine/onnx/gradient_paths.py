@@ -80,29 +80,33 @@ def _has_gradient(node: NodeProto) -> bool:
     return True
 
 
-def _subgraph_names(graph: GraphProto) -> set[str]:
-    names: set[str] = set()
+def consumed_names(graph: GraphProto) -> set[str]:
+    """Every value name read by a node (subgraphs included) or returned by a graph."""
+    names = {o.name for o in graph.output}
     for node in graph.node:
         names.update(node.input)
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
-                names |= _subgraph_names(sub)
-    names.update(o.name for o in graph.output)
+        for sub in subgraphs(node):
+            names |= consumed_names(sub)
     return names
+
+
+def subgraphs(node: NodeProto) -> list[GraphProto]:
+    """The bodies a node carries (If's branches, Loop's and Scan's body)."""
+    return [
+        sub
+        for attr in node.attribute
+        for sub in ([attr.g] if attr.HasField("g") else list(attr.graphs))
+    ]
 
 
 def gradient_free_initializers(graph: GraphProto) -> set[str]:
     """The initializers of `graph` from which no differentiable path reaches an output."""
     carrying = {o.name for o in graph.output}
     for node in reversed(graph.node):
-        subgraphs = [
-            sub
-            for attr in node.attribute
-            for sub in ([attr.g] if attr.HasField("g") else list(attr.graphs))
-        ]
-        if subgraphs:  # a body may read any outer value: all of them may carry gradient
-            for sub in subgraphs:
-                carrying |= _subgraph_names(sub)
+        bodies = subgraphs(node)
+        if bodies:  # a body may read any outer value: all of them may carry gradient
+            for sub in bodies:
+                carrying |= consumed_names(sub)
             carrying.update(node.input)
             continue
         if not _has_gradient(node) or not any(o in carrying for o in node.output if o):

@@ -1,26 +1,32 @@
 """Parameters as the source module had them, where the dynamo exporter's optimizer changed them.
 
-`torch.onnx.export(..., dynamo=True)` optimises the graph by default, and three of its rewrites
-change what a report would say about parameters:
+`torch.onnx.export(..., dynamo=True)` optimises the graph by default, and these rewrites change
+what a report would say about parameters:
 - initializers with identical values are merged into one. A fresh model has many: LayerNorm
   weights are all ones and biases all zeros, and `nn.TransformerEncoder` deep-copies its layer,
   so every layer starts as the same tensors. The merged initializer's gradient is then the sum
   over every layer that reads it (4× a LayerNorm's own in a 2-layer encoder), reported for each.
 - `Transpose(linear.weight)` is constant-folded into a new initializer named like `val_86`, in
   the transposed shape; a weight the source also reads elsewhere (an output projection tied to
-  the input embedding) is then two tensors, and the tie is gone.
+  the input embedding) is then two tensors, and the tie is gone. A GroupNorm's weight and bias
+  are folded the same way into [C, 1, 1] vectors for their Mul and Add (and merged).
 - an all-zero bias of a `Gemm` (a fresh attention out-projection's) is dropped.
+- values computed from parameters are folded ahead (a positional embedding sliced to the
+  sequence length), or from input shapes alone (`zeros_like` of a padding mask).
 
 Every node of that exporter records the FX node it came from (`pkg.torch.onnx.fx_node`:
 `aten.linear.default](args = (%x, %p_enc_layers_0_linear1_weight, %p_enc_layers_0_linear1_bias)`)
 and its module scopes (`pkg.torch.onnx.name_scopes`): the parameter placeholders it read, named
-`p_` + the dotted source name with `.` → `_`. From them, `restore_source_parameters` splits a
+`p_` + the dotted source name with `.` → `_`; and each folded value records what it was folded
+from (`pkg.onnxscript.optimizer.folded_from`). From them, `restore_source_parameters` splits a
 merged initializer into one parameter per source parameter (clones of the one tensor: the values
-the source model had), turns a folded weight back into the source's parameter (its readers
-read a `Transpose` of it, as in an unoptimised export; a tied one reads the parameter it is
-tied to) and gives a Gemm its zero bias back. Tied weights (one placeholder read by several
-nodes) stay one parameter. Where any reader of an initializer cannot be resolved
-(no metadata, a legacy export, an ambiguous node), that initializer is left as it is.
+the source model had), turns a folded weight or vector back into the source's parameter (its
+readers run a `Transpose` or `Reshape` of it, as in an unoptimised export; a tied one reads the
+parameter it is tied to) and gives a Gemm its zero bias back; `folded_parameter_sources` tells
+what a folded value came from (convert.py: the note, or a constant when inputs and constants
+alone). Tied weights (one placeholder read by several nodes) stay one parameter. Where any
+reader of an initializer cannot be resolved (no metadata, a legacy export, an ambiguous node),
+that initializer is left as it is.
 """
 
 from __future__ import annotations
