@@ -82,6 +82,7 @@ def recurrent_gates(op_type: str) -> int | None:
 
 _BIAS_OPS = frozenset({"add", "sub", "mul", "div"})
 _PASSTHROUGH = frozenset({"getitem"})
+_SHAPE_ONLY = frozenset({"reshape", "view", "unsqueeze", "cast", "castlike", "identity"})
 
 
 @dataclass
@@ -119,6 +120,7 @@ def group_layers(graph: ObservableGraph) -> list[Layer]:
     consumers = _consumers(nodes)
     graph_outputs = set(graph.output_names)
     shapes = {name: list(graph.parameter(name).shape) for name in params}
+    producers = {out: node for node in nodes for out in node.outputs if out}
     layers: list[Layer] = []
     claimed: set[int] = set()
     for index, node in enumerate(nodes):
@@ -151,7 +153,7 @@ def group_layers(graph: ObservableGraph) -> list[Layer]:
             continue
         layer = Layer(
             name="",
-            op=node.op_type,
+            op=_affine_of_normalization(node, producers) or node.op_type,
             depth=len(layers),
             main=node.name,
             nodes=[node.name],
@@ -167,6 +169,26 @@ def group_layers(graph: ObservableGraph) -> list[Layer]:
     _name_layers(layers)
     _init_activations(layers, nodes, consumers)
     return layers
+
+
+def _affine_of_normalization(node: Node, producers: dict[str, Node]) -> str | None:
+    """The normalisation whose weight a Mul applies, when the Mul is the affine step of a
+    decomposed one: ONNX has no GroupNorm before opset 18, so both exporters write torch's
+    GroupNorm as Reshape → InstanceNormalization (to ones and zeros) → Reshape → Mul by the
+    weight → Add the bias. Judged as a normalisation (scale-invariant input, no fan-in)."""
+    if canonical(node.op_type) != "mul":
+        return None
+    for value in node.inputs:
+        reshaped = False
+        while (producer := producers.get(value)) is not None:
+            op = canonical(producer.op_type)
+            if op == "instancenormalization":
+                return "GroupNormalization" if reshaped else producer.op_type
+            if op not in _SHAPE_ONLY or not producer.inputs:
+                break
+            reshaped = reshaped or op == "reshape"
+            value = producer.inputs[0]
+    return None
 
 
 def _read(value: str, consumers: dict[str, list[int]], graph_outputs: set[str]) -> bool:

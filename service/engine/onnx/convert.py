@@ -101,6 +101,7 @@ from service.engine.onnx.registry import (
 from service.engine.onnx.shape_values import input_shape_nodes
 from service.engine.onnx.source_parameters import (
     EXPORTER_VALUE_NAME,
+    ExportedSignature,
     folded_parameter_sources,
     name_scopes,
     restore_source_parameters,
@@ -667,12 +668,18 @@ def _convert_checked(
         raise UnsupportedModelError(_format_problems(builder.problems))
     taken = [*buffers, *constants, *(i.name for i in input_infos)]
     taken += [o for n in nodes for o in n.outputs]
+    signature = ExportedSignature.of(graph)
     nodes, restored = restore_source_parameters(
-        nodes, parameters, dict.fromkeys(taken), folded_parameter_sources(graph, list(parameters))
+        nodes,
+        parameters,
+        dict.fromkeys(taken),
+        folded_parameter_sources(graph, list(parameters)),
+        signature,
     )
+    buffers.update(restored.constants)
     _fold_constants(nodes, constants)
 
-    unfolded = UnfoldedWeights()
+    unfolded = UnfoldedWeights(signature=signature)
     nodes = fold_lstm_weight_reorders(
         nodes,
         constants,

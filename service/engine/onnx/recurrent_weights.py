@@ -41,7 +41,11 @@ from torch import Tensor
 
 from service.engine.graph import Node
 from service.engine.onnx.ops.recurrent import RecurrentFn, use_gate_blocks
-from service.engine.onnx.source_parameters import fx_node_text, read_parameter_names
+from service.engine.onnx.source_parameters import (
+    ExportedSignature,
+    fx_node_text,
+    read_parameter_names,
+)
 
 # LSTM inputs: X, W, R, B, sequence_lens, initial_h, initial_c, P
 _W, _R, _B = 1, 2, 3
@@ -68,6 +72,8 @@ class UnfoldedWeights:
 
     parameters: dict[str, Tensor] = field(default_factory=dict)
     recipes: dict[str, Recipe] = field(default_factory=dict)
+    # the export's graph signature, which names the parameters the recurrent FX nodes read
+    signature: ExportedSignature = field(default_factory=ExportedSignature)
 
     def take(self, look: _Lookup) -> None:
         self.parameters.update(look.unfolded)
@@ -127,7 +133,7 @@ def fold_lstm_weight_reorders(
     readers.update(graph_outputs)
     dropped: set[int] = set()
     values = StaticValues(producers, constants, static_dims)
-    layer_names = _layer_names(nodes) if unfolded is not None else {}
+    layer_names = _layer_names(nodes, "LSTM", unfolded.signature) if unfolded is not None else {}
     for node in nodes:
         if node.op_type != "LSTM" or not isinstance(node.fn, RecurrentFn):
             continue
@@ -270,7 +276,9 @@ def _match_lstm(
     return params, blocks, look.chain
 
 
-def _layer_names(nodes: Sequence[Node], op_type: str = "LSTM") -> dict[int, list[str]]:
+def _layer_names(
+    nodes: Sequence[Node], op_type: str, signature: ExportedSignature
+) -> dict[int, list[str]]:
     """Node id → the source module's parameter names of that recurrent layer (torch's flat
     order, per direction w_ih, w_hh[, b_ih, b_hh]), for dynamo exports: the FX node each LSTM
     (GRU) node records is the module's whole `aten.lstm` (`aten.gru`), listing every layer's
@@ -285,7 +293,7 @@ def _layer_names(nodes: Sequence[Node], op_type: str = "LSTM") -> dict[int, list
     for layers in by_call.values():
         proto = layers[0].source
         assert isinstance(proto, NodeProto)
-        every = read_parameter_names(proto)
+        every = read_parameter_names(proto, signature)
         if not every or len(every) % len(layers):
             continue
         size = len(every) // len(layers)
@@ -367,7 +375,7 @@ def unfold_gru_initializers(
     metadata, torch's gate order), each ONNX tensor computed from them by a `GateReorder`
     node just before the GRU, so gradients and the report are per torch parameter."""
     producers = {out: node for node in nodes for out in node.outputs if out}
-    layer_names = _layer_names(nodes, "GRU")
+    layer_names = _layer_names(nodes, "GRU", unfolded.signature)
     before: dict[int, list[Node]] = {}
     for node in nodes:
         names = layer_names.get(id(node))

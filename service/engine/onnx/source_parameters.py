@@ -10,23 +10,30 @@ what a report would say about parameters:
   the transposed shape; a weight the source also reads elsewhere (an output projection tied to
   the input embedding) is then two tensors, and the tie is gone. A GroupNorm's weight and bias
   are folded the same way into [C, 1, 1] vectors for their Mul and Add (and merged).
-- an all-zero bias of a `Gemm` (a fresh attention out-projection's) is dropped.
+- an all-zero bias of a `Gemm` (a fresh attention out-projection's, GPT-2's Conv1D) or of a
+  `Conv` (a ViT's patch embedding) is dropped.
+- a GroupNorm exports as an InstanceNormalization to constant ones and zeros, which are merged
+  with a parameter of equal values when the norm has one group per channel (wav2vec2).
 - values computed from parameters are folded ahead (a positional embedding sliced to the
   sequence length), or from input shapes alone (`zeros_like` of a padding mask).
 
 Every node of that exporter records the FX node it came from (`pkg.torch.onnx.fx_node`:
 `aten.linear.default](args = (%x, %p_enc_layers_0_linear1_weight, %p_enc_layers_0_linear1_bias)`)
 and its module scopes (`pkg.torch.onnx.name_scopes`): the parameter placeholders it read, named
-`p_` + the dotted source name with `.` → `_`; and each folded value records what it was folded
-from (`pkg.onnxscript.optimizer.folded_from`). From them, `restore_source_parameters` splits a
+`p_` + the dotted source name with `.` → `_`, lower-cased; the graph's metadata holds the
+program's signature, which maps each placeholder to its source name and says which are
+parameters (`ExportedSignature`); and each folded value records what it was folded from
+(`pkg.onnxscript.optimizer.folded_from`). From them, `restore_source_parameters` splits a
 merged initializer into one parameter per source parameter (clones of the one tensor: the values
 the source model had), turns a folded weight or vector back into the source's parameter (its
 readers run a `Transpose` or `Reshape` of it, as in an unoptimised export; a tied one reads the
-parameter it is tied to) and gives a Gemm its zero bias back; `folded_parameter_sources` tells
-what a folded value came from (convert.py: the note, or a constant when inputs and constants
-alone). Tied weights (one placeholder read by several nodes) stay one parameter. Where any
-reader of an initializer cannot be resolved (no metadata, a legacy export, an ambiguous node),
-that initializer is left as it is.
+parameter it is tied to), gives a Gemm or Conv its zero bias back and a GroupNorm's
+InstanceNormalization its constants (`Restored.constants`); `folded_parameter_sources` tells
+what parameters a folded value came from (convert.py: the note, or a constant when inputs,
+buffers and constants alone: a causal mask, rotary tables from `inv_freq`). Tied weights
+(one placeholder read by several nodes) stay one parameter. Where any reader of an
+initializer cannot be resolved (no metadata, a legacy export, an ambiguous node), that
+initializer is left as it is.
 """
 
 from __future__ import annotations
@@ -51,6 +58,35 @@ EXPORTER_VALUE_NAME = re.compile(r"val_\d+")
 _PARAMETER_PLACEHOLDER = re.compile(r"%(p_[A-Za-z0-9_]+)")
 _LINEAR_WEIGHT = re.compile(r"aten\.linear\.default\]\(args = \(%\w+, %(p_[A-Za-z0-9_]+)")
 _SHOWN = 3
+_NOT_ALPHANUMERIC = re.compile(r"[^a-zA-Z0-9]")
+
+
+GRAPH_SIGNATURE_KEY = "pkg.torch.export.ExportedProgram.graph_signature"
+# a line of the printed signature: `p_m_bert_embeddings_layernorm_weight: PARAMETER
+# target='m.bert.embeddings.LayerNorm.weight'`
+_SIGNATURE_INPUT = re.compile(r"^(\w+): ([A-Z_]+) target='([^']+)'", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class ExportedSignature:
+    """The torch.export graph signature the dynamo exporter writes into the graph's metadata:
+    each placeholder's source name (placeholders are lower-cased, so only this gives
+    `LayerNorm` back) and which of them are parameters; empty for any other exporter."""
+
+    parameters: Mapping[str, str] = field(default_factory=dict)  # placeholder → name
+    state: frozenset[str] = frozenset()  # names of buffers and lifted constants
+
+    @classmethod
+    def of(cls, graph: GraphProto) -> ExportedSignature:
+        text = next((p.value for p in graph.metadata_props if p.key == GRAPH_SIGNATURE_KEY), "")
+        parameters: dict[str, str] = {}
+        state: set[str] = set()
+        for placeholder, kind, target in _SIGNATURE_INPUT.findall(text):
+            if kind == "PARAMETER":
+                parameters[placeholder] = target
+            else:
+                state.add(target)
+        return cls(parameters, frozenset(state))
 
 
 @dataclass
@@ -65,6 +101,8 @@ class Restored:
     zero_biases: list[str] = field(default_factory=list)
     # recurrent weights split out of initializers the optimizer folded (recurrent_weights.py)
     unfolded: list[str] = field(default_factory=list)
+    # copies of parameters that stand for an exporter's constant of equal values (no weight)
+    constants: dict[str, torch.Tensor] = field(default_factory=dict)
     # parameters that are constants the optimizer folded out of source parameters → those
     folded_from: dict[str, list[str]] = field(default_factory=dict)
 
@@ -125,6 +163,10 @@ def folded_parameter_sources(graph: GraphProto, parameters: Sequence[str]) -> di
     a padding mask), a constant, no weight."""
     wanted = set(parameters)
     inputs = {i.name for i in graph.input}
+    # with a signature, only its parameters count as sources: buffers (a rotary embedding's
+    # inv_freq), lifted constants and the folded ops' own values (`arange_3`) do not
+    signature = ExportedSignature.of(graph)
+    source_parameters = set(signature.parameters.values())
     found: dict[str, list[str]] = {}
     for info in graph.value_info:
         if info.name not in wanted:
@@ -143,6 +185,7 @@ def folded_parameter_sources(graph: GraphProto, parameters: Sequence[str]) -> di
             and not EXPORTER_VALUE_NAME.fullmatch(s)
             and s not in wanted
             and s not in inputs
+            and (not signature.parameters or s in source_parameters)
         ]
     return found
 
@@ -177,7 +220,10 @@ def name_scopes(proto: NodeProto) -> list[str]:
 
 
 def _placeholder(name: str) -> str:
-    return "p_" + name.replace(".", "_")
+    """torch.export's placeholder for the parameter `name`: `p_` + the name with every
+    character but letters and digits → `_`, lower-cased (`bert.embeddings.LayerNorm.weight` →
+    `p_bert_embeddings_layernorm_weight`; torch/_export/utils.py)."""
+    return "p_" + _NOT_ALPHANUMERIC.sub("_", name).lower()
 
 
 def _dotted(
@@ -187,7 +233,8 @@ def _dotted(
     placeholder → name) when it is one; else split as the initializer `like` is when they
     have as many `_`-separated words (`enc.layers.0.self_attn.in_proj_bias` →
     `enc.layers.1.self_attn.in_proj_bias`), else under the innermost module scope that
-    prefixes it (`p_enc_layers_0_norm2_weight` in `enc.layers.0.norm2`)."""
+    prefixes it (`p_enc_layers_0_norm2_weight` in `enc.layers.0.norm2`). The placeholder is
+    lower-case: each part takes its case back from the scopes or from `like`."""
     if placeholder in known:
         return known[placeholder]
     words = placeholder[2:].split("_")
@@ -202,13 +249,28 @@ def _dotted(
             count = len(segment.split("_"))
             dotted.append("_".join(words[start : start + count]))
             start += count
-        return ".".join(dotted)
+        return _cased(dotted, like, scopes)
     for scope in sorted(scopes, key=len, reverse=True):
         prefix = _placeholder(scope) + "_" if scope else "p_"
         if placeholder.startswith(prefix) and len(placeholder) > len(prefix):
             attribute = placeholder[len(prefix) :]
-            return f"{scope}.{attribute}" if scope else attribute
+            return _cased([*scope.split("."), attribute] if scope else [attribute], like, scopes)
     return None
+
+
+def _cased(parts: Sequence[str], like: str, scopes: Sequence[str]) -> str:
+    """`parts` (lower-case, from a placeholder) with each part's case as a module scope with
+    the same path has it, else as the same part of `like` has it where they agree."""
+    lowered = [p.lower() for p in parts]
+    cased = list(parts)
+    for scope in scopes:
+        path = scope.split(".") if scope else []
+        if [p.lower() for p in path] == lowered[: len(path)]:
+            cased[: len(path)] = path
+    for k, part in enumerate(like.split(".") if like else []):
+        if k < len(cased) and cased[k] == lowered[k] and part.lower() == lowered[k]:
+            cased[k] = part
+    return ".".join(cased)
 
 
 def _read_placeholders(proto: NodeProto) -> list[str]:
@@ -219,14 +281,17 @@ def _read_placeholders(proto: NodeProto) -> list[str]:
     return list(dict.fromkeys(_PARAMETER_PLACEHOLDER.findall(fx_node.split("args = ", 1)[1])))
 
 
-def read_parameter_names(proto: NodeProto) -> list[str] | None:
+def read_parameter_names(
+    proto: NodeProto, signature: ExportedSignature | None = None
+) -> list[str] | None:
     """The source names of the parameters the node's FX op read, in argument order (an
     `aten.lstm` node: every layer's and direction's, in torch's flat-weights order); None
     when the exporter recorded no FX node or a name cannot be told."""
     if _metadata(proto, FX_NODE_KEY) is None:
         return None
     scopes = name_scopes(proto)
-    names = [_dotted(p, "", scopes, {}) for p in _read_placeholders(proto)]
+    known = signature.parameters if signature else {}
+    names = [_dotted(p, "", scopes, known) for p in _read_placeholders(proto)]
     return None if any(n is None for n in names) else [n for n in names if n is not None]
 
 
@@ -240,7 +305,7 @@ def _reads(
         return initializer
     if EXPORTER_VALUE_NAME.fullmatch(initializer) and folded_from:
         # the same attribute as its source (`1.n1.weight` → this GroupNorm's `weight`)
-        attribute = folded_from.rsplit(".", 1)[-1]
+        attribute = _placeholder(folded_from.rsplit(".", 1)[-1])[2:]
         matched = [p for p in placeholders if p.endswith("_" + attribute)]
     elif EXPORTER_VALUE_NAME.fullmatch(initializer):
         # a folded weight: aten.linear's (it reads input, weight, bias), else the op's only
@@ -248,7 +313,7 @@ def _reads(
         linear = _LINEAR_WEIGHT.search(_metadata(proto, FX_NODE_KEY) or "")
         matched = [linear[1]] if linear else [p for p in placeholders if "weight" in p]
     else:
-        attribute = initializer.rsplit(".", 1)[-1]
+        attribute = _placeholder(initializer.rsplit(".", 1)[-1])[2:]
         matched = [p for p in placeholders if p.endswith("_" + attribute)]
     if len(matched) != 1:
         return None
@@ -257,6 +322,22 @@ def _reads(
 
 Reads = list[tuple[Node, int]]  # (node, input slot) pairs reading one value
 _ELEMENTWISE = frozenset({"Mul", "Add", "Sub", "Div"})
+# FX ops a Gemm with a bias comes from: linear(x, W, b) and addmm(b, x, W); a Conv: conv*(x, W, b)
+_BIASED_PRODUCTS = ("aten.linear.", "aten.addmm.")
+_BIASED_CONVOLUTIONS = ("aten.conv1d.", "aten.conv2d.", "aten.conv3d.", "aten.convolution.")
+_GROUP_NORMS = ("aten.group_norm.", "aten.native_group_norm.")
+
+
+def _reads_a_decomposition_constant(node: Node, slot: int) -> bool:
+    """The scale or bias of the InstanceNormalization that `aten.group_norm` exports as: ones
+    and zeros of the group count (the affine weight and bias follow as Mul and Add), which
+    the optimizer merges with a parameter of equal values when groups == channels."""
+    return (
+        node.op_type == "InstanceNormalization"
+        and slot in (1, 2)
+        and isinstance(node.source, NodeProto)
+        and any(op in (fx_node_text(node.source) or "") for op in _GROUP_NORMS)
+    )
 
 
 def _scales_elementwise(tensor: torch.Tensor, reads: Reads) -> bool:
@@ -274,14 +355,19 @@ def restore_source_parameters(
     parameters: MutableMapping[str, torch.Tensor],
     taken: Mapping[str, object],
     folded_from: Mapping[str, list[str]],
+    signature: ExportedSignature | None = None,
 ) -> tuple[list[Node], Restored]:
     """Split merged initializers, turn folded transposes back into the source's weights and
     restore dropped zero biases (module docstring). `parameters`: the graph's trainable
     tensors by value name (entries are added and removed); `taken`: every other value name in
-    use, never reused for a restored parameter; `folded_from`: `folded_parameter_sources`.
+    use, never reused for a restored parameter; `folded_from`: `folded_parameter_sources`;
+    `signature`: the export's, which names each placeholder.
     Returns the nodes, with a `Transpose` or `Reshape` ahead of each reader of a folded
     weight, and what changed."""
-    known = {_placeholder(name): name for name in parameters}
+    known = {
+        **(signature.parameters if signature else {}),
+        **{_placeholder(name): name for name in parameters},
+    }
     readers: dict[str, Reads] = {}
     for node in nodes:
         for slot, name in enumerate(node.inputs):
@@ -291,6 +377,10 @@ def restore_source_parameters(
     for initializer, reads in readers.items():
         sources = folded_from.get(initializer, [])
         single = sources[0] if len(sources) == 1 else None
+        constant_reads = [(n, s) for n, s in reads if _reads_a_decomposition_constant(n, s)]
+        if constant_reads:
+            restoring.constant(initializer, constant_reads)
+            reads = [read for read in reads if read not in constant_reads]
         groups: dict[str, Reads] = {}
         for node, slot in reads:
             proto = node.source
@@ -413,25 +503,45 @@ class _Restoring:
             _rewire(reads, source)
             self.restored.split.setdefault(initializer, []).append(source)
 
+    def constant(self, initializer: str, reads: Reads) -> None:
+        """`reads` of a parameter are an exporter's constant of equal values: each reads a
+        copy of it that is no parameter (`constants`)."""
+        name = _unused(f"{initializer}.constant", self.used)
+        self.used.add(name)
+        self.restored.constants[name] = self.parameters[initializer].detach().clone()
+        _rewire(reads, name)
+
     def zero_bias(self, node: Node, known: Mapping[str, str]) -> None:
-        """A Gemm from `aten.linear` whose bias input the optimizer dropped because it was all
-        zeros (a fresh attention out-projection's): the bias comes back as a zero parameter."""
-        if node.op_type != "Gemm" or not isinstance(node.source, NodeProto):
+        """A Gemm from `aten.linear` or `aten.addmm` (GPT-2's Conv1D), or a Conv, whose bias
+        input the optimizer dropped because it was all zeros (a fresh attention
+        out-projection's, a ViT's patch embedding's): the bias comes back as a zero
+        parameter."""
+        ops = {"Gemm": _BIASED_PRODUCTS, "Conv": _BIASED_CONVOLUTIONS}.get(node.op_type)
+        if ops is None or not isinstance(node.source, NodeProto):
             return
         if (len(node.inputs) > 2 and node.inputs[2]) or node.inputs[1] not in self.parameters:
             return
         fx_node = _metadata(node.source, FX_NODE_KEY) or ""
         biases = [p for p in _read_placeholders(node.source) if p.endswith("bias")]
-        if "aten.linear" not in fx_node or len(biases) != 1:
+        if not any(op in fx_node for op in ops) or len(biases) != 1:
             return
         name = _dotted(biases[0], node.inputs[1], name_scopes(node.source), known)
         if name is None or name in self.used or node.attrs.get("transA", 0):
             return
         weight = self.parameters[node.inputs[1]]
-        features = weight.shape[0] if node.attrs.get("transB", 0) else weight.shape[-1]
+        transposed = node.op_type == "Gemm" and not node.attrs.get("transB", 0)
+        features = weight.shape[-1] if transposed else weight.shape[0]
         self.add(name, weight.detach().new_zeros(features))
         node.inputs = [*node.inputs[:2], name]
         self.restored.zero_biases.append(name)
+
+
+def _unused(name: str, used: set[str]) -> str:
+    candidate, count = name, 1
+    while candidate in used:
+        count += 1
+        candidate = f"{name}_{count}"
+    return candidate
 
 
 def _rewire(reads: Sequence[tuple[Node, int]], name: str) -> None:

@@ -95,3 +95,29 @@ def test_a_tuple_output_unpacked_by_getitems_is_followed_to_the_one_read() -> No
 def test_a_tuple_whose_parts_are_read_twice_stays_the_output() -> None:
     rnn, _ = group_layers(_lstm_like(read_states=True))  # h_n is a graph output too
     assert rnn.output == "lstm"
+
+
+def test_the_affine_step_of_a_decomposed_group_norm_is_a_normalisation_layer() -> None:
+    """Reshape → InstanceNormalization (ones, zeros) → Reshape → Mul weight → Add bias: how both
+    ONNX exporters write nn.GroupNorm. The layer is the GroupNorm, not a Mul with a fan-in."""
+    params = {
+        "conv.weight": torch.randn(4, 2, 3),
+        "norm.weight": torch.ones(4, 1),
+        "norm.bias": torch.zeros(4, 1),
+    }
+    buffers = {"ones": torch.ones(2), "zeros": torch.zeros(2), "groups": torch.tensor([0, 2, -1])}
+    nodes = [
+        Node("conv", "Conv", ["x", "conv.weight"], ["c"], lambda x, w: torch.conv1d(x, w)),
+        Node("r1", "Reshape", ["c", "groups"], ["r"], lambda c, s: c.reshape(c.shape[0], 2, -1)),
+        Node("in", "InstanceNormalization", ["r", "ones", "zeros"], ["n"], lambda r, *_: r),
+        Node("r2", "Reshape", ["n"], ["m"], lambda n: n.reshape(n.shape[0], 4, -1)),
+        Node("mul", "Mul", ["m", "norm.weight"], ["w"], torch.mul),
+        Node("add", "Add", ["w", "norm.bias"], ["y"], torch.add),
+    ]
+    graph = ObservableGraph(
+        nodes, input_names=["x"], output_names=["y"], parameters=params, buffers=buffers
+    )
+    assert [(layer.op, layer.params) for layer in group_layers(graph)] == [
+        ("Conv", ["conv.weight"]),
+        ("GroupNormalization", ["norm.weight", "norm.bias"]),
+    ]

@@ -186,3 +186,103 @@ def test_a_folded_and_merged_normalisation_vector_is_each_layers_parameter_again
     assert any("stored reshaped" in note for note in graph.metadata["notes"])
     check = check_conversion(model, graph, [IMAGES])  # weights released: refilled, reshaped
     assert check.checked and check.max_abs_error is not None and check.max_abs_error < 1e-5
+
+
+class Conv1D(nn.Module):
+    """GPT-2's linear layer: `addmm(bias, x, weight)`, the bias zeros when fresh."""
+
+    def __init__(self, nx: int, nf: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.02)
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)
+        return out.reshape(*x.shape[:-1], -1)
+
+
+class HuggingFaceStyleBlock(nn.Module):
+    """What transformers' models do that nn.TransformerEncoder does not: a module attribute
+    with capitals (`LayerNorm`: torch.export lower-cases its placeholder), GPT-2's Conv1D,
+    rotary tables computed from a non-persistent `inv_freq` buffer, and a causal mask built
+    from `arange` and `finfo.min`; the optimizer folds the last two into initializers."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.LayerNorm = nn.LayerNorm(d)
+        self.c_attn, self.c_proj = Conv1D(d, 3 * d), Conv1D(d, d)
+        self.inv_freq: torch.Tensor
+        self.register_buffer("inv_freq", 1.0 / 100 ** (torch.arange(0, d, 2) / d), False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = torch.arange(x.shape[1], dtype=torch.float32)
+        angles = torch.outer(t, self.inv_freq)
+        rotary = torch.cat([angles.cos(), angles.sin()], dim=-1)
+        q, k, v = self.c_attn(self.LayerNorm(x)).split(x.shape[-1], dim=-1)
+        scores = (q + rotary) @ (k + rotary).transpose(1, 2) / x.shape[-1] ** 0.5
+        positions = torch.arange(x.shape[1])
+        causal = positions[None, :] <= positions[:, None]
+        mask = torch.where(causal, 0.0, torch.finfo(torch.float32).min)
+        return x + self.c_proj((scores + mask).softmax(-1) @ v)
+
+
+class HuggingFaceStyle(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = nn.ModuleList([HuggingFaceStyleBlock(), HuggingFaceStyleBlock()])
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.layer:
+            x = block(x)
+        return self.head(x)
+
+
+def test_hugging_face_style_names_biases_and_folded_tables_come_back_right() -> None:
+    module = HuggingFaceStyle()
+    model = onnx.load_from_string(to_onnx(module, X, dynamo=True, optimize=True))
+    initializers = {i.name for i in model.graph.initializer}
+    assert "layer.1.LayerNorm.weight" not in initializers  # merged into layer 0's
+    assert "layer.0.c_proj.bias" not in initializers  # zeros: dropped from the Gemm
+    graph = convert(model)
+    expected = _gradients(module, X)
+    ours = _graph_gradients(graph, X)
+    # the rotary tables and the mask are no parameters; every parameter has its own gradient
+    assert set(ours) == set(expected)
+    for name, grad in expected.items():
+        assert torch.allclose(ours[name], grad, rtol=2e-3, atol=1e-6), name
+    assert not any("computed some parameters ahead" in n for n in graph.metadata["notes"])
+
+
+class AudioFrontEnd(nn.Module):
+    """wav2vec2's feature encoder: a conv whose zero bias the optimizer drops, then a GroupNorm
+    with one group per channel, exported as InstanceNormalization to ones and zeros that the
+    optimizer merges with the equal LayerNorm weight and bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv1d(1, 8, 5, stride=2, bias=False)
+        self.conv.bias = nn.Parameter(torch.zeros(8))  # fresh HF convs: zero biases
+        self.group_norm = nn.GroupNorm(8, 8)
+        self.layer_norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(self.group_norm(self.conv(audio[:, None])))
+        return self.head(self.layer_norm(h.transpose(1, 2)))
+
+
+def test_a_dropped_conv_bias_and_a_group_norms_own_constants_are_told_apart() -> None:
+    module = AudioFrontEnd()
+    audio = torch.randn(3, 40, generator=torch.Generator().manual_seed(4))
+    model = onnx.load_from_string(to_onnx(module, audio, dynamo=True, optimize=True))
+    initializers = {i.name for i in model.graph.initializer}
+    assert "conv.bias" not in initializers and "group_norm.weight" not in initializers
+    graph = convert(model)
+    expected = _gradients(module, audio)
+    ours = _graph_gradients(graph, audio)
+    assert set(ours) == set(expected)
+    for name, grad in expected.items():  # group_norm.weight's once, not also as the constant
+        assert torch.allclose(ours[name], grad, rtol=2e-3, atol=1e-6), name
