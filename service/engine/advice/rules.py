@@ -410,7 +410,10 @@ class Advisor:
             return
         op = canonical_op(origin["op_type"])
         what, guard = describe_origin(origin)
-        reason = (
+        advisory = (
+            "Advisory, the values reach no loss or gradient now: " if f.severity == "info" else ""
+        )
+        reason = advisory + (
             f"{what} (loss = {f.evidence.get('loss')}): {guard}."
             if origin.get("values")
             else f"Node {origin['node']!r} ({origin['op_type']}) is the first to produce NaN/Inf, "

@@ -26,6 +26,11 @@ def non_finite_findings(m: Measurements) -> list[Finding]:
         "loss": m.loss.value,
         "non_finite_parameters": {p.name: p.non_finite_count for p in bad_params},
     }
+    # Born in the forward pass but absorbed before the loss and every gradient (T5's relative
+    # position buckets take log(0) = -inf, cast it to an integer and select it away): nothing
+    # this batch trains on is touched, so it is told, not judged.
+    contained = origin is not None and origin.phase == "forward" and not bad_params and not loss_bad
+    evidence["reaches_loss"] = not contained
     if origin is not None:
         evidence["origin"] = {
             "node": origin.node,
@@ -42,6 +47,13 @@ def non_finite_findings(m: Measurements) -> list[Finding]:
             if origin.values
             else f"NaN/Inf values appear, {what}; {guard}."
         )
+        if contained:
+            message = (
+                f"NaN/Inf values appear but reach neither the loss nor any gradient: {what}; "
+                "something downstream absorbs them (a where, a comparison, an integer cast, a "
+                f"softmax), so this batch trains normally; if other data could carry them into "
+                f"the loss, {guard}."
+            )
     elif loss_bad:
         message = f"NaN/Inf values appear, the loss is {m.loss.value}; guard the op that feeds it."
     else:
@@ -52,7 +64,7 @@ def non_finite_findings(m: Measurements) -> list[Finding]:
     return [
         Finding(
             kind="non_finite",
-            severity="error",
+            severity="info" if contained else "error",
             message=message,
             layers=layers,
             evidence=evidence,

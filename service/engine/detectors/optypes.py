@@ -167,6 +167,11 @@ def is_normalization(op_type: str) -> bool:
     return canonical_op(op_type) in NORMALIZATION
 
 
+def is_embedding(op_type: str) -> bool:
+    """A table lookup: `aten.embedding`, ONNX Gather (how both exporters write nn.Embedding)."""
+    return canonical_op(op_type) in {"embedding", "gather", "embedding_bag"}
+
+
 def is_recurrent(op_type: str) -> bool:
     return canonical_op(op_type) in RECURRENT
 

@@ -60,6 +60,10 @@ vanishing/exploding over time (axis "time"), judged only for models with a recur
 non_finite: any NaN/Inf in the loss, in a parameter gradient or at a node output is an error;
   the origin is named: the first node (execution order) whose output is non-finite in the
   forward pass, else the first whose backward produced one, with the phase. No threshold.
+  Forward NaN/Inf that reach neither the loss nor any parameter gradient (absorbed by a
+  where, a comparison, an integer cast: T5's relative-position buckets take log(0)) are
+  `info` (evidence `reaches_loss: false`), its guard advisory. Mask values (-inf written on
+  purpose, 0/-inf additive masks in the batch) are no origin at all.
 
 saturation: a sigmoid/tanh-like layer with saturated fraction (the measurement's definition:
   the share of activation entries whose local derivative is below 0.01, stats.py) ≥
@@ -80,8 +84,10 @@ init_scale: a layer's weight std over the std He (ReLU-like) or Xavier (others) 
   fan-in is the input size (ONNX W [dirs, gates*H, input]), and the reference std is 1/√H (an
   orthogonal recurrent matrix; torch's default U(±1/√H) gives 0.58 of it at any input size).
   A layer whose output goes straight into a normalisation layer is scale-invariant and is
-  not judged. In a plain ReLU stack a ratio r multiplies ‖∂L/∂a‖ by about r per layer, so
-  1.5 over 10 layers is already ×58.
+  not judged, nor is an output projection tied to the input embedding (it has the
+  embedding's scale, which the model compensates: T5 scales its input by d_model^-0.5).
+  In a plain ReLU stack a ratio r multiplies ‖∂L/∂a‖ by about r per layer, so 1.5 over 10
+  layers is already ×58.
   Parameters-only coverage (the activation after a layer is not visible): the weight std,
   ‖W‖/√numel, is compared with He's std for "too large" and with Xavier's for "too small", so
   that a layer is only flagged if it is wrong under either choice.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from service.engine.detectors.optypes import is_normalization
+from service.engine.detectors.optypes import is_embedding, is_normalization
 from service.engine.detectors.profile import sig
 from service.engine.measurements import Measurements
 from service.engine.report import Finding, FindingKind, LayerReport
@@ -127,9 +127,12 @@ def init_scale_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
     too_small: list[LayerReport] = []
     too_large: list[LayerReport] = []
     ratios: dict[str, float] = {}
+    # an output projection tied to the input embedding has the embedding's scale (T5's is
+    # N(0, 1), its input scaled by d_model^-0.5 instead): not judged by a linear's fan-in
+    tables = {p for layer in layers if is_embedding(layer.op) for p in layer.params}
     for i, layer in enumerate(layers):
         r = init_ratio(layer, m)
-        if r is None or is_normalization(layer.op):
+        if r is None or is_normalization(layer.op) or tables & set(layer.params):
             continue
         following = layers[i + 1] if i + 1 < len(layers) else None
         if following is not None and is_normalization(following.op):

@@ -12,6 +12,7 @@ from torch import nn
 from service.engine.layers import canonical
 from service.engine.measure import measure
 from service.engine.options import DiagnoseOptions
+from service.engine.pipeline import diagnose
 from service.engine.subject import build_subject
 from tests.support.export import to_onnx, to_torch_export, to_torchscript
 from tests.unit.engine.measure_support import npz_bytes, onnx_available
@@ -238,3 +239,44 @@ def test_a_batch_of_large_finite_values_is_no_input_origin() -> None:
     m = measure(build_subject(data, npz_bytes(x=x), DiagnoseOptions(loss="output_norm")))
     assert m.non_finite_origin is None
     assert not [note for note in m.notes if "holds -inf" in note]  # nor taken for a mask
+
+
+class RelativePositionBuckets(nn.Module):
+    """T5's relative position buckets: log(|i - j| / 2) is -inf on the diagonal, cast to an
+    integer and selected away by `where` (small distances keep their exact bucket); the loss
+    and every gradient stay finite."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = nn.Embedding(8, 1)
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(x.shape[1])
+        distance = (positions[None, :] - positions[:, None]).abs()
+        large = 2 + (torch.log(distance.float() / 2) * 2).to(torch.long)
+        buckets = torch.where(distance < 2, distance, large.clamp(max=7))
+        return self.fc(x) + self.bias(buckets).squeeze(-1)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_an_inf_that_reaches_no_loss_or_gradient_is_told_not_judged(fmt: str) -> None:
+    torch.manual_seed(0)
+    module, x = RelativePositionBuckets(), torch.randn(4, 6, 6)
+    report = diagnose(_export(module, x, fmt), npz_bytes(x=x), DiagnoseOptions())
+    (finding,) = [f for f in report.findings if f.kind == "non_finite"]
+    assert finding.severity == "info" and finding.evidence["reaches_loss"] is False
+    assert canonical(finding.evidence["origin"]["op_type"]) == "log"
+    assert "reach neither the loss nor any gradient" in finding.message
+    assert report.verdict == "healthy"
+    (advice,) = [r for r in report.recommendations if r.fix == "guard_numerics"]
+    assert advice.rationale.startswith("Advisory")
+
+
+def test_an_inf_that_reaches_the_loss_stays_an_error() -> None:
+    torch.manual_seed(0)
+    module, x = LogOfNegative(), torch.randn(8, 4)
+    report = diagnose(to_onnx(module, x, input_names=["x"]), npz_bytes(x=x), DiagnoseOptions())
+    (finding,) = [f for f in report.findings if f.kind == "non_finite"]
+    assert finding.severity == "error" and finding.evidence["reaches_loss"] is True
+    assert report.verdict == "unhealthy"
