@@ -23,6 +23,7 @@ from service.engine.detectors.profile import (
     sig,
     usable,
 )
+from service.engine.detectors.units import init_ratio
 from service.engine.measurements import Measurements
 from service.engine.report import Finding, LayerReport
 
@@ -37,6 +38,13 @@ def depth_profile(m: Measurements) -> tuple[list[str], list[float | None]]:
         return list(depth.layers), list(depth.grad_norms)
     layers = [x for x in _ordered_layers(m) if x.activation_grad_norm is not None]
     return [x.name for x in layers], [x.activation_grad_norm for x in layers]
+
+
+def _judged_grad_to_weight(layer: LayerReport, m: Measurements) -> float:
+    """grad/weight, over the weight He/Xavier would give where the layer's is smaller."""
+    ratio = layer.grad_to_weight or 0.0
+    scale = init_ratio(layer, m)
+    return ratio * min(1.0, scale) if scale else ratio
 
 
 def _weight_layers(m: Measurements) -> list[LayerReport]:
@@ -66,6 +74,10 @@ def depth_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
     if w_first is not None and w_last is not None and usable(w_last.grad_norm):
         weight_ratio = (w_first.grad_norm or 0.0) / w_last.grad_norm  # type: ignore[operator]
     g2w = [(x.name, x.grad_to_weight) for x in wl if x.grad_to_weight is not None]
+    # judged against a weight of healthy scale: a layer initialised far too small (a fresh
+    # classifier at N(0, 0.02)) has a large grad/weight from its tiny weight, not from its
+    # gradient (init_scale reports the weight)
+    g2w_judged = [(x.name, _judged_grad_to_weight(x, m)) for x in wl if x.grad_to_weight]
 
     evidence: dict[str, Any] = {
         "axis": "depth",
@@ -158,7 +170,7 @@ def depth_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
         rules.append("depth_ratio")
     if weight_ratio is not None and weight_ratio > t["exploding_profile_ratio"]:
         rules.append("weight_ratio")
-    if any(v > t["exploding_grad_to_weight"] for _, v in g2w):
+    if any(v > t["exploding_grad_to_weight"] for _, v in g2w_judged):
         rules.append("absolute_scale")
     severity = "error" if rules else None
     if (
@@ -171,7 +183,7 @@ def depth_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
     if severity is not None:
         if rules == ["absolute_scale"]:
             cut = t["exploding_grad_to_weight"]
-            layers = [n for n, v in sorted(g2w, key=lambda p: -p[1]) if v > cut]
+            layers = [n for n, v in sorted(g2w_judged, key=lambda p: -p[1]) if v > cut]
         else:
             cut = t["exploding_profile_ratio_warning"]
             layers = [n for n, r in sorted(rel, key=lambda p: -p[1]) if r > cut]
@@ -191,7 +203,7 @@ def depth_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
         else:
             msg = (
                 f"Gradients are too large for the weights: grad/weight reaches "
-                f"{sig(evidence['max_grad_to_weight'])} in {layers[0]}, one SGD step would "
+                f"{sig(dict(g2w)[layers[0]])} in {layers[0]}, one SGD step would "
                 f"overwrite the layer."
             )
         findings.append(

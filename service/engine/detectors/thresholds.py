@@ -42,7 +42,10 @@ exploding_gradients (axis "depth"), error when ANY of:
   3. absolute scale: some layer's grad/weight > `exploding_grad_to_weight` (10): one SGD step at
      lr 0.1 would change that layer by more than its own size (our rule; a ReLU net with a
      too-large init has similar weight gradients at every depth, so rule 2 is blind to it while
-     rule 1 sees ‖∂L/∂a‖ double at every layer backwards).
+     rule 1 sees ‖∂L/∂a‖ double at every layer backwards). A layer whose weight is smaller
+     than He/Xavier's (init ratio r < 1) is judged by grad/weight × r, the step against a
+     weight of healthy scale: a fresh classifier at N(0, 0.02) has a large grad/weight
+     from its tiny weight, which init_scale reports.
   Warning instead of error when only depth ratio > `exploding_profile_ratio_warning` (10) with
   the per-layer factor above `exploding_layer_factor`.
 

@@ -88,6 +88,21 @@ def test_exploding_absolute_scale():
     assert f.evidence["rules"] == ["absolute_scale"] and f.layers == ["fc2"]
 
 
+def test_a_large_grad_to_weight_from_a_tiny_weight_is_no_explosion():
+    # a fresh classifier at N(0, 0.02): grad/weight 20 because its weight is 0.05× the
+    # healthy scale; against a weight of that scale it is 1: init_scale tells the weight
+    weights = [4.0, 4.0, 4.0, 0.05]
+    tiny = mlp([1.0] * 4, weight_grad_norms=[1.0] * 4, weight_norms=weights)
+    tiny.layers[3].init_std_ratio = 0.05
+    found = kinds(detect(tiny))
+    assert ("init_scale", "warning") in found
+    assert not {k for k, _ in found} & {"exploding_gradients"}
+    # the same grad/weight with a weight of healthy scale is still an explosion
+    healthy = mlp([1.0] * 4, weight_grad_norms=[1.0, 1.0, 1.0, 1.0], weight_norms=weights)
+    (f,) = [f for f in detect(healthy) if f.kind == "exploding_gradients"]
+    assert f.layers == ["fc3"] and "reaches 20 in fc3" in f.message
+
+
 def test_vanishing_over_time_names_recurrent_layer():
     m = mlp([1.0] * 3)
     with_time(m, geometric(1e-6, 1.15, 120))
