@@ -82,7 +82,9 @@ def recurrent_gates(op_type: str) -> int | None:
 
 _BIAS_OPS = frozenset({"add", "sub", "mul", "div"})
 _PASSTHROUGH = frozenset({"getitem"})
-_SHAPE_ONLY = frozenset({"reshape", "view", "unsqueeze", "cast", "castlike", "identity"})
+_SHAPE_ONLY = frozenset(
+    {"reshape", "view", "unsqueeze", "cast", "castlike", "identity", "tocopy", "to", "typeas"}
+)
 
 
 @dataclass
@@ -175,7 +177,9 @@ def _affine_of_normalization(node: Node, producers: dict[str, Node]) -> str | No
     """The normalisation whose weight a Mul applies, when the Mul is the affine step of a
     decomposed one: ONNX has no GroupNorm before opset 18, so both exporters write torch's
     GroupNorm as Reshape → InstanceNormalization (to ones and zeros) → Reshape → Mul by the
-    weight → Add the bias. Judged as a normalisation (scale-invariant input, no fan-in)."""
+    weight → Add the bias; an RMSNorm written out (Hugging Face's LlamaRMSNorm, any ONNX
+    before opset 23) is weight · (x · rsqrt(mean(x²) + eps)). Judged as a normalisation
+    (scale-invariant input, no fan-in)."""
     if canonical(node.op_type) != "mul":
         return None
     for value in node.inputs:
@@ -184,11 +188,31 @@ def _affine_of_normalization(node: Node, producers: dict[str, Node]) -> str | No
             op = canonical(producer.op_type)
             if op == "instancenormalization":
                 return "GroupNormalization" if reshaped else producer.op_type
+            if op in {"mul", "div"} and _divides_by_root_mean_square(producer, producers):
+                return "RMSNorm"
             if op not in _SHAPE_ONLY or not producer.inputs:
                 break
             reshaped = reshaped or op == "reshape"
             value = producer.inputs[0]
     return None
+
+
+def _divides_by_root_mean_square(node: Node, producers: dict[str, Node]) -> bool:
+    """x · rsqrt(mean(x²) + eps), x · (1 / sqrt(...)) or x / sqrt(...): a factor that is the
+    (inverse) root of a mean, a few ops up."""
+    factors = node.inputs[1:] if canonical(node.op_type) == "div" else node.inputs
+    return any(_root_of_mean(value, producers, rooted=False, steps=5) for value in factors)
+
+
+def _root_of_mean(value: str, producers: dict[str, Node], *, rooted: bool, steps: int) -> bool:
+    producer = producers.get(value)
+    if producer is None or steps == 0:
+        return False
+    op = canonical(producer.op_type)
+    if op in {"mean", "reducemean"}:
+        return rooted
+    rooted = rooted or op in {"rsqrt", "sqrt"}
+    return any(_root_of_mean(v, producers, rooted=rooted, steps=steps - 1) for v in producer.inputs)
 
 
 def _read(value: str, consumers: dict[str, list[int]], graph_outputs: set[str]) -> bool:

@@ -35,6 +35,7 @@ _ONNX_NAMES = {
     "LayerNormalization": "layer_norm",
     "SkipLayerNormalization": "layer_norm",
     "SimplifiedLayerNormalization": "rms_norm",
+    "SkipSimplifiedLayerNormalization": "rms_norm",
     "RMSNormalization": "rms_norm",
     "GroupNormalization": "group_norm",
     "InstanceNormalization": "instance_norm",

@@ -121,3 +121,46 @@ def test_the_affine_step_of_a_decomposed_group_norm_is_a_normalisation_layer() -
         ("Conv", ["conv.weight"]),
         ("GroupNormalization", ["norm.weight", "norm.bias"]),
     ]
+
+
+def _rms_norm_nodes(inverse_root: list[Node]) -> list[Node]:
+    """weight · (x · f(mean(x²) + eps)) with f written by `inverse_root` (value `inv`)."""
+    return [
+        Node("pow", "Pow", ["x", "two"], ["sq"], torch.pow),
+        Node("mean", "ReduceMean", ["sq"], ["ms"], lambda v: v.mean(-1, keepdim=True)),
+        Node("eps", "Add", ["ms", "epsilon"], ["var"], torch.add),
+        *inverse_root,
+        Node("norm", "Mul", ["x", "inv"], ["n"], torch.mul),
+        Node("cast", "Cast", ["n"], ["c"], lambda v: v),
+        Node("scale", "Mul", ["norm.weight", "c"], ["y"], torch.mul),
+    ]
+
+
+def test_a_written_out_rms_norm_is_a_normalisation_layer() -> None:
+    """Hugging Face's LlamaRMSNorm: rsqrt in torch.export and the dynamo exporter, 1 / Sqrt in
+    the legacy ONNX exporter; either way the layer is an RMSNorm, not a Mul."""
+    spellings = {
+        "rsqrt": [Node("rsqrt", "Rsqrt", ["var"], ["inv"], torch.rsqrt)],
+        "1/sqrt": [
+            Node("sqrt", "Sqrt", ["var"], ["root"], torch.sqrt),
+            Node("recip", "Div", ["one", "root"], ["inv"], torch.div),
+        ],
+    }
+    buffers = {"two": torch.tensor(2.0), "epsilon": torch.tensor(1e-6), "one": torch.tensor(1.0)}
+    for spelling, inverse_root in spellings.items():
+        graph = ObservableGraph(
+            _rms_norm_nodes(inverse_root),
+            input_names=["x"],
+            output_names=["y"],
+            parameters={"norm.weight": torch.ones(8)},
+            buffers=buffers,
+        )
+        assert [layer.op for layer in group_layers(graph)] == ["RMSNorm"], spelling
+    # a Mul by a factor that is no root of a mean stays a Mul
+    plain = ObservableGraph(
+        [Node("scale", "Mul", ["norm.weight", "x"], ["y"], torch.mul)],
+        input_names=["x"],
+        output_names=["y"],
+        parameters={"norm.weight": torch.ones(8)},
+    )
+    assert [layer.op for layer in group_layers(plain)] == ["Mul"]
