@@ -7,6 +7,7 @@ to a classic case: see the rules in thresholds.py.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from service.engine.detectors.optypes import (
@@ -144,8 +145,8 @@ def depth_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
             else:
                 msg = (
                     f"Gradients vanish towards the input: ‖∂L/∂a‖ at {names[0]} is {sig(ratio)} "
-                    f"of that at {names[-1]} ({depth_fit_phrase(forward)}); the earliest layers "
-                    f"({', '.join(layers[:3])}) barely learn."
+                    f"of that at {names[-1]} ({_shape_of_decay(names, norms, ratio, forward)}); "
+                    f"the layers with the least gradient ({', '.join(layers[:3])}) barely learn."
                 )
         else:
             msg = (
@@ -216,6 +217,29 @@ def depth_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
             )
         )
     return findings
+
+
+def _shape_of_decay(
+    names: list[str], norms: list[float | None], ratio: float | None, forward: float | None
+) -> str:
+    """How the gradient shrinks from the output back to the input: the per-layer fit, or the
+    one cut between neighbouring layers that holds most of the drop (a head with tiny weights
+    above a flat profile: no compounding decay). A cut's drop is the largest ‖∂L/∂a‖ below it
+    over the smallest above it, so a dip into a parallel branch (an attention's q_proj) is
+    none."""
+    kept = [(n, v) for n, v in zip(names, norms, strict=True) if v is not None and usable(v)]
+    if len(kept) < 2 or not ratio or ratio >= 1:
+        return depth_fit_phrase(forward)
+    values = [v for _, v in kept]
+    below = [max(values[: k + 1]) for k in range(len(values) - 1)]
+    above = [min(values[k + 1 :]) for k in range(len(values) - 1)]
+    drop, cut = min((b / a, k) for k, (b, a) in enumerate(zip(below, above, strict=True)))
+    if drop >= 1 or math.log(drop) > 0.5 * math.log(ratio):
+        return depth_fit_phrase(forward)
+    return (
+        f"most of it in one step below {kept[cut + 1][0]}: no layer under it gets more than "
+        f"{sig(drop)} of the gradient of any layer from it up"
+    )
 
 
 def _span(chosen: list[str], order: list[str]) -> str:

@@ -240,3 +240,12 @@ def test_vanishing_message_quotes_the_profile_fit_in_the_profile_direction():
     assert f.evidence["growth_factor"] == pytest.approx(5.0)
     assert f.evidence["per_layer_factor"] * f.evidence["growth_factor"] == pytest.approx(1.0)
     assert "the depth profile grows ×5 per layer towards the output" in f.message
+
+
+def test_a_drop_in_one_step_is_said_so_not_fitted_per_layer():
+    # flat body, then ×100 less gradient below a head with tiny weights (a fresh HF classifier)
+    # (and a dip into a parallel branch, fc2, which is no drop)
+    m = mlp([5e-4, 6e-4, 1e-7, 6e-4, 5e-4, 4e-3, 0.4])
+    (f,) = [f for f in detect(m) if f.kind == "vanishing_gradients"]
+    assert "most of it in one step below fc6: no layer under it gets more than 0.01 " in f.message
+    assert "per layer towards the output" not in f.message
