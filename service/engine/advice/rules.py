@@ -17,7 +17,7 @@ from service.engine.advice import evidence as ev
 from service.engine.advice import snippets
 from service.engine.detectors.optypes import canonical_op, is_normalization
 from service.engine.detectors.origin_text import describe as describe_origin
-from service.engine.detectors.profile import depth_fit_phrase, sig
+from service.engine.detectors.profile import decay_phrase, sig
 from service.engine.detectors.thresholds import resolve_thresholds
 from service.engine.detectors.units import init_ratio
 from service.engine.graph import ObservableGraph
@@ -197,7 +197,7 @@ class Advisor:
             f"{sig(ratio[worst.name])}× (at {worst.name}) the std He/Xavier initialisation "
             f"gives for their fan-in"
         )
-        if len(picked) > 1:
+        if len(picked) > 1 and self._plain_chain():
             gain = math.prod(ratio[x.name] for x in picked)
             base += f", ×{sig(gain)} compounded over the {len(picked)} layers"
         existing = self.drafts.get("reinitialize_weights")
@@ -209,6 +209,12 @@ class Advisor:
             "reinitialize_weights", index, reason, [x.name for x in picked], schemes=schemes
         )
         draft.boost = max(draft.boost, 15)
+
+    def _plain_chain(self) -> bool:
+        """No shortcut adds (none seen, or no graph to look in) and no normalisation: each
+        layer's scale multiplies into the next (in a transformer or a ResNet the residual
+        stream and the norms do not)."""
+        return not ev.residual_adds(self.graph) and not ev.has_normalization(self.m)
 
     def _normalization_cause(self, index: int, why: str, layers: list[str]) -> None:
         weights = ev.weight_layers(self.m)
@@ -309,8 +315,7 @@ class Advisor:
             return
         ratio = e.get("depth_ratio")
         how = (
-            f"‖∂L/∂a‖ at the first layer is {_share(ratio)} of the last's "
-            f"({depth_fit_phrase(e.get('growth_factor'))})."
+            f"‖∂L/∂a‖ at the first layer is {_share(ratio)} of the last's ({decay_phrase(e)})."
             if ratio is not None
             else f"the first layer's weight gradient is {sig(e.get('weight_ratio'))} of the last's."
         )
@@ -483,12 +488,19 @@ class Advisor:
 
     def _init_scale(self, index: int, f: Finding) -> None:
         direction = f.evidence.get("direction", "small")
-        self._init_cause(
-            index,
-            f.layers,
-            direction,
-            "signals and gradients then shrink or grow by that factor at every layer.",
-        )
+        if self._plain_chain():
+            why = "signals and gradients then shrink or grow by that factor at every layer."
+        elif direction == "small":
+            why = (
+                "each passes on about that fraction of its input's scale (and of the gradient "
+                "back through it), so it starts out contributing little to what follows."
+            )
+        else:
+            why = (
+                "each amplifies its input (and the gradient back through it) by about that "
+                "factor, pushing what follows towards saturation or overflow."
+            )
+        self._init_cause(index, f.layers, direction, why)
 
     def _fp16_underflow(self, index: int, f: Finding) -> None:
         share = f.evidence.get("underflow_fraction")

@@ -18,6 +18,7 @@ from service.engine.detectors.optypes import (
 )
 from service.engine.detectors.profile import (
     backward_factor,
+    decay_phrase,
     depth_fit_phrase,
     first_last_ratio,
     growth_factor,
@@ -122,7 +123,7 @@ def depth_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
                     for x in sorted(wl, key=lambda x: x.grad_norm or 0.0)
                     if (x.grad_norm or 0.0) / w_last.grad_norm < cut  # type: ignore[operator]
                 ]
-        ev = {**evidence, "rules": rules}
+        ev = {**evidence, "rules": rules, "one_step_drop": _one_step_drop(names, norms, ratio)}
         if "absolute_scale" in rules:
             msg = (
                 f"Gradients vanish at every depth: the largest grad/weight of any layer is "
@@ -145,7 +146,7 @@ def depth_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
             else:
                 msg = (
                     f"Gradients vanish towards the input: ‖∂L/∂a‖ at {names[0]} is {sig(ratio)} "
-                    f"of that at {names[-1]} ({_shape_of_decay(names, norms, ratio, forward)}); "
+                    f"of that at {names[-1]} ({decay_phrase(ev)}); "
                     f"the layers with the least gradient ({', '.join(layers[:3])}) barely learn."
                 )
         else:
@@ -219,27 +220,23 @@ def depth_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
     return findings
 
 
-def _shape_of_decay(
-    names: list[str], norms: list[float | None], ratio: float | None, forward: float | None
-) -> str:
-    """How the gradient shrinks from the output back to the input: the per-layer fit, or the
-    one cut between neighbouring layers that holds most of the drop (a head with tiny weights
-    above a flat profile: no compounding decay). A cut's drop is the largest ‖∂L/∂a‖ below it
-    over the smallest above it, so a dip into a parallel branch (an attention's q_proj) is
-    none."""
+def _one_step_drop(
+    names: list[str], norms: list[float | None], ratio: float | None
+) -> dict[str, Any] | None:
+    """The cut between neighbouring layers that holds most of a vanishing profile's drop (a
+    head with tiny weights above a flat body: no compounding decay), or None. A cut's drop
+    is the largest ‖∂L/∂a‖ below it over the smallest above it, so a dip into a parallel
+    branch (an attention's q_proj) is none."""
     kept = [(n, v) for n, v in zip(names, norms, strict=True) if v is not None and usable(v)]
     if len(kept) < 2 or not ratio or ratio >= 1:
-        return depth_fit_phrase(forward)
+        return None
     values = [v for _, v in kept]
     below = [max(values[: k + 1]) for k in range(len(values) - 1)]
     above = [min(values[k + 1 :]) for k in range(len(values) - 1)]
     drop, cut = min((b / a, k) for k, (b, a) in enumerate(zip(below, above, strict=True)))
     if drop >= 1 or math.log(drop) > 0.5 * math.log(ratio):
-        return depth_fit_phrase(forward)
-    return (
-        f"most of it in one step below {kept[cut + 1][0]}: no layer under it gets more than "
-        f"{sig(drop)} of the gradient of any layer from it up"
-    )
+        return None
+    return {"below": kept[cut + 1][0], "factor": drop}
 
 
 def _span(chosen: list[str], order: list[str]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -76,6 +77,17 @@ def depth_fit_phrase(forward: float | None) -> str:
     if forward is None:
         return "no per-layer fit (fewer than 3 measured layers)"
     return f"the depth profile grows ×{sig(forward)} per layer towards the output"
+
+
+def decay_phrase(evidence: dict[str, Any]) -> str:
+    """How a vanishing finding's gradient shrinks towards the input: in one step, or the fit."""
+    drop = evidence.get("one_step_drop")
+    if not drop:
+        return depth_fit_phrase(evidence.get("growth_factor"))
+    return (
+        f"most of it in one step below {drop['below']}: no layer under it gets more than "
+        f"{sig(drop['factor'])} of the gradient of any layer from it up"
+    )
 
 
 def first_last_ratio(norms: Sequence[float | None]) -> float | None:
