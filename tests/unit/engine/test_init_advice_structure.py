@@ -18,10 +18,11 @@ class Stack(nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.residual = residual
-        self.fcs = nn.ModuleList(nn.Linear(32, 32) for _ in range(4))
-        self.norm = nn.LayerNorm(32) if residual else nn.Identity()
-        for fc in self.fcs:
+        fcs = [nn.Linear(32, 32) for _ in range(4)]
+        for fc in fcs:
             nn.init.normal_(fc.weight, std=0.02)  # HF's initializer_range at width 32
+        self.fcs = nn.ModuleList(fcs)
+        self.norm = nn.LayerNorm(32) if residual else nn.Identity()
         self.head = nn.Linear(32, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
