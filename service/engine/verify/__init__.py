@@ -61,6 +61,9 @@ _NOT_AUTOMATIC = {
 }
 
 
+# origins guarded in turn when verifying guard_numerics (one per block of a repeated op)
+MAX_GUARDED_NODES = 8
+
 _CLIP_REASON = (
     "one gradient pass cannot show clipping's effect: it bounds the size of each update "
     "(figures: total gradient norm and grad/weight before and after clipping), while the "
@@ -165,8 +168,24 @@ def _apply(
         )
     if rec.fix == "guard_numerics":
         copy_ = copy_subject(subject)
-        text = guard_node(copy_, str(rec.params.get("node", "")))
-        return text, measure(copy_, options)
+        node = str(rec.params.get("node", ""))
+        texts, after = [guard_node(copy_, node)], measure(copy_, options)
+        guarded = {node}
+        # the same op in every block (T5's position buckets in the encoder and the decoder):
+        # the next one becomes the origin; the fix is the guard on each
+        while (
+            (origin := after.non_finite_origin) is not None
+            and origin.phase == "forward"
+            and origin.node not in guarded
+            and len(guarded) < MAX_GUARDED_NODES
+        ):
+            try:
+                texts.append(guard_node(copy_, origin.node))
+            except NotApplicable:
+                break
+            guarded.add(origin.node)
+            after = measure(copy_, options)
+        return "; ".join(texts), after
     if rec.fix == "clip_gradients":
         return _clipped(m, float(rec.params["max_norm"]))
     if rec.fix in ("loss_scaling", "use_bf16"):

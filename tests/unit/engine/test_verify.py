@@ -25,7 +25,9 @@ from service.engine.verify.transforms import (
     reinitialize,
     swap_activations,
 )
+from tests.support.export import to_torch_export
 from tests.support.pathologies import MLP, ZOO
+from tests.unit.engine.measure_support import npz_bytes
 
 OPTIONS = DiagnoseOptions()
 
@@ -225,3 +227,40 @@ def test_lstm_time_decay_is_a_warning_and_forget_bias_is_verified() -> None:
     assert rec.verified is not None and rec.verified.resolved
     before = rec.verified.before["figures"]["time_ratio"]
     assert rec.verified.after["figures"]["time_ratio"] > 100 * before
+
+
+class LogInEveryBlock(nn.Module):
+    """The same unguarded log in two blocks: guarding the first origin makes the second one
+    the origin, so the verified fix guards each in turn."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(nn.Linear(6, 6) for _ in range(2))
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = x + torch.log(block(x))  # negative pre-activations: NaN
+        return self.head(x)
+
+
+def test_the_verified_guard_follows_the_origin_through_every_block() -> None:
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(1))
+    subject = build_subject(to_torch_export(LogInEveryBlock(), x), npz_bytes(x=x), OPTIONS)
+    m = measure(subject, OPTIONS)
+    findings = detect(m)
+    (index,) = [k for k, f in enumerate(findings) if f.kind == "non_finite"]
+    assert m.non_finite_origin is not None and m.non_finite_origin.phase == "forward"
+    rec = Recommendation(
+        fix="guard_numerics",
+        addresses=[index],
+        rationale="",
+        snippet="",
+        params={"node": m.non_finite_origin.node},
+        layers=[],
+    )
+    (verified,) = verify_recommendations([rec], findings, m, subject, OPTIONS)
+    assert verified.verified is not None and verified.verified.resolved is True
+    assert verified.verified.transform is not None
+    assert verified.verified.transform.count("guarded input 0") == 2
