@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -52,6 +53,7 @@ def to_onnx(
     input_names: list[str] | None = None,
     output_names: list[str] | None = None,
     optimize: bool | None = None,
+    dynamic_shapes: dict[str, Any] | None = None,
 ) -> bytes:
     """`dynamo=False` exports in TRAINING mode without constant folding, so that parameters
     stay initializers named as in the module (the converter's gradient tests rely on it).
@@ -59,9 +61,10 @@ def to_onnx(
     `optimize` (dynamo only; None = False): the dynamo exporter's ONNX optimizer folds
     BatchNormalization into the convolution weights even for a module in train mode, and merges
     equal initializers, so by default it is off and exports keep BN and the module's parameter
-    names. Pass True to get what a user running `torch.onnx.export(..., dynamo=True)` gets."""
-    if optimize is not None and not dynamo:
-        raise ValueError("optimize applies to dynamo exports only")
+    names. Pass True to get what a user running `torch.onnx.export(..., dynamo=True)` gets.
+    `dynamic_shapes` (dynamo only): as torch.export takes them."""
+    if (optimize is not None or dynamic_shapes is not None) and not dynamo:
+        raise ValueError("optimize and dynamic_shapes apply to dynamo exports only")
     args = _as_tuple(example)
     buffer = io.BytesIO()
     kwargs: dict[str, object] = {}
@@ -80,6 +83,7 @@ def to_onnx(
                 dynamo=True,
                 verbose=False,
                 optimize=bool(optimize),
+                dynamic_shapes=dynamic_shapes,
                 **kwargs,  # type: ignore[arg-type]
             )
             assert program is not None

@@ -639,10 +639,13 @@ def _convert_checked(
     buffers: dict[str, torch.Tensor] = {}
     constants: dict[str, Any] = {}
     # Statistics and initializers nothing reads are state, not trainable weights: reporting
-    # them as parameters would show gradients that can never exist.
+    # them as parameters would show gradients that can never exist. A dynamo export's
+    # signature names the source's buffers (a rotary embedding's inv_freq) outright.
     non_finite = _non_finite_initializers(weights)
+    signature = ExportedSignature.of(graph)
     not_trainable = (
-        gradient_free_initializers(graph)
+        set(signature.state)
+        | gradient_free_initializers(graph)
         | (set(weights) - consumed)
         | non_finite
         | _folded_scalars(weights)
@@ -668,7 +671,6 @@ def _convert_checked(
         raise UnsupportedModelError(_format_problems(builder.problems))
     taken = [*buffers, *constants, *(i.name for i in input_infos)]
     taken += [o for n in nodes for o in n.outputs]
-    signature = ExportedSignature.of(graph)
     nodes, restored = restore_source_parameters(
         nodes,
         parameters,

@@ -255,6 +255,19 @@ def test_hugging_face_style_names_biases_and_folded_tables_come_back_right() -> 
     assert not any("computed some parameters ahead" in n for n in graph.metadata["notes"])
 
 
+def test_a_buffer_left_in_a_dynamic_shape_export_is_no_parameter() -> None:
+    """With a dynamic sequence length nothing folds the rotary tables: `inv_freq` stays an
+    initializer, which the export's signature names a buffer."""
+    module = HuggingFaceStyle()
+    seq = torch.export.Dim("seq", min=2, max=32)
+    exported = to_onnx(module, X, dynamo=True, optimize=True, dynamic_shapes={"x": {1: seq}})
+    model = onnx.load_from_string(exported)
+    assert "layer.0.inv_freq" in {i.name for i in model.graph.initializer}
+    graph = convert(model)
+    longer = torch.randn(4, 9, 16, generator=torch.Generator().manual_seed(5))
+    assert set(_graph_gradients(graph, longer)) == set(_gradients(module, longer))
+
+
 class AudioFrontEnd(nn.Module):
     """wav2vec2's feature encoder: a conv whose zero bias the optimizer drops, then a GroupNorm
     with one group per channel, exported as InstanceNormalization to ones and zeros that the
