@@ -25,7 +25,7 @@ import itertools
 import math
 import time
 import weakref
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -75,6 +75,7 @@ RECURRENT_OPS = frozenset(
     | {"rnnrelucell"}
 )
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measurements:
@@ -285,12 +286,41 @@ def _fp32_copy(subject: Subject) -> tuple[Subject, list[tuple[str, torch.nn.Para
     copy_.module.float()
     if copy_.graph is not None and copy_.graph is not copy_.module:
         copy_.graph.float()
+    if copy_.graph is not None:
+        for node in copy_.graph.nodes:
+            # torch.export asserts the dtypes it traced (`_assert_tensor_metadata(x,
+            # dtype=torch.float16)`): in the fp32 copy they no longer hold, by design
+            checks_dtype = "assert_tensor_metadata" in node.op_type
+            node.fn = _no_op if checks_dtype else _in_fp32(node.fn)
     named = (
         copy_.graph.named_graph_parameters()
         if copy_.graph is not None
         else list(copy_.module.named_parameters())
     )
     return copy_, [(n, p) for n, p in named if p.requires_grad]
+
+
+def _no_op(*args: Any) -> None:
+    return None
+
+
+def _in_fp32(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` computing in fp32: its half-precision inputs and outputs cast up. The graph of an
+    fp16 model bakes fp16 in (Cast to float16, `torch.full(..., dtype=torch.half)`, a mask of
+    `finfo(float16).min`), which in the fp32 copy would meet fp32 values; cast up, those
+    casts are no-ops, as in fp32 training."""
+
+    def up(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dtype in _HALF_DTYPES:
+            return value.float()
+        if isinstance(value, (list, tuple)):
+            return type(value)(up(v) for v in value)
+        return value
+
+    def in_fp32(*args: Any) -> Any:
+        return up(fn(*(up(a) for a in args)))
+
+    return in_fp32
 
 
 def _with_taps(
@@ -550,7 +580,7 @@ def _forward_failure(
             where = f" at node {nodes[index].name!r} ({nodes[index].op_type})"
     ours = first_line(exc)
     source = subject.extra.get("source")
-    if subject.graph is not None and source is not None:
+    if subject.graph is not None and subject.model_info.format == "onnx" and source is not None:
         from service.engine.onnx import conformance
 
         try:

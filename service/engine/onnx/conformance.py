@@ -13,7 +13,9 @@ Dropout whose `training_mode` input is set is random: it is switched off on both
 constant False fed to onnxruntime, the same for the compared graph) and `reason` says so.
 
 Errors: `max_abs_error` = max |ours − ort| over all float outputs; `max_rel_error` = max of
-|ours − ort| / max(|ort|, 1e-3 · max|ort|) per output, so entries near zero do not explode it.
+|ours − ort| / max(|ort|, 1e-3 · max|ort|) per output, so entries near zero do not explode it
+(for fp16 outputs 16 fp16 steps of max|ort| instead of 1e-3, and `reason` says so: rounding
+alone moves a small fp16 entry by a large fraction of itself).
 
 Cost: building the onnxruntime session (and the eval-mode twin) is the check's fixed part, the
 comparison the per-batch part. A caller that checks many batches of one unchanged model (a
@@ -119,6 +121,10 @@ def _batch_norm_differs(model: ModelProto, graph: ObservableGraph) -> bool:
     return False
 
 
+# the relative error's floor for fp16 outputs, in steps (eps) of the largest output's scale
+HALF_FLOOR_STEPS = 16
+
+
 def _metrics(ours: Sequence[Any], theirs: Sequence[np.ndarray]) -> tuple[float, float]:
     max_abs, max_rel = 0.0, 0.0
     for a, b in zip(ours, theirs, strict=True):
@@ -134,7 +140,8 @@ def _metrics(ours: Sequence[Any], theirs: Sequence[np.ndarray]) -> tuple[float, 
         both_nonfinite = ~torch.isfinite(ref) & (got == ref)
         diff = torch.where(both_nonfinite, torch.zeros_like(diff), diff)
         scale = ref.abs().nan_to_num(0.0, 0.0, 0.0).max().clamp(min=1e-30)
-        floor = torch.clamp(ref.abs(), min=float(scale) * 1e-3)
+        fraction = 1e-3 if b.itemsize >= 4 else HALF_FLOOR_STEPS * float(np.finfo(b.dtype).eps)
+        floor = torch.clamp(ref.abs(), min=float(scale) * fraction)
         max_abs = max(max_abs, float(diff.max()))
         max_rel = max(max_rel, float((diff / floor).max()))
     return max_abs, max_rel
@@ -294,6 +301,13 @@ def check_conversion(
             ours = graph.run(list(inputs))
     if reference is None:
         kept.close()  # one-shot: nothing outlives the check
+    half = sorted({str(b.dtype) for b in expected if b.dtype.kind == "f" and b.itemsize < 4})
+    if half:
+        reasons.append(
+            f"outputs are {'/'.join(half)}: two correct implementations differ by a few steps "
+            f"of that precision, so the relative error's floor is {HALF_FLOOR_STEPS} of its "
+            "steps of the largest output, not 1e-3 of it"
+        )
     reason = "; ".join(reasons) or None
     try:
         max_abs, max_rel = _metrics(ours, expected)

@@ -18,7 +18,7 @@ from service.engine.options import DiagnoseOptions
 from service.engine.report import Recommendation
 from service.engine.subject import build_subject
 from service.engine.verify import verify_recommendations
-from tests.support.export import to_torch_export
+from tests.support.export import to_onnx, to_torch_export
 from tests.unit.engine.measure_support import npz_bytes
 
 
@@ -112,3 +112,38 @@ def test_loss_scaling_of_a_half_model_is_checked_against_an_fp32_copy() -> None:
     after = unscaled.verified.after["figures"]["fp16_underflow_fraction"]
     assert before > 0.5 and after == before
     assert unscaled.verified.resolved is False
+
+
+class BakedHalf(nn.Module):
+    """What a Hugging Face model in float16 bakes into its graph: an RMSNorm computed in fp32
+    and cast back to float16 by name, and a causal mask of finfo(float16).min made with
+    dtype=torch.float16. In the fp32 copy those casts and dtypes must not clash with fp32."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.weight = nn.Parameter(torch.ones(8))
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        h = self.weight * h.to(torch.float16)
+        t = x.shape[1]
+        mask = torch.full((t, t), torch.finfo(torch.float16).min, dtype=torch.float16).triu(1)
+        scores = (h @ h.transpose(1, 2) + mask).softmax(-1)
+        return self.fc(scores @ h)
+
+
+@pytest.mark.parametrize("fmt", ["torch_export", "onnx"])
+def test_a_half_model_with_fp16_baked_into_its_graph_gets_its_fp32_reference(fmt: str) -> None:
+    module = BakedHalf().half()
+    x = torch.randn(4, 6, 8, generator=torch.Generator().manual_seed(1)).half()
+    model = to_torch_export(module, x) if fmt == "torch_export" else to_onnx(module, x)
+    report = diagnose(model, npz_bytes(x=x), DiagnoseOptions(loss="output_norm"))
+    assert report.precision == "fp16"
+    assert all(p.fp16_underflow_fraction is not None for p in report.parameters)
+    if fmt == "onnx":  # compared with onnxruntime at fp16's own precision
+        conversion = report.model.conversion
+        assert conversion is not None and conversion.checked
+        assert "outputs are float16" in (conversion.reason or "")
