@@ -202,3 +202,26 @@ def test_chart_thresholds_mirror_the_detectors() -> None:
     from service.engine.detectors.thresholds import DEFAULTS
 
     assert {name: DEFAULTS[name] for name in CHART_THRESHOLDS} == CHART_THRESHOLDS
+
+
+def test_a_nan_origin_shows_what_its_op_read_and_wrote(
+    client: TestClient, backend: Backend
+) -> None:
+    from service.engine.options import DiagnoseOptions
+    from service.engine.pipeline import diagnose
+    from tests.support.pathologies import ZOO
+
+    case = ZOO["log_of_negatives"]
+    model, batch = case.model_bytes("torch_export"), case.batch_bytes()
+    report = diagnose(model, batch, DiagnoseOptions(verify_fixes=False)).to_jsonable()
+    origin = next(f for f in report["findings"] if f["kind"] == "non_finite")["evidence"]["origin"]
+    diagnosis_id = queue_diagnosis(client, model, batch, name="log")
+    finish(backend, diagnosis_id, report)
+    html = page_of(client, diagnosis_id)
+    table = re.search(r'<table class="origin">.*?</table>', html, re.S)
+    assert table is not None
+    rows = re.findall(r"<tr><th>(.*?)</th>(.*?)</tr>", table.group(0))[1:]  # header row
+    assert [name.split(" ")[0] for name, _ in rows] == ["input", "output"]
+    output_cells = re.findall(r"<td>(.*?)</td>", rows[-1][1])
+    assert output_cells[3] == str(int(origin["values"]["output"]["nan"]))  # the NaN column
+    assert int(output_cells[3]) > 0

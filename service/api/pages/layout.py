@@ -98,6 +98,8 @@ dl.evidence { display:grid; grid-template-columns:repeat(auto-fill, minmax(240px
 dl.evidence div { min-width:0; } dl.evidence dt { font-size:11px; color:var(--muted);
   text-transform:uppercase; letter-spacing:.04em; }
 dl.evidence dd { margin:0; font-variant-numeric:tabular-nums; overflow-wrap:anywhere; }
+dl.evidence div.wide { grid-column:1 / -1; }
+table.origin { width:auto; margin-top:6px; } table.origin td { text-align:right; }
 details > summary { cursor:pointer; color:var(--blue); margin:6px 0; }
 .status { text-align:center; padding:48px 24px; }
 .status .big { font-size:22px; font-weight:700; margin:12px 0 6px; }

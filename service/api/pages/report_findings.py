@@ -48,6 +48,8 @@ def _value(value: Any) -> str:
             " …" if len(value) > MAX_EVIDENCE_ITEMS else ""
         )
     if isinstance(value, dict):
+        if not value:
+            return '<span class="muted">none</span>'
         items = list(value.items())
         inner = "; ".join(
             f'<span class="mono">{esc(k)}</span> {_value(v)}' for k, v in items[:MAX_EVIDENCE_ITEMS]
@@ -56,26 +58,64 @@ def _value(value: Any) -> str:
     return esc(value)
 
 
+# What the NaN/Inf origin's inputs and output held (origin.OriginRecorder's counts): columns
+_ORIGIN_COUNTS = [
+    ("numel", "entries"),
+    ("min", "min"),
+    ("max", "max"),
+    ("nan", "NaN"),
+    ("posinf", "+Inf"),
+    ("neginf", "−Inf"),
+    ("zero", "zero"),
+    ("negative", "negative"),
+]
+
+
 def _origin(origin: dict[str, Any]) -> str:
     node = esc(origin.get("node"))
     op = esc(origin.get("op_type"))
     phase = esc(origin.get("phase"))
     layer = f", in layer {esc(origin['layer'])}" if origin.get("layer") else ""
-    shown = ("node", "op_type", "phase", "layer")
+    shown = ("node", "op_type", "phase", "layer", "value", "values")
     more = "; ".join(
         f'<span class="mono">{esc(k)}</span> {_value(v)}'
         for k, v in origin.items()
         if k not in shown and v not in (None, {}, [])
     )
     extra = f"<br>{more}" if more else ""
-    return f'node <span class="mono">{node}</span> ({op}), {phase} pass{layer}{extra}'
+    values = origin.get("values")
+    table = _origin_values(values) if isinstance(values, dict) else ""
+    return f'node <span class="mono">{node}</span> ({op}), {phase} pass{layer}{extra}{table}'
+
+
+def _origin_values(values: dict[str, Any]) -> str:
+    """One row per input of the origin op and one for its output, with their counts."""
+    rows: list[tuple[str, dict[str, Any]]] = []
+    for item in values.get("inputs") or []:
+        if isinstance(item, dict):
+            source = item.get("source") or item.get("value")
+            rows.append((f'input <span class="mono">{esc(source)}</span>', item))
+    if isinstance(values.get("output"), dict):
+        rows.append(("output", values["output"]))
+    if not rows:
+        return ""
+    head = "".join(f"<th>{label}</th>" for _, label in _ORIGIN_COUNTS)
+    body = "".join(
+        f"<tr><th>{name}</th>"
+        + "".join(f"<td>{_value(counts.get(key))}</td>" for key, _ in _ORIGIN_COUNTS)
+        + "</tr>"
+        for name, counts in rows
+    )
+    return f'<table class="origin"><tr><th></th>{head}</tr>{body}</table>'
 
 
 def evidence_table(evidence: dict[str, Any]) -> str:
     rows = []
     for key, value in evidence.items():
-        shown = _origin(value) if key == "origin" and isinstance(value, dict) else _value(value)
-        rows.append(f"<div><dt>{esc(key.replace('_', ' '))}</dt><dd>{shown}</dd></div>")
+        is_origin = key == "origin" and isinstance(value, dict)
+        shown = _origin(value) if is_origin else _value(value)
+        wide = ' class="wide"' if is_origin and value.get("values") else ""
+        rows.append(f"<div{wide}><dt>{esc(key.replace('_', ' '))}</dt><dd>{shown}</dd></div>")
     if not rows:
         return ""
     return f'<dl class="evidence">{"".join(rows)}</dl>'
