@@ -215,6 +215,35 @@ def _root_of_mean(value: str, producers: dict[str, Node], *, rooted: bool, steps
     return any(_root_of_mean(v, producers, rooted=rooted, steps=steps - 1) for v in producer.inputs)
 
 
+def normalized_layers(graph: ObservableGraph, layers: list[Layer]) -> set[str]:
+    """Layers whose output only a normalisation reads (through reshapes and casts): conv →
+    BatchNorm, a feature encoder's conv → GroupNorm. Their scale is divided out, so their
+    initialisation scale does not matter. A layer whose output also joins a residual sum
+    (a transformer's out-projection, before the next LayerNorm) is not one of them."""
+    from service.engine.detectors.optypes import is_normalization
+
+    consumers = _consumers(graph.nodes)
+    outputs = set(graph.output_names)
+
+    def only_normalized(value: str, steps: int) -> bool:
+        readers = consumers.get(value, [])
+        if not readers or value in outputs or steps == 0:
+            return False
+        for index in readers:
+            node = graph.nodes[index]
+            if is_normalization(node.op_type) and node.inputs[:1] == [value]:
+                continue
+            if canonical(node.op_type) in {"shape", "size", "symsize"}:
+                continue  # reads the shape only (the legacy GroupNorm's reshape back)
+            reshapes = canonical(node.op_type) in _SHAPE_ONLY | {"transpose", "permute"}
+            if reshapes and node.outputs and only_normalized(node.outputs[0], steps - 1):
+                continue
+            return False
+        return True
+
+    return {layer.name for layer in layers if only_normalized(layer.output, steps=6)}
+
+
 def _read(value: str, consumers: dict[str, list[int]], graph_outputs: set[str]) -> bool:
     return bool(consumers.get(value)) or value in graph_outputs
 
@@ -265,10 +294,12 @@ def _fan(layer: Layer, node: Node, param_in: list[str], shapes: dict[str, list[i
         if not derived_weights:
             return
         transposed_operand = True
-        return_weight = _largest_source(layer, shapes)
-        if return_weight is None:
+        sources = [p for p in layer.params if len(shapes.get(p, [])) >= 2]
+        if len(sources) != 1:
+            # none, or a weight computed from several (weight_norm's g and v): it has the
+            # scale of neither, so no fan-in and nothing to compare with He/Xavier
             return
-        weight = return_weight
+        weight = sources[0]
     shape = shapes[weight]
     layer.weight = weight
     gates = recurrent_gates(node.op_type)
@@ -299,11 +330,6 @@ def _attr(node: Node, name: str) -> object:
 
             return onnx.helper.get_attribute_value(attribute)
     return None
-
-
-def _largest_source(layer: Layer, shapes: dict[str, list[int]]) -> str | None:
-    ranked = [p for p in layer.params if len(shapes.get(p, [])) >= 2]
-    return ranked[0] if ranked else None
 
 
 _TORCH_LAYER_SUFFIX = re.compile(r"_l(\d+)(?:_reverse)?$")

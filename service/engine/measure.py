@@ -39,6 +39,7 @@ from service.engine.layers import (
     Layer,
     canonical,
     group_layers,
+    normalized_layers,
     reference_std,
 )
 from service.engine.losses import (
@@ -825,6 +826,9 @@ def _build(
         fp32_grad_norms={
             name: row["fp32_grad_norm"] for name, row in by_name.items() if "fp32_grad_norm" in row
         },
+        normalized=(
+            normalized_layers(subject.graph, layers) if subject.graph is not None else None
+        ),
     )
 
 

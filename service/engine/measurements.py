@@ -75,3 +75,6 @@ class Measurements:
     # fp16 runs only: parameter name → gradient norm of the fp32 reference pass (the fp16 pass's
     # own norms miss what fp16 flushed to zero; the loss-scale suggestion needs the real scale)
     fp32_grad_norms: dict[str, float] = field(default_factory=dict)
+    # layers whose output only a normalisation reads (layers.normalized_layers); None when not
+    # known (no graph), then the layer just after one in depth order is taken as reading it
+    normalized: set[str] | None = None

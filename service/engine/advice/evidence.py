@@ -4,7 +4,6 @@ the suggested `max_norm` and loss scale derived from the measured norms."""
 
 from __future__ import annotations
 
-import itertools
 import math
 import statistics
 
@@ -36,13 +35,6 @@ def activation_of(layer: LayerReport) -> str | None:
 
 def weight_layers(m: Measurements) -> list[LayerReport]:
     return [x for x in by_depth(m) if x.params and not is_normalization(x.op)]
-
-
-def followed_by_normalization(m: Measurements) -> set[str]:
-    """Layers whose output goes straight into a normalisation layer: their scale is divided
-    out, so their initialisation scale does not matter."""
-    layers = by_depth(m)
-    return {x.name for x, nxt in itertools.pairwise(layers) if is_normalization(nxt.op)}
 
 
 def saturating_layers(m: Measurements) -> list[LayerReport]:

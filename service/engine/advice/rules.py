@@ -19,7 +19,7 @@ from service.engine.detectors.optypes import canonical_op, is_normalization
 from service.engine.detectors.origin_text import describe as describe_origin
 from service.engine.detectors.profile import decay_phrase, sig
 from service.engine.detectors.thresholds import resolve_thresholds
-from service.engine.detectors.units import init_ratio
+from service.engine.detectors.units import init_ratio, normalized_layers
 from service.engine.graph import ObservableGraph
 from service.engine.measurements import Measurements
 from service.engine.report import SEVERITY_RANK, Finding, LayerReport, Recommendation
@@ -174,7 +174,7 @@ class Advisor:
             low, high = max(low, COMPOUND_LOW), min(high, COMPOUND_HIGH)
         picked: list[LayerReport] = []
         ratio: dict[str, float] = {}
-        scale_free = ev.followed_by_normalization(self.m)
+        scale_free = normalized_layers(self.m)
         for name in names:
             layer = self.layers.get(name)
             r = init_ratio(layer, self.m) if layer is not None else None

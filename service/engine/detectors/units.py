@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 
@@ -13,6 +14,16 @@ from service.engine.report import Finding, FindingKind, LayerReport
 
 def _by_depth(m: Measurements) -> list[LayerReport]:
     return sorted(m.layers, key=lambda layer: layer.depth)
+
+
+def normalized_layers(m: Measurements) -> set[str]:
+    """Layers whose output only a normalisation reads: their scale is divided out, so their
+    initialisation scale does not matter. From the graph when measured; else (hand-built
+    measurements) each layer just before a normalisation layer in depth order."""
+    if m.normalized is not None:
+        return set(m.normalized)
+    layers = _by_depth(m)
+    return {x.name for x, nxt in itertools.pairwise(layers) if is_normalization(nxt.op)}
 
 
 def init_ratio(layer: LayerReport, m: Measurements) -> float | None:
@@ -130,13 +141,13 @@ def init_scale_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
     # an output projection tied to the input embedding has the embedding's scale (T5's is
     # N(0, 1), its input scaled by d_model^-0.5 instead): not judged by a linear's fan-in
     tables = {p for layer in layers if is_embedding(layer.op) for p in layer.params}
-    for i, layer in enumerate(layers):
+    scale_free = normalized_layers(m)  # the normalisation divides their scale out
+    for layer in layers:
         r = init_ratio(layer, m)
         if r is None or is_normalization(layer.op) or tables & set(layer.params):
             continue
-        following = layers[i + 1] if i + 1 < len(layers) else None
-        if following is not None and is_normalization(following.op):
-            continue  # scale-invariant: the normalisation divides the scale out
+        if layer.name in scale_free:
+            continue
         ratios[layer.name] = r
         if r < t["init_ratio_low"]:
             too_small.append(layer)

@@ -7,7 +7,7 @@ import math
 import torch
 
 from service.engine.graph import Node, ObservableGraph
-from service.engine.layers import group_layers, reference_std
+from service.engine.layers import group_layers, normalized_layers, reference_std
 
 
 def _graph(nodes: list[Node], params: dict[str, torch.Tensor], out: str) -> ObservableGraph:
@@ -164,3 +164,52 @@ def test_a_written_out_rms_norm_is_a_normalisation_layer() -> None:
         parameters={"norm.weight": torch.ones(8)},
     )
     assert [layer.op for layer in group_layers(plain)] == ["Mul"]
+
+
+def test_only_a_layer_whose_output_only_a_normalisation_reads_is_scale_free() -> None:
+    """conv → BatchNorm: the norm divides the conv's scale out. A transformer's out-projection
+    joins the residual sum before the next LayerNorm: its scale is not divided out, though the
+    LayerNorm is the next layer in depth order. The legacy GroupNorm reads its input through a
+    Reshape and a Shape."""
+    params = {
+        "conv.weight": torch.randn(4, 4, 1),
+        "bn.weight": torch.ones(4),
+        "proj.weight": torch.randn(4, 4, 1),
+        "ln.weight": torch.ones(4),
+        "gn_conv.weight": torch.randn(4, 4, 1),
+        "gn.weight": torch.ones(4),
+    }
+    buffers = {"ones": torch.ones(2), "zeros": torch.zeros(2)}
+    nodes = [
+        Node("conv", "Conv", ["x", "conv.weight"], ["c"], lambda x, w: torch.conv1d(x, w)),
+        Node("bn", "BatchNormalization", ["c", "bn.weight"], ["b"], lambda c, w: c),
+        Node("proj", "Conv", ["b", "proj.weight"], ["p"], lambda x, w: torch.conv1d(x, w)),
+        Node("residual", "Add", ["b", "p"], ["r"], torch.add),
+        Node("ln", "LayerNormalization", ["r", "ln.weight"], ["n"], lambda r, w: r),
+        Node("gn_conv", "Conv", ["n", "gn_conv.weight"], ["g"], lambda x, w: torch.conv1d(x, w)),
+        Node("shape", "Shape", ["g"], ["s"], lambda g: torch.tensor(g.shape)),
+        Node("r1", "Reshape", ["g"], ["gr"], lambda g: g.reshape(g.shape[0], 2, -1)),
+        Node("in", "InstanceNormalization", ["gr", "ones", "zeros"], ["i"], lambda v, *_: v),
+        Node("r2", "Reshape", ["i", "s"], ["ib"], lambda i, s: i.reshape(*s.tolist())),
+        Node("gn", "Mul", ["ib", "gn.weight"], ["y"], lambda i, w: i * w[:, None]),
+    ]
+    graph = ObservableGraph(
+        nodes, input_names=["x"], output_names=["y"], parameters=params, buffers=buffers
+    )
+    layers = group_layers(graph)
+    assert [layer.name for layer in layers][:5] == ["conv", "bn", "proj", "ln", "gn_conv"]
+    assert normalized_layers(graph, layers) == {"conv", "gn_conv"}
+
+
+def test_a_weight_computed_from_two_parameters_has_no_fan_in_to_judge() -> None:
+    """weight_norm: W = g · v / ‖v‖ has the scale of neither g nor v."""
+    params = {"g": torch.full((4, 1, 1), 9.0), "v": torch.randn(4, 3, 5)}
+    nodes = [
+        Node("norm", "Div", ["v", "g"], ["unit"], lambda v, g: v / v.norm()),
+        Node("w", "Mul", ["unit", "g"], ["weight"], torch.mul),
+        Node("conv", "Conv", ["x", "weight"], ["y"], lambda x, w: torch.conv1d(x, w)),
+    ]
+    graph = ObservableGraph(nodes, input_names=["x"], output_names=["y"], parameters=params)
+    (layer,) = group_layers(graph)
+    assert set(layer.params) == {"g", "v"}
+    assert layer.weight is None and layer.fan_in is None and reference_std(layer) is None
