@@ -97,6 +97,17 @@ def test_succeeded_page_shows_verdict_findings_fixes_and_charts(
     assert "Replace activation" in html
     assert "nn.init.kaiming_normal_(m.weight, nonlinearity=&quot;relu&quot;)" in html
     assert "verified: resolved" in html and "depth_ratio" in html
+    # every figure is shown to 3 significant digits, lists of them too
+    figures = [
+        value
+        for rec in report["recommendations"]
+        if rec.get("verified")
+        for side in ("before", "after")
+        for value in rec["verified"][side].get("figures", {}).values()
+    ]
+    raw = [repr(v) for v in figures if isinstance(v, float) and len(repr(v)) > 8]
+    raw += [repr(x) for v in figures if isinstance(v, list) for x in v if isinstance(x, float)]
+    assert raw and not [r for r in raw if len(r) > 8 and r in html]
     # Tables and facts.
     assert all(p["name"] in html for p in report["parameters"])
     assert report["model"]["sha256"] in html
@@ -225,3 +236,19 @@ def test_a_nan_origin_shows_what_its_op_read_and_wrote(
     output_cells = re.findall(r"<td>(.*?)</td>", rows[-1][1])
     assert output_cells[3] == str(int(origin["values"]["output"]["nan"]))  # the NaN column
     assert int(output_cells[3]) > 0
+
+
+def test_a_verified_figure_that_is_a_range_is_shown_rounded() -> None:
+    from service.api.pages.report_findings import verification_block
+    from service.engine.report import Verification
+
+    html = verification_block(
+        Verification(
+            applied=True,
+            resolved=True,
+            before={"figures": {"init_std_ratio_range": [0.0561657912145043, 0.184518331726]}},
+            after={"figures": {"init_std_ratio_range": [0.0561657912145043, 1.02374042806]}},
+        )
+    )
+    assert "0.0562" in html and "0.185" in html and "1.02" in html
+    assert "0.0561657912145043" not in html

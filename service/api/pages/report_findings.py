@@ -191,8 +191,8 @@ def verification_block(verified: Verification | None) -> str:
     for name in dict.fromkeys([*before_figures, *after_figures]):
         b, a = before_figures.get(name), after_figures.get(name)
         rows.append(
-            f'<tr><td class="mono">{esc(name)}</td><td class="n">{esc(num(b))}</td>'
-            f'<td class="n">{esc(num(a))}</td><td class="n">{esc(_change(b, a))}</td></tr>'
+            f'<tr><td class="mono">{esc(name)}</td><td class="n">{_value(b)}</td>'
+            f'<td class="n">{_value(a)}</td><td class="n">{esc(_change(b, a))}</td></tr>'
         )
     for key in dict.fromkeys([*verified.before, *verified.after]):
         if key == "figures":
