@@ -168,9 +168,13 @@ def shown_names(names: Iterable[str], limit: int = SHOWN_NAMES) -> str:
 
 def match_batch(batch: Batch, declared: list[TensorSpec]) -> MatchedBatch:
     """Assign arrays to the model's inputs and check them against the declared specs."""
-    target_name = next((n for n in TARGET_NAMES if n in batch.arrays), None)
-    candidates = {n: t for n, t in batch.arrays.items() if n != target_name}
     input_names = [spec.name for spec in declared]
+    # a model input named like a target (a model that takes `labels` and returns its own loss)
+    # is fed by that array: it is no target then
+    target_name = next(
+        (n for n in TARGET_NAMES if n in batch.arrays and n not in input_names), None
+    )
+    candidates = {n: t for n, t in batch.arrays.items() if n != target_name}
     notes = []
     if input_names and all(n in candidates for n in input_names):
         chosen = [(n, candidates[n]) for n in input_names]

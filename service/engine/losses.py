@@ -1,12 +1,14 @@
 """The loss the diagnosis differentiates (CONTRACT.md §2).
 
 Kinds: `cross_entropy`, `nll` (the output is log-probabilities), `mse`, `l1`, `bce_with_logits`,
-`output_norm` (no target: L = mean(y²) over every floating output, i.e. MSE against zero).
+`output_norm` (no target: L = mean(y²) over every floating output, i.e. MSE against zero),
+`model_output` (L = the model's first output, a scalar: a model that computes its own loss).
 All losses are means over the batch, computed in float32 whatever the model's dtype.
 
 Default when `--loss` is not given: an integer target and a class-shaped output → `cross_entropy`;
-a floating target → `mse`; no target → `output_norm`. With several outputs, target losses use the
-first.
+a floating target → `mse`; no target → `model_output` when the first floating output is a scalar
+(Hugging Face's `model(input_ids, labels=labels).loss`), else `output_norm`. With several
+outputs, target losses use the first.
 
 Class axis of `cross_entropy` / `nll`: dim 1 as in `F.cross_entropy` (the target's shape is the
 output's without dim 1: [N, C] / [N], [N, C, H, W] / [N, H, W]), else the last axis when the
@@ -17,6 +19,7 @@ torch and Hugging Face labels).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -24,9 +27,23 @@ import torch.nn.functional as F
 
 from service.errors import BadInputError
 
-LOSS_KINDS = ("cross_entropy", "nll", "mse", "l1", "bce_with_logits", "output_norm")
+LOSS_KINDS = (
+    "cross_entropy",
+    "nll",
+    "mse",
+    "l1",
+    "bce_with_logits",
+    "output_norm",
+    "model_output",
+)
 _CLASS_LOSSES = ("cross_entropy", "nll")
 GIVEN_BY_USER = "given by --loss"  # the report's loss.reason when no default applied
+
+
+def _numel(shape: Sequence[object]) -> int | None:
+    """Elements of a shape whose sizes are all known, else None."""
+    sizes = [d for d in shape if isinstance(d, int)]
+    return math.prod(sizes) if len(sizes) == len(shape) else None
 
 
 def _same_shape(expected: Sequence[object], actual: Sequence[object]) -> bool:
@@ -53,6 +70,11 @@ def default_loss(
     target: torch.Tensor | None, output_shape: Sequence[object] | None
 ) -> tuple[str, str]:
     """(kind, reason) per CONTRACT.md §2. `output_shape` None means unknown yet."""
+    if target is None and output_shape is not None and _numel(output_shape) == 1:
+        return "model_output", (
+            "the batch has no target array and the model's output is a scalar: taken as the "
+            "loss it computes itself"
+        )
     if target is None:
         return "output_norm", "the batch has no target array"
     if target.dtype.is_floating_point:
@@ -79,6 +101,14 @@ def compute_loss(
         raise BadInputError("the model has no floating-point output to take a loss of")
     if kind == "output_norm":
         return torch.stack([o.float().square().mean() for o in floats]).sum()
+    if kind == "model_output":
+        if floats[0].numel() != 1:
+            raise BadInputError(
+                f"loss 'model_output' takes the model's output as the loss, but its first "
+                f"output has shape {list(floats[0].shape)}, not a scalar: use --loss output_norm "
+                "or give a target"
+            )
+        return floats[0].float().reshape(())
     if target is None:
         raise BadInputError(
             f"loss {kind!r} needs a target: add an array named 'target' to the batch "

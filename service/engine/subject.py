@@ -171,7 +171,7 @@ def build_subject(
     reason: str | None
     if options.loss is not None:
         loss_kind, reason = options.loss, GIVEN_BY_USER
-    elif target is None or target.is_floating_point():
+    elif target is not None and target.is_floating_point():
         loss_kind, reason = default_loss(target, None)
     elif loaded.outputs and loaded.outputs[0].shape:
         loss_kind, reason = default_loss(target, loaded.outputs[0].shape)

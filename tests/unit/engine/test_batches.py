@@ -76,6 +76,21 @@ def test_target_names_are_never_inputs(target_name: str) -> None:
     assert roles[target_name] == "target"
 
 
+def test_a_model_input_named_like_a_target_takes_that_array() -> None:
+    """A model that computes its own loss takes `labels` as an input (Hugging Face's
+    `model(input_ids, labels=labels).loss`): the array feeds it and there is no target."""
+    specs = [
+        TensorSpec(name="input_ids", shape=["batch", 6], dtype="int64"),
+        TensorSpec(name="labels", shape=["batch", 6], dtype="int64"),
+    ]
+    ids = torch.randint(0, 9, (4, 6))
+    labels = torch.randint(0, 9, (4, 6))
+    matched = match_batch(load_batch(npz_bytes(input_ids=ids, labels=labels)), specs)
+    assert matched.target is None
+    assert torch.equal(matched.inputs[1], labels)
+    assert {a.name: a.role for a in matched.info.arrays}["labels"] != "target"
+
+
 def test_float_arrays_are_cast_to_the_declared_float_dtype() -> None:
     specs = [TensorSpec(name="x", shape=[2, 3], dtype="float16")]
     matched = match_batch(load_batch(npz_bytes(x=np.zeros((2, 3), np.float32))), specs)

@@ -42,14 +42,26 @@ def test_fp16_outputs_give_a_float32_loss() -> None:
     ("target", "shape", "kind"),
     [
         (None, [5, 4], "output_norm"),
+        (None, [], "model_output"),  # the model returns its own loss
+        (None, [1], "model_output"),
+        (None, ["batch"], "output_norm"),  # size unknown: not a scalar for sure
         (FLOAT_TARGET, [5, 4], "mse"),
         (CLASSES, [5, 4], "cross_entropy"),
         (torch.zeros(5, 7, dtype=torch.long), [5, 4, 7], "cross_entropy"),  # per-position classes
         (torch.zeros(5, 4, dtype=torch.long), [5, 4], "mse"),  # not class-shaped
     ],
 )
-def test_defaults(target: torch.Tensor | None, shape: list[int], kind: str) -> None:
+def test_defaults(target: torch.Tensor | None, shape: list[int | str], kind: str) -> None:
     assert default_loss(target, shape)[0] == kind
+
+
+def test_model_output_is_the_models_own_scalar_loss() -> None:
+    own = torch.tensor(2.5, requires_grad=True)
+    loss = compute_loss("model_output", [own, LOGITS], None)
+    loss.backward()
+    assert loss.item() == 2.5 and own.grad is not None and own.grad.item() == 1.0
+    with pytest.raises(BadInputError, match=r"shape \[5, 4\], not a scalar.*output_norm"):
+        compute_loss("model_output", [LOGITS], None)
 
 
 def test_target_loss_without_target_says_what_to_add() -> None:
