@@ -38,6 +38,9 @@ def diagnose_command(
     precision: Annotated[str, typer.Option(help="fp32|bf16|fp16 (autocast)")] = "fp32",
     micro_batches: Annotated[int, typer.Option(help="split the batch, accumulate gradients")] = 1,
     verify: Annotated[bool, typer.Option(help="try automatic fixes on a copy")] = True,
+    dropout: Annotated[
+        bool, typer.Option(help="train mode: keep dropout and random masks (seeded)")
+    ] = False,
     output_format: Annotated[str, typer.Option("--format", help="table|json")] = "table",
     fail_on: Annotated[str, typer.Option(help="warning|error")] = "error",
 ) -> None:
@@ -50,7 +53,7 @@ def diagnose_command(
         if not path.is_file():
             raise _fail(f"the {what} file {str(path)!r} does not exist", EXIT_BAD_INPUT)
     try:
-        report = _run(model, batch, loss, device, mode, precision, micro_batches, verify)
+        report = _run(model, batch, loss, device, mode, precision, micro_batches, verify, dropout)
     except typer.Exit:
         raise
     except Exception as exc:
@@ -73,6 +76,7 @@ def _run(
     precision: str,
     micro_batches: int,
     verify: bool,
+    dropout: bool = False,
 ) -> Any:
     from pydantic import ValidationError
 
@@ -87,6 +91,7 @@ def _run(
                 "precision": precision,
                 "micro_batches": micro_batches,
                 "verify_fixes": verify,
+                "dropout": dropout,
             }
         )
     except ValidationError as exc:

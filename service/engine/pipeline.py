@@ -18,6 +18,7 @@ import torch
 import service
 from service.engine.formats.loaded import LoadedModel
 from service.engine.measure import measure
+from service.engine.measurements import Subject
 from service.engine.options import DiagnoseOptions
 from service.engine.report import Environment, Finding, Recommendation, Report, Timing
 from service.engine.subject import build_subject
@@ -74,6 +75,18 @@ def diagnose(
         bundle_dir=bundle_dir,
         conformance_reference=conformance_reference,
     )
+    # random draws (--dropout, a model's own noise) are the same on every run of a diagnosis
+    devices = [subject.device] if subject.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(DIAGNOSIS_SEED)
+        return _diagnosed(subject, options, started)
+
+
+# the seed of torch's generators for every diagnosis (restored after it)
+DIAGNOSIS_SEED = 0
+
+
+def _diagnosed(subject: Subject, options: DiagnoseOptions, started: float) -> Report:
     measurements = measure(subject, options)
     analysis_start = time.perf_counter()
     notes = list(subject.extra.get("notes", [])) + list(measurements.notes)

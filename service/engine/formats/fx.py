@@ -85,6 +85,28 @@ _INNER_DROPOUT: dict[Any, tuple[int, str]] = {
 }
 
 
+def _expected_bernoulli(x: torch.Tensor, p: Any = 0.5, *_: Any, **__: Any) -> torch.Tensor:
+    """bernoulli(x, p)'s expected value: p everywhere. A drop-path (stochastic depth) mask,
+    `x.new_empty(...).bernoulli_(keep) / keep`, is then 1, the module's eval behaviour."""
+    expected = torch.as_tensor(p, dtype=x.dtype, device=x.device).clamp(0.0, 1.0)
+    return expected.expand(torch.broadcast_shapes(x.shape, expected.shape)).clone()
+
+
+def _expected_bernoulli_of(probabilities: torch.Tensor, *_: Any, **__: Any) -> torch.Tensor:
+    return probabilities.clamp(0.0, 1.0).clone()
+
+
+# Random masks drawn by sampling (drop path, hand-written dropout): in train mode without
+# --dropout each sample is its expected value, as dropout is off, so the run is reproducible.
+_BERNOULLI: dict[Any, Callable[..., Any]] = {
+    aten.bernoulli.default: _expected_bernoulli_of,
+    aten.bernoulli.p: _expected_bernoulli,
+    aten.bernoulli.Tensor: _expected_bernoulli,
+    aten.bernoulli_.float: _expected_bernoulli,
+    aten.bernoulli_.Tensor: _expected_bernoulli,
+}
+
+
 def op_name(target: Any) -> str:
     """`aten.linear.default` → "linear"; builtins by their name (`operator.getitem` → "getitem")."""
     packet = getattr(target, "_overloadpacket", None)
@@ -122,6 +144,8 @@ def _train_mode_fn(target: Any, dropout: bool) -> tuple[Callable[..., Any], str]
             return target(x, p, dropout)
 
         return dropout_fn, name
+    if target in _BERNOULLI and not dropout:
+        return _BERNOULLI[target], name
     if target in _INNER_DROPOUT and not dropout:
         position, keyword = _INNER_DROPOUT[target]
 

@@ -80,6 +80,28 @@ def _refill(model: ModelProto, graph: ObservableGraph) -> ModelProto:
     return copy
 
 
+def _expected_masks(model: ModelProto, masks: dict[str, tuple[str, str]]) -> None:
+    """onnxruntime's copy computes each random mask the converter took at its expected value
+    (ops/random.py) the same way: `Less(u, p)` becomes `Expand(p, Shape(u))` (in place)."""
+    if not masks:
+        return
+    nodes = []
+    for node in model.graph.node:
+        mask = masks.get(node.output[0]) if node.output else None
+        if mask is None:
+            nodes.append(node)
+            continue
+        draw, threshold = mask
+        shape = f"{node.output[0]}/gradhealth_shape"
+        nodes.append(onnx.helper.make_node("Shape", [draw], [shape]))
+        nodes.append(onnx.helper.make_node("Expand", [threshold, shape], [node.output[0]]))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    kept = [v for v in model.graph.value_info if v.name not in masks]  # declared bool
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
+
+
 DROPOUT_OFF = "gradhealth::dropout_off"
 
 
@@ -195,6 +217,7 @@ class ConformanceReference:
             self.close()
             self._providers = tuple(providers)
             refilled = _refill(model, graph)
+            _expected_masks(refilled, graph.metadata.get("expected_masks", {}))
             self._dropout_switched = _switch_dropout_off(refilled)
             serialized = refilled.SerializeToString()
             del refilled
@@ -225,6 +248,7 @@ class ConformanceReference:
         """The same weights converted in `eval` mode, as onnxruntime runs them (CPU)."""
         if not self._twin_built:
             refilled = _refill(model, graph)
+            _expected_masks(refilled, graph.metadata.get("expected_masks", {}))
             _switch_dropout_off(refilled)
             self._twin = convert(refilled, mode="eval", release_weights=False)
             self._twin_built = True

@@ -87,6 +87,7 @@ from service.engine.onnx.gradient_paths import (
 )
 from service.engine.onnx.loading import load_onnx, load_onnx_bundle, resolve_external_data
 from service.engine.onnx.ops._util import FLOAT_DTYPES, ONNX_TO_TORCH
+from service.engine.onnx.ops.random import expected_random_masks, masks_are_expected
 from service.engine.onnx.recurrent_weights import (
     UnfoldedWeights,
     fold_lstm_weight_reorders,
@@ -679,6 +680,11 @@ def _convert_checked(
         signature,
     )
     buffers.update(restored.constants)
+    if masks_are_expected(mode, dict(extra or {})):
+        producers = {out: node for node in nodes for out in node.outputs if out}
+        expected_masks = expected_random_masks(nodes, producers)
+    else:
+        expected_masks = {}
     _fold_constants(nodes, constants)
 
     unfolded = UnfoldedWeights(signature=signature)
@@ -730,6 +736,13 @@ def _convert_checked(
     if unfolded.recipes:
         metadata["gate_reordered_initializers"] = unfolded.recipes
     notes = folded_batchnorm_notes(graph) + restored.notes()
+    if expected_masks:
+        notes.append(
+            f"{len(expected_masks)} random mask(s) (a drop path's Bernoulli sample: "
+            f"{', '.join(list(expected_masks)[:3])}) are their expected value, as dropout is "
+            "off in train mode; --dropout samples them"
+        )
+        metadata["expected_masks"] = expected_masks  # onnxruntime's copy computes the same
     if notes:
         metadata["notes"] = notes  # the engine adds them to the report's notes
     input_names = [i.name for i in input_infos]
