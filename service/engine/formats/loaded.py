@@ -33,3 +33,21 @@ class LoadedModel:
     finish: Any = None
     notes: list[str] = field(default_factory=list)
     source: Any = None  # the loaded source object (ExportedProgram, ScriptModule, ModelProto)
+
+
+def frozen_parameters_note(module: nn.Module) -> list[str]:
+    """A note naming the parameters the model holds frozen (requires_grad=False, kept by
+    torch.export and TorchScript files): a fine-tuned model's backbone. They are measured like
+    the others, so the report shows the gradient they would get if trained, and the gradient
+    flowing through them to what is trained."""
+    frozen = [name for name, p in module.named_parameters() if not p.requires_grad]
+    if not frozen:
+        return []
+    from service.engine.batches import shown_names
+
+    return [
+        f"{len(frozen)} parameter(s) are frozen in the model (requires_grad=False: "
+        f"{shown_names(frozen, 3)}): "
+        "measured like the others, so their gradients are what they would get if trained; "
+        "an optimizer built from the trainable parameters leaves them unchanged"
+    ]

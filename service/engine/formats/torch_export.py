@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from service.engine.formats.fx import graph_from_fx
-from service.engine.formats.loaded import LoadedModel
+from service.engine.formats.loaded import LoadedModel, frozen_parameters_note
 from service.engine.report import TensorSpec
 from service.errors import ModelFormatError
 
@@ -71,7 +71,7 @@ def load_torch_export(data: bytes, *, mode: str = "train", dropout: bool = False
     module = program.module()
     parameter_names = [name for name, _ in module.named_parameters()]
     read = {str(n.target) for n in module.graph.nodes if n.op == "get_attr" and n.users}
-    notes: list[str] = []
+    notes: list[str] = frozen_parameters_note(module)
     unread: set[str] = set()
     for names in tied_parameter_names(data):
         used = [n for n in names if n in read]

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from service.engine.formats.fx import graph_from_fx
-from service.engine.formats.loaded import LoadedModel
+from service.engine.formats.loaded import LoadedModel, frozen_parameters_note
 from service.engine.report import TensorSpec
 from service.errors import ModelFormatError
 
@@ -60,6 +60,7 @@ def load_torchscript(data: bytes, *, mode: str = "train", dropout: bool = False)
         inputs=inputs,
         coverage_reason="TorchScript graph not converted yet (needs the batch)",
         source=module,
+        notes=frozen_parameters_note(module),
     )
 
     def finish(example: Sequence[torch.Tensor]) -> None:

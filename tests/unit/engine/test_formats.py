@@ -9,8 +9,11 @@ import torch
 from torch import nn
 
 from service.engine.formats.detect import detect_format
+from service.engine.options import DiagnoseOptions
+from service.engine.pipeline import diagnose
 from service.errors import ModelFormatError
 from tests.support.export import to_onnx, to_torch_export, to_torchscript
+from tests.unit.engine.measure_support import npz_bytes
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +63,16 @@ def test_damaged_pt2_names_the_loader() -> None:
     assert detect_format(data) == "torch_export"
     with pytest.raises(ModelFormatError, match=r"torch\.export\.load"):
         load_torch_export(data)
+
+
+@pytest.mark.parametrize("fmt", ["torch_export", "torchscript"])
+def test_parameters_frozen_in_the_model_are_named_in_a_note(fmt: str) -> None:
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    for p in module[0].parameters():
+        p.requires_grad_(False)  # a fine-tuned model's frozen backbone
+    x = torch.randn(8, 6)
+    model = to_torch_export(module, x) if fmt == "torch_export" else to_torchscript(module, x)
+    report = diagnose(model, npz_bytes(x=x), DiagnoseOptions(verify_fixes=False))
+    (note,) = [n for n in report.notes if "frozen" in n]
+    assert "2 parameter(s)" in note and "0.weight, 0.bias" in note and "2.weight" not in note
