@@ -57,6 +57,14 @@ _OUT_IN_LAYOUT = frozenset(
     | {"conv_transpose1d", "convtranspose1d", "convtranspose2d", "convtranspose3d"}
 )
 _MATMUL = frozenset({"matmul", "mm", "bmm", "addmm", "gemm"})
+# Ops that add, scale, select or join a parameter rather than multiply it into a sum over
+# inputs: a position embedding added (`x + pos`), a relative-position bias table indexed into
+# an attention mask (Swin), a class token concatenated. No fan-in, nothing to compare with
+# He/Xavier.
+_NO_FAN_IN = frozenset(
+    {"add", "sub", "mul", "div", "where", "index", "indexselect", "cat", "concat", "expand"}
+    | {"scaleddotproductattention", "maskedfill", "slice", "getitem"}
+)
 # Recurrent ops → gates per hidden unit. Their input weight is [gates*H, in] (torch, per layer)
 # or [dirs, gates*H, in] (ONNX W); the recurrent one [gates*H, H] / [dirs, gates*H, H] (R).
 RECURRENT_GATES = {
@@ -283,7 +291,7 @@ def _attach_followers(
 def _fan(layer: Layer, node: Node, param_in: list[str], shapes: dict[str, list[int]]) -> None:
     """fan_in/fan_out of the layer's weight, as torch's `_calculate_fan_in_and_fan_out`."""
     op = canonical(node.op_type)
-    if op in NORMALIZATIONS:
+    if op in NORMALIZATIONS or op in _NO_FAN_IN:
         return
     candidates = [v for v in param_in if v in shapes and len(shapes[v]) >= 2]
     weight = candidates[0] if candidates else None

@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 from service.engine.detectors.optypes import (
+    is_embedding,
     is_gated_rnn,
     is_normalization,
     is_recurrent,
@@ -43,10 +44,21 @@ def depth_profile(m: Measurements) -> tuple[list[str], list[float | None]]:
 
 
 def _judged_grad_to_weight(layer: LayerReport, m: Measurements) -> float:
-    """grad/weight, over the weight He/Xavier would give where the layer's is smaller."""
+    """grad/weight, over the weight He/Xavier would give where the layer's is smaller; for
+    an embedding table, over nn.Embedding's N(0, 1) (a table at N(0, 0.02), CLIP's and
+    BERT's, whose used rows get the whole gradient, is no explosion)."""
     ratio = layer.grad_to_weight or 0.0
-    scale = init_ratio(layer, m)
+    scale = _embedding_scale(layer, m) if is_embedding(layer.op) else init_ratio(layer, m)
     return ratio * min(1.0, scale) if scale else ratio
+
+
+def _embedding_scale(layer: LayerReport, m: Measurements) -> float | None:
+    """The table's RMS over nn.Embedding's default std, 1."""
+    shapes = {p.name: p.shape for p in m.parameters}
+    numel = sum(math.prod(shapes[n]) for n in layer.params if n in shapes)
+    if not numel or not layer.weight_norm:
+        return None
+    return layer.weight_norm / math.sqrt(numel)
 
 
 def _weight_layers(m: Measurements) -> list[LayerReport]:

@@ -45,7 +45,9 @@ exploding_gradients (axis "depth"), error when ANY of:
      rule 1 sees ‖∂L/∂a‖ double at every layer backwards). A layer whose weight is smaller
      than He/Xavier's (init ratio r < 1) is judged by grad/weight × r, the step against a
      weight of healthy scale: a fresh classifier at N(0, 0.02) has a large grad/weight
-     from its tiny weight, which init_scale reports.
+     from its tiny weight, which init_scale reports. An embedding table is judged against
+     nn.Embedding's N(0, 1) the same way (CLIP's and BERT's tables are N(0, 0.02), and the
+     rows a batch reads take the whole gradient).
   Warning instead of error when only depth ratio > `exploding_profile_ratio_warning` (10) with
   the per-layer factor above `exploding_layer_factor`.
 
@@ -86,9 +88,12 @@ init_scale: a layer's weight std over the std He (ReLU-like) or Xavier (others) 
   gives 0.41 of He, hence a low bound below it. RNN/GRU/LSTM layers: the input weight's
   fan-in is the input size (ONNX W [dirs, gates*H, input]), and the reference std is 1/√H (an
   orthogonal recurrent matrix; torch's default U(±1/√H) gives 0.58 of it at any input size).
-  A layer whose output goes straight into a normalisation layer is scale-invariant and is
-  not judged, nor is an output projection tied to the input embedding (it has the
-  embedding's scale, which the model compensates: T5 scales its input by d_model^-0.5).
+  Only weights multiplied into a sum over inputs have a fan-in: a parameter added
+  (a position embedding), indexed (Swin's relative-position bias table) or concatenated (a
+  class token) is not judged. A layer whose output only a normalisation reads (the graph
+  says so) is scale-invariant and is not judged, nor is an output projection tied to the
+  input embedding (it has the embedding's scale, which the model compensates: T5 scales its
+  input by d_model^-0.5).
   In a plain ReLU stack a ratio r multiplies ‖∂L/∂a‖ by about r per layer, so 1.5 over 10
   layers is already ×58.
   Parameters-only coverage (the activation after a layer is not visible): the weight std,

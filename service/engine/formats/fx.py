@@ -22,6 +22,7 @@ tell apart.
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -105,6 +106,29 @@ _BERNOULLI: dict[Any, Callable[..., Any]] = {
     aten.bernoulli_.float: _expected_bernoulli,
     aten.bernoulli_.Tensor: _expected_bernoulli,
 }
+
+
+_UNIFORM_DRAWS = frozenset({aten.rand.default, aten.rand_like.default})
+
+
+def _floored_draw_keep(fx_node: fx.Node) -> float | None:
+    """keep of `floor(rand(...) + keep)`: Hugging Face's drop path (`keep + torch.rand(shape)`
+    then `floor_()`), a Bernoulli(keep) sample; None for any other node."""
+    if fx_node.target not in (aten.floor.default, aten.floor_.default) or not fx_node.args:
+        return None
+    added = fx_node.args[0]
+    if not isinstance(added, fx.Node) or added.target is not aten.add.Tensor:
+        return None
+    draws = [a for a in added.args if isinstance(a, fx.Node) and a.target in _UNIFORM_DRAWS]
+    scalars = [a for a in added.args if isinstance(a, (int, float))]
+    if len(draws) != 1 or len(scalars) != 1 or len(added.args) != 2:
+        return None
+    return float(scalars[0])
+
+
+def _expected_floored_draw(summed: torch.Tensor, keep: float) -> torch.Tensor:
+    """floor(keep + u)'s expected value, keep (in [0, 1]), in the draw's shape."""
+    return torch.full_like(summed, min(max(keep, 0.0), 1.0))
 
 
 def op_name(target: Any) -> str:
@@ -313,6 +337,9 @@ def _convert_call(fx_node: fx.Node, attr_names: dict[str, str], mode: str, dropo
         name = "getitem"
     slots = _unique_inputs(fx_node.args, fx_node.kwargs)
     replacement = _train_mode_fn(target, dropout) if mode == "train" else None
+    keep = _floored_draw_keep(fx_node) if mode == "train" and not dropout else None
+    if keep is not None:
+        replacement = (functools.partial(_expected_floored_draw, keep=keep), name)
     if replacement is not None:
         fn_target, name = replacement
     elif target in _RESHAPING_VIEWS:

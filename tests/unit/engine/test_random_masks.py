@@ -18,25 +18,29 @@ from tests.support.export import to_onnx, to_torch_export
 from tests.unit.engine.measure_support import npz_bytes
 
 
-def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+def drop_path(x: torch.Tensor, p: float, training: bool, floored: bool = False) -> torch.Tensor:
     if p == 0.0 or not training:
         return x
     keep = 1.0 - p
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    if floored:  # Hugging Face's: (keep + rand).floor_()
+        mask = (keep + torch.rand(shape, dtype=x.dtype)).floor_()
+    else:  # timm's
+        mask = x.new_empty(shape).bernoulli_(keep)
     return x * mask / keep
 
 
 class StochasticDepth(nn.Module):
-    def __init__(self, p: float = 0.3) -> None:
+    def __init__(self, p: float = 0.3, floored: bool = False) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.p = p
+        self.p, self.floored = p, floored
         self.blocks = nn.ModuleList(nn.Linear(12, 12) for _ in range(3))
         self.head = nn.Linear(12, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
-            x = x + drop_path(torch.tanh(block(x)), self.p, self.training)
+            x = x + drop_path(torch.tanh(block(x)), self.p, self.training, self.floored)
         return self.head(x)
 
 
@@ -60,11 +64,12 @@ def _without_drop_path() -> tuple[float, dict[str, float]]:
     return loss.item(), grads
 
 
+@pytest.mark.parametrize("floored", [False, True], ids=["bernoulli", "floor_of_rand"])
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_a_drop_path_is_off_in_train_mode_and_the_report_is_the_models_without_it(
-    fmt: str,
+    fmt: str, floored: bool
 ) -> None:
-    model, batch = _export(StochasticDepth(), fmt), npz_bytes(x=X, target=Y)
+    model, batch = _export(StochasticDepth(floored=floored), fmt), npz_bytes(x=X, target=Y)
     first = diagnose(model, batch, DiagnoseOptions(verify_fixes=False))
     second = diagnose(model, batch, DiagnoseOptions(verify_fixes=False))
     loss, grads = _without_drop_path()

@@ -127,14 +127,20 @@ def expected_random_masks(
 ) -> dict[str, tuple[str, str]]:
     """Make each `Less(u, p)` (or `Greater(p, u)`) on a uniform draw in [0, 1) that only
     casts to a float read give p instead of its sample: the exporters' Bernoulli(p) mask at
-    its expected value. Returns, by the comparison's output, (u, p): onnxruntime's copy of
-    the model computes the same (conformance.py)."""
+    its expected value; so is `Floor(Add(u, keep))`. Returns, by the rewritten node's output,
+    (u, p): onnxruntime's copy of the model computes the same (conformance.py)."""
     readers: dict[str, list[Node]] = {}
     for node in nodes:
         for name in node.inputs:
             readers.setdefault(name, []).append(node)
     rewritten: dict[str, tuple[str, str]] = {}
     for node in nodes:
+        floored = _floored_draw(node, producers)
+        if floored is not None:  # floor(keep + u): Bernoulli(keep), as a float already
+            node.inputs = list(floored)  # it reads the draw and keep, not their sum
+            node.fn = _expected_mask(0)
+            rewritten[node.outputs[0]] = floored
+            continue
         slot = _DRAW_OPERAND.get(node.op_type)
         if slot is None or len(node.inputs) != 2 or not _uniform_draw(node.inputs[slot], producers):
             continue
@@ -144,6 +150,20 @@ def expected_random_masks(
         node.fn = _expected_mask(slot)
         rewritten[node.outputs[0]] = (node.inputs[slot], node.inputs[1 - slot])
     return rewritten
+
+
+def _floored_draw(node: Node, producers: dict[str, Node]) -> tuple[str, str] | None:
+    """(u, keep) of a `Floor(Add(u, keep))` on a uniform draw u in [0, 1): Hugging Face's
+    drop path (`keep + torch.rand(shape)).floor_()`), a Bernoulli(keep) sample."""
+    if node.op_type != "Floor" or len(node.inputs) != 1:
+        return None
+    add = producers.get(node.inputs[0])
+    if add is None or add.op_type != "Add" or len(add.inputs) != 2:
+        return None
+    for slot, name in enumerate(add.inputs):
+        if _uniform_draw(name, producers):
+            return name, add.inputs[1 - slot]
+    return None
 
 
 def _uniform_draw(name: str, producers: dict[str, Node]) -> bool:
@@ -168,6 +188,8 @@ def _casts_to_float(node: Node) -> bool:
 
 
 def _expected_mask(draw_slot: int) -> NodeFn:
+    """The mask's expected value: its threshold p (clamped to [0, 1]) in the draw's shape."""
+
     def fn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         draw, threshold = (a, b) if draw_slot == 0 else (b, a)
         p = threshold.to(draw.dtype).clamp(0.0, 1.0)
