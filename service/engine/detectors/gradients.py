@@ -63,11 +63,17 @@ def _embedding_scale(layer: LayerReport, m: Measurements) -> float | None:
 
 def _weight_layers(m: Measurements) -> list[LayerReport]:
     """Layers with weight gradients, normalisation layers left out (their gains are not weights
-    in AUTOTRAINER's sense and their gradients follow a different scale)."""
+    in AUTOTRAINER's sense and their gradients follow a different scale), and so are layers
+    with no weight matrix or kernel at all (a scalar temperature: CLIP's logit_scale, whose
+    gradient is one number's)."""
+    shapes = {p.name: p.shape for p in m.parameters}
     return [
         x
         for x in _ordered_layers(m)
-        if x.grad_norm is not None and x.params and not is_normalization(x.op)
+        if x.grad_norm is not None
+        and x.params
+        and not is_normalization(x.op)
+        and (not shapes or any(len(shapes.get(n, [0, 0])) >= 2 for n in x.params))
     ]
 
 

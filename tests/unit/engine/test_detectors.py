@@ -249,3 +249,12 @@ def test_a_drop_in_one_step_is_said_so_not_fitted_per_layer():
     (f,) = [f for f in detect(m) if f.kind == "vanishing_gradients"]
     assert "most of it in one step below fc6: no layer under it gets more than 0.01 " in f.message
     assert "per layer towards the output" not in f.message
+
+
+def test_a_scalar_parameter_is_no_weight_layer_for_the_weight_ratio():
+    # the last "layer" is a temperature (CLIP's logit_scale): one number's gradient, no weight
+    m = mlp([1.0] * 4, weight_grad_norms=[1.0, 1.0, 1.0, 1e-3], weight_norms=[1e3] * 4)
+    (f,) = [f for f in detect(m) if f.kind == "exploding_gradients"]
+    assert f.evidence["rules"] == ["weight_ratio"]
+    m.parameters[3].shape = []
+    assert not [f for f in detect(m) if f.kind == "exploding_gradients"]
