@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
+from service.engine.formats.fake_quant_meta import register_fake_quant_meta
 from service.engine.formats.fx import graph_from_fx
 from service.engine.formats.loaded import LoadedModel, frozen_parameters_note
 from service.engine.report import TensorSpec
@@ -89,6 +90,7 @@ def _make_observable(
     try:
         from torch._export.converter import TS2EPConverter
 
+        register_fake_quant_meta()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = TS2EPConverter(module, tuple(t.detach() for t in example)).convert()

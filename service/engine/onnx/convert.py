@@ -87,6 +87,7 @@ from service.engine.onnx.gradient_paths import (
 )
 from service.engine.onnx.loading import load_onnx, load_onnx_bundle, resolve_external_data
 from service.engine.onnx.ops._util import FLOAT_DTYPES, ONNX_TO_TORCH
+from service.engine.onnx.ops.quantize import FLOAT8_TO_TORCH, fake_quantize_pairs
 from service.engine.onnx.ops.random import expected_random_masks, masks_are_expected
 from service.engine.onnx.recurrent_weights import (
     UnfoldedWeights,
@@ -138,7 +139,10 @@ __all__ = [
 
 
 def tensor_from_proto(proto: TensorProto) -> torch.Tensor:
-    """One copy of a TensorProto's data as a torch tensor (bfloat16 and friends included)."""
+    """One copy of a TensorProto's data as a torch tensor (bfloat16 and friends included;
+    float8, which only quantisation ops read)."""
+    if proto.data_type in FLOAT8_TO_TORCH:
+        return _float8_tensor(proto)
     if proto.data_type not in ONNX_TO_TORCH:
         raise UnsupportedAttribute(
             f"tensor '{proto.name}' has element type "
@@ -156,6 +160,18 @@ def tensor_from_proto(proto: TensorProto) -> torch.Tensor:
     if dtype == torch.bfloat16:
         return torch.tensor(array.astype("float32"), dtype=torch.bfloat16).reshape(shape)
     return torch.from_numpy(array.copy()).reshape(shape)
+
+
+def _float8_tensor(proto: TensorProto) -> torch.Tensor:
+    dtype, shape = FLOAT8_TO_TORCH[proto.data_type], tuple(proto.dims)
+    if proto.HasField("raw_data"):  # one byte per value, the same encoding as torch's
+        return (
+            torch.frombuffer(bytearray(proto.raw_data), dtype=torch.uint8)
+            .view(dtype)
+            .reshape(shape)
+        )
+    # int32_data holds one float8 byte per entry
+    return torch.tensor(list(proto.int32_data), dtype=torch.uint8).view(dtype).reshape(shape)
 
 
 def _moves_with_the_module(value: Any) -> bool:
@@ -650,6 +666,7 @@ def _convert_checked(
         | (set(weights) - consumed)
         | non_finite
         | _folded_scalars(weights)
+        | _batchnorm_statistics(weights)
         | _zero_initial_states(graph, weights)
     )
     for name, tensor in weights.items():
@@ -685,6 +702,7 @@ def _convert_checked(
         expected_masks = expected_random_masks(nodes, producers)
     else:
         expected_masks = {}
+    fake_quantized = fake_quantize_pairs(nodes, [o.name for o in graph.output])
     _fold_constants(nodes, constants)
 
     unfolded = UnfoldedWeights(signature=signature)
@@ -743,6 +761,13 @@ def _convert_checked(
             "off in train mode; --dropout samples them"
         )
         metadata["expected_masks"] = expected_masks  # onnxruntime's copy computes the same
+    if fake_quantized:
+        notes.append(
+            f"{len(fake_quantized)} QuantizeLinear → DequantizeLinear pair(s) are fake "
+            "quantisation with the straight-through gradient, as in quantisation-aware training: "
+            "the gradient passes where a value is in the quantised range and is zero where it is "
+            "clamped"
+        )
     if notes:
         metadata["notes"] = notes  # the engine adds them to the report's notes
     input_names = [i.name for i in input_infos]
@@ -873,6 +898,18 @@ def _folded_scalars(weights: Mapping[str, torch.Tensor]) -> set[str]:
         and tensor.numel() == 1
         and EXPORTER_VALUE_NAME.fullmatch(name)
     }
+
+
+# the buffers torch's BatchNorm registers, under the state_dict names the exporters keep
+_BATCHNORM_STATISTICS = ("running_mean", "running_var")
+
+
+def _batchnorm_statistics(weights: Mapping[str, torch.Tensor]) -> set[str]:
+    """A BatchNorm's running statistics read outside a BatchNormalization: a QAT Conv-BN
+    module (torch.ao's ConvBn2d scales its weight by bn.weight / sqrt(running_var)) or a batch
+    norm written out by hand. They are buffers in the source model, never trained; as
+    parameters they got a gradient and counted in parameter_count."""
+    return {name for name in weights if name.rsplit(".", 1)[-1] in _BATCHNORM_STATISTICS}
 
 
 # Recurrent ops' initial-state inputs (initial_h; LSTM's initial_c).

@@ -29,6 +29,9 @@ NO_GRADIENT_OPS = frozenset(
 # Input slots that only index, shape or select: no gradient flows into them.
 NON_DIFFERENTIABLE_SLOTS: dict[str, tuple[int, ...]] = {
     "BatchNormalization": (3, 4),  # running statistics
+    # scale and zero point: a fake quantiser's state (buffers in torch), not weights
+    "QuantizeLinear": (1, 2),
+    "DequantizeLinear": (1, 2),
     "Where": (0,),
     "Slice": (1, 2, 3, 4),
     "Reshape": (1,),

@@ -12,6 +12,7 @@ from service.engine.onnx.ops import (  # noqa: F401
     microsoft,
     normalization,
     positional,
+    quantize,
     random,
     recurrent,
     reduce,

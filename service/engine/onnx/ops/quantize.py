@@ -1,0 +1,222 @@
+"""QuantizeLinear / DequantizeLinear: quantisation-aware-training (QAT) exports.
+
+A QAT model's fake quantisation (torch.ao's FakeQuantize, NVIDIA's pytorch-quantization and
+ModelOpt, Brevitas) is exported as a QuantizeLinear → DequantizeLinear pair; the legacy exporter
+puts a Clip between them for a reduced range. The integers between the two carry no gradient in
+torch, so a pair is computed in float (`fake_quantize_pairs`): Q gives its integers as float
+values with the straight-through estimator that training uses (torch.fake_quantize_*: the
+gradient passes where round(x / scale) + zero_point lies in range and is zero where it is
+clamped) and DQ maps them back. A Q whose integers go anywhere else (a graph output, an integer
+op) computes real integers. Scale and zero point are state, not weights (gradient_paths.py).
+
+Per tensor (a scalar or one-element scale), per axis (`axis`, opset 13) and blocked
+(`block_size`, opset 21) parameters; integer targets int8, uint8, int16, uint16 and float8 ones
+(opset 19, `saturate`). Rounding is half to even, like torch.round.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from onnx import TensorProto
+
+from service.engine.graph import Node, NodeFn
+from service.engine.onnx.registry import OpContext, UnsupportedAttribute, register
+
+
+@dataclass(frozen=True)
+class QuantizedType:
+    """How an ONNX quantised element type is held and clamped."""
+
+    storage: torch.dtype  # the torch dtype that holds its values
+    low: float
+    high: float
+    is_float8: bool = False
+
+
+_INTEGER_TYPES: dict[int, QuantizedType] = {
+    TensorProto.INT8: QuantizedType(torch.int8, -128, 127),
+    TensorProto.UINT8: QuantizedType(torch.uint8, 0, 255),
+    TensorProto.INT16: QuantizedType(torch.int16, -32768, 32767),
+    # torch has few uint16 kernels: its values are held in int32
+    TensorProto.UINT16: QuantizedType(torch.int32, 0, 65535),
+}
+FLOAT8_TO_TORCH: dict[int, torch.dtype] = {
+    TensorProto.FLOAT8E4M3FN: torch.float8_e4m3fn,
+    TensorProto.FLOAT8E4M3FNUZ: torch.float8_e4m3fnuz,
+    TensorProto.FLOAT8E5M2: torch.float8_e5m2,
+    TensorProto.FLOAT8E5M2FNUZ: torch.float8_e5m2fnuz,
+}
+_FLOAT8_TYPES: dict[int, QuantizedType] = {
+    onnx_type: QuantizedType(dtype, -torch.finfo(dtype).max, torch.finfo(dtype).max, True)
+    for onnx_type, dtype in FLOAT8_TO_TORCH.items()
+}
+QUANTIZED_TYPES: dict[int, QuantizedType] = {**_INTEGER_TYPES, **_FLOAT8_TYPES}
+_BY_STORAGE = {
+    q.storage: q for t, q in QUANTIZED_TYPES.items() if t != TensorProto.UINT16
+}  # a zero point's torch dtype → its type (an int32 zero point is no Q target)
+
+
+def _quantized_type(ctx: OpContext) -> QuantizedType | None:
+    """The declared target type (`output_dtype`, opset 21), or None: the zero point's, else
+    uint8, decided when the zero point is seen."""
+    declared = int(ctx.attr("output_dtype", 0) or 0)
+    if not declared:
+        return None
+    if declared not in QUANTIZED_TYPES:
+        name = TensorProto.DataType.Name(declared)
+        raise UnsupportedAttribute(f"output_dtype {name} is not supported")
+    return QUANTIZED_TYPES[declared]
+
+
+def _target(declared: QuantizedType | None, zero_point: torch.Tensor | None) -> QuantizedType:
+    if declared is not None:
+        return declared
+    if zero_point is None:
+        return _INTEGER_TYPES[TensorProto.UINT8]
+    target = _BY_STORAGE.get(zero_point.dtype)
+    if target is None:
+        raise ValueError(f"QuantizeLinear: zero point of dtype {zero_point.dtype} is not supported")
+    return target
+
+
+def _along(param: torch.Tensor, x: torch.Tensor, axis: int, block_size: int) -> torch.Tensor:
+    """`param` (a scale or zero point) broadcastable to `x`: per tensor, per axis or blocked."""
+    if param.numel() == 1 and not block_size:
+        return param.reshape(())
+    axis = axis % x.dim()
+    if block_size:  # one value per block of `block_size` along `axis`, same rank as x
+        expanded = param.repeat_interleave(block_size, dim=axis)
+        return expanded.narrow(axis, 0, x.shape[axis])
+    shape = [1] * x.dim()
+    shape[axis] = param.numel()
+    return param.reshape(shape)
+
+
+def _attrs(ctx: OpContext) -> tuple[int, int]:
+    block_size = int(ctx.attr("block_size", 0))
+    if block_size < 0:
+        raise UnsupportedAttribute(f"block_size {block_size} is negative")
+    return int(ctx.attr("axis", 1)), block_size
+
+
+def _saturated(values: torch.Tensor, target: QuantizedType, saturate: bool) -> torch.Tensor:
+    """`values` clamped to the target's range; unsaturated float8 overflows are NaN (the
+    types without infinities) or ±inf, as ONNX says."""
+    if saturate or not target.is_float8:
+        return values.clamp(target.low, target.high)
+    overflow = values.abs() > target.high
+    if target.storage == torch.float8_e5m2:  # the only one with infinities
+        return torch.where(overflow, values.sign() * float("inf"), values)
+    return torch.where(overflow, torch.full_like(values, float("nan")), values)
+
+
+@dataclass(frozen=True)
+class _Quantize:
+    declared: QuantizedType | None
+    axis: int
+    block_size: int
+    saturate: bool
+    # straight-through float output for a Q→DQ pair (fake_quantize_pairs), else integers
+    fake: bool = False
+
+    def __call__(
+        self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        target = _target(self.declared, zero_point)
+        compute = x.dtype if x.dtype.is_floating_point else torch.float32
+        scaled = x.to(compute) / _along(scale, x, self.axis, self.block_size).to(compute)
+        offset = 0.0 if zero_point is None else _along(zero_point, x, self.axis, self.block_size)
+        if isinstance(offset, torch.Tensor):
+            offset = offset.to(torch.float32).to(compute)
+        if target.is_float8:  # zero point 0 (ONNX requires it); saturation before the cast
+            bounded = _saturated(scaled + offset, target, self.saturate)
+            grid = bounded.detach().to(target.storage)
+            if not self.fake:
+                return grid
+            # the cast passes its gradient straight through, the saturation does not
+            return bounded + (grid.to(compute) - bounded.detach())
+        # round(x / scale) + zero_point, as ONNX and torch.fake_quantize_* have it (rounding
+        # after adding an odd zero point would move ties)
+        if not self.fake:
+            grid = torch.round(scaled) + offset
+            return _saturated(grid, target, self.saturate).to(target.storage)
+        # the rounding passes its gradient straight through; the clamp zeroes it out of range
+        rounded = scaled + (torch.round(scaled.detach()) - scaled.detach()) + offset
+        return _saturated(rounded, target, self.saturate)
+
+
+def _dequantize(axis: int, block_size: int) -> NodeFn:
+    def fn(
+        x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        values = x.to(scale.dtype)
+        if zero_point is not None:
+            offset = _along(zero_point, x, axis, block_size)
+            values = values - offset.to(torch.float32).to(scale.dtype)
+        return values * _along(scale, x, axis, block_size)
+
+    return fn
+
+
+@register("QuantizeLinear", since=10)
+def quantize_linear(ctx: OpContext) -> NodeFn:
+    axis, block_size = _attrs(ctx)
+    saturate = bool(int(ctx.attr("saturate", 1)))
+    return _Quantize(_quantized_type(ctx), axis, block_size, saturate)
+
+
+for _since in (13, 19, 21, 23):
+    register("QuantizeLinear", since=_since)(quantize_linear)
+
+
+@register("DequantizeLinear", since=10)
+def dequantize_linear(ctx: OpContext) -> NodeFn:
+    if int(ctx.attr("output_dtype", 0) or 0):
+        raise UnsupportedAttribute("output_dtype is not supported (the scale's type is)")
+    return _dequantize(*_attrs(ctx))
+
+
+for _since in (13, 19, 21, 23):
+    register("DequantizeLinear", since=_since)(dequantize_linear)
+
+
+# ops that keep a quantised integer an integer of the same grid between a Q and its DQ
+_GRID_PRESERVING = frozenset({"Clip", "Identity"})
+
+
+def fake_quantize_pairs(nodes: list[Node], graph_outputs: list[str]) -> list[str]:
+    """Make each QuantizeLinear whose integers reach only DequantizeLinears (directly or
+    through a Clip) compute in float with the straight-through gradient. Returns their names."""
+    readers: dict[str, list[Node]] = {}
+    for node in nodes:
+        for name in node.inputs:
+            readers.setdefault(name, []).append(node)
+    leaving = set(graph_outputs)
+
+    def only_dequantized(value: str) -> bool:
+        users = readers.get(value, [])
+        if value in leaving or not users:
+            return False
+        return all(
+            user.inputs[0] == value
+            and (
+                user.op_type == "DequantizeLinear"
+                or (user.op_type in _GRID_PRESERVING and only_dequantized(user.outputs[0]))
+            )
+            for user in users
+        )
+
+    faked: list[str] = []
+    for node in nodes:
+        if (
+            node.op_type == "QuantizeLinear"
+            and isinstance(node.fn, _Quantize)
+            and only_dequantized(node.outputs[0])
+        ):
+            node.fn = _Quantize(
+                node.fn.declared, node.fn.axis, node.fn.block_size, node.fn.saturate, fake=True
+            )
+            faked.append(node.name)
+    return faked
