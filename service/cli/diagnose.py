@@ -154,6 +154,27 @@ def _layer_list(names: list[str], shown: int = 5) -> str:
     return f" [{', '.join(names[:shown])}{more}]" if names else ""
 
 
+def _quantizer_table(quantizers: list[Any]) -> Any:
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title="fake quantisers (execution order)")
+    for column in ("quantiser", "quantises", "range", "batch min", "batch max", "clipped"):
+        table.add_column(column, justify="right" if column.startswith(("b", "c")) else "left")
+    for q in quantizers:
+        what = ", ".join(q.parameters[:2]) if q.quantizes == "weight" else (q.layer or q.input)
+        span = f"[{_fmt(q.range_min)}, {_fmt(q.range_max)}]" + (" ch" if q.per_channel else "")
+        table.add_row(
+            Text(q.name),
+            Text(f"{q.quantizes} {what}"),
+            Text(span),
+            _fmt(q.input_min),
+            _fmt(q.input_max),
+            _fmt(q.clipped_fraction),
+        )
+    return table
+
+
 def print_report(report: Any) -> None:
     """The report as rich tables on stdout (also used by `gradhealth submit`)."""
     from rich.console import Console
@@ -211,6 +232,8 @@ def print_report(report: Any) -> None:
             _fmt(layer.init_std_ratio),
         )
     console.print(table)
+    if report.quantizers:
+        console.print(_quantizer_table(report.quantizers))
     depth = report.profiles.depth
     if depth.growth_factor is not None:
         console.print(

@@ -52,6 +52,7 @@ from service.engine.measurements import Measurements, NonFiniteOrigin, Subject
 from service.engine.options import DiagnoseOptions
 from service.engine.origin import OriginReached, OriginRecorder, find_origin, mask_inputs
 from service.engine.probes import Probe
+from service.engine.quantizers import measure_quantizers
 from service.engine.report import (
     ActivationStats,
     DepthProfile,
@@ -212,6 +213,8 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
             f"{len(unreached)} parameter(s) received no gradient from this loss (unused, or "
             f"state such as running statistics stored as float initializers): {shown}"
         )
+    if graph is not None:  # one more forward pass, for QAT models only
+        result.quantizers = measure_quantizers(graph, subject.inputs, layers)
     timing["analysis"] = clock.analysis(start, timing)
     result.timing = timing
     return result

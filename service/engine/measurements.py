@@ -22,6 +22,7 @@ from service.engine.report import (
     ModelInfo,
     ParameterReport,
     Profiles,
+    QuantizerReport,
 )
 
 
@@ -78,3 +79,5 @@ class Measurements:
     # layers whose output only a normalisation reads (layers.normalized_layers); None when not
     # known (no graph), then the layer just after one in depth order is taken as reading it
     normalized: set[str] | None = None
+    # fake quantisers of a QAT model and the share of their input they clamp (quantizers.py)
+    quantizers: list[QuantizerReport] = field(default_factory=list)

@@ -123,6 +123,7 @@ def _diagnosed(subject: Subject, options: DiagnoseOptions, started: float) -> Re
         layers=measurements.layers,
         parameters=measurements.parameters,
         profiles=measurements.profiles,
+        quantizers=measurements.quantizers,
         findings=findings,
         recommendations=recommendations,
         timing=timing,

@@ -28,6 +28,7 @@ FindingKind = Literal[
     "init_scale",
     "fp16_underflow",
     "no_trainable_parameters",
+    "quantizer_clipping",
 ]
 FixKind = Literal[
     "replace_activation",
@@ -40,6 +41,7 @@ FixKind = Literal[
     "guard_numerics",
     "loss_scaling",
     "use_bf16",
+    "recalibrate_quantizers",
 ]
 SEVERITY_RANK: dict[str, int] = {"info": 0, "warning": 1, "error": 2}
 
@@ -119,6 +121,28 @@ class LayerReport(_Model):
     grad_to_weight: float | None = None
     fan_in: int | None = None
     init_std_ratio: float | None = None  # weight std / the He or Xavier std for its fan-in
+
+
+class QuantizerReport(_Model):
+    """A fake quantiser of a quantisation-aware-training model (service/engine/quantizers.py):
+    the share of what it quantises that falls outside its range, is clamped and gets no
+    gradient through the straight-through estimator."""
+
+    name: str  # its node
+    op: str
+    input: str  # the value it quantises
+    quantizes: Literal["weight", "activation"]
+    parameters: list[str] = []  # a weight quantiser's parameters
+    layer: str | None = None  # the layer whose output (or weight) it quantises
+    per_channel: bool = False
+    input_min: float | None = None
+    input_max: float | None = None
+    # the range it represents, in its input's units (per channel: the widest channel's ends)
+    range_min: float | None = None
+    range_max: float | None = None
+    clipped_fraction: float = 0.0
+    # the factor its scale must grow by for its range to hold every value of the batch
+    covering_scale_factor: float = 1.0
 
 
 class ParameterReport(_Model):
@@ -219,6 +243,7 @@ class Report(_Model):
     layers: list[LayerReport] = []
     parameters: list[ParameterReport] = []
     profiles: Profiles = Field(default_factory=Profiles)
+    quantizers: list[QuantizerReport] = []  # fake quantisers (QAT models) only
     findings: list[Finding] = []
     recommendations: list[Recommendation] = []
     timing: Timing = Field(default_factory=Timing)

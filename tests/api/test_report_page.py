@@ -252,3 +252,31 @@ def test_a_verified_figure_that_is_a_range_is_shown_rounded() -> None:
     )
     assert "0.0562" in html and "0.185" in html and "1.02" in html
     assert "0.0561657912145043" not in html
+
+
+def test_a_qat_models_page_lists_its_quantisers_and_marks_the_clipping_ones(
+    client: TestClient, backend: Backend
+) -> None:
+    from service.engine.options import DiagnoseOptions
+    from service.engine.pipeline import diagnose
+    from tests.support.export import to_torch_export
+    from tests.unit.engine.measure_support import npz_bytes
+    from tests.unit.engine.test_quantizer_clipping import QuantizedMlp, X, Y
+
+    model, batch = to_torch_export(QuantizedMlp(act_scale=0.0005), X), npz_bytes(x=X, target=Y)
+    report = diagnose(model, batch, DiagnoseOptions.model_validate({})).to_jsonable()
+    diagnosis_id = queue_diagnosis(client, model, batch, name="qat")
+    finish(backend, diagnosis_id, report)
+    html = page_of(client, diagnosis_id)
+    assert "Quantiser clipping" in html and "Recalibrate quantisers" in html
+    table = re.search(r'<table class="quantizers">.*?</table>', html, re.S)
+    assert table is not None
+    rows = re.findall(r"<tr( class=\"bad\")?><td class=\"code\">(.*?)</td>", table.group(0))
+    assert [name for _, name in rows] == [q["name"] for q in report["quantizers"]]
+    flagged = set(
+        next(f for f in report["findings"] if f["kind"] == "quantizer_clipping")["evidence"][
+            "clipped_fraction"
+        ]
+    )
+    assert {name for bad, name in rows if bad} == flagged
+    assert "[0, 0.128]" in table.group(0)  # the activation range, in its own units

@@ -17,6 +17,8 @@ TITLES = {
     "fp16_underflow": "fp16 underflow",
     "init_scale": "Initialisation scale",
     "use_bf16": "Use bf16",
+    "quantizer_clipping": "Quantiser clipping",
+    "recalibrate_quantizers": "Recalibrate quantisers",
 }
 
 

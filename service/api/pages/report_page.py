@@ -17,7 +17,12 @@ from service.api.pages.report_findings import (
     ranked,
     recommendations_section,
 )
-from service.api.pages.report_tables import facts_section, layers_table, parameters_table
+from service.api.pages.report_tables import (
+    facts_section,
+    layers_table,
+    parameters_table,
+    quantizers_table,
+)
 from service.api.pages.status_page import render_status
 from service.api.pages.view import DiagnosisView, when
 from service.engine.report import Report
@@ -39,6 +44,7 @@ def render_page(view: DiagnosisView) -> str:
             charts_section(report, view.options),
             recommendations_section(report.recommendations, report.findings),
             layers_table(report),
+            quantizers_table(report),
             parameters_table(report),
             facts_section(report),
             f"<footer>diagnosis {esc(view.id)} · report created {esc(when(report.created_at))} · "

@@ -65,6 +65,39 @@ def parameters_table(report: Report) -> str:
     )
 
 
+def quantizers_table(report: Report) -> str:
+    """The fake quantisers of a QAT model: range, what the batch spans, the clamped share."""
+    if not report.quantizers:
+        return ""
+    flagged = {
+        name
+        for f in report.findings
+        if f.kind == "quantizer_clipping"
+        for name in f.evidence.get("clipped_fraction", {})
+    }
+    rows = []
+    for q in report.quantizers:
+        what = ", ".join(q.parameters) if q.quantizes == "weight" else (q.layer or q.input)
+        bad = ' class="bad"' if q.name in flagged else ""
+        widest = " (widest channel)" if q.per_channel else ""
+        rows.append(
+            f'<tr{bad}><td class="code">{esc(q.name)}</td><td>{esc(q.quantizes)}</td>'
+            f'<td class="code">{esc(what)}</td>'
+            f"<td>[{esc(num(q.range_min))}, {esc(num(q.range_max))}]{widest}</td>"
+            f"{_n(q.input_min)}{_n(q.input_max)}{_n(q.clipped_fraction)}</tr>"
+        )
+    table = (
+        '<table class="quantizers"><tr><th>quantiser</th><th>quantises</th><th>of</th>'
+        '<th>range</th><th class="n">batch min</th><th class="n">batch max</th>'
+        '<th class="n">clipped</th></tr>'
+        f"{''.join(rows)}</table>"
+    )
+    return (
+        '<section id="quantizers"><h2>Fake quantisers</h2>'
+        f"{_fold('quantisers', len(rows), table)}</section>"
+    )
+
+
 def _specs(specs: list[TensorSpec]) -> str:
     return "<br>".join(
         f'<span class="mono">{esc(s.name)}</span> '

@@ -18,6 +18,7 @@ from service.engine.advice import snippets
 from service.engine.detectors.optypes import canonical_op, is_normalization
 from service.engine.detectors.origin_text import describe as describe_origin
 from service.engine.detectors.profile import decay_phrase, sig
+from service.engine.detectors.quantizers import quantized_what, range_text
 from service.engine.detectors.thresholds import resolve_thresholds
 from service.engine.detectors.units import init_ratio, normalized_layers
 from service.engine.graph import ObservableGraph
@@ -27,6 +28,7 @@ from service.engine.report import SEVERITY_RANK, Finding, LayerReport, Recommend
 # Rank among recommendations of equal severity: causes before symptoms, specific before generic.
 PRIORITY = {
     "guard_numerics": 100,
+    "recalibrate_quantizers": 95,
     "use_gated_recurrent_unit": 90,
     "replace_activation": 80,
     "reinitialize_weights": 75,
@@ -136,6 +138,8 @@ class Advisor:
             return snippets.guard_numerics(p["op"], p["node"])
         if d.fix == "loss_scaling":
             return snippets.loss_scaling(p["scale"])
+        if d.fix == "recalibrate_quantizers":
+            return snippets.recalibrate_quantizers(list(p["scale_factors"]))
         return snippets.use_bf16()
 
     # -- shared causes -----------------------------------------------------------------------
@@ -445,6 +449,29 @@ class Advisor:
             index, f.layers, "large", "large weights push sigmoid/tanh into saturation."
         )
         self._normalization_cause(index, why, f.layers)
+
+    def _quantizer_clipping(self, index: int, f: Finding) -> None:
+        clipping = [q for q in self.m.quantizers if q.name in f.evidence["clipped_fraction"]]
+        clipping.sort(key=lambda q: -q.clipped_fraction)
+        facts = []
+        for q in clipping[:3]:
+            reach = max(q.input_min or 0.0, q.input_max or 0.0, key=abs)
+            facts.append(
+                f"the range {range_text(q)} of {q.name} holds {sig(1.0 - q.clipped_fraction)} of "
+                f"{quantized_what(q)}, which reaches {sig(reach)} (a scale "
+                f"{sig(q.covering_scale_factor)}× larger holds this batch)"
+            )
+        more = f"; {len(clipping) - 3} more" if len(clipping) > 3 else ""
+        self.add(
+            "recalibrate_quantizers",
+            index,
+            f"T{'; '.join(facts)[1:]}{more}. Calibrate the "
+            "scales on representative batches (max, or a 99.99th percentile amax) or learn "
+            "them (LSQ): a value outside the range is clamped in the forward pass and passes "
+            "no gradient.",
+            f.layers,
+            scale_factors={q.name: q.covering_scale_factor for q in clipping},
+        )
 
     def _dead_units(self, index: int, f: Finding) -> None:
         frac = f.evidence.get("worst_fraction")

@@ -178,3 +178,24 @@ def use_bf16() -> str:
             "loss.backward()  # bf16 keeps fp32's exponent range: no loss scaling needed",
         ]
     )
+
+
+def recalibrate_quantizers(what: list[str]) -> str:
+    return "\n".join(
+        [
+            "import torch",
+            "import torch.ao.quantization as tq",
+            "",
+            f"# clipping quantisers: {', '.join(what[:4])}{', ...' if len(what) > 4 else ''}",
+            "# torch.ao QAT: let the observers see representative batches again, then freeze",
+            "model.apply(tq.enable_observer)",
+            "with torch.no_grad():",
+            "    for x, _ in calibration_batches:",
+            "        model(x)",
+            "model.apply(tq.disable_observer)",
+            "# NVIDIA pytorch-quantization / ModelOpt: calibrate amax the same way, e.g.",
+            "#   quantizer.enable_calib(); ...; quantizer.load_calib_amax('percentile',"
+            " percentile=99.99)",
+            "# or learn the scales: torch.ao's _LearnableFakeQuantize (LSQ, Esser et al. 2020)",
+        ]
+    )

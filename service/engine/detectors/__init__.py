@@ -18,6 +18,7 @@ from service.engine.detectors.numerics import (
     no_parameter_findings,
     non_finite_findings,
 )
+from service.engine.detectors.quantizers import quantizer_findings
 from service.engine.detectors.thresholds import DEFAULTS, THRESHOLDS, resolve_thresholds
 from service.engine.detectors.units import (
     dead_unit_findings,
@@ -36,6 +37,7 @@ _KIND_ORDER = [
     "vanishing_gradients",
     "saturation",
     "dead_units",
+    "quantizer_clipping",
     "init_scale",
     "fp16_underflow",
 ]
@@ -53,6 +55,7 @@ def detect(m: Measurements, thresholds: dict[str, Any] | None = None) -> list[Fi
         findings += time_findings(m, t)
         findings += saturation_findings(m, t)
         findings += dead_unit_findings(m, t)
+        findings += quantizer_findings(m, t)
         findings += init_scale_findings(m, t)
         findings += fp16_findings(m, t, precision)
     findings.sort(key=lambda f: (-SEVERITY_RANK[f.severity], _KIND_ORDER.index(f.kind)))

@@ -81,6 +81,15 @@ dead_units: a ReLU-like layer whose dead fraction (units zero for every example 
   also checks for dying ReLU; these cut-offs are ours). "Zero for the whole
   batch" means little for a batch of one or two: give a batch of 16 or more examples.
 
+quantizer_clipping: a fake quantiser (quantisation-aware training) whose range holds too little
+  of what it quantises: the share of entries with round(x / scale) + zero_point outside
+  [quant_min, quant_max], which are clamped and get no gradient through the straight-through
+  estimator, ≥ `quantizer_clipping_warning` (0.01) → warning, ≥ `quantizer_clipping_error`
+  (0.1) → error. Standard calibrations clip far less: max calibration nothing on its data,
+  percentile calibration at 99.99 % or 99.999 % 1e-4 or 1e-5 of the entries (Wu et al.,
+  "Integer Quantization for Deep Learning Inference", 2020); a moving-average min/max observer
+  a batch's few extremes. The cut-offs are ours.
+
 init_scale: a layer's weight std over the std He (ReLU-like) or Xavier (others) would give for
   its fan-in (He et al. 2015; Glorot & Bengio 2010), outside [`init_ratio_low`,
   `init_ratio_high`] = [0.25, 1.5] → warning; outside [`init_ratio_error_low`,
@@ -223,6 +232,18 @@ THRESHOLDS: tuple[Threshold, ...] = (
         0.7,
         "gradhealth (AUTOTRAINER also checks dying ReLU)",
         "dead share at or above it: error",
+    ),
+    Threshold(
+        "quantizer_clipping_warning",
+        0.01,
+        "gradhealth (after Wu et al. 2020, calibration for integer quantization)",
+        "share of a fake quantiser's input clamped by its range at or above it: warning",
+    ),
+    Threshold(
+        "quantizer_clipping_error",
+        0.1,
+        "gradhealth",
+        "clamped share at or above it: error",
     ),
     Threshold("init_ratio_low", 0.25, "He 2015 / Glorot 2010", "weight std / He|Xavier std below"),
     Threshold("init_ratio_high", 1.5, "He 2015 / Glorot 2010", "weight std / He|Xavier std above"),

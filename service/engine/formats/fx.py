@@ -230,7 +230,7 @@ def _holds_device(args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
     return any(isinstance(a, torch.device) for a in (*args, *kwargs.values()))
 
 
-def _unique_inputs(args: Iterable[Any], kwargs: dict[str, Any]) -> list[fx.Node]:
+def unique_inputs(args: Iterable[Any], kwargs: dict[str, Any]) -> list[fx.Node]:
     seen: dict[fx.Node, None] = {}
     fx.node.map_arg((tuple(args), kwargs), lambda n: seen.setdefault(n, None))
     return list(seen)
@@ -292,7 +292,7 @@ def graph_from_fx(
             )
         elif fx_node.op == "call_method":
             method = str(fx_node.target)
-            slots = _unique_inputs(fx_node.args, fx_node.kwargs)
+            slots = unique_inputs(fx_node.args, fx_node.kwargs)
             fn = _make_fn(
                 lambda obj, *a, _m=method, **k: getattr(obj, _m)(*a, **k),
                 fx_node.args,
@@ -310,7 +310,7 @@ def graph_from_fx(
                 )
             )
         elif fx_node.op == "output":
-            flat = _unique_inputs([fx_node.args[0]], {})
+            flat = unique_inputs([fx_node.args[0]], {})
             output_names = [_value_name(n, attr_names) for n in flat]
     order = {name: i for i, name in enumerate(parameter_names)}
     parameters = dict(sorted(parameters.items(), key=lambda item: order[item[0]]))
@@ -335,7 +335,7 @@ def _convert_call(fx_node: fx.Node, attr_names: dict[str, str], mode: str, dropo
     name = op_name(target)
     if target is operator.getitem:
         name = "getitem"
-    slots = _unique_inputs(fx_node.args, fx_node.kwargs)
+    slots = unique_inputs(fx_node.args, fx_node.kwargs)
     replacement = _train_mode_fn(target, dropout) if mode == "train" else None
     keep = _floored_draw_keep(fx_node) if mode == "train" and not dropout else None
     if keep is not None:

@@ -230,6 +230,10 @@ class ConformanceReference:
                 # would take the cores from the job's own forward and backward that follow
                 options.add_session_config_entry("session.intra_op.allow_spinning", "0")
                 options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+                # a QuantizeLinear → DequantizeLinear pair is fake quantisation in float here;
+                # onnxruntime's optimiser would fuse it with the op between into integer
+                # kernels (QGemm, QLinearConv) whose requantisation rounds differently
+                options.add_session_config_entry("session.disable_quant_qdq", "1")
                 self._session = ort.InferenceSession(serialized, options, providers=list(providers))
                 self._session_bytes = len(serialized)
                 self.sessions_built += 1

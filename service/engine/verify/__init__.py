@@ -13,6 +13,8 @@ What each fix does here:
   clip_grad_norm_ does), so `before`/`after` show the update norm unclipped and clipped;
   `resolved` stays None with a `reason` (one pass cannot show what clipping does over training,
   as for lower_learning_rate).
+- recalibrate_quantizers: max calibration of every fake quantiser on the batch, widening only,
+  in execution order (quantizers.widen_to_cover), then a new pass.
 - loss_scaling / use_bf16: one plain backward of the scaled loss, and the share of gradient
   entries that would underflow in fp16 (resp. bf16) recounted.
 - add_normalization, add_residual_connections, use_gated_recurrent_unit, lower_learning_rate:
@@ -34,6 +36,7 @@ from service.engine.detectors import detect
 from service.engine.detectors.optypes import RELU_LIKE, SATURATING
 from service.engine.measurements import Measurements, Subject
 from service.engine.options import DiagnoseOptions
+from service.engine.quantizers import widen_to_cover
 from service.engine.report import Finding, Recommendation, Verification
 from service.engine.stats import FP16_MAX, FP16_TINY
 from service.engine.verify.figures import figures, same_finding, summary
@@ -186,6 +189,17 @@ def _apply(
             guarded.add(origin.node)
             after = measure(copy_, options)
         return "; ".join(texts), after
+    if rec.fix == "recalibrate_quantizers":
+        copy_ = copy_subject(subject)
+        if copy_.graph is None:
+            raise NotApplicable("the model's quantisers are not observable (parameters only)")
+        grown = widen_to_cover(copy_.graph, copy_.inputs)
+        shown = ", ".join(f"{name} × {factor:.3g}" for name, factor in list(grown.items())[:4])
+        text = (
+            f"max-calibrated the quantisers on this batch, widening only: {len(grown)} scale(s) "
+            f"grew ({shown}{', ...' if len(grown) > 4 else ''})"
+        )
+        return text, measure(copy_, options)
     if rec.fix == "clip_gradients":
         return _clipped(m, float(rec.params["max_norm"]))
     if rec.fix in ("loss_scaling", "use_bf16"):

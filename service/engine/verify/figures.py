@@ -38,6 +38,11 @@ def figures(m: Measurements, kinds: set[str]) -> dict[str, Any]:
         )
     if "dead_units" in kinds:
         out["max_dead_fraction"] = _max([x.activation_stats.dead_fraction for x in m.layers])
+    if "quantizer_clipping" in kinds:
+        out["max_clipped_fraction"] = _max([q.clipped_fraction for q in m.quantizers])
+        out["total_grad_norm"] = math.sqrt(
+            sum(p.grad_norm**2 for p in m.parameters if p.grad_norm and math.isfinite(p.grad_norm))
+        )
     if "init_scale" in kinds:
         ratios = [x.init_std_ratio for x in m.layers if x.init_std_ratio is not None]
         out["init_std_ratio_range"] = [min(ratios), max(ratios)] if ratios else None

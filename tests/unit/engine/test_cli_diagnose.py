@@ -280,3 +280,41 @@ def test_table_prints_the_reports_notes(capsys: pytest.CaptureFixture[str]) -> N
     print_report(report)
     lines = capsys.readouterr().out.splitlines()
     assert lines[lines.index("note:") + 1] == "   BatchNorm was folded into conv1"
+
+
+def test_table_lists_a_qat_models_quantisers(capsys: pytest.CaptureFixture[str]) -> None:
+    from service.cli.diagnose import print_report
+    from service.engine.report import QuantizerReport
+
+    quantizers = [
+        QuantizerReport(
+            name="/QuantizeLinear",
+            op="QuantizeLinear",
+            input="/Relu_output_0",
+            quantizes="activation",
+            layer="layers.0",
+            input_min=0.0,
+            input_max=6.35,
+            range_min=0.0,
+            range_max=0.1275,
+            clipped_fraction=0.46,
+        ),
+        QuantizerReport(
+            name="/head/weight_fake_quant/QuantizeLinear",
+            op="QuantizeLinear",
+            input="head.weight",
+            quantizes="weight",
+            parameters=["head.weight"],
+            layer="head",
+            per_channel=True,
+            range_min=-0.177,
+            range_max=0.176,
+        ),
+    ]
+    print_report(_table_report().model_copy(update={"quantizers": quantizers}))
+    out = capsys.readouterr().out
+    assert "fake quantisers (execution order)" in out
+    row = next(line for line in out.splitlines() if "/QuantizeLinear " in line)
+    assert "activation layers.0" in row and "[0, 0.128]" in row and "0.46" in row
+    row = next(line for line in out.splitlines() if "weight_fake_quant" in line)
+    assert "weight head.weight" in row and "[-0.177, 0.176] ch" in row

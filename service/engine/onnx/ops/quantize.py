@@ -16,6 +16,7 @@ Per tensor (a scalar or one-element scale), per axis (`axis`, opset 13) and bloc
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -58,7 +59,7 @@ _BY_STORAGE = {
 }  # a zero point's torch dtype → its type (an int32 zero point is no Q target)
 
 
-def _quantized_type(ctx: OpContext) -> QuantizedType | None:
+def _declared_type(ctx: OpContext) -> QuantizedType | None:
     """The declared target type (`output_dtype`, opset 21), or None: the zero point's, else
     uint8, decided when the zero point is seen."""
     declared = int(ctx.attr("output_dtype", 0) or 0)
@@ -70,7 +71,10 @@ def _quantized_type(ctx: OpContext) -> QuantizedType | None:
     return QUANTIZED_TYPES[declared]
 
 
-def _target(declared: QuantizedType | None, zero_point: torch.Tensor | None) -> QuantizedType:
+def quantized_type(
+    declared: QuantizedType | None, zero_point: torch.Tensor | None
+) -> QuantizedType:
+    """The target type: declared, else the zero point's, else uint8 (ONNX's default)."""
     if declared is not None:
         return declared
     if zero_point is None:
@@ -113,20 +117,27 @@ def _saturated(values: torch.Tensor, target: QuantizedType, saturate: bool) -> t
 
 
 @dataclass(frozen=True)
-class _Quantize:
+class QuantizeLinear:
     declared: QuantizedType | None
     axis: int
     block_size: int
     saturate: bool
     # straight-through float output for a Q→DQ pair (fake_quantize_pairs), else integers
     fake: bool = False
+    # a widened range on a copy of the model (fix verification, service/engine/quantizers.py)
+    scale_factor: float = 1.0
+
+    def broadcast(self, param: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """A scale or zero point of this node, broadcastable to its input `x`."""
+        return _along(param, x, self.axis, self.block_size)
 
     def __call__(
         self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None = None
     ) -> torch.Tensor:
-        target = _target(self.declared, zero_point)
+        target = quantized_type(self.declared, zero_point)
         compute = x.dtype if x.dtype.is_floating_point else torch.float32
-        scaled = x.to(compute) / _along(scale, x, self.axis, self.block_size).to(compute)
+        scale = _along(scale, x, self.axis, self.block_size).to(compute) * self.scale_factor
+        scaled = x.to(compute) / scale
         offset = 0.0 if zero_point is None else _along(zero_point, x, self.axis, self.block_size)
         if isinstance(offset, torch.Tensor):
             offset = offset.to(torch.float32).to(compute)
@@ -147,24 +158,27 @@ class _Quantize:
         return _saturated(rounded, target, self.saturate)
 
 
-def _dequantize(axis: int, block_size: int) -> NodeFn:
-    def fn(
-        x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None = None
+@dataclass(frozen=True)
+class DequantizeLinear:
+    axis: int
+    block_size: int
+    scale_factor: float = 1.0  # as QuantizeLinear's
+
+    def __call__(
+        self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None = None
     ) -> torch.Tensor:
         values = x.to(scale.dtype)
         if zero_point is not None:
-            offset = _along(zero_point, x, axis, block_size)
+            offset = _along(zero_point, x, self.axis, self.block_size)
             values = values - offset.to(torch.float32).to(scale.dtype)
-        return values * _along(scale, x, axis, block_size)
-
-    return fn
+        return values * (_along(scale, x, self.axis, self.block_size) * self.scale_factor)
 
 
 @register("QuantizeLinear", since=10)
 def quantize_linear(ctx: OpContext) -> NodeFn:
     axis, block_size = _attrs(ctx)
     saturate = bool(int(ctx.attr("saturate", 1)))
-    return _Quantize(_quantized_type(ctx), axis, block_size, saturate)
+    return QuantizeLinear(_declared_type(ctx), axis, block_size, saturate)
 
 
 for _since in (13, 19, 21, 23):
@@ -175,7 +189,7 @@ for _since in (13, 19, 21, 23):
 def dequantize_linear(ctx: OpContext) -> NodeFn:
     if int(ctx.attr("output_dtype", 0) or 0):
         raise UnsupportedAttribute("output_dtype is not supported (the scale's type is)")
-    return _dequantize(*_attrs(ctx))
+    return DequantizeLinear(*_attrs(ctx))
 
 
 for _since in (13, 19, 21, 23):
@@ -212,11 +226,9 @@ def fake_quantize_pairs(nodes: list[Node], graph_outputs: list[str]) -> list[str
     for node in nodes:
         if (
             node.op_type == "QuantizeLinear"
-            and isinstance(node.fn, _Quantize)
+            and isinstance(node.fn, QuantizeLinear)
             and only_dequantized(node.outputs[0])
         ):
-            node.fn = _Quantize(
-                node.fn.declared, node.fn.axis, node.fn.block_size, node.fn.saturate, fake=True
-            )
+            node.fn = dataclasses.replace(node.fn, fake=True)
             faked.append(node.name)
     return faked
