@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from service.engine.detectors.profile import growth_factor
+from service.engine.gradient_cuts import gradient_cuts
 from service.engine.graph import Node, ObservableGraph
 from service.engine.layers import (
     RELU_LIKE,
@@ -215,6 +216,7 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
         )
     if graph is not None:  # one more forward pass, for QAT models only
         result.quantizers = measure_quantizers(graph, subject.inputs, layers)
+        result.gradient_cuts = gradient_cuts(graph, layers, result.layers)
     timing["analysis"] = clock.analysis(start, timing)
     result.timing = timing
     return result

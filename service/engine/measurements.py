@@ -81,3 +81,6 @@ class Measurements:
     normalized: set[str] | None = None
     # fake quantisers of a QAT model and the share of their input they clamp (quantizers.py)
     quantizers: list[QuantizerReport] = field(default_factory=list)
+    # layers with exactly zero ‖∂L/∂a‖ → the rounding downstream that cuts it, {node, op}
+    # (gradient_cuts.py)
+    gradient_cuts: dict[str, dict[str, str]] = field(default_factory=dict)

@@ -42,6 +42,7 @@ FixKind = Literal[
     "loss_scaling",
     "use_bf16",
     "recalibrate_quantizers",
+    "straight_through_estimator",
 ]
 SEVERITY_RANK: dict[str, int] = {"info": 0, "warning": 1, "error": 2}
 

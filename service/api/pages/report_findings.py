@@ -19,6 +19,7 @@ TITLES = {
     "use_bf16": "Use bf16",
     "quantizer_clipping": "Quantiser clipping",
     "recalibrate_quantizers": "Recalibrate quantisers",
+    "straight_through_estimator": "Straight-through estimator",
 }
 
 

@@ -28,6 +28,7 @@ from service.engine.report import SEVERITY_RANK, Finding, LayerReport, Recommend
 # Rank among recommendations of equal severity: causes before symptoms, specific before generic.
 PRIORITY = {
     "guard_numerics": 100,
+    "straight_through_estimator": 98,
     "recalibrate_quantizers": 95,
     "use_gated_recurrent_unit": 90,
     "replace_activation": 80,
@@ -138,6 +139,8 @@ class Advisor:
             return snippets.guard_numerics(p["op"], p["node"])
         if d.fix == "loss_scaling":
             return snippets.loss_scaling(p["scale"])
+        if d.fix == "straight_through_estimator":
+            return snippets.straight_through_estimator(str(p["op"]))
         if d.fix == "recalibrate_quantizers":
             return snippets.recalibrate_quantizers(list(p["scale_factors"]))
         return snippets.use_bf16()
@@ -316,6 +319,20 @@ class Advisor:
                     rnn,
                 )
             self._gate_bias_cause(index, e)
+            return
+        cut = e.get("gradient_cut")
+        if cut is not None:  # a rounding explains the zeros: no scale, norm or shortcut helps
+            self.add(
+                "straight_through_estimator",
+                index,
+                f"{cut['op']} ({cut['node']}) has zero derivative, so no gradient reaches "
+                f"{', '.join(cut['layers'][:3])}; a straight-through "
+                "estimator keeps its value in the forward pass and passes the gradient on "
+                "unchanged, as quantisation-aware training does.",
+                cut["layers"],
+                node=cut["node"],
+                op=cut["op"],
+            )
             return
         ratio = e.get("depth_ratio")
         how = (

@@ -199,3 +199,19 @@ def recalibrate_quantizers(what: list[str]) -> str:
             "# or learn the scales: torch.ao's _LearnableFakeQuantize (LSQ, Esser et al. 2020)",
         ]
     )
+
+
+def straight_through_estimator(op: str) -> str:
+    fn = {"round": "torch.round", "floor": "torch.floor", "ceil": "torch.ceil"}.get(
+        op.lower(), f"torch.{op.lower()}"
+    )
+    return "\n".join(
+        [
+            "import torch",
+            "",
+            f"# where the forward pass calls {fn}(x): keep its value, pass the gradient on",
+            f"x_q = x + ({fn}(x) - x).detach()",
+            "# (a torch.autograd.Function with backward `return grad` trains the same, but an",
+            "# export keeps only its forward: write it as above to diagnose the exported model)",
+        ]
+    )

@@ -150,7 +150,18 @@ def depth_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
             )
         elif "depth_ratio" in rules or severity == "warning":
             shrinking = [n for n in layers if n not in zero]
-            if zero:
+            cut_layers = [n for n in zero if n in m.gradient_cuts]
+            if cut_layers:
+                rounding = m.gradient_cuts[cut_layers[0]]
+                ev["gradient_cut"] = {**rounding, "layers": cut_layers}
+                msg = (
+                    f"No gradient reaches {_span(zero, names)} (‖∂L/∂a‖ = 0): on the way to the "
+                    f"loss their output passes {rounding['op']} ({rounding['node']}), whose "
+                    "derivative is zero everywhere; a rounding trains only with a "
+                    "straight-through estimator (an exported torch.autograd.Function keeps its "
+                    "forward only)."
+                )
+            elif zero:
                 learn = (
                     f"; the next earliest ({', '.join(shrinking[:3])}) barely learn"
                     if shrinking

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import re
 import zipfile
 from typing import Any
 
@@ -50,14 +52,63 @@ def tied_parameter_names(data: bytes) -> list[list[str]]:
     return [names for names in by_file.values() if len(names) > 1]
 
 
-def load_torch_export(data: bytes, *, mode: str = "train", dropout: bool = False) -> LoadedModel:
+# torch.export.load logs why deserialising failed (as a warning with the traceback) and raises
+# a RuntimeError that only says "check the warnings above"
+_LOAD_LOGGER = "torch.export"
+# an op of a library that is not installed here (torchao's quantisation primitives, ...)
+_UNRESOLVED_OP = re.compile(r"failed to resolve (torch\.ops\.([A-Za-z_]\w*)\.\w+)")
+
+
+class _FailureRecords(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def cause(self) -> str | None:
+        """The innermost error message among the records' tracebacks."""
+        for record in reversed(self.records):
+            error = record.exc_info[1] if record.exc_info else None
+            while error is not None and (error.__cause__ or error.__context__) is not None:
+                error = error.__cause__ or error.__context__
+            if error is not None:
+                return str(error)
+        return None
+
+
+def _load_program(data: bytes) -> torch.export.ExportedProgram:
+    logger = logging.getLogger(_LOAD_LOGGER)
+    # torch's own stderr handler is set aside: its tracebacks would flood the CLI's stderr
+    records, handlers, propagate = _FailureRecords(), logger.handlers[:], logger.propagate
+    logger.handlers = [records]
+    logger.propagate = False
     try:
-        program = torch.export.load(io.BytesIO(data))
+        return torch.export.load(io.BytesIO(data))
     except Exception as exc:
+        cause = records.cause()
+        unresolved = _UNRESOLVED_OP.search(cause or "")
+        if unresolved is not None:
+            op, library = unresolved.group(1), unresolved.group(2)
+            raise ModelFormatError(
+                f"the .pt2 program calls {op}, an operator of the '{library}' library that is "
+                "not installed here; gradhealth runs programs of torch's own operators: export "
+                "the model without it (for a quantisation-aware-training model, fake "
+                "quantisation with torch.fake_quantize_per_tensor_affine / _per_channel_affine)"
+            ) from exc
+        detail = f"{type(exc).__name__}: {cause or exc}".splitlines()[0]
         raise ModelFormatError(
-            f"the .pt2 file could not be loaded by torch.export.load ({type(exc).__name__}: "
-            f"{exc}); save it with torch.export.save(torch.export.export(model, args), path)"
+            f"the .pt2 file could not be loaded by torch.export.load ({detail}); save it with "
+            "torch.export.save(torch.export.export(model, args), path)"
         ) from exc
+    finally:
+        logger.handlers = handlers
+        logger.propagate = propagate
+
+
+def load_torch_export(data: bytes, *, mode: str = "train", dropout: bool = False) -> LoadedModel:
+    program = _load_program(data)
     signature = program.graph_signature
     by_name = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
     inputs = [spec_from_value(n, by_name[n].meta.get("val")) for n in signature.user_inputs]

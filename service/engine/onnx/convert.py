@@ -108,6 +108,7 @@ from service.engine.onnx.source_parameters import (
     name_scopes,
     restore_source_parameters,
 )
+from service.engine.onnx.straight_through import straight_through_estimators
 from service.engine.onnx.unrolled_rnn import fold_unrolled_rnns
 from service.errors import (
     BadInputError,
@@ -703,6 +704,9 @@ def _convert_checked(
     else:
         expected_masks = {}
     fake_quantized = fake_quantize_pairs(nodes, [o.name for o in graph.output])
+    straight_through = straight_through_estimators(
+        nodes, {out: node for node in nodes for out in node.outputs if out}
+    )
     _fold_constants(nodes, constants)
 
     unfolded = UnfoldedWeights(signature=signature)
@@ -761,6 +765,12 @@ def _convert_checked(
             "off in train mode; --dropout samples them"
         )
         metadata["expected_masks"] = expected_masks  # onnxruntime's copy computes the same
+    if straight_through:
+        notes.append(
+            f"{len(straight_through)} straight-through estimator(s) (x + (q − x), written "
+            f"without the .detach() the export dropped: {', '.join(straight_through[:3])}) "
+            "pass the gradient to x, as in training"
+        )
     if fake_quantized:
         notes.append(
             f"{len(fake_quantized)} QuantizeLinear → DequantizeLinear pair(s) are fake "

@@ -19,11 +19,14 @@ from __future__ import annotations
 
 from onnx import GraphProto, NodeProto, TensorProto
 
-# Ops whose outputs carry no gradient back to any input.
+# Ops whose outputs carry no gradient back to any input. Not the roundings (Round, Floor,
+# Ceil, Sign): a weight rounded on its way to the output is trained with a straight-through
+# estimator whose backward the export dropped (a torch.autograd.Function); it stays a weight,
+# and its zero gradient is reported with the rounding that cuts it (gradient_cuts.py).
 NO_GRADIENT_OPS = frozenset(
     {"Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Not", "And", "Or", "Xor"}
-    | {"IsNaN", "IsInf", "Shape", "Size", "ArgMax", "ArgMin", "NonZero", "Sign", "Floor"}
-    | {"Ceil", "Round", "EyeLike", "ConstantOfShape", "RandomNormalLike", "RandomUniformLike"}
+    | {"IsNaN", "IsInf", "Shape", "Size", "ArgMax", "ArgMin", "NonZero"}
+    | {"EyeLike", "ConstantOfShape", "RandomNormalLike", "RandomUniformLike"}
     | {"BitShift", "BitwiseAnd", "BitwiseOr", "BitwiseXor", "BitwiseNot", "OneHot", "Range"}
 )
 # Input slots that only index, shape or select: no gradient flows into them.

@@ -13,6 +13,8 @@ What each fix does here:
   clip_grad_norm_ does), so `before`/`after` show the update norm unclipped and clipped;
   `resolved` stays None with a `reason` (one pass cannot show what clipping does over training,
   as for lower_learning_rate).
+- straight_through_estimator: the rounding that cuts the gradient keeps its value and passes
+  the gradient on (x + (round(x) − x).detach()), then a new pass.
 - recalibrate_quantizers: max calibration of every fake quantiser on the batch, widening only,
   in execution order (quantizers.widen_to_cover), then a new pass.
 - loss_scaling / use_bf16: one plain backward of the scaled loss, and the share of gradient
@@ -34,6 +36,7 @@ import torch
 
 from service.engine.detectors import detect
 from service.engine.detectors.optypes import RELU_LIKE, SATURATING
+from service.engine.gradient_cuts import straight_through
 from service.engine.measurements import Measurements, Subject
 from service.engine.options import DiagnoseOptions
 from service.engine.quantizers import widen_to_cover
@@ -189,6 +192,15 @@ def _apply(
             guarded.add(origin.node)
             after = measure(copy_, options)
         return "; ".join(texts), after
+    if rec.fix == "straight_through_estimator":
+        copy_ = copy_subject(subject)
+        if copy_.graph is None:
+            raise NotApplicable("the model has no observable graph, so no op can be changed")
+        done = straight_through(copy_.graph, [str(rec.params.get("node", ""))])
+        if not done:
+            raise NotApplicable(f"node {rec.params.get('node')!r} is no rounding of the graph")
+        text = f"made {', '.join(done)} a straight-through estimator: x + (op(x) − x).detach()"
+        return text, measure(copy_, options)
     if rec.fix == "recalibrate_quantizers":
         copy_ = copy_subject(subject)
         if copy_.graph is None:
