@@ -280,3 +280,5 @@ def test_a_qat_models_page_lists_its_quantisers_and_marks_the_clipping_ones(
     )
     assert {name for bad, name in rows if bad} == flagged
     assert "[0, 0.128]" in table.group(0)  # the activation range, in its own units
+    # one bar per quantiser, labelled with what it quantises
+    assert markers(html, "clipped-fraction") == ["layers.0", "layers.1", "layers.2", "head.weight"]

@@ -1,5 +1,6 @@
-"""The report's charts: the depth profile, the per-time-step profiles of recurrent inputs, and
-the per-layer dead/saturated fractions, each with the detectors' thresholds drawn.
+"""The report's charts: the depth profile, the per-time-step profiles of recurrent inputs, the
+per-layer dead/saturated fractions and the fake quantisers' clipped shares, each with the
+detectors' thresholds drawn.
 
 The API never imports the engine's detectors (they import torch), so the defaults of the few
 thresholds drawn here are mirrored from service/engine/detectors/thresholds.py;
@@ -13,7 +14,7 @@ from typing import Any
 
 from service.api.pages.formatting import as_float, esc, num
 from service.api.pages.svg_charts import Point, Threshold, fraction_bars, log_profile
-from service.engine.report import Report
+from service.engine.report import QuantizerReport, Report
 
 CHART_THRESHOLDS: dict[str, float] = {
     "vanishing_profile_ratio": 1e-3,
@@ -26,6 +27,8 @@ CHART_THRESHOLDS: dict[str, float] = {
     "saturation_fraction_error": 0.5,
     "dead_fraction_warning": 0.4,
     "dead_fraction_error": 0.7,
+    "quantizer_clipping_warning": 0.01,
+    "quantizer_clipping_error": 0.1,
 }
 
 
@@ -197,10 +200,48 @@ def fraction_charts(report: Report, limits: dict[str, float]) -> list[str]:
     return cards
 
 
+def quantizer_label(q: QuantizerReport) -> str:
+    """What a quantiser quantises, short: `layers.0` (its output), `head.weight`, `x`."""
+    if q.quantizes == "weight" and q.parameters:
+        return q.parameters[0]
+    return q.layer or q.input
+
+
+def clipping_chart(report: Report, limits: dict[str, float]) -> str:
+    """The share each fake quantiser clamps (QAT models), in execution order."""
+    labels = [quantizer_label(q) for q in report.quantizers]
+    if len(set(labels)) < len(labels):  # two quantisers of one layer: their node names
+        labels = [q.name for q in report.quantizers]
+    points = [
+        Point(label, value)
+        for label, q in zip(labels, report.quantizers, strict=True)
+        if (value := as_float(q.clipped_fraction)) is not None
+    ]
+    if not points:
+        return ""
+    svg = fraction_bars(
+        points,
+        title="Clipped share per fake quantiser",
+        x_title="what each quantiser quantises (execution order)",
+        y_title="fraction clamped",
+        thresholds=[
+            Threshold(limits["quantizer_clipping_warning"], "warning", "warning"),
+            Threshold(limits["quantizer_clipping_error"], "error", "error"),
+        ],
+        css_class="clipped-fraction",
+    )
+    caption = (
+        "Share of what each quantiser quantises that falls outside its range: clamped in the "
+        "forward pass, with no gradient through the straight-through estimator."
+    )
+    return _card(svg, "Quantiser clipping", caption, "chart-clipping")
+
+
 def charts_section(report: Report, options: dict[str, Any]) -> str:
     limits = chart_thresholds(options)
     cards = [depth_chart(report, limits), *time_charts(report, limits)]
     cards += fraction_charts(report, limits)
+    cards.append(clipping_chart(report, limits))
     cards = [c for c in cards if c]
     if not cards:
         return ""
