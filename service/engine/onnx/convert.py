@@ -686,6 +686,13 @@ def _convert_checked(
         if proto.op_type == "Constant" and not builder.problems and len(node.outputs) == 1:
             node = _constant_as_state(node, buffers, constants)
         nodes.append(node)
+    # a Constant -inf is a mask's too (Hugging Face's legacy exports build the causal mask as
+    # Where(allowed, 0, -inf) from two Constants)
+    non_finite |= {
+        key
+        for key, value in buffers.items()
+        if key.endswith(_CONSTANT_SUFFIX) and value.dtype in FLOAT_DTYPES and not _all_finite(value)
+    }
     if builder.problems:
         raise UnsupportedModelError(_format_problems(builder.problems))
     taken = [*buffers, *constants, *(i.name for i in input_infos)]
@@ -971,6 +978,9 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor).all())
 
 
+_CONSTANT_SUFFIX = "::constant"  # the state key of a Constant node's value
+
+
 def _constant_as_state(
     node: Node, buffers: dict[str, torch.Tensor], constants: dict[str, Any]
 ) -> Node:
@@ -978,7 +988,7 @@ def _constant_as_state(
     value = node.fn()
     if not isinstance(value, torch.Tensor):
         return node
-    key = f"{node.outputs[0]}::constant"
+    key = f"{node.outputs[0]}{_CONSTANT_SUFFIX}"
     if _moves_with_the_module(value):
         buffers[key] = value
     else:

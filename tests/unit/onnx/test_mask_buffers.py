@@ -124,3 +124,35 @@ def test_finiteness_of_initializers_survives_overflowing_sums(
 
     weights = {"w": torch.tensor(values, dtype=torch.float32)}
     assert (_non_finite_initializers(weights) == set()) is finite
+
+
+class WhereMaskedAttention(CausalSelfAttention):
+    """The causal mask built in the forward pass as Hugging Face does:
+    `where(allowed, 0, -inf)`, which a legacy export writes with two Constants."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.qkv(x)
+        q, k, v = h[..., :WIDTH], h[..., WIDTH : 2 * WIDTH], h[..., 2 * WIDTH :]
+        position = torch.arange(x.shape[1])
+        allowed = position[None, :] <= position[:, None]
+        mask = torch.where(allowed, 0.0, float("-inf"))
+        scores = q @ k.transpose(-2, -1) / WIDTH**0.5 + mask
+        return self.proj(torch.softmax(scores, dim=-1) @ v)
+
+
+def test_a_mask_built_from_a_constant_minus_inf_is_no_nan_origin() -> None:
+    model = onnx.load_from_string(to_onnx(WhereMaskedAttention(), torch.randn(2, SEQ, WIDTH)))
+    constants = [
+        onnx.numpy_helper.to_array(n.attribute[0].t)
+        for n in model.graph.node
+        if n.op_type == "Constant"
+    ]
+    assert any(np.isneginf(c).any() for c in constants if c.dtype.kind == "f")  # the premise
+    x = np.random.default_rng(0).standard_normal((2, SEQ, WIDTH)).astype(np.float32)
+    buffer = io.BytesIO()
+    np.savez(buffer, x=x)
+    report = diagnose(
+        model.SerializeToString(), buffer.getvalue(), DiagnoseOptions(verify_fixes=False)
+    )
+    assert not [f for f in report.findings if f.kind == "non_finite"]
+    assert report.loss.value is not None and np.isfinite(report.loss.value)
