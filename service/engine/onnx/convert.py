@@ -104,8 +104,11 @@ from service.engine.onnx.shape_values import input_shape_nodes
 from service.engine.onnx.source_parameters import (
     EXPORTER_VALUE_NAME,
     ExportedSignature,
+    Restored,
     folded_parameter_sources,
+    folded_transposes,
     name_scopes,
+    placeholders_read,
     restore_source_parameters,
 )
 from service.engine.onnx.straight_through import straight_through_estimators
@@ -703,6 +706,7 @@ def _convert_checked(
         dict.fromkeys(taken),
         folded_parameter_sources(graph, list(parameters)),
         signature,
+        folded_transposes(graph, list(parameters)),
     )
     buffers.update(restored.constants)
     if masks_are_expected(mode, dict(extra or {})):
@@ -765,6 +769,17 @@ def _convert_checked(
     if unfolded.recipes:
         metadata["gate_reordered_initializers"] = unfolded.recipes
     notes = folded_batchnorm_notes(graph) + restored.notes()
+    absent = _unread_source_parameters(graph, signature, parameters, buffers, restored)
+    if absent:
+        shown = ", ".join(absent[:4]) + (f" and {len(absent) - 4} more" if len(absent) > 4 else "")
+        notes.append(
+            f"{len(absent)} parameter(s) of the source model ({shown}) are not read by the "
+            "exported graph under their own names: tied to a weight it reads under another "
+            "name (an input embedding tied to the output projection), unused by the forward "
+            "pass, or folded away by the ONNX exporter's optimizer (a BatchNorm into its "
+            "convolution, a computation merged with an identical one: two freshly initialised "
+            "LayerNorms of one input; re-export with optimize=False to measure those)"
+        )
     if expected_masks:
         notes.append(
             f"{len(expected_masks)} random mask(s) (a drop path's Bernoulli sample: "
@@ -884,6 +899,27 @@ def _folds_batchnorm(node: NodeProto) -> bool:
         node.op_type in CONV_OPS
         and len(node.input) > 2
         and node.input[2].endswith(FOLDED_BN_BIAS_SUFFIX)
+    )
+
+
+def _unread_source_parameters(
+    graph: GraphProto,
+    signature: ExportedSignature,
+    parameters: Mapping[str, Any],
+    buffers: Mapping[str, Any],
+    restored: Restored,
+) -> list[str]:
+    """Parameters of the export's signature that the converted graph does not hold, not even
+    as the source of a value the optimizer computed ahead, and that no node's FX op read."""
+    if not signature.parameters:
+        return []
+    held = set(parameters) | set(buffers)
+    held |= {name for sources in restored.folded_from.values() for name in sources}
+    read = placeholders_read(graph)
+    return sorted(
+        name
+        for placeholder, name in signature.parameters.items()
+        if name not in held and placeholder not in read
     )
 
 

@@ -54,6 +54,8 @@ FOLDED_FROM_KEY = "pkg.onnxscript.optimizer.folded_from"
 NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 # Names the dynamo exporter gives the values it creates (`val_81`), not the module's.
 EXPORTER_VALUE_NAME = re.compile(r"val_\d+")
+# the FX node name of a transposing op, which names the value the optimizer folds it into
+_FOLDED_TRANSPOSE = re.compile(r"(permute|t|transpose|numpy_T)(_\d+)?")
 # torch.export's placeholder for a parameter: `p_` + its dotted name with `.` → `_`
 _PARAMETER_PLACEHOLDER = re.compile(r"%(p_[A-Za-z0-9_]+)")
 _LINEAR_WEIGHT = re.compile(r"aten\.linear\.default\]\(args = \(%\w+, %(p_[A-Za-z0-9_]+)")
@@ -155,6 +157,38 @@ class Restored:
         return [sentence.format(_listed(items)) for items, sentence in kinds if items]
 
 
+def _raw_folded_from(graph: GraphProto, wanted: set[str]) -> dict[str, list[Any]]:
+    """The optimizer's `folded_from` list of each wanted value, as it wrote it."""
+    found: dict[str, list[Any]] = {}
+    for info in graph.value_info:
+        if info.name not in wanted:
+            continue
+        text = next((p.value for p in info.metadata_props if p.key == FOLDED_FROM_KEY), None)
+        try:
+            sources = ast.literal_eval(text) if text else None
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            continue
+        if isinstance(sources, list):
+            found[info.name] = sources
+    return found
+
+
+def folded_transposes(graph: GraphProto, parameters: Sequence[str]) -> dict[str, str]:
+    """Parameters the optimizer folded from one source parameter by one transposing FX op
+    (`x @ w.T` → a `permute` or `t` node, Falcon's attention): folded value → the source's
+    name. Named after the FX op, not `val_N`, and folded from the source alone (a longer
+    `folded_from` list is a computation: `-exp(A_log)` is no transpose of A_log)."""
+    signature = ExportedSignature.of(graph)
+    source_parameters = set(signature.parameters.values())
+    return {
+        name: str(sources[0])
+        for name, sources in _raw_folded_from(graph, set(parameters)).items()
+        if _FOLDED_TRANSPOSE.fullmatch(name)
+        and len(sources) == 1
+        and str(sources[0]) in source_parameters
+    }
+
+
 def folded_parameter_sources(graph: GraphProto, parameters: Sequence[str]) -> dict[str, list[str]]:
     """Parameters of the graph that the dynamo exporter's optimizer folded ahead (its
     `pkg.onnxscript.optimizer.folded_from` on the value): name → the values it was computed
@@ -168,17 +202,8 @@ def folded_parameter_sources(graph: GraphProto, parameters: Sequence[str]) -> di
     signature = ExportedSignature.of(graph)
     source_parameters = set(signature.parameters.values())
     found: dict[str, list[str]] = {}
-    for info in graph.value_info:
-        if info.name not in wanted:
-            continue
-        text = next((p.value for p in info.metadata_props if p.key == FOLDED_FROM_KEY), None)
-        try:
-            sources = ast.literal_eval(text) if text else None
-        except (ValueError, SyntaxError, MemoryError, RecursionError):
-            continue
-        if not isinstance(sources, list):
-            continue
-        found[info.name] = [
+    for name, sources in _raw_folded_from(graph, wanted).items():
+        found[name] = [
             str(s)
             for s in sources
             if isinstance(s, str)
@@ -281,6 +306,11 @@ def _read_placeholders(proto: NodeProto) -> list[str]:
     return list(dict.fromkeys(_PARAMETER_PLACEHOLDER.findall(fx_node.split("args = ", 1)[1])))
 
 
+def placeholders_read(graph: GraphProto) -> set[str]:
+    """Every parameter placeholder a node's FX op read."""
+    return {p for proto in graph.node for p in _read_placeholders(proto)}
+
+
 def read_parameter_names(
     proto: NodeProto, signature: ExportedSignature | None = None
 ) -> list[str] | None:
@@ -356,14 +386,17 @@ def restore_source_parameters(
     taken: Mapping[str, object],
     folded_from: Mapping[str, list[str]],
     signature: ExportedSignature | None = None,
+    transposed_from: Mapping[str, str] | None = None,
 ) -> tuple[list[Node], Restored]:
     """Split merged initializers, turn folded transposes back into the source's weights and
     restore dropped zero biases (module docstring). `parameters`: the graph's trainable
     tensors by value name (entries are added and removed); `taken`: every other value name in
     use, never reused for a restored parameter; `folded_from`: `folded_parameter_sources`;
-    `signature`: the export's, which names each placeholder.
+    `signature`: the export's, which names each placeholder; `transposed_from`:
+    `folded_transposes`.
     Returns the nodes, with a `Transpose` or `Reshape` ahead of each reader of a folded
     weight, and what changed."""
+    transposed_from = transposed_from or {}
     known = {
         **(signature.parameters if signature else {}),
         **{_placeholder(name): name for name in parameters},
@@ -375,6 +408,9 @@ def restore_source_parameters(
                 readers.setdefault(name, []).append((node, slot))
     restoring = _Restoring(parameters, set(parameters) | set(taken))
     for initializer, reads in readers.items():
+        if initializer in transposed_from:  # every reader reads the one source's transpose
+            restoring.untranspose(initializer, {transposed_from[initializer]: reads})
+            continue
         sources = folded_from.get(initializer, [])
         single = sources[0] if len(sources) == 1 else None
         constant_reads = [(n, s) for n, s in reads if _reads_a_decomposition_constant(n, s)]

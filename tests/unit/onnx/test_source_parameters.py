@@ -299,3 +299,68 @@ def test_a_dropped_conv_bias_and_a_group_norms_own_constants_are_told_apart() ->
     assert set(ours) == set(expected)
     for name, grad in expected.items():  # group_norm.weight's once, not also as the constant
         assert torch.allclose(ours[name], grad, rtol=2e-3, atol=1e-6), name
+
+
+class MatmulByTranspose(nn.Module):
+    """Falcon's style: `x @ w.T` (an FX `permute`) and `x @ w.t()` (a `t`): the optimizer
+    folds each transpose into an initializer named after that FX node, not `val_N`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.up = nn.Parameter(torch.randn(24, 16) / 4)
+        self.down = nn.Parameter(torch.randn(8, 24) / 5)
+        self.gate = nn.Parameter(torch.randn(24, 16) / 4)  # exp(gate)ᵀ: computed, no transpose
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(x @ self.up.T) * (x @ self.gate.exp().T)
+        return h @ self.down.t()
+
+
+def test_a_transpose_folded_under_its_fx_name_is_the_source_weight_again() -> None:
+    module, x = MatmulByTranspose(), torch.randn(4, 16)
+    model = onnx.load_from_string(to_onnx(module, x, dynamo=True, optimize=True))
+    names = {i.name for i in model.graph.initializer}
+    assert "up" not in names and "down" not in names  # the premise: folded, renamed
+    graph = convert(model)
+    assert {"up", "down"} <= set(graph.param_names)
+    out = graph(x)
+    torch.testing.assert_close(out, module(x))
+    out.square().sum().backward()
+    module(x).square().sum().backward()
+    ours = dict(graph.named_graph_parameters())
+    for name in ("up", "down"):
+        assert ours[name].shape == getattr(module, name).shape
+        torch.testing.assert_close(
+            ours[name].grad, getattr(module, name).grad, rtol=1e-4, atol=1e-5
+        )
+    assert "gate" not in graph.param_names  # exp(gate)ᵀ is computed ahead, not a transpose
+
+
+class ParallelBlock(nn.Module):
+    """GPT-NeoX's parallel residual: two LayerNorms of one input. Freshly initialised they
+    are the same computation, which the optimizer merges into one node; `spare` is unused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.ln_attn, self.ln_mlp = nn.LayerNorm(16), nn.LayerNorm(16)
+        self.attn, self.mlp = nn.Linear(16, 16), nn.Linear(16, 16)
+        self.spare = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.attn(self.ln_attn(x)) + torch.relu(self.mlp(self.ln_mlp(x)))
+
+
+def test_source_parameters_the_graph_does_not_read_are_named_in_a_note() -> None:
+    model = onnx.load_from_string(
+        to_onnx(ParallelBlock(), torch.randn(2, 16), dynamo=True, optimize=True)
+    )
+    graph = convert(model)
+    missing = {"ln_mlp.weight", "ln_mlp.bias", "spare.weight", "spare.bias"}
+    assert not missing & set(graph.param_names)  # the premise: merged away, or unused
+    (note,) = [n for n in graph.metadata["notes"] if "not read by the exported graph" in n]
+    assert note.startswith(
+        "4 parameter(s) of the source model (ln_mlp.bias, ln_mlp.weight, spare.bias, "
+        "spare.weight) are not read"
+    )
