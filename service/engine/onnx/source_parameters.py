@@ -345,6 +345,10 @@ def _reads(
     else:
         attribute = _placeholder(initializer.rsplit(".", 1)[-1])[2:]
         matched = [p for p in placeholders if p.endswith("_" + attribute)]
+        if not matched and len(placeholders) == 1:
+            # another attribute merged with it (ConvNeXt V2's GRN: weight and bias both start
+            # as zeros), read by an op of that one parameter alone (`x + bias`)
+            matched = placeholders
     if len(matched) != 1:
         return None
     return _dotted(matched[0], initializer, name_scopes(proto), known)

@@ -364,3 +364,35 @@ def test_source_parameters_the_graph_does_not_read_are_named_in_a_note() -> None
         "4 parameter(s) of the source model (ln_mlp.bias, ln_mlp.weight, spare.bias, "
         "spare.weight) are not read"
     )
+
+
+class GlobalResponseNorm(nn.Module):
+    """ConvNeXt V2's GRN: its weight and bias both start as zeros, so the optimizer merges
+    the two attributes into one initializer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Linear(8, 8)
+        self.weight = nn.Parameter(torch.zeros(1, 1, 8))
+        self.bias = nn.Parameter(torch.zeros(1, 1, 8))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x)
+        norm = h.norm(p=2, dim=1, keepdim=True)
+        h = self.weight * (h * (norm / (norm.mean(dim=-1, keepdim=True) + 1e-6))) + self.bias + h
+        return self.head(h).mean(dim=1)
+
+
+def test_two_attributes_merged_into_one_initializer_are_split_by_their_readers() -> None:
+    module, x = GlobalResponseNorm(), torch.randn(2, 5, 8)
+    model = onnx.load_from_string(to_onnx(module, x, dynamo=True, optimize=True))
+    assert not {"weight", "bias"} <= {i.name for i in model.graph.initializer}  # merged
+    graph = convert(model)
+    assert {"weight", "bias"} <= set(graph.param_names)
+    graph(x).square().sum().backward()
+    module(x).square().sum().backward()
+    ours = dict(graph.named_graph_parameters())
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(ours[name].grad, getattr(module, name).grad)
