@@ -134,7 +134,8 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
         if parts == 1:
             loss_notes = loss_input_notes(subject.loss_kind, outputs, target)
         middle = clock.mark()
-        (loss * share).backward()
+        if loss.requires_grad:  # else nothing trainable reaches it: no_trainable_parameters
+            (loss * share).backward()
         clock.add_pass(start, middle, clock.mark())
         if probe is not None:
             probe.end_pass()

@@ -68,14 +68,17 @@ class QuantizerCall:
         widest channel's)], float64."""
         grid = self.grid_values()
         zero = self.zero_point.float()
-        clamped = (grid < self.low) | (grid > self.high)
         up, down = self.high - zero, self.low - zero
+        # a range that starts at exactly 0 clamps negatives as a ReLU does: onnxruntime's
+        # quantiser removes a ReLU before it for that; those are not clipping
+        below = (grid < self.low) & (down != 0)
+        clamped = (grid > self.high) | below
         # how many times its scale each clamped entry needs: its distance from the zero point
         # over the range's on its side
         need = torch.where(
             grid > self.high,
             (grid - zero) / up.clamp_min(1e-12),
-            torch.where(grid < self.low, (grid - zero) / down.clamp_max(-1e-12), 1.0),
+            torch.where(below, (grid - zero) / down.clamp_max(-1e-12), 1.0),
         )
         scale = self.scale.float()
         x = self.x.detach().float()

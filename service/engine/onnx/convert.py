@@ -80,6 +80,7 @@ from onnx import GraphProto, ModelProto, NodeProto, TensorProto, helper
 
 import service.engine.onnx.ops  # noqa: F401  (registers every op family)
 from service.engine.graph import ConstantResult, Node, ObservableGraph, passthrough
+from service.engine.onnx.dequantized_weights import dequantized_weights
 from service.engine.onnx.gradient_paths import (
     consumed_names,
     gradient_free_initializers,
@@ -673,6 +674,13 @@ def _convert_checked(
         | _batchnorm_statistics(weights)
         | _zero_initial_states(graph, weights)
     )
+    # a post-training-quantised model's integer weights: float parameters, dequantized
+    taken_names = set(weights) | init_names | {o for node in graph.node for o in node.output}
+    dequantized = dequantized_weights(graph, weights, taken_names)
+    for weight in dequantized.values():
+        weights[weight.name] = weight.value
+        if weight.integer in not_trainable:
+            not_trainable.add(weight.name)
     for name, tensor in weights.items():
         if tensor.dtype in FLOAT_DTYPES and name not in not_trainable:
             parameters[name] = torch.nn.Parameter(tensor)
@@ -698,6 +706,13 @@ def _convert_checked(
     }
     if builder.problems:
         raise UnsupportedModelError(_format_problems(builder.problems))
+    replaced = {out: weight.name for weight in dequantized.values() for out in weight.readers}
+    for node in nodes:
+        if node.op_type == "DequantizeLinear" and node.outputs and node.outputs[0] in replaced:
+            node.inputs = [replaced[node.outputs[0]]]
+            node.fn = passthrough
+    # a DequantizeLinear whose output the parameter is named as: the parameter is its value
+    nodes = [n for n in nodes if not (n.inputs and n.outputs and n.inputs == n.outputs)]
     taken = [*buffers, *constants, *(i.name for i in input_infos)]
     taken += [o for n in nodes for o in n.outputs]
     nodes, restored = restore_source_parameters(
@@ -787,6 +802,15 @@ def _convert_checked(
             "off in train mode; --dropout samples them"
         )
         metadata["expected_masks"] = expected_masks  # onnxruntime's copy computes the same
+    if dequantized:
+        shown = ", ".join(w.name for w in list(dequantized.values())[:3])
+        more = f" and {len(dequantized) - 3} more" if len(dequantized) > 3 else ""
+        notes.append(
+            f"{len(dequantized)} weight(s) stored as integers (a post-training-quantised model: "
+            f"{shown}{more}) are float parameters holding their dequantized values: the "
+            "gradients are those of fine-tuning from this checkpoint, whose activation "
+            "quantisers stay fake-quantised"
+        )
     if straight_through:
         notes.append(
             f"{len(straight_through)} straight-through estimator(s) (x + (q − x), written "
