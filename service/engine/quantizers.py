@@ -44,6 +44,10 @@ _ATEN_QUANTIZERS = frozenset(
 )
 
 
+# in steps of the grid (float8: relative to the range), beyond half a step
+_SLACK = 1e-3
+
+
 @dataclass
 class QuantizerCall:
     """One call's arguments, broadcast to the quantised tensor."""
@@ -57,10 +61,10 @@ class QuantizerCall:
     rounds: bool = True  # float8 targets cast instead of rounding
 
     def grid_values(self) -> torch.Tensor:
-        """round(x / scale) + zero_point, before the clamp (in float32)."""
+        """x / scale + zero_point, unrounded and before the clamp (in float32)."""
         x, scale = self.x.float(), self.scale.float()
         scaled = x / scale if self.divide else x * (1.0 / scale)
-        return (torch.round(scaled) if self.rounds else scaled) + self.zero_point.float()
+        return scaled + self.zero_point.float()
 
     def statistics(self) -> torch.Tensor:
         """[clamped entries, entries, min x, max x, the factor by which the scale must grow
@@ -69,14 +73,19 @@ class QuantizerCall:
         grid = self.grid_values()
         zero = self.zero_point.float()
         up, down = self.high - zero, self.low - zero
+        # clamped: beyond the range by more than rounding moves a value (half a step; float8:
+        # its relative precision), with a hair's slack for the float error of a range
+        # calibrated to end exactly at the batch's extreme
+        slack = 0.5 + _SLACK if self.rounds else _SLACK * max(abs(self.high), 1.0)
         # a range that starts at exactly 0 clamps negatives as a ReLU does: onnxruntime's
         # quantiser removes a ReLU before it for that; those are not clipping
-        below = (grid < self.low) & (down != 0)
-        clamped = (grid > self.high) | below
+        below = (grid < self.low - slack) & (down != 0)
+        above = grid > self.high + slack
+        clamped = above | below
         # how many times its scale each clamped entry needs: its distance from the zero point
         # over the range's on its side
         need = torch.where(
-            grid > self.high,
+            above,
             (grid - zero) / up.clamp_min(1e-12),
             torch.where(below, (grid - zero) / down.clamp_max(-1e-12), 1.0),
         )

@@ -141,3 +141,25 @@ def test_a_clip_between_quantize_and_dequantize_is_the_quantisers_range() -> Non
     )
     assert ours == torch_ranges
     assert np.isfinite([q.clipped_fraction for q in report.quantizers]).all()
+
+
+def test_a_range_calibrated_to_end_at_the_batchs_extreme_clips_nothing() -> None:
+    """Min/max calibration puts the largest value on the last step, up to float error (x /
+    scale lands a hair past it); half a step further it rounds onto the next step: clipped."""
+    from service.engine.quantizers import QuantizerCall
+
+    def clamped(values: list[float], scale: float) -> float:
+        call = QuantizerCall(
+            x=torch.tensor(values),
+            scale=torch.tensor(scale),
+            zero_point=torch.tensor(0.0),
+            low=0.0,
+            high=255.0,
+            divide=True,
+        )
+        return float(call.statistics()[0])
+
+    extreme = 2.0
+    assert clamped([0.0, 1.0, extreme], extreme / 255 * (1 - 1e-7)) == 0.0  # float error
+    assert clamped([0.0, 1.0, extreme], extreme / 255.49) == 0.0  # rounds onto the last step
+    assert clamped([0.0, 1.0, extreme], extreme / 255.6) == 1.0  # the next step is clamped
