@@ -112,6 +112,9 @@ class Layer:
     extra: dict[str, object] = field(default_factory=dict)
     main_params: list[str] = field(default_factory=list)  # the ones the main node reads
     scope: str | None = None  # the main node's source module path, when known
+    # more values whose gradient is part of the layer's ‖∂L/∂output‖: a recurrent layer's
+    # final states read beside (or instead of) its output sequence
+    grad_outputs: list[str] = field(default_factory=list)
 
 
 def _consumers(nodes: list[Node]) -> dict[str, list[int]]:
@@ -172,6 +175,10 @@ def group_layers(graph: ObservableGraph) -> list[Layer]:
             main_params=list(owned),
             scope=node.scope,
         )
+        if recurrent_gates(node.op_type) is not None:  # ONNX: Y, then Y_h and Y_c
+            layer.grad_outputs = [
+                v for v in node.outputs[1:] if v and _read(v, consumers, graph_outputs)
+            ]
         _fan(layer, node, param_in, shapes)
         claimed.add(index)
         _attach_followers(layer, index, nodes, consumers, claimed, graph_outputs)
@@ -266,11 +273,18 @@ def _attach_followers(
 ) -> None:
     """Extend `layer` through tuple unpacking, then by the activation that alone follows it.
     A tuple (torch's LSTM: output, h_n, c_n) unpacked by several getitems of which only one is
-    read further is followed through that one: its value is the layer's output."""
+    read further is followed through that one: its value is the layer's output. A recurrent
+    layer's tuple with several read is followed through the first, the others' gradients
+    joining the layer's (`grad_outputs`)."""
     while True:
         users = consumers.get(layer.output, [])
         if len(users) > 1 and all(canonical(nodes[u].op_type) in _PASSTHROUGH for u in users):
             users = [u for u in users if _read(nodes[u].outputs[0], consumers, graph_outputs)]
+            if len(users) > 1 and recurrent_gates(layer.op) is not None:
+                # torch's LSTM tuple with output and h_n both read: the output sequence
+                # (the first) is the layer's output, the states join its gradient
+                layer.grad_outputs += [nodes[u].outputs[0] for u in users[1:]]
+                users = users[:1]
         if len(users) != 1:
             return
         follower = nodes[users[0]]

@@ -133,6 +133,11 @@ class ProbeTotals:
     alive: dict[int, torch.Tensor] = field(default_factory=dict)  # layer → per-unit peak |y|
 
 
+# per observed node output: (position, layer whose statistics it is, backward slot, layer
+# whose ‖∂L/∂output‖ its gradient makes)
+_OutputWork = tuple[int, int | None, int | None, int | None]
+
+
 class Probe:
     """A NodeObserver; call `begin_pass()` before each forward and `end_pass()` after backward."""
 
@@ -167,16 +172,22 @@ class Probe:
         for i, node in enumerate(graph.nodes):
             for value in node.outputs:
                 producer.setdefault(value, i)
-        for layer in layers:  # layer outputs are always hooked (e.g. through a getitem)
-            if layer.output not in self.backward_slots:
-                node_index = producer[layer.output]
-                self.backward_slots[layer.output] = len(self.hooked_values)
-                self.hooked_values.append((node_index, layer.output))
+        # the values whose gradient makes a layer's ‖∂L/∂output‖: its output and a recurrent
+        # layer's read final states
+        self.grad_layer_of = {
+            value: i for i, layer in enumerate(layers) for value in layer.grad_outputs
+        }
+        self.grad_layer_of.update(self.layer_of_output)
+        for value in self.grad_layer_of:  # always hooked (e.g. through a getitem)
+            if value not in self.backward_slots:
+                node_index = producer[value]
+                self.backward_slots[value] = len(self.hooked_values)
+                self.hooked_values.append((node_index, value))
         self.node_index = {node.name: i for i, node in enumerate(graph.nodes)}
         # Per node, what its observer call has to do, decided here once per graph rather than
         # per node and pass (host time a GPU waits through): the forward slot, and the output
         # positions that need anything as (position, layer index, backward slot).
-        self._work: list[tuple[int | None, tuple[tuple[int, int | None, int | None], ...]]]
+        self._work: list[tuple[int | None, tuple[_OutputWork, ...]]]
         self._work = []
         for index, node in enumerate(graph.nodes):
             forward_slot = self._forward_slot.get(index)
@@ -185,7 +196,8 @@ class Probe:
                 layer_index = self.layer_of_output.get(value_name)
                 slot = self.backward_slots.get(value_name)
                 if layer_index is not None or forward_slot is not None or slot is not None:
-                    outputs.append((position, layer_index, slot))
+                    grad_layer = self.grad_layer_of.get(value_name)
+                    outputs.append((position, layer_index, slot, grad_layer))
             self._work.append((forward_slot, tuple(outputs)))
         # per layer: (saturating activation or None, ReLU-like, non-negative output)
         self._layer_kinds = [
@@ -243,12 +255,12 @@ class Probe:
     def _observe(
         self,
         forward_slot: int | None,
-        work: tuple[tuple[int, int | None, int | None], ...],
+        work: tuple[_OutputWork, ...],
         outputs: Sequence[Any],
     ) -> None:
         record = self._pass
         available = len(outputs)
-        for position, layer_index, slot in work:
+        for position, layer_index, slot, grad_layer in work:
             if position >= available:
                 break
             value = outputs[position]
@@ -265,7 +277,7 @@ class Probe:
                 # finfo.min entries) overflows to -inf and would read as a NaN/Inf origin
                 record["forward"][forward_slot] = torch.sum(value, dtype=torch.float64)
             if slot is not None and value.requires_grad:
-                value.register_hook(self._make_hook(slot, layer_index))
+                value.register_hook(self._make_hook(slot, grad_layer))
 
     def _layer_forward(self, layer_index: int, y: torch.Tensor) -> torch.Tensor:
         """The layer output's statistics for this pass; returns its mean (0-dim, float32)."""
@@ -296,7 +308,12 @@ class Probe:
                 norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
             record["backward"].append((slot, norm))
             if layer_index is not None:
-                record["layer_grad"][layer_index] = norm  # squared at the end of the pass
+                # squared at the end of the pass; a recurrent layer's second read output
+                # (its final state) adds its square
+                earlier = record["layer_grad"].get(layer_index)
+                record["layer_grad"][layer_index] = (
+                    norm if earlier is None else torch.hypot(earlier, norm)
+                )
 
         return hook
 

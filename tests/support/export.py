@@ -35,7 +35,7 @@ def to_torch_export(module: nn.Module, example: torch.Tensor | Sequence[torch.Te
         # weights are parameters all the same and the exported program keeps them as such.
         warnings.filterwarnings(
             "ignore",
-            message=r"The tensor attributes self\._flat_weights\[",
+            message=r"The tensor attributes self\.(\w+\.)*_flat_weights\[",
             category=UserWarning,
         )
         program = torch.export.export(module, _as_tuple(example))

@@ -40,20 +40,22 @@ def test_profile_and_finding_report_the_same_fit() -> None:
     assert f"×{sig(depth.growth_factor)} per layer towards the output" in finding.message
 
 
-class EmbedLSTM(nn.Module):
-    """Reads both the LSTM's sequence and its final state: the layer's output is then the
-    tuple itself (layers.py follows one read getitem only), whose gradient is not observed."""
+class DetachedProbe(nn.Module):
+    """A side layer whose output is detached before it is used: no gradient ever reaches it,
+    so its ‖∂L/∂a‖ is not observed."""
 
     def __init__(self) -> None:
         super().__init__()
         self.emb = nn.Embedding(20, 8)
         self.lstm = nn.LSTM(8, 8, batch_first=True)
+        self.probe = nn.Linear(8, 8)
         self.mid = nn.Linear(8, 8)
         self.fc = nn.Linear(8, 3)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        out, (h, _) = self.lstm(self.emb(idx))
-        return self.fc(torch.tanh(self.mid(out[:, -1] + h[-1])))
+        out, _ = self.lstm(self.emb(idx))
+        last = out[:, -1]
+        return self.fc(torch.tanh(self.mid(last) + self.probe(last).detach()))
 
 
 def test_layers_without_an_activation_gradient_are_left_out_of_the_fit_and_counted() -> None:
@@ -61,15 +63,15 @@ def test_layers_without_an_activation_gradient_are_left_out_of_the_fit_and_count
     idx = torch.randint(0, 20, (4, 5))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = to_torch_export(EmbedLSTM(), idx)
+        model = to_torch_export(DetachedProbe(), idx)
     report = diagnose(
         model, npz_bytes(idx=idx), DiagnoseOptions(loss="output_norm", verify_fixes=False)
     )
     depth = report.profiles.depth
     by_name = {layer.name: layer for layer in report.layers}
     missing = [n for n, layer in by_name.items() if layer.activation_grad_norm is None]
-    assert missing == ["lstm"]  # aten.lstm's output tuple: its gradient is not observed
-    assert depth.layers_left_out == 1 and depth.left_out == ["lstm"]
-    assert "lstm" not in depth.layers
+    assert missing == ["probe"]  # detached: no gradient reaches its output
+    assert depth.layers_left_out == 1 and depth.left_out == ["probe"]
+    assert "probe" not in depth.layers
     assert depth.growth_factor == fit_growth(depth.grad_norms)  # type: ignore[arg-type]
     assert any("1 layer(s) have no measured ‖∂L/∂a‖" in note for note in report.notes)

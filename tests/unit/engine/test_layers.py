@@ -92,9 +92,11 @@ def test_a_tuple_output_unpacked_by_getitems_is_followed_to_the_one_read() -> No
     assert head.params == ["head.weight"]
 
 
-def test_a_tuple_whose_parts_are_read_twice_stays_the_output() -> None:
-    rnn, _ = group_layers(_lstm_like(read_states=True))  # h_n is a graph output too
-    assert rnn.output == "lstm"
+def test_a_recurrent_tuple_with_two_parts_read_gets_the_gradient_of_both() -> None:
+    """h_n is a graph output too: the sequence is the layer's output and h_n's gradient joins
+    its ‖∂L/∂a‖ (before, the tuple stayed the output and the layer had no measurement)."""
+    rnn, _ = group_layers(_lstm_like(read_states=True))
+    assert rnn.output == "g0" and rnn.grad_outputs == ["g1"]
 
 
 def test_the_affine_step_of_a_decomposed_group_norm_is_a_normalisation_layer() -> None:
