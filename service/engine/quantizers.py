@@ -20,7 +20,7 @@ ranges on a copy of the model, for fix verification.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -281,24 +281,39 @@ def measure_quantizers(
     rows: dict[str, torch.Tensor] = {}
     per_channel: dict[str, bool] = {}
 
-    def recording(site: QuantizerSite) -> NodeFn:
-        def record(*values: Any) -> Any:
-            call = site.call(values)
-            per_channel[site.name] = call.scale.numel() > 1
-            rows[site.name] = call.statistics()
+    def record(site: QuantizerSite, values: Sequence[Any]) -> None:
+        call = site.call(values)
+        per_channel[site.name] = call.scale.numel() > 1
+        rows[site.name] = call.statistics()
+
+    _run_seeing_each(graph, inputs, sites, record)
+    return _reports(graph, sites, rows, per_channel, layers)
+
+
+def _run_seeing_each(
+    graph: ObservableGraph,
+    inputs: Sequence[Any],
+    sites: list[QuantizerSite],
+    see: Callable[[QuantizerSite, Sequence[Any]], None],
+) -> None:
+    """One forward pass without autograd, each quantiser's arguments handed to `see` before
+    the quantiser runs (`see` may widen it: then the wider one runs)."""
+
+    def seeing(site: QuantizerSite) -> NodeFn:
+        def run(*values: Any) -> Any:
+            see(site, values)
             return site.fn(*values)
 
-        return record
+        return run
 
     for site in sites:
-        site.node.fn = recording(site)
+        site.node.fn = seeing(site)
     try:
         with torch.no_grad():
             graph.run(list(inputs))
     finally:
         for site in sites:
             site.node.fn = site.fn
-    return _reports(graph, sites, rows, per_channel, layers)
 
 
 def _reports(
@@ -376,22 +391,11 @@ def widen_to_cover(graph: ObservableGraph, inputs: Sequence[Any]) -> dict[str, f
     sites = find_quantizers(graph)
     grown: dict[str, float] = {}
 
-    def calibrating(site: QuantizerSite) -> NodeFn:
-        def run(*values: Any) -> Any:
-            factor = float(site.call(values).statistics()[4]) * _COVER_MARGIN
-            if factor > _COVER_MARGIN:
-                site.widen(factor)  # the node's fn is the widened one from here on
-                grown[site.name] = factor
-            return site.fn(*values)
+    def calibrate(site: QuantizerSite, values: Sequence[Any]) -> None:
+        factor = float(site.call(values).statistics()[4]) * _COVER_MARGIN
+        if factor > _COVER_MARGIN:
+            site.widen(factor)  # its fn is the widened one from here on
+            grown[site.name] = factor
 
-        return run
-
-    for site in sites:
-        site.node.fn = calibrating(site)
-    try:
-        with torch.no_grad():
-            graph.run(list(inputs))
-    finally:
-        for site in sites:
-            site.node.fn = site.fn
+    _run_seeing_each(graph, inputs, sites, calibrate)
     return grown
