@@ -783,7 +783,7 @@ def _convert_checked(
         metadata["reshaped_initializers"] = restored.reshaped
     if unfolded.recipes:
         metadata["gate_reordered_initializers"] = unfolded.recipes
-    notes = folded_batchnorm_notes(graph) + restored.notes()
+    notes = folded_batchnorm_notes(graph) + restored.notes() + _shared_initializer_notes(graph)
     absent = _unread_source_parameters(graph, signature, parameters, buffers, restored)
     if absent:
         shown = ", ".join(absent[:4]) + (f" and {len(absent) - 4} more" if len(absent) > 4 else "")
@@ -945,6 +945,36 @@ def _unread_source_parameters(
         for placeholder, name in signature.parameters.items()
         if name not in held and placeholder not in read
     )
+
+
+def _shared_initializer_notes(graph: GraphProto) -> list[str]:
+    """The legacy exporter stores equal initializers once in an inference-mode export (a fresh
+    model's deep-copied layers) and gives each other use an `Identity` of it (after
+    post-training quantisation, of its DequantizeLinear): one parameter, whose gradient is the
+    sum over its uses."""
+    initializers = {init.name for init in graph.initializer}
+    dequantized = {
+        node.output[0]: node.input[0].removesuffix("_quantized")  # dequantized_weights.py
+        for node in graph.node
+        if node.op_type == "DequantizeLinear" and node.input and node.input[0] in initializers
+    }
+    pairs = [
+        f"{node.output[0]} = {dequantized.get(node.input[0], node.input[0])}"
+        for node in graph.node
+        if node.op_type == "Identity"
+        and node.input
+        and (node.input[0] in initializers or node.input[0] in dequantized)
+    ]
+    if not pairs:
+        return []
+    shown = ", ".join(pairs[:3]) + (f" and {len(pairs) - 3} more" if len(pairs) > 3 else "")
+    return [
+        f"{len(pairs)} weight(s) are read as Identity copies of another ({shown}): the ONNX "
+        "exporter stores equal tensors once in an inference-mode export (a fresh model's "
+        "deep-copied layers, or tied weights), so each is one parameter whose gradient is the "
+        "sum over its uses; export in training mode (training=TrainingMode.TRAINING) or a "
+        "trained model to measure copies that are not tied apart"
+    ]
 
 
 def folded_batchnorm_notes(graph: GraphProto) -> list[str]:

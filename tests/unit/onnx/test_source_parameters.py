@@ -396,3 +396,17 @@ def test_two_attributes_merged_into_one_initializer_are_split_by_their_readers()
     ours = dict(graph.named_graph_parameters())
     for name in ("weight", "bias"):
         torch.testing.assert_close(ours[name].grad, getattr(module, name).grad)
+
+
+def test_an_inference_export_sharing_equal_layers_says_their_gradients_are_summed() -> None:
+    """The legacy exporter stores equal initializers once in an inference-mode export: a fresh
+    TransformerEncoder's deep-copied layers read the first layer's weights through Identity."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 5, 16)
+    shared = convert(onnx.load_from_string(to_onnx(encoder, x, training=False)))
+    (note,) = [n for n in shared.metadata.get("notes", []) if "Identity copies" in n]
+    assert "sum over its uses" in note
+    apart = convert(onnx.load_from_string(to_onnx(encoder.train(), x, training=True)))
+    assert not [n for n in apart.metadata.get("notes", []) if "Identity copies" in n]
