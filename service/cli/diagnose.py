@@ -206,6 +206,8 @@ def print_report(report: Any) -> None:
                 f"ONNX conversion vs {conversion.reference or 'onnxruntime'}: max abs error "
                 f"{_fmt(conversion.max_abs_error)}, max rel error {_fmt(conversion.max_rel_error)}"
             )
+            if conversion.reason:  # what the comparison had to allow for
+                line += f" ({conversion.reason})"
         else:
             line = f"ONNX conversion not checked against onnxruntime: {conversion.reason}"
         console.print(line, markup=False, highlight=False)

@@ -818,6 +818,7 @@ def _convert_checked(
             "pass the gradient to x, as in training"
         )
     if fake_quantized:
+        metadata["fake_quantizers"] = fake_quantized  # conformance.py says what they change
         notes.append(
             f"{len(fake_quantized)} QuantizeLinear → DequantizeLinear pair(s) are fake "
             "quantisation with the straight-through gradient, as in quantisation-aware training: "

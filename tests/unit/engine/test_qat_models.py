@@ -159,6 +159,7 @@ def test_an_eager_qat_model_reports_torchs_loss_and_gradients(fmt: str) -> None:
         assert any(note in n for n in report.notes)
         assert report.model.conversion is not None
         assert report.model.conversion.max_abs_error == pytest.approx(0.0, abs=1e-5)
+        assert "fake quantiser(s)" in (report.model.conversion.reason or "")
 
 
 @pytest.mark.parametrize("fmt", list(EXPORTERS))
