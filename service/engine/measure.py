@@ -215,8 +215,10 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
             f"{len(unreached)} parameter(s) received no gradient from this loss (unused, or "
             f"state such as running statistics stored as float initializers): {shown}"
         )
-    if graph is not None:  # one more forward pass, for QAT models only
-        result.quantizers = measure_quantizers(graph, subject.inputs, layers)
+    if graph is not None:  # one more forward pass (per part), for QAT models only
+        # a part at a time, as the passes above: no more memory than theirs
+        batches = _micro_batches(subject, options.micro_batches, layout.batch_axes)
+        result.quantizers = measure_quantizers(graph, (p for p, _, _ in batches), layers)
         result.gradient_cuts = gradient_cuts(graph, layers, result.layers)
     timing["analysis"] = clock.analysis(start, timing)
     result.timing = timing
@@ -423,6 +425,14 @@ def _trace_origin(
         return {}
     layer_of_node = {n: layer.name for layer in layers for n in layer.nodes}
     return recorder.evidence(graph, layer_of_node)
+
+
+def input_parts(subject: Subject, options: DiagnoseOptions) -> Iterator[list[torch.Tensor]]:
+    """The batch's inputs in the parts `measure` runs them in (`options.micro_batches`)."""
+    names = [s.name for s in subject.model_info.inputs]
+    layout = sequence_layout(subject.graph, subject.inputs, names)
+    for inputs, _, _ in _micro_batches(subject, options.micro_batches, layout.batch_axes):
+        yield inputs
 
 
 def _micro_batches(

@@ -20,7 +20,7 @@ ranges on a copy of the model, for fix verification.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -272,9 +272,11 @@ class _AtenQuantizer(QuantizerSite):
 
 
 def measure_quantizers(
-    graph: ObservableGraph, inputs: Sequence[Any], layers: list[Layer]
+    graph: ObservableGraph, parts: Iterable[Sequence[Any]], layers: list[Layer]
 ) -> list[QuantizerReport]:
-    """Each quantiser's clamped share on `inputs` (one forward pass without autograd)."""
+    """Each quantiser's clamped share on the batch, given as the parts the measurement split
+    it into (one forward pass without autograd per part: no more memory than the
+    measurement's own)."""
     sites = find_quantizers(graph)
     if not sites:
         return []
@@ -284,10 +286,29 @@ def measure_quantizers(
     def record(site: QuantizerSite, values: Sequence[Any]) -> None:
         call = site.call(values)
         per_channel[site.name] = call.scale.numel() > 1
-        rows[site.name] = call.statistics()
+        rows[site.name] = _merged(rows.get(site.name), call.statistics())
 
-    _run_seeing_each(graph, inputs, sites, record)
+    for inputs in parts:
+        _run_seeing_each(graph, inputs, sites, record)
     return _reports(graph, sites, rows, per_channel, layers)
+
+
+def _merged(earlier: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
+    """Two parts' statistics as one batch's: counts add, extremes and factors take the
+    larger (the range's ends are the quantiser's own)."""
+    if earlier is None:
+        return part
+    return torch.stack(
+        [
+            earlier[0] + part[0],
+            earlier[1] + part[1],
+            torch.minimum(earlier[2], part[2]),
+            torch.maximum(earlier[3], part[3]),
+            torch.maximum(earlier[4], part[4]),
+            part[5],
+            part[6],
+        ]
+    )
 
 
 def _run_seeing_each(
@@ -383,11 +404,12 @@ def weight_sources(graph: ObservableGraph) -> dict[str, set[str]]:
 _COVER_MARGIN = 1.0 + 1e-6
 
 
-def widen_to_cover(graph: ObservableGraph, inputs: Sequence[Any]) -> dict[str, float]:
-    """Max calibration on this batch, widening only, for fix verification on a copy of the
-    model: in execution order each quantiser's scale (and its ONNX DequantizeLinears') grows
-    by the factor that holds all of its input, as the quantisers before it leave that input.
-    The wider ranges stay in `graph`. Returns node → factor for the scales that grew."""
+def widen_to_cover(graph: ObservableGraph, parts: Iterable[Sequence[Any]]) -> dict[str, float]:
+    """Max calibration on the batch (given in parts), widening only, for fix verification on
+    a copy of the model: in execution order each quantiser's scale (and its ONNX
+    DequantizeLinears') grows by the factor that holds all of its input, as the quantisers
+    before it leave that input. The wider ranges stay in `graph`. Returns node → the factor
+    by which each scale that grew did, in all."""
     sites = find_quantizers(graph)
     grown: dict[str, float] = {}
 
@@ -395,7 +417,8 @@ def widen_to_cover(graph: ObservableGraph, inputs: Sequence[Any]) -> dict[str, f
         factor = float(site.call(values).statistics()[4]) * _COVER_MARGIN
         if factor > _COVER_MARGIN:
             site.widen(factor)  # its fn is the widened one from here on
-            grown[site.name] = factor
+            grown[site.name] = grown.get(site.name, 1.0) * factor
 
-    _run_seeing_each(graph, inputs, sites, calibrate)
+    for inputs in parts:
+        _run_seeing_each(graph, inputs, sites, calibrate)
     return grown

@@ -142,7 +142,7 @@ def _verify(
 def _apply(
     rec: Recommendation, m: Measurements, subject: Subject, options: DiagnoseOptions
 ) -> tuple[str, Measurements]:
-    from service.engine.measure import measure
+    from service.engine.measure import input_parts, measure
 
     fan_in = {p: x.fan_in for x in m.layers for p in x.params}
     if rec.fix == "replace_activation":
@@ -205,7 +205,7 @@ def _apply(
         copy_ = copy_subject(subject)
         if copy_.graph is None:
             raise NotApplicable("the model's quantisers are not observable (parameters only)")
-        grown = widen_to_cover(copy_.graph, copy_.inputs)
+        grown = widen_to_cover(copy_.graph, input_parts(copy_, options))
         shown = ", ".join(f"{name} × {factor:.3g}" for name, factor in list(grown.items())[:4])
         text = (
             f"max-calibrated the quantisers on this batch, widening only: {len(grown)} scale(s) "

@@ -165,3 +165,21 @@ def test_a_range_calibrated_to_end_at_the_batchs_extreme_clips_nothing() -> None
     assert clamped([0.0, 1.0, extreme], extreme / 255.50002) == 0.0
     assert clamped([0.0, 1.0, extreme], extreme / 255.49) == 0.0  # rounds onto the last step
     assert clamped([0.0, 1.0, extreme], extreme / 255.6) == 1.0  # the next step is clamped
+
+
+def test_micro_batches_measure_the_same_clipping_a_part_at_a_time() -> None:
+    """The clipping pass runs in the measurement's parts (no more memory than its own): the
+    counts add up to the whole batch's, the extremes are the batch's."""
+    model = _export(QuantizedMlp(act_scale=0.0005), "torch_export")
+    whole = _diagnose(model, verify=False)
+    parted = diagnose(
+        model,
+        npz_bytes(x=X, target=Y),
+        DiagnoseOptions(verify_fixes=True, micro_batches=4),
+    )
+    assert parted.micro_batches == 4
+    for a, b in zip(whole.quantizers, parted.quantizers, strict=True):
+        assert b.clipped_fraction == pytest.approx(a.clipped_fraction, abs=1e-12)
+        assert (b.input_min, b.input_max) == (a.input_min, a.input_max)
+    rec = next(r for r in parted.recommendations if r.fix == "recalibrate_quantizers")
+    assert rec.verified is not None and rec.verified.resolved is True
