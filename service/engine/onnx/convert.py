@@ -108,6 +108,7 @@ from service.engine.onnx.source_parameters import (
     Restored,
     folded_parameter_sources,
     folded_transposes,
+    listed,
     name_scopes,
     placeholders_read,
     restore_source_parameters,
@@ -786,7 +787,7 @@ def _convert_checked(
     notes = folded_batchnorm_notes(graph) + restored.notes() + _shared_initializer_notes(graph)
     absent = _unread_source_parameters(graph, signature, parameters, buffers, restored)
     if absent:
-        shown = ", ".join(absent[:4]) + (f" and {len(absent) - 4} more" if len(absent) > 4 else "")
+        shown = listed(absent, 4)
         notes.append(
             f"{len(absent)} parameter(s) of the source model ({shown}) are not read by the "
             "exported graph under their own names: tied to a weight it reads under another "
@@ -803,11 +804,10 @@ def _convert_checked(
         )
         metadata["expected_masks"] = expected_masks  # onnxruntime's copy computes the same
     if dequantized:
-        shown = ", ".join(w.name for w in list(dequantized.values())[:3])
-        more = f" and {len(dequantized) - 3} more" if len(dequantized) > 3 else ""
+        shown = listed([w.name for w in dequantized.values()])
         notes.append(
             f"{len(dequantized)} weight(s) stored as integers (a post-training-quantised model: "
-            f"{shown}{more}) are float parameters holding their dequantized values: the "
+            f"{shown}) are float parameters holding their dequantized values: the "
             "gradients are those of fine-tuning from this checkpoint, whose activation "
             "quantisers stay fake-quantised"
         )
@@ -968,7 +968,7 @@ def _shared_initializer_notes(graph: GraphProto) -> list[str]:
     ]
     if not pairs:
         return []
-    shown = ", ".join(pairs[:3]) + (f" and {len(pairs) - 3} more" if len(pairs) > 3 else "")
+    shown = listed(pairs)
     return [
         f"{len(pairs)} weight(s) are read as Identity copies of another ({shown}): the ONNX "
         "exporter stores equal tensors once in an inference-mode export (a fresh model's "
@@ -986,7 +986,7 @@ def folded_batchnorm_notes(graph: GraphProto) -> list[str]:
     folded = [module_scope(n) or n.name or n.op_type for n in graph.node if _folds_batchnorm(n)]
     if not folded:
         return []
-    shown = ", ".join(folded[:3]) + (f" and {len(folded) - 3} more" if len(folded) > 3 else "")
+    shown = listed(folded)
     return [
         f"BatchNorm ({shown}) was folded into the layer before it by the ONNX exporter's "
         "optimizer: there are no BatchNorm layers to measure and batch statistics are not "

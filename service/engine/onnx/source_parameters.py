@@ -112,7 +112,7 @@ class Restored:
         """One sentence per kind of change, each listing (some of) what changed."""
         kinds = [
             (
-                [f"{name} also stood for {_listed(added)}" for name, added in self.split.items()],
+                [f"{name} also stood for {listed(added)}" for name, added in self.split.items()],
                 "the ONNX exporter's optimizer had merged parameters with identical values into "
                 "one initializer ({}); they are separate parameters again, restored from the "
                 "export's metadata, so each layer reports its own gradient (re-export with "
@@ -154,7 +154,7 @@ class Restored:
                 "parameters themselves",
             ),
         ]
-        return [sentence.format(_listed(items)) for items, sentence in kinds if items]
+        return [sentence.format(listed(items)) for items, sentence in kinds if items]
 
 
 def _raw_folded_from(graph: GraphProto, wanted: set[str]) -> dict[str, list[Any]]:
@@ -215,9 +215,10 @@ def folded_parameter_sources(graph: GraphProto, parameters: Sequence[str]) -> di
     return found
 
 
-def _listed(names: Sequence[str]) -> str:
-    more = f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else ""
-    return ", ".join(names[:_SHOWN]) + more
+def listed(names: Sequence[str], shown: int = _SHOWN) -> str:
+    """`a, b, c and 4 more`: the first few names of a list, for a note."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def _metadata(proto: NodeProto, key: str) -> str | None:
