@@ -186,7 +186,7 @@ class Probe:
         self.node_index = {node.name: i for i, node in enumerate(graph.nodes)}
         # Per node, what its observer call has to do, decided here once per graph rather than
         # per node and pass (host time a GPU waits through): the forward slot, and the output
-        # positions that need anything as (position, layer index, backward slot).
+        # positions that need anything (`_OutputWork`).
         self._work: list[tuple[int | None, tuple[_OutputWork, ...]]]
         self._work = []
         for index, node in enumerate(graph.nodes):
