@@ -120,6 +120,8 @@ def compare(
         _step(graph, xd)
 
     medians = _median_times({"torch": original, "converted": converted}, repeats, device)
+    if PROFILE:
+        _print_profile({"torch": original, "converted": converted}, (module, graph), xd)
     ratio = medians["converted"] / medians["torch"]
     best = medians["converted_min"] / medians["torch_min"]
     cpu = medians["converted_cpu"] / medians["torch_cpu"]
@@ -129,6 +131,35 @@ def compare(
         f" | cpu-time ratio {cpu:5.3f}   ({len(graph.nodes)} nodes)"
     )
     return ratio
+
+
+PROFILE = False  # --profile
+
+
+def _print_profile(
+    runs: dict[str, Callable[[], None]], models: tuple[nn.Module, nn.Module], x: torch.Tensor
+) -> None:
+    """Where a step's time goes, each side: aten ops and autograd nodes dispatched, the
+    profiler's top operators by host time, and the GPU's busy time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for (name, run), model in zip(runs.items(), models, strict=True):
+        counts = _step_counts(model, x)
+        activities = [ProfilerActivity.CPU]
+        if x.is_cuda:
+            activities.append(ProfilerActivity.CUDA)
+        with profile(activities=activities) as prof:
+            for _ in range(5):
+                run()
+            _sync(x.device)
+        events = prof.key_averages()
+        gpu_us = sum(e.self_device_time_total for e in events) / 5
+        print(
+            f"  {name}: aten ops fwd {counts['aten_fwd']}, bwd {counts['aten_bwd']}, autograd "
+            f"nodes {counts['autograd']}; GPU busy {gpu_us / 1e3:.3f} ms per step"
+        )
+        table = events.table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=48)
+        print("\n".join("    " + line for line in table.splitlines()))
 
 
 class _OpCounter(TorchDispatchMode):
@@ -294,7 +325,12 @@ def main() -> None:
         action="store_true",
         help="reference-size models on tiny inputs: host time, nodes, aten ops, autograd nodes",
     )
+    parser.add_argument(
+        "--profile", action="store_true", help="each row: op counts and the profiler's top ops"
+    )
     args = parser.parse_args()
+    global PROFILE
+    PROFILE = args.profile
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.host_overhead:

@@ -6,7 +6,7 @@ as persistent Triton kernels.
 One LSTM layer in ONNX gate order through the converter's `lstm_sequence` against torch's
 cuDNN `nn.LSTM` on the same weights, forward+backward, median of CUDA-event timings, three
 ways: the per-step loops (one product and torch's fused cell kernel per step each way,
-lstm_fused_cell.py) run eagerly, the same loops replayed as CUDA graphs (lstm_cuda_graphs.py;
+lstm_fused_cell.py) run eagerly, the same loops replayed as CUDA graphs (cuda_graph_loops.py;
 captured on the second sight of a shape, so the warm-up captures them), and every step in one
 Triton kernel each way (lstm_persistent.py; "n/a" above its MAX_HIDDEN). Checks each way's
 weight gradients against cuDNN's (TF32 off) first. Needs a GPU.
@@ -26,8 +26,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from service.engine.onnx.ops import lstm_cuda_graphs, lstm_persistent
+from service.engine.onnx.ops import lstm_persistent
 from service.engine.onnx.ops.lstm_sequence import lstm_sequence
+
+WAYS = ["eager", "graphs", "persistent"]
 
 
 def _median_ms(fn: Callable[[], None], repeats: int) -> float:
@@ -71,9 +73,9 @@ def run(steps: int, batch: int, inputs: int, hidden: int, repeats: int) -> None:
 
     def timed(way: str) -> str:
         """'<ms> ms (<ratio>x, dR err <e>)' for one way of running the loops."""
-        graphs, persistent = lstm_cuda_graphs.loops_for, lstm_persistent.loops_for
+        persistent = lstm_persistent.loops_for
         if way != "graphs":
-            lstm_cuda_graphs.loops_for = lambda *args: None  # type: ignore[assignment]
+            os.environ["GRADHEALTH_CUDA_GRAPHS"] = "0"
         if way != "persistent":
             lstm_persistent.loops_for = lambda *args: None  # type: ignore[assignment]
         try:
@@ -87,18 +89,42 @@ def run(steps: int, batch: int, inputs: int, hidden: int, repeats: int) -> None:
             err = float((R.grad[order.argsort()] - cudnn_dR).abs().max())
             ms = _median_ms(converter, repeats)
         finally:
-            lstm_cuda_graphs.loops_for, lstm_persistent.loops_for = graphs, persistent
+            lstm_persistent.loops_for = persistent
+            os.environ.pop("GRADHEALTH_CUDA_GRAPHS", None)
         return f"{way} {ms:.3f} ms ({ms / cudnn_ms:.2f}x, dR err {err:.0e}, first {first_s:.2f} s)"
 
     cudnn_ms = _median_ms(cudnn, repeats)
-    ways = ["eager", "graphs"]
-    if lstm_persistent.loops_for(x.new_empty(1, 1, 4 * hidden)) is not None:
+    ways = [way for way in WAYS if way != "persistent"]
+    persistent = lstm_persistent.loops_for(x.new_empty(1, batch, 4 * hidden)) is not None
+    if persistent and "persistent" in WAYS:
         ways.append("persistent")
     results = " | ".join(timed(way) for way in ways)
-    if "persistent" not in ways:
+    if persistent and "persistent" in WAYS:
+        results += f" | {_kernels_alone(steps, batch, hidden, repeats)}"
+    if not persistent and "persistent" in WAYS:
         why = "above MAX_HIDDEN" if hidden > lstm_persistent.MAX_HIDDEN else "see the warning"
-        results += f" | persistent n/a ({why})"
+        results += f" | persistent n/a ({why}, or more programs than multiprocessors)"
     print(f"T={steps} B={batch} {inputs}->{hidden}: cuDNN {cudnn_ms:.3f} ms | {results}")
+
+
+def _kernels_alone(steps: int, batch: int, hidden: int, repeats: int) -> str:
+    """The two persistent kernels' own time (no autograd, no products around them)."""
+    device = torch.device("cuda")
+    projected = torch.randn(steps, batch, 4 * hidden, device=device)
+    R = torch.randn(4 * hidden, hidden, device=device) * hidden**-0.5
+    h0 = c0 = torch.zeros(batch, hidden, device=device)
+    dY = torch.randn(steps, batch, hidden, device=device)
+
+    def forward() -> None:
+        lstm_persistent.forward_steps(projected, R, h0, c0)
+
+    _, cells, gates = lstm_persistent.forward_steps(projected, R, h0, c0)
+
+    def backward() -> None:
+        lstm_persistent.backward_steps(dY, h0, c0, cells, gates, c0, R)
+
+    forward_ms, backward_ms = _median_ms(forward, repeats), _median_ms(backward, repeats)
+    return f"kernels alone fwd {forward_ms:.3f} / bwd {backward_ms:.3f} ms"
 
 
 def main() -> None:
@@ -107,9 +133,19 @@ def main() -> None:
     parser.add_argument(
         "--tf32x3", action="store_true", help="persistent kernels' products as tf32x3, not ieee"
     )
+    parser.add_argument("--units", type=int, help="persistent kernels' hidden units per program")
+    parser.add_argument("--warps", type=int, help="persistent kernels' warps per program")
+    parser.add_argument(
+        "--ways", default="eager,graphs,persistent", help="which ways to time besides cuDNN"
+    )
     args = parser.parse_args()
     if args.tf32x3:
         lstm_persistent.PRODUCT_PRECISION = "tf32x3"
+    if args.units:
+        lstm_persistent.BLOCK_U = args.units
+    lstm_persistent.NUM_WARPS = args.warps
+    global WAYS
+    WAYS = args.ways.split(",")
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     triton = lstm_persistent.kernels()
     version = getattr(getattr(triton, "triton", None), "__version__", None)

@@ -1,27 +1,48 @@
 """Triton kernels for lstm_persistent: a whole LSTM direction's steps in one launch each way.
 
-Each program owns up to BLOCK_B rows of the batch and every hidden unit, and walks the time
-steps in order (forward) or backwards (backward) inside the kernel. The recurrent product of a
-step reads the previous step's hidden state (forward) or gate gradients (backward) back from
-global memory, where the same program stored them one step earlier, in BLOCK_K-wide chunks;
-`debug_barrier` (a block-wide barrier) between steps makes those stores visible to every thread
-of the program. R is re-read from L2 each step. The products use `input_precision=PRECISION`: full
-fp32, no TF32, like torch's default for fp32 matmuls. The reduction over k is a loop (`range`),
-not unrolled (`tl.static_range`): unrolled, the compiler issued every chunk's loads at once and
-spilled kilobytes of registers per thread.
+The hidden units are split across programs, BLOCK_U units each, and a group of programs (one
+per unit block) shares BLOCK_B rows of the batch. Each program keeps its columns of R (all four
+gates) in shared memory for the whole launch, so R is read once per launch rather than once per
+step, and walks the time steps in order (forward) or backwards (backward). A step's recurrent
+product needs every unit of the previous step's hidden state (forward) or gate gradients
+(backward), which the group's programs stored one step earlier: the group meets at a barrier
+in global memory after each step (`_group_barrier`). The first version (session 4) ran one
+program per batch block over every unit, re-reading R from L2 each step: on an H100 it ran at
+~35 G multiply-adds/s on a single SM and took 1.9× cuDNN's time for one layer of hidden 128,
+batch 8 (bench/README.md, session 9).
 
-Gate order is torch's (i, f, g, o), the same as torch's fused cell kernels, so the buffers match
-lstm_fused_cell's loops: `gates` holds the activated gates, `dgates` the gradients of the
-pre-activations.
+Every program of a group must be resident at once (a barrier waits for all of them):
+lstm_persistent launches at most one program per multiprocessor. A barrier gives up after
+`spin_limit` polls and counts the failure in `barrier_failures` (results then are wrong, never
+a hang); lstm_persistent's self-check reads it.
+
+The products use `input_precision=PRECISION`: full fp32, no TF32, like torch's default for fp32
+matmuls. Gate order is torch's (i, f, g, o), the same as torch's fused cell kernels, so the
+buffers match lstm_fused_cell's loops: `gates` holds the activated gates, `dgates` the
+gradients of the pre-activations.
 
 Importing this module needs `triton`; with TRITON_INTERPRET=1 set before the import the kernels
-run on CPU tensors through Triton's interpreter (tests/unit/onnx/test_lstm_persistent.py).
+run on CPU tensors through Triton's interpreter (tests/unit/onnx/test_lstm_persistent.py). The
+interpreter runs programs one after another, so there a group is one program (BLOCK_U covers
+every unit) and its barriers pass at once.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+# What Triton would otherwise compile variants for: integers by value (== 1, a multiple of 16)
+# and pointers by alignment. Steps and batch vary from model to model, each variant is a
+# compile on first use, and pointers known to be 16-byte aligned made the compiler vectorise
+# loads into 255 registers and 424 bytes of spill a thread (hidden 128; 72 registers and none
+# without). `hidden` stays specialised: the variants that can run are the tile widths times
+# three, and tests/unit/onnx/test_lstm_persistent.py compiles every one for sm_90.
+UNSPECIALIZED = ["steps", "batch", "spin_limit"]
+FORWARD_POINTERS = ["projected", "weights_hh_t", "hiddens", "c0", "cells", "gates"]
+BACKWARD_POINTERS = ["grad_y", "grad_h_last", "grad_c_last", "cells", "gates", "c0", "weights_hh"]
+BACKWARD_POINTERS += ["grad_gates", "grad_hiddens", "grad_c0"]
+COUNTERS = ["arrivals", "barrier_failures"]
 
 
 @triton.jit
@@ -41,38 +62,72 @@ def _tanh(x):
 
 
 @triton.jit
-def _program_tile(batch, hidden, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
-    """This program's batch rows and every hidden unit: (rows, units, their in-range masks,
-    the [rows, units] mask, offsets into a [B, H] state and into gate block 0 of [B, 4H])."""
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    units = tl.arange(0, BLOCK_H)
-    row_ok = rows < batch
-    unit_ok = units < hidden
-    mask = row_ok[:, None] & unit_ok[None, :]
-    state_at = rows[:, None] * hidden + units[None, :]
-    gate_at = rows[:, None] * (4 * hidden) + units[None, :]
-    return rows, units, row_ok, unit_ok, mask, state_at, gate_at
+def _group_barrier(arrivals, target, spin_limit):
+    """Wait until `target` arrivals are counted at `arrivals` (this program's included);
+    True unless `spin_limit` polls ran out first. The block barrier before the release makes
+    every thread's stores of this step part of what the release publishes; the acquire makes
+    the group's stores visible to the loads after it."""
+    tl.debug_barrier()
+    seen = tl.atomic_add(arrivals, 1, sem="release") + 1
+    spins = 0
+    while (seen < target) & (spins < spin_limit):
+        seen = tl.atomic_add(arrivals, 0, sem="acquire")
+        spins += 1
+    tl.debug_barrier()
+    return seen >= target
 
 
 @triton.jit
+def _program_tile(batch, hidden, BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr):
+    """This program's batch rows and hidden units: (rows, units, the rows' in-range mask, the
+    [rows, units] mask, offsets into a [B, H] state and into gate block 0 of [B, 4H]).
+    Program axis 0 walks the unit blocks, so a group's programs are launched next to each
+    other; axis 1 is the batch block."""
+    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    units = tl.program_id(0) * BLOCK_U + tl.arange(0, BLOCK_U)
+    row_ok = rows < batch
+    mask = row_ok[:, None] & (units < hidden)[None, :]
+    state_at = rows[:, None] * hidden + units[None, :]
+    gate_at = rows[:, None] * (4 * hidden) + units[None, :]
+    return rows, units, row_ok, mask, state_at, gate_at
+
+
+@triton.jit(
+    do_not_specialize=UNSPECIALIZED, do_not_specialize_on_alignment=FORWARD_POINTERS + COUNTERS
+)
 def lstm_forward_kernel(
     projected,  # [T, B, 4H]: x_t·Wᵀ + biases, torch's gate order
-    weights_hh,  # R [4H, H]
+    weights_hh_t,  # Rᵀ [H, 4H], contiguous
     hiddens,  # [T + 1, B, H]: slot 0 holds h0 on entry; slot t + 1 gets h_t
     c0,  # [B, H]
     cells,  # [T, B, H] out
     gates,  # [T, B, 4H] out: activated i, f, g, o
+    arrivals,  # [batch blocks] int32, zeros on entry: the groups' barrier counters
+    barrier_failures,  # [1] int32: += 1 per program whose barrier gave up
     steps,
     batch,
     hidden,
+    spin_limit,
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_U: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    rows, units, row_ok, unit_ok, mask, state_at, gate_at = _program_tile(
-        batch, hidden, BLOCK_B, BLOCK_H
-    )
+    rows, units, row_ok, mask, state_at, gate_at = _program_tile(batch, hidden, BLOCK_B, BLOCK_U)
+    ks = tl.arange(0, BLOCK_H)
+    k_ok = ks < hidden
+    # Rᵀ's columns of this program's units, per gate block q: element (k, j) is Rᵀ[k, q·H + j]
+    # (Rᵀ rather than R: read along its rows, the tiles go to shared memory in the layout the
+    # products load with ldmatrix; read transposed from R they took scalar, conflicting loads)
+    r_at = ks[:, None] * (4 * hidden) + units[None, :]
+    r_mask = k_ok[:, None] & (units < hidden)[None, :]
+    r_i = tl.load(weights_hh_t + r_at, mask=r_mask, other=0.0)
+    r_f = tl.load(weights_hh_t + hidden + r_at, mask=r_mask, other=0.0)
+    r_g = tl.load(weights_hh_t + 2 * hidden + r_at, mask=r_mask, other=0.0)
+    r_o = tl.load(weights_hh_t + 3 * hidden + r_at, mask=r_mask, other=0.0)
+    group_size = tl.num_programs(0)
+    group_arrivals = arrivals + tl.program_id(1)
+    in_step = True
     c = tl.load(c0 + state_at, mask=mask, other=0.0)
     for t in range(steps):
         step_gates = projected + t * batch * 4 * hidden
@@ -80,27 +135,17 @@ def lstm_forward_kernel(
         acc_f = tl.load(step_gates + hidden + gate_at, mask=mask, other=0.0)
         acc_g = tl.load(step_gates + 2 * hidden + gate_at, mask=mask, other=0.0)
         acc_o = tl.load(step_gates + 3 * hidden + gate_at, mask=mask, other=0.0)
-        h_prev = hiddens + t * batch * hidden
-        for k0 in range(0, BLOCK_H, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < hidden
-            h_chunk = tl.load(
-                h_prev + rows[:, None] * hidden + ks[None, :],
-                mask=row_ok[:, None] & k_ok[None, :],
-                other=0.0,
-            )
-            # Rᵀ's chunk [BLOCK_K, BLOCK_H] of gate block q: element (k, j) is R[q·H + j, k]
-            r_at = units[None, :] * hidden + ks[:, None]
-            r_mask = k_ok[:, None] & unit_ok[None, :]
-            block = hidden * hidden
-            r_i = tl.load(weights_hh + r_at, mask=r_mask, other=0.0)
-            acc_i += tl.dot(h_chunk, r_i, input_precision=PRECISION)
-            r_f = tl.load(weights_hh + block + r_at, mask=r_mask, other=0.0)
-            acc_f += tl.dot(h_chunk, r_f, input_precision=PRECISION)
-            r_g = tl.load(weights_hh + 2 * block + r_at, mask=r_mask, other=0.0)
-            acc_g += tl.dot(h_chunk, r_g, input_precision=PRECISION)
-            r_o = tl.load(weights_hh + 3 * block + r_at, mask=r_mask, other=0.0)
-            acc_o += tl.dot(h_chunk, r_o, input_precision=PRECISION)
+        # h_{t-1}, every unit, as the group stored it: from L2 (".cg"), not this SM's L1
+        h_prev = tl.load(
+            hiddens + t * batch * hidden + rows[:, None] * hidden + ks[None, :],
+            mask=row_ok[:, None] & k_ok[None, :],
+            other=0.0,
+            cache_modifier=".cg",
+        )
+        acc_i += tl.dot(h_prev, r_i, input_precision=PRECISION)
+        acc_f += tl.dot(h_prev, r_f, input_precision=PRECISION)
+        acc_g += tl.dot(h_prev, r_g, input_precision=PRECISION)
+        acc_o += tl.dot(h_prev, r_o, input_precision=PRECISION)
         i = _sigmoid(acc_i)
         f = _sigmoid(acc_f)
         g = _tanh(acc_g)
@@ -114,10 +159,16 @@ def lstm_forward_kernel(
         tl.store(step_out + 3 * hidden + gate_at, o, mask=mask)
         tl.store(cells + t * batch * hidden + state_at, c, mask=mask)
         tl.store(hiddens + (t + 1) * batch * hidden + state_at, h, mask=mask)
-        tl.debug_barrier()  # h_t stored by every thread before the next step reads it
+        # h_t complete (every unit block's) before any program of the group reads it; after
+        # one failed wait the rest do not wait (the result is flagged wrong already)
+        limit = tl.where(in_step, spin_limit, 0)
+        in_step = in_step & _group_barrier(group_arrivals, (t + 1) * group_size, limit)
+    tl.atomic_add(barrier_failures, tl.where(in_step, 0, 1))
 
 
-@triton.jit
+@triton.jit(
+    do_not_specialize=UNSPECIALIZED, do_not_specialize_on_alignment=BACKWARD_POINTERS + COUNTERS
+)
 def lstm_backward_kernel(
     grad_y,  # [T, B, H]: ∂L/∂Y
     grad_h_last,  # [B, H]: ∂L/∂h_T
@@ -129,17 +180,33 @@ def lstm_backward_kernel(
     grad_gates,  # [T + 1, B, 4H] out: ∂L/∂pre-activations; slot T zero on entry
     grad_hiddens,  # [T, B, H] out: ∂L/∂h_t through Y and the recurrence
     grad_c0,  # [B, H] out
+    arrivals,  # [batch blocks] int32, zeros on entry: the groups' barrier counters
+    barrier_failures,  # [1] int32: += 1 per program whose barrier gave up
     steps,
     batch,
     hidden,
+    spin_limit,
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_U: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    rows, units, row_ok, unit_ok, mask, state_at, gate_at = _program_tile(
-        batch, hidden, BLOCK_B, BLOCK_H
-    )
+    rows, units, row_ok, mask, state_at, gate_at = _program_tile(batch, hidden, BLOCK_B, BLOCK_U)
+    ks = tl.arange(0, BLOCK_H)
+    k_ok = ks < hidden
+    # R's columns of this program's units, per gate block q: element (k, j) is R[q·H + k, j]
+    r_at = ks[:, None] * hidden + units[None, :]
+    r_mask = k_ok[:, None] & (units < hidden)[None, :]
+    block = hidden * hidden
+    r_i = tl.load(weights_hh + r_at, mask=r_mask, other=0.0)
+    r_f = tl.load(weights_hh + block + r_at, mask=r_mask, other=0.0)
+    r_g = tl.load(weights_hh + 2 * block + r_at, mask=r_mask, other=0.0)
+    r_o = tl.load(weights_hh + 3 * block + r_at, mask=r_mask, other=0.0)
+    group_size = tl.num_programs(0)
+    group_arrivals = arrivals + tl.program_id(1)
+    in_step = True
+    later_at = rows[:, None] * (4 * hidden) + ks[None, :]
+    later_mask = row_ok[:, None] & k_ok[None, :]
     dc = tl.load(grad_c_last + state_at, mask=mask, other=0.0)
     # ∂L/∂h_T reaches the last step only: added at the first iteration, zero afterwards
     # (loop-carried rather than a load masked by `t == steps - 1`: scalar-and-block masks
@@ -149,23 +216,17 @@ def lstm_backward_kernel(
         t = steps - 1 - s
         dh = tl.load(grad_y + t * batch * hidden + state_at, mask=mask, other=0.0) + extra
         extra = extra * 0.0
-        # through the recurrence: Σ_n dgates_{t+1}[b, n]·R[n, j] (slot T is zeros)
-        later = grad_gates + (t + 1) * batch * 4 * hidden
-        for q in tl.static_range(4):
-            for k0 in range(0, BLOCK_H, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                k_ok = ks < hidden
-                dg_chunk = tl.load(
-                    later + rows[:, None] * (4 * hidden) + q * hidden + ks[None, :],
-                    mask=row_ok[:, None] & k_ok[None, :],
-                    other=0.0,
-                )
-                r_chunk = tl.load(
-                    weights_hh + (q * hidden + ks[:, None]) * hidden + units[None, :],
-                    mask=k_ok[:, None] & unit_ok[None, :],
-                    other=0.0,
-                )
-                dh += tl.dot(dg_chunk, r_chunk, input_precision=PRECISION)
+        # through the recurrence: Σ_n dgates_{t+1}[b, n]·R[n, j] (slot T is zeros), every
+        # gate gradient as the group stored it: from L2 (".cg"), not this SM's L1
+        later = grad_gates + (t + 1) * batch * 4 * hidden + later_at
+        dg_i = tl.load(later, mask=later_mask, other=0.0, cache_modifier=".cg")
+        dg_f = tl.load(later + hidden, mask=later_mask, other=0.0, cache_modifier=".cg")
+        dg_g = tl.load(later + 2 * hidden, mask=later_mask, other=0.0, cache_modifier=".cg")
+        dg_o = tl.load(later + 3 * hidden, mask=later_mask, other=0.0, cache_modifier=".cg")
+        dh += tl.dot(dg_i, r_i, input_precision=PRECISION)
+        dh += tl.dot(dg_f, r_f, input_precision=PRECISION)
+        dh += tl.dot(dg_g, r_g, input_precision=PRECISION)
+        dh += tl.dot(dg_o, r_o, input_precision=PRECISION)
         step_gates = gates + t * batch * 4 * hidden
         i = tl.load(step_gates + gate_at, mask=mask, other=0.0)
         f = tl.load(step_gates + hidden + gate_at, mask=mask, other=0.0)
@@ -188,5 +249,8 @@ def lstm_backward_kernel(
         tl.store(step_out + 3 * hidden + gate_at, dh * tanh_c * o * (1.0 - o), mask=mask)
         tl.store(grad_hiddens + t * batch * hidden + state_at, dh, mask=mask)
         dc = dc * f
-        tl.debug_barrier()  # dgates_t stored by every thread before step t - 1 reads them
+        # dgates_t complete before any program of the group reads it for step t - 1
+        limit = tl.where(in_step, spin_limit, 0)
+        in_step = in_step & _group_barrier(group_arrivals, (s + 1) * group_size, limit)
     tl.store(grad_c0 + state_at, dc, mask=mask)
+    tl.atomic_add(barrier_failures, tl.where(in_step, 0, 1))

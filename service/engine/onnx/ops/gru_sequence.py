@@ -10,7 +10,8 @@ Forward: one product (h·Rᵀ for all three gates) and the activations per step.
 gate's gradient is the step's ∂L/∂h' times a factor known from the forward alone, so the
 sequential part is one product and those products-with-a-factor per step. On the CPU both loops
 are C++ (recurrent_cpu.cpp's gru_forward/gru_backward) where that is built, else the same loops
-in Python below (which compute the factors for all steps at once). The products are MKL's with
+in Python below (which compute the factors for all steps at once; on CUDA replayed as CUDA
+graphs once a shape repeats, cuda_graph_loops.py). The products are MKL's with
 row-major operands, as in lstm_sequence (as fast as oneDNN's or faster at every size measured).
 GRUs with linear_before_reset=0, other activations or clip take the unrolled path.
 """
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from service.engine.onnx.ops import _cpu_products
+from service.engine.onnx.ops import _cpu_products, cuda_graph_loops
 from service.engine.onnx.ops._sequence_common import native_loops, run_in_time_order
 
 
@@ -82,7 +83,9 @@ class _GRUSequence(torch.autograd.Function):
                 projected.contiguous(), R, recurrent_bias, h0, packed_R
             )
         else:
-            gates, from_hidden, Y = _forward_steps(projected, R, recurrent_bias, h0)
+            gates, from_hidden, Y = cuda_graph_loops.run(
+                _forward_steps, projected, R, recurrent_bias, h0
+            )
         ctx.save_for_backward(X, W, R, h0, gates, from_hidden, Y)
         ctx.loops = loops
         ctx.hidden_grads, ctx.reverse = hidden_grads, reverse
@@ -101,7 +104,9 @@ class _GRUSequence(torch.autograd.Function):
                 dY, dh_last, gates, from_hidden, h0, Y, R, packed_Rt
             )
         else:
-            dgates, dhidden = _backward_steps(dY, dh_last, gates, from_hidden, h0, Y, R)
+            dgates, dhidden = cuda_graph_loops.run(
+                _backward_steps, dY, dh_last, gates, from_hidden, h0, Y, R
+            )
         if ctx.hidden_grads is not None:
             ctx.hidden_grads.append(dhidden.flip(0) if ctx.reverse else dhidden)
         return _GRUSequence._input_grads(ctx, X, W, R, h0, Y, gates, dgates, dhidden)

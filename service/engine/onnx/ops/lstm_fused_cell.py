@@ -7,7 +7,7 @@ batch 32 took 4.0× torch's cuDNN kernel that way). torch ships the per-step cel
 kernel each way (`_thnn_fused_lstm_cell` and its backward, what `nn.LSTMCell` runs on CUDA), so
 here a step is one product plus one cell kernel forward, one product plus one cell kernel
 backward. Still one step at a time, and ∂L/∂h_t of every step is still at hand in the backward.
-Once a shape repeats, both loops are replayed as CUDA graphs (lstm_cuda_graphs.py): on the H100
+Once a shape repeats, both loops are replayed as CUDA graphs (cuda_graph_loops.py): on the H100
 that took the same LSTM from 2.78× to 0.92× cuDNN's time (bench/README.md). For float32 with a
 hidden size up to lstm_persistent.MAX_HIDDEN the loops run instead as one Triton kernel each
 way (lstm_persistent.py), same contract.
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from service.engine.onnx.ops import lstm_cuda_graphs, lstm_persistent
+from service.engine.onnx.ops import cuda_graph_loops, lstm_persistent
 from service.engine.onnx.ops._sequence_common import block_rows
 
 # The cell kernels, as module attributes so that tests on a machine without CUDA can put a
@@ -121,14 +121,13 @@ class _FusedCellSequence(torch.autograd.Function):
         hidden_grads: list[Tensor] | None,
         reversed_time: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        steps, batch, four_h = projected.shape
         # all steps in one kernel each way where that applies (lstm_persistent.py), else the
-        # same loops replayed as CUDA graphs once this shape repeats (lstm_cuda_graphs.py)
-        loops: Any = lstm_persistent.loops_for(projected)
+        # per-step loops, replayed as CUDA graphs once this shape repeats (cuda_graph_loops.py)
+        loops = lstm_persistent.loops_for(projected)
         if loops is None:
-            loops = lstm_cuda_graphs.loops_for(steps, batch, four_h // 4, projected)
-        run_forward = forward_steps if loops is None else loops.forward
-        Y, cells, workspaces = run_forward(projected, R, h0, c0)
+            Y, cells, workspaces = cuda_graph_loops.run(forward_steps, projected, R, h0, c0)
+        else:
+            Y, cells, workspaces = loops.forward(projected, R, h0, c0)
         ctx.save_for_backward(R, h0, c0, Y, cells, workspaces)
         ctx.loops, ctx.hidden_grads, ctx.reversed_time = loops, hidden_grads, reversed_time
         return Y, Y[-1].clone(), cells[-1].clone()
@@ -137,10 +136,11 @@ class _FusedCellSequence(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, dY: Tensor, dh_last: Tensor, dc_last: Tensor) -> tuple[Any, ...]:
         R, h0, c0, Y, cells, workspaces = ctx.saved_tensors
-        run_backward = backward_steps if ctx.loops is None else ctx.loops.backward
-        d_projected, dc0, dhidden = run_backward(
-            dY.contiguous(), dh_last, dc_last, cells, workspaces, c0, R
-        )
+        inputs = (dY.contiguous(), dh_last, dc_last, cells, workspaces, c0, R)
+        if ctx.loops is None:
+            d_projected, dc0, dhidden = cuda_graph_loops.run(backward_steps, *inputs)
+        else:
+            d_projected, dc0, dhidden = ctx.loops.backward(*inputs)
         if ctx.hidden_grads is not None:
             ctx.hidden_grads.append(dhidden.flip(0) if ctx.reversed_time else dhidden)
         need_p, need_r, need_h0, need_c0 = ctx.needs_input_grad[:4]
@@ -152,5 +152,4 @@ class _FusedCellSequence(torch.autograd.Function):
         return d_projected if need_p else None, dR, dh0, dc0 if need_c0 else None, None, None
 
 
-lstm_cuda_graphs.register_bodies(forward_steps, backward_steps)
 lstm_persistent.register_fallback(forward_steps, backward_steps)

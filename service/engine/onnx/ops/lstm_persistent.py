@@ -2,7 +2,7 @@
 launch forward and one backward.
 
 Why: at small sizes the per-step loops of lstm_fused_cell are bound by kernel latency, not
-arithmetic. Even replayed as CUDA graphs (lstm_cuda_graphs.py) a step costs a product and a cell
+arithmetic. Even replayed as CUDA graphs (cuda_graph_loops.py) a step costs a product and a cell
 kernel each way, ~96 dependent kernels per layer for 24 steps, and a 2-layer LSTM of hidden 128
 at batch 8 took 2.99× torch's cuDNN on an H100 (bench/README.md, session 2). Here each direction
 is one kernel forward and one backward that loop over the steps inside (_lstm_triton.py).
@@ -36,19 +36,23 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-# Above this the four [BLOCK_B, hidden] gate accumulators outgrow one program's registers, and
-# each step's re-read of R (16·hidden² bytes) from L2 by a single program outweighs the launches
-# saved; the captured per-step loops already beat cuDNN there (0.76× at hidden 512).
-MAX_HIDDEN = 256
+# Above this the captured per-step loops are faster (H100, one layer, 50 steps, batch 32,
+# hidden 256: 0.51× cuDNN's time against these kernels' 0.91×; bench/README.md, session 9),
+# and Triton 3.9's compiler aborts on the forward kernel at hidden 256
+MAX_HIDDEN = 128
 BLOCK_B = 16  # batch rows per program: tl.dot's smallest tile
-# Reduction chunk of the recurrent product, and warps per program: with these the kernels
-# compile for sm_90 with at most 32 bytes of register spill at hidden 128 (ptxas -v, Triton
-# 3.8/3.9; a few hundred bytes at 256); tests/unit/onnx/test_lstm_persistent.py checks it
-BLOCK_K = 16
+# Hidden units per program (tl.dot's smallest N): hidden 128 is a group of 8 programs, each
+# holding 32 KB of R in shared memory (32 units a program, or 8 warps, were slower on the H100)
+BLOCK_U = 16
 # tl.dot's input_precision: "ieee" is fp32 FMAs, as torch's fp32 matmuls (TF32 off by
 # default); "tf32x3" (three TF32 tensor-core products, close to fp32) is the faster candidate
 # bench/lstm_cuda.py --tf32x3 times
 PRODUCT_PRECISION = "ieee"
+# Polls of a step's barrier before it gives up (each an L2 atomic, ~1 µs): seconds, far beyond
+# any step's work, so only a group whose programs are not all resident ever reaches it
+SPIN_LIMIT = 1 << 22
+# Warps per program; None: 4 (8 were slower on the H100; bench/lstm_cuda.py --warps overrides)
+NUM_WARPS: int | None = None
 
 KERNELS_MODULE = "service.engine.onnx.ops._lstm_triton"
 
@@ -74,22 +78,82 @@ def kernels() -> ModuleType | None:
         return importlib.import_module(KERNELS_MODULE)
     except ImportError:
         return None
+    except Exception as error:  # a Triton whose jit lacks an option the kernels use
+        logger.warning("persistent LSTM kernels unavailable (%s: %s)", type(error).__name__, error)
+        return None
 
 
 def loops_for(projected: Tensor) -> PersistentLoops | None:
     """The persistent loops when they apply to this LSTM's projected input, else None."""
-    hidden = projected.shape[-1] // 4
+    batch, hidden = projected.shape[-2], projected.shape[-1] // 4
     if (
         _failed
         or not projected.is_cuda
         or projected.dtype != torch.float32
         or hidden > MAX_HIDDEN
+        or not _all_resident(projected.device, batch, hidden)
         or os.environ.get("GRADHEALTH_LSTM_PERSISTENT", "1") == "0"
         or kernels() is None
         or not self_check(projected.device, hidden)
     ):
         return None
     return _LOOPS
+
+
+def _grid(batch: int, hidden: int) -> tuple[int, int]:
+    """(unit blocks, batch blocks): a group of programs per BLOCK_B batch rows."""
+    return _unit_blocks(hidden), -(-batch // BLOCK_B)
+
+
+def _unit_blocks(hidden: int) -> int:
+    return -(-hidden // _units_per_program(hidden))
+
+
+def _units_per_program(hidden: int) -> int:
+    # Triton's interpreter runs programs one after another: a group there is one program
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    return _padded(hidden) if interpreted else BLOCK_U
+
+
+def _padded(hidden: int) -> int:
+    return max(16, 1 << max(0, hidden - 1).bit_length())
+
+
+def _all_resident(device: torch.device, batch: int, hidden: int) -> bool:
+    """Whether every program can be resident at once, one per multiprocessor, as the barriers
+    between steps need (a larger batch takes the captured per-step loops, which are faster
+    than cuDNN at such sizes anyway)."""
+    units, batches = _grid(batch, hidden)
+    return units * batches <= _multiprocessors(device)
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+_barrier_failures: dict[torch.device, Tensor] = {}
+
+
+def barrier_failures(device: torch.device) -> int:
+    """How many programs' step barriers gave up on `device` since the process started (each
+    such launch's results are wrong); reading it waits for the GPU."""
+    counter = _barrier_failures.get(_indexed(device))
+    return 0 if counter is None else int(counter.item())
+
+
+def _failure_counter(device: torch.device) -> Tensor:
+    device = _indexed(device)
+    if device not in _barrier_failures:
+        _barrier_failures[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return _barrier_failures[device]
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """`cuda` as `cuda:<current>`: one counter per GPU however it is named."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 # The self-check's problem: two programs (batch > BLOCK_B), a few steps
@@ -114,9 +178,12 @@ def self_check(device: torch.device, hidden: int) -> bool:
     h0, c0 = randn(batch, hidden), randn(batch, hidden)
     grads = (randn(steps, batch, hidden), randn(batch, hidden), randn(batch, hidden))
     try:
+        failures = barrier_failures(device)
         with torch.no_grad():
             ours = list(forward_steps(*inputs, h0, c0))
             ours += backward_steps(*grads, ours[1], ours[2], c0, inputs[1])
+        if barrier_failures(device) != failures:
+            raise RuntimeError("a barrier between steps timed out")
     except Exception as error:  # compile errors come in many types
         logger.warning(
             "persistent LSTM kernels failed to run (%s: %s); using the per-step loops",
@@ -146,13 +213,13 @@ def self_check(device: torch.device, hidden: int) -> bool:
 
 
 def _tiles(hidden: int) -> dict[str, int | str | bool]:
-    block_h = max(16, _next_power_of_2(hidden))
+    block_h = _padded(hidden)
     return {
         "BLOCK_B": BLOCK_B,
         "BLOCK_H": block_h,
-        "BLOCK_K": BLOCK_K,
+        "BLOCK_U": _units_per_program(hidden),
         "PRECISION": PRODUCT_PRECISION,
-        "num_warps": 4 if block_h <= 32 else 8,
+        "num_warps": NUM_WARPS or 4,
         # no software pipelining: it would prefetch step t + 1's hidden state (or gate
         # gradients) before step t has stored them; the loop's order is the algorithm
         "num_stages": 1,
@@ -162,8 +229,12 @@ def _tiles(hidden: int) -> dict[str, int | str | bool]:
     }
 
 
-def _next_power_of_2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
+def _barriers(device: torch.device, batch: int, hidden: int) -> tuple[Tensor, Tensor, int]:
+    """A launch's barrier arguments: zeroed arrival counters (one per group), the device's
+    failure counter, the spin limit."""
+    groups = _grid(batch, hidden)[1]
+    arrivals = torch.zeros(groups, dtype=torch.int32, device=device)
+    return arrivals, _failure_counter(device), SPIN_LIMIT
 
 
 def forward_steps(projected: Tensor, R: Tensor, h0: Tensor, c0: Tensor) -> tuple[Tensor, ...]:
@@ -177,17 +248,20 @@ def forward_steps(projected: Tensor, R: Tensor, h0: Tensor, c0: Tensor) -> tuple
     hiddens[0] = h0
     cells = projected.new_empty(steps, batch, hidden)
     gates = torch.empty_like(projected)
-    grid = (-(-batch // BLOCK_B),)
-    module.lstm_forward_kernel[grid](
+    arrivals, failures, spin_limit = _barriers(projected.device, batch, hidden)
+    module.lstm_forward_kernel[_grid(batch, hidden)](
         projected.contiguous(),
-        R.contiguous(),
+        R.t().contiguous(),
         hiddens,
         c0.contiguous(),
         cells,
         gates,
+        arrivals,
+        failures,
         steps,
         batch,
         hidden,
+        spin_limit,
         **_tiles(hidden),
     )
     return hiddens[1:], cells, gates
@@ -212,8 +286,8 @@ def backward_steps(
     grad_gates[steps].zero_()
     grad_hiddens = torch.empty_like(cells)
     grad_c0 = torch.empty_like(c0)
-    grid = (-(-batch // BLOCK_B),)
-    module.lstm_backward_kernel[grid](
+    arrivals, failures, spin_limit = _barriers(cells.device, batch, hidden)
+    module.lstm_backward_kernel[_grid(batch, hidden)](
         dY.contiguous(),
         dh_last.contiguous(),
         dc_last.contiguous(),
@@ -224,9 +298,12 @@ def backward_steps(
         grad_gates,
         grad_hiddens,
         grad_c0,
+        arrivals,
+        failures,
         steps,
         batch,
         hidden,
+        spin_limit,
         **_tiles(hidden),
     )
     return grad_gates[:steps], grad_c0, grad_hiddens

@@ -5,7 +5,8 @@ Forward: one product and one tanh per step. Backward: ∂L/∂pre_t = (∂L/∂y
 ⊙ (1 − h_t²), one product and one product-with-a-factor per step; R's, W's and the biases'
 gradients are one product each over all steps. On the CPU both loops are C++ (recurrent_cpu.cpp's
 rnn_forward/rnn_backward) where that is built, else the same loops in Python below; with two
-torch calls a step, interpreter overhead is most of a small RNN's time. The products are MKL's
+torch calls a step, interpreter overhead is most of a small RNN's time. On CUDA the Python
+loops are replayed as CUDA graphs once a shape repeats (cuda_graph_loops.py). The products are MKL's
 with row-major operands, as in lstm_sequence (as fast as oneDNN's or faster at every size measured).
 Other activations and clip stay unrolled.
 """
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from service.engine.onnx.ops import _cpu_products
+from service.engine.onnx.ops import _cpu_products, cuda_graph_loops
 from service.engine.onnx.ops._sequence_common import native_loops, run_in_time_order
 
 
@@ -62,7 +63,7 @@ class _TanhRNNSequence(torch.autograd.Function):
             packed_R = _cpu_products.packed_step_weight(R, X.shape[1])
             Y = loops.rnn_forward(projected.contiguous(), R, h0, packed_R)
         else:
-            Y = _forward_steps(projected, R, h0)
+            Y = cuda_graph_loops.run(_forward_steps, projected, R, h0)
         ctx.save_for_backward(X, W, R, h0, Y)
         ctx.loops = loops
         ctx.hidden_grads, ctx.reverse, ctx.has_bias = hidden_grads, reverse, bias is not None
@@ -79,7 +80,7 @@ class _TanhRNNSequence(torch.autograd.Function):
             packed_Rt = _cpu_products.packed_step_weight(R.t(), Y.shape[1])
             dpre, dhidden = ctx.loops.rnn_backward(dY, dh_last, Y, R, packed_Rt)
         else:
-            dpre, dhidden = _backward_steps(dY, dh_last, Y, R)
+            dpre, dhidden = cuda_graph_loops.run(_backward_steps, dY, dh_last, Y, R)
         if ctx.hidden_grads is not None:
             ctx.hidden_grads.append(dhidden.flip(0) if ctx.reverse else dhidden)
         # the products over all steps at once (_cpu_products: oneDNN or MKL)
