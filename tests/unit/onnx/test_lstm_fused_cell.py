@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from service.engine.onnx.ops import lstm_fused_cell
-from service.engine.onnx.ops.lstm_sequence import ONNX_GATE_BLOCKS, _LSTMSequence, lstm_sequence
+from service.engine.onnx.ops.lstm_sequence import ONNX_GATE_BLOCKS, lstm_sequence
 from tests.support.recurrent_zoo import lstm_sequence_args
 
 
@@ -88,7 +88,9 @@ def _lstm_sequence(
 
 
 @pytest.mark.parametrize("reverse", [False, True])
-def test_fused_cell_path_equals_the_cpu_path(emulated_kernels: list[str], reverse: bool) -> None:
+def test_fused_cell_path_equals_the_cpu_path(
+    emulated_kernels: list[str], reverse: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     args = _args(torch.float64)
     weights = [torch.randn(s) for s in ((5, 2, 3), (2, 3), (2, 3))]
     results = []
@@ -96,11 +98,10 @@ def test_fused_cell_path_equals_the_cpu_path(emulated_kernels: list[str], revers
         sink: list[Tensor] = []
         if fused:
             outputs = _lstm_sequence(args, reverse=reverse, hidden_grads=sink)
-        else:  # the CPU Function, reached directly
-            X, W, R, b, h0, c0 = args
-            outputs = _LSTMSequence.apply(
-                X, W, R, b, None, h0, c0, sink, reverse, ONNX_GATE_BLOCKS, False
-            )
+        else:  # the CPU loops
+            with monkeypatch.context() as cpu:
+                cpu.setattr(lstm_fused_cell, "available", lambda x: False)
+                outputs = _lstm_sequence(args, reverse=reverse, hidden_grads=sink)
         loss = cast(Tensor, sum((o * w).sum() for o, w in zip(outputs, weights, strict=True)))
         grads = torch.autograd.grad(loss, args)
         results.append(([o.detach() for o in outputs], grads, sink))
@@ -109,6 +110,25 @@ def test_fused_cell_path_equals_the_cpu_path(emulated_kernels: list[str], revers
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert len(sink_a) == 1 and sink_a[0].shape == (5, 2, 3)
     assert emulated_kernels == ["forward"] * 5 + ["backward"] * 5  # one cell call per step
+
+
+@pytest.mark.parametrize("gate_blocks", [ONNX_GATE_BLOCKS, [0, 3, 1, 2]])
+def test_an_lstm_on_the_fused_loops_is_one_autograd_node(
+    emulated_kernels: list[str], gate_blocks: list[int]
+) -> None:
+    """As on the CPU, the projection, the bias sum, a reverse direction's flips, the ONNX
+    output shapes and (for weights in ONNX's order) the reordering into torch's live inside
+    the one Function: every output's grad_fn is it, and it feeds the leaves directly (each
+    autograd node is host time a waiting GPU pays for)."""
+    X, W, R, b, h0, c0 = _args(torch.float64)
+    outputs = lstm_sequence(
+        X, W, R, b, h0, c0, reverse=True, gate_blocks=gate_blocks, onnx_shapes=True
+    )
+    nodes = {type(o.grad_fn).__name__ for o in outputs}
+    assert nodes == {"_LSTMSequenceBackward"}
+    feeds = {type(fn).__name__ for fn, _ in outputs[0].grad_fn.next_functions if fn is not None}
+    assert feeds == {"AccumulateGrad"}
+    assert "forward" in emulated_kernels  # the fused loops ran
 
 
 def test_fused_cell_path_gradcheck(emulated_kernels: list[str]) -> None:

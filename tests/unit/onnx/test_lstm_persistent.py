@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from service.engine.onnx.ops import lstm_fused_cell, lstm_persistent
-from service.engine.onnx.ops.lstm_sequence import ONNX_GATE_BLOCKS, _LSTMSequence, lstm_sequence
+from service.engine.onnx.ops.lstm_sequence import lstm_sequence
 from tests.support.recurrent_zoo import lstm_sequence_args
 from tests.unit.onnx.test_lstm_fused_cell import emulated_kernels  # noqa: F401 - a fixture
 
@@ -121,11 +121,11 @@ def test_lstm_sequence_through_the_persistent_loops_equals_the_cpu_path(
                     m.setattr(lstm_persistent, "loops_for", persistent_loops)
                     X, W, R, b, h0, c0 = args
                     outputs = lstm_sequence(X, W, R, b, h0, c0, reverse, sink)
-            else:
-                X, W, R, b, h0, c0 = args
-                outputs = _LSTMSequence.apply(
-                    X, W, R, b, None, h0, c0, sink, reverse, ONNX_GATE_BLOCKS, False
-                )
+            else:  # the CPU loops
+                with monkeypatch.context() as m:
+                    m.setattr(lstm_fused_cell, "available", lambda x: False)
+                    X, W, R, b, h0, c0 = args
+                    outputs = lstm_sequence(X, W, R, b, h0, c0, reverse, sink)
             loss = cast(Tensor, sum((o * w).sum() for o, w in zip(outputs, weights, strict=True)))
             grads = torch.autograd.grad(loss, args)
             results.append([*(o.detach() for o in outputs), *grads, *sink])

@@ -12,20 +12,25 @@ that took the same LSTM from 2.78× to 0.92× cuDNN's time (bench/README.md). Fo
 hidden size up to lstm_persistent.MAX_HIDDEN the loops run instead as one Triton kernel each
 way (lstm_persistent.py), same contract.
 
-The cell kernels use torch's gate order i, f, g, o; ONNX orders i, o, f, c. `lstm_fused_cell`
-reorders W, R and the bias once per call (autograd carries the gradients back through that),
-unless they come in torch's order already (the converter feeds a legacy export's LSTM torch's
+These loops are the CUDA half of lstm_sequence's autograd Function (`forward_loops`,
+`backward_loops`): the input projection, the time flip of a reverse direction, the outputs'
+shapes and the weights' gradients are the Function's, as on the CPU, so an LSTM node is one
+autograd node on either device (it was ~8 on CUDA: the bias sum, views, the projection and
+the loops each their own, which is host time on a GPU that waits for the host).
+
+The cell kernels use torch's gate order i, f, g, o; ONNX orders i, o, f, c. `forward_loops`
+reorders W, R and the bias once per call and `backward_loops` the gate gradients back, unless
+they come in torch's order already (the converter feeds a legacy export's LSTM torch's
 parameters directly: service/engine/onnx/recurrent_weights.py).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from service.engine.onnx.ops import cuda_graph_loops, lstm_persistent
 from service.engine.onnx.ops._sequence_common import block_rows
@@ -48,28 +53,64 @@ def _torch_gate_order(hidden: int, device: torch.device, gate_blocks: list[int])
     return None if blocks == [0, 1, 2, 3] else block_rows(blocks, hidden, device)
 
 
-def lstm_fused_cell(
+@dataclass
+class FusedRun:
+    """What the backward of one fused forward needs besides the saved tensors: the loops that
+    ran (None: the per-step loops, eager or replayed), R in torch's gate order, and the
+    permutation from torch's order back to the weights' (None: already torch's)."""
+
+    loops: lstm_persistent.PersistentLoops | None
+    R_torch: Tensor
+    to_weights_order: Tensor | None
+
+
+def forward_loops(
     X: Tensor,
     W: Tensor,
     R: Tensor,
     bias: Tensor | None,
     h0: Tensor,
     c0: Tensor,
-    hidden_grads: list[Tensor] | None,
-    reversed_time: bool = False,
-    gate_blocks: list[int] | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """lstm_sequence's contract on CUDA, for X already in the order the steps run;
-    `reversed_time`: X was flipped, so hidden_grads are flipped back. `gate_blocks`: where W,
-    R and bias hold the gates i, o, f, c (None: ONNX's order)."""
-    order = _torch_gate_order(R.shape[1], W.device, gate_blocks or [0, 1, 2, 3])
-    W_t, R_t, b_t = W, R, bias
+    gate_blocks: list[int],
+) -> tuple[Tensor, Tensor, Tensor, FusedRun]:
+    """The forward of lstm_sequence's Function on CUDA, X in the order the steps run:
+    (Y [T, B, H], cells [T, B, H], workspaces [T, B, 4H] (activated gates, torch's order),
+    what `backward_loops` needs). `gate_blocks`: where W, R and bias hold i, o, f, c."""
+    order = _torch_gate_order(R.shape[1], W.device, gate_blocks)
     if order is not None:
-        W_t, R_t = W.index_select(0, order), R.index_select(0, order)
-        b_t = None if bias is None else bias.index_select(0, order)
-    projected = F.linear(X, W_t, b_t)  # [T, B, 4H]: the input side of every step at once
-    Y, h, c = _FusedCellSequence.apply(projected, R_t, h0, c0, hidden_grads, reversed_time)
-    return Y, h, c
+        W, R = W.index_select(0, order), R.index_select(0, order)
+        bias = None if bias is None else bias.index_select(0, order)
+    projected = F.linear(X, W, bias)  # [T, B, 4H]: the input side of every step at once
+    # all steps in one kernel each way where that applies (lstm_persistent.py), else the
+    # per-step loops, replayed as CUDA graphs once this shape repeats (cuda_graph_loops.py)
+    loops = lstm_persistent.loops_for(projected)
+    if loops is None:
+        Y, cells, workspaces = cuda_graph_loops.run(forward_steps, projected, R, h0, c0)
+    else:
+        Y, cells, workspaces = loops.forward(projected, R, h0, c0)
+    back = None if order is None else order.argsort()
+    return Y, cells, workspaces, FusedRun(loops, R, back)
+
+
+def backward_loops(
+    run: FusedRun,
+    dY: Tensor,
+    dh_last: Tensor,
+    dc_last: Tensor,
+    cells: Tensor,
+    workspaces: Tensor,
+    c0: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(∂L/∂gates [T, B, 4H] in the weights' gate order, ∂L/∂h_t [T, B, H], ∂L/∂c0) for
+    `forward_loops`'s run."""
+    inputs = (dY.contiguous(), dh_last, dc_last, cells, workspaces, c0, run.R_torch)
+    if run.loops is None:
+        dgates, dc0, dhidden = cuda_graph_loops.run(backward_steps, *inputs)
+    else:
+        dgates, dc0, dhidden = run.loops.backward(*inputs)
+    if run.to_weights_order is not None:
+        dgates = dgates.index_select(2, run.to_weights_order)
+    return dgates, dhidden, dc0
 
 
 def forward_steps(projected: Tensor, R: Tensor, h0: Tensor, c0: Tensor) -> tuple[Tensor, ...]:
@@ -108,48 +149,6 @@ def backward_steps(
         dgates[t], dc, _ = cell_backward(dh, dc, previous_cell, cells[t], workspaces[t], False)
         dhidden[t] = dh
     return torch.stack(dgates), dc, torch.stack(dhidden)
-
-
-class _FusedCellSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx: Any,
-        projected: Tensor,
-        R: Tensor,
-        h0: Tensor,
-        c0: Tensor,
-        hidden_grads: list[Tensor] | None,
-        reversed_time: bool,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        # all steps in one kernel each way where that applies (lstm_persistent.py), else the
-        # per-step loops, replayed as CUDA graphs once this shape repeats (cuda_graph_loops.py)
-        loops = lstm_persistent.loops_for(projected)
-        if loops is None:
-            Y, cells, workspaces = cuda_graph_loops.run(forward_steps, projected, R, h0, c0)
-        else:
-            Y, cells, workspaces = loops.forward(projected, R, h0, c0)
-        ctx.save_for_backward(R, h0, c0, Y, cells, workspaces)
-        ctx.loops, ctx.hidden_grads, ctx.reversed_time = loops, hidden_grads, reversed_time
-        return Y, Y[-1].clone(), cells[-1].clone()
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, dY: Tensor, dh_last: Tensor, dc_last: Tensor) -> tuple[Any, ...]:
-        R, h0, c0, Y, cells, workspaces = ctx.saved_tensors
-        inputs = (dY.contiguous(), dh_last, dc_last, cells, workspaces, c0, R)
-        if ctx.loops is None:
-            d_projected, dc0, dhidden = cuda_graph_loops.run(backward_steps, *inputs)
-        else:
-            d_projected, dc0, dhidden = ctx.loops.backward(*inputs)
-        if ctx.hidden_grads is not None:
-            ctx.hidden_grads.append(dhidden.flip(0) if ctx.reversed_time else dhidden)
-        need_p, need_r, need_h0, need_c0 = ctx.needs_input_grad[:4]
-        dR = None
-        if need_r:  # Σ_t dgates_tᵀ·h_{t-1}, one product for all steps
-            h_prev = torch.cat([h0.unsqueeze(0), Y[:-1]], 0).flatten(0, 1)
-            dR = d_projected.flatten(0, 1).t().mm(h_prev)
-        dh0 = torch.mm(d_projected[0], R) if need_h0 else None
-        return d_projected if need_p else None, dR, dh0, dc0 if need_c0 else None, None, None
 
 
 lstm_persistent.register_fallback(forward_steps, backward_steps)

@@ -12,7 +12,8 @@ step's hidden state, ∂L/∂h_t through `Y` and through the recurrence, is a by
 backward: callers that pass a `hidden_grads` list get it ([T, batch, hidden], time order) when
 the backward runs.
 
-On CUDA the steps run through lstm_fused_cell instead: one cell kernel per step each way.
+On CUDA the steps run through lstm_fused_cell's loops instead (one cell kernel per step each way,
+or one persistent kernel for all of them), inside the same autograd Function.
 
 Covers the LSTM that exporters write for `nn.LSTM`: activations sigmoid/tanh/tanh, no peepholes,
 no clip, no coupled input-forget gate, every sequence full length. Gates are in ONNX order
@@ -28,11 +29,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from service.engine.onnx.ops import _cpu_products, lstm_fused_cell
-from service.engine.onnx.ops._sequence_common import (
-    native_loops,
-    reorder_blocks,
-    run_in_time_order,
-)
+from service.engine.onnx.ops._sequence_common import native_loops, reorder_blocks
 
 
 def lstm_direction(
@@ -94,39 +91,27 @@ def lstm_sequence(
     time flip and the outputs' shapes included, is ONE autograd node: the views, slices and
     sums around it cost the small LSTM a tenth of its training step as separate nodes."""
     blocks = ONNX_GATE_BLOCKS if gate_blocks is None else list(gate_blocks)
-    reordered = blocks != ONNX_GATE_BLOCKS and native_loops(X) is None
-    if not (lstm_fused_cell.available(X) or torch.is_autocast_enabled(X.device.type) or reordered):
-        return _LSTMSequence.apply(
-            X, W, R, bias, recurrent_bias, h0, c0, hidden_grads, reverse, blocks, onnx_shapes
-        )
-    hidden = R.shape[-1]
-    summed = summed_bias(bias, recurrent_bias, hidden)
-
-    def apply(*tensors: Tensor) -> tuple[Tensor, ...]:
-        x, w, r, b, h, c = tensors
-        if lstm_fused_cell.available(x):
-            return lstm_fused_cell.lstm_fused_cell(x, w, r, b, h, c, hidden_grads, reverse, blocks)
-        order = blocks
-        if reordered:  # the Python loops read ONNX's order
-            w, r = reorder_blocks(w, order), reorder_blocks(r, order)
-            b = None if b is None else reorder_blocks(b, order)
-            order = ONNX_GATE_BLOCKS
-        return _LSTMSequence.apply(x, w, r, b, None, h, c, hidden_grads, False, order, False)
-
-    batch = X.shape[1]
-    Y, h, c = run_in_time_order(
-        apply,
-        reverse,
-        X,
-        W.reshape(-1, W.shape[-1]),
-        R.reshape(-1, hidden),
-        summed,
-        h0.reshape(batch, hidden),
-        c0.reshape(batch, hidden),
-    )
-    if onnx_shapes:
-        return Y.unsqueeze(1), h.unsqueeze(0), c.unsqueeze(0)
-    return Y, h, c
+    device_type = X.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    if autocast:  # the products in autocast's dtype, as the unrolled path's would be
+        dtype = torch.get_autocast_dtype(device_type)
+        X, W, R, h0, c0 = (t.to(dtype) for t in (X, W, R, h0, c0))
+        bias = None if bias is None else bias.to(dtype)
+        recurrent_bias = None if recurrent_bias is None else recurrent_bias.to(dtype)
+    fused = lstm_fused_cell.available(X)
+    if blocks != ONNX_GATE_BLOCKS and not fused and native_loops(X) is None:
+        # the Python loops read ONNX's order
+        hidden = R.shape[-1]
+        W = reorder_blocks(W.reshape(-1, W.shape[-1]), blocks)
+        R = reorder_blocks(R.reshape(-1, hidden), blocks)
+        summed = summed_bias(bias, recurrent_bias, hidden)
+        bias = None if summed is None else reorder_blocks(summed, blocks)
+        recurrent_bias, blocks = None, ONNX_GATE_BLOCKS
+    args = (X, W, R, bias, recurrent_bias, h0, c0, hidden_grads, reverse, blocks, onnx_shapes)
+    if not autocast:
+        return _LSTMSequence.apply(*args)
+    with torch.autocast(device_type, enabled=False):  # the loops' buffers keep one dtype
+        return _LSTMSequence.apply(*args)
 
 
 # Which H-wide block of the gate axis holds i, o, f, c: ONNX's order
@@ -158,9 +143,9 @@ def _bias_grads(
 
 
 class _LSTMSequence(torch.autograd.Function):
-    """lstm_sequence on the loops of this module (C++ where built): inputs as lstm_sequence
-    takes them, X in time order (`reverse`: the loops run it backwards), no autograd op
-    outside."""
+    """lstm_sequence's one autograd node: inputs as lstm_sequence takes them, X in time order
+    (`reverse`: the loops run it backwards), no autograd op outside. The loops are this
+    module's on the CPU (C++ where built) and lstm_fused_cell's on CUDA."""
 
     @staticmethod
     def forward(
@@ -191,6 +176,14 @@ class _LSTMSequence(torch.autograd.Function):
         # copy it again
         X = (X.flip(0) if reverse else X).contiguous()
         summed = summed_bias(bias, recurrent_bias, hidden)
+        ctx.fused = ctx.loops = None
+        if lstm_fused_cell.available(X):
+            # tanh(cells) is not kept: the fused backward recomputes it from the cells
+            Y, cells, gates, ctx.fused = lstm_fused_cell.forward_loops(
+                X, W, R, summed, h0, c0, gate_blocks
+            )
+            ctx.save_for_backward(X, W, R, h0, c0, gates, cells, None, Y)
+            return _LSTMSequence._outputs(ctx, Y, cells, reverse, hidden_grads, onnx_shapes)
         projected = _cpu_products.linear(X, W, summed)  # [T, B, 4H]: all steps at once
         loops = native_loops(X)
         if loops is not None:
@@ -204,9 +197,19 @@ class _LSTMSequence(torch.autograd.Function):
         ctx.save_for_backward(X, W, R, h0, c0, gates, cells, tanh_cells, Y)
         ctx.loops = loops
         ctx.gate_blocks = gate_blocks
+        return _LSTMSequence._outputs(ctx, Y, cells, reverse, hidden_grads, onnx_shapes)
+
+    @staticmethod
+    def _outputs(
+        ctx: Any,
+        Y: Tensor,
+        cells: Tensor,
+        reverse: bool,
+        hidden_grads: list[Tensor] | None,
+        onnx_shapes: bool,
+    ) -> tuple[Tensor, Tensor, Tensor]:
         ctx.hidden_grads = hidden_grads
         ctx.reverse = reverse
-        ctx.onnx_shapes = onnx_shapes
         # h_T and c_T as their own tensors: views of Y or of a saved buffer could be changed
         # in place by a caller and corrupt the backward
         h_last, c_last = Y[-1].clone(), cells[-1].clone()
@@ -226,7 +229,11 @@ class _LSTMSequence(torch.autograd.Function):
         dY = dY.flip(0) if ctx.reverse else dY
         dh_last, dc_last = dh_last.reshape(batch, hidden), dc_last.reshape(batch, hidden)
         collect = ctx.hidden_grads is not None
-        if ctx.loops is not None:
+        if ctx.fused is not None:
+            dgates, dhidden, dc0 = lstm_fused_cell.backward_loops(
+                ctx.fused, dY, dh_last, dc_last, cells, gates, c0
+            )
+        elif ctx.loops is not None:
             packed_Rt = _cpu_products.packed_step_weight(R.t(), gates.shape[1])
             dgates, dhidden, dc0 = ctx.loops.lstm_backward(
                 dY, dh_last, dc_last, gates, cells, tanh_cells, c0, R, ctx.gate_blocks, packed_Rt
