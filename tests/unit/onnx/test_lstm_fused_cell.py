@@ -126,7 +126,9 @@ def test_an_lstm_on_the_fused_loops_is_one_autograd_node(
     )
     nodes = {type(o.grad_fn).__name__ for o in outputs}
     assert nodes == {"_LSTMSequenceBackward"}
-    feeds = {type(fn).__name__ for fn, _ in outputs[0].grad_fn.next_functions if fn is not None}
+    node = outputs[0].grad_fn
+    assert node is not None
+    feeds = {type(fn).__name__ for fn, _ in node.next_functions if fn is not None}
     assert feeds == {"AccumulateGrad"}
     assert "forward" in emulated_kernels  # the fused loops ran
 
