@@ -10,9 +10,11 @@ import zipfile
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 
 from service.engine.formats.fx import graph_from_fx
 from service.engine.formats.loaded import LoadedModel, frozen_parameters_note
+from service.engine.formats.pytree_placeholders import register_placeholder, unregistered_type
 from service.engine.report import TensorSpec
 from service.errors import ModelFormatError
 
@@ -85,7 +87,7 @@ def _load_program(data: bytes) -> torch.export.ExportedProgram:
     logger.handlers = [records]
     logger.propagate = False
     try:
-        return torch.export.load(io.BytesIO(data))
+        return _load_with_placeholders(data, records)
     except Exception as exc:
         cause = records.cause()
         unresolved = _UNRESOLVED_OP.search(cause or "")
@@ -107,6 +109,54 @@ def _load_program(data: bytes) -> torch.export.ExportedProgram:
         logger.propagate = propagate
 
 
+def _load_with_placeholders(data: bytes, records: _FailureRecords) -> torch.export.ExportedProgram:
+    """torch.export.load, with a stand-in for each pytree type its specs name that this
+    process lacks (pytree_placeholders.py: a Hugging Face model's ModelOutput). torch logs the
+    deserialisation error and raises a generic one: the name is read from the log."""
+    while True:
+        try:
+            return torch.export.load(io.BytesIO(data))
+        except Exception:
+            missing = unregistered_type(records.cause() or "")
+            if missing is None or not register_placeholder(missing):
+                raise
+            records.records.clear()
+
+
+def _output_names(program: torch.export.ExportedProgram, count: int) -> list[str | None]:
+    """Each output's place in what the model returned, where that names it: `loss` and
+    `logits` of a Hugging Face ModelOutput or of a dict, `hidden.0` of a tuple in a dict
+    (a flat tuple's places are only numbers: None, the graph's node names stay)."""
+    spec = program.call_spec.out_spec
+    if spec is None:
+        return [None] * count
+    try:
+        paths = [
+            path
+            for path, _ in pytree.tree_flatten_with_path(
+                pytree.tree_unflatten(list(range(count)), spec)
+            )[0]
+        ]
+    except Exception:  # a container type without key paths: keep the node names
+        return [None] * count
+    names: list[str | None] = []
+    for path in paths:
+        parts = [_key_text(key) for key in path]
+        named = any(isinstance(key, pytree.MappingKey | pytree.GetAttrKey) for key in path)
+        names.append(".".join(parts) if named else None)
+    return names if len(names) == count else [None] * count
+
+
+def _key_text(key: Any) -> str:
+    if isinstance(key, pytree.MappingKey):
+        return str(key.key)
+    if isinstance(key, pytree.SequenceKey):
+        return str(key.idx)
+    if isinstance(key, pytree.GetAttrKey):
+        return key.name
+    return str(key)
+
+
 def load_torch_export(data: bytes, *, mode: str = "train", dropout: bool = False) -> LoadedModel:
     program = _load_program(data)
     signature = program.graph_signature
@@ -115,10 +165,11 @@ def load_torch_export(data: bytes, *, mode: str = "train", dropout: bool = False
     output_node = next(n for n in program.graph.nodes if n.op == "output")
     flat_outputs = list(output_node.args[0])
     outputs = []
+    keyed = _output_names(program, len(signature.user_outputs))
     for index, name in enumerate(signature.user_outputs):
         match = next((n for n in flat_outputs if getattr(n, "name", None) == name), None)
         value = match.meta.get("val") if match is not None else None
-        outputs.append(spec_from_value(name or f"output_{index}", value))
+        outputs.append(spec_from_value(keyed[index] or name or f"output_{index}", value))
     module = program.module()
     parameter_names = [name for name, _ in module.named_parameters()]
     read = {str(n.target) for n in module.graph.nodes if n.op == "get_attr" and n.users}
