@@ -408,7 +408,20 @@ def _name_layers(layers: list[Layer]) -> None:
     used: set[str] = set()
     stacked = _stacked_recurrent_names(layers)
     readers = Counter(p for layer in layers for p in layer.main_params)
+    first_calls: dict[tuple[str, ...], Layer] = {}
+    calls: Counter[tuple[str, ...]] = Counter()
     for layer in layers:
+        # a module called again (ALBERT's shared layer, a Siamese encoder's second input) is
+        # `name#2`, `name#3` in call order in every format, not whatever each exporter made
+        # of the repeat (`query_1`, `query/node_MatMul_110`, `query/linear_7`)
+        call = (layer.op, *sorted(layer.main_params))
+        first = first_calls.get(call) if layer.main_params else None
+        if first is not None and _same_module(first.scope, layer.scope):
+            calls[call] += 1
+            layer.name = f"{first.name}#{calls[call] + 1}"
+            used.add(layer.name)
+            continue
+        first_calls.setdefault(call, layer)
         # a tied parameter (an input embedding that is also the output projection) names
         # neither of its layers: their modules do
         tied = layer.scope is not None and any(readers[p] > 1 for p in layer.main_params)
@@ -425,6 +438,17 @@ def _name_layers(layers: list[Layer]) -> None:
             name = f"{name}/{layer.main}"
         used.add(name)
         layer.name = name
+
+
+def _same_module(first: str | None, later: str | None) -> bool:
+    """Whether two scopes are one module's: equal, or equal but for the `_1`, `_2` the legacy
+    ONNX exporter appends to a module's name when it is called again."""
+    if first is None or later is None:
+        return first == later
+    return _LEGACY_REPEAT.sub("", first) == _LEGACY_REPEAT.sub("", later)
+
+
+_LEGACY_REPEAT = re.compile(r"_\d+(?=\.|$)")
 
 
 def _common_prefix(names: list[str]) -> str:

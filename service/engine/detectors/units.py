@@ -142,10 +142,15 @@ def init_scale_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
     # N(0, 1), its input scaled by d_model^-0.5 instead): not judged by a linear's fan-in
     tables = {p for layer in layers if is_embedding(layer.op) for p in layer.params}
     scale_free = normalized_layers(m)  # the normalisation divides their scale out
+    judged: set[tuple[str, ...]] = set()  # a module called again (`block#2`) is one weight
     for layer in layers:
         r = init_ratio(layer, m)
         if r is None or is_normalization(layer.op) or tables & set(layer.params):
             continue
+        weights = tuple(sorted(layer.params))
+        if weights in judged:
+            continue
+        judged.add(weights)
         if layer.name in scale_free:
             continue
         ratios[layer.name] = r
