@@ -24,6 +24,7 @@ from service.engine.losses import GIVEN_BY_USER, LOSS_KINDS, default_loss
 from service.engine.measurements import Subject
 from service.engine.options import DiagnoseOptions
 from service.engine.report import ModelInfo, TensorSpec
+from service.engine.unread_inputs import unread_input_notes
 from service.errors import BadInputError
 
 
@@ -180,6 +181,9 @@ def build_subject(
     notes = list(loaded.notes) + matched.notes
     if loaded.graph is not None:
         notes += loaded.graph.metadata.get("notes", [])
+        notes += unread_input_notes(
+            loaded.graph, [s.name for s in loaded.inputs], list(matched.inputs)
+        )
     return Subject(
         module=module,
         graph=loaded.graph,
