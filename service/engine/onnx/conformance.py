@@ -11,6 +11,9 @@ statistics, dropout kept active on request); then a second conversion of the sam
 `training_mode=1`) run with batch statistics in onnxruntime too, so they compare directly.
 Dropout whose `training_mode` input is set is random: it is switched off on both sides (a
 constant False fed to onnxruntime, the same for the compared graph) and `reason` says so.
+Other random draws (RandomUniformLike and kin: ViT-MAE's random masking draws its patch order)
+cannot be switched off: onnxruntime's copy reads the converter's draws from this very forward
+as inputs instead (`_feed_draws`), so both compute on the same numbers.
 
 Errors: `max_abs_error` = max |ours − ort| over all float outputs; `max_rel_error` = max of
 |ours − ort| / max(|ort|, 1e-3 · max|ort|) per output, so entries near zero do not explode it
@@ -102,6 +105,54 @@ def _expected_masks(model: ModelProto, masks: dict[str, tuple[str, str]]) -> Non
     model.graph.value_info.extend(kept)
 
 
+# ops that draw random numbers; a top-level one's output is fed to onnxruntime's copy
+RANDOM_OPS = frozenset(
+    {"RandomUniform", "RandomUniformLike", "RandomNormal", "RandomNormalLike", "Bernoulli"}
+)
+RANDOM_OPS |= {"Multinomial"}
+
+
+def _draw_outputs(model: ModelProto) -> list[str]:
+    """The outputs of the graph's top-level random ops (in a subgraph they stay random)."""
+    return [
+        node.output[0]
+        for node in model.graph.node
+        if node.op_type in RANDOM_OPS and node.domain in ("", "ai.onnx") and node.output
+    ]
+
+
+def _feed_draws(model: ModelProto, dtypes: dict[str, int]) -> None:
+    """Each top-level random op of `model` becomes a graph input of its output's name and
+    dtype (in place): onnxruntime then computes on the draws it is given."""
+    if not dtypes:
+        return
+    kept = [node for node in model.graph.node if not (node.output and node.output[0] in dtypes)]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    model.graph.input.extend(
+        onnx.helper.make_tensor_value_info(name, dtype, None) for name, dtype in dtypes.items()
+    )
+    others = [v for v in model.graph.value_info if v.name not in dtypes]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(others)
+
+
+def _run_capturing(
+    graph: ObservableGraph, inputs: list[torch.Tensor], names: set[str]
+) -> tuple[list[Any], dict[str, torch.Tensor]]:
+    """The graph's outputs and the values of `names` from the same run; torch's generator
+    state is left as it was (a diagnosis draws from its own seed afterwards)."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def observe(node: Any, outputs: Sequence[Any]) -> None:
+        for name, value in zip(node.outputs, outputs, strict=False):
+            if name in names and isinstance(value, torch.Tensor):
+                captured[name] = value.detach().cpu()
+
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        return graph.run(inputs, observe), captured
+
+
 DROPOUT_OFF = "gradhealth::dropout_off"
 
 
@@ -112,10 +163,9 @@ def _switch_dropout_off(model: ModelProto) -> bool:
     off (the diagnosis' train mode has it off anyway unless asked for).
     """
     changed = False
-    for node in model.graph.node:
-        if node.op_type == "Dropout" and len(node.input) >= 3 and node.input[2]:
-            node.input[2] = DROPOUT_OFF
-            changed = True
+    for node in _active_dropouts(model):
+        node.input[2] = DROPOUT_OFF
+        changed = True
     if changed:
         model.graph.initializer.append(
             onnx.helper.make_tensor(DROPOUT_OFF, TensorProto.BOOL, [], [False])
@@ -125,6 +175,28 @@ def _switch_dropout_off(model: ModelProto) -> bool:
                 onnx.helper.make_tensor_value_info(DROPOUT_OFF, TensorProto.BOOL, [])
             )
     return changed
+
+
+def _active_dropouts(model: ModelProto) -> list[Any]:
+    """The Dropout nodes whose training_mode input is set."""
+    return [
+        node
+        for node in model.graph.node
+        if node.op_type == "Dropout" and len(node.input) >= 3 and node.input[2]
+    ]
+
+
+def _dropout_random(graph: ObservableGraph) -> bool:
+    """Whether the converted graph keeps dropout active (eval mode, or --dropout)."""
+    return graph.metadata.get("mode") == "eval" or bool(
+        graph.metadata.get("extra", {}).get("dropout")
+    )
+
+
+def _twin_needed(model: ModelProto, graph: ObservableGraph) -> bool:
+    """Whether the comparison is against the eval-mode twin (the module doc says when)."""
+    dropout = bool(_active_dropouts(model)) and _dropout_random(graph)
+    return _batch_norm_differs(model, graph) or dropout
 
 
 def _batch_norm_differs(model: ModelProto, graph: ObservableGraph) -> bool:
@@ -210,14 +282,22 @@ class ConformanceReference:
         self._twin_built = False
         self._session_bytes = 0
 
-    def session(self, model: ModelProto, graph: ObservableGraph, providers: Sequence[str]) -> Any:
+    def session(
+        self,
+        model: ModelProto,
+        graph: ObservableGraph,
+        providers: Sequence[str],
+        draws: dict[str, int] | None = None,
+    ) -> Any:
         """The session for `providers` (a session is never reused for other providers);
-        raises `ReferenceUnavailable` with the reason when onnxruntime cannot load the model."""
+        raises `ReferenceUnavailable` with the reason when onnxruntime cannot load the model.
+        `draws`: the random ops' outputs it reads as inputs, with their ONNX dtypes."""
         if self._providers != tuple(providers):
             self.close()
             self._providers = tuple(providers)
             refilled = _refill(model, graph)
             _expected_masks(refilled, graph.metadata.get("expected_masks", {}))
+            _feed_draws(refilled, draws or {})
             self._dropout_switched = _switch_dropout_off(refilled)
             serialized = refilled.SerializeToString()
             del refilled
@@ -292,8 +372,18 @@ def check_conversion(
             reason=f"inputs cannot be given to onnxruntime: {exc}",
         )
     kept = reference if reference is not None else ConformanceReference()
+    draw_names = set(_draw_outputs(model))
+    draws: dict[str, torch.Tensor] = {}
+    if draw_names:
+        # our forward first: onnxruntime's copy computes on its random draws
+        compared = kept.twin(model, graph) if _twin_needed(model, graph) else graph
+        ours, draws = _run_capturing(compared, [t.detach().cpu() for t in inputs], draw_names)
+        outputs = ours
+        feeds.update({name: value.numpy() for name, value in draws.items()})
     try:
-        session = kept.session(model, graph, [PROVIDER])
+        session = kept.session(
+            model, graph, [PROVIDER], {n: TORCH_TO_ONNX[v.dtype] for n, v in draws.items()}
+        )
     except ReferenceUnavailable as exc:
         return ConversionCheck(checked=False, reference=reference_name, reason=str(exc))
     try:
@@ -306,22 +396,24 @@ def check_conversion(
         )
 
     reasons: list[str] = []
-    twin_needed = False
+    twin_needed = _twin_needed(model, graph)
     if _batch_norm_differs(model, graph):
-        twin_needed = True
         reasons.append(
             "compared in eval mode: the model's BatchNormalization was exported for inference, "
             "which onnxruntime runs with running statistics, while train mode normalises with "
             "batch statistics"
         )
-    dropout_random = graph.metadata.get("mode") == "eval" or bool(
-        graph.metadata.get("extra", {}).get("dropout")
-    )
     if kept.dropout_switched:
         reasons.append("dropout switched off on both sides for the comparison (it is random)")
-        twin_needed = twin_needed or dropout_random
+    if draws:
+        reasons.append(
+            f"the model draws random numbers ({len(draws)} random op(s)): onnxruntime was "
+            "given the converter's draws from the compared forward"
+        )
     with torch.no_grad():
-        if twin_needed:  # same weights, converted as onnxruntime runs them
+        if draws:
+            ours = list(outputs or [])  # the forward whose draws onnxruntime was given
+        elif twin_needed:  # same weights, converted as onnxruntime runs them
             ours = kept.twin(model, graph).run([t.detach().cpu() for t in inputs])
         elif outputs is not None:
             ours = list(outputs)

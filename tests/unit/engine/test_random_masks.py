@@ -92,3 +92,41 @@ def test_with_dropout_the_masks_are_drawn_and_the_same_on_every_run(fmt: str) ->
     second = diagnose(model, batch, options)
     assert first.loss.value == second.loss.value
     assert first.loss.value != pytest.approx(_without_drop_path()[0], rel=1e-4)
+    if fmt != "torch_export":  # onnxruntime computed on the same draws
+        conversion = first.model.conversion
+        assert conversion is not None and conversion.max_abs_error is not None
+        assert conversion.max_abs_error < 1e-5, conversion
+
+
+class RandomlyMasked(nn.Module):
+    """ViT-MAE's random masking: a random permutation of the tokens (argsort of uniform
+    noise) keeps half of them; no Bernoulli mask, so no expected value either: the draw is
+    the model's computation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(3, 8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(x)  # [B, L, 8]
+        noise = torch.rand(tokens.shape[0], tokens.shape[1])
+        keep = torch.argsort(noise, dim=1)[:, : tokens.shape[1] // 2]
+        kept = torch.gather(tokens, 1, keep.unsqueeze(-1).expand(-1, -1, tokens.shape[2]))
+        return self.head(torch.tanh(kept).mean(1))
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_random_draws_of_the_models_own_are_given_to_onnxruntime_for_the_check(
+    dynamo: bool,
+) -> None:
+    """onnxruntime draws other numbers than torch: compared on its own draws, the masked
+    tokens differed and the check reported errors of the outputs' own size."""
+    x = torch.randn(4, 6, 3, generator=torch.Generator().manual_seed(3))
+    model = to_onnx(RandomlyMasked(), x, input_names=["x"], dynamo=dynamo)
+    report = diagnose(model, npz_bytes(x=x, target=torch.tensor([0, 1, 2, 3])), DiagnoseOptions())
+    conversion = report.model.conversion
+    assert conversion is not None and conversion.checked
+    assert conversion.max_abs_error is not None and conversion.max_abs_error < 1e-5, conversion
+    assert "onnxruntime was given the converter's draws" in (conversion.reason or "")
