@@ -435,7 +435,10 @@ def _name_layers(layers: list[Layer]) -> None:
         if name in used and layer.scope and layer.scope not in used:
             name = layer.scope
         if name in used:
-            name = f"{name}/{layer.main}"
+            # a legacy export's node is named by its module path (`/vit/embeddings/Concat_6`),
+            # which `name` already says: its last part only
+            main = layer.main.rsplit("/", 1)[-1] if layer.main.startswith("/") else layer.main
+            name = f"{name}/{main}" if f"{name}/{main}" not in used else f"{name}/{layer.main}"
         used.add(name)
         layer.name = name
 

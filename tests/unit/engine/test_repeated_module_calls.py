@@ -83,3 +83,39 @@ def test_a_shared_weight_initialised_too_small_is_one_layer_to_reinitialise(fmt:
     (finding,) = [f for f in report.findings if f.kind == "init_scale"]
     assert finding.layers == ["block.fc"]
     assert finding.message.startswith("1 layer(s) are initialised too small")
+
+
+class Embeddings(nn.Module):
+    """A projection, a learned scale, a class token concatenated: the scale's and the
+    concatenation's layers have no module of their own, both are named by their parameters'."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Linear(4, 8)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, 8))
+        self.positions = nn.Parameter(torch.randn(1, 3, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = torch.tanh(self.proj(x)) * self.positions
+        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), torch.tanh(tokens)], 1)
+
+
+class TinyViT(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embeddings = Embeddings()
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embeddings(x).mean(1))
+
+
+def test_a_legacy_exports_unnamed_layer_is_its_module_and_op_not_its_node_path() -> None:
+    x = torch.randn(2, 3, 4)
+    report = diagnose(
+        to_onnx(TinyViT(), x), npz_batch(x, np.array([0, 2])), DiagnoseOptions.model_validate({})
+    )
+    names = [layer.name for layer in report.layers]
+    assert not [n for n in names if "//" in n], names  # was `embeddings//embeddings/Concat`
+    assert "embeddings/Concat_1" in names, names
