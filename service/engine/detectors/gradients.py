@@ -26,7 +26,7 @@ from service.engine.detectors.profile import (
     sig,
     usable,
 )
-from service.engine.detectors.units import init_ratio
+from service.engine.detectors.units import init_ratio, normalized_layers
 from service.engine.measurements import Measurements
 from service.engine.report import Finding, LayerReport
 
@@ -43,13 +43,20 @@ def depth_profile(m: Measurements) -> tuple[list[str], list[float | None]]:
     return [x.name for x in layers], [x.activation_grad_norm for x in layers]
 
 
-def _judged_grad_to_weight(layer: LayerReport, m: Measurements) -> float:
+def _judged_grad_to_weight(layer: LayerReport, m: Measurements, normalized: set[str]) -> float:
     """grad/weight, over the weight He/Xavier would give where the layer's is smaller; for
     an embedding table, over nn.Embedding's N(0, 1) (a table at N(0, 0.02), CLIP's and
-    BERT's, whose used rows get the whole gradient, is no explosion)."""
+    BERT's, whose used rows get the whole gradient, is no explosion). A layer only a
+    normalisation reads is scale-invariant: its gradient grows as its weight shrinks, so at
+    r× the healthy scale grad/weight is 1/r² of the healthy one's (a conv at N(0, 0.02) before
+    BatchNorm, Hugging Face's MobileNetV2 at init: 3.5e3, whose first step only grows the
+    weight's norm; Arora et al. 2019, "auto rate-tuning by batch normalization")."""
     ratio = layer.grad_to_weight or 0.0
     scale = _embedding_scale(layer, m) if is_embedding(layer.op) else init_ratio(layer, m)
-    return ratio * min(1.0, scale) if scale else ratio
+    if not scale:
+        return ratio
+    shrink = min(1.0, scale)
+    return ratio * (shrink * shrink if layer.name in normalized else shrink)
 
 
 def _embedding_scale(layer: LayerReport, m: Measurements) -> float | None:
@@ -97,7 +104,10 @@ def depth_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
     # judged against a weight of healthy scale: a layer initialised far too small (a fresh
     # classifier at N(0, 0.02)) has a large grad/weight from its tiny weight, not from its
     # gradient (init_scale reports the weight)
-    g2w_judged = [(x.name, _judged_grad_to_weight(x, m)) for x in wl if x.grad_to_weight]
+    normalized = normalized_layers(m)
+    g2w_judged = [
+        (x.name, _judged_grad_to_weight(x, m, normalized)) for x in wl if x.grad_to_weight
+    ]
 
     evidence: dict[str, Any] = {
         "axis": "depth",

@@ -45,7 +45,9 @@ exploding_gradients (axis "depth"), error when ANY of:
      rule 1 sees ‖∂L/∂a‖ double at every layer backwards). A layer whose weight is smaller
      than He/Xavier's (init ratio r < 1) is judged by grad/weight × r, the step against a
      weight of healthy scale: a fresh classifier at N(0, 0.02) has a large grad/weight
-     from its tiny weight, which init_scale reports. An embedding table is judged against
+     from its tiny weight, which init_scale reports. A layer only a normalisation reads is
+     scale-invariant (its gradient grows as its weight shrinks): judged by grad/weight × r²
+     (Arora, Li & Lyu 2019). An embedding table is judged against
      nn.Embedding's N(0, 1) the same way (CLIP's and BERT's tables are N(0, 0.02), and the
      rows a batch reads take the whole gradient).
   Warning instead of error when only depth ratio > `exploding_profile_ratio_warning` (10) with

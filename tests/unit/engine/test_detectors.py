@@ -103,6 +103,26 @@ def test_a_large_grad_to_weight_from_a_tiny_weight_is_no_explosion():
     assert f.layers == ["fc3"] and "reaches 20 in fc3" in f.message
 
 
+def test_a_small_weight_before_a_normalisation_is_judged_as_scale_invariant():
+    # a conv at N(0, 0.02) before BatchNorm (0.1× the healthy scale): the normalisation makes
+    # its gradient grow as its weight shrinks, so grad/weight 500 is 500 × 0.1² = 5 at a
+    # healthy scale, no explosion (× 0.1 only, as for a weight nothing normalises, it was 50)
+    weights = [4.0, 0.4, 4.0, 4.0]
+    m = mlp([1.0] * 4, weight_grad_norms=[1.0, 200.0, 1.0, 1.0], weight_norms=weights)
+    m.layers[1].init_std_ratio = 0.1
+    m.normalized = {"fc1"}
+    assert not [f for f in detect(m) if f.kind == "exploding_gradients"]
+    # not normalised: the same numbers are an explosion
+    m.normalized = set()
+    (f,) = [f for f in detect(m) if f.kind == "exploding_gradients"]
+    assert f.layers == ["fc1"]
+    # normalised but four times the gradient: 20 at a healthy scale, an explosion still
+    m = mlp([1.0] * 4, weight_grad_norms=[1.0, 800.0, 1.0, 1.0], weight_norms=weights)
+    m.layers[1].init_std_ratio, m.normalized = 0.1, {"fc1"}
+    (f,) = [f for f in detect(m) if f.kind == "exploding_gradients"]
+    assert f.layers == ["fc1"]
+
+
 def test_vanishing_over_time_names_recurrent_layer():
     m = mlp([1.0] * 3)
     with_time(m, geometric(1e-6, 1.15, 120))
