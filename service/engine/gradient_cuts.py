@@ -1,5 +1,8 @@
 """Where the gradient is cut: a rounding (round, floor, ceil, sign, trunc) on the path to the
 loss, whose derivative is zero everywhere, leaves every layer before it exactly no gradient.
+So does a softmax over an axis of one element, whose output is 1 whatever its input: attention
+over a single token (a vision transformer whose patches leave one token per sequence, as a tiny
+MobileViT's last stages do) gives its query and key projections exactly no gradient.
 
 Training code rounds with a straight-through estimator (`x + (torch.round(x) - x).detach()`, or
 a torch.autograd.Function whose backward passes the gradient on). An export keeps a Function's
@@ -18,19 +21,30 @@ from typing import Any
 import torch
 
 from service.engine.graph import Node, NodeFn, ObservableGraph
-from service.engine.layers import Layer, canonical
+from service.engine.layers import Layer, _attr, canonical
 from service.engine.report import LayerReport
 
 ZERO_DERIVATIVE_OPS = frozenset({"round", "floor", "ceil", "sign", "trunc"})
+_SOFTMAX_OPS = frozenset({"softmax", "logsoftmax", "log_softmax", "safe_softmax"})
+SINGLE_ELEMENT_SOFTMAX = "single_element_softmax"  # a cut's "kind" (a rounding's is absent)
 
 
 def gradient_cuts(
-    graph: ObservableGraph, layers: list[Layer], reports: list[LayerReport]
+    graph: ObservableGraph,
+    layers: list[Layer],
+    reports: list[LayerReport],
+    inputs: list[torch.Tensor] | None = None,
 ) -> dict[str, dict[str, str]]:
     """Layer name → {"node", "op"} of the first zero-derivative op downstream of the output
-    of each layer whose measured ‖∂L/∂a‖ is exactly 0."""
+    of each layer whose measured ‖∂L/∂a‖ is exactly 0 (with "kind" for a softmax over one
+    element, found by one forward pass on `inputs` when there are such layers and softmaxes)."""
     zero = {r.name for r in reports if r.activation_grad_norm == 0.0}
-    if not zero or not any(canonical(n.op_type) in ZERO_DERIVATIVE_OPS for n in graph.nodes):
+    if not zero:
+        return {}
+    softmaxes = [n for n in graph.nodes if _base_op(n.op_type) in _SOFTMAX_OPS]
+    constant = _single_element_softmaxes(graph, softmaxes, inputs) if softmaxes else set()
+    rounding = any(canonical(n.op_type) in ZERO_DERIVATIVE_OPS for n in graph.nodes)
+    if not rounding and not constant:
         return {}
     readers: dict[str, list[Node]] = {}
     for node in graph.nodes:
@@ -39,18 +53,58 @@ def gradient_cuts(
     cuts: dict[str, dict[str, str]] = {}
     for layer in layers:
         if layer.name in zero:
-            cut = _first_downstream_cut(layer.output, readers)
+            cut = _first_downstream_cut(layer.output, readers, constant)
             if cut is not None:
                 cuts[layer.name] = {"node": cut.name, "op": cut.op_type}
+                if cut.name in constant:
+                    cuts[layer.name]["kind"] = SINGLE_ELEMENT_SOFTMAX
     return cuts
 
 
-def _first_downstream_cut(value: str, readers: dict[str, list[Node]]) -> Node | None:
-    """Breadth first from `value` along the nodes that read it: the nearest rounding."""
+def _base_op(op_type: str) -> str:
+    """`softmax` for ONNX's Softmax and aten's `_softmax.default` / `softmax.int`."""
+    return op_type.lower().removeprefix("aten.").split(".")[0].lstrip("_")
+
+
+def _single_element_softmaxes(
+    graph: ObservableGraph, softmaxes: list[Node], inputs: list[torch.Tensor] | None
+) -> set[str]:
+    """The softmax nodes whose axis has one element on `inputs` (one forward pass)."""
+    if inputs is None:
+        return set()
+    wanted = {n.name: _softmax_axis(n) for n in softmaxes}
+    found: set[str] = set()
+
+    def observe(node: Node, outputs: Any) -> None:
+        if node.name in wanted and outputs and isinstance(outputs[0], torch.Tensor):
+            shape = outputs[0].shape
+            axis = wanted[node.name]
+            if shape and -len(shape) <= axis < len(shape) and shape[axis] == 1:
+                found.add(node.name)
+
+    with torch.no_grad():
+        graph.run(inputs, observe)
+    return found
+
+
+def _softmax_axis(node: Node) -> int:
+    """ONNX's `axis` attribute (default -1), or aten's `dim` argument."""
+    args = getattr(node.source, "args", None)
+    if isinstance(args, tuple) and len(args) > 1 and isinstance(args[1], int):
+        return args[1]
+    axis = _attr(node, "axis")
+    return int(axis) if isinstance(axis, int) else -1
+
+
+def _first_downstream_cut(
+    value: str, readers: dict[str, list[Node]], constant: set[str]
+) -> Node | None:
+    """Breadth first from `value` along the nodes that read it: the nearest rounding or
+    single-element softmax."""
     seen, queue = {value}, deque([value])
     while queue:
         for node in readers.get(queue.popleft(), []):
-            if canonical(node.op_type) in ZERO_DERIVATIVE_OPS:
+            if canonical(node.op_type) in ZERO_DERIVATIVE_OPS or node.name in constant:
                 return node
             for out in node.outputs:
                 if out and out not in seen:

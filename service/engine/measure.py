@@ -219,7 +219,8 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
         # a part at a time, as the passes above: no more memory than theirs
         batches = _micro_batches(subject, options.micro_batches, layout.batch_axes)
         result.quantizers = measure_quantizers(graph, (p for p, _, _ in batches), layers)
-        result.gradient_cuts = gradient_cuts(graph, layers, result.layers)
+        first_part = next(iter(_micro_batches(subject, options.micro_batches, layout.batch_axes)))
+        result.gradient_cuts = gradient_cuts(graph, layers, result.layers, list(first_part[0]))
     timing["analysis"] = clock.analysis(start, timing)
     result.timing = timing
     return result

@@ -43,6 +43,7 @@ FixKind = Literal[
     "use_bf16",
     "recalibrate_quantizers",
     "straight_through_estimator",
+    "attend_over_more_tokens",
 ]
 SEVERITY_RANK: dict[str, int] = {"info": 0, "warning": 1, "error": 2}
 

@@ -21,6 +21,7 @@ from service.engine.detectors.profile import decay_phrase, sig
 from service.engine.detectors.quantizers import quantized_what, range_text
 from service.engine.detectors.thresholds import resolve_thresholds
 from service.engine.detectors.units import init_ratio, normalized_layers
+from service.engine.gradient_cuts import SINGLE_ELEMENT_SOFTMAX
 from service.engine.graph import ObservableGraph
 from service.engine.measurements import Measurements
 from service.engine.report import SEVERITY_RANK, Finding, LayerReport, Recommendation
@@ -29,6 +30,7 @@ from service.engine.report import SEVERITY_RANK, Finding, LayerReport, Recommend
 PRIORITY = {
     "guard_numerics": 100,
     "straight_through_estimator": 98,
+    "attend_over_more_tokens": 97,
     "recalibrate_quantizers": 95,
     "use_gated_recurrent_unit": 90,
     "replace_activation": 80,
@@ -141,6 +143,8 @@ class Advisor:
             return snippets.loss_scaling(p["scale"])
         if d.fix == "straight_through_estimator":
             return snippets.straight_through_estimator(str(p["op"]))
+        if d.fix == "attend_over_more_tokens":
+            return snippets.attend_over_more_tokens(str(p["node"]))
         if d.fix == "recalibrate_quantizers":
             return snippets.recalibrate_quantizers(list(p["scale_factors"]))
         return snippets.use_bf16()
@@ -321,6 +325,18 @@ class Advisor:
             self._gate_bias_cause(index, e)
             return
         cut = e.get("gradient_cut")
+        if cut is not None and cut.get("kind") == SINGLE_ELEMENT_SOFTMAX:
+            self.add(
+                "attend_over_more_tokens",
+                index,
+                f"{cut['op']} ({cut['node']}) normalises over one element (attention over a "
+                f"single token): its output is 1 whatever the scores, so "
+                f"{', '.join(cut['layers'][:3])} get no gradient; the attention needs more "
+                "than one token per sequence.",
+                cut["layers"],
+                node=cut["node"],
+            )
+            return
         if cut is not None:  # a rounding explains the zeros: no scale, norm or shortcut helps
             self.add(
                 "straight_through_estimator",

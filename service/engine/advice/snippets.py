@@ -201,6 +201,19 @@ def recalibrate_quantizers(what: list[str]) -> str:
     )
 
 
+def attend_over_more_tokens(node: str) -> str:
+    return "\n".join(
+        [
+            f"# the attention whose softmax is {node} sees one token per sequence: a softmax",
+            "# over one score is 1, so its query and key projections never learn. Either",
+            "#   - give it more tokens: a smaller patch size or a larger input resolution",
+            "#     (MobileViT: patch_size, image_size), or",
+            "#   - drop the attention there: with one token its output is the value",
+            "#     projection alone, a linear layer",
+        ]
+    )
+
+
 def straight_through_estimator(op: str) -> str:
     fn = {"round": "torch.round", "floor": "torch.floor", "ceil": "torch.ceil"}.get(
         op.lower(), f"torch.{op.lower()}"

@@ -27,6 +27,7 @@ from service.engine.detectors.profile import (
     usable,
 )
 from service.engine.detectors.units import init_ratio, normalized_layers
+from service.engine.gradient_cuts import SINGLE_ELEMENT_SOFTMAX
 from service.engine.measurements import Measurements
 from service.engine.report import Finding, LayerReport
 
@@ -139,6 +140,10 @@ def depth_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
     severity = "error" if rules else None
     if not rules and ratio is not None and ratio < t["vanishing_profile_ratio_warning"]:
         severity, rules = "warning", ["depth_ratio_warning"]
+    if severity is None and any(n in m.gradient_cuts for n in zero):
+        # layers inside the network with no gradient at all, whatever the ends of the profile
+        # say (attention over one token between healthy layers): their weights never learn
+        severity, rules = "warning", ["gradient_cut"]
     if severity is not None:
         if "absolute_scale" in rules:
             layers = [n for n, _ in sorted(g2w, key=lambda p: p[1])]
@@ -164,13 +169,20 @@ def depth_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
             if cut_layers:
                 rounding = m.gradient_cuts[cut_layers[0]]
                 ev["gradient_cut"] = {**rounding, "layers": cut_layers}
-                msg = (
-                    f"No gradient reaches {_span(zero, names)} (‖∂L/∂a‖ = 0): on the way to the "
-                    f"loss their output passes {rounding['op']} ({rounding['node']}), whose "
-                    "derivative is zero everywhere; a rounding trains only with a "
-                    "straight-through estimator (an exported torch.autograd.Function keeps its "
-                    "forward only)."
-                )
+                passes = f"on the way to the loss their output passes {rounding['op']} "
+                if rounding.get("kind") == SINGLE_ELEMENT_SOFTMAX:
+                    why = (
+                        f"({rounding['node']}) over an axis of one element, which is 1 whatever "
+                        "its input: attention over a single token gives its query and key "
+                        "projections nothing to learn."
+                    )
+                else:
+                    why = (
+                        f"({rounding['node']}), whose derivative is zero everywhere; a rounding "
+                        "trains only with a straight-through estimator (an exported "
+                        "torch.autograd.Function keeps its forward only)."
+                    )
+                msg = f"No gradient reaches {_span(zero, names)} (‖∂L/∂a‖ = 0): {passes}{why}"
             elif zero:
                 learn = (
                     f"; the next earliest ({', '.join(shrinking[:3])}) barely learn"

@@ -64,6 +64,7 @@ _NOT_AUTOMATIC = {
     "parameters; not applied",
     "lower_learning_rate": "one gradient pass has no learning rate to change; the effect shows "
     "only over training steps",
+    "attend_over_more_tokens": "changes the input resolution or the architecture; not applied",
 }
 
 
