@@ -78,6 +78,20 @@ def _group_barrier(arrivals, target, spin_limit):
 
 
 @triton.jit
+def _gate_tiles(weights, k_stride, gate_stride, ks, units, hidden):
+    """The four gates' [BLOCK_H, BLOCK_U] tiles this program keeps: element (k, j) of gate q
+    at `weights + k·k_stride + q·gate_stride + j` (zero outside the hidden size)."""
+    at = ks[:, None] * k_stride + units[None, :]
+    mask = (ks < hidden)[:, None] & (units < hidden)[None, :]
+    return (
+        tl.load(weights + at, mask=mask, other=0.0),
+        tl.load(weights + gate_stride + at, mask=mask, other=0.0),
+        tl.load(weights + 2 * gate_stride + at, mask=mask, other=0.0),
+        tl.load(weights + 3 * gate_stride + at, mask=mask, other=0.0),
+    )
+
+
+@triton.jit
 def _program_tile(batch, hidden, BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr):
     """This program's batch rows and hidden units: (rows, units, the rows' in-range mask, the
     [rows, units] mask, offsets into a [B, H] state and into gate block 0 of [B, 4H]).
@@ -119,12 +133,7 @@ def lstm_forward_kernel(
     # Rᵀ's columns of this program's units, per gate block q: element (k, j) is Rᵀ[k, q·H + j]
     # (Rᵀ rather than R: read along its rows, the tiles go to shared memory in the layout the
     # products load with ldmatrix; read transposed from R they took scalar, conflicting loads)
-    r_at = ks[:, None] * (4 * hidden) + units[None, :]
-    r_mask = k_ok[:, None] & (units < hidden)[None, :]
-    r_i = tl.load(weights_hh_t + r_at, mask=r_mask, other=0.0)
-    r_f = tl.load(weights_hh_t + hidden + r_at, mask=r_mask, other=0.0)
-    r_g = tl.load(weights_hh_t + 2 * hidden + r_at, mask=r_mask, other=0.0)
-    r_o = tl.load(weights_hh_t + 3 * hidden + r_at, mask=r_mask, other=0.0)
+    r_i, r_f, r_g, r_o = _gate_tiles(weights_hh_t, 4 * hidden, hidden, ks, units, hidden)
     group_size = tl.num_programs(0)
     group_arrivals = arrivals + tl.program_id(1)
     in_step = True
@@ -195,13 +204,7 @@ def lstm_backward_kernel(
     ks = tl.arange(0, BLOCK_H)
     k_ok = ks < hidden
     # R's columns of this program's units, per gate block q: element (k, j) is R[q·H + k, j]
-    r_at = ks[:, None] * hidden + units[None, :]
-    r_mask = k_ok[:, None] & (units < hidden)[None, :]
-    block = hidden * hidden
-    r_i = tl.load(weights_hh + r_at, mask=r_mask, other=0.0)
-    r_f = tl.load(weights_hh + block + r_at, mask=r_mask, other=0.0)
-    r_g = tl.load(weights_hh + 2 * block + r_at, mask=r_mask, other=0.0)
-    r_o = tl.load(weights_hh + 3 * block + r_at, mask=r_mask, other=0.0)
+    r_i, r_f, r_g, r_o = _gate_tiles(weights_hh, hidden, hidden * hidden, ks, units, hidden)
     group_size = tl.num_programs(0)
     group_arrivals = arrivals + tl.program_id(1)
     in_step = True
