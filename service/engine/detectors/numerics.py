@@ -30,6 +30,8 @@ def non_finite_findings(m: Measurements) -> list[Finding]:
     # position buckets take log(0) = -inf, cast it to an integer and select it away): nothing
     # this batch trains on is touched, so it is told, not judged.
     contained = origin is not None and origin.phase == "forward" and not bad_params and not loss_bad
+    if contained and origin is not None and _mask_sum(origin.op_type, origin.values):
+        return []
     evidence["reaches_loss"] = not contained
     if origin is not None:
         evidence["origin"] = {
@@ -70,6 +72,32 @@ def non_finite_findings(m: Measurements) -> list[Finding]:
             evidence=evidence,
         )
     ]
+
+
+# Magnitude only an attention mask reaches: torch.finfo(float16).min is -65504, float32's
+# -3.4e38; Hugging Face masks with the dtype's min rather than -inf
+MASK_MAGNITUDE = 6.0e4
+
+
+def _mask_sum(op_type: str, values: dict[str, object] | None) -> bool:
+    """An add of two masks (a causal mask and a padding mask, each at the dtype's min) whose
+    sum overflowed to -inf where both mask a position (GPT-Neo's local attention): -inf only,
+    no NaN or +inf. A mask's intended value, absorbed by the softmax after it: no NaN/Inf
+    origin, as a -inf mask is none."""
+    base = op_type.lower().removeprefix("aten.").split(".")[0]
+    if base not in ("add", "sub") or not isinstance(values, dict):
+        return False
+    inputs, output = values.get("inputs"), values.get("output")
+    if not isinstance(inputs, list) or len(inputs) != 2 or not isinstance(output, dict):
+        return False
+    if not all(isinstance(x, dict) for x in inputs):
+        return False
+    only_neginf = output.get("nan") == 0 and output.get("posinf") == 0
+    # every input down at a mask's magnitude, and one of them an additive mask: zeros where
+    # a position is attended, the dtype's min elsewhere, nothing above 0
+    deep = all(x.get("min", 0.0) <= -MASK_MAGNITUDE for x in inputs)
+    additive = any(x.get("zero", 0) > 0 and x.get("max", 1.0) <= 0.0 for x in inputs)
+    return bool(only_neginf and deep and additive and output.get("neginf", 0) > 0)
 
 
 def fp16_findings(m: Measurements, t: dict[str, float], precision: str) -> list[Finding]:
