@@ -291,10 +291,14 @@ def _one_step_drop(
 
 
 def _span(chosen: list[str], order: list[str]) -> str:
-    """`layers.0–layers.2` when the layers are consecutive in `order`, else a list."""
+    """`layers.0–layers.2` when the layers are consecutive in `order`, else a list, its first
+    three and a count past four (the finding's `layers` has them all)."""
     positions = sorted(order.index(n) for n in chosen)
     if len(chosen) >= 3 and positions == list(range(positions[0], positions[-1] + 1)):
         return f"{order[positions[0]]}–{order[positions[-1]]}"
+    if len(positions) > 4:
+        shown = ", ".join(order[p] for p in positions[:3])
+        return f"{shown} and {len(positions) - 3} more layers"
     return ", ".join(order[p] for p in positions)
 
 

@@ -278,3 +278,11 @@ def test_a_scalar_parameter_is_no_weight_layer_for_the_weight_ratio():
     assert f.evidence["rules"] == ["weight_ratio"]
     m.parameters[3].shape = []
     assert not [f for f in detect(m) if f.kind == "exploding_gradients"]
+
+
+def test_a_long_list_of_layers_without_gradient_is_shortened_in_the_message():
+    # zero ‖∂L/∂a‖ at every other layer: not one span, so listed; past four, three and a count
+    m = mlp([0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 1.0])
+    (f,) = [f for f in detect(m) if f.kind == "vanishing_gradients"]
+    assert "fc0, fc2, fc4 and 2 more layers get exactly zero gradient" in f.message
+    assert f.evidence["zero_gradient_layers"] == ["fc0", "fc2", "fc4", "fc6", "fc8"]
