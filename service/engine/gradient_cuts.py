@@ -2,7 +2,8 @@
 loss, whose derivative is zero everywhere, leaves every layer before it exactly no gradient.
 So does a softmax over an axis of one element, whose output is 1 whatever its input: attention
 over a single token (a vision transformer whose patches leave one token per sequence, as a tiny
-MobileViT's last stages do) gives its query and key projections exactly no gradient.
+MobileViT's last stages do) gives its query and key projections exactly no gradient, written
+out (MatMul, Softmax) or fused (torch's scaled_dot_product_attention, ONNX's Attention) alike.
 
 Training code rounds with a straight-through estimator (`x + (torch.round(x) - x).detach()`, or
 a torch.autograd.Function whose backward passes the gradient on). An export keeps a Function's
@@ -42,7 +43,12 @@ def gradient_cuts(
     if not zero:
         return {}
     softmaxes = [n for n in graph.nodes if _base_op(n.op_type) in _SOFTMAX_OPS]
-    constant = _single_element_softmaxes(graph, softmaxes, inputs) if softmaxes else set()
+    attentions = [n for n in graph.nodes if _fused_attention(n)]
+    constant = (
+        _single_element_softmaxes(graph, softmaxes, attentions, inputs)
+        if softmaxes or attentions
+        else set()
+    )
     rounding = any(canonical(n.op_type) in ZERO_DERIVATIVE_OPS for n in graph.nodes)
     if not rounding and not constant:
         return {}
@@ -66,16 +72,41 @@ def _base_op(op_type: str) -> str:
     return op_type.lower().removeprefix("aten.").split(".")[0].lstrip("_")
 
 
+def _fused_attention(node: Node) -> bool:
+    """torch's scaled_dot_product_attention, or ONNX's Attention (opset 23), reading Q, K, V."""
+    fused = _base_op(node.op_type) == "scaled_dot_product_attention" or (
+        node.op_type == "Attention" and node.domain in ("", "ai.onnx")
+    )
+    return fused and len(node.inputs) >= 3
+
+
 def _single_element_softmaxes(
-    graph: ObservableGraph, softmaxes: list[Node], inputs: list[torch.Tensor] | None
+    graph: ObservableGraph,
+    softmaxes: list[Node],
+    attentions: list[Node],
+    inputs: list[torch.Tensor] | None,
 ) -> set[str]:
-    """The softmax nodes whose axis has one element on `inputs` (one forward pass)."""
+    """The softmax nodes whose axis has one element on `inputs`, and the fused attentions
+    with one key (K's axis -2) (one forward pass)."""
     if inputs is None:
         return set()
     wanted = {n.name: _softmax_axis(n) for n in softmaxes}
+    keys: dict[str, list[str]] = {}  # K's value → the attentions reading it
+    for node in attentions:
+        keys.setdefault(node.inputs[1], []).append(node.name)
     found: set[str] = set()
 
+    def one_key(name: str, value: Any) -> None:
+        tensor = isinstance(value, torch.Tensor) and value.dim() >= 2
+        if name in keys and tensor and value.shape[-2] == 1:
+            found.update(keys[name])
+
+    for name, value in zip(graph.input_names, inputs, strict=False):
+        one_key(name, value)
+
     def observe(node: Node, outputs: Any) -> None:
+        for name, value in zip(node.outputs, outputs or (), strict=False):
+            one_key(name, value)
         if node.name in wanted and outputs and isinstance(outputs[0], torch.Tensor):
             shape = outputs[0].shape
             axis = wanted[node.name]

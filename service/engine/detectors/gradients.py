@@ -171,10 +171,12 @@ def depth_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
                 ev["gradient_cut"] = {**rounding, "layers": cut_layers}
                 passes = f"on the way to the loss their output passes {rounding['op']} "
                 if rounding.get("kind") == SINGLE_ELEMENT_SOFTMAX:
+                    softmax = "softmax" in rounding["op"].lower()
+                    over = "over an axis of one element" if softmax else "with one key"
                     why = (
-                        f"({rounding['node']}) over an axis of one element, which is 1 whatever "
-                        "its input: attention over a single token gives its query and key "
-                        "projections nothing to learn."
+                        f"({rounding['node']}) {over}, whose softmax is 1 whatever the scores: "
+                        "attention over a single token gives its query and key projections "
+                        "nothing to learn."
                     )
                 else:
                     why = (
