@@ -248,7 +248,13 @@ def print_report(report: Any) -> None:
         console.print(
             f"time profile ({profile.input}, axis {profile.axis}): {tensor} grows "
             f"×{_fmt(profile.growth_factor)} per step towards the last step; first/last = "
-            f"{_fmt(profile.first_last_ratio)}",
+            f"{_fmt(profile.first_last_ratio)}"
+            + (
+                f" (the last {profile.unreached_last_steps} step(s) get no gradient: the loss "
+                "does not read them, a next-token target's last position)"
+                if profile.unreached_last_steps
+                else ""
+            ),
             markup=False,
             highlight=False,
         )

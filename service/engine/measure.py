@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from service.engine.detectors.profile import growth_factor
+from service.engine.detectors.profile import growth_factor, reached_steps
 from service.engine.gradient_cuts import gradient_cuts
 from service.engine.graph import Node, ObservableGraph
 from service.engine.layers import (
@@ -813,7 +813,8 @@ def _build(
         sq = host.get(f"time.{key}")
         if sq:
             norms = [math.sqrt(v) for v in sq]
-            growth, first_last = _fit(norms)
+            reached, unreached = reached_steps(norms)
+            growth, first_last = _fit(reached)
             i = source.input_index
             name = (
                 subject.model_info.inputs[i].name
@@ -828,6 +829,7 @@ def _build(
                     grad_norms=norms,
                     growth_factor=growth,
                     first_last_ratio=first_last,
+                    unreached_last_steps=unreached,
                 )
             )
     loss_value = host["loss"][0]

@@ -179,6 +179,9 @@ class TimeProfile(_Model):
     grad_norms: list[float] = []
     growth_factor: float | None = None  # fitted per-step factor, first step → last
     first_last_ratio: float | None = None
+    # trailing steps the loss does not read (exactly zero gradient: a shifted next-token loss);
+    # the fit and the ratio end at the step before them
+    unreached_last_steps: int = 0
 
 
 class Profiles(_Model):

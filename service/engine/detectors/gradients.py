@@ -23,6 +23,7 @@ from service.engine.detectors.profile import (
     depth_fit_phrase,
     first_last_ratio,
     growth_factor,
+    reached_steps,
     sig,
     usable,
 )
@@ -322,7 +323,7 @@ def time_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
     gated_only = any(is_gated_rnn(op) for op in ops) and not any(is_vanilla_rnn(op) for op in ops)
     vanishing_severity = "warning" if gated_only else "error"
     for prof in m.profiles.time:
-        norms: list[float | None] = list(prof.grad_norms)
+        norms, unreached = reached_steps(list(prof.grad_norms))
         ratio = first_last_ratio(norms)
         if ratio is None:
             continue
@@ -344,6 +345,7 @@ def time_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
             "horizon_steps": horizon,
             "first_step_grad_norm": norms[0],
             "last_step_grad_norm": last,
+            "unreached_last_steps": unreached,  # not read by the loss: left out of the ratio
         }
         layers = list(m.recurrent_layers)
         if ratio < t["vanishing_time_ratio"]:

@@ -90,6 +90,18 @@ def decay_phrase(evidence: dict[str, Any]) -> str:
     )
 
 
+def reached_steps(norms: Sequence[float | None]) -> tuple[list[float | None], int]:
+    """The time steps up to the last one the loss reaches, and how many after it it does not:
+    trailing steps whose gradient is exactly zero (a next-token loss leaves the last position's
+    prediction out, with -100 labels or a shift inside the model) are no decay, and the
+    first/last ratio against an exact zero was infinite, so a shifted LSTM language model was
+    not judged over time at all."""
+    end = len(norms)
+    while end > 1 and norms[end - 1] == 0.0:
+        end -= 1
+    return list(norms[:end]), len(norms) - end
+
+
 def first_last_ratio(norms: Sequence[float | None]) -> float | None:
     """norm of the first usable entry / norm of the last; 0 when the first is exactly zero."""
     values = [v for v in norms if v is not None and math.isfinite(v)]
