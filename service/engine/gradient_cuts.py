@@ -26,7 +26,7 @@ from service.engine.layers import Layer, _attr, canonical
 from service.engine.report import LayerReport
 
 ZERO_DERIVATIVE_OPS = frozenset({"round", "floor", "ceil", "sign", "trunc"})
-_SOFTMAX_OPS = frozenset({"softmax", "logsoftmax", "log_softmax", "safe_softmax"})
+_SOFTMAX_OPS = frozenset({"softmax", "logsoftmax", "safesoftmax"})  # canonical spellings
 SINGLE_ELEMENT_SOFTMAX = "single_element_softmax"  # a cut's "kind" (a rounding's is absent)
 
 
@@ -42,7 +42,7 @@ def gradient_cuts(
     zero = {r.name for r in reports if r.activation_grad_norm == 0.0}
     if not zero:
         return {}
-    softmaxes = [n for n in graph.nodes if _base_op(n.op_type) in _SOFTMAX_OPS]
+    softmaxes = [n for n in graph.nodes if canonical(n.op_type) in _SOFTMAX_OPS]
     attentions = [n for n in graph.nodes if _fused_attention(n)]
     constant = (
         _single_element_softmaxes(graph, softmaxes, attentions, inputs)
@@ -67,14 +67,9 @@ def gradient_cuts(
     return cuts
 
 
-def _base_op(op_type: str) -> str:
-    """`softmax` for ONNX's Softmax and aten's `_softmax.default` / `softmax.int`."""
-    return op_type.lower().removeprefix("aten.").split(".")[0].lstrip("_")
-
-
 def _fused_attention(node: Node) -> bool:
     """torch's scaled_dot_product_attention, or ONNX's Attention (opset 23), reading Q, K, V."""
-    fused = _base_op(node.op_type) == "scaled_dot_product_attention" or (
+    fused = canonical(node.op_type) == "scaleddotproductattention" or (
         node.op_type == "Attention" and node.domain in ("", "ai.onnx")
     )
     return fused and len(node.inputs) >= 3

@@ -6,6 +6,7 @@ import math
 
 from service.engine.detectors.origin_text import describe
 from service.engine.detectors.profile import sig
+from service.engine.layers import canonical
 from service.engine.measurements import Measurements
 from service.engine.report import Finding, Severity
 
@@ -84,8 +85,7 @@ def _mask_sum(op_type: str, values: dict[str, object] | None) -> bool:
     sum overflowed to -inf where both mask a position (GPT-Neo's local attention): -inf only,
     no NaN or +inf. A mask's intended value, absorbed by the softmax after it: no NaN/Inf
     origin, as a -inf mask is none."""
-    base = op_type.lower().removeprefix("aten.").split(".")[0]
-    if base not in ("add", "sub") or not isinstance(values, dict):
+    if canonical(op_type) not in ("add", "sub") or not isinstance(values, dict):
         return False
     inputs, output = values.get("inputs"), values.get("output")
     if not isinstance(inputs, list) or len(inputs) != 2 or not isinstance(output, dict):
