@@ -40,3 +40,4 @@ GRADHEALTH_LSTM_PERSISTENT=0 timeout 60 python3 bench/converter.py --device cuda
   --skip-conversion 2>&1 | tee "$out/converter_cuda_no_persistent.txt"
 timeout 120 python3 bench/converter.py --device cuda 2>&1 | tee "$out/converter_cuda.txt"
 timeout 120 python3 bench/overhead.py --device cuda --repeats 6 2>&1 | tee "$out/overhead_cuda.txt"
+timeout 40 python3 bench/cuda_host_cost.py 2>&1 | tee "$out/cuda_host_cost.txt"

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from service.engine.onnx.ops import lstm_fused_cell
+from service.engine.onnx.ops import lstm_sequence as lstm_sequence_module
 from service.engine.onnx.ops.lstm_sequence import ONNX_GATE_BLOCKS, lstm_sequence
 from tests.support.recurrent_zoo import lstm_sequence_args
 
@@ -220,3 +221,28 @@ def test_fused_cell_path_takes_torchs_gate_order_as_is(emulated_kernels: list[st
         torch.testing.assert_close(a, e)
     assert lstm_fused_cell._torch_gate_order(3, X.device, [0, 3, 1, 2]) is None
     assert emulated_kernels.count("forward") == 2 * 5
+
+
+@pytest.mark.parametrize("used", [0, 1, 2])
+@pytest.mark.parametrize("fused", [True, False])
+def test_an_unused_output_is_a_zero_gradient(
+    emulated_kernels: list[str], used: int, fused: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where a graph reads only Y, or only h_T, or only c_T, the other outputs' gradients are
+    None in the backward (not materialised as zeros each call): the same gradients as when
+    those outputs are read with a weight of 0, and the zeros kept in their place stay zero."""
+    if not fused:
+        monkeypatch.setattr(lstm_fused_cell, "available", lambda x: False)
+    args = _args(torch.float64)
+    results = []
+    for others in (False, True):
+        outputs = _lstm_sequence(args, reverse=True)
+        loss = outputs[used].square().sum()
+        if others:  # gradients of exactly zero reach the other outputs
+            loss = loss + sum((o * 0).sum() for k, o in enumerate(outputs) if k != used)
+        results.append(torch.autograd.grad(loss, args))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert all(float(g.abs().sum()) > 0 for g in results[0][:3])
+    assert all(not bool(z.any()) for z in lstm_sequence_module._kept.values())
+    assert lstm_sequence_module._kept  # the unused outputs read kept zeros

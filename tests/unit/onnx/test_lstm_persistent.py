@@ -61,15 +61,15 @@ def _problem(
 
 
 def _both_loops(p: dict[str, Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-    """(persistent outputs, per-step outputs): forward (Y, cells, gates) then backward
+    """(persistent outputs, per-step outputs): forward (h0 and Y, cells, gates) then backward
     (dgates, dc0, ∂L/∂h_t) of each."""
     results = []
     for loops in (lstm_persistent, lstm_fused_cell):
-        Y, cells, gates = loops.forward_steps(p["projected"], p["R"], p["h0"], p["c0"])
+        states, cells, gates = loops.forward_steps(p["projected"], p["R"], p["h0"], p["c0"])
         backward = loops.backward_steps(
             p["dY"], p["dh_last"], p["dc_last"], cells, gates, p["c0"], p["R"]
         )
-        results.append([Y, cells, gates, *backward])
+        results.append([states, cells, gates, *backward])
     return results[0], results[1]
 
 

@@ -39,7 +39,7 @@ import triton.language as tl
 # without). `hidden` stays specialised: the variants that can run are the tile widths times
 # three, and tests/unit/onnx/test_lstm_persistent.py compiles every one for sm_90.
 UNSPECIALIZED = ["steps", "batch", "spin_limit"]
-FORWARD_POINTERS = ["projected", "weights_hh_t", "hiddens", "c0", "cells", "gates"]
+FORWARD_POINTERS = ["projected", "weights_hh_t", "h0", "hiddens", "c0", "cells", "gates"]
 BACKWARD_POINTERS = ["grad_y", "grad_h_last", "grad_c_last", "cells", "gates", "c0", "weights_hh"]
 BACKWARD_POINTERS += ["grad_gates", "grad_hiddens", "grad_c0"]
 COUNTERS = ["arrivals", "barrier_failures"]
@@ -112,7 +112,8 @@ def _program_tile(batch, hidden, BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr):
 def lstm_forward_kernel(
     projected,  # [T, B, 4H]: x_t·Wᵀ + biases, torch's gate order
     weights_hh_t,  # Rᵀ [H, 4H], contiguous
-    hiddens,  # [T + 1, B, H]: slot 0 holds h0 on entry; slot t + 1 gets h_t
+    h0,  # [B, H]
+    hiddens,  # [T + 1, B, H] out: slot 0 gets h0 (the backward's dR reads h_{t-1}), t + 1 h_t
     c0,  # [B, H]
     cells,  # [T, B, H] out
     gates,  # [T, B, 4H] out: activated i, f, g, o
@@ -138,19 +139,17 @@ def lstm_forward_kernel(
     group_arrivals = arrivals + tl.program_id(1)
     in_step = True
     c = tl.load(c0 + state_at, mask=mask, other=0.0)
+    h_at = rows[:, None] * hidden + ks[None, :]
+    h_mask = row_ok[:, None] & k_ok[None, :]
+    # h_{t-1}, every unit: h0 read here, later steps' after each barrier (loop-carried)
+    h_prev = tl.load(h0 + h_at, mask=h_mask, other=0.0)
+    tl.store(hiddens + state_at, tl.load(h0 + state_at, mask=mask, other=0.0), mask=mask)
     for t in range(steps):
         step_gates = projected + t * batch * 4 * hidden
         acc_i = tl.load(step_gates + gate_at, mask=mask, other=0.0)
         acc_f = tl.load(step_gates + hidden + gate_at, mask=mask, other=0.0)
         acc_g = tl.load(step_gates + 2 * hidden + gate_at, mask=mask, other=0.0)
         acc_o = tl.load(step_gates + 3 * hidden + gate_at, mask=mask, other=0.0)
-        # h_{t-1}, every unit, as the group stored it: from L2 (".cg"), not this SM's L1
-        h_prev = tl.load(
-            hiddens + t * batch * hidden + rows[:, None] * hidden + ks[None, :],
-            mask=row_ok[:, None] & k_ok[None, :],
-            other=0.0,
-            cache_modifier=".cg",
-        )
         acc_i += tl.dot(h_prev, r_i, input_precision=PRECISION)
         acc_f += tl.dot(h_prev, r_f, input_precision=PRECISION)
         acc_g += tl.dot(h_prev, r_g, input_precision=PRECISION)
@@ -172,6 +171,10 @@ def lstm_forward_kernel(
         # one failed wait the rest do not wait (the result is flagged wrong already)
         limit = tl.where(in_step, spin_limit, 0)
         in_step = in_step & _group_barrier(group_arrivals, (t + 1) * group_size, limit)
+        # h_t, every unit, as the group stored it: from L2 (".cg"), not this SM's L1
+        h_prev = tl.load(
+            hiddens + (t + 1) * batch * hidden + h_at, mask=h_mask, other=0.0, cache_modifier=".cg"
+        )
     tl.atomic_add(barrier_failures, tl.where(in_step, 0, 1))
 
 
@@ -186,7 +189,7 @@ def lstm_backward_kernel(
     gates,  # [T, B, 4H]: activated i, f, g, o
     c0,  # [B, H]
     weights_hh,  # R [4H, H]
-    grad_gates,  # [T + 1, B, 4H] out: ∂L/∂pre-activations; slot T zero on entry
+    grad_gates,  # [T, B, 4H] out: ∂L/∂pre-activations
     grad_hiddens,  # [T, B, H] out: ∂L/∂h_t through Y and the recurrence
     grad_c0,  # [B, H] out
     arrivals,  # [batch blocks] int32, zeros on entry: the groups' barrier counters
@@ -208,24 +211,26 @@ def lstm_backward_kernel(
     group_size = tl.num_programs(0)
     group_arrivals = arrivals + tl.program_id(1)
     in_step = True
-    later_at = rows[:, None] * (4 * hidden) + ks[None, :]
-    later_mask = row_ok[:, None] & k_ok[None, :]
+    gate_rows_at = rows[:, None] * (4 * hidden) + ks[None, :]
+    gate_rows_mask = row_ok[:, None] & k_ok[None, :]
     dc = tl.load(grad_c_last + state_at, mask=mask, other=0.0)
     # ∂L/∂h_T reaches the last step only: added at the first iteration, zero afterwards
     # (loop-carried rather than a load masked by `t == steps - 1`: scalar-and-block masks
     # are not accepted by every Triton version's interpreter)
     extra = tl.load(grad_h_last + state_at, mask=mask, other=0.0)
+    # dgates_{t+1}, every unit (loop-carried: zeros past the last step, then each step's as
+    # the group stored it, read after the barrier). tl.full, not tl.zeros: tl.zeros is a @jit
+    # function of Triton's standard library, which the interpreter cannot call where triton
+    # was imported before TRITON_INTERPRET was set (see _sigmoid)
+    dg_i = tl.full([BLOCK_B, BLOCK_H], 0.0, tl.float32)
+    dg_f = tl.full([BLOCK_B, BLOCK_H], 0.0, tl.float32)
+    dg_g = tl.full([BLOCK_B, BLOCK_H], 0.0, tl.float32)
+    dg_o = tl.full([BLOCK_B, BLOCK_H], 0.0, tl.float32)
     for s in range(steps):
         t = steps - 1 - s
         dh = tl.load(grad_y + t * batch * hidden + state_at, mask=mask, other=0.0) + extra
         extra = extra * 0.0
-        # through the recurrence: Σ_n dgates_{t+1}[b, n]·R[n, j] (slot T is zeros), every
-        # gate gradient as the group stored it: from L2 (".cg"), not this SM's L1
-        later = grad_gates + (t + 1) * batch * 4 * hidden + later_at
-        dg_i = tl.load(later, mask=later_mask, other=0.0, cache_modifier=".cg")
-        dg_f = tl.load(later + hidden, mask=later_mask, other=0.0, cache_modifier=".cg")
-        dg_g = tl.load(later + 2 * hidden, mask=later_mask, other=0.0, cache_modifier=".cg")
-        dg_o = tl.load(later + 3 * hidden, mask=later_mask, other=0.0, cache_modifier=".cg")
+        # through the recurrence: Σ_n dgates_{t+1}[b, n]·R[n, j]
         dh += tl.dot(dg_i, r_i, input_precision=PRECISION)
         dh += tl.dot(dg_f, r_f, input_precision=PRECISION)
         dh += tl.dot(dg_g, r_g, input_precision=PRECISION)
@@ -255,5 +260,12 @@ def lstm_backward_kernel(
         # dgates_t complete before any program of the group reads it for step t - 1
         limit = tl.where(in_step, spin_limit, 0)
         in_step = in_step & _group_barrier(group_arrivals, (s + 1) * group_size, limit)
+        # every gate gradient of step t as the group stored it: from L2 (".cg"), not this
+        # SM's L1
+        done = grad_gates + t * batch * 4 * hidden + gate_rows_at
+        dg_i = tl.load(done, mask=gate_rows_mask, other=0.0, cache_modifier=".cg")
+        dg_f = tl.load(done + hidden, mask=gate_rows_mask, other=0.0, cache_modifier=".cg")
+        dg_g = tl.load(done + 2 * hidden, mask=gate_rows_mask, other=0.0, cache_modifier=".cg")
+        dg_o = tl.load(done + 3 * hidden, mask=gate_rows_mask, other=0.0, cache_modifier=".cg")
     tl.store(grad_c0 + state_at, dc, mask=mask)
     tl.atomic_add(barrier_failures, tl.where(in_step, 0, 1))

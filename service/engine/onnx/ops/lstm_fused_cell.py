@@ -74,8 +74,9 @@ def forward_loops(
     gate_blocks: list[int],
 ) -> tuple[Tensor, Tensor, Tensor, FusedRun]:
     """The forward of lstm_sequence's Function on CUDA, X in the order the steps run:
-    (Y [T, B, H], cells [T, B, H], workspaces [T, B, 4H] (activated gates, torch's order),
-    what `backward_loops` needs). `gate_blocks`: where W, R and bias hold i, o, f, c."""
+    (h0 then Y [T + 1, B, H], cells [T, B, H], workspaces [T, B, 4H] (activated gates,
+    torch's order), what `backward_loops` needs). `gate_blocks`: where W, R and bias hold
+    i, o, f, c."""
     order = _torch_gate_order(R.shape[1], W.device, gate_blocks)
     if order is not None:
         W, R = W.index_select(0, order), R.index_select(0, order)
@@ -85,11 +86,11 @@ def forward_loops(
     # per-step loops, replayed as CUDA graphs once this shape repeats (cuda_graph_loops.py)
     loops = lstm_persistent.loops_for(projected)
     if loops is None:
-        Y, cells, workspaces = cuda_graph_loops.run(forward_steps, projected, R, h0, c0)
+        states, cells, workspaces = cuda_graph_loops.run(forward_steps, projected, R, h0, c0)
     else:
-        Y, cells, workspaces = loops.forward(projected, R, h0, c0)
+        states, cells, workspaces = loops.forward(projected, R, h0, c0)
     back = None if order is None else order.argsort()
-    return Y, cells, workspaces, FusedRun(loops, R, back)
+    return states, cells, workspaces, FusedRun(loops, R, back)
 
 
 def backward_loops(
@@ -114,11 +115,12 @@ def backward_loops(
 
 
 def forward_steps(projected: Tensor, R: Tensor, h0: Tensor, c0: Tensor) -> tuple[Tensor, ...]:
-    """The forward loop: (Y, cells, workspaces), each stacked over the steps. A workspace holds
-    the step's activated gates, which the backward kernel reads."""
+    """The forward loop: (h0 then every h_t [T + 1, B, H], cells, workspaces), each stacked
+    over the steps. A workspace holds the step's activated gates, which the backward kernel
+    reads."""
     R_t = R.t()
     h, c = h0, c0
-    hiddens, cells, workspaces = [], [], []
+    hiddens, cells, workspaces = [h0], [], []
     for p in projected.unbind(0):
         h, c, workspace = cell_forward(p, torch.mm(h, R_t), c)
         hiddens.append(h)

@@ -8,10 +8,10 @@ at batch 8 took 2.99× torch's cuDNN on an H100 (bench/README.md, session 2). He
 is one kernel forward and one backward that loop over the steps inside (_lstm_triton.py).
 
 The contract is lstm_fused_cell's loops' (same arguments, same outputs, torch's gate order,
-the activated gates as the backward's workspace), so `_FusedCellSequence` takes these loops in
-place of the eager or captured ones. Every step is still computed one after the other and the
-backward still writes ∂L/∂h_t of every step (`grad_hiddens`): the observability that issue 2
-asks of recurrent ops is unchanged.
+the activated gates as the backward's workspace), so lstm_fused_cell's forward_loops and
+backward_loops take these loops in place of the eager or captured ones. Every step is still
+computed one after the other and the backward still writes ∂L/∂h_t of every step
+(`grad_hiddens`): the observability that issue 2 asks of recurrent ops is unchanged.
 
 Used for float32 on CUDA with hidden ≤ MAX_HIDDEN where `triton` imports (it ships with torch's
 CUDA builds). GRADHEALTH_LSTM_PERSISTENT=0 turns it off. Before the first LSTM of a hidden size
@@ -238,20 +238,20 @@ def _barriers(device: torch.device, batch: int, hidden: int) -> tuple[Tensor, Te
 
 
 def forward_steps(projected: Tensor, R: Tensor, h0: Tensor, c0: Tensor) -> tuple[Tensor, ...]:
-    """The forward loop in one kernel: (Y [T, B, H], cells [T, B, H], activated gates
-    [T, B, 4H]), as lstm_fused_cell.forward_steps."""
+    """The forward loop in one kernel: (h0 then every h_t [T + 1, B, H], cells [T, B, H],
+    activated gates [T, B, 4H]), as lstm_fused_cell.forward_steps."""
     module = kernels()
     assert module is not None
     steps, batch, four_h = projected.shape
     hidden = four_h // 4
     hiddens = projected.new_empty(steps + 1, batch, hidden)
-    hiddens[0] = h0
     cells = projected.new_empty(steps, batch, hidden)
     gates = torch.empty_like(projected)
     arrivals, failures, spin_limit = _barriers(projected.device, batch, hidden)
     module.lstm_forward_kernel[_grid(batch, hidden)](
         projected.contiguous(),
         R.t().contiguous(),
+        h0.contiguous(),
         hiddens,
         c0.contiguous(),
         cells,
@@ -264,7 +264,7 @@ def forward_steps(projected: Tensor, R: Tensor, h0: Tensor, c0: Tensor) -> tuple
         spin_limit,
         **_tiles(hidden),
     )
-    return hiddens[1:], cells, gates
+    return hiddens, cells, gates
 
 
 def backward_steps(
@@ -281,9 +281,7 @@ def backward_steps(
     module = kernels()
     assert module is not None
     steps, batch, hidden = cells.shape
-    # one slot past the last step, zeros: the last step's recurrent term reads it
-    grad_gates = gates.new_empty(steps + 1, batch, 4 * hidden)
-    grad_gates[steps].zero_()
+    grad_gates = torch.empty_like(gates)
     grad_hiddens = torch.empty_like(cells)
     grad_c0 = torch.empty_like(c0)
     arrivals, failures, spin_limit = _barriers(cells.device, batch, hidden)
@@ -306,7 +304,7 @@ def backward_steps(
         spin_limit,
         **_tiles(hidden),
     )
-    return grad_gates[:steps], grad_c0, grad_hiddens
+    return grad_gates, grad_c0, grad_hiddens
 
 
 class PersistentLoops:

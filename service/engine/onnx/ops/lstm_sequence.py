@@ -177,12 +177,18 @@ class _LSTMSequence(torch.autograd.Function):
         X = (X.flip(0) if reverse else X).contiguous()
         summed = summed_bias(bias, recurrent_bias, hidden)
         ctx.fused = ctx.loops = None
+        # unused outputs' gradients stay None (no zero-filled [B, H] pair per call: the
+        # backward reads one kept zeros tensor in their place)
+        ctx.set_materialize_grads(False)
         if lstm_fused_cell.available(X):
-            # tanh(cells) is not kept: the fused backward recomputes it from the cells
-            Y, cells, gates, ctx.fused = lstm_fused_cell.forward_loops(
+            # tanh(cells) is not kept: the fused backward recomputes it from the cells.
+            # `states` is h0 then every h_t [T + 1, B, H]: the backward's dR reads h_{t-1}
+            # from it as it is (on the CPU that is a concatenation of h0 and Y[:-1])
+            states, cells, gates, ctx.fused = lstm_fused_cell.forward_loops(
                 X, W, R, summed, h0, c0, gate_blocks
             )
-            ctx.save_for_backward(X, W, R, h0, c0, gates, cells, None, Y)
+            ctx.save_for_backward(X, W, R, h0, c0, gates, cells, None, states)
+            Y = states[1:]
             return _LSTMSequence._outputs(ctx, Y, cells, reverse, hidden_grads, onnx_shapes)
         projected = _cpu_products.linear(X, W, summed)  # [T, B, 4H]: all steps at once
         loops = native_loops(X)
@@ -221,13 +227,19 @@ class _LSTMSequence(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(
-        ctx: Any, dY: Tensor, dh_last: Tensor, dc_last: Tensor
+        ctx: Any, dY: Tensor | None, dh_last: Tensor | None, dc_last: Tensor | None
     ) -> tuple[Tensor | None, ...]:
-        X, W, R, h0, c0, gates, cells, tanh_cells, Y = ctx.saved_tensors
-        steps, batch, hidden = Y.shape
+        # `hiddens`: Y [T, B, H], or (fused) h0 then Y [T + 1, B, H]
+        X, W, R, h0, c0, gates, cells, tanh_cells, hiddens = ctx.saved_tensors
+        steps, batch, hidden = cells.shape
+        if dY is None:
+            dY = cells.new_zeros(steps, batch, hidden)
         dY = dY.reshape(steps, batch, hidden)
         dY = dY.flip(0) if ctx.reverse else dY
-        dh_last, dc_last = dh_last.reshape(batch, hidden), dc_last.reshape(batch, hidden)
+        dh_last, dc_last = (
+            _kept_zeros(batch, hidden, cells) if d is None else d.reshape(batch, hidden)
+            for d in (dh_last, dc_last)
+        )
         collect = ctx.hidden_grads is not None
         if ctx.fused is not None:
             dgates, dhidden, dc0 = lstm_fused_cell.backward_loops(
@@ -244,7 +256,7 @@ class _LSTMSequence(torch.autograd.Function):
             )
         if collect:
             ctx.hidden_grads.append(dhidden.flip(0) if ctx.reverse else dhidden)
-        return _LSTMSequence._input_grads(ctx, X, W, R, h0, Y, dgates, dc0)
+        return _LSTMSequence._input_grads(ctx, X, W, R, h0, hiddens, dgates, dc0)
 
     @staticmethod
     def _input_grads(
@@ -253,13 +265,13 @@ class _LSTMSequence(torch.autograd.Function):
         W: Tensor,
         R: Tensor,
         h0: Tensor,
-        Y: Tensor,
+        hiddens: Tensor,
         dgates: Tensor,
         dc0: Tensor,
     ) -> tuple[Tensor | None, ...]:
         """The products over all steps at once: dX, dW, dR, the biases', dh0, dc0
         (_cpu_products: oneDNN or MKL, whichever this machine runs faster), each shaped as
-        its input was."""
+        its input was. `hiddens` as the forward saved them (see backward)."""
         steps, batch, four_h = dgates.shape
         flat = dgates.view(steps * batch, four_h)
         x_shape, w_shape, r_shape, h0_shape, c0_shape = ctx.shapes
@@ -268,25 +280,49 @@ class _LSTMSequence(torch.autograd.Function):
         if need_x:
             dX = _cpu_products.mm(flat, W).view(steps, batch, -1)
             dX = (dX.flip(0) if ctx.reverse else dX).view(x_shape)
-        # dW = Σ_t dgates_tᵀ·x_t and dR = Σ_t dgates_tᵀ·h_{t-1} in ONE product,
-        # dgatesᵀ·[X | H_prev]: both read dgates transposed, which oneDNN copies first (that
-        # copy cost as much as the product at the small LSTM's size: 2.46 -> ms per pass)
         inputs = X.reshape(steps * batch, -1)
-        operands = [inputs] if need_w else []
-        if need_r:
-            h_prev = torch.cat([h0.unsqueeze(0), Y[:-1]], 0).view(steps * batch, R.shape[1])
-            operands.append(h_prev)
-        both = _cpu_products.mm(flat.t(), torch.cat(operands, 1)) if operands else None
         dW = dR = None
-        if both is not None:
-            dW = both[:, : inputs.shape[1]].reshape(w_shape) if need_w else None
-            dR = both[:, -R.shape[1] :].reshape(r_shape) if need_r else None
+        if ctx.fused is not None:
+            # cuBLAS reads the transposed operand as it is: two products, h_{t-1} straight
+            # from the forward's [h0, Y] buffer (no concatenation, no copy)
+            h_prev = hiddens[:-1].reshape(steps * batch, R.shape[1])
+            dgates_t = flat.t()
+            dW = torch.mm(dgates_t, inputs).reshape(w_shape) if need_w else None
+            dR = torch.mm(dgates_t, h_prev).reshape(r_shape) if need_r else None
+        else:
+            # dW = Σ_t dgates_tᵀ·x_t and dR = Σ_t dgates_tᵀ·h_{t-1} in ONE product,
+            # dgatesᵀ·[X | H_prev]: both read dgates transposed, which oneDNN copies first
+            # (that copy cost as much as the product at the small LSTM's size: 2.46 -> ms
+            # per pass)
+            operands = [inputs] if need_w else []
+            if need_r:
+                h_prev = torch.cat([h0.unsqueeze(0), hiddens[:-1]], 0)
+                operands.append(h_prev.view(steps * batch, R.shape[1]))
+            both = _cpu_products.mm(flat.t(), torch.cat(operands, 1)) if operands else None
+            if both is not None:
+                dW = both[:, : inputs.shape[1]].reshape(w_shape) if need_w else None
+                dR = both[:, -R.shape[1] :].reshape(r_shape) if need_r else None
         d_bias = d_recurrent_bias = None
         if need_b or need_rb:
             d_bias, d_recurrent_bias = _bias_grads(flat.sum(0), *ctx.biases)
         dh0 = torch.mm(dgates[0], R).view(h0_shape) if need_h0 else None
         d_c0 = dc0.view(c0_shape) if need_c0 else None
         return dX, dW, dR, d_bias, d_recurrent_bias, dh0, d_c0, None, None, None, None
+
+
+_kept: dict[tuple[int, int, torch.dtype, torch.device], Tensor] = {}
+
+
+def _kept_zeros(batch: int, hidden: int, like: Tensor) -> Tensor:
+    """A zeros [batch, hidden] tensor kept for reuse: the gradient of an unused h_T or c_T.
+    The loops only read it (the C++ backward clones dc_last before updating it)."""
+    key = (batch, hidden, like.dtype, like.device)
+    zeros = _kept.get(key)
+    if zeros is None:
+        if len(_kept) >= 16:  # a few shapes in a process; never grows without bound
+            _kept.clear()
+        zeros = _kept[key] = like.new_zeros(batch, hidden)
+    return zeros
 
 
 def _forward_steps(
