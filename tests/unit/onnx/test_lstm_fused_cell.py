@@ -229,8 +229,9 @@ def test_an_unused_output_is_a_zero_gradient(
     emulated_kernels: list[str], used: int, fused: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Where a graph reads only Y, or only h_T, or only c_T, the other outputs' gradients are
-    None in the backward (not materialised as zeros each call): the same gradients as when
-    those outputs are read with a weight of 0, and the zeros kept in their place stay zero."""
+    None in the backward (not materialised as zeros by autograd each call; the CPU loops read
+    kept zeros, the CUDA node makes its own inside its graph): the same gradients as when
+    those outputs are read with a weight of 0, and the zeros kept stay zero."""
     if not fused:
         monkeypatch.setattr(lstm_fused_cell, "available", lambda x: False)
     args = _args(torch.float64)
@@ -245,4 +246,5 @@ def test_an_unused_output_is_a_zero_gradient(
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
     assert all(float(g.abs().sum()) > 0 for g in results[0][:3])
     assert all(not bool(z.any()) for z in lstm_sequence_module._kept.values())
-    assert lstm_sequence_module._kept  # the unused outputs read kept zeros
+    if not fused:
+        assert lstm_sequence_module._kept  # the unused outputs read kept zeros

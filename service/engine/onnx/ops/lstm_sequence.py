@@ -22,14 +22,15 @@ i, o, f, c. Other LSTMs take the unrolled path in recurrent.py.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from service.engine.onnx.ops import _cpu_products, lstm_fused_cell
+from service.engine.onnx.ops import _cpu_products, lstm_fused_cell, pooled_cuda_graphs
 from service.engine.onnx.ops._sequence_common import native_loops, reorder_blocks
+from service.engine.onnx.ops.lstm_products import GradPlan, input_grads, summed_bias
 
 
 def lstm_direction(
@@ -118,30 +119,6 @@ def lstm_sequence(
 ONNX_GATE_BLOCKS = [0, 1, 2, 3]
 
 
-def summed_bias(bias: Tensor | None, recurrent_bias: Tensor | None, hidden: int) -> Tensor | None:
-    """The one [4H] bias the gates add: `bias` is either ONNX's row [8H] (Wb then Rb, any
-    leading axes of 1), or the input-side bias [4H] plus `recurrent_bias` [4H], or already
-    their sum (`recurrent_bias` None)."""
-    if bias is None:
-        assert recurrent_bias is None, "a recurrent bias comes with an input-side one"
-        return None
-    row = bias.reshape(-1)
-    if row.numel() == 8 * hidden:
-        row = row[: 4 * hidden] + row[4 * hidden :]
-    return row if recurrent_bias is None else row + recurrent_bias.reshape(-1)
-
-
-def _bias_grads(
-    db: Tensor, bias: torch.Size | None, recurrent_bias: torch.Size | None
-) -> tuple[Tensor | None, Tensor | None]:
-    """The gradients of `summed_bias`'s inputs, of shapes `bias` and `recurrent_bias`, given
-    the sum's, `db` [4H]."""
-    if bias is None:
-        return None, None
-    d_bias = db.repeat(2) if bias.numel() == 2 * db.numel() else db
-    return d_bias.view(bias), None if recurrent_bias is None else db.view(recurrent_bias)
-
-
 class _LSTMSequence(torch.autograd.Function):
     """lstm_sequence's one autograd node: inputs as lstm_sequence takes them, X in time order
     (`reverse`: the loops run it backwards), no autograd op outside. The loops are this
@@ -162,13 +139,40 @@ class _LSTMSequence(torch.autograd.Function):
         gate_blocks: list[int],
         onnx_shapes: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        batch = X.shape[1]
-        hidden = R.shape[-1]
-        ctx.shapes = X.shape, W.shape, R.shape, h0.shape, c0.shape
-        ctx.biases = (
-            None if bias is None else bias.shape,
-            None if recurrent_bias is None else recurrent_bias.shape,
+        ctx.plan_shapes = (
+            (X.shape, W.shape, R.shape, h0.shape, c0.shape),
+            (
+                None if bias is None else bias.shape,
+                None if recurrent_bias is None else recurrent_bias.shape,
+            ),
         )
+        ctx.hidden_grads, ctx.reverse, ctx.onnx_shapes = hidden_grads, reverse, onnx_shapes
+        ctx.gate_blocks = tuple(gate_blocks)
+        # unused outputs' gradients stay None (no zero-filled [B, H] pair per call)
+        ctx.set_materialize_grads(False)
+        ctx.fused = lstm_fused_cell.available(X)
+        if ctx.fused:
+            # the whole node in one function, replayed as a CUDA graph once its inputs repeat
+            # (pooled_cuda_graphs.py). `states`: h0 then every h_t [T + 1, B, H] in the order
+            # the steps ran; tanh(cells) is not kept: the backward recomputes it
+            outputs = pooled_cuda_graphs.run(
+                lstm_fused_cell.forward_node,
+                (reverse, ctx.gate_blocks),
+                X,
+                W,
+                R,
+                bias,
+                recurrent_bias,
+                h0,
+                c0,
+            )
+            states, cells, gates, h_last, c_last = (
+                cast(Tensor, outputs[k]) for k in (0, 1, 2, 4, 5)
+            )
+            ctx.save_for_backward(X, W, R, h0, c0, gates, cells, None, states)
+            Y = states[1:] if outputs[3] is None else outputs[3]
+            return _LSTMSequence._outputs(ctx, Y, h_last, c_last)
+        batch, hidden = X.shape[1], R.shape[-1]
         W, R = W.reshape(-1, W.shape[-1]), R.reshape(-1, hidden)
         h0, c0 = h0.reshape(batch, hidden), c0.reshape(batch, hidden)
         # in the order the steps run; contiguous: on a transposed X (a batch-first input)
@@ -176,20 +180,6 @@ class _LSTMSequence(torch.autograd.Function):
         # copy it again
         X = (X.flip(0) if reverse else X).contiguous()
         summed = summed_bias(bias, recurrent_bias, hidden)
-        ctx.fused = ctx.loops = None
-        # unused outputs' gradients stay None (no zero-filled [B, H] pair per call: the
-        # backward reads one kept zeros tensor in their place)
-        ctx.set_materialize_grads(False)
-        if lstm_fused_cell.available(X):
-            # tanh(cells) is not kept: the fused backward recomputes it from the cells.
-            # `states` is h0 then every h_t [T + 1, B, H]: the backward's dR reads h_{t-1}
-            # from it as it is (on the CPU that is a concatenation of h0 and Y[:-1])
-            states, cells, gates, ctx.fused = lstm_fused_cell.forward_loops(
-                X, W, R, summed, h0, c0, gate_blocks
-            )
-            ctx.save_for_backward(X, W, R, h0, c0, gates, cells, None, states)
-            Y = states[1:]
-            return _LSTMSequence._outputs(ctx, Y, cells, reverse, hidden_grads, onnx_shapes)
         projected = _cpu_products.linear(X, W, summed)  # [T, B, 4H]: all steps at once
         loops = native_loops(X)
         if loops is not None:
@@ -202,27 +192,19 @@ class _LSTMSequence(torch.autograd.Function):
             gates, cells, tanh_cells, Y = _forward_steps(projected, R, h0, c0)
         ctx.save_for_backward(X, W, R, h0, c0, gates, cells, tanh_cells, Y)
         ctx.loops = loops
-        ctx.gate_blocks = gate_blocks
-        return _LSTMSequence._outputs(ctx, Y, cells, reverse, hidden_grads, onnx_shapes)
-
-    @staticmethod
-    def _outputs(
-        ctx: Any,
-        Y: Tensor,
-        cells: Tensor,
-        reverse: bool,
-        hidden_grads: list[Tensor] | None,
-        onnx_shapes: bool,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        ctx.hidden_grads = hidden_grads
-        ctx.reverse = reverse
         # h_T and c_T as their own tensors: views of Y or of a saved buffer could be changed
         # in place by a caller and corrupt the backward
         h_last, c_last = Y[-1].clone(), cells[-1].clone()
-        Y_out = Y.flip(0) if reverse else Y
-        if onnx_shapes:
-            return Y_out.unsqueeze(1), h_last.unsqueeze(0), c_last.unsqueeze(0)
-        return Y_out, h_last, c_last
+        return _LSTMSequence._outputs(ctx, Y.flip(0) if reverse else Y, h_last, c_last)
+
+    @staticmethod
+    def _outputs(
+        ctx: Any, Y: Tensor, h_last: Tensor, c_last: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Y in the input's time order, h_T, c_T, shaped as the caller asked."""
+        if ctx.onnx_shapes:
+            return Y.unsqueeze(1), h_last.unsqueeze(0), c_last.unsqueeze(0)
+        return Y, h_last, c_last
 
     @staticmethod
     @once_differentiable
@@ -231,6 +213,40 @@ class _LSTMSequence(torch.autograd.Function):
     ) -> tuple[Tensor | None, ...]:
         # `hiddens`: Y [T, B, H], or (fused) h0 then Y [T + 1, B, H]
         X, W, R, h0, c0, gates, cells, tanh_cells, hiddens = ctx.saved_tensors
+        shapes, biases = ctx.plan_shapes
+        x_shape, w_shape, r_shape, h0_shape, c0_shape = shapes
+        plan = GradPlan(
+            x_shape=x_shape,
+            w_shape=w_shape,
+            r_shape=r_shape,
+            h0_shape=h0_shape,
+            c0_shape=c0_shape,
+            bias_shape=biases[0],
+            recurrent_bias_shape=biases[1],
+            needs=tuple(ctx.needs_input_grad[:7]),
+            reverse=ctx.reverse,
+        )
+        collect = ctx.hidden_grads is not None
+        if ctx.fused:
+            *fused_grads, dhidden = pooled_cuda_graphs.run(
+                lstm_fused_cell.backward_node,
+                (ctx.gate_blocks, plan, collect),
+                dY,
+                dh_last,
+                dc_last,
+                X,
+                W,
+                R,
+                h0,
+                c0,
+                gates,
+                cells,
+                hiddens,
+            )
+            if collect:
+                assert dhidden is not None
+                ctx.hidden_grads.append(dhidden)
+            return (*fused_grads, None, None, None, None)
         steps, batch, hidden = cells.shape
         if dY is None:
             dY = cells.new_zeros(steps, batch, hidden)
@@ -240,15 +256,11 @@ class _LSTMSequence(torch.autograd.Function):
             _kept_zeros(batch, hidden, cells) if d is None else d.reshape(batch, hidden)
             for d in (dh_last, dc_last)
         )
-        collect = ctx.hidden_grads is not None
-        if ctx.fused is not None:
-            dgates, dhidden, dc0 = lstm_fused_cell.backward_loops(
-                ctx.fused, dY, dh_last, dc_last, cells, gates, c0
-            )
-        elif ctx.loops is not None:
+        if ctx.loops is not None:
             packed_Rt = _cpu_products.packed_step_weight(R.t(), gates.shape[1])
+            blocks = list(ctx.gate_blocks)
             dgates, dhidden, dc0 = ctx.loops.lstm_backward(
-                dY, dh_last, dc_last, gates, cells, tanh_cells, c0, R, ctx.gate_blocks, packed_Rt
+                dY, dh_last, dc_last, gates, cells, tanh_cells, c0, R, blocks, packed_Rt
             )
         else:
             dgates, dhidden, dc0 = _backward_steps(
@@ -256,58 +268,8 @@ class _LSTMSequence(torch.autograd.Function):
             )
         if collect:
             ctx.hidden_grads.append(dhidden.flip(0) if ctx.reverse else dhidden)
-        return _LSTMSequence._input_grads(ctx, X, W, R, h0, hiddens, dgates, dc0)
-
-    @staticmethod
-    def _input_grads(
-        ctx: Any,
-        X: Tensor,
-        W: Tensor,
-        R: Tensor,
-        h0: Tensor,
-        hiddens: Tensor,
-        dgates: Tensor,
-        dc0: Tensor,
-    ) -> tuple[Tensor | None, ...]:
-        """The products over all steps at once: dX, dW, dR, the biases', dh0, dc0
-        (_cpu_products: oneDNN or MKL, whichever this machine runs faster), each shaped as
-        its input was. `hiddens` as the forward saved them (see backward)."""
-        steps, batch, four_h = dgates.shape
-        flat = dgates.view(steps * batch, four_h)
-        x_shape, w_shape, r_shape, h0_shape, c0_shape = ctx.shapes
-        need_x, need_w, need_r, need_b, need_rb, need_h0, need_c0 = ctx.needs_input_grad[:7]
-        dX = None
-        if need_x:
-            dX = _cpu_products.mm(flat, W).view(steps, batch, -1)
-            dX = (dX.flip(0) if ctx.reverse else dX).view(x_shape)
-        inputs = X.reshape(steps * batch, -1)
-        dW = dR = None
-        if ctx.fused is not None:
-            # cuBLAS reads the transposed operand as it is: two products, h_{t-1} straight
-            # from the forward's [h0, Y] buffer (no concatenation, no copy)
-            h_prev = hiddens[:-1].reshape(steps * batch, R.shape[1])
-            dgates_t = flat.t()
-            dW = torch.mm(dgates_t, inputs).reshape(w_shape) if need_w else None
-            dR = torch.mm(dgates_t, h_prev).reshape(r_shape) if need_r else None
-        else:
-            # dW = Σ_t dgates_tᵀ·x_t and dR = Σ_t dgates_tᵀ·h_{t-1} in ONE product,
-            # dgatesᵀ·[X | H_prev]: both read dgates transposed, which oneDNN copies first
-            # (that copy cost as much as the product at the small LSTM's size: 2.46 -> ms
-            # per pass)
-            operands = [inputs] if need_w else []
-            if need_r:
-                h_prev = torch.cat([h0.unsqueeze(0), hiddens[:-1]], 0)
-                operands.append(h_prev.view(steps * batch, R.shape[1]))
-            both = _cpu_products.mm(flat.t(), torch.cat(operands, 1)) if operands else None
-            if both is not None:
-                dW = both[:, : inputs.shape[1]].reshape(w_shape) if need_w else None
-                dR = both[:, -R.shape[1] :].reshape(r_shape) if need_r else None
-        d_bias = d_recurrent_bias = None
-        if need_b or need_rb:
-            d_bias, d_recurrent_bias = _bias_grads(flat.sum(0), *ctx.biases)
-        dh0 = torch.mm(dgates[0], R).view(h0_shape) if need_h0 else None
-        d_c0 = dc0.view(c0_shape) if need_c0 else None
-        return dX, dW, dR, d_bias, d_recurrent_bias, dh0, d_c0, None, None, None, None
+        grads = input_grads(plan, X, W, R, h0, hiddens, dgates, dc0)
+        return (*grads, None, None, None, None)
 
 
 _kept: dict[tuple[int, int, torch.dtype, torch.device], Tensor] = {}
