@@ -17,6 +17,12 @@ copied into the graph's static buffers and outputs cloned out of them, so any nu
 and calls can share one capture (a few extra memory passes per call, ~µs on a GPU). Where
 capture fails (an old driver, another capture in progress), that key stays eager.
 GRADHEALTH_CUDA_GRAPHS=0 turns replay off (bench/lstm_cuda.py times both).
+
+The LSTM's whole node (projection, loops, products) is replayed by pooled_cuda_graphs.py
+instead, without the copies and clones; inside its capture these loops run eagerly (a capture
+in progress), so their kernels become part of the node's graph. The GRU's and RNN's loops
+still come here: their forward loops activate the projected gates in place, which a pooled
+capture (pure functions only) refuses.
 """
 
 from __future__ import annotations

@@ -13,7 +13,9 @@ backward: callers that pass a `hidden_grads` list get it ([T, batch, hidden], ti
 the backward runs.
 
 On CUDA the steps run through lstm_fused_cell's loops instead (one cell kernel per step each way,
-or one persistent kernel for all of them), inside the same autograd Function.
+or one persistent kernel for all of them), inside the same autograd Function: its forward and
+its backward are each one pure function (lstm_fused_cell.forward_node / backward_node), replayed
+as a CUDA graph once its inputs repeat (pooled_cuda_graphs.py).
 
 Covers the LSTM that exporters write for `nn.LSTM`: activations sigmoid/tanh/tanh, no peepholes,
 no clip, no coupled input-forget gate, every sequence full length. Gates are in ONNX order
