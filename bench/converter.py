@@ -40,6 +40,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from service.engine.onnx.convert import convert, load_onnx
+from service.engine.onnx.ops import pooled_cuda_graphs
 from service.engine.onnx.registry import lookup
 from tests.support.export import to_onnx
 from tests.support.zoo import ResNet, TransformerEncoder
@@ -119,7 +120,11 @@ def compare(
         graph.zero_grad(set_to_none=True)
         _step(graph, xd)
 
+    captured = pooled_cuda_graphs.captured_total
     medians = _median_times({"torch": original, "converted": converted}, repeats, device)
+    # CUDA graphs of LSTM nodes captured while this row ran (warm-up included): a handful;
+    # more would mean captures in the timed steps
+    captured = pooled_cuda_graphs.captured_total - captured
     if PROFILE:
         _print_profile({"torch": original, "converted": converted}, (module, graph), xd)
     ratio = medians["converted"] / medians["torch"]
@@ -128,7 +133,8 @@ def compare(
     print(
         f"{name:<22} median: torch {medians['torch'] * 1e3:8.2f} ms, converted "
         f"{medians['converted'] * 1e3:8.2f} ms, ratio {ratio:5.3f} | min ratio {best:5.3f}"
-        f" | cpu-time ratio {cpu:5.3f}   ({len(graph.nodes)} nodes)"
+        f" | cpu-time ratio {cpu:5.3f}   ({len(graph.nodes)} nodes"
+        + (f", {captured} graphs captured)" if device.type == "cuda" else ")")
     )
     return ratio
 

@@ -1,8 +1,9 @@
 """pooled_cuda_graphs: which calls replay, which inputs are read in place, and that a replay
 never overwrites an output somebody still holds.
 
-On the CPU a stand-in graph replays by running the captured function again and copying its
-results into the captured outputs, which is what a CUDA graph's replay does to them; the
+On the CPU a stand-in graph replays by running the captured function on the call's tensors and
+copying its results into the captured outputs, which is what a CUDA graph's replay does to
+them; the
 `gpu` test replays real CUDA graphs (an LSTM node's, whose results must equal eager ones).
 """
 
@@ -22,18 +23,20 @@ from tests.unit.onnx.test_lstm_fused_cell import emulated_kernels  # noqa: F401 
 
 
 class StandInGraph:
-    """A CUDA graph's contract on the CPU: capture records; replay rewrites the captured
-    outputs in place from the inputs the capture read."""
+    """A CUDA graph's contract on the CPU: capturing computes the outputs once; a replay
+    rewrites them in place from the call's tensors (what a graph reads at their addresses).
+    Like a CUDA graph it keeps no reference to the tensors it read."""
 
     replays = 0
 
-    def capture(self, run: Callable[[], Any]) -> Any:
-        self.run, self.outputs = run, run()
-        return self.outputs
+    @staticmethod
+    def capture(run: Callable[[], Any]) -> Any:
+        return run()
 
-    def replay(self) -> None:
+    @staticmethod
+    def replay(capture: Any, args: list[Tensor | None]) -> None:
         StandInGraph.replays += 1
-        for out, new in zip(self.outputs, self.run(), strict=True):
+        for out, new in zip(capture.outputs, capture.body(capture.config, *args), strict=True):
             if out is not None:
                 out.copy_(new)
 
@@ -42,17 +45,21 @@ class StandInGraph:
 def stand_in_graphs(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(pooled_cuda_graphs, "_replayable", lambda inputs: True)
     monkeypatch.setattr(pooled_cuda_graphs, "_new_graph", StandInGraph)
+    monkeypatch.setattr(pooled_cuda_graphs, "_replay_graph", StandInGraph.replay)
     monkeypatch.setattr(
         pooled_cuda_graphs, "_capture_graph", lambda graph, run, device: graph.capture(run)
     )
-    pooled_cuda_graphs._pools.clear()
-    pooled_cuda_graphs._last_addresses.clear()
-    pooled_cuda_graphs._failed.clear()
+    _forget()
     StandInGraph.replays = 0
     yield
+    _forget()
+
+
+def _forget() -> None:
     pooled_cuda_graphs._pools.clear()
-    pooled_cuda_graphs._last_addresses.clear()
+    pooled_cuda_graphs._seen.clear()
     pooled_cuda_graphs._failed.clear()
+    pooled_cuda_graphs._static_storages.clear()
 
 
 def affine(config: float, x: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
@@ -74,16 +81,20 @@ def test_captured_the_second_time_then_replayed(stand_in_graphs: None) -> None:
     assert StandInGraph.replays == 3  # calls 2, 3, 4 (the capture itself computes nothing)
 
 
-def test_an_input_whose_address_repeats_is_read_in_place(stand_in_graphs: None) -> None:
-    x, w = torch.randn(5, 3), torch.randn(3, 2)
-    for _ in range(2):
-        pooled_cuda_graphs.run(affine, 1.0, x, w)
-    (capture,) = pooled_cuda_graphs._pools[next(iter(pooled_cuda_graphs._pools))]
-    assert capture._copies == []  # both read in place
-    w.mul_(3)  # an optimizer step: same tensor, new values
-    x = x.clone()  # a new tensor at a new address: copied into the capture's buffer
-    got = pooled_cuda_graphs.run(affine, 1.0, x, w)
-    torch.testing.assert_close(got[0], x @ w)
+def test_a_parameter_is_read_in_place_and_a_fresh_tensor_copied(stand_in_graphs: None) -> None:
+    before = pooled_cuda_graphs.captured_total
+    w = torch.nn.Parameter(torch.randn(3, 2))
+    rows = torch.randn(6, 5, 3)  # rows[k]: the same layout at six addresses
+    with torch.no_grad():
+        for k in range(6):
+            _assert_equal(pooled_cuda_graphs.run(affine, 1.0, rows[k], w), affine(1.0, rows[k], w))
+        # one capture: the batch at whatever address is copied, the parameter is read where
+        # it is (its address is in the key)
+        assert pooled_cuda_graphs.captured_total - before == 1
+        ((capture,),) = pooled_cuda_graphs._pools.values()
+        assert [i for i, _ in capture._copies] == [0]
+        w.mul_(3)  # an optimizer step: same tensor, new values
+        _assert_equal(pooled_cuda_graphs.run(affine, 1.0, rows[0], w), affine(1.0, rows[0], w))
 
 
 def test_a_replay_never_overwrites_an_output_still_held(stand_in_graphs: None) -> None:

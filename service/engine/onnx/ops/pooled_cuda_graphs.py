@@ -6,10 +6,11 @@ A CUDA graph replays a node's whole forward or backward in one launch (2.6-5 µs
 loops' captures (cuda_graph_loops.py) copy every input into the graph's buffers and clone every
 output out of them, ~7 µs of host time per tensor, about what such a replay saves. Here neither:
 
-- An input whose address repeats from one call to the next (a parameter; a saved tensor from a
-  pooled forward; what the caching allocator hands out again in a steady loop) is read where
-  it is. Its address is part of the capture's key, so a replay reads exactly the tensors this
-  call was given. Only the other inputs are copied, into the capture's own buffers.
+- An input that keeps its address from call to call, a parameter or an output of a held
+  capture (the forward's saved tensors reaching the backward, one layer's output reaching
+  the next), is read where it is. Its address is part of the capture's key, so a replay
+  reads exactly the tensors this call was given. Other inputs (a batch, an incoming
+  gradient: allocated anew for each call) are copied into the capture's own buffers.
 - Outputs are views of the capture's static outputs. A capture replays only when nothing
   outside holds any of its previous outputs: each output storage's use count is back to what
   the pool alone holds (views, autograd's saved tensors and a stolen `.grad` all count).
@@ -39,31 +40,33 @@ MAX_CAPTURES = 32  # keys kept (each capture holds its outputs and a private mem
 Body = Callable[..., tuple[Tensor | None, ...]]
 Inputs = tuple[Tensor | None, ...]
 Outputs = tuple[Tensor | None, ...]
-_Signature = tuple[Any, ...]
 
-_last_addresses: OrderedDict[_Signature, tuple[int, ...]] = OrderedDict()
 _pools: OrderedDict[Hashable, list[_Capture]] = OrderedDict()
+_seen: OrderedDict[Hashable, None] = OrderedDict()  # keys seen once, not captured yet
 _failed: set[Hashable] = set()
+_static_storages: set[int] = set()  # where the held captures' outputs live
+captured_total = 0  # captures made since the process started (bench/converter.py prints it)
 
 
 def run(body: Body, config: Hashable, *inputs: Tensor | None) -> Outputs:
     """`body(config, *inputs)`, replayed from a captured CUDA graph where it can be."""
     if not _replayable(inputs):
         return body(config, *inputs)
-    signature = (body, config, *(_layout(t) for t in inputs))
-    addresses = tuple(0 if t is None else t.data_ptr() for t in inputs)
-    last = _last_addresses.pop(signature, None)
-    _last_addresses[signature] = addresses
-    while len(_last_addresses) > 4 * MAX_CAPTURES:
-        _last_addresses.popitem(last=False)
-    if last is None:  # first sight
-        return body(config, *inputs)
-    # read in place where the address repeats; None: copied into the capture's buffer
-    in_place = tuple(a if a == b else None for a, b in zip(addresses, last, strict=True))
-    key = (signature, in_place)
+    # read in place: parameters and the held captures' outputs, at their addresses; the
+    # rest is copied into the capture's buffers (None)
+    in_place = tuple(t.data_ptr() if t is not None and _stays(t) else None for t in inputs)
+    key = (body, config, in_place, *(_layout(t) for t in inputs))
     if key in _failed:
         return body(config, *inputs)
-    pool = _pools.pop(key, [])
+    pool = _pools.pop(key, None)
+    if pool is None:
+        if key not in _seen:  # first sight: a key used once never pays for a capture
+            _seen[key] = None
+            while len(_seen) > 4 * MAX_CAPTURES:
+                _seen.popitem(last=False)
+            return body(config, *inputs)
+        del _seen[key]
+        pool = []
     _pools[key] = pool
     for capture in pool:
         if capture.free():
@@ -75,10 +78,33 @@ def run(body: Body, config: Hashable, *inputs: Tensor | None) -> Outputs:
     except RuntimeError:  # capture unsupported here (an old driver, a capture in progress)
         _failed.add(key)
         return body(config, *inputs)
+    _count_capture()
     pool.append(capture)
-    while len(_pools) > MAX_CAPTURES:
-        _pools.popitem(last=False)
+    _static_storages.update(s.data_ptr() for s in capture.storages)
+    if len(_pools) > MAX_CAPTURES:
+        while len(_pools) > MAX_CAPTURES:
+            _pools.popitem(last=False)
+        _static_storages.clear()
+        _static_storages.update(
+            s.data_ptr() for pool in _pools.values() for c in pool for s in c.storages
+        )
     return capture.replay(inputs)
+
+
+def _count_capture() -> None:
+    global captured_total
+    captured_total += 1
+
+
+def _stays(t: Tensor) -> bool:
+    """Whether `t` keeps its address from one call to the next: a parameter (or a view of
+    one), or an output of a held capture (its static memory). A tensor allocated anew each
+    call (an incoming gradient, a batch) may come back at the same address or not; keying
+    captures on those addresses made one capture after another (H200: ten a row)."""
+    base = t._base if t._base is not None else t
+    if base.is_leaf and base.requires_grad:
+        return True
+    return t.untyped_storage().data_ptr() in _static_storages
 
 
 def captures() -> int:
@@ -109,16 +135,31 @@ def _new_graph() -> Any:
     return torch.cuda.CUDAGraph()
 
 
+def _replay_graph(capture: _Capture, args: list[Tensor | None]) -> None:
+    """Replay `capture`'s graph, which reads `args` (the call's tensors, or the capture's
+    copies of them) where they are; a stand-in on the CPU computes from them instead."""
+    capture.graph.replay()
+
+
 def _capture_graph(graph: torch.cuda.CUDAGraph, run: Callable[[], Any], device: Any) -> Any:
     """`run()` once on a side stream (cuBLAS handles, workspaces, Triton's compiles happen
-    outside capture), then captured into `graph`; returns what the captured call returned."""
+    outside capture), then captured into `graph` on that stream; returns what the captured
+    call returned. Not through `torch.cuda.graph`: it empties the caching allocator before
+    each capture, after which fresh tensors (an incoming gradient) come back at new
+    addresses and ask for yet another capture (H200: ten captures a row, inside its timed
+    steps, and the large LSTM row at 1.15x against 0.5x)."""
+    current = torch.cuda.current_stream(device)
     side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
+    side.wait_stream(current)
     with torch.cuda.stream(side):
         run()
-    torch.cuda.current_stream(device).wait_stream(side)
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        return run()
+        graph.capture_begin(capture_error_mode="thread_local")
+        try:
+            outputs = run()
+        finally:
+            graph.capture_end()
+    current.wait_stream(side)
+    return outputs
 
 
 class _Capture:
@@ -126,6 +167,7 @@ class _Capture:
 
     def __init__(self, body: Body, config: Hashable, inputs: Inputs, in_place: tuple) -> None:
         device = next(t for t in inputs if t is not None).device
+        self.body, self.config = body, config
         self._copies: list[tuple[int, Tensor]] = [
             (i, torch.empty_like(t, memory_format=torch.contiguous_format))
             for i, (t, address) in enumerate(zip(inputs, in_place, strict=True))
@@ -135,23 +177,25 @@ class _Capture:
         for i, buffer in self._copies:
             buffer.copy_(inputs[i])  # type: ignore[arg-type]
             args[i] = buffer
-        self._graph = _new_graph()
+        self.graph = _new_graph()
         with torch.no_grad():
-            outputs = _capture_graph(self._graph, lambda: body(config, *args), device)
-        self._outputs: Outputs = tuple(outputs)
+            outputs = _capture_graph(self.graph, lambda: body(config, *args), device)
+        self.outputs: Outputs = tuple(outputs)
         read = {t.untyped_storage().data_ptr() for t in args if t is not None}
-        self._storages = [o.untyped_storage() for o in self._outputs if o is not None]
-        if any(s.data_ptr() in read for s in self._storages):
+        self.storages = [o.untyped_storage() for o in self.outputs if o is not None]
+        if any(s.data_ptr() in read for s in self.storages):
             raise RuntimeError("an output shares an input's memory: not a pure function")
         # what the pool alone holds of each storage: the outputs and the storage objects
-        self._held = [_use_count(s) for s in self._storages]
+        self._held = [_use_count(s) for s in self.storages]
 
     def free(self) -> bool:
         """Whether nothing outside the pool holds any output of the last replay."""
-        return all(_use_count(s) == n for s, n in zip(self._storages, self._held, strict=True))
+        return all(_use_count(s) == n for s, n in zip(self.storages, self._held, strict=True))
 
     def replay(self, inputs: Inputs) -> Outputs:
+        args = list(inputs)
         for i, buffer in self._copies:
             buffer.copy_(inputs[i])  # type: ignore[arg-type]
-        self._graph.replay()
-        return tuple(None if o is None else o.view(o.shape) for o in self._outputs)
+            args[i] = buffer
+        _replay_graph(self, args)
+        return tuple(None if o is None else o.view(o.shape) for o in self.outputs)
