@@ -33,26 +33,76 @@
 #include <type_traits>
 #include <vector>
 
-// small_gemm.h compiled for AVX-512 (x86-64-v4) alone: its 512-bit vector type needs it, and it
-// is only called on CPUs that have it (see step_product). Other architectures use addmm.
+// small_gemm.h compiled for AVX-512 (x86-64-v4) and for AVX2 (x86-64-v3), each inside its own
+// target pragma (their vector types need it), and called on CPUs that have the set (see
+// small_gemm_run). Other architectures use addmm.
 #if defined(__x86_64__)
+// (each wrapper is defined inside its pragma: the kernel's templates are instantiated there,
+// with that set's vectors; instantiated outside it they compiled to scalar code, 5x slower
+// than addmm)
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v4")
+#define SMALL_GEMM_ISA avx512
+#define SMALL_GEMM_VECTOR_BYTES 64
+#define SMALL_GEMM_MAX_ROWS 8
 #include "small_gemm.h"
+#undef SMALL_GEMM_ISA
+#undef SMALL_GEMM_VECTOR_BYTES
+#undef SMALL_GEMM_MAX_ROWS
 namespace {
-constexpr bool kSmallGemmBuilt = true;
 void small_gemm_avx512(const gradhealth::small_gemm::Operands& p, int64_t rows) {
-  gradhealth::small_gemm::multiply_add(p, rows);
+  gradhealth::small_gemm::avx512::multiply_add(p, rows);
 }
 }  // namespace
 #pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v3")
+#define SMALL_GEMM_ISA avx2
+#define SMALL_GEMM_VECTOR_BYTES 32
+#define SMALL_GEMM_MAX_ROWS 4
+#include "small_gemm.h"
+#undef SMALL_GEMM_ISA
+#undef SMALL_GEMM_VECTOR_BYTES
+#undef SMALL_GEMM_MAX_ROWS
+namespace {
+void small_gemm_avx2(const gradhealth::small_gemm::Operands& p, int64_t rows) {
+  gradhealth::small_gemm::avx2::multiply_add(p, rows);
+}
+}  // namespace
+#pragma GCC pop_options
+namespace {
+constexpr bool kSmallGemmBuilt = true;
+// 2: AVX-512, 1: AVX2, 0: neither (addmm)
+int small_gemm_level() {
+  static const int level = __builtin_cpu_supports("x86-64-v4") ? 2 : __builtin_cpu_supports("x86-64-v3") ? 1 : 0;
+  return level;
+}
+}  // namespace
 #else
+#define SMALL_GEMM_ISA generic  // compiled, never called
+#define SMALL_GEMM_VECTOR_BYTES 16
+#define SMALL_GEMM_MAX_ROWS 4
 #include "small_gemm.h"
 namespace {
 constexpr bool kSmallGemmBuilt = false;
 void small_gemm_avx512(const gradhealth::small_gemm::Operands&, int64_t) {}
+void small_gemm_avx2(const gradhealth::small_gemm::Operands&, int64_t) {}
+int small_gemm_level() { return 0; }
 }  // namespace
 #endif
+
+namespace {
+
+// small_gemm.h's product for the set this CPU has (small_gemm_usable() says one runs)
+void small_gemm_run(const gradhealth::small_gemm::Operands& p, int64_t rows) {
+  if (small_gemm_level() == 2) {
+    small_gemm_avx512(p, rows);
+  } else {
+    small_gemm_avx2(p, rows);
+  }
+}
+
+}  // namespace
 
 namespace {
 
@@ -69,18 +119,14 @@ at::Tensor onednn_linear_add(const at::Tensor& x, const at::Tensor& other, const
   return op.call(x, other, packed, std::nullopt, "add");
 }
 
-// Below this many multiply-adds a step's product goes to small_gemm.h on AVX-512 CPUs: the
+// Below this many multiply-adds a step's product goes to small_gemm.h on AVX2/AVX-512 CPUs: the
 // size under which _cpu_products.PACKED_STEP_MIN_MACS keeps oneDNN out too (2^21).
 constexpr int64_t kSmallStepMacs = int64_t{1} << 21;
 
-// Whether small_gemm.h runs here: an x86-64-v4 CPU, and GRADHEALTH_SMALL_GEMM not 0 (the
-// benchmarks' switch for comparing with addmm).
+// Whether small_gemm.h runs here: an x86-64-v4 (AVX-512) or x86-64-v3 (AVX2) CPU, and
+// GRADHEALTH_SMALL_GEMM not 0 (the benchmarks' switch for comparing with addmm).
 bool small_gemm_usable() {
-#if defined(__x86_64__)
-  static const bool cpu = kSmallGemmBuilt && __builtin_cpu_supports("x86-64-v4");
-#else
-  static const bool cpu = false;
-#endif
+  static const bool cpu = kSmallGemmBuilt && small_gemm_level() > 0;
   const char* flag = std::getenv("GRADHEALTH_SMALL_GEMM");
   return cpu && !(flag != nullptr && std::strcmp(flag, "0") == 0);
 }
@@ -98,7 +144,7 @@ bool small_step_product(const at::Tensor& out, const at::Tensor& other, const at
   const gradhealth::small_gemm::Operands p{x.const_data_ptr<float>(), x.stride(0), Wt.const_data_ptr<float>(),
                                            K, N, N, other.const_data_ptr<float>(), other.stride(0),
                                            out.data_ptr<float>(), out.stride(0)};
-  small_gemm_avx512(p, B);
+  small_gemm_run(p, B);
   return true;
 }
 
@@ -343,7 +389,7 @@ void lstm_forward_small(float* gates, const float* Rt, const float* h0, const fl
       for (int64_t k = 0; k < 4; ++k) {  // this thread's columns of each gate block
         const int64_t col = k * H + j0;
         const gradhealth::small_gemm::Operands p{h, H, Rt + col, H, j1 - j0, G, g + col, G, g + col, G};
-        small_gemm_avx512(p, B);
+        small_gemm_run(p, B);
       }
       const float* c_prev = t == 0 ? c0 : cell + (t - 1) * step;
       forward_rows_float(g, c_prev, cell + t * step, tanh_cell + t * step, y + t * step, 0, B, H, blocks, j0, j1);
@@ -364,7 +410,7 @@ void lstm_backward_small(const float* gates, const float* cells, const float* ta
       if (t < T - 1) {  // this thread's columns of dh_t = dy_t + dgates_{t+1}·R
         const gradhealth::small_gemm::Operands p{dgates + (t + 1) * B * G, G, R + j0, G, j1 - j0, H,
                                                  dY + t * step + j0,       H, dh + j0, H};
-        small_gemm_avx512(p, B);
+        small_gemm_run(p, B);
       }
       const float* next = t == T - 1 ? nullptr : gates + (t + 1) * B * G;
       const float* c_prev = t == 0 ? c0 : cells + (t - 1) * step;

@@ -1,7 +1,7 @@
 """The C++ loops' own kernel for small per-step products (service/engine/native/small_gemm.h).
 
-Compiled for AVX-512 and used on CPUs that have it; elsewhere the same entry point runs addmm
-(these tests then check that path, and say which ran).
+Compiled for AVX-512 and for AVX2 and used on CPUs that have either (AVX-512 where both);
+elsewhere the same entry point runs addmm (these tests then check that path).
 """
 
 from __future__ import annotations
@@ -14,13 +14,16 @@ import torch
 from service.engine import native
 
 
-def _cpu_has_x86_64_v4() -> bool:
-    flags = set()
+def _cpu_flags() -> set[str]:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
-    return {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"} <= flags
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+# what x86-64-v3 (AVX2) and x86-64-v4 (AVX-512) add, as /proc/cpuinfo spells them
+X86_64_V3 = {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"}
+X86_64_V4 = X86_64_V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +34,12 @@ def loops() -> object:
     return built
 
 
-def test_the_kernel_runs_where_the_cpu_has_avx512(
+def test_the_kernel_runs_where_the_cpu_has_avx2_or_avx512(
     loops: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert loops.small_gemm_usable() == _cpu_has_x86_64_v4()  # type: ignore[attr-defined]
+    flags = _cpu_flags()
+    expected = X86_64_V3 <= flags or X86_64_V4 <= flags
+    assert loops.small_gemm_usable() == expected  # type: ignore[attr-defined]
     monkeypatch.setenv("GRADHEALTH_SMALL_GEMM", "0")
     assert not loops.small_gemm_usable()  # type: ignore[attr-defined]
 
