@@ -21,9 +21,8 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-# what x86-64-v3 (AVX2) and x86-64-v4 (AVX-512) add, as /proc/cpuinfo spells them
+# what x86-64-v3 (AVX2) adds, as /proc/cpuinfo spells it
 X86_64_V3 = {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"}
-X86_64_V4 = X86_64_V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +36,7 @@ def loops() -> object:
 def test_the_kernel_runs_where_the_cpu_has_avx2_or_avx512(
     loops: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    flags = _cpu_flags()
-    expected = X86_64_V3 <= flags or X86_64_V4 <= flags
+    expected = _cpu_flags() >= X86_64_V3  # AVX2, or AVX-512 (whose set includes it)
     assert loops.small_gemm_usable() == expected  # type: ignore[attr-defined]
     monkeypatch.setenv("GRADHEALTH_SMALL_GEMM", "0")
     assert not loops.small_gemm_usable()  # type: ignore[attr-defined]
