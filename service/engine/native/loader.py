@@ -27,8 +27,8 @@ RECURRENT_CPU = "recurrent_cpu"
 # with it, the extension needs libgomp.so.1, which the process already has loaded from torch's
 # own lib/ (one OpenMP runtime, torch's thread pool). Linux only: that is where torch's wheels
 # bring GNU libgomp (elsewhere the loops run on one thread, as before).
-OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
-CFLAGS = ["-O3", "-fno-trapping-math", *OPENMP]
+OPENMP = ("-fopenmp",) if sys.platform.startswith("linux") else ()
+CFLAGS = ("-O3", "-fno-trapping-math", *OPENMP)
 LDFLAGS = OPENMP
 
 
@@ -47,7 +47,7 @@ def _key(name: str) -> str:
     digest = hashlib.sha256((SOURCE_DIR / f"{name}.cpp").read_bytes())
     for header in sorted(SOURCE_DIR.glob("*.h")):  # what the source includes
         digest.update(header.read_bytes())
-    digest.update(" ".join(CFLAGS + LDFLAGS).encode())
+    digest.update(" ".join((*CFLAGS, *LDFLAGS)).encode())
     digest.update(torch.__version__.encode())
     digest.update(f"{sys.version_info[:2]}-{platform.machine()}".encode())
     return digest.hexdigest()[:16]
@@ -86,8 +86,11 @@ def build(name: str = RECURRENT_CPU, verbose: bool = False) -> Path:
         cpp_extension.load(
             _module_name(name),
             [str(SOURCE_DIR / f"{name}.cpp")],
-            extra_cflags=CFLAGS,
-            extra_ldflags=LDFLAGS,
+            # copies: load() appends torch's libraries to the list it is given, which
+            # changed this build's key in the process that built it (a test building,
+            # then loading, looked for another folder)
+            extra_cflags=list(CFLAGS),
+            extra_ldflags=list(LDFLAGS),
             build_directory=str(directory),
             verbose=verbose,
         )

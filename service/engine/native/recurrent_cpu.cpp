@@ -72,10 +72,16 @@ void small_gemm_avx2(const gradhealth::small_gemm::Operands& p, int64_t rows) {
 #pragma GCC pop_options
 namespace {
 constexpr bool kSmallGemmBuilt = true;
-// 2: AVX-512, 1: AVX2, 0: neither (addmm)
+// What this CPU runs: 2 AVX-512, 1 AVX2, 0 neither (addmm). GRADHEALTH_SMALL_GEMM=0 turns the
+// kernel off (the benchmarks' switch for comparing with addmm) and =avx2 runs the AVX2 build
+// on an AVX-512 CPU too (so the tests check both builds where the CPU can run both).
 int small_gemm_level() {
-  static const int level = __builtin_cpu_supports("x86-64-v4") ? 2 : __builtin_cpu_supports("x86-64-v3") ? 1 : 0;
-  return level;
+  static const int cpu = __builtin_cpu_supports("x86-64-v4") ? 2 : __builtin_cpu_supports("x86-64-v3") ? 1 : 0;
+  const char* flag = std::getenv("GRADHEALTH_SMALL_GEMM");
+  if (flag == nullptr) return cpu;
+  if (std::strcmp(flag, "0") == 0) return 0;
+  if (std::strcmp(flag, "avx2") == 0) return std::min(cpu, 1);
+  return cpu;
 }
 }  // namespace
 #else
@@ -124,12 +130,8 @@ at::Tensor onednn_linear_add(const at::Tensor& x, const at::Tensor& other, const
 constexpr int64_t kSmallStepMacs = int64_t{1} << 21;
 
 // Whether small_gemm.h runs here: an x86-64-v4 (AVX-512) or x86-64-v3 (AVX2) CPU, and
-// GRADHEALTH_SMALL_GEMM not 0 (the benchmarks' switch for comparing with addmm).
-bool small_gemm_usable() {
-  static const bool cpu = kSmallGemmBuilt && small_gemm_level() > 0;
-  const char* flag = std::getenv("GRADHEALTH_SMALL_GEMM");
-  return cpu && !(flag != nullptr && std::strcmp(flag, "0") == 0);
-}
+// GRADHEALTH_SMALL_GEMM not 0.
+bool small_gemm_usable() { return kSmallGemmBuilt && small_gemm_level() > 0; }
 
 // out = other + x·Wt with small_gemm.h, for float rows with unit column stride and Wt [K, N]
 // row-major; false (nothing done) where the operands do not fit that
@@ -779,6 +781,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("activations", &activations, "activations.h's (sigmoid, tanh) of a float tensor");
   m.def("small_gemm_product", &small_gemm_product, "other + x·w as the loops compute a step's product");
   m.def("small_gemm_usable", &small_gemm_usable, "whether small_gemm.h runs on this CPU");
+  m.def("small_gemm_level", &small_gemm_level, "small_gemm.h's build that runs: 2 AVX-512, 1 AVX2, 0 none");
   m.def(
       "parallel_tasks",
       [] {

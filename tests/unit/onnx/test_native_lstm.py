@@ -319,6 +319,25 @@ def test_a_build_for_another_torch_is_not_loaded(monkeypatch: pytest.MonkeyPatch
     assert native.load_recurrent_cpu() is not None
 
 
+@pytest.mark.slow  # a whole compile (~30 s on 2 cores)
+def test_a_process_loads_what_it_has_just_built(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """cpp_extension.load appends torch's libraries to the flag list it is given: when that
+    was the loader's own list, the build's key changed under it and the process that built
+    looked for another folder (the Python loops ran, with a warning to build)."""
+    monkeypatch.setenv("GRADHEALTH_NATIVE_DIR", str(tmp_path))
+    loader._loaded.cache_clear()
+    try:
+        directory = native.built_dir()
+        assert native.build() == directory / "gradhealth_recurrent_cpu.so"
+        assert native.built_dir() == directory
+        assert native.load_recurrent_cpu() is not None
+    finally:
+        monkeypatch.undo()
+        loader._loaded.cache_clear()
+
+
 def test_build_native_command_reports_the_library() -> None:
     done = subprocess.run(
         [str(Path(sys.executable).parent / "gradhealth"), "build-native"],

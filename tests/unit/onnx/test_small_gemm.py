@@ -1,7 +1,8 @@
 """The C++ loops' own kernel for small per-step products (service/engine/native/small_gemm.h).
 
 Compiled for AVX-512 and for AVX2 and used on CPUs that have either (AVX-512 where both);
-elsewhere the same entry point runs addmm (these tests then check that path).
+elsewhere the same entry point runs addmm (these tests then check that path). On an AVX-512
+CPU every test runs twice: with its AVX-512 build and with the AVX2 build.
 """
 
 from __future__ import annotations
@@ -21,25 +22,48 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-# what x86-64-v3 (AVX2) adds, as /proc/cpuinfo spells it
+# what x86-64-v3 (AVX2) and x86-64-v4 (AVX-512) add, as /proc/cpuinfo spells it
 X86_64_V3 = {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"}
+X86_64_V4 = X86_64_V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+
+
+def _cpu_level() -> int:
+    flags = _cpu_flags()
+    return 2 if flags >= X86_64_V4 else 1 if flags >= X86_64_V3 else 0
+
+
+# the builds this CPU can run, by the GRADHEALTH_SMALL_GEMM value that picks each: "" (unset)
+# is the CPU's own (AVX-512 where it has it, else AVX2, else addmm), "avx2" the AVX2 build
+BUILDS = ["", "avx2"] if _cpu_level() == 2 else [""]
 
 
 @pytest.fixture(scope="module")
-def loops() -> object:
+def built_loops() -> object:
     native.build()
     built = native.load_recurrent_cpu()
     assert built is not None
     return built
 
 
+@pytest.fixture(params=BUILDS, ids=lambda b: b or "cpu-default")
+def loops(
+    built_loops: object, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> object:
+    if request.param:
+        monkeypatch.setenv("GRADHEALTH_SMALL_GEMM", request.param)
+    return built_loops
+
+
 def test_the_kernel_runs_where_the_cpu_has_avx2_or_avx512(
-    loops: object, monkeypatch: pytest.MonkeyPatch
+    built_loops: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    expected = _cpu_flags() >= X86_64_V3  # AVX2, or AVX-512 (whose set includes it)
-    assert loops.small_gemm_usable() == expected  # type: ignore[attr-defined]
+    level = _cpu_level()
+    assert built_loops.small_gemm_level() == level  # type: ignore[attr-defined]
+    assert built_loops.small_gemm_usable() == (level > 0)  # type: ignore[attr-defined]
+    monkeypatch.setenv("GRADHEALTH_SMALL_GEMM", "avx2")  # AVX-512 CPUs run the AVX2 build too
+    assert built_loops.small_gemm_level() == min(level, 1)  # type: ignore[attr-defined]
     monkeypatch.setenv("GRADHEALTH_SMALL_GEMM", "0")
-    assert not loops.small_gemm_usable()  # type: ignore[attr-defined]
+    assert not built_loops.small_gemm_usable()  # type: ignore[attr-defined]
 
 
 # batch rows: the 8- and 4-row blocks and single rows; columns: 32- and 16-wide blocks and a
@@ -74,7 +98,7 @@ def test_loops_give_the_same_with_the_kernel_off(
     loops: object, monkeypatch: pytest.MonkeyPatch, op: str
 ) -> None:
     """The C++ loops with their small steps on small_gemm.h and on addmm (what CPUs without
-    AVX-512 run): the same outputs, gradients and per-step hidden gradients."""
+    AVX2 run): the same outputs, gradients and per-step hidden gradients."""
     from service.engine.onnx.ops.gru_sequence import gru_direction
     from service.engine.onnx.ops.lstm_sequence import lstm_direction
     from service.engine.onnx.ops.rnn_sequence import rnn_direction
