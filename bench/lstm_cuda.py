@@ -53,9 +53,11 @@ def run(steps: int, batch: int, inputs: int, hidden: int, repeats: int) -> None:
     x = torch.randn(steps, batch, inputs, device=device)
     # ONNX order i, o, f, c from torch's i, f, g, o
     order = torch.cat([torch.arange(b * hidden, (b + 1) * hidden) for b in (0, 3, 1, 2)]).to(device)
-    W = lstm.weight_ih_l0.detach()[order].clone().requires_grad_(True)
-    R = lstm.weight_hh_l0.detach()[order].clone().requires_grad_(True)
-    b = (lstm.bias_ih_l0 + lstm.bias_hh_l0).detach()[order].clone().requires_grad_(True)
+    weights = dict(lstm.named_parameters())
+    W = weights["weight_ih_l0"].detach()[order].clone().requires_grad_(True)
+    R = weights["weight_hh_l0"].detach()[order].clone().requires_grad_(True)
+    bias = weights["bias_ih_l0"] + weights["bias_hh_l0"]
+    b = bias.detach()[order].clone().requires_grad_(True)
     zeros = torch.zeros(batch, hidden, device=device)
 
     def cudnn() -> None:
@@ -68,8 +70,9 @@ def run(steps: int, batch: int, inputs: int, hidden: int, repeats: int) -> None:
 
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         cudnn()
-    assert lstm.weight_hh_l0.grad is not None
-    cudnn_dR = lstm.weight_hh_l0.grad.clone()
+    dR = weights["weight_hh_l0"].grad
+    assert dR is not None
+    cudnn_dR = dR.clone()
 
     def timed(way: str) -> str:
         """'<ms> ms (<ratio>x, dR err <e>)' for one way of running the loops."""
@@ -77,7 +80,7 @@ def run(steps: int, batch: int, inputs: int, hidden: int, repeats: int) -> None:
         if way != "graphs":
             os.environ["GRADHEALTH_CUDA_GRAPHS"] = "0"
         if way != "persistent":
-            lstm_persistent.loops_for = lambda *args: None  # type: ignore[assignment]
+            lstm_persistent.loops_for = lambda *args: None
         try:
             torch.cuda.synchronize()
             started = time.perf_counter()

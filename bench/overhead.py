@@ -44,7 +44,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import torch
@@ -341,7 +341,14 @@ def profile_report(
 
     syncs: list[str] = []
 
-    def record(message: Any, category: Any, filename: str, lineno: int, *rest: Any) -> None:
+    def record(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: TextIO | None = None,
+        line: str | None = None,
+    ) -> None:
         if "synchroniz" in str(message):
             frames = [f for f in traceback.extract_stack()[:-1] if "/service/" in f.filename]
             where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else filename

@@ -36,4 +36,4 @@ class JobResult:
     model_info: dict[str, Any] | None = None  # inspect: format, inputs, outputs, parameter_count
     error_code: str | None = None
     error_message: str | None = None
-    engine_s: float = 0.0  # time inside the engine (or the inspection), for bench/service.py
+    engine_s: float = 0.0  # time inside the engine (or the inspection), for bench/service_costs.py

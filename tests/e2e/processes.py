@@ -1,4 +1,5 @@
-"""Real `gradhealth` processes on loopback ports for the end-to-end tests (and bench/service.py).
+"""Real `gradhealth` processes on loopback ports for the end-to-end tests and
+bench/service_costs.py.
 
 Each process gets its own environment (a `GRADHEALTH_*` set, nothing inherited from the
 developer's shell) and writes its output to a log file, which a failing test prints.

@@ -1,4 +1,4 @@
-"""The service's own costs, on real processes (run: `.venv/bin/python bench/service.py`).
+"""The service's own costs, on real processes (run: `.venv/bin/python bench/service_costs.py`).
 
 Prints, per database (embedded SQLite via `gradhealth serve`; Postgres via `gradhealth api` +
 `gradhealth worker --cpus 1`):
