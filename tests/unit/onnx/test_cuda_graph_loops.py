@@ -1,7 +1,8 @@
 """The recurrent step loops replayed as CUDA graphs (cuda_graph_loops): the GRU's and the tanh
-RNN's (the LSTM's are in test_lstm_fused_cell.py). On the CPU nothing is captured; the `gpu`
-tests compare replayed passes with eager ones, as an ML engineer's repeated training steps
-would run them."""
+RNN's (the LSTM's are in test_lstm_fused_cell.py), as they run where their node is not
+replayed whole (pooled_cuda_graphs: test_pooled_cuda_graphs.py). On the CPU nothing is
+captured; the `gpu` tests compare replayed passes with eager ones, as an ML engineer's
+repeated training steps would run them."""
 
 from __future__ import annotations
 
@@ -12,7 +13,12 @@ import pytest
 import torch
 from torch import Tensor
 
-from service.engine.onnx.ops import cuda_graph_loops, gru_sequence, rnn_sequence
+from service.engine.onnx.ops import (
+    cuda_graph_loops,
+    gru_sequence,
+    pooled_cuda_graphs,
+    rnn_sequence,
+)
 
 Direction = Callable[..., tuple[Tensor, Tensor, None]]
 
@@ -54,11 +60,11 @@ def _passes(direction: Direction, layers: list[list[Tensor]], reverse: bool) -> 
 @pytest.mark.parametrize("cell", sorted(CELLS))
 def test_cpu_loops_run_as_they_are_and_capture_nothing(cell: str) -> None:
     direction, gates, _ = CELLS[cell]
-    before = cuda_graph_loops.captured_loops()
+    before = cuda_graph_loops.captured_loops(), pooled_cuda_graphs.captured_total
     layers = [_layer_args(gates, seed, "cpu") for seed in (1, 2)]
     for _ in range(3):
         _passes(direction, layers, reverse=False)
-    assert cuda_graph_loops.captured_loops() == before
+    assert (cuda_graph_loops.captured_loops(), pooled_cuda_graphs.captured_total) == before
 
 
 @pytest.mark.gpu

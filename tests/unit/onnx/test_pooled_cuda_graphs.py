@@ -3,8 +3,8 @@ never overwrites an output somebody still holds.
 
 On the CPU a stand-in graph replays by running the captured function on the call's tensors and
 copying its results into the captured outputs, which is what a CUDA graph's replay does to
-them; the
-`gpu` test replays real CUDA graphs (an LSTM node's, whose results must equal eager ones).
+them; the `gpu` tests replay real CUDA graphs (the LSTM's, GRU's and tanh RNN's nodes, whose
+results must equal eager ones).
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ import torch
 from torch import Tensor
 
 from service.engine.onnx.ops import pooled_cuda_graphs
+from service.engine.onnx.ops.gru_sequence import gru_direction
 from service.engine.onnx.ops.lstm_sequence import lstm_sequence
+from service.engine.onnx.ops.rnn_sequence import rnn_direction
 from tests.support.recurrent_zoo import lstm_sequence_args
 from tests.unit.onnx.test_lstm_fused_cell import emulated_kernels  # noqa: F401 - a fixture
 
@@ -129,48 +131,89 @@ def test_a_function_whose_output_shares_an_input_is_never_replayed(
     assert pooled_cuda_graphs.captures() == 0 and len(pooled_cuda_graphs._failed) == 1
 
 
-def _accumulated_passes(device: str, dtype: torch.dtype, reverse: bool) -> list[Tensor]:
-    """Three rounds of gradient accumulation over three batches through lstm_sequence (first
-    sight, captures, replays): each round's loss and weight gradients. The saved tensors of a
-    round's first pass must survive its second and third passes' replays."""
-    batches = [
-        [t.detach().to(device).requires_grad_() for t in lstm_sequence_args(6, 3, 4, 32, dtype, k)]
-        for k in range(3)
-    ]
-    _, W, R, b, h0, c0 = batches[0]
-    # every leaf's gradient: the weights', and each batch's X, h0 and c0 (their gradients,
-    # views of a capture's outputs taken as .grad, keep its slot busy until they are dropped)
-    weights = [W, R, b, h0, c0, *(X for X, *_ in batches)]
+GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+
+
+def _layer_args(cell: str, device: str, dtype: torch.dtype, seed: int) -> list[Tensor]:
+    """Leaves for one direction: X [T, B, I], W, R, the bias row (lstm_sequence's [4H], the
+    GRU's and RNN's node row [2gH]), h0, and c0 for the LSTM; steps 6, batch 3, 4 → 32."""
+    if cell == "lstm":
+        args = lstm_sequence_args(6, 3, 4, 32, dtype, seed)
+    else:
+        g, gates = torch.Generator().manual_seed(seed), GATES[cell]
+
+        def normal(*shape: int, scale: float = 1.0) -> Tensor:
+            return torch.randn(*shape, generator=g, dtype=dtype) * scale
+
+        args = [
+            normal(6, 3, 4),
+            normal(gates * 32, 4, scale=0.5),
+            normal(gates * 32, 32, scale=0.3),
+            normal(2 * gates * 32, scale=0.3),
+            normal(3, 32),
+        ]
+    return [t.detach().to(device).requires_grad_() for t in args]
+
+
+def _layer(cell: str, args: list[Tensor], reverse: bool, sink: list[Tensor]) -> list[Tensor]:
+    """One direction's outputs (Y, h_T and, for the LSTM, c_T), ∂L/∂h_t appended to `sink`."""
+    if cell == "lstm":
+        X, W, R, b, h0, c0 = args
+        return list(lstm_sequence(X, W, R, b, h0, c0, reverse=reverse, hidden_grads=sink))
+    X, W, R, b, h0 = args
+    direction = gru_direction if cell == "gru" else rnn_direction
+    return list(direction(X, W, R, b, h0, None, reverse, sink)[:2])
+
+
+def _accumulated_passes(cell: str, device: str, dtype: torch.dtype, reverse: bool) -> list[Tensor]:
+    """Three rounds of gradient accumulation over three batches through one recurrent
+    direction (first sight, captures, replays): each round's loss, every leaf's gradient and
+    the per-step hidden-state gradients collected. The saved tensors of a round's first pass
+    must survive its second and third passes' replays, and the collected hidden-state
+    gradients (held) every later replay."""
+    batches = [_layer_args(cell, device, dtype, k) for k in range(3)]
+    # every leaf's gradient: the weights', and each batch's X and initial states (their
+    # gradients, views of a capture's outputs taken as .grad, keep its slot busy until they
+    # are dropped)
+    weights = [*batches[0][1:], *(X for X, *_ in batches)]
     results: list[Tensor] = []
     for _ in range(3):
         for w in weights:
             w.grad = None
         loss = torch.zeros((), dtype=dtype, device=device)
+        sink: list[Tensor] = []
         for X, *_ in batches:
-            Y, h, c = lstm_sequence(X, W, R, b, h0, c0, reverse=reverse)
-            loss = loss + Y.square().sum() + h.sum() * 0.5 + c.mean()
+            # X * 1: a fresh tensor each pass, as a batch or another layer's output is, so
+            # copied into the capture (a leaf would be read in place: a capture per batch)
+            outputs = _layer(cell, [X * 1, *batches[0][1:]], reverse, sink)
+            loss = loss + sum((o.square() * (k + 1)).mean() for k, o in enumerate(outputs))
         loss.backward()
-        results += [loss.detach(), *(cast(Tensor, w.grad) for w in weights)]
+        results += [loss.detach(), *(cast(Tensor, w.grad) for w in weights), *sink]
     return results
 
 
-def _replayed_equals_eager(device: str, dtype: torch.dtype, reverse: bool, tol: float) -> None:
-    replayed = _accumulated_passes(device, dtype, reverse)
+def _replayed_equals_eager(
+    cell: str, device: str, dtype: torch.dtype, reverse: bool, tol: float
+) -> None:
+    replayed = _accumulated_passes(cell, device, dtype, reverse)
     with pytest.MonkeyPatch.context() as eager:
         eager.setenv("GRADHEALTH_CUDA_GRAPHS", "0")
         eager.setattr(pooled_cuda_graphs, "_replayable", lambda inputs: False)
-        expected = _accumulated_passes(device, dtype, reverse)
+        expected = _accumulated_passes(cell, device, dtype, reverse)
+    assert len(replayed) == len(expected)
     for a, b in zip(replayed, expected, strict=True):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("reverse", [False, True])
-def test_lstm_nodes_replayed_with_several_passes_before_one_backward(
+@pytest.mark.parametrize("cell", sorted(GATES))
+def test_recurrent_nodes_replayed_with_several_passes_before_one_backward(
     stand_in_graphs: None,
     emulated_kernels: list[str],  # noqa: F811 - the fixture
+    cell: str,
     reverse: bool,
 ) -> None:
-    _replayed_equals_eager("cpu", torch.float64, reverse, 1e-12)
+    _replayed_equals_eager(cell, "cpu", torch.float64, reverse, 1e-12)
     assert StandInGraph.replays > 0
 
 
@@ -180,10 +223,12 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA dev
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("reverse", [False, True])
-def test_cuda_graphs_of_lstm_nodes_equal_eager_runs(reverse: bool) -> None:
-    """Real CUDA graphs of the LSTM node's forward and backward (the persistent kernels at
-    hidden 32), replayed while earlier passes' outputs are still held: the same losses and
-    gradients as eager runs (the same kernels in the same order)."""
-    before = pooled_cuda_graphs.captures()
-    _replayed_equals_eager("cuda", torch.float32, reverse, 1e-6)
-    assert pooled_cuda_graphs.captures() > before
+@pytest.mark.parametrize("cell", sorted(GATES))
+def test_cuda_graphs_of_recurrent_nodes_equal_eager_runs(cell: str, reverse: bool) -> None:
+    """Real CUDA graphs of a recurrent node's forward and backward (the LSTM's persistent
+    kernels at hidden 32; the GRU's and RNN's step loops), replayed while earlier passes'
+    outputs are still held: the same losses and gradients as eager runs (the same kernels in
+    the same order)."""
+    before = pooled_cuda_graphs.captured_total
+    _replayed_equals_eager(cell, "cuda", torch.float32, reverse, 1e-6)
+    assert pooled_cuda_graphs.captured_total > before

@@ -18,11 +18,11 @@ and calls can share one capture (a few extra memory passes per call, ~µs on a G
 capture fails (an old driver, another capture in progress), that key stays eager.
 GRADHEALTH_CUDA_GRAPHS=0 turns replay off (bench/lstm_cuda.py times both).
 
-The LSTM's whole node (projection, loops, products) is replayed by pooled_cuda_graphs.py
-instead, without the copies and clones; inside its capture these loops run eagerly (a capture
-in progress), so their kernels become part of the node's graph. The GRU's and RNN's loops
-still come here: their forward loops activate the projected gates in place, which a pooled
-capture (pure functions only) refuses.
+Since session 11 every recurrent node (the LSTM's, GRU's and tanh RNN's: projection, loops,
+products) is replayed whole by pooled_cuda_graphs.py, without the copies and clones; inside
+its capture these loops run eagerly (a capture in progress), so their kernels become part of
+the node's graph. They still come here when the node runs eagerly: its first sight, or while
+every capture of it has outputs held (a probe keeping ∂L/∂h_t, another pass's saved tensors).
 """
 
 from __future__ import annotations

@@ -10,21 +10,23 @@ Forward: one product (h·Rᵀ for all three gates) and the activations per step.
 gate's gradient is the step's ∂L/∂h' times a factor known from the forward alone, so the
 sequential part is one product and those products-with-a-factor per step. On the CPU both loops
 are C++ (recurrent_cpu.cpp's gru_forward/gru_backward) where that is built, else the same loops
-in Python below (which compute the factors for all steps at once; on CUDA replayed as CUDA
-graphs once a shape repeats, cuda_graph_loops.py). The products are MKL's with
-row-major operands, as in lstm_sequence (as fast as oneDNN's or faster at every size measured).
+in Python below (which compute the factors for all steps at once). The node's forward and its
+backward (projection, loops, weight products) are each one pure function, which on CUDA is
+replayed as one CUDA graph once its inputs repeat (pooled_cuda_graphs.py, as the LSTM's node).
+The products are MKL's with row-major operands on the CPU, as in lstm_sequence (as fast as
+oneDNN's or faster at every size measured).
 GRUs with linear_before_reset=0, other activations or clip take the unrolled path.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from service.engine.onnx.ops import _cpu_products, cuda_graph_loops
+from service.engine.onnx.ops import _cpu_products, cuda_graph_loops, pooled_cuda_graphs
 from service.engine.onnx.ops._sequence_common import native_loops, run_in_time_order
 
 
@@ -57,6 +59,10 @@ def gru_direction(
 
 
 class _GRUSequence(torch.autograd.Function):
+    """gru_direction's one autograd node. Its forward and its backward are each one pure
+    function of their inputs (`forward_node`, `backward_node`): on CUDA replayed as one CUDA
+    graph once the inputs repeat (pooled_cuda_graphs.py), elsewhere simply called."""
+
     @staticmethod
     def forward(
         ctx: Any,
@@ -69,83 +75,126 @@ class _GRUSequence(torch.autograd.Function):
         hidden_grads: list[Tensor] | None,
         reverse: bool,
     ) -> tuple[Tensor, Tensor]:
-        hidden = R.shape[1]
-        # contiguous X: see lstm_sequence
-        projected = _cpu_products.linear(X.contiguous(), W, projection_bias)  # [T, B, 3H]
-        # h·Rᵀ + [0, 0, Rb_h] per step: the h part is needed again by the backward
-        recurrent_bias = R.new_zeros(3 * hidden)
-        if inner_bias is not None:
-            recurrent_bias[2 * hidden :] = inner_bias
-        loops = native_loops(X)
-        if loops is not None:
-            packed_R = _cpu_products.packed_step_weight(R, X.shape[1])
-            gates, from_hidden, Y = loops.gru_forward(
-                projected.contiguous(), R, recurrent_bias, h0, packed_R
-            )
-        else:
-            gates, from_hidden, Y = cuda_graph_loops.run(
-                _forward_steps, projected, R, recurrent_bias, h0
-            )
+        outputs = pooled_cuda_graphs.run(
+            forward_node, None, X, W, R, projection_bias, inner_bias, h0
+        )
+        gates, from_hidden, Y, h_last = cast(tuple[Tensor, Tensor, Tensor, Tensor], outputs)
         ctx.save_for_backward(X, W, R, h0, gates, from_hidden, Y)
-        ctx.loops = loops
         ctx.hidden_grads, ctx.reverse = hidden_grads, reverse
         ctx.has_biases = (projection_bias is not None, inner_bias is not None)
-        # h_T as its own tensor: a view of Y could be changed in place by a caller (h0 for an
-        # empty sequence, as before the loops moved to C++)
-        return Y, (Y[-1] if len(Y) else h0).clone()
+        return Y, h_last
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dY: Tensor, dh_last: Tensor) -> tuple[Tensor | None, ...]:
-        X, W, R, h0, gates, from_hidden, Y = ctx.saved_tensors
-        if ctx.loops is not None:
-            packed_Rt = _cpu_products.packed_step_weight(R.t(), gates.shape[1])
-            dgates, dhidden = ctx.loops.gru_backward(
-                dY, dh_last, gates, from_hidden, h0, Y, R, packed_Rt
-            )
-        else:
-            dgates, dhidden = cuda_graph_loops.run(
-                _backward_steps, dY, dh_last, gates, from_hidden, h0, Y, R
-            )
-        if ctx.hidden_grads is not None:
-            ctx.hidden_grads.append(dhidden.flip(0) if ctx.reverse else dhidden)
-        return _GRUSequence._input_grads(ctx, X, W, R, h0, Y, gates, dgates, dhidden)
+        collect = ctx.hidden_grads is not None
+        config = (tuple(ctx.needs_input_grad[:6]), ctx.has_biases, collect, ctx.reverse)
+        *grads, dhidden = pooled_cuda_graphs.run(
+            backward_node, config, dY, dh_last, *ctx.saved_tensors
+        )
+        if collect:
+            ctx.hidden_grads.append(dhidden)
+        return (*grads, None, None)
 
-    @staticmethod
-    def _input_grads(
-        ctx: Any,
-        X: Tensor,
-        W: Tensor,
-        R: Tensor,
-        h0: Tensor,
-        Y: Tensor,
-        gates: Tensor,
-        dgates: Tensor,
-        dhidden: Tensor,
-    ) -> tuple[Tensor | None, ...]:
-        """The products over all steps at once (_cpu_products: oneDNN or MKL, whichever this
-        machine runs faster): dX, dW, dR, the biases' gradients and dh0."""
-        steps, batch, four_h = dgates.shape
-        hidden = four_h // 4
-        flat = dgates.view(steps * batch, four_h)
-        d_from_hidden = flat[:, : 3 * hidden]  # slots z, r, fh_n: the gradient of h·Rᵀ
-        need_x, need_w, need_r, need_pb, need_ib, need_h0 = ctx.needs_input_grad[:6]
-        has_pb, has_ib = ctx.has_biases
-        d_projected = torch.cat([flat[:, : 2 * hidden], flat[:, 3 * hidden :]], 1)  # z, r, n
-        dX = _cpu_products.mm(d_projected, W).view_as(X) if need_x else None
-        dW = _cpu_products.mm(d_projected.t(), X.reshape(steps * batch, -1)) if need_w else None
-        dR = None
-        if need_r:  # Σ_t d(fh_t)ᵀ·h_{t-1}: steps 1.. against Y, step 0 against h0
-            dR = torch.mm(d_from_hidden[:batch].t(), h0)
-            if steps > 1:
-                later = d_from_hidden[batch:].t()
-                dR += _cpu_products.mm(later, Y[:-1].reshape((steps - 1) * batch, hidden))
-        d_pb = d_projected.sum(0) if need_pb and has_pb else None
-        d_ib = d_from_hidden[:, 2 * hidden :].sum(0) if need_ib and has_ib else None
-        dh0 = None
-        if need_h0:  # through step 0's product with R and its z ⊙ h0 term
-            dh0 = torch.addcmul(d_from_hidden[:batch].mm(R), dhidden[0], gates[0, :, :hidden])
-        return dX, dW, dR, d_pb, d_ib, dh0, None, None
+
+def forward_node(
+    config: None,
+    X: Tensor,
+    W: Tensor,
+    R: Tensor,
+    projection_bias: Tensor | None,
+    inner_bias: Tensor | None,
+    h0: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The forward as one pure function (X in the order the steps run): (activated gates z,
+    r, n [T, B, 3H], fh = h_{t-1}·Rᵀ + [0, 0, Rb_h] [T, B, 3H], Y [T, B, H], h_T)."""
+    hidden = R.shape[1]
+    # contiguous X: see lstm_sequence
+    projected = _cpu_products.linear(X.contiguous(), W, projection_bias)  # [T, B, 3H]
+    # h·Rᵀ + [0, 0, Rb_h] per step: the h part is needed again by the backward
+    recurrent_bias = R.new_zeros(3 * hidden)
+    if inner_bias is not None:
+        recurrent_bias[2 * hidden :] = inner_bias
+    loops = native_loops(X)
+    if loops is not None:
+        packed_R = _cpu_products.packed_step_weight(R, X.shape[1])
+        gates, from_hidden, Y = loops.gru_forward(
+            projected.contiguous(), R, recurrent_bias, h0, packed_R
+        )
+    else:  # inside a capture these run eagerly, becoming part of the node's graph
+        gates, from_hidden, Y = cuda_graph_loops.run(
+            _forward_steps, projected, R, recurrent_bias, h0
+        )
+    # h_T as its own tensor: a view of Y could be changed in place by a caller (h0 for an
+    # empty sequence, as before the loops moved to C++)
+    return gates, from_hidden, Y, (Y[-1] if len(Y) else h0).clone()
+
+
+def backward_node(
+    config: tuple[tuple[bool, ...], tuple[bool, bool], bool, bool],
+    dY: Tensor,
+    dh_last: Tensor,
+    X: Tensor,
+    W: Tensor,
+    R: Tensor,
+    h0: Tensor,
+    gates: Tensor,
+    from_hidden: Tensor,
+    Y: Tensor,
+) -> tuple[Tensor | None, ...]:
+    """The backward of `forward_node`, one pure function too: the gradients of X, W, R, the
+    projection's and the inner bias, h0 (None where not needed), then ∂L/∂h_t [T, B, H] in
+    the input's time order when `collect`, else None. `config`: (which inputs need a
+    gradient, which biases exist, collect, reverse)."""
+    needs, has_biases, collect, reverse = config
+    loops = native_loops(X)
+    if loops is not None:
+        packed_Rt = _cpu_products.packed_step_weight(R.t(), gates.shape[1])
+        dgates, dhidden = loops.gru_backward(dY, dh_last, gates, from_hidden, h0, Y, R, packed_Rt)
+    else:
+        dgates, dhidden = cuda_graph_loops.run(
+            _backward_steps, dY, dh_last, gates, from_hidden, h0, Y, R
+        )
+    grads = _input_grads(needs, has_biases, X, W, R, h0, Y, gates, dgates, dhidden)
+    hidden_grads = (dhidden.flip(0) if reverse else dhidden) if collect else None
+    return (*grads, hidden_grads)
+
+
+def _input_grads(
+    needs: tuple[bool, ...],
+    has_biases: tuple[bool, bool],
+    X: Tensor,
+    W: Tensor,
+    R: Tensor,
+    h0: Tensor,
+    Y: Tensor,
+    gates: Tensor,
+    dgates: Tensor,
+    dhidden: Tensor,
+) -> tuple[Tensor | None, ...]:
+    """The products over all steps at once (_cpu_products: oneDNN or MKL, whichever this
+    machine runs faster): dX, dW, dR, the biases' gradients and dh0."""
+    steps, batch, four_h = dgates.shape
+    hidden = four_h // 4
+    flat = dgates.view(steps * batch, four_h)
+    d_from_hidden = flat[:, : 3 * hidden]  # slots z, r, fh_n: the gradient of h·Rᵀ
+    need_x, need_w, need_r, need_pb, need_ib, need_h0 = needs
+    has_pb, has_ib = has_biases
+    d_projected = torch.cat([flat[:, : 2 * hidden], flat[:, 3 * hidden :]], 1)  # z, r, n
+    dX = _cpu_products.mm(d_projected, W).view_as(X) if need_x else None
+    dW = _cpu_products.mm(d_projected.t(), X.reshape(steps * batch, -1)) if need_w else None
+    dR = None
+    if need_r:  # Σ_t d(fh_t)ᵀ·h_{t-1}: steps 1.. against Y, step 0 against h0
+        dR = torch.mm(d_from_hidden[:batch].t(), h0)
+        if steps > 1:
+            later = d_from_hidden[batch:].t()
+            dR += _cpu_products.mm(later, Y[:-1].reshape((steps - 1) * batch, hidden))
+    d_pb = d_projected.sum(0) if need_pb and has_pb else None
+    d_ib = d_from_hidden[:, 2 * hidden :].sum(0) if need_ib and has_ib else None
+    dh0 = None
+    if need_h0:  # through step 0's product with R and its z ⊙ h0 term
+        dh0 = torch.addcmul(d_from_hidden[:batch].mm(R), dhidden[0], gates[0, :, :hidden])
+    return dX, dW, dR, d_pb, d_ib, dh0
 
 
 def _forward_steps(

@@ -5,21 +5,23 @@ Forward: one product and one tanh per step. Backward: ∂L/∂pre_t = (∂L/∂y
 ⊙ (1 − h_t²), one product and one product-with-a-factor per step; R's, W's and the biases'
 gradients are one product each over all steps. On the CPU both loops are C++ (recurrent_cpu.cpp's
 rnn_forward/rnn_backward) where that is built, else the same loops in Python below; with two
-torch calls a step, interpreter overhead is most of a small RNN's time. On CUDA the Python
-loops are replayed as CUDA graphs once a shape repeats (cuda_graph_loops.py). The products are MKL's
-with row-major operands, as in lstm_sequence (as fast as oneDNN's or faster at every size measured).
+torch calls a step, interpreter overhead is most of a small RNN's time. The node's forward and
+its backward are each one pure function, which on CUDA is replayed as one CUDA graph once its
+inputs repeat (pooled_cuda_graphs.py, as the LSTM's node). The products are MKL's with
+row-major operands on the CPU, as in lstm_sequence (as fast as oneDNN's or faster at every size
+measured).
 Other activations and clip stay unrolled.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from service.engine.onnx.ops import _cpu_products, cuda_graph_loops
+from service.engine.onnx.ops import _cpu_products, cuda_graph_loops, pooled_cuda_graphs
 from service.engine.onnx.ops._sequence_common import native_loops, run_in_time_order
 
 
@@ -45,6 +47,10 @@ def rnn_direction(
 
 
 class _TanhRNNSequence(torch.autograd.Function):
+    """rnn_direction's one autograd node. Its forward and its backward are each one pure
+    function of their inputs (`forward_node`, `backward_node`): on CUDA replayed as one CUDA
+    graph once the inputs repeat (pooled_cuda_graphs.py), elsewhere simply called."""
+
     @staticmethod
     def forward(
         ctx: Any,
@@ -56,47 +62,79 @@ class _TanhRNNSequence(torch.autograd.Function):
         hidden_grads: list[Tensor] | None,
         reverse: bool,
     ) -> tuple[Tensor, Tensor]:
-        # contiguous X: see lstm_sequence
-        projected = _cpu_products.linear(X.contiguous(), W, bias)  # [T, B, H]
-        loops = native_loops(X)
-        if loops is not None:
-            packed_R = _cpu_products.packed_step_weight(R, X.shape[1])
-            Y = loops.rnn_forward(projected.contiguous(), R, h0, packed_R)
-        else:
-            Y = cuda_graph_loops.run(_forward_steps, projected, R, h0)
+        Y, h_last = cast(
+            tuple[Tensor, Tensor], pooled_cuda_graphs.run(forward_node, None, X, W, R, bias, h0)
+        )
         ctx.save_for_backward(X, W, R, h0, Y)
-        ctx.loops = loops
         ctx.hidden_grads, ctx.reverse, ctx.has_bias = hidden_grads, reverse, bias is not None
-        # h_T as its own tensor: a view of Y could be changed in place by a caller (h0 for an
-        # empty sequence, as before the loops moved to C++)
-        return Y, (Y[-1] if len(Y) else h0).clone()
+        return Y, h_last
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dY: Tensor, dh_last: Tensor) -> tuple[Tensor | None, ...]:
-        X, W, R, h0, Y = ctx.saved_tensors
-        steps, batch, hidden = Y.shape
-        if ctx.loops is not None:
-            packed_Rt = _cpu_products.packed_step_weight(R.t(), Y.shape[1])
-            dpre, dhidden = ctx.loops.rnn_backward(dY, dh_last, Y, R, packed_Rt)
-        else:
-            dpre, dhidden = cuda_graph_loops.run(_backward_steps, dY, dh_last, Y, R)
-        if ctx.hidden_grads is not None:
-            ctx.hidden_grads.append(dhidden.flip(0) if ctx.reverse else dhidden)
-        # the products over all steps at once (_cpu_products: oneDNN or MKL)
-        flat = dpre.view(steps * batch, hidden)
-        need_x, need_w, need_r, need_b, need_h0 = ctx.needs_input_grad[:5]
-        dX = _cpu_products.mm(flat, W).view_as(X) if need_x else None
-        dW = _cpu_products.mm(flat.t(), X.reshape(steps * batch, -1)) if need_w else None
-        dR = None
-        if need_r:  # Σ_t dpre_tᵀ·h_{t-1}: steps 1.. against Y, step 0 against h0
-            dR = torch.mm(dpre[0].t(), h0)
-            if steps > 1:
-                later = flat[batch:].t()
-                dR += _cpu_products.mm(later, Y[:-1].reshape((steps - 1) * batch, hidden))
-        db = flat.sum(0) if need_b and ctx.has_bias else None
-        dh0 = torch.mm(dpre[0], R) if need_h0 else None
-        return dX, dW, dR, db, dh0, None, None
+        collect = ctx.hidden_grads is not None
+        config = (tuple(ctx.needs_input_grad[:5]), ctx.has_bias, collect, ctx.reverse)
+        *grads, dhidden = pooled_cuda_graphs.run(
+            backward_node, config, dY, dh_last, *ctx.saved_tensors
+        )
+        if collect:
+            ctx.hidden_grads.append(dhidden)
+        return (*grads, None, None)
+
+
+def forward_node(
+    config: None, X: Tensor, W: Tensor, R: Tensor, bias: Tensor | None, h0: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The forward as one pure function (X in the order the steps run): (Y [T, B, H], h_T)."""
+    # contiguous X: see lstm_sequence
+    projected = _cpu_products.linear(X.contiguous(), W, bias)  # [T, B, H]
+    loops = native_loops(X)
+    if loops is not None:
+        packed_R = _cpu_products.packed_step_weight(R, X.shape[1])
+        Y = loops.rnn_forward(projected.contiguous(), R, h0, packed_R)
+    else:  # inside a capture these run eagerly, becoming part of the node's graph
+        Y = cuda_graph_loops.run(_forward_steps, projected, R, h0)
+    # h_T as its own tensor: a view of Y could be changed in place by a caller (h0 for an
+    # empty sequence, as before the loops moved to C++)
+    return Y, (Y[-1] if len(Y) else h0).clone()
+
+
+def backward_node(
+    config: tuple[tuple[bool, ...], bool, bool, bool],
+    dY: Tensor,
+    dh_last: Tensor,
+    X: Tensor,
+    W: Tensor,
+    R: Tensor,
+    h0: Tensor,
+    Y: Tensor,
+) -> tuple[Tensor | None, ...]:
+    """The backward of `forward_node`, one pure function too: the gradients of X, W, R, the
+    bias and h0 (None where not needed), then ∂L/∂h_t [T, B, H] in the input's time order
+    when `collect`, else None. `config`: (which inputs need a gradient, has a bias, collect,
+    reverse)."""
+    (need_x, need_w, need_r, need_b, need_h0), has_bias, collect, reverse = config
+    steps, batch, hidden = Y.shape
+    loops = native_loops(X)
+    if loops is not None:
+        packed_Rt = _cpu_products.packed_step_weight(R.t(), Y.shape[1])
+        dpre, dhidden = loops.rnn_backward(dY, dh_last, Y, R, packed_Rt)
+    else:
+        dpre, dhidden = cuda_graph_loops.run(_backward_steps, dY, dh_last, Y, R)
+    # the products over all steps at once (_cpu_products: oneDNN or MKL)
+    flat = dpre.view(steps * batch, hidden)
+    dX = _cpu_products.mm(flat, W).view_as(X) if need_x else None
+    dW = _cpu_products.mm(flat.t(), X.reshape(steps * batch, -1)) if need_w else None
+    dR = None
+    if need_r:  # Σ_t dpre_tᵀ·h_{t-1}: steps 1.. against Y, step 0 against h0
+        dR = torch.mm(dpre[0].t(), h0)
+        if steps > 1:
+            later = flat[batch:].t()
+            dR += _cpu_products.mm(later, Y[:-1].reshape((steps - 1) * batch, hidden))
+    db = flat.sum(0) if need_b and has_bias else None
+    dh0 = torch.mm(dpre[0], R) if need_h0 else None
+    hidden_grads = (dhidden.flip(0) if reverse else dhidden) if collect else None
+    return dX, dW, dR, db, dh0, hidden_grads
 
 
 def _forward_steps(projected: Tensor, R: Tensor, h0: Tensor) -> Tensor:
