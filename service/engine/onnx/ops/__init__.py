@@ -19,4 +19,6 @@ from service.engine.onnx.ops import (  # noqa: F401
     resize,
     sequence,
     shape,
+    spectral,
+    state_space,
 )

@@ -1,0 +1,3 @@
+"""Spectral ops: DFT, STFT, the window functions and MelWeightMatrix (opset 17+)."""
+
+from __future__ import annotations
