@@ -347,10 +347,31 @@ def test_losses(op: str, reduction: str) -> None:
             {"interleaved": 1},
             {"ids": np.array([[0, 1, 2], [4, 3, 2]], np.int64)},
         ),
+        ("SwiGLU", [V, _rand(2, 3, 4, seed=3)], {}, {}),
+        ("SwiGLU", [V, _rand(2, 3, 4, seed=3)], {"alpha": 1.7}, {}),
+        # [1, 2, 2, 2] pooled from [1, 2, 4, 4] by 2x2 windows: one flat index in each window
+        (
+            "MaxUnpool",
+            [_rand(1, 2, 2, 2)],
+            {"kernel_shape": [2, 2], "strides": [2, 2]},
+            {
+                "i": np.array([[[[0, 7], [9, 14]], [[21, 18], [28, 31]]]], np.int64),
+            },
+        ),
+        # a KV cache [B=2, heads 3, length 5, 2]: two steps written from 4 (wrapping) and 1
+        (
+            "TensorScatter",
+            [_rand(2, 3, 5, 2), _rand(2, 3, 2, 2, seed=4)],
+            {"mode": "circular"},
+            {
+                "w": np.array([4, 1], np.int64),
+            },
+        ),
     ],
 )
 def test_more_ops(
     op: str, inputs: list[torch.Tensor], attrs: dict[str, Any], consts: dict[str, np.ndarray]
 ) -> None:
-    opset = {"CumProd": 26, "RotaryEmbedding": 23}.get(op, 20)
+    opset = {"CumProd": 26, "RotaryEmbedding": 23, "SwiGLU": 28}.get(op, 20)
+    opset = {"MaxUnpool": 22, "TensorScatter": 24}.get(op, opset)
     _check(op, inputs, attrs=attrs, consts=consts, opset=opset)

@@ -103,6 +103,15 @@ def swish(ctx: OpContext) -> NodeFn:
     return lambda x: x * torch.sigmoid(alpha * x)
 
 
+@register("SwiGLU", since=28)
+def swiglu(ctx: OpContext) -> NodeFn:
+    """Swish_alpha(A) · B: the gated feed-forward of Llama-style models."""
+    alpha = float(ctx.attr("alpha", 1.0))
+    if alpha == 1.0:  # SiLU: one fused kernel each way
+        return lambda a, b: F.silu(a) * b
+    return lambda a, b: a * torch.sigmoid(alpha * a) * b
+
+
 @register("Gelu", since=20)
 def gelu(ctx: OpContext) -> NodeFn:
     approximate = ctx.attr("approximate", "none")

@@ -223,6 +223,39 @@ def max_pool(ctx: OpContext) -> NodeFn:
     return fn
 
 
+@register("MaxUnpool", since=9)
+def max_unpool(ctx: OpContext) -> NodeFn:
+    """MaxPool's partial inverse: X's values written at their indices (MaxPool's second
+    output: flat over the whole [N, C, ...] tensor), zeros elsewhere. Differentiable in X."""
+    kernel = _pool_kernel(ctx)
+    n = len(kernel)
+    strides = [int(s) for s in ctx.attr("strides", [1] * n)]
+    pads = [int(p) for p in ctx.attr("pads", [0] * 2 * n)]
+    require(len(strides) == n and len(pads) == 2 * n, "strides/pads do not match kernel_shape")
+
+    def fn(x: torch.Tensor, indices: torch.Tensor, output_shape: Any = None) -> torch.Tensor:
+        # the size MaxPool's input had, unless output_shape says more (zeros after the end)
+        inferred = [x.shape[0], x.shape[1]] + [
+            (x.shape[d + 2] - 1) * strides[d] - (pads[d] + pads[d + n]) + kernel[d]
+            for d in range(n)
+        ]
+        flat = x.new_zeros(math.prod(inferred))
+        index = indices.reshape(-1).to(device=x.device, dtype=torch.int64)
+        y = flat.scatter(0, index, x.reshape(-1)).view(inferred)
+        if output_shape is None:
+            return y
+        shape = [int(v) for v in torch.as_tensor(output_shape).reshape(-1).tolist()]
+        if len(shape) != len(inferred) or any(s < i for s, i in zip(shape, inferred, strict=True)):
+            raise ValueError(
+                f"MaxUnpool output_shape {shape} does not hold the unpooled shape {inferred}"
+            )
+        return F.pad(
+            y, _torch_pad([0] * len(shape) + [s - i for s, i in zip(shape, inferred, strict=True)])
+        )
+
+    return fn
+
+
 def _unpad_indices(
     idx: torch.Tensor, padded: list[int], spatial: list[int], begins: list[int]
 ) -> torch.Tensor:

@@ -130,6 +130,36 @@ def scatter_nd(ctx: OpContext) -> NodeFn:
     return fn
 
 
+@register("TensorScatter", since=24)
+def tensor_scatter(ctx: OpContext) -> NodeFn:
+    """A KV cache update as a function: `update`'s positions along `axis` written into a copy
+    of `past_cache` from each batch row's write index on (modulo the axis length when
+    circular). Differentiable in both: the overwritten cache entries get no gradient."""
+    mode = ctx.attr("mode", "linear")
+    require(mode in ("linear", "circular"), f"mode '{mode}' is not linear or circular")
+    axis_attr = int(ctx.attr("axis", -2))
+
+    def fn(
+        past: torch.Tensor, update: torch.Tensor, write_indices: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        axis = norm_axis(axis_attr, past.dim())
+        if not 1 <= axis < past.dim():
+            raise ValueError(f"TensorScatter axis {axis_attr} must not be the batch axis")
+        batch, length, steps = past.shape[0], past.shape[axis], update.shape[axis]
+        if write_indices is None:
+            starts = torch.zeros(batch, dtype=torch.int64, device=past.device)
+        else:
+            starts = on_device(write_indices, past).to(torch.int64).reshape(batch)
+        positions = starts[:, None] + torch.arange(steps, device=past.device)  # [B, steps]
+        if mode == "circular":
+            positions = positions % length
+        shape = [batch] + [1] * (past.dim() - 1)
+        shape[axis] = steps
+        return past.scatter(axis, positions.reshape(shape).expand_as(update), update)
+
+    return fn
+
+
 @register("OneHot", since=9)
 def one_hot(ctx: OpContext) -> NodeFn:
     axis = int(ctx.attr("axis", -1))
