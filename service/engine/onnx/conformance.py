@@ -305,7 +305,9 @@ class ConformanceReference:
                 import onnxruntime as ort
 
                 options = ort.SessionOptions()
-                options.log_severity_level = 3
+                # fatal only: its failures reach us as exceptions, which the check or the
+                # user's error message quotes; its own log would print them to stderr again
+                options.log_severity_level = 4
                 # a kept session's idle threads must sleep, not spin after each check: they
                 # would take the cores from the job's own forward and backward that follow
                 options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -428,6 +430,15 @@ def check_conversion(
             "a rounding boundary, by a whole step of that quantiser, so errors of a few steps "
             "of the output's quantiser are agreement"
         )
+    unpools = _sized_max_unpools(model)
+    if unpools:
+        reasons.append(
+            f"MaxUnpool with output_shape ({', '.join(unpools)}): onnxruntime places the values "
+            "at their indices in output_shape's layout, the ONNX specification (its reference "
+            "implementation and test data, and the converter) in the layout MaxPool saw; where "
+            "output_shape is larger the two differ, and the converter's result is the "
+            "specification's"
+        )
     half = sorted({str(b.dtype) for b in expected if b.dtype.kind == "f" and b.itemsize < 4})
     if half:
         reasons.append(
@@ -449,6 +460,15 @@ def check_conversion(
         reference=reference_name,
         reason=reason,
     )
+
+
+def _sized_max_unpools(model: ModelProto) -> list[str]:
+    """Names of the top-level MaxUnpool nodes given an output_shape."""
+    return [
+        node.name or node.output[0]
+        for node in model.graph.node
+        if node.op_type == "MaxUnpool" and len(node.input) > 2 and node.input[2]
+    ]
 
 
 def reference_failure(

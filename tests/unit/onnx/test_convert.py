@@ -278,3 +278,31 @@ def test_initializers_off_any_differentiable_path_are_buffers() -> None:
     parameters = [name for name, _ in graph.named_parameters()]
     assert parameters == ["scale", "bias", "mean_also_in_body"]
     assert {"shape_only", "mean", "zero"} <= set(graph.buffer_names)
+
+
+def test_conformance_names_onnxruntimes_max_unpool_layout_where_output_shape_is_larger() -> None:
+    """onnxruntime indexes MaxUnpool's output in output_shape's layout, the specification in
+    the unpooled one (its own test case: indices 5, 7, 13, 15 of a 4x4 into a 5x5): the check
+    says so instead of reporting a conversion error unexplained."""
+    node = helper.make_node(
+        "MaxUnpool", ["x", "i", "shape"], ["y"], kernel_shape=[2, 2], strides=[2, 2], name="up"
+    )
+    graph_proto = helper.make_graph(
+        [node],
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2, 2]),
+            helper.make_tensor_value_info("i", TensorProto.INT64, [1, 1, 2, 2]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 5, 5])],
+        [numpy_helper.from_array(np.array([1, 1, 5, 5], np.int64), "shape")],
+    )
+    model = helper.make_model(graph_proto, opset_imports=[helper.make_opsetid("", 22)])
+    model.ir_version = 10
+    graph = convert(model, mode="eval")
+    x, i = torch.tensor([[[[5.0, 6.0], [7.0, 8.0]]]]), torch.tensor([[[[5, 7], [13, 15]]]])
+    y = graph(x, i)
+    assert (y[0, 0, 1, 1], y[0, 0, 1, 3], y[0, 0, 3, 1], y[0, 0, 3, 3]).count(0) == 0
+    check = check_conversion(model, graph, [x, i])
+    assert check.max_abs_error is not None and check.max_abs_error > 1  # they do differ
+    assert check.reason is not None and "MaxUnpool with output_shape (up)" in check.reason
