@@ -90,6 +90,8 @@ def _to_torch(value: Any) -> Any:
         tensors = [_to_torch(v) for v in value]
         ok = all(isinstance(t, torch.Tensor) for t in tensors)
         return tensors if ok else None
+    if isinstance(value, np.generic):  # a scalar input (a window's size: np.int32(10))
+        value = np.asarray(value)
     if not isinstance(value, np.ndarray) or value.dtype.kind in "OUS":
         return None
     try:
