@@ -117,6 +117,27 @@ def test_a_replay_never_overwrites_an_output_still_held(stand_in_graphs: None) -
     assert pooled_cuda_graphs.captures() == 2
 
 
+def test_captures_reading_a_freed_parameter_are_dropped(stand_in_graphs: None) -> None:
+    """A worker lets a diagnosed model go: the captures that read its parameters in place
+    can never replay (their key holds the addresses) and are dropped at the next new key,
+    with the device memory they hold; captures of live parameters stay."""
+    x = torch.randn(5, 3)
+    kept, dropped = torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(3, 2))
+    with torch.no_grad():
+        for _ in range(2):
+            pooled_cuda_graphs.run(affine, 1.0, x, kept)
+            pooled_cuda_graphs.run(affine, 1.0, x, dropped)
+        assert pooled_cuda_graphs.captures() == 2
+        pooled_cuda_graphs.run(affine, 1.0, torch.randn(4, 3), kept)  # a new key: both live
+        assert pooled_cuda_graphs.captures() == 2
+        del dropped
+        pooled_cuda_graphs.run(affine, 1.0, torch.randn(6, 3), kept)  # another new key
+        assert pooled_cuda_graphs.captures() == 1
+        replays = StandInGraph.replays
+        _assert_equal(pooled_cuda_graphs.run(affine, 1.0, x, kept), affine(1.0, x, kept))
+        assert pooled_cuda_graphs.captures() == 1 and StandInGraph.replays == replays + 1
+
+
 def passthrough(config: None, x: Tensor) -> tuple[Tensor]:
     return (x.view(-1),)  # shares the input's memory: not pure
 

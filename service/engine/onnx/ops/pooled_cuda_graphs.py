@@ -21,12 +21,15 @@ The functions (`body(config, *inputs)`) must be pure: no in-place writes to thei
 output freshly computed (an output sharing an input's memory refuses the capture), no host
 synchronisation. `config` is hashable and part of the key. A function is captured the second
 time its key is seen (a shape used once never pays for a capture); where capture fails, that
-key runs eagerly from then on. GRADHEALTH_CUDA_GRAPHS=0 turns replay off.
+key runs eagerly from then on. Captures that read a tensor in place which has since been
+freed (a model the worker let go) are dropped when a new key comes, with the device memory
+they hold. GRADHEALTH_CUDA_GRAPHS=0 turns replay off.
 """
 
 from __future__ import annotations
 
 import os
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -60,6 +63,7 @@ def run(body: Body, config: Hashable, *inputs: Tensor | None) -> Outputs:
         return body(config, *inputs)
     pool = _pools.pop(key, None)
     if pool is None:
+        _drop_stale()  # a new key: maybe a new model, whose predecessor's captures are dead
         if key not in _seen:  # first sight: a key used once never pays for a capture
             _seen[key] = None
             while len(_seen) > 4 * MAX_CAPTURES:
@@ -84,11 +88,27 @@ def run(body: Body, config: Hashable, *inputs: Tensor | None) -> Outputs:
     if len(_pools) > MAX_CAPTURES:
         while len(_pools) > MAX_CAPTURES:
             _pools.popitem(last=False)
-        _static_storages.clear()
-        _static_storages.update(
-            s.data_ptr() for pool in _pools.values() for c in pool for s in c.storages
-        )
+        _index_static_storages()
     return capture.replay(inputs)
+
+
+def _drop_stale() -> None:
+    """Drop the captures that read a tensor in place which no longer exists (the parameters
+    of a model the worker has let go): they can never replay again (their key holds its
+    address), yet they hold their outputs and their graph's memory on the device; a worker
+    diagnosing model after model would keep up to MAX_CAPTURES·SLOTS of them."""
+    stale = [key for key, pool in _pools.items() if any(c.stale() for c in pool)]
+    for key in stale:
+        del _pools[key]
+    if stale:
+        _index_static_storages()
+
+
+def _index_static_storages() -> None:
+    _static_storages.clear()
+    _static_storages.update(
+        s.data_ptr() for pool in _pools.values() for c in pool for s in c.storages
+    )
 
 
 def _count_capture() -> None:
@@ -168,6 +188,15 @@ class _Capture:
     def __init__(self, body: Body, config: Hashable, inputs: Inputs, in_place: tuple) -> None:
         device = next(t for t in inputs if t is not None).device
         self.body, self.config = body, config
+        # the tensors read in place that live outside the pool (parameters: the bases of the
+        # views given), weakly: when one is gone the key can never come again
+        self._sources = [
+            weakref.ref(t._base if t._base is not None else t)
+            for t, address in zip(inputs, in_place, strict=True)
+            if t is not None
+            and address is not None
+            and t.untyped_storage().data_ptr() not in _static_storages
+        ]
         self._copies: list[tuple[int, Tensor]] = [
             (i, torch.empty_like(t, memory_format=torch.contiguous_format))
             for i, (t, address) in enumerate(zip(inputs, in_place, strict=True))
@@ -187,6 +216,10 @@ class _Capture:
             raise RuntimeError("an output shares an input's memory: not a pure function")
         # what the pool alone holds of each storage: the outputs and the storage objects
         self._held = [_use_count(s) for s in self.storages]
+
+    def stale(self) -> bool:
+        """Whether a tensor it reads in place has been freed."""
+        return any(source() is None for source in self._sources)
 
     def free(self) -> bool:
         """Whether nothing outside the pool holds any output of the last replay."""
