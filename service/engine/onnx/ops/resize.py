@@ -3,6 +3,12 @@
 torch's `interpolate` covers only some of ONNX's coordinate modes and rounding rules, so
 nearest and (multi)linear are written as gathers with ONNX's source-coordinate formula:
 exact for every mode, differentiable, any rank; cubic likewise (Keys' kernel, `cubic_coeff_a`).
+
+Antialiased downsampling (opset 18+) stretches the linear/cubic filter by 1/scale, so each
+output reads a scale-dependent number of inputs; torch's `interpolate(antialias=True)` uses
+another filter placement and normalisation (off by ~0.1 from ONNX), so that axis is applied
+as an [out, in] weight matrix built from the reference's formula. `tf_crop_and_resize` maps
+outputs into the `roi` box and writes `extrapolation_value` where the box leaves the input.
 """
 
 from __future__ import annotations
@@ -24,8 +30,10 @@ COORDINATE_MODES = (
     "align_corners",
     "asymmetric",
     "tf_half_pixel_for_nn",
+    "tf_crop_and_resize",
 )
 NEAREST_MODES = ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil")
+_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
 def _source_coords(
@@ -67,15 +75,15 @@ class _ResizeSpec:
         require(self.mode in ("nearest", "linear", "cubic"), f"mode '{self.mode}'")
         default_coord = "asymmetric" if legacy_mode else "half_pixel"
         self.coord = str(ctx.attr("coordinate_transformation_mode", default_coord))
-        require(
-            self.coord in COORDINATE_MODES,
-            f"coordinate_transformation_mode '{self.coord}'"
-            + (" (crop and resize)" if self.coord == "tf_crop_and_resize" else ""),
-        )
+        require(self.coord in COORDINATE_MODES, f"coordinate_transformation_mode '{self.coord}'")
         default_nearest = "floor" if legacy_mode else "round_prefer_floor"
         self.nearest = str(ctx.attr("nearest_mode", default_nearest))
         require(self.nearest in NEAREST_MODES, f"nearest_mode '{self.nearest}'")
-        require(not ctx.attr("antialias", 0), "antialias=1")
+        self.antialias = bool(ctx.attr("antialias", 0))
+        # The spec defines the antialias filter for linear and cubic only (the reference
+        # raises for nearest), so guessing a meaning would be a silent wrong result.
+        require(not (self.antialias and self.mode == "nearest"), "antialias=1 with mode 'nearest'")
+        self.extrapolation = float(ctx.attr("extrapolation_value", 0.0))
         self.cubic_a = float(ctx.attr("cubic_coeff_a", -0.75))
         self.exclude_outside = bool(ctx.attr("exclude_outside", 0))
         self.axes = ctx.attr("axes")
@@ -108,20 +116,139 @@ class _ResizeSpec:
                 out[a] = math.floor(x.shape[a] * scale_list[i])
         return out, factors
 
-    def apply(self, x: torch.Tensor, scales: Any, sizes: Any) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, scales: Any, sizes: Any, roi: Any = None) -> torch.Tensor:
+        if self.mode != "nearest" and x.dtype in _INTEGER_DTYPES:
+            # Weights are fractional: blend in float64, then round and saturate back to the
+            # integer type as the reference's `saturate_cast` does.
+            info = torch.iinfo(x.dtype)
+            y = self.apply(x.double(), scales, sizes, roi)
+            return y.round().clamp(info.min, info.max).to(x.dtype)
         out, factors = self.plan(x, scales, sizes)
+        boxes = self.crop_boxes(roi, x.dim()) if self.coord == "tf_crop_and_resize" else {}
         for axis in range(x.dim()):
             in_len, out_len = x.shape[axis], out[axis]
-            if in_len == out_len and factors[axis] == 1.0:
+            box = boxes.get(axis)
+            if in_len == out_len and factors[axis] == 1.0 and _whole(box):
                 continue
-            coords = _source_coords(out_len, in_len, factors[axis], self.coord, x.device)
-            if self.mode == "nearest":
+            outside: torch.Tensor | None = None
+            if box is None:
+                coords = _source_coords(out_len, in_len, factors[axis], self.coord, x.device)
+            else:
+                coords, outside = _crop_coords(out_len, in_len, factors[axis], box, x.device)
+            # The antialias filter is only stretched when downsampling: at scale >= 1 it is
+            # the plain linear/cubic kernel, which the gathers below compute.
+            if self.antialias and factors[axis] < 1.0:
+                matrix = _antialias_matrix(
+                    coords, in_len, factors[axis], self.mode, self.cubic_a, self.exclude_outside
+                )
+                x = _apply_matrix(x, axis, matrix)
+            elif self.mode == "nearest":
                 x = x.index_select(axis, _nearest_index(coords, self.nearest, in_len))
             elif self.mode == "linear":
                 x = _linear_axis(x, axis, coords, in_len)
             else:
                 x = _cubic_axis(x, axis, coords, in_len, self.cubic_a, self.exclude_outside)
+            if outside is not None:  # per axis, as the reference: later axes blend constants
+                shape = [1] * x.dim()
+                shape[axis] = -1
+                x = x.masked_fill(outside.reshape(shape), _fill_value(self.extrapolation, x))
         return x
+
+    def crop_boxes(self, roi: Any, rank: int) -> dict[int, torch.Tensor]:
+        """Axis -> its [start, end] in `roi` (normalised input coordinates), in roi's dtype.
+
+        Kept in roi's own dtype so the coordinate arithmetic rounds as the reference's does
+        (float32 roi: the start offset is a float32 product), which matters at nearest-mode
+        ties and at the extrapolation boundary.
+        """
+        if not isinstance(roi, torch.Tensor) or roi.numel() == 0:
+            raise ValueError(
+                "Resize with coordinate_transformation_mode 'tf_crop_and_resize' needs roi"
+            )
+        axes = norm_axes(self.axes, rank) if self.axes else list(range(rank))
+        flat = roi.detach().reshape(-1)
+        if flat.numel() != 2 * len(axes):
+            raise ValueError(f"Resize roi has {flat.numel()} values, expected {2 * len(axes)}")
+        return {a: flat[i :: len(axes)] for i, a in enumerate(axes)}
+
+
+def _fill_value(value: float, x: torch.Tensor) -> float:
+    """`extrapolation_value` as x's dtype holds it: integers round and saturate (as the
+    reference's `saturate_cast`) instead of truncating."""
+    if x.dtype not in _INTEGER_DTYPES:
+        return value
+    info = torch.iinfo(x.dtype)
+    return float(min(max(round(value), info.min), info.max))
+
+
+def _whole(box: torch.Tensor | None) -> bool:
+    """Whether a crop box is absent or spans the whole axis (an unresized axis is a no-op)."""
+    return box is None or box.tolist() == [0.0, 1.0]
+
+
+def _crop_coords(
+    out_len: int, in_len: int, scale: float, box: torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """tf_crop_and_resize source coordinates, and where they fall outside the input.
+
+    As in the reference, the resized length is `in_len * scale` unrounded (the spec and
+    onnxruntime use the integer length; they differ only for scales with a fractional
+    product) and the expression order follows it, so values round the same way.
+    """
+    box = box.to(device)
+    start, end = box[0], box[1]
+    resized = in_len * scale
+    y = torch.arange(out_len, dtype=torch.float64, device=device)
+    if resized == 1:
+        coords = torch.zeros_like(y) + (end - start) * (in_len - 1) / 2
+    else:
+        coords = y * (end - start) * (in_len - 1) / (resized - 1)
+    coords = coords + start * (in_len - 1)
+    return coords, (coords < 0) | (coords > in_len - 1)
+
+
+def _keys(d: torch.Tensor, a: float) -> torch.Tensor:
+    """Keys' cubic kernel at distances d >= 0 (zero from 2 on)."""
+    near = ((a + 2) * d - (a + 3)) * d * d + 1
+    far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+    return torch.where(d <= 1, near, torch.where(d < 2, far, torch.zeros_like(d)))
+
+
+def _antialias_matrix(
+    coords: torch.Tensor,
+    in_len: int,
+    scale: float,
+    mode: str,
+    a: float,
+    exclude_outside: bool,
+) -> torch.Tensor:
+    """[out, in] float64 weights of ONNX's antialiased linear/cubic filter for `scale` < 1.
+
+    The filter (support 1 or 2) is stretched by 1/scale and normalised per output; taps
+    start left of the coordinate, an integer coordinate counting as the end of the interval
+    before it (the reference's ratio in (0, 1]); taps beyond the input repeat its edge
+    values, or with `exclude_outside` are dropped and the rest renormalised.
+    """
+    support = 1 if mode == "linear" else 2
+    start = math.floor(-support / scale) + 1
+    offsets = torch.arange(start, 2 - start, dtype=torch.float64, device=coords.device)
+    base = torch.ceil(coords) - 1
+    distance = ((offsets - (coords - base)[:, None]) * scale).abs()
+    weights = (1 - distance).clamp(0, 1) if mode == "linear" else _keys(distance, a)
+    weights = weights / weights.sum(dim=1, keepdim=True)
+    taps = (base[:, None] + offsets).long()
+    if exclude_outside:
+        weights = weights * ((taps >= 0) & (taps < in_len))
+        total = weights.sum(dim=1, keepdim=True)
+        weights = weights / torch.where(total == 0, torch.ones_like(total), total)
+    matrix = torch.zeros(coords.numel(), in_len, dtype=torch.float64, device=coords.device)
+    return matrix.scatter_add_(1, taps.clamp(0, in_len - 1), weights)
+
+
+def _apply_matrix(x: torch.Tensor, axis: int, matrix: torch.Tensor) -> torch.Tensor:
+    """Resize `axis` of `x` by the [out, in] weight matrix (a matmul: exact, differentiable)."""
+    moved = torch.movedim(x, axis, -1) @ matrix.to(x.dtype).T
+    return torch.movedim(moved, -1, axis)
 
 
 def _linear_axis(x: torch.Tensor, axis: int, coords: torch.Tensor, in_len: int) -> torch.Tensor:
@@ -185,7 +312,7 @@ def resize_11(ctx: OpContext) -> NodeFn:
     def fn(x: torch.Tensor, roi: Any = None, scales: Any = None, sizes: Any = None) -> Any:
         if sizes is not None and sizes.numel() == 0:
             sizes = None
-        return spec.apply(x, scales, sizes)
+        return spec.apply(x, scales, sizes, roi)
 
     return fn
 
