@@ -28,6 +28,7 @@ NO_GRADIENT_OPS = frozenset(
     | {"IsNaN", "IsInf", "Shape", "Size", "ArgMax", "ArgMin", "NonZero"}
     | {"EyeLike", "ConstantOfShape", "RandomNormalLike", "RandomUniformLike"}
     | {"BitShift", "BitwiseAnd", "BitwiseOr", "BitwiseXor", "BitwiseNot", "OneHot", "Range"}
+    | {"NonMaxSuppression", "HannWindow", "HammingWindow", "BlackmanWindow", "MelWeightMatrix"}
 )
 # Input slots that only index, shape or select: no gradient flows into them.
 NON_DIFFERENTIABLE_SLOTS: dict[str, tuple[int, ...]] = {
@@ -65,6 +66,11 @@ NON_DIFFERENTIABLE_SLOTS: dict[str, tuple[int, ...]] = {
     "ReduceSumSquare": (1,),
     "ReduceLogSum": (1,),
     "ReduceLogSumExp": (1,),
+    "RoiAlign": (1, 2),  # boxes and their batch indices (detached, as torchvision's)
+    "MaxUnpool": (1, 2),
+    "TensorScatter": (2,),
+    "DFT": (1, 2),
+    "STFT": (1, 3),
 }
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 _FLOAT_TYPES = {

@@ -5,6 +5,7 @@ from service.engine.onnx.ops import (  # noqa: F401
     attention,
     control,
     conv,
+    detection,
     elementwise,
     indexing,
     linalg,
