@@ -1,4 +1,4 @@
-"""Conv, ConvTranspose and pooling (Max/Average/Lp, Global*), 1-D to 3-D."""
+"""Conv, ConvTranspose and pooling (Max/Average/Lp, Global*), 1-D to 3-D; DeformConv, 2-D."""
 
 from __future__ import annotations
 
@@ -103,6 +103,156 @@ def conv(ctx: OpContext) -> NodeFn:
 def require_rank(x: torch.Tensor, spatial: int) -> None:
     if x.dim() != spatial + 2 or spatial not in _CONV:
         raise ValueError(f"Conv expects a {spatial + 2}-D input, got shape {list(x.shape)}")
+
+
+@register("DeformConv", since=19)  # opset 22 only widens the types
+def deform_conv(ctx: OpContext) -> NodeFn:
+    """Deformable convolution (torchvision's deform_conv2d, as the ONNX reference computes it):
+    every kernel tap samples X bilinearly at its shifted position, zeros outside the input,
+    scaled by the mask; then one matmul per group with the weight. Differentiable w.r.t. X, W,
+    offset, B and mask.
+
+    The schema says N-D, but the ONNX reference (and onnxruntime) implement 2-D only, so other
+    ranks are refused rather than guessed at.
+    """
+    kernel_attr = ctx.attr("kernel_shape")
+    strides = [int(s) for s in ctx.attr("strides", [1, 1])]
+    dilations = [int(d) for d in ctx.attr("dilations", [1, 1])]
+    pads = [int(p) for p in ctx.attr("pads", [0, 0, 0, 0])]
+    groups = int(ctx.attr("group", 1))
+    offset_groups = int(ctx.attr("offset_group", 1))
+    require(
+        (kernel_attr is None or len(kernel_attr) == 2)
+        and len(strides) == 2
+        and len(dilations) == 2
+        and len(pads) == 4,
+        "DeformConv is supported in 2-D only (the ONNX reference implements 2-D only)",
+    )
+    require(min(strides) >= 1 and min(dilations) >= 1, "DeformConv strides/dilations below 1")
+    require(groups >= 1 and offset_groups >= 1, "DeformConv group/offset_group below 1")
+    kernel_shape = None if kernel_attr is None else [int(k) for k in kernel_attr]
+
+    def fn(
+        x: torch.Tensor, w: torch.Tensor, offset: torch.Tensor, b: Any = None, mask: Any = None
+    ) -> torch.Tensor:
+        if x.dim() != 4 or w.dim() != 4:
+            raise ValueError(
+                f"DeformConv expects 4-D X and W, got {list(x.shape)} and {list(w.shape)}"
+            )
+        kernel = [int(k) for k in w.shape[2:]]
+        if kernel_shape is not None and kernel_shape != kernel:
+            raise ValueError(f"DeformConv kernel_shape {kernel_shape} != W's {kernel}")
+        n, c = int(x.shape[0]), int(x.shape[1])
+        out_c = int(w.shape[0])
+        if c != w.shape[1] * groups or out_c % groups or c % offset_groups:
+            raise ValueError(
+                f"DeformConv: X {list(x.shape)} and W {list(w.shape)} do not fit "
+                f"group={groups}, offset_group={offset_groups}"
+            )
+        out_hw = _deform_output_size(x, kernel, strides, dilations, pads)
+        taps = kernel[0] * kernel[1]
+        if list(offset.shape) != [n, offset_groups * 2 * taps, *out_hw]:
+            raise ValueError(
+                f"DeformConv offset shape {list(offset.shape)}, expected "
+                f"{[n, offset_groups * 2 * taps, *out_hw]}"
+            )
+        if mask is not None and list(mask.shape) != [n, offset_groups * taps, *out_hw]:
+            raise ValueError(
+                f"DeformConv mask shape {list(mask.shape)}, expected "
+                f"{[n, offset_groups * taps, *out_hw]}"
+            )
+        sampled = _deformed_taps(
+            x, offset, mask, kernel, strides, dilations, pads, offset_groups, out_hw
+        )
+        # [N, offset_group, C/offset_group, taps·P] is channel-major like [N, C, taps, P], so
+        # the conv groups are contiguous slices of it.
+        columns = sampled.reshape(n, groups, (c // groups) * taps, out_hw[0] * out_hw[1])
+        y = torch.matmul(w.reshape(groups, out_c // groups, (c // groups) * taps), columns)
+        y = y.reshape(n, out_c, *out_hw)
+        return y if b is None else y + b.reshape(1, -1, 1, 1)
+
+    return fn
+
+
+def _deform_output_size(
+    x: torch.Tensor, kernel: list[int], strides: list[int], dilations: list[int], pads: list[int]
+) -> list[int]:
+    sizes = []
+    for i in range(2):
+        span = int(x.shape[2 + i]) + pads[i] + pads[i + 2] - (kernel[i] - 1) * dilations[i] - 1
+        if span < 0:
+            raise ValueError(f"DeformConv: the kernel overruns the padded input {list(x.shape)}")
+        sizes.append(span // strides[i] + 1)
+    return sizes
+
+
+def _deformed_taps(
+    x: torch.Tensor,
+    offset: torch.Tensor,
+    mask: torch.Tensor | None,
+    kernel: list[int],
+    strides: list[int],
+    dilations: list[int],
+    pads: list[int],
+    offset_groups: int,
+    out_hw: list[int],
+) -> torch.Tensor:
+    """X sampled at every kernel tap's deformed position, times the mask:
+    [N, offset_group, C/offset_group, taps·oH·oW]."""
+    n, c, height, width = (int(s) for s in x.shape)
+    taps = kernel[0] * kernel[1]
+    # Positions in at least float32 even for half inputs: in bfloat16 a position past 128 has
+    # no fraction left, and with it go the sampling weights and their gradient.
+    pos_dtype = torch.promote_types(offset.dtype, torch.float32)
+    tap = torch.arange(taps, device=x.device)
+    # Undeformed position of tap k at output (i, j): top-left of the window plus the tap.
+    rows = torch.arange(out_hw[0], device=x.device, dtype=pos_dtype) * strides[0] - pads[0]
+    cols = torch.arange(out_hw[1], device=x.device, dtype=pos_dtype) * strides[1] - pads[1]
+    base_y = (tap // kernel[1]).to(pos_dtype)[:, None, None] * dilations[0] + rows[:, None]
+    base_x = (tap % kernel[1]).to(pos_dtype)[:, None, None] * dilations[1] + cols
+    # offset channels are (offset_group, kH, kW, [dy, dx]), as in the reference's reshape
+    shifts = offset.to(pos_dtype).reshape(n, offset_groups, taps, 2, *out_hw)
+    samples = taps * out_hw[0] * out_hw[1]  # explicit sizes: an empty batch cannot infer -1
+    ys = (base_y + shifts[:, :, :, 0]).reshape(n, offset_groups, samples)
+    xs = (base_x + shifts[:, :, :, 1]).reshape(n, offset_groups, samples)
+    scale = None
+    if mask is not None:
+        scale = mask.to(pos_dtype).reshape(n, offset_groups, samples)
+    planes = x.reshape(n, offset_groups, c // offset_groups, height * width)
+    return _bilinear_zeros(planes, ys, xs, height, width, scale)
+
+
+def _bilinear_zeros(
+    planes: torch.Tensor,
+    ys: torch.Tensor,
+    xs: torch.Tensor,
+    height: int,
+    width: int,
+    scale: torch.Tensor | None,
+) -> torch.Tensor:
+    """planes [N, G, Cg, H·W] sampled bilinearly at (ys, xs) [N, G, L], times `scale`.
+
+    Each of the four corners outside the input reads zero (the reference's GridSample with
+    padding_mode='zeros', and torchvision's kernel). Sampling directly in pixel coordinates,
+    rather than through F.grid_sample's [-1, 1] grid, keeps positions exact and stays defined
+    for a 1-pixel-high or -wide input.
+    """
+    y0, x0 = ys.floor(), xs.floor()
+    fy, fx = ys - y0, xs - x0  # floor has no gradient: these carry d/d(offset)
+    iy, ix = y0.long(), x0.long()
+    channels = planes.shape[2]
+    terms = []
+    for dy, wy in ((0, 1 - fy), (1, fy)):
+        for dx, wx in ((0, 1 - fx), (1, fx)):
+            cy, cx = iy + dy, ix + dx
+            inside = (cy >= 0) & (cy < height) & (cx >= 0) & (cx < width)
+            weight = torch.where(inside, wy * wx, 0.0)
+            if scale is not None:
+                weight = weight * scale
+            index = cy.clamp(0, height - 1) * width + cx.clamp(0, width - 1)
+            values = planes.gather(3, index[:, :, None].expand(-1, -1, channels, -1))
+            terms.append(values * weight.to(planes.dtype)[:, :, None])
+    return terms[0] + terms[1] + terms[2] + terms[3]
 
 
 @register("ConvTranspose")
