@@ -29,6 +29,7 @@ NO_GRADIENT_OPS = frozenset(
     | {"EyeLike", "ConstantOfShape", "RandomNormalLike", "RandomUniformLike"}
     | {"BitShift", "BitwiseAnd", "BitwiseOr", "BitwiseXor", "BitwiseNot", "OneHot", "Range"}
     | {"NonMaxSuppression", "HannWindow", "HammingWindow", "BlackmanWindow", "MelWeightMatrix"}
+    | {"BitCast"}  # a reinterpretation of the bits: torch's view(dtype) has no gradient
 )
 # Input slots that only index, shape or select: no gradient flows into them.
 NON_DIFFERENTIABLE_SLOTS: dict[str, tuple[int, ...]] = {
@@ -78,6 +79,11 @@ _FLOAT_TYPES = {
     TensorProto.DOUBLE,
     TensorProto.FLOAT16,
     TensorProto.BFLOAT16,
+    # a Cast to float8 carries the gradient as one to float16 does (torch's cast)
+    TensorProto.FLOAT8E4M3FN,
+    TensorProto.FLOAT8E4M3FNUZ,
+    TensorProto.FLOAT8E5M2,
+    TensorProto.FLOAT8E5M2FNUZ,
 }
 
 

@@ -2,6 +2,11 @@
 
 UINT16/32/64 are left out on purpose: torch has almost no kernels for them (add, compare,
 shift all raise), so a model using them is refused up front instead of failing mid-run.
+The float8 types are in: torch holds and converts them (graph inputs and outputs, Cast,
+QuantizeLinear/DequantizeLinear) though it computes with none of them, and a model stores
+values in float8 exactly to cast them before any arithmetic. INT4/UINT4 and INT2/UINT2 stay
+out (torch's dtypes for them are shells: not even a copy works), FLOAT4E2M1 too (torch packs
+it two to a byte), and FLOAT8E8M0 (torch's cast rounds up only; Cast has three round modes).
 """
 
 from __future__ import annotations
@@ -14,6 +19,13 @@ from onnx import TensorProto
 
 from service.engine.onnx.registry import UnsupportedAttribute
 
+FLOAT8_TO_TORCH: dict[int, torch.dtype] = {
+    TensorProto.FLOAT8E4M3FN: torch.float8_e4m3fn,
+    TensorProto.FLOAT8E4M3FNUZ: torch.float8_e4m3fnuz,
+    TensorProto.FLOAT8E5M2: torch.float8_e5m2,
+    TensorProto.FLOAT8E5M2FNUZ: torch.float8_e5m2fnuz,
+}
+FLOAT8_DTYPES = frozenset(FLOAT8_TO_TORCH.values())
 ONNX_TO_TORCH: dict[int, torch.dtype] = {
     TensorProto.FLOAT: torch.float32,
     TensorProto.DOUBLE: torch.float64,
@@ -27,13 +39,15 @@ ONNX_TO_TORCH: dict[int, torch.dtype] = {
     TensorProto.BOOL: torch.bool,
     TensorProto.COMPLEX64: torch.complex64,
     TensorProto.COMPLEX128: torch.complex128,
+    **FLOAT8_TO_TORCH,
 }
 TORCH_TO_ONNX: dict[torch.dtype, int] = {v: k for k, v in ONNX_TO_TORCH.items()}
+# The float dtypes torch computes with (not float8's: see the module's docstring).
 FLOAT_DTYPES = {torch.float32, torch.float64, torch.float16, torch.bfloat16}
 
 
 def torch_dtype(onnx_type: int) -> torch.dtype:
-    """The torch dtype of an ONNX element type; refuses the ones torch cannot compute with."""
+    """The torch dtype of an ONNX element type; refuses the ones torch cannot hold."""
     try:
         return ONNX_TO_TORCH[onnx_type]
     except KeyError:

@@ -1,15 +1,17 @@
-"""Elementwise math, comparison and logic, Cast/CastLike, Identity, Where, Clip."""
+"""Elementwise math, comparison and logic, Cast/CastLike/BitCast, Identity, Where, Clip."""
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from service.engine.graph import NodeFn, passthrough
 from service.engine.onnx.ops._util import (
+    FLOAT8_DTYPES,
     FLOAT_DTYPES,
     LastTensorMemo,
     as_tensor,
@@ -202,21 +204,105 @@ def where(ctx: OpContext) -> NodeFn:
     return fn
 
 
+@dataclass(frozen=True)
+class _Float8Bounds:
+    """Where a float8 type's range ends: |x| rounds past `max` (out of range: ONNX's tables'
+    "[x] > FLT_MAX") from `halfway` on, midway between `max` and the next value the type
+    would have. `halfway` itself rounds to even: past `max` unless max's last mantissa bit
+    is 0 (E4M3FN's 448 = 1.110b x 2^8; the others' maxima end in 1)."""
+
+    max: float
+    halfway: float
+    halfway_overflows: bool
+
+    def overflows(self, x: torch.Tensor) -> torch.Tensor:
+        magnitude = x.abs()  # NaN compares False: NaN stays NaN
+        return magnitude >= self.halfway if self.halfway_overflows else magnitude > self.halfway
+
+
+def _float8_bounds(dtype: torch.dtype) -> _Float8Bounds:
+    top = torch.tensor(torch.finfo(dtype).max).to(dtype)
+    code = int(top.view(torch.uint8))
+    below = float(torch.tensor(code - 1, dtype=torch.uint8).view(dtype))
+    highest = float(top)
+    return _Float8Bounds(highest, highest + (highest - below) / 2, bool(code & 1))
+
+
+_FLOAT8_BOUNDS = {dtype: _float8_bounds(dtype) for dtype in FLOAT8_DTYPES}
+
+
+def to_float8(x: torch.Tensor, dtype: torch.dtype, saturate: bool) -> torch.Tensor:
+    """`x` cast to a float8 type as ONNX's Cast does: rounded to nearest even; out-of-range
+    values and infinities at ±max when saturating, else NaN (±inf for E5M2, the only type
+    with infinities); NaN stays NaN.
+
+    torch's own cast disagrees out of range (E4M3FN always saturates, the others never do:
+    ±inf or NaN), so only in-range values, NaN and E5M2's infinities reach it. Doubles are
+    rounded to float32 first, as onnx's reference (ml_dtypes) does. The clamp passes no
+    gradient to saturated values, like QuantizeLinear's float8 saturation; the cast passes it
+    on as torch's casts do (as for float16: a gradient reaching a float8 value is rounded to
+    float8 by the backward of the cast that read it)."""
+    x = x.to(torch.float32)  # exact from a float8 type
+    bounds = _FLOAT8_BOUNDS[dtype]
+    if saturate:
+        return x.clamp(-bounds.max, bounds.max).to(dtype)
+    overflow = torch.full_like(x, float("nan"))
+    if dtype == torch.float8_e5m2:
+        overflow = torch.copysign(torch.full_like(x, float("inf")), x)
+    return torch.where(bounds.overflows(x), overflow, x).to(dtype)
+
+
+def cast_to(x: torch.Tensor, dtype: torch.dtype, saturate: bool = True) -> torch.Tensor:
+    """ONNX's Cast of `x` to `dtype`; `saturate` applies to float8 targets only."""
+    if dtype in FLOAT8_DTYPES:  # from the same type too: saturating, E5M2's ±inf become ±max
+        return to_float8(x, dtype, saturate)
+    if x.dtype == dtype:
+        return x
+    if x.dtype in FLOAT8_DTYPES:  # exact in float32; torch has no other float8 arithmetic
+        x = x.to(torch.float32)
+    if x.dtype in FLOAT_DTYPES and not dtype.is_floating_point and dtype != torch.bool:
+        return x.trunc().to(dtype)
+    return x.to(dtype)
+
+
 @register("Cast")
 def cast(ctx: OpContext) -> NodeFn:
     dtype = torch_dtype(int(ctx.attr("to")))
+    saturate = bool(ctx.attr("saturate", 1))  # opset 19; always on before
 
     def fn(x: torch.Tensor) -> torch.Tensor:
-        if x.dtype in FLOAT_DTYPES and not dtype.is_floating_point and dtype != torch.bool:
-            return x.trunc().to(dtype) if x.dtype != dtype else x
-        return x.to(dtype)
+        return cast_to(x, dtype, saturate)
 
     return fn
 
 
 @register("CastLike")
 def cast_like(ctx: OpContext) -> NodeFn:
-    return lambda x, like: x.to(like.dtype)
+    saturate = bool(ctx.attr("saturate", 1))
+
+    def fn(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return cast_to(x, like.dtype, saturate)
+
+    return fn
+
+
+@register("BitCast", since=26)
+def bit_cast(ctx: OpContext) -> NodeFn:
+    """The same bits read as another type of the same width (torch's `view(dtype)`, which
+    carries no gradient: bits have no derivative)."""
+    dtype = torch_dtype(int(ctx.attr("to")))
+    width = torch.empty((), dtype=dtype).element_size()
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        # torch would fold a size change into the last dimension; ONNX forbids one
+        if x.element_size() != width:
+            raise ValueError(
+                f"BitCast: {x.dtype} ({8 * x.element_size()} bits) cannot be read as "
+                f"{dtype} ({8 * width} bits): the widths must match"
+            )
+        return x.view(dtype)
+
+    return fn
 
 
 def _clip_values(x: torch.Tensor, low: Any, high: Any) -> torch.Tensor:

@@ -23,6 +23,7 @@ import torch
 from onnx import TensorProto
 
 from service.engine.graph import Node, NodeFn
+from service.engine.onnx.ops._util import FLOAT8_TO_TORCH as FLOAT8_TO_TORCH  # convert.py's
 from service.engine.onnx.registry import OpContext, UnsupportedAttribute, register
 
 
@@ -42,12 +43,6 @@ _INTEGER_TYPES: dict[int, QuantizedType] = {
     TensorProto.INT16: QuantizedType(torch.int16, -32768, 32767),
     # torch has few uint16 kernels: its values are held in int32
     TensorProto.UINT16: QuantizedType(torch.int32, 0, 65535),
-}
-FLOAT8_TO_TORCH: dict[int, torch.dtype] = {
-    TensorProto.FLOAT8E4M3FN: torch.float8_e4m3fn,
-    TensorProto.FLOAT8E4M3FNUZ: torch.float8_e4m3fnuz,
-    TensorProto.FLOAT8E5M2: torch.float8_e5m2,
-    TensorProto.FLOAT8E5M2FNUZ: torch.float8_e5m2fnuz,
 }
 _FLOAT8_TYPES: dict[int, QuantizedType] = {
     onnx_type: QuantizedType(dtype, -torch.finfo(dtype).max, torch.finfo(dtype).max, True)
