@@ -115,7 +115,28 @@ def test_the_environment_fixes_the_choice_and_otherwise_a_timing_decides(
     with caplog.at_level(logging.INFO, logger=_cpu_products.__name__):
         chosen = _cpu_products.onednn_preferred()
     (record,) = caplog.records
-    assert record.getMessage().startswith(f"CPU products: {'oneDNN' if chosen else 'MKL'} (probe")
+    message = record.getMessage()
+    assert message.startswith(f"CPU products: {'oneDNN' if chosen else 'MKL'} (oneDNN/MKL")
+    assert message.count(" ms, oneDNN ") == 2 and "[32, 512]·[512, 2048]" in message  # both probes
+
+
+@pytest.mark.usefixtures("fresh_choice")
+@pytest.mark.parametrize(
+    ("ratios", "chosen"),
+    [
+        ((0.85, 0.62), True),  # AVX-512 EPYC: the graph product alone is not a clear win
+        ((0.45, 0.3), True),  # AVX2 EPYC
+        ((1.34, 6.4), False),  # Xeon: MKL faster
+        ((0.95, 0.9), False),  # close: torch's default
+    ],
+)
+def test_onednn_is_chosen_on_the_two_probes_geometric_mean(
+    monkeypatch: pytest.MonkeyPatch, ratios: tuple[float, float], chosen: bool
+) -> None:
+    monkeypatch.delenv("GRADHEALTH_CPU_PRODUCTS", raising=False)
+    answers = iter(ratios)
+    monkeypatch.setattr(_cpu_products, "_probe", lambda *args: (next(answers), "timings"))
+    assert _cpu_products.onednn_preferred() is chosen
 
 
 def _operands(rows: int = 64, inner: int = 256, cols: int = 384) -> list[Tensor]:
