@@ -4,13 +4,14 @@ choice between the C++ step loops and the Python ones."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from service.engine import native
+from service.engine.onnx.ops import pooled_cuda_graphs
 
 
 def native_loops(X: Tensor) -> Any:
@@ -43,6 +44,26 @@ def run_in_time_order(
     with torch.autocast(device_type, enabled=False):
         Y, *rest = apply(X, *others)
     return (Y.flip(0) if reverse else Y, *rest)
+
+
+def pooled_backward(
+    ctx: Any,
+    backward_node: Callable[..., tuple[Tensor | None, ...]],
+    inputs: int,
+    biases: Hashable,
+    dY: Tensor,
+    dh_last: Tensor,
+) -> tuple[Tensor | None, ...]:
+    """The GRU's and RNN's autograd backward: `backward_node(config, dY, dh_last, *saved)`
+    through pooled_cuda_graphs (one CUDA graph on CUDA, a call elsewhere), config being (which
+    of the first `inputs` inputs need a gradient, `biases`, collect ∂L/∂h_t, reverse); the
+    collected ∂L/∂h_t goes to ctx.hidden_grads. Returns the Function's input gradients."""
+    collect = ctx.hidden_grads is not None
+    config = (tuple(ctx.needs_input_grad[:inputs]), biases, collect, ctx.reverse)
+    *grads, dhidden = pooled_cuda_graphs.run(backward_node, config, dY, dh_last, *ctx.saved_tensors)
+    if collect:
+        ctx.hidden_grads.append(dhidden)
+    return (*grads, None, None)
 
 
 def block_rows(blocks: list[int], size: int, device: torch.device) -> Tensor:

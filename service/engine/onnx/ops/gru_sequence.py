@@ -27,7 +27,11 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from service.engine.onnx.ops import _cpu_products, cuda_graph_loops, pooled_cuda_graphs
-from service.engine.onnx.ops._sequence_common import native_loops, run_in_time_order
+from service.engine.onnx.ops._sequence_common import (
+    native_loops,
+    pooled_backward,
+    run_in_time_order,
+)
 
 
 def gru_direction(
@@ -87,14 +91,7 @@ class _GRUSequence(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dY: Tensor, dh_last: Tensor) -> tuple[Tensor | None, ...]:
-        collect = ctx.hidden_grads is not None
-        config = (tuple(ctx.needs_input_grad[:6]), ctx.has_biases, collect, ctx.reverse)
-        *grads, dhidden = pooled_cuda_graphs.run(
-            backward_node, config, dY, dh_last, *ctx.saved_tensors
-        )
-        if collect:
-            ctx.hidden_grads.append(dhidden)
-        return (*grads, None, None)
+        return pooled_backward(ctx, backward_node, 6, ctx.has_biases, dY, dh_last)
 
 
 def forward_node(

@@ -22,7 +22,11 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from service.engine.onnx.ops import _cpu_products, cuda_graph_loops, pooled_cuda_graphs
-from service.engine.onnx.ops._sequence_common import native_loops, run_in_time_order
+from service.engine.onnx.ops._sequence_common import (
+    native_loops,
+    pooled_backward,
+    run_in_time_order,
+)
 
 
 def rnn_direction(
@@ -72,14 +76,7 @@ class _TanhRNNSequence(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dY: Tensor, dh_last: Tensor) -> tuple[Tensor | None, ...]:
-        collect = ctx.hidden_grads is not None
-        config = (tuple(ctx.needs_input_grad[:5]), ctx.has_bias, collect, ctx.reverse)
-        *grads, dhidden = pooled_cuda_graphs.run(
-            backward_node, config, dY, dh_last, *ctx.saved_tensors
-        )
-        if collect:
-            ctx.hidden_grads.append(dhidden)
-        return (*grads, None, None)
+        return pooled_backward(ctx, backward_node, 5, ctx.has_bias, dY, dh_last)
 
 
 def forward_node(
