@@ -1,8 +1,10 @@
 """`gradhealth submit MODEL --batch BATCH [--server URL] [--wait]`: the client for pipelines.
 
 Uploads the model and the batch in one request (`POST /v1/diagnoses:run`, streamed from the
-files), then either prints the diagnosis id (without `--wait`) or polls it with a progress
-display on stderr and prints the report like `gradhealth diagnose` does.
+files; an ONNX model whose weights sit in external data files beside it goes as a zip bundle of
+the .onnx and those files, which the API takes), then either prints the diagnosis id (without
+`--wait`) or polls it with a progress display on stderr and prints the report like `gradhealth
+diagnose` does.
 
 Exit codes (CONTRACT.md §2), with `--wait`: 0 no finding at or above `--fail-on`; 1 at least
 one; 2 bad input or usage (a file, an option, an API key, a model or batch the server
@@ -14,7 +16,11 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 import time
+import zipfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -139,14 +145,68 @@ class Client:
         return body
 
     def run(self, model: Path, batch: Path, fields: dict[str, str]) -> dict[str, Any]:
-        # File objects: httpx streams them in chunks instead of reading whole files.
-        with model.open("rb") as model_file, batch.open("rb") as batch_file:
-            files = {"model": (model.name, model_file), "batch": (batch.name, batch_file)}
+        with ExitStack() as stack:
+            upload = model
+            data_files = external_data_files(model)
+            if data_files:  # the .onnx and its data files as one zip bundle, as the API takes
+                upload = stack.enter_context(bundled(model, data_files))
+            # File objects: httpx streams them in chunks instead of reading whole files.
+            model_file = stack.enter_context(upload.open("rb"))
+            batch_file = stack.enter_context(batch.open("rb"))
+            files = {"model": (upload.name, model_file), "batch": (batch.name, batch_file)}
             data = {"name": model.name, **fields}
             return self._call("POST", "/v1/diagnoses:run", files=files, data=data)
 
     def get(self, diagnosis_id: str) -> dict[str, Any]:
         return self._call("GET", f"/v1/diagnoses/{diagnosis_id}")
+
+
+def external_data_files(model: Path) -> list[str]:
+    """The files an ONNX model keeps its weights in beside it (`torch.onnx.export` writes
+    `model.onnx.data` by default), as the model names them; [] for other formats and for a
+    model holding all its weights. A named file that is missing, or outside the model's
+    folder, is a SubmitError naming it."""
+    if model.suffix.lower() != ".onnx":
+        return []
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    try:
+        proto = onnx.load(str(model), load_external_data=False)
+    except Exception:  # not parseable here: the server says what is wrong with it
+        return []
+    locations = sorted(
+        {
+            entry.value
+            for tensor in _get_all_tensors(proto)
+            if uses_external_data(tensor)
+            for entry in tensor.external_data
+            if entry.key == "location"
+        }
+    )
+    folder = model.resolve().parent
+    for location in locations:
+        path = (folder / location).resolve()
+        if not path.is_relative_to(folder) or not path.is_file():
+            raise SubmitError(
+                f"the model {model.name!r} keeps weights in {location!r}, which is not a file "
+                f"in {str(folder)!r} (external data must sit beside the .onnx file)",
+                EXIT_BAD_INPUT,
+            )
+    return locations
+
+
+@contextmanager
+def bundled(model: Path, data_files: list[str]) -> Iterator[Path]:
+    """A temporary zip (stored, not compressed: weights do not compress) holding `model` and
+    its external data files under the names the model gives them."""
+    with tempfile.TemporaryDirectory(prefix="gradhealth-submit-") as directory:
+        bundle = Path(directory) / f"{model.stem}.zip"
+        with zipfile.ZipFile(bundle, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+            archive.write(model, model.name)
+            for location in data_files:
+                archive.write(model.parent / location, location)
+        yield bundle
 
 
 def _api_error(response: Any) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import onnx
 import psycopg
 import pytest
 import torch
@@ -139,6 +140,20 @@ def test_serve_on_sqlite_diagnoses_an_upload(
     assert not any("worker's cache" in note for note in report["notes"])
     assert any("worker's cache" in note for note in again["notes"]), again["notes"]
     assert again["timing"]["load"] < 1e-3
+
+    # weights in a data file beside the .onnx (torch.onnx.export's default): sent as a bundle
+    external = files["model"].parent / "external" / "tiny.onnx"
+    external.parent.mkdir(exist_ok=True)
+    onnx.save_model(
+        onnx.load(str(files["model"])),
+        str(external),
+        save_as_external_data=True,
+        location="tiny.onnx.data",
+        size_threshold=0,
+    )
+    bundled = submit(url, key, external, files["batch"], "--format", "json")
+    assert bundled.returncode in (0, 1), bundled.stderr
+    assert json.loads(bundled.stdout)["loss"]["value"] == pytest.approx(again["loss"]["value"])
 
     bad = submit(url, key, files["junk"], files["batch"])
     assert bad.returncode == 2, (bad.stdout, bad.stderr)
