@@ -87,7 +87,7 @@ from service.engine.onnx.gradient_paths import (
     subgraphs,
 )
 from service.engine.onnx.loading import load_onnx, load_onnx_bundle, resolve_external_data
-from service.engine.onnx.ops._util import FLOAT_DTYPES, ONNX_TO_TORCH
+from service.engine.onnx.ops._util import FLOAT_DTYPES, INT4_TO_TORCH, ONNX_TO_TORCH, int4_proto
 from service.engine.onnx.ops.quantize import FLOAT8_TO_TORCH, fake_quantize_pairs
 from service.engine.onnx.ops.random import expected_random_masks, masks_are_expected
 from service.engine.onnx.recurrent_weights import (
@@ -156,6 +156,9 @@ def tensor_from_proto(proto: TensorProto) -> torch.Tensor:
         )
     dtype = ONNX_TO_TORCH[proto.data_type]
     shape = tuple(proto.dims)
+    if proto.data_type in INT4_TO_TORCH:  # packed two a byte: unpacked, one a byte
+        unpacked = onnx.numpy_helper.to_array(proto).astype(str(dtype).removeprefix("torch."))
+        return torch.from_numpy(unpacked).reshape(shape)
     if proto.HasField("raw_data"):
         raw = proto.raw_data
         if not raw:
@@ -351,6 +354,27 @@ class _Builder:
         self.consumed = consumed  # every value name read anywhere; None = unknown
         self.problems: list[tuple[str, str, int, str, str]] = []  # domain, op, opset, node, why
         self.used_names: set[str] = set()
+        # ONNX element types of values where known (OpContext.input_types)
+        self.value_types: dict[str, int] = {}
+
+    def declare_types(self, graph: GraphProto) -> None:
+        """Record the element types `graph` declares (inputs, outputs, value_info,
+        initializers)."""
+        for info in [*graph.input, *graph.output, *graph.value_info]:
+            if info.type.HasField("tensor_type") and info.type.tensor_type.elem_type:
+                self.value_types[info.name] = info.type.tensor_type.elem_type
+        for init in graph.initializer:
+            self.value_types[init.name] = init.data_type
+
+    def _record_output_types(self, node: NodeProto, attrs: Mapping[str, Any]) -> None:
+        if not node.output:
+            return
+        if node.op_type == "Cast" and isinstance(attrs.get("to"), int):
+            self.value_types[node.output[0]] = attrs["to"]
+        elif node.op_type == "Constant":
+            value = next((a.t for a in node.attribute if a.name == "value" and a.HasField("t")), None)
+            if value is not None:
+                self.value_types[node.output[0]] = value.data_type
 
     def node_name(self, node: NodeProto, index: int, prefix: str) -> str:
         base = node.name or f"{prefix}{node.op_type}_{index}"
@@ -399,11 +423,13 @@ class _Builder:
                 outputs_used=[
                     bool(o) and (self.consumed is None or o in self.consumed) for o in outputs
                 ],
+                input_types=[self.value_types.get(i, 0) if i else 0 for i in inputs],
             )
             try:
                 fn = builder(ctx)
             except UnsupportedAttribute as exc:
                 self.problems.append((domain, node.op_type, opset, name, str(exc)))
+        self._record_output_types(node, attrs)
         if subgraphs:
             declared = len(inputs)
             free = sorted({n for sub in subgraphs for n in sub.free_names} - {""})
@@ -429,6 +455,7 @@ class _Builder:
                 initial[init.name] = tensor_from_proto(init)
             except UnsupportedAttribute as exc:
                 self.problems.append(("", "initializer", 0, init.name, str(exc)))
+        self.declare_types(graph)
         nodes = [self.build_node(n, self.node_name(n, i, prefix)) for i, n in enumerate(graph.node)]
         for node in nodes:  # Constants read a value in `initial`, which follows the device
             if node.op_type == "Constant" and len(node.outputs) == 1 and not self.problems:
@@ -630,7 +657,10 @@ def _weightless_twin(model: ModelProto) -> ModelProto:
 def _restore(graph: GraphProto, weights: Mapping[str, torch.Tensor]) -> None:
     for init in graph.initializer:
         tensor = weights.get(init.name)
-        if tensor is not None and not init.HasField("raw_data"):
+        if tensor is not None and init.data_type in INT4_TO_TORCH:
+            if not init.HasField("raw_data") and not init.int32_data:
+                init.raw_data = int4_proto(init.name, tensor, init.data_type).raw_data
+        elif tensor is not None and not init.HasField("raw_data"):
             flat = tensor.detach().contiguous().reshape(-1)
             init.raw_data = flat.view(torch.uint8).numpy().tobytes()
 
@@ -650,6 +680,7 @@ def _convert_checked(
     consumed = consumed_names(graph)
     builder = _Builder(opsets, mode, extra or {}, consumed)
     builder.problems.extend(problems)
+    builder.declare_types(graph)
 
     init_names = {i.name for i in graph.initializer}
     input_infos = [i for i in graph.input if i.name not in init_names]

@@ -47,9 +47,17 @@ class OpContext:
     # Empty = unknown (treat every output as used). Lets builders skip optional outputs that
     # exporters name but nothing consumes (BatchNormalization's running statistics, masks).
     outputs_used: list[bool] = field(default_factory=list)
+    # Per declared input: its ONNX element type where the converter knows it (an initializer,
+    # a Constant, a Cast, a declared graph value), else 0. What a run-time torch dtype cannot
+    # tell: an int8 tensor may hold INT4 values (ops/_util.py).
+    input_types: list[int] = field(default_factory=list)
 
     def attr(self, name: str, default: Any = None) -> Any:
         return self.attrs.get(name, default)
+
+    def input_type(self, index: int) -> int:
+        """The ONNX element type of input `index` if known, else 0 (TensorProto.UNDEFINED)."""
+        return self.input_types[index] if index < len(self.input_types) else 0
 
     def output_used(self, index: int) -> bool:
         """Whether output `index` is declared and (as far as the converter knows) read."""

@@ -4,9 +4,13 @@ UINT16/32/64 are left out on purpose: torch has almost no kernels for them (add,
 shift all raise), so a model using them is refused up front instead of failing mid-run.
 The float8 types are in: torch holds and converts them (graph inputs and outputs, Cast,
 QuantizeLinear/DequantizeLinear) though it computes with none of them, and a model stores
-values in float8 exactly to cast them before any arithmetic. INT4/UINT4 and INT2/UINT2 stay
-out (torch's dtypes for them are shells: not even a copy works), FLOAT4E2M1 too (torch packs
-it two to a byte), and FLOAT8E8M0 (torch's cast rounds up only; Cast has three round modes).
+values in float8 exactly to cast them before any arithmetic. INT4/UINT4 are in, held one
+value per byte in int8/uint8 (torch's own int4/uint4 dtypes are shells: not even a copy works):
+weight-only-quantised models store their weights in them, read by DequantizeLinear. An int8
+tensor that is "really" int4 looks like any int8 one at run time, so whatever depends on the
+4-bit type (Cast/CastLike to it, QuantizeLinear's range) decides it at conversion, from the
+ONNX types (`OpContext.input_type`). INT2/UINT2 stay out, FLOAT4E2M1 too (torch packs it two
+to a byte), and FLOAT8E8M0 (torch's cast rounds up only; Cast has three round modes).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from onnx import TensorProto
+from onnx import TensorProto, helper, numpy_helper
 
 from service.engine.onnx.registry import UnsupportedAttribute
 
@@ -26,6 +30,12 @@ FLOAT8_TO_TORCH: dict[int, torch.dtype] = {
     TensorProto.FLOAT8E5M2FNUZ: torch.float8_e5m2fnuz,
 }
 FLOAT8_DTYPES = frozenset(FLOAT8_TO_TORCH.values())
+# 4-bit integers, one per byte: the torch dtype that holds them and their range
+INT4_TO_TORCH: dict[int, torch.dtype] = {
+    TensorProto.INT4: torch.int8,
+    TensorProto.UINT4: torch.uint8,
+}
+INT4_RANGES: dict[int, tuple[int, int]] = {TensorProto.INT4: (-8, 7), TensorProto.UINT4: (0, 15)}
 ONNX_TO_TORCH: dict[int, torch.dtype] = {
     TensorProto.FLOAT: torch.float32,
     TensorProto.DOUBLE: torch.float64,
@@ -40,8 +50,12 @@ ONNX_TO_TORCH: dict[int, torch.dtype] = {
     TensorProto.COMPLEX64: torch.complex64,
     TensorProto.COMPLEX128: torch.complex128,
     **FLOAT8_TO_TORCH,
+    **INT4_TO_TORCH,
 }
-TORCH_TO_ONNX: dict[torch.dtype, int] = {v: k for k, v in ONNX_TO_TORCH.items()}
+# int8/uint8 are INT8/UINT8 (the 4-bit types' holders never name them)
+TORCH_TO_ONNX: dict[torch.dtype, int] = {
+    v: k for k, v in ONNX_TO_TORCH.items() if k not in INT4_TO_TORCH
+}
 # The float dtypes torch computes with (not float8's: see the module's docstring).
 FLOAT_DTYPES = {torch.float32, torch.float64, torch.float16, torch.bfloat16}
 
@@ -53,6 +67,12 @@ def torch_dtype(onnx_type: int) -> torch.dtype:
     except KeyError:
         name = TensorProto.DataType.Name(onnx_type) if onnx_type else "UNDEFINED"
         raise UnsupportedAttribute(f"element type {name} is not supported") from None
+
+
+def int4_proto(name: str, tensor: torch.Tensor, onnx_type: int) -> TensorProto:
+    """An INT4/UINT4 TensorProto (packed two values a byte) of an int8/uint8 `tensor`."""
+    array = tensor.detach().cpu().contiguous().numpy()
+    return numpy_helper.from_array(array.astype(helper.tensor_dtype_to_np_dtype(onnx_type)), name)
 
 
 def ints(value: Any) -> list[int]:

@@ -13,6 +13,8 @@ from service.engine.graph import NodeFn, passthrough
 from service.engine.onnx.ops._util import (
     FLOAT8_DTYPES,
     FLOAT_DTYPES,
+    INT4_RANGES,
+    INT4_TO_TORCH,
     LastTensorMemo,
     as_tensor,
     require,
@@ -265,20 +267,48 @@ def cast_to(x: torch.Tensor, dtype: torch.dtype, saturate: bool = True) -> torch
     return x.to(dtype)
 
 
+# float → integer conversions beyond int32 give INT_MIN in onnx's reference (ml_dtypes casts
+# through a C int on x86), whose low four bits are 0
+_INT32_LIMIT = 2.0**31
+
+
+def to_int4(x: torch.Tensor, onnx_type: int) -> torch.Tensor:
+    """`x` cast to INT4/UINT4 as onnx's reference (ml_dtypes) does, held in int8/uint8: floats
+    truncated toward zero (NaN, ±inf and values beyond int32 give 0), then the low four bits
+    kept (wrapping, no saturation: `saturate` is for float8 targets only). No gradient, like
+    any cast to an integer."""
+    if x.dtype in FLOAT8_DTYPES or x.dtype in FLOAT_DTYPES:
+        wide = x.detach().to(torch.float64).trunc()
+        valid = wide.isfinite() & (wide >= -_INT32_LIMIT) & (wide < _INT32_LIMIT)
+        x = torch.where(valid, wide, torch.zeros_like(wide))
+    low_bits = x.to(torch.int64) & 0xF
+    low, _ = INT4_RANGES[onnx_type]
+    if low < 0:  # the sign bit is bit 3
+        low_bits = torch.where(low_bits >= 8, low_bits - 16, low_bits)
+    return low_bits.to(INT4_TO_TORCH[onnx_type])
+
+
+def _caster(onnx_type: int, saturate: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """ONNX's Cast to `onnx_type` (a torch dtype's, or a 4-bit one's held one per byte)."""
+    if onnx_type in INT4_TO_TORCH:
+        return functools.partial(to_int4, onnx_type=onnx_type)
+    dtype = torch_dtype(onnx_type)
+    return functools.partial(cast_to, dtype=dtype, saturate=saturate)
+
+
 @register("Cast")
 def cast(ctx: OpContext) -> NodeFn:
-    dtype = torch_dtype(int(ctx.attr("to")))
-    saturate = bool(ctx.attr("saturate", 1))  # opset 19; always on before
-
-    def fn(x: torch.Tensor) -> torch.Tensor:
-        return cast_to(x, dtype, saturate)
-
-    return fn
+    return _caster(int(ctx.attr("to")), bool(ctx.attr("saturate", 1)))  # saturate: opset 19
 
 
 @register("CastLike")
 def cast_like(ctx: OpContext) -> NodeFn:
     saturate = bool(ctx.attr("saturate", 1))
+    # a 4-bit `like` is an int8/uint8 tensor at run time: its ONNX type decides
+    like_type = ctx.input_type(1)
+    if like_type in INT4_TO_TORCH:
+        to_4_bits = _caster(like_type, saturate)
+        return lambda x, like: to_4_bits(x)
 
     def fn(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return cast_to(x, like.dtype, saturate)

@@ -10,8 +10,10 @@ clamped) and DQ maps them back. A Q whose integers go anywhere else (a graph out
 op) computes real integers. Scale and zero point are state, not weights (gradient_paths.py).
 
 Per tensor (a scalar or one-element scale), per axis (`axis`, opset 13) and blocked
-(`block_size`, opset 21) parameters; integer targets int8, uint8, int16, uint16 and float8 ones
-(opset 19, `saturate`). Rounding is half to even, like torch.round.
+(`block_size`, opset 21) parameters; integer targets int8, uint8, int16, uint16, int4 and uint4
+(opset 21, held in int8/uint8: ops/_util.py) and float8 ones (opset 19, `saturate`). Rounding is
+half to even, like torch.round. A 4-bit target is known at conversion only: from `output_dtype`
+or the zero point's declared ONNX type (an int8 zero point at run time may be an int4 one).
 """
 
 from __future__ import annotations
@@ -43,22 +45,29 @@ _INTEGER_TYPES: dict[int, QuantizedType] = {
     TensorProto.INT16: QuantizedType(torch.int16, -32768, 32767),
     # torch has few uint16 kernels: its values are held in int32
     TensorProto.UINT16: QuantizedType(torch.int32, 0, 65535),
+    # held one per byte (ops/_util.py): only the ONNX types tell them from int8/uint8
+    TensorProto.INT4: QuantizedType(torch.int8, -8, 7),
+    TensorProto.UINT4: QuantizedType(torch.uint8, 0, 15),
 }
+_HELD_IN_OTHERS = frozenset({TensorProto.UINT16, TensorProto.INT4, TensorProto.UINT4})
 _FLOAT8_TYPES: dict[int, QuantizedType] = {
     onnx_type: QuantizedType(dtype, -torch.finfo(dtype).max, torch.finfo(dtype).max, True)
     for onnx_type, dtype in FLOAT8_TO_TORCH.items()
 }
 QUANTIZED_TYPES: dict[int, QuantizedType] = {**_INTEGER_TYPES, **_FLOAT8_TYPES}
-_BY_STORAGE = {
-    q.storage: q for t, q in QUANTIZED_TYPES.items() if t != TensorProto.UINT16
-}  # a zero point's torch dtype → its type (an int32 zero point is no Q target)
+# a zero point's torch dtype → its type (an int32 zero point is no Q target; an int8 one is
+# INT8 unless its ONNX type says INT4: `_declared_type`)
+_BY_STORAGE = {q.storage: q for t, q in QUANTIZED_TYPES.items() if t not in _HELD_IN_OTHERS}
 
 
 def _declared_type(ctx: OpContext) -> QuantizedType | None:
-    """The declared target type (`output_dtype`, opset 21), or None: the zero point's, else
-    uint8, decided when the zero point is seen."""
+    """The declared target type (`output_dtype`, opset 21), or a 4-bit zero point's ONNX type,
+    or None: the zero point's, else uint8, decided when the zero point is seen."""
     declared = int(ctx.attr("output_dtype", 0) or 0)
     if not declared:
+        zero_point_type = ctx.input_type(2)
+        if zero_point_type in (TensorProto.INT4, TensorProto.UINT4):
+            return QUANTIZED_TYPES[zero_point_type]
         return None
     if declared not in QUANTIZED_TYPES:
         name = TensorProto.DataType.Name(declared)
