@@ -38,7 +38,7 @@ from onnx import ModelProto, TensorProto
 
 from service.engine.graph import ObservableGraph
 from service.engine.onnx.convert import convert
-from service.engine.onnx.ops._util import TORCH_TO_ONNX
+from service.engine.onnx.ops._util import INT4_TO_TORCH, TORCH_TO_ONNX, int4_proto
 from service.engine.onnx.recurrent_weights import GateReorder
 from service.engine.report import ConversionCheck
 from service.errors import first_line
@@ -76,6 +76,9 @@ def _refill(model: ModelProto, graph: ObservableGraph) -> ModelProto:
         if not isinstance(value, torch.Tensor):
             continue
         tensor = value.detach().cpu().contiguous()
+        if init.data_type in INT4_TO_TORCH:  # held one per byte, stored two per byte
+            init.CopyFrom(int4_proto(init.name, tensor, init.data_type))
+            continue
         fresh = TensorProto(name=init.name, dims=list(tensor.shape))
         fresh.data_type = TORCH_TO_ONNX[tensor.dtype]
         fresh.raw_data = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()

@@ -372,7 +372,9 @@ class _Builder:
         if node.op_type == "Cast" and isinstance(attrs.get("to"), int):
             self.value_types[node.output[0]] = attrs["to"]
         elif node.op_type == "Constant":
-            value = next((a.t for a in node.attribute if a.name == "value" and a.HasField("t")), None)
+            value = next(
+                (a.t for a in node.attribute if a.name == "value" and a.HasField("t")), None
+            )
             if value is not None:
                 self.value_types[node.output[0]] = value.data_type
 

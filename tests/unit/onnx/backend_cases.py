@@ -93,6 +93,9 @@ _ML_DTYPES: dict[str, tuple[type[np.unsignedinteger[Any]], torch.dtype]] = {
     "float8_e5m2": (np.uint8, torch.float8_e5m2),
     "float8_e5m2fnuz": (np.uint8, torch.float8_e5m2fnuz),
 }
+# 4-bit integers (`ml_dtypes` int4/uint4, one per byte) are held by value in int8/uint8, as
+# the converter holds them (service/engine/onnx/ops/_util.py)
+_INT4_HOLDERS: dict[str, type[np.integer[Any]]] = {"int4": np.int8, "uint4": np.uint8}
 
 
 def _from_proto(value: Any) -> Any:
@@ -111,6 +114,8 @@ def _to_torch(value: Any) -> Any:
         value = np.asarray(value)
     if not isinstance(value, np.ndarray) or value.dtype.kind in "OUS":
         return None
+    if value.dtype.name in _INT4_HOLDERS:
+        return torch.from_numpy(value.astype(_INT4_HOLDERS[value.dtype.name]))
     if value.dtype.name in _ML_DTYPES:
         bits, dtype = _ML_DTYPES[value.dtype.name]
         return torch.from_numpy(np.array(value, copy=True).view(bits)).view(dtype)
@@ -187,6 +192,8 @@ def _mismatch(got: Any, want: Any, case: Case) -> str:
                 return f"element {j}: {mismatch}"
         return ""
     dtype_name = want.dtype.name
+    if dtype_name in _INT4_HOLDERS:  # compared by value in the holder's dtype
+        want = want.astype(_INT4_HOLDERS[dtype_name])
     if dtype_name in _ML_DTYPES:  # numpy has no arithmetic for them: compare in float32
         dtype = _ML_DTYPES[dtype_name][1]
         if not isinstance(got, torch.Tensor) or got.dtype != dtype:

@@ -221,7 +221,7 @@ def test_an_unsupported_output_dtype_is_refused_before_any_compute() -> None:
         opset=21,
         scale=np.array(0.5, np.float32),
         zero_point=None,
-        q_attrs={"output_dtype": TensorProto.INT4},
+        q_attrs={"output_dtype": TensorProto.UINT2},
     )
-    with pytest.raises(UnsupportedModelError, match=r"QuantizeLinear.*output_dtype INT4"):
+    with pytest.raises(UnsupportedModelError, match=r"QuantizeLinear.*output_dtype UINT2"):
         convert(model)
