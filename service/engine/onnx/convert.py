@@ -427,6 +427,9 @@ class _Builder:
                 ],
                 input_types=[self.value_types.get(i, 0) if i else 0 for i in inputs],
             )
+            stored_only = _stored_only_input(node, domain, ctx.input_types)
+            if stored_only:
+                self.problems.append((domain, node.op_type, opset, name, stored_only))
             try:
                 fn = builder(ctx)
             except UnsupportedAttribute as exc:
@@ -654,6 +657,30 @@ def _weightless_twin(model: ModelProto) -> ModelProto:
             )
     del twin.graph.initializer[:]
     return twin
+
+
+# Element types torch holds but computes nothing with (float8), or holds in a wider type (int4
+# and uint4 in int8/uint8, where arithmetic would not wrap at 4 bits): only these ops may read
+# them, so that any other is refused at conversion instead of failing, or differing, mid-run.
+_STORED_ONLY_TYPES = frozenset(FLOAT8_TO_TORCH) | frozenset(INT4_TO_TORCH)
+_READ_STORED_ONLY = frozenset(
+    {"Cast", "CastLike", "QuantizeLinear", "DequantizeLinear", "BitCast", "Identity"}
+    | {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Shape", "Size"}
+)
+
+
+def _stored_only_input(node: NodeProto, domain: str, input_types: list[int]) -> str:
+    """Why `node` cannot read one of its inputs (a float8 or 4-bit value, see above); ""."""
+    if domain not in ("", "ai.onnx") or node.op_type in _READ_STORED_ONLY:
+        return ""
+    for name, elem_type in zip(node.input, input_types, strict=False):
+        if elem_type in _STORED_ONLY_TYPES:
+            kind = TensorProto.DataType.Name(elem_type)
+            return (
+                f"input '{name}' is {kind}, which torch stores but computes nothing with; "
+                "Cast it to a float type first"
+            )
+    return ""
 
 
 def _restore(graph: GraphProto, weights: Mapping[str, torch.Tensor]) -> None:

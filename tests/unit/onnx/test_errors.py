@@ -299,3 +299,33 @@ def test_max_unpool_to_a_smaller_output_shape_names_both_shapes() -> None:
         ValueError, match=r"output_shape \[1, 1, 3, 3\] does not hold .*\[1, 1, 4, 4\]"
     ):
         graph(torch.ones(1, 1, 2, 2), torch.tensor([[[[0, 3], [8, 15]]]]))
+
+
+@pytest.mark.parametrize(
+    ("elem", "values"),
+    [(TensorProto.FLOAT8E4M3FN, [0.5, 1.0, -2.0, 3.0]), (TensorProto.INT4, [1, -2, 3, 7])],
+)
+def test_arithmetic_on_a_float8_or_int4_value_is_refused_at_conversion(
+    elem: int, values: list[float]
+) -> None:
+    """torch holds float8 (and int4, in int8) but computes nothing with them: an op other than
+    a cast, a (de)quantiser or a reshape reading one is refused before running, by name."""
+    stored = helper.make_tensor("stored", elem, [4], values)
+    model = _model(
+        [
+            helper.make_node("Cast", ["stored"], ["wide"], to=TensorProto.FLOAT, name="ok_cast"),
+            helper.make_node("Add", ["x", "wide"], ["y0"], name="ok_add"),
+            helper.make_node("Mul", ["y0", "stored"], ["y"], name="raw_mul"),
+        ],
+        [_vi("x", [4])],
+        [_vi("y", [4])],
+        [stored],
+        opset=21,
+        check=False,
+    )
+    with pytest.raises(UnsupportedModelError) as info:
+        convert(model)
+    message = info.value.message
+    kind = TensorProto.DataType.Name(elem)
+    assert f"input 'stored' is {kind}" in message and "[nodes: raw_mul]" in message
+    assert "ok_cast" not in message and "ok_add" not in message
