@@ -120,11 +120,12 @@ def compare(
         graph.zero_grad(set_to_none=True)
         _step(graph, xd)
 
-    captured = pooled_cuda_graphs.captured_total
+    captured, mismatches = pooled_cuda_graphs.captured_total, pooled_cuda_graphs.mismatches_total
     medians = _median_times({"torch": original, "converted": converted}, repeats, device)
     # CUDA graphs of LSTM nodes captured while this row ran (warm-up included): a handful;
     # more would mean captures in the timed steps
     captured = pooled_cuda_graphs.captured_total - captured
+    mismatches = pooled_cuda_graphs.mismatches_total - mismatches
     if PROFILE:
         _print_profile({"torch": original, "converted": converted}, (module, graph), xd)
     ratio = medians["converted"] / medians["torch"]
@@ -134,7 +135,9 @@ def compare(
         f"{name:<22} median: torch {medians['torch'] * 1e3:8.2f} ms, converted "
         f"{medians['converted'] * 1e3:8.2f} ms, ratio {ratio:5.3f} | min ratio {best:5.3f}"
         f" | cpu-time ratio {cpu:5.3f}   ({len(graph.nodes)} nodes"
-        + (f", {captured} graphs captured)" if device.type == "cuda" else ")")
+        + (f", {captured} graphs captured" if device.type == "cuda" else "")
+        + (f", {mismatches} REPLAYS DIFFERED from eager runs" if mismatches else "")
+        + ")"
     )
     return ratio
 

@@ -10,7 +10,7 @@ results must equal eager ones).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import pytest
 import torch
@@ -138,6 +138,54 @@ def test_captures_reading_a_freed_parameter_are_dropped(stand_in_graphs: None) -
         assert pooled_cuda_graphs.captures() == 1 and StandInGraph.replays == replays + 1
 
 
+class FrozenInputsGraph(StandInGraph):
+    """A faulty graph: every replay computes from the tensors of its first replay, as a graph
+    reading a stale address would."""
+
+    frozen: ClassVar[dict[int, list[Tensor | None]]] = {}
+
+    @staticmethod
+    def replay(capture: Any, args: list[Tensor | None]) -> None:
+        first = [None if a is None else a.clone() for a in args]
+        frozen = FrozenInputsGraph.frozen.setdefault(id(capture), first)
+        for out, new in zip(capture.outputs, capture.body(capture.config, *frozen), strict=True):
+            out.copy_(new)
+
+
+def test_a_replay_that_differs_from_its_eager_run_is_not_used(
+    stand_in_graphs: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(pooled_cuda_graphs, "_replay_graph", FrozenInputsGraph.replay)
+    mismatches = pooled_cuda_graphs.mismatches_total
+    w, x = torch.randn(3, 2), torch.randn(5, 3)
+    for _ in range(4):
+        x.normal_()  # new values at the same address: the faulty graph still reads the old
+        _assert_equal(pooled_cuda_graphs.run(affine, 2.0, x, w), affine(2.0, x, w))
+    # call 2 captured (its replay equal), call 3's replay differed: eager from then on
+    assert pooled_cuda_graphs.mismatches_total == mismatches + 1
+    assert pooled_cuda_graphs.captures() == 0 and len(pooled_cuda_graphs._failed) == 1
+    assert "replay of tests.unit.onnx.test_pooled_cuda_graphs.affine differed" in caplog.text
+
+
+def test_only_the_first_replays_are_checked(stand_in_graphs: None) -> None:
+    calls = 0
+
+    def counted(config: float, x: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+        nonlocal calls
+        calls += 1
+        return affine(config, x, w)
+
+    w, x = torch.randn(3, 2), torch.randn(5, 3)
+    per_call = []
+    for _ in range(6):
+        before = calls
+        pooled_cuda_graphs.run(counted, 1.0, x, w)
+        per_call.append(calls - before)
+    # 1: eager; 2: capture, eager check, replay; 3: eager check, replay; then the replay alone
+    # (the stand-in's replay runs the function, a CUDA graph's does not)
+    assert per_call == [1, 3, 2, 1, 1, 1]
+
+
 def passthrough(config: None, x: Tensor) -> tuple[Tensor]:
     return (x.view(-1),)  # shares the input's memory: not pure
 
@@ -216,7 +264,10 @@ def _accumulated_passes(cell: str, device: str, dtype: torch.dtype, reverse: boo
 def _replayed_equals_eager(
     cell: str, device: str, dtype: torch.dtype, reverse: bool, tol: float
 ) -> None:
+    mismatches = pooled_cuda_graphs.mismatches_total
     replayed = _accumulated_passes(cell, device, dtype, reverse)
+    # equal to eager runs by the replays themselves, not by the check's eager fallback
+    assert pooled_cuda_graphs.mismatches_total == mismatches
     with pytest.MonkeyPatch.context() as eager:
         eager.setenv("GRADHEALTH_CUDA_GRAPHS", "0")
         eager.setattr(pooled_cuda_graphs, "_replayable", lambda inputs: False)

@@ -24,10 +24,18 @@ time its key is seen (a shape used once never pays for a capture); where capture
 key runs eagerly from then on. Captures that read a tensor in place which has since been
 freed (a model the worker let go) are dropped when a new key comes, with the device memory
 they hold. GRADHEALTH_CUDA_GRAPHS=0 turns replay off.
+
+Each capture's first CHECKED_REPLAYS replays are also run eagerly and compared: the one at
+capture time (what the graph recorded: an op that cannot be captured faithfully, a host value
+baked in) and the first with new inputs (which tensors it reads: in place or copied). A
+replay that differs is not used: the eager result is returned, the key runs eagerly from then
+on and a warning names the function. A diagnosis must not rest on a replay mechanism that was
+wrong once, and the cost is two eager runs per capture (a handful per model).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import weakref
 from collections import OrderedDict
@@ -39,6 +47,7 @@ from torch import Tensor
 
 SLOTS = 2  # captures per key: a step's outputs may still be alive when the next call comes
 MAX_CAPTURES = 32  # keys kept (each capture holds its outputs and a private memory pool)
+CHECKED_REPLAYS = 2  # per capture: at capture time, and the first with new inputs
 
 Body = Callable[..., tuple[Tensor | None, ...]]
 Inputs = tuple[Tensor | None, ...]
@@ -49,6 +58,9 @@ _seen: OrderedDict[Hashable, None] = OrderedDict()  # keys seen once, not captur
 _failed: set[Hashable] = set()
 _static_storages: set[int] = set()  # where the held captures' outputs live
 captured_total = 0  # captures made since the process started (bench/converter.py prints it)
+mismatches_total = 0  # checked replays that differed from the eager run (tests assert none)
+
+_log = logging.getLogger(__name__)
 
 
 def run(body: Body, config: Hashable, *inputs: Tensor | None) -> Outputs:
@@ -74,7 +86,7 @@ def run(body: Body, config: Hashable, *inputs: Tensor | None) -> Outputs:
     _pools[key] = pool
     for capture in pool:
         if capture.free():
-            return capture.replay(inputs)
+            return _checked_replay(key, capture, inputs)
     if len(pool) >= SLOTS:
         return body(config, *inputs)
     try:
@@ -89,7 +101,56 @@ def run(body: Body, config: Hashable, *inputs: Tensor | None) -> Outputs:
         while len(_pools) > MAX_CAPTURES:
             _pools.popitem(last=False)
         _index_static_storages()
-    return capture.replay(inputs)
+    return _checked_replay(key, capture, inputs)
+
+
+def _checked_replay(key: Hashable, capture: _Capture, inputs: Inputs) -> Outputs:
+    """`capture`'s replay; while it has checks left, compared with an eager run of the same
+    call, and the eager result used (and the key given up) where they differ."""
+    if capture.checks_left == 0:
+        return capture.replay(inputs)
+    capture.checks_left -= 1
+    with torch.no_grad():
+        eager = tuple(capture.body(capture.config, *inputs))
+    replayed = capture.replay(inputs)
+    difference = _difference(replayed, eager)
+    if difference is None:
+        return replayed
+    global mismatches_total
+    mismatches_total += 1
+    _failed.add(key)
+    del _pools[key]
+    _index_static_storages()
+    body = getattr(capture.body, "__qualname__", repr(capture.body))
+    _log.warning(
+        "a CUDA graph replay of %s.%s differed from its eager run (%s); it runs eagerly "
+        "for these inputs from now on (GRADHEALTH_CUDA_GRAPHS=0 turns replay off)",
+        capture.body.__module__,
+        body,
+        difference,
+    )
+    return eager
+
+
+def _difference(replayed: Outputs, eager: Outputs) -> str | None:
+    """How the replay's outputs differ from the eager ones, or None where they agree: the
+    same kernels on the same values (bit for bit but for a library's choice of algorithm
+    between streams, hence the tolerance)."""
+    if len(replayed) != len(eager):
+        return f"{len(replayed)} outputs against {len(eager)}"
+    for index, (got, expected) in enumerate(zip(replayed, eager, strict=True)):
+        if got is None or expected is None:
+            if got is not expected:
+                return f"output {index}: None on one side only"
+            continue
+        tol = 1e-2 if expected.element_size() < 4 else 1e-4
+        scale = float(expected.abs().max()) if expected.numel() else 0.0
+        if got.shape != expected.shape or not torch.allclose(
+            got, expected, rtol=tol, atol=tol * scale, equal_nan=True
+        ):
+            error = float((got - expected).abs().max()) if got.shape == expected.shape else -1
+            return f"output {index}: max |difference| {error:.3g} at scale {scale:.3g}"
+    return None
 
 
 def _drop_stale() -> None:
@@ -216,6 +277,7 @@ class _Capture:
             raise RuntimeError("an output shares an input's memory: not a pure function")
         # what the pool alone holds of each storage: the outputs and the storage objects
         self._held = [_use_count(s) for s in self.storages]
+        self.checks_left = CHECKED_REPLAYS
 
     def stale(self) -> bool:
         """Whether a tensor it reads in place has been freed."""
