@@ -58,9 +58,10 @@ through the `registry.OpContext` they receive:
   for ONNX sequences (ops/sequence.py; never mutate one, build a new list), or None for
   omitted inputs.
 
-Graph inputs and outputs may be tensors or sequences of tensors (`metadata` dtype
-`seq(float32)`; a batch cannot feed a sequence input, `check_inputs` says so); optional values,
-maps, sparse tensors and sequences of sequences are refused by name.
+Graph inputs and outputs may be tensors, sequences of tensors (`metadata` dtype
+`seq(float32)`; a batch cannot feed a sequence input, `check_inputs` says so) or optional ones
+(dtype `optional(float32)`, `optional(seq(float32))`: None when empty, ops/sequence.py); maps,
+sparse tensors and sequences of sequences are refused by name.
 
 `release_weights=True` (the default) empties the initializers of the given proto on success;
 a refused model keeps them. `check_inputs(graph, inputs)` checks a batch against the declared
@@ -126,6 +127,8 @@ from service.errors import (
 SMALL_INT_NUMEL = 64
 # dtype of a `seq(tensor(float))` graph input/output in `metadata`: `seq(float32)`
 SEQUENCE_DTYPE_PREFIX = "seq("
+# and of an `optional(...)` one: `optional(float32)`, `optional(seq(float32))`
+OPTIONAL_DTYPE_PREFIX = "optional("
 MODES = ("train", "eval")
 # Float input slots that never reach a differentiable path: BatchNormalization's statistics
 # (torch's running_mean/running_var buffers) and inputs whose values are never read (Shape,
@@ -229,6 +232,13 @@ def _decode_attr(attr: onnx.AttributeProto) -> Any:
 def _value_spec(info: onnx.ValueInfoProto) -> dict[str, Any]:
     kind = info.type.WhichOneof("value")
     spec: dict[str, Any] = {"name": info.name, "shape": None, "dtype": None, "kind": kind}
+    if kind == "optional_type":  # the element's shape, dtype `optional(float32)`
+        element = _value_spec(
+            onnx.helper.make_value_info(info.name, info.type.optional_type.elem_type)
+        )
+        spec["shape"] = element["shape"]
+        spec["dtype"] = f"{OPTIONAL_DTYPE_PREFIX}{element['dtype']})"
+        return spec
     if kind == "sequence_type":  # dtype `seq(float32)`: the element's; no shape
         element = info.type.sequence_type.elem_type
         if element.WhichOneof("value") == "tensor_type":
@@ -273,9 +283,16 @@ def _element_type_name(elem_type: int) -> str:
 
 def _unsupported_value_type(name: str, proto: onnx.TypeProto) -> str | None:
     """Why a graph input/output of this type cannot be converted; None if it can. Tensors of
-    a torch dtype and sequences of them (Python lists of tensors, ops/sequence.py) can;
-    optional values, maps, sparse tensors and sequences of anything but tensors cannot."""
+    a torch dtype, sequences of them (Python lists of tensors, ops/sequence.py) and optional
+    ones of either (None when empty) can; maps, sparse tensors and sequences of anything but
+    tensors cannot."""
     kind = proto.WhichOneof("value")
+    if kind == "optional_type":
+        element = proto.optional_type.elem_type
+        if element.WhichOneof("value") in ("tensor_type", "sequence_type"):
+            return _unsupported_value_type(name, element)
+        what = _TYPE_KIND_NAMES.get(element.WhichOneof("value") or "", "value of unknown type")
+        return f"'{name}' is an optional {what}: only optional tensors and sequences are supported"
     if kind == "tensor_type":
         if proto.tensor_type.elem_type in ONNX_TO_TORCH:
             return None
@@ -292,7 +309,10 @@ def _unsupported_value_type(name: str, proto: onnx.TypeProto) -> str | None:
         return None
     what = _TYPE_KIND_NAMES.get(kind or "", "value of unknown type")
     article = "an" if what[0] in "aeiou" else "a"
-    return f"'{name}' is {article} {what}: only tensors and sequences of tensors are supported"
+    return (
+        f"'{name}' is {article} {what}: only tensors, sequences of tensors and optional ones "
+        "are supported"
+    )
 
 
 @dataclass
@@ -1149,8 +1169,9 @@ def _constant_as_state(
     return node
 
 
-def check_inputs(graph: ObservableGraph, inputs: Sequence[torch.Tensor]) -> None:
-    """Refuse inputs whose count, rank or fixed dims differ from the model's declared inputs."""
+def check_inputs(graph: ObservableGraph, inputs: Sequence[torch.Tensor | None]) -> None:
+    """Refuse inputs whose count, rank or fixed dims differ from the model's declared inputs
+    (None: an empty optional input)."""
     specs = graph.metadata.get("inputs", [])
     if len(inputs) != len(specs):
         names = ", ".join(s["name"] for s in specs)
@@ -1158,7 +1179,7 @@ def check_inputs(graph: ObservableGraph, inputs: Sequence[torch.Tensor]) -> None
             f"the model takes {len(specs)} input(s) ({names}), the batch gives {len(inputs)}"
         )
     for spec in specs:
-        if str(spec.get("dtype") or "").startswith(SEQUENCE_DTYPE_PREFIX):
+        if SEQUENCE_DTYPE_PREFIX in str(spec.get("dtype") or ""):  # optional ones too
             raise BatchError(
                 f"input '{spec['name']}' is a sequence of tensors ({spec['dtype']}): a batch "
                 "feeds tensors only; re-export the model with one tensor input per element"
@@ -1166,7 +1187,7 @@ def check_inputs(graph: ObservableGraph, inputs: Sequence[torch.Tensor]) -> None
     symbols: dict[str, int] = {}
     for spec, value in zip(specs, inputs, strict=True):
         shape = spec.get("shape")
-        if shape is None:
+        if shape is None or value is None:  # None: an empty optional
             continue
         actual = list(value.shape)
         if len(actual) != len(shape):

@@ -30,6 +30,10 @@ NO_GRADIENT_OPS = frozenset(
     | {"BitShift", "BitwiseAnd", "BitwiseOr", "BitwiseXor", "BitwiseNot", "OneHot", "Range"}
     | {"NonMaxSuppression", "HannWindow", "HammingWindow", "BlackmanWindow", "MelWeightMatrix"}
     | {"BitCast"}  # a reinterpretation of the bits: torch's view(dtype) has no gradient
+    | {"OptionalHasElement"}  # whether a value is there, not what it is
+    # integer arithmetic of quantised inference (ops/integer.py): integer outputs, and
+    # DynamicQuantizeLinear's scale is computed from its detached input
+    | {"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv"}
 )
 # Input slots that only index, shape or select: no gradient flows into them.
 NON_DIFFERENTIABLE_SLOTS: dict[str, tuple[int, ...]] = {
@@ -71,7 +75,21 @@ NON_DIFFERENTIABLE_SLOTS: dict[str, tuple[int, ...]] = {
     "MaxUnpool": (1, 2),
     "TensorScatter": (2,),
     "DFT": (1, 2),
+    "Col2Im": (1, 2),  # image_shape, block_shape
     "STFT": (1, 3),
+}
+# The same for ops of other domains, by (domain, op type).
+DOMAIN_NON_DIFFERENTIABLE_SLOTS: dict[tuple[str, str], tuple[int, ...]] = {
+    ("com.microsoft", "QuantizeLinear"): (1, 2),
+    ("com.microsoft", "DequantizeLinear"): (1, 2),
+    # the packed weight, its scales, zero points and g_idx: only A and the bias take gradient
+    # (ops/microsoft_quantize.py)
+    ("com.microsoft", "MatMulNBits"): (1, 2, 3, 4),
+    # ids, masks, sequence lengths, positions (ops/microsoft_transformer.py)
+    ("com.microsoft", "EmbedLayerNormalization"): (0, 1, 7, 8),
+    ("com.microsoft", "MultiHeadAttention"): (4, 8, 9),
+    ("com.microsoft", "RotaryEmbedding"): (1,),
+    ("com.microsoft", "GroupQueryAttention"): (5, 6, 9),
 }
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 _FLOAT_TYPES = {
@@ -132,7 +150,7 @@ def gradient_free_initializers(graph: GraphProto) -> set[str]:
         skipped = (
             NON_DIFFERENTIABLE_SLOTS.get(node.op_type, ())
             if node.domain in _DEFAULT_DOMAINS
-            else ()
+            else DOMAIN_NON_DIFFERENTIABLE_SLOTS.get((node.domain, node.op_type), ())
         )
         carrying.update(name for i, name in enumerate(node.input) if i not in skipped)
     return {init.name for init in graph.initializer} - carrying

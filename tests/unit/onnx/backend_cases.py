@@ -57,11 +57,24 @@ def node_cases() -> Iterator[Case]:
         yield Case(tc.name, "node", tc.model, data_sets, tc.rtol, tc.atol)
 
 
-def _read_pb(path: str) -> Any:
-    proto = onnx.TensorProto()
+def _read_pb(path: str, value_type: onnx.TypeProto | None = None) -> Any:
+    """A test data file: a TensorProto, or for a sequence or optional value (by the graph's
+    declared type) a SequenceProto (a list) or an OptionalProto (None when empty)."""
+    kind = value_type.WhichOneof("value") if value_type is not None else None
+    proto: Any = {"sequence_type": onnx.SequenceProto, "optional_type": onnx.OptionalProto}.get(
+        kind or "", onnx.TensorProto
+    )()
     with open(path, "rb") as handle:
         proto.ParseFromString(handle.read())
+    if isinstance(proto, onnx.SequenceProto):
+        return numpy_helper.to_list(proto)
+    if isinstance(proto, onnx.OptionalProto):
+        return numpy_helper.to_optional(proto)
     return numpy_helper.to_array(proto)
+
+
+def _at(types: list[onnx.TypeProto], index: int) -> onnx.TypeProto | None:
+    return types[index] if index < len(types) else None
 
 
 def model_cases(suites: tuple[str, ...] = MODEL_SUITES) -> Iterator[Case]:
@@ -80,7 +93,15 @@ def model_cases(suites: tuple[str, ...] = MODEL_SUITES) -> Iterator[Case]:
                 outs = sorted(glob.glob(os.path.join(data_dir, "output_*.pb")))
                 ins.sort(key=lambda p: int(p.rsplit("_", 1)[1].split(".")[0]))
                 outs.sort(key=lambda p: int(p.rsplit("_", 1)[1].split(".")[0]))
-                sets.append(([_read_pb(p) for p in ins], [_read_pb(p) for p in outs]))
+                inits = {i.name for i in model.graph.initializer}
+                in_types = [i.type for i in model.graph.input if i.name not in inits]
+                out_types = [o.type for o in model.graph.output]
+                sets.append(
+                    (
+                        [_read_pb(p, _at(in_types, j)) for j, p in enumerate(ins)],
+                        [_read_pb(p, _at(out_types, j)) for j, p in enumerate(outs)],
+                    )
+                )
             yield Case(os.path.basename(case_dir), suite, model, sets)
 
 
@@ -105,7 +126,8 @@ def _from_proto(value: Any) -> Any:
 
 
 def _to_torch(value: Any) -> Any:
-    """A tensor, a list of tensors for an ONNX sequence, or None (strings, optionals, ...)."""
+    """A tensor, a list of tensors for an ONNX sequence, or None (strings, maps, ...; an
+    empty optional is None too: `_unconvertible` tells them apart)."""
     if isinstance(value, list):
         tensors = [_to_torch(v) for v in value]
         ok = all(isinstance(t, torch.Tensor) for t in tensors)
@@ -123,6 +145,11 @@ def _to_torch(value: Any) -> Any:
         return torch.from_numpy(np.array(value, copy=True))
     except TypeError:  # int4, float4 and other `ml_dtypes` types torch has no dtype for
         return None
+
+
+def _unconvertible(value: Any) -> bool:
+    """Whether `value` (not None: an empty optional) has no torch form (strings, maps)."""
+    return value is not None and _to_torch(value) is None
 
 
 def _light_data(case: Case) -> list[tuple[list[Any], list[Any]]]:
@@ -158,8 +185,8 @@ def run_case(case: Case) -> tuple[str, str]:
     for inputs, expected in data_sets:
         inputs, expected = [_from_proto(v) for v in inputs], [_from_proto(v) for v in expected]
         feeds = [_to_torch(v) for v in inputs]
-        if any(f is None for f in feeds) or any(_to_torch(v) is None for v in expected):
-            return "unsupported", "non-tensor (sequence, optional, string) inputs or outputs"
+        if any(_unconvertible(v) for v in [*inputs, *expected]):
+            return "unsupported", "non-tensor (string, map) inputs or outputs"
         if len(feeds) > len(graph.input_names):  # optional graph inputs left out
             return "unsupported", "more inputs than the graph declares"
         try:
@@ -181,7 +208,10 @@ _ROUNDED_ONCE = {"float16": (4e-3, 1e-3), "bfloat16": (3e-2, 8e-3)}
 
 
 def _mismatch(got: Any, want: Any, case: Case) -> str:
-    """Why `got` differs from the expected `want` ("" if it does not); lists are sequences."""
+    """Why `got` differs from the expected `want` ("" if it does not); lists are sequences,
+    None an empty optional."""
+    if want is None or got is None:
+        return "" if got is want else f"{type(got).__name__}, expected {type(want).__name__}"
     if isinstance(want, list):
         if not isinstance(got, list) or len(got) != len(want):
             length = len(got) if isinstance(got, list) else type(got).__name__

@@ -37,10 +37,8 @@ def test_every_unsupported_op_and_attribute_is_listed_in_one_error() -> None:
         [
             helper.make_node("Relu", ["x"], ["a"], name="ok_relu"),
             helper.make_node("StringNormalizer", ["s"], ["s2"], name="strings"),
-            helper.make_node("DynamicQuantizeLinear", ["a"], ["b", "b_scale", "b_zero"], name="dq"),
-            helper.make_node(
-                "DynamicQuantizeLinear", ["b"], ["c", "c_scale", "c_zero"], name="dq_again"
-            ),
+            helper.make_node("RegexFullMatch", ["a"], ["b"], name="regex"),
+            helper.make_node("RegexFullMatch", ["b"], ["c"], name="regex_again"),
             helper.make_node(
                 "MaxPool",
                 ["c"],
@@ -53,7 +51,7 @@ def test_every_unsupported_op_and_attribute_is_listed_in_one_error() -> None:
         [_vi("x", [1, 1, 4, 4]), _vi("s", [2], TensorProto.STRING)],
         [_vi("y", [1, 1, 8, 8]), _vi("s2", [2], TensorProto.STRING)],
         [numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "unused_weight")],
-        opset=19,
+        opset=20,  # RegexFullMatch's
         check=False,
     )
     with pytest.raises(UnsupportedModelError) as info:
@@ -61,10 +59,10 @@ def test_every_unsupported_op_and_attribute_is_listed_in_one_error() -> None:
     assert model.graph.initializer[0].raw_data  # a refused model keeps its weights
     message = info.value.message
     for expected in (
-        "ai.onnx::StringNormalizer (opset 19)",
+        "ai.onnx::StringNormalizer (opset 20)",
         "strings",
-        "ai.onnx::DynamicQuantizeLinear (opset 19)",
-        "dq, dq_again",
+        "ai.onnx::RegexFullMatch (opset 20)",
+        "regex, regex_again",
         "storage_order=1",
         "[nodes: colmajor]",
         "'s' has type string",
@@ -75,11 +73,7 @@ def test_every_unsupported_op_and_attribute_is_listed_in_one_error() -> None:
 
 def test_unsupported_op_inside_a_subgraph_is_found_before_running() -> None:
     then_branch = helper.make_graph(
-        [
-            helper.make_node(
-                "DynamicQuantizeLinear", ["x"], ["t", "t_scale", "t_zero"], name="deep_dq"
-            )
-        ],
+        [helper.make_node("RegexFullMatch", ["x"], ["t"], name="deep_regex")],
         "then",
         [],
         [_vi("t", [2])],
@@ -95,9 +89,10 @@ def test_unsupported_op_inside_a_subgraph_is_found_before_running() -> None:
         ],
         [_vi("c", [], TensorProto.BOOL), _vi("x", [2])],
         [_vi("y", [2])],
+        opset=20,
         check=False,
     )
-    with pytest.raises(UnsupportedModelError, match="deep_dq"):
+    with pytest.raises(UnsupportedModelError, match="deep_regex"):
         convert(model)
 
 

@@ -319,16 +319,19 @@ def _ceil_pads(
     dilations: list[int],
     pads: list[int],
     ceil_mode: bool,
-) -> list[int]:
-    """Extra end padding so that floor-mode pooling yields ONNX's ceil-mode output count.
+) -> tuple[list[int], list[int] | None]:
+    """Extra end padding so that floor-mode pooling yields ONNX's ceil-mode output count, and
+    that count (None in floor mode).
 
-    The last window must start inside the input or the begin padding (ONNX opset 19 text,
-    onnxruntime and torch agree on this).
+    The count rounds up, less a last window that would start in the end padding (ONNX opset
+    19 text, the reference, onnxruntime and torch agree). Floor-mode pooling over an end
+    padding of at least a window's span has more windows than that (onnxruntime refuses such
+    pads, the reference drops one window as here): `_crop` cuts them off.
     """
     n = len(kernel)
     if not ceil_mode:
-        return [0] * n
-    extra = []
+        return [0] * n, None
+    extra, counts = [], []
     for i in range(n):
         span = spatial[i] + pads[i] + pads[i + n] - ((kernel[i] - 1) * dilations[i] + 1)
         out = math.ceil(span / strides[i]) + 1
@@ -336,7 +339,15 @@ def _ceil_pads(
             out -= 1
         need = (out - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1
         extra.append(max(0, need - (spatial[i] + pads[i] + pads[i + n])))
-    return extra
+        counts.append(out)
+    return extra, counts
+
+
+def _crop(y: torch.Tensor, counts: list[int] | None) -> torch.Tensor:
+    """`y` [N, C, ...] cut to `counts` windows per spatial axis (`_ceil_pads`)."""
+    if counts is None or all(y.shape[2 + i] <= c for i, c in enumerate(counts)):
+        return y
+    return y[(slice(None), slice(None), *(slice(0, max(c, 0)) for c in counts))]
 
 
 @register("MaxPool")
@@ -351,7 +362,7 @@ def max_pool(ctx: OpContext) -> NodeFn:
     def fn(x: torch.Tensor) -> Any:
         strides, dilations, pads = window.resolve(x, kernel)
         spatial = list(x.shape[2:])
-        extra = _ceil_pads(spatial, kernel, strides, dilations, pads, ceil_mode)
+        extra, counts = _ceil_pads(spatial, kernel, strides, dilations, pads, ceil_mode)
         full = pads[:n] + [p + e for p, e in zip(pads[n:], extra, strict=True)]
         sym = _symmetric(pads) if not any(extra) else None
         if sym is not None and all(p <= k // 2 for p, k in zip(sym, kernel, strict=True)):
@@ -362,6 +373,7 @@ def max_pool(ctx: OpContext) -> NodeFn:
             y, idx = _MAX[n](padded, kernel, strides, 0, dilations, False, True)
             if want_indices:
                 idx = _unpad_indices(idx, list(padded.shape[2:]), spatial, full[:n])
+            y, idx = _crop(y, counts), _crop(idx, counts)
         if not want_indices:
             return (y, None)
         plane = math.prod(spatial)
@@ -421,25 +433,69 @@ def _unpad_indices(
     return flat
 
 
+def _window_mean(
+    x: torch.Tensor, kernel: list[int], strides: list[int], dilations: list[int]
+) -> torch.Tensor:
+    """The mean over every (dilated) window of the already padded `x`, no padding of its own.
+
+    Without dilation torch's avg_pool; with it (torch's avg_pool has none) the windows are
+    strided views (`unfold` per spatial axis, every dilation-th tap of each span), reduced
+    at once: exact, differentiable (unfold's backward), in x's dtype whatever autocast says.
+    """
+    n = len(kernel)
+    spans = [(k - 1) * d + 1 for k, d in zip(kernel, dilations, strict=True)]
+    if any(span > size for span, size in zip(spans, x.shape[2:], strict=True)):
+        # no window fits: the ONNX formula's empty result (torch's pools raise; onnxruntime's
+        # truncating division can make it one window)
+        counts = [
+            max(0, (size - span) // s + 1)
+            for size, span, s in zip(x.shape[2:], spans, strides, strict=True)
+        ]
+        return x.new_zeros((*x.shape[:2], *counts))
+    if all(d == 1 for d in dilations):
+        return _AVG[n](x, kernel, strides, 0, False, True)
+    windows = x
+    for axis, (k, s, d) in enumerate(zip(kernel, strides, dilations, strict=True)):
+        windows = windows.unfold(2 + axis, (k - 1) * d + 1, s)[..., ::d]
+    return windows.mean(dim=tuple(range(-n, 0)))
+
+
+def _pool_dilations(ctx: OpContext, window: _Window, kernel: list[int]) -> list[int]:
+    """AveragePool-19's and LpPool-18's `dilations`, checked against the window attributes."""
+    n = len(kernel)
+    dilations = [int(d) for d in (window.dilations or [1] * n)]
+    require(len(dilations) == n, f"dilations {dilations} do not match kernel_shape {kernel}")
+    require(min(dilations) >= 1, f"dilations {dilations} below 1")
+    # onnxruntime sizes SAME padding for the undilated kernel, the ONNX text (and the
+    # reference, differently again) for the dilated one: no single answer to reproduce
+    require(
+        window.auto_pad not in ("SAME_UPPER", "SAME_LOWER") or max(dilations) == 1,
+        f"{ctx.op_type} with auto_pad={window.auto_pad} and dilations {dilations} (onnxruntime "
+        "and the ONNX specification pad it differently); re-export with explicit pads",
+    )
+    return dilations
+
+
 @register("AveragePool")
 def average_pool(ctx: OpContext) -> NodeFn:
+    """Average over each window; `count_include_pad` says whether the explicit padding counts
+    in the divisor (ceil mode's overhang never does). Dilations (opset 19) as the ONNX
+    reference and onnxruntime compute them: every dilation-th cell of the span."""
     kernel = _pool_kernel(ctx)
     window = _Window(ctx, kernel)
     ceil_mode = bool(ctx.attr("ceil_mode", 0))
     include_pad = bool(ctx.attr("count_include_pad", 0))
-    require(
-        not window.dilations or all(d == 1 for d in window.dilations),
-        "AveragePool with dilations",
-    )
+    dilated = max(_pool_dilations(ctx, window, kernel)) > 1
     n = len(kernel)
 
     def fn(x: torch.Tensor) -> torch.Tensor:
         strides, dilations, pads = window.resolve(x, kernel)
         spatial = list(x.shape[2:])
-        extra = _ceil_pads(spatial, kernel, strides, dilations, pads, ceil_mode)
+        extra, counts = _ceil_pads(spatial, kernel, strides, dilations, pads, ceil_mode)
         sym = _symmetric(pads)
         if (
-            not any(extra)
+            not dilated
+            and not any(extra)
             and sym is not None
             and all(p <= k // 2 for p, k in zip(sym, kernel, strict=True))
         ):
@@ -447,32 +503,36 @@ def average_pool(ctx: OpContext) -> NodeFn:
         # General case: sum over the window divided by the count of the cells that ONNX
         # counts (padding included or not; the ceil-mode overhang never counts).
         full = pads[:n] + [p + e for p, e in zip(pads[n:], extra, strict=True)]
-        total = _AVG[n](F.pad(x, _torch_pad(full)), kernel, strides, 0, False, True)
+        total = _window_mean(F.pad(x, _torch_pad(full)), kernel, strides, dilations)
         ones = torch.ones((1, 1, *spatial), dtype=x.dtype, device=x.device)
         counted = F.pad(ones, _torch_pad(pads), value=1.0 if include_pad else 0.0)
         counted = F.pad(counted, _torch_pad([0] * n + extra))
-        count = _AVG[n](counted, kernel, strides, 0, False, True)
-        return total / count
+        count = _window_mean(counted, kernel, strides, dilations)
+        return _crop(total / count, counts)
 
     return fn
 
 
 @register("LpPool")
 def lp_pool(ctx: OpContext) -> NodeFn:
+    """(sum of |x|^p over each window)^(1/p), padding adding nothing (onnxruntime's sum; the
+    ONNX reference rescales ceil-mode windows that overhang, onnxruntime does not).
+    Dilations (opset 18) as in AveragePool."""
     kernel = _pool_kernel(ctx)
     window = _Window(ctx, kernel)
     p = float(ctx.attr("p", 2))
     ceil_mode = bool(ctx.attr("ceil_mode", 0))
-    require(not window.dilations or all(d == 1 for d in window.dilations), "LpPool with dilations")
+    _pool_dilations(ctx, window, kernel)
     n = len(kernel)
 
     def fn(x: torch.Tensor) -> torch.Tensor:
         strides, dilations, pads = window.resolve(x, kernel)
-        extra = _ceil_pads(list(x.shape[2:]), kernel, strides, dilations, pads, ceil_mode)
+        spatial = list(x.shape[2:])
+        extra, counts = _ceil_pads(spatial, kernel, strides, dilations, pads, ceil_mode)
         full = pads[:n] + [q + e for q, e in zip(pads[n:], extra, strict=True)]
         powered = F.pad(x.abs().pow(p), _torch_pad(full))
-        summed = _AVG[n](powered, kernel, strides, 0, False, True) * math.prod(kernel)
-        return summed.pow(1.0 / p)
+        summed = _window_mean(powered, kernel, strides, dilations) * math.prod(kernel)
+        return _crop(summed, counts).pow(1.0 / p)
 
     return fn
 

@@ -6,7 +6,9 @@ FusedConv / FusedGemm (Conv / Gemm plus an activation: what
 a model saved by onnxruntime with extended graph optimizations holds). Default domain,
 opset < 17: onnxruntime's own LayerNormalization and SimplifiedLayerNormalization (the optimizer
 fuses them into opset-13/14 models; from opset 17 on, LayerNormalization is the ONNX op in
-normalization.py).
+normalization.py). The transformer ops of onnxruntime's optimizer and of HF Optimum /
+onnxruntime-genai exports (MultiHeadAttention, GroupQueryAttention, RotaryEmbedding,
+EmbedLayerNormalization, ...) are in microsoft_transformer.py, built on the helpers here.
 
 Semantics and attribute defaults are onnxruntime's (its CPU kernels are the reference the
 tests compare against). Statistics are computed in float32 for half-precision inputs, as
@@ -30,7 +32,7 @@ from service.engine.onnx.registry import OpContext, UnsupportedAttribute, lookup
 MS = "com.microsoft"
 
 
-def _outputs(values: tuple[Any, ...], count: int) -> Any:
+def node_outputs(values: tuple[Any, ...], count: int) -> Any:
     """One value for a one-output node, else a tuple of `count` (graph.Node's contract)."""
     return values[0] if count <= 1 else values[:count]
 
@@ -87,7 +89,7 @@ def _stats_dtype(x: Tensor) -> torch.dtype:
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
 
 
-def _normalize(x: Tensor, axis: int, eps: float, *, center: bool) -> tuple[Tensor, Tensor, Tensor]:
+def normalize(x: Tensor, axis: int, eps: float, *, center: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(normalized x in x's dtype, mean, 1/std) over the dims from `axis` on; `center=False` is
     RMS normalisation (mean reported as zeros). Statistics keep dims, in float32 for halves."""
     start = axis if axis >= 0 else x.dim() + axis
@@ -120,9 +122,9 @@ def layer_normalization_contrib(ctx: OpContext) -> NodeFn:
     count = ctx.num_outputs
 
     def fn(x: Tensor, scale: Tensor, bias: Tensor | None = None) -> Any:
-        normalized, mean, inv_std = _normalize(x, axis, eps, center=True)
+        normalized, mean, inv_std = normalize(x, axis, eps, center=True)
         y = normalized * scale if bias is None else torch.addcmul(bias, normalized, scale)
-        return _outputs((y, mean, inv_std), count)
+        return node_outputs((y, mean, inv_std), count)
 
     return fn
 
@@ -134,8 +136,8 @@ def simplified_layer_normalization(ctx: OpContext) -> NodeFn:
     count = ctx.num_outputs
 
     def fn(x: Tensor, scale: Tensor) -> Any:
-        normalized, _, inv_std = _normalize(x, axis, eps, center=False)
-        return _outputs((normalized * scale, inv_std), count)
+        normalized, _, inv_std = normalize(x, axis, eps, center=False)
+        return node_outputs((normalized * scale, inv_std), count)
 
     return fn
 
@@ -158,9 +160,9 @@ def skip_layer_normalization(ctx: OpContext) -> NodeFn:
         bias: Tensor | None = None,
     ) -> Any:
         total = _skip_sum(x, skip, bias)
-        normalized, mean, inv_std = _normalize(total, -1, eps, center=True)
+        normalized, mean, inv_std = normalize(total, -1, eps, center=True)
         y = normalized * gamma if beta is None else torch.addcmul(beta, normalized, gamma)
-        return _outputs((y, mean, inv_std, total), count)
+        return node_outputs((y, mean, inv_std, total), count)
 
     return fn
 
@@ -172,8 +174,8 @@ def skip_simplified_layer_normalization(ctx: OpContext) -> NodeFn:
 
     def fn(x: Tensor, skip: Tensor, gamma: Tensor, bias: Tensor | None = None) -> Any:
         total = _skip_sum(x, skip, bias)
-        normalized, mean, inv_std = _normalize(total, -1, eps, center=False)
-        return _outputs((normalized * gamma, mean, inv_std, total), count)
+        normalized, mean, inv_std = normalize(total, -1, eps, center=False)
+        return node_outputs((normalized * gamma, mean, inv_std, total), count)
 
     return fn
 
@@ -200,20 +202,37 @@ def _fused_activation(name: Any, given: Sequence[float]) -> Callable[[Tensor], T
     return lambda x: function(x, params)
 
 
-def _default_domain_builder(ctx: OpContext, op_type: str, opset: int, drop: set[str]) -> Any:
-    """The default-domain builder of `op_type` (conv.py, linalg.py) for this node, minus the
-    fused attributes: the fused op is that op followed by an activation."""
+def default_domain_builder(
+    ctx: OpContext, op_type: str, opset: int, attrs: dict[str, Any], num_outputs: int = 1
+) -> Any:
+    """The default-domain builder of `op_type` (conv.py, linalg.py, attention.py, ...) built
+    for this node with `attrs`: a contrib op that is a default-domain op plus something
+    (FusedConv is Conv then an activation) reuses that op's implementation."""
     builder = lookup(op_type, "", opset)
     if builder is None:
-        raise UnsupportedAttribute(f"{op_type} is not available to implement Fused{op_type}")
-    attrs = {k: v for k, v in ctx.attrs.items() if k not in drop}
-    return builder(dataclasses.replace(ctx, op_type=op_type, domain="", opset=opset, attrs=attrs))
+        raise UnsupportedAttribute(f"{op_type} is not available to implement {ctx.op_type}")
+    return builder(
+        dataclasses.replace(
+            ctx,
+            op_type=op_type,
+            domain="",
+            opset=opset,
+            attrs=attrs,
+            num_outputs=num_outputs,
+            outputs_used=[],
+        )
+    )
+
+
+def _without(attrs: dict[str, Any], drop: set[str]) -> dict[str, Any]:
+    return {k: v for k, v in attrs.items() if k not in drop}
 
 
 @register("FusedConv", domain=MS)
 def fused_conv(ctx: OpContext) -> NodeFn:
     activation = _fused_activation(ctx.attr("activation"), ctx.attr("activation_params", []))
-    convolution = _default_domain_builder(ctx, "Conv", 11, {"activation", "activation_params"})
+    attrs = _without(ctx.attrs, {"activation", "activation_params"})
+    convolution = default_domain_builder(ctx, "Conv", 11, attrs)
 
     def fn(x: Tensor, w: Tensor, b: Tensor | None = None, z: Tensor | None = None) -> Tensor:
         y = convolution(x, w, b)
@@ -227,7 +246,7 @@ def fused_gemm(ctx: OpContext) -> NodeFn:
     names = ("activation_alpha", "activation_beta", "activation_gamma")
     given = [ctx.attrs[n] for n in names if n in ctx.attrs]
     activation = _fused_activation(ctx.attr("activation"), given)
-    gemm = _default_domain_builder(ctx, "Gemm", 13, {"activation", *names})
+    gemm = default_domain_builder(ctx, "Gemm", 13, _without(ctx.attrs, {"activation", *names}))
     return lambda a, b, c=None: activation(gemm(a, b, c))
 
 
@@ -277,35 +296,51 @@ def ms_attention(ctx: OpContext) -> NodeFn:
             return t.reshape(batch, seq, heads, -1).transpose(1, 2)
 
         q, k, v = heads_first(q), heads_first(k), heads_first(v)
-        past_len = 0
         if past is not None:
-            past_len = past.shape[3]
             k = torch.cat([past[0], k], 2)
             v = torch.cat([past[1], v], 2)
-        total = k.shape[2]
         scale = float(scale_attr) if scale_attr else 1.0 / math.sqrt(q.shape[-1])
-        scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-        keep = _ms_key_mask(mask_index, batch, total, x.device)
-        if keep is not None:  # padding: a finite penalty, as onnxruntime
-            scores = scores + torch.where(keep, 0.0, filter_value).to(scores.dtype)
-        if attention_bias is not None:
-            scores = scores + attention_bias
-        if causal:  # future keys: excluded outright (the lowest float), whatever the padding
-            keys = torch.arange(total, device=x.device)
-            future = keys > torch.arange(seq, device=x.device).unsqueeze(1) + past_len
-            scores = scores.masked_fill(future, torch.finfo(scores.dtype).min)
-        y = torch.matmul(torch.softmax(scores, -1), v)
+        keep = ms_key_mask(mask_index, batch, k.shape[2], x.device)
+        y = ms_attend(q, k, v, keep, attention_bias, scale, filter_value, causal)
         y = y.transpose(1, 2).reshape(batch, seq, -1)
         if count <= 1:
             return y
         if k.shape != v.shape:
             raise ValueError("com.microsoft Attention: present needs equal K and V hidden sizes")
-        return _outputs((y, torch.stack([k, v])), count)
+        return node_outputs((y, torch.stack([k, v])), count)
 
     return fn
 
 
-def _ms_key_mask(
+def ms_attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    keep: Tensor | None,
+    attention_bias: Tensor | None,
+    scale: float,
+    filter_value: float,
+    causal: bool,
+) -> Tensor:
+    """onnxruntime's CPU attention kernel (Attention, MultiHeadAttention) on heads-first
+    q [B, heads, S, size] and k/v [B, heads, total, size]: padding (`keep` False) adds the
+    finite `filter_value`, so a fully padded row attends uniformly rather than yielding NaN;
+    `causal` removes the keys after each query's position, the queries being the last S of
+    the total (past + new) positions."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if keep is not None:  # padding: a finite penalty, as onnxruntime
+        scores = scores + torch.where(keep, 0.0, filter_value).to(scores.dtype)
+    if attention_bias is not None:
+        scores = scores + attention_bias
+    if causal:  # future keys: excluded outright (the lowest float), whatever the padding
+        keys = torch.arange(k.shape[2], device=q.device)
+        offset = k.shape[2] - q.shape[2]  # the past length
+        future = keys > torch.arange(q.shape[2], device=q.device).unsqueeze(1) + offset
+        scores = scores.masked_fill(future, torch.finfo(scores.dtype).min)
+    return torch.matmul(torch.softmax(scores, -1), v)
+
+
+def ms_key_mask(
     mask_index: Tensor | None, batch: int, total: int, device: torch.device
 ) -> Tensor | None:
     """Which keys each query may attend by `mask_index`, broadcastable to [B, heads, S, total];
@@ -314,8 +349,10 @@ def _ms_key_mask(
         return None
     keys = torch.arange(total, device=device)
     m = mask_index.to(device)
-    if m.dim() == 1 and m.shape[0] == batch:  # right padding: valid lengths
-        return keys < m.reshape(batch, 1, 1, 1)
+    if m.dim() == 1 and m.shape[0] in (batch, 3 * batch + 2):
+        # right padding: valid lengths (3·batch + 2 appends the query and key starts of
+        # ragged batches, which only onnxruntime's CUDA kernels read)
+        return keys < m[:batch].reshape(batch, 1, 1, 1)
     if m.dim() == 1 and m.shape[0] == 2 * batch:  # left padding: ends, then starts
         ends, starts = m[:batch].reshape(batch, 1, 1, 1), m[batch:].reshape(batch, 1, 1, 1)
         return (keys < ends) & (keys >= starts)
@@ -325,5 +362,5 @@ def _ms_key_mask(
         return (m != 0).unsqueeze(1)
     raise ValueError(
         f"com.microsoft Attention: mask_index of shape {list(m.shape)} is not supported "
-        "(supported: [batch], [2·batch], [batch, total], [batch, seq, total])"
+        "(supported: [batch], [2·batch], [3·batch + 2], [batch, total], [batch, seq, total])"
     )

@@ -1,5 +1,6 @@
 """Sequences: SequenceConstruct/Empty/At/Insert/Erase/Length, SplitToSequence,
-ConcatFromSequence and SequenceMap.
+ConcatFromSequence and SequenceMap; optional values: Optional, OptionalHasElement and
+OptionalGetElement.
 
 An ONNX `seq(tensor)` value is a Python list of torch tensors. Every op builds a new list
 (never mutates its input: the same list may be read by several nodes, or by every iteration
@@ -15,6 +16,11 @@ Positions follow the spec: in [-n, n-1] for SequenceAt/SequenceErase and [-n, n]
 SequenceInsert (n = the sequence's length; negative counts from the back); one out of range is
 an error naming the op. Sequences of sequences (a SequenceMap body that takes or returns a
 sequence) are refused when the node is built.
+
+An ONNX `optional(T)` value (T a tensor or a sequence of tensors) is Python None when empty and
+the T value itself (a tensor, a list of tensors) when present, so a present optional is used
+exactly as its element and gradients flow through Optional and OptionalGetElement unchanged.
+An omitted input ("") reads as None too, which is what OptionalHasElement-18 says of it.
 """
 
 from __future__ import annotations
@@ -22,12 +28,21 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from onnx import TensorProto
 
 from service.engine.graph import NodeFn
-from service.engine.onnx.ops._util import ints, norm_axis, require, scalar, torch_dtype
+from service.engine.onnx.ops._util import (
+    ONNX_TO_TORCH,
+    ints,
+    norm_axis,
+    require,
+    scalar,
+    torch_dtype,
+)
 from service.engine.onnx.registry import OpContext, register
 
 SEQUENCE_OPSET = 11  # every sequence op but SequenceMap (17) starts here
+OPTIONAL_OPSET = 15  # Optional*, widened in 18 (plain tensors and sequences accepted)
 
 
 def _position(op_type: str, position: Any, length: int, *, inclusive_end: bool) -> int:
@@ -176,5 +191,50 @@ def sequence_map(ctx: OpContext) -> NodeFn:
             for store, value in zip(collected, body(samples, outer), strict=True):
                 store.append(value)
         return collected[0] if count == 1 else tuple(collected)
+
+    return fn
+
+
+def _optional_element_problem(type_proto: Any) -> str:
+    """What an optional of this element type (onnx.TypeProto) would hold that cannot be held;
+    "" if it can: a tensor of a torch dtype, or a sequence of such tensors."""
+    kind = type_proto.WhichOneof("value")
+    if kind == "sequence_type":
+        type_proto = type_proto.sequence_type.elem_type
+        kind = type_proto.WhichOneof("value")
+        if kind != "tensor_type":
+            return "sequences of non-tensors"
+    if kind != "tensor_type":
+        return f"{kind.removesuffix('_type')} values" if kind else "untyped values"
+    elem_type = type_proto.tensor_type.elem_type
+    if elem_type not in ONNX_TO_TORCH:
+        return f"{TensorProto.DataType.Name(elem_type).lower()} tensors"
+    return ""
+
+
+@register("Optional", since=OPTIONAL_OPSET)
+def optional(ctx: OpContext) -> NodeFn:
+    """The input as a present optional, or (no input) an empty one of the `type` attribute."""
+    type_proto = ctx.attr("type")
+    if type_proto is not None:
+        problem = _optional_element_problem(type_proto)
+        require(not problem, f"Optional of {problem} is not supported")
+    has_input = ctx.num_inputs > 0 and bool(ctx.node.input[0])
+    require(has_input or type_proto is not None, "Optional without an input needs its 'type'")
+    return lambda value=None: value
+
+
+@register("OptionalHasElement", since=OPTIONAL_OPSET)
+def optional_has_element(ctx: OpContext) -> NodeFn:
+    # a CPU bool scalar, like the loop conditions the converter makes (ops/control.py)
+    return lambda value=None: torch.tensor(value is not None)
+
+
+@register("OptionalGetElement", since=OPTIONAL_OPSET)
+def optional_get_element(ctx: OpContext) -> NodeFn:
+    def fn(value: Any) -> Any:
+        if value is None:
+            raise ValueError("OptionalGetElement read an empty optional value")
+        return value
 
     return fn
