@@ -77,6 +77,9 @@ NON_DIFFERENTIABLE_SLOTS: dict[str, tuple[int, ...]] = {
     "DFT": (1, 2),
     "Col2Im": (1, 2),  # image_shape, block_shape
     "STFT": (1, 3),
+    # the cos/sin tables (fixed functions of the position: a model's non-persistent buffers,
+    # which onnxruntime-genai stores as initializers) and the positions
+    "RotaryEmbedding": (1, 2, 3),
 }
 # The same for ops of other domains, by (domain, op type).
 DOMAIN_NON_DIFFERENTIABLE_SLOTS: dict[tuple[str, str], tuple[int, ...]] = {
@@ -88,8 +91,9 @@ DOMAIN_NON_DIFFERENTIABLE_SLOTS: dict[tuple[str, str], tuple[int, ...]] = {
     # ids, masks, sequence lengths, positions (ops/microsoft_transformer.py)
     ("com.microsoft", "EmbedLayerNormalization"): (0, 1, 7, 8),
     ("com.microsoft", "MultiHeadAttention"): (4, 8, 9),
-    ("com.microsoft", "RotaryEmbedding"): (1,),
-    ("com.microsoft", "GroupQueryAttention"): (5, 6, 9),
+    # and the rotary cos/sin tables, as the default domain's RotaryEmbedding
+    ("com.microsoft", "RotaryEmbedding"): (1, 2, 3),
+    ("com.microsoft", "GroupQueryAttention"): (5, 6, 7, 8, 9),
 }
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 _FLOAT_TYPES = {

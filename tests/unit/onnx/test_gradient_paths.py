@@ -72,3 +72,38 @@ def test_an_op_of_another_domain_passes_gradient_in_doubt() -> None:
         {"w": np.ones((3,), np.float32)},
     )
     assert gradient_free_initializers(model.graph) == set()
+
+
+def test_rotary_cos_and_sin_tables_are_no_weights() -> None:
+    """onnxruntime-genai stores a model's rotary tables as initializers: the gradient reaches
+    them (they multiply the activations) but they are fixed functions of the position, the
+    source model's non-persistent buffers, in both domains' RotaryEmbedding and in
+    GroupQueryAttention."""
+    tables = {
+        "cos": np.cos(np.arange(12, dtype=np.float32)).reshape(4, 3),
+        "sin": np.sin(np.arange(12, dtype=np.float32)).reshape(4, 3),
+        "w": np.ones((4, 6), np.float32),
+    }
+    default = helper.make_node("RotaryEmbedding", ["h", "cos", "sin", "pos"], ["y"], num_heads=1)
+    microsoft = helper.make_node(
+        "RotaryEmbedding", ["h", "pos", "cos", "sin"], ["y"], domain="com.microsoft"
+    )
+    gqa = helper.make_node(
+        "GroupQueryAttention",
+        ["h", "h", "h", "", "", "lens", "total", "cos", "sin"],
+        ["y"],
+        domain="com.microsoft",
+        num_heads=1,
+        kv_num_heads=1,
+        do_rotary=1,
+    )
+    for node in (default, microsoft, gqa):
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["x", "w"], ["h"]), node],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+            [numpy_helper.from_array(v, k) for k, v in tables.items()],
+        )
+        assert gradient_free_initializers(graph) >= {"cos", "sin"}, node.domain + node.op_type
+        assert "w" not in gradient_free_initializers(graph)
