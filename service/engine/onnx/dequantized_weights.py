@@ -27,7 +27,9 @@ from onnx import GraphProto, NodeProto
 from service.engine.onnx.ops._util import FLOAT_DTYPES
 from service.engine.onnx.ops.quantize import DequantizeLinear
 
-_DEFAULT_DOMAINS = ("", "ai.onnx")
+# onnxruntime's quantiser writes com.microsoft's Q/DQ (`UseQDQContribOps`, or for int16/int4
+# below opset 21): the same DequantizeLinear (ops/microsoft_quantize.py)
+_DEQUANTIZE_DOMAINS = ("", "ai.onnx", "com.microsoft")
 # onnxruntime's quantiser names a weight's integer copy `<weight>_quantized`
 _QUANTIZED_SUFFIX = "_quantized"
 
@@ -58,7 +60,9 @@ def dequantized_weights(
         nodes = [node for node, _ in reads]
         if (
             not all(
-                node.op_type == "DequantizeLinear" and node.domain in _DEFAULT_DOMAINS and slot == 0
+                node.op_type == "DequantizeLinear"
+                and node.domain in _DEQUANTIZE_DOMAINS
+                and slot == 0
                 for node, slot in reads
             )
             or len({tuple(node.input[1:]) for node in nodes}) != 1

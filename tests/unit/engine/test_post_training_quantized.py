@@ -37,8 +37,12 @@ class _Calibration(CalibrationDataReader):
         return next(self.batches, None)
 
 
-@pytest.fixture(scope="module")
-def quantized(tmp_path_factory: pytest.TempPathFactory) -> onnx.ModelProto:
+@pytest.fixture(scope="module", params=["ai.onnx", "com.microsoft"])
+def quantized(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> onnx.ModelProto:
+    """The default domain's QuantizeLinear/DequantizeLinear, or onnxruntime's contrib ones
+    (`UseQDQContribOps`, what its quantiser writes for int16 or int4 below opset 21)."""
     torch.manual_seed(0)
     module = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
     folder = tmp_path_factory.mktemp("ptq")
@@ -51,8 +55,12 @@ def quantized(tmp_path_factory: pytest.TempPathFactory) -> onnx.ModelProto:
         quant_format=QuantFormat.QDQ,
         activation_type=QuantType.QInt8,
         weight_type=QuantType.QInt8,
+        extra_options={"UseQDQContribOps": request.param == "com.microsoft"},
     )
-    return onnx.load(str(Path(int8)))
+    model = onnx.load(str(Path(int8)))
+    domains = {n.domain or "ai.onnx" for n in model.graph.node if "Quantize" in n.op_type}
+    assert domains == {request.param}
+    return model
 
 
 def _fake(x: torch.Tensor, scale: float, zero: int) -> torch.Tensor:
