@@ -82,6 +82,10 @@ from onnx import GraphProto, ModelProto, NodeProto, TensorProto, helper
 import service.engine.onnx.ops  # noqa: F401  (registers every op family)
 from service.engine.graph import ConstantResult, Node, ObservableGraph, passthrough
 from service.engine.onnx.dequantized_weights import dequantized_weights
+from service.engine.onnx.dynamic_quantization import (
+    STRAIGHT_THROUGH_SUFFIX,
+    dynamic_quantization_as_fake,
+)
 from service.engine.onnx.gradient_paths import (
     consumed_names,
     gradient_free_initializers,
@@ -721,7 +725,9 @@ def _convert_checked(
     weights: dict[str, torch.Tensor],
     problems: list[tuple[str, str, int, str, str]],
 ) -> ObservableGraph:
-    graph = model.graph
+    # a dynamically quantised model's integer MatMuls: fake-quantised float ones (a copy of
+    # the graph; onnxruntime's conformance check runs the model as it is)
+    graph, dynamically_quantized = dynamic_quantization_as_fake(model.graph, weights)
     opsets = {
         ("" if o.domain in DEFAULT_DOMAINS else o.domain): int(o.version)
         for o in model.opset_import
@@ -814,6 +820,7 @@ def _convert_checked(
     straight_through = straight_through_estimators(
         nodes, {out: node for node in nodes for out in node.outputs if out}
     )
+    straight_through = [n for n in straight_through if not n.endswith(STRAIGHT_THROUGH_SUFFIX)]
     _fold_constants(nodes, constants)
 
     unfolded = UnfoldedWeights(signature=signature)
@@ -890,6 +897,13 @@ def _convert_checked(
             f"{shown}) are float parameters holding their dequantized values: the "
             "gradients are those of fine-tuning from this checkpoint, whose activation "
             "quantisers stay fake-quantised"
+        )
+    if dynamically_quantized:
+        notes.append(
+            f"{len(dynamically_quantized)} MatMul(s) of a dynamically quantised model "
+            "(DynamicQuantizeLinear → MatMulInteger) are computed as fake quantisation: the "
+            "same products in float, each activation's rounding passing the gradient straight "
+            "through, so that every layer's weight has a gradient"
         )
     if straight_through:
         notes.append(

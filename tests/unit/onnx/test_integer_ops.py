@@ -7,7 +7,8 @@ shapes and Conv attributes; the spec's per-row zero points of A, which neither r
 the spec's formula. com.microsoft QuantizeLinear / DequantizeLinear match onnxruntime;
 MatMulNBits matches it over bits, block sizes, zero-point forms, g_idx and bias, and is
 differentiable w.r.t. A and the bias only. End to end, an MLP quantised by onnxruntime's
-`quantize_dynamic` converts and computes what onnxruntime computes."""
+`quantize_dynamic` converts and computes what onnxruntime computes, as fake quantisation whose
+weights are float parameters with the gradients of the same computation in torch."""
 
 from __future__ import annotations
 
@@ -750,33 +751,70 @@ def _exported_mlp() -> bytes:
     return buffer.getvalue()
 
 
+@pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("weight_type", ["QInt8", "QUInt8"])
-def test_a_dynamically_quantized_mlp_matches_onnxruntime(tmp_path: Any, weight_type: str) -> None:
+def test_a_dynamically_quantized_mlp_matches_onnxruntime(
+    tmp_path: Any, weight_type: str, per_channel: bool
+) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     source, target = tmp_path / "mlp.onnx", tmp_path / "mlp.int8.onnx"
     source.write_bytes(_exported_mlp())
-    quantize_dynamic(source, target, weight_type=QuantType[weight_type])
+    quantize_dynamic(source, target, weight_type=QuantType[weight_type], per_channel=per_channel)
     model = onnx.load(target)
     ops = {node.op_type for node in model.graph.node}
     assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops
     x = np.random.default_rng(0).standard_normal((2, 3, 16)).astype(np.float32)
     (expected,) = run_onnxruntime(model, {"x": x})
+    expected_grads = _fake_quantized_reference(model, x)  # (conversion releases the weights)
     graph = convert(model)
     y = graph(torch.from_numpy(x)).detach().numpy()
     # the same integers, then float32 scaling and bias in either order: a few ulps
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
-    # No gradient passes the integer ops (DynamicQuantizeLinear's scale included): the last
-    # bias and weight scale are the only parameters; fc1.bias is state, the weights integers
-    params = dict(graph.named_parameters())
-    assert "fc2.bias" in params and len(params) == 2
-    assert "fc1.bias" in dict(graph.named_buffers())
-    graph(torch.from_numpy(x)).sum().backward()
-    assert all(p.grad is not None for p in params.values())
+    # computed as fake quantisation (dynamic_quantization.py): the integer weights are float
+    # parameters, the scales are not, and the gradients are those of the same computation in
+    # torch with each activation's rounding passed straight through
+    params = dict(graph.named_graph_parameters())
+    assert set(params) == {"fc1.bias", "fc2.bias", "onnx::MatMul_12", "onnx::MatMul_13"}
+    graph(torch.from_numpy(x)).square().sum().backward()
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(params[name].grad, grad, rtol=1e-5, atol=1e-6)
+    assert any("dynamically quantised model" in note for note in graph.metadata["notes"])
     # the service's conformance check (onnxruntime with its graph optimisations) agrees
     check = check_conversion(model, graph, [torch.from_numpy(x)])
     assert check.checked, check.reason
     assert check.max_abs_error is not None and check.max_abs_error < 1e-5
+
+
+def _fake_quantized_reference(model: onnx.ModelProto, x: np.ndarray) -> dict[str, torch.Tensor]:
+    """The quantised MLP written in torch from its initializers: each activation quantised as
+    DynamicQuantizeLinear does, its rounding passed straight through; gradients of sum(y²)."""
+    init = {
+        i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in model.graph.initializer
+    }
+
+    def weight(name: str) -> torch.Tensor:
+        q, s, z = (init[f"{name}_{part}"].double() for part in ("quantized", "scale", "zero_point"))
+        return ((q - z) * s).float().requires_grad_()
+
+    def fake(v: torch.Tensor) -> torch.Tensor:
+        d = v.detach()  # the range widened to 0, in float32 as the op computes it
+        low, high = d.min().clamp(max=0), d.max().clamp(min=0)
+        scale = (high - low) / 255
+        zero = torch.round((-low / scale).clamp(0, 255))
+        q = torch.clamp(torch.round(d / scale) + zero, 0, 255)
+        return v + ((q - zero) * scale - v).detach()
+
+    weights = {
+        "onnx::MatMul_12": weight("onnx::MatMul_12"),
+        "onnx::MatMul_13": weight("onnx::MatMul_13"),
+    }
+    biases = {n: init[n].clone().requires_grad_() for n in ("fc1.bias", "fc2.bias")}
+    h = torch.relu(fake(torch.from_numpy(x)) @ weights["onnx::MatMul_12"] + biases["fc1.bias"])
+    y = fake(h) @ weights["onnx::MatMul_13"] + biases["fc2.bias"]
+    leaves = {**weights, **biases}
+    grads = torch.autograd.grad(y.square().sum(), list(leaves.values()))
+    return dict(zip(leaves, grads, strict=True))
 
 
 def test_an_mlp_quantized_to_matmul_nbits_matches_onnxruntime(tmp_path: Any) -> None:

@@ -1,0 +1,154 @@
+"""A dynamically quantised model's integer products, written again as fake quantisation.
+
+onnxruntime's `quantize_dynamic` stores each MatMul's weight as an int8/uint8 initializer and
+computes, per MatMul:
+
+    x_q, x_scale, x_zero = DynamicQuantizeLinear(x)
+    scale = Mul(x_scale, w_scale)
+    y = Mul(Cast(MatMulInteger(x_q, W_q, x_zero, w_zero), float), scale)
+
+No gradient passes the integers: no layer's weight could be diagnosed, only the float biases
+after the last product (and a weight's scale, which no one trains, looked like a parameter).
+The same value is `DequantizeLinear(x_q, x_scale, x_zero) @ DequantizeLinear(W_q, w_scale,
+w_zero)`, which is how the pattern is converted: the weight's DequantizeLinear then makes it
+a float parameter holding its dequantized values (dequantized_weights.py), and the
+activation's quantisation passes the gradient straight through to x (written as
+`x + (dequantized − x)`, which straight_through.py gives its stop-gradient), as quantisation-
+aware training from this checkpoint would. The products are then float products of the same
+values: equal to onnxruntime's integer ones within float32 rounding (the conformance check
+compares them).
+
+Only the exact pattern is rewritten (a 2-D weight initializer, per tensor or per column,
+every intermediate read by the next step alone); anything else keeps the integer ops, whose
+forward is exact and which pass no gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from onnx import GraphProto, NodeProto, TensorProto, helper
+
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+# the name of each activation's `x + (dequantized − x)` node: a straight-through estimator of
+# this rewrite's, not one that an export wrote without its stop-gradient
+STRAIGHT_THROUGH_SUFFIX = "/x_straight_through"
+
+
+@dataclass
+class _Pattern:
+    quantize: NodeProto  # DynamicQuantizeLinear(x)
+    scales: NodeProto  # Mul(x_scale, w_scale)
+    product: NodeProto  # MatMulInteger(x_q, W_q, x_zero, w_zero)
+    cast: NodeProto  # Cast(product, to=float)
+    rescale: NodeProto  # Mul(cast, scales)
+    w_scale: str
+
+
+def dynamic_quantization_as_fake(
+    graph: GraphProto, weights: Mapping[str, torch.Tensor]
+) -> tuple[GraphProto, list[str]]:
+    """`graph`, or a copy whose dynamically quantised MatMuls are fake-quantised float ones;
+    with the rewritten weights' integer initializer names."""
+    patterns = _patterns(graph, weights)
+    if not patterns:
+        return graph, []
+    rewritten = GraphProto()
+    rewritten.CopyFrom(graph)  # the initializers' bytes are released by now: a small copy
+    dropped = {id(node) for p in patterns for node in (p.product, p.cast, p.rescale, p.scales)}
+    replacement = {id(p.rescale): _fake_quantized(p) for p in patterns}
+    nodes: list[NodeProto] = []
+    for node in graph.node:
+        if id(node) in replacement:
+            nodes.extend(replacement[id(node)])
+        elif id(node) not in dropped:
+            nodes.append(node)
+    del rewritten.node[:]
+    rewritten.node.extend(nodes)
+    return rewritten, [p.product.input[1] for p in patterns]
+
+
+def _patterns(graph: GraphProto, weights: Mapping[str, torch.Tensor]) -> list[_Pattern]:
+    producer: dict[str, NodeProto] = {}
+    readers: dict[str, list[NodeProto]] = {}
+    for node in graph.node:
+        for name in node.output:
+            producer[name] = node
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    for name in (o.name for o in graph.output):
+        readers.setdefault(name, []).append(NodeProto())  # a graph output: one reader more
+
+    def only_reader(name: str, op_type: str) -> NodeProto | None:
+        found = readers.get(name, [])
+        if len(found) == 1 and found[0].op_type == op_type and found[0].domain in _DEFAULT_DOMAINS:
+            return found[0]
+        return None
+
+    patterns = []
+    for product in graph.node:
+        if product.op_type != "MatMulInteger" or product.domain not in _DEFAULT_DOMAINS:
+            continue
+        inputs = [*product.input, "", "", ""][:4]
+        quantize = producer.get(inputs[0])
+        w_q = weights.get(inputs[1])
+        if (
+            quantize is None
+            or quantize.op_type != "DynamicQuantizeLinear"
+            or inputs[2] != quantize.output[2]
+            or w_q is None
+            or w_q.dim() != 2
+            or (inputs[3] and inputs[3] not in weights)
+        ):
+            continue
+        cast = only_reader(product.output[0], "Cast")
+        if cast is None or _cast_target(cast) != TensorProto.FLOAT:
+            continue
+        rescale = only_reader(cast.output[0], "Mul")
+        if rescale is None:
+            continue
+        scales = producer.get(next((i for i in rescale.input if i != cast.output[0]), ""))
+        if scales is None or scales.op_type != "Mul" or len(readers[scales.output[0]]) != 1:
+            continue
+        others = [name for name in scales.input if name != quantize.output[1]]
+        if len(others) != 1 or len(scales.input) != 2 or not _per_column(weights, others[0], w_q):
+            continue
+        if inputs[3] and weights[inputs[3]].shape != weights[others[0]].shape:
+            continue
+        patterns.append(_Pattern(quantize, scales, product, cast, rescale, others[0]))
+    return patterns
+
+
+def _cast_target(cast: NodeProto) -> int:
+    return next((a.i for a in cast.attribute if a.name == "to"), 0)
+
+
+def _per_column(weights: Mapping[str, torch.Tensor], name: str, w_q: torch.Tensor) -> bool:
+    """A float weight scale per tensor or per column of the [K, N] weight."""
+    scale = weights.get(name)
+    return (
+        scale is not None
+        and scale.is_floating_point()
+        and (scale.dim() == 0 or (scale.dim() == 1 and scale.numel() in (1, w_q.shape[1])))
+    )
+
+
+def _fake_quantized(p: _Pattern) -> list[NodeProto]:
+    """DequantizeLinear of both operands, the activation's straight through, one MatMul
+    writing what the rescaling Mul wrote."""
+    x, (x_q, x_scale, x_zero) = p.quantize.input[0], p.quantize.output
+    w_q, w_zero = p.product.input[1], ([*p.product.input, "", ""][3])
+    name = p.product.name or p.product.output[0]
+    x_dq, difference, w_dq = (f"{name}/{what}" for what in ("x_dequantized", "x_rounding", "w"))
+    x_st = name + STRAIGHT_THROUGH_SUFFIX
+    w_inputs = [w_q, p.w_scale, *([w_zero] if w_zero else [])]
+    return [
+        helper.make_node("DequantizeLinear", [x_q, x_scale, x_zero], [x_dq], name=f"{name}/x_dq"),
+        helper.make_node("Sub", [x_dq, x], [difference], name=f"{name}/x_rounding"),
+        helper.make_node("Add", [x, difference], [x_st], name=name + STRAIGHT_THROUGH_SUFFIX),
+        # per column of the [K, N] weight: axis 1 (a scalar scale ignores it)
+        helper.make_node("DequantizeLinear", w_inputs, [w_dq], name=f"{name}/w_dq", axis=1),
+        helper.make_node("MatMul", [x_st, w_dq], [p.rescale.output[0]], name=name),
+    ]
