@@ -1,26 +1,27 @@
 """A dynamically quantised model's integer products, written again as fake quantisation.
 
-onnxruntime's `quantize_dynamic` stores each MatMul's weight as an int8/uint8 initializer and
-computes, per MatMul:
+onnxruntime's `quantize_dynamic` stores each MatMul's and Conv's weight as an int8/uint8
+initializer and computes, per product:
 
     x_q, x_scale, x_zero = DynamicQuantizeLinear(x)
     scale = Mul(x_scale, w_scale)
-    y = Mul(Cast(MatMulInteger(x_q, W_q, x_zero, w_zero), float), scale)
+    y = Mul(Cast(MatMulInteger(x_q, W_q, x_zero, w_zero), float), scale)   (or ConvInteger)
 
 No gradient passes the integers: no layer's weight could be diagnosed, only the float biases
 after the last product (and a weight's scale, which no one trains, looked like a parameter).
 The same value is `DequantizeLinear(x_q, x_scale, x_zero) @ DequantizeLinear(W_q, w_scale,
-w_zero)`, which is how the pattern is converted: the weight's DequantizeLinear then makes it
-a float parameter holding its dequantized values (dequantized_weights.py), and the
-activation's quantisation passes the gradient straight through to x (written as
+w_zero)` (or their Conv), which is how the pattern is converted: the weight's DequantizeLinear
+then makes it a float parameter holding its dequantized values (dequantized_weights.py), and
+the activation's quantisation passes the gradient straight through to x (written as
 `x + (dequantized − x)`, which straight_through.py gives its stop-gradient), as quantisation-
 aware training from this checkpoint would. The products are then float products of the same
 values: equal to onnxruntime's integer ones within float32 rounding (the conformance check
 compares them).
 
-Only the exact pattern is rewritten (a 2-D weight initializer, per tensor or per column,
-every intermediate read by the next step alone); anything else keeps the integer ops, whose
-forward is exact and which pass no gradient.
+Only the exact pattern is rewritten (a MatMul's 2-D weight initializer quantised per tensor or
+per column, a Conv's per tensor, as onnxruntime writes them; every intermediate read by the
+next step alone); anything else keeps the integer ops, whose forward is exact and which pass
+no gradient.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ import torch
 from onnx import GraphProto, NodeProto, TensorProto, helper
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
+# the float op whose operands are the integer op's dequantized (ConvInteger pads x with its
+# zero point: a dequantized 0, what Conv pads with)
+_FLOAT_OP = {"MatMulInteger": "MatMul", "ConvInteger": "Conv"}
 # the name of each activation's `x + (dequantized − x)` node: a straight-through estimator of
 # this rewrite's, not one that an export wrote without its stop-gradient
 STRAIGHT_THROUGH_SUFFIX = "/x_straight_through"
@@ -41,7 +45,7 @@ STRAIGHT_THROUGH_SUFFIX = "/x_straight_through"
 class _Pattern:
     quantize: NodeProto  # DynamicQuantizeLinear(x)
     scales: NodeProto  # Mul(x_scale, w_scale)
-    product: NodeProto  # MatMulInteger(x_q, W_q, x_zero, w_zero)
+    product: NodeProto  # MatMulInteger or ConvInteger(x_q, W_q, x_zero, w_zero)
     cast: NodeProto  # Cast(product, to=float)
     rescale: NodeProto  # Mul(cast, scales)
     w_scale: str
@@ -50,8 +54,8 @@ class _Pattern:
 def dynamic_quantization_as_fake(
     graph: GraphProto, weights: Mapping[str, torch.Tensor]
 ) -> tuple[GraphProto, list[str]]:
-    """`graph`, or a copy whose dynamically quantised MatMuls are fake-quantised float ones;
-    with the rewritten weights' integer initializer names."""
+    """`graph`, or a copy whose dynamically quantised MatMuls and Convs are fake-quantised
+    float ones; with the rewritten weights' integer initializer names."""
     patterns = _patterns(graph, weights)
     if not patterns:
         return graph, []
@@ -89,7 +93,7 @@ def _patterns(graph: GraphProto, weights: Mapping[str, torch.Tensor]) -> list[_P
 
     patterns = []
     for product in graph.node:
-        if product.op_type != "MatMulInteger" or product.domain not in _DEFAULT_DOMAINS:
+        if product.op_type not in _FLOAT_OP or product.domain not in _DEFAULT_DOMAINS:
             continue
         inputs = [*product.input, "", "", ""][:4]
         quantize = producer.get(inputs[0])
@@ -99,7 +103,7 @@ def _patterns(graph: GraphProto, weights: Mapping[str, torch.Tensor]) -> list[_P
             or quantize.op_type != "DynamicQuantizeLinear"
             or inputs[2] != quantize.output[2]
             or w_q is None
-            or w_q.dim() != 2
+            or (product.op_type == "MatMulInteger" and w_q.dim() != 2)
             or (inputs[3] and inputs[3] not in weights)
         ):
             continue
@@ -113,7 +117,9 @@ def _patterns(graph: GraphProto, weights: Mapping[str, torch.Tensor]) -> list[_P
         if scales is None or scales.op_type != "Mul" or len(readers[scales.output[0]]) != 1:
             continue
         others = [name for name in scales.input if name != quantize.output[1]]
-        if len(others) != 1 or len(scales.input) != 2 or not _per_column(weights, others[0], w_q):
+        if len(others) != 1 or len(scales.input) != 2:
+            continue
+        if not _scale_fits(weights.get(others[0]), w_q, product.op_type):
             continue
         if inputs[3] and weights[inputs[3]].shape != weights[others[0]].shape:
             continue
@@ -125,19 +131,19 @@ def _cast_target(cast: NodeProto) -> int:
     return next((a.i for a in cast.attribute if a.name == "to"), 0)
 
 
-def _per_column(weights: Mapping[str, torch.Tensor], name: str, w_q: torch.Tensor) -> bool:
-    """A float weight scale per tensor or per column of the [K, N] weight."""
-    scale = weights.get(name)
-    return (
-        scale is not None
-        and scale.is_floating_point()
-        and (scale.dim() == 0 or (scale.dim() == 1 and scale.numel() in (1, w_q.shape[1])))
-    )
+def _scale_fits(scale: torch.Tensor | None, w_q: torch.Tensor, op_type: str) -> bool:
+    """A float weight scale per tensor, or for a MatMul per column of its [K, N] weight (what
+    multiplies the product's last axis)."""
+    if scale is None or not scale.is_floating_point() or scale.dim() > 1:
+        return False
+    if scale.numel() == 1:
+        return True
+    return op_type == "MatMulInteger" and scale.numel() == w_q.shape[1]
 
 
 def _fake_quantized(p: _Pattern) -> list[NodeProto]:
-    """DequantizeLinear of both operands, the activation's straight through, one MatMul
-    writing what the rescaling Mul wrote."""
+    """DequantizeLinear of both operands, the activation's straight through, one MatMul (or
+    Conv, with the ConvInteger's attributes) writing what the rescaling Mul wrote."""
     x, (x_q, x_scale, x_zero) = p.quantize.input[0], p.quantize.output
     w_q, w_zero = p.product.input[1], ([*p.product.input, "", ""][3])
     name = p.product.name or p.product.output[0]
@@ -150,5 +156,11 @@ def _fake_quantized(p: _Pattern) -> list[NodeProto]:
         helper.make_node("Add", [x, difference], [x_st], name=name + STRAIGHT_THROUGH_SUFFIX),
         # per column of the [K, N] weight: axis 1 (a scalar scale ignores it)
         helper.make_node("DequantizeLinear", w_inputs, [w_dq], name=f"{name}/w_dq", axis=1),
-        helper.make_node("MatMul", [x_st, w_dq], [p.rescale.output[0]], name=name),
+        helper.make_node(
+            _FLOAT_OP[p.product.op_type],
+            [x_st, w_dq],
+            [p.rescale.output[0]],
+            name=name,
+            **{a.name: helper.get_attribute_value(a) for a in p.product.attribute},
+        ),
     ]

@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
@@ -786,35 +787,76 @@ def test_a_dynamically_quantized_mlp_matches_onnxruntime(
     assert check.max_abs_error is not None and check.max_abs_error < 1e-5
 
 
-def _fake_quantized_reference(model: onnx.ModelProto, x: np.ndarray) -> dict[str, torch.Tensor]:
-    """The quantised MLP written in torch from its initializers: each activation quantised as
-    DynamicQuantizeLinear does, its rounding passed straight through; gradients of sum(y²)."""
-    init = {
+def _initializers(model: onnx.ModelProto) -> dict[str, torch.Tensor]:
+    return {
         i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in model.graph.initializer
     }
 
-    def weight(name: str) -> torch.Tensor:
-        q, s, z = (init[f"{name}_{part}"].double() for part in ("quantized", "scale", "zero_point"))
-        return ((q - z) * s).float().requires_grad_()
 
-    def fake(v: torch.Tensor) -> torch.Tensor:
-        d = v.detach()  # the range widened to 0, in float32 as the op computes it
-        low, high = d.min().clamp(max=0), d.max().clamp(min=0)
-        scale = (high - low) / 255
-        zero = torch.round((-low / scale).clamp(0, 255))
-        q = torch.clamp(torch.round(d / scale) + zero, 0, 255)
-        return v + ((q - zero) * scale - v).detach()
+def _dequantized(init: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """`name`'s integer weight as a float leaf: (q − zero point) · scale."""
+    q, s, z = (init[f"{name}_{part}"].double() for part in ("quantized", "scale", "zero_point"))
+    return ((q - z) * s).float().requires_grad_()
 
-    weights = {
-        "onnx::MatMul_12": weight("onnx::MatMul_12"),
-        "onnx::MatMul_13": weight("onnx::MatMul_13"),
-    }
-    biases = {n: init[n].clone().requires_grad_() for n in ("fc1.bias", "fc2.bias")}
-    h = torch.relu(fake(torch.from_numpy(x)) @ weights["onnx::MatMul_12"] + biases["fc1.bias"])
-    y = fake(h) @ weights["onnx::MatMul_13"] + biases["fc2.bias"]
-    leaves = {**weights, **biases}
+
+def _fake(v: torch.Tensor) -> torch.Tensor:
+    """DynamicQuantizeLinear → DequantizeLinear of `v`, its rounding passed straight through."""
+    d = v.detach()  # the range widened to 0, in float32 as the op computes it
+    low, high = d.min().clamp(max=0), d.max().clamp(min=0)
+    scale = (high - low) / 255
+    zero = torch.round((-low / scale).clamp(0, 255))
+    q = torch.clamp(torch.round(d / scale) + zero, 0, 255)
+    return v + ((q - zero) * scale - v).detach()
+
+
+def _gradients(y: torch.Tensor, leaves: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     grads = torch.autograd.grad(y.square().sum(), list(leaves.values()))
     return dict(zip(leaves, grads, strict=True))
+
+
+def _fake_quantized_reference(model: onnx.ModelProto, x: np.ndarray) -> dict[str, torch.Tensor]:
+    """The quantised MLP written in torch from its initializers, each activation quantised as
+    DynamicQuantizeLinear does: the gradients of sum(y²)."""
+    init = _initializers(model)
+    leaves = {n: _dequantized(init, n) for n in ("onnx::MatMul_12", "onnx::MatMul_13")}
+    leaves |= {n: init[n].clone().requires_grad_() for n in ("fc1.bias", "fc2.bias")}
+    h = torch.relu(_fake(torch.from_numpy(x)) @ leaves["onnx::MatMul_12"] + leaves["fc1.bias"])
+    return _gradients(_fake(h) @ leaves["onnx::MatMul_13"] + leaves["fc2.bias"], leaves)
+
+
+def test_a_dynamically_quantized_cnn_has_its_conv_weights_as_parameters(tmp_path: Any) -> None:
+    """quantize_dynamic's ConvInteger (per tensor, padding with the zero point) becomes a
+    fake-quantised Conv with the source's weight names."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3)
+    )
+    x = torch.randn(2, 3, 8, 8)
+    source, target = tmp_path / "cnn.onnx", tmp_path / "cnn.int8.onnx"
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():  # the legacy exporter's deprecation
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), (x,), buffer, dynamo=False, input_names=["x"])  # type: ignore[arg-type]
+    source.write_bytes(buffer.getvalue())
+    quantize_dynamic(source, target, weight_type=QuantType.QUInt8, op_types_to_quantize=["Conv"])
+    model = onnx.load(target)
+    assert "ConvInteger" in {node.op_type for node in model.graph.node}
+    init = _initializers(model)
+    leaves = {n: _dequantized(init, n) for n in ("0.weight", "2.weight")}
+    leaves |= {n: init[n].clone().requires_grad_() for n in ("0.bias", "2.bias")}
+    h = torch.relu(F.conv2d(_fake(x), leaves["0.weight"], leaves["0.bias"], padding=1))
+    expected = _gradients(F.conv2d(_fake(h), leaves["2.weight"], leaves["2.bias"]), leaves)
+
+    graph = convert(model)
+    params = dict(graph.named_graph_parameters())
+    assert set(params) == set(leaves)
+    graph(x).square().sum().backward()
+    for name, grad in expected.items():
+        torch.testing.assert_close(params[name].grad, grad, rtol=1e-5, atol=1e-6)
+    check = check_conversion(model, graph, [x])
+    assert check.checked and check.max_abs_error is not None and check.max_abs_error < 1e-5
 
 
 def test_an_mlp_quantized_to_matmul_nbits_matches_onnxruntime(tmp_path: Any) -> None:
