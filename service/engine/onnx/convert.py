@@ -120,6 +120,7 @@ from service.engine.onnx.source_parameters import (
 )
 from service.engine.onnx.straight_through import straight_through_estimators
 from service.engine.onnx.unrolled_rnn import fold_unrolled_rnns
+from service.engine.onnx.weight_only_quantization import nbits_weights_as_float
 from service.errors import (
     BadInputError,
     BatchError,
@@ -728,6 +729,8 @@ def _convert_checked(
     # a dynamically quantised model's integer MatMuls: fake-quantised float ones (a copy of
     # the graph; onnxruntime's conformance check runs the model as it is)
     graph, dynamically_quantized = dynamic_quantization_as_fake(model.graph, weights)
+    # a weight-only quantised model's packed weights: float ones, parameters (also a copy)
+    graph, unpacked = nbits_weights_as_float(graph, weights)
     opsets = {
         ("" if o.domain in DEFAULT_DOMAINS else o.domain): int(o.version)
         for o in model.opset_import
@@ -897,6 +900,12 @@ def _convert_checked(
             f"{shown}) are float parameters holding their dequantized values: the "
             "gradients are those of fine-tuning from this checkpoint, whose activation "
             "quantisers stay fake-quantised"
+        )
+    if unpacked:
+        notes.append(
+            f"{len(unpacked)} weight(s) stored packed in 2/4/8 bits (MatMulNBits, a weight-only "
+            f"quantised model: {listed(unpacked)}) are float parameters holding their "
+            "dequantized values: the gradients are those of fine-tuning from this checkpoint"
         )
     if dynamically_quantized:
         notes.append(

@@ -61,13 +61,16 @@ def dynamic_quantization_as_fake(
         return graph, []
     rewritten = GraphProto()
     rewritten.CopyFrom(graph)  # the initializers' bytes are released by now: a small copy
-    dropped = {id(node) for p in patterns for node in (p.product, p.cast, p.rescale, p.scales)}
-    replacement = {id(p.rescale): _fake_quantized(p) for p in patterns}
+    # nodes known by their first output (the graph is SSA; a protobuf message's Python object
+    # is not the same from one iteration to the next)
+    dropped = {node.output[0] for p in patterns for node in (p.product, p.cast, p.scales)}
+    replacement = {p.rescale.output[0]: _fake_quantized(p) for p in patterns}
     nodes: list[NodeProto] = []
     for node in graph.node:
-        if id(node) in replacement:
-            nodes.extend(replacement[id(node)])
-        elif id(node) not in dropped:
+        first = node.output[0] if node.output else ""
+        if first in replacement:
+            nodes.extend(replacement[first])
+        elif first not in dropped:
             nodes.append(node)
     del rewritten.node[:]
     rewritten.node.extend(nodes)

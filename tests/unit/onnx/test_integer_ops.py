@@ -609,12 +609,20 @@ def _nbits_case(
 def _check_nbits(
     node: onnx.NodeProto, feeds: dict[str, np.ndarray], weights: dict[str, np.ndarray]
 ) -> Any:
+    """onnxruntime's result, from the converted model (stored weights: a float MatMul,
+    weight_only_quantization.py) and from the op itself (weights given at run time)."""
+    from service.engine.onnx.ops.microsoft_quantize import matmul_nbits
+    from tests.support.recurrent_zoo import node_context
+
     model = _model(node, feeds, {"Y": TensorProto.FLOAT}, opset=21, initializers=weights)
     (expected,) = run_onnxruntime(model, feeds)
+    op_inputs = [torch.from_numpy(weights[name]) if name else None for name in node.input[1:]]
+    from_op = matmul_nbits(node_context(node, 1))(torch.from_numpy(feeds["A"]), *op_inputs)
     graph = convert(model)
     y = graph(torch.from_numpy(feeds["A"]))
-    assert y.shape == expected.shape
-    np.testing.assert_allclose(y.detach().numpy(), expected, rtol=1e-4, atol=1e-4)
+    for got in (y, from_op):
+        assert got.shape == expected.shape
+        np.testing.assert_allclose(got.detach().numpy(), expected, rtol=1e-4, atol=1e-4)
     return graph
 
 
@@ -656,19 +664,25 @@ def test_matmul_nbits_with_batched_a_matches_onnxruntime() -> None:
     _check_nbits(node, feeds, weights)
 
 
-def test_matmul_nbits_trains_a_and_the_bias_only() -> None:
+def test_a_stored_matmul_nbits_weight_is_a_float_parameter() -> None:
+    """The packed weight, its scales and zero points are no parameters; the dequantized
+    weight is one (weight_only_quantization.py), with the gradient of y = A·W + bias."""
     node, feeds, weights = _nbits_case(
         bits=4, block_size=16, k=20, n=4, zero_points="float", bias=True
     )
     model = _model(node, feeds, {"Y": TensorProto.FLOAT}, opset=21, initializers=weights)
     assert gradient_free_initializers(model.graph) == {"B", "scales", "zero_points"}
     graph = convert(model)
-    assert [name for name, _ in graph.named_parameters()] == ["bias"]
+    params = dict(graph.named_graph_parameters())
+    assert set(params) == {"bias", "B_dequantized"} and params["B_dequantized"].shape == (20, 4)
     a = torch.from_numpy(feeds["A"]).requires_grad_()
     graph(a).sum().backward()
     assert a.grad is not None and a.grad.abs().sum() > 0
-    (bias,) = graph.parameters()
-    assert bias.grad is not None and torch.equal(bias.grad, torch.full((4,), 3.0))
+    torch.testing.assert_close(params["bias"].grad, torch.full((4,), 3.0), rtol=0, atol=0)
+    torch.testing.assert_close(
+        params["B_dequantized"].grad, a.detach().sum(0)[:, None].expand(20, 4)
+    )
+    assert any("stored packed in 2/4/8 bits" in note for note in graph.metadata["notes"])
 
 
 def test_matmul_nbits_gradcheck_in_float64() -> None:
@@ -874,9 +888,13 @@ def test_an_mlp_quantized_to_matmul_nbits_matches_onnxruntime(tmp_path: Any) -> 
     x = np.random.default_rng(1).standard_normal((2, 3, 16)).astype(np.float32)
     (expected,) = run_onnxruntime(quantized, {"x": x})
     graph = convert(quantized)
+    # the weights, float parameters under the source's names (`<name>_Q4` → `<name>`)
+    assert set(dict(graph.named_graph_parameters())) == {
+        "fc1.bias", "fc2.bias", "onnx::MatMul_12", "onnx::MatMul_13"
+    }  # fmt: skip
     y = graph(torch.from_numpy(x).requires_grad_())
     np.testing.assert_allclose(y.detach().numpy(), expected, rtol=1e-4, atol=1e-4)
-    y.sum().backward()  # the biases train
+    y.sum().backward()
     assert all(p.grad is not None for p in graph.parameters())
     check = check_conversion(quantized, graph, [torch.from_numpy(x)])
     assert check.checked, check.reason

@@ -18,15 +18,20 @@ something else again for 2 bits and refuses 8. `accuracy_level` tells onnxruntim
 compute (quantising A, for speed), not what: it is ignored; `weight_prepacked` layouts are
 refused. An empty B (an omitted projection) gives zeros, or the bias.
 
-The weight is dequantized on every call and differentiable only w.r.t. A and the bias
+The op dequantizes the weight on every call and is differentiable only w.r.t. A and the bias
 (gradient_paths.py keeps the packed weight, scales, zero points and g_idx out of the
-parameters): the packed integers cannot be trained, and a float parameter in their place is a
-conversion step (as dequantized_weights.py does for DequantizeLinear), not a builder's.
+parameters): the packed integers cannot be trained. A stored weight never reaches it: the
+conversion writes such a node as a float MatMul whose weight is a parameter
+(weight_only_quantization.py, with `dequantized_nbits`); the op computes the rest (a weight
+given at run time).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from onnx import TensorProto
@@ -73,6 +78,58 @@ def _input_given(ctx: OpContext, index: int) -> bool:
     return index < len(names) and bool(names[index])
 
 
+@dataclass(frozen=True)
+class NBitsShape:
+    """A MatMulNBits weight's attributes: B is the [N, K] weight in blocks along K."""
+
+    k: int
+    n: int
+    bits: int
+    block_size: int
+
+    @classmethod
+    def of(cls, attrs: Mapping[str, Any]) -> NBitsShape:
+        return cls(
+            int(attrs["K"]), int(attrs["N"]), int(attrs.get("bits", 4)), int(attrs["block_size"])
+        )
+
+
+def dequantized_nbits(
+    shape: NBitsShape,
+    b: Tensor,
+    scales: Tensor,
+    zero_points: Tensor | None,
+    g_idx: Tensor | None,
+    dtype: torch.dtype,
+) -> Tensor:
+    """B as the float [N, K] weight: (q - zero point) · scale per block."""
+    k, n, bits, block_size = shape.k, shape.n, shape.bits, shape.block_size
+    n_blocks = math.ceil(k / block_size)
+    blob = block_size * bits // 8
+    if list(b.shape) != [n, n_blocks, blob]:
+        raise ValueError(
+            f"MatMulNBits: B has shape {list(b.shape)}, expected {[n, n_blocks, blob]} "
+            f"(N={n}, K={k}, bits={bits}, block_size={block_size})"
+        )
+    q = _unpacked(b, bits, block_size).reshape(n, n_blocks * block_size)[:, :k]
+    scale = scales.detach().to(dtype).reshape(n, n_blocks)
+    if zero_points is None:
+        zero = torch.full((), float(1 << (bits - 1)), dtype=dtype, device=b.device)
+    elif zero_points.dtype == torch.uint8:  # packed, one row of bytes per n
+        if g_idx is not None:
+            raise ValueError("MatMulNBits: g_idx with packed uint8 zero points")
+        zero = _unpacked(zero_points.reshape(n, -1), bits, n_blocks).to(dtype)
+    else:
+        zero = zero_points.detach().to(dtype).reshape(n, n_blocks)
+    if g_idx is None:  # the block of k is k // block_size
+        index = torch.arange(k, device=b.device) // block_size
+    else:
+        index = g_idx.to(device=b.device, dtype=torch.int64)
+    if zero.dim():
+        zero = zero[:, index]
+    return (q.to(dtype) - zero) * scale[:, index]
+
+
 @register("MatMulNBits", domain=MS)
 def matmul_nbits(ctx: OpContext) -> NodeFn:
     k, n = ctx.attr("K"), ctx.attr("N")
@@ -96,39 +153,8 @@ def matmul_nbits(ctx: OpContext) -> NodeFn:
             "g_idx with packed uint8 zero points is not supported "
             "(onnxruntime's CPU kernel ignores the zero points there)",
         )
-    n_blocks = math.ceil(k / block_size)
-    blob = block_size * bits // 8
 
-    def dequantized(
-        b: Tensor,
-        scales: Tensor,
-        zero_points: Tensor | None,
-        g_idx: Tensor | None,
-        dtype: torch.dtype,
-    ) -> Tensor:
-        """B as the float [N, K] weight: (q - zero point) · scale per block."""
-        if list(b.shape) != [n, n_blocks, blob]:
-            raise ValueError(
-                f"MatMulNBits: B has shape {list(b.shape)}, expected {[n, n_blocks, blob]} "
-                f"(N={n}, K={k}, bits={bits}, block_size={block_size})"
-            )
-        q = _unpacked(b, bits, block_size).reshape(n, n_blocks * block_size)[:, :k]
-        scale = scales.detach().to(dtype).reshape(n, n_blocks)
-        if zero_points is None:
-            zero = torch.full((), float(1 << (bits - 1)), dtype=dtype, device=b.device)
-        elif zero_points.dtype == torch.uint8:  # packed, one row of bytes per n
-            if g_idx is not None:
-                raise ValueError("MatMulNBits: g_idx with packed uint8 zero points")
-            zero = _unpacked(zero_points.reshape(n, -1), bits, n_blocks).to(dtype)
-        else:
-            zero = zero_points.detach().to(dtype).reshape(n, n_blocks)
-        if g_idx is None:  # the block of k is k // block_size
-            index = torch.arange(k, device=b.device) // block_size
-        else:
-            index = g_idx.to(device=b.device, dtype=torch.int64)
-        if zero.dim():
-            zero = zero[:, index]
-        return (q.to(dtype) - zero) * scale[:, index]
+    shape = NBitsShape(k, n, bits, block_size)
 
     def fn(
         a: Tensor,
@@ -145,7 +171,7 @@ def matmul_nbits(ctx: OpContext) -> NodeFn:
         else:
             # half inputs dequantize in float32: the weight is rounded once, to A's type
             compute = torch.float32 if a.dtype in (torch.float16, torch.bfloat16) else a.dtype
-            weight = dequantized(b, scales, zero_points, g_idx, compute).to(a.dtype)
+            weight = dequantized_nbits(shape, b, scales, zero_points, g_idx, compute).to(a.dtype)
             y = torch.matmul(a, weight.t())
         return y if bias is None else y + bias
 
