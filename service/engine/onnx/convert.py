@@ -909,8 +909,9 @@ def _convert_checked(
         )
     if dynamically_quantized:
         notes.append(
-            f"{len(dynamically_quantized)} MatMul(s) of a dynamically quantised model "
-            "(DynamicQuantizeLinear → MatMulInteger) are computed as fake quantisation: the "
+            f"{len(dynamically_quantized)} integer product(s) of a dynamically quantised model "
+            "(DynamicQuantizeLinear → MatMulInteger or ConvInteger) are computed as fake "
+            "quantisation: the "
             "same products in float, each activation's rounding passing the gradient straight "
             "through, so that every layer's weight has a gradient"
         )
