@@ -151,7 +151,13 @@ def _dtype_kind(dtype: torch.dtype) -> str:
 
 
 def _declared_dtype(spec: TensorSpec) -> torch.dtype | None:
-    return getattr(torch, spec.dtype, None) if spec.dtype else None
+    """The torch dtype an input declares; an optional tensor's (`optional(float32)`) is its
+    element's, which a batch array feeds (a batch cannot leave an input empty)."""
+    name = spec.dtype or ""
+    if name.startswith("optional(") and name.endswith(")"):
+        name = name.removeprefix("optional(").removesuffix(")")
+    dtype = getattr(torch, name, None) if name else None
+    return dtype if isinstance(dtype, torch.dtype) else None
 
 
 SHOWN_NAMES = 5
@@ -239,12 +245,13 @@ def match_batch(batch: Batch, declared: list[TensorSpec]) -> MatchedBatch:
 
 def _check_input(spec: TensorSpec, tensor: torch.Tensor) -> torch.Tensor:
     declared_dtype = _declared_dtype(spec)
-    if declared_dtype is not None and isinstance(declared_dtype, torch.dtype):
+    if declared_dtype is not None:
         want, have = _dtype_kind(declared_dtype), _dtype_kind(tensor.dtype)
         if want != have:
             raise BatchError(
                 f"input {spec.name!r} expects {spec.dtype} but the batch gives "
-                f"{str(tensor.dtype).removeprefix('torch.')}; convert that array to {spec.dtype}"
+                f"{str(tensor.dtype).removeprefix('torch.')}; convert that array to "
+                f"{str(declared_dtype).removeprefix('torch.')}"
             )
         if want == "float" and tensor.dtype != declared_dtype:
             tensor = tensor.to(declared_dtype)

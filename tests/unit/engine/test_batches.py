@@ -97,6 +97,17 @@ def test_float_arrays_are_cast_to_the_declared_float_dtype() -> None:
     assert matched.inputs[0].dtype == torch.float16
 
 
+def test_an_optional_tensor_input_is_fed_and_checked_as_its_element() -> None:
+    specs = [TensorSpec(name="x", shape=[2, 3], dtype="optional(float32)")]
+    matched = match_batch(load_batch(npz_bytes(x=np.zeros((2, 3), np.float64))), specs)
+    assert matched.inputs[0].dtype == torch.float32
+    with pytest.raises(
+        BatchError,
+        match=r"optional\(float32\) but the batch gives int64; convert that array to float32$",
+    ):
+        match_batch(load_batch(npz_bytes(x=np.zeros((2, 3), np.int64))), specs)
+
+
 @pytest.mark.parametrize(
     ("data", "message"),
     [
