@@ -1,0 +1,174 @@
+"""Session 12's ops on CUDA: the same outputs and input gradients as on the CPU.
+
+The com.microsoft transformer ops (EmbedLayerNormalization, RotaryEmbedding, MultiHeadAttention,
+GroupQueryAttention), the integer products (MatMulInteger, ConvInteger, QLinearConv: float64
+products on the device), MatMulNBits, Col2Im (its N-D `index_add`) and the dilated pools were
+written and tested on the CPU only; their cases here are the CPU tests' own. `gpu`-marked
+(skipped without a CUDA device, run by bench/gpu_check.sh); the comparison itself also runs on
+the CPU against the CPU (`test_the_comparison_runs_on_the_cpu`), so that a broken case list
+fails here and not first on a lent GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import helper
+
+from service.engine.onnx.convert import convert
+from tests.support.recurrent_zoo import as_outputs, build_node_fn
+from tests.unit.onnx import test_integer_ops as integer_ops
+from tests.unit.onnx import test_microsoft_transformer as transformer
+from tests.unit.onnx import test_pool_col2im_optional as pools
+
+MS = "com.microsoft"
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _param_values(param: Any) -> tuple[Any, ...]:
+    return tuple(param.values)
+
+
+def _node_cases() -> list[tuple[str, onnx.NodeProto, list[np.ndarray | None]]]:
+    """(id, one com.microsoft node, its inputs) from the CPU tests' case lists."""
+    cases: list[tuple[str, onnx.NodeProto, list[np.ndarray | None]]] = []
+
+    def add(case_id: str, op: str, inputs: list[Any], outputs: list[str], **attrs: Any) -> None:
+        names = [f"in{i}" if v is not None else "" for i, v in enumerate(inputs)]
+        cases.append((case_id, helper.make_node(op, names, outputs, domain=MS, **attrs), inputs))
+
+    embedding = transformer._embedding_inputs(True, True, (transformer.BATCH, transformer.SEQ))
+    add("embed_layer_norm", "EmbedLayerNormalization", embedding, ["y", "mask_index", "sum"])
+    for param in transformer._rotary_cases()[:3]:
+        inputs, attrs = _param_values(param)
+        add(f"rotary_{param.id}", "RotaryEmbedding", inputs, ["y"], **attrs)
+    for param in transformer._mha_cases():
+        inputs, outputs, attrs = _param_values(param)
+        add(
+            f"mha_{param.id}",
+            "MultiHeadAttention",
+            inputs,
+            outputs,
+            num_heads=transformer.HEADS,
+            **attrs,
+        )
+    heads = {"num_heads": transformer.Q_HEADS, "kv_num_heads": transformer.KV_HEADS}
+    for param in transformer._gqa_cases():
+        inputs, outputs, attrs = _param_values(param)
+        add(f"gqa_{param.id}", "GroupQueryAttention", inputs, outputs, **heads, **attrs)
+    return cases
+
+
+NODE_CASES = _node_cases()
+
+
+def _float_leaves(values: Sequence[Any], device: str) -> list[torch.Tensor | None]:
+    """The inputs on `device`, the floating ones as leaves that take gradient."""
+    out: list[torch.Tensor | None] = []
+    for value in values:
+        if value is None:
+            out.append(None)
+            continue
+        tensor = torch.as_tensor(np.asarray(value)).to(device)
+        out.append(tensor.requires_grad_() if tensor.is_floating_point() else tensor)
+    return out
+
+
+def _outputs_and_grads(run: Any, values: Sequence[Any], device: str) -> list[torch.Tensor]:
+    """Every output, then the gradient of the float outputs' weighted sum w.r.t. every float
+    input, all on the CPU."""
+    leaves = _float_leaves(values, device)
+    outputs = [o for o in run(leaves) if isinstance(o, torch.Tensor)]
+    floats = [o for o in outputs if o.is_floating_point() and o.requires_grad]
+    taking = [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
+    grads: list[torch.Tensor] = []
+    if floats and taking:
+        loss = torch.stack([(o.double() * (k + 1)).square().mean() for k, o in enumerate(floats)])
+        found = torch.autograd.grad(loss.sum(), taking, allow_unused=True)
+        grads = [torch.zeros(()) if g is None else g for g in found]
+    return [t.detach().cpu() for t in [*outputs, *grads]]
+
+
+def _compare_node(node: onnx.NodeProto, inputs: list[Any], device: str) -> None:
+    fn = build_node_fn(node, 1)
+
+    def run(values: list[Any]) -> list[Any]:
+        return list(as_outputs(fn(*values), len(node.output)))
+
+    expected = _outputs_and_grads(run, inputs, "cpu")
+    got = _outputs_and_grads(run, inputs, device)
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
+def _model_cases(tmp_path: Any) -> list[tuple[str, onnx.ModelProto, list[Any]]]:
+    """(id, a model, its feeds): integer products, MatMulNBits, Col2Im, dilated pools."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    cases: list[tuple[str, onnx.ModelProto, list[Any]]] = []
+    source, target = tmp_path / "mlp.onnx", tmp_path / "mlp.int8.onnx"
+    source.write_bytes(integer_ops._exported_mlp())
+    quantize_dynamic(source, target, weight_type=QuantType.QInt8, per_channel=True)
+    x = np.random.default_rng(0).standard_normal((2, 3, 16)).astype(np.float32)
+    cases.append(("quantize_dynamic_mlp", onnx.load(target), [x]))
+    node, feeds, weights = integer_ops._nbits_case(
+        bits=4, block_size=16, k=40, n=6, zero_points="packed", bias=True
+    )
+    model = integer_ops._model(
+        node, feeds, {"Y": onnx.TensorProto.FLOAT}, opset=21, initializers=weights
+    )
+    cases.append(("matmul_nbits", model, [feeds["A"]]))
+    for image, block, attrs in (pools._col2im_cases()[5], pools._col2im_cases()[-1]):
+        model, col2im_feeds = pools._col2im_model(image, block, attrs, constant=True)
+        cases.append((f"col2im_{len(image)}d", model, col2im_feeds))
+    for op in ("AveragePool", "LpPool"):
+        attrs = {"kernel_shape": [3, 3], "dilations": [2, 1], "strides": [1, 2]}
+        model = pools._pool_model(op, 2, attrs)
+        shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+        cases.append((f"dilated_{op}", model, [np.random.default_rng(1).random(shape, np.float32)]))
+    return cases
+
+
+def _compare_model(model: onnx.ModelProto, feeds: list[Any], device: str) -> None:
+    on_cpu = convert(model.__deepcopy__())
+    on_device = convert(model.__deepcopy__()).to(device)
+
+    def runner(graph: Any) -> Any:
+        return lambda values: as_outputs(graph(*values), len(model.graph.output))
+
+    expected = _outputs_and_grads(runner(on_cpu), feeds, "cpu")
+    got = _outputs_and_grads(runner(on_device), feeds, device)
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
+def test_the_comparison_runs_on_the_cpu(tmp_path: Any) -> None:
+    assert len(NODE_CASES) > 20
+    for _, node, inputs in NODE_CASES:
+        _compare_node(node, inputs, "cpu")
+    for _, model, feeds in _model_cases(tmp_path):
+        _compare_model(model, feeds, "cpu")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize(("case_id", "node", "inputs"), NODE_CASES, ids=[c[0] for c in NODE_CASES])
+def test_contrib_ops_on_cuda_equal_the_cpu(case_id: str, node: Any, inputs: list[Any]) -> None:
+    _compare_node(node, inputs, "cuda")
+
+
+@pytest.mark.gpu
+@cuda
+def test_integer_products_nbits_col2im_and_pools_on_cuda_equal_the_cpu(tmp_path: Any) -> None:
+    for case_id, model, feeds in _model_cases(tmp_path):
+        try:
+            _compare_model(model, feeds, "cuda")
+        except AssertionError as error:
+            raise AssertionError(f"{case_id}: {error}") from error
