@@ -21,6 +21,7 @@ from onnx.reference import ReferenceEvaluator
 from service.engine.onnx.convert import check_inputs, convert
 from service.errors import BatchError, UnsupportedModelError
 from tests.support.recurrent_zoo import run_onnxruntime
+from tests.unit.onnx.test_sequence_ops import _model as sequence_model
 
 F32 = TensorProto.FLOAT
 D = TensorProto.DOUBLE
@@ -35,16 +36,8 @@ def _model(
     consts: dict[str, np.ndarray] | None = None,
     opset: int = 22,
 ) -> onnx.ModelProto:
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        inputs,
-        outputs,
-        [numpy_helper.from_array(v, k) for k, v in (consts or {}).items()],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 10  # what the installed onnxruntime reads
-    return model
+    # IR 10: what the installed onnxruntime reads
+    return sequence_model(nodes, inputs, outputs, consts, opset=opset, ir_version=10)
 
 
 def _tensor(

@@ -43,6 +43,7 @@ def _model(
     outputs: list[onnx.ValueInfoProto],
     consts: dict[str, np.ndarray] | None = None,
     opset: int = OPSET,
+    ir_version: int = 8,  # the converter runs onnx's checker (outputs may omit their shape)
 ) -> onnx.ModelProto:
     graph = helper.make_graph(
         nodes,
@@ -52,7 +53,7 @@ def _model(
         [numpy_helper.from_array(v, k) for k, v in (consts or {}).items()],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8  # the converter runs onnx's checker (outputs may omit their shape)
+    model.ir_version = ir_version
     return model
 
 
