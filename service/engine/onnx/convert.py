@@ -728,7 +728,9 @@ def _convert_checked(
 ) -> ObservableGraph:
     # a dynamically quantised model's integer MatMuls: fake-quantised float ones (a copy of
     # the graph; onnxruntime's conformance check runs the model as it is)
-    graph, dynamically_quantized = dynamic_quantization_as_fake(model.graph, weights)
+    graph, dynamically_quantized, gathered_tables = dynamic_quantization_as_fake(
+        model.graph, weights
+    )
     # a weight-only quantised model's packed weights: float ones, parameters (also a copy)
     graph, unpacked = nbits_weights_as_float(graph, weights)
     opsets = {
@@ -914,6 +916,12 @@ def _convert_checked(
             "quantisation: the "
             "same products in float, each activation's rounding passing the gradient straight "
             "through, so that every layer's weight has a gradient"
+        )
+    if gathered_tables:
+        notes.append(
+            f"{len(gathered_tables)} integer table(s) gathered before their dequantization (a "
+            f"dynamically quantised model's embeddings: {listed(gathered_tables)}) are "
+            "dequantized before the Gather (the same values), so that they are parameters"
         )
     if straight_through:
         notes.append(

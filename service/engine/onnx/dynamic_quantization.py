@@ -18,7 +18,12 @@ aware training from this checkpoint would. The products are then float products 
 values: equal to onnxruntime's integer ones within float32 rounding (the conformance check
 compares them).
 
-Only the exact pattern is rewritten (a MatMul's 2-D weight initializer quantised per tensor or
+Its embeddings it gathers as integers and dequantizes after (`Gather(W_q, ids)` → [data
+moves] → DequantizeLinear per tensor): the table is dequantized before the Gather instead (the
+same values: a per-tensor affine map commutes with moving elements), so that it too is a
+float parameter.
+
+Only the exact patterns are rewritten (a MatMul's 2-D weight initializer quantised per tensor or
 per column, a Conv's per tensor, as onnxruntime writes them; every intermediate read by the
 next step alone); anything else keeps the integer ops, whose forward is exact and which pass
 no gradient.
@@ -36,6 +41,11 @@ _DEFAULT_DOMAINS = ("", "ai.onnx")
 # the float op whose operands are the integer op's dequantized (ConvInteger pads x with its
 # zero point: a dequantized 0, what Conv pads with)
 _FLOAT_OP = {"MatMulInteger": "MatMul", "ConvInteger": "Conv"}
+# ops that only move elements (their data at input 0): a per-tensor dequantization commutes
+_DATA_MOVES = frozenset(
+    {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Slice", "Gather"}
+    | {"Expand"}
+)
 # the name of each activation's `x + (dequantized − x)` node: a straight-through estimator of
 # this rewrite's, not one that an export wrote without its stop-gradient
 STRAIGHT_THROUGH_SUFFIX = "/x_straight_through"
@@ -51,20 +61,33 @@ class _Pattern:
     w_scale: str
 
 
+@dataclass
+class _GatheredTable:
+    """An integer table gathered, moved about, then dequantized per tensor (quantize_dynamic's
+    embeddings: Gather(W_q, ids) → [Transpose] → DequantizeLinear)."""
+
+    gather: NodeProto  # reads the integer initializer at input 0
+    dequantize: NodeProto  # DequantizeLinear of what the gather (and data moves) gave
+
+
 def dynamic_quantization_as_fake(
     graph: GraphProto, weights: Mapping[str, torch.Tensor]
-) -> tuple[GraphProto, list[str]]:
+) -> tuple[GraphProto, list[str], list[str]]:
     """`graph`, or a copy whose dynamically quantised MatMuls and Convs are fake-quantised
-    float ones; with the rewritten weights' integer initializer names."""
+    float ones and whose gathered integer tables are dequantized before the Gather; with the
+    rewritten products' and tables' integer initializer names."""
     patterns = _patterns(graph, weights)
-    if not patterns:
-        return graph, []
+    tables = _gathered_tables(graph, weights)
+    if not patterns and not tables:
+        return graph, [], []
     rewritten = GraphProto()
     rewritten.CopyFrom(graph)  # the initializers' bytes are released by now: a small copy
     # nodes known by their first output (the graph is SSA; a protobuf message's Python object
     # is not the same from one iteration to the next)
     dropped = {node.output[0] for p in patterns for node in (p.product, p.cast, p.scales)}
     replacement = {p.rescale.output[0]: _fake_quantized(p) for p in patterns}
+    for table in tables:
+        replacement |= _dequantized_first(table)
     nodes: list[NodeProto] = []
     for node in graph.node:
         first = node.output[0] if node.output else ""
@@ -74,7 +97,78 @@ def dynamic_quantization_as_fake(
             nodes.append(node)
     del rewritten.node[:]
     rewritten.node.extend(nodes)
-    return rewritten, [p.product.input[1] for p in patterns]
+    return rewritten, [p.product.input[1] for p in patterns], [t.gather.input[0] for t in tables]
+
+
+def _gathered_tables(
+    graph: GraphProto, weights: Mapping[str, torch.Tensor]
+) -> list[_GatheredTable]:
+    """Integer tables read by one Gather alone whose rows reach a per-tensor DequantizeLinear
+    through data moves alone, each value read once: dequantizing the table first gives the
+    same values (a per-tensor affine map commutes with moving elements)."""
+    readers: dict[str, list[NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    found = []
+    for gather in graph.node:
+        table = gather.input[0] if gather.input else ""
+        if (
+            gather.op_type != "Gather"
+            or gather.domain not in _DEFAULT_DOMAINS
+            or table not in weights
+            or weights[table].is_floating_point()
+            or len(readers[table]) != 1
+        ):
+            continue
+        dequantize = _dequantized_after_moves(gather.output[0], readers, outputs)
+        if dequantize is not None and all(
+            name in weights and weights[name].numel() == 1 for name in dequantize.input[1:] if name
+        ):
+            found.append(_GatheredTable(gather, dequantize))
+    return found
+
+
+def _dequantized_after_moves(
+    value: str, readers: Mapping[str, list[NodeProto]], outputs: set[str]
+) -> NodeProto | None:
+    """The DequantizeLinear that `value` reaches through data moves, each value read once."""
+    while value not in outputs and len(readers.get(value, [])) == 1:
+        node = readers[value][0]
+        if node.domain not in _DEFAULT_DOMAINS or node.input[0] != value:
+            return None
+        if node.op_type == "DequantizeLinear":
+            return node
+        if node.op_type not in _DATA_MOVES:
+            return None
+        value = node.output[0]
+    return None
+
+
+def _dequantized_first(table: _GatheredTable) -> dict[str, list[NodeProto]]:
+    """The replacements (by first output) that dequantize the table before its Gather and make
+    the late DequantizeLinear an Identity."""
+    integer, dequantize = table.gather.input[0], table.dequantize
+    dequantized = f"{integer}/dequantized"
+    gather = NodeProto()
+    gather.CopyFrom(table.gather)
+    gather.input[0] = dequantized
+    name = dequantize.name or dequantize.output[0]
+    return {
+        table.gather.output[0]: [
+            helper.make_node(
+                "DequantizeLinear",
+                [integer, *dequantize.input[1:]],
+                [dequantized],
+                name=f"{name}/table",
+            ),
+            gather,
+        ],
+        dequantize.output[0]: [
+            helper.make_node("Identity", [dequantize.input[0]], [dequantize.output[0]], name=name)
+        ],
+    }
 
 
 def _patterns(graph: GraphProto, weights: Mapping[str, torch.Tensor]) -> list[_Pattern]:

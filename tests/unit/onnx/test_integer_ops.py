@@ -873,6 +873,53 @@ def test_a_dynamically_quantized_cnn_has_its_conv_weights_as_parameters(tmp_path
     assert check.checked and check.max_abs_error is not None and check.max_abs_error < 1e-5
 
 
+class _Embedder(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, 16)
+        self.fc = torch.nn.Linear(16, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.emb(ids)))
+
+
+def test_a_dynamically_quantized_embedding_table_is_a_parameter(tmp_path: Any) -> None:
+    """quantize_dynamic gathers an embedding's integer rows, then dequantizes them: the table
+    is dequantized before the Gather (the same values), so it is `emb.weight` again, with the
+    gradient of the same computation in torch."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (2, 7))
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():  # the legacy exporter's deprecation
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_Embedder().eval(), (ids,), buffer, dynamo=False, input_names=["ids"])  # type: ignore[arg-type]
+    source, target = tmp_path / "emb.onnx", tmp_path / "emb.int8.onnx"
+    source.write_bytes(buffer.getvalue())
+    quantize_dynamic(source, target, weight_type=QuantType.QUInt8)
+    model = onnx.load(target)
+    gather = next(n for n in model.graph.node if n.op_type == "Gather")
+    assert gather.input[0] == "emb.weight_quantized"  # the premise: integer rows gathered
+    init = _initializers(model)
+    product = next(n.input[1] for n in model.graph.node if n.op_type == "MatMulInteger")
+    weight = product.removesuffix("_quantized")
+    leaves = {n: _dequantized(init, n) for n in ("emb.weight", weight)}
+    leaves["fc.bias"] = init["fc.bias"].clone().requires_grad_()
+    h = torch.relu(leaves["emb.weight"][ids])
+    expected = _gradients(_fake(h) @ leaves[weight] + leaves["fc.bias"], leaves)
+
+    graph = convert(model)
+    params = dict(graph.named_graph_parameters())
+    assert set(params) == set(leaves)
+    graph(ids).square().sum().backward()
+    for name, grad in expected.items():
+        torch.testing.assert_close(params[name].grad, grad, rtol=1e-5, atol=1e-6)
+    assert any("integer table(s) gathered" in note for note in graph.metadata["notes"])
+    check = check_conversion(model, graph, [ids])
+    assert check.checked and check.max_abs_error is not None and check.max_abs_error < 1e-5
+
+
 def test_an_mlp_quantized_to_matmul_nbits_matches_onnxruntime(tmp_path: Any) -> None:
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
