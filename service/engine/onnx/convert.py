@@ -671,7 +671,8 @@ def _inferred_dims(model: ModelProto) -> dict[str, list[int | None]]:
 
 def _weightless_twin(model: ModelProto) -> ModelProto:
     """`model` with its (released) initializers declared as graph inputs: the checker sees
-    the same graph without needing their bytes."""
+    the same graph without needing their bytes. Nodes of the default domain that ONNX does not
+    define at the model's opset are moved out of it (`_outside_onnx`)."""
     twin = ModelProto()
     twin.CopyFrom(model)
     declared = {i.name for i in twin.graph.input}
@@ -681,7 +682,41 @@ def _weightless_twin(model: ModelProto) -> ModelProto:
                 helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
             )
     del twin.graph.initializer[:]
+    _outside_onnx(twin)
     return twin
+
+
+# onnxruntime defines ops of its own in the default domain (SimplifiedLayerNormalization,
+# which onnxruntime-genai's LLM exports use; LayerNormalization below opset 17), which onnx's
+# checker refuses ("No Op registered for ..."): the whole model was then "malformed". In the
+# checker's twin they move to this domain, which the checker does not know and so does not
+# check; the converter builds them (or names them in its unsupported-op error) as they are.
+_CONTRIB_DOMAIN = "ai.gradhealth.onnxruntime_default_domain"
+
+
+def _outside_onnx(twin: ModelProto) -> None:
+    opset = next((o.version for o in twin.opset_import if o.domain in DEFAULT_DOMAINS), 0)
+    moved = False
+    for graph in _graphs(twin.graph):
+        for node in graph.node:
+            if node.domain not in DEFAULT_DOMAINS:
+                continue
+            try:
+                onnx.defs.get_schema(node.op_type, max_inclusive_version=opset, domain="")
+            except onnx.defs.SchemaError:
+                node.domain, moved = _CONTRIB_DOMAIN, True
+    if moved:
+        twin.opset_import.append(helper.make_opsetid(_CONTRIB_DOMAIN, 1))
+
+
+def _graphs(graph: GraphProto) -> list[GraphProto]:
+    """`graph` and every subgraph in it (If/Loop/Scan bodies), depth first."""
+    found = [graph]
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                found += _graphs(sub)
+    return found
 
 
 # Element types torch holds but computes nothing with (float8), or holds in a wider type (int4

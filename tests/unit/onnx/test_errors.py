@@ -132,6 +132,33 @@ def test_checker_failure_is_a_format_error() -> None:
         convert(model)
 
 
+def test_ops_onnxruntime_defines_in_the_default_domain_pass_the_checker() -> None:
+    """onnxruntime-genai's LLM exports use SimplifiedLayerNormalization in the default domain
+    (onnxruntime's own op), and older optimised exports LayerNormalization below opset 17:
+    onnx's checker said "No Op registered" and the model was "malformed". They convert; an op
+    nobody defines is named in the unsupported-op error instead."""
+    x, scale = _vi("x", [2, 4]), helper.make_tensor("scale", F, [4], [1.0, 2.0, 3.0, 4.0])
+    for op, opset in (("SimplifiedLayerNormalization", 22), ("LayerNormalization", 14)):
+        model = _model(
+            [helper.make_node(op, ["x", "scale"], ["y"], name="norm")],
+            [x],
+            [_vi("y", [2, 4])],
+            [scale],
+            opset=opset,
+            check=False,
+        )
+        graph = convert(model)
+        assert graph(torch.ones(2, 4)).shape == (2, 4)
+    unknown = _model(
+        [helper.make_node("NoSuchOp", ["x"], ["y"], name="nowhere")],
+        [x],
+        [_vi("y", [2, 4])],
+        check=False,
+    )
+    with pytest.raises(UnsupportedModelError, match=r"ai.onnx::NoSuchOp \(opset 17\)"):
+        convert(unknown)
+
+
 def test_garbage_bytes_are_a_format_error() -> None:
     with pytest.raises(ModelFormatError):
         load_onnx(b"\x00\xffnot a protobuf at all\xff" * 10)

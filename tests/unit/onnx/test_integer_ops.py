@@ -946,3 +946,17 @@ def test_an_mlp_quantized_to_matmul_nbits_matches_onnxruntime(tmp_path: Any) -> 
     check = check_conversion(quantized, graph, [torch.from_numpy(x)])
     assert check.checked, check.reason
     assert check.max_abs_error is not None and check.max_abs_error < 1e-4
+
+
+def test_matmul_nbits_accuracy_level_is_compared_at_full_precision() -> None:
+    """accuracy_level=4 (onnxruntime-genai's CPU exports) lets onnxruntime quantise A to int8:
+    the conformance check asks it for the float product the converter computes, and says so."""
+    node, feeds, weights = _nbits_case(
+        bits=4, block_size=32, k=64, n=8, zero_points="none", bias=False, a_shape=(4,)
+    )
+    node.attribute.append(helper.make_attribute("accuracy_level", 4))
+    model = _model(node, feeds, {"Y": TensorProto.FLOAT}, opset=21, initializers=weights)
+    graph = convert(model, release_weights=False)
+    check = check_conversion(model, graph, [torch.from_numpy(feeds["A"])])
+    assert check.max_abs_error is not None and check.max_abs_error < 1e-5
+    assert check.reason is not None and "accuracy_level" in check.reason

@@ -461,6 +461,17 @@ def test_group_query_attention(inputs: Inputs, outputs: list[str], attrs: dict[s
     )
 
 
+def test_group_query_attention_with_every_optional_input_named_empty() -> None:
+    """onnxruntime-genai names all twelve inputs, the unused trailing ones empty (position_ids,
+    attention_bias, head_sink): a twelfth argument of None was a TypeError at run time."""
+    (param,) = [p for p in _gqa_cases() if p.id == "decode"]
+    inputs, outputs, attrs = param.values
+    padded = [*inputs, *[None] * (12 - len(inputs))]
+    _check(
+        "GroupQueryAttention", padded, outputs, num_heads=Q_HEADS, kv_num_heads=KV_HEADS, **attrs
+    )
+
+
 @pytest.mark.parametrize("rotary", [False, True])
 def test_group_query_attention_packed_qkv(rotary: bool) -> None:
     inputs = _gqa_inputs(2, 1, 3, [3, 1], 4, rotary=8 if rotary else 0, seed=2)

@@ -370,6 +370,7 @@ def group_query_attention(ctx: OpContext) -> NodeFn:
         sin_cache: Tensor | None = None,
         position_ids: Tensor | None = None,
         attention_bias: Tensor | None = None,
+        *omitted: None,  # head_sink, ...: named empty by exporters, refused when given
     ) -> Any:
         batch, seq, _ = query.shape
         if key is None or value is None:  # packed QKV: [B, S, (heads + 2·kv_heads)·size]
