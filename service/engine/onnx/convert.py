@@ -88,6 +88,7 @@ from service.engine.onnx.dynamic_quantization import (
 )
 from service.engine.onnx.gradient_paths import (
     consumed_names,
+    disconnected_weights,
     gradient_free_initializers,
     subgraphs,
 )
@@ -713,9 +714,8 @@ def _graphs(graph: GraphProto) -> list[GraphProto]:
     """`graph` and every subgraph in it (If/Loop/Scan bodies), depth first."""
     found = [graph]
     for node in graph.node:
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
-                found += _graphs(sub)
+        for sub in subgraphs(node):
+            found += _graphs(sub)
     return found
 
 
@@ -912,6 +912,14 @@ def _convert_checked(
     if unfolded.recipes:
         metadata["gate_reordered_initializers"] = unfolded.recipes
     notes = folded_batchnorm_notes(graph) + restored.notes() + _shared_initializer_notes(graph)
+    dead_nodes, disconnected = disconnected_weights(graph)
+    if disconnected:
+        notes.append(
+            f"{len(dead_nodes)} node(s) compute values no output depends on "
+            f"({listed(dead_nodes, 3)}): part of the model is not connected to its outputs "
+            f"(an export that wired them elsewhere), so its {len(disconnected)} weight(s) "
+            f"({listed(disconnected, 3)}) get no gradient and are not reported as parameters"
+        )
     absent = _unread_source_parameters(graph, signature, parameters, buffers, restored)
     if absent:
         shown = listed(absent, 4)

@@ -158,3 +158,23 @@ def gradient_free_initializers(graph: GraphProto) -> set[str]:
         )
         carrying.update(name for i, name in enumerate(node.input) if i not in skipped)
     return {init.name for init in graph.initializer} - carrying
+
+
+def disconnected_weights(graph: GraphProto) -> tuple[list[str], list[str]]:
+    """The top-level nodes no graph output depends on, by any input at all (not only
+    differentiable ones), and the float initializers only they read: part of a model that an
+    export left unconnected (onnxruntime-genai's builder wiring lm_head to the first layer).
+    Such weights are state (gradient_free_initializers), and nothing else would say why."""
+    needed = {o.name for o in graph.output}
+    dead: list[NodeProto] = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output if o):
+            needed.update(node.input)
+            for sub in subgraphs(node):
+                needed |= consumed_names(sub)
+        else:
+            dead.append(node)
+    floats = {i.name for i in graph.initializer if i.data_type in _FLOAT_TYPES}
+    read_by_dead = {name for node in dead for name in node.input}
+    weights = sorted((floats & read_by_dead) - needed)
+    return [node.name or node.op_type for node in reversed(dead)], weights

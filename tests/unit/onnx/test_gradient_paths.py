@@ -7,7 +7,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from service.engine.onnx.convert import convert
-from service.engine.onnx.gradient_paths import gradient_free_initializers
+from service.engine.onnx.gradient_paths import disconnected_weights, gradient_free_initializers
 
 
 def _model(nodes: list[onnx.NodeProto], initializers: dict[str, np.ndarray]) -> onnx.ModelProto:
@@ -107,3 +107,28 @@ def test_rotary_cos_and_sin_tables_are_no_weights() -> None:
         )
         assert gradient_free_initializers(graph) >= {"cos", "sin"}, node.domain + node.op_type
         assert "w" not in gradient_free_initializers(graph)
+
+
+def test_weights_of_a_part_no_output_depends_on_are_named() -> None:
+    """An export that wires the head to an early layer (onnxruntime-genai's builder with
+    transformers 5) leaves the later layers unconnected: their weights are state, and a note
+    says why instead of their silently missing from the parameters."""
+    model = _model(
+        [
+            helper.make_node("Mul", ["x", "w1"], ["h"], name="first"),
+            helper.make_node("Mul", ["h", "w2"], ["later"], name="second"),
+            helper.make_node("Relu", ["later"], ["unused"], name="third"),
+            helper.make_node("Add", ["h", "b"], ["y"], name="head"),
+        ],
+        {k: np.full((3,), 0.5, np.float32) for k in ("w1", "w2", "b")},
+    )
+    assert disconnected_weights(model.graph) == (["second", "third"], ["w2"])
+    graph = convert(model)
+    assert set(graph.param_names) == {"w1", "b"}
+    (note,) = [n for n in graph.metadata["notes"] if "no output depends on" in n]
+    assert "2 node(s)" in note and "(second, third)" in note and "1 weight(s) (w2)" in note
+    connected = _masked_scores()
+    assert disconnected_weights(connected.graph) == ([], [])
+    assert not any(
+        "no output depends on" in n for n in convert(connected).metadata.get("notes", [])
+    )
