@@ -28,7 +28,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 python3 -c "import torch, onnxruntime; print('torch', torch.__version__, torch.cuda.get_device_name(), 'onnxruntime', onnxruntime.__version__)"
 # Most wanted first (issue 2's CUDA LSTM row), so that a run cut short still has it; the
 # timeouts add up to the device tool's 600 s per call only if every step runs long.
-timeout 120 python3 -m pytest -q -p no:cacheprovider --noconftest --continue-on-collection-errors \
+timeout 150 python3 -m pytest -q -p no:cacheprovider --noconftest --continue-on-collection-errors \
   -m gpu tests/unit 2>&1 \
   | tee "$out/gpu_tests.log" | tail -15
 timeout 90 python3 bench/lstm_cuda.py --repeats 20 2>&1 | tee "$out/lstm_cuda.txt"
