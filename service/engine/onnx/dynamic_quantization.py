@@ -106,11 +106,7 @@ def _gathered_tables(
     """Integer tables read by one Gather alone whose rows reach a per-tensor DequantizeLinear
     through data moves alone, each value read once: dequantizing the table first gives the
     same values (a per-tensor affine map commutes with moving elements)."""
-    readers: dict[str, list[NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    outputs = {o.name for o in graph.output}
+    readers = _readers(graph)
     found = []
     for gather in graph.node:
         table = gather.input[0] if gather.input else ""
@@ -122,7 +118,7 @@ def _gathered_tables(
             or len(readers[table]) != 1
         ):
             continue
-        dequantize = _dequantized_after_moves(gather.output[0], readers, outputs)
+        dequantize = _dequantized_after_moves(gather.output[0], readers)
         if dequantize is not None and all(
             name in weights and weights[name].numel() == 1 for name in dequantize.input[1:] if name
         ):
@@ -131,12 +127,12 @@ def _gathered_tables(
 
 
 def _dequantized_after_moves(
-    value: str, readers: Mapping[str, list[NodeProto]], outputs: set[str]
+    value: str, readers: Mapping[str, list[NodeProto]]
 ) -> NodeProto | None:
     """The DequantizeLinear that `value` reaches through data moves, each value read once."""
-    while value not in outputs and len(readers.get(value, [])) == 1:
-        node = readers[value][0]
-        if node.domain not in _DEFAULT_DOMAINS or node.input[0] != value:
+    while len(readers.get(value, [])) == 1:
+        node = readers[value][0]  # (a graph output's stand-in reads nothing: not a move)
+        if node.domain not in _DEFAULT_DOMAINS or not node.input or node.input[0] != value:
             return None
         if node.op_type == "DequantizeLinear":
             return node
@@ -172,15 +168,8 @@ def _dequantized_first(table: _GatheredTable) -> dict[str, list[NodeProto]]:
 
 
 def _patterns(graph: GraphProto, weights: Mapping[str, torch.Tensor]) -> list[_Pattern]:
-    producer: dict[str, NodeProto] = {}
-    readers: dict[str, list[NodeProto]] = {}
-    for node in graph.node:
-        for name in node.output:
-            producer[name] = node
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    for name in (o.name for o in graph.output):
-        readers.setdefault(name, []).append(NodeProto())  # a graph output: one reader more
+    producer = {name: node for node in graph.node for name in node.output}
+    readers = _readers(graph)
 
     def only_reader(name: str, op_type: str) -> NodeProto | None:
         found = readers.get(name, [])
@@ -222,6 +211,18 @@ def _patterns(graph: GraphProto, weights: Mapping[str, torch.Tensor]) -> list[_P
             continue
         patterns.append(_Pattern(quantize, scales, product, cast, rescale, others[0]))
     return patterns
+
+
+def _readers(graph: GraphProto) -> dict[str, list[NodeProto]]:
+    """Value name → the nodes reading it; a graph output counts as one reader more (an empty
+    NodeProto), so that a value the graph returns is never "read by one node alone"."""
+    readers: dict[str, list[NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    for name in (o.name for o in graph.output):
+        readers.setdefault(name, []).append(NodeProto())
+    return readers
 
 
 def _cast_target(cast: NodeProto) -> int:

@@ -960,3 +960,20 @@ def test_matmul_nbits_accuracy_level_is_compared_at_full_precision() -> None:
     check = check_conversion(model, graph, [torch.from_numpy(feeds["A"])])
     assert check.max_abs_error is not None and check.max_abs_error < 1e-5
     assert check.reason is not None and "accuracy_level" in check.reason
+
+
+def test_gathered_integer_rows_returned_as_they_are_are_left_alone() -> None:
+    """No DequantizeLinear after the Gather (the rows are the graph's output): nothing to
+    dequantize first, the table stays an integer constant."""
+    table = np.arange(12, dtype=np.int8).reshape(4, 3)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["t", "ids"], ["rows"])],
+        "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [2])],
+        [helper.make_tensor_value_info("rows", TensorProto.INT8, None)],
+        [numpy_helper.from_array(table, "t")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    converted = convert(model)
+    assert list(converted.parameters()) == []
+    np.testing.assert_array_equal(converted(torch.tensor([0, 2])).numpy(), table[[0, 2]])
