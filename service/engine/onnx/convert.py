@@ -86,6 +86,7 @@ from service.engine.onnx.dynamic_quantization import (
     STRAIGHT_THROUGH_SUFFIX,
     dynamic_quantization_as_fake,
 )
+from service.engine.onnx.fused_quantization import unfolded_quantized_ops
 from service.engine.onnx.gradient_paths import (
     consumed_names,
     disconnected_weights,
@@ -96,6 +97,7 @@ from service.engine.onnx.loading import load_onnx, load_onnx_bundle, resolve_ext
 from service.engine.onnx.ops._util import FLOAT_DTYPES, INT4_TO_TORCH, ONNX_TO_TORCH, int4_proto
 from service.engine.onnx.ops.quantize import FLOAT8_TO_TORCH, fake_quantize_pairs
 from service.engine.onnx.ops.random import expected_random_masks, masks_are_expected
+from service.engine.onnx.qoperator_as_qdq import qoperator_as_qdq
 from service.engine.onnx.recurrent_weights import (
     UnfoldedWeights,
     fold_lstm_weight_reorders,
@@ -761,11 +763,14 @@ def _convert_checked(
     weights: dict[str, torch.Tensor],
     problems: list[tuple[str, str, int, str, str]],
 ) -> ObservableGraph:
-    # a dynamically quantised model's integer MatMuls: fake-quantised float ones (a copy of
+    # onnxruntime's fused quantised ops (an optimised model's, QAttention, ...) unfolded into
+    # the patterns below, and a QOperator-format model's QLinear ops written as QDQ (copies of
     # the graph; onnxruntime's conformance check runs the model as it is)
-    graph, dynamically_quantized, gathered_tables = dynamic_quantization_as_fake(
-        model.graph, weights
-    )
+    graph, rewrite_notes = unfolded_quantized_ops(model.graph, weights)
+    graph, qoperator_notes = qoperator_as_qdq(graph, weights)
+    rewrite_notes += qoperator_notes
+    # a dynamically quantised model's integer MatMuls: fake-quantised float ones (a copy)
+    graph, dynamically_quantized, gathered_tables = dynamic_quantization_as_fake(graph, weights)
     # a weight-only quantised model's packed weights: float ones, parameters (also a copy)
     graph, unpacked = nbits_weights_as_float(graph, weights)
     opsets = {
@@ -912,6 +917,7 @@ def _convert_checked(
     if unfolded.recipes:
         metadata["gate_reordered_initializers"] = unfolded.recipes
     notes = folded_batchnorm_notes(graph) + restored.notes() + _shared_initializer_notes(graph)
+    notes += rewrite_notes
     dead_nodes, disconnected = disconnected_weights(graph)
     if disconnected:
         notes.append(
