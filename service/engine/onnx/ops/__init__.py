@@ -13,6 +13,8 @@ from service.engine.onnx.ops import (  # noqa: F401
     linalg,
     loss,
     microsoft,
+    microsoft_fused_integer,
+    microsoft_qlinear,
     microsoft_quantize,
     microsoft_transformer,
     normalization,

@@ -1,0 +1,1 @@
+"""com.microsoft fused integer ops of optimised and dynamically quantised models. (Being written.)"""

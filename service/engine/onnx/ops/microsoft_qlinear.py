@@ -1,0 +1,1 @@
+"""com.microsoft QLinear* ops of onnxruntime's QOperator format. (Being written.)"""
