@@ -283,6 +283,7 @@ class ConformanceReference:
         self._failure: str | None = None  # onnxruntime cannot load the model: the same next time
         self._dropout_switched = False
         self.full_precision_nbits = 0  # MatMulNBits nodes asked to compute in full precision
+        self.quantized_lstms = 0  # DynamicQuantizeLSTM nodes: the session runs on one thread
         self._twin: ObservableGraph | None = None
         self._twin_built = False
         self._session_bytes = 0
@@ -322,6 +323,9 @@ class ConformanceReference:
             _feed_draws(refilled, draws or {})
             self._dropout_switched = _switch_dropout_off(refilled)
             self.full_precision_nbits = _full_precision_nbits(refilled)
+            self.quantized_lstms = sum(
+                n.op_type == "DynamicQuantizeLSTM" for n in refilled.graph.node
+            )
             serialized = refilled.SerializeToString()
             del refilled
             try:
@@ -339,6 +343,10 @@ class ConformanceReference:
                 # onnxruntime's optimiser would fuse it with the op between into integer
                 # kernels (QGemm, QLinearConv) whose requantisation rounds differently
                 options.add_session_config_entry("session.disable_quant_qdq", "1")
+                if self.quantized_lstms:
+                    # its kernel quantises h_{t-1} per block of batch rows, one block a
+                    # thread: on one thread the whole batch at once (quantized_lstm.py)
+                    options.intra_op_num_threads = 1
                 self._session = ort.InferenceSession(serialized, options, providers=list(providers))
                 self._session_bytes = len(serialized)
                 self.sessions_built += 1
@@ -435,6 +443,12 @@ def check_conversion(
             f"{kept.full_precision_nbits} MatMulNBits node(s) let onnxruntime quantise their "
             "input for speed (accuracy_level): compared at accuracy_level 0, the product their "
             "weights define, which the converter computes"
+        )
+    if kept.quantized_lstms:
+        reasons.append(
+            f"{kept.quantized_lstms} DynamicQuantizeLSTM node(s): onnxruntime ran on one thread, "
+            "where its kernel quantises each step's hidden state over the whole batch as the "
+            "converter does (on more threads it quantises a block of rows per thread)"
         )
     if draws:
         reasons.append(

@@ -98,6 +98,7 @@ from service.engine.onnx.ops._util import FLOAT_DTYPES, INT4_TO_TORCH, ONNX_TO_T
 from service.engine.onnx.ops.quantize import FLOAT8_TO_TORCH, fake_quantize_pairs
 from service.engine.onnx.ops.random import expected_random_masks, masks_are_expected
 from service.engine.onnx.qoperator_as_qdq import qoperator_as_qdq
+from service.engine.onnx.quantized_lstm import quantized_lstms_as_fake
 from service.engine.onnx.recurrent_weights import (
     UnfoldedWeights,
     fold_lstm_weight_reorders,
@@ -771,6 +772,8 @@ def _convert_checked(
     rewrite_notes += qoperator_notes
     # a dynamically quantised model's integer MatMuls: fake-quantised float ones (a copy)
     graph, dynamically_quantized, gathered_tables = dynamic_quantization_as_fake(graph, weights)
+    # its LSTMs: fake-quantised float ones whose W and R are parameters (also a copy)
+    graph, quantized_lstm_weights = quantized_lstms_as_fake(graph, weights)
     # a weight-only quantised model's packed weights: float ones, parameters (also a copy)
     graph, unpacked = nbits_weights_as_float(graph, weights)
     opsets = {
@@ -965,6 +968,14 @@ def _convert_checked(
             "quantisation: the "
             "same products in float, each activation's rounding passing the gradient straight "
             "through, so that every layer's weight has a gradient"
+        )
+    if quantized_lstm_weights:
+        notes.append(
+            f"{len(quantized_lstm_weights) // 2} dynamically quantised LSTM(s) "
+            f"(DynamicQuantizeLSTM: {listed(quantized_lstm_weights)}) are computed as fake "
+            "quantisation: float W and R holding their dequantized values (parameters), the "
+            "input and each step's hidden state rounded as onnxruntime rounds them, the "
+            "gradient passing each rounding straight through"
         )
     if gathered_tables:
         notes.append(

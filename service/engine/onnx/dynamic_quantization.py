@@ -31,7 +31,7 @@ no gradient.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -239,19 +239,33 @@ def _scale_fits(scale: torch.Tensor | None, w_q: torch.Tensor, op_type: str) -> 
     return op_type == "MatMulInteger" and scale.numel() == w_q.shape[1]
 
 
-def _fake_quantized(p: _Pattern) -> list[NodeProto]:
-    """DequantizeLinear of both operands, the activation's straight through, one MatMul (or
-    Conv, with the ConvInteger's attributes) writing what the rescaling Mul wrote."""
-    x, (x_q, x_scale, x_zero) = p.quantize.input[0], p.quantize.output
-    w_q, w_zero = p.product.input[1], ([*p.product.input, "", ""][3])
-    name = p.product.name or p.product.output[0]
-    x_dq, difference, w_dq = (f"{name}/{what}" for what in ("x_dequantized", "x_rounding", "w"))
+def straight_through_dequantized(
+    x: str, quantized: Sequence[str], name: str
+) -> tuple[list[NodeProto], str]:
+    """The nodes giving DequantizeLinear of DynamicQuantizeLinear(x)'s outputs (`quantized`:
+    integers, scale, zero point) as `x + (dequantized − x)`, and that value's name: what the
+    integer op computes with, with x's gradient (straight_through.py gives it its
+    stop-gradient)."""
+    x_q, x_scale, x_zero = quantized
+    x_dq, difference = f"{name}/x_dequantized", f"{name}/x_rounding"
     x_st = name + STRAIGHT_THROUGH_SUFFIX
-    w_inputs = [w_q, p.w_scale, *([w_zero] if w_zero else [])]
     return [
         helper.make_node("DequantizeLinear", [x_q, x_scale, x_zero], [x_dq], name=f"{name}/x_dq"),
         helper.make_node("Sub", [x_dq, x], [difference], name=f"{name}/x_rounding"),
-        helper.make_node("Add", [x, difference], [x_st], name=name + STRAIGHT_THROUGH_SUFFIX),
+        helper.make_node("Add", [x, difference], [x_st], name=x_st),
+    ], x_st
+
+
+def _fake_quantized(p: _Pattern) -> list[NodeProto]:
+    """DequantizeLinear of both operands, the activation's straight through, one MatMul (or
+    Conv, with the ConvInteger's attributes) writing what the rescaling Mul wrote."""
+    w_q, w_zero = p.product.input[1], ([*p.product.input, "", ""][3])
+    name = p.product.name or p.product.output[0]
+    x_nodes, x_st = straight_through_dequantized(p.quantize.input[0], p.quantize.output, name)
+    w_dq = f"{name}/w"
+    w_inputs = [w_q, p.w_scale, *([w_zero] if w_zero else [])]
+    return [
+        *x_nodes,
         # per column of the [K, N] weight: axis 1 (a scalar scale ignores it)
         helper.make_node("DequantizeLinear", w_inputs, [w_dq], name=f"{name}/w_dq", axis=1),
         helper.make_node(

@@ -136,25 +136,29 @@ def _requantized(accumulated: Tensor, multiplier: Tensor, zero_point: Tensor) ->
     return flat.reshape(values.shape)
 
 
+def dynamic_quantization(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """DynamicQuantizeLinear of `x` as onnxruntime computes it (also what its quantised LSTM
+    applies to its input and, at every step, to its hidden state): uint8 values, the float32
+    scale and the uint8 zero point. No gradient: computed from `x` detached."""
+    x = x.detach().to(torch.float32)
+    zero = torch.zeros((), dtype=torch.float32, device=x.device)
+    if x.numel():  # the range [min(x), max(x)] widened to include 0
+        smallest, largest = torch.aminmax(x)
+        high, low = torch.maximum(largest, zero), torch.minimum(smallest, zero)
+    else:
+        high = low = zero
+    span = high - low
+    # a tensor divisor: a Python one would make CUDA multiply by its reciprocal (inexact)
+    levels = torch.full((), 255.0, dtype=torch.float32, device=x.device)
+    scale = torch.where(span == 0, torch.ones_like(span), span / levels)
+    # qmin - min/scale, saturated to [0, 255], rounded half to even
+    zero_point = torch.round((zero - low / scale).clamp(0.0, 255.0)).to(torch.uint8)
+    return _DYNAMIC(x, scale, zero_point), scale, zero_point
+
+
 @register("DynamicQuantizeLinear", since=11)
 def dynamic_quantize_linear(ctx: OpContext) -> NodeFn:
-    def fn(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        x = x.detach().to(torch.float32)
-        zero = torch.zeros((), dtype=torch.float32, device=x.device)
-        if x.numel():  # the range [min(x), max(x)] widened to include 0
-            smallest, largest = torch.aminmax(x)
-            high, low = torch.maximum(largest, zero), torch.minimum(smallest, zero)
-        else:
-            high = low = zero
-        span = high - low
-        # a tensor divisor: a Python one would make CUDA multiply by its reciprocal (inexact)
-        levels = torch.full((), 255.0, dtype=torch.float32, device=x.device)
-        scale = torch.where(span == 0, torch.ones_like(span), span / levels)
-        # qmin - min/scale, saturated to [0, 255], rounded half to even
-        zero_point = torch.round((zero - low / scale).clamp(0.0, 255.0)).to(torch.uint8)
-        return _DYNAMIC(x, scale, zero_point), scale, zero_point
-
-    return fn
+    return dynamic_quantization
 
 
 @register("MatMulInteger", since=10)

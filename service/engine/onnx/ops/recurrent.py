@@ -44,6 +44,7 @@ from torch.autograd.function import once_differentiable
 from service.engine.graph import Node, ObservableGraph
 from service.engine.onnx.ops._sequence_common import reorder_blocks
 from service.engine.onnx.ops.gru_sequence import gru_direction
+from service.engine.onnx.ops.integer import dynamic_quantization
 from service.engine.onnx.ops.lstm_sequence import lstm_direction
 from service.engine.onnx.ops.rnn_sequence import rnn_direction
 from service.engine.onnx.registry import OpContext, UnsupportedAttribute, register
@@ -226,6 +227,10 @@ class RecurrentFn:
         # indexing, bias slicing and output stacking around `sequence_fn` would each be a node
         # of their own. Set by the LSTM builder; None: every node goes through `sequence_fn`.
         self.layer_fn: SequenceFn | None = None
+        # What the recurrent product reads instead of h_{t-1}, where the model quantises it at
+        # every step (onnxruntime's DynamicQuantizeLSTM, see QUANTIZED_STATE); the unrolled
+        # path alone applies it. Only for an LSTM: its h_{t-1} enters a step through R alone.
+        self.state_quantizer: Callable[[Tensor], Tensor] | None = None
 
     def __call__(
         self,
@@ -266,7 +271,11 @@ class RecurrentFn:
         self.step_hidden = []
         self.hidden_grads = [[] for _ in range(s.directions)]
         whole_sequence = (
-            self.whole_sequence and P is None and valid is None and not self.record_steps
+            self.whole_sequence
+            and P is None
+            and valid is None
+            and not self.record_steps
+            and self.state_quantizer is None
         )
         if self.gate_blocks is not None and not (whole_sequence and steps > 0):
             # the step functions read ONNX's order: gather the gate blocks into it
@@ -325,6 +334,7 @@ class RecurrentFn:
         if (
             self.layer_fn is None
             or not self.whole_sequence
+            or self.state_quantizer is not None
             or self.record_steps
             or s.directions != 1
             or s.layout != 0
@@ -403,10 +413,12 @@ class RecurrentFn:
         inputs = projected.unbind(0)  # one autograd node for all steps, not one per index
         outputs: list[Tensor] = list(inputs)  # placeholders, all overwritten
         h_before: list[Tensor] = list(inputs)  # h_{t-1} as step t reads it (deferred dR only)
+        quantized = self.state_quantizer
         for t in range(steps - 1, -1, -1) if reverse else range(steps):
+            read = h if quantized is None else quantized(h)
             if previous is not None:
-                h_before[t] = h
-            h_new, c_new = step(inputs[t], h, c)
+                h_before[t] = read
+            h_new, c_new = step(inputs[t], read, c)
             if valid is None:
                 h, c = h_new, c_new
                 outputs[t] = h_new
@@ -613,6 +625,20 @@ def gru(ctx: OpContext) -> RecurrentFn:
     return fn
 
 
+# An attribute of the LSTM nodes that quantized_lstm.py writes for onnxruntime's
+# DynamicQuantizeLSTM (no ONNX LSTM has it): 1 = the recurrent product reads h_{t-1}
+# dynamically quantised to uint8 at every step, its rounding passing the gradient straight
+# through, as that op computes it
+QUANTIZED_STATE = "gradhealth_quantized_state"
+
+
+def _dynamically_fake_quantized(h: Tensor) -> Tensor:
+    """h's values after DynamicQuantizeLinear and back, with h's gradient."""
+    q, scale, zero_point = dynamic_quantization(h)
+    dequantized = (q.to(torch.float32) - zero_point.to(torch.float32)) * scale
+    return h + (dequantized.to(h.dtype) - h).detach()
+
+
 @register("LSTM", since=7)
 def lstm(ctx: OpContext) -> RecurrentFn:
     settings = _settings(ctx, ["Sigmoid", "Tanh", "Tanh"])
@@ -621,11 +647,25 @@ def lstm(ctx: OpContext) -> RecurrentFn:
         raise UnsupportedAttribute(f"input_forget {input_forget}: expected 0 or 1")
     make = functools.partial(_lstm_step, input_forget=bool(input_forget))
     fn = RecurrentFn(settings, make, gates=4, has_cell=True, linear_recurrence=True)
+    if int(ctx.attr(QUANTIZED_STATE, 0)):
+        fn.state_quantizer = _dynamically_fake_quantized
+        return fn  # the unrolled path: the whole-sequence ones read h_{t-1} as it is
     if not input_forget:  # peepholes (an input, P) are checked per call
         _use_sequence_fn(fn, lstm_direction, torch.sigmoid, torch.tanh, torch.tanh)
         if fn.whole_sequence:
             fn.layer_fn = functools.partial(lstm_direction, onnx_shapes=True)
     return fn
+
+
+@register("DynamicQuantizeLSTM", domain="com.microsoft")
+def dynamic_quantize_lstm(ctx: OpContext) -> RecurrentFn:
+    """onnxruntime's quantised LSTM is rewritten before any op is built, as a fake-quantised
+    LSTM (quantized_lstm.py); a node that reaches this builder is one it could not rewrite."""
+    raise UnsupportedAttribute(
+        "converted only in quantize_dynamic's form: no sequence_lens, and W, R and their "
+        "scales and zero points stored as initializers (quantise the float model without "
+        "sequence_lens)"
+    )
 
 
 # --- where the time axis of a graph input is ------------------------------------------------
