@@ -50,7 +50,7 @@ SHAPES_FROM_VALUES = frozenset(
     {"Reshape", "Expand", "Tile", "Slice", "Pad", "Squeeze", "Unsqueeze", "Split", "TopK"}
     | {"Resize", "Upsample", "CenterCropPad", "OneHot", "ReduceSum", "ReduceMean", "ReduceMax"}
     | {"ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp"}
-    | {"ReduceSumSquare"}
+    | {"ReduceSumSquare", "Col2Im"}
 )
 SHAPE_READERS = frozenset({"Shape", "Size"})
 # Never reused: a different value per call, or bodies that may hold such ops.

@@ -226,6 +226,31 @@ def test_shape_arithmetic_is_reused_per_input_shape_and_redone_for_a_new_one() -
         assert torch.equal(dict(observed)["Sqrt_10"][0], torch.tensor([float(x.shape[1])]).sqrt())
 
 
+def test_a_shape_read_after_col2im_is_reused() -> None:
+    """Col2Im's output shape follows from its input's shape and its image and block shapes."""
+    i64 = TensorProto.INT64
+    nodes = [
+        helper.make_node(
+            "Constant", [], ["image"], value=helper.make_tensor("i", i64, [2], [4, 4])
+        ),
+        helper.make_node(
+            "Constant", [], ["block"], value=helper.make_tensor("b", i64, [2], [2, 2])
+        ),
+        helper.make_node("Col2Im", ["x", "image", "block"], ["folded"]),
+        helper.make_node("Shape", ["folded"], ["shape"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "col2im_shape",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8, 9])],
+        [helper.make_tensor_value_info("shape", i64, [4])],
+    )
+    converted = convert(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    assert "Shape_3" in converted.input_shape_nodes
+    (shape,) = converted.run([torch.randn(1, 8, 9)])
+    assert shape.tolist() == [1, 2, 4, 4]
+
+
 def test_a_remembered_shape_input_changed_in_place_is_read_again() -> None:
     memo = LastTensorMemo(lambda t: t.tolist())
     target = torch.tensor([2, 3])
