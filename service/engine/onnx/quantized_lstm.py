@@ -37,9 +37,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from onnx import GraphProto, NodeProto, TensorProto, helper
+from onnx import GraphProto, NodeProto, helper
 
 from service.engine.onnx.dynamic_quantization import straight_through_dequantized
+from service.engine.onnx.graph_rewrites import taken_names, with_replacements
 from service.engine.onnx.ops.recurrent import QUANTIZED_STATE
 
 _MS = "com.microsoft"
@@ -53,8 +54,7 @@ def quantized_lstms_as_fake(
 ) -> tuple[GraphProto, list[str]]:
     """`graph`, or a copy whose DynamicQuantizeLSTM nodes are fake-quantised LSTMs; the
     dequantized W and R are added to `weights`, their names returned."""
-    taken = set(weights) | {o for node in graph.node for o in node.output}
-    taken |= {i.name for i in graph.input}
+    taken = taken_names(graph, weights)
     replacements: dict[int, list[NodeProto]] = {}  # by the node's index
     added: list[str] = []
     for index, node in enumerate(graph.node):
@@ -75,16 +75,7 @@ def quantized_lstms_as_fake(
         replacements[index] = _fake_quantized_lstm(node, inputs, *names)
     if not replacements:
         return graph, []
-    rewritten = GraphProto()
-    rewritten.CopyFrom(graph)  # the initializers' bytes are released by now: a small copy
-    del rewritten.node[:]
-    for index, node in enumerate(graph.node):
-        rewritten.node.extend(replacements.get(index, [node]))
-    for name in added:  # declared, without data: the tensors are in `weights`
-        declared = rewritten.initializer.add()
-        declared.name, declared.data_type = name, TensorProto.FLOAT
-        declared.dims.extend(weights[name].shape)
-    return rewritten, added
+    return with_replacements(graph, replacements, added, weights), added
 
 
 def _dequantized(

@@ -18,20 +18,15 @@ from __future__ import annotations
 import re
 
 import torch
-from onnx import GraphProto, NodeProto, TensorProto, helper
+from onnx import GraphProto, NodeProto, helper
 
+from service.engine.onnx.graph_rewrites import taken_names, with_replacements
 from service.engine.onnx.ops._util import FLOAT_DTYPES
 from service.engine.onnx.ops.microsoft_quantize import NBitsShape, dequantized_nbits
 
 _MS = "com.microsoft"
 # onnxruntime's quantiser names B `<weight>_Q<bits>` (newer: `_Q<bits>G<block_size>`)
 _PACKED_SUFFIX = re.compile(r"_Q\d+(G\d+)?$")
-_TORCH_TO_ONNX = {
-    torch.float32: TensorProto.FLOAT,
-    torch.float16: TensorProto.FLOAT16,
-    torch.bfloat16: TensorProto.BFLOAT16,
-    torch.float64: TensorProto.DOUBLE,
-}
 
 
 def nbits_weights_as_float(
@@ -39,8 +34,7 @@ def nbits_weights_as_float(
 ) -> tuple[GraphProto, list[str]]:
     """`graph`, or a copy whose MatMulNBits nodes with stored weights are float MatMuls; the
     dequantized weights are added to `weights`, their names returned."""
-    taken = set(weights) | {o for node in graph.node for o in node.output}
-    taken |= {i.name for i in graph.input}
+    taken = taken_names(graph, weights)
     replacements: dict[int, list[NodeProto]] = {}  # by the node's index
     added: list[str] = []
     for index, node in enumerate(graph.node):
@@ -56,16 +50,7 @@ def nbits_weights_as_float(
         replacements[index] = _as_matmul(node, name)
     if not replacements:
         return graph, []
-    rewritten = GraphProto()
-    rewritten.CopyFrom(graph)  # the initializers' bytes are released by now: a small copy
-    del rewritten.node[:]
-    for index, node in enumerate(graph.node):
-        rewritten.node.extend(replacements.get(index, [node]))
-    for name in added:  # declared, without data: the tensors are in `weights`
-        declared = rewritten.initializer.add()
-        declared.name, declared.data_type = name, _TORCH_TO_ONNX[weights[name].dtype]
-        declared.dims.extend(weights[name].shape)
-    return rewritten, added
+    return with_replacements(graph, replacements, added, weights), added
 
 
 def _dequantized(node: NodeProto, weights: dict[str, torch.Tensor]) -> torch.Tensor | None:
