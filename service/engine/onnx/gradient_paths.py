@@ -35,6 +35,13 @@ NO_GRADIENT_OPS = frozenset(
     # DynamicQuantizeLinear's scale is computed from its detached input
     | {"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv"}
 )
+# com.microsoft's integer ops of the QOperator format (ops/microsoft_qlinear.py): integer
+# outputs. A node left integer (qoperator_as_qdq.py rewrites the others) reads its scales as
+# the integer kernel's constants, not as weights.
+MS_NO_GRADIENT_OPS = frozenset(
+    {"QGemm", "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearWhere"}
+    | {"QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearConcat", "QLinearSoftmax"}
+)
 # Input slots that only index, shape or select: no gradient flows into them.
 NON_DIFFERENTIABLE_SLOTS: dict[str, tuple[int, ...]] = {
     "BatchNormalization": (3, 4),  # running statistics
@@ -110,6 +117,8 @@ _FLOAT_TYPES = {
 
 
 def _has_gradient(node: NodeProto) -> bool:
+    if node.domain == "com.microsoft":
+        return node.op_type not in MS_NO_GRADIENT_OPS
     if node.domain not in _DEFAULT_DOMAINS:
         return True
     if node.op_type in NO_GRADIENT_OPS:

@@ -3,7 +3,7 @@ float initializers declared (their tensors live in the converter's `weights`).""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from onnx import GraphProto, NodeProto, TensorProto
@@ -28,14 +28,23 @@ def with_replacements(
     added: list[str],
     weights: Mapping[str, torch.Tensor],
 ) -> GraphProto:
-    """A copy of `graph` whose node at each index of `replacements` is replaced by its list,
-    with the initializers `added` to `weights` declared (without data: the tensors are in
-    `weights`)."""
+    """`with_nodes` where the node at each index of `replacements` is replaced by its list."""
+    nodes = [n for index, node in enumerate(graph.node) for n in replacements.get(index, [node])]
+    return with_nodes(graph, nodes, added, weights)
+
+
+def with_nodes(
+    graph: GraphProto,
+    nodes: Iterable[NodeProto],
+    added: list[str],
+    weights: Mapping[str, torch.Tensor],
+) -> GraphProto:
+    """A copy of `graph` with `nodes` for its nodes and the initializers `added` to `weights`
+    declared (without data: the tensors are in `weights`)."""
     rewritten = GraphProto()
     rewritten.CopyFrom(graph)  # the initializers' bytes are released by now: a small copy
     del rewritten.node[:]
-    for index, node in enumerate(graph.node):
-        rewritten.node.extend(replacements.get(index, [node]))
+    rewritten.node.extend(nodes)
     for name in added:
         declared = rewritten.initializer.add()
         declared.name, declared.data_type = name, TORCH_TO_ONNX[weights[name].dtype]
