@@ -101,6 +101,12 @@ DOMAIN_NON_DIFFERENTIABLE_SLOTS: dict[tuple[str, str], tuple[int, ...]] = {
     # and the rotary cos/sin tables, as the default domain's RotaryEmbedding
     ("com.microsoft", "RotaryEmbedding"): (1, 2, 3),
     ("com.microsoft", "GroupQueryAttention"): (5, 6, 7, 8, 9),
+    # fused integer ops left as they are (fused_quantization.py unfolds the others): their
+    # integers, scales and zero points (ops/microsoft_fused_integer.py)
+    ("com.microsoft", "DynamicQuantizeMatMul"): (1, 2, 3),
+    ("com.microsoft", "MatMulIntegerToFloat"): (0, 1, 2, 3, 4, 5),
+    ("com.microsoft", "QAttention"): (0, 1, 3, 4, 5, 6, 7),
+    ("com.microsoft", "QEmbedLayerNormalization"): tuple(range(18)),
 }
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 _FLOAT_TYPES = {
