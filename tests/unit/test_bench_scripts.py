@@ -50,3 +50,11 @@ def test_lstm_cuda_bench_takes_the_flags_gpu_check_passes() -> None:
 def test_gpu_check_script_parses() -> None:
     done = subprocess.run(["bash", "-n", str(BENCH / "gpu_check.sh")], capture_output=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_quantized_models_bench_prints_a_ratio_per_row() -> None:
+    done = _run(str(BENCH / "quantized_models.py"), "--quick", "--repeats", "2")
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if " ratio " in line]
+    assert [row.split()[0] for row in rows] == ["dynamic", "dynamic", "QOperator"], done.stdout
+    assert all("vs onnxruntime max abs" in row for row in rows), done.stdout
