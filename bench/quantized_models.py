@@ -120,8 +120,10 @@ def row(
     print(
         f"{name:<22} float {times['float'] * 1e3:8.2f} ms  quantised "
         f"{times['quantized'] * 1e3:8.2f} ms  ratio {ratio:5.2f}  "
-        f"vs onnxruntime max abs {check.max_abs_error:.2e}"
+        f"vs onnxruntime max abs {check.max_abs_error:.2e} rel {check.max_rel_error:.2e}"
     )
+    if check.reason:
+        print(f"{'':<22} ({check.reason})")
 
 
 def main() -> None:

@@ -97,6 +97,7 @@ from service.engine.onnx.loading import load_onnx, load_onnx_bundle, resolve_ext
 from service.engine.onnx.ops._util import FLOAT_DTYPES, INT4_TO_TORCH, ONNX_TO_TORCH, int4_proto
 from service.engine.onnx.ops.quantize import FLOAT8_TO_TORCH, fake_quantize_pairs
 from service.engine.onnx.ops.random import expected_random_masks, masks_are_expected
+from service.engine.onnx.ops.recurrent import QUANTIZED_STATE
 from service.engine.onnx.qoperator_as_qdq import qoperator_as_qdq
 from service.engine.onnx.quantized_lstm import quantized_lstms_as_fake
 from service.engine.onnx.recurrent_weights import (
@@ -869,6 +870,11 @@ def _convert_checked(
         nodes, {out: node for node in nodes for out in node.outputs if out}
     )
     straight_through = [n for n in straight_through if not n.endswith(STRAIGHT_THROUGH_SUFFIX)]
+    # activations quantised at run time and computed as fake quantisation (the rewrites'
+    # straight-through nodes; a quantised LSTM's hidden state at every step)
+    dynamic_quantizers = [n.name for n in nodes if n.name.endswith(STRAIGHT_THROUGH_SUFFIX)] + [
+        f"{n.name}/h" for n in nodes if n.op_type == "LSTM" and n.attrs.get(QUANTIZED_STATE)
+    ]
     _fold_constants(nodes, constants)
 
     unfolded = UnfoldedWeights(signature=signature)
@@ -989,6 +995,8 @@ def _convert_checked(
             f"without the .detach() the export dropped: {', '.join(straight_through[:3])}) "
             "pass the gradient to x, as in training"
         )
+    if dynamic_quantizers:  # conformance.py says what they change
+        metadata["dynamic_quantizers"] = dynamic_quantizers
     if fake_quantized:
         metadata["fake_quantizers"] = fake_quantized  # conformance.py says what they change
         notes.append(
