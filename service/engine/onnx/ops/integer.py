@@ -12,7 +12,7 @@ onnxruntime's CPU kernels compute, bit for bit (the tests compare integers exact
   channel of W ([M]) for the Convs. onnxruntime refuses the per-row forms of A, and onnx's
   reference reads a 1-D one along K: they are computed as the spec says;
 - the integer product is exact and accumulates in int32, wrapping as the spec allows
-  (`_exact_int32`);
+  (`exact_int32`);
 - requantisation (QLinear*) is onnxruntime's: the int32 accumulator as float32 times the
   multiplier x_scale·w_scale/y_scale (computed in the scales' type: float16 scales give a
   float16 multiplier, as onnxruntime and onnx's reference compute it), rounded half to even,
@@ -41,7 +41,7 @@ from service.engine.onnx.registry import OpContext, UnsupportedAttribute, regist
 
 _EIGHT_BIT = (torch.int8, torch.uint8)
 # round(values / 1) + zero point, saturated to the zero point's type: per tensor, or per
-# element of the flattened values (`_requantized`)
+# element of the flattened values (`requantized`)
 _REQUANTIZE = QuantizeLinear(None, axis=0, block_size=0, saturate=True)
 _DYNAMIC = QuantizeLinear(QUANTIZED_TYPES[TensorProto.UINT8], axis=0, block_size=0, saturate=True)
 
@@ -55,8 +55,8 @@ def _refuse_float8(ctx: OpContext, slots: Sequence[int]) -> None:
             )
 
 
-def _integers(x: Tensor, zero_point: Tensor | None, what: str) -> Tensor:
-    """`x - zero_point` in float64 (exactly: see `_exact_int32`); `zero_point` broadcastable."""
+def offset_integers(x: Tensor, zero_point: Tensor | None, what: str) -> Tensor:
+    """`x - zero_point` in float64 (exactly: see `exact_int32`); `zero_point` broadcastable."""
     if x.dtype not in _EIGHT_BIT:
         raise ValueError(f"{what} must be int8 or uint8, got {x.dtype}")
     values = x.to(torch.float64)
@@ -67,7 +67,7 @@ def _integers(x: Tensor, zero_point: Tensor | None, what: str) -> Tensor:
     return values - zero_point.to(device=x.device, dtype=torch.float64)
 
 
-def _exact_int32(product: Tensor) -> Tensor:
+def exact_int32(product: Tensor) -> Tensor:
     """An integer product computed in float64, as the spec's int32 accumulator.
 
     Integer matmul and convolution are computed in float64: torch has neither for integer
@@ -91,7 +91,7 @@ def _per_row(param: Tensor) -> Tensor:
     return param.reshape(-1, 1) if param.dim() == 1 else param
 
 
-def _per_column(param: Tensor) -> Tensor:
+def column_param(param: Tensor) -> Tensor:
     """B's (and Y's) zero point or scale: a scalar, else [N] or [..., 1, N] as given."""
     return param.reshape(()) if param.numel() == 1 else param
 
@@ -107,20 +107,22 @@ def _per_channel(param: Tensor, rank: int, channel_axis: int) -> Tensor:
     return param.reshape(shape)
 
 
-def _scalar(param: Tensor, what: str) -> Tensor:
+def scalar_param(param: Tensor, what: str) -> Tensor:
     if param.numel() != 1:
         raise ValueError(f"{what} must be a scalar, got shape {list(param.shape)}")
     return param.reshape(())
 
 
-def _multiplier(x_scale: Tensor, w_scale: Tensor, y_scale: Tensor, device: torch.device) -> Tensor:
+def requantization_multiplier(
+    x_scale: Tensor, w_scale: Tensor, y_scale: Tensor, device: torch.device
+) -> Tensor:
     """x_scale · w_scale / y_scale in the scales' own type, as onnxruntime computes it. Moved
     next to the data first: a CPU scalar divisor would make CUDA multiply by its reciprocal."""
     x_scale, w_scale, y_scale = (s.to(device) for s in (x_scale, w_scale, y_scale))
     return (x_scale * w_scale) / y_scale
 
 
-def _requantized(accumulated: Tensor, multiplier: Tensor, zero_point: Tensor) -> Tensor:
+def requantized(accumulated: Tensor, multiplier: Tensor, zero_point: Tensor) -> Tensor:
     """onnxruntime's requantisation of an int32 accumulator: float32(accumulated) · multiplier
     in float32, rounded half to even, plus the zero point, saturated to its type (int8/uint8)."""
     if zero_point.dtype not in _EIGHT_BIT:
@@ -166,9 +168,11 @@ def matmul_integer(ctx: OpContext) -> NodeFn:
     def fn(
         a: Tensor, b: Tensor, a_zero_point: Tensor | None = None, b_zero_point: Tensor | None = None
     ) -> Tensor:
-        a_values = _integers(a, None if a_zero_point is None else _per_row(a_zero_point), "A")
-        b_values = _integers(b, None if b_zero_point is None else _per_column(b_zero_point), "B")
-        return _exact_int32(torch.matmul(a_values, b_values))
+        a_values = offset_integers(a, None if a_zero_point is None else _per_row(a_zero_point), "A")
+        b_values = offset_integers(
+            b, None if b_zero_point is None else column_param(b_zero_point), "B"
+        )
+        return exact_int32(torch.matmul(a_values, b_values))
 
     return fn
 
@@ -187,13 +191,13 @@ def qlinear_matmul(ctx: OpContext) -> NodeFn:
         y_scale: Tensor,
         y_zero_point: Tensor,
     ) -> Tensor:
-        a_values = _integers(a, _per_row(a_zero_point), "a")
-        b_values = _integers(b, _per_column(b_zero_point), "b")
-        accumulated = _exact_int32(torch.matmul(a_values, b_values))
-        multiplier = _multiplier(
-            _per_row(a_scale), _per_column(b_scale), _per_column(y_scale), a.device
+        a_values = offset_integers(a, _per_row(a_zero_point), "a")
+        b_values = offset_integers(b, column_param(b_zero_point), "b")
+        accumulated = exact_int32(torch.matmul(a_values, b_values))
+        multiplier = requantization_multiplier(
+            _per_row(a_scale), column_param(b_scale), column_param(y_scale), a.device
         )
-        return _requantized(accumulated, multiplier, _per_column(y_zero_point))
+        return requantized(accumulated, multiplier, column_param(y_zero_point))
 
     return fn
 
@@ -206,9 +210,9 @@ def _conv_zero_points(
 ) -> tuple[Tensor, Tensor]:
     """X and W less their zero points (X's per tensor, W's per tensor or output channel), in
     float64; X's zero padding then pads with its zero point, as onnxruntime does."""
-    x_zero = None if x_zero_point is None else _scalar(x_zero_point, "x_zero_point")
+    x_zero = None if x_zero_point is None else scalar_param(x_zero_point, "x_zero_point")
     w_zero = None if w_zero_point is None else _per_channel(w_zero_point, w.dim(), 0)
-    return _integers(x, x_zero, "x"), _integers(w, w_zero, "w")
+    return offset_integers(x, x_zero, "x"), offset_integers(w, w_zero, "w")
 
 
 @register("ConvInteger", since=10)
@@ -218,7 +222,7 @@ def conv_integer(ctx: OpContext) -> NodeFn:
     def fn(
         x: Tensor, w: Tensor, x_zero_point: Tensor | None = None, w_zero_point: Tensor | None = None
     ) -> Tensor:
-        return _exact_int32(convolve(*_conv_zero_points(x, w, x_zero_point, w_zero_point)))
+        return exact_int32(convolve(*_conv_zero_points(x, w, x_zero_point, w_zero_point)))
 
     return fn
 
@@ -242,12 +246,12 @@ def qlinear_conv(ctx: OpContext) -> NodeFn:
         if bias is not None:  # int32, on the accumulator's scale x_scale·w_scale
             shape = [1, -1] + [1] * (accumulated.dim() - 2)
             accumulated = accumulated + bias.to(x.device, torch.float64).reshape(shape)
-        multiplier = _multiplier(
-            _scalar(x_scale, "x_scale"),
+        multiplier = requantization_multiplier(
+            scalar_param(x_scale, "x_scale"),
             _per_channel(w_scale, accumulated.dim(), 1),
-            _scalar(y_scale, "y_scale"),
+            scalar_param(y_scale, "y_scale"),
             x.device,
         )
-        return _requantized(_exact_int32(accumulated), multiplier, y_zero_point)
+        return requantized(exact_int32(accumulated), multiplier, y_zero_point)
 
     return fn

@@ -47,12 +47,12 @@ from torch import Tensor
 
 from service.engine.graph import NodeFn
 from service.engine.onnx.ops.integer import (
-    _exact_int32,
-    _integers,
-    _multiplier,
-    _per_column,
-    _requantized,
-    _scalar,
+    column_param,
+    exact_int32,
+    offset_integers,
+    requantization_multiplier,
+    requantized,
+    scalar_param,
 )
 from service.engine.onnx.ops.microsoft import MS, default_domain_builder
 from service.engine.onnx.ops.quantize import DequantizeLinear, QuantizeLinear
@@ -66,22 +66,22 @@ _QUANTIZE = QuantizeLinear(None, axis=1, block_size=0, saturate=True)
 
 
 def _dequantized(x: Tensor, scale: Tensor, zero_point: Tensor | None, what: str) -> Tensor:
-    scale = _scalar(scale, f"{what}_scale").to(device=x.device, dtype=torch.float32)
-    zero = None if zero_point is None else _scalar(zero_point, f"{what}_zero_point")
+    scale = scalar_param(scale, f"{what}_scale").to(device=x.device, dtype=torch.float32)
+    zero = None if zero_point is None else scalar_param(zero_point, f"{what}_zero_point")
     return _DEQUANTIZE(x, scale, None if zero is None else zero.to(x.device))
 
 
 def _quantized(y: Tensor, scale: Tensor, zero_point: Tensor | None, like: Tensor) -> Tensor:
     """`y` quantised per tensor; without a zero point, to `like`'s type at zero point 0."""
     zero = torch.zeros((), dtype=like.dtype) if zero_point is None else zero_point
-    scale = _scalar(scale, "y_scale").to(device=y.device, dtype=torch.float32)
-    return _QUANTIZE(y, scale, _scalar(zero, "y_zero_point").to(y.device))
+    scale = scalar_param(scale, "y_scale").to(device=y.device, dtype=torch.float32)
+    return _QUANTIZE(y, scale, scalar_param(zero, "y_zero_point").to(y.device))
 
 
 def _rounded_with_offset(values: Tensor, zero_point: Tensor) -> Tensor:
     """nearbyint(values + zero point), saturated: onnxruntime's pooling `quantize_value`
     adds the zero point in float32 before rounding (ties then go to the even sum)."""
-    zero = _scalar(zero_point, "y_zero_point")
+    zero = scalar_param(zero_point, "y_zero_point")
     info = torch.iinfo(zero.dtype)
     shifted = values + zero.to(device=values.device, dtype=torch.float32)
     return torch.round(shifted).clamp(info.min, info.max).to(zero.dtype)
@@ -125,7 +125,10 @@ def _add_multipliers(a_scale: Tensor, b_scale: Tensor, c_scale: Tensor) -> tuple
     """MLAS's QLinearAdd parameters: the ratios a_scale/c_scale and b_scale/c_scale as integers
     with 22 significant bits for the greater, and the shift that scales them back."""
     ratios = [
-        float(_scalar(s, "scale").to(torch.float32).cpu() / _scalar(c_scale, "c_scale").cpu())
+        float(
+            scalar_param(s, "scale").to(torch.float32).cpu()
+            / scalar_param(c_scale, "c_scale").cpu()
+        )
         for s in (a_scale, b_scale)
     ]
     # (the ratios are float32 values; a double holds them, and the power-of-two scaling, exactly)
@@ -148,8 +151,8 @@ def qlinear_add(ctx: OpContext) -> NodeFn:
         c_zero_point: Tensor | None = None,
     ) -> Tensor:
         multiplier_a, multiplier_b, shift = _add_multipliers(a_scale, b_scale, c_scale)
-        a_values = _integers(a, _optional_scalar(a_zero_point), "A").to(torch.int64)
-        b_values = _integers(b, _optional_scalar(b_zero_point), "B").to(torch.int64)
+        a_values = offset_integers(a, _optional_scalar(a_zero_point), "A").to(torch.int64)
+        b_values = offset_integers(b, _optional_scalar(b_zero_point), "B").to(torch.int64)
         # exact in int64 (MLAS's int32 sum cannot overflow: each term is below 255·2^22)
         accumulated = a_values * multiplier_a + b_values * multiplier_b
         # shifted right, rounding half away from zero (MLAS: the remainder against half)
@@ -165,7 +168,7 @@ def qlinear_add(ctx: OpContext) -> NodeFn:
 
 
 def _optional_scalar(zero_point: Tensor | None) -> Tensor | None:
-    return None if zero_point is None else _scalar(zero_point, "zero point")
+    return None if zero_point is None else scalar_param(zero_point, "zero point")
 
 
 @register("QLinearMul", domain=MS)
@@ -180,17 +183,17 @@ def qlinear_mul(ctx: OpContext) -> NodeFn:
         c_scale: Tensor,
         c_zero_point: Tensor | None = None,
     ) -> Tensor:
-        product = _integers(a, _optional_scalar(a_zero_point), "A") * _integers(
+        product = offset_integers(a, _optional_scalar(a_zero_point), "A") * offset_integers(
             b, _optional_scalar(b_zero_point), "B"
         )
-        multiplier = _multiplier(
-            _scalar(a_scale, "a_scale"),
-            _scalar(b_scale, "b_scale"),
-            _scalar(c_scale, "c_scale"),
+        multiplier = requantization_multiplier(
+            scalar_param(a_scale, "a_scale"),
+            scalar_param(b_scale, "b_scale"),
+            scalar_param(c_scale, "c_scale"),
             a.device,
         )
         zero = c_zero_point if c_zero_point is not None else torch.zeros((), dtype=a.dtype)
-        return _requantized(_exact_int32(product), multiplier, _scalar(zero, "c_zero_point"))
+        return requantized(exact_int32(product), multiplier, scalar_param(zero, "c_zero_point"))
 
     return fn
 
@@ -250,15 +253,16 @@ def _global_average(
     """MLAS's QLinearGlobalAveragePool over `dims`: the exact integer sum less N·zero point,
     times x_scale / (y_scale·N) in float32, rounded half to even."""
     count = math.prod(x.shape[d] for d in dims)
-    accumulated = _integers(x, _scalar(x_zero_point, "x_zero_point"), "X").sum(
+    accumulated = offset_integers(x, scalar_param(x_zero_point, "x_zero_point"), "X").sum(
         dim=dims, keepdim=True
     )
     x_scale_f, y_scale_f = (
-        _scalar(s, "scale").to(device=x.device, dtype=torch.float32) for s in (x_scale, y_scale)
+        scalar_param(s, "scale").to(device=x.device, dtype=torch.float32)
+        for s in (x_scale, y_scale)
     )
     multiplier = x_scale_f / (y_scale_f * float(count))
-    return _requantized(
-        _exact_int32(accumulated), multiplier, _scalar(y_zero_point, "y_zero_point")
+    return requantized(
+        exact_int32(accumulated), multiplier, scalar_param(y_zero_point, "y_zero_point")
     )
 
 
@@ -305,7 +309,7 @@ def qlinear_average_pool(ctx: OpContext) -> NodeFn:
             y = _global_average(x, x_scale, zero_x, y_scale, zero_y, list(range(2, x.dim())))
         else:
             average = pool(_dequantized(x, x_scale, zero_x, "x"))
-            y_scale_f = _scalar(y_scale, "y_scale").to(device=x.device, dtype=torch.float32)
+            y_scale_f = scalar_param(y_scale, "y_scale").to(device=x.device, dtype=torch.float32)
             y = _rounded_with_offset(average / y_scale_f, zero_y)
         return y.movedim(1, -1) if channels_last else y
 
@@ -337,7 +341,7 @@ def qlinear_softmax(ctx: OpContext) -> NodeFn:
         last = axis % x.dim() if x.dim() else 0
         rows = x.reshape(*x.shape[:last], -1) if coerced else x.movedim(last, -1)
         length = rows.shape[-1]
-        scale = float(_scalar(x_scale, "x_scale").to(torch.float32))
+        scale = float(scalar_param(x_scale, "x_scale").to(torch.float32))
         shift = max(0.0, math.log(torch.finfo(torch.float32).max / length) - _RESERVED_BITS) / scale
         # (x_zero_point cancels: the table is read at x − max)
         offset = rows.to(torch.float64) - rows.amax(dim=-1, keepdim=True).to(torch.float64)
@@ -345,10 +349,10 @@ def qlinear_softmax(ctx: OpContext) -> NodeFn:
         total = exps.to(torch.float64).sum(dim=-1, keepdim=True).to(torch.float32)
         levels = torch.floor(
             torch.ones((), dtype=torch.float32)
-            / _scalar(y_scale, "y_scale").to(torch.float32).cpu()
+            / scalar_param(y_scale, "y_scale").to(torch.float32).cpu()
         ).to(x.device)
         counted = torch.round((exps * levels) / total).to(torch.int32)
-        zero = 0 if y_zero_point is None else int(_scalar(y_zero_point, "y_zero_point"))
+        zero = 0 if y_zero_point is None else int(scalar_param(y_zero_point, "y_zero_point"))
         values = counted + zero
         # onnxruntime caps above at 255 and casts: int8 wraps (as its kernel does)
         values = torch.where(values > 255, torch.full_like(values, 255), values)
@@ -381,23 +385,25 @@ def qgemm(ctx: OpContext) -> NodeFn:
         y_scale: Tensor | None = None,
         y_zero_point: Tensor | None = None,
     ) -> Tensor:
-        a_values = _integers(a.t() if trans_a else a, _scalar(a_zero_point, "a_zero_point"), "A")
-        b_values = _integers(b.t() if trans_b else b, _per_column(b_zero_point), "B")
+        a_values = offset_integers(
+            a.t() if trans_a else a, scalar_param(a_zero_point, "a_zero_point"), "A"
+        )
+        b_values = offset_integers(b.t() if trans_b else b, column_param(b_zero_point), "B")
         accumulated = torch.matmul(a_values, b_values)
         if c is not None:  # int32, on the accumulator's scale a_scale·b_scale
             accumulated = accumulated + c.to(device=a.device, dtype=torch.float64)
-        accumulated = _exact_int32(accumulated)
+        accumulated = exact_int32(accumulated)
         # onnxruntime's output scale: alpha·a_scale·b_scale (then / y_scale), in float32
-        scaled_a = _scalar(a_scale, "a_scale").to(torch.float32) * torch.tensor(
+        scaled_a = scalar_param(a_scale, "a_scale").to(torch.float32) * torch.tensor(
             alpha, dtype=torch.float32
         )
         if y_scale is None:
-            per_column = _per_column(b_scale).to(device=a.device, dtype=torch.float32)
-            return accumulated.to(torch.float32) * (scaled_a.to(a.device) * per_column)
-        multiplier = _multiplier(
-            scaled_a, _per_column(b_scale), _scalar(y_scale, "y_scale"), a.device
+            b_scales = column_param(b_scale).to(device=a.device, dtype=torch.float32)
+            return accumulated.to(torch.float32) * (scaled_a.to(a.device) * b_scales)
+        multiplier = requantization_multiplier(
+            scaled_a, column_param(b_scale), scalar_param(y_scale, "y_scale"), a.device
         )
         zero = y_zero_point if y_zero_point is not None else torch.zeros((), dtype=torch.uint8)
-        return _requantized(accumulated, multiplier, _scalar(zero, "y_zero_point"))
+        return requantized(accumulated, multiplier, scalar_param(zero, "y_zero_point"))
 
     return fn
