@@ -64,12 +64,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _step(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> None:
+def training_step(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> None:
     out = model(x)
     out.float().square().mean().backward()
 
 
-def _median_times(
+def median_times(
     runs: dict[str, Callable[[], None]], repeats: int, device: torch.device
 ) -> dict[str, float]:
     for run in runs.values():  # warm up (allocator, kernels, autograd caches)
@@ -114,14 +114,14 @@ def compare(
 
     def original() -> None:
         module.zero_grad(set_to_none=True)
-        _step(module, xd)
+        training_step(module, xd)
 
     def converted() -> None:
         graph.zero_grad(set_to_none=True)
-        _step(graph, xd)
+        training_step(graph, xd)
 
     captured, mismatches = pooled_cuda_graphs.captured_total, pooled_cuda_graphs.mismatches_total
-    medians = _median_times({"torch": original, "converted": converted}, repeats, device)
+    medians = median_times({"torch": original, "converted": converted}, repeats, device)
     # CUDA graphs of LSTM nodes captured while this row ran (warm-up included): a handful;
     # more would mean captures in the timed steps
     captured = pooled_cuda_graphs.captured_total - captured
@@ -228,13 +228,13 @@ def host_overhead(name: str, module: nn.Module, x: torch.Tensor, repeats: int) -
 
     def original() -> None:
         module.zero_grad(set_to_none=True)
-        _step(module, x)
+        training_step(module, x)
 
     def converted() -> None:
         graph.zero_grad(set_to_none=True)
-        _step(graph, x)
+        training_step(graph, x)
 
-    medians = _median_times({"torch": original, "converted": converted}, repeats, x.device)
+    medians = median_times({"torch": original, "converted": converted}, repeats, x.device)
     counts = {"torch": _step_counts(module, x), "converted": _step_counts(graph, x)}
     ratio = medians["converted_cpu"] / medians["torch_cpu"]
     print(

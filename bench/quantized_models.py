@@ -32,7 +32,8 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from bench.converter import LSTMModel, _median_times, _step
+from converter import LSTMModel, median_times, training_step  # (bench/ is on sys.path)
+
 from service.engine.onnx.conformance import check_conversion
 from service.engine.onnx.convert import convert
 
@@ -113,9 +114,9 @@ def row(
         graphs = {"float": convert(onnx.load(source)), "quantized": convert(model)}
     check = check_conversion(model, graphs["quantized"], [x])
     runs: dict[str, Callable[[], None]] = {
-        key: functools.partial(_step, graph, x) for key, graph in graphs.items()
+        key: functools.partial(training_step, graph, x) for key, graph in graphs.items()
     }
-    times = _median_times(runs, repeats, torch.device("cpu"))
+    times = median_times(runs, repeats, torch.device("cpu"))
     ratio = times["quantized"] / times["float"]
     print(
         f"{name:<22} float {times['float'] * 1e3:8.2f} ms  quantised "
