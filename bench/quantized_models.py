@@ -97,6 +97,14 @@ def _static_qoperator(source: Path, target: Path, x: torch.Tensor) -> None:
     quantize_static(source, target, Calibration(), quant_format=QuantFormat.QOperator)
 
 
+def _diagnosis_step(graph: nn.Module, x: torch.Tensor) -> None:
+    """A forward and backward from no gradients, as a diagnosis runs them (measure.py): an
+    accumulation into earlier gradients would time a [K, N] weight's transposed add too."""
+    for parameter in graph.parameters():
+        parameter.grad = None
+    training_step(graph, x)
+
+
 def row(
     name: str,
     module: nn.Module,
@@ -114,7 +122,7 @@ def row(
         graphs = {"float": convert(onnx.load(source)), "quantized": convert(model)}
     check = check_conversion(model, graphs["quantized"], [x])
     runs: dict[str, Callable[[], None]] = {
-        key: functools.partial(training_step, graph, x) for key, graph in graphs.items()
+        key: functools.partial(_diagnosis_step, graph, x) for key, graph in graphs.items()
     }
     times = median_times(runs, repeats, torch.device("cpu"))
     ratio = times["quantized"] / times["float"]
