@@ -38,7 +38,7 @@ from onnx import ModelProto, TensorProto
 
 from service.engine.graph import ObservableGraph
 from service.engine.onnx.convert import convert
-from service.engine.onnx.ops._util import INT4_TO_TORCH, TORCH_TO_ONNX, int4_proto
+from service.engine.onnx.ops._util import SUB_BYTE_TO_TORCH, TORCH_TO_ONNX, sub_byte_proto
 from service.engine.onnx.recurrent_weights import GateReorder
 from service.engine.report import ConversionCheck
 from service.errors import first_line
@@ -76,8 +76,8 @@ def _refill(model: ModelProto, graph: ObservableGraph) -> ModelProto:
         if not isinstance(value, torch.Tensor):
             continue
         tensor = value.detach().cpu().contiguous()
-        if init.data_type in INT4_TO_TORCH:  # held one per byte, stored two per byte
-            init.CopyFrom(int4_proto(init.name, tensor, init.data_type))
+        if init.data_type in SUB_BYTE_TO_TORCH:  # held one per byte, stored 2 or 4 per byte
+            init.CopyFrom(sub_byte_proto(init.name, tensor, init.data_type))
             continue
         fresh = TensorProto(name=init.name, dims=list(tensor.shape))
         fresh.data_type = TORCH_TO_ONNX[tensor.dtype]

@@ -94,7 +94,13 @@ from service.engine.onnx.gradient_paths import (
     subgraphs,
 )
 from service.engine.onnx.loading import load_onnx, load_onnx_bundle, resolve_external_data
-from service.engine.onnx.ops._util import FLOAT_DTYPES, INT4_TO_TORCH, ONNX_TO_TORCH, int4_proto
+from service.engine.onnx.ops._util import (
+    FLOAT_DTYPES,
+    ONNX_TO_TORCH,
+    SUB_BYTE_TO_TORCH,
+    sub_byte_proto,
+    sub_byte_tensor,
+)
 from service.engine.onnx.ops.quantize import FLOAT8_TO_TORCH, fake_quantize_pairs
 from service.engine.onnx.ops.random import expected_random_masks, masks_are_expected
 from service.engine.onnx.ops.recurrent import QUANTIZED_STATE
@@ -159,7 +165,7 @@ __all__ = [
 
 def tensor_from_proto(proto: TensorProto) -> torch.Tensor:
     """One copy of a TensorProto's data as a torch tensor (bfloat16 and friends included;
-    float8, which only quantisation ops read)."""
+    float8, which only quantisation ops read; the narrow types, in their holders)."""
     if proto.data_type in FLOAT8_TO_TORCH:
         return _float8_tensor(proto)
     if proto.data_type not in ONNX_TO_TORCH:
@@ -169,9 +175,9 @@ def tensor_from_proto(proto: TensorProto) -> torch.Tensor:
         )
     dtype = ONNX_TO_TORCH[proto.data_type]
     shape = tuple(proto.dims)
-    if proto.data_type in INT4_TO_TORCH:  # packed two a byte: unpacked, one a byte
-        unpacked = onnx.numpy_helper.to_array(proto).astype(str(dtype).removeprefix("torch."))
-        return torch.from_numpy(unpacked).reshape(shape)
+    if proto.data_type in SUB_BYTE_TO_TORCH:  # packed 2 or 4 a byte: unpacked, one a byte
+        unpacked = onnx.numpy_helper.to_array(proto)
+        return sub_byte_tensor(unpacked, proto.data_type).reshape(shape)
     if proto.HasField("raw_data"):
         raw = proto.raw_data
         if not raw:
@@ -723,10 +729,11 @@ def _graphs(graph: GraphProto) -> list[GraphProto]:
     return found
 
 
-# Element types torch holds but computes nothing with (float8), or holds in a wider type (int4
-# and uint4 in int8/uint8, where arithmetic would not wrap at 4 bits): only these ops may read
-# them, so that any other is refused at conversion instead of failing, or differing, mid-run.
-_STORED_ONLY_TYPES = frozenset(FLOAT8_TO_TORCH) | frozenset(INT4_TO_TORCH)
+# Element types torch holds but computes nothing with (float8), or holds in a wider type (int4,
+# int2 and the unsigned ones in int8/uint8, where arithmetic would not wrap; FLOAT4E2M1 in
+# float8_e4m3fn): only these ops may read them, so that any other is refused at conversion
+# instead of failing, or differing, mid-run.
+_STORED_ONLY_TYPES = frozenset(FLOAT8_TO_TORCH) | frozenset(SUB_BYTE_TO_TORCH)
 _READ_STORED_ONLY = frozenset(
     {"Cast", "CastLike", "QuantizeLinear", "DequantizeLinear", "BitCast", "Identity"}
     | {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Shape", "Size"}
@@ -734,7 +741,7 @@ _READ_STORED_ONLY = frozenset(
 
 
 def _stored_only_input(node: NodeProto, domain: str, input_types: list[int]) -> str:
-    """Why `node` cannot read one of its inputs (a float8 or 4-bit value, see above); ""."""
+    """Why `node` cannot read one of its inputs (a float8 or narrow value, see above); ""."""
     if domain not in ("", "ai.onnx") or node.op_type in _READ_STORED_ONLY:
         return ""
     for name, elem_type in zip(node.input, input_types, strict=False):
@@ -750,9 +757,9 @@ def _stored_only_input(node: NodeProto, domain: str, input_types: list[int]) -> 
 def _restore(graph: GraphProto, weights: Mapping[str, torch.Tensor]) -> None:
     for init in graph.initializer:
         tensor = weights.get(init.name)
-        if tensor is not None and init.data_type in INT4_TO_TORCH:
+        if tensor is not None and init.data_type in SUB_BYTE_TO_TORCH:
             if not init.HasField("raw_data") and not init.int32_data:
-                init.raw_data = int4_proto(init.name, tensor, init.data_type).raw_data
+                init.raw_data = sub_byte_proto(init.name, tensor, init.data_type).raw_data
         elif tensor is not None and not init.HasField("raw_data"):
             flat = tensor.detach().contiguous().reshape(-1)
             init.raw_data = flat.view(torch.uint8).numpy().tobytes()

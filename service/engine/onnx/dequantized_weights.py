@@ -14,6 +14,11 @@ with the same scale and zero point held as initializers. The float parameter is 
 source's weight where the quantiser's naming says it (`0.weight_quantized` → `0.weight`). The
 integer initializer stays as it is (a quarter of the float's size), for onnxruntime's copy of
 the model in the conformance check.
+
+Weights of the narrow types (int4, int2, FLOAT4E2M1: held by value, ops/_util.py) are taken the
+same way, with float scales or FLOAT8E8M0 ones (an MXFP4 weight's power-of-two block scales). A
+scale the graph computes (NVFP4's: a DequantizeLinear of float8 block scales) is no initializer:
+such a weight stays as stored, a buffer without gradient.
 """
 
 from __future__ import annotations
@@ -24,14 +29,17 @@ from dataclasses import dataclass
 import torch
 from onnx import GraphProto, NodeProto
 
-from service.engine.onnx.ops._util import FLOAT_DTYPES
-from service.engine.onnx.ops.quantize import DequantizeLinear
+from service.engine.onnx.ops._util import FLOAT_DTYPES, TORCH_TO_ONNX
+from service.engine.onnx.ops.quantize import DequantizeLinear, dequantized_dtype
+from service.engine.onnx.registry import UnsupportedAttribute
 
 # onnxruntime's quantiser writes com.microsoft's Q/DQ (`UseQDQContribOps`, or for int16/int4
 # below opset 21): the same DequantizeLinear (ops/microsoft_quantize.py)
 _DEQUANTIZE_DOMAINS = ("", "ai.onnx", "com.microsoft")
 # onnxruntime's quantiser names a weight's integer copy `<weight>_quantized`
 _QUANTIZED_SUFFIX = "_quantized"
+_SCALE_DTYPES = FLOAT_DTYPES | {torch.float8_e8m0fnu}
+_ATTRS = ("axis", "block_size", "output_dtype")
 
 
 @dataclass
@@ -83,10 +91,15 @@ def _dequantized(
     scale = weights.get(node.input[1])
     zero_name = node.input[2] if len(node.input) > 2 else ""
     zero_point = weights.get(zero_name) if zero_name else None
-    if scale is None or scale.dtype not in FLOAT_DTYPES or (zero_name and zero_point is None):
+    if scale is None or scale.dtype not in _SCALE_DTYPES or (zero_name and zero_point is None):
         return None
-    attrs = {a.name: a.i for a in node.attribute if a.name in ("axis", "block_size")}
-    dequantize = DequantizeLinear(attrs.get("axis", 1), attrs.get("block_size", 0))
+    attrs = {a.name: a.i for a in node.attribute if a.name in _ATTRS}
+    scale_type = TORCH_TO_ONNX[scale.dtype]
+    try:
+        output = dequantized_dtype(attrs.get("output_dtype", 0), scale_type)
+    except UnsupportedAttribute:  # refused with the node, by its builder
+        return None
+    dequantize = DequantizeLinear(attrs.get("axis", 1), attrs.get("block_size", 0), output=output)
     with torch.no_grad():
         return dequantize(tensor, scale, zero_point).contiguous()
 

@@ -22,9 +22,10 @@ from typing import Any, cast
 import numpy as np
 import onnx
 import torch
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from service.engine.onnx.convert import convert
+from service.engine.onnx.ops._util import SUB_BYTE_TO_TORCH, sub_byte_tensor
 from service.errors import UnsupportedModelError
 
 DATA_DIR = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data")
@@ -113,10 +114,13 @@ _ML_DTYPES: dict[str, tuple[type[np.unsignedinteger[Any]], torch.dtype]] = {
     "float8_e4m3fnuz": (np.uint8, torch.float8_e4m3fnuz),
     "float8_e5m2": (np.uint8, torch.float8_e5m2),
     "float8_e5m2fnuz": (np.uint8, torch.float8_e5m2fnuz),
+    "float8_e8m0fnu": (np.uint8, torch.float8_e8m0fnu),
 }
-# 4-bit integers (`ml_dtypes` int4/uint4, one per byte) are held by value in int8/uint8, as
-# the converter holds them (service/engine/onnx/ops/_util.py)
-_INT4_HOLDERS: dict[str, type[np.integer[Any]]] = {"int4": np.int8, "uint4": np.uint8}
+# The types narrower than a byte (`ml_dtypes` int4, int2, float4_e2m1fn, ... one per byte) are
+# held by value in a wider torch dtype, as the converter holds them (ops/_util.py), by name
+_SUB_BYTE_TYPES: dict[str, int] = {
+    helper.tensor_dtype_to_np_dtype(onnx_type).name: onnx_type for onnx_type in SUB_BYTE_TO_TORCH
+}
 
 
 def _from_proto(value: Any) -> Any:
@@ -136,14 +140,14 @@ def _to_torch(value: Any) -> Any:
         value = np.asarray(value)
     if not isinstance(value, np.ndarray) or value.dtype.kind in "OUS":
         return None
-    if value.dtype.name in _INT4_HOLDERS:
-        return torch.from_numpy(value.astype(_INT4_HOLDERS[value.dtype.name]))
+    if value.dtype.name in _SUB_BYTE_TYPES:
+        return sub_byte_tensor(value, _SUB_BYTE_TYPES[value.dtype.name])
     if value.dtype.name in _ML_DTYPES:
         bits, dtype = _ML_DTYPES[value.dtype.name]
         return torch.from_numpy(np.array(value, copy=True).view(bits)).view(dtype)
     try:
         return torch.from_numpy(np.array(value, copy=True))
-    except TypeError:  # int4, float4 and other `ml_dtypes` types torch has no dtype for
+    except TypeError:  # float6 and other `ml_dtypes` types torch has no dtype for
         return None
 
 
@@ -222,10 +226,12 @@ def _mismatch(got: Any, want: Any, case: Case) -> str:
                 return f"element {j}: {mismatch}"
         return ""
     dtype_name = want.dtype.name
-    if dtype_name in _INT4_HOLDERS:  # compared by value in the holder's dtype
-        want = want.astype(_INT4_HOLDERS[dtype_name])
-    if dtype_name in _ML_DTYPES:  # numpy has no arithmetic for them: compare in float32
-        dtype = _ML_DTYPES[dtype_name][1]
+    if dtype_name in _SUB_BYTE_TYPES or dtype_name in _ML_DTYPES:
+        # numpy has no arithmetic for them: compared by value in float32
+        if dtype_name in _SUB_BYTE_TYPES:
+            dtype = SUB_BYTE_TO_TORCH[_SUB_BYTE_TYPES[dtype_name]]
+        else:
+            dtype = _ML_DTYPES[dtype_name][1]
         if not isinstance(got, torch.Tensor) or got.dtype != dtype:
             return f"dtype {getattr(got, 'dtype', type(got).__name__)}, expected {dtype_name}"
         got, want = got.detach().float(), want.astype(np.float32)

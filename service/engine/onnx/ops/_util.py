@@ -4,13 +4,21 @@ UINT16/32/64 are left out on purpose: torch has almost no kernels for them (add,
 shift all raise), so a model using them is refused up front instead of failing mid-run.
 The float8 types are in: torch holds and converts them (graph inputs and outputs, Cast,
 QuantizeLinear/DequantizeLinear) though it computes with none of them, and a model stores
-values in float8 exactly to cast them before any arithmetic. INT4/UINT4 are in, held one
-value per byte in int8/uint8 (torch's own int4/uint4 dtypes are shells: not even a copy works):
-weight-only-quantised models store their weights in them, read by DequantizeLinear. An int8
-tensor that is "really" int4 looks like any int8 one at run time, so whatever depends on the
-4-bit type (Cast/CastLike to it, QuantizeLinear's range) decides it at conversion, from the
-ONNX types (`OpContext.input_type`). INT2/UINT2 stay out, FLOAT4E2M1 too (torch packs it two
-to a byte), and FLOAT8E8M0 (torch's cast rounds up only; Cast has three round modes).
+values in float8 exactly to cast them before any arithmetic. FLOAT8E8M0 (opset 24, the MX
+formats' power-of-two block scale) is one of them, in torch's float8_e8m0fnu; torch's own cast
+to it rounds up only, so Cast computes its three round modes itself (ops/elementwise.py).
+
+The types narrower than a byte are held by value, one per byte, in a torch dtype that holds
+each of their values exactly: INT4/UINT4 and INT2/UINT2 in int8/uint8 (torch's own int4/uint4
+dtypes are shells: not even a copy works), FLOAT4E2M1 in float8_e4m3fn (torch's
+float4_e2m1fn_x2 packs two a byte and converts to nothing). Weight-only-quantised models store
+their weights in them, read by DequantizeLinear. By value, every reader (Cast from them,
+DequantizeLinear, Reshape and the like) reads them as it reads the holder; FLOAT4E2M1's holder
+being a float8 type, it is never taken for a trainable float weight nor computed with, which a
+float32 holder would be, and 4-bit codes in uint8 would need the ONNX type in every reader.
+An int8 tensor that is "really" int4 looks like any int8 one at run time, so whatever depends
+on the narrow type (Cast/CastLike to it, QuantizeLinear's range) decides it at conversion, from
+the ONNX types (`OpContext.input_type`).
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
@@ -28,14 +37,24 @@ FLOAT8_TO_TORCH: dict[int, torch.dtype] = {
     TensorProto.FLOAT8E4M3FNUZ: torch.float8_e4m3fnuz,
     TensorProto.FLOAT8E5M2: torch.float8_e5m2,
     TensorProto.FLOAT8E5M2FNUZ: torch.float8_e5m2fnuz,
+    TensorProto.FLOAT8E8M0: torch.float8_e8m0fnu,
 }
 FLOAT8_DTYPES = frozenset(FLOAT8_TO_TORCH.values())
-# 4-bit integers, one per byte: the torch dtype that holds them and their range
-INT4_TO_TORCH: dict[int, torch.dtype] = {
+# Types narrower than a byte, one value per byte in the torch dtype that holds them (above)
+SUB_BYTE_TO_TORCH: dict[int, torch.dtype] = {
     TensorProto.INT4: torch.int8,
     TensorProto.UINT4: torch.uint8,
+    TensorProto.INT2: torch.int8,
+    TensorProto.UINT2: torch.uint8,
+    TensorProto.FLOAT4E2M1: torch.float8_e4m3fn,
 }
-INT4_RANGES: dict[int, tuple[int, int]] = {TensorProto.INT4: (-8, 7), TensorProto.UINT4: (0, 15)}
+SUB_BYTE_INT_RANGES: dict[int, tuple[int, int]] = {
+    TensorProto.INT4: (-8, 7),
+    TensorProto.UINT4: (0, 15),
+    TensorProto.INT2: (-2, 1),
+    TensorProto.UINT2: (0, 3),
+}
+FLOAT4_MAX = 6.0  # FLOAT4E2M1's largest value (S.11.1); it has no NaN and no infinity
 ONNX_TO_TORCH: dict[int, torch.dtype] = {
     TensorProto.FLOAT: torch.float32,
     TensorProto.DOUBLE: torch.float64,
@@ -50,11 +69,12 @@ ONNX_TO_TORCH: dict[int, torch.dtype] = {
     TensorProto.COMPLEX64: torch.complex64,
     TensorProto.COMPLEX128: torch.complex128,
     **FLOAT8_TO_TORCH,
-    **INT4_TO_TORCH,
+    **SUB_BYTE_TO_TORCH,
 }
-# int8/uint8 are INT8/UINT8 (the 4-bit types' holders never name them)
+# int8/uint8 are INT8/UINT8, float8_e4m3fn FLOAT8E4M3FN (the narrow types' holders never name
+# them)
 TORCH_TO_ONNX: dict[torch.dtype, int] = {
-    v: k for k, v in ONNX_TO_TORCH.items() if k not in INT4_TO_TORCH
+    v: k for k, v in ONNX_TO_TORCH.items() if k not in SUB_BYTE_TO_TORCH
 }
 # The float dtypes torch computes with (not float8's: see the module's docstring).
 FLOAT_DTYPES = {torch.float32, torch.float64, torch.float16, torch.bfloat16}
@@ -69,10 +89,42 @@ def torch_dtype(onnx_type: int) -> torch.dtype:
         raise UnsupportedAttribute(f"element type {name} is not supported") from None
 
 
-def int4_proto(name: str, tensor: torch.Tensor, onnx_type: int) -> TensorProto:
-    """An INT4/UINT4 TensorProto (packed two values a byte) of an int8/uint8 `tensor`."""
-    array = tensor.detach().cpu().contiguous().numpy()
-    return numpy_helper.from_array(array.astype(helper.tensor_dtype_to_np_dtype(onnx_type)), name)
+def _float4_as_e4m3(codes: torch.Tensor) -> torch.Tensor:
+    """FLOAT4E2M1's codes S.EE.M (exponent bias 1) as the float8_e4m3fn bits S.EEEE.MMM
+    (bias 7) of the same values; its subnormal 0.5 (S.00.1) is 2^-1, S.0110.000. In uint8
+    throughout, by arithmetic rather than a table look-up: a weight's index tensor would take
+    eight bytes a value."""
+    sign = (codes & 0x8) << 4
+    exponent, mantissa = (codes >> 1) & 0x3, codes & 0x1
+    normal = ((exponent + 6) << 3) | (mantissa << 2)
+    return (torch.where(exponent > 0, normal, mantissa * (6 << 3)) | sign).view(torch.float8_e4m3fn)
+
+
+def _e4m3_as_float4(held: torch.Tensor) -> torch.Tensor:
+    """The codes of FLOAT4E2M1 values held in float8_e4m3fn: `_float4_as_e4m3` inverted."""
+    bits = held.view(torch.uint8)
+    sign = (bits >> 7) << 3
+    exponent = (bits >> 3) & 0xF
+    normal = ((exponent - 6) << 1) | ((bits >> 2) & 0x1)  # from 1 (exponent 7) on
+    return torch.where(exponent > 6, normal, (exponent == 6).to(torch.uint8)) | sign
+
+
+def sub_byte_tensor(array: np.ndarray, onnx_type: int) -> torch.Tensor:
+    """A narrow type's values (an `ml_dtypes` array, one value per byte: what
+    `onnx.numpy_helper.to_array` unpacks) in the torch dtype that holds them."""
+    holder = SUB_BYTE_TO_TORCH[onnx_type]
+    if onnx_type == TensorProto.FLOAT4E2M1:  # through the codes (a copy: read-only arrays)
+        return _float4_as_e4m3(torch.from_numpy(np.array(array.view(np.uint8))))
+    return torch.from_numpy(array.astype(str(holder).removeprefix("torch.")))
+
+
+def sub_byte_proto(name: str, tensor: torch.Tensor, onnx_type: int) -> TensorProto:
+    """A TensorProto of a narrow type (packed, 2 or 4 values a byte) of its holder `tensor`."""
+    held = tensor.detach().cpu().contiguous()
+    np_type = helper.tensor_dtype_to_np_dtype(onnx_type)
+    if onnx_type == TensorProto.FLOAT4E2M1:  # values on its grid: their codes
+        return numpy_helper.from_array(_e4m3_as_float4(held).numpy().view(np_type), name)
+    return numpy_helper.from_array(held.numpy().astype(np_type), name)
 
 
 def ints(value: Any) -> list[int]:

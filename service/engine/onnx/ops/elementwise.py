@@ -8,13 +8,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from onnx import TensorProto
 
 from service.engine.graph import NodeFn, passthrough
 from service.engine.onnx.ops._util import (
+    FLOAT4_MAX,
     FLOAT8_DTYPES,
     FLOAT_DTYPES,
-    INT4_RANGES,
-    INT4_TO_TORCH,
+    SUB_BYTE_INT_RANGES,
+    SUB_BYTE_TO_TORCH,
     LastTensorMemo,
     as_tensor,
     require,
@@ -230,7 +232,10 @@ def _float8_bounds(dtype: torch.dtype) -> _Float8Bounds:
     return _Float8Bounds(highest, highest + (highest - below) / 2, bool(code & 1))
 
 
-_FLOAT8_BOUNDS = {dtype: _float8_bounds(dtype) for dtype in FLOAT8_DTYPES}
+# (FLOAT8E8M0 has its own rounding: `to_float8e8m0`)
+_FLOAT8_BOUNDS = {
+    dtype: _float8_bounds(dtype) for dtype in FLOAT8_DTYPES if dtype != torch.float8_e8m0fnu
+}
 
 
 def to_float8(x: torch.Tensor, dtype: torch.dtype, saturate: bool) -> torch.Tensor:
@@ -254,8 +259,65 @@ def to_float8(x: torch.Tensor, dtype: torch.dtype, saturate: bool) -> torch.Tens
     return torch.where(bounds.overflows(x), overflow, x).to(dtype)
 
 
-def cast_to(x: torch.Tensor, dtype: torch.dtype, saturate: bool = True) -> torch.Tensor:
-    """ONNX's Cast of `x` to `dtype`; `saturate` applies to float8 targets only."""
+# FLOAT8E8M0 is 2^(code - 127), code 255 NaN; Cast-24's `round_mode`s for it
+_E8M0_BIAS, _E8M0_NAN = 127, 255
+_E8M0_MIN, _E8M0_MAX = 2.0**-127, 2.0**127
+_E8M0_ROUND_MODES = ("up", "down", "nearest")
+
+
+def to_float8e8m0(x: torch.Tensor, saturate: bool, round_mode: str) -> torch.Tensor:
+    """`x` cast to FLOAT8E8M0 as Cast-24's table and onnxruntime have it: log2(x) rounded `up`,
+    `down` or to the `nearest` (1.5 x 2^e, the midpoint, up); NaN stays NaN. Saturating, what
+    lies below 2^-127 (zero, negative values, -inf) is 2^-127 and above 2^127 (+inf) 2^127;
+    not saturating, both are NaN.
+
+    onnx's reference (numpy_helper.to_float8e8m0) differs where the table says nothing
+    (negative values: it takes |x|) and where it does: ±inf give NaN even saturating, zero is
+    2^-127 unsaturated too, and float32 subnormals (2^-127 itself) round as if their exponent
+    field were one. No gradient, like a cast to an integer: its values are exponents."""
+    x = x.detach().to(torch.float32)  # doubles rounded first, as the reference and torch do
+    mantissa, exponent = torch.frexp(x)  # x = mantissa x 2^exponent, mantissa in [0.5, 1)
+    code = exponent.to(torch.int32) - 1 + _E8M0_BIAS  # floor(log2 x), biased, for x > 0
+    if round_mode == "up":
+        code = code + (mantissa > 0.5).to(torch.int32)
+    elif round_mode == "nearest":
+        code = code + (mantissa >= 0.75).to(torch.int32)
+    below, above = x < _E8M0_MIN, x > _E8M0_MAX  # NaN is neither
+    if saturate:
+        code = torch.where(below, 0, torch.where(above, _E8M0_NAN - 1, code))
+    else:
+        code = torch.where(below | above, _E8M0_NAN, code)
+    code = torch.where(x.isnan(), _E8M0_NAN, code)
+    return code.to(torch.uint8).view(torch.float8_e8m0fnu)
+
+
+def to_float4(x: torch.Tensor) -> torch.Tensor:
+    """`x` cast to FLOAT4E2M1, held in float8_e4m3fn (ops/_util.py), as onnx's reference
+    (ml_dtypes) does: rounded to the nearest of ±{0, 0.5, 1, 1.5, 2, 3, 4, 6}, ties to even;
+    ±6 beyond ±6, ±inf included (it has no infinity or NaN, so it always saturates: `saturate`
+    changes nothing); NaN gives -0, as the reference and onnx's backend test data have it
+    (onnx's float4 notes say 6; onnxruntime 1.32 has no such cast). Doubles are rounded to
+    float32 first, as the reference does. The clamp passes no gradient to saturated values, the
+    rounding passes it straight through, as `to_float8`."""
+    x = x.to(torch.float32)
+    bounded = x.clamp(-FLOAT4_MAX, FLOAT4_MAX)
+    magnitude = bounded.detach().abs()
+    # the grid's spacing: 0.5 below 2 (0, 0.5, 1, 1.5), 1 up to 4 (2, 3), 2 from 4 (4, 6)
+    step = torch.where(magnitude < 2, 0.5, torch.where(magnitude < 4, 1.0, 2.0))
+    rounded = torch.copysign(torch.round(magnitude / step) * step, bounded.detach())
+    # the straight-through gradient as `rounded - (b - b)`, not `b + (rounded - b)`: b - b is
+    # +0, and -0 - +0 stays -0 where -0 + +0 would be +0
+    passed = rounded - (bounded.detach() - bounded)
+    return torch.where(x.isnan(), -0.0, passed).to(SUB_BYTE_TO_TORCH[TensorProto.FLOAT4E2M1])
+
+
+def cast_to(
+    x: torch.Tensor, dtype: torch.dtype, saturate: bool = True, round_mode: str = "up"
+) -> torch.Tensor:
+    """ONNX's Cast of `x` to `dtype`; `saturate` applies to float8 targets only, `round_mode`
+    to FLOAT8E8M0."""
+    if dtype == torch.float8_e8m0fnu:
+        return to_float8e8m0(x, saturate, round_mode)
     if dtype in FLOAT8_DTYPES:  # from the same type too: saturating, E5M2's ±inf become ±max
         return to_float8(x, dtype, saturate)
     if x.dtype == dtype:
@@ -268,50 +330,67 @@ def cast_to(x: torch.Tensor, dtype: torch.dtype, saturate: bool = True) -> torch
 
 
 # float → integer conversions beyond int32 give INT_MIN in onnx's reference (ml_dtypes casts
-# through a C int on x86), whose low four bits are 0
+# through a C int on x86), whose low bits are 0
 _INT32_LIMIT = 2.0**31
 
 
-def to_int4(x: torch.Tensor, onnx_type: int) -> torch.Tensor:
-    """`x` cast to INT4/UINT4 as onnx's reference (ml_dtypes) does, held in int8/uint8: floats
-    truncated toward zero (NaN, ±inf and values beyond int32 give 0), then the low four bits
-    kept (wrapping, no saturation: `saturate` is for float8 targets only). No gradient, like
+def to_sub_byte_int(x: torch.Tensor, onnx_type: int) -> torch.Tensor:
+    """`x` cast to INT4/UINT4/INT2/UINT2 as onnx's reference (ml_dtypes) does, held in
+    int8/uint8: floats truncated toward zero (NaN, ±inf and values beyond int32 give 0), then
+    the low four (two) bits kept (wrapping, no saturation: `saturate` is for float8 targets
+    only). onnxruntime 1.32 rounds half away from zero instead of truncating. No gradient, like
     any cast to an integer."""
     if x.dtype in FLOAT8_DTYPES or x.dtype in FLOAT_DTYPES:
         wide = x.detach().to(torch.float64).trunc()
         valid = wide.isfinite() & (wide >= -_INT32_LIMIT) & (wide < _INT32_LIMIT)
         x = torch.where(valid, wide, torch.zeros_like(wide))
-    low_bits = x.to(torch.int64) & 0xF
-    low, _ = INT4_RANGES[onnx_type]
-    if low < 0:  # the sign bit is bit 3
-        low_bits = torch.where(low_bits >= 8, low_bits - 16, low_bits)
-    return low_bits.to(INT4_TO_TORCH[onnx_type])
+    low, high = SUB_BYTE_INT_RANGES[onnx_type]
+    span = high - low + 1  # 16 or 4
+    low_bits = x.to(torch.int64) & (span - 1)
+    if low < 0:  # the top bit is the sign
+        low_bits = torch.where(low_bits > high, low_bits - span, low_bits)
+    return low_bits.to(SUB_BYTE_TO_TORCH[onnx_type])
 
 
-def _caster(onnx_type: int, saturate: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    """ONNX's Cast to `onnx_type` (a torch dtype's, or a 4-bit one's held one per byte)."""
-    if onnx_type in INT4_TO_TORCH:
-        return functools.partial(to_int4, onnx_type=onnx_type)
+def _caster(
+    onnx_type: int, saturate: bool, round_mode: str
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """ONNX's Cast to `onnx_type` (a torch dtype's, or a narrow one's held one per byte)."""
+    if onnx_type == TensorProto.FLOAT4E2M1:
+        return to_float4
+    if onnx_type in SUB_BYTE_INT_RANGES:
+        return functools.partial(to_sub_byte_int, onnx_type=onnx_type)
     dtype = torch_dtype(onnx_type)
-    return functools.partial(cast_to, dtype=dtype, saturate=saturate)
+    return functools.partial(cast_to, dtype=dtype, saturate=saturate, round_mode=round_mode)
+
+
+def _cast_attrs(ctx: OpContext) -> tuple[bool, str]:
+    """`saturate` (opset 19) and `round_mode` (opset 24)."""
+    round_mode = str(ctx.attr("round_mode", "up"))
+    require(
+        round_mode in _E8M0_ROUND_MODES,
+        f"round_mode '{round_mode}' is not one of {_E8M0_ROUND_MODES}",
+    )
+    return bool(ctx.attr("saturate", 1)), round_mode
 
 
 @register("Cast")
 def cast(ctx: OpContext) -> NodeFn:
-    return _caster(int(ctx.attr("to")), bool(ctx.attr("saturate", 1)))  # saturate: opset 19
+    return _caster(int(ctx.attr("to")), *_cast_attrs(ctx))
 
 
 @register("CastLike")
 def cast_like(ctx: OpContext) -> NodeFn:
-    saturate = bool(ctx.attr("saturate", 1))
-    # a 4-bit `like` is an int8/uint8 tensor at run time: its ONNX type decides
+    saturate, round_mode = _cast_attrs(ctx)
+    # a narrow `like` is held in another type at run time (int8, float8_e4m3fn): its ONNX
+    # type decides
     like_type = ctx.input_type(1)
-    if like_type in INT4_TO_TORCH:
-        to_4_bits = _caster(like_type, saturate)
-        return lambda x, like: to_4_bits(x)
+    if like_type in SUB_BYTE_TO_TORCH:
+        to_narrow = _caster(like_type, saturate, round_mode)
+        return lambda x, like: to_narrow(x)
 
     def fn(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return cast_to(x, like.dtype, saturate)
+        return cast_to(x, like.dtype, saturate, round_mode)
 
     return fn
 
@@ -320,7 +399,14 @@ def cast_like(ctx: OpContext) -> NodeFn:
 def bit_cast(ctx: OpContext) -> NodeFn:
     """The same bits read as another type of the same width (torch's `view(dtype)`, which
     carries no gradient: bits have no derivative)."""
-    dtype = torch_dtype(int(ctx.attr("to")))
+    to = int(ctx.attr("to"))
+    # a narrow type's holder holds its value, not its bits
+    for onnx_type in (ctx.input_type(0), to):
+        require(
+            onnx_type not in SUB_BYTE_TO_TORCH,
+            f"BitCast to or from {TensorProto.DataType.Name(onnx_type)} is not supported",
+        )
+    dtype = torch_dtype(to)
     width = torch.empty((), dtype=dtype).element_size()
 
     def fn(x: torch.Tensor) -> torch.Tensor:

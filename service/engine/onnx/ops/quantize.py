@@ -11,9 +11,13 @@ op) computes real integers. Scale and zero point are state, not weights (gradien
 
 Per tensor (a scalar or one-element scale), per axis (`axis`, opset 13) and blocked
 (`block_size`, opset 21) parameters; integer targets int8, uint8, int16, uint16, int4 and uint4
-(opset 21, held in int8/uint8: ops/_util.py) and float8 ones (opset 19, `saturate`). Rounding is
-half to even, like torch.round. A 4-bit target is known at conversion only: from `output_dtype`
-or the zero point's declared ONNX type (an int8 zero point at run time may be an int4 one).
+(opset 21) and int2 and uint2 (opset 25), the narrow ones held in int8/uint8 (ops/_util.py), and
+float ones: float8 (opset 19, `saturate`) and FLOAT4E2M1 (opset 23, held in float8_e4m3fn,
+always saturating: it has no NaN or infinity). Rounding is half to even, like torch.round. A
+narrow target is known at conversion only: from `output_dtype` or the zero point's declared
+ONNX type (an int8 zero point at run time may be an int4 one). Scales may be FLOAT8E8M0
+(opset 24: powers of two, the MX formats' block scales); DequantizeLinear's `output_dtype`
+(opset 23) then names the float type it computes.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ import torch
 from onnx import TensorProto
 
 from service.engine.graph import Node, NodeFn
+from service.engine.onnx.ops._util import FLOAT4_MAX, FLOAT_DTYPES, SUB_BYTE_TO_TORCH, torch_dtype
 from service.engine.onnx.ops._util import FLOAT8_TO_TORCH as FLOAT8_TO_TORCH  # convert.py's
+from service.engine.onnx.ops.elementwise import to_float4
 from service.engine.onnx.registry import OpContext, UnsupportedAttribute, register
 
 
@@ -36,7 +42,9 @@ class QuantizedType:
     storage: torch.dtype  # the torch dtype that holds its values
     low: float
     high: float
+    # a float type (float8, FLOAT4E2M1): values rounded to its grid, not to integers
     is_float8: bool = False
+    is_float4: bool = False  # FLOAT4E2M1: ops/elementwise.to_float4 rounds to its grid
 
 
 _INTEGER_TYPES: dict[int, QuantizedType] = {
@@ -48,30 +56,46 @@ _INTEGER_TYPES: dict[int, QuantizedType] = {
     # held one per byte (ops/_util.py): only the ONNX types tell them from int8/uint8
     TensorProto.INT4: QuantizedType(torch.int8, -8, 7),
     TensorProto.UINT4: QuantizedType(torch.uint8, 0, 15),
+    TensorProto.INT2: QuantizedType(torch.int8, -2, 1),
+    TensorProto.UINT2: QuantizedType(torch.uint8, 0, 3),
 }
-_HELD_IN_OTHERS = frozenset({TensorProto.UINT16, TensorProto.INT4, TensorProto.UINT4})
-_FLOAT8_TYPES: dict[int, QuantizedType] = {
+_HELD_IN_OTHERS = frozenset({TensorProto.UINT16, *SUB_BYTE_TO_TORCH})
+_FLOAT_TYPES: dict[int, QuantizedType] = {
     onnx_type: QuantizedType(dtype, -torch.finfo(dtype).max, torch.finfo(dtype).max, True)
     for onnx_type, dtype in FLOAT8_TO_TORCH.items()
+    if onnx_type != TensorProto.FLOAT8E8M0  # a scale type, never a target
 }
-QUANTIZED_TYPES: dict[int, QuantizedType] = {**_INTEGER_TYPES, **_FLOAT8_TYPES}
+_FLOAT_TYPES[TensorProto.FLOAT4E2M1] = QuantizedType(
+    SUB_BYTE_TO_TORCH[TensorProto.FLOAT4E2M1], -FLOAT4_MAX, FLOAT4_MAX, True, is_float4=True
+)
+QUANTIZED_TYPES: dict[int, QuantizedType] = {**_INTEGER_TYPES, **_FLOAT_TYPES}
 # a zero point's torch dtype → its type (an int32 zero point is no Q target; an int8 one is
-# INT8 unless its ONNX type says INT4: `_declared_type`)
+# INT8 unless its ONNX type says INT4 or INT2, a float8_e4m3fn one FLOAT8E4M3FN unless it says
+# FLOAT4E2M1: `_declared_type`)
 _BY_STORAGE = {q.storage: q for t, q in QUANTIZED_TYPES.items() if t not in _HELD_IN_OTHERS}
+# the opset that made a target type a QuantizeLinear output (the older ones: its `output_dtype`'s)
+_TARGET_SINCE: dict[int, int] = {
+    TensorProto.FLOAT4E2M1: 23,
+    TensorProto.INT2: 25,
+    TensorProto.UINT2: 25,
+}
 
 
 def _declared_type(ctx: OpContext) -> QuantizedType | None:
-    """The declared target type (`output_dtype`, opset 21), or a 4-bit zero point's ONNX type,
+    """The declared target type (`output_dtype`, opset 21), or a narrow zero point's ONNX type,
     or None: the zero point's, else uint8, decided when the zero point is seen."""
     declared = int(ctx.attr("output_dtype", 0) or 0)
     if not declared:
         zero_point_type = ctx.input_type(2)
-        if zero_point_type in (TensorProto.INT4, TensorProto.UINT4):
+        if zero_point_type in SUB_BYTE_TO_TORCH:
             return QUANTIZED_TYPES[zero_point_type]
         return None
+    name = TensorProto.DataType.Name(declared)
     if declared not in QUANTIZED_TYPES:
-        name = TensorProto.DataType.Name(declared)
         raise UnsupportedAttribute(f"output_dtype {name} is not supported")
+    since = _TARGET_SINCE.get(declared, 0)
+    if ctx.opset < since:
+        raise UnsupportedAttribute(f"output_dtype {name} is not supported before opset {since}")
     return QUANTIZED_TYPES[declared]
 
 
@@ -145,6 +169,9 @@ class QuantizeLinear:
         offset = 0.0 if zero_point is None else _along(zero_point, x, self.axis, self.block_size)
         if isinstance(offset, torch.Tensor):
             offset = offset.to(torch.float32).to(compute)
+        if target.is_float4:  # saturating and rounding, gradients as for float8 below
+            grid = to_float4(scaled + offset)
+            return grid.to(compute) if self.fake else grid.detach()
         if target.is_float8:  # zero point 0 (ONNX requires it); saturation before the cast
             bounded = _saturated(scaled + offset, target, self.saturate)
             grid = bounded.detach().to(target.storage)
@@ -167,15 +194,22 @@ class DequantizeLinear:
     axis: int
     block_size: int
     scale_factor: float = 1.0  # as QuantizeLinear's
+    # `output_dtype` (opset 23), else the scale's type. The product is computed in the scale's
+    # float type (float32 for a FLOAT8E8M0 one, which holds it exactly) and then cast, as onnx's
+    # reference does.
+    output: torch.dtype | None = None
 
     def __call__(
         self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None = None
     ) -> torch.Tensor:
+        if scale.dtype not in FLOAT_DTYPES:  # FLOAT8E8M0
+            scale = scale.to(torch.float32)
         values = x.to(scale.dtype)
         if zero_point is not None:
             offset = _along(zero_point, x, self.axis, self.block_size)
             values = values - offset.to(torch.float32).to(scale.dtype)
-        return values * (_along(scale, x, self.axis, self.block_size) * self.scale_factor)
+        product = values * (_along(scale, x, self.axis, self.block_size) * self.scale_factor)
+        return product if self.output is None else product.to(self.output)
 
 
 @register("QuantizeLinear", since=10)
@@ -189,11 +223,24 @@ for _since in (13, 19, 21, 23):
     register("QuantizeLinear", since=_since)(quantize_linear)
 
 
+def dequantized_dtype(output_dtype: int, scale_type: int) -> torch.dtype | None:
+    """DequantizeLinear's `output_dtype` as a torch dtype (None: the scale's type); refuses what
+    is no float type torch computes with, and a FLOAT8E8M0 scale without one."""
+    if not output_dtype:
+        if scale_type == TensorProto.FLOAT8E8M0:
+            raise UnsupportedAttribute("a FLOAT8E8M0 scale needs output_dtype")
+        return None
+    dtype = torch_dtype(output_dtype)
+    if dtype not in FLOAT_DTYPES:
+        name = TensorProto.DataType.Name(output_dtype)
+        raise UnsupportedAttribute(f"output_dtype {name} is not supported")
+    return dtype
+
+
 @register("DequantizeLinear", since=10)
 def dequantize_linear(ctx: OpContext) -> NodeFn:
-    if int(ctx.attr("output_dtype", 0) or 0):
-        raise UnsupportedAttribute("output_dtype is not supported (the scale's type is)")
-    return DequantizeLinear(*_attrs(ctx))
+    output = dequantized_dtype(int(ctx.attr("output_dtype", 0) or 0), ctx.input_type(1))
+    return DequantizeLinear(*_attrs(ctx), output=output)
 
 
 for _since in (13, 19, 21, 23):
