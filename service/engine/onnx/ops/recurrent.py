@@ -663,8 +663,9 @@ def dynamic_quantize_lstm(ctx: OpContext) -> RecurrentFn:
     LSTM (quantized_lstm.py); a node that reaches this builder is one it could not rewrite."""
     raise UnsupportedAttribute(
         "converted only in quantize_dynamic's form: no sequence_lens, and W, R and their "
-        "scales and zero points stored as initializers (quantise the float model without "
-        "sequence_lens)"
+        "scales and zero points stored as initializers (to keep the LSTM in float, quantise "
+        "the float model with quantize_dynamic(..., op_types_to_quantize=[...]) leaving out "
+        "'LSTM')"
     )
 
 
