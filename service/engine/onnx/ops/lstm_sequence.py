@@ -24,6 +24,7 @@ i, o, f, c. Other LSTMs take the unrolled path in recurrent.py.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, cast
 
 import torch
@@ -48,6 +49,7 @@ def lstm_direction(
     *,
     recurrent_bias: Tensor | None = None,
     onnx_shapes: bool = False,
+    state_quantizer: StateQuantizer | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One direction of an ONNX LSTM node: B is the node's bias row [8H] (Wb then Rb), each half
     in the gates' order (`gate_blocks`, see lstm_sequence), or the input-side bias [4H] with
@@ -65,6 +67,7 @@ def lstm_direction(
         gate_blocks,
         recurrent_bias=recurrent_bias,
         onnx_shapes=onnx_shapes,
+        state_quantizer=state_quantizer,
     )
 
 
@@ -81,6 +84,7 @@ def lstm_sequence(
     *,
     recurrent_bias: Tensor | None = None,
     onnx_shapes: bool = False,
+    state_quantizer: StateQuantizer | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(Y [T, B, H], h_T [B, H], c_T [B, H]) for X [T, B, I], W [4H, I], R [4H, H] (either may
     carry a leading direction axis of 1), h0/c0 with B·H elements, and the biases as
@@ -89,6 +93,11 @@ def lstm_sequence(
 
     `gate_blocks`: which H-wide block of W, R and bias holds the gates i, o, f, c; None for
     ONNX's order [0, 1, 2, 3]; torch's parameters (i, f, g, o) are [0, 3, 1, 2].
+
+    `state_quantizer`: what the recurrent product reads instead of h_{t-1} (a dynamically
+    quantised LSTM's rounding, ops/recurrent.py QUANTIZED_STATE), its gradient passed straight
+    through: the forward runs the Python loop on any device (the C++ and CUDA loops read h as
+    it is), the backward is the usual one, with R's gradient from the values it read.
 
     Where the CPU Function applies (the usual case) the whole call, the reverse direction's
     time flip and the outputs' shapes included, is ONE autograd node: the views, slices and
@@ -101,8 +110,9 @@ def lstm_sequence(
         X, W, R, h0, c0 = (t.to(dtype) for t in (X, W, R, h0, c0))
         bias = None if bias is None else bias.to(dtype)
         recurrent_bias = None if recurrent_bias is None else recurrent_bias.to(dtype)
-    fused = lstm_fused_cell.available(X)
-    if blocks != ONNX_GATE_BLOCKS and not fused and native_loops(X) is None:
+    fused = lstm_fused_cell.available(X) and state_quantizer is None
+    python_forward = state_quantizer is not None or (not fused and native_loops(X) is None)
+    if blocks != ONNX_GATE_BLOCKS and python_forward:
         # the Python loops read ONNX's order
         hidden = R.shape[-1]
         W = reorder_blocks(W.reshape(-1, W.shape[-1]), blocks)
@@ -110,12 +120,28 @@ def lstm_sequence(
         summed = summed_bias(bias, recurrent_bias, hidden)
         bias = None if summed is None else reorder_blocks(summed, blocks)
         recurrent_bias, blocks = None, ONNX_GATE_BLOCKS
-    args = (X, W, R, bias, recurrent_bias, h0, c0, hidden_grads, reverse, blocks, onnx_shapes)
+    args = (
+        X,
+        W,
+        R,
+        bias,
+        recurrent_bias,
+        h0,
+        c0,
+        hidden_grads,
+        reverse,
+        blocks,
+        onnx_shapes,
+        state_quantizer,
+    )
     if not autocast:
         return _LSTMSequence.apply(*args)
     with torch.autocast(device_type, enabled=False):  # the loops' buffers keep one dtype
         return _LSTMSequence.apply(*args)
 
+
+# What a step's recurrent product reads instead of h_{t-1} (see lstm_sequence)
+StateQuantizer = Callable[[Tensor], Tensor]
 
 # Which H-wide block of the gate axis holds i, o, f, c: ONNX's order
 ONNX_GATE_BLOCKS = [0, 1, 2, 3]
@@ -140,6 +166,7 @@ class _LSTMSequence(torch.autograd.Function):
         reverse: bool,
         gate_blocks: list[int],
         onnx_shapes: bool,
+        state_quantizer: StateQuantizer | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         ctx.plan_shapes = (
             (X.shape, W.shape, R.shape, h0.shape, c0.shape),
@@ -152,7 +179,7 @@ class _LSTMSequence(torch.autograd.Function):
         ctx.gate_blocks = tuple(gate_blocks)
         # unused outputs' gradients stay None (no zero-filled [B, H] pair per call)
         ctx.set_materialize_grads(False)
-        ctx.fused = lstm_fused_cell.available(X)
+        ctx.fused = lstm_fused_cell.available(X) and state_quantizer is None
         if ctx.fused:
             # the whole node in one function, replayed as a CUDA graph once its inputs repeat
             # (pooled_cuda_graphs.py). `states`: h0 then every h_t [T + 1, B, H] in the order
@@ -184,15 +211,20 @@ class _LSTMSequence(torch.autograd.Function):
         summed = summed_bias(bias, recurrent_bias, hidden)
         projected = _cpu_products.linear(X, W, summed)  # [T, B, 4H]: all steps at once
         loops = native_loops(X)
-        if loops is not None:
+        # R's gradient reads h_{t-1} as the steps read it: Y (h0 apart), or what was read
+        read: Tensor | None = None
+        if loops is not None and state_quantizer is None:
             packed_R = _cpu_products.packed_step_weight(R, batch)
             gates, cells, tanh_cells, Y = loops.lstm_forward(
                 projected.contiguous(), R, h0, c0, gate_blocks, packed_R
             )
         else:
             assert gate_blocks == ONNX_GATE_BLOCKS, "the Python loops read ONNX's gate order"
-            gates, cells, tanh_cells, Y = _forward_steps(projected, R, h0, c0)
-        ctx.save_for_backward(X, W, R, h0, c0, gates, cells, tanh_cells, Y)
+            gates, cells, tanh_cells, Y, read = _forward_steps(
+                projected, R, h0, c0, state_quantizer
+            )
+        hiddens = Y if read is None else read
+        ctx.save_for_backward(X, W, R, h0, c0, gates, cells, tanh_cells, hiddens)
         ctx.loops = loops
         # h_T and c_T as their own tensors: views of Y or of a saved buffer could be changed
         # in place by a caller and corrupt the backward
@@ -248,7 +280,7 @@ class _LSTMSequence(torch.autograd.Function):
             if collect:
                 assert dhidden is not None
                 ctx.hidden_grads.append(dhidden)
-            return (*fused_grads, None, None, None, None)
+            return (*fused_grads, None, None, None, None, None)
         steps, batch, hidden = cells.shape
         if dY is None:
             dY = cells.new_zeros(steps, batch, hidden)
@@ -271,7 +303,7 @@ class _LSTMSequence(torch.autograd.Function):
         if collect:
             ctx.hidden_grads.append(dhidden.flip(0) if ctx.reverse else dhidden)
         grads = input_grads(plan, X, W, R, h0, hiddens, dgates, dc0)
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
 
 _kept: dict[tuple[int, int, torch.dtype, torch.device], Tensor] = {}
@@ -290,10 +322,16 @@ def _kept_zeros(batch: int, hidden: int, like: Tensor) -> Tensor:
 
 
 def _forward_steps(
-    projected: Tensor, R: Tensor, h0: Tensor, c0: Tensor
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The forward loop in Python (where the C++ one is not built, and for other dtypes):
-    (activated gates i, o, f, c [T, B, 4H], cells, tanh(cells), Y [T, B, H])."""
+    projected: Tensor,
+    R: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    state_quantizer: StateQuantizer | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """The forward loop in Python (where the C++ one is not built, for other dtypes, and with a
+    `state_quantizer`): (activated gates i, o, f, c [T, B, 4H], cells, tanh(cells), Y [T, B, H],
+    and with a quantizer the h_{t-1} each step read, [T + 1, B, H] as input_grads takes such a
+    buffer (its last row unused), else None)."""
     steps, batch = projected.shape[0], projected.shape[1]
     hidden = R.shape[1]
     gates = torch.empty_like(projected)
@@ -306,8 +344,11 @@ def _forward_steps(
     i_t, o_t, f_t = (gates[..., k * hidden : (k + 1) * hidden].unbind(0) for k in range(3))
     c_t, tc_t, y_t = cells.unbind(0), tanh_cells.unbind(0), Y.unbind(0)
     R_t = R.t().contiguous()  # row-major operands: MKL is 1.5-3x slower on a transposed view
+    read = None if state_quantizer is None else projected.new_zeros(steps + 1, batch, hidden)
     h, c = h0, c0
     for t in range(steps):
+        if read is not None and state_quantizer is not None:
+            h = read[t].copy_(state_quantizer(h))
         pre = torch.addmm(p_t[t], h, R_t, out=g_t[t])  # x_t·Wᵀ + b + h_{t-1}·Rᵀ
         torch.sigmoid(pre[:, : 3 * hidden], out=sig_t[t])
         torch.tanh(pre[:, 3 * hidden :], out=cand_t[t])
@@ -316,7 +357,7 @@ def _forward_steps(
         torch.tanh(c_t[t], out=tc_t[t])
         torch.mul(o_t[t], tc_t[t], out=y_t[t])
         h, c = y_t[t], c_t[t]
-    return gates, cells, tanh_cells, Y
+    return gates, cells, tanh_cells, Y, read
 
 
 def _backward_steps(

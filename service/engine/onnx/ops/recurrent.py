@@ -228,8 +228,9 @@ class RecurrentFn:
         # of their own. Set by the LSTM builder; None: every node goes through `sequence_fn`.
         self.layer_fn: SequenceFn | None = None
         # What the recurrent product reads instead of h_{t-1}, where the model quantises it at
-        # every step (onnxruntime's DynamicQuantizeLSTM, see QUANTIZED_STATE); the unrolled
-        # path alone applies it. Only for an LSTM: its h_{t-1} enters a step through R alone.
+        # every step (onnxruntime's DynamicQuantizeLSTM, see QUANTIZED_STATE), in the unrolled
+        # path (the whole-sequence function is given its own). Only for an LSTM: its h_{t-1}
+        # enters a step through R alone.
         self.state_quantizer: Callable[[Tensor], Tensor] | None = None
 
     def __call__(
@@ -271,11 +272,7 @@ class RecurrentFn:
         self.step_hidden = []
         self.hidden_grads = [[] for _ in range(s.directions)]
         whole_sequence = (
-            self.whole_sequence
-            and P is None
-            and valid is None
-            and not self.record_steps
-            and self.state_quantizer is None
+            self.whole_sequence and P is None and valid is None and not self.record_steps
         )
         if self.gate_blocks is not None and not (whole_sequence and steps > 0):
             # the step functions read ONNX's order: gather the gate blocks into it
@@ -334,7 +331,6 @@ class RecurrentFn:
         if (
             self.layer_fn is None
             or not self.whole_sequence
-            or self.state_quantizer is not None
             or self.record_steps
             or s.directions != 1
             or s.layout != 0
@@ -632,11 +628,15 @@ def gru(ctx: OpContext) -> RecurrentFn:
 QUANTIZED_STATE = "gradhealth_quantized_state"
 
 
-def _dynamically_fake_quantized(h: Tensor) -> Tensor:
-    """h's values after DynamicQuantizeLinear and back, with h's gradient."""
+def _dynamically_dequantized(h: Tensor) -> Tensor:
+    """h's values after DynamicQuantizeLinear and back (what the quantised product reads)."""
     q, scale, zero_point = dynamic_quantization(h)
-    dequantized = (q.to(torch.float32) - zero_point.to(torch.float32)) * scale
-    return h + (dequantized.to(h.dtype) - h).detach()
+    return ((q.to(torch.float32) - zero_point.to(torch.float32)) * scale).to(h.dtype)
+
+
+def _dynamically_fake_quantized(h: Tensor) -> Tensor:
+    """`_dynamically_dequantized` with h's gradient: exactly its values (h − h is 0)."""
+    return _dynamically_dequantized(h) + (h - h.detach())
 
 
 @register("LSTM", since=7)
@@ -647,13 +647,20 @@ def lstm(ctx: OpContext) -> RecurrentFn:
         raise UnsupportedAttribute(f"input_forget {input_forget}: expected 0 or 1")
     make = functools.partial(_lstm_step, input_forget=bool(input_forget))
     fn = RecurrentFn(settings, make, gates=4, has_cell=True, linear_recurrence=True)
-    if int(ctx.attr(QUANTIZED_STATE, 0)):
+    quantized = bool(int(ctx.attr(QUANTIZED_STATE, 0)))
+    if quantized:  # the unrolled path's (peepholes, sequence_lens, ...)
         fn.state_quantizer = _dynamically_fake_quantized
-        return fn  # the unrolled path: the whole-sequence ones read h_{t-1} as it is
     if not input_forget:  # peepholes (an input, P) are checked per call
-        _use_sequence_fn(fn, lstm_direction, torch.sigmoid, torch.tanh, torch.tanh)
+        # lstm_direction itself where it reads h_{t-1} rounded (in its autograd Function: the
+        # values alone)
+        sequence_fn = (
+            functools.partial(lstm_direction, state_quantizer=_dynamically_dequantized)
+            if quantized
+            else lstm_direction
+        )
+        _use_sequence_fn(fn, sequence_fn, torch.sigmoid, torch.tanh, torch.tanh)
         if fn.whole_sequence:
-            fn.layer_fn = functools.partial(lstm_direction, onnx_shapes=True)
+            fn.layer_fn = functools.partial(sequence_fn, onnx_shapes=True)
     return fn
 
 
