@@ -1,4 +1,4 @@
-"""Session 12's ops on CUDA: the same outputs and input gradients as on the CPU.
+"""Session 12's and 13's ops on CUDA: the same outputs and input gradients as on the CPU.
 
 The com.microsoft transformer ops (EmbedLayerNormalization, RotaryEmbedding, MultiHeadAttention,
 GroupQueryAttention), the integer products (MatMulInteger, ConvInteger, QLinearConv: float64
@@ -23,6 +23,8 @@ from onnx import helper
 from service.engine.onnx.convert import convert
 from tests.support.recurrent_zoo import as_outputs, build_node_fn
 from tests.unit.onnx import test_integer_ops as integer_ops
+from tests.unit.onnx import test_microsoft_fused_integer as fused
+from tests.unit.onnx import test_microsoft_qlinear as qlinear
 from tests.unit.onnx import test_microsoft_transformer as transformer
 from tests.unit.onnx import test_pool_col2im_optional as pools
 
@@ -64,7 +66,73 @@ def _node_cases() -> list[tuple[str, onnx.NodeProto, list[np.ndarray | None]]]:
     return cases
 
 
-NODE_CASES = _node_cases()
+def _quantized_node_cases() -> list[tuple[str, onnx.NodeProto, list[np.ndarray | None]]]:
+    """Session 13's integer ops: the QOperator format's and onnxruntime's fused ones. Only ops
+    whose CPU result does not hang on a transcendental function's last bit (QLinearSigmoid,
+    QLinearSoftmax and QLinearAveragePool round a float that may differ by an ulp on another
+    device: one step of their output, not a fault)."""
+    rng = np.random.default_rng(13)
+    cases: list[tuple[str, onnx.NodeProto, list[np.ndarray | None]]] = []
+
+    def add(case_id: str, op: str, inputs: list[Any], **attrs: Any) -> None:
+        names = [f"in{i}" if v is not None else "" for i, v in enumerate(inputs)]
+        node = helper.make_node(op, names, ["y"], domain=MS, **attrs)
+        cases.append((case_id, node, inputs))
+
+    for dtype in (np.uint8, np.int8):
+        name = np.dtype(dtype).name
+        for op in ("QLinearAdd", "QLinearMul"):
+            values = qlinear._binary_params(rng, dtype)
+            values["a"] = qlinear._ints(rng, dtype, (2, 3, 5))
+            values["b"] = qlinear._ints(rng, dtype, (5,))
+            add(f"{op}_{name}", op, [values[key] for key in qlinear._BINARY_ORDER])
+        act = qlinear._activation_params(rng, dtype)
+        x = qlinear._ints(rng, dtype, (2, 4, 3, 3))
+        add(f"leaky_relu_{name}", "QLinearLeakyRelu", [x, *act.values()], alpha=0.1)
+        add(f"global_pool_{name}", "QLinearGlobalAveragePool", [x, *act.values()])
+        parts = [qlinear._ints(rng, dtype, (2, k, 4)) for k in (1, 2, 3)]
+        scales = [(qlinear._scale(rng), qlinear._ints(rng, dtype, ())) for _ in parts]
+        concat: list[Any] = [qlinear._scale(rng), qlinear._ints(rng, dtype, ())]
+        for part, (scale, zero) in zip(parts, scales, strict=True):
+            concat += [part, scale, zero]
+        add(f"concat_{name}", "QLinearConcat", concat, axis=1)
+    for per_column, float_output in ((False, False), (True, True)):
+        feeds, params = qlinear._qgemm_inputs(rng, np.uint8, np.int8, per_column, True)
+        inputs: list[Any] = [feeds["a"], *params.values()]
+        if not float_output:
+            inputs += [qlinear._scale(rng, 0.05, 0.5), qlinear._ints(rng, np.uint8, ())]
+        add(f"qgemm_{per_column}_{float_output}", "QGemm", inputs, alpha=0.75, transB=1)
+    weight = fused._weight(rng, np.int8, per_column=True, zero_point=True)
+    a = (rng.standard_normal((2, 3, fused.K)) * 2).astype(np.float32)
+    bias = rng.standard_normal(fused.N).astype(np.float32)
+    add("dynamic_quantize_matmul", "DynamicQuantizeMatMul", [a, *weight.values(), bias])
+    a_q = fused._ints(rng, np.uint8, 2, 3, fused.K)
+    a_scale, a_zero = np.array(0.03, np.float32), fused._ints(rng, np.uint8)
+    add(
+        "matmul_integer_to_float",
+        "MatMulIntegerToFloat",
+        [a_q, weight["B"], a_scale, weight["b_scale"], a_zero, weight["b_zero_point"], bias],
+    )
+    attention = fused._q_attention_inputs(np.int8, True, "lengths")
+    add("q_attention", "QAttention", list(attention.values())[:8], num_heads=fused.HEADS)
+    embed = fused._q_embed_inputs(np.uint8, True, "binary")
+    cases.append(
+        (
+            "q_embed_layer_norm",
+            helper.make_node(
+                "QEmbedLayerNormalization",
+                [f"in{i}" if v is not None else "" for i, v in enumerate(embed.values())],
+                ["y", "mask_index"],
+                domain=MS,
+                epsilon=1e-12,
+            ),
+            list(embed.values()),
+        )
+    )
+    return cases
+
+
+NODE_CASES = _node_cases() + _quantized_node_cases()
 
 
 def _float_leaves(values: Sequence[Any], device: str) -> list[torch.Tensor | None]:

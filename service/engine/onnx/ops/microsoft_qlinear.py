@@ -123,11 +123,12 @@ def qlinear_sigmoid(ctx: OpContext) -> NodeFn:
 
 def _add_multipliers(a_scale: Tensor, b_scale: Tensor, c_scale: Tensor) -> tuple[int, int, int]:
     """MLAS's QLinearAdd parameters: the ratios a_scale/c_scale and b_scale/c_scale as integers
-    with 22 significant bits for the greater, and the shift that scales them back."""
+    with 22 significant bits for the greater, and the shift that scales them back. (Host
+    numbers: the scales are the kernel's constants, whatever tracks their gradient.)"""
     ratios = [
         float(
-            scalar_param(s, "scale").to(torch.float32).cpu()
-            / scalar_param(c_scale, "c_scale").cpu()
+            scalar_param(s, "scale").detach().to(torch.float32).cpu()
+            / scalar_param(c_scale, "c_scale").detach().cpu()
         )
         for s in (a_scale, b_scale)
     ]
@@ -341,7 +342,7 @@ def qlinear_softmax(ctx: OpContext) -> NodeFn:
         last = axis % x.dim() if x.dim() else 0
         rows = x.reshape(*x.shape[:last], -1) if coerced else x.movedim(last, -1)
         length = rows.shape[-1]
-        scale = float(scalar_param(x_scale, "x_scale").to(torch.float32))
+        scale = float(scalar_param(x_scale, "x_scale").detach().to(torch.float32))
         shift = max(0.0, math.log(torch.finfo(torch.float32).max / length) - _RESERVED_BITS) / scale
         # (x_zero_point cancels: the table is read at x − max)
         offset = rows.to(torch.float64) - rows.amax(dim=-1, keepdim=True).to(torch.float64)
