@@ -38,6 +38,11 @@ from service.engine.onnx.conformance import check_conversion
 from service.engine.onnx.convert import convert
 from service.engine.options import DiagnoseOptions
 from service.engine.pipeline import diagnose
+from tests.support.quantized_reference import (
+    dequantized_leaf,
+    fake_dynamic_quantized,
+    initializers,
+)
 from tests.support.recurrent_zoo import run_onnxruntime
 from tests.unit.engine.measure_support import npz_bytes
 
@@ -69,28 +74,6 @@ def _optimized(model: onnx.ModelProto, folder: Path) -> onnx.ModelProto:
 
 def _ops(model: onnx.ModelProto) -> set[str]:
     return {node.op_type for node in model.graph.node}
-
-
-def _initializers(model: onnx.ModelProto) -> dict[str, torch.Tensor]:
-    return {
-        i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in model.graph.initializer
-    }
-
-
-def _dequantized(init: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-    """`name`'s integer weight as a float leaf: (q − zero point) · scale, per tensor or column."""
-    q, s, z = (init[f"{name}_{part}"].double() for part in ("quantized", "scale", "zero_point"))
-    return ((q - z) * s).float().requires_grad_()
-
-
-def _fake(v: torch.Tensor) -> torch.Tensor:
-    """DynamicQuantizeLinear → DequantizeLinear of `v`, its rounding passed straight through."""
-    d = v.detach()  # the range widened to 0, in float32 as the op computes it
-    low, high = d.min().clamp(max=0), d.max().clamp(min=0)
-    scale = (high - low) / 255
-    zero = torch.round((-low / scale).clamp(0, 255))
-    q = torch.clamp(torch.round(d / scale) + zero, 0, 255)
-    return v + ((q - zero) * scale - v).detach()
 
 
 def _converted(model: onnx.ModelProto) -> ObservableGraph:
@@ -164,18 +147,20 @@ def optimized_mlp(
 
 def _mlp_reference(model: onnx.ModelProto) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The optimised MLP in torch from its initializers: y and the gradients of sum(y²)."""
-    init = _initializers(model)
+    init = initializers(model)
     # each fused node reads its weight at input 1 and its bias last: layer → weight name
     weight = {
         node.input[-1].removesuffix(".bias"): node.input[1].removesuffix("_quantized")
         for node in model.graph.node
         if node.domain == MS
     }
-    leaves = {weight[layer]: _dequantized(init, weight[layer]) for layer in ("fc1", "fc2", "fc3")}
+    leaves = {
+        weight[layer]: dequantized_leaf(init, weight[layer]) for layer in ("fc1", "fc2", "fc3")
+    }
     leaves |= {f"{n}.bias": init[f"{n}.bias"].clone().requires_grad_() for n in weight}
 
     def linear(x: torch.Tensor, layer: str) -> torch.Tensor:
-        return _fake(x) @ leaves[weight[layer]] + leaves[f"{layer}.bias"]
+        return fake_dynamic_quantized(x) @ leaves[weight[layer]] + leaves[f"{layer}.bias"]
 
     y = linear(torch.relu(linear(X, "fc1")), "fc2") + linear(X, "fc3")
     return y.detach(), _gradients(y.square().sum(), leaves)
@@ -332,19 +317,19 @@ def optimized_bert(tmp_path_factory: pytest.TempPathFactory) -> onnx.ModelProto:
 
 def _bert_reference(model: onnx.ModelProto) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The quantised layer in torch from its initializers: y and the float leaves."""
-    init = _initializers(model)
-    leaves = {name: _dequantized(init, name) for name in (*TABLES, *PROJECTIONS)}
+    init = initializers(model)
+    leaves = {name: dequantized_leaf(init, name) for name in (*TABLES, *PROJECTIONS)}
     leaves |= {n: init[n].clone().requires_grad_() for n in ("qkv_bias", "out_bias")}
     ids, segments, mask = (torch.from_numpy(FEEDS[n]).long() for n in FEEDS)
     summed = leaves["word"][ids] + leaves["position"][:SEQ] + leaves["segment"][segments]
     embedded = F.layer_norm(summed, (HIDDEN,), leaves["gamma"], leaves["beta"], eps=1e-12)
-    qkv = _fake(embedded) @ leaves["qkv_weight"] + leaves["qkv_bias"]
+    qkv = fake_dynamic_quantized(embedded) @ leaves["qkv_weight"] + leaves["qkv_bias"]
     q, k, v = (t.reshape(BATCH, SEQ, HEADS, -1).transpose(1, 2) for t in qkv.split(HIDDEN, -1))
     # mask_index: each row's count of 1s, a right-padded length; padding adds -10000
     keep = torch.arange(SEQ) < (mask == 1).sum(-1).reshape(BATCH, 1, 1, 1)
     scores = q @ k.transpose(-1, -2) / math.sqrt(HIDDEN // HEADS) + torch.where(keep, 0, -1e4)
     attended = (scores.softmax(-1) @ v).transpose(1, 2).reshape(BATCH, SEQ, HIDDEN)
-    return _fake(attended) @ leaves["out_weight"] + leaves["out_bias"], leaves
+    return fake_dynamic_quantized(attended) @ leaves["out_weight"] + leaves["out_bias"], leaves
 
 
 def _check_bert(model: onnx.ModelProto) -> list[str]:

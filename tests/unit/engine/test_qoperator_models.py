@@ -29,6 +29,7 @@ from service.engine.onnx.convert import convert
 from service.engine.options import DiagnoseOptions
 from service.engine.pipeline import diagnose
 from tests.support.export import to_onnx
+from tests.support.quantized_reference import initializers
 from tests.support.recurrent_zoo import run_onnxruntime
 from tests.unit.engine.measure_support import npz_bytes
 
@@ -123,19 +124,12 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return copied
 
 
-def _initializers(model: onnx.ModelProto) -> dict[str, torch.Tensor]:
-    return {
-        i.name: torch.from_numpy(onnx.numpy_helper.to_array(i).copy())
-        for i in model.graph.initializer
-    }
-
-
 class _FakeQuantized:
     """The quantised model's own parameters in torch: fake quantisation as a QuantizeLinear →
     DequantizeLinear pair computes it, dequantized weights (leaves with gradients)."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
-        self.init = _initializers(model)
+        self.init = initializers(model)
         self.weights: dict[str, torch.Tensor] = {}
 
     def fake(self, x: torch.Tensor, value: str) -> torch.Tensor:
@@ -224,7 +218,7 @@ def test_the_forward_is_onnxruntimes(case: tuple[str, onnx.ModelProto]) -> None:
     x = _CASES[name][0]
     (expected,) = run_onnxruntime(model, {"x": x.numpy()})
     output = model.graph.output[0].name
-    step = float(_initializers(model)[f"{output}_scale"])
+    step = float(initializers(model)[f"{output}_scale"])
     with torch.no_grad():
         (got,) = convert(_copy(model)).run([x])
     # a few output steps at most (a float rounding near a boundary); here none
@@ -268,7 +262,7 @@ def test_the_diagnosis_of_a_qoperator_model_reports_the_rewrite(cnn: onnx.ModelP
     assert any("onnxruntime's QOperator format" in n for n in report.notes)
     assert report.model.conversion is not None
     assert report.model.conversion.max_abs_error is not None
-    step = float(_initializers(cnn)[f"{cnn.graph.output[0].name}_scale"])
+    step = float(initializers(cnn)[f"{cnn.graph.output[0].name}_scale"])
     assert report.model.conversion.max_abs_error <= 2 * step
 
 

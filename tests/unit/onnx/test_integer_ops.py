@@ -29,6 +29,11 @@ from service.engine.onnx.conformance import check_conversion
 from service.engine.onnx.convert import convert
 from service.engine.onnx.gradient_paths import gradient_free_initializers
 from service.errors import UnsupportedModelError
+from tests.support.quantized_reference import (
+    dequantized_leaf,
+    fake_dynamic_quantized,
+    initializers,
+)
 from tests.support.recurrent_zoo import run_onnxruntime
 
 MS = "com.microsoft"
@@ -802,28 +807,6 @@ def test_a_dynamically_quantized_mlp_matches_onnxruntime(
     assert "quantises 2 activation(s) at run time" in (check.reason or ""), check.reason
 
 
-def _initializers(model: onnx.ModelProto) -> dict[str, torch.Tensor]:
-    return {
-        i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in model.graph.initializer
-    }
-
-
-def _dequantized(init: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-    """`name`'s integer weight as a float leaf: (q − zero point) · scale."""
-    q, s, z = (init[f"{name}_{part}"].double() for part in ("quantized", "scale", "zero_point"))
-    return ((q - z) * s).float().requires_grad_()
-
-
-def _fake(v: torch.Tensor) -> torch.Tensor:
-    """DynamicQuantizeLinear → DequantizeLinear of `v`, its rounding passed straight through."""
-    d = v.detach()  # the range widened to 0, in float32 as the op computes it
-    low, high = d.min().clamp(max=0), d.max().clamp(min=0)
-    scale = (high - low) / 255
-    zero = torch.round((-low / scale).clamp(0, 255))
-    q = torch.clamp(torch.round(d / scale) + zero, 0, 255)
-    return v + ((q - zero) * scale - v).detach()
-
-
 def _gradients(y: torch.Tensor, leaves: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     grads = torch.autograd.grad(y.square().sum(), list(leaves.values()))
     return dict(zip(leaves, grads, strict=True))
@@ -832,11 +815,15 @@ def _gradients(y: torch.Tensor, leaves: dict[str, torch.Tensor]) -> dict[str, to
 def _fake_quantized_reference(model: onnx.ModelProto, x: np.ndarray) -> dict[str, torch.Tensor]:
     """The quantised MLP written in torch from its initializers, each activation quantised as
     DynamicQuantizeLinear does: the gradients of sum(y²)."""
-    init = _initializers(model)
-    leaves = {n: _dequantized(init, n) for n in ("onnx::MatMul_12", "onnx::MatMul_13")}
+    init = initializers(model)
+    leaves = {n: dequantized_leaf(init, n) for n in ("onnx::MatMul_12", "onnx::MatMul_13")}
     leaves |= {n: init[n].clone().requires_grad_() for n in ("fc1.bias", "fc2.bias")}
-    h = torch.relu(_fake(torch.from_numpy(x)) @ leaves["onnx::MatMul_12"] + leaves["fc1.bias"])
-    return _gradients(_fake(h) @ leaves["onnx::MatMul_13"] + leaves["fc2.bias"], leaves)
+    h = torch.relu(
+        fake_dynamic_quantized(torch.from_numpy(x)) @ leaves["onnx::MatMul_12"] + leaves["fc1.bias"]
+    )
+    return _gradients(
+        fake_dynamic_quantized(h) @ leaves["onnx::MatMul_13"] + leaves["fc2.bias"], leaves
+    )
 
 
 def test_a_dynamically_quantized_cnn_has_its_conv_weights_as_parameters(tmp_path: Any) -> None:
@@ -858,11 +845,15 @@ def test_a_dynamically_quantized_cnn_has_its_conv_weights_as_parameters(tmp_path
     quantize_dynamic(source, target, weight_type=QuantType.QUInt8, op_types_to_quantize=["Conv"])
     model = onnx.load(target)
     assert "ConvInteger" in {node.op_type for node in model.graph.node}
-    init = _initializers(model)
-    leaves = {n: _dequantized(init, n) for n in ("0.weight", "2.weight")}
+    init = initializers(model)
+    leaves = {n: dequantized_leaf(init, n) for n in ("0.weight", "2.weight")}
     leaves |= {n: init[n].clone().requires_grad_() for n in ("0.bias", "2.bias")}
-    h = torch.relu(F.conv2d(_fake(x), leaves["0.weight"], leaves["0.bias"], padding=1))
-    expected = _gradients(F.conv2d(_fake(h), leaves["2.weight"], leaves["2.bias"]), leaves)
+    h = torch.relu(
+        F.conv2d(fake_dynamic_quantized(x), leaves["0.weight"], leaves["0.bias"], padding=1)
+    )
+    expected = _gradients(
+        F.conv2d(fake_dynamic_quantized(h), leaves["2.weight"], leaves["2.bias"]), leaves
+    )
 
     graph = convert(model)
     params = dict(graph.named_graph_parameters())
@@ -902,13 +893,13 @@ def test_a_dynamically_quantized_embedding_table_is_a_parameter(tmp_path: Any) -
     model = onnx.load(target)
     gather = next(n for n in model.graph.node if n.op_type == "Gather")
     assert gather.input[0] == "emb.weight_quantized"  # the premise: integer rows gathered
-    init = _initializers(model)
+    init = initializers(model)
     product = next(n.input[1] for n in model.graph.node if n.op_type == "MatMulInteger")
     weight = product.removesuffix("_quantized")
-    leaves = {n: _dequantized(init, n) for n in ("emb.weight", weight)}
+    leaves = {n: dequantized_leaf(init, n) for n in ("emb.weight", weight)}
     leaves["fc.bias"] = init["fc.bias"].clone().requires_grad_()
     h = torch.relu(leaves["emb.weight"][ids])
-    expected = _gradients(_fake(h) @ leaves[weight] + leaves["fc.bias"], leaves)
+    expected = _gradients(fake_dynamic_quantized(h) @ leaves[weight] + leaves["fc.bias"], leaves)
 
     graph = convert(model)
     params = dict(graph.named_graph_parameters())

@@ -24,6 +24,7 @@ from service.engine.onnx.conformance import check_conversion
 from service.engine.onnx.convert import convert
 from service.engine.onnx.ops.recurrent import RecurrentFn
 from service.errors import UnsupportedModelError
+from tests.support.quantized_reference import fake_dynamic_quantized
 from tests.support.recurrent_zoo import run_onnxruntime
 
 MS = "com.microsoft"
@@ -75,17 +76,6 @@ def _batch(rows: int = 6) -> np.ndarray:
 # -- the reference: the same computation written out ------------------------------------------
 
 
-def _fake_quantized(x: torch.Tensor) -> torch.Tensor:
-    """DynamicQuantizeLinear and back (uint8, the range widened to include 0, the zero point
-    rounded half to even), the gradient passed straight through."""
-    values = x.detach()
-    low, high = min(float(values.min()), 0.0), max(float(values.max()), 0.0)
-    scale = np.float32((high - low) / 255.0) if high > low else np.float32(1.0)
-    zero = float(np.round(np.clip(np.float32(-low) / scale, 0, 255)))
-    q = torch.clamp(torch.round(values / float(scale)) + zero, 0, 255)
-    return x + ((q - zero) * float(scale) - values)
-
-
 def _dequantized(init: dict[str, np.ndarray], name: str) -> np.ndarray:
     """[D, K, 4H] integers with per-direction or per-column scales → [D, 4H, K] floats."""
     q = init[name].astype(np.float32)
@@ -104,7 +94,7 @@ def _lstm_direction(
     projected = x @ w.t() + b[: 4 * HIDDEN] + b[4 * HIDDEN :]
     ys = [h] * steps
     for t in range(steps - 1, -1, -1) if reverse else range(steps):
-        gates = projected[t] + _fake_quantized(h) @ r.t()
+        gates = projected[t] + fake_dynamic_quantized(h) @ r.t()
         i, o, f, cand = gates.split(HIDDEN, -1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(cand)
         h = torch.sigmoid(o) * torch.tanh(c)
@@ -130,7 +120,7 @@ def _reference(
     hidden = inputs.transpose(0, 1)  # [T, batch, input]
     for node in lstms:
         w, r, b = (params[node.input[slot].removesuffix("_quantized")] for slot in (1, 2, 3))
-        quantized_x = _fake_quantized(hidden)
+        quantized_x = fake_dynamic_quantized(hidden)
         directions = w.shape[0]
         outputs = [
             _lstm_direction(quantized_x, w[d], r[d], b[d], reverse=d == 1)
@@ -141,7 +131,7 @@ def _reference(
     base = head.input[1].removesuffix("_quantized")
     q, scale, zero = (init[f"{base}_{part}"] for part in ("quantized", "scale", "zero_point"))
     weight = torch.tensor((q.astype(np.float32) - zero.astype(np.float32)) * scale)
-    last = _fake_quantized(hidden[-1]) @ weight
+    last = fake_dynamic_quantized(hidden[-1]) @ weight
     add = next(n for n in model.graph.node if n.op_type == "Add" and "head.bias" in n.input)
     out = last + torch.tensor(init[add.input[1]])
     out.sum().backward()
