@@ -282,3 +282,24 @@ def test_a_qat_models_page_lists_its_quantisers_and_marks_the_clipping_ones(
     assert "[0, 0.128]" in table.group(0)  # the activation range, in its own units
     # one bar per quantiser, labelled with what it quantises
     assert markers(html, "clipped-fraction") == ["layers.0", "layers.1", "layers.2", "head.weight"]
+
+
+def test_the_conversion_checks_reason_is_on_the_page(
+    client: TestClient, backend: Backend, sigmoid_case: tuple[bytes, bytes, dict[str, Any]]
+) -> None:
+    """What the comparison did and why its errors are what they are (a quantised model's
+    rounding steps): the page says it, as the CLI does, escaped."""
+    model, batch, stored = sigmoid_case
+    report = copy.deepcopy(stored)
+    report["model"]["conversion"] = {
+        "checked": True,
+        "max_abs_error": 1.6e-4,
+        "max_rel_error": 0.74,
+        "reference": "onnxruntime 1.32.0 (CPUExecutionProvider)",
+        "reason": "the model quantises 5 activation(s) at run time <one step>",
+    }
+    diagnosis_id = queue_diagnosis(client, model, batch, name="quantised")
+    finish(backend, diagnosis_id, report)
+    html = page_of(client, diagnosis_id)
+    assert "max rel error 0.74 against onnxruntime 1.32.0" in html
+    assert "quantises 5 activation(s) at run time &lt;one step&gt;" in html

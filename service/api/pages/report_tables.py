@@ -131,6 +131,9 @@ def facts_section(report: Report) -> str:
                 f"max abs error {esc(num(conversion.max_abs_error))}, max rel error "
                 f"{esc(num(conversion.max_rel_error))} against {esc(conversion.reference or '')}"
             )
+            if conversion.reason:  # what the comparison did and why its errors are what they are
+                text += f'<div class="muted">{esc(conversion.reason)}</div>'
+
         else:
             text = f"not checked: {esc(conversion.reason or '')}"
         model_rows.append(("ONNX conversion check", text))
