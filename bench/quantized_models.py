@@ -9,8 +9,8 @@ prints the median forward+backward time of the converted quantised model divided
 converted float model's (measured alternately in one process), and the conformance check's
 max abs error of the quantised conversion against onnxruntime. The quantised models run as
 fake quantisation (bench numbers in bench/README.md): the extra cost is the quantisers
-(DynamicQuantizeLinear per product, Q/DQ pairs) and, for the LSTM, the Python forward loop
-that its per-step quantisation of h needs (the C++ one reads h as it is).
+(DynamicQuantizeLinear per product, Q/DQ pairs) and, for the LSTM, its per-step quantisation
+of h (in the C++ forward loop where that is built).
 """
 
 from __future__ import annotations

@@ -27,7 +27,9 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
@@ -423,6 +425,34 @@ void lstm_backward_small(const float* gates, const float* cells, const float* ta
   });
 }
 
+// h's values after DynamicQuantizeLinear (uint8, one scale for the tensor) and back: what a
+// dynamically quantised LSTM's recurrent product reads (onnx/ops/integer.py's
+// dynamic_quantization, then (q - zero point)·scale). The same float32 operations in the same
+// order, rounding half to even, so the values equal the Python loop's bit for bit. A NaN
+// anywhere makes every value NaN, as there (h = o·tanh(c) is never infinite).
+template <typename scalar_t>
+void dynamically_dequantized(const scalar_t* h, scalar_t* out, int64_t n) {
+  float low = 0.f, high = 0.f;  // the range widened to include 0
+  bool nan = false;
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = static_cast<float>(h[i]);
+    nan |= std::isnan(v);
+    low = std::min(low, v);
+    high = std::max(high, v);
+  }
+  if (nan) {
+    std::fill(out, out + n, std::numeric_limits<scalar_t>::quiet_NaN());
+    return;
+  }
+  const float span = high - low;
+  const float scale = span == 0.f ? 1.f : span / 255.f;
+  const float zero_point = std::nearbyint(std::clamp(0.f - low / scale, 0.f, 255.f));
+  for (int64_t i = 0; i < n; ++i) {
+    const float q = std::clamp(std::nearbyint(static_cast<float>(h[i]) / scale) + zero_point, 0.f, 255.f);
+    out[i] = static_cast<scalar_t>((q - zero_point) * scale);
+  }
+}
+
 void check_inputs(const at::Tensor& gates, const at::Tensor& R, const at::Tensor& h0, const at::Tensor& c0) {
   TORCH_CHECK(gates.device().is_cpu(), "recurrent_cpu runs on CPU tensors");
   TORCH_CHECK(gates.dim() == 3 && gates.is_contiguous(), "gates/projected: a contiguous [T, B, 4H] tensor");
@@ -439,18 +469,29 @@ void check_inputs(const at::Tensor& gates, const at::Tensor& R, const at::Tensor
 // projected [T, B, 4H]: x_t·Wᵀ + b for every step (contiguous; overwritten with the activated
 // gates). R [4H, H], h0 and c0 [B, H]. Returns (gates, cells, tanh(cells), Y), each [T, B, ·].
 // packed_R: R packed for oneDNN (h·Rᵀ per step through oneDNN), or None for addmm.
+// quantized_read [T + 1, B, H] (a dynamically quantised LSTM, onnx/ops/recurrent.py
+// QUANTIZED_STATE): each step's product reads h_{t-1} quantised to uint8 and back, written to
+// row t (the last row is left as it is), from which the backward takes R's gradient.
 std::vector<at::Tensor> lstm_forward(at::Tensor projected, const at::Tensor& R, const at::Tensor& h0,
                                      const at::Tensor& c0, const std::vector<int64_t>& gate_blocks,
-                                     const std::optional<at::Tensor>& packed_R) {
+                                     const std::optional<at::Tensor>& packed_R,
+                                     const std::optional<at::Tensor>& quantized_read) {
   const GateBlocks blocks = check_blocks(gate_blocks);
   check_inputs(projected, R, h0, c0);
   const int64_t T = projected.size(0), B = projected.size(1), H = R.size(1);
+  if (quantized_read.has_value()) {
+    TORCH_CHECK(quantized_read->sizes() == at::IntArrayRef({T + 1, B, H}) && quantized_read->is_contiguous() &&
+                    quantized_read->scalar_type() == projected.scalar_type(),
+                "quantized_read: a contiguous [T + 1, B, H] tensor of the gates' dtype");
+  }
   at::Tensor cells = at::empty({T, B, H}, projected.options());
   at::Tensor tanh_cells = at::empty({T, B, H}, projected.options());
   at::Tensor Y = at::empty({T, B, H}, projected.options());
   const at::Tensor Rt = packed_R.has_value() ? R : transposed(R);
   const at::Tensor c0c = c0.contiguous();
-  if (pointer_steps_usable(projected, H, packed_R.has_value())) {
+  // the two-thread loops split h's units between the threads; quantising h needs all of it
+  // (its range) before either thread's product: those steps run on the ATen-based loop below
+  if (!quantized_read.has_value() && pointer_steps_usable(projected, H, packed_R.has_value())) {
     const at::Tensor h0c = h0.contiguous();
     lstm_forward_small(projected.mutable_data_ptr<float>(), Rt.const_data_ptr<float>(), h0c.const_data_ptr<float>(),
                        c0c.const_data_ptr<float>(), cells.mutable_data_ptr<float>(),
@@ -459,6 +500,8 @@ std::vector<at::Tensor> lstm_forward(at::Tensor projected, const at::Tensor& R, 
   }
   // per-step views made once (each select is a dispatcher call)
   std::vector<at::Tensor> pre_t = projected.unbind(0), y_t = Y.unbind(0);
+  std::vector<at::Tensor> read_t = quantized_read.has_value() ? quantized_read->unbind(0) : std::vector<at::Tensor>{};
+  const at::Tensor h0c = h0.contiguous();
   AT_DISPATCH_FLOATING_TYPES(projected.scalar_type(), "lstm_forward", [&] {
     const int64_t gate_step = B * 4 * H, step = B * H;
     scalar_t* gates = projected.mutable_data_ptr<scalar_t>();
@@ -466,7 +509,13 @@ std::vector<at::Tensor> lstm_forward(at::Tensor projected, const at::Tensor& R, 
     scalar_t* tanh_cell = tanh_cells.mutable_data_ptr<scalar_t>();
     scalar_t* y = Y.mutable_data_ptr<scalar_t>();
     for (int64_t t = 0; t < T; ++t) {
-      step_product(pre_t[t], pre_t[t], t == 0 ? h0 : y_t[t - 1], Rt, packed_R);
+      const at::Tensor& h = t == 0 ? h0c : y_t[t - 1];
+      if (read_t.empty()) {
+        step_product(pre_t[t], pre_t[t], h, Rt, packed_R);
+      } else {  // the product reads h rounded; the rounded values are kept for R's gradient
+        dynamically_dequantized(h.const_data_ptr<scalar_t>(), read_t[t].mutable_data_ptr<scalar_t>(), step);
+        step_product(pre_t[t], pre_t[t], read_t[t], Rt, packed_R);
+      }
       const scalar_t* c_prev = t == 0 ? c0c.const_data_ptr<scalar_t>() : cell + (t - 1) * step;
       forward_step<scalar_t>(gates + t * gate_step, c_prev, cell + t * step, tanh_cell + t * step,
                              y + t * step, B, H, blocks);
@@ -799,7 +848,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "whether a float LSTM of this batch and hidden size runs its steps on two threads now",
       py::arg("batch"), py::arg("hidden"));
   m.def("lstm_forward", &lstm_forward, "LSTM forward over a whole sequence, step by step", py::arg("projected"),
-        py::arg("R"), py::arg("h0"), py::arg("c0"), py::arg("gate_blocks"), py::arg("packed_R") = py::none());
+        py::arg("R"), py::arg("h0"), py::arg("c0"), py::arg("gate_blocks"), py::arg("packed_R") = py::none(),
+        py::arg("quantized_read") = py::none());
   m.def("lstm_backward", &lstm_backward, "LSTM backward through time, step by step", py::arg("dY"),
         py::arg("dh_last"), py::arg("dc_last"), py::arg("gates"), py::arg("cells"), py::arg("tanh_cells"),
         py::arg("c0"), py::arg("R"), py::arg("gate_blocks"), py::arg("packed_Rt") = py::none());

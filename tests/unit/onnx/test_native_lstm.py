@@ -19,6 +19,7 @@ from torch import Tensor
 from service.engine import native
 from service.engine.native import loader
 from service.engine.onnx.ops import lstm_sequence as lstm_module
+from service.engine.onnx.ops.integer import dynamically_dequantized
 from service.engine.onnx.ops.lstm_sequence import lstm_sequence
 from tests.support.recurrent_zoo import lstm_sequence_args
 
@@ -375,3 +376,62 @@ def test_loop_activations_match_torch_over_the_float_range() -> None:
     got_sigmoid, got_tanh = loops.activations(special)
     torch.testing.assert_close(got_sigmoid, torch.sigmoid(special), equal_nan=True)
     torch.testing.assert_close(got_tanh, torch.tanh(special), equal_nan=True)
+
+
+def _quantized_run(args: list[Tensor], reverse: bool) -> tuple[list[Tensor], list[Tensor]]:
+    X, W, R, b, h0, c0 = args
+    outputs = lstm_sequence(X, W, R, b, h0, c0, reverse, state_quantizer=dynamically_dequantized)
+    loss = torch.stack(
+        [(o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum() for o in outputs]
+    ).sum()
+    return [o.detach() for o in outputs], list(torch.autograd.grad(loss, args))
+
+
+@pytest.mark.parametrize("batch, hidden", [(3, 6), (8, 64)])
+def test_cpp_loop_rounds_h_as_the_python_quantizer_does_bit_for_bit(
+    batch: int, hidden: int
+) -> None:
+    """A dynamically quantised LSTM's forward in C++ (recurrent_cpu.cpp dynamically_dequantized):
+    every step's product reads h_{t-1} rounded exactly as integer.py's dynamic_quantization
+    rounds it, from that step's own h (also at (8, 64), where the float LSTM's steps would take
+    the two-thread loop)."""
+    loops = native.load_recurrent_cpu()
+    assert loops is not None
+    X, W, R, b, h0, c0 = (
+        a.detach() for a in lstm_sequence_args(9, batch, 5, hidden, torch.float32)
+    )
+    projected = (X @ W.t() + b).contiguous()
+    read = torch.full((X.shape[0] + 1, batch, hidden), 7.0)
+    _, _, _, Y = loops.lstm_forward(projected, R, h0, c0, [0, 1, 2, 3], None, read)
+    previous = torch.cat([h0.unsqueeze(0), Y[:-1]])
+    for t in range(X.shape[0]):
+        assert torch.equal(read[t], dynamically_dequantized(previous[t])), t
+    assert torch.equal(read[-1], torch.full((batch, hidden), 7.0)), "the last row is left as it is"
+    assert not torch.equal(read[1], previous[1]), "h was rounded"
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_quantized_state_cpp_forward_equals_the_python_loop(
+    monkeypatch: pytest.MonkeyPatch, reverse: bool
+) -> None:
+    """The quantised LSTM through the C++ forward and through the Python one: the same outputs
+    and gradients (float64: the products' rounding moves no value across a rounding step)."""
+    args = lstm_sequence_args(6, 3, 5, 8, torch.float64)
+    cpp = _quantized_run(args, reverse)
+    with monkeypatch.context() as patch:
+        patch.setattr(lstm_module, "native_loops", lambda x: None)
+        python = _quantized_run(args, reverse)
+    for got, expected in zip([*cpp[0], *cpp[1]], [*python[0], *python[1]], strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+    X, W, R, b, h0, c0 = args
+    plain = lstm_sequence(X, W, R, b, h0, c0)[0].detach()
+    assert (plain - cpp[0][0]).abs().max() > 1e-4, "the quantizer changed the outputs"
+
+
+def test_a_quantized_read_of_the_wrong_shape_names_what_to_change() -> None:
+    loops = native.load_recurrent_cpu()
+    assert loops is not None
+    X, W, R, b, h0, c0 = (a.detach() for a in lstm_sequence_args(4, 2, 3, 4, torch.float32))
+    projected = (X @ W.t() + b).contiguous()
+    with pytest.raises(RuntimeError, match=r"quantized_read: a contiguous \[T \+ 1, B, H\]"):
+        loops.lstm_forward(projected, R, h0, c0, [0, 1, 2, 3], None, torch.zeros(4, 2, 4))

@@ -158,6 +158,14 @@ def dynamic_quantization(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return _DYNAMIC(x, scale, zero_point), scale, zero_point
 
 
+def dynamically_dequantized(x: Tensor) -> Tensor:
+    """`x`'s values after DynamicQuantizeLinear and back, (q − zero point)·scale, in x's dtype:
+    what a dynamically quantised LSTM's recurrent product reads of h (the C++ loop,
+    native/recurrent_cpu.cpp, computes the same values). No gradient."""
+    q, scale, zero_point = dynamic_quantization(x)
+    return ((q.to(torch.float32) - zero_point.to(torch.float32)) * scale).to(x.dtype)
+
+
 @register("DynamicQuantizeLinear", since=11)
 def dynamic_quantize_linear(ctx: OpContext) -> NodeFn:
     return dynamic_quantization

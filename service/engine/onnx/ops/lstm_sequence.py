@@ -33,6 +33,7 @@ from torch.autograd.function import once_differentiable
 
 from service.engine.onnx.ops import _cpu_products, lstm_fused_cell, pooled_cuda_graphs
 from service.engine.onnx.ops._sequence_common import native_loops, reorder_blocks
+from service.engine.onnx.ops.integer import dynamically_dequantized
 from service.engine.onnx.ops.lstm_products import GradPlan, input_grads, summed_bias
 
 
@@ -96,8 +97,9 @@ def lstm_sequence(
 
     `state_quantizer`: what the recurrent product reads instead of h_{t-1} (a dynamically
     quantised LSTM's rounding, ops/recurrent.py QUANTIZED_STATE), its gradient passed straight
-    through: the forward runs the Python loop on any device (the C++ and CUDA loops read h as
-    it is), the backward is the usual one, with R's gradient from the values it read.
+    through: the forward runs the C++ loop where it computes that quantizer itself
+    (`dynamically_dequantized`, on the CPU), else the Python loop (the CUDA loops read h as it
+    is); the backward is the usual one, with R's gradient from the values the steps read.
 
     Where the CPU Function applies (the usual case) the whole call, the reverse direction's
     time flip and the outputs' shapes included, is ONE autograd node: the views, slices and
@@ -111,7 +113,7 @@ def lstm_sequence(
         bias = None if bias is None else bias.to(dtype)
         recurrent_bias = None if recurrent_bias is None else recurrent_bias.to(dtype)
     fused = lstm_fused_cell.available(X) and state_quantizer is None
-    python_forward = state_quantizer is not None or (not fused and native_loops(X) is None)
+    python_forward = not fused and _native_forward(X, state_quantizer) is None
     if blocks != ONNX_GATE_BLOCKS and python_forward:
         # the Python loops read ONNX's order
         hidden = R.shape[-1]
@@ -142,6 +144,15 @@ def lstm_sequence(
 
 # What a step's recurrent product reads instead of h_{t-1} (see lstm_sequence)
 StateQuantizer = Callable[[Tensor], Tensor]
+
+
+def _native_forward(X: Tensor, state_quantizer: StateQuantizer | None) -> Any:
+    """The C++ loops where they run X's forward: built, on the CPU, and no state quantizer
+    or the one they compute themselves (dynamically_dequantized), else None."""
+    if state_quantizer is not None and state_quantizer is not dynamically_dequantized:
+        return None
+    return native_loops(X)
+
 
 # Which H-wide block of the gate axis holds i, o, f, c: ONNX's order
 ONNX_GATE_BLOCKS = [0, 1, 2, 3]
@@ -210,13 +221,15 @@ class _LSTMSequence(torch.autograd.Function):
         X = (X.flip(0) if reverse else X).contiguous()
         summed = summed_bias(bias, recurrent_bias, hidden)
         projected = _cpu_products.linear(X, W, summed)  # [T, B, 4H]: all steps at once
-        loops = native_loops(X)
+        loops = native_loops(X)  # the backward's too, whatever the forward's quantizer
         # R's gradient reads h_{t-1} as the steps read it: Y (h0 apart), or what was read
         read: Tensor | None = None
-        if loops is not None and state_quantizer is None:
+        if loops is not None and _native_forward(X, state_quantizer) is not None:
             packed_R = _cpu_products.packed_step_weight(R, batch)
+            if state_quantizer is not None:  # rows as _forward_steps' `read` (the last unused)
+                read = projected.new_zeros(X.shape[0] + 1, batch, hidden)
             gates, cells, tanh_cells, Y = loops.lstm_forward(
-                projected.contiguous(), R, h0, c0, gate_blocks, packed_R
+                projected.contiguous(), R, h0, c0, gate_blocks, packed_R, read
             )
         else:
             assert gate_blocks == ONNX_GATE_BLOCKS, "the Python loops read ONNX's gate order"

@@ -44,7 +44,7 @@ from torch.autograd.function import once_differentiable
 from service.engine.graph import Node, ObservableGraph
 from service.engine.onnx.ops._sequence_common import reorder_blocks
 from service.engine.onnx.ops.gru_sequence import gru_direction
-from service.engine.onnx.ops.integer import dynamic_quantization
+from service.engine.onnx.ops.integer import dynamically_dequantized
 from service.engine.onnx.ops.lstm_sequence import lstm_direction
 from service.engine.onnx.ops.rnn_sequence import rnn_direction
 from service.engine.onnx.registry import OpContext, UnsupportedAttribute, register
@@ -628,15 +628,9 @@ def gru(ctx: OpContext) -> RecurrentFn:
 QUANTIZED_STATE = "gradhealth_quantized_state"
 
 
-def _dynamically_dequantized(h: Tensor) -> Tensor:
-    """h's values after DynamicQuantizeLinear and back (what the quantised product reads)."""
-    q, scale, zero_point = dynamic_quantization(h)
-    return ((q.to(torch.float32) - zero_point.to(torch.float32)) * scale).to(h.dtype)
-
-
 def _dynamically_fake_quantized(h: Tensor) -> Tensor:
-    """`_dynamically_dequantized` with h's gradient: exactly its values (h − h is 0)."""
-    return _dynamically_dequantized(h) + (h - h.detach())
+    """`dynamically_dequantized` with h's gradient: exactly its values (h − h is 0)."""
+    return dynamically_dequantized(h) + (h - h.detach())
 
 
 @register("LSTM", since=7)
@@ -654,7 +648,7 @@ def lstm(ctx: OpContext) -> RecurrentFn:
         # lstm_direction itself where it reads h_{t-1} rounded (in its autograd Function: the
         # values alone)
         sequence_fn = (
-            functools.partial(lstm_direction, state_quantizer=_dynamically_dequantized)
+            functools.partial(lstm_direction, state_quantizer=dynamically_dequantized)
             if quantized
             else lstm_direction
         )
