@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from onnx import TensorProto
 from torch import Tensor
 
 from service.engine.graph import NodeFn
@@ -45,18 +46,62 @@ class _Spec:
     num_outputs: int
 
 
+# The softmax precisions the spec allows (Attention, FlexAttention): the float types.
+_SOFTMAX_PRECISIONS = {
+    TensorProto.FLOAT: "float",
+    TensorProto.FLOAT16: "float16",
+    TensorProto.DOUBLE: "double",
+    TensorProto.BFLOAT16: "bfloat16",
+}
+
+
+def softmax_precision(ctx: OpContext) -> torch.dtype | None:
+    """The `softmax_precision` attribute as a dtype (None where it is not given); any other
+    type than the spec's four float ones (float8 included) is refused."""
+    precision = ctx.attr("softmax_precision")
+    if precision is None:
+        return None
+    if int(precision) not in _SOFTMAX_PRECISIONS:
+        allowed = ", ".join(f"{code} ({name})" for code, name in _SOFTMAX_PRECISIONS.items())
+        raise UnsupportedAttribute(
+            f"softmax_precision {precision}: set it to one of {allowed} or leave it out"
+        )
+    return ONNX_TO_TORCH[int(precision)]
+
+
+def grouped_heads(K: Tensor, V: Tensor, q_heads: int) -> tuple[Tensor, Tensor]:
+    """K and V with each of their heads repeated for the q_heads / kv_heads consecutive query
+    heads it serves (grouped-query attention); as they are where the counts agree."""
+    kv_heads = K.shape[1]
+    if q_heads == kv_heads:
+        return K, V
+    return K.repeat_interleave(q_heads // kv_heads, 1), V.repeat_interleave(q_heads // kv_heads, 1)
+
+
+def scaled_scores(Q: Tensor, K: Tensor, scale: float) -> Tensor:
+    """scale·QKᵀ with √|scale| applied to each side before the product (the spec's form: it
+    keeps 16-bit products from overflowing); a negative scale's sign goes on K (the spec's
+    √scale would be NaN)."""
+    root = math.sqrt(abs(scale))
+    return torch.matmul(Q * root, (K * math.copysign(root, scale)).transpose(-1, -2))
+
+
+def softmax_zeroing_rows(logits: Tensor, masked_rows: Tensor | None) -> Tensor:
+    """Softmax over the keys, where `masked_rows` ([..., 1], or None: none) marks rows with
+    no attendable key: those give zeros and a zero gradient instead of NaN (softmax over
+    zeros, then zeroed: no host sync to ask whether any exist, cheaper than the round trip
+    on a GPU)."""
+    if masked_rows is None:
+        return torch.softmax(logits, -1)
+    probs = torch.softmax(logits.masked_fill(masked_rows, 0.0), -1)
+    return probs.masked_fill(masked_rows, 0.0)
+
+
 def _spec(ctx: OpContext) -> _Spec:
     mode = int(ctx.attr("qk_matmul_output_mode", 0))
     if mode not in (0, 1, 2, 3):
         raise UnsupportedAttribute(f"qk_matmul_output_mode {mode}: expected 0, 1, 2 or 3")
-    precision = ctx.attr("softmax_precision")
-    softmax_dtype = None
-    if precision is not None:
-        softmax_dtype = ONNX_TO_TORCH.get(int(precision))
-        if softmax_dtype is None or not softmax_dtype.is_floating_point:
-            raise UnsupportedAttribute(
-                f"softmax_precision {precision}: expected a float type (1, 10, 11 or 16)"
-            )
+    softmax_dtype = softmax_precision(ctx)
     left, right = int(ctx.attr("left_window_size", -1)), int(ctx.attr("right_window_size", -1))
     if left < -1 or right < -1:
         raise UnsupportedAttribute("left/right_window_size must be -1 (unbounded) or >= 0")
@@ -191,18 +236,14 @@ def attention(ctx: OpContext) -> NodeFn:
             K = torch.cat([past_key, K], 2)
             V = torch.cat([past_value, V], 2)
         present_key, present_value = K, V
-        q_heads, kv_heads = Q.shape[1], K.shape[1]
-        if q_heads != kv_heads:  # grouped-query: each KV head serves q_heads/kv_heads queries
-            K = K.repeat_interleave(q_heads // kv_heads, 1)
-            V = V.repeat_interleave(q_heads // kv_heads, 1)
+        K, V = grouped_heads(K, V, Q.shape[1])
         scale = spec.scale if spec.scale is not None else 1.0 / math.sqrt(Q.shape[-1])
         if plain and attn_mask is None and nonpad is None and (past_len is None or not causal):
             # nothing the explicit form is needed for: torch's kernel (what the source model
             # ran, for exports of F.scaled_dot_product_attention), same result, less memory
             Y = F.scaled_dot_product_attention(Q, K, V, is_causal=causal, scale=scale)
             return _pack(Y, three_d, present_key, present_value, None, spec.num_outputs)
-        root = math.sqrt(scale)  # the spec scales Q and K by √scale each (overflow-safe)
-        qk = raw_qk = torch.matmul(Q * root, (K * root).transpose(-1, -2))
+        qk = raw_qk = scaled_scores(Q, K, scale)
         if spec.softcap > 0:
             qk = spec.softcap * torch.tanh(qk / spec.softcap)
         bias = _bias(spec, attn_mask, nonpad, past_len, Q.shape[2], K.shape[2], Q.dtype, Q.device)
@@ -212,16 +253,8 @@ def attention(ctx: OpContext) -> NodeFn:
         qk_output = (raw_qk, qk, logits, None)[spec.qk_output_mode]
         if spec.softmax_dtype is not None:
             logits = logits.to(spec.softmax_dtype)
-        masked_rows = None
-        if bias is not None:
-            # rows with no attendable key: softmax over zeros, then zeroed (no host sync to
-            # ask whether any exist: the fill is cheaper than the round trip on a GPU)
-            masked_rows = torch.isneginf(bias.amax(-1, keepdim=True))
-            logits = logits.masked_fill(masked_rows, 0.0)
-        probs = torch.softmax(logits, -1)
-        if masked_rows is not None:
-            probs = probs.masked_fill(masked_rows, 0.0)
-        probs = probs.to(Q.dtype)
+        masked_rows = None if bias is None else torch.isneginf(bias.amax(-1, keepdim=True))
+        probs = softmax_zeroing_rows(logits, masked_rows).to(Q.dtype)
         if spec.qk_output_mode == 3:
             qk_output = probs
         if qk_output is not None:
