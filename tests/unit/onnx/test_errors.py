@@ -45,7 +45,7 @@ def test_every_unsupported_op_and_attribute_is_listed_in_one_error() -> None:
                 ["y", "where"],
                 name="colmajor",
                 kernel_shape=[1, 1],
-                storage_order=1,
+                storage_order=2,
             ),
         ],
         [_vi("x", [1, 1, 4, 4]), _vi("s", [2], TensorProto.STRING)],
@@ -63,7 +63,7 @@ def test_every_unsupported_op_and_attribute_is_listed_in_one_error() -> None:
         "strings",
         "ai.onnx::RegexFullMatch (opset 20)",
         "regex, regex_again",
-        "storage_order=1",
+        "storage_order=2",
         "[nodes: colmajor]",
         "'s' has type string",
     ):

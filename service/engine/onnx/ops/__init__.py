@@ -8,6 +8,7 @@ from service.engine.onnx.ops import (  # noqa: F401
     conv,
     detection,
     elementwise,
+    flex_attention,
     indexing,
     integer,
     linalg,
@@ -28,4 +29,6 @@ from service.engine.onnx.ops import (  # noqa: F401
     shape,
     spectral,
     state_space,
+    tfidf,
+    training_preview,
 )

@@ -355,7 +355,8 @@ def max_pool(ctx: OpContext) -> NodeFn:
     kernel = _pool_kernel(ctx)
     window = _Window(ctx, kernel)
     ceil_mode = bool(ctx.attr("ceil_mode", 0))
-    require(int(ctx.attr("storage_order", 0)) == 0, "storage_order=1 (column-major indices)")
+    storage_order = int(ctx.attr("storage_order", 0))
+    require(storage_order in (0, 1), f"storage_order={storage_order} is neither 0 nor 1")
     want_indices = ctx.num_outputs > 1 and bool(ctx.node.output[1])
     n = len(kernel)
 
@@ -376,6 +377,8 @@ def max_pool(ctx: OpContext) -> NodeFn:
             y, idx = _crop(y, counts), _crop(idx, counts)
         if not want_indices:
             return (y, None)
+        if storage_order == 1:
+            idx = _column_major(idx, spatial)
         plane = math.prod(spatial)
         offsets = torch.arange(x.shape[0] * x.shape[1], device=x.device) * plane
         return (y, idx + offsets.reshape([x.shape[0], x.shape[1]] + [1] * n))
@@ -418,18 +421,33 @@ def max_unpool(ctx: OpContext) -> NodeFn:
     return fn
 
 
-def _unpad_indices(
-    idx: torch.Tensor, padded: list[int], spatial: list[int], begins: list[int]
-) -> torch.Tensor:
+def _unravel(idx: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    """The coordinates of row-major flat positions `idx` in a grid of `sizes`."""
     coords = []
     rest = idx
-    for size in reversed(padded):
+    for size in reversed(sizes):
         coords.append(rest % size)
         rest = rest // size
     coords.reverse()
+    return coords
+
+
+def _unpad_indices(
+    idx: torch.Tensor, padded: list[int], spatial: list[int], begins: list[int]
+) -> torch.Tensor:
     flat = torch.zeros_like(idx)
-    for c, b, size in zip(coords, begins, spatial, strict=True):
+    for c, b, size in zip(_unravel(idx, padded), begins, spatial, strict=True):
         flat = flat * size + (c - b)
+    return flat
+
+
+def _column_major(idx: torch.Tensor, spatial: list[int]) -> torch.Tensor:
+    """Row-major flat positions within a plane as column-major ones (storage_order=1): the
+    first spatial axis varies fastest, h + w·H (+ d·H·W), as in the reference and
+    onnxruntime. The batch and channel offsets stay row-major (added after)."""
+    flat = torch.zeros_like(idx)
+    for c, size in zip(reversed(_unravel(idx, spatial)), reversed(spatial), strict=True):
+        flat = flat * size + c
     return flat
 
 
