@@ -187,6 +187,17 @@ def test_qk_output_mode0_is_the_raw_product_as_onnxruntime() -> None:
         np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
 
 
+def test_a_negative_scale_multiplies_the_scores_with_its_sign() -> None:
+    """scale·QKᵀ for a negative scale too, on the explicit path (a mask; the spec's √scale
+    on each side would be NaN: √|scale| with the sign on K) and on the fused one."""
+    q, k, v = (torch.from_numpy(a) for a in _qkv() if a is not None)
+    for inputs in ([*_qkv(), _rand(S, L)], _qkv()):
+        mask = torch.from_numpy(inputs[3]) if len(inputs) > 3 else torch.zeros(S, L)
+        expected = torch.softmax(-0.3 * q @ k.transpose(-1, -2) + mask, -1) @ v
+        (got,) = _ours(_node(inputs, ["Y"], {"scale": -0.3}), 23, inputs)
+        np.testing.assert_allclose(got, expected.numpy(), rtol=1e-5, atol=1e-6)
+
+
 def test_fully_masked_row_has_zero_output_and_finite_gradients() -> None:
     node = _node([*_qkv(), ONE_ROW_MASKED], ["Y"], {})
     fn = build_node_fn(node, 23)
@@ -233,6 +244,7 @@ def test_gradcheck_float64(
     [
         ({"qk_matmul_output_mode": 4}, "qk_matmul_output_mode"),
         ({"softmax_precision": TensorProto.INT32}, "softmax_precision"),
+        ({"softmax_precision": TensorProto.FLOAT8E4M3FN}, "softmax_precision 17: set it to one"),
         ({"q_num_heads": 3}, "together"),
         ({"q_num_heads": 3, "kv_num_heads": 2}, "multiple"),
         ({"left_window_size": -2}, "window"),
