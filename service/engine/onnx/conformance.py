@@ -39,6 +39,7 @@ from onnx import ModelProto, TensorProto
 from service.engine.graph import ObservableGraph
 from service.engine.onnx.convert import convert
 from service.engine.onnx.ops._util import SUB_BYTE_TO_TORCH, TORCH_TO_ONNX, sub_byte_proto
+from service.engine.onnx.ort_session import SessionCrashed, SessionSettings, create_session
 from service.engine.onnx.recurrent_weights import GateReorder
 from service.engine.report import ConversionCheck
 from service.errors import first_line
@@ -328,28 +329,29 @@ class ConformanceReference:
             )
             serialized = refilled.SerializeToString()
             del refilled
+            # a kept session's idle threads must sleep, not spin after each check: they
+            # would take the cores from the job's own forward and backward that follow
+            config = {
+                "session.intra_op.allow_spinning": "0",
+                "session.inter_op.allow_spinning": "0",
+                # a QuantizeLinear → DequantizeLinear pair is fake quantisation in float
+                # here; onnxruntime's optimiser would fuse it with the op between into
+                # integer kernels (QGemm, QLinearConv) whose requantisation rounds differently
+                "session.disable_quant_qdq": "1",
+            }
+            settings = SessionSettings(
+                tuple(providers),
+                # its quantised LSTM kernel quantises h_{t-1} per block of batch rows, one
+                # block a thread: on one thread the whole batch at once (quantized_lstm.py)
+                intra_op_num_threads=1 if self.quantized_lstms else 0,
+                config=config,
+            )
             try:
-                import onnxruntime as ort
-
-                options = ort.SessionOptions()
-                # fatal only: its failures reach us as exceptions, which the check or the
-                # user's error message quotes; its own log would print them to stderr again
-                options.log_severity_level = 4
-                # a kept session's idle threads must sleep, not spin after each check: they
-                # would take the cores from the job's own forward and backward that follow
-                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-                options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-                # a QuantizeLinear → DequantizeLinear pair is fake quantisation in float here;
-                # onnxruntime's optimiser would fuse it with the op between into integer
-                # kernels (QGemm, QLinearConv) whose requantisation rounds differently
-                options.add_session_config_entry("session.disable_quant_qdq", "1")
-                if self.quantized_lstms:
-                    # its kernel quantises h_{t-1} per block of batch rows, one block a
-                    # thread: on one thread the whole batch at once (quantized_lstm.py)
-                    options.intra_op_num_threads = 1
-                self._session = ort.InferenceSession(serialized, options, providers=list(providers))
+                self._session = create_session(serialized, settings)
                 self._session_bytes = len(serialized)
                 self.sessions_built += 1
+            except SessionCrashed as exc:
+                self._failure = str(exc)
             except Exception as exc:
                 self._failure = f"onnxruntime cannot load the model: {first_line(exc)}"
         if self._failure is not None:
