@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -18,19 +19,60 @@ from service.engine.onnx.ops._util import (
     scalar,
 )
 from service.engine.onnx.registry import OpContext, register
+from service.engine.onnx.source_parameters import fx_node_text
 
 
 def _wrap_negative(index: torch.Tensor, size: int | torch.Tensor) -> torch.Tensor:
     return torch.where(index < 0, index + size, index)
 
 
+class EmbeddingGradient(NamedTuple):
+    """What an `nn.Embedding` changes in its lookup's gradient, which a Gather does not say."""
+
+    padding_idx: int | None  # this row gets no gradient
+    scale_grad_by_freq: bool  # each row's gradient divided by its count in the batch
+
+
+# The dynamo exporter's record of the aten call (`pkg.torch.onnx.fx_node`):
+# aten.embedding(weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse=False)
+_EMBEDDING_CALL = re.compile(
+    r"aten\.embedding\.default\]\(args = \(%\w+, %\w+(?:, (-?\d+))?(?:, (True|False))?"
+)
+
+
+def embedding_gradient(ctx: OpContext) -> EmbeddingGradient | None:
+    """The source Embedding's padding_idx / scale_grad_by_freq where a dynamo export's Gather
+    records them and they change the gradient, else None (the legacy exporter keeps neither:
+    it warns that the padding row will be updated)."""
+    if ctx.node is None or int(ctx.attr("axis", 0)) != 0:
+        return None
+    match = _EMBEDDING_CALL.search(fx_node_text(ctx.node) or "")
+    if match is None:
+        return None
+    padding = int(match.group(1)) if match.group(1) is not None else -1
+    by_frequency = match.group(2) == "True"
+    if padding < 0 and not by_frequency:
+        return None
+    return EmbeddingGradient(padding if padding >= 0 else None, by_frequency)
+
+
 @register("Gather")
 def gather(ctx: OpContext) -> NodeFn:
     axis = int(ctx.attr("axis", 0))
     position = LastTensorMemo(int)  # the index is mostly a constant: read it once
+    embedding = embedding_gradient(ctx)
 
     def fn(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         a = norm_axis(axis, x.dim())
+        if embedding is not None and x.dim() == 2:
+            # the lookup as torch's embedding computes it and its gradient: the padding row's
+            # stays zero, as in the source model
+            return F.embedding(
+                on_device(_wrap_negative(index.long(), x.shape[0]), x),
+                x,
+                padding_idx=embedding.padding_idx,
+                scale_grad_by_freq=embedding.scale_grad_by_freq,
+            )
         if index.dim() == 0 and index.device.type == "cpu":
             # One position (exporters' q/k/v split, shape picks): a view whose backward is a
             # slice copy, not index_select's scatter-add.
