@@ -613,9 +613,27 @@ def _forward_failure(
             )
         if theirs:
             ours = f"{ours} (onnxruntime fails on it too: {theirs})"
+            if _declares_exactly(subject, inputs):
+                # nothing about the batch is left to change: the file contradicts itself
+                return BadInputError(
+                    f"running the model on the batch failed{where}: {ours}; the batch has "
+                    "exactly the input shapes the model declares, so the model file itself "
+                    "is inconsistent (its exporter wrote shapes its own nodes reject): "
+                    "re-export it (the other exporter, another opset, or without the "
+                    "feature this node comes from)"
+                )
     return BadInputError(
         f"running the model on the batch failed{where}: {ours}; check that the batch's "
         "shapes and dtypes match what the model was exported with"
+    )
+
+
+def _declares_exactly(subject: Subject, inputs: list[torch.Tensor]) -> bool:
+    """Whether every input's declared shape is all fixed sizes and the batch has them."""
+    declared = subject.model_info.inputs
+    return len(declared) == len(inputs) and all(
+        all(isinstance(d, int) for d in spec.shape) and list(x.shape) == spec.shape
+        for spec, x in zip(declared, inputs, strict=True)
     )
 
 

@@ -106,3 +106,45 @@ def test_a_model_onnxruntime_cannot_load_leaves_the_error_with_the_input(
 
 def test_the_model_file_is_valid_onnx() -> None:
     onnx.checker.check_model(onnx.load_from_string(_model([-1, 4])))
+
+
+def _inconsistent_lstm() -> bytes:
+    """x declared [2, 3, 4] (all fixed) into an LSTM of hidden size 2 whose initial cell state
+    is [1, 3, 5]: no batch can run it (onnxruntime loads it and fails at run time)."""
+    rng = np.random.default_rng(0)
+    weights = {
+        "W": (1, 8, 4),
+        "R": (1, 8, 2),
+        "h0": (1, 3, 2),
+        "c0": (1, 3, 5),
+    }
+    graph = helper.make_graph(
+        [
+            helper.make_node(
+                "LSTM", ["x", "W", "R", "", "", "h0", "c0"], ["y"], name="lstm", hidden_size=2
+            )
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [
+            numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+            for name, shape in weights.items()
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return model.SerializeToString()
+
+
+def test_a_model_failing_on_exactly_its_declared_shapes_is_said_to_be_inconsistent() -> None:
+    """The exporter wrote a file that fails on its own declared input shapes (seen: an
+    nn.LSTM with proj_size through the dynamo exporter): asking to check the batch would send
+    the user after the wrong thing."""
+    buffer = io.BytesIO()
+    np.savez(buffer, x=np.ones((2, 3, 4), dtype=np.float32))
+    with pytest.raises(BadInputError) as caught:
+        diagnose(_inconsistent_lstm(), buffer.getvalue())
+    message = caught.value.message
+    assert "onnxruntime fails on it too" in message
+    assert "the model file itself is inconsistent" in message
+    assert "check that the batch's shapes" not in message
