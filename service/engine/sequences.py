@@ -8,14 +8,18 @@ micro-batch split both need the right axes, so they are read off the recurrent o
   followed back through Transpose and axis-preserving ops to the graph inputs);
 - FX graphs (torch.export, TorchScript converted to FX): `aten.lstm/gru/rnn_tanh/rnn_relu`
   with their `batch_first` argument, followed back through transpose/permute and
-  axis-preserving ops the same way.
+  axis-preserving ops the same way;
+- 1-D convolutions (ONNX Conv/ConvTranspose, aten convolution with a rank-3 weight) read
+  [batch, channels, time]: their data input's steps are along axis 2, followed back the same
+  way (a Conv1d front end, WaveNet, TCNs).
 
 Token inputs (integer ids feeding an embedding / Gather of a parameter) have no gradient: their
 profile is taken of the embedding's output instead, ‖∂L/∂e_t‖ per step, whose leading axes are
 the ids' axes.
 
-When nothing reads an input's axes (no recurrent op reaches it), a rank-3 float input and a
-rank-2 token input fall back to batch axis 0, time axis 1 (batch-first), and a note says so.
+When nothing reads an input's axes (no recurrent op or 1-D convolution reaches it), a rank-3
+float input and a rank-2 token input fall back to batch axis 0, time axis 1 (batch-first), and
+a note says so.
 """
 
 from __future__ import annotations
@@ -88,6 +92,26 @@ def _recurrent_x_axes(node: Node) -> StepAxes | None:
     return None
 
 
+_FX_CONVOLUTIONS = frozenset({"convolution", "conv1d", "convtranspose1d"})
+_ONNX_CONVOLUTIONS = frozenset({"Conv", "ConvTranspose"})
+CHANNELS_FIRST = StepAxes(0, 2)  # a 1-D convolution's [batch, channels, time]
+
+
+def _conv1d_x_axes(node: Node, weights: dict[str, Any]) -> StepAxes | None:
+    """[batch, channels, time] for the data input of a 1-D convolution (a rank-3 weight):
+    its steps are along axis 2 (a Conv1d front end, WaveNet, TCNs), else None."""
+    if node.domain == "aten" and canonical(node.op_type) in _FX_CONVOLUTIONS:
+        args = tuple(getattr(node.source, "args", ()))
+        weight = getattr(args[1], "meta", {}).get("val") if len(args) > 1 else None
+        rank = weight.dim() if isinstance(weight, torch.Tensor) else None
+    elif node.domain in ("", "ai.onnx") and node.op_type in _ONNX_CONVOLUTIONS:
+        weight = weights.get(node.inputs[1]) if len(node.inputs) > 1 else None
+        rank = weight.dim() if isinstance(weight, torch.Tensor) else None
+    else:
+        return None
+    return CHANNELS_FIRST if rank == 3 else None
+
+
 def _rank(node: Node) -> int | None:
     value = getattr(node.source, "meta", {}).get("val") if node.source is not None else None
     return value.dim() if isinstance(value, torch.Tensor) else None
@@ -136,14 +160,15 @@ def _backwards(node: Node, axes: StepAxes) -> list[tuple[str, StepAxes]]:
 
 
 def traced_axes(graph: ObservableGraph) -> dict[str, StepAxes]:
-    """Every value (graph input or intermediate) that reaches a recurrent op's data input
-    through layout-following ops → its (batch, time) axes. A value reached with two different
-    layouts is left out."""
+    """Every value (graph input or intermediate) that reaches a recurrent op's or a 1-D
+    convolution's data input through layout-following ops → its (batch, time) axes. A value
+    reached with two different layouts is left out."""
     producer = {out: node for node in graph.nodes for out in node.outputs if out}
     stored = set(graph.param_names) | set(graph.buffer_names) | set(graph.constants)
+    weights = graph.initial_values()
     found: dict[str, StepAxes | None] = {}
     for node in graph.nodes:
-        x_axes = _recurrent_x_axes(node)
+        x_axes = _recurrent_x_axes(node) or _conv1d_x_axes(node, weights)
         if x_axes is None or not node.inputs:
             continue
         pending = [(node.inputs[0], x_axes)]

@@ -170,3 +170,33 @@ def test_a_sequence_first_rnn_is_profiled_along_axis_0_from_both_exporters(dynam
     assert not any("batch-first assumed" in note for note in m.notes)
     assert subject.batch_info.size == 4
     _assert_norms_per_step_of_axis_0(profile.grad_norms, module, x)
+
+
+class CausalConv1d(nn.Module):
+    """Raw audio [B, 1, T] through dilated 1-D convolutions (WaveNet-like): the steps are
+    along axis 2; axis 1 is the channels (one here)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(1, 6, 3, padding=2, dilation=2)
+        self.mix = nn.Conv1d(6, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mix(torch.tanh(self.conv(x * 0.5)))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_conv1d_input_is_profiled_along_its_time_axis_2(fmt: str) -> None:
+    torch.manual_seed(4)
+    module, x = CausalConv1d(), torch.randn(3, 1, 9)  # B=3, C=1, T=9
+    case = _case(module, x)
+    m = measure(build_subject(export(case, fmt), case_batch(case), DiagnoseOptions()))
+    (profile,) = m.profiles.time
+    assert profile.axis == 2 and len(profile.grad_norms) == 9
+    assert not any("batch-first assumed" in note for note in m.notes)
+    leaf = x.clone().requires_grad_(True)
+    module(leaf).square().mean().backward()
+    assert leaf.grad is not None
+    want = leaf.grad.double().square().sum(dim=(0, 1)).sqrt().tolist()
+    for got, expected in zip(profile.grad_norms, want, strict=True):
+        assert math.isclose(got, expected, rel_tol=2e-4, abs_tol=1e-9)
