@@ -69,7 +69,9 @@ BACKWARD_SAFE = _VIEWS | frozenset(
 # Ops through which a mask's -inf entries travel to where they are used (added to scores).
 MASK_CARRIERS = _VIEWS | frozenset(
     {"add", "sub", "mul", "where", "expand", "tile", "cast", "triu", "tril", "trilu", "clone"}
-    | {"contiguous", "repeat", "maskedfill", "to", "typeas"}
+    | {"contiguous", "repeat", "maskedfill", "to", "typeas", "castlike"}
+    # scores = mask + q·kᵀ in one op (MultiheadAttention's path when it returns the weights)
+    | {"baddbmm"}
 )
 # Ops that write a constant value given by the program: an infinite one is a mask's, on purpose.
 _CONSTANT_WRITERS = frozenset(

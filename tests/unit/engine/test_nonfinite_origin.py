@@ -191,6 +191,38 @@ def test_torchs_causal_and_padding_masks_are_no_origin(fmt: str) -> None:
     assert {p.name for p in m.parameters} == {n for n, _ in module.named_parameters()}
 
 
+class PaddedAttentionWithWeights(nn.Module):
+    """MultiheadAttention returning its weights: torch's unfused path adds the padding mask
+    (zeros masked_fill'd with -inf) to the scores in one baddbmm; the dynamo exporter writes
+    the fill as a CastLike of a -inf constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 16)
+        self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.emb(ids)
+        y, _ = self.mha(x, x, x, key_padding_mask=ids == 0, need_weights=True)
+        return self.head((x + y).mean(1))
+
+
+@pytest.mark.parametrize("fmt", ["torch_export", "onnx_dynamo_unoptimized"])
+def test_a_padding_mask_added_by_baddbmm_or_cast_like_is_no_origin(fmt: str) -> None:
+    torch.manual_seed(0)
+    module = PaddedAttentionWithWeights()
+    ids = torch.randint(1, 10, (4, 6), generator=torch.Generator().manual_seed(1))
+    ids[0, 4:] = 0
+    if fmt == "torch_export":
+        data = to_torch_export(module, ids)
+    else:
+        data = to_onnx(module, ids, dynamo=True, optimize=False, input_names=["ids"])
+    report = diagnose(data, npz_bytes(ids=ids), DiagnoseOptions())
+    assert not [f for f in report.findings if f.kind == "non_finite"]
+    assert not [r for r in report.recommendations if r.fix == "guard_numerics"]
+
+
 class ExtendedMask(nn.Module):
     """Hugging Face's extended attention mask: (1 - mask) * finfo.min, added to the scores.
     Finite, but a float32 sum of a few finfo.min entries overflows to -inf."""
