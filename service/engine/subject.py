@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from service.engine.batches import load_batch, match_batch
+from service.engine.eval_mode_notes import eval_mode_notes
 from service.engine.formats.detect import detect_format
 from service.engine.formats.loaded import LoadedModel
 from service.engine.losses import GIVEN_BY_USER, LOSS_KINDS, default_loss
@@ -184,6 +185,8 @@ def build_subject(
         notes += unread_input_notes(
             loaded.graph, [s.name for s in loaded.inputs], list(matched.inputs)
         )
+        if options.mode == "eval":
+            notes += eval_mode_notes(loaded.graph)
     return Subject(
         module=module,
         graph=loaded.graph,
