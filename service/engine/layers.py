@@ -51,11 +51,6 @@ NORMALIZATIONS = frozenset(
     | {"batchnormalization", "layernormalization", "groupnormalization", "rmsnorm"}
     | {"instancenormalization", "nativelayernorm", "nativegroupnorm"}
 )
-# Ops whose weight follows torch's [out, in, *kernel] layout.
-_OUT_IN_LAYOUT = frozenset(
-    {"linear", "conv", "conv1d", "conv2d", "conv3d", "convolution", "convtranspose"}
-    | {"conv_transpose1d", "convtranspose1d", "convtranspose2d", "convtranspose3d"}
-)
 _MATMUL = frozenset({"matmul", "mm", "bmm", "addmm", "gemm"})
 # Ops that add, scale, select or join a parameter rather than multiply it into a sum over
 # inputs: a position embedding added (`x + pos`), a relative-position bias table indexed into
@@ -232,8 +227,9 @@ def _root_of_mean(value: str, producers: dict[str, Node], *, rooted: bool, steps
 
 def normalized_layers(graph: ObservableGraph, layers: list[Layer]) -> set[str]:
     """Layers whose output only a normalisation reads (through reshapes and casts): conv →
-    BatchNorm, a feature encoder's conv → GroupNorm. Their scale is divided out, so their
-    initialisation scale does not matter. A layer whose output also joins a residual sum
+    BatchNorm, a feature encoder's conv → GroupNorm; or whose BatchNorm the exporter folded
+    into them (_folds_normalization). Their scale is divided out, so their initialisation
+    scale does not matter. A layer whose output also joins a residual sum
     (a transformer's out-projection, before the next LayerNorm) is not one of them."""
     from service.engine.detectors.optypes import is_normalization
 
@@ -256,7 +252,25 @@ def normalized_layers(graph: ObservableGraph, layers: list[Layer]) -> set[str]:
             return False
         return True
 
-    return {layer.name for layer in layers if only_normalized(layer.output, steps=6)}
+    folded = {node.name for node in graph.nodes if _folds_normalization(node)}
+    return {
+        layer.name
+        for layer in layers
+        if only_normalized(layer.output, steps=6) or layer.main in folded
+    }
+
+
+def _folds_normalization(node: Node) -> bool:
+    """Whether the exporter folded a BatchNorm into this node (the dynamo ONNX exporter's
+    optimizer, by default). The weight is then W·γ/√(running_var + eps): its scale is the
+    BatchNorm's statistics as much as W's, not an initialisation, and in the model trained
+    the BatchNorm divides W's scale out, as for a conv it reads unfolded. So it counts as
+    normalised, and the formats agree (the report notes the folding)."""
+    if node.source is None or not hasattr(node.source, "metadata_props"):
+        return False  # not an ONNX node
+    from service.engine.onnx.convert import _folds_batchnorm
+
+    return _folds_batchnorm(node.source)
 
 
 def _read(value: str, consumers: dict[str, list[int]], graph_outputs: set[str]) -> bool:
@@ -285,6 +299,14 @@ def _attach_followers(
                 # (the first) is the layer's output, the states join its gradient
                 layer.grad_outputs += [nodes[u].outputs[0] for u in users[1:]]
                 users = users[:1]
+        gated = _self_gated(layer.output, users, nodes, consumers, graph_outputs)
+        if gated is not None and layer.activation is None:
+            activation, gate, product = gated
+            layer.nodes += [nodes[gate].name, nodes[product].name]
+            layer.output = nodes[product].outputs[0]
+            layer.activation = activation
+            claimed.update((gate, product))
+            return
         if len(users) != 1:
             return
         follower = nodes[users[0]]
@@ -302,8 +324,48 @@ def _attach_followers(
         return
 
 
+# x · gate(x), an activation written out: ONNX has no SiLU op (both exporters write
+# torch's SiLU as Mul(x, Sigmoid(x))), and the legacy exporter before opset 14 writes HardSwish
+# as Mul(x, HardSigmoid(x)).
+_SELF_GATES = {"sigmoid": "silu", "hardsigmoid": "hardswish"}
+
+
+def _self_gated(
+    value: str,
+    users: list[int],
+    nodes: list[Node],
+    consumers: dict[str, list[int]],
+    graph_outputs: set[str],
+) -> tuple[str, int, int] | None:
+    """(activation, gate node, product node) when `value`'s only readers are a gate
+    (Sigmoid, HardSigmoid) of it and the Mul of it by that gate, which alone reads the gate:
+    the activation torch wrote as one op (silu, hardswish). Recognised so that the layer gets
+    the activation, and with it the He reference, that the .pt2 export of it gets."""
+    if len(users) != 2:
+        return None
+    gates = [
+        u
+        for u in users
+        if canonical(nodes[u].op_type) in _SELF_GATES and nodes[u].inputs[:1] == [value]
+    ]
+    if len(gates) != 1:
+        return None
+    gate = gates[0]
+    product = next(u for u in users if u != gate)
+    gate_value = nodes[gate].outputs[0]
+    if (
+        canonical(nodes[product].op_type) != "mul"
+        or sorted(nodes[product].inputs) != sorted([value, gate_value])
+        or consumers.get(gate_value) != [product]
+        or gate_value in graph_outputs
+    ):
+        return None
+    return _SELF_GATES[canonical(nodes[gate].op_type)], gate, product
+
+
 def _fan(layer: Layer, node: Node, param_in: list[str], shapes: dict[str, list[int]]) -> None:
-    """fan_in/fan_out of the layer's weight, as torch's `_calculate_fan_in_and_fan_out`."""
+    """fan_in/fan_out of the layer's weight: torch's `_calculate_fan_in_and_fan_out`, per
+    group for a grouped convolution (weight_fans)."""
     op = canonical(node.op_type)
     if op in NORMALIZATIONS or op in _NO_FAN_IN:
         return
@@ -331,15 +393,54 @@ def _fan(layer: Layer, node: Node, param_in: list[str], shapes: dict[str, list[i
         layer.fan_in, layer.fan_out = shape[-1], shape[-2]
         layer.extra["hidden_size"] = max(1, shape[-2] // gates)
         return
-    receptive = math.prod(shape[2:]) if len(shape) > 2 else 1
-    if op in _OUT_IN_LAYOUT or transposed_operand or (op == "gemm" and _attr(node, "transB")):
-        layer.fan_in, layer.fan_out = shape[1] * receptive, shape[0] * receptive
-    elif op in _MATMUL:
+    if op in _MATMUL and not (transposed_operand or (op == "gemm" and _attr(node, "transB"))):
         layer.fan_in, layer.fan_out = shape[-2], shape[-1]
-    elif op in {"embedding", "gather"}:
+    elif op in {"embedding", "gather"} and not transposed_operand:
         return
-    else:
-        layer.fan_in, layer.fan_out = shape[1] * receptive, shape[0] * receptive
+    else:  # torch's [out, in/groups, *kernel] layout: Linear, Conv, a transposed operand, ...
+        groups = _groups(node) if "conv" in op else 1
+        if groups > 1:
+            layer.extra["groups"] = groups  # torch's fan formula (and xavier_normal_) ignore it
+        layer.fan_in, layer.fan_out = weight_fans(shape, groups=groups)
+
+
+def weight_fans(shape: list[int] | tuple[int, ...], groups: int = 1) -> tuple[int, int]:
+    """(fan_in, fan_out) of a weight in torch's [out, in/groups, *kernel] layout, per group.
+
+    Glorot's fan_in is how many inputs one output unit sums, fan_out how many outputs one
+    input feeds. A grouped convolution's output unit sees in/groups channels (shape[1], per
+    group already) over the kernel, and an input feeds out/groups channels over the kernel:
+    shape[0]·kernel / groups. torch's `_calculate_fan_in_and_fan_out` sees only the tensor, so
+    its fan_out is `groups` times too large (a depthwise Conv1d(C, C, 7) gets C·7 for 7), which
+    makes torch's own default init of a depthwise conv read as 2.4× Xavier. A transposed conv
+    ([in, out/groups, *kernel]) swaps the roles, and the same per-group count holds."""
+    if len(shape) < 2:
+        return max(1, math.prod(shape)), 1
+    receptive = math.prod(shape[2:])
+    return shape[1] * receptive, max(1, shape[0] // max(1, groups)) * receptive
+
+
+def _groups(node: Node) -> int:
+    """A convolution's groups: ONNX's `group` attribute, else the FX op's `groups` argument
+    (aten.conv1d, aten.convolution, ...), else 1."""
+    value = _attr(node, "group")
+    if value is None:
+        value = _fx_argument(node, "groups")
+    return value if isinstance(value, int) and value > 0 else 1
+
+
+def _fx_argument(node: Node, name: str) -> object:
+    """An argument of an FX node's aten op by its schema name, positional or keyword."""
+    source = node.source
+    schema = getattr(getattr(source, "target", None), "_schema", None)
+    if schema is None:
+        return None
+    names = [argument.name for argument in schema.arguments]
+    if name not in names:
+        return None
+    index = names.index(name)
+    args = getattr(source, "args", ())
+    return args[index] if index < len(args) else getattr(source, "kwargs", {}).get(name)
 
 
 def _attr(node: Node, name: str) -> object:
@@ -484,9 +585,50 @@ def _init_activations(
                     layer.init_activation = nxt.activation
 
 
+def reference_scheme(activation: str | None) -> str:
+    """The initialisation a weight before `activation` is judged by, and re-initialised with:
+    "kaiming" (He et al. 2015) before a ReLU-family activation, else "xavier" (Glorot & Bengio
+    2010, gain 1: as they derived it for tanh too)."""
+    return "kaiming" if activation is not None and canonical(activation) in HE_FAMILY else "xavier"
+
+
+def init_std(scheme: str, fan_in: int, fan_out: int) -> float | None:
+    """The std `scheme` gives a weight of these fans: He sqrt(2/fan_in), Xavier
+    sqrt(2/(fan_in+fan_out)), `xavier_tanh` PyTorch's calculate_gain("tanh") = 5/3 of Xavier;
+    None for a scheme that is not a std (orthogonal, the bias schemes). The one formula both
+    the init_scale reference (reference_std) and the re-initialisation fix use, so that a
+    re-initialised weight reads as ratio 1."""
+    if scheme == "kaiming":
+        return he_std(fan_in)
+    if scheme == "xavier":
+        return xavier_std(fan_in, fan_out)
+    if scheme == "xavier_tanh":
+        return 5.0 / 3.0 * xavier_std(fan_in, fan_out)
+    return None
+
+
+def he_std(fan_in: int) -> float:
+    return math.sqrt(2.0 / fan_in)
+
+
+def xavier_std(fan_in: int, fan_out: int) -> float:
+    return math.sqrt(2.0 / (fan_in + fan_out))
+
+
+def scales_one_input(fan_in: int) -> bool:
+    """Whether a weight with this fan-in scales one input rather than summing several
+    (Linear(1, n): Mamba's dt_proj at dt_rank 1; a depthwise 1×1 conv). That is the product
+    `x * v` of a parameter vector, which has no fan-in (_NO_FAN_IN's `mul`), and like a
+    normalisation's gain it is not judged by He/Xavier: their balance of fan-in against
+    fan-out is about how many terms a unit sums, and torch's default U(±1) for it would read
+    as 1.7× Xavier."""
+    return fan_in == 1
+
+
 def reference_std(layer: Layer) -> float | None:
     """He std sqrt(2/fan_in) before ReLU-family activations, Xavier sqrt(2/(fan_in+fan_out))
-    before tanh/sigmoid or nothing; 1/√H for recurrent layers (hidden size H). The report's
+    before tanh/sigmoid or nothing (init_std, reference_scheme); 1/√H for recurrent layers
+    (hidden size H); none for a weight that scales one input (scales_one_input). The report's
     `init_std_ratio` is the weight's RMS (‖W‖/√n) over this; note torch's default
     nn.Linear/Conv init gives ≈0.41 against He."""
     if not layer.fan_in or not layer.fan_out:
@@ -497,6 +639,31 @@ def reference_std(layer: Layer) -> float | None:
         # has rows of norm 1 → std 1/√H; torch's default U(±1/√H) gives 1/√3 of it, whatever
         # the input size), not Xavier over the stacked gates
         return 1.0 / math.sqrt(hidden)
-    if layer.init_activation in HE_FAMILY:
-        return math.sqrt(2.0 / layer.fan_in)
-    return math.sqrt(2.0 / (layer.fan_in + layer.fan_out))
+    if scales_one_input(layer.fan_in):
+        return None
+    return init_std(reference_scheme(layer.init_activation), layer.fan_in, layer.fan_out)
+
+
+def grouped_weight_stds(graph: ObservableGraph, schemes: dict[str, str]) -> dict[str, float]:
+    """The std `schemes` give each grouped conv's weight over its per-group fans: torch's
+    xavier_normal_ takes fan_out as out_channels·kernel, `groups` times the reference's, and
+    would leave a depthwise conv reading as too small."""
+    return {
+        layer.weight: std
+        for layer in group_layers(graph)
+        if layer.weight in schemes
+        and layer.extra.get("groups", 1) != 1
+        and layer.fan_in
+        and layer.fan_out
+        and (std := init_std(schemes[layer.weight], layer.fan_in, layer.fan_out)) is not None
+    }
+
+
+def parameter_fans(graph: ObservableGraph) -> dict[str, tuple[int, int]]:
+    """Each layer weight's (fan_in, fan_out) as reference_std reads them (a grouped conv's
+    per group): what re-initialising it must use to meet the reference."""
+    return {
+        layer.weight: (layer.fan_in, layer.fan_out)
+        for layer in group_layers(graph)
+        if layer.weight is not None and layer.fan_in and layer.fan_out
+    }

@@ -16,6 +16,7 @@ from service.engine.detectors.optypes import (
     is_vanilla_rnn,
 )
 from service.engine.graph import ObservableGraph
+from service.engine.layers import reference_scheme
 from service.engine.measurements import Measurements
 from service.engine.report import LayerReport
 from service.engine.stats import FP16_MAX
@@ -164,15 +165,14 @@ def uses_convolution(m: Measurements) -> bool:
 
 
 def init_scheme(layer: LayerReport, activation: str | None = None) -> str:
-    """He for ReLU-like successors, Xavier otherwise (He et al. 2015; Glorot & Bengio 2010).
+    """He for ReLU-family successors, Xavier otherwise (He et al. 2015; Glorot & Bengio 2010):
+    the scheme the measurement's init_std_ratio is referenced to (layers.reference_scheme), so
+    that the re-initialised weight meets it.
 
     Xavier with gain 1 for tanh too, as Glorot & Bengio derived it and as the measurement's
     init_std_ratio is referenced (PyTorch's calculate_gain("tanh") = 5/3 would read as 1.67×).
     """
-    act = activation or activation_of(layer)
-    if act is None or act in {"sigmoid", "softsign", "hardsigmoid", "tanh", "hardtanh"}:
-        return "xavier"
-    return "kaiming"
+    return reference_scheme(activation or activation_of(layer))
 
 
 def weight_params(m: Measurements, layer: LayerReport) -> list[str]:

@@ -23,6 +23,7 @@ from service.engine.detectors.thresholds import resolve_thresholds
 from service.engine.detectors.units import init_ratio, normalized_layers
 from service.engine.gradient_cuts import SINGLE_ELEMENT_SOFTMAX
 from service.engine.graph import ObservableGraph
+from service.engine.layers import grouped_weight_stds
 from service.engine.measurements import Measurements
 from service.engine.report import SEVERITY_RANK, Finding, LayerReport, Recommendation
 
@@ -126,7 +127,8 @@ class Advisor:
         if d.fix == "replace_activation":
             return snippets.replace_activation(p["from"], p["to"], p.get("init"))
         if d.fix == "reinitialize_weights":
-            return snippets.reinitialize(p["schemes"], p.get("source_names"))
+            stds = grouped_weight_stds(self.graph, p["schemes"]) if self.graph else {}
+            return snippets.reinitialize(p["schemes"], p.get("source_names"), stds)
         if d.fix == "clip_gradients":
             return snippets.clip_gradients(p["max_norm"])
         if d.fix == "lower_learning_rate":

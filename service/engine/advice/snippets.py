@@ -42,13 +42,24 @@ def replace_activation(old: list[str], new: str, init: str | None) -> str:
 
 
 def reinitialize(
-    scheme_by_param: dict[str, str], source_names: dict[str, list[str]] | None = None
+    scheme_by_param: dict[str, str],
+    source_names: dict[str, list[str]] | None = None,
+    stds: dict[str, float] | None = None,
 ) -> str:
     """`source_names`: graph parameter → the source model's parameters it was exported from
-    (an ONNX LSTM's `B` → `lstm.bias_ih_l0`); the snippet names those, in torch's layout."""
+    (an ONNX LSTM's `B` → `lstm.bias_ih_l0`); the snippet names those, in torch's layout.
+    `stds`: parameters drawn with an explicit std instead (a grouped conv's Xavier over its
+    per-group fans, which torch's xavier_normal_ does not see)."""
     lines = ["import torch.nn as nn", "", "params = dict(model.named_parameters())"]
     groups: dict[str, list[str]] = {}
+    for name, std in (stds or {}).items():
+        lines.append(
+            f"nn.init.normal_(params[{name!r}], std={std:.3g})  "
+            f"# {scheme_by_param[name]} over the per-group fans of a grouped conv"
+        )
     for name, scheme in scheme_by_param.items():
+        if name in (stds or {}):
+            continue
         if scheme.startswith(("onnx_", "no_bias_")):
             # the same change, written on torch's nn.LSTM / nn.GRU parameters
             gate = scheme.removeprefix("onnx_").removeprefix("no_bias_").removesuffix("_bias")

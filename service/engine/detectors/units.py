@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from service.engine.detectors.optypes import is_embedding, is_normalization
 from service.engine.detectors.profile import sig
+from service.engine.layers import he_std, scales_one_input, weight_fans, xavier_std
 from service.engine.measurements import Measurements
 from service.engine.report import Finding, FindingKind, LayerReport
 
@@ -36,7 +37,7 @@ def init_ratio(layer: LayerReport, m: Measurements) -> float | None:
     """
     if layer.init_std_ratio is not None:
         return layer.init_std_ratio
-    if not layer.fan_in:
+    if not layer.fan_in or scales_one_input(layer.fan_in):
         return None
     shapes = {p.name: p for p in m.parameters}
     weight = next(
@@ -44,11 +45,10 @@ def init_ratio(layer: LayerReport, m: Measurements) -> float | None:
     )
     if weight is None or not weight.weight_norm:
         return None
-    numel = math.prod(weight.shape)
-    std = weight.weight_norm / math.sqrt(numel)
-    fan_out = numel / layer.fan_in
-    he = math.sqrt(2.0 / layer.fan_in)
-    xavier = math.sqrt(2.0 / (layer.fan_in + fan_out))
+    std = weight.weight_norm / math.sqrt(math.prod(weight.shape))
+    # torch's fans from the shape (no groups seen here), as the re-initialisation's fallback
+    fan_in, fan_out = weight_fans(weight.shape)
+    he, xavier = he_std(fan_in), xavier_std(fan_in, fan_out)
     if std > he:
         return std / he
     if std < xavier:

@@ -145,7 +145,6 @@ def _apply(
 ) -> tuple[str, Measurements]:
     from service.engine.measure import input_parts, measure
 
-    fan_in = {p: x.fan_in for x in m.layers for p in x.params}
     if rec.fix == "replace_activation":
         new = str(rec.params.get("to", "ReLU"))
         old = set(rec.params.get("from") or []) & (SATURATING | RELU_LIKE)
@@ -164,12 +163,12 @@ def _apply(
                 if len(_shape(m, p)) >= 2
             }
             if schemes:
-                reinitialize(copy_, schemes, fan_in)
+                reinitialize(copy_, schemes)
                 text += f"; He-initialised {len(schemes)} weight(s) before them"
         return text, measure(copy_, options)
     if rec.fix == "reinitialize_weights":
         copy_ = copy_subject(subject)
-        done = reinitialize(copy_, dict(rec.params.get("schemes", {})), fan_in)
+        done = reinitialize(copy_, dict(rec.params.get("schemes", {})))
         return f"re-initialised {len(done)} tensor(s): " + "; ".join(done[:4]), measure(
             copy_, options
         )

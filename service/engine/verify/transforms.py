@@ -5,9 +5,10 @@
 - `swap_activations`: replace sigmoid/tanh (or ReLU) node functions in the ObservableGraph;
   op types are compared through `optypes.canonical_op`, so ONNX "Sigmoid", FX "sigmoid" and
   "aten.sigmoid.default" are one case.
-- `reinitialize`: He/Xavier/zero/orthogonal re-initialisation of named parameters, using the
-  fan-in the measurement found for the layer (ONNX exports may store weights transposed, so
-  torch's own fan computation from the tensor layout could be wrong).
+- `reinitialize`: He/Xavier/zero/orthogonal re-initialisation of named parameters, with the
+  fans and the std formula of the init_scale reference (layers.parameter_fans, init_std):
+  ONNX exports may store weights transposed and a grouped conv's fans are per group, so
+  torch's own fan computation from the tensor layout could be wrong.
 - `guard_node`: clamp the input of the op that produced the first NaN/Inf.
 
 Each returns a short description of what it changed, or raises `NotApplicable(reason)`.
@@ -18,7 +19,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import io
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +28,7 @@ from torch import nn
 
 from service.engine.detectors.optypes import aten_style, canonical_op
 from service.engine.graph import ObservableGraph
+from service.engine.layers import init_std, parameter_fans, weight_fans
 from service.engine.measurements import Subject
 
 REINIT_SEED = 0  # re-initialisation is reproducible: same fix, same numbers
@@ -129,11 +130,12 @@ def _tensor(subject: Subject, name: str) -> torch.Tensor:
     return params[name]
 
 
-def reinitialize(
-    subject: Subject, schemes: dict[str, str], fan_in: dict[str, int | None]
-) -> list[str]:
-    """Re-initialise each named parameter by its scheme; returns what was done per tensor."""
+def reinitialize(subject: Subject, schemes: dict[str, str]) -> list[str]:
+    """Re-initialise each named parameter by its scheme; returns what was done per tensor.
+    He/Xavier stds are the init_scale reference's own (layers.init_std over the layer's fans,
+    a grouped conv's per group), so that a re-initialised weight reads as ratio 1."""
     generator = torch.Generator().manual_seed(REINIT_SEED)
+    fans = parameter_fans(subject.graph) if subject.graph is not None else {}
     done: list[str] = []
     with torch.no_grad():
         for name, scheme in schemes.items():
@@ -143,8 +145,9 @@ def reinitialize(
                     f"be added to the graph, so rebuild it with bias=True and set the gate bias"
                 )
             tensor = _tensor(subject, name)
-            fan = fan_in.get(name) or _default_fan_in(tensor)
-            fan_out = max(1, tensor.numel() // max(1, fan))
+            # without a graph (a module measured by its parameters), torch's fans of the shape,
+            # as the measurement's own fallback (detectors.units.init_ratio) reads them
+            fan_in, fan_out = fans.get(name) or weight_fans(tuple(tensor.shape))
             if scheme == "zero_bias":
                 tensor.zero_()
                 done.append(f"{name}: zeros")
@@ -178,30 +181,21 @@ def reinitialize(
                 tensor[:, 2 * hidden : 3 * hidden].fill_(1.0)
                 done.append(f"{name}: forget-gate bias 1 (ONNX B[:, {2 * hidden}:{3 * hidden}])")
                 continue
-            if scheme == "kaiming":
-                std = math.sqrt(2.0 / fan)
-            elif scheme == "xavier_tanh":
-                std = (5.0 / 3.0) * math.sqrt(2.0 / (fan + fan_out))
-            elif scheme == "xavier":
-                std = math.sqrt(2.0 / (fan + fan_out))
-            elif scheme == "orthogonal":
+            if scheme == "orthogonal":
                 fresh = torch.empty(tensor.shape, dtype=torch.float32)
                 nn.init.orthogonal_(fresh, generator=generator)
                 tensor.copy_(fresh)
                 done.append(f"{name}: orthogonal")
                 continue
-            else:
+            std = init_std(scheme, fan_in, fan_out)
+            if std is None:
                 raise NotApplicable(f"no automatic transform for initialisation {scheme!r}")
             fresh = torch.randn(tensor.shape, generator=generator, dtype=torch.float32) * std
             tensor.copy_(fresh.to(tensor.device, tensor.dtype))
-            done.append(f"{name}: normal(0, {std:.3g}) ({scheme}, fan-in {fan})")
+            done.append(
+                f"{name}: normal(0, {std:.3g}) ({scheme}, fan-in {fan_in}, fan-out {fan_out})"
+            )
     return done
-
-
-def _default_fan_in(tensor: torch.Tensor) -> int:
-    if tensor.dim() < 2:
-        return max(1, tensor.numel())
-    return int(tensor.shape[1] * math.prod(tensor.shape[2:]))
 
 
 # -- numerics guard ------------------------------------------------------------------------------

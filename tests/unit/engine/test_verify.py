@@ -106,23 +106,23 @@ def test_reinitialisation_touches_only_the_copy_and_follows_he() -> None:
     subject = subject_of("relu_tiny_init", "torch_export")
     before = subject.graph.parameter("fc0.weight").detach().clone()
     copy_ = copy_subject(subject)
-    done = reinitialize(copy_, {"fc0.weight": "kaiming", "fc0.bias": "zero_bias"}, {})
+    done = reinitialize(copy_, {"fc0.weight": "kaiming", "fc0.bias": "zero_bias"})
     assert len(done) == 2
     torch.testing.assert_close(subject.graph.parameter("fc0.weight"), before)
     new = copy_.graph.parameter("fc0.weight")  # type: ignore[union-attr]
     assert new.std().item() == pytest.approx(math.sqrt(2 / 16), rel=0.2)
     assert torch.count_nonzero(copy_.graph.parameter("fc0.bias")) == 0  # type: ignore[union-attr]
     again = copy_subject(subject)
-    reinitialize(again, {"fc0.weight": "kaiming"}, {})
+    reinitialize(again, {"fc0.weight": "kaiming"})
     torch.testing.assert_close(again.graph.parameter("fc0.weight"), new)  # type: ignore[union-attr]
 
 
-def test_reinitialisation_uses_the_measured_fan_in() -> None:
+def test_reinitialisation_uses_the_layer_fans() -> None:
     subject = subject_of("relu_tiny_init", "torch_export")
     copy_ = copy_subject(subject)
-    reinitialize(copy_, {"fc1.weight": "xavier"}, {"fc1.weight": 64})
+    reinitialize(copy_, {"fc1.weight": "xavier"})
     std = copy_.graph.parameter("fc1.weight").std().item()  # type: ignore[union-attr]
-    assert std == pytest.approx(math.sqrt(2 / (64 + 4)), rel=0.2)  # fan-out = 256 / 64
+    assert std == pytest.approx(math.sqrt(2 / (16 + 16)), rel=0.2)  # Linear(16, 16)
 
 
 @pytest.mark.parametrize("fmt", ["torch_export", "onnx"])
