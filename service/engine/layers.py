@@ -113,9 +113,10 @@ class Layer:
 
 
 def _consumers(nodes: list[Node]) -> dict[str, list[int]]:
+    """Value → the nodes computing with it (a CastLike reading only its dtype is not one)."""
     consumers: dict[str, list[int]] = {}
     for index, node in enumerate(nodes):
-        for name in dict.fromkeys(node.inputs):
+        for name in dict.fromkeys(_values_read(node)):
             consumers.setdefault(name, []).append(index)
     return consumers
 
@@ -132,8 +133,9 @@ def group_layers(graph: ObservableGraph) -> list[Layer]:
     layers: list[Layer] = []
     claimed: set[int] = set()
     for index, node in enumerate(nodes):
-        data_in = [v for v in node.inputs if v in data]
-        param_in = [v for v in node.inputs if v in derived]
+        read = _values_read(node)
+        data_in = [v for v in read if v in data]
+        param_in = [v for v in read if v in derived]
         if data_in:
             data.update(o for o in node.outputs if o)
         elif param_in:
@@ -181,6 +183,18 @@ def group_layers(graph: ObservableGraph) -> list[Layer]:
     _name_layers(layers)
     _init_activations(layers, nodes, consumers)
     return layers
+
+
+# Ops whose second input lends only its dtype: CastLike(W, x) is W in x's dtype (the dynamo
+# exporter without its optimizer writes a GroupNorm's weight so), not a product of W and x.
+_TYPE_ONLY_SECOND = frozenset({"castlike", "typeas"})
+
+
+def _values_read(node: Node) -> list[str]:
+    """The inputs whose values the node computes with (not those it reads the dtype of)."""
+    if canonical(node.op_type) in _TYPE_ONLY_SECOND:
+        return node.inputs[:1]
+    return node.inputs
 
 
 def _affine_of_normalization(node: Node, producers: dict[str, Node]) -> str | None:

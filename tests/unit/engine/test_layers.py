@@ -125,6 +125,32 @@ def test_the_affine_step_of_a_decomposed_group_norm_is_a_normalisation_layer() -
     ]
 
 
+def test_a_group_norms_weights_cast_like_the_data_are_still_one_normalisation_layer() -> None:
+    """The dynamo exporter without its optimizer casts the GroupNorm's weight and bias to the
+    data's dtype first: CastLike(W, data) reads only the data's dtype, so W is not multiplied
+    into a CastLike layer of its own (each GroupNorm was two layers, weight and bias apart)."""
+    params = {"norm.weight": torch.ones(4, 1), "norm.bias": torch.zeros(4, 1)}
+    buffers = {"ones": torch.ones(2), "zeros": torch.zeros(2)}
+    nodes = [
+        Node("r1", "Reshape", ["x"], ["r"], lambda x: x.reshape(x.shape[0], 2, -1)),
+        Node("in", "InstanceNormalization", ["r", "ones", "zeros"], ["n"], lambda r, *_: r),
+        Node("r2", "Reshape", ["n"], ["m"], lambda n: n.reshape(n.shape[0], 4, -1)),
+        Node("cw", "CastLike", ["norm.weight", "m"], ["w"], lambda w, m: w.to(m.dtype)),
+        Node("mul", "Mul", ["m", "w"], ["scaled"], torch.mul),
+        Node("cb", "CastLike", ["norm.bias", "scaled"], ["b"], lambda b, s: b.to(s.dtype)),
+        Node("add", "Add", ["scaled", "b"], ["y"], torch.add),
+    ]
+    graph = ObservableGraph(
+        nodes, input_names=["x"], output_names=["y"], parameters=params, buffers=buffers
+    )
+    (layer,) = group_layers(graph)
+    assert (layer.op, layer.params, layer.output) == (
+        "GroupNormalization",
+        ["norm.weight", "norm.bias"],
+        "y",
+    )
+
+
 def _rms_norm_nodes(inverse_root: list[Node]) -> list[Node]:
     """weight · (x · f(mean(x²) + eps)) with f written by `inverse_root` (value `inv`)."""
     return [
