@@ -813,7 +813,7 @@ def _convert_checked(
         | gradient_free_initializers(graph)
         | (set(weights) - consumed)
         | non_finite
-        | _folded_scalars(weights)
+        | _folded_scalars(weights, folded_parameter_sources(graph, list(weights)))
         | _batchnorm_statistics(weights)
         | _zero_initial_states(graph, weights)
     )
@@ -1182,16 +1182,21 @@ def folded_batchnorm_notes(graph: GraphProto) -> list[str]:
     ]
 
 
-def _folded_scalars(weights: Mapping[str, torch.Tensor]) -> set[str]:
+def _folded_scalars(
+    weights: Mapping[str, torch.Tensor], folded_from: Mapping[str, list[str]]
+) -> set[str]:
     """One-element float initializers the dynamo exporter's optimizer made by constant folding
     (attention's 1/sqrt(head_dim) scale becomes `val_81`): constants, not weights. A module's
-    own scalar parameter keeps its name (`temperature`, `blocks.0.gamma`)."""
+    own scalar parameter keeps its name (`temperature`, `blocks.0.gamma`), and one the exporter
+    reshaped (nn.PReLU()'s one slope as [1, 1, 1] for broadcasting: `val_1`, folded from
+    `1.weight` alone; `folded_from`: `folded_parameter_sources`) is that parameter."""
     return {
         name
         for name, tensor in weights.items()
         if tensor.dtype in FLOAT_DTYPES
         and tensor.numel() == 1
         and EXPORTER_VALUE_NAME.fullmatch(name)
+        and len(folded_from.get(name, [])) != 1
     }
 
 

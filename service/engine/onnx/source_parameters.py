@@ -15,7 +15,13 @@ what a report would say about parameters:
 - a GroupNorm exports as an InstanceNormalization to constant ones and zeros, which are merged
   with a parameter of equal values when the norm has one group per channel (wav2vec2).
 - values computed from parameters are folded ahead (a positional embedding sliced to the
-  sequence length), or from input shapes alone (`zeros_like` of a padding mask).
+  sequence length), or from input shapes alone (`zeros_like` of a padding mask); two layers'
+  equal values computed ahead (Mamba's `-exp(A_log)` of equal `A_log`s) are merged too.
+- a constant the exporter adds is merged with a parameter of equal values: the ones scale of an
+  affine-free LayerNorm with a fresh norm's weight.
+- nodes the optimizer makes record no FX node: its Split of a SplitToSequence and SequenceAt
+  (cross-attention's split of the in-projection weight and bias into q and k/v), which its
+  common-subexpression elimination then shares between layers whose (merged) biases are equal.
 
 Every node of that exporter records the FX node it came from (`pkg.torch.onnx.fx_node`:
 `aten.linear.default](args = (%x, %p_enc_layers_0_linear1_weight, %p_enc_layers_0_linear1_bias)`)
@@ -27,13 +33,17 @@ parameters (`ExportedSignature`); and each folded value records what it was fold
 merged initializer into one parameter per source parameter (clones of the one tensor: the values
 the source model had), turns a folded weight or vector back into the source's parameter (its
 readers run a `Transpose` or `Reshape` of it, as in an unoptimised export; a tied one reads the
-parameter it is tied to), gives a Gemm or Conv its zero bias back and a GroupNorm's
-InstanceNormalization its constants (`Restored.constants`); `folded_parameter_sources` tells
-what parameters a folded value came from (convert.py: the note, or a constant when inputs,
-buffers and constants alone: a causal mask, rotary tables from `inv_freq`). Tied weights
-(one placeholder read by several nodes) stay one parameter. Where any reader of an
-initializer cannot be resolved (no metadata, a legacy export, an ambiguous node), that
-initializer is left as it is.
+parameter it is tied to; a PReLU's slope is such a vector), gives a Gemm or Conv its zero bias
+back, and a GroupNorm's InstanceNormalization, or a node whose FX op read no value the
+initializer could be (`layer_norm(%x, [16], None, None)`), its constants (`Restored.constants`).
+A node the optimizer made reads the parameter of the module its readers run in (one copy per
+module where it feeds several); equal values computed ahead are split by the FX value each
+reader read (`%neg`, `%neg_1`), each named with its sources (those of the module its readers
+run in). `folded_parameter_sources` tells what parameters a folded value came from (convert.py:
+the note, or a constant when inputs, buffers and constants alone: a causal mask, rotary tables
+from `inv_freq`). Tied weights (one placeholder read by several nodes) stay one parameter.
+Where any reader of an initializer cannot be resolved (no metadata, a legacy export, an
+ambiguous node), that initializer is left as it is.
 """
 
 from __future__ import annotations
@@ -57,7 +67,9 @@ EXPORTER_VALUE_NAME = re.compile(r"val_\d+")
 # the FX node name of a transposing op, which names the value the optimizer folds it into
 _FOLDED_TRANSPOSE = re.compile(r"(permute|t|transpose|numpy_T)(_\d+)?")
 # torch.export's placeholder for a parameter: `p_` + its dotted name with `.` → `_`
-_PARAMETER_PLACEHOLDER = re.compile(r"%(p_[A-Za-z0-9_]+)")
+_PARAMETER_PLACEHOLDER = re.compile(r"p_[A-Za-z0-9_]+")
+# a value an FX node reads: `%linear`, `%p_fc_weight`
+_FX_VALUE = re.compile(r"%(\w+)")
 _LINEAR_WEIGHT = re.compile(r"aten\.linear\.default\]\(args = \(%\w+, %(p_[A-Za-z0-9_]+)")
 _SHOWN = 3
 _NOT_ALPHANUMERIC = re.compile(r"[^a-zA-Z0-9]")
@@ -146,7 +158,10 @@ class Restored:
                 "metadata ({})",
             ),
             (
-                [f"{name} from {', '.join(src)}" for name, src in self.folded_from.items()],
+                [
+                    f"{name} from {', '.join(src) or 'a source the export does not name'}"
+                    for name, src in self.folded_from.items()
+                ],
                 "the ONNX exporter's optimizer computed some parameters ahead from the model's "
                 "own ({}: e.g. a positional embedding sliced to the sequence length): they are "
                 "reported as the file has them, each gradient that of the part of the source "
@@ -299,12 +314,40 @@ def _cased(parts: Sequence[str], like: str, scopes: Sequence[str]) -> str:
     return ".".join(cased)
 
 
-def _read_placeholders(proto: NodeProto) -> list[str]:
-    """The parameter placeholders the node's FX op read, in argument order."""
+def _fx_arguments(proto: NodeProto) -> list[str] | None:
+    """The values the node's FX op read (`%linear`, `%p_fc_weight`), in argument order; None
+    when the exporter recorded no FX node (a node the optimizer made)."""
     fx_node = _metadata(proto, FX_NODE_KEY)
     if fx_node is None or "args = " not in fx_node:
-        return []
-    return list(dict.fromkeys(_PARAMETER_PLACEHOLDER.findall(fx_node.split("args = ", 1)[1])))
+        return None
+    return list(dict.fromkeys(_FX_VALUE.findall(fx_node.split("args = ", 1)[1])))
+
+
+def _read_placeholders(proto: NodeProto) -> list[str]:
+    """The parameter placeholders the node's FX op read, in argument order."""
+    return [a for a in _fx_arguments(proto) or [] if _PARAMETER_PLACEHOLDER.fullmatch(a)]
+
+
+def _unmatched_fx_arguments(initializer: str, proto: NodeProto) -> list[str] | None:
+    """The values the node's FX op read that none of the node's other inputs is: what
+    `initializer` may stand for in it; None when the FX op read the initializer by its own
+    name or placeholder, or when the exporter recorded no FX node."""
+    arguments = _fx_arguments(proto)
+    if arguments is None or initializer in arguments or _placeholder(initializer) in arguments:
+        return None
+    others = set(proto.input) - {initializer}
+    return [a for a in arguments if a not in others]
+
+
+def _fx_value_read_as(initializer: str, proto: NodeProto) -> str | None:
+    """The FX value a value computed ahead stands for in this node: its own name, or the one
+    value the FX op read that no other input is (`%neg_1`, layer 1's `-exp(A_log)`, which the
+    optimizer merged into layer 0's equal `neg`)."""
+    unmatched = _unmatched_fx_arguments(initializer, proto)
+    if unmatched is None:
+        return initializer if initializer in (_fx_arguments(proto) or []) else None
+    values = [a for a in unmatched if not _PARAMETER_PLACEHOLDER.fullmatch(a)]
+    return values[0] if len(values) == 1 else None
 
 
 def placeholders_read(graph: GraphProto) -> set[str]:
@@ -356,7 +399,7 @@ def _reads(
 
 
 Reads = list[tuple[Node, int]]  # (node, input slot) pairs reading one value
-_ELEMENTWISE = frozenset({"Mul", "Add", "Sub", "Div"})
+_ELEMENTWISE = frozenset({"Mul", "Add", "Sub", "Div", "PRelu"})
 # FX ops a Gemm with a bias comes from: linear(x, W, b) and addmm(b, x, W); a Conv: conv*(x, W, b)
 _BIASED_PRODUCTS = ("aten.linear.", "aten.addmm.")
 _BIASED_CONVOLUTIONS = ("aten.conv1d.", "aten.conv2d.", "aten.conv3d.", "aten.convolution.")
@@ -375,9 +418,23 @@ def _reads_a_decomposition_constant(node: Node, slot: int) -> bool:
     )
 
 
+def _reads_no_fx_value(initializer: str, node: Node) -> bool:
+    """Whether the node's FX op read nothing the initializer could be (every value it read is
+    another input of the node): the initializer stands for a constant the exporter added, merged
+    by the optimizer with an equal parameter (the ones scale of an affine-free LayerNorm,
+    `layer_norm(%x, [16], None, None)`, with a fresh norm's weight)."""
+    proto = node.source
+    return isinstance(proto, NodeProto) and _unmatched_fx_arguments(initializer, proto) == []
+
+
+def _reads_an_exporter_constant(initializer: str, node: Node, slot: int) -> bool:
+    return _reads_a_decomposition_constant(node, slot) or _reads_no_fx_value(initializer, node)
+
+
 def _scales_elementwise(tensor: torch.Tensor, reads: Reads) -> bool:
     """A vector in a broadcasting shape ([C, 1, 1]: one dimension not 1) read only by
-    elementwise ops: a normalisation's weight or bias, folded into that shape."""
+    elementwise ops: a normalisation's weight or bias, or PReLU's slope, folded into that
+    shape."""
     return (
         tensor.dim() >= 2
         and sum(d != 1 for d in tensor.shape) <= 1
@@ -406,42 +463,210 @@ def restore_source_parameters(
         **(signature.parameters if signature else {}),
         **{_placeholder(name): name for name in parameters},
     }
+    nodes = _one_per_module(nodes, parameters, _Tracing(known, _consumers(nodes)))
     readers: dict[str, Reads] = {}
     for node in nodes:
         for slot, name in enumerate(node.inputs):
             if name in parameters:
                 readers.setdefault(name, []).append((node, slot))
+    tracing = _Tracing(known, _consumers(nodes))
     restoring = _Restoring(parameters, set(parameters) | set(taken))
     for initializer, reads in readers.items():
         if initializer in transposed_from:  # every reader reads the one source's transpose
             restoring.untranspose(initializer, {transposed_from[initializer]: reads})
             continue
         sources = folded_from.get(initializer, [])
-        single = sources[0] if len(sources) == 1 else None
-        constant_reads = [(n, s) for n, s in reads if _reads_a_decomposition_constant(n, s)]
+        constant_reads = [
+            (n, s) for n, s in reads if _reads_an_exporter_constant(initializer, n, s)
+        ]
         if constant_reads:
             restoring.constant(initializer, constant_reads)
             reads = [read for read in reads if read not in constant_reads]
-        groups: dict[str, Reads] = {}
-        for node, slot in reads:
-            proto = node.source
-            source = (
-                _reads(initializer, proto, known, single) if isinstance(proto, NodeProto) else None
-            )
-            if source is None:
-                break
-            groups.setdefault(source, []).append((node, slot))
+        groups = tracing.grouped_by_source(initializer, reads, sources)
+        if groups is None:
+            continue
+        if not EXPORTER_VALUE_NAME.fullmatch(initializer):
+            restoring.split(initializer, groups)
+            if sources:  # equal values computed ahead, each its own again: from what
+                restoring.computed_ahead(initializer, groups, sources, tracing)
+        elif len(sources) == 1 and _scales_elementwise(parameters[initializer], reads):
+            restoring.unreshape(initializer, groups)
         else:
-            if not EXPORTER_VALUE_NAME.fullmatch(initializer):
-                restoring.split(initializer, groups)
-            elif single and _scales_elementwise(parameters[initializer], reads):
-                restoring.unreshape(initializer, groups)
-            else:
-                restoring.untranspose(initializer, groups)
+            restoring.untranspose(initializer, groups)
     for node in nodes:
         restoring.zero_bias(node, known)
     before = restoring.before
     return [t for node in nodes for t in [*before.get(id(node), []), node]], restoring.restored
+
+
+def _made_by_the_optimizer(node: Node) -> bool:
+    """An ONNX node that records no FX op: one the optimizer made (its Split of a
+    SplitToSequence and the SequenceAt that read it)."""
+    return isinstance(node.source, NodeProto) and fx_node_text(node.source) is None
+
+
+def _recorded_scopes(node: Node) -> list[str] | None:
+    """The module scopes the exporter recorded for the node's FX op; None where it recorded
+    no FX op."""
+    proto = node.source
+    if not isinstance(proto, NodeProto) or fx_node_text(proto) is None:
+        return None
+    return name_scopes(proto)
+
+
+def _consumers(nodes: Sequence[Node]) -> dict[str, list[Node]]:
+    """The nodes that read each value."""
+    found: dict[str, list[Node]] = {}
+    for node in nodes:
+        for name in dict.fromkeys(node.inputs):
+            found.setdefault(name, []).append(node)
+    return found
+
+
+def _common_prefix(lists: Sequence[Sequence[str]]) -> list[str]:
+    prefix: list[str] = []
+    for entries in zip(*lists, strict=False):
+        if any(e != entries[0] for e in entries):
+            break
+        prefix.append(entries[0])
+    return prefix
+
+
+@dataclass
+class _Tracing:
+    """What tells which source value each read of an initializer stands for: the export's
+    parameter names (`known`: placeholder → name) and each value's readers."""
+
+    known: Mapping[str, str]
+    consumers: Mapping[str, list[Node]]
+
+    def grouped_by_source(
+        self, initializer: str, reads: Reads, sources: Sequence[str]
+    ) -> dict[str, Reads] | None:
+        """The reads of `initializer` by the source value each stands for: a parameter's name,
+        or for a value computed ahead (`sources`: what it was folded from) the FX value; None
+        when any read is unclear."""
+        single = sources[0] if len(sources) == 1 else None
+        computed_ahead = bool(sources) and not EXPORTER_VALUE_NAME.fullmatch(initializer)
+        groups: dict[str, Reads] = {}
+        for node, slot in reads:
+            proto = node.source
+            if not isinstance(proto, NodeProto):
+                return None
+            if computed_ahead:
+                source = _fx_value_read_as(initializer, proto)
+            elif _made_by_the_optimizer(node):
+                source = self._read_downstream(initializer, node)
+            else:
+                source = _reads(initializer, proto, self.known, single)
+            if source is None:
+                return None
+            groups.setdefault(source, []).append((node, slot))
+        return groups
+
+    def _read_downstream(self, initializer: str, node: Node) -> str | None:
+        """The parameter a node the optimizer made (no FX op recorded: the Split it makes of
+        a SplitToSequence and its SequenceAt, cross-attention's split of its in-projection
+        bias into q and k/v) reads as `initializer`: the parameter of the same attribute in
+        the innermost module every node downstream of it runs in."""
+        if EXPORTER_VALUE_NAME.fullmatch(initializer):
+            return None
+        scopes = self.scopes_downstream(node)
+        if not scopes:
+            return None
+        attribute = initializer.rsplit(".", 1)[-1]
+        name = f"{scopes[-1]}.{attribute}" if scopes[-1] else attribute
+        return name if name in set(self.known.values()) else None
+
+    def scopes_downstream(self, node: Node) -> list[str]:
+        """The module scopes shared by the first nodes downstream of `node` that recorded
+        theirs, outermost first; empty when none did."""
+        found: list[list[str]] = []
+        pending, seen = list(node.outputs), {id(node)}
+        while pending:
+            for reader in self.consumers.get(pending.pop(), []):
+                if id(reader) in seen:
+                    continue
+                seen.add(id(reader))
+                scopes = _recorded_scopes(reader)
+                if scopes is None:
+                    pending.extend(reader.outputs)
+                else:
+                    found.append(scopes)
+        return _common_prefix(found) if found else []
+
+    def modules_downstream(self, node: Node) -> dict[str, list[Node]] | None:
+        """The nodes reading `node`'s outputs by the innermost module each runs in (or, for
+        one the optimizer made, that the nodes downstream of it share); None when one runs in
+        none the exporter recorded."""
+        found: dict[str, list[Node]] = {}
+        readers = {id(r): r for out in node.outputs for r in self.consumers.get(out, [])}
+        for reader in readers.values():
+            scopes = _recorded_scopes(reader)
+            scopes = self.scopes_downstream(reader) if scopes is None else scopes
+            if not scopes:
+                return None
+            found.setdefault(scopes[-1], []).append(reader)
+        return found
+
+    def scopes_of(self, reads: Reads) -> list[str]:
+        """The module scopes every node of `reads` runs in, outermost first."""
+        return _common_prefix([_recorded_scopes(node) or [] for node, _ in reads])
+
+
+def _one_per_module(
+    nodes: Sequence[Node], parameters: Mapping[str, torch.Tensor], tracing: _Tracing
+) -> list[Node]:
+    """Each node the optimizer made (no FX op recorded) that reads a parameter and feeds
+    several modules, once per module: its common-subexpression elimination leaves one Split of
+    a bias that two decoder layers' cross-attentions each split (their biases equal, so
+    merged), and each copy can then read its own layer's parameter again."""
+    copies: dict[int, list[Node]] = {}
+    used = {out for node in nodes for out in node.outputs}
+    for node in nodes:
+        if not _made_by_the_optimizer(node) or not any(n in parameters for n in node.inputs):
+            continue
+        modules = tracing.modules_downstream(node)
+        for module, readers in list((modules or {}).items())[1:]:
+            outputs = [_unused(f"{out}::{module}", used) if out else out for out in node.outputs]
+            used.update(outputs)
+            copy = Node(
+                name=f"{node.name}::{module}",
+                op_type=node.op_type,
+                inputs=list(node.inputs),
+                outputs=outputs,
+                fn=node.fn,
+                domain=node.domain,
+                attrs=dict(node.attrs),
+                source=node.source,
+                scope=node.scope,
+            )
+            copies.setdefault(id(node), []).append(copy)
+            renamed = dict(zip(node.outputs, outputs, strict=True))
+            for reader in readers:
+                reader.inputs = [renamed.get(name, name) for name in reader.inputs]
+    return [n for node in nodes for n in [*copies.get(id(node), []), node]]
+
+
+def _sources_by_analogy(
+    sources: Sequence[str], own: Sequence[str], other: Sequence[str], names: set[str]
+) -> list[str]:
+    """The source parameters of a value merged into one computed ahead from `sources` in
+    module scopes `own`, read in module scopes `other` (`layers.0.A_log`, read in
+    `layers.0`, → `layers.1.A_log` for a reader in `layers.1`): each source under the other's
+    module at the same depth; empty unless every one is a parameter of the export (`names`)."""
+    found = []
+    for source in sources:
+        pairs = [
+            (mine, theirs)
+            for mine, theirs in zip(own, other, strict=False)
+            if mine and mine != theirs and source.startswith(mine + ".")
+        ]
+        if not pairs:
+            return []
+        mine, theirs = pairs[-1]
+        found.append(theirs + source[len(mine) :])
+    return found if all(name in names for name in found) else []
 
 
 @dataclass
@@ -543,6 +768,21 @@ class _Restoring:
             self.add(source, tensor.detach().clone())
             _rewire(reads, source)
             self.restored.split.setdefault(initializer, []).append(source)
+
+    def computed_ahead(
+        self, initializer: str, groups: Mapping[str, Reads], sources: list[str], tracing: _Tracing
+    ) -> None:
+        """What each value split out of one computed ahead (`split`) was computed from: the
+        same parameters of the module its readers run in, as far as the export names them."""
+        added = self.restored.split.get(initializer, [])
+        if not added:
+            return
+        self.restored.folded_from[initializer] = sources
+        own = tracing.scopes_of(groups[initializer])
+        names = set(tracing.known.values())
+        for value in added:
+            other = tracing.scopes_of(groups[value])
+            self.restored.folded_from[value] = _sources_by_analogy(sources, own, other, names)
 
     def constant(self, initializer: str, reads: Reads) -> None:
         """`reads` of a parameter are an exporter's constant of equal values: each reads a

@@ -1,0 +1,172 @@
+"""Equal values the dynamo exporter's optimizer merges into one initializer where the readers
+that tell them apart are not the plain case of test_source_parameters.py: a merged value read
+through a node the optimizer made (no FX metadata: cross-attention's Split of its
+in-projection bias), an exporter constant merged with a parameter (an affine-free LayerNorm's
+ones scale), a slope reshaped for broadcasting (nn.PReLU's) and a value computed ahead from
+each of two layers' parameters (Mamba's `-exp(A_log)`). Each export uses the default optimizer,
+as `torch.onnx.export(..., dynamo=True)` does; every source parameter must come back under its
+own name and shape with torch's gradient (service/engine/onnx/source_parameters.py)."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from service.engine.graph import ObservableGraph
+from service.engine.onnx.conformance import check_conversion
+from service.engine.onnx.convert import convert
+from tests.support.export import to_onnx
+
+
+def _converted(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> ObservableGraph:
+    # optimize=True: what `torch.onnx.export(..., dynamo=True)` does by default
+    model = onnx.load_from_string(to_onnx(module, inputs, dynamo=True, optimize=True))
+    graph = convert(model, mode="train")
+    check = check_conversion(model, graph, list(inputs))  # onnxruntime's copy agrees
+    assert check.checked and check.max_abs_error is not None and check.max_abs_error < 1e-4
+    return graph
+
+
+def _assert_same_parameters(
+    module: nn.Module, graph: ObservableGraph, inputs: tuple[torch.Tensor, ...]
+) -> None:
+    """Every parameter of `module` is one of the graph's, same name, shape and gradient."""
+    module.zero_grad()
+    module(*inputs).square().mean().backward()
+    graph.run(list(inputs))[0].square().mean().backward()
+    ours = dict(graph.named_graph_parameters())
+    theirs = dict(module.named_parameters())
+    assert set(ours) == set(theirs)
+    for name, parameter in theirs.items():
+        grad = ours[name].grad
+        assert ours[name].shape == parameter.shape, name
+        assert parameter.grad is not None and grad is not None, name
+        assert torch.allclose(grad, parameter.grad, rtol=2e-3, atol=1e-7), name
+
+
+class CrossAttention(nn.Module):
+    """Self- then cross-attention: both in-projection biases start as zeros (merged); the
+    cross-attention reads its own through a Split of q from k/v the optimizer made."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a1 = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.a2 = nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        h = x + self.a1(x, x, x, need_weights=False)[0]
+        return h + self.a2(h, memory, memory, need_weights=False)[0]
+
+
+def test_a_bias_merged_into_an_optimizer_made_split_is_its_own_parameter_again() -> None:
+    module = CrossAttention().train()
+    inputs = (torch.randn(2, 5, 16), torch.randn(2, 7, 16))
+    graph = _converted(module, inputs)
+    _assert_same_parameters(module, graph, inputs)
+    assert "a1.in_proj_bias also stood for a2.in_proj_bias" in " ".join(graph.metadata["notes"])
+
+
+class SmallTransformer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.t = nn.Transformer(16, 2, 1, 2, 32, dropout=0.0, batch_first=True)
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        return self.t(src, tgt)
+
+
+def test_every_attention_of_a_transformer_has_its_own_in_projection_bias() -> None:
+    module = SmallTransformer().train()
+    inputs = (torch.randn(2, 5, 16), torch.randn(2, 4, 16))
+    graph = _converted(module, inputs)
+    _assert_same_parameters(module, graph, inputs)
+
+
+class AffineFreeNormThenNorm(nn.Module):
+    """An affine-free LayerNorm exports with a constant ones scale, which the optimizer merges
+    with the fresh (all-ones) weight of the norm after it."""
+
+    def __init__(self, norm: type[nn.Module]) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc0 = nn.Linear(8, 16)
+        self.ln_plain = nn.LayerNorm(16, elementwise_affine=False)
+        self.fc1 = nn.Linear(16, 16)
+        self.norm = norm(16)
+        self.fc2 = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.norm(self.fc1(self.ln_plain(self.fc0(x)))))
+
+
+@pytest.mark.parametrize("norm", [nn.LayerNorm, nn.RMSNorm])
+def test_an_exporter_constant_merged_with_a_parameter_stays_a_constant(
+    norm: type[nn.Module],
+) -> None:
+    module = AffineFreeNormThenNorm(norm).train()
+    inputs = (torch.randn(16, 8),)
+    graph = _converted(module, inputs)
+    _assert_same_parameters(module, graph, inputs)
+    (plain,) = [n for n in graph.nodes if n.scope == "ln_plain"]
+    parameters = dict(graph.named_graph_parameters())
+    assert not set(plain.inputs) & set(parameters)  # its ones scale is no norm's weight
+
+
+@pytest.mark.parametrize("slopes", [16, 1])
+def test_a_prelu_slope_reshaped_for_broadcasting_is_the_modules_parameter(slopes: int) -> None:
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv1d(3, 16, 3, padding=1), nn.PReLU(slopes), nn.Conv1d(16, 4, 1))
+    inputs = (torch.randn(4, 3, 10),)
+    graph = _converted(module.train(), inputs)
+    _assert_same_parameters(module, graph, inputs)
+
+
+class Decay(nn.Module):
+    """Mamba's state decay `-exp(A_log)`: the optimizer computes it ahead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, 5).float()).repeat(16, 1))
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        decay = (x.sigmoid().unsqueeze(-1) * -torch.exp(self.A_log)).exp().mean(-1)
+        return x + self.fc(decay)
+
+
+class Decays(nn.Module):
+    """Two layers whose `A_log` start equal: their computed-ahead decays are merged too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList([Decay(), Decay()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_values_computed_ahead_and_merged_are_each_layers_own_again() -> None:
+    module = Decays().train()
+    inputs = (torch.randn(3, 16),)
+    graph = _converted(module, inputs)
+    module(*inputs).square().mean().backward()
+    graph.run(list(inputs))[0].square().mean().backward()
+    parameters = dict(graph.named_graph_parameters())
+    (note,) = [n for n in graph.metadata["notes"] if "computed some parameters ahead" in n]
+    for k, layer in enumerate(module.layers):
+        assert isinstance(layer, Decay) and layer.A_log.grad is not None
+        (folded,) = [name for name in parameters if f"{name} from layers.{k}.A_log" in note]
+        # the file holds A = -exp(A_log): its gradient is A_log's over dA/dA_log = A
+        with torch.no_grad():
+            expected = layer.A_log.grad / -torch.exp(layer.A_log)
+        grad = parameters[folded].grad
+        assert grad is not None
+        assert torch.allclose(grad, expected, rtol=2e-3, atol=1e-7), folded
+    assert "A_log" not in " ".join(n for n in graph.metadata["notes"] if "not read" in n)
