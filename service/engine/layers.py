@@ -282,9 +282,9 @@ def _folds_normalization(node: Node) -> bool:
     normalised, and the formats agree (the report notes the folding)."""
     if node.source is None or not hasattr(node.source, "metadata_props"):
         return False  # not an ONNX node
-    from service.engine.onnx.convert import _folds_batchnorm
+    from service.engine.onnx.convert import folds_batchnorm
 
-    return _folds_batchnorm(node.source)
+    return folds_batchnorm(node.source)
 
 
 def _read(value: str, consumers: dict[str, list[int]], graph_outputs: set[str]) -> bool:

@@ -1104,7 +1104,7 @@ FOLDED_BN_BIAS_SUFFIX = "weight_bias"
 CONV_OPS = frozenset({"Conv", "ConvTranspose"})
 
 
-def _folds_batchnorm(node: NodeProto) -> bool:
+def folds_batchnorm(node: NodeProto) -> bool:
     if any(p.key == REWRITE_RULE_KEY and "BatchNorm" in p.value for p in node.metadata_props):
         return True
     return (
@@ -1170,7 +1170,7 @@ def folded_batchnorm_notes(graph: GraphProto) -> list[str]:
     has no BN layers to measure and `mode=train` cannot use batch statistics."""
     if any(node.op_type == "BatchNormalization" for node in graph.node):
         return []
-    folded = [module_scope(n) or n.name or n.op_type for n in graph.node if _folds_batchnorm(n)]
+    folded = [module_scope(n) or n.name or n.op_type for n in graph.node if folds_batchnorm(n)]
     if not folded:
         return []
     shown = listed(folded)
