@@ -226,3 +226,44 @@ def test_new_paths_are_differentiable_in_x(
     graph = convert(_model(attrs, shape, elem=TensorProto.DOUBLE, **inputs), mode="eval")
     x = torch.from_numpy(_data(*shape).astype(np.float64)).requires_grad_(True)
     assert torch.autograd.gradcheck(lambda t: graph(t), [x], eps=1e-6, atol=1e-5)
+
+
+NEAREST_FLOOR = {
+    "mode": "nearest",
+    "coordinate_transformation_mode": "asymmetric",
+    "nearest_mode": "floor",
+}
+
+
+@pytest.mark.parametrize(
+    ("shape", "inputs", "torch_kernel"),
+    [
+        ((2, 3, 4, 5), {"scales": [1, 1, 2, 3]}, True),  # F.interpolate(scale_factor=(2, 3))
+        ((2, 3, 4), {"sizes": [2, 3, 12]}, True),
+        ((1, 2, 2, 3, 2), {"scales": [1, 1, 2, 2, 2]}, True),
+        ((2, 3, 4, 5), {"scales": [1, 1, 1.5, 2]}, False),  # not whole: the gathers
+        ((2, 3, 4, 5), {"scales": [1, 2, 2, 2]}, False),  # the channels resized too
+        ((2, 3, 6, 6), {"scales": [1, 1, 0.5, 0.5]}, False),  # downsampling
+    ],
+)
+def test_torchs_nearest_upsampling_is_used_where_it_computes_the_same(
+    monkeypatch: pytest.MonkeyPatch,
+    shape: tuple[int, ...],
+    inputs: dict[str, Any],
+    torch_kernel: bool,
+) -> None:
+    """Nearest upsampling by whole factors (what F.interpolate exports as) runs torch's
+    kernel: equal to onnxruntime's and the reference's output bit for bit, as the gathers."""
+    calls: list[object] = []
+    interpolate = torch.nn.functional.interpolate
+
+    def counted(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(kwargs)
+        return interpolate(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "interpolate", counted)
+    model, x = _model(NEAREST_FLOOR, shape, **inputs), _data(*shape)
+    got = _ours(model, x)
+    assert bool(calls) == torch_kernel
+    np.testing.assert_array_equal(got, _onnxruntime(model, x))
+    np.testing.assert_array_equal(got, _reference(model, x))

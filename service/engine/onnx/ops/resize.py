@@ -124,6 +124,12 @@ class _ResizeSpec:
             y = self.apply(x.double(), scales, sizes, roi)
             return y.round().clamp(info.min, info.max).to(x.dtype)
         out, factors = self.plan(x, scales, sizes)
+        if self._torch_nearest_upsampling(x, out, factors):
+            # torch's own kernel (what the source model ran: F.interpolate(scale_factor=k)
+            # exports as this): the same source index, floor(i / k), exactly; forward +
+            # backward as fast as a gather per axis at [8, 16, 32, 32], 3x faster at
+            # [4, 64, 56, 56] (the gathers' scatter-add backward), one thread
+            return F.interpolate(x, size=out[2:], mode="nearest")
         boxes = self.crop_boxes(roi, x.dim()) if self.coord == "tf_crop_and_resize" else {}
         for axis in range(x.dim()):
             in_len, out_len = x.shape[axis], out[axis]
@@ -153,6 +159,28 @@ class _ResizeSpec:
                 shape[axis] = -1
                 x = x.masked_fill(outside.reshape(shape), _fill_value(self.extrapolation, x))
         return x
+
+    def _torch_nearest_upsampling(
+        self, x: torch.Tensor, out: list[int], factors: list[float]
+    ) -> bool:
+        """Whether the resize is torch's nearest upsampling by whole factors: the batch and
+        channel axes kept, each of 1-3 spatial axes repeated k times (k = out/in exactly),
+        asymmetric coordinates and floor rounding (x / k floored: ONNX's index and torch's
+        are then the same integers)."""
+        if not (
+            self.mode == "nearest"
+            and self.coord == "asymmetric"
+            and self.nearest == "floor"
+            and 3 <= x.dim() <= 5
+            and x.is_floating_point()
+            and out[:2] == list(x.shape[:2])
+            and factors[:2] == [1.0, 1.0]
+        ):
+            return False
+        return all(
+            length > 0 and size % length == 0 and factor == size // length
+            for length, size, factor in zip(x.shape[2:], out[2:], factors[2:], strict=True)
+        )
 
     def crop_boxes(self, roi: Any, rank: int) -> dict[int, torch.Tensor]:
         """Axis -> its [start, end] in `roi` (normalised input coordinates), in roi's dtype.
