@@ -144,9 +144,16 @@ def group_layers(graph: ObservableGraph) -> list[Layer]:
                 if out:
                     derived[out] = sources
             continue
-        if not data_in or not param_in or index in claimed:
+        if not data_in or not param_in:
             continue
         owned = [p for p in dict.fromkeys(v for src in param_in for v in sorted(derived[src]))]
+        if index in claimed:
+            # an activation with a parameter of its own (PReLU's slope) that a layer took as
+            # its follower: that layer owns the parameter too
+            owner = next((layer for layer in reversed(layers) if node.name in layer.nodes), None)
+            if owner is not None:
+                owner.params.extend(p for p in owned if p not in owner.params)
+            continue
         previous = layers[-1] if layers else None
         if (
             previous is not None

@@ -241,3 +241,21 @@ def test_a_weight_computed_from_two_parameters_has_no_fan_in_to_judge() -> None:
     (layer,) = group_layers(graph)
     assert set(layer.params) == {"g", "v"}
     assert layer.weight is None and layer.fan_in is None and reference_std(layer) is None
+
+
+def test_an_activations_own_parameter_belongs_to_the_layer_it_follows() -> None:
+    """PReLU after a conv is the conv layer's activation; its slope is that layer's parameter
+    (it had no layer: its gradient was in no layer's row)."""
+    params = {
+        "conv.weight": torch.randn(4, 2, 3),
+        "act.weight": torch.full((4,), 0.25),
+    }
+    nodes = [
+        Node("conv", "Conv", ["x", "conv.weight"], ["c"], lambda x, w: torch.conv1d(x, w)),
+        Node("slope", "Reshape", ["act.weight"], ["s"], lambda w: w.reshape(4, 1)),
+        Node("act", "PRelu", ["c", "s"], ["y"], lambda c, s: torch.where(c > 0, c, c * s)),
+    ]
+    (layer,) = group_layers(_graph(nodes, params, "y"))
+    assert layer.activation == "prelu" and layer.nodes == ["conv", "act"]
+    assert layer.params == ["conv.weight", "act.weight"]
+    assert layer.weight == "conv.weight"
