@@ -12,6 +12,7 @@ Used by tests/unit/onnx/test_backend_data.py and bench/onnx_backend.py.
 from __future__ import annotations
 
 import copy
+import functools
 import glob
 import os
 import warnings
@@ -56,6 +57,13 @@ def node_cases() -> Iterator[Case]:
         assert tc.model is not None, tc.name  # node cases always carry their model
         data_sets = cast(list[tuple[list[Any], list[Any]]], list(tc.data_sets or []))
         yield Case(tc.name, "node", tc.model, data_sets, tc.rtol, tc.atol)
+
+
+@functools.cache
+def node_cases_named(prefixes: tuple[str, ...]) -> dict[str, Case]:
+    """The node cases whose names start with one of `prefixes`, by name (one collection per
+    set of prefixes: an op's own tests run its cases without reading every case each time)."""
+    return {case.name: case for case in node_cases() if case.name.startswith(prefixes)}
 
 
 def _read_pb(path: str, value_type: onnx.TypeProto | None = None) -> Any:

@@ -4,7 +4,6 @@ float64 gradchecks through converted graphs, the refusals, and CUDA against the 
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import numpy as np
@@ -16,7 +15,7 @@ from onnx.reference import ReferenceEvaluator
 
 from service.engine.onnx.convert import convert
 from service.errors import UnsupportedModelError
-from tests.unit.onnx.backend_cases import Case, all_cases, run_case
+from tests.unit.onnx.backend_cases import Case, node_cases_named, run_case
 from tests.unit.onnx.test_cuda_new_ops import _compare_model
 
 PREVIEW = "ai.onnx.preview"
@@ -24,9 +23,8 @@ B, L, S, E, EV = 2, 3, 4, 5, 6  # batch, query length, key length, head size, va
 CAP = 1.5  # the soft cap of `_softcap_causal`
 
 
-@functools.cache
 def _backend_cases() -> dict[str, Case]:
-    return {c.name: c for c in all_cases() if c.name.startswith("test_flexattention")}
+    return node_cases_named(("test_flexattention",))
 
 
 @pytest.mark.parametrize("name", sorted(_backend_cases()))

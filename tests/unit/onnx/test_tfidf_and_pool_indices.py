@@ -5,7 +5,6 @@ batched rows, permuted and duplicate n-grams; 3-D and padded pools."""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,7 +18,7 @@ from onnx.reference import ReferenceEvaluator
 from service.engine.onnx.convert import convert
 from service.errors import UnsupportedModelError
 from tests.support.recurrent_zoo import run_onnxruntime
-from tests.unit.onnx.backend_cases import Case, node_cases, run_case
+from tests.unit.onnx.backend_cases import node_cases_named, run_case
 
 BACKEND_CASES = (
     "test_tfidfvectorizer_tf_only_bigrams_skip0",
@@ -33,14 +32,9 @@ BACKEND_CASES = (
 )
 
 
-@functools.cache
-def _backend_cases() -> dict[str, Case]:
-    return {c.name: c for c in node_cases() if c.name in BACKEND_CASES}
-
-
 @pytest.mark.parametrize("name", BACKEND_CASES)
 def test_backend_case_passes(name: str) -> None:
-    assert run_case(_backend_cases()[name]) == ("pass", "")
+    assert run_case(node_cases_named(BACKEND_CASES)[name]) == ("pass", "")
 
 
 def _one_node_model(

@@ -5,7 +5,6 @@ float input, and what is refused."""
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import numpy as np
@@ -17,7 +16,7 @@ from onnx.reference import ReferenceEvaluator
 
 from service.engine.onnx.convert import convert
 from service.errors import UnsupportedModelError
-from tests.unit.onnx.backend_cases import Case, node_cases, run_case
+from tests.unit.onnx.backend_cases import node_cases_named, run_case
 
 TRAINING = "ai.onnx.preview.training"
 BACKEND_CASES = (
@@ -54,14 +53,9 @@ OPTIMIZERS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
 }
 
 
-@functools.cache
-def _backend_cases() -> dict[str, Case]:
-    return {c.name: c for c in node_cases() if c.name in BACKEND_CASES}
-
-
 @pytest.mark.parametrize("name", BACKEND_CASES)
 def test_backend_case_passes(name: str) -> None:
-    assert run_case(_backend_cases()[name]) == ("pass", "")
+    assert run_case(node_cases_named(BACKEND_CASES)[name]) == ("pass", "")
 
 
 def _optimizer_model(
