@@ -1,4 +1,4 @@
-"""Session 12's and 13's ops on CUDA: the same outputs and input gradients as on the CPU.
+"""Session 12's, 13's and 14's ops on CUDA: the same outputs and input gradients as on the CPU.
 
 The com.microsoft transformer ops (EmbedLayerNormalization, RotaryEmbedding, MultiHeadAttention,
 GroupQueryAttention), the integer products (MatMulInteger, ConvInteger, QLinearConv: float64
@@ -27,6 +27,7 @@ from tests.unit.onnx import test_microsoft_fused_integer as fused
 from tests.unit.onnx import test_microsoft_qlinear as qlinear
 from tests.unit.onnx import test_microsoft_transformer as transformer
 from tests.unit.onnx import test_pool_col2im_optional as pools
+from tests.unit.onnx.backend_cases import node_cases_named
 
 MS = "com.microsoft"
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -203,6 +204,29 @@ def _model_cases(tmp_path: Any) -> list[tuple[str, onnx.ModelProto, list[Any]]]:
     return cases
 
 
+# Session 14's ops, as the backend data has them: the optimisers (update steps with their
+# gradients), TfIdfVectorizer (integer n-gram counting), MaxPool's column-major indices
+SESSION_14_CASES = (
+    "test_adagrad",
+    "test_adam_multiple",
+    "test_momentum",
+    "test_nesterov_momentum",
+    "test_tfidfvectorizer_tf_batch_uniandbigrams_skip5",
+    "test_tfidfvectorizer_tf_uniandbigrams_skip5",
+    "test_maxpool_with_argmax_2d_precomputed_strides",
+)
+
+
+def _backend_model_cases() -> list[tuple[str, onnx.ModelProto, list[Any]]]:
+    """(id, the backend case's model, its first data set's inputs)."""
+    cases = node_cases_named(SESSION_14_CASES)
+    found = []
+    for name in SESSION_14_CASES:
+        inputs = [np.asarray(v) for v in cases[name].data_sets[0][0]]
+        found.append((name, cases[name].model, inputs))
+    return found
+
+
 def _compare_model(model: onnx.ModelProto, feeds: list[Any], device: str) -> None:
     on_cpu = convert(model.__deepcopy__())
     on_device = convert(model.__deepcopy__()).to(device)
@@ -221,7 +245,7 @@ def test_the_comparison_runs_on_the_cpu(tmp_path: Any) -> None:
     assert len(NODE_CASES) > 20
     for _, node, inputs in NODE_CASES:
         _compare_node(node, inputs, "cpu")
-    for _, model, feeds in _model_cases(tmp_path):
+    for _, model, feeds in [*_model_cases(tmp_path), *_backend_model_cases()]:
         _compare_model(model, feeds, "cpu")
 
 
@@ -236,6 +260,16 @@ def test_contrib_ops_on_cuda_equal_the_cpu(case_id: str, node: Any, inputs: list
 @cuda
 def test_integer_products_nbits_col2im_and_pools_on_cuda_equal_the_cpu(tmp_path: Any) -> None:
     for case_id, model, feeds in _model_cases(tmp_path):
+        try:
+            _compare_model(model, feeds, "cuda")
+        except AssertionError as error:
+            raise AssertionError(f"{case_id}: {error}") from error
+
+
+@pytest.mark.gpu
+@cuda
+def test_session_14_ops_on_cuda_equal_the_cpu() -> None:
+    for case_id, model, feeds in _backend_model_cases():
         try:
             _compare_model(model, feeds, "cuda")
         except AssertionError as error:
