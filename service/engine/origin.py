@@ -122,6 +122,15 @@ def _gradient_producer(probe: Probe, value: str, depth: int = 0) -> Any:
 
 # exp overflows float32 above log(3.4e38) ≈ 88.72 (float16: log(65504) ≈ 11.09)
 EXP_LIMIT = {torch.float32: 88.72, torch.float16: 11.09, torch.bfloat16: 88.72}
+
+
+def exp_input_limit(dtype: torch.dtype) -> float:
+    """The largest input the exp guard lets through (verify/transforms.py, and the advice's
+    snippet): exp of it finite with room for what follows, 80 in float32 and bfloat16, 10.5 in
+    float16 (where 80 guarded nothing)."""
+    return min(80.0, math.floor(2 * EXP_LIMIT.get(dtype, 88.72)) / 2 - 0.5)
+
+
 _COUNT_KEYS = ("numel", "negative", "zero", "nan", "posinf", "neginf", "above_exp_limit")
 
 

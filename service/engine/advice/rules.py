@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from service.engine.advice import evidence as ev
 from service.engine.advice import snippets
 from service.engine.detectors.optypes import canonical_op, is_normalization
@@ -25,6 +27,7 @@ from service.engine.gradient_cuts import SINGLE_ELEMENT_SOFTMAX
 from service.engine.graph import ObservableGraph
 from service.engine.layers import grouped_weight_stds
 from service.engine.measurements import Measurements
+from service.engine.origin import exp_input_limit
 from service.engine.report import SEVERITY_RANK, Finding, LayerReport, Recommendation
 
 # Rank among recommendations of equal severity: causes before symptoms, specific before generic.
@@ -140,7 +143,9 @@ class Advisor:
         if d.fix == "use_gated_recurrent_unit":
             return snippets.gated_recurrent(d.layers)
         if d.fix == "guard_numerics":
-            return snippets.guard_numerics(p["op"], p["node"])
+            dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
+            limit = exp_input_limit(dtype or torch.float32)
+            return snippets.guard_numerics(p["op"], p["node"], limit)
         if d.fix == "loss_scaling":
             return snippets.loss_scaling(p["scale"])
         if d.fix == "straight_through_estimator":

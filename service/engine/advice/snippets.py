@@ -149,7 +149,9 @@ def gated_recurrent(layers: list[str]) -> str:
     )
 
 
-def guard_numerics(op: str, node: str) -> str:
+def guard_numerics(op: str, node: str, exp_limit: float = 80.0) -> str:
+    """The guard for `node`'s input domain; `exp_limit`: exp's largest safe input in the
+    precision the model runs in (origin.py exp_input_limit)."""
     guards = {
         "log": "y = torch.log(x.clamp_min(1e-6))",
         "log2": "y = torch.log2(x.clamp_min(1e-6))",
@@ -160,7 +162,7 @@ def guard_numerics(op: str, node: str) -> str:
         "reciprocal": "y = 1.0 / torch.where(x.abs() < 1e-6, torch.full_like(x, 1e-6), x)",
         "div": "y = a / torch.where(b.abs() < 1e-6, torch.full_like(b, 1e-6), b)",
         "pow": "y = x.clamp_min(0.0) ** p  # fractional powers of negatives are NaN",
-        "exp": "y = torch.exp(x.clamp_max(80.0))",
+        "exp": f"y = torch.exp(x.clamp_max({exp_limit:g}))",
         "acos": "y = torch.acos(x.clamp(-1 + 1e-6, 1 - 1e-6))",
         "asin": "y = torch.asin(x.clamp(-1 + 1e-6, 1 - 1e-6))",
     }

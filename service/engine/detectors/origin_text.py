@@ -156,7 +156,10 @@ def _guard(op: str, inputs: list[dict[str, Any]]) -> str:
     if op in POWS:
         return "clamp the base to ≥ 0 (fractional powers of negatives are NaN), + 1e-12 if p < 1"
     if op in EXPS:
-        return "clamp its input to at most 80 (torch.exp(x.clamp_max(80))) or work in log space"
+        return (
+            "clamp its input to at most 80 in float32 and bfloat16, 10.5 in float16 "
+            "(torch.exp(x.clamp_max(80))) or work in log space"
+        )
     if op in SOFTMAXES:
         return (
             "mask with a large finite negative (e.g. -1e9) instead of -inf so no row is all "

@@ -30,6 +30,7 @@ from service.engine.detectors.optypes import aten_style, canonical_op
 from service.engine.graph import ObservableGraph
 from service.engine.layers import init_std, parameter_fans, weight_fans
 from service.engine.measurements import Subject
+from service.engine.origin import exp_input_limit
 
 REINIT_SEED = 0  # re-initialisation is reproducible: same fix, same numbers
 GUARD_EPS = 1e-6
@@ -223,7 +224,7 @@ _GUARDS: dict[str, tuple[int, Callable[[torch.Tensor], torch.Tensor]]] = {
     "reciprocal": (0, _away_from_zero),
     "div": (1, _away_from_zero),
     "pow": (0, _clamp_min(0.0)),
-    "exp": (0, lambda x: x.clamp_max(80.0)),
+    "exp": (0, lambda x: x.clamp_max(exp_input_limit(x.dtype))),
     "acos": (0, lambda x: x.clamp(-1 + GUARD_EPS, 1 - GUARD_EPS)),
     "asin": (0, lambda x: x.clamp(-1 + GUARD_EPS, 1 - GUARD_EPS)),
 }

@@ -10,6 +10,7 @@ from torch import nn
 from service.engine import diagnose
 from service.engine.detectors.origin_text import describe
 from service.engine.options import DiagnoseOptions
+from service.engine.origin import exp_input_limit
 from service.engine.report import Report
 from tests.support.export import to_onnx, to_torch_export
 from tests.unit.engine.measure_support import npz_bytes
@@ -97,6 +98,38 @@ def test_exp_overflow_counts_the_inputs_above_the_float32_limit() -> None:
         f"from {over} {noun} above exp's overflow limit (largest {z.max().item():.3g})" in message
     )
     assert "clamp_max(80)" in message
+
+
+class HalfExpOverflow(nn.Module):
+    """exp of inputs up to ~20 in float16, whose exp overflows above 11.09."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 6)
+        self.fc2 = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.exp(self.fc1(x) * 8.0))
+
+
+def test_a_float16_models_exp_guard_clamps_at_float16s_limit() -> None:
+    """80, float32's limit, guarded nothing in float16: the snippet and the guard applied to
+    the copy clamp at 10.5, and the copy's loss is finite."""
+    torch.manual_seed(0)
+    module, x = HalfExpOverflow().half(), (torch.randn(8, 4) * 2).half()
+    target = torch.arange(8) % 2
+    batch = npz_bytes(x=x, target=target)
+    report = diagnose(to_torch_export(module, x), batch, DiagnoseOptions())
+    guard = next(r for r in report.recommendations if r.fix == "guard_numerics")
+    assert "torch.exp(x.clamp_max(10.5))" in guard.snippet
+    assert guard.verified is not None and guard.verified.resolved, guard.verified
+
+
+def test_exp_input_limits_keep_exp_finite_in_each_dtype() -> None:
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        limit = exp_input_limit(dtype)
+        assert torch.isfinite(torch.exp(torch.tensor(limit, dtype=dtype)))
+    assert exp_input_limit(torch.float16) == 10.5 and exp_input_limit(torch.float32) == 80.0
 
 
 def test_softmax_of_infinite_inputs_says_how_many_and_to_mask_with_a_finite_value() -> None:
