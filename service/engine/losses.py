@@ -156,11 +156,46 @@ _LOGSUMEXP_TOLERANCE = 1e-3
 
 
 def loss_input_notes(
+    kind: str,
+    outputs: Sequence[torch.Tensor],
+    target: torch.Tensor | None,
+    output_names: Sequence[str] = (),
+) -> list[str]:
+    """Notes for the report on what the loss reads: which output, where the model has several
+    (`output_names`: the declared ones, in order), and whether it looks like what the loss
+    expects."""
+    return _first_output_notes(kind, outputs, output_names) + _log_probability_notes(
+        kind, outputs, target
+    )
+
+
+def _first_output_notes(
+    kind: str, outputs: Sequence[torch.Tensor], output_names: Sequence[str]
+) -> list[str]:
+    """Every loss but output_norm reads the first floating-point output alone: with several,
+    the others take no part, and the layers that only feed them get no gradient (a finding
+    says so). The user must know which output was meant."""
+    floats = [
+        (output_names[i] if i < len(output_names) else f"output {i}", o)
+        for i, o in enumerate(outputs)
+        if isinstance(o, torch.Tensor) and o.is_floating_point()
+    ]
+    if kind == "output_norm" or len(floats) < 2:
+        return []
+    (name, first), others = floats[0], [n for n, _ in floats[1:]]
+    return [
+        f"the loss ({kind}) is of the model's first floating-point output, {name!r} "
+        f"{list(first.shape)}; its other outputs ({', '.join(map(repr, others[:4]))}"
+        f"{', ...' if len(others) > 4 else ''}) take no part in it, and layers that feed only "
+        "them get no gradient: to diagnose another output, export the model with that one first"
+    ]
+
+
+def _log_probability_notes(
     kind: str, outputs: Sequence[torch.Tensor], target: torch.Tensor | None
 ) -> list[str]:
-    """Notes for the report when the model's output does not look like what the loss expects:
-    `nll` reads log-probabilities, so raw logits (values > 0, or rows whose exp does not sum to
-    1) give a loss and gradients of a different objective. One host read, nll runs only."""
+    """`nll` reads log-probabilities, so raw logits (values > 0, or rows whose exp does not sum
+    to 1) give a loss and gradients of a different objective. One host read, nll runs only."""
     if kind != "nll" or not outputs or outputs[0].dim() < 2 or not outputs[0].numel():
         return []
     y = outputs[0].detach().float()

@@ -127,12 +127,14 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
             probe.begin_pass()
         outputs = _forward(subject, inputs, probe, options.precision, observer)
         if subject.loss_kind in ("", "auto"):
+            # this part's target beside this part's output (micro-batches split both)
             subject.loss_kind, subject.loss_reason = default_loss(
-                subject.target, list(outputs[0].shape) if outputs else None
+                target, list(outputs[0].shape) if outputs else None
             )
         loss = _loss(subject, outputs, target)
         if parts == 1:
-            loss_notes = loss_input_notes(subject.loss_kind, outputs, target)
+            output_names = [spec.name for spec in subject.model_info.outputs]
+            loss_notes = loss_input_notes(subject.loss_kind, outputs, target, output_names)
         middle = clock.mark()
         if loss.requires_grad:  # else nothing trainable reaches it: no_trainable_parameters
             (loss * share).backward()

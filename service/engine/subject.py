@@ -175,10 +175,10 @@ def build_subject(
         loss_kind, reason = options.loss, GIVEN_BY_USER
     elif target is not None and target.is_floating_point():
         loss_kind, reason = default_loss(target, None)
-    elif loaded.outputs and loaded.outputs[0].shape:
-        loss_kind, reason = default_loss(target, loaded.outputs[0].shape)
     else:
-        loss_kind, reason = "auto", None  # resolved from the actual output by measure()
+        # resolved from the actual output by measure(): a declared output shape can be stale
+        # (a dynamic-shape dynamo export declared ['B', 10, 30] for a [7, 17, 30] output)
+        loss_kind, reason = "auto", None
     notes = list(loaded.notes) + matched.notes
     if loaded.graph is not None:
         notes += loaded.graph.metadata.get("notes", [])

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from service.engine.measure import measure
 from service.engine.options import DiagnoseOptions
 from service.engine.subject import build_subject, pick_device
 from service.errors import BadInputError
@@ -72,9 +73,10 @@ def test_model_and_batch_info() -> None:
     assert info.format == "torch_export" and info.parameter_count == 15
     assert info.inputs[0].shape == [5, 4] and info.inputs[0].dtype == "float32"
     assert info.probe_coverage == "full" and len(info.sha256) == 64
-    assert subject.loss_kind == "cross_entropy"
+    assert subject.loss_kind == "auto"  # chosen from the output the model computes
     assert subject.batch_info.size == 5
     assert [a.role for a in subject.batch_info.arrays] == ["input", "target"]
+    assert measure(subject).loss.kind == "cross_entropy"
 
 
 class TwoInputs(nn.Module):
