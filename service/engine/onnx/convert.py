@@ -125,6 +125,7 @@ from service.engine.onnx.source_parameters import (
     folded_parameter_sources,
     folded_transposes,
     listed,
+    modules_run,
     name_scopes,
     placeholders_read,
     restore_source_parameters,
@@ -909,6 +910,8 @@ def _convert_checked(
     for name, sources in folded_parameter_sources(graph, list(parameters)).items():
         if sources:
             restored.folded_from[name] = sources
+            for source in [s for s in sources if s in parameters]:  # a tied weight's product
+                restored.also_computed_ahead.setdefault(source, []).append(name)
         else:  # folded from constants and input shapes: a constant
             buffers[name] = parameters.pop(name).detach()
     metadata: dict[str, Any] = {
@@ -944,15 +947,7 @@ def _convert_checked(
         )
     absent = _unread_source_parameters(graph, signature, parameters, buffers, restored)
     if absent:
-        shown = listed(absent, 4)
-        notes.append(
-            f"{len(absent)} parameter(s) of the source model ({shown}) are not read by the "
-            "exported graph under their own names: tied to a weight it reads under another "
-            "name (an input embedding tied to the output projection), unused by the forward "
-            "pass, or folded away by the ONNX exporter's optimizer (a BatchNorm into its "
-            "convolution, a computation merged with an identical one: two freshly initialised "
-            "LayerNorms of one input; re-export with optimize=False to measure those)"
-        )
+        notes.append(_unread_source_parameters_note(absent, modules_run(graph)))
     if expected_masks:
         notes.append(
             f"{len(expected_masks)} random mask(s) (a drop path's Bernoulli sample: "
@@ -1132,6 +1127,34 @@ def _unread_source_parameters(
         name
         for placeholder, name in signature.parameters.items()
         if name not in held and placeholder not in read
+    )
+
+
+def _unread_source_parameters_note(absent: Sequence[str], modules: set[str]) -> str:
+    """The note on parameters of the source the graph does not read (`absent`), by whether a
+    node of the graph runs in their module (`modules`): torch.export reads a tied weight
+    through one placeholder, so the module of the other name runs and reads it under that
+    one; no node at all runs in a module the forward pass never calls."""
+    unused = [name for name in absent if name.rpartition(".")[0] not in modules]
+    tied = [name for name in absent if name not in unused]
+    reasons = []
+    if unused:
+        reasons.append(
+            f"no node of the graph runs in the modules of {listed(unused, 4)}: the forward "
+            "pass does not call them, so they get no gradient, unless the ONNX exporter's "
+            "optimizer folded them away (a BatchNorm into its convolution) or merged their "
+            "computation with an identical one (two freshly initialised LayerNorms of one "
+            "input); re-export with optimize=False to tell"
+        )
+    if tied:
+        reasons.append(
+            f"the modules of {listed(tied, 4)} run but read another weight in their place: "
+            "tied to it (an input embedding tied to the output projection: one parameter "
+            "with the gradient of every use), or unused by the module"
+        )
+    return (
+        f"{len(absent)} parameter(s) of the source model ({listed(absent, 4)}) are not read by "
+        f"the exported graph: {'; '.join(reasons)}"
     )
 
 

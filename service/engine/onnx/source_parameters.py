@@ -119,6 +119,8 @@ class Restored:
     constants: dict[str, torch.Tensor] = field(default_factory=dict)
     # parameters that are constants the optimizer folded out of source parameters → those
     folded_from: dict[str, list[str]] = field(default_factory=dict)
+    # of those sources, parameters the graph reads too → the values computed ahead from them
+    also_computed_ahead: dict[str, list[str]] = field(default_factory=dict)
 
     def notes(self) -> list[str]:
         """One sentence per kind of change, each listing (some of) what changed."""
@@ -168,6 +170,17 @@ class Restored:
                 "parameter the model read; export with optimize=False to measure the source "
                 "parameters themselves",
             ),
+            (
+                [
+                    f"{name} → {', '.join(values)}"
+                    for name, values in self.also_computed_ahead.items()
+                ],
+                "parameters the graph reads that the optimizer also computed values ahead from "
+                "({}: a tied embedding folded into a product) have the gradient of the graph's "
+                "own reads alone: the part through each value computed ahead is that value's "
+                "gradient, as the file holds no path back to the source; export with "
+                "optimize=False for each parameter's whole gradient",
+            ),
         ]
         return [sentence.format(listed(items)) for items, sentence in kinds if items]
 
@@ -209,11 +222,14 @@ def folded_parameter_sources(graph: GraphProto, parameters: Sequence[str]) -> di
     `pkg.onnxscript.optimizer.folded_from` on the value): name → the values it was computed
     from, less graph inputs (only their shapes can be folded) and the exporter's own
     constants. An empty list: computed from constants and input shapes alone (`zeros_like` of
-    a padding mask), a constant, no weight."""
+    a padding mask), a constant, no weight. A source may be a parameter of the graph too: a
+    weight it also reads directly (an embedding tied to the output projection, folded into
+    `W.t() @ W`)."""
     wanted = set(parameters)
     inputs = {i.name for i in graph.input}
     # with a signature, only its parameters count as sources: buffers (a rotary embedding's
-    # inv_freq), lifted constants and the folded ops' own values (`arange_3`) do not
+    # inv_freq), lifted constants and the folded ops' own values (`arange_3`) do not. Without
+    # one, nothing tells the graph's other parameters from values folded before (`permute`)
     signature = ExportedSignature.of(graph)
     source_parameters = set(signature.parameters.values())
     found: dict[str, list[str]] = {}
@@ -222,10 +238,10 @@ def folded_parameter_sources(graph: GraphProto, parameters: Sequence[str]) -> di
             str(s)
             for s in sources
             if isinstance(s, str)
+            and s != name
             and not EXPORTER_VALUE_NAME.fullmatch(s)
-            and s not in wanted
             and s not in inputs
-            and (not signature.parameters or s in source_parameters)
+            and (s in source_parameters if signature.parameters else s not in wanted)
         ]
     return found
 
@@ -353,6 +369,12 @@ def _fx_value_read_as(initializer: str, proto: NodeProto) -> str | None:
 def placeholders_read(graph: GraphProto) -> set[str]:
     """Every parameter placeholder a node's FX op read."""
     return {p for proto in graph.node for p in _read_placeholders(proto)}
+
+
+def modules_run(graph: GraphProto) -> set[str]:
+    """Every module some node of the graph runs in, with the modules enclosing it, as the
+    exporter recorded their scopes (`blocks.0.attn`, `blocks.0`, `` for the model)."""
+    return {scope for proto in graph.node for scope in name_scopes(proto)}
 
 
 def read_parameter_names(

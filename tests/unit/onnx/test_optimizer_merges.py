@@ -170,3 +170,85 @@ def test_values_computed_ahead_and_merged_are_each_layers_own_again() -> None:
         assert grad is not None
         assert torch.allclose(grad, expected, rtol=2e-3, atol=1e-7), folded
     assert "A_log" not in " ".join(n for n in graph.metadata["notes"] if "not read" in n)
+
+
+class TiedProduct(nn.Module):
+    """An embedding tied to the output projection and also read as the product `Wᵀ W / 20`,
+    which the optimizer computes ahead into an initializer of its own: the file holds no path
+    from it back to the weight the graph reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(20, 8)
+        self.mid = nn.Linear(8, 8, bias=False)
+        self.out = nn.Linear(8, 20, bias=False)
+        self.out.weight = self.emb.weight
+
+    def product(self) -> torch.Tensor:
+        return self.emb.weight.t() @ self.emb.weight / 20
+
+    def mixed(self, ids: torch.Tensor, product: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.mid(self.emb(ids)))
+        return self.out(h + nn.functional.linear(h, product))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.mixed(ids, self.product())
+
+
+def test_a_product_computed_ahead_from_a_tied_weight_keeps_its_gradient() -> None:
+    torch.manual_seed(0)
+    module = TiedProduct().train()
+    ids = torch.randint(0, 20, (4, 6))
+    graph = _converted(module, (ids,))
+    graph.run([ids])[0].square().mean().backward()
+    parameters = dict(graph.named_graph_parameters())
+    notes = " ".join(graph.metadata["notes"])
+    (product,) = [name for name in parameters if f"{name} from out.weight" in notes]
+    assert f"out.weight → {product}" in notes  # its gradient is that of the direct reads
+    # torch's, with the product a value of its own as the file holds it
+    folded = module.product().detach().requires_grad_()
+    module.mixed(ids, folded).square().mean().backward()
+    assert folded.grad is not None
+    expected = {
+        "out.weight": module.out.weight.grad,
+        "mid.weight": module.mid.weight.grad,
+        product: folded.grad.t(),  # stored transposed, for its MatMul
+    }
+    for name, grad in expected.items():
+        ours = parameters[name].grad
+        assert grad is not None and ours is not None, name
+        assert torch.allclose(ours, grad, rtol=2e-3, atol=1e-7), name
+    # no part is lost: ours carried back through the product add up to torch's whole gradient
+    direct, ahead = parameters["out.weight"].grad, parameters[product].grad
+    assert direct is not None and ahead is not None
+    (whole,) = torch.autograd.grad(module(ids).square().mean(), module.emb.weight)
+    (through,) = torch.autograd.grad(module.product(), module.emb.weight, ahead.t())
+    assert torch.allclose(direct + through, whole, rtol=2e-3, atol=1e-7)
+
+
+class TiedWithSpare(nn.Module):
+    """An embedding tied to the output projection (torch.export reads both through one
+    placeholder) and a module the forward pass never calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(20, 8)
+        self.out = nn.Linear(8, 20, bias=False)
+        self.out.weight = self.emb.weight
+        self.spare = nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.emb(ids)))
+
+
+def test_parameters_of_a_module_never_called_are_unused_not_tied() -> None:
+    graph = _converted(TiedWithSpare().train(), (torch.randint(0, 20, (4, 6)),))
+    (note,) = [n for n in graph.metadata["notes"] if "not read by the exported graph" in n]
+    unused, tied = note.split("; the modules of ")
+    assert (
+        "runs in the modules of spare.bias, spare.weight: the forward pass does not call" in unused
+    )
+    assert "tied" not in unused
+    assert tied.startswith("emb.weight run") and "tied to it" in tied and "spare" not in tied
