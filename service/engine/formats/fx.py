@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from service.engine.formats.fx_regions import REGION_CONTEXTS, run_in_regions
 from service.engine.graph import DEVICE_VALUE, Node, ObservableGraph
 from service.errors import UnsupportedModelError
 
@@ -352,6 +353,9 @@ def _convert_call(fx_node: fx.Node, attr_names: dict[str, str], mode: str, dropo
         inputs.append(DEVICE_VALUE)
     else:
         fn = _make_fn(fn_target, fx_node.args, fx_node.kwargs, slots)
+    regions = fx_node.meta.get(REGION_CONTEXTS)
+    if regions:  # inlined from an autocast / no_grad region (fx_regions.py)
+        fn = run_in_regions(fn, regions)
     return Node(
         name=fx_node.name,
         op_type=name,

@@ -13,6 +13,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from service.engine.formats.fx import graph_from_fx
+from service.engine.formats.fx_regions import inline_wrapper_regions
 from service.engine.formats.loaded import LoadedModel, frozen_parameters_note
 from service.engine.formats.pytree_placeholders import register_placeholder, unregistered_type
 from service.engine.report import TensorSpec
@@ -174,6 +175,7 @@ def load_torch_export(data: bytes, *, mode: str = "train", dropout: bool = False
     parameter_names = [name for name, _ in module.named_parameters()]
     read = {str(n.target) for n in module.graph.nodes if n.op == "get_attr" and n.users}
     notes: list[str] = frozen_parameters_note(module)
+    notes += inline_wrapper_regions(module)
     unread: set[str] = set()
     for names in tied_parameter_names(data):
         used = [n for n in names if n in read]
