@@ -101,9 +101,11 @@ from service.engine.onnx.ops._util import (
     sub_byte_proto,
     sub_byte_tensor,
 )
+from service.engine.onnx.ops.indexing import PADDING_ROWS
 from service.engine.onnx.ops.quantize import FLOAT8_TO_TORCH, fake_quantize_pairs
 from service.engine.onnx.ops.random import expected_random_masks, masks_are_expected
 from service.engine.onnx.ops.recurrent import QUANTIZED_STATE
+from service.engine.onnx.padding_rows import padding_rows
 from service.engine.onnx.qoperator_as_qdq import qoperator_as_qdq
 from service.engine.onnx.quantized_lstm import quantized_lstms_as_fake
 from service.engine.onnx.recurrent_weights import (
@@ -835,6 +837,8 @@ def _convert_checked(
         else:
             buffers[name] = tensor
 
+    builder.extra[PADDING_ROWS], padding_notes = padding_rows(graph, parameters)
+    rewrite_notes += padding_notes
     nodes: list[Node] = []
     for index, proto in enumerate(graph.node):
         node = builder.build_node(proto, builder.node_name(proto, index, ""))

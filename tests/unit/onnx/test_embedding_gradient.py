@@ -51,3 +51,31 @@ def test_an_embeddings_gradient_equals_torchs(optimize: bool, embedding: dict[st
     torch.testing.assert_close(got, module.emb.weight.grad, rtol=1e-6, atol=1e-8)
     if "padding_idx" in embedding:
         assert torch.count_nonzero(got[0]) == 0
+
+
+def test_a_legacy_exports_padding_row_is_read_off_the_weight() -> None:
+    """The legacy exporter drops padding_idx; the weight's one all-zero row tells it (and a
+    note says so)."""
+    torch.manual_seed(0)
+    module, ids = Tagger(padding_idx=0), _ids()
+    graph = convert(onnx.load_from_string(to_onnx(module, ids, input_names=["ids"])))
+    module(ids).square().mean().backward()
+    graph(ids).square().mean().backward()
+    got = dict(graph.named_graph_parameters())["emb.weight"].grad
+    assert module.emb.weight.grad is not None and got is not None
+    torch.testing.assert_close(got, module.emb.weight.grad, rtol=1e-6, atol=1e-8)
+    (note,) = [n for n in graph.metadata.get("notes", []) if "padding_idx" in n]
+    assert note.startswith("emb.weight's row 0 is all zeros")
+
+
+@pytest.mark.parametrize("zero_rows", [0, 2])
+def test_without_exactly_one_zero_row_every_row_gets_its_gradient(zero_rows: int) -> None:
+    torch.manual_seed(0)
+    module, ids = Tagger(), _ids()
+    with torch.no_grad():
+        module.emb.weight[:zero_rows] = 0.0
+    graph = convert(onnx.load_from_string(to_onnx(module, ids, input_names=["ids"])))
+    graph(ids).square().mean().backward()
+    got = dict(graph.named_graph_parameters())["emb.weight"].grad
+    assert got is not None and torch.count_nonzero(got[0]) > 0
+    assert not [n for n in graph.metadata.get("notes", []) if "padding_idx" in n]

@@ -40,12 +40,20 @@ _EMBEDDING_CALL = re.compile(
 )
 
 
+# OpContext.extra key: a legacy-exported embedding Gather's first output → its padding row,
+# as read off its weight (onnx/padding_rows.py)
+PADDING_ROWS = "padding_rows"
+
+
 def embedding_gradient(ctx: OpContext) -> EmbeddingGradient | None:
     """The source Embedding's padding_idx / scale_grad_by_freq where a dynamo export's Gather
-    records them and they change the gradient, else None (the legacy exporter keeps neither:
-    it warns that the padding row will be updated)."""
+    records them and they change the gradient, or the padding row found in a legacy export's
+    weight (PADDING_IDX), else None."""
     if ctx.node is None or int(ctx.attr("axis", 0)) != 0:
         return None
+    found = ctx.extra.get(PADDING_ROWS, {}).get(ctx.node.output[0] if ctx.node.output else "")
+    if found is not None:
+        return EmbeddingGradient(int(found), False)
     match = _EMBEDDING_CALL.search(fx_node_text(ctx.node) or "")
     if match is None:
         return None
