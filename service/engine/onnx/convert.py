@@ -106,6 +106,7 @@ from service.engine.onnx.ops.quantize import FLOAT8_TO_TORCH, fake_quantize_pair
 from service.engine.onnx.ops.random import expected_random_masks, masks_are_expected
 from service.engine.onnx.ops.recurrent import QUANTIZED_STATE
 from service.engine.onnx.padding_rows import padding_rows
+from service.engine.onnx.power_iteration import detach_power_iterations, power_iteration_note
 from service.engine.onnx.qoperator_as_qdq import qoperator_as_qdq
 from service.engine.onnx.quantized_lstm import quantized_lstms_as_fake
 from service.engine.onnx.recurrent_weights import (
@@ -882,6 +883,7 @@ def _convert_checked(
         nodes, {out: node for node in nodes for out in node.outputs if out}
     )
     straight_through = [n for n in straight_through if not n.endswith(STRAIGHT_THROUGH_SUFFIX)]
+    power_iterations = detach_power_iterations(nodes, buffers, parameters)
     # activations quantised at run time and computed as fake quantisation (the rewrites'
     # straight-through nodes; a quantised LSTM's hidden state at every step)
     dynamic_quantizers = [n.name for n in nodes if n.name.endswith(STRAIGHT_THROUGH_SUFFIX)] + [
@@ -1001,6 +1003,8 @@ def _convert_checked(
             f"without the .detach() the export dropped: {', '.join(straight_through[:3])}) "
             "pass the gradient to x, as in training"
         )
+    if power_iterations:
+        notes.append(power_iteration_note(power_iterations))
     if dynamic_quantizers:  # conformance.py says what they change
         metadata["dynamic_quantizers"] = dynamic_quantizers
     if fake_quantized:
