@@ -32,8 +32,10 @@ import numpy as np
 import torch
 
 from service.engine.detectors.profile import growth_factor, reached_steps
+from service.engine.formats.fx_regions import autocast_regions_off
 from service.engine.gradient_cuts import gradient_cuts
 from service.engine.graph import Node, ObservableGraph
+from service.engine.half_compute import COMPUTES_IN_FP16, HalfValues
 from service.engine.layers import (
     RELU_LIKE,
     SATURATING,
@@ -114,6 +116,8 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
     fp32_copy = (
         _fp32_copy(subject) if reference is not None and options.precision != "fp16" else None
     )
+    # a float32 model that computes in float16 (autocast baked in) is told by its first pass
+    half_values = HalfValues(observer) if graph is not None and precision == "fp32" else None
     parts = 0
     loss_notes: list[str] = []
     for inputs, target, share in _micro_batches(subject, options.micro_batches, layout.batch_axes):
@@ -122,10 +126,20 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
             x.detach().requires_grad_(True) if i in direct else x for i, x in enumerate(inputs)
         ]
         start = clock.mark()
-        rng = _rng_state(subject.device) if reference is not None else None
+        checks_half = half_values is not None and parts == 1
+        rng = _rng_state(subject.device) if reference is not None or checks_half else None
         if probe is not None:
             probe.begin_pass()
-        outputs = _forward(subject, inputs, probe, options.precision, observer)
+        outputs = _forward(
+            subject, inputs, probe, options.precision, half_values if checks_half else observer
+        )
+        baked = half_values.precision() if half_values is not None and checks_half else None
+        if baked is not None:
+            precision, precision_note = baked
+            if precision == "fp16":
+                subject.extra[COMPUTES_IN_FP16] = True
+                reference = [None] * len(trainable)
+                fp32_copy = _fp32_copy(subject)
         if subject.loss_kind in ("", "auto"):
             # this part's target beside this part's output (micro-batches split both)
             subject.loss_kind, subject.loss_reason = default_loss(
@@ -303,7 +317,7 @@ def _fp32_copy(subject: Subject) -> tuple[Subject, list[tuple[str, torch.nn.Para
             # torch.export asserts the dtypes it traced (`_assert_tensor_metadata(x,
             # dtype=torch.float16)`): in the fp32 copy they no longer hold, by design
             checks_dtype = "assert_tensor_metadata" in node.op_type
-            node.fn = _no_op if checks_dtype else _in_fp32(node.fn)
+            node.fn = _no_op if checks_dtype else _in_fp32(node.fn, canonical(node.op_type))
     named = (
         copy_.graph.named_graph_parameters()
         if copy_.graph is not None
@@ -316,11 +330,16 @@ def _no_op(*args: Any) -> None:
     return None
 
 
-def _in_fp32(fn: Callable[..., Any]) -> Callable[..., Any]:
+# a cast down to half precision in the fp32 copy passes its fp32 input on unchanged: cast down
+# and back up, values and gradients would still be rounded through fp16
+_CASTS = frozenset({"cast", "castlike", "tocopy", "to", "todtype", "typeas", "half", "type"})
+
+
+def _in_fp32(fn: Callable[..., Any], op: str = "") -> Callable[..., Any]:
     """`fn` computing in fp32: its half-precision inputs and outputs cast up. The graph of an
     fp16 model bakes fp16 in (Cast to float16, `torch.full(..., dtype=torch.half)`, a mask of
     `finfo(float16).min`), which in the fp32 copy would meet fp32 values; cast up, those
-    casts are no-ops, as in fp32 training."""
+    casts are no-ops, as in fp32 training. Autocast regions compute in fp32 too."""
 
     def up(value: Any) -> Any:
         if isinstance(value, torch.Tensor) and value.dtype in _HALF_DTYPES:
@@ -330,7 +349,19 @@ def _in_fp32(fn: Callable[..., Any]) -> Callable[..., Any]:
         return value
 
     def in_fp32(*args: Any) -> Any:
-        return up(fn(*(up(a) for a in args)))
+        with autocast_regions_off():
+            values = [up(a) for a in args]
+            out = fn(*values)
+        first = values[0] if values else None
+        if (
+            op in _CASTS
+            and isinstance(out, torch.Tensor)
+            and out.dtype in _HALF_DTYPES
+            and isinstance(first, torch.Tensor)
+            and first.dtype == torch.float32
+        ):
+            return first
+        return up(out)
 
     return in_fp32
 

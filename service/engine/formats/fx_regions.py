@@ -17,9 +17,10 @@ the same ops, in the same autocast dtypes and grad mode, one node at a time.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import itertools
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,22 @@ from torch import fx
 REGION_CONTEXTS = "gradhealth_region_contexts"
 
 _higher_order = torch.ops.higher_order
+
+
+# set while an fp32 reference pass runs the graph (measure.py): its autocast regions compute in
+# the precision of their inputs, as the model would without its autocast
+_AUTOCAST_OFF: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "gradhealth_autocast_regions_off", default=False
+)
+
+
+@contextlib.contextmanager
+def autocast_regions_off() -> Iterator[None]:
+    token = _AUTOCAST_OFF.set(True)
+    try:
+        yield
+    finally:
+        _AUTOCAST_OFF.reset(token)
 
 
 @dataclass(frozen=True)
@@ -43,7 +60,10 @@ class Autocast:
     def enter(self, device_type: str | None) -> contextlib.AbstractContextManager[Any]:
         """The context on `device_type`, the device the node's inputs are on: an exported
         graph runs wherever it was moved (fx.py), and a region traced under CUDA autocast
-        keeps its precision when diagnosed on the CPU (and the reverse)."""
+        keeps its precision when diagnosed on the CPU (and the reverse). None inside
+        `autocast_regions_off()`."""
+        if _AUTOCAST_OFF.get():
+            return contextlib.nullcontext()
         device = device_type or self.device_type
         return torch.autocast(device, self.dtype, self.enabled, self.cache_enabled)
 

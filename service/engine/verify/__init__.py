@@ -37,6 +37,7 @@ import torch
 from service.engine.detectors import detect
 from service.engine.detectors.optypes import RELU_LIKE, SATURATING
 from service.engine.gradient_cuts import straight_through
+from service.engine.half_compute import COMPUTES_IN_FP16
 from service.engine.measurements import Measurements, Subject
 from service.engine.options import DiagnoseOptions
 from service.engine.quantizers import widen_to_cover
@@ -305,11 +306,13 @@ def _rescaled_underflow(
 
 
 def _fp32_of(subject: Subject, params: list[torch.Tensor]) -> tuple[Subject, list[torch.Tensor]]:
-    """The subject itself, or for a model whose own parameters are fp16 an fp32 copy (inputs
-    too, parameters in the same order): the reference pass must not run in fp16 itself."""
+    """The subject itself, or for a model whose own parameters are fp16 (or that computes in
+    fp16: half_compute.py) an fp32 copy (inputs too, parameters in the same order): the
+    reference pass must not run in fp16 itself."""
     from service.engine.measure import _fp32_copy
 
-    if not any(p.dtype == torch.float16 for p in params):
+    computes_in_fp16 = subject.extra.get(COMPUTES_IN_FP16, False)  # autocast baked in
+    if not computes_in_fp16 and not any(p.dtype == torch.float16 for p in params):
         return subject, params
     copy_, named = _fp32_copy(subject)
     copy_.inputs = [x.float() if x.is_floating_point() else x for x in copy_.inputs]

@@ -147,3 +147,52 @@ def test_a_half_model_with_fp16_baked_into_its_graph_gets_its_fp32_reference(fmt
         conversion = report.model.conversion
         assert conversion is not None and conversion.checked
         assert "outputs are float16" in (conversion.reason or "")
+
+
+class BakedAutocast(nn.Module):
+    """A float32 model whose forward runs under fp16 autocast: exported, the casts are baked
+    in (ONNX Cast nodes, a .pt2 autocast region) while the parameters stay float32."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny_gradient_model()[3]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.float16):
+            return self.net(x)
+
+
+@pytest.mark.parametrize("fmt", ["torch_export", "onnx", "onnx_dynamo"])
+def test_a_float32_model_with_autocast_baked_in_is_analysed_as_fp16(fmt: str) -> None:
+    """Its gradients flush to zero inside the fp16 ops: an fp16 run, counted against an fp32
+    copy whose casts and autocast regions are off, and loss scaling verified."""
+    module = BakedAutocast()
+    x = tiny_gradient_model()[2]
+    exports = {
+        "torch_export": lambda: to_torch_export(module, x),
+        "onnx": lambda: to_onnx(module, x),
+        "onnx_dynamo": lambda: to_onnx(module, x, dynamo=True),
+    }
+    report = diagnose(exports[fmt](), npz_bytes(x=x), DiagnoseOptions(loss="output_norm"))
+    assert report.precision == "fp16"
+    assert any("compute in float16" in note for note in report.notes)
+    module.zero_grad()
+    module(x).float().square().mean().backward()  # output_norm's loss
+    grads = {n: p.grad for n, p in module.named_parameters()}
+    for p in report.parameters:
+        torch_grad = grads[p.name]
+        assert torch_grad is not None
+        assert p.grad_norm == pytest.approx(torch_grad.norm().item(), rel=1e-3, abs=1e-12)
+    first = next(p for p in report.parameters if p.name == "net.0.weight")
+    assert first.grad_norm == 0.0 and first.fp16_underflow_fraction == 1.0
+    finding = next(f for f in report.findings if f.kind == "fp16_underflow")
+    assert finding.severity == "error"
+    rec = next(r for r in report.recommendations if r.fix == "loss_scaling")
+    assert rec.verified is not None and rec.verified.resolved
+
+
+def test_a_float32_model_without_half_ops_stays_fp32() -> None:
+    model, batch, _, _ = tiny_gradient_model()
+    report = diagnose(model, batch, DiagnoseOptions(loss="output_norm"))
+    assert report.precision == "fp32"
+    assert not any("compute in float16" in note for note in report.notes)

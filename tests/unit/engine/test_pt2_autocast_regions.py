@@ -106,7 +106,12 @@ def test_a_broken_layer_inside_an_autocast_region_is_found(dtype: torch.dtype) -
     assert {k for k, _ in expected} == {"vanishing_gradients", "init_scale", "dead_units"}
     report = _diagnose(MLP(dtype, broken=True))
     assert report.verdict == "unhealthy"
-    assert _kinds(report) == expected
+    # the region computes in fp16 (bf16): an fp16 (bf16) run, where fc1's gradients, a
+    # millionth of their scale behind fc2, flush to zero in fp16
+    assert report.precision == ("fp16" if dtype == torch.float16 else "bf16")
+    underflow = {(k, s) for k, s in _kinds(report) if k == "fp16_underflow"}
+    assert bool(underflow) == (dtype == torch.float16)
+    assert _kinds(report) - underflow == expected
 
 
 def _graph_and_program(model: nn.Module) -> tuple[ObservableGraph, nn.Module]:

@@ -1,0 +1,61 @@
+"""float16 computed inside a float32 model: autocast baked into an export.
+
+A model exported under `torch.autocast(..., dtype=torch.float16)` keeps float32 parameters but
+computes in float16 where autocast cast: ONNX writes those casts as Cast(to=FLOAT16) nodes, a
+`.pt2` keeps the autocast region (run under it: formats/fx_regions.py). Its gradients pass
+through float16 values and flush to zero there exactly as in an fp16 run, so it is analysed as
+one (counted against an fp32 copy, loss scaling verified); analysed as fp32, the zeros would
+read as vanishing gradients. The first forward pass tells: some node's output is a float16
+tensor that carries gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from service.engine.graph import Node, NodeObserver
+
+# Subject.extra key: the model computes in float16 although its parameters are float32 (the
+# verification's fp32 reference must then run on an fp32 copy, as for a float16 model)
+COMPUTES_IN_FP16 = "computes_in_fp16"
+
+
+class HalfValues:
+    """A graph observer (wrapping the probe's) that records the nodes whose outputs are float16
+    or bfloat16 tensors carrying gradient."""
+
+    def __init__(self, inner: NodeObserver | None) -> None:
+        self.inner = inner
+        self.nodes: dict[torch.dtype, list[str]] = {torch.float16: [], torch.bfloat16: []}
+
+    def __call__(self, node: Node, outputs: Sequence[Any]) -> None:
+        if self.inner is not None:
+            self.inner(node, outputs)
+        for value in outputs:
+            if isinstance(value, torch.Tensor) and value.requires_grad:
+                seen = self.nodes.get(value.dtype)
+                if seen is not None:
+                    seen.append(node.name)
+                    return
+
+    def precision(self) -> tuple[str, str] | None:
+        """The run's precision and its note, when some op computes in half precision (fp16
+        first: its range is the one that loses gradients)."""
+        for dtype, precision in ((torch.float16, "fp16"), (torch.bfloat16, "bf16")):
+            nodes = self.nodes[dtype]
+            if nodes:
+                shown = ", ".join(nodes[:3]) + (", …" if len(nodes) > 3 else "")
+                return precision, (
+                    f"the model's parameters are float32 but {len(nodes)} of its ops compute "
+                    f"in {str(dtype).removeprefix('torch.')} ({shown}: autocast baked into the "
+                    f"export): analysed as a {precision} run (precision {precision})"
+                    + (
+                        ", gradients flushed to zero counted against an fp32 copy"
+                        if precision == "fp16"
+                        else ""
+                    )
+                )
+        return None
