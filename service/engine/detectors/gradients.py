@@ -96,6 +96,7 @@ def depth_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
     # layers whose ‖∂L/∂a‖ is exactly 0 (fp16 flushed it, or nothing reaches them): the
     # worst case of vanishing, named first; the fit and `rel` cannot use them
     zero = [n for n, v in zip(names, norms, strict=True) if v == 0.0 and usable(last)]
+    start, ratio = _input_end(names, norms, ratio, rel, forward, t)
 
     wl = _weight_layers(m)
     w_first, w_last = (wl[0], wl[-1]) if len(wl) >= 2 else (None, None)
@@ -114,6 +115,7 @@ def depth_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
     evidence: dict[str, Any] = {
         "axis": "depth",
         "depth_ratio": ratio,
+        "depth_ratio_from": start,  # the profile's first layer, or a deeper branch's
         "per_layer_factor": factor,  # backwards (output → input) = 1 / growth_factor
         "growth_factor": forward,  # the depth profile's fit, input → output
         "zero_gradient_layers": zero,
@@ -195,12 +197,12 @@ def depth_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
                 msg = (
                     f"Gradients vanish towards the input: {_span(zero, names)} get exactly zero "
                     f"gradient (‖∂L/∂a‖ = 0){learn}; {depth_fit_phrase(forward)}, ‖∂L/∂a‖ at "
-                    f"{names[0]} is {_fraction(ratio or 0.0)} of that at {names[-1]}."
+                    f"{start} is {_fraction(ratio or 0.0)} of that at {names[-1]}."
                 )
             else:
                 msg = (
-                    f"Gradients vanish towards the input: ‖∂L/∂a‖ at {names[0]} is {sig(ratio)} "
-                    f"of that at {names[-1]} ({decay_phrase(ev)}); "
+                    f"Gradients vanish towards the input: ‖∂L/∂a‖ at {start} is {sig(ratio)} "
+                    f"of that at {names[-1]} ({decay_phrase(ev)}){_branch(start, names)}; "
                     f"the layers with the least gradient ({', '.join(layers[:3])}) barely learn."
                 )
         else:
@@ -272,6 +274,39 @@ def depth_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
             )
         )
     return findings
+
+
+def _input_end(
+    names: list[str],
+    norms: list[float | None],
+    ratio: float | None,
+    rel: list[tuple[str, float]],
+    forward: float | None,
+    t: dict[str, float],
+) -> tuple[str | None, float | None]:
+    """The profile's input end and its ratio to the last layer. Its first layer, unless the
+    fit shows the gradient shrinking layer after layer towards the input (growing by more
+    than `exploding_layer_factor` per layer towards the output) and some layer gets less than
+    it, from which the profile rises step by step (not in one jump: a dip into a parallel
+    branch, an attention's q_proj, is no input end): a model with two branches lists a side
+    input's one layer first, while the first layer of a deep branch beside it may get next to
+    nothing."""
+    first = names[0] if names else None
+    if forward is None or forward <= t["exploding_layer_factor"] or not rel:
+        return first, ratio
+    least, least_ratio = min(rel, key=lambda pair: pair[1])
+    if ratio is not None and least_ratio >= ratio:
+        return first, ratio
+    k = names.index(least)
+    if _one_step_drop(names[k:], norms[k:], least_ratio) is not None:
+        return first, ratio
+    return least, least_ratio
+
+
+def _branch(start: str | None, names: list[str]) -> str:
+    if not names or start == names[0]:
+        return ""
+    return f"; {names[0]}, first in the profile, is on another branch and gets more"
 
 
 def _one_step_drop(

@@ -9,7 +9,11 @@ Words used below
 - ‖∂L/∂a_l‖: the norm of the loss gradient w.r.t. the output of layer l (a layer = an op with
   parameters plus the activation after it), listed input → output in `profiles.depth`.
 - depth ratio: ‖∂L/∂a_first‖ / ‖∂L/∂a_last‖ (first = nearest the input). Below 1 the gradient
-  shrinks on its way back to the input, above 1 it grows.
+  shrinks on its way back to the input, above 1 it grows. When the per-layer fit shrinks by
+  more than `exploding_layer_factor` per layer towards the input, "first" is the layer with
+  the least gradient, where the profile rises from step by step, not in one jump (evidence
+  `depth_ratio_from`): a model with two branches lists a side input's one layer first, while
+  the first layer of a deep branch beside it may get next to nothing.
 - per-layer factor: the robust (Theil–Sen: median of pairwise slopes) fit of log ‖∂L/∂a_l‖
   against l, read backwards (output → input): 2.0 means the gradient doubles at every layer it
   crosses towards the input. Robust so that one jump (a normalisation dividing by a small std,

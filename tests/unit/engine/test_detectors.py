@@ -271,6 +271,23 @@ def test_a_drop_in_one_step_is_said_so_not_fitted_per_layer():
     assert "per layer towards the output" not in f.message
 
 
+def test_a_deep_branch_behind_a_healthy_first_layer_is_the_profiles_input_end():
+    """Two branches concatenated into a head: a side input's one layer first in the profile
+    (healthy, 0.4 of the head's gradient), then a 12-layer sigmoid branch whose gradient
+    shrinks ×0.15 per layer towards its input: its first layer is where the profile is
+    judged, not the side layer."""
+    m = mlp([0.06, *geometric(3.6e-11, 6.9, 12), 0.15], activation="aten.sigmoid.default")
+    (f,) = [f for f in detect(m) if f.kind == "vanishing_gradients"]
+    assert f.severity == "error" and "depth_ratio" in f.evidence["rules"]
+    assert f.evidence["depth_ratio_from"] == "fc1"
+    assert f.evidence["depth_ratio"] == pytest.approx(3.6e-11 / 0.15)
+    assert f.layers[0] == "fc1" and "fc0" not in f.layers
+    assert "at fc1 is 2.40e-10 of that at fc13" in f.message
+    assert "fc0, first in the profile, is on another branch" in f.message
+    # the same side layer in front of a healthy deep branch: nothing
+    assert not detect(mlp([0.06, *geometric(0.05, 1.02, 12), 0.15]))
+
+
 def test_a_scalar_parameter_is_no_weight_layer_for_the_weight_ratio():
     # the last "layer" is a temperature (CLIP's logit_scale): one number's gradient, no weight
     m = mlp([1.0] * 4, weight_grad_norms=[1.0, 1.0, 1.0, 1e-3], weight_norms=[1e3] * 4)
