@@ -27,10 +27,11 @@ def non_finite_findings(m: Measurements) -> list[Finding]:
         "loss": m.loss.value,
         "non_finite_parameters": {p.name: p.non_finite_count for p in bad_params},
     }
-    # Born in the forward pass but absorbed before the loss and every gradient (T5's relative
-    # position buckets take log(0) = -inf, cast it to an integer and select it away): nothing
-    # this batch trains on is touched, so it is told, not judged.
-    contained = origin is not None and origin.phase == "forward" and not bad_params and not loss_bad
+    # Absorbed before the loss and every parameter gradient: born in the forward pass (T5's
+    # relative position buckets take log(0) = -inf, cast it to an integer and select it away)
+    # or in the backward pass (sqrt of a ReLU's output: d sqrt = inf at its zeros, which the
+    # ReLU's backward selects away). Nothing this batch trains on is touched: told, not judged.
+    contained = origin is not None and not bad_params and not loss_bad
     if contained and origin is not None and _mask_sum(origin.op_type, origin.values):
         return []
     evidence["reaches_loss"] = not contained
@@ -50,7 +51,14 @@ def non_finite_findings(m: Measurements) -> list[Finding]:
             if origin.values
             else f"NaN/Inf values appear, {what}; {guard}."
         )
-        if contained:
+        if contained and origin.phase == "backward":
+            message = (
+                f"NaN/Inf values appear in the backward pass but reach no parameter gradient: "
+                f"{what}; the backward of an op before it absorbs them (a ReLU's or a where's "
+                "at the entries it zeroes), so this batch trains normally; if a gradient could "
+                f"carry them to a weight, {guard}."
+            )
+        elif contained:
             message = (
                 f"NaN/Inf values appear but reach neither the loss nor any gradient: {what}; "
                 "something downstream absorbs them (a where, a comparison, an integer cast, a "

@@ -71,9 +71,11 @@ vanishing/exploding over time (axis "time"), judged only for models with a recur
 non_finite: any NaN/Inf in the loss, in a parameter gradient or at a node output is an error;
   the origin is named: the first node (execution order) whose output is non-finite in the
   forward pass, else the first whose backward produced one, with the phase. No threshold.
-  Forward NaN/Inf that reach neither the loss nor any parameter gradient (absorbed by a
-  where, a comparison, an integer cast: T5's relative-position buckets take log(0)) are
-  `info` (evidence `reaches_loss: false`), its guard advisory. Mask values (-inf written on
+  NaN/Inf that reach neither the loss nor any parameter gradient (absorbed by a where, a
+  comparison, an integer cast: T5's relative-position buckets take log(0); or born in the
+  backward pass and zeroed by an earlier op's backward: sqrt of a ReLU's output, whose
+  infinite derivative at the zeros the ReLU's backward selects away) are `info` (evidence
+  `reaches_loss: false`), its guard advisory. Mask values (-inf written on
   purpose, 0/-inf additive masks in the batch) are no origin at all.
 
 saturation: a sigmoid/tanh-like layer with saturated fraction (the measurement's definition:

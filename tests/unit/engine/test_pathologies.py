@@ -14,6 +14,7 @@ import math
 import warnings
 
 import pytest
+import torch
 
 from service.engine import diagnose
 from service.engine.detectors.optypes import canonical_op
@@ -21,7 +22,7 @@ from service.engine.options import DiagnoseOptions
 from service.engine.report import SEVERITY_RANK, Report
 from service.errors import BadInputError
 from tests.support import export
-from tests.support.pathologies import ZOO, Case
+from tests.support.pathologies import BATCH, WIDTH, ZOO, Case, SqrtOfReLU
 
 SLOW_FORMATS = {"torchscript"}  # TorchScript → FX conversion is the slowest path
 
@@ -200,6 +201,22 @@ def test_backward_origin_is_named_with_its_phase() -> None:
     guard = report.recommendations[0]
     assert guard.params["op"] == "sqrt" and "clamp_min" in guard.snippet
     assert guard.verified is not None and guard.verified.resolved
+
+
+@pytest.mark.parametrize("fmt", ["torch_export", "onnx"])
+def test_a_backward_inf_no_parameter_gradient_sees_is_info(fmt: str) -> None:
+    """sqrt of a ReLU's output: its backward is inf at the zeros, which the ReLU's backward
+    zeroes (torch's parameter gradients are finite): told, not an error."""
+    case = Case("sqrt_of_relu", lambda _s: SqrtOfReLU(), (BATCH, WIDTH))
+    module = case.module()
+    x, target = case.batch()
+    torch.nn.functional.cross_entropy(module.train()(x), target).backward()
+    assert all(torch.isfinite(p.grad).all() for p in module.parameters() if p.grad is not None)
+    report = run(case, fmt)
+    (finding,) = [f for f in report.findings if f.kind == "non_finite"]
+    assert finding.severity == "info" and finding.evidence["origin"]["phase"] == "backward"
+    assert "reach no parameter gradient" in finding.message
+    assert report.verdict == "healthy"
 
 
 def test_threshold_overrides_reach_the_detectors() -> None:
