@@ -833,6 +833,10 @@ def _build(
     for i, (name, p) in enumerate(trainable):
         row = {k: v[i] for k, v in param_vectors.items()}
         numel = max(p.numel(), 1)
+        if row["grad_norm"] == 0.0 and row["underflow"] > 0 and p.grad is not None:
+            # non-zero entries whose squares are all below float32's range (a 30-layer
+            # sigmoid stack's first layer, ~1e-26): the norm in float64, rare, for these only
+            row["grad_norm"] = float(torch.linalg.vector_norm(p.grad, dtype=torch.float64))
         row["weight_rms"] = row["weight_norm"] / math.sqrt(numel)
         by_name[name] = row
         parameters.append(

@@ -23,6 +23,7 @@ from service.engine.detectors.profile import (
     depth_fit_phrase,
     first_last_ratio,
     growth_factor,
+    ratio_phrase,
     reached_steps,
     sig,
     usable,
@@ -195,9 +196,9 @@ def depth_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
                     else ""
                 )
                 msg = (
-                    f"Gradients vanish towards the input: {_span(zero, names)} get exactly zero "
-                    f"gradient (‖∂L/∂a‖ = 0){learn}; {depth_fit_phrase(forward)}, ‖∂L/∂a‖ at "
-                    f"{start} is {_fraction(ratio or 0.0)} of that at {names[-1]}."
+                    f"Gradients vanish towards the input: {_span(zero, names)} get a gradient "
+                    f"of norm 0 in float32 (‖∂L/∂a‖ = 0){learn}; {depth_fit_phrase(forward)}, "
+                    f"‖∂L/∂a‖ at {start} is {ratio_phrase(ratio or 0.0)} of that at {names[-1]}."
                 )
             else:
                 msg = (
@@ -340,10 +341,6 @@ def _span(chosen: list[str], order: list[str]) -> str:
     return ", ".join(order[p] for p in positions)
 
 
-def _fraction(ratio: float) -> str:
-    return "exactly 0 (underflowed)" if ratio == 0 else sig(ratio)
-
-
 def time_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
     """Only for models with a recurrent layer: a rank-3 input of a convolution or a transformer
     also has a per-position gradient profile, but no gradient path through time steps, so a
@@ -390,7 +387,7 @@ def time_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
                     severity=vanishing_severity,
                     message=(
                         f"Gradients vanish over time: ‖∂L/∂x_t‖ of input {prof.input!r} at the "
-                        f"first of {len(norms)} steps is {_fraction(ratio)} of that at the last "
+                        f"first of {len(norms)} steps is {ratio_phrase(ratio)} of that at the last "
                         f"(×{sig(factor)} per step); steps more than {horizon} back from the "
                         f"last get under {sig(t['vanishing_time_ratio'])} of its gradient, so "
                         f"what they carry is barely learned."

@@ -110,6 +110,13 @@ def first_last_ratio(norms: Sequence[float | None]) -> float | None:
     return values[0] / values[-1]
 
 
+def ratio_phrase(ratio: float) -> str:
+    """A gradient ratio for a message; a norm of 0 is one float32 could not hold: nothing
+    reaches the layer, fp16 flushed it, or every entry's square is below float32's range
+    (a 30-layer sigmoid stack's first layer, ~1e-26: no step would move its weights)."""
+    return "0 in float32" if ratio == 0 else sig(ratio)
+
+
 def sig(value: float | None, digits: int = 3) -> str:
     """A number for a message: 3 significant digits, scientific when very small or large."""
     if value is None:

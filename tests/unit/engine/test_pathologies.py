@@ -270,3 +270,20 @@ def test_a_dynamo_onnx_export_of_nn_rnn_gets_the_legacy_exports_diagnosis(name: 
             assert ours.evidence["time_ratio"] == pytest.approx(
                 theirs.evidence["time_ratio"], rel=1e-3
             )
+
+
+def test_a_gradient_below_float32s_squares_gets_its_float64_norm() -> None:
+    """30 sigmoid layers: the first weight's gradient entries are ~1e-27, whose squares
+    float32 cannot hold, so its float32 norm is 0; the report gives torch's float64 norm."""
+    layers: list[torch.nn.Module] = []
+    for _ in range(30):
+        layers += [torch.nn.Linear(WIDTH, WIDTH), torch.nn.Sigmoid()]
+    case = Case("sigmoid30", lambda _s: torch.nn.Sequential(*layers), (BATCH, WIDTH))
+    module = case.module()
+    x, _ = case.batch()
+    module.train()(x)[:, :4].sum().backward()  # any loss: only the scale matters here
+    grad = dict(module.named_parameters())["0.weight"].grad
+    assert grad is not None and grad.norm() == 0 and grad.count_nonzero() > 0
+    report = run(case, "torch_export", verify_fixes=False)
+    first = next(p for p in report.parameters if p.name == "0.weight")
+    assert first.grad_norm is not None and 0 < first.grad_norm < 1e-20
