@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 import statistics
 
+import torch
+
 from service.engine.detectors.optypes import (
     canonical_op,
     is_gated_rnn,
@@ -131,6 +133,70 @@ def onnx_gate_biases(m: Measurements, op: str = "lstm") -> dict[str, list[str]]:
                 suffixes = ["", "_reverse"][: p.shape[0]]
                 found[p.name] = [f"{module}.bias_ih_l{index}{s}" for s in suffixes]
     return found
+
+
+# The gate whose bias decides how much of the state (and of its gradient) a step keeps: the
+# LSTM's forget gate, the GRU's update gate z. Per op: (gates, the gate's chunk in torch's
+# layout, its block in each half of ONNX's B). torch adds bias_ih and bias_hh (i, f, g, o;
+# GRU r, z, n: chunk 1 both); ONNX's B = [dirs, 2·gates·H] is Wb then Rb (i, o, f, c: block 2;
+# GRU z, r, h: block 0).
+GATE_LAYOUT = {"lstm": (4, 1, 2), "gru": (3, 1, 0)}
+GATE_OF_SCHEME = {
+    "forget_bias": "lstm",
+    "onnx_forget_bias": "lstm",
+    "no_bias_forget": "lstm",
+    "update_bias": "gru",
+    "onnx_update_bias": "gru",
+    "no_bias_update": "gru",
+}
+
+
+def hidden_bias_name(input_bias: str) -> str:
+    """torch's `bias_hh_l<k>` beside a `bias_ih_l<k>` (`rnn.bias_ih_l0_reverse` →
+    `rnn.bias_hh_l0_reverse`)."""
+    head, dot, last = input_bias.rpartition(".")
+    return head + dot + last.replace("bias_ih", "bias_hh")
+
+
+def gate_bias_slices(
+    tensor: torch.Tensor, scheme: str, hidden_bias: torch.Tensor | None = None
+) -> list[torch.Tensor] | None:
+    """Views of the gate's bias in `tensor` (torch's `bias_ih`, or ONNX's `B` for an `onnx_`
+    scheme) and in `hidden_bias` (torch's `bias_hh`, when given and of the same shape): the
+    terms whose sum is the bias the gate sees. None if the tensor has not the layout."""
+    gates, chunk, block = GATE_LAYOUT[GATE_OF_SCHEME[scheme]]
+    if scheme.startswith("onnx_"):
+        if tensor.dim() != 2 or tensor.shape[1] % (2 * gates):
+            return None
+        h = tensor.shape[1] // (2 * gates)
+        rb = gates + block
+        return [tensor[:, block * h : (block + 1) * h], tensor[:, rb * h : (rb + 1) * h]]
+    if tensor.dim() != 1 or tensor.numel() % gates:
+        return None
+    views = [tensor.chunk(gates)[chunk]]
+    if hidden_bias is not None and hidden_bias.shape == tensor.shape:
+        views.append(hidden_bias.chunk(gates)[chunk])
+    return views
+
+
+def effective_gate_bias(
+    graph: ObservableGraph | None, name: str, scheme: str
+) -> torch.Tensor | None:
+    """The bias the LSTM forget / GRU update gate sees, bias_ih + bias_hh (ONNX: Wb + Rb) of
+    its slices, one value per unit (and direction), for the parameter `name` that a gate-bias
+    scheme names; None if it cannot be read (no graph, no such parameter, a `no_bias_*`
+    layer's name)."""
+    if graph is None or name not in graph.param_names:
+        return None
+    tensor = graph.parameter(name).detach().float().cpu()
+    partner = hidden_bias_name(name)
+    hidden = None
+    if not scheme.startswith("onnx_") and partner != name and partner in graph.param_names:
+        hidden = graph.parameter(partner).detach().float().cpu()
+    views = gate_bias_slices(tensor, scheme, hidden)
+    if views is None:
+        return None
+    return torch.stack(views).sum(0).flatten()
 
 
 def biasless_gated_layers(m: Measurements) -> list[str]:

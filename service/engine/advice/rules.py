@@ -19,7 +19,7 @@ from service.engine.advice import evidence as ev
 from service.engine.advice import snippets
 from service.engine.detectors.optypes import canonical_op, is_normalization
 from service.engine.detectors.origin_text import describe as describe_origin
-from service.engine.detectors.profile import decay_phrase, sig
+from service.engine.detectors.profile import decay_phrase, ratio_phrase, sig
 from service.engine.detectors.quantizers import quantized_what, range_text
 from service.engine.detectors.thresholds import resolve_thresholds
 from service.engine.detectors.units import init_ratio, normalized_layers
@@ -52,8 +52,75 @@ MIN_DEPTH_FOR_NORMALIZATION = 4  # weight layers; shallower nets rarely need it
 MIN_DEPTH_FOR_SHORTCUTS = 6  # weight layers; He et al. 2016 saw plain nets degrade from ~20
 
 
-def _share(ratio: float) -> str:
-    return "exactly 0 (underflowed)" if ratio == 0 else sig(ratio)
+def _input_end(evidence: dict[str, Any]) -> str:
+    """Where a depth finding's ratio was read: the first layer, or a deeper branch's."""
+    start = evidence.get("depth_ratio_from")
+    return f"the first layer ({start})" if start else "the first layer"
+
+
+GATE_BIAS_TARGET = 1.0  # forget/update-gate bias (Gers et al. 2000; Jozefowicz et al. 2015)
+GATE_BIAS_TOLERANCE = 1e-3  # a measured gate bias this close to the target is at it
+
+
+def _layer_means(measured: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+    return {layer: float(torch.cat(values).mean()) for layer, values in measured.items()}
+
+
+def _openness(gate: float) -> str:
+    if gate < 0.1:
+        return "almost shut"
+    if gate < 0.4:
+        return "mostly closed"
+    if gate < 0.6:
+        return "half closed"
+    return "partly open"
+
+
+def _gate_bias_text(op: str, measured: dict[str, list[torch.Tensor]]) -> str:
+    """Why a forget (LSTM) / update (GRU) gate bias of 1: the measured bias the gate sees
+    (bias_ih + bias_hh) per layer, how far σ of it opens the gate, and what 1 gives."""
+    target = f"σ({GATE_BIAS_TARGET:g}) = {sig(1 / (1 + math.exp(-GATE_BIAS_TARGET)))}"
+    gate = "forget" if op == "lstm" else "update"
+    recipe = (
+        f"an effective {gate}-gate bias of {GATE_BIAS_TARGET:g} (bias_ih's {gate} slice "
+        f"{GATE_BIAS_TARGET:g}, bias_hh's 0"
+    )
+    if not measured:
+        if op == "lstm":
+            return (
+                f"{recipe}; Gers et al. 2000; Jozefowicz et al. 2015) opens the LSTM's forget "
+                f"gates to about {target} and keeps more of the state, and of its gradient, "
+                "per step"
+            )
+        return (
+            f"the GRU keeps z·h of its state per step, z = σ(update-gate bias); {recipe}) "
+            f"gives z ≈ {target} and carries more of it, and of its gradient, back"
+        )
+    stats = {layer: torch.cat(values) for layer, values in measured.items()}
+    uniform = all(float(v.max() - v.min()) < 1e-6 for v in stats.values())
+    parts = [f"{sig(float(v.mean()))} in {layer}" for layer, v in list(stats.items())[:3]]
+    if len(stats) > 3:
+        parts.append(f"{len(stats) - 3} more layers")
+    lowest = min(stats, key=lambda layer: float(stats[layer].mean()))
+    bias = float(stats[lowest].mean())
+    opened = 1 / (1 + math.exp(-bias))
+    where = f" in {lowest}" if len(stats) > 1 else ""
+    measured_text = (
+        f"the {op.upper()}'s {gate}-gate bias (the {gate} slices of bias_ih + bias_hh) "
+        f"{'is' if uniform else 'averages'} {', '.join(parts)}"
+    )
+    keeps = f"of its state, and of its gradient, per step; {recipe}"
+    if op == "lstm":
+        return (
+            f"{measured_text}: its forget gates start at about σ({sig(bias)}) = {sig(opened)}"
+            f"{where} ({_openness(opened)}), so the cell keeps about {sig(opened)} {keeps}; "
+            f"Gers et al. 2000; Jozefowicz et al. 2015) opens them to {target}"
+        )
+    return (
+        f"the GRU keeps z·h of its state per step, z = σ(update-gate bias); {measured_text}: z "
+        f"starts at about σ({sig(bias)}) = {sig(opened)}{where}, so it keeps about "
+        f"{sig(opened)} {keeps}) gives z ≈ {target}"
+    )
 
 
 @dataclass
@@ -264,7 +331,11 @@ class Advisor:
     def _gate_bias_cause(self, index: int, e: dict[str, Any]) -> None:
         """LSTM forget-gate / GRU update-gate bias 1, on torch's `bias_ih_l<k>` or on the ONNX
         `B` the export folded them into; a gated layer without bias gets the advice with a
-        scheme verification cannot apply (a parameter cannot be added to the graph)."""
+        scheme verification cannot apply (a parameter cannot be added to the graph).
+
+        The gate sees bias_ih + bias_hh (ONNX: Wb + Rb): that sum is measured, named in the
+        rationale, and is what the fix sets to 1 (input slice 1, hidden slice 0). A gate
+        whose bias is 1 or more already is not the cause, and gets no such advice."""
         schemes: dict[str, str] = {}
         sources: dict[str, list[str]] = {}
         for op, gate in (("lstm", "forget"), ("gru", "update")):
@@ -279,26 +350,40 @@ class Advisor:
             module, _, k = layer.rpartition(".l")
             module, k = (module, k) if module and k.isdigit() else (layer, "0")
             sources[layer] = [f"{module}.bias_ih_l{k}"]
+        layer_of = {p.name: p.layer for p in self.m.parameters}
+        measured: dict[str, dict[str, list[torch.Tensor]]] = {"lstm": {}, "gru": {}}
+        for name, scheme in list(schemes.items()):
+            if scheme.startswith("no_bias_"):  # no bias: the gate's bias is 0
+                values: torch.Tensor | None = torch.zeros(1)
+                layer = name
+            else:
+                values = ev.effective_gate_bias(self.graph, name, scheme)
+                layer = layer_of.get(name) or name
+            if values is None or not values.numel():
+                continue
+            if float(values.mean()) >= GATE_BIAS_TARGET - GATE_BIAS_TOLERANCE:
+                del schemes[name]  # open as far as the fix would set it already
+                sources.pop(name, None)
+                continue
+            measured[ev.GATE_OF_SCHEME[scheme]].setdefault(layer, []).append(values)
         if not schemes:
             return
         used = set(schemes.values())
         why = []
+        bias_params: dict[str, dict[str, float]] = {}
         if used & {"forget_bias", "onnx_forget_bias", "no_bias_forget"}:
-            why.append(
-                "with forget-gate bias 0 the LSTM's forget gates start half closed (σ(0) = 0.5); "
-                "a forget-gate bias of 1 (Gers et al. 2000; Jozefowicz et al. 2015) keeps more "
-                "of the state, and of its gradient, per step"
-            )
+            why.append(_gate_bias_text("lstm", measured["lstm"]))
+            if measured["lstm"]:
+                bias_params["forget_gate_bias"] = _layer_means(measured["lstm"])
         if used & {"update_bias", "onnx_update_bias", "no_bias_update"}:
-            why.append(
-                "the GRU keeps z·h of its state per step with z = σ(bias) = 0.5 at bias 0; an "
-                "update-gate bias of 1 (z ≈ 0.73) carries more of it, and of its gradient, back"
-            )
+            why.append(_gate_bias_text("gru", measured["gru"]))
+            if measured["gru"]:
+                bias_params["update_gate_bias"] = _layer_means(measured["gru"])
         if used & {"onnx_forget_bias", "onnx_update_bias"}:
             why.append(
-                "in the ONNX graph that is B[:, 2H:3H] of an LSTM (ONNX gate order i, o, f, c) "
-                "or B[:, 0:H] of a GRU (z, r, h); in torch, chunk 1 of bias_ih (LSTM i, f, g, o; "
-                "GRU r, z, n)"
+                "in the ONNX graph that is B[:, 2H:3H] + B[:, 6H:7H] (Wb + Rb) of an LSTM (ONNX "
+                "gate order i, o, f, c) or B[:, 0:H] + B[:, 3H:4H] of a GRU (z, r, h); in "
+                "torch, chunk 1 of bias_ih + bias_hh (LSTM i, f, g, o; GRU r, z, n)"
             )
         if used & {"no_bias_forget", "no_bias_update"}:
             why.append("a layer built with bias=False needs its bias back first")
@@ -311,6 +396,7 @@ class Advisor:
             list(self.m.recurrent_layers),
             schemes=schemes,
             **({"source_names": sources} if sources else {}),
+            **bias_params,
         )
 
     # -- per finding kind ---------------------------------------------------------------------
@@ -323,7 +409,7 @@ class Advisor:
                     "use_gated_recurrent_unit",
                     index,
                     f"{', '.join(rnn)} is a vanilla RNN: the gradient reaching the first of "
-                    f"{e['steps']} steps is {_share(e['time_ratio'])} of the last step's "
+                    f"{e['steps']} steps is {ratio_phrase(e['time_ratio'])} of the last step's "
                     f"(×{sig(e['per_step_factor'])} per step), so only the last "
                     f"{e['horizon_steps']} steps teach it; LSTM/GRU gates keep an additive "
                     f"path through time.",
@@ -359,7 +445,8 @@ class Advisor:
             return
         ratio = e.get("depth_ratio")
         how = (
-            f"‖∂L/∂a‖ at the first layer is {_share(ratio)} of the last's ({decay_phrase(e)})."
+            f"‖∂L/∂a‖ at {_input_end(e)} is {ratio_phrase(ratio)} of the last's "
+            f"({decay_phrase(e)})."
             if ratio is not None
             else f"the first layer's weight gradient is {sig(e.get('weight_ratio'))} of the last's."
         )

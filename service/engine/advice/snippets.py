@@ -77,10 +77,13 @@ def reinitialize(
             "xavier": "nn.init.xavier_normal_(params[name])",
             "zero_bias": "nn.init.zeros_(params[name])",
             "orthogonal": "nn.init.orthogonal_(params[name])",
-            # torch's gate order i, f, g, o (ONNX's is i, o, f, c): chunk 1 is the forget gate
-            "forget_bias": "params[name].data.chunk(4)[1].fill_(1.0)  # LSTM forget gate",
+            # torch's gate order i, f, g, o (ONNX's is i, o, f, c): chunk 1 is the forget gate;
+            # the gate sees bias_ih + bias_hh, so bias_hh's slice is zeroed for a sum of 1
+            "forget_bias": "params[name].data.chunk(4)[1].fill_(1.0)  # LSTM forget gate\n"
+            '    params[name.replace("bias_ih", "bias_hh")].data.chunk(4)[1].zero_()  # sum 1',
             # GRU gate order r, z, n: chunk 1 is the update gate z
-            "update_bias": "params[name].data.chunk(3)[1].fill_(1.0)  # GRU update gate",
+            "update_bias": "params[name].data.chunk(3)[1].fill_(1.0)  # GRU update gate\n"
+            '    params[name.replace("bias_ih", "bias_hh")].data.chunk(3)[1].zero_()  # sum 1',
         }[scheme]
         lines += [f"for name in {_names(names)}:", f"    {call}"]
     return "\n".join(lines)

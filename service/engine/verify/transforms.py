@@ -5,7 +5,8 @@
 - `swap_activations`: replace sigmoid/tanh (or ReLU) node functions in the ObservableGraph;
   op types are compared through `optypes.canonical_op`, so ONNX "Sigmoid", FX "sigmoid" and
   "aten.sigmoid.default" are one case.
-- `reinitialize`: He/Xavier/zero/orthogonal re-initialisation of named parameters, with the
+- `reinitialize`: He/Xavier/zero/orthogonal re-initialisation of named parameters, or an
+  LSTM forget / GRU update gate's bias (bias_ih + bias_hh, ONNX Wb + Rb) set to 1, with the
   fans and the std formula of the init_scale reference (layers.parameter_fans, init_std):
   ONNX exports may store weights transposed and a grouped conv's fans are per group, so
   torch's own fan computation from the tensor layout could be wrong.
@@ -26,6 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from service.engine.advice.evidence import (
+    GATE_LAYOUT,
+    GATE_OF_SCHEME,
+    gate_bias_slices,
+    hidden_bias_name,
+)
 from service.engine.detectors.optypes import aten_style, canonical_op
 from service.engine.graph import ObservableGraph
 from service.engine.layers import init_std, parameter_fans, weight_fans
@@ -153,34 +160,8 @@ def reinitialize(subject: Subject, schemes: dict[str, str]) -> list[str]:
                 tensor.zero_()
                 done.append(f"{name}: zeros")
                 continue
-            if scheme == "forget_bias":
-                if tensor.dim() != 1 or tensor.numel() % 4:
-                    raise NotApplicable(f"{name} is not an LSTM bias (4 gates)")
-                tensor.chunk(4)[1].fill_(1.0)  # torch's gate order: input, forget, cell, output
-                done.append(f"{name}: forget-gate bias 1")
-                continue
-            if scheme == "update_bias":
-                if tensor.dim() != 1 or tensor.numel() % 3:
-                    raise NotApplicable(f"{name} is not a GRU bias (3 gates)")
-                tensor.chunk(3)[1].fill_(1.0)  # torch's gate order: reset, update, new
-                done.append(f"{name}: update-gate bias 1")
-                continue
-            if scheme == "onnx_update_bias":
-                # ONNX GRU B = [dirs, 6H]: Wb then Rb, gates z, r, h: Wb's z is [0:H]
-                if tensor.dim() != 2 or tensor.shape[1] % 6:
-                    raise NotApplicable(f"{name} is not an ONNX GRU bias B [dirs, 6H]")
-                hidden = tensor.shape[1] // 6
-                tensor[:, :hidden].fill_(1.0)
-                done.append(f"{name}: update-gate bias 1 (ONNX B[:, 0:{hidden}])")
-                continue
-            if scheme == "onnx_forget_bias":
-                # ONNX LSTM B = [dirs, 8H]: Wb then Rb, gates i, o, f, c; torch's forget bias
-                # of 1 in bias_ih is Wb's forget slice [2H:3H] = 1
-                if tensor.dim() != 2 or tensor.shape[1] % 8:
-                    raise NotApplicable(f"{name} is not an ONNX LSTM bias B [dirs, 8H]")
-                hidden = tensor.shape[1] // 8
-                tensor[:, 2 * hidden : 3 * hidden].fill_(1.0)
-                done.append(f"{name}: forget-gate bias 1 (ONNX B[:, {2 * hidden}:{3 * hidden}])")
+            if scheme in GATE_OF_SCHEME:  # no_bias_* raised above
+                done.append(_gate_bias_one(subject, name, tensor, scheme))
                 continue
             if scheme == "orthogonal":
                 fresh = torch.empty(tensor.shape, dtype=torch.float32)
@@ -197,6 +178,41 @@ def reinitialize(subject: Subject, schemes: dict[str, str]) -> list[str]:
                 f"{name}: normal(0, {std:.3g}) ({scheme}, fan-in {fan_in}, fan-out {fan_out})"
             )
     return done
+
+
+def _optional_tensor(subject: Subject, name: str) -> torch.Tensor | None:
+    try:
+        return _tensor(subject, name)
+    except NotApplicable:
+        return None
+
+
+def _gate_bias_one(subject: Subject, name: str, tensor: torch.Tensor, scheme: str) -> str:
+    """The LSTM forget / GRU update gate's bias, bias_ih + bias_hh (ONNX: Wb + Rb), set to 1:
+    the input slice 1 and the hidden slice 0, as the usual recipe (Jozefowicz et al. 2015)
+    initialises it. Setting bias_ih's slice alone would leave the sum at 1 + bias_hh's."""
+    op = GATE_OF_SCHEME[scheme]
+    gate = "forget" if op == "lstm" else "update"
+    gates = GATE_LAYOUT[op][0]
+    partner_name = hidden_bias_name(name)
+    partner = None
+    if not scheme.startswith("onnx_") and partner_name != name:
+        partner = _optional_tensor(subject, partner_name)
+    views = gate_bias_slices(tensor, scheme, partner)
+    if views is None:
+        layout = f"ONNX B [dirs, {2 * gates}H]" if scheme.startswith("onnx_") else f"{gates} gates"
+        raise NotApplicable(f"{name} is not an {op.upper()} bias ({layout})")
+    views[0].fill_(1.0)
+    for view in views[1:]:
+        view.zero_()
+    if scheme.startswith("onnx_"):
+        h = tensor.shape[1] // (2 * gates)
+        block = GATE_LAYOUT[op][2]
+        wb, rb = block * h, (gates + block) * h
+        return f"{name}: {gate}-gate bias 1 (ONNX B[:, {wb}:{wb + h}] = 1, B[:, {rb}:{rb + h}] = 0)"
+    if len(views) > 1:
+        return f"{name}: {gate}-gate bias 1 ({partner_name}'s {gate} slice 0: their sum is 1)"
+    return f"{name}: {gate}-gate bias 1"
 
 
 # -- numerics guard ------------------------------------------------------------------------------
