@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from service.engine.losses import check_has_labels
 from service.engine.report import ArrayInfo, BatchInfo, TensorSpec
 from service.errors import BatchError
 
@@ -224,6 +225,7 @@ def match_batch(batch: Batch, declared: list[TensorSpec]) -> MatchedBatch:
     target = batch.arrays.get(target_name) if target_name else None
     if target is not None:
         assert target_name is not None
+        check_has_labels(target, target_name)
         arrays.append(
             ArrayInfo(
                 name=target_name,

@@ -14,7 +14,18 @@ Class axis of `cross_entropy` / `nll`: dim 1 as in `F.cross_entropy` (the target
 output's without dim 1: [N, C] / [N], [N, C, H, W] / [N, H, W]), else the last axis when the
 target is the output without it: a sequence model's [B, T, vocab] logits with [B, T] labels,
 which training code flattens before its loss. Targets of -100 are ignored (`ignore_index`, as in
-torch and Hugging Face labels).
+torch and Hugging Face labels): a batch whose every target is -100 is refused
+(`check_has_labels`, before any micro-batch split), and a micro-batch with none but -100 adds a
+loss of 0 (torch's mean over no label is NaN), i.e. nothing to the full batch's sum; each
+micro-batch is weighted by its share of the batch's labels (`labelled_share`), so the
+accumulated loss is the whole batch's mean over its labels.
+
+`cross_entropy` also takes a floating-point target of the output's shape: class probabilities
+(label smoothing, mixup, a teacher's soft labels), as `F.cross_entropy` does. They are read on
+dim 1, else on the last axis (a [B, T, vocab] output), whichever has rows that sum to 1; they
+must be finite and ≥ 0, and every row must sum to 1 (within `_PROBABILITY_SUM_TOLERANCE`) or be
+all zero (it adds no loss but counts in the mean, as in torch). Only an explicit `--loss
+cross_entropy` reads them: the default for a floating target stays `mse`.
 """
 
 from __future__ import annotations
@@ -25,7 +36,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from service.errors import BadInputError
+from service.errors import BadInputError, BatchError
 
 LOSS_KINDS = (
     "cross_entropy",
@@ -38,6 +49,10 @@ LOSS_KINDS = (
 )
 _CLASS_LOSSES = ("cross_entropy", "nll")
 GIVEN_BY_USER = "given by --loss"  # the report's loss.reason when no default applied
+IGNORE_INDEX = -100  # F.cross_entropy / nll_loss's default ignore_index, Hugging Face's labels
+# class-probability rows sum to 1: float16/bfloat16-stored probabilities (relative rounding
+# 2^-11 / 2^-8 per entry) stay within it, a multi-hot or unnormalised row does not
+_PROBABILITY_SUM_TOLERANCE = 1e-2
 
 
 def _numel(shape: Sequence[object]) -> int | None:
@@ -117,18 +132,31 @@ def compute_loss(
     y = floats[0].float()
     t = target.to(y.device)
     try:
+        if kind == "cross_entropy" and t.is_floating_point():
+            t = t.to(y.dtype)
+            read_on = probability_axis(y, t)[0]
+            if read_on != 1 and y.dim() > 1:
+                y, t = y.movedim(read_on, 1), t.movedim(read_on, 1)
+            return F.cross_entropy(y, t)
         if kind in _CLASS_LOSSES:
             if t.is_floating_point():
                 raise BadInputError(
-                    f"loss {kind!r} needs integer class indices as target, got {t.dtype}"
+                    f"loss {kind!r} needs integer class indices as target, got "
+                    f"{str(t.dtype).removeprefix('torch.')} (F.nll_loss takes no class "
+                    "probabilities: use --loss cross_entropy on the model's logits for them)"
                 )
             t = t.long()
             axis = class_axis(list(y.shape), list(t.shape))
             if axis is not None and axis != 1:
                 y = y.movedim(axis, 1)  # F.cross_entropy / nll_loss read classes on dim 1
+            # torch's mean is the sum over the labels that are not -100 divided by their count
+            # (bit for bit), which is 0/0 = NaN where there is none: a micro-batch whose labels
+            # are all -100 adds 0 instead (a whole batch of them is refused by check_has_labels)
             if kind == "cross_entropy":
-                return F.cross_entropy(y, t)
-            return F.nll_loss(y, t)
+                total = F.cross_entropy(y, t, reduction="sum")
+            else:
+                total = F.nll_loss(y, t, reduction="sum")
+            return total / (t != IGNORE_INDEX).sum().clamp(min=1).to(total.dtype)
         t = t.to(y.dtype)
         if t.shape != y.shape:
             raise BadInputError(
@@ -149,6 +177,87 @@ def compute_loss(
     raise BadInputError(f"unknown loss {kind!r}; use one of {', '.join(LOSS_KINDS)}")
 
 
+def labelled_share(
+    kind: str, part: torch.Tensor | None, whole: torch.Tensor | None, share: float
+) -> float | torch.Tensor:
+    """A micro-batch's weight in the accumulated loss: its `share` of the examples, or for a
+    class loss on class indices its share of the labels that are not -100, so that the parts'
+    means over their labels add up to the whole batch's (weighted by examples, a part of
+    mostly -100 labels would count as much as a fully labelled one)."""
+    if share == 1.0 or kind not in _CLASS_LOSSES or part is None or whole is None:
+        return share
+    if part.dtype.is_floating_point or part.dtype.is_complex:  # class probabilities
+        return share
+    # a 0-d tensor on the device: no host read before the one transfer (measure.py)
+    labelled = (whole != IGNORE_INDEX).sum().clamp(min=1)
+    return (part != IGNORE_INDEX).sum() / labelled
+
+
+def check_has_labels(target: torch.Tensor, name: str = "target") -> None:
+    """Refuse an integer target whose every entry is -100 (the ignored label): the loss would
+    be a mean over no label, NaN, and every gradient 0. Checked on the whole batch (a
+    micro-batch may have none, compute_loss)."""
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        return
+    if target.numel() and bool((target == IGNORE_INDEX).all()):
+        raise BatchError(
+            f"every target is {IGNORE_INDEX} (the ignored label) in the batch's {name!r} "
+            f"{list(target.shape)}: no example has a label to compute the loss on; give at "
+            "least one class index"
+        )
+
+
+def probability_axis(y: torch.Tensor, t: torch.Tensor) -> tuple[int, int, int]:
+    """(class axis, all-zero rows, rows) of a class-probability target `t` of `y`'s shape (module
+    docstring): dim 1, else the last axis, the first whose rows sum to 1 (or 0). One host read;
+    raises BadInputError naming what to change."""
+    if t.shape != y.shape:
+        raise BadInputError(
+            f"loss 'cross_entropy' reads a floating-point target as class probabilities, which "
+            f"have the output's shape {list(y.shape)}, got {list(t.shape)}: give class indices "
+            "as an integer array, or probabilities shaped like the output"
+        )
+    axes = [1] if y.dim() > 1 else [0]
+    if y.dim() > 2:
+        axes.append(y.dim() - 1)
+    if not t.numel():
+        return axes[0], 0, 0
+    checks = [(~torch.isfinite(t)).sum(), t.min()]
+    rows = []
+    for axis in axes:
+        sums = t.sum(dim=axis).flatten()
+        off = ((sums - 1).abs() > _PROBABILITY_SUM_TOLERANCE) & (sums != 0)
+        worst = sums[torch.where(off, (sums - 1).abs(), 0).argmax()]
+        checks += [off.sum(), worst, (sums == 0).sum()]
+        rows.append(sums.numel())
+    host = torch.stack([c.float() for c in checks]).tolist()
+    non_finite, smallest = int(host[0]), host[1]
+    problem = (
+        "loss 'cross_entropy' reads a floating-point target of the output's shape as class "
+        "probabilities"
+    )
+    if non_finite:
+        raise BadInputError(
+            f"{problem}, but it holds {non_finite} NaN/Inf value(s): make it finite"
+        )
+    if smallest < 0:
+        raise BadInputError(
+            f"{problem}, but it holds negative values (smallest {smallest:.4g}): give "
+            "probabilities (a softmax of a teacher's logits), or class indices as an integer array"
+        )
+    for k, axis in enumerate(axes):
+        off, worst, zero = host[2 + 3 * k : 5 + 3 * k]
+        if not off:
+            return axis, int(zero), rows[k]
+    off, worst = host[2:4]
+    where = f"dim {axes[0]}" if len(axes) == 1 else f"dim 1 (nor along the last axis, {axes[-1]})"
+    raise BadInputError(
+        f"{problem}, but {int(off)} of {rows[0]} rows along {where} do not sum to 1 (one sums "
+        f"to {worst:.4g}): normalise each row to sum to 1 (multi-label targets take --loss "
+        "bce_with_logits)"
+    )
+
+
 # log-probabilities are ≤ 0 and each row's exp sums to 1 (logsumexp over the class axis = 0);
 # these tolerances allow float32 rounding of a log_softmax, not a different quantity
 _LOG_PROB_MAX = 1e-4
@@ -164,8 +273,10 @@ def loss_input_notes(
     """Notes for the report on what the loss reads: which output, where the model has several
     (`output_names`: the declared ones, in order), and whether it looks like what the loss
     expects."""
-    return _first_output_notes(kind, outputs, output_names) + _log_probability_notes(
-        kind, outputs, target
+    return (
+        _first_output_notes(kind, outputs, output_names)
+        + _log_probability_notes(kind, outputs, target)
+        + _zero_probability_notes(kind, outputs, target)
     )
 
 
@@ -209,4 +320,33 @@ def _log_probability_notes(
         f"--loss nll expects log-probabilities, but the model's output looks like logits "
         f"(largest value {peak:.3g}; {int(off)} of {rows} rows' exp does not sum to 1): use "
         "--loss cross_entropy, or end the model with log_softmax"
+    ]
+
+
+def _zero_probability_notes(
+    kind: str, outputs: Sequence[torch.Tensor], target: torch.Tensor | None
+) -> list[str]:
+    """Class-probability rows that are all zero (masked positions) add no loss but count in
+    F.cross_entropy's mean: accepted as in torch, and said, since every row so leaves no
+    gradient at all."""
+    floats = [o for o in outputs if isinstance(o, torch.Tensor) and o.is_floating_point()]
+    if kind != "cross_entropy" or target is None or not target.is_floating_point() or not floats:
+        return []
+    y = floats[0].detach().float()
+    try:
+        _, zero, rows = probability_axis(y, target.to(y.device, y.dtype))
+    except BadInputError:
+        return []  # compute_loss has said so
+    if not zero:
+        return []
+    if zero == rows:
+        return [
+            f"every one of the {rows} rows of the class-probability target is all zero: the "
+            "loss and every gradient are 0 (F.cross_entropy's mean over rows that add nothing); "
+            "give each example's class probabilities"
+        ]
+    return [
+        f"{zero} of {rows} rows of the class-probability target are all zero: as in torch, they "
+        "add no loss but count in F.cross_entropy's mean, which is so "
+        f"{(rows - zero) / rows:.3g} × the mean over the other rows"
     ]

@@ -32,10 +32,10 @@ import numpy as np
 import torch
 
 from service.engine.detectors.profile import growth_factor, reached_steps
+from service.engine.first_pass import COMPUTES_IN_FP16, FirstPass
 from service.engine.formats.fx_regions import autocast_regions_off
 from service.engine.gradient_cuts import gradient_cuts
 from service.engine.graph import Node, ObservableGraph
-from service.engine.half_compute import COMPUTES_IN_FP16, HalfValues
 from service.engine.layers import (
     RELU_LIKE,
     SATURATING,
@@ -49,6 +49,7 @@ from service.engine.losses import (
     GIVEN_BY_USER,
     compute_loss,
     default_loss,
+    labelled_share,
     loss_input_notes,
 )
 from service.engine.measurements import Measurements, NonFiniteOrigin, Subject
@@ -116,8 +117,16 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
     fp32_copy = (
         _fp32_copy(subject) if reference is not None and options.precision != "fp16" else None
     )
-    # a float32 model that computes in float16 (autocast baked in) is told by its first pass
-    half_values = HalfValues(observer) if graph is not None and precision == "fp32" else None
+    batch_notes = batch_statistics_notes(
+        layers, _batch_size(subject, layout.batch_axes), options.micro_batches, options.mode
+    )
+    # a float32 model that computes in float16 (autocast baked in), a BatchNorm given one
+    # value per channel: told by the first pass
+    first_pass = (
+        FirstPass(observer, half=precision == "fp32", batch_norms=_batch_norms(layers))
+        if graph is not None
+        else None
+    )
     parts = 0
     loss_notes: list[str] = []
     for inputs, target, share in _micro_batches(subject, options.micro_batches, layout.batch_axes):
@@ -126,14 +135,18 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
             x.detach().requires_grad_(True) if i in direct else x for i, x in enumerate(inputs)
         ]
         start = clock.mark()
-        checks_half = half_values is not None and parts == 1
-        rng = _rng_state(subject.device) if reference is not None or checks_half else None
+        checks = first_pass if parts == 1 else None
+        rng = _rng_state(subject.device) if reference is not None or checks else None
         if probe is not None:
             probe.begin_pass()
-        outputs = _forward(
-            subject, inputs, probe, options.precision, half_values if checks_half else observer
-        )
-        baked = half_values.precision() if half_values is not None and checks_half else None
+        outputs = _forward(subject, inputs, probe, options.precision, checks or observer)
+        if checks is not None and checks.single_value_batch_norms:
+            raise BadInputError(
+                single_value_batch_norm_message(
+                    checks.single_value_batch_norms[0], options.micro_batches
+                )
+            )
+        baked = checks.precision() if checks is not None else None
         if baked is not None:
             precision, precision_note = baked
             if precision == "fp16":
@@ -146,16 +159,18 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
                 target, list(outputs[0].shape) if outputs else None
             )
         loss = _loss(subject, outputs, target)
+        parts_split = share != 1.0
+        weight = labelled_share(subject.loss_kind, target, subject.target, share)
         if parts == 1:
             output_names = [spec.name for spec in subject.model_info.outputs]
             loss_notes = loss_input_notes(subject.loss_kind, outputs, target, output_names)
         middle = clock.mark()
         if loss.requires_grad:  # else nothing trainable reaches it: no_trainable_parameters
-            (loss * share).backward()
+            (loss * weight).backward()
         clock.add_pass(start, middle, clock.mark())
         if probe is not None:
             probe.end_pass()
-        weighted = loss.detach().float() * share if share != 1.0 else loss.detach().float()
+        weighted = loss.detach().float() * weight if parts_split else loss.detach().float()
         loss_total = weighted if loss_total is None else loss_total + weighted
         if reference is not None and rng is not None:
             started = time.perf_counter()
@@ -164,10 +179,10 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
                 copy_subject_.loss_kind = subject.loss_kind  # resolved by the first pass
                 copy_inputs = [x.float() if x.is_floating_point() else x for x in inputs]
                 _add_fp32_gradients(
-                    copy_subject_, copy_inputs, target, share, copy_params, reference, rng
+                    copy_subject_, copy_inputs, target, weight, copy_params, reference, rng
                 )
             else:
-                _add_fp32_gradients(subject, inputs, target, share, trainable, reference, rng)
+                _add_fp32_gradients(subject, inputs, target, weight, trainable, reference, rng)
             timing["fp32_reference"] = timing.get("fp32_reference", 0.0)
             timing["fp32_reference"] += time.perf_counter() - started
         for i, key in direct.items():
@@ -214,6 +229,7 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
     result.notes.extend(
         micro_batch_notes(_batch_size(subject, layout.batch_axes), options.micro_batches)
     )
+    result.notes.extend(batch_notes)
     result.precision = precision
     left_out = result.profiles.depth.left_out
     if left_out:
@@ -403,7 +419,7 @@ def _add_fp32_gradients(
     subject: Subject,
     inputs: list[torch.Tensor],
     target: torch.Tensor | None,
-    share: float,
+    share: float | torch.Tensor,
     trainable: list[tuple[str, torch.nn.Parameter]],
     into: list[torch.Tensor | None],
     rng: tuple[torch.Tensor, torch.Tensor | None],
@@ -504,6 +520,46 @@ def _split_bounds(size: int, count: int) -> list[int]:
     allows."""
     count = max(1, min(count, size))
     return [round(size * k / count) for k in range(count + 1)]
+
+
+def _batch_norms(layers: Sequence[Layer]) -> list[str]:
+    return [x.main for x in layers if "batchnorm" in canonical(x.op)]
+
+
+def batch_statistics_notes(
+    layers: Sequence[Layer], size: int, requested: int, mode: str
+) -> list[str]:
+    """Micro-batches through BatchNorm in train mode: each part is normalised by its own
+    statistics, so the accumulated gradients are not the full batch's (as in training with
+    gradient accumulation)."""
+    normalizing = [x.name for x in layers if "batchnorm" in canonical(x.op)]
+    if mode != "train" or requested <= 1 or not normalizing:
+        return []
+    bounds = _split_bounds(size, requested)
+    smallest = min(hi - lo for lo, hi in itertools.pairwise(bounds))
+    shown = ", ".join(normalizing[:3]) + (", …" if len(normalizing) > 3 else "")
+    return [
+        f"the BatchNorm layer(s) {shown} normalise each micro-batch ({smallest}+ examples) by "
+        "its own statistics, as with gradient accumulation in training, so the accumulated "
+        f"gradients are not those of the whole batch of {size}"
+    ]
+
+
+def single_value_batch_norm_message(node: str, micro_batches: int) -> str:
+    """A BatchNorm in train mode given one value per channel (first_pass.py, or torch's own
+    refusal in a converted ONNX graph)."""
+    split = (
+        f" (--micro-batches {micro_batches} leaves micro-batches of one example)"
+        if micro_batches > 1
+        else ""
+    )
+    return (
+        f"the BatchNorm {node} gets one value per channel{split}: its output would be its "
+        "bias alone and no gradient would pass it (torch refuses this in train mode: "
+        "'Expected more than 1 value per channel when training'); give it at least two "
+        "examples" + (" per micro-batch (fewer micro-batches)" if split else "") + " or "
+        "diagnose with --mode eval"
+    )
 
 
 def micro_batch_notes(size: int, requested: int) -> list[str]:
@@ -614,6 +670,9 @@ def _out_of_memory(exc: BaseException) -> GradhealthError:
     )
 
 
+_SINGLE_VALUE_BATCH_NORM = "Expected more than 1 value per channel when training"
+
+
 def _forward_failure(
     subject: Subject, inputs: list[torch.Tensor], probe: Probe | None, exc: Exception
 ) -> GradhealthError:
@@ -630,6 +689,10 @@ def _forward_failure(
         if 0 <= index < len(nodes):
             where = f" at node {nodes[index].name!r} ({nodes[index].op_type})"
     ours = first_line(exc)
+    if _SINGLE_VALUE_BATCH_NORM in ours and where:  # torch's batch_norm refused it
+        size = subject.batch_info.size
+        parts = size // max(1, inputs[0].shape[0]) if inputs and inputs[0].dim() else 1
+        return BadInputError(single_value_batch_norm_message(nodes[index].name, parts))
     source = subject.extra.get("source")
     if subject.graph is not None and subject.model_info.format == "onnx" and source is not None:
         from service.engine.onnx import conformance

@@ -36,8 +36,8 @@ import torch
 
 from service.engine.detectors import detect
 from service.engine.detectors.optypes import RELU_LIKE, SATURATING
+from service.engine.first_pass import COMPUTES_IN_FP16
 from service.engine.gradient_cuts import straight_through
-from service.engine.half_compute import COMPUTES_IN_FP16
 from service.engine.measurements import Measurements, Subject
 from service.engine.options import DiagnoseOptions
 from service.engine.quantizers import widen_to_cover
@@ -307,7 +307,7 @@ def _rescaled_underflow(
 
 def _fp32_of(subject: Subject, params: list[torch.Tensor]) -> tuple[Subject, list[torch.Tensor]]:
     """The subject itself, or for a model whose own parameters are fp16 (or that computes in
-    fp16: half_compute.py) an fp32 copy (inputs too, parameters in the same order): the
+    fp16: first_pass.py) an fp32 copy (inputs too, parameters in the same order): the
     reference pass must not run in fp16 itself."""
     from service.engine.measure import _fp32_copy
 

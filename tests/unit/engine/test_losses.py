@@ -74,9 +74,19 @@ def test_shape_mismatch_names_both_shapes() -> None:
         compute_loss("mse", [LOGITS], torch.rand(5, 3))
 
 
-def test_class_loss_with_float_target_is_refused() -> None:
-    with pytest.raises(BadInputError, match="integer class indices"):
+def test_class_loss_with_float_target_is_refused_unless_class_probabilities() -> None:
+    """cross_entropy reads a float target of the output's shape as class probabilities (as
+    F.cross_entropy does), so rows that do not sum to 1 and float class indices are refused;
+    nll takes no probabilities."""
+    with pytest.raises(BadInputError, match="do not sum to 1"):
         compute_loss("cross_entropy", [LOGITS], FLOAT_TARGET)
+    with pytest.raises(BadInputError, match="class indices as an integer array"):
+        compute_loss("cross_entropy", [LOGITS], CLASSES.float())
+    with pytest.raises(BadInputError, match=r"integer class indices.*--loss cross_entropy"):
+        compute_loss("nll", [LOGITS.log_softmax(1)], FLOAT_TARGET.softmax(1))
+    probs = FLOAT_TARGET.softmax(1)
+    expected = F.cross_entropy(LOGITS, probs)
+    assert torch.equal(compute_loss("cross_entropy", [LOGITS], probs), expected)
 
 
 def test_out_of_range_class_is_a_user_error() -> None:

@@ -1,4 +1,6 @@
-"""float16 computed inside a float32 model: autocast baked into an export.
+"""What the first forward pass of a diagnosis tells about the model.
+
+float16 computed inside a float32 model: autocast baked into an export.
 
 A model exported under `torch.autocast(..., dtype=torch.float16)` keeps float32 parameters but
 computes in float16 where autocast cast: ONNX writes those casts as Cast(to=FLOAT16) nodes, a
@@ -7,11 +9,16 @@ through float16 values and flush to zero there exactly as in an fp16 run, so it 
 one (counted against an fp32 copy, loss scaling verified); analysed as fp32, the zeros would
 read as vanishing gradients. The first forward pass tells: some node's output is a float16
 tensor that carries gradient.
+
+A BatchNorm in train mode given one value per channel (a micro-batch of one example through
+BatchNorm1d): its output is its bias alone and no gradient passes it. torch refuses it in
+train mode ("Expected more than 1 value per channel when training"); a `.pt2`'s decomposed
+batch norm does not, and the zero gradients would read as vanishing gradients.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import torch
@@ -23,17 +30,29 @@ from service.engine.graph import Node, NodeObserver
 COMPUTES_IN_FP16 = "computes_in_fp16"
 
 
-class HalfValues:
-    """A graph observer (wrapping the probe's) that records the nodes whose outputs are float16
-    or bfloat16 tensors carrying gradient."""
+class FirstPass:
+    """A graph observer (wrapping the probe's) for the first forward pass: records the nodes
+    whose outputs are float16 or bfloat16 tensors carrying gradient (when `half` is asked
+    for), and the `batch_norms` (main node names) that saw one value per channel."""
 
-    def __init__(self, inner: NodeObserver | None) -> None:
+    def __init__(
+        self, inner: NodeObserver | None, *, half: bool, batch_norms: Collection[str]
+    ) -> None:
         self.inner = inner
+        self.half = half
+        self.batch_norms = batch_norms
         self.nodes: dict[torch.dtype, list[str]] = {torch.float16: [], torch.bfloat16: []}
+        self.single_value_batch_norms: list[str] = []
 
     def __call__(self, node: Node, outputs: Sequence[Any]) -> None:
         if self.inner is not None:
             self.inner(node, outputs)
+        if node.name in self.batch_norms and outputs:
+            out = outputs[0]
+            if isinstance(out, torch.Tensor) and out.dim() >= 2 and out.numel() == out.shape[1]:
+                self.single_value_batch_norms.append(node.name)
+        if not self.half:
+            return
         for value in outputs:
             if isinstance(value, torch.Tensor) and value.requires_grad:
                 seen = self.nodes.get(value.dtype)
