@@ -306,6 +306,8 @@ class Probe:
             # outputs' hooks None on CUDA where the CPU kernels give zeros): a zero norm
             if grad is None:
                 norm = torch.zeros((), dtype=torch.float32, device=self.device)
+            elif grad.dtype == torch.float64:  # a traced Python float scales in double
+                norm = torch.linalg.vector_norm(grad).float()
             else:
                 norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
             record["backward"].append((slot, norm))

@@ -76,3 +76,28 @@ def test_parameters_frozen_in_the_model_are_named_in_a_note(fmt: str) -> None:
     report = diagnose(model, npz_bytes(x=x), DiagnoseOptions(verify_fixes=False))
     (note,) = [n for n in report.notes if "frozen" in n]
     assert "2 parameter(s)" in note and "0.weight, 0.bias" in note and "2.weight" not in note
+
+
+class ScaledLoss(nn.Module):
+    """Returns its own loss with a Python float factor: torch.jit.trace bakes 0.01 in as a
+    double constant, so the gradient reaching `y` from that term is float64."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(20, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        return y.mean() + 0.01 * y.sum()
+
+
+def test_a_traced_model_with_a_double_gradient_is_measured() -> None:
+    module, x = ScaledLoss(), torch.randn(16, 20, generator=torch.Generator().manual_seed(1))
+    report = diagnose(to_torchscript(module, x), npz_bytes(x=x), DiagnoseOptions())
+    assert report.model.probe_coverage == "full"
+    module(x).backward()
+    grads = {n: p.grad for n, p in module.named_parameters()}
+    for p in report.parameters:
+        grad = grads[p.name]
+        assert grad is not None and p.grad_norm == pytest.approx(grad.norm().item(), rel=1e-5)
