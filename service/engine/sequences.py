@@ -185,6 +185,67 @@ def traced_axes(graph: ObservableGraph) -> dict[str, StepAxes]:
     return {name: axes for name, axes in found.items() if axes is not None}
 
 
+# ops between a graph input and a recurrent op's initial state that keep its batch axis where
+# it is (an ONNX export slices one layer's states out of h0 along axis 0)
+_STATE_PRESERVING = frozenset(
+    {"Identity", "Cast", "Slice", "clone", "contiguous", "to", "todtype", "alias", "detach"}
+    | {"slice", "select"}
+)
+
+
+def _initial_states(node: Node) -> tuple[list[str], int] | None:
+    """The values a recurrent node reads as its initial states and their batch axis: torch's
+    h0/c0 are [layers × directions, batch, hidden] whatever `batch_first` says; ONNX's
+    initial_h/initial_c [directions, batch, hidden], or [batch, directions, hidden] with
+    layout=1."""
+    if node.domain == "aten" and canonical(node.op_type) in _FX_RECURRENT:
+        args = tuple(getattr(node.source, "args", ()))
+        if len(args) < 2:
+            return None
+        hx = args[1] if isinstance(args[1], (list, tuple)) else [args[1]]
+        # node.inputs are the args flattened: the sequence, then the states (the FX node
+        # names may differ from the graph's value names: a TorchScript model's `h0_1`)
+        return [v for v in node.inputs[1 : 1 + len(hx)] if v], 1
+    if node.domain in ("", "ai.onnx") and node.op_type in _ONNX_RECURRENT:
+        from service.engine.layers import _attr
+
+        # the NodeProto's own inputs: the converter may pass the weights otherwise
+        # (per direction, recurrent_weights.py) but reads the states as the file names them
+        original = list(getattr(node.source, "input", node.inputs))
+        states = [v for v in original[5:7] if v]
+        return states, 0 if _attr(node, "layout") == 1 else 1
+    return None
+
+
+def state_batch_axes(graph: ObservableGraph) -> dict[str, int]:
+    """Graph input → its batch axis, for the inputs a recurrent op reads as initial states
+    (directly, or sliced per layer): they must be split with the sequence into micro-batches
+    and have no time axis."""
+    producer = {out: node for node in graph.nodes for out in node.outputs if out}
+    inputs = set(graph.input_names)
+    found: dict[str, int | None] = {}
+    for node in graph.nodes:
+        states = _initial_states(node)
+        if states is None:
+            continue
+        values, axis = states
+        for value in values:
+            seen: set[str] = set()
+            while value and value not in seen:
+                seen.add(value)
+                if value in inputs:
+                    found[value] = axis if found.get(value, axis) == axis else None
+                    break
+                source = producer.get(value)
+                op = source.op_type if source is not None else ""
+                if source is None or (
+                    op not in _STATE_PRESERVING and canonical(op) not in _STATE_PRESERVING
+                ):
+                    break
+                value = source.inputs[0]
+    return {name: axis for name, axis in found.items() if axis is not None}
+
+
 def _input_axes(graph: ObservableGraph, traced: dict[str, StepAxes]) -> dict[str, StepAxes]:
     """Graph input → axes; ONNX graphs through the converter's own `sequence_axes`."""
     known = {name: traced[name] for name in graph.input_names if name in traced}
@@ -229,13 +290,18 @@ def sequence_layout(
     known: dict[str, StepAxes] = {}
     embeddings: dict[int, str] = {}
     traced: dict[str, StepAxes] = {}
+    states: dict[str, int] = {}
     if graph is not None:
         traced = traced_axes(graph)
         known = _input_axes(graph, traced)
         embeddings = _embeddings(graph, inputs)
+        states = state_batch_axes(graph)
     for i, x in enumerate(inputs):
         name = input_names[i] if i < len(input_names) else f"input_{i}"
         graph_name = graph.input_names[i] if graph is not None else None
+        if graph_name in states and graph_name not in known:  # an initial state: no time axis
+            batch_axes[i] = states[graph_name]
+            continue
         axes = known.get(graph_name) if graph_name is not None else None
         if i in embeddings:
             value = embeddings[i]

@@ -14,8 +14,15 @@ from torch import nn
 from service.engine.measure import measure
 from service.engine.options import DiagnoseOptions
 from service.engine.subject import build_subject
-from tests.support.export import to_onnx
-from tests.unit.engine.measure_support import CASES, Case, case_batch, export, onnx_available
+from tests.support.export import to_onnx, to_torch_export, to_torchscript
+from tests.unit.engine.measure_support import (
+    CASES,
+    Case,
+    case_batch,
+    export,
+    npz_bytes,
+    onnx_available,
+)
 
 FORMATS = ["torch_export", "torchscript"] + (["onnx"] if onnx_available() else [])
 
@@ -200,3 +207,44 @@ def test_a_conv1d_input_is_profiled_along_its_time_axis_2(fmt: str) -> None:
     want = leaf.grad.double().square().sum(dim=(0, 1)).sqrt().tolist()
     for got, expected in zip(profile.grad_norms, want, strict=True):
         assert math.isclose(got, expected, rel_tol=2e-4, abs_tol=1e-9)
+
+
+class StatefulLSTM(nn.Module):
+    """A sequence-first bidirectional 2-layer LSTM given its initial states as inputs:
+    h0/c0 are [layers × directions, batch, hidden], their batch on axis 1, no time axis."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(6, 10, num_layers=2, bidirectional=True)
+        self.fc = nn.Linear(20, 4)
+
+    def forward(self, seq: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.lstm(seq, (h0, c0))[0][-1])
+
+
+@pytest.mark.parametrize("fmt", ["torch_export", "onnx", "torchscript"])
+def test_initial_states_given_as_inputs_are_split_on_their_batch_axis(fmt: str) -> None:
+    """They were taken as batch-first sequences (a time profile along their batch axis) and
+    left whole by --micro-batches: the LSTM ran each part of the sequence from the whole
+    batch's states, silently (or failed)."""
+    torch.manual_seed(0)
+    module = StatefulLSTM()
+    g = torch.Generator().manual_seed(1)
+    seq, h0 = torch.randn(9, 6, 6, generator=g), torch.randn(4, 6, 10, generator=g)
+    c0 = torch.randn(4, 6, 10, generator=g)
+    target = torch.arange(6) % 4
+    inputs = (seq, h0, c0)
+    data = {
+        "torch_export": lambda: to_torch_export(module, inputs),
+        "onnx": lambda: to_onnx(module, inputs, input_names=["seq", "h0", "c0"]),
+        "torchscript": lambda: to_torchscript(module, inputs),
+    }[fmt]()
+    batch = npz_bytes(seq=seq, h0=h0, c0=c0, target=target)
+    nn.functional.cross_entropy(module(*inputs), target).backward()
+    want = {n: p.grad.norm().item() for n, p in module.named_parameters() if p.grad is not None}
+    for parts in (1, 3):
+        options = DiagnoseOptions(micro_batches=parts)
+        m = measure(build_subject(data, batch, options), options)
+        assert [p.input for p in m.profiles.time] == ["seq"]
+        for p in m.parameters:
+            assert p.grad_norm == pytest.approx(want[p.name], rel=1e-4), (parts, p.name)
