@@ -718,9 +718,22 @@ def _forward_failure(
                     "re-export it (the other exporter, another opset, or without the "
                     "feature this node comes from)"
                 )
+    if _is_micro_batch(subject, inputs):  # the whole batch was not what failed
+        return BadInputError(
+            f"running the model on a micro-batch failed{where}: {ours}; the model may fix "
+            f"its batch size (an export with static shapes) or mix examples: run with "
+            "--micro-batches 1, or export the model with a dynamic batch dimension"
+        )
     return BadInputError(
         f"running the model on the batch failed{where}: {ours}; check that the batch's "
         "shapes and dtypes match what the model was exported with"
+    )
+
+
+def _is_micro_batch(subject: Subject, inputs: list[torch.Tensor]) -> bool:
+    """Whether `inputs` are a part of the batch (some input smaller than the batch's)."""
+    return any(
+        part.shape != whole.shape for part, whole in zip(inputs, subject.inputs, strict=False)
     )
 
 

@@ -79,3 +79,22 @@ def test_one_example_through_batchnorm2d_has_values_enough() -> None:
         to_torch_export(module, x), npz_bytes(x=x, target=target), DiagnoseOptions(micro_batches=8)
     )
     assert report.parameters and all(p.grad_norm for p in report.parameters)
+
+
+class FixedBatch(nn.Module):
+    """Reshapes with its batch size written in: any export keeps the 8."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.reshape(8, 4, 4).sum(1))
+
+
+def test_a_micro_batch_the_model_cannot_run_says_to_run_without_micro_batches() -> None:
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
+    data, batch = to_torch_export(FixedBatch(), x), npz_bytes(x=x, target=np.arange(8) % 4)
+    assert diagnose(data, batch, DiagnoseOptions()).parameters
+    with pytest.raises(BadInputError, match=r"a micro-batch failed.*--micro-batches 1"):
+        diagnose(data, batch, DiagnoseOptions(micro_batches=2))
