@@ -58,19 +58,24 @@ class SequenceLayout:
 
 
 _FX_RECURRENT = frozenset({"lstm", "gru", "rnntanh", "rnnrelu"})
+# padding keeps the axes in place (a causal Conv1d's left pad, F.pad before a TCN layer)
+_FX_PADS = frozenset(
+    {"constantpadnd", "pad", "reflectionpad1d", "replicationpad1d", "circularpad1d"}
+)
 _ONNX_RECURRENT = frozenset({"RNN", "GRU", "LSTM"})
 # Ops whose output keeps their data input's leading axes in order.
 _FX_PRESERVING = frozenset(
     {"dropout", "nativedropout", "add", "sub", "mul", "div", "neg", "relu", "tanh", "sigmoid"}
     | {"gelu", "silu", "elu", "leakyrelu", "hardtanh", "clone", "contiguous", "todtype", "to"}
     | {"alias", "detach", "layernorm", "nativelayernorm", "linear", "type_as", "typeas"}
+    | _FX_PADS
 )
-_FX_FIRST_ONLY = frozenset({"linear", "layernorm", "nativelayernorm", "todtype", "to"})
+_FX_FIRST_ONLY = frozenset({"linear", "layernorm", "nativelayernorm", "todtype", "to"} | _FX_PADS)
 _ONNX_PRESERVING = frozenset(
     {"Identity", "Cast", "CastLike", "Dropout", "Relu", "LeakyRelu", "Elu", "Sigmoid", "Tanh"}
-    | {"Gelu", "Add", "Sub", "Mul", "Div", "Neg", "LayerNormalization", "MatMul", "Gemm"}
+    | {"Gelu", "Add", "Sub", "Mul", "Div", "Neg", "LayerNormalization", "MatMul", "Gemm", "Pad"}
 )
-_ONNX_FIRST_ONLY = frozenset({"MatMul", "Gemm", "LayerNormalization"})
+_ONNX_FIRST_ONLY = frozenset({"MatMul", "Gemm", "LayerNormalization", "Pad"})
 
 
 def _recurrent_x_axes(node: Node) -> StepAxes | None:

@@ -181,21 +181,25 @@ def test_a_sequence_first_rnn_is_profiled_along_axis_0_from_both_exporters(dynam
 
 class CausalConv1d(nn.Module):
     """Raw audio [B, 1, T] through dilated 1-D convolutions (WaveNet-like): the steps are
-    along axis 2; axis 1 is the channels (one here)."""
+    along axis 2; axis 1 is the channels (one here). `left_pad`: the causal padding written
+    as F.pad before the convolution (the layout is traced through the Pad)."""
 
-    def __init__(self) -> None:
+    def __init__(self, left_pad: bool = False) -> None:
         super().__init__()
-        self.conv = nn.Conv1d(1, 6, 3, padding=2, dilation=2)
+        self.left_pad = left_pad
+        self.conv = nn.Conv1d(1, 6, 3, padding=0 if left_pad else 2, dilation=2)
         self.mix = nn.Conv1d(6, 2, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.pad(x, (4, 0)) if self.left_pad else x
         return self.mix(torch.tanh(self.conv(x * 0.5)))
 
 
+@pytest.mark.parametrize("left_pad", [False, True])
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_a_conv1d_input_is_profiled_along_its_time_axis_2(fmt: str) -> None:
+def test_a_conv1d_input_is_profiled_along_its_time_axis_2(fmt: str, left_pad: bool) -> None:
     torch.manual_seed(4)
-    module, x = CausalConv1d(), torch.randn(3, 1, 9)  # B=3, C=1, T=9
+    module, x = CausalConv1d(left_pad), torch.randn(3, 1, 9)  # B=3, C=1, T=9
     case = _case(module, x)
     m = measure(build_subject(export(case, fmt), case_batch(case), DiagnoseOptions()))
     (profile,) = m.profiles.time
