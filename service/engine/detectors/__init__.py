@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.engine.detectors.gradients import depth_findings, time_findings
+from service.engine.detectors.gradients import depth_findings, fp32_weight_ratio, time_findings
 from service.engine.detectors.numerics import (
     fp16_findings,
     no_parameter_findings,
     non_finite_findings,
 )
+from service.engine.detectors.profile import sig
 from service.engine.detectors.quantizers import quantizer_findings
 from service.engine.detectors.thresholds import DEFAULTS, THRESHOLDS, resolve_thresholds
 from service.engine.detectors.units import (
@@ -43,6 +44,33 @@ _KIND_ORDER = [
 ]
 
 
+def _fp16_only_vanishing(
+    m: Measurements, findings: list[Finding], t: dict[str, Any]
+) -> list[Finding]:
+    """An fp16 run whose layers get no gradient because fp16 flushed it, while the fp32
+    reference pass of the same batch shows no vanishing (first/last weight-gradient ratio
+    at or above `vanishing_weight_ratio`): the cause is the underflow, which loss scaling
+    fixes, not the depth. The vanishing finding is folded into the fp16_underflow one."""
+    underflow = next((f for f in findings if f.kind == "fp16_underflow"), None)
+    vanishing = next((f for f in findings if f.kind == "vanishing_gradients"), None)
+    if underflow is None or vanishing is None or underflow.severity == "info":
+        return findings
+    zero = vanishing.evidence.get("zero_gradient_layers") or []
+    ratio = fp32_weight_ratio(m)
+    if not zero or ratio is None or ratio < t["vanishing_weight_ratio"]:
+        return findings
+    shown = ", ".join(zero[:3]) + (f" and {len(zero) - 3} more" if len(zero) > 3 else "")
+    underflow.message += (
+        f" It is why {shown} get no gradient in this pass: in the fp32 pass the first "
+        f"layer's weight gradient is {sig(ratio)} of the last's, so the gradients do not "
+        "vanish with depth; they fall below fp16's range."
+    )
+    underflow.layers = list(dict.fromkeys([*underflow.layers, *zero]))
+    underflow.evidence["flushed_layers"] = zero
+    underflow.evidence["fp32_weight_ratio"] = ratio
+    return [f for f in findings if f is not vanishing]
+
+
 def detect(m: Measurements, thresholds: dict[str, Any] | None = None) -> list[Finding]:
     """All findings of one pass, worst first. `thresholds` overrides named defaults."""
     t = resolve_thresholds(thresholds)
@@ -58,5 +86,6 @@ def detect(m: Measurements, thresholds: dict[str, Any] | None = None) -> list[Fi
         findings += quantizer_findings(m, t)
         findings += init_scale_findings(m, t)
         findings += fp16_findings(m, t, precision)
+        findings = _fp16_only_vanishing(m, findings, t)
     findings.sort(key=lambda f: (-SEVERITY_RANK[f.severity], _KIND_ORDER.index(f.kind)))
     return findings

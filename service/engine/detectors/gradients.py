@@ -277,6 +277,22 @@ def depth_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
     return findings
 
 
+def fp32_weight_ratio(m: Measurements) -> float | None:
+    """An fp16 run's first/last weight-gradient ratio in its fp32 reference pass (the same
+    layers as the depth rules' weight ratio), None without one."""
+    if not m.fp32_grad_norms:
+        return None
+    layers = _weight_layers(m)
+    if len(layers) < 2:
+        return None
+
+    def norm(layer: LayerReport) -> float:
+        return math.sqrt(sum(m.fp32_grad_norms.get(p, 0.0) ** 2 for p in layer.params))
+
+    last = norm(layers[-1])
+    return norm(layers[0]) / last if last > 0 else None
+
+
 def _input_end(
     names: list[str],
     norms: list[float | None],

@@ -126,7 +126,10 @@ fp16_underflow: the share of gradient entries lost to fp16 over all parameters. 
   you trained in fp16, ≥ `fp16_underflow_fraction` → `info` only (the run itself loses
   nothing, so it never turns the verdict or `--fail-on warning`; its loss_scaling / use_bf16
   recommendations are advisory). In a bf16 run (or a bf16 model) there is no finding: bf16
-  has fp32's exponent range.
+  has fp32's exponent range. In an fp16 run whose layers get no gradient while its fp32
+  reference pass shows no vanishing (first/last weight-gradient ratio ≥
+  `vanishing_weight_ratio`), the underflow is their cause: no vanishing_gradients finding,
+  the fp16_underflow one names those layers (`flushed_layers`).
 
 no_trainable_parameters: the model has no trainable tensor: error.
 

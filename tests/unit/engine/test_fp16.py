@@ -196,3 +196,29 @@ def test_a_float32_model_without_half_ops_stays_fp32() -> None:
     report = diagnose(model, batch, DiagnoseOptions(loss="output_norm"))
     assert report.precision == "fp32"
     assert not any("compute in float16" in note for note in report.notes)
+
+
+class ScaledDown(nn.Module):
+    """A healthy tanh MLP whose output is scaled by 3e-5: in fp32 its gradients are small at
+    every depth alike (no vanishing); in fp16 nearly all of them flush to zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc0, self.fc1, self.fc2 = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.fc1(torch.tanh(self.fc0(x))))) * 3e-5
+
+
+def test_layers_fp16_flushed_are_the_underflow_not_vanishing_gradients() -> None:
+    x = torch.randn(256, 64, generator=torch.Generator().manual_seed(1))
+    target = torch.randint(0, 4, (256,), generator=torch.Generator().manual_seed(2))
+    model, batch = to_torch_export(ScaledDown(), x), npz_bytes(x=x, target=target)
+    assert diagnose(model, batch, DiagnoseOptions()).verdict == "healthy"  # fp32
+    report = diagnose(model, batch, DiagnoseOptions(precision="fp16"))
+    assert [f.kind for f in report.findings if f.severity != "info"] == ["fp16_underflow"]
+    (finding,) = report.findings
+    assert finding.severity == "error" and finding.evidence["flushed_layers"]
+    assert "get no gradient in this pass" in finding.message
+    assert [r.fix for r in report.recommendations][:1] == ["loss_scaling"]
