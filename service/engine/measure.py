@@ -216,7 +216,7 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
     timing["forward"], timing["backward"] = clock.totals()  # the transfer waited for the passes
     result = _build(subject, layers, trainable, host, probe, layout.sources)
     origin = result.non_finite_origin
-    if origin is not None and graph is not None:
+    if origin is not None and graph is not None and origin.op_type != "input":
         origin.values = _trace_origin(subject, graph, origin, layers, options, layout.batch_axes)
     result.notes.extend(layout.notes)
     result.notes.extend(loss_notes)

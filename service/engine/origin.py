@@ -21,6 +21,21 @@ from service.engine.probes import Probe, is_backward_safe, mask_carriers
 from service.engine.report import ParameterReport
 
 
+def _bad_entries(x: torch.Tensor) -> dict[str, Any]:
+    """What a batch array holds that is not finite, and where the first such entry is (read
+    once, on the rare path where the batch itself carries NaN/Inf)."""
+    first = torch.nonzero(~torch.isfinite(x))[:1].tolist()
+    return {
+        "array": {
+            "nan": int(torch.isnan(x).sum()),
+            "posinf": int(torch.isposinf(x).sum()),
+            "neginf": int(torch.isneginf(x).sum()),
+            "numel": x.numel(),
+            "first": first[0] if first else None,
+        }
+    }
+
+
 def find_origin(
     subject: Subject,
     layers: list[Layer],
@@ -34,7 +49,13 @@ def find_origin(
     masks = mask_inputs(subject, host)
     for i, spec in enumerate(subject.model_info.inputs):
         if not math.isfinite(host.get(f"input.{i}", [0.0])[0]) and spec.name not in masks:
-            return NonFiniteOrigin(spec.name, "input", "forward", spec.name)
+            # named as the batch names it (the user's array), else as the model's input
+            array = next(
+                (a.name for a in subject.batch_info.arrays if a.feeds == spec.name), spec.name
+            )
+            return NonFiniteOrigin(
+                array, "input", "forward", spec.name, values=_bad_entries(subject.inputs[i])
+            )
     if graph is not None and probe is not None:
         nodes = graph.nodes
         carrying = mask_carriers(graph, masks) if masks else set()

@@ -544,6 +544,8 @@ class Advisor:
                 eps=1e-6,
             )
             return
+        if origin["op_type"] == "input":  # the batch's own values: no op to guard
+            return
         op = canonical_op(origin["op_type"])
         what, guard = describe_origin(origin)
         advisory = (

@@ -83,6 +83,8 @@ def describe(origin: dict[str, Any]) -> tuple[str, str]:
     op_type, node, phase = origin["op_type"], origin["node"], origin["phase"]
     op = canonical_op(op_type)
     values = origin.get("values") or {}
+    if op_type == "input":  # the batch itself: no op of the model to guard
+        return _in_the_batch(node, values.get("array") or {})
     inputs: list[dict[str, Any]] = values.get("inputs") or []
     guard = _guard(op, inputs)
     head = f"{op_type} in `{node}`"
@@ -100,6 +102,16 @@ def describe(origin: dict[str, Any]) -> tuple[str, str]:
         text = f"{head} made the gradient non-finite in the backward pass"
         text += f" at {what}" if what else ""
     return f"{text} ({fed})", guard
+
+
+def _in_the_batch(name: str, array: dict[str, Any]) -> tuple[str, str]:
+    held = _counted(array, ("nan", "posinf", "neginf"), "value") or "NaN/Inf values"
+    first = array.get("first")
+    where = f", the first at `{name}[{', '.join(str(i) for i in first)}]`" if first else ""
+    return (
+        f"the batch's array `{name}` holds {held}{where}, before any op of the model",
+        "clean the data (or drop or mask those examples) before it reaches the model",
+    )
 
 
 def _culprit(op: str, inputs: list[dict[str, Any]], phase: str) -> str:

@@ -113,7 +113,12 @@ def test_nan_in_the_batch_is_reported_as_the_input() -> None:
     m = measure(build_subject(data, npz_bytes(x=x), DiagnoseOptions()))
     assert m.non_finite_origin is not None
     assert (m.non_finite_origin.op_type, m.non_finite_origin.phase) == ("input", "forward")
-    assert m.non_finite_origin.node == "input"
+    assert m.non_finite_origin.node == "x"  # the batch's array, as the user named it
+    report = diagnose(data, npz_bytes(x=x), DiagnoseOptions())
+    (finding,) = [f for f in report.findings if f.kind == "non_finite"]
+    assert "the batch's array `x` holds 1 NaN value, the first at `x[3, 1]`" in finding.message
+    # no op of the model to guard: no guard_numerics pointing at a node that does not exist
+    assert not [r for r in report.recommendations if r.fix == "guard_numerics"]
 
 
 class AdditiveMask(nn.Module):
