@@ -54,11 +54,12 @@ NORMALIZATIONS = frozenset(
 _MATMUL = frozenset({"matmul", "mm", "bmm", "addmm", "gemm"})
 # Ops that add, scale, select or join a parameter rather than multiply it into a sum over
 # inputs: a position embedding added (`x + pos`), a relative-position bias table indexed into
-# an attention mask (Swin), a class token concatenated. No fan-in, nothing to compare with
+# an attention mask (Swin), a class token concatenated, an expert's weight picked by its index
+# (a mixture of experts' `w[idx]`, ONNX GatherND). No fan-in, nothing to compare with
 # He/Xavier.
 _NO_FAN_IN = frozenset(
     {"add", "sub", "mul", "div", "where", "index", "indexselect", "cat", "concat", "expand"}
-    | {"scaleddotproductattention", "maskedfill", "slice", "getitem"}
+    | {"scaleddotproductattention", "maskedfill", "slice", "getitem", "gathernd"}
 )
 # Recurrent ops → gates per hidden unit. Their input weight is [gates*H, in] (torch, per layer)
 # or [dirs, gates*H, in] (ONNX W); the recurrent one [gates*H, H] / [dirs, gates*H, H] (R).

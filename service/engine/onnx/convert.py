@@ -937,8 +937,8 @@ def _convert_checked(
         metadata["non_finite_states"] = sorted(non_finite)
     if restored.transposed:  # onnxruntime's copy of the model reads them
         metadata["transposed_initializers"] = restored.transposed
-    if restored.reshaped:
-        metadata["reshaped_initializers"] = restored.reshaped
+    if restored.reshaped or restored.copied:  # a copy: reshaped to its own shape
+        metadata["reshaped_initializers"] = {**restored.reshaped, **restored.copied}
     if unfolded.recipes:
         metadata["gate_reordered_initializers"] = unfolded.recipes
     notes = folded_batchnorm_notes(graph) + restored.notes() + _shared_initializer_notes(graph)

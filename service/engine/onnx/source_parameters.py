@@ -9,9 +9,12 @@ what a report would say about parameters:
 - `Transpose(linear.weight)` is constant-folded into a new initializer named like `val_86`, in
   the transposed shape; a weight the source also reads elsewhere (an output projection tied to
   the input embedding) is then two tensors, and the tie is gone. A GroupNorm's weight and bias
-  are folded the same way into [C, 1, 1] vectors for their Mul and Add (and merged).
+  are folded the same way into [C, 1, 1] vectors for their Mul and Add (and merged). A weight
+  indexed as `w[idx]` (a Mixture-of-Experts' expert weights) is folded into a copy: torchlib's
+  `aten.index` transposes it (by the identity permutation) before its GatherND.
 - an all-zero bias of a `Gemm` (a fresh attention out-projection's, GPT-2's Conv1D) or of a
-  `Conv` (a ViT's patch embedding) is dropped.
+  `Conv` (a ViT's patch embedding) is dropped, a module's or a standalone parameter's
+  (`F.linear(x, w, b)`).
 - a GroupNorm exports as an InstanceNormalization to constant ones and zeros, which are merged
   with a parameter of equal values when the norm has one group per channel (wav2vec2).
 - values computed from parameters are folded ahead (a positional embedding sliced to the
@@ -33,9 +36,11 @@ parameters (`ExportedSignature`); and each folded value records what it was fold
 merged initializer into one parameter per source parameter (clones of the one tensor: the values
 the source model had), turns a folded weight or vector back into the source's parameter (its
 readers run a `Transpose` or `Reshape` of it, as in an unoptimised export; a tied one reads the
-parameter it is tied to; a PReLU's slope is such a vector), gives a Gemm or Conv its zero bias
-back, and a GroupNorm's InstanceNormalization, or a node whose FX op read no value the
-initializer could be (`layer_norm(%x, [16], None, None)`), its constants (`Restored.constants`).
+parameter it is tied to; a PReLU's slope is such a vector; an indexed weight's copy is read
+through its identity `Transpose`), gives a Gemm or Conv its zero bias back (the argument of its
+FX op in the bias's place), and a GroupNorm's InstanceNormalization, or a node whose FX op read
+no value the initializer could be (`layer_norm(%x, [16], None, None)`), its constants
+(`Restored.constants`).
 A node the optimizer made reads the parameter of the module its readers run in (one copy per
 module where it feeds several); equal values computed ahead are split by the FX value each
 reader read (`%neg`, `%neg_1`), each named with its sources (those of the module its readers
@@ -111,6 +116,7 @@ class Restored:
     split: dict[str, list[str]] = field(default_factory=dict)  # merged name → names added
     transposed: dict[str, str] = field(default_factory=dict)  # folded name → its weight
     reshaped: dict[str, str] = field(default_factory=dict)  # folded name → its vector
+    copied: dict[str, str] = field(default_factory=dict)  # folded name → the weight it equals
     tied: list[str] = field(default_factory=list)  # weights a folded copy had untied
     zero_biases: list[str] = field(default_factory=list)
     # recurrent weights split out of initializers the optimizer folded (recurrent_weights.py)
@@ -142,6 +148,11 @@ class Restored:
                 "vectors the ONNX exporter had stored reshaped under generated names (a "
                 "normalisation's weight as [C, 1, 1]) are the source model's parameters again, "
                 "in their own shapes ({})",
+            ),
+            (
+                [f"{old} = {new}" for old, new in self.copied.items()],
+                "weights the ONNX exporter had stored as copies under generated names (an "
+                "indexed weight, `w[idx]`) are the source model's parameters again ({})",
             ),
             (
                 self.tied,
@@ -339,6 +350,27 @@ def _fx_arguments(proto: NodeProto) -> list[str] | None:
     return list(dict.fromkeys(_FX_VALUE.findall(fx_node.split("args = ", 1)[1])))
 
 
+def _fx_positional_arguments(proto: NodeProto) -> list[str] | None:
+    """The positional arguments of the node's FX op as the exporter printed them (`%x`,
+    `%p_b`, `None`, `[1, 1]`), split at the commas outside brackets; None when it recorded no
+    FX node."""
+    fx_node = _metadata(proto, FX_NODE_KEY)
+    if fx_node is None or "args = (" not in fx_node:
+        return None
+    arguments, depth, current = [], 0, ""
+    for char in fx_node.split("args = (", 1)[1]:
+        if depth == 0 and char in ",)":
+            if current.strip():
+                arguments.append(current.strip())
+            current = ""
+            if char == ")":
+                return arguments
+            continue
+        depth += {"(": 1, "[": 1, ")": -1, "]": -1}.get(char, 0)
+        current += char
+    return None
+
+
 def _read_placeholders(proto: NodeProto) -> list[str]:
     """The parameter placeholders the node's FX op read, in argument order."""
     return [a for a in _fx_arguments(proto) or [] if _PARAMETER_PLACEHOLDER.fullmatch(a)]
@@ -423,8 +455,11 @@ def _reads(
 Reads = list[tuple[Node, int]]  # (node, input slot) pairs reading one value
 _ELEMENTWISE = frozenset({"Mul", "Add", "Sub", "Div", "PRelu"})
 # FX ops a Gemm with a bias comes from: linear(x, W, b) and addmm(b, x, W); a Conv: conv*(x, W, b)
-_BIASED_PRODUCTS = ("aten.linear.", "aten.addmm.")
-_BIASED_CONVOLUTIONS = ("aten.conv1d.", "aten.conv2d.", "aten.conv3d.", "aten.convolution.")
+# → the position of the bias among the op's arguments
+_BIASED_PRODUCTS = {"aten.linear.": 2, "aten.addmm.": 0}
+_BIASED_CONVOLUTIONS = {
+    op: 2 for op in ("aten.conv1d.", "aten.conv2d.", "aten.conv3d.", "aten.convolution.")
+}
 _GROUP_NORMS = ("aten.group_norm.", "aten.native_group_norm.")
 
 
@@ -513,12 +548,45 @@ def restore_source_parameters(
                 restoring.computed_ahead(initializer, groups, sources, tracing)
         elif len(sources) == 1 and _scales_elementwise(parameters[initializer], reads):
             restoring.unreshape(initializer, groups)
+        elif (perm := _indexed_permutation(reads, groups, parameters[initializer].dim())) and (
+            perm == sorted(perm)
+        ):  # an identity Transpose folded: the source parameter's own values
+            restoring.uncopy(initializer, groups, perm)
         else:
             restoring.untranspose(initializer, groups)
     for node in nodes:
         restoring.zero_bias(node, known)
     before = restoring.before
     return [t for node in nodes for t in [*before.get(id(node), []), node]], restoring.restored
+
+
+_INDEXING = ("aten.index.Tensor", "aten._unsafe_index.Tensor")
+
+
+def _indexed_permutation(reads: Reads, groups: Mapping[str, Reads], rank: int) -> list[int] | None:
+    """The permutation an `aten.index` (`w[idx]`, `w[:, idx]`) transposes its weight by before
+    the GatherND of its decomposition (torchlib's `_aten_index_onnx`: the indexed dimensions
+    first), which the optimizer folds into a new initializer, when `reads` are those of one
+    source parameter (`groups`) and each is the GatherND's data of an FX op indexing that
+    parameter's placeholder; else None."""
+    if len(groups) != 1:
+        return None
+    placeholder = "%" + _placeholder(next(iter(groups)))
+    perms = []
+    for node, slot in reads:
+        proto = node.source
+        if node.op_type != "GatherND" or slot != 0 or not isinstance(proto, NodeProto):
+            return None
+        fx_node = fx_node_text(proto) or ""
+        arguments = _fx_positional_arguments(proto) or []
+        if not any(op in fx_node for op in _INDEXING) or len(arguments) != 2:
+            return None
+        indices = [i.strip() for i in arguments[1].strip("[]").split(",")]
+        if arguments[0] != placeholder or not 0 < len(indices) <= rank:
+            return None
+        order = sorted(range(len(indices)), key=lambda k: (indices[k] == "None", k))
+        perms.append([*order, *range(len(indices), rank)])
+    return perms[0] if perms and all(p == perms[0] for p in perms) else None
 
 
 def _made_by_the_optimizer(node: Node) -> bool:
@@ -711,6 +779,8 @@ class _Restoring:
     used: set[str]
     restored: Restored = field(default_factory=Restored)
     before: dict[int, list[Node]] = field(default_factory=dict)
+    # each value a restored node derives again → the folded tensor it stands for
+    derived: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         self.parameters[name] = torch.nn.Parameter(tensor)
@@ -736,6 +806,14 @@ class _Restoring:
             self.restored.reshaped[initializer] = next(iter(groups))
             if len(groups) > 1:
                 self.restored.split[initializer] = list(groups)[1:]
+
+    def uncopy(self, initializer: str, groups: Mapping[str, Reads], perm: list[int]) -> None:
+        """A folded copy of a weight (an `aten.index` of `w[idx]` transposes it by the
+        identity permutation first): the weight becomes a parameter again, each reader
+        reading its own identity `Transpose` of it, as an unoptimised export has it."""
+        identity = _Derivation("Transpose", lambda w: w, lambda w: w, {"perm": perm})
+        if self._rederive(initializer, groups, identity):
+            self.restored.copied[initializer] = next(iter(groups))
 
     def _rederive(
         self, initializer: str, groups: Mapping[str, Reads], derivation: _Derivation
@@ -773,6 +851,7 @@ class _Restoring:
                 )
                 derived.attrs.update(derivation.attrs)
                 self.before.setdefault(id(node), []).append(derived)
+                self.derived[value] = folded
                 _rewire([(node, slot)], value)
         return True
 
@@ -818,25 +897,39 @@ class _Restoring:
         """A Gemm from `aten.linear` or `aten.addmm` (GPT-2's Conv1D), or a Conv, whose bias
         input the optimizer dropped because it was all zeros (a fresh attention
         out-projection's, a ViT's patch embedding's): the bias comes back as a zero
-        parameter."""
+        parameter, one for every Gemm or Conv whose FX op read it (a layer called twice)."""
         ops = {"Gemm": _BIASED_PRODUCTS, "Conv": _BIASED_CONVOLUTIONS}.get(node.op_type)
         if ops is None or not isinstance(node.source, NodeProto):
             return
-        if (len(node.inputs) > 2 and node.inputs[2]) or node.inputs[1] not in self.parameters:
+        # the weight: a parameter, or a folded one its restored Transpose derives again
+        weight = self.parameters.get(node.inputs[1], self.derived.get(node.inputs[1]))
+        if (len(node.inputs) > 2 and node.inputs[2]) or weight is None:
             return
         fx_node = _metadata(node.source, FX_NODE_KEY) or ""
-        biases = [p for p in _read_placeholders(node.source) if p.endswith("bias")]
-        if not any(op in fx_node for op in ops) or len(biases) != 1:
+        arguments = _fx_positional_arguments(node.source) or []
+        # the bias is the op's argument at its place, whatever the parameter is called (a
+        # standalone `F.linear(x, w, b)`'s `b`)
+        positions = [k for op, k in ops.items() if op in fx_node]
+        if len(positions) != 1 or positions[0] >= len(arguments):
             return
-        name = _dotted(biases[0], node.inputs[1], name_scopes(node.source), known)
-        if name is None or name in self.used or node.attrs.get("transA", 0):
+        bias = arguments[positions[0]]
+        if not bias.startswith("%") or not _PARAMETER_PLACEHOLDER.fullmatch(bias[1:]):
             return
-        weight = self.parameters[node.inputs[1]]
+        name = _dotted(bias[1:], node.inputs[1], name_scopes(node.source), known)
+        if name is None or node.attrs.get("transA", 0):
+            return
         transposed = node.op_type == "Gemm" and not node.attrs.get("transB", 0)
         features = weight.shape[-1] if transposed else weight.shape[0]
-        self.add(name, weight.detach().new_zeros(features))
+        if name in self.parameters:  # read elsewhere too, or restored for another Gemm
+            existing = self.parameters[name]
+            if existing.shape != (features,) or bool(existing.detach().any()):
+                return
+        elif name in self.used:
+            return
+        else:
+            self.add(name, weight.detach().new_zeros(features))
+            self.restored.zero_biases.append(name)
         node.inputs = [*node.inputs[:2], name]
-        self.restored.zero_biases.append(name)
 
 
 def _unused(name: str, used: set[str]) -> str:

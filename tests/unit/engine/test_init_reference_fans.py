@@ -221,3 +221,16 @@ def test_reinitialising_a_scaled_up_depthwise_conv_uses_its_per_group_fans(fmt: 
     # the snippet draws the per-group Xavier std itself: torch's xavier_normal_ would take
     # fan_out = 32·7 and leave the conv reading as too small (0.25×)
     assert "nn.init.normal_(params['dw.weight'], std=0.378)" in rec.snippet
+
+
+def test_an_experts_weight_picked_by_index_is_not_judged_by_a_fan_in() -> None:
+    """A mixture of experts reads its expert weights as `w[idx]` (ONNX GatherND): the pick has
+    no fan-in (the product after it does), so no init_scale on it in any format (the ONNX
+    exports got one, against a fan-in of the whole stacked weight)."""
+    from tests.unit.onnx.test_optimizer_merges import IndexedExperts
+
+    module, x = IndexedExperts(3), torch.randn(12, 16, generator=torch.Generator().manual_seed(1))
+    batch = npz_bytes(x=x, target=torch.randn(12, 8, generator=torch.Generator().manual_seed(2)))
+    for model in (to_onnx(module, x, dynamo=True, optimize=True), to_torch_export(module, x)):
+        report = diagnose(model, batch, DiagnoseOptions(loss="mse", verify_fixes=False))
+        assert not [f for f in report.findings if f.kind == "init_scale"], report.findings

@@ -252,3 +252,84 @@ def test_parameters_of_a_module_never_called_are_unused_not_tied() -> None:
     )
     assert "tied" not in unused
     assert tied.startswith("emb.weight run") and "tied to it" in tied and "spare" not in tied
+
+
+class FunctionalZeroBias(nn.Module):
+    """Standalone zero biases given to `F.conv2d` and `F.linear` (no nn.Conv2d or nn.Linear
+    around them; `kb` not even named a bias): the optimizer drops them from the Conv and the
+    Gemm all the same. `tied`: the last linear reads the first one's weight transposed (a tied
+    autoencoder's decoder), which the optimizer folds into an initializer of its own."""
+
+    def __init__(self, tied: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.tied = tied
+        self.k = nn.Parameter(torch.randn(4, 2, 3, 3) * 0.3)
+        self.kb = nn.Parameter(torch.zeros(4))
+        self.w = nn.Parameter(torch.randn(3, 4) * 0.3)
+        self.dbias = nn.Parameter(torch.zeros(4 if tied else 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = nn.functional.conv2d(x, self.k, self.kb, padding=1).mean((2, 3))
+        if not self.tied:
+            return nn.functional.linear(h, self.w, self.dbias)
+        h = torch.tanh(nn.functional.linear(h, self.w))
+        return nn.functional.linear(h, self.w.t(), self.dbias)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_standalone_zero_bias_the_optimizer_dropped_is_a_parameter_again(tied: bool) -> None:
+    module = FunctionalZeroBias(tied).train()
+    inputs = (torch.randn(4, 2, 6, 6),)
+    graph = _converted(module, inputs)
+    _assert_same_parameters(module, graph, inputs)
+    (note,) = [n for n in graph.metadata["notes"] if "zero biases" in n]
+    assert "(kb, dbias)" in note or "(dbias, kb)" in note
+
+
+class CalledTwice(nn.Module):
+    """A Linear with a zero bias called twice: the optimizer drops the bias from both Gemms."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(8, 8)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.tanh(self.fc(x)))
+
+
+def test_a_dropped_zero_bias_of_a_layer_called_twice_has_the_gradient_of_both_calls() -> None:
+    module = CalledTwice().train()
+    inputs = (torch.randn(4, 8),)
+    _assert_same_parameters(module, _converted(module, inputs), inputs)
+
+
+class IndexedExperts(nn.Module):
+    """A mixture of experts reading each token's expert weights as `w[idx]`: torchlib's
+    `aten.index` transposes the weight by the identity permutation before its GatherND, which
+    the optimizer folds into a copy under a generated name (`val_13`)."""
+
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.router = nn.Linear(16, 4)
+        shape = (4, 16, 8) if rank == 3 else (4, 16)
+        self.w = nn.Parameter(torch.randn(*shape) * 0.25)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        val, idx = torch.topk(self.router(x), 2, dim=-1)
+        w = self.w[idx]  # [T, 2, 16, 8] or [T, 2, 16]
+        y = torch.einsum("tc,tkch->tkh", x, w) if w.dim() == 4 else x.unsqueeze(1) * w
+        return (torch.softmax(val, -1).unsqueeze(-1) * y).sum(1)
+
+
+@pytest.mark.parametrize("rank", [3, 2])
+def test_an_indexed_weight_the_optimizer_copied_is_the_modules_parameter(rank: int) -> None:
+    module = IndexedExperts(rank).train()
+    inputs = (torch.randn(12, 16),)
+    graph = _converted(module, inputs)
+    _assert_same_parameters(module, graph, inputs)
+    (note,) = [n for n in graph.metadata["notes"] if "stored as copies" in n]
+    assert note.endswith("= w)")  # not transposed, nor a value computed ahead
