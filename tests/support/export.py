@@ -101,3 +101,17 @@ def to_onnx(
                 **kwargs,  # type: ignore[arg-type]
             )
     return buffer.getvalue()
+
+
+def to_format(fmt: str, module: nn.Module, x: torch.Tensor, input_name: str = "x") -> bytes:
+    """One export by name: `torch_export`, `onnx_legacy` (TRAINING mode, as `to_onnx`), or
+    `onnx_dynamo` (its optimizer on, as `torch.onnx.export(..., dynamo=True)` gives users)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if fmt == "torch_export":
+            return to_torch_export(module, x)
+        if fmt == "onnx_legacy":
+            return to_onnx(module, x, input_names=[input_name])
+        if fmt == "onnx_dynamo":
+            return to_onnx(module, x, input_names=[input_name], dynamo=True, optimize=True)
+    raise ValueError(f"unknown format {fmt!r}")

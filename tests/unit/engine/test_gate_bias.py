@@ -11,7 +11,6 @@ slice to 1 only: a sum of -1.5, not resolved.
 from __future__ import annotations
 
 import copy
-import warnings
 
 import onnx
 import pytest
@@ -58,14 +57,9 @@ def _without_source_names(model: bytes) -> bytes:
 
 
 def _model_bytes(fmt: str, module: nn.Module, x: torch.Tensor) -> bytes:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if fmt == "torch_export":
-            return export.to_torch_export(module, x)
-        if fmt == "onnx_legacy":
-            return export.to_onnx(module, x, input_names=["x"])
-        dynamo = export.to_onnx(module, x, input_names=["x"], dynamo=True, optimize=True)
-        return dynamo if fmt == "onnx_dynamo" else _without_source_names(dynamo)
+    if fmt in ("torch_export", "onnx_legacy", "onnx_dynamo"):
+        return export.to_format(fmt, module, x)
+    return _without_source_names(export.to_format("onnx_dynamo", module, x))
 
 
 def _time_advice(report: Report) -> Recommendation:

@@ -8,8 +8,6 @@ torch's bias_ih/bias_hh into one ONNX `B` initializer named `val_N`: the advice 
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from torch import nn
@@ -25,13 +23,7 @@ CASE = Case("lstm", lambda _s: GatedRNN(nn.LSTM), (8, 30, 4))  # default LSTM, 3
 
 
 def _model_bytes(fmt: str, module: nn.Module, x: torch.Tensor) -> bytes:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if fmt == "torch_export":
-            return export.to_torch_export(module, x)
-        if fmt == "onnx_legacy":
-            return export.to_onnx(module, x, input_names=["x"])
-        return export.to_onnx(module, x, input_names=["x"], dynamo=True, optimize=True)
+    return export.to_format(fmt, module, x)
 
 
 def test_lstm_time_vanishing_gets_forget_bias_advice_in_every_format() -> None:
