@@ -316,7 +316,15 @@ def graph_from_fx(
     order = {name: i for i, name in enumerate(parameter_names)}
     parameters = dict(sorted(parameters.items(), key=lambda item: order[item[0]]))
     missing = set(parameter_names) - set(parameters) - unread_aliases
-    notes = [f"parameter {n!r} is not used by the graph" for n in sorted(missing)]
+    shown = ", ".join(sorted(missing)[:5]) + (", …" if len(missing) > 5 else "")
+    notes = (
+        [
+            f"{len(missing)} parameter(s) the graph never reads (an unused module) get no "
+            f"gradient and are not reported: {shown}"
+        ]
+        if missing
+        else []
+    )
     meta = dict(metadata or {})
     meta.setdefault("notes", []).extend(notes)
     return ObservableGraph(

@@ -112,12 +112,47 @@ def _make_observable(
         )
         return
     missing = set(parameter_names) - {n for n, _ in graph.named_graph_parameters()}
-    if missing:
+    unused = _unused_parameters(module, example, missing) if missing else set()
+    if missing - unused:
         loaded.coverage_reason = (
             "the converted TorchScript graph lost parameters "
-            f"{sorted(missing)[:3]}; only parameter gradients are measured"
+            f"{sorted(missing - unused)[:3]}; only parameter gradients are measured"
         )
         return
+    # (the unused ones: graph_from_fx's note names them)
     loaded.graph = graph
     loaded.module = graph
     loaded.coverage_reason = None
+
+
+def _unused_parameters(
+    module: torch.jit.ScriptModule, example: Sequence[torch.Tensor], names: set[str]
+) -> set[str]:
+    """Those of `names` that the module's own forward gives no gradient on `example` (an
+    unused submodule, which the FX conversion drops): one forward and backward, only when the
+    conversion lost parameters."""
+    wanted = [(n, p) for n, p in module.named_parameters() if n in names and p.requires_grad]
+    if not wanted:
+        return set()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            outputs = module(*example)
+        flat = [t for t in _tensors(outputs) if t.is_floating_point() and t.requires_grad]
+        if not flat:
+            return {n for n, _ in wanted}
+        total = torch.stack([t.float().sum() for t in flat]).sum()
+        grads = torch.autograd.grad(total, [p for _, p in wanted], allow_unused=True)
+    except Exception:  # the module's own failure: the lost parameters stay lost
+        return set()
+    return {n for (n, _), g in zip(wanted, grads, strict=True) if g is None}
+
+
+def _tensors(value: object) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []

@@ -101,3 +101,28 @@ def test_a_traced_model_with_a_double_gradient_is_measured() -> None:
     for p in report.parameters:
         grad = grads[p.name]
         assert grad is not None and p.grad_norm == pytest.approx(grad.norm().item(), rel=1e-5)
+
+
+class UnusedBranch(nn.Module):
+    """A module the forward never calls (WaveNet's last residual conv, an auxiliary head):
+    the TorchScript → FX conversion drops its parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(8, 4)
+        self.unused = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+def test_an_unused_module_keeps_full_probes_and_is_noted() -> None:
+    """TorchScript fell back to parameters-only for the whole model ("lost parameters")."""
+    module, x = UnusedBranch(), torch.randn(6, 8)
+    data = to_torchscript(module, x)
+    report = diagnose(data, npz_bytes(x=x), DiagnoseOptions())
+    assert report.model.probe_coverage == "full"
+    assert [layer.name for layer in report.layers] == ["fc"]
+    (note,) = [n for n in report.notes if "never reads" in n]
+    assert "unused.bias, unused.weight" in note
