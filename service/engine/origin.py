@@ -241,6 +241,9 @@ class OriginRecorder:
                 source, kind = name, "model input"
             else:
                 source, kind = name, "parameter" if name in params else "constant"
-            inputs.append({"value": name, "source": source, "source_kind": kind, **counts})
+            entry = {"value": name, "source": source, "source_kind": kind, **counts}
+            if node is not None:  # what computed it (a softmax before a log: log_softmax)
+                entry["source_op"] = node.op_type
+            inputs.append(entry)
         output = next((c for c in self.outputs if c is not None), None)
         return {"inputs": inputs, "output": output} if inputs or output else {}

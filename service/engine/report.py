@@ -201,9 +201,14 @@ class Verification(_Model):
     applied: bool
     transform: str | None = None
     before: dict[str, Any] = {}
+    # also, when the fix brought findings that were not there before: `new_errors` and
+    # `new_warnings` (their kinds) and `new_findings` (kind, severity, axis, layers, message);
+    # `revealed_findings` (same entries): what an exact rewrite (log_softmax) shows that the
+    # NaN/Inf hid before
     after: dict[str, Any] = {}
-    resolved: bool | None = None  # the addressed findings are gone after the fix
-    reason: str | None = None  # why it could not be applied
+    # the addressed findings are gone after the fix and no new error appeared
+    resolved: bool | None = None
+    reason: str | None = None  # why it could not be applied, or why it is not resolved
 
 
 class Recommendation(_Model):

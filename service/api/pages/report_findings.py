@@ -198,7 +198,7 @@ def verification_block(verified: Verification | None) -> str:
             f'<td class="n">{_value(a)}</td><td class="n">{esc(_change(b, a))}</td></tr>'
         )
     for key in dict.fromkeys([*verified.before, *verified.after]):
-        if key == "figures":
+        if key == "figures" or key in _NEW_KEYS:
             continue
         rows.append(
             f'<tr><td class="mono">{esc(key)}</td>'
@@ -215,7 +215,47 @@ def verification_block(verified: Verification | None) -> str:
         f' <span class="muted">{esc(verified.transform)}</span>' if verified.transform else ""
     )
     reason = f'<p class="muted">{esc(verified.reason)}</p>' if verified.reason else ""
-    return f'<div class="verify">{badge}{transform}{reason}{table}</div>'
+    return f'<div class="verify">{badge}{transform}{reason}{_new_after(verified)}{table}</div>'
+
+
+# what a fix brought that was not there before (verify: after.new_errors / new_warnings /
+# new_findings) and what an exact rewrite revealed (after.revealed_findings); listed on their
+# own, not as before/after rows
+_NEW_KEYS = frozenset({"new_errors", "new_warnings", "new_findings", "revealed_findings"})
+
+
+def _new_after(verified: Verification) -> str:
+    found = verified.after.get("new_findings")
+    if not isinstance(found, list) or not found:
+        # reports from before new_findings existed: the kinds alone
+        kinds = [
+            (severity, kind)
+            for severity, key in (("error", "new_errors"), ("warning", "new_warnings"))
+            for kind in verified.after.get(key) or []
+        ]
+        found = [{"kind": kind, "severity": severity} for severity, kind in kinds]
+    revealed = verified.after.get("revealed_findings")
+    return _finding_list("New after the fix:", found) + _finding_list(
+        "Hidden before by the NaN/Inf, shown by the exact rewrite:",
+        revealed if isinstance(revealed, list) else [],
+    )
+
+
+def _finding_list(title: str, found: list[Any]) -> str:
+    items = []
+    for f in found:
+        if not isinstance(f, dict):
+            continue
+        severity = str(f.get("severity", "warning"))
+        axis = f" ({esc(f['axis'])})" if f.get("axis") else ""
+        message = f": {esc(f['message'])}" if f.get("message") else ""
+        items.append(
+            f'<li><span class="pill {esc(severity)}">{esc(severity)}</span> '
+            f"{esc(title_of(str(f.get('kind', ''))))}{axis}{message}</li>"
+        )
+    if not items:
+        return ""
+    return f'<p class="muted">{esc(title)}</p><ul class="new-after">{"".join(items)}</ul>'
 
 
 def recommendations_section(recs: list[Recommendation], findings: list[Finding]) -> str:

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import math
 import statistics
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import fx
 
 from service.engine.detectors.optypes import (
     canonical_op,
@@ -74,6 +77,74 @@ def residual_adds(graph: ObservableGraph | None) -> int | None:
         if is_shortcut_add(node.op_type) and len(data_in) >= 2:
             count += 1
     return count
+
+
+SOFTMAX_OPS = frozenset({"softmax", "_softmax", "special_softmax"})
+ONNX_SOFTMAX_AXIS_SINCE = 13  # before opset 13, Softmax normalises the flattened dims from axis
+
+
+@dataclass(frozen=True)
+class SoftmaxFeed:
+    """The softmax whose output a log reads: log(softmax(z)) underflows to log(0) = -inf for
+    logits far below their row's maximum, where log_softmax(z) = z − logsumexp(z) stays finite
+    with exact gradients."""
+
+    node: str  # the softmax node
+    op_type: str
+    logits: str  # the value name of z
+    dim: int  # the axis it normalises over
+    flattened: bool  # ONNX Softmax before opset 13: over the dims from `dim` on, flattened
+    dtype: torch.dtype | None  # aten.softmax's dtype= / aten._softmax's half_to_float
+
+
+def _onnx_opset(graph: ObservableGraph) -> int:
+    opsets = graph.metadata.get("opset_imports") or {}
+    return int(opsets.get("", opsets.get("ai.onnx", ONNX_SOFTMAX_AXIS_SINCE)))
+
+
+def _fx_softmax(node: fx.Node) -> tuple[int, torch.dtype | None] | None:
+    """(dim, dtype) of an aten softmax call: softmax.int(x, dim, dtype=None) or
+    _softmax(x, dim, half_to_float)."""
+    args, kwargs = list(node.args), dict(node.kwargs)
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    if not isinstance(dim, int) or isinstance(dim, bool):
+        return None
+    third: Any = args[2] if len(args) > 2 else kwargs.get("dtype", kwargs.get("half_to_float"))
+    if isinstance(third, torch.dtype):
+        return dim, third
+    if third is True:  # _softmax's half_to_float
+        return dim, torch.float32
+    return dim, None
+
+
+def softmax_feeding(graph: ObservableGraph | None, log_node: str) -> SoftmaxFeed | None:
+    """The softmax that produces the input of the natural log `log_node`, read from the graph
+    in any format (FX/aten `softmax` of a .pt2 or TorchScript model, ONNX `Softmax`); None if
+    the log reads anything else or the softmax's axis is unknown."""
+    if graph is None:
+        return None
+    node = next((n for n in graph.nodes if n.name == log_node), None)
+    if node is None or canonical_op(node.op_type) != "log" or not node.inputs:
+        return None
+    producer = next((n for n in graph.nodes if node.inputs[0] in n.outputs), None)
+    if producer is None or canonical_op(producer.op_type) not in SOFTMAX_OPS:
+        return None
+    if not producer.inputs or len(producer.outputs) != 1:
+        return None
+    if isinstance(producer.source, fx.Node):
+        found = _fx_softmax(producer.source)
+        if found is None:
+            return None
+        dim, dtype = found
+        flattened = False
+    elif producer.op_type == "Softmax" and producer.domain in ("", "ai.onnx"):
+        opset = _onnx_opset(graph)
+        flattened = opset < ONNX_SOFTMAX_AXIS_SINCE
+        dim = int(producer.attrs.get("axis", 1 if flattened else -1))
+        dtype = None
+    else:
+        return None
+    return SoftmaxFeed(producer.name, producer.op_type, producer.inputs[0], dim, flattened, dtype)
 
 
 def vanilla_rnn_layers(m: Measurements) -> list[str]:

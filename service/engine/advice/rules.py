@@ -212,6 +212,8 @@ class Advisor:
         if d.fix == "guard_numerics":
             dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
             limit = exp_input_limit(dtype or torch.float32)
+            if p.get("method") == "log_softmax":
+                return snippets.log_softmax(p["node"], p["softmax_node"], int(p["dim"]))
             return snippets.guard_numerics(p["op"], p["node"], limit)
         if d.fix == "loss_scaling":
             return snippets.loss_scaling(p["scale"])
@@ -402,6 +404,8 @@ class Advisor:
     # -- per finding kind ---------------------------------------------------------------------
     def _vanishing_gradients(self, index: int, f: Finding) -> None:
         e = f.evidence
+        if f.severity == "info":  # zero-initialised by design (detectors/gradients.py): no fix
+            return
         if e.get("axis") == "time":
             rnn = ev.vanilla_rnn_layers(self.m)
             if rnn:
@@ -551,6 +555,10 @@ class Advisor:
         advisory = (
             "Advisory, the values reach no loss or gradient now: " if f.severity == "info" else ""
         )
+        feed = ev.softmax_feeding(self.graph, origin["node"]) if op == "log" else None
+        if feed is not None:
+            self._log_of_softmax(index, f, origin, feed, advisory + what)
+            return
         reason = advisory + (
             f"{what} (loss = {f.evidence.get('loss')}): {guard}."
             if origin.get("values")
@@ -568,6 +576,40 @@ class Advisor:
             op_type=origin["op_type"],
             phase=origin["phase"],
             eps=1e-6,
+        )
+
+    def _log_of_softmax(
+        self, index: int, f: Finding, origin: dict[str, Any], feed: ev.SoftmaxFeed, what: str
+    ) -> None:
+        """log(softmax(z)): the softmax underflows to exactly 0 for logits far below their
+        row's maximum and the log gives -inf. The standard fix is one op, log_softmax(z) =
+        z − logsumexp(z): finite for any finite z, with the exact gradient softmax(z) − onehot.
+        A clamp would keep the -inf out but cut the gradient of every clamped entry."""
+        axis = (
+            f"axis {feed.dim}, over the flattened dims from there (ONNX opset < 13)"
+            if feed.flattened
+            else f"dim={feed.dim}"
+        )
+        reason = (
+            f"{what} (loss = {f.evidence.get('loss')}): the log reads the output of the softmax "
+            f"{feed.node!r}, which underflows to exactly 0 for logits far below their row's "
+            f"maximum; compute both in one op, F.log_softmax(z, {axis}) (z − logsumexp(z)): "
+            "finite, with exact gradients, where clamping the log's input would cut the "
+            "gradient of every clamped entry. With an NLL loss on it, F.cross_entropy on the "
+            "logits does both."
+        )
+        self.add(
+            "guard_numerics",
+            index,
+            reason,
+            f.layers or [origin["node"]],
+            node=origin["node"],
+            op="log",
+            op_type=origin["op_type"],
+            phase=origin["phase"],
+            method="log_softmax",
+            softmax_node=feed.node,
+            dim=feed.dim,
         )
 
     def _saturation(self, index: int, f: Finding) -> None:

@@ -173,6 +173,21 @@ def guard_numerics(op: str, node: str, exp_limit: float = 80.0) -> str:
     return f"# node {node!r} ({op}): guard its input domain\n{body}"
 
 
+def log_softmax(node: str, softmax_node: str, dim: int) -> str:
+    """log(softmax(z)) computed in one stable op."""
+    return "\n".join(
+        [
+            f"# node {node!r} (log of the softmax {softmax_node!r}): softmax underflows to 0,",
+            "# and log(0) = -inf; log_softmax computes z - logsumexp(z): finite, exact gradients",
+            "import torch.nn.functional as F",
+            "",
+            f"# instead of  y = torch.log(torch.softmax(z, dim={dim}))",
+            f"y = F.log_softmax(z, dim={dim})",
+            "# y feeds F.nll_loss(y, target); or drop both: F.cross_entropy(z, target)",
+        ]
+    )
+
+
 def loss_scaling(scale: float) -> str:
     return "\n".join(
         [

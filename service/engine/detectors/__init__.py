@@ -12,7 +12,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.engine.detectors.gradients import depth_findings, fp32_weight_ratio, time_findings
+from service.engine.detectors.gradients import (
+    depth_findings,
+    depth_profile,
+    fp32_weight_ratio,
+    time_findings,
+    zero_init_blocked,
+)
 from service.engine.detectors.numerics import (
     fp16_findings,
     no_parameter_findings,
@@ -84,7 +90,9 @@ def detect(m: Measurements, thresholds: dict[str, Any] | None = None) -> list[Fi
         findings += saturation_findings(m, t)
         findings += dead_unit_findings(m, t)
         findings += quantizer_findings(m, t)
-        findings += init_scale_findings(m, t)
+        blocked = zero_init_blocked(m, *depth_profile(m))
+        zero_by_design = frozenset(p for params in blocked.values() for p in params)
+        findings += init_scale_findings(m, t, zero_by_design)
         findings += fp16_findings(m, t, precision)
         findings = _fp16_only_vanishing(m, findings, t)
     findings.sort(key=lambda f: (-SEVERITY_RANK[f.severity], _KIND_ORDER.index(f.kind)))

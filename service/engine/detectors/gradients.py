@@ -11,6 +11,8 @@ import math
 from typing import Any
 
 from service.engine.detectors.optypes import (
+    LINEAR_LIKE,
+    canonical_op,
     is_embedding,
     is_gated_rnn,
     is_normalization,
@@ -71,6 +73,63 @@ def _embedding_scale(layer: LayerReport, m: Measurements) -> float | None:
     return layer.weight_norm / math.sqrt(numel)
 
 
+# ops through which a parameter that is exactly zero passes no gradient back to their input:
+# it multiplies the input (a weight matrix or kernel, a normalisation's gain, a ReZero α)
+_MULTIPLYING_OPS = LINEAR_LIKE | {"mul"}
+
+
+def _blocking_parameters(layer: LayerReport, m: Measurements) -> list[str]:
+    """The layer's parameters that are exactly zero, multiply its input and get a gradient:
+    a zero-initialised weight (ControlNet's zero convolution, LoRA's B, a ResNet block's last
+    BatchNorm gain, ReZero's α, an STN localisation head) passes no gradient back while it is
+    zero, and leaves zero after the first optimizer step. A bias is added, not multiplied: a
+    zero one blocks nothing. A zero weight with no gradient of its own never leaves zero: it is
+    no design, nothing unblocks it."""
+    op = canonical_op(layer.op)
+    if op not in _MULTIPLYING_OPS and not is_normalization(layer.op):
+        return []
+    shapes = {p.name: p for p in m.parameters}
+    blocking = []
+    for name in layer.params:
+        p = shapes.get(name)
+        if p is None or p.weight_norm != 0.0 or not usable(p.grad_norm):
+            continue
+        last = name.rsplit(".", 1)[-1].lower()
+        if len(p.shape) >= 2 or ("bias" not in last and "::" not in name):
+            blocking.append(name)
+    return blocking
+
+
+def zero_init_blocked(
+    m: Measurements, names: list[str], norms: list[float | None]
+) -> dict[str, list[str]]:
+    """Layers with exactly zero ‖∂L/∂a‖ explained by a zero-initialised parameter downstream
+    (→ its names): the first layer after them in the depth profile (execution order) whose
+    ‖∂L/∂a‖ is not zero holds a blocking parameter (`_blocking_parameters`), the zero-gradient
+    layers between are blocked by the same one. Measurements have no graph edges, so
+    "downstream" is read from the order: a branch run in between (a nonzero layer between the
+    zeros and the zero parameter) leaves the zeros unexplained, which errs towards reporting.
+    A rounding that cuts the gradient (`m.gradient_cuts`) is another cause: not explained."""
+    by_name = {x.name: x for x in m.layers}
+    blocked: dict[str, list[str]] = {}
+    pending: list[str] = []
+    for name, norm in zip(names, norms, strict=True):
+        if norm is None:
+            continue
+        if norm == 0.0:
+            if name not in m.gradient_cuts:
+                pending.append(name)
+            else:
+                pending = []
+            continue
+        layer = by_name.get(name)
+        params = _blocking_parameters(layer, m) if layer is not None else []
+        if params and pending:
+            blocked.update({z: params for z in pending})
+        pending = []
+    return blocked
+
+
 def _weight_layers(m: Measurements) -> list[LayerReport]:
     """Layers with weight gradients, normalisation layers left out (their gains are not weights
     in AUTOTRAINER's sense and their gradients follow a different scale), and so are layers
@@ -89,6 +148,12 @@ def _weight_layers(m: Measurements) -> list[LayerReport]:
 
 def depth_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
     names, norms = depth_profile(m)
+    # layers a zero-initialised parameter downstream blocks at initialisation, by design: not
+    # judged (an info finding says why), the rules run on the rest of the model
+    blocked = zero_init_blocked(m, names, norms)
+    if blocked:
+        kept = [(n, v) for n, v in zip(names, norms, strict=True) if n not in blocked]
+        names, norms = [n for n, _ in kept], [v for _, v in kept]
     ratio = first_last_ratio(norms) if len(names) >= 2 else None
     factor = backward_factor(norms)
     forward = growth_factor(norms)
@@ -99,7 +164,7 @@ def depth_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
     zero = [n for n, v in zip(names, norms, strict=True) if v == 0.0 and usable(last)]
     start, ratio = _input_end(names, norms, ratio, rel, forward, t)
 
-    wl = _weight_layers(m)
+    wl = [x for x in _weight_layers(m) if x.name not in blocked]
     w_first, w_last = (wl[0], wl[-1]) if len(wl) >= 2 else (None, None)
     weight_ratio = None
     if w_first is not None and w_last is not None and usable(w_last.grad_norm):
@@ -161,6 +226,8 @@ def depth_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
                     if (x.grad_norm or 0.0) / w_last.grad_norm < cut  # type: ignore[operator]
                 ]
         ev = {**evidence, "rules": rules, "one_step_drop": _one_step_drop(names, norms, ratio)}
+        if blocked:
+            ev["zero_init_blocked"] = blocked
         if "absolute_scale" in rules:
             msg = (
                 f"Gradients vanish at every depth: the largest grad/weight of any layer is "
@@ -212,6 +279,8 @@ def depth_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
                 f"{sig(weight_ratio)} of the gradient of {w_last.name} "  # type: ignore[union-attr]
                 f"(norm {sig(w_first.grad_norm)}); the earliest layers barely learn."  # type: ignore[union-attr]
             )
+        if blocked:
+            msg += f" (Not counted: at initialisation {_zero_init_text(blocked)}, by design.)"
         findings.append(
             Finding(
                 kind="vanishing_gradients",
@@ -221,6 +290,8 @@ def depth_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
                 evidence=ev,
             )
         )
+    elif blocked:
+        findings.append(_zero_init_finding(blocked, evidence))
 
     # --- exploding -----------------------------------------------------------------------
     rules = []
@@ -275,6 +346,49 @@ def depth_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
             )
         )
     return findings
+
+
+def _zero_init_text(blocked: dict[str, list[str]]) -> str:
+    """'the zero-initialised P (exactly 0) blocks the gradient to L1, L2; …'"""
+    by_params: dict[tuple[str, ...], list[str]] = {}
+    for layer, params in blocked.items():
+        by_params.setdefault(tuple(params), []).append(layer)
+    order = list(blocked)
+    parts = []
+    for group, layers in list(by_params.items())[:3]:
+        verb = "blocks" if len(group) == 1 else "block"
+        parts.append(
+            f"{' and '.join(group)} (exactly 0) {verb} the gradient to {_span(layers, order)}"
+        )
+    if len(by_params) > 3:
+        parts.append(f"{len(by_params) - 3} more zero-initialised parameters block it likewise")
+    return "the zero-initialised " + "; ".join(parts)
+
+
+def _zero_init_finding(blocked: dict[str, list[str]], evidence: dict[str, Any]) -> Finding:
+    """Layers that get no gradient only because a zero-initialised parameter downstream blocks
+    it: by design (an identity or zero start), nothing to fix: info."""
+    params = list(dict.fromkeys(p for ps in blocked.values() for p in ps))
+    one = len(params) == 1
+    message = (
+        f"At initialisation {_zero_init_text(blocked)}, by design: a zero start (an identity "
+        "or zero branch: a zero convolution, LoRA's B, a zero-initialised gain or output "
+        f"layer). {'It gets' if one else 'They get'} a gradient of {'its' if one else 'their'} "
+        f"own, so after the first optimizer step {'it is' if one else 'they are'} no longer "
+        f"zero and these layers get gradient; do not re-initialise {'it' if one else 'them'}."
+    )
+    return Finding(
+        kind="vanishing_gradients",
+        severity="info",
+        message=message,
+        layers=list(blocked),
+        evidence={
+            **evidence,
+            "rules": ["zero_init"],
+            "zero_init_blocked": blocked,
+            "zero_init_parameters": params,
+        },
+    )
 
 
 def fp32_weight_ratio(m: Measurements) -> float | None:

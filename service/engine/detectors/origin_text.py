@@ -157,6 +157,11 @@ def _culprit(op: str, inputs: list[dict[str, Any]], phase: str) -> str:
 
 
 def _guard(op: str, inputs: list[dict[str, Any]]) -> str:
+    if op in LOGS and inputs and canonical_op(str(inputs[0].get("source_op", ""))) in SOFTMAXES:
+        return (
+            "compute log(softmax(z)) as F.log_softmax(z), which stays finite where the "
+            "softmax underflows to 0 (a clamp would cut those entries' gradient)"
+        )
     if op in LOGS:
         return "clamp its input to at least 1e-6 (torch.log(x.clamp_min(1e-6))) or add an eps"
     if op == "sqrt":

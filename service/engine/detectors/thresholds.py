@@ -37,6 +37,19 @@ vanishing_gradients (axis "depth"), error when ANY of:
   Warning instead of error when only depth ratio < `vanishing_profile_ratio_warning` (1e-2).
   Named layers: those whose ‖∂L/∂a‖ (or weight gradient) is below the threshold times the last
   layer's, worst (smallest) first; for rule 3, every layer.
+  Zero-initialised by design: layers whose ‖∂L/∂a‖ is exactly 0 because a parameter after
+  them is exactly 0 (weight_norm 0) and multiplies its input (a Linear/conv weight, a
+  normalisation's gain, an elementwise mul: an STN localisation head, LoRA's B, ResNet's
+  zero_init_residual BatchNorm gain, ControlNet's zero convolutions, ReZero's α, a zero output
+  layer) are left out of every rule above: an `info` vanishing_gradients finding (evidence
+  `zero_init_blocked`: layer → those parameters; `rules: ["zero_init"]`) says so, with no fix.
+  "After them" is read from the depth profile's order (the report carries no graph edges): the
+  first layer after the zeros whose ‖∂L/∂a‖ is not 0 must hold such a parameter, and that
+  parameter must get a gradient itself (then the first optimizer step moves it off zero and
+  unblocks them; one with no gradient stays zero: no design). A zero bias (added, not
+  multiplied), a weight that is only partly zero, a rounding (`gradient_cut`) or another
+  branch's layer in between explain nothing: those zeros stay judged (dead units, real
+  vanishing stay errors).
 
 exploding_gradients (axis "depth"), error when ANY of:
   1. depth ratio > `exploding_profile_ratio` (70, AUTOTRAINER's exploding ratio) AND the per-layer

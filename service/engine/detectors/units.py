@@ -133,7 +133,12 @@ def dead_unit_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
     )
 
 
-def init_scale_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
+def init_scale_findings(
+    m: Measurements, t: dict[str, float], zero_by_design: frozenset[str] = frozenset()
+) -> list[Finding]:
+    """`zero_by_design`: exactly-zero parameters that block the gradient to the layers before
+    them at initialisation on purpose (gradients.zero_init_blocked: an STN's identity head,
+    LoRA's B, a zero-gamma residual): a zero start, not too small an initialisation."""
     layers = _by_depth(m)
     too_small: list[LayerReport] = []
     too_large: list[LayerReport] = []
@@ -146,6 +151,8 @@ def init_scale_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
     for layer in layers:
         r = init_ratio(layer, m)
         if r is None or is_normalization(layer.op) or tables & set(layer.params):
+            continue
+        if zero_by_design & set(layer.params):  # its weight is exactly 0 (the bias may not be)
             continue
         weights = tuple(sorted(layer.params))
         if weights in judged:

@@ -8,7 +8,8 @@ What each fix does here:
 - replace_activation: swap the sigmoid/tanh (or ReLU) nodes in the ObservableGraph, and when the
   recommendation says so re-initialise the preceding layers with He, as its snippet does.
 - reinitialize_weights: re-initialise the named parameters (He / Xavier / zero bias).
-- guard_numerics: clamp the input of the op that produced the first NaN/Inf.
+- guard_numerics: clamp the input of the op that produced the first NaN/Inf; a log of a
+  softmax's output becomes log_softmax of the softmax's input instead (transforms.guard_node).
 - clip_gradients: no new pass: the same gradients scaled by the clip coefficient (this is what
   clip_grad_norm_ does), so `before`/`after` show the update norm unclipped and clipped;
   `resolved` stays None with a `reason` (one pass cannot show what clipping does over training,
@@ -22,7 +23,15 @@ What each fix does here:
 - add_normalization, add_residual_connections, use_gated_recurrent_unit, lower_learning_rate:
   not applied; `reason` says why (new layers need training / one pass has no learning rate).
 
-`resolved` = none of the addressed findings is present after the fix (same kind and axis).
+`resolved` = none of the addressed findings is present after the fix (same kind and axis) AND
+the fixed copy shows no error that was not one before (a clamp that removes a NaN but zeroes the
+gradient of the clamped entries makes gradients vanish: not resolved). `after` lists what the
+fix brought: `new_errors` / `new_warnings` (kinds) and `new_findings` (kind, severity, axis,
+layers, message), a finding being new when no finding of the same kind and axis was there
+before at that severity or worse; `reason` says which new error kept it from `resolved`. A
+rewrite that computes the same function (log(softmax) → log_softmax) brings nothing of its own:
+what its finite gradients show (large gradients of extreme logits) was there before, hidden by
+the NaN/Inf, and is listed as `revealed_findings` instead, without costing `resolved`.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from typing import Any
 
 import torch
 
+from service.engine.advice.evidence import softmax_feeding
 from service.engine.detectors import detect
 from service.engine.detectors.optypes import RELU_LIKE, SATURATING
 from service.engine.first_pass import COMPUTES_IN_FP16
@@ -43,7 +53,14 @@ from service.engine.options import DiagnoseOptions
 from service.engine.quantizers import widen_to_cover
 from service.engine.report import Finding, Recommendation, Verification
 from service.engine.stats import FP16_MAX, FP16_TINY
-from service.engine.verify.figures import figures, same_finding, summary
+from service.engine.verify.figures import (
+    described,
+    figures,
+    key_of,
+    new_findings,
+    same_finding,
+    summary,
+)
 from service.engine.verify.transforms import (
     NotApplicable,
     copy_subject,
@@ -103,8 +120,12 @@ def _verify(
         return Verification(applied=False, reason=_NOT_AUTOMATIC[rec.fix])
     addressed = [findings[i] for i in rec.addresses if isinstance(i, int) and i < len(findings)]
     kinds: set[str] = {str(f.kind) for f in addressed}
+    exact = False  # the fix computes the same function (log_softmax for log∘softmax)
     try:
-        transform, after_m = _apply(rec, m, subject, options)
+        if rec.fix == "guard_numerics":
+            transform, after_m, exact = _guarded(rec, subject, options)
+        else:
+            transform, after_m = _apply(rec, m, subject, options)
     except NotApplicable as exc:
         return Verification(applied=False, reason=str(exc))
     except (RuntimeError, ValueError, GradhealthError) as exc:
@@ -126,19 +147,64 @@ def _verify(
             reason=_CLIP_REASON,
         )
     after_findings = detect(after_m, options.thresholds)
-    resolved = True
+    gone = True
     for f in addressed:
         match = same_finding(f, after_findings)
-        key = f"{f.kind}" + (f"[{f.evidence['axis']}]" if "axis" in f.evidence else "")
+        key = key_of(f)
         before[key] = summary(f)
         after[key] = summary(match)
-        resolved = resolved and match is None
-    new = [f for f in after_findings if f.severity == "error" and same_finding(f, findings) is None]
+        gone = gone and match is None
+    new = new_findings(after_findings, findings, addressed)
+    if exact and new:
+        # the same function with exact gradients cannot bring a finding of its own: what the
+        # now finite values show was there before, hidden by the NaN/Inf
+        after["revealed_findings"] = [described(f) for f in new]
+        new = []
+    errors = [f for f in new if f.severity == "error"]
+    warnings = [f for f in new if f.severity == "warning"]
+    if errors:
+        after["new_errors"] = [f.kind for f in errors]
+    if warnings:
+        after["new_warnings"] = [f.kind for f in warnings]
     if new:
-        after["new_errors"] = [f.kind for f in new]
+        after["new_findings"] = [described(f) for f in new]
+    # resolved: what it addresses is gone and it brings no error of its own
+    resolved = gone and not errors
+    reason = None
+    if gone and errors:
+        reason = (
+            "the addressed finding(s) are gone, but the fixed copy shows new error(s): "
+            + "; ".join(f"{key_of(f)}: {f.message}" for f in errors)
+        )
+        if _gradients_were_non_finite(m) and any(f.kind in _PROFILE_KINDS for f in errors):
+            reason += (
+                " (the original pass's gradients were non-finite, so its gradient profile "
+                "could not be compared)"
+            )
+    if resolved and after.get("revealed_findings"):
+        reason = (
+            "log_softmax computes the same function as log(softmax) with exact gradients; "
+            "what the finite gradients now show was there before, hidden by the NaN/Inf: "
+            + "; ".join(
+                f"{x['kind']}" + (f"[{x['axis']}]" if "axis" in x else "") + f": {x['message']}"
+                for x in after["revealed_findings"]
+            )
+        )
     return Verification(
-        applied=True, transform=transform, before=before, after=after, resolved=resolved
+        applied=True,
+        transform=transform,
+        before=before,
+        after=after,
+        resolved=resolved,
+        reason=reason,
     )
+
+
+_PROFILE_KINDS = frozenset({"vanishing_gradients", "exploding_gradients"})
+
+
+def _gradients_were_non_finite(m: Measurements) -> bool:
+    return any(p.non_finite for p in m.parameters)
 
 
 def _apply(
@@ -173,26 +239,6 @@ def _apply(
         return f"re-initialised {len(done)} tensor(s): " + "; ".join(done[:4]), measure(
             copy_, options
         )
-    if rec.fix == "guard_numerics":
-        copy_ = copy_subject(subject)
-        node = str(rec.params.get("node", ""))
-        texts, after = [guard_node(copy_, node)], measure(copy_, options)
-        guarded = {node}
-        # the same op in every block (T5's position buckets in the encoder and the decoder):
-        # the next one becomes the origin; the fix is the guard on each
-        while (
-            (origin := after.non_finite_origin) is not None
-            and origin.phase == "forward"
-            and origin.node not in guarded
-            and len(guarded) < MAX_GUARDED_NODES
-        ):
-            try:
-                texts.append(guard_node(copy_, origin.node))
-            except NotApplicable:
-                break
-            guarded.add(origin.node)
-            after = measure(copy_, options)
-        return "; ".join(texts), after
     if rec.fix == "straight_through_estimator":
         copy_ = copy_subject(subject)
         if copy_.graph is None:
@@ -220,6 +266,35 @@ def _apply(
         tiny = FP16_TINY if rec.fix == "loss_scaling" else BF16_TINY
         return _rescaled_underflow(m, subject, scale, tiny, rec.fix)
     raise NotApplicable(f"no automatic transform for {rec.fix}")
+
+
+def _guarded(
+    rec: Recommendation, subject: Subject, options: DiagnoseOptions
+) -> tuple[str, Measurements, bool]:
+    """guard_numerics on a copy: (what was done, the new pass, whether every guard was an
+    exact rewrite, log(softmax) → log_softmax, rather than a clamp)."""
+    from service.engine.measure import measure
+
+    copy_ = copy_subject(subject)
+    node = str(rec.params.get("node", ""))
+    texts, after = [guard_node(copy_, node)], measure(copy_, options)
+    guarded = [node]
+    # the same op in every block (T5's position buckets in the encoder and the decoder):
+    # the next one becomes the origin; the fix is the guard on each
+    while (
+        (origin := after.non_finite_origin) is not None
+        and origin.phase == "forward"
+        and origin.node not in guarded
+        and len(guarded) < MAX_GUARDED_NODES
+    ):
+        try:
+            texts.append(guard_node(copy_, origin.node))
+        except NotApplicable:
+            break
+        guarded.append(origin.node)
+        after = measure(copy_, options)
+    exact = all(softmax_feeding(subject.graph, name) is not None for name in guarded)
+    return "; ".join(texts), after, exact
 
 
 def _shape(m: Measurements, name: str) -> list[int]:

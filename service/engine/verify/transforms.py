@@ -10,7 +10,10 @@
   fans and the std formula of the init_scale reference (layers.parameter_fans, init_std):
   ONNX exports may store weights transposed and a grouped conv's fans are per group, so
   torch's own fan computation from the tensor layout could be wrong.
-- `guard_node`: clamp the input of the op that produced the first NaN/Inf.
+- `guard_node`: clamp the input of the op that produced the first NaN/Inf; a log that reads a
+  softmax's output (log(softmax(z)), which underflows to log(0) = -inf) is computed as
+  log_softmax(z) instead (`use_log_softmax`): finite, with exact gradients, where a clamp
+  would cut the gradient of every clamped entry.
 
 Each returns a short description of what it changed, or raises `NotApplicable(reason)`.
 """
@@ -30,8 +33,10 @@ from torch import nn
 from service.engine.advice.evidence import (
     GATE_LAYOUT,
     GATE_OF_SCHEME,
+    SoftmaxFeed,
     gate_bias_slices,
     hidden_bias_name,
+    softmax_feeding,
 )
 from service.engine.detectors.optypes import aten_style, canonical_op
 from service.engine.graph import ObservableGraph
@@ -254,6 +259,8 @@ def guard_node(subject: Subject, node_name: str) -> str:
     if node is None:
         raise NotApplicable(f"node {node_name!r} not found in the graph")
     op = canonical_op(node.op_type)
+    if op == "log" and softmax_feeding(graph, node_name) is not None:
+        return use_log_softmax(subject, node_name)
     if op not in _GUARDS:
         raise NotApplicable(f"no automatic guard for op {node.op_type!r}; guard it by hand")
     position, guard = _GUARDS[op]
@@ -267,3 +274,36 @@ def guard_node(subject: Subject, node_name: str) -> str:
 
     node.fn = guarded
     return f"guarded input {position} of {node_name!r} ({node.op_type})"
+
+
+def _log_softmax(feed: SoftmaxFeed) -> Callable[..., torch.Tensor]:
+    dim, dtype = feed.dim, feed.dtype
+
+    def log_softmax(z: torch.Tensor, *_ignored: Any) -> torch.Tensor:
+        if not feed.flattened:
+            return F.log_softmax(z, dim, dtype=dtype)
+        # ONNX Softmax before opset 13: over the dims from `axis` on, flattened (as converted)
+        axis = dim + z.dim() if dim < 0 else dim
+        flat = z.reshape(*z.shape[:axis], -1) if axis > 0 else z.reshape(1, -1)
+        return F.log_softmax(flat, -1, dtype=dtype).reshape(z.shape)
+
+    return log_softmax
+
+
+def use_log_softmax(subject: Subject, node_name: str) -> str:
+    """Rewire the log that reads a softmax's output to compute log_softmax of the softmax's own
+    input, over the same axis: log(softmax(z)) → log_softmax(z). The softmax node stays (other
+    ops may read it); only the log's input and function change."""
+    feed = softmax_feeding(subject.graph, node_name)
+    if subject.graph is None or feed is None:
+        raise NotApplicable(f"node {node_name!r} is no log of a softmax's output")
+    node = next(n for n in subject.graph.nodes if n.name == node_name)
+    onnx_like = node.op_type[:1].isupper() and not aten_style(node.op_type)
+    node.inputs = [feed.logits]  # a new list: the run plan notices the rewiring
+    node.fn = _log_softmax(feed)
+    node.op_type = "LogSoftmax" if onnx_like else "log_softmax"
+    node.attrs = {"axis": feed.dim} if onnx_like else {}
+    return (
+        f"replaced log(softmax) in {node_name!r} (log of {feed.node!r}, dim {feed.dim}) by "
+        f"log_softmax of the softmax's input {feed.logits!r}"
+    )
