@@ -43,6 +43,7 @@ from service.engine.layers import (
     canonical,
     group_layers,
     normalized_layers,
+    reference_scheme,
     reference_std,
 )
 from service.engine.losses import (
@@ -1031,7 +1032,16 @@ def _layer_report(
         grad_to_weight=_ratio(grad_norm, weight_norm) if layer.params else None,
         fan_in=layer.fan_in,
         init_std_ratio=init_ratio,
+        init_reference=_init_reference(layer) if init_ratio is not None else None,
+        fan_out=layer.fan_out,
     )
+
+
+def _init_reference(layer: Layer) -> str:
+    """Which std `reference_std` compared the weight with."""
+    if isinstance(layer.extra.get("hidden_size"), int):
+        return "recurrent"
+    return "he" if reference_scheme(layer.init_activation) == "kaiming" else "xavier"
 
 
 def _fit(norms: Sequence[float | None]) -> tuple[float | None, float | None]:

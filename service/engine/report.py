@@ -123,6 +123,10 @@ class LayerReport(_Model):
     grad_to_weight: float | None = None
     fan_in: int | None = None
     init_std_ratio: float | None = None  # weight std / the He or Xavier std for its fan-in
+    # what init_std_ratio compares with: "he" (sqrt(2/fan_in)), "xavier" (sqrt(2/(fan_in +
+    # fan_out))) or "recurrent" (1/√H); fan_out for Xavier's
+    init_reference: str | None = None
+    fan_out: int | None = None
 
 
 class QuantizerReport(_Model):

@@ -133,6 +133,20 @@ def dead_unit_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
     )
 
 
+def _reference_text(layer: LayerReport) -> str:
+    """What the layer's weight std was compared with (measure.py `init_reference`)."""
+    if layer.init_reference == "he":
+        return f"what He initialisation gives for its fan-in of {layer.fan_in}"
+    if layer.init_reference == "xavier" and layer.fan_out:
+        return (
+            f"what Xavier initialisation gives for its fan-in of {layer.fan_in} and fan-out "
+            f"of {layer.fan_out}"
+        )
+    if layer.init_reference == "recurrent":
+        return "1/√H, the std of an orthogonal recurrent matrix's rows"
+    return f"what He/Xavier initialisation gives for its fan-in of {layer.fan_in}"
+
+
 def init_scale_findings(
     m: Measurements, t: dict[str, float], zero_by_design: frozenset[str] = frozenset()
 ) -> list[Finding]:
@@ -180,8 +194,7 @@ def init_scale_findings(
                 severity="error" if error else "warning",
                 message=(
                     f"{len(group)} layer(s) are initialised too {direction}: the weight std of "
-                    f"{worst.name} is {sig(r)}× what He/Xavier initialisation gives for its "
-                    f"fan-in of {worst.fan_in}; re-initialise them."
+                    f"{worst.name} is {sig(r)}× {_reference_text(worst)}; re-initialise them."
                 ),
                 layers=[x.name for x in group],
                 evidence={

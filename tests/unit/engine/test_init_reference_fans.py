@@ -234,3 +234,25 @@ def test_an_experts_weight_picked_by_index_is_not_judged_by_a_fan_in() -> None:
     for model in (to_onnx(module, x, dynamo=True, optimize=True), to_torch_export(module, x)):
         report = diagnose(model, batch, DiagnoseOptions(loss="mse", verify_fixes=False))
         assert not [f for f in report.findings if f.kind == "init_scale"], report.findings
+
+
+def test_the_init_scale_message_names_the_reference_it_compared_with() -> None:
+    """Before tanh the reference is Xavier over both fans, before ReLU He over the fan-in: the
+    message said "for its fan-in" for both."""
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(1, 32, 5), nn.Tanh(), nn.Conv2d(32, 4, 3), nn.ReLU())
+    with torch.no_grad():
+        module[0].weight.mul_(4.0)  # type: ignore[operator]
+        module[2].weight.mul_(8.0)  # type: ignore[operator]
+    x = torch.randn(4, 1, 12, 12, generator=torch.Generator().manual_seed(1))
+    report = diagnose(
+        to_torch_export(module, x), npz_bytes(x=x), DiagnoseOptions(verify_fixes=False)
+    )
+    layers = {layer.name: layer for layer in report.layers}
+    assert (layers["0"].init_reference, layers["0"].fan_out) == ("xavier", 32 * 25)
+    assert layers["2"].init_reference == "he"
+    (finding,) = [f for f in report.findings if f.kind == "init_scale"]
+    assert (
+        "Xavier initialisation gives for its fan-in of 25 and fan-out of 800" in (finding.message)
+        or "He initialisation gives for its fan-in of 288" in finding.message
+    )
