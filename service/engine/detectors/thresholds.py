@@ -126,6 +126,10 @@ init_scale: a layer's weight std over the std He (ReLU-like) or Xavier (others) 
   input by d_model^-0.5).
   In a plain ReLU stack a ratio r multiplies ‖∂L/∂a‖ by about r per layer, so 1.5 over 10
   layers is already ×58.
+  Against Xavier, a layer with unequal fans is judged against the nearer end of the range
+  Xavier balances, 1/√fan_out (backward variance kept) to 1/√fan_in (forward variance kept):
+  a first conv widening 1 channel into 32 of 5×5 (fan-in 25, fan-out 800) at torch's default
+  init is 2.4× Xavier's std and 0.58× 1/√fan_in, which is healthy.
   Parameters-only coverage (the activation after a layer is not visible): the weight std,
   ‖W‖/√numel, is compared with He's std for "too large" and with Xavier's for "too small", so
   that a layer is only flagged if it is wrong under either choice.

@@ -133,6 +133,21 @@ def dead_unit_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
     )
 
 
+def _between_xaviers_ends(layer: LayerReport, ratio: float) -> float:
+    """The ratio to Xavier's std, judged against the nearer end of the range it balances:
+    Glorot & Bengio's sqrt(2/(fan_in + fan_out)) lies between 1/√fan_out (the backward
+    pass's variance kept) and 1/√fan_in (the forward pass's), and a weight anywhere between
+    keeps one of them. For a layer that widens much (a first conv of 1 channel into 32 of
+    5×5: fan-in 25, fan-out 800) torch's default init is 2.4× Xavier's and ~0.6 of
+    1/√fan_in: healthy. Equal fans: the ratio itself."""
+    if layer.init_reference != "xavier" or not layer.fan_in or not layer.fan_out:
+        return ratio
+    fans = layer.fan_in + layer.fan_out
+    end = min(layer.fan_in, layer.fan_out) if ratio > 1 else max(layer.fan_in, layer.fan_out)
+    # the end's std over Xavier's: sqrt((fan_in + fan_out) / (2 · end's fan))
+    return ratio / math.sqrt(fans / (2 * end))
+
+
 def _reference_text(layer: LayerReport) -> str:
     """What the layer's weight std was compared with (measure.py `init_reference`)."""
     if layer.init_reference == "he":
@@ -157,11 +172,12 @@ def init_scale_findings(
     too_small: list[LayerReport] = []
     too_large: list[LayerReport] = []
     ratios: dict[str, float] = {}
+    judged: dict[str, float] = {}  # the ratios as judged (`_between_xaviers_ends`)
     # an output projection tied to the input embedding has the embedding's scale (T5's is
     # N(0, 1), its input scaled by d_model^-0.5 instead): not judged by a linear's fan-in
     tables = {p for layer in layers if is_embedding(layer.op) for p in layer.params}
     scale_free = normalized_layers(m)  # the normalisation divides their scale out
-    judged: set[tuple[str, ...]] = set()  # a module called again (`block#2`) is one weight
+    seen: set[tuple[str, ...]] = set()  # a module called again (`block#2`) is one weight
     for layer in layers:
         r = init_ratio(layer, m)
         if r is None or is_normalization(layer.op) or tables & set(layer.params):
@@ -169,25 +185,27 @@ def init_scale_findings(
         if zero_by_design & set(layer.params):  # its weight is exactly 0 (the bias may not be)
             continue
         weights = tuple(sorted(layer.params))
-        if weights in judged:
+        if weights in seen:
             continue
-        judged.add(weights)
+        seen.add(weights)
         if layer.name in scale_free:
             continue
         ratios[layer.name] = r
-        if r < t["init_ratio_low"]:
+        judged[layer.name] = _between_xaviers_ends(layer, r)
+        if judged[layer.name] < t["init_ratio_low"]:
             too_small.append(layer)
-        elif r > t["init_ratio_high"]:
+        elif judged[layer.name] > t["init_ratio_high"]:
             too_large.append(layer)
     findings: list[Finding] = []
     for group, direction in ((too_small, "small"), (too_large, "large")):
         if not group:
             continue
         sign = 1.0 if direction == "small" else -1.0
-        group = sorted(group, key=lambda x: sign * ratios[x.name])
+        group = sorted(group, key=lambda x: sign * judged[x.name])
         worst = group[0]
         r = ratios[worst.name]
-        error = r < t["init_ratio_error_low"] or r > t["init_ratio_error_high"]
+        j = judged[worst.name]
+        error = j < t["init_ratio_error_low"] or j > t["init_ratio_error_high"]
         findings.append(
             Finding(
                 kind="init_scale",

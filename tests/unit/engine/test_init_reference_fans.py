@@ -256,3 +256,32 @@ def test_the_init_scale_message_names_the_reference_it_compared_with() -> None:
         "Xavier initialisation gives for its fan-in of 25 and fan-out of 800" in (finding.message)
         or "He initialisation gives for its fan-in of 288" in finding.message
     )
+
+
+class Widening(nn.Module):
+    """ESPCN's first layers: 1 channel into 32 of 5×5 before tanh (fan-in 25, fan-out 800),
+    at torch's default init: 2.4× Xavier's std, 0.58× 1/√fan_in."""
+
+    def __init__(self, scale: float = 1.0) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1, self.c2 = nn.Conv2d(1, 32, 5, padding=2), nn.Conv2d(32, 4, 3, padding=1)
+        with torch.no_grad():
+            self.c1.weight.mul_(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c2(torch.tanh(self.c1(x)))
+
+
+@pytest.mark.parametrize(("scale", "flagged"), [(1.0, False), (4.0, True)])
+def test_a_widening_layer_is_judged_between_xaviers_ends(scale: float, flagged: bool) -> None:
+    x = torch.randn(2, 1, 12, 12, generator=torch.Generator().manual_seed(1))
+    report = diagnose(
+        to_torch_export(Widening(scale), x),
+        npz_bytes(x=x, target=torch.zeros(2, 4, 12, 12)),
+        DiagnoseOptions(loss="mse", verify_fixes=False),
+    )
+    c1 = next(layer for layer in report.layers if layer.name == "c1")
+    assert c1.init_std_ratio is not None and c1.init_std_ratio > 1.5 * scale
+    found = [f for f in report.findings if f.kind == "init_scale" and "c1" in f.layers]
+    assert bool(found) == flagged
