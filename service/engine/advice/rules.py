@@ -566,16 +566,21 @@ class Advisor:
             f"in the {origin['phase']} pass (loss = {f.evidence.get('loss')}); its input leaves "
             f"the op's domain, so clamp it or add an eps there."
         )
+        self._add_guard(index, f, origin, reason, op=op, eps=1e-6)
+
+    def _add_guard(
+        self, index: int, f: Finding, origin: dict[str, Any], reason: str, **params: Any
+    ) -> None:
+        """The guard_numerics recommendation at the origin node, `params` the guard's own."""
         self.add(
             "guard_numerics",
             index,
             reason,
             f.layers or [origin["node"]],
             node=origin["node"],
-            op=op,
             op_type=origin["op_type"],
             phase=origin["phase"],
-            eps=1e-6,
+            **params,
         )
 
     def _log_of_softmax(
@@ -598,15 +603,12 @@ class Advisor:
             "gradient of every clamped entry. With an NLL loss on it, F.cross_entropy on the "
             "logits does both."
         )
-        self.add(
-            "guard_numerics",
+        self._add_guard(
             index,
+            f,
+            origin,
             reason,
-            f.layers or [origin["node"]],
-            node=origin["node"],
             op="log",
-            op_type=origin["op_type"],
-            phase=origin["phase"],
             method="log_softmax",
             softmax_node=feed.node,
             dim=feed.dim,
