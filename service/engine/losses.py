@@ -87,7 +87,7 @@ def default_loss(
     """(kind, reason) per CONTRACT.md §2. `output_shape` None means unknown yet."""
     if target is None and output_shape is not None and _numel(output_shape) == 1:
         return "model_output", (
-            "the batch has no target array and the model's output is a scalar: taken as the "
+            "the batch has no target array and the model returns a scalar: taken as the "
             "loss it computes itself"
         )
     if target is None:
@@ -97,6 +97,13 @@ def default_loss(
     if output_shape is None:
         return "cross_entropy", "integer target and a class-shaped output"
     axis = class_axis(output_shape, list(target.shape))
+    if axis is not None and output_shape[axis] == 1:
+        raise BadInputError(
+            f"the target holds class indices but the output {list(output_shape)} has one "
+            "class: cross-entropy over one class is 0 whatever the model does; for a binary "
+            "classifier with one logit give a float target of the output's shape with "
+            "--loss bce_with_logits (or --loss mse for a regression)"
+        )
     if axis == 1 or (axis is not None and len(output_shape) == 2):
         return "cross_entropy", "integer target and a class-shaped output"
     if axis is not None:
@@ -105,6 +112,27 @@ def default_loss(
         f"integer target {list(target.shape)} whose shape is not the output's "
         f"{list(output_shape)} without a class axis (dim 1 or the last)"
     )
+
+
+def read_output(kind: str, floats: Sequence[torch.Tensor]) -> int:
+    """Which of the floating-point outputs the loss reads: for `model_output` the first
+    scalar one (a model returning `{"logits": ..., "loss": ...}` computes its loss second),
+    else the first."""
+    if kind == "model_output":
+        return next((i for i, o in enumerate(floats) if o.numel() == 1), 0)
+    return 0
+
+
+def default_output_shape(
+    target: torch.Tensor | None, outputs: Sequence[torch.Tensor]
+) -> list[int] | None:
+    """The shape `default_loss` judges: without a target a scalar output (the loss the model
+    computes itself) wherever it is, else the first floating-point output's."""
+    floats = [o for o in outputs if isinstance(o, torch.Tensor) and o.is_floating_point()]
+    if not floats:
+        return None
+    scalar = read_output("model_output", floats) if target is None else 0
+    return list(floats[scalar].shape)
 
 
 def compute_loss(
@@ -117,13 +145,14 @@ def compute_loss(
     if kind == "output_norm":
         return torch.stack([o.float().square().mean() for o in floats]).sum()
     if kind == "model_output":
-        if floats[0].numel() != 1:
+        read = floats[read_output(kind, floats)]
+        if read.numel() != 1:
             raise BadInputError(
-                f"loss 'model_output' takes the model's output as the loss, but its first "
-                f"output has shape {list(floats[0].shape)}, not a scalar: use --loss output_norm "
+                f"loss 'model_output' takes the model's output as the loss, but no output is "
+                f"a scalar (the first has shape {list(read.shape)}): use --loss output_norm "
                 "or give a target"
             )
-        return floats[0].float().reshape(())
+        return read.float().reshape(())
     if target is None:
         raise BadInputError(
             f"loss {kind!r} needs a target: add an array named 'target' to the batch "
@@ -209,8 +238,8 @@ def check_has_labels(target: torch.Tensor, name: str = "target") -> None:
 
 def probability_axis(y: torch.Tensor, t: torch.Tensor) -> tuple[int, int, int]:
     """(class axis, all-zero rows, rows) of a class-probability target `t` of `y`'s shape (module
-    docstring): dim 1, else the last axis, the first whose rows sum to 1 (or 0). One host read;
-    raises BadInputError naming what to change."""
+    docstring): dim 1, else the last axis, the first whose rows all sum to 1, else the first
+    whose rows sum to 1 or 0. One host read; raises BadInputError naming what to change."""
     if t.shape != y.shape:
         raise BadInputError(
             f"loss 'cross_entropy' reads a floating-point target as class probabilities, which "
@@ -245,10 +274,11 @@ def probability_axis(y: torch.Tensor, t: torch.Tensor) -> tuple[int, int, int]:
             f"{problem}, but it holds negative values (smallest {smallest:.4g}): give "
             "probabilities (a softmax of a teacher's logits), or class indices as an integer array"
         )
-    for k, axis in enumerate(axes):
-        off, worst, zero = host[2 + 3 * k : 5 + 3 * k]
-        if not off:
-            return axis, int(zero), rows[k]
+    # an axis whose every row sums to 1 first: a one-hot [B, T, V] target whose tokens do not
+    # repeat within a sequence also sums to 0 or 1 along T (dim 1), which is no class axis
+    fits = [(k, axis) for k, axis in enumerate(axes) if not host[2 + 3 * k]]
+    for k, axis in sorted(fits, key=lambda fit: host[4 + 3 * fit[0]] > 0):
+        return axis, int(host[4 + 3 * k]), rows[k]
     off, worst = host[2:4]
     where = f"dim {axes[0]}" if len(axes) == 1 else f"dim 1 (nor along the last axis, {axes[-1]})"
     raise BadInputError(
@@ -275,9 +305,33 @@ def loss_input_notes(
     expects."""
     return (
         _first_output_notes(kind, outputs, output_names)
+        + _ambiguous_class_axis_notes(kind, outputs, target)
         + _log_probability_notes(kind, outputs, target)
         + _zero_probability_notes(kind, outputs, target)
     )
+
+
+def _ambiguous_class_axis_notes(
+    kind: str, outputs: Sequence[torch.Tensor], target: torch.Tensor | None
+) -> list[str]:
+    """Class indices that fit the output's classes on dim 1 and on its last axis alike
+    ([B, T, C] logits with [B, T] labels where T = C): read on dim 1, as F.cross_entropy
+    does, which a token classifier did not mean."""
+    floats = [o for o in outputs if isinstance(o, torch.Tensor) and o.is_floating_point()]
+    if kind not in _CLASS_LOSSES or target is None or target.is_floating_point() or not floats:
+        return []
+    shape, labels = list(floats[0].shape), list(target.shape)
+    last = len(shape) - 1
+    if len(shape) < 3 or class_axis(shape, labels) != 1:
+        return []
+    if not _same_shape(shape[:-1], labels):
+        return []
+    return [
+        f"the target {labels} fits the output {shape} with the classes on dim 1 and on its "
+        f"last axis ({last}) alike: read on dim 1, as F.cross_entropy does; if the classes are "
+        "on the last axis (a token classifier's [batch, tokens, classes]), put them on dim 1 "
+        "(output.transpose(1, -1)) or give a batch whose lengths differ from the class count"
+    ]
 
 
 def _first_output_notes(
@@ -293,9 +347,11 @@ def _first_output_notes(
     ]
     if kind == "output_norm" or len(floats) < 2:
         return []
-    (name, first), others = floats[0], [n for n, _ in floats[1:]]
+    read = read_output(kind, [o for _, o in floats])
+    (name, first), others = floats[read], [n for k, (n, _) in enumerate(floats) if k != read]
+    which = "first floating-point output" if read == 0 else "first scalar output"
     return [
-        f"the loss ({kind}) is of the model's first floating-point output, {name!r} "
+        f"the loss ({kind}) is of the model's {which}, {name!r} "
         f"{list(first.shape)}; its other outputs ({', '.join(map(repr, others[:4]))}"
         f"{', ...' if len(others) > 4 else ''}) take no part in it, and layers that feed only "
         "them get no gradient: to diagnose another output, export the model with that one first"

@@ -50,6 +50,7 @@ from service.engine.losses import (
     GIVEN_BY_USER,
     compute_loss,
     default_loss,
+    default_output_shape,
     labelled_share,
     loss_input_notes,
 )
@@ -157,7 +158,7 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
         if subject.loss_kind in ("", "auto"):
             # this part's target beside this part's output (micro-batches split both)
             subject.loss_kind, subject.loss_reason = default_loss(
-                target, list(outputs[0].shape) if outputs else None
+                target, default_output_shape(target, outputs)
             )
         loss = _loss(subject, outputs, target)
         parts_split = share != 1.0

@@ -208,3 +208,103 @@ def test_micro_batches_with_unevenly_ignored_labels_give_the_whole_batchs_gradie
         DiagnoseOptions(loss="cross_entropy", micro_batches=2),
     )
     assert_matches_torch(report, F.cross_entropy(module(x), labels), module)
+
+
+# -- which output, which axis ----------------------------------------------------------------------
+
+
+class Tagger(nn.Module):
+    """[B, T] tokens → [B, T, classes] logits (a language model / token classifier)."""
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.e, self.o = nn.Embedding(40, 8), nn.Linear(8, classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.o(torch.tanh(self.e(ids)))
+
+
+def test_one_hot_probabilities_of_a_sequence_are_read_on_the_vocabulary_axis() -> None:
+    """A one-hot [B, T, V] target whose tokens do not repeat in a sequence also sums to 0 or 1
+    along T (dim 1), which was taken as the class axis (loss 0.36 against torch's 3.80)."""
+    module, ids = Tagger(40), torch.arange(21).reshape(3, 7)
+    probs = F.one_hot((ids * 3) % 40, 40).float()  # no repeat within a sequence
+    report = diagnose(
+        to_torch_export(module, ids),
+        npz_bytes(ids=ids, target=probs),
+        DiagnoseOptions(loss="cross_entropy"),
+    )
+    logits = module(ids)
+    assert_matches_torch(report, F.cross_entropy(logits.flatten(0, 1), probs.flatten(0, 1)), module)
+
+
+class ArgmaxFirst(nn.Module):
+    """Returns (argmax, logits, aux): the loss reads the first floating-point output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc, self.aux = nn.Linear(6, 5), nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = self.fc(x)
+        return logits.argmax(-1), logits, self.aux(x)
+
+
+def test_the_default_loss_is_chosen_from_the_output_the_loss_reads() -> None:
+    """It was chosen from the integer argmax output (mse, then refused)."""
+    module, x = ArgmaxFirst(), torch.randn(8, 6)
+    labels = torch.arange(8) % 5
+    report = diagnose(to_torch_export(module, x), npz_bytes(x=x, target=labels), DiagnoseOptions())
+    assert report.loss.kind == "cross_entropy"
+    assert report.loss.value == pytest.approx(F.cross_entropy(module(x)[1], labels).item())
+
+
+class OwnLossSecond(nn.Module):
+    """Computes its own loss from a `labels` input and returns it after the logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tagger = Tagger(30)
+
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.tagger(ids)
+        return {"logits": logits, "loss": F.cross_entropy(logits.flatten(0, 1), labels.flatten())}
+
+
+def test_a_scalar_loss_output_after_the_logits_is_the_models_own_loss() -> None:
+    """Without a target the first scalar output is the loss the model computes (the output
+    norm of the logits was taken instead, silently: 13.0 against the model's 3.59)."""
+    module = OwnLossSecond()
+    ids, labels = torch.arange(24).reshape(4, 6) % 40, torch.arange(24).reshape(4, 6) % 30
+    report = diagnose(
+        to_torch_export(module, (ids, labels)),
+        npz_bytes(ids=ids, labels=labels),
+        DiagnoseOptions(),
+    )
+    assert report.loss.kind == "model_output"
+    assert any("first scalar output, 'loss'" in n for n in report.notes)
+    assert_matches_torch(report, module(ids, labels)["loss"], module)
+
+
+def test_labels_that_fit_dim_1_and_the_last_axis_alike_get_a_note() -> None:
+    module, ids = Tagger(6), torch.arange(24).reshape(4, 6) % 40  # T = classes = 6
+    labels = torch.arange(24).reshape(4, 6) % 6
+    report = diagnose(
+        to_torch_export(module, ids), npz_bytes(ids=ids, target=labels), DiagnoseOptions()
+    )
+    assert any("on dim 1 and on its last axis (2) alike" in n for n in report.notes)
+
+
+def test_class_indices_for_an_output_of_one_class_are_refused() -> None:
+    """Cross-entropy over one class is 0 whatever the model does: the report was a zero loss
+    and zero gradients everywhere."""
+    torch.manual_seed(0)
+    module, x = nn.Linear(6, 1), torch.randn(8, 6)
+    with pytest.raises(BadInputError, match="one class: cross-entropy over one class is 0"):
+        diagnose(
+            to_torch_export(module, x),
+            npz_bytes(x=x, target=torch.zeros(8, dtype=torch.long)),
+            DiagnoseOptions(),
+        )

@@ -60,7 +60,9 @@ def test_model_output_is_the_models_own_scalar_loss() -> None:
     loss = compute_loss("model_output", [own, LOGITS], None)
     loss.backward()
     assert loss.item() == 2.5 and own.grad is not None and own.grad.item() == 1.0
-    with pytest.raises(BadInputError, match=r"shape \[5, 4\], not a scalar.*output_norm"):
+    with pytest.raises(
+        BadInputError, match=r"no output is a scalar \(the first has shape \[5, 4\]\).*output_norm"
+    ):
         compute_loss("model_output", [LOGITS], None)
 
 
