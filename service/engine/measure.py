@@ -580,7 +580,8 @@ def micro_batch_notes(size: int, requested: int) -> list[str]:
         )
         notes.append(
             f"{size} examples do not split evenly into {len(parts)} micro-batches ({counts}); "
-            "each part's loss is weighted by its share of the batch, so the accumulated "
+            "each part's loss is weighted by its share of the batch (of its labels, for a "
+            "class loss with ignored -100 labels), so the accumulated "
             "gradients still equal the full batch's (layers that mix examples, such as "
             "BatchNorm in train mode, see each part's own statistics)"
         )
