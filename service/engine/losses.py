@@ -199,11 +199,39 @@ def compute_loss(
         if kind == "bce_with_logits":
             return F.binary_cross_entropy_with_logits(y, t)
     except (RuntimeError, IndexError) as exc:
+        out_of_range = _class_indices_out_of_range(kind, y, target)
+        if out_of_range:
+            raise TargetError(out_of_range) from exc
         raise BadInputError(
             f"loss {kind!r} does not fit output {list(y.shape)} and target "
             f"{list(target.shape)}: {str(exc).splitlines()[0]}"
         ) from exc
     raise BadInputError(f"unknown loss {kind!r}; use one of {', '.join(LOSS_KINDS)}")
+
+
+class TargetError(BadInputError):
+    """The target's values are wrong whatever the loss: changing --loss does not help."""
+
+
+def _class_indices_out_of_range(kind: str, y: torch.Tensor, target: torch.Tensor) -> str:
+    """What is wrong with class indices outside 0..C-1 and not -100, or '' (read only on the
+    path where the loss already failed)."""
+    if kind not in _CLASS_LOSSES or target.is_floating_point() or y.dim() < 2:
+        return ""
+    axis = class_axis(list(y.shape), list(target.shape))
+    if axis is None:
+        return ""
+    classes = int(y.shape[axis])
+    t = target.long()
+    bad = t[((t < 0) & (t != IGNORE_INDEX)) | (t >= classes)]
+    if not bad.numel():
+        return ""
+    shown = ", ".join(str(v) for v in bad.unique()[:5].tolist())
+    return (
+        f"the target's class indices must be 0..{classes - 1} (the output has {classes} "
+        f"classes on axis {axis}) or {IGNORE_INDEX} (ignored): it holds {shown} "
+        f"({bad.numel()} entr{'y' if bad.numel() == 1 else 'ies'} out of range)"
+    )
 
 
 def labelled_share(

@@ -48,6 +48,7 @@ from service.engine.layers import (
 )
 from service.engine.losses import (
     GIVEN_BY_USER,
+    TargetError,
     compute_loss,
     default_loss,
     default_output_shape,
@@ -614,7 +615,7 @@ def _loss(
     try:
         return compute_loss(subject.loss_kind, outputs, target)
     except BadInputError as exc:
-        if subject.loss_reason in (None, GIVEN_BY_USER):
+        if subject.loss_reason in (None, GIVEN_BY_USER) or isinstance(exc, TargetError):
             raise
         raise BadInputError(
             f"{exc}; {subject.loss_kind!r} is the default here ({subject.loss_reason}): "

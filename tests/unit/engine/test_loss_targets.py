@@ -308,3 +308,16 @@ def test_class_indices_for_an_output_of_one_class_are_refused() -> None:
             npz_bytes(x=x, target=torch.zeros(8, dtype=torch.long)),
             DiagnoseOptions(),
         )
+
+
+def test_class_indices_out_of_range_say_the_valid_range() -> None:
+    """torch's "Target 7 is out of bounds" with a hint to change --loss, which cannot help."""
+    torch.manual_seed(0)
+    module, x = nn.Linear(6, 5), torch.randn(8, 6)
+    labels = torch.tensor([0, 1, 7, 2, -1, 3, 4, -100])
+    with pytest.raises(BadInputError) as raised:
+        diagnose(to_torch_export(module, x), npz_bytes(x=x, target=labels), DiagnoseOptions())
+    message = str(raised.value)
+    assert "must be 0..4 (the output has 5 classes on axis 1) or -100 (ignored)" in message
+    assert "it holds -1, 7 (2 entries out of range)" in message
+    assert "--loss" not in message
