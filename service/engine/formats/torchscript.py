@@ -112,7 +112,10 @@ def _make_observable(
         )
         return
     missing = set(parameter_names) - {n for n, _ in graph.named_graph_parameters()}
-    unused = _unused_parameters(module, example, missing) if missing else set()
+    # asked of the module as loaded: the converter rewrote `module` (an RNN's flat weights no
+    # longer feed its forward), which would make every weight it lost look unused
+    original = loaded.source if isinstance(loaded.source, torch.jit.ScriptModule) else None
+    unused = _unused_parameters(original, example, missing) if missing and original else set()
     if missing - unused:
         loaded.coverage_reason = (
             "the converted TorchScript graph lost parameters "
