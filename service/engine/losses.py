@@ -187,6 +187,15 @@ def compute_loss(
                 total = F.nll_loss(y, t, reduction="sum")
             return total / (t != IGNORE_INDEX).sum().clamp(min=1).to(total.dtype)
         t = t.to(y.dtype)
+        if t.shape != y.shape and t.numel() == y.numel():
+            # the same values in another shape ([B] for a [B, 1] output): torch's loss would
+            # broadcast them to [B, B] with only a warning, the classic bug; the target is at
+            # fault whatever the loss
+            raise TargetError(
+                f"loss {kind!r} needs a target shaped like the output {list(y.shape)}, got "
+                f"{list(t.shape)} with as many values: reshape the target to "
+                f"{list(y.shape)}{_broadcast_text(kind, y, t)}"
+            )
         if t.shape != y.shape:
             raise BadInputError(
                 f"loss {kind!r} needs a target shaped like the output {list(y.shape)}, "
@@ -207,6 +216,15 @@ def compute_loss(
             f"{list(target.shape)}: {str(exc).splitlines()[0]}"
         ) from exc
     raise BadInputError(f"unknown loss {kind!r}; use one of {', '.join(LOSS_KINDS)}")
+
+
+def _broadcast_text(kind: str, y: torch.Tensor, t: torch.Tensor) -> str:
+    """What torch's own loss would have done with the two shapes, where it broadcasts."""
+    try:
+        shape = torch.broadcast_shapes(y.shape, t.shape)
+    except RuntimeError:
+        return ""
+    return f" (torch's {kind} would broadcast the two to {list(shape)}, with only a warning)"
 
 
 class TargetError(BadInputError):

@@ -321,3 +321,17 @@ def test_class_indices_out_of_range_say_the_valid_range() -> None:
     assert "must be 0..4 (the output has 5 classes on axis 1) or -100 (ignored)" in message
     assert "it holds -1, 7 (2 entries out of range)" in message
     assert "--loss" not in message
+
+
+def test_a_target_with_the_outputs_values_in_another_shape_says_to_reshape_it() -> None:
+    """[8] against a [8, 1] output: torch's mse would broadcast them to [8, 8]; changing
+    --loss cannot help, reshaping the target does."""
+    torch.manual_seed(0)
+    module, x = nn.Linear(6, 1), torch.randn(8, 6)
+    with pytest.raises(BadInputError) as raised:
+        diagnose(
+            to_torch_export(module, x), npz_bytes(x=x, target=torch.randn(8)), DiagnoseOptions()
+        )
+    message = str(raised.value)
+    assert "reshape the target to [8, 1]" in message and "broadcast the two to [8, 8]" in message
+    assert "--loss" not in message
