@@ -160,6 +160,11 @@ def compute_loss(
         )
     y = floats[0].float()
     t = target.to(y.device)
+    if t.dim() and y.dim() and t.shape[0] != y.shape[0]:
+        raise TargetError(
+            f"the target has {t.shape[0]} rows ({list(t.shape)}) but the output "
+            f"{list(y.shape)} has {y.shape[0]}, one per example: give one target per example"
+        )
     try:
         if kind == "cross_entropy" and t.is_floating_point():
             t = t.to(y.dtype)
@@ -207,7 +212,7 @@ def compute_loss(
             return F.l1_loss(y, t)
         if kind == "bce_with_logits":
             return F.binary_cross_entropy_with_logits(y, t)
-    except (RuntimeError, IndexError) as exc:
+    except (RuntimeError, IndexError, ValueError) as exc:
         out_of_range = _class_indices_out_of_range(kind, y, target)
         if out_of_range:
             raise TargetError(out_of_range) from exc

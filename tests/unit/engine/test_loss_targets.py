@@ -335,3 +335,16 @@ def test_a_target_with_the_outputs_values_in_another_shape_says_to_reshape_it() 
     message = str(raised.value)
     assert "reshape the target to [8, 1]" in message and "broadcast the two to [8, 8]" in message
     assert "--loss" not in message
+
+
+@pytest.mark.parametrize("loss", [None, "cross_entropy", "mse"])
+def test_a_target_with_fewer_rows_than_the_batch_is_refused_as_such(loss: str | None) -> None:
+    """With --loss cross_entropy torch's ValueError escaped as an internal error (exit 3); by
+    default the message was about mse's shapes and suggested --loss."""
+    torch.manual_seed(0)
+    module, x = nn.Linear(6, 5), torch.randn(8, 6)
+    target = torch.arange(6) % 5 if loss != "mse" else torch.randn(6, 5)
+    with pytest.raises(BadInputError, match=r"the target has 6 rows .* one per example"):
+        diagnose(
+            to_torch_export(module, x), npz_bytes(x=x, target=target), DiagnoseOptions(loss=loss)
+        )
