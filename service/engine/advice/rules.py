@@ -58,6 +58,9 @@ def _input_end(evidence: dict[str, Any]) -> str:
     return f"the first layer ({start})" if start else "the first layer"
 
 
+# activations whose derivative is at most 1/4 everywhere: a cause of vanishing gradients
+# even unsaturated (a tanh's is near 1 until it saturates)
+_QUARTER_SLOPE = frozenset({"sigmoid", "hardsigmoid"})
 GATE_BIAS_TARGET = 1.0  # forget/update-gate bias (Gers et al. 2000; Jozefowicz et al. 2015)
 GATE_BIAS_TOLERANCE = 1e-3  # a measured gate bias this close to the target is at it
 
@@ -230,6 +233,15 @@ class Advisor:
         sat = ev.saturating_layers(self.m)
         if layers is not None:
             sat = [x for x in sat if x.name in layers] or sat
+        # a sigmoid's derivative is at most 0.25 wherever it works; a tanh's is near 1 until
+        # it saturates: an unsaturated tanh stack is no cause (its init is, when anything)
+        cut = self.t["saturation_fraction_warning"]
+        sat = [
+            x
+            for x in sat
+            if ev.activation_of(x) in _QUARTER_SLOPE
+            or (x.activation_stats.saturated_fraction or 0.0) >= cut
+        ]
         if not sat:
             return
         acts = sorted({ev.activation_of(x) or "" for x in sat})

@@ -53,12 +53,22 @@ def test_sigmoid_vanishing_recommends_relu_with_he_first():
 
 
 def test_attention_models_get_gelu():
-    m = mlp(geometric(1e-6, 5.0, 8), activation="Tanh")
+    m = mlp(geometric(1e-6, 5.0, 8), activation="Tanh", saturated=[0.6] * 8)
     m.layers[-1].activation_stats.activation = None
     m.op_types.append("Softmax")
-    rec = recommend(detect(m), m)[0]
-    assert rec.fix == "replace_activation" and rec.params["to"] == "GELU"
+    rec = next(r for r in recommend(detect(m), m) if r.fix == "replace_activation")
+    assert rec.params["to"] == "GELU"
     assert "nn.GELU()" in rec.snippet
+
+
+def test_an_unsaturated_tanh_stack_is_not_told_to_change_its_activation():
+    """A tanh's derivative is near 1 until it saturates: vanishing gradients through
+    unsaturated tanh layers come from elsewhere (their initialisation); a sigmoid's is at most
+    1/4 anywhere, saturated or not."""
+    tanh = mlp(geometric(1e-6, 5.0, 8), activation="Tanh", saturated=[0.0] * 8)
+    assert "replace_activation" not in fixes(recommend(detect(tanh), tanh))
+    sigmoid = mlp(geometric(1e-6, 5.0, 8), activation="aten.sigmoid.default", saturated=[0.0] * 8)
+    assert "replace_activation" in fixes(recommend(detect(sigmoid), sigmoid))
 
 
 def test_output_sigmoid_is_not_blamed():
