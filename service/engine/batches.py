@@ -245,6 +245,18 @@ def match_batch(batch: Batch, declared: list[TensorSpec]) -> MatchedBatch:
     return MatchedBatch(inputs=inputs, target=target, info=info, notes=notes)
 
 
+def _as_integer(spec: TensorSpec, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor` in the declared integer dtype, refused where a value does not fit it."""
+    cast = tensor.to(dtype)
+    if tensor.numel() and not torch.equal(cast.to(tensor.dtype), tensor):
+        raise BatchError(
+            f"input {spec.name!r} expects {spec.dtype} but the batch's "
+            f"{str(tensor.dtype).removeprefix('torch.')} values do not fit it; convert that "
+            f"array to {str(dtype).removeprefix('torch.')}"
+        )
+    return cast
+
+
 def _check_input(spec: TensorSpec, tensor: torch.Tensor) -> torch.Tensor:
     declared_dtype = _declared_dtype(spec)
     if declared_dtype is not None:
@@ -257,6 +269,11 @@ def _check_input(spec: TensorSpec, tensor: torch.Tensor) -> torch.Tensor:
             )
         if want == "float" and tensor.dtype != declared_dtype:
             tensor = tensor.to(declared_dtype)
+        elif want == "int" and tensor.dtype != declared_dtype:
+            # int32 ids for an int64 input (numpy's default int on some platforms, a
+            # tokenizer's): a torch.export program asserts its traced dtype; ONNX and
+            # TorchScript read them either way
+            tensor = _as_integer(spec, tensor, declared_dtype)
     if spec.shape:
         shape = list(tensor.shape)
         mismatch = len(shape) != len(spec.shape) or any(

@@ -8,10 +8,14 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save as safetensors_save
+from torch import nn
 
+from service.engine import diagnose
 from service.engine.batches import TARGET_NAMES, load_batch, match_batch
+from service.engine.options import DiagnoseOptions
 from service.engine.report import TensorSpec
 from service.errors import BatchError
+from tests.support.export import to_torch_export
 from tests.unit.engine.measure_support import npz_bytes
 
 SPECS = [
@@ -167,3 +171,33 @@ def test_wrong_dtype_kind_names_the_input() -> None:
     arrays = _arrays() | {"mask": torch.ones(4, 2)}
     with pytest.raises(BatchError, match="input 'mask' expects int64 but the batch gives float32"):
         match_batch(load_batch(npz_bytes(**arrays)), SPECS)
+
+
+class TimestepEmbedding(nn.Module):
+    """A diffusion model's integer timesteps, cast to float for their sinusoidal embedding
+    (torch.export asserts the traced dtype where it casts)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        freqs = torch.arange(8, dtype=torch.float32) / 8
+        return self.fc(torch.sin(t[:, None].float() * freqs))
+
+
+def test_int32_timesteps_feed_an_int64_input_of_a_pt2() -> None:
+    """int32 values for an int64 input failed at `_assert_tensor_metadata` in a .pt2, where
+    ONNX and TorchScript read them."""
+    t = torch.arange(4) * 100
+    model, target = to_torch_export(TimestepEmbedding(), t), np.arange(4) % 3
+    wide = diagnose(model, npz_bytes(t=t, target=target), DiagnoseOptions())
+    narrow = diagnose(model, npz_bytes(t=t.int(), target=target), DiagnoseOptions())
+    assert narrow.loss.value == wide.loss.value
+    assert [p.grad_norm for p in narrow.parameters] == [p.grad_norm for p in wide.parameters]
+    with pytest.raises(BatchError, match="values do not fit it"):  # uint8 ← 300
+        match_batch(
+            load_batch(npz_bytes(t=torch.tensor([300]))),
+            [TensorSpec(name="t", shape=[1], dtype="uint8")],
+        )
