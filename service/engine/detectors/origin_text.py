@@ -165,9 +165,9 @@ def _guard(op: str, inputs: list[dict[str, Any]]) -> str:
     if op in LOGS:
         return "clamp its input to at least 1e-6 (torch.log(x.clamp_min(1e-6))) or add an eps"
     if op == "sqrt":
-        return "clamp its input to at least 1e-12 (sqrt's gradient at 0 is infinite)"
+        return "clamp its input to at least 1e-6 (sqrt's gradient at 0 is infinite)"
     if op == "rsqrt":
-        return "clamp its input to at least 1e-12"
+        return "clamp its input to at least 1e-6"
     if op in DIVS:
         return "keep the divisor away from 0 (add 1e-6 or torch.where(|b| < 1e-6, 1e-6, b))"
     if op in POWS:

@@ -219,3 +219,16 @@ def test_entries_underflowing_below_a_normal_rms_still_get_a_scale_above_one():
     assert value > 1 and math.log2(value).is_integer() and value <= 2**16
     assert 5.0 * value < 65504 / 2
     assert "far below" in why
+
+
+def test_guard_snippets_clamp_where_the_verified_transform_clamps() -> None:
+    """The advised sqrt guard said clamp_min(1e-12) while the verified one clamped at 1e-6."""
+    from service.engine.advice import snippets
+    from service.engine.detectors.origin_text import describe
+    from service.engine.verify.transforms import GUARD_EPS
+
+    assert GUARD_EPS == 1e-6  # the texts write it as 1e-6
+    for op in ("log", "sqrt", "rsqrt"):
+        assert "clamp_min(1e-6)" in snippets.guard_numerics(op, "n")
+        _, guard = describe({"op_type": op, "node": "n", "phase": "forward"})
+        assert "at least 1e-6" in guard

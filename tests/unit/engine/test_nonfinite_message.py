@@ -69,7 +69,7 @@ def test_sqrt_backward_at_zero_counts_the_zero_inputs() -> None:
     message, _ = _finding_and_rationale(_run(SqrtOfZero(), torch.randn(8, 4), "torch_export"))
     expected = "made the gradient non-finite in the backward pass at 48 zero inputs out of 48"
     assert expected in message
-    assert "1e-12" in message
+    assert "1e-6" in message
 
 
 def test_division_by_zero_counts_the_zero_divisors_and_the_infinities() -> None:
