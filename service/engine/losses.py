@@ -400,6 +400,12 @@ def _first_output_notes(
         return []
     read = read_output(kind, [o for _, o in floats])
     (name, first), others = floats[read], [n for k, (n, _) in enumerate(floats) if k != read]
+    if kind == "model_output":  # the model computed it, from whatever it computed it from
+        return [
+            f"the loss is the model's own, its first scalar output {name!r}; its other "
+            f"outputs ({', '.join(map(repr, others[:4]))}{', ...' if len(others) > 4 else ''}) "
+            "are not added to it, and reach it only as far as the model computed it from them"
+        ]
     which = "first floating-point output" if read == 0 else "first scalar output"
     return [
         f"the loss ({kind}) is of the model's {which}, {name!r} "

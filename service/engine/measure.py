@@ -615,6 +615,14 @@ def _loss(
     try:
         return compute_loss(subject.loss_kind, outputs, target)
     except BadInputError as exc:
+        whole = subject.target
+        split = target is not None and whole is not None and target.shape != whole.shape
+        if split and isinstance(exc, TargetError):
+            raise TargetError(
+                f"{exc} (with --micro-batches each part's output is computed from its own "
+                "examples: a loss over the whole batch, such as an in-batch contrastive one "
+                "whose labels index the batch, needs --micro-batches 1)"
+            ) from exc
         if subject.loss_reason in (None, GIVEN_BY_USER) or isinstance(exc, TargetError):
             raise
         raise BadInputError(

@@ -284,7 +284,9 @@ def test_a_scalar_loss_output_after_the_logits_is_the_models_own_loss() -> None:
         DiagnoseOptions(),
     )
     assert report.loss.kind == "model_output"
-    assert any("first scalar output, 'loss'" in n for n in report.notes)
+    assert any(
+        "the loss is the model's own, its first scalar output 'loss'" in n for n in report.notes
+    )
     assert_matches_torch(report, module(ids, labels)["loss"], module)
 
 
@@ -348,3 +350,24 @@ def test_a_target_with_fewer_rows_than_the_batch_is_refused_as_such(loss: str | 
         diagnose(
             to_torch_export(module, x), npz_bytes(x=x, target=target), DiagnoseOptions(loss=loss)
         )
+
+
+class Contrastive(nn.Module):
+    """CLIP's in-batch loss: logits [B, B] between two towers, labels arange(B)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(6, 4), nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.a(x), dim=-1) @ F.normalize(self.b(y), dim=-1).T * 10
+
+
+def test_micro_batches_of_an_in_batch_loss_say_why_the_labels_no_longer_fit() -> None:
+    x, y = torch.randn(8, 6), torch.randn(8, 6)
+    model = to_torch_export(Contrastive(), (x, y))
+    batch = npz_bytes(x=x, y=y, target=torch.arange(8))
+    assert diagnose(model, batch, DiagnoseOptions()).loss.kind == "cross_entropy"
+    with pytest.raises(BadInputError, match=r"in-batch contrastive .* --micro-batches 1"):
+        diagnose(model, batch, DiagnoseOptions(micro_batches=2))
