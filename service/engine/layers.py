@@ -190,7 +190,34 @@ def group_layers(graph: ObservableGraph) -> list[Layer]:
         layers.append(layer)
     _name_layers(layers)
     _init_activations(layers, nodes, consumers)
+    _mark_output_heads(layers, nodes, consumers, graph_outputs)
     return layers
+
+
+def _mark_output_heads(
+    layers: list[Layer],
+    nodes: list[Node],
+    consumers: dict[str, list[int]],
+    graph_outputs: set[str],
+) -> None:
+    """`extra["output_head"]`: the layer's output reaches a graph output through no other
+    layer (NeRF's rgb and sigma heads, a detector's class and box heads): its activation
+    defines what the model outputs, as the last layer's does."""
+    mains = {layer.main for layer in layers}
+    for layer in layers:
+        pending, seen = [layer.output], set()
+        while pending:
+            value = pending.pop()
+            if value in seen:
+                continue
+            seen.add(value)
+            if value in graph_outputs:
+                layer.extra["output_head"] = True
+                break
+            for index in consumers.get(value, []):
+                node = nodes[index]
+                if node.name not in mains and node.name not in layer.nodes:
+                    pending.extend(o for o in node.outputs if o)
 
 
 # Ops whose second input lends only its dtype: CastLike(W, x) is W in x's dtype (the dynamo

@@ -1045,6 +1045,7 @@ def _layer_report(
         init_std_ratio=init_ratio,
         init_reference=_init_reference(layer) if init_ratio is not None else None,
         fan_out=layer.fan_out,
+        output_head=bool(layer.extra.get("output_head")),
     )
 
 

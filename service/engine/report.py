@@ -127,6 +127,9 @@ class LayerReport(_Model):
     # fan_out))) or "recurrent" (1/√H); fan_out for Xavier's
     init_reference: str | None = None
     fan_out: int | None = None
+    # its output reaches a model output through no other layer (the last layer, and each of
+    # several heads): its activation is the model's output, not a hidden one
+    output_head: bool = False
 
 
 class QuantizerReport(_Model):

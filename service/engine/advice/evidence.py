@@ -44,10 +44,12 @@ def weight_layers(m: Measurements) -> list[LayerReport]:
 
 
 def saturating_layers(m: Measurements) -> list[LayerReport]:
-    """Layers followed by sigmoid/tanh, the output layer left out: its activation defines what
-    the model outputs (a probability), and changing it changes the task."""
+    """Layers followed by sigmoid/tanh, the output layer and other output heads left out:
+    their activation defines what the model outputs (a probability, a colour), and changing
+    it changes the task."""
     layers = by_depth(m)
     hidden = layers[:-1] if len(layers) > 1 else layers
+    hidden = [x for x in hidden if not x.output_head]
     return [x for x in hidden if (a := activation_of(x)) is not None and is_saturating(a)]
 
 

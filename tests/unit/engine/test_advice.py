@@ -232,3 +232,41 @@ def test_guard_snippets_clamp_where_the_verified_transform_clamps() -> None:
         assert "clamp_min(1e-6)" in snippets.guard_numerics(op, "n")
         _, guard = describe({"op_type": op, "node": "n", "phase": "forward"})
         assert "at least 1e-6" in guard
+
+
+def test_an_output_head_with_a_sigmoid_is_not_blamed() -> None:
+    """NeRF's colour head (sigmoid) beside its density head: both are outputs, not hidden
+    layers; only the last layer in the profile was left out."""
+    m = mlp(geometric(1e-6, 5.0, 8), activation="aten.relu.default")
+    m.layers[-2].activation_stats.activation = "sigmoid"
+    assert "replace_activation" in fixes(recommend(detect(m), m))
+    m.layers[-2].output_head = True
+    assert "replace_activation" not in fixes(recommend(detect(m), m))
+
+
+def test_each_layer_that_feeds_a_model_output_directly_is_an_output_head() -> None:
+    import torch
+    from torch import nn
+
+    from service.engine import diagnose
+    from service.engine.options import DiagnoseOptions
+    from tests.support.export import to_torch_export
+    from tests.unit.engine.measure_support import npz_bytes
+
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.trunk, self.rgb, self.sigma = nn.Linear(6, 8), nn.Linear(8, 3), nn.Linear(8, 1)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            h = torch.relu(self.trunk(x))
+            return torch.sigmoid(self.rgb(h)), torch.relu(self.sigma(h))
+
+    x = torch.randn(4, 6)
+    report = diagnose(to_torch_export(TwoHeads(), x), npz_bytes(x=x), DiagnoseOptions())
+    assert {layer.name: layer.output_head for layer in report.layers} == {
+        "trunk": False,
+        "rgb": True,
+        "sigma": True,
+    }
