@@ -21,6 +21,7 @@ from service.engine.batches import load_batch, match_batch
 from service.engine.eval_mode_notes import eval_mode_notes
 from service.engine.formats.detect import detect_format
 from service.engine.formats.loaded import LoadedModel
+from service.engine.formats.onnx import conversion_mismatch_note
 from service.engine.losses import GIVEN_BY_USER, LOSS_KINDS, default_loss
 from service.engine.measurements import Subject
 from service.engine.options import DiagnoseOptions
@@ -179,7 +180,7 @@ def build_subject(
         # resolved from the actual output by measure(): a declared output shape can be stale
         # (a dynamic-shape dynamo export declared ['B', 10, 30] for a [7, 17, 30] output)
         loss_kind, reason = "auto", None
-    notes = list(loaded.notes) + matched.notes
+    notes = list(loaded.notes) + matched.notes + conversion_mismatch_note(loaded.conversion)
     if loaded.graph is not None:
         notes += loaded.graph.metadata.get("notes", [])
         notes += unread_input_notes(

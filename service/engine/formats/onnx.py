@@ -14,6 +14,7 @@ graph is from the reference runtime.
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -101,3 +102,26 @@ def _check(
         return ConversionCheck(checked=False, reason=f"{type(exc).__name__}: {exc}")
     assert isinstance(result, ConversionCheck)
     return result
+
+
+# A relative error past this is no rounding difference: the converted graph computes something
+# else than onnxruntime does (fp32 conversions agree to ~1e-5, fp16 ones within `reason`'s floor).
+MISMATCH_REL_ERROR = 0.1
+
+
+def conversion_mismatch_note(check: ConversionCheck | None) -> list[str]:
+    """A note when the conformance check found the converted forward far from onnxruntime's
+    (or NaN/inf where onnxruntime is finite): the findings then describe the converted graph,
+    which is not the model onnxruntime runs."""
+    if check is None or not check.checked or check.max_rel_error is None:
+        return []
+    error = check.max_rel_error
+    # a finite error that `reason` explains (onnxruntime's MaxUnpool layout) is no surprise
+    if math.isfinite(error) and (error <= MISMATCH_REL_ERROR or check.reason):
+        return []
+    shown = f"{error:.3g}" if math.isfinite(error) else "a NaN or inf where it is finite"
+    return [
+        f"the converted graph's output differs from onnxruntime's on this batch (max relative "
+        f"error {shown}): the findings describe the converted graph, which may not compute what "
+        "onnxruntime computes; please report the model to the gradhealth maintainers"
+    ]

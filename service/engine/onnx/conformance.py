@@ -252,14 +252,16 @@ def _metrics(ours: Sequence[Any], theirs: Sequence[np.ndarray]) -> tuple[float, 
             raise ValueError(f"shape {list(got.shape)} vs onnxruntime's {list(ref.shape)}")
         if ref.numel() == 0:
             continue
-        diff = (got - ref).abs()
-        both_nonfinite = ~torch.isfinite(ref) & (got == ref)
-        diff = torch.where(both_nonfinite, torch.zeros_like(diff), diff)
+        # the same non-finite value on both sides agrees; a NaN or inf on one side only is an
+        # infinite error (Python's max() would drop a NaN difference: max(0.0, nan) is 0.0)
+        agree = (got.isnan() & ref.isnan()) | (~torch.isfinite(ref) & (got == ref))
+        diff = torch.where(agree, 0.0, (got - ref).abs().nan_to_num(nan=float("inf")))
         scale = ref.abs().nan_to_num(0.0, 0.0, 0.0).max().clamp(min=1e-30)
         fraction = 1e-3 if b.itemsize >= 4 else HALF_FLOOR_STEPS * float(np.finfo(b.dtype).eps)
         floor = torch.clamp(ref.abs(), min=float(scale) * fraction)
+        relative = torch.where(diff.isinf(), float("inf"), diff / floor)
         max_abs = max(max_abs, float(diff.max()))
-        max_rel = max(max_rel, float((diff / floor).max()))
+        max_rel = max(max_rel, float(relative.max()))
     return max_abs, max_rel
 
 

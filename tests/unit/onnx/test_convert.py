@@ -11,9 +11,11 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+from service.engine.formats.onnx import conversion_mismatch_note
 from service.engine.graph import Node
 from service.engine.onnx.conformance import check_conversion
 from service.engine.onnx.convert import convert
+from service.engine.report import ConversionCheck
 from service.errors import BadInputError
 from tests.support.export import to_onnx
 from tests.support.zoo import ZOO
@@ -306,3 +308,47 @@ def test_conformance_names_onnxruntimes_max_unpool_layout_where_output_shape_is_
     check = check_conversion(model, graph, [x, i])
     assert check.max_abs_error is not None and check.max_abs_error > 1  # they do differ
     assert check.reason is not None and "MaxUnpool with output_shape (up)" in check.reason
+
+
+def _reduce_mean_model() -> onnx.ModelProto:
+    graph_proto = helper.make_graph(
+        [helper.make_node("ReduceMean", ["x"], ["y"], axes=[1], keepdims=0)],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, None, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+    )
+    return helper.make_model(graph_proto, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_mean_over_an_empty_axis_is_zero_as_in_onnxruntime() -> None:
+    # a legacy-exported EmbeddingBag(mode="mean") with an empty bag: torch's mean is NaN there
+    model = _reduce_mean_model()
+    graph = convert(model)
+    x = torch.zeros(2, 0, 3)
+    assert torch.equal(graph(x), torch.zeros(2, 3))
+    check = check_conversion(model, graph, [x])
+    assert check.checked and check.max_abs_error == 0.0
+
+
+def test_conformance_counts_a_nan_on_one_side_only_as_an_infinite_error() -> None:
+    model = _reduce_mean_model()
+    graph = convert(model)
+    x = torch.randn(2, 4, 3)
+    ours = graph(x).detach().clone()
+    ours[0, 1] = float("nan")
+    check = check_conversion(model, graph, [x], [ours])
+    assert check.max_abs_error == float("inf") and check.max_rel_error == float("inf")
+    # the same NaN on both sides agrees
+    x[1, 2, 0] = float("nan")
+    check = check_conversion(model, graph, [x])
+    assert check.max_abs_error is not None and check.max_abs_error < 1e-6
+
+
+def test_a_report_notes_a_conversion_that_differs_from_onnxruntime() -> None:
+    agreeing = ConversionCheck(checked=True, max_abs_error=1e-7, max_rel_error=1e-6)
+    assert conversion_mismatch_note(agreeing) == []
+    assert conversion_mismatch_note(ConversionCheck(checked=False, reason="not requested")) == []
+    for error in (0.5, float("inf")):
+        check = ConversionCheck(checked=True, max_abs_error=error, max_rel_error=error)
+        (note,) = conversion_mismatch_note(check)
+        assert "differs from onnxruntime" in note

@@ -40,6 +40,14 @@ def _amin(x: torch.Tensor, dims: list[int], keep: bool) -> torch.Tensor:
     return x.amin(dim=dims, keepdim=keep) if dims else x
 
 
+def _mean(x: torch.Tensor, dims: list[int], keep: bool) -> torch.Tensor:
+    """The mean over an empty set is 0, as in onnxruntime and torch's EmbeddingBag (an empty
+    bag of a legacy-exported mean EmbeddingBag reaches here): torch's mean gives NaN."""
+    if x.numel() == 0:
+        return x.sum(dim=dims, keepdim=keep)
+    return x.mean(dim=dims, keepdim=keep)
+
+
 def _prod(x: torch.Tensor, dims: list[int], keep: bool) -> torch.Tensor:
     for d in sorted(dims, reverse=True):
         x = x.prod(dim=d, keepdim=keep)
@@ -48,7 +56,7 @@ def _prod(x: torch.Tensor, dims: list[int], keep: bool) -> torch.Tensor:
 
 REDUCERS: dict[str, Reducer] = {
     "ReduceSum": lambda x, d, k: x.sum(dim=d, keepdim=k),
-    "ReduceMean": lambda x, d, k: x.mean(dim=d, keepdim=k),
+    "ReduceMean": _mean,
     "ReduceMax": _amax,
     "ReduceMin": _amin,
     "ReduceProd": _prod,
