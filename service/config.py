@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MAX_UPLOAD_BYTES = 2 * 1024**3  # 2 GiB: a large CNN/transformer checkpoint fits
@@ -91,6 +91,27 @@ class Settings(BaseSettings):
                 "when GRADHEALTH_ENVIRONMENT=production so that remote workers can read them"
             )
         return self
+
+
+ENV_PREFIX = "GRADHEALTH_"
+
+
+def describe_settings_error(exc: ValidationError) -> list[str]:
+    """One line per bad setting, named by its environment variable (GRADHEALTH_JOB_TIMEOUT_S,
+    not pydantic's field name), with the value given and what is expected."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+        loc = error.get("loc") or ()
+        if not loc:  # a check across settings: its message names the variables
+            lines.append(message)
+            continue
+        variable = f"{ENV_PREFIX}{str(loc[0]).upper()}"
+        value = error.get("input")
+        given = f"={value!r}" if isinstance(value, (str, int, float)) else ""
+        expected = message[0].lower() + message[1:] if message else "invalid value"
+        lines.append(f"{variable}{given}: {expected}")
+    return lines
 
 
 @lru_cache(maxsize=1)

@@ -10,11 +10,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 import service
 from service.api.deps import AuthCache
+from service.api.docs import install_docs
 from service.api.errors import install_error_handlers
+from service.api.filters import reject_repeated_query
 from service.api.metrics import Metrics, MetricsMiddleware
 from service.api.routers import batches, diagnoses, health, models, schedules
 from service.config import Settings, get_settings
@@ -55,7 +57,11 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
         version=getattr(service, "__version__", "0.1.0"),
         description=DESCRIPTION,
         lifespan=lifespan,
+        dependencies=[Depends(reject_repeated_query)],  # service/api/filters.py
+        docs_url=None,  # served from installed files, not a CDN: service/api/docs.py
+        redoc_url=None,
     )
+    install_docs(app)
     app.state.settings = settings
     app.state.database = db
     app.state.blob_store = BlobStore(settings, db)

@@ -7,6 +7,7 @@ line on stderr naming the problem); 3 internal failure. Never a traceback for th
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import textwrap
 from pathlib import Path
@@ -100,9 +101,29 @@ def _run(
         raise _fail(f"--{field.replace('_', '-')}: {error['msg']}", EXIT_BAD_INPUT) from None
     from service.engine.pipeline import diagnose  # torch is imported only from here on
 
+    quiet_torch_logs()
     # external data that torch.onnx.export wrote next to the model (`model.onnx.data`) is read
     # from the model's folder, under loading.py's rules (no absolute paths, `..` or links out)
     return diagnose(model, batch, options, bundle_dir=model.absolute().parent)
+
+
+# torch loggers that report, with a traceback per op, failures torch itself recovers from or
+# that reach the user anyway as the exception gradhealth turns into its one-line message
+# (fake_tensor: "failed while attempting to run meta for aten.mm.default" when a TorchScript
+# model is converted for a batch that does not fit it)
+NOISY_TORCH_LOGGERS = ("torch._subclasses.fake_tensor",)
+
+
+def _drop_record(_record: logging.LogRecord) -> bool:
+    return False
+
+
+def quiet_torch_logs() -> None:
+    """Silence NOISY_TORCH_LOGGERS in this process (a filter: torch may reset their levels)."""
+    for name in NOISY_TORCH_LOGGERS:
+        logger = logging.getLogger(name)
+        if _drop_record not in logger.filters:
+            logger.addFilter(_drop_record)
 
 
 def _classify(exc: Exception) -> typer.Exit:

@@ -19,14 +19,14 @@ def create_key(
 ) -> None:
     """Create an API key for TENANT and print it (once)."""
     from service.auth import issue_api_key
-    from service.config import Settings
+    from service.cli.server import settings_or_exit
     from service.db.migrate import is_at_head
     from service.db.session import Database
 
     if not tenant.strip() or len(tenant) > 200:
         typer.echo("gradhealth: --tenant must be a name of 1 to 200 characters", err=True)
         raise typer.Exit(2)
-    database = Database.from_settings(Settings())
+    database = Database.from_settings(settings_or_exit())
     try:
         if not is_at_head(database.engine):
             typer.echo(

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import logging
 import shutil
+import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
@@ -22,16 +24,22 @@ DEFAULT_TENANT = "default"
 log = logging.getLogger("gradhealth.serve")
 
 
-def _settings() -> Any:
+def settings_or_exit() -> Any:
+    """The settings from the environment; on a bad GRADHEALTH_* value one line per bad setting
+    on stderr, naming its variable, and exit 2."""
     from pydantic import ValidationError
 
-    from service.config import Settings
+    from service.config import Settings, describe_settings_error
 
     try:
         return Settings()
     except ValidationError as exc:
-        typer.echo(f"gradhealth: bad configuration: {exc}", err=True)
-        raise typer.Exit(2) from exc
+        for line in describe_settings_error(exc):
+            typer.echo(f"gradhealth: bad configuration: {line}", err=True)
+        raise typer.Exit(2) from None
+
+
+_settings = settings_or_exit
 
 
 def _where(settings: Any) -> str:
@@ -133,7 +141,9 @@ def _parse_gpus(value: str | None) -> list[int] | None:
         raise typer.Exit(2) from exc
 
 
-def start_worker_pool(settings: Any, workers: int | None, gpus: list[int] | None) -> Any:
+def start_worker_pool(
+    settings: Any, workers: int | None, gpus: list[int] | None, grace_s: float | None = None
+) -> Any:
     try:
         from service.workers.supervisor import Supervisor
     except ImportError as exc:
@@ -141,7 +151,14 @@ def start_worker_pool(settings: Any, workers: int | None, gpus: list[int] | None
         return None
     if workers is None and gpus is None:
         gpus = detect_gpus() or None
-    supervisor = Supervisor(settings, cpus=None if gpus else (workers or 1), gpus=gpus)
+    from service.workers.supervisor import GRACEFUL_STOP_S
+
+    supervisor = Supervisor(
+        settings,
+        cpus=None if gpus else (workers or 1),
+        gpus=gpus,
+        grace_s=GRACEFUL_STOP_S if grace_s is None else grace_s,
+    )
     supervisor.start()
     return supervisor
 
@@ -153,6 +170,21 @@ def start_scheduler(settings: Any, public_url: str) -> Any:
     scheduler = SchedulerLoop(settings, public_url=public_url)
     scheduler.start()
     return scheduler
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _on_stop_signals(handler: Callable[[int, Any], None]) -> None:
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, handler)
+
+
+def _ignore_stop_signal(_signum: int, _frame: Any) -> None:
+    """Installed while uvicorn runs. uvicorn handles SIGINT/SIGTERM itself (graceful HTTP
+    shutdown), then restores the previous handlers and raises the signal again: with Python's
+    default SIGTERM that killed the process before the worker pool could stop, orphaning a
+    running job's child. Here the raised signal is a no-op and `serve` stops the pool itself."""
 
 
 @app.command("serve")
@@ -173,6 +205,12 @@ def serve_command(
             help="the API's address in schedule webhooks' report_url (default: --host/--port)",
         ),
     ] = "",
+    grace: Annotated[
+        float,
+        typer.Option(
+            min=0, help="seconds running jobs get to finish on SIGTERM/Ctrl-C before requeueing"
+        ),
+    ] = 30.0,
 ) -> None:
     """API + in-process worker pool: the one-command local service (SQLite by default)."""
     from service.api.app import create_app
@@ -189,12 +227,23 @@ def serve_command(
             f"'Authorization: Bearer <key>'):\n{key}"
         )
     sys.stdout.flush()
-    supervisor = None if workers == 0 else start_worker_pool(settings, workers, gpu_list)
+    supervisor = None if workers == 0 else start_worker_pool(settings, workers, gpu_list, grace)
     scheduler = start_scheduler(settings, public_url or url)
+    # SIGTERM (docker stop, systemd) and Ctrl-C alike: uvicorn stops serving, then the pool
+    # stops claiming, lets running jobs finish for --grace seconds and requeues the rest
+    # without counting the attempt; a second signal requeues them at once.
+    _on_stop_signals(_ignore_stop_signal)
     try:
         _uvicorn(create_app(settings), host, port)
     finally:
         scheduler.stop()
         if supervisor is not None:
+            _on_stop_signals(lambda _signum, _frame: supervisor.stop())
+            typer.echo(
+                f"gradhealth: stopping the workers: running jobs get {grace:g} s to finish, then "
+                "go back to the queue (signal again to requeue them now)",
+                err=True,
+            )
             supervisor.stop()
             supervisor.join()
+            typer.echo("gradhealth: workers stopped", err=True)

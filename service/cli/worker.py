@@ -54,19 +54,13 @@ def worker_command(
 ) -> None:
     """Run diagnoses from the queue: one child per GPU (default: every GPU found), or N CPU
     children."""
-    from pydantic import ValidationError
-
-    from service.config import Settings
+    from service.cli.server import settings_or_exit
 
     if gpus is not None and cpus is not None:
         typer.echo("gradhealth: give --gpus or --cpus, not both", err=True)
         raise typer.Exit(2)
     gpu_list = _parse_gpus(gpus) if gpus is not None else None
-    try:
-        settings = Settings()
-    except ValidationError as exc:
-        typer.echo(f"gradhealth: bad configuration: {exc}", err=True)
-        raise typer.Exit(2) from exc
+    settings = settings_or_exit()
     if gpu_list is None and cpus is None:
         from service.cli.server import detect_gpus
 

@@ -125,10 +125,7 @@ def _load_pt(data: bytes) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
     except Exception as exc:
-        raise BatchError(
-            "the .pt batch could not be loaded with weights_only=True (only tensors, dicts, "
-            f"lists and tuples are allowed): {str(exc).splitlines()[0]}"
-        ) from exc
+        raise BatchError(_pt_refusal(exc)) from exc
     if isinstance(obj, torch.Tensor):
         return {"input": obj}
     if isinstance(obj, (list, tuple)):
@@ -141,6 +138,39 @@ def _load_pt(data: bytes) -> dict[str, torch.Tensor]:
             raise BatchError(f"entry {name!r} of the .pt batch is a {type(value).__name__}")
         out[str(name)] = value
     return out
+
+
+_SAVE_TENSORS_ONLY = (
+    "save only tensors (a tensor, or a list, tuple or dict of tensors) with torch.save, or "
+    "send the batch as .npz or .safetensors"
+)
+
+
+def _pt_refusal(exc: Exception) -> str:
+    """Why torch.load(weights_only=True) refused a .pt batch, without torch's header (which
+    suggests weights_only=False: running the file's code, never what a server should do)."""
+    import re
+
+    text = str(exc)
+    refused = re.search(r"GLOBAL ([\w.]+)", text)
+    if refused is not None:
+        return (
+            f"the .pt batch was refused: it holds a non-tensor object ({refused.group(1)}), "
+            "which torch.load(weights_only=True) refuses: unpickling it could run code; "
+            + _SAVE_TENSORS_ONLY
+        )
+    lines = [
+        line.strip()
+        for line in text.splitlines()
+        if line.strip()
+        and "weights_only" not in line
+        and not line.startswith(("Weights only load failed", "Check the documentation"))
+    ]
+    reason = lines[0] if lines else type(exc).__name__
+    return (
+        f"the .pt batch could not be loaded with torch.load(weights_only=True) ({reason}); "
+        + _SAVE_TENSORS_ONLY
+    )
 
 
 def _dtype_kind(dtype: torch.dtype) -> str:

@@ -15,11 +15,13 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import croniter
+from croniter import CroniterBadDateError, croniter
 
 from service.errors import BadInputError
 
 CRON_FIELDS = 5
+# Any day: validation asks for the first tick after it (a leap day is at most 8 years away).
+_VALIDATION_START = datetime(2000, 3, 1)
 # Enough ticks to step over a repeated DST hour however dense the expression is.
 MAX_SKIPPED_TICKS = 120
 
@@ -54,7 +56,19 @@ def validate_cron(expression: str) -> str:
         raise BadScheduleError(
             f"cron: {expression!r} is not a valid cron expression ({exc})"
         ) from exc
+    try:
+        croniter(normalised, _VALIDATION_START).get_next(datetime)
+    except CroniterBadDateError as exc:
+        raise _never_fires(expression) from exc
     return normalised
+
+
+def _never_fires(expression: str) -> BadScheduleError:
+    return BadScheduleError(
+        f"cron: {expression!r} never matches a date (its day of month does not occur in its "
+        "month(s), e.g. 30 February or 31 April), so the schedule would never run; give a day "
+        "that exists in those months"
+    )
 
 
 def next_tick(expression: str, timezone: str, after: datetime) -> datetime:
@@ -64,7 +78,10 @@ def next_tick(expression: str, timezone: str, after: datetime) -> datetime:
     wall = after_utc.astimezone(zone).replace(tzinfo=None)
     ticks = croniter(expression, wall)
     for _ in range(MAX_SKIPPED_TICKS):
-        candidate_wall: datetime = ticks.get_next(datetime)
+        try:
+            candidate_wall: datetime = ticks.get_next(datetime)
+        except CroniterBadDateError as exc:
+            raise _never_fires(expression) from exc
         candidate = candidate_wall.replace(tzinfo=zone, fold=0).astimezone(UTC)
         if candidate > after_utc:
             return candidate

@@ -9,14 +9,20 @@ at once (422); their inputs, outputs and parameter count come from the worker's 
   are walked the same way: one that keeps its bytes in an external data file
   (`torch.onnx.export(dynamo=True)` writes `model.onnx.data` next to the model) is refused at
   upload, because the worker would only find it missing; such models come as a zip bundle.
-- ONNX bundle: a zip holding exactly one `.onnx` file plus its external data files.
+- ONNX bundle: a zip holding exactly one `.onnx` file plus its external data files. Checked
+  at upload under the loader's rules (service/engine/onnx/loading.py): every member a relative
+  path inside the bundle (no absolute path, `..` or symbolic link), and every external data
+  reference of the `.onnx` a member of the bundle, its offset and length inside that file. The
+  `.onnx` member itself is parsed for this (protobuf only, its data files are not read) when
+  it is at most MAX_BUNDLE_ONNX_PARSE_BYTES; a larger one is left to the worker's loader.
 """
 
 from __future__ import annotations
 
+import stat
 import zipfile
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from service.engine.formats.detect import format_of_zip_members
@@ -35,6 +41,8 @@ DATA_LOCATION_EXTERNAL = 1
 FIXED_WIRE_SIZES = {1: 8, 5: 4}
 MAX_TOP_LEVEL_FIELDS = 100_000
 MAX_PROTOBUF_BYTES = 2 * 1024**3
+# A bundle's .onnx keeps its weights in data files, so it is small; parsed at upload up to this.
+MAX_BUNDLE_ONNX_PARSE_BYTES = 256 * 1024**2
 
 
 def sniff_model_format(path: Path) -> str:
@@ -70,7 +78,86 @@ def zip_members(path: Path) -> list[str]:
 
 
 def _zip_model_format(path: Path) -> str:
-    return format_of_zip_members(zip_members(path))
+    model_format = format_of_zip_members(zip_members(path))
+    if model_format == "onnx":
+        check_onnx_bundle(path)
+    return model_format
+
+
+def check_onnx_bundle(path: Path) -> None:
+    """ModelFormatError (422) when the worker could not load the bundle: a member outside
+    the bundle, a link, or external data the bundle does not hold (see the module docstring)."""
+    from service.engine.onnx.loading import check_relative
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            sizes: dict[str, int] = {}
+            onnx_member: zipfile.ZipInfo | None = None
+            for info in archive.infolist():
+                if info.is_dir():
+                    continue
+                check_relative(info.filename, "bundle member")
+                if stat.S_ISLNK(info.external_attr >> 16):
+                    raise ModelFormatError(
+                        f"bundle member '{info.filename}' is a symbolic link; links are refused"
+                    )
+                sizes[_normalised(info.filename)] = info.file_size
+                if info.filename.lower().endswith(".onnx"):
+                    onnx_member = info
+            if onnx_member is None or onnx_member.file_size > MAX_BUNDLE_ONNX_PARSE_BYTES:
+                return
+            data = archive.read(onnx_member)
+    except zipfile.BadZipFile as exc:
+        raise ModelFormatError(f"the file is a damaged zip archive ({exc})") from exc
+    _check_bundle_references(data, onnx_member.filename, sizes)
+
+
+def _normalised(name: str) -> str:
+    return str(PurePosixPath(name.replace("\\", "/")))
+
+
+def _check_bundle_references(data: bytes, onnx_name: str, sizes: dict[str, int]) -> None:
+    from google.protobuf.message import DecodeError
+    from onnx import ModelProto, TensorProto
+
+    from service.engine.onnx.loading import check_relative, iter_tensors
+
+    model = ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, ValueError, RuntimeError) as exc:
+        raise ModelFormatError(
+            f"the bundle's '{onnx_name}' is not a valid ONNX model: {exc}"
+        ) from exc
+    if not model.HasField("graph"):
+        raise ModelFormatError(f"the bundle's '{onnx_name}' is not a valid ONNX model: no graph")
+    folder = PurePosixPath(_normalised(onnx_name)).parent
+    for tensor in iter_tensors(model.graph):
+        if tensor.data_location != TensorProto.EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        what = f"external data location of tensor '{tensor.name}'"
+        relative = check_relative(location, what)
+        member = _normalised(str(folder / relative))
+        if member not in sizes:
+            raise ModelFormatError(
+                f"tensor '{tensor.name}' of '{onnx_name}' keeps its data in '{location}', which "
+                "the bundle does not hold; zip the .onnx file together with its data files "
+                "(zip model.zip model.onnx model.onnx.data)"
+            )
+        try:
+            offset = int(info.get("offset", 0) or 0)
+            length = int(info["length"]) if info.get("length") else sizes[member] - offset
+        except ValueError as exc:
+            raise ModelFormatError(
+                f"external data of tensor '{tensor.name}' has a malformed offset or length"
+            ) from exc
+        if offset < 0 or length < 0 or offset + length > sizes[member]:
+            raise ModelFormatError(
+                f"external data of tensor '{tensor.name}' (offset {offset}, length {length}) "
+                f"lies outside the file '{location}' ({sizes[member]} bytes)"
+            )
 
 
 def _read_varint(f: BinaryIO) -> int | None:

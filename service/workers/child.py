@@ -6,14 +6,24 @@ connections, threads or CUDA state). Before torch is imported it applies its env
 torch and the engine once, initialises CUDA once, and answers `ChildReady`. After that each
 job costs only its own work. The child never writes job state: the supervisor does, so a child
 that is killed mid-job leaves nothing half-written.
+
+A child never outlives its supervisor: on Linux the kernel kills it when the supervisor dies
+(`PR_SET_PDEATHSIG`), and elsewhere a watchdog thread exits when the parent's sentinel closes.
+Otherwise a supervisor killed mid-job would leave an orphan computing past
+`GRADHEALTH_JOB_TIMEOUT_S` (it ignores SIGTERM, see below) while its job waits for its lease.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
+import multiprocessing
 import os
 import signal
-from multiprocessing.connection import Connection
+import sys
+import threading
+from multiprocessing.connection import Connection, wait
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -34,10 +44,14 @@ def child_main(
     # a terminal or `docker stop`): the child finishes its job and is then told to exit.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    die_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s child %(process)d %(message)s")
 
     import torch
 
+    from service.cli.diagnose import quiet_torch_logs
+
+    quiet_torch_logs()  # a job's failure is its result's message, not tracebacks in the log
     _import_engine()
     from service.db.session import Database
     from service.storage.blobs import BlobStore
@@ -70,6 +84,32 @@ def child_main(
             conn.send(runner.run(request))
     finally:
         database.dispose()
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent() -> None:
+    """End this process when the process that started it dies (see the module docstring)."""
+    parent = multiprocessing.parent_process()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if parent is None:
+        return
+    if parent.pid is not None and os.getppid() != parent.pid:
+        os._exit(1)  # the parent died before the line above took effect
+    sentinel = parent.sentinel
+    threading.Thread(
+        target=_exit_when_closed, args=(sentinel,), name="parent-watchdog", daemon=True
+    ).start()
+
+
+def _exit_when_closed(sentinel: int) -> None:
+    wait([sentinel])
+    log.warning("the supervisor (parent process) is gone: exiting")
+    os._exit(1)
 
 
 def _import_engine() -> None:

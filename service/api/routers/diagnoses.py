@@ -18,6 +18,7 @@ from service.api.deps import (
     TenantDep,
     in_read_session,
 )
+from service.api.filters import distinct, merged_page
 from service.api.operations import (
     BadOptionsError,
     build_options,
@@ -254,8 +255,13 @@ async def read_report_page(
 async def list_diagnoses(
     tenant: TenantDep,
     database: DatabaseDep,
-    model_id: str | None = None,
-    status: DiagnosisStatus | None = None,
+    model_id: Annotated[
+        list[str] | None, Query(description="only these models' diagnoses (repeat for several)")
+    ] = None,
+    status: Annotated[
+        list[DiagnosisStatus] | None,
+        Query(description="only diagnoses in one of these states (repeat for several)"),
+    ] = None,
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> DiagnosisPage:
@@ -265,8 +271,13 @@ async def list_diagnoses(
         raise BadInputError(f"{exc}; pass the next_cursor of a previous page") from exc
 
     def page(session: Session) -> DiagnosisPage:
-        items, nxt = diagnoses_repo.list_page(
-            session, tenant.id, model_id=model_id, status=status, after=after, limit=limit
+        items, nxt = merged_page(
+            lambda **one: diagnoses_repo.list_page(
+                session, tenant.id, after=after, limit=limit, **one
+            ),
+            {"model_id": distinct(model_id), "status": distinct(status)},
+            limit=limit,
+            cursor_of=lambda job: diagnoses_repo.Cursor(created_at=job.created_at, id=job.id),
         )
         return DiagnosisPage(
             items=[diagnosis_summary(job) for job in items],

@@ -156,4 +156,14 @@ def resolve_external_data(model: ModelProto, bundle_dir: Path | None) -> None:
         tensor.data_location = TensorProto.DEFAULT
 
 
-__all__ = ["load_onnx", "load_onnx_bundle", "resolve_external_data"]
+# The path rule for bundle members and external data locations, for the API's upload check
+# (service/storage/sniff.py), which applies it before accepting a bundle.
+check_relative = _check_relative
+
+__all__ = [
+    "check_relative",
+    "iter_tensors",
+    "load_onnx",
+    "load_onnx_bundle",
+    "resolve_external_data",
+]
