@@ -716,3 +716,45 @@ def parameter_fans(graph: ObservableGraph) -> dict[str, tuple[int, int]]:
         for layer in group_layers(graph)
         if layer.weight is not None and layer.fan_in and layer.fan_out
     }
+
+
+def untrained_layers(
+    graph: ObservableGraph | None, layers: list[Layer], frozen: frozenset[str]
+) -> list[str]:
+    """The layers a fine-tuning run leaves untouched AND whose gradient feeds nothing it
+    trains: every parameter of theirs is frozen (`frozen`: names the source model holds with
+    requires_grad=False) and no trainable parameter is upstream of them (towards the input).
+    A frozen backbone under a trainable head: its gradient is measured (the report shows what
+    it would get if trained) but reaches no parameter an optimizer updates, so no finding or
+    advice is about it. A frozen layer between trainable ones still passes the gradient on to
+    those before it: not listed. With every parameter frozen (a model exported for inference)
+    nothing is listed: the whole model is measured as if trained.
+
+    From the graph: a value is fed by a trainable parameter when a node computing it reads
+    one, or reads a value so fed. Without a graph (parameters-only coverage), layers in
+    parameter order: the leading run of layers whose parameters are all frozen."""
+    params = list(graph.param_names) if graph is not None else [p for x in layers for p in x.params]
+    if not frozen or all(p in frozen for p in params):
+        return []
+    if graph is None:
+        leading: list[str] = []
+        for layer in layers:
+            if not layer.params or any(p not in frozen for p in layer.params):
+                break
+            leading.append(layer.name)
+        return leading
+    fed = {
+        value
+        for value, registered in graph.param_names.items()
+        if value not in frozen and registered not in frozen
+    }
+    for node in graph.nodes:
+        if any(v in fed for v in _values_read(node)):
+            fed.update(o for o in node.outputs if o)
+    return [
+        layer.name
+        for layer in layers
+        if layer.params
+        and all(p in frozen for p in layer.params)
+        and not any(v in fed for v in (layer.output, *layer.grad_outputs))
+    ]

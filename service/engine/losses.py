@@ -223,6 +223,39 @@ def compute_loss(
     raise BadInputError(f"unknown loss {kind!r}; use one of {', '.join(LOSS_KINDS)}")
 
 
+# losses that regress the output onto the target's values: their gradient, y − t (mse) or
+# its sign (l1), is in the target's units, so a target far off the output's scale sets the
+# gradient's scale (an unstandardised regression target)
+REGRESSION_LOSSES = ("mse", "l1")
+_SCALE_KEYS = ("target_mean", "target_std", "output_mean", "output_std")
+
+
+def regression_scale_stats(
+    kind: str, outputs: Sequence[torch.Tensor], target: torch.Tensor | None
+) -> torch.Tensor | None:
+    """[target mean, target std, output mean, output std] in float32 on the device (no host
+    sync: `regression_scale` reads them after the passes), for a regression loss with a
+    floating target; None otherwise. The output is the one `compute_loss` reads."""
+    floats = [o for o in outputs if isinstance(o, torch.Tensor) and o.is_floating_point()]
+    if kind not in REGRESSION_LOSSES or target is None or not floats:
+        return None
+    with torch.no_grad():
+        y = floats[0].detach().float()
+        t = target.detach().to(y.device).float()
+        if t.numel() < 2 or y.numel() < 2:
+            return None
+        t_std, t_mean = torch.std_mean(t, correction=0)
+        y_std, y_mean = torch.std_mean(y, correction=0)
+        return torch.stack([t_mean, t_std, y_mean, y_std])
+
+
+def regression_scale(stats: torch.Tensor | None) -> dict[str, float] | None:
+    """`regression_scale_stats` on the host, by name (Measurements.target_scale)."""
+    if stats is None:
+        return None
+    return dict(zip(_SCALE_KEYS, (float(v) for v in stats.tolist()), strict=True))
+
+
 def _broadcast_text(kind: str, y: torch.Tensor, t: torch.Tensor) -> str:
     """What torch's own loss would have done with the two shapes, where it broadcasts."""
     try:

@@ -31,9 +31,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from service.engine.detectors.frozen import untrained_layers_note
 from service.engine.detectors.profile import growth_factor, reached_steps
 from service.engine.first_pass import COMPUTES_IN_FP16, FirstPass
 from service.engine.formats.fx_regions import autocast_regions_off
+from service.engine.formats.loaded import frozen_parameter_names
 from service.engine.gradient_cuts import gradient_cuts
 from service.engine.graph import Node, ObservableGraph
 from service.engine.layers import (
@@ -45,6 +47,7 @@ from service.engine.layers import (
     normalized_layers,
     reference_scheme,
     reference_std,
+    untrained_layers,
 )
 from service.engine.losses import (
     GIVEN_BY_USER,
@@ -54,8 +57,15 @@ from service.engine.losses import (
     default_output_shape,
     labelled_share,
     loss_input_notes,
+    regression_scale,
+    regression_scale_stats,
 )
-from service.engine.measurements import Measurements, NonFiniteOrigin, Subject
+from service.engine.measurements import (
+    Measurements,
+    NonFiniteOrigin,
+    Subject,
+    output_sizes_per_example,
+)
 from service.engine.options import DiagnoseOptions
 from service.engine.origin import OriginReached, OriginRecorder, find_origin, mask_inputs
 from service.engine.probes import Probe
@@ -132,6 +142,7 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
     )
     parts = 0
     loss_notes: list[str] = []
+    scale_stats: torch.Tensor | None = None  # a regression target's scale (first part)
     for inputs, target, share in _micro_batches(subject, options.micro_batches, layout.batch_axes):
         parts += 1
         inputs = [
@@ -167,6 +178,7 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
         if parts == 1:
             output_names = [spec.name for spec in subject.model_info.outputs]
             loss_notes = loss_input_notes(subject.loss_kind, outputs, target, output_names)
+            scale_stats = regression_scale_stats(subject.loss_kind, outputs, target)
         middle = clock.mark()
         if loss.requires_grad:  # else nothing trainable reaches it: no_trainable_parameters
             (loss * weight).backward()
@@ -218,6 +230,17 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
     _dead_fractions(host, probe)
     timing["forward"], timing["backward"] = clock.totals()  # the transfer waited for the passes
     result = _build(subject, layers, trainable, host, probe, layout.sources)
+    if probe is not None:
+        result.layer_output_sizes = output_sizes_per_example(
+            [x.name for x in layers],
+            probe.totals.layer_count,
+            probe.totals.layer_seen,
+            subject.batch_info.size,
+        )
+    result.target_scale = regression_scale(scale_stats)
+    result.frozen_parameters = frozen_parameter_names(subject.extra.get("source"))
+    result.untrained_layers = untrained_layers(graph, layers, result.frozen_parameters)
+    result.notes.extend(untrained_layers_note(result.untrained_layers))
     origin = result.non_finite_origin
     if origin is not None and graph is not None and origin.op_type != "input":
         origin.values = _trace_origin(subject, graph, origin, layers, options, layout.batch_axes)
@@ -700,7 +723,7 @@ def _forward_failure(
         index = probe.last_node + 1
         if 0 <= index < len(nodes):
             where = f" at node {nodes[index].name!r} ({nodes[index].op_type})"
-    ours = first_line(exc)
+    ours = failure_line(exc)
     if _SINGLE_VALUE_BATCH_NORM in ours and where:  # torch's batch_norm refused it
         size = subject.batch_info.size
         parts = size // max(1, inputs[0].shape[0]) if inputs and inputs[0].dim() else 1
@@ -740,6 +763,22 @@ def _forward_failure(
         f"running the model on the batch failed{where}: {ours}; check that the batch's "
         "shapes and dtypes match what the model was exported with"
     )
+
+
+_TORCHSCRIPT_HEADER = "The following operation failed in the TorchScript interpreter"
+
+
+def failure_line(exc: BaseException) -> str:
+    """The line of a failed forward's error that says what went wrong. Mostly the first; a
+    TorchScript interpreter error starts with a generic header and two tracebacks, and ends
+    with the exception it re-raises ("RuntimeError: mat1 and mat2 shapes cannot be
+    multiplied (8x7 and 16x32)")."""
+    text = str(exc).strip()
+    if text.startswith(_TORCHSCRIPT_HEADER):
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        if len(lines) > 1:
+            return lines[-1]
+    return first_line(exc)
 
 
 def _is_micro_batch(subject: Subject, inputs: list[torch.Tensor]) -> bool:

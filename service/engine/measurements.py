@@ -84,3 +84,33 @@ class Measurements:
     # layers with exactly zero ‖∂L/∂a‖ → the rounding downstream that cuts it, {node, op}
     # (gradient_cuts.py)
     gradient_cuts: dict[str, dict[str, str]] = field(default_factory=dict)
+    # parameters the source model holds frozen (requires_grad=False; measured as if trained),
+    # and the layers made only of them with nothing trainable upstream, whose gradient reaches
+    # no parameter an optimizer updates (layers.untrained_layers): measured and reported, left
+    # out of the findings and advice (detectors/frozen.py)
+    frozen_parameters: frozenset[str] = frozenset()
+    untrained_layers: list[str] = field(default_factory=list)
+    # entries of each layer's output per example (the probes' count over the batch / the batch
+    # size; layers not observed are absent): how many positions share the layer's weights
+    # (detectors/positions.py), so that a change of tensor size is not read as a change of
+    # gradient
+    layer_output_sizes: dict[str, int] = field(default_factory=dict)
+    # regression losses (mse, l1) only: the scale of the target beside the output's, from the
+    # first (micro-)batch: target_mean, target_std, output_mean, output_std (losses.py,
+    # `regression_scale`); None for other losses
+    target_scale: dict[str, float] | None = None
+
+
+def output_sizes_per_example(
+    names: list[str], counts: list[int], seen: list[bool], batch_size: int
+) -> dict[str, int]:
+    """Layer name → entries of its output per example, from the probes' counts over the whole
+    batch (summed over micro-batches); layers whose gradient hook never fired, or whose count
+    is no multiple of the batch size (an output without the batch axis), are left out."""
+    if batch_size < 1:
+        return {}
+    return {
+        name: count // batch_size
+        for name, count, was_seen in zip(names, counts, seen, strict=False)
+        if was_seen and count > 0 and count % batch_size == 0
+    }

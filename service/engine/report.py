@@ -44,6 +44,7 @@ FixKind = Literal[
     "recalibrate_quantizers",
     "straight_through_estimator",
     "attend_over_more_tokens",
+    "normalize_targets",
 ]
 SEVERITY_RANK: dict[str, int] = {"info": 0, "warning": 1, "error": 2}
 

@@ -13,6 +13,7 @@ again (`service.engine.verify`), which fills `verified`.
 from __future__ import annotations
 
 from service.engine.advice.rules import Advisor
+from service.engine.detectors.frozen import trained_part
 from service.engine.measurements import Measurements, Subject
 from service.engine.options import DiagnoseOptions
 from service.engine.report import SEVERITY_RANK, Finding, Recommendation
@@ -26,6 +27,8 @@ def recommend(
     subject: Subject | None = None,
     options: DiagnoseOptions | None = None,
 ) -> list[Recommendation]:
+    # about what training updates only, as the findings are (detectors/frozen.py)
+    m = trained_part(m)
     graph = subject.graph if subject is not None else None
     thresholds = options.thresholds if options is not None else None
     precision = m.precision  # the effective one (an fp16 model is fp16 whatever was asked)

@@ -16,13 +16,13 @@ from typing import Any
 import torch
 
 from service.engine.advice import evidence as ev
-from service.engine.advice import snippets
+from service.engine.advice import snippets, targets
 from service.engine.detectors.optypes import canonical_op, is_normalization
 from service.engine.detectors.origin_text import describe as describe_origin
 from service.engine.detectors.profile import decay_phrase, ratio_phrase, sig
 from service.engine.detectors.quantizers import quantized_what, range_text
 from service.engine.detectors.thresholds import resolve_thresholds
-from service.engine.detectors.units import init_ratio, normalized_layers
+from service.engine.detectors.units import init_ratio, normalized_layers, unit_share
 from service.engine.gradient_cuts import SINGLE_ELEMENT_SOFTMAX
 from service.engine.graph import ObservableGraph
 from service.engine.layers import grouped_weight_stds
@@ -37,6 +37,7 @@ PRIORITY = {
     "attend_over_more_tokens": 97,
     "recalibrate_quantizers": 95,
     "use_gated_recurrent_unit": 90,
+    "normalize_targets": 85,
     "replace_activation": 80,
     "reinitialize_weights": 75,
     "loss_scaling": 70,
@@ -206,6 +207,10 @@ class Advisor:
             return snippets.clip_gradients(p["max_norm"])
         if d.fix == "lower_learning_rate":
             return snippets.lower_learning_rate(p["factor"])
+        if d.fix == "normalize_targets":
+            return snippets.normalize_targets(
+                p["target_mean"], p["target_std"], str(p["loss_kind"])
+            )
         if d.fix == "add_normalization":
             return snippets.add_normalization(p["kind"], d.layers)
         if d.fix == "add_residual_connections":
@@ -512,17 +517,30 @@ class Advisor:
                     schemes=dict.fromkeys(recurrent, "orthogonal"),
                 )
         else:
+            # the profile's growth only where it grows towards the input (a factor or ratio
+            # below 1 is a shrink: grad/weight is what explodes then)
+            growing = (e.get("per_layer_factor") or 0.0) > 1 and (e.get("depth_ratio") or 0.0) > 1
             grows = (
                 f"‖∂L/∂a‖ grows ×{sig(e.get('per_layer_factor'))} per layer backwards "
                 f"({sig(e.get('depth_ratio'))}× larger at the first layer than at the last)"
-                if e.get("per_layer_factor")
+                if growing
                 else f"grad/weight reaches {sig(e.get('max_grad_to_weight'))}"
+            )
+        target_scale = e.get("target_scale")
+        if target_scale:
+            self.add(
+                "normalize_targets",
+                index,
+                targets.normalize_targets_reason(target_scale),
+                f.layers,
+                **targets.normalize_targets_params(target_scale),
             )
         self.add(
             "clip_gradients",
             index,
             f"The total gradient norm is {sig(total)} and {grows}; clipping at "
-            f"max_norm={max_norm:g} ({derivation}) bounds each update while the cause is fixed.",
+            f"max_norm={max_norm:g} ({derivation}) bounds each update while "
+            f"{targets.exploding_cause(e)}.",
             f.layers,
             max_norm=max_norm,
             total_grad_norm=total,
@@ -665,8 +683,9 @@ class Advisor:
         self.add(
             "replace_activation",
             index,
-            f"{sig(frac)} of the units of {f.layers[0]} are zero for the whole batch and get no "
-            f"gradient; LeakyReLU keeps a small slope below zero so they can recover.",
+            f"{unit_share(frac or 0.0)} of the units of {f.layers[0]} are zero for the whole "
+            "batch and get no gradient; LeakyReLU keeps a small slope below zero so they can "
+            "recover.",
             f.layers,
             **{"from": sorted({ev.activation_of(x) or "relu" for x in layers}), "to": "LeakyReLU"},
         )

@@ -99,6 +99,19 @@ def clip_gradients(max_norm: float) -> str:
     )
 
 
+def normalize_targets(mean: float, std: float, loss_kind: str) -> str:
+    loss = "torch.nn.functional." + ("l1_loss" if loss_kind == "l1" else "mse_loss")
+    return "\n".join(
+        [
+            f"# the training set's statistics (this batch's: mean {mean:.4g}, std {std:.4g})",
+            "target_mean, target_std = y_train.mean(0), y_train.std(0)",
+            f"loss = {loss}(model(x), (y - target_mean) / target_std)",
+            "# predictions in the target's units:",
+            "prediction = model(x) * target_std + target_mean",
+        ]
+    )
+
+
 def lower_learning_rate(factor: float) -> str:
     return "\n".join(
         [
@@ -164,7 +177,7 @@ def guard_numerics(op: str, node: str, exp_limit: float = 80.0) -> str:
         "rsqrt": "y = torch.rsqrt(x.clamp_min(1e-6))",
         "reciprocal": "y = 1.0 / torch.where(x.abs() < 1e-6, torch.full_like(x, 1e-6), x)",
         "div": "y = a / torch.where(b.abs() < 1e-6, torch.full_like(b, 1e-6), b)",
-        "pow": "y = x.clamp_min(0.0) ** p  # fractional powers of negatives are NaN",
+        "pow": "y = x.clamp_min(1e-6) ** p  # NaN below 0; infinite gradient at 0 if p < 1",
         "exp": f"y = torch.exp(x.clamp_max({exp_limit:g}))",
         "acos": "y = torch.acos(x.clamp(-1 + 1e-6, 1 - 1e-6))",
         "asin": "y = torch.asin(x.clamp(-1 + 1e-6, 1 - 1e-6))",

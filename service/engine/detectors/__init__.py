@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from service.engine.detectors.frozen import trained_part, with_trainable_weights
 from service.engine.detectors.gradients import (
     depth_findings,
     depth_profile,
@@ -26,6 +27,7 @@ from service.engine.detectors.numerics import (
 )
 from service.engine.detectors.profile import sig
 from service.engine.detectors.quantizers import quantizer_findings
+from service.engine.detectors.target_scale import explain_target_scale
 from service.engine.detectors.thresholds import DEFAULTS, THRESHOLDS, resolve_thresholds
 from service.engine.detectors.units import (
     dead_unit_findings,
@@ -85,6 +87,8 @@ def detect(m: Measurements, thresholds: dict[str, Any] | None = None) -> list[Fi
     findings += no_parameter_findings(m)
     findings += non_finite_findings(m)
     if m.parameters:
+        # what training updates: frozen layers no trainable one is upstream of left out
+        m = trained_part(m)
         findings += depth_findings(m, t)
         findings += time_findings(m, t)
         findings += saturation_findings(m, t)
@@ -92,8 +96,9 @@ def detect(m: Measurements, thresholds: dict[str, Any] | None = None) -> list[Fi
         findings += quantizer_findings(m, t)
         blocked = zero_init_blocked(m, *depth_profile(m))
         zero_by_design = frozenset(p for params in blocked.values() for p in params)
-        findings += init_scale_findings(m, t, zero_by_design)
+        findings += init_scale_findings(with_trainable_weights(m), t, zero_by_design)
         findings += fp16_findings(m, t, precision)
         findings = _fp16_only_vanishing(m, findings, t)
+        findings = explain_target_scale(m, findings, t)
     findings.sort(key=lambda f: (-SEVERITY_RANK[f.severity], _KIND_ORDER.index(f.kind)))
     return findings

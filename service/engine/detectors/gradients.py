@@ -19,6 +19,11 @@ from service.engine.detectors.optypes import (
     is_recurrent,
     is_vanilla_rnn,
 )
+from service.engine.detectors.positions import (
+    exploding_in_both,
+    size_adjusted_profile,
+    vanishing_in_both,
+)
 from service.engine.detectors.profile import (
     backward_factor,
     decay_phrase,
@@ -163,6 +168,9 @@ def depth_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
     # worst case of vanishing, named first; the fit and `rel` cannot use them
     zero = [n for n, v in zip(names, norms, strict=True) if v == 0.0 and usable(last)]
     start, ratio = _input_end(names, norms, ratio, rel, forward, t)
+    # a change of tensor size (a mean over positions, an upsampling) is no change of gradient:
+    # the depth-ratio rules hold only where the profile per position agrees (positions.py)
+    sized = size_adjusted_profile(m, names, norms, start)
 
     wl = [x for x in _weight_layers(m) if x.name not in blocked]
     w_first, w_last = (wl[0], wl[-1]) if len(wl) >= 2 else (None, None)
@@ -192,11 +200,14 @@ def depth_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
         "max_grad_to_weight": max((v for _, v in g2w), default=None),
         "min_grad_to_weight": min((v for _, v in g2w), default=None),
     }
+    if sized is not None:
+        evidence["size_adjusted_depth_ratio"] = sized.ratio
+        evidence["positions"] = sized.positions  # per example, the input end's and the last's
     findings: list[Finding] = []
 
     # --- vanishing -----------------------------------------------------------------------
     rules: list[str] = []
-    if ratio is not None and ratio < t["vanishing_profile_ratio"]:
+    if vanishing_in_both(ratio, sized, t["vanishing_profile_ratio"]):
         rules.append("depth_ratio")
     if (
         weight_ratio is not None
@@ -207,7 +218,7 @@ def depth_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
     if g2w and all(v < t["vanishing_grad_to_weight"] for _, v in g2w):
         rules.append("absolute_scale")
     severity = "error" if rules else None
-    if not rules and ratio is not None and ratio < t["vanishing_profile_ratio_warning"]:
+    if not rules and vanishing_in_both(ratio, sized, t["vanishing_profile_ratio_warning"]):
         severity, rules = "warning", ["depth_ratio_warning"]
     if severity is None and any(n in m.gradient_cuts for n in zero):
         # layers inside the network with no gradient at all, whatever the ends of the profile
@@ -228,7 +239,12 @@ def depth_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
         ev = {**evidence, "rules": rules, "one_step_drop": _one_step_drop(names, norms, ratio)}
         if blocked:
             ev["zero_init_blocked"] = blocked
-        if "absolute_scale" in rules:
+        dead_heads = _dead_output_heads(m, g2w)
+        if dead_heads:  # the cause is at the output end: named first
+            layers = dead_heads + [n for n in layers if n not in dead_heads]
+            ev["dead_output_layers"] = dead_heads
+            msg = _dead_output_message(m, dead_heads)
+        elif "absolute_scale" in rules:
             msg = (
                 f"Gradients vanish at every depth: the largest grad/weight of any layer is "
                 f"{sig(evidence['max_grad_to_weight'])}, so no layer would learn; check the "
@@ -296,19 +312,16 @@ def depth_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
     # --- exploding -----------------------------------------------------------------------
     rules = []
     compounding = factor is not None and factor > t["exploding_layer_factor"]
-    if ratio is not None and ratio > t["exploding_profile_ratio"] and compounding:
+    ratio_cut, layer_cut = t["exploding_profile_ratio"], t["exploding_layer_factor"]
+    if exploding_in_both(ratio, compounding, sized, ratio_cut, layer_cut):
         rules.append("depth_ratio")
     if weight_ratio is not None and weight_ratio > t["exploding_profile_ratio"]:
         rules.append("weight_ratio")
     if any(v > t["exploding_grad_to_weight"] for _, v in g2w_judged):
         rules.append("absolute_scale")
     severity = "error" if rules else None
-    if (
-        not rules
-        and ratio is not None
-        and ratio > t["exploding_profile_ratio_warning"]
-        and compounding
-    ):
+    warn = t["exploding_profile_ratio_warning"]
+    if not rules and exploding_in_both(ratio, compounding, sized, warn, layer_cut):
         severity, rules = "warning", ["depth_ratio_warning"]
     if severity is not None:
         if rules == ["absolute_scale"]:
@@ -346,6 +359,32 @@ def depth_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
             )
         )
     return findings
+
+
+def _dead_output_heads(m: Measurements, g2w: list[tuple[str, float]]) -> list[str]:
+    """The output layers whose ReLU-like activation is zero for every unit and example, when
+    every weight gradient of the model is exactly zero: nothing passes back through a dead
+    output activation, so no layer gets any gradient, whatever its initialisation (a
+    regression head ending in ReLU whose bias keeps every prediction negative)."""
+    if not g2w or any(v != 0.0 for _, v in g2w):
+        return []
+    return [
+        x.name
+        for x in _ordered_layers(m)
+        if x.output_head and (x.activation_stats.dead_fraction or 0.0) >= 1.0
+    ]
+
+
+def _dead_output_message(m: Measurements, heads: list[str]) -> str:
+    by_name = {x.name: x for x in m.layers}
+    act = by_name[heads[0]].activation_stats.activation or "activation"
+    which = heads[0] if len(heads) == 1 else f"{', '.join(heads[:-1])} and {heads[-1]}"
+    return (
+        f"No layer gets any gradient: the {act} at the output of {which} is zero for every "
+        f"unit and every example of the batch (its pre-activations are all negative: look at "
+        f"the bias and weights of {heads[0]}), and a dead {act} passes no gradient back, so "
+        "every gradient of the model is 0 (see dead_units)."
+    )
 
 
 def _zero_init_text(blocked: dict[str, list[str]]) -> str:

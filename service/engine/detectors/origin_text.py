@@ -171,7 +171,10 @@ def _guard(op: str, inputs: list[dict[str, Any]]) -> str:
     if op in DIVS:
         return "keep the divisor away from 0 (add 1e-6 or torch.where(|b| < 1e-6, 1e-6, b))"
     if op in POWS:
-        return "clamp the base to ≥ 0 (fractional powers of negatives are NaN), + 1e-12 if p < 1"
+        return (
+            "clamp the base to at least 1e-6 (fractional powers of negatives are NaN, and the "
+            "gradient of x**p with p < 1 is infinite at 0, e.g. a distance between equal points)"
+        )
     if op in EXPS:
         return (
             "clamp its input to at most 80 in float32 and bfloat16, 10.5 in float16 "

@@ -69,6 +69,25 @@ exploding_gradients (axis "depth"), error when ANY of:
      rows a batch reads take the whole gradient).
   Warning instead of error when only depth ratio > `exploding_profile_ratio_warning` (10) with
   the per-layer factor above `exploding_layer_factor`.
+  Regression target off the output's scale: with a regression loss (mse, l1) whose target's
+  RMS, √(mean² + std²), is ≥ `target_scale_ratio` (10) times the output's RMS (at least 1:
+  a standardised target is never off), the finding says so (evidence `target_scale`: target
+  mean and std, output mean and std, the loss and the ratio): ∂L/∂y is in the target's units
+  (2(y − t)/n for mse), so targets ~1e4 make every gradient ~1e4 times larger, which
+  standardising the target undoes (the `normalize_targets` fix, ranked before clipping and
+  a lower learning rate, which only hide it).
+
+Tensor size (both depth-ratio rules, vanishing and exploding, errors and warnings): a layer's
+  ‖∂L/∂a‖ is a norm over its whole output, which a change of size changes without any change of
+  the gradient its weights get: a mean over P positions (global average pooling, a mean over
+  an audio clip's time steps) divides it by √P, an upsampling's backward sums copies. The
+  rules are also judged on the profile per position, ‖∂L/∂a‖ · √positions (positions: entries
+  of the output per example over those one application of the layer's weights makes), each
+  step's credit bounded by what averaging over the positions lost can explain and never past
+  1 (detectors/positions.py), and they hold only where both agree (evidence
+  `size_adjusted_depth_ratio` and `positions` where the sizes differ). The weight gradient of
+  weights shared over P positions lies between the two views: ‖∂L/∂a‖ when the positions'
+  gradients are unrelated, √P · ‖∂L/∂a‖ when they are alike, as a mean's backward makes them.
 
 vanishing/exploding over time (axis "time"), judged only for models with a recurrent layer
   (RNN/GRU/LSTM: a conv or attention model's per-position gradients have no path through time):
@@ -224,6 +243,13 @@ THRESHOLDS: tuple[Threshold, ...] = (
         10.0,
         "gradhealth",
         "some layer's grad/weight above it: exploding (absolute scale)",
+    ),
+    Threshold(
+        "target_scale_ratio",
+        10.0,
+        "gradhealth",
+        "regression target RMS over the output's RMS (at least 1) at or above it: an exploding "
+        "finding names the unstandardised target as its cause",
     ),
     Threshold(
         "vanishing_time_ratio",

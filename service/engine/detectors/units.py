@@ -115,10 +115,23 @@ def saturation_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
     )
 
 
+def unit_share(fraction: float) -> str:
+    """A share of a layer's units for a message: "all", else a percentage that reads 100%
+    only when it is all ("1 of the units" read as one unit when it meant every one)."""
+    if fraction >= 1.0:
+        return "all"
+    percent = 100.0 * fraction
+    for digits in (3, 4, 5, 6):
+        text = f"{percent:.{digits}g}"
+        if float(text) < 100.0:
+            return f"{text}%"
+    return "all but a few"
+
+
 def dead_unit_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
     def message(count: int, worst: LayerReport, fraction: float) -> str:
         return (
-            f"{count} layer(s) have dead units: {sig(fraction)} of the units of "
+            f"{count} layer(s) have dead units: {unit_share(fraction)} of the units of "
             f"{worst.name} output zero for every example of the batch and get no gradient."
         )
 

@@ -51,3 +51,15 @@ def frozen_parameters_note(module: nn.Module) -> list[str]:
         "measured like the others, so their gradients are what they would get if trained; "
         "an optimizer built from the trainable parameters leaves them unchanged"
     ]
+
+
+def frozen_parameter_names(source: Any) -> frozenset[str]:
+    """The names of the parameters the loaded source model (`LoadedModel.source`: a
+    ScriptModule or an ExportedProgram, both of which keep requires_grad) holds frozen; none for
+    ONNX, whose initializers carry no such flag. The observable graph made from the source
+    makes every parameter trainable (so all are measured): this is what says which are not,
+    for the detectors to leave out what no optimizer updates (layers.untrained_layers)."""
+    named = getattr(source, "named_parameters", None)
+    if not callable(named):
+        return frozenset()
+    return frozenset(name for name, p in named() if not p.requires_grad)

@@ -6,7 +6,9 @@ figures of the findings it addresses in `Recommendation.verified`.
 
 What each fix does here:
 - replace_activation: swap the sigmoid/tanh (or ReLU) nodes in the ObservableGraph, and when the
-  recommendation says so re-initialise the preceding layers with He, as its snippet does.
+  recommendation says so re-initialise the preceding layers with He, as its snippet does. An
+  output activation is swapped only when a dead_units finding it addresses names its layer (a
+  dead ReLU output head); a frozen layer nothing trainable is upstream of keeps its own.
 - reinitialize_weights: re-initialise the named parameters (He / Xavier / zero bias).
 - guard_numerics: clamp the input of the op that produced the first NaN/Inf; a log of a
   softmax's output becomes log_softmax of the softmax's input instead (transforms.guard_node).
@@ -18,6 +20,8 @@ What each fix does here:
   the gradient on (x + (round(x) − x).detach()), then a new pass.
 - recalibrate_quantizers: max calibration of every fake quantiser on the batch, widening only,
   in execution order (quantizers.widen_to_cover), then a new pass.
+- normalize_targets: the regression target standardised over the batch, (t − mean) / std, on a
+  copy (verify/targets.py), then a new pass: the model is unchanged.
 - loss_scaling / use_bf16: one plain backward of the scaled loss, and the share of gradient
   entries that would underflow in fp16 (resp. bf16) recounted.
 - add_normalization, add_residual_connections, use_gated_recurrent_unit, lower_learning_rate:
@@ -45,6 +49,7 @@ import torch
 
 from service.engine.advice.evidence import softmax_feeding
 from service.engine.detectors import detect
+from service.engine.detectors.frozen import trained_part
 from service.engine.detectors.optypes import RELU_LIKE, SATURATING
 from service.engine.first_pass import COMPUTES_IN_FP16
 from service.engine.gradient_cuts import straight_through
@@ -61,10 +66,12 @@ from service.engine.verify.figures import (
     same_finding,
     summary,
 )
+from service.engine.verify.targets import standardized_target
 from service.engine.verify.transforms import (
     NotApplicable,
     copy_subject,
     guard_node,
+    layer_nodes,
     reinitialize,
     swap_activations,
 )
@@ -104,6 +111,7 @@ def verify_recommendations(
     subject: Subject,
     options: DiagnoseOptions,
 ) -> list[Recommendation]:
+    m = trained_part(m)  # the findings' own view: what training updates
     for rec in recommendations:
         rec.verified = _verify(rec, findings, m, subject, options)
     return recommendations
@@ -125,7 +133,7 @@ def _verify(
         if rec.fix == "guard_numerics":
             transform, after_m, exact = _guarded(rec, subject, options)
         else:
-            transform, after_m = _apply(rec, m, subject, options)
+            transform, after_m = _apply(rec, m, subject, options, addressed)
     except NotApplicable as exc:
         return Verification(applied=False, reason=str(exc))
     except (RuntimeError, ValueError, GradhealthError) as exc:
@@ -133,6 +141,7 @@ def _verify(
         return Verification(
             applied=False, reason=f"re-measuring the fixed copy failed: {first_line(exc)}"
         )
+    after_m = trained_part(after_m)
     before: dict[str, Any] = {"figures": figures(m, kinds)}
     after: dict[str, Any] = {"figures": figures(after_m, kinds)}
     if rec.fix == "clip_gradients":
@@ -208,7 +217,11 @@ def _gradients_were_non_finite(m: Measurements) -> bool:
 
 
 def _apply(
-    rec: Recommendation, m: Measurements, subject: Subject, options: DiagnoseOptions
+    rec: Recommendation,
+    m: Measurements,
+    subject: Subject,
+    options: DiagnoseOptions,
+    addressed: list[Finding] | None = None,
 ) -> tuple[str, Measurements]:
     from service.engine.measure import input_parts, measure
 
@@ -218,8 +231,15 @@ def _apply(
         if not old:
             raise NotApplicable("no activation to replace was named")
         copy_ = copy_subject(subject)
-        swapped = swap_activations(copy_, old, new)
+        dead = [n for f in addressed or [] if f.kind == "dead_units" for n in f.layers]
+        outputs = layer_nodes(copy_, [x.name for x in m.layers if x.name in dead])
+        swapped = swap_activations(
+            copy_, old, new, outputs=outputs, kept=layer_nodes(copy_, m.untrained_layers)
+        )
         text = f"replaced {'/'.join(sorted(old))} by {new} in {len(swapped)} node(s)"
+        at_output = [n for n in swapped if n in outputs and n in _graph_output_nodes(copy_)]
+        if at_output:
+            text += f", the output activation {', '.join(at_output)} among them (it is dead)"
         if rec.params.get("init") == "kaiming":
             layers = {x.name: x for x in m.layers}
             schemes = {
@@ -265,6 +285,9 @@ def _apply(
         scale = float(rec.params.get("scale", 1.0)) if rec.fix == "loss_scaling" else 1.0
         tiny = FP16_TINY if rec.fix == "loss_scaling" else BF16_TINY
         return _rescaled_underflow(m, subject, scale, tiny, rec.fix)
+    if rec.fix == "normalize_targets":
+        text, copy_ = standardized_target(subject)
+        return text, measure(copy_, options)
     raise NotApplicable(f"no automatic transform for {rec.fix}")
 
 
@@ -295,6 +318,14 @@ def _guarded(
         after = measure(copy_, options)
     exact = all(softmax_feeding(subject.graph, name) is not None for name in guarded)
     return "; ".join(texts), after, exact
+
+
+def _graph_output_nodes(subject: Subject) -> set[str]:
+    graph = subject.graph
+    if graph is None:
+        return set()
+    outputs = set(graph.output_names)
+    return {node.name for node in graph.nodes if outputs.intersection(node.outputs)}
 
 
 def _shape(m: Measurements, name: str) -> list[int]:

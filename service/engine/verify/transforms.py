@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
@@ -40,7 +40,7 @@ from service.engine.advice.evidence import (
 )
 from service.engine.detectors.optypes import aten_style, canonical_op
 from service.engine.graph import ObservableGraph
-from service.engine.layers import init_std, parameter_fans, weight_fans
+from service.engine.layers import group_layers, init_std, parameter_fans, weight_fans
 from service.engine.measurements import Subject
 from service.engine.origin import exp_input_limit
 
@@ -99,9 +99,20 @@ _NEW_ACTIVATIONS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], str, s
 }
 
 
-def swap_activations(subject: Subject, old: set[str], new: str) -> list[str]:
+def swap_activations(
+    subject: Subject,
+    old: set[str],
+    new: str,
+    *,
+    outputs: Collection[str] = frozenset(),
+    kept: Collection[str] = frozenset(),
+) -> list[str]:
     """Replace every node whose canonical op is in `old` by `new`; graph outputs are kept (an
-    output activation defines what the model predicts). Returns the swapped node names."""
+    output activation defines what the model predicts: a sigmoid's probability), except the
+    nodes in `outputs`: an output activation the finding itself names (a ReLU output head
+    dead for every example passes no gradient at all, and swapping the hidden ones instead
+    verified a different change). Nodes in `kept` stay (a frozen backbone's, which the fix is
+    not about). Returns the swapped node names."""
     graph = subject.graph
     if graph is None:
         raise NotApplicable(
@@ -109,10 +120,12 @@ def swap_activations(subject: Subject, old: set[str], new: str) -> list[str]:
             "activations cannot be swapped"
         )
     fn, fx_type, onnx_type = _NEW_ACTIVATIONS[new]
-    outputs = set(graph.output_names)
+    graph_outputs = set(graph.output_names)
     swapped: list[str] = []
     for node in graph.nodes:
-        if canonical_op(node.op_type) not in old or outputs.intersection(node.outputs):
+        if canonical_op(node.op_type) not in old or node.name in kept:
+            continue
+        if graph_outputs.intersection(node.outputs) and node.name not in outputs:
             continue
         node.fn = _unary(fn)
         onnx_like = node.op_type[:1].isupper() and not aten_style(node.op_type)
@@ -120,8 +133,16 @@ def swap_activations(subject: Subject, old: set[str], new: str) -> list[str]:
         node.attrs = {}
         swapped.append(node.name)
     if not swapped:
-        raise NotApplicable(f"no {'/'.join(sorted(old))} node outside the graph outputs")
+        frozen = " and the frozen layers nothing trainable is upstream of" if kept else ""
+        raise NotApplicable(f"no {'/'.join(sorted(old))} node outside the graph outputs{frozen}")
     return swapped
+
+
+def layer_nodes(subject: Subject, layers: Collection[str]) -> set[str]:
+    """The graph nodes of the named layers (layers.group_layers, as measured)."""
+    if subject.graph is None or not layers:
+        return set()
+    return {n for x in group_layers(subject.graph) if x.name in layers for n in x.nodes}
 
 
 def _unary(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., torch.Tensor]:
@@ -244,7 +265,7 @@ _GUARDS: dict[str, tuple[int, Callable[[torch.Tensor], torch.Tensor]]] = {
     "rsqrt": (0, _clamp_min(GUARD_EPS)),
     "reciprocal": (0, _away_from_zero),
     "div": (1, _away_from_zero),
-    "pow": (0, _clamp_min(0.0)),
+    "pow": (0, _clamp_min(GUARD_EPS)),  # negatives, and 0 where p < 1 (infinite gradient)
     "exp": (0, lambda x: x.clamp_max(exp_input_limit(x.dtype))),
     "acos": (0, lambda x: x.clamp(-1 + GUARD_EPS, 1 - GUARD_EPS)),
     "asin": (0, lambda x: x.clamp(-1 + GUARD_EPS, 1 - GUARD_EPS)),

@@ -25,7 +25,7 @@ from service.engine.verify.transforms import (
     reinitialize,
     swap_activations,
 )
-from tests.support.export import to_torch_export
+from tests.support.export import to_format, to_torch_export
 from tests.support.pathologies import MLP, ZOO
 from tests.unit.engine.measure_support import npz_bytes
 
@@ -267,3 +267,41 @@ def test_the_verified_guard_follows_the_origin_through_every_block() -> None:
     assert verified.verified.transform.count("guarded input 0") == 2
     # the clamped log(1e-6) = -13.8 feeds the head huge inputs: a new error, so not resolved
     assert verified.verified.resolved is not bool(verified.verified.after.get("new_errors"))
+
+
+class DistanceToItself(nn.Module):
+    """Pairwise Euclidean distances written as a power of a sum of squares (what the legacy
+    exporter makes of torch.cdist): the distance of each point to itself is exactly 0, where
+    the gradient of x**0.5 is infinite, so the backward is NaN while every base is ≥ 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        squared = (h.unsqueeze(1) - h.unsqueeze(0)).pow(2).sum(-1)
+        return squared.pow(0.5)
+
+
+@pytest.mark.parametrize("fmt", ["torch_export", "onnx_legacy"])
+def test_the_verified_guard_of_a_power_keeps_its_base_off_zero(fmt: str) -> None:
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
+    subject = build_subject(to_format(fmt, DistanceToItself(), x), npz_bytes(x=x), OPTIONS)
+    m = measure(subject, OPTIONS)
+    findings = detect(m)
+    (index,) = [k for k, f in enumerate(findings) if f.kind == "non_finite"]
+    assert m.non_finite_origin is not None and m.non_finite_origin.phase == "backward"
+    assert "infinite at 0" in findings[index].message
+    rec = Recommendation(
+        fix="guard_numerics",
+        addresses=[index],
+        rationale="",
+        snippet="",
+        params={"node": m.non_finite_origin.node},
+        layers=[],
+    )
+    (verified,) = verify_recommendations([rec], findings, m, subject, OPTIONS)
+    assert verified.verified is not None and verified.verified.resolved
+    assert verified.verified.after["non_finite"] == {"present": False}
