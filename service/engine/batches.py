@@ -1,7 +1,10 @@
 """Sample batches (CONTRACT.md §2): `.npz` (no pickle), `.safetensors`, `.pt` (weights_only).
 
-Arrays named like the model's inputs feed those inputs; otherwise the arrays feed the inputs in
-file order (for safetensors: the order of their data in the file, which its writers choose).
+Arrays named like the model's inputs feed those inputs; the inputs no array is named after take
+the other arrays in file order (for safetensors: the order of their data in the file, which its
+writers choose), with a note saying which fed which. A .pt2 input that is an entry of a dict
+argument (`d_x` for `d["x"]`) is also fed by an array named `x`, `d.x` or `d/x`; a nested .pt
+batch (`{"d": {"x": t}}`) names its arrays by their key paths (`d.x`).
 An array named `target` (or `targets`, `labels`, `y`) is the loss target, never an input.
 Shapes and dtypes are checked against the model's declared inputs, and each error names
 the input and what to change.
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 import io
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -54,6 +57,8 @@ class MatchedBatch:
     target: torch.Tensor | None
     info: BatchInfo
     notes: list[str] = field(default_factory=list)
+    # the declared inputs fed, in order: all of them but those left to their defaults
+    specs: list[TensorSpec] = field(default_factory=list)
 
 
 def load_batch(data: bytes) -> Batch:
@@ -132,12 +137,25 @@ def _load_pt(data: bytes) -> dict[str, torch.Tensor]:
         obj = {f"input_{i}": t for i, t in enumerate(obj)}
     if not isinstance(obj, dict):
         raise BatchError("the .pt batch must hold a tensor, a list of tensors or a dict of them")
-    out = {}
+    out: dict[str, torch.Tensor] = {}
     for name, value in obj.items():
-        if not isinstance(value, torch.Tensor):
-            raise BatchError(f"entry {name!r} of the .pt batch is a {type(value).__name__}")
-        out[str(name)] = value
+        _flatten_entry(str(name), value, out)
     return out
+
+
+def _flatten_entry(name: str, value: object, out: dict[str, torch.Tensor]) -> None:
+    """A nested entry (`{"d": {"x": t}}`, a dict input's arrays) as arrays named by their key
+    paths joined with dots (`d.x`), as safetensors writers name them."""
+    if isinstance(value, torch.Tensor):
+        out[name] = value
+    elif isinstance(value, dict):
+        for key, inner in value.items():
+            _flatten_entry(f"{name}.{key}", inner, out)
+    elif isinstance(value, (list, tuple)):
+        for index, inner in enumerate(value):
+            _flatten_entry(f"{name}.{index}", inner, out)
+    else:
+        raise BatchError(f"entry {name!r} of the .pt batch is a {type(value).__name__}")
 
 
 _SAVE_TENSORS_ONLY = (
@@ -203,46 +221,85 @@ def shown_names(names: Iterable[str], limit: int = SHOWN_NAMES) -> str:
     return f"{', '.join(names[:limit])} and {len(names) - limit} more"
 
 
-def match_batch(batch: Batch, declared: list[TensorSpec]) -> MatchedBatch:
-    """Assign arrays to the model's inputs and check them against the declared specs."""
+def match_batch(
+    batch: Batch,
+    declared: list[TensorSpec],
+    *,
+    aliases: Mapping[str, Sequence[str]] | None = None,
+    optional: Collection[str] = (),
+) -> MatchedBatch:
+    """Assign arrays to the model's inputs and check them against the declared specs.
+
+    An array named like an input feeds it, whatever the other arrays are called; the inputs no
+    array is named after take the remaining arrays in file order (a note says which fed which
+    where that could be a guess). `aliases`: other names an input accepts (a .pt2 dict input
+    `d_x` also takes `x`, `d.x`, `d/x`), used where only one input accepts the name.
+    `optional`: inputs the model can run without (a TorchScript argument with a default):
+    left out when no array is left for them, and then absent from `MatchedBatch.specs`."""
     input_names = [spec.name for spec in declared]
+    accepted = _accepted_names(input_names, aliases or {})
+    taken_by_inputs = set(input_names) | {n for names in accepted.values() for n in names}
     # a model input named like a target (a model that takes `labels` and returns its own loss)
     # is fed by that array: it is no target then
     target_name = next(
-        (n for n in TARGET_NAMES if n in batch.arrays and n not in input_names), None
+        (n for n in TARGET_NAMES if n in batch.arrays and n not in taken_by_inputs), None
     )
     candidates = {n: t for n, t in batch.arrays.items() if n != target_name}
+    by_name: dict[str, str] = {}  # input → array
+    for name in input_names:
+        found = next((a for a in accepted[name] if a in candidates), None)
+        if found is not None and found not in by_name.values():
+            by_name[name] = found
+    unnamed = [s for s in declared if s.name not in by_name]
+    left = [n for n in candidates if n not in by_name.values()]
     notes = []
-    if input_names and all(n in candidates for n in input_names):
-        chosen = [(n, candidates[n]) for n in input_names]
-        chosen_arrays = input_names
-        extra = [n for n in candidates if n not in input_names]
-        if extra:
+    if not unnamed:
+        if left:
             notes.append(
-                f"{len(extra)} batch array(s) match no model input and were ignored: "
-                f"{shown_names(extra)}"
+                f"{len(left)} batch array(s) match no model input and were ignored: "
+                f"{shown_names(left)}"
             )
+        by_order: dict[str, str] = {}
     else:
-        missing = [n for n in input_names if n not in candidates]
-        if len(candidates) < len(declared):
-            raise BatchError(
-                f"the model takes {len(declared)} inputs ({shown_names(input_names)}) but the "
-                f"batch has {len(candidates)} input arrays ({shown_names(candidates) or 'none'}); "
-                f"add arrays named {shown_names(missing)}"
+        unnamed = _fed_by_order(unnamed, left, optional, declared, candidates, accepted)
+        by_order = {s.name: a for s, a in zip(unnamed, left, strict=True)}
+        if by_name or len(by_order) > 1:
+            pairs = shown_names(f"{a} → {i}" for i, a in by_order.items())
+            notes.append(
+                f"model input(s) no batch array is named after took the remaining arrays in "
+                f"file order: {pairs}; name each array after the input it feeds to choose "
+                "otherwise"
             )
-        if len(candidates) > len(declared):
-            raise BatchError(
-                f"the batch has {len(candidates)} input arrays ({shown_names(candidates)}) but "
-                f"the model takes {len(declared)} ({shown_names(input_names)}); name the arrays "
-                "after the inputs or remove the extra ones"
-            )
-        chosen = list(zip(input_names, candidates.values(), strict=True))
-        chosen_arrays = list(candidates)
+    fed = by_name | by_order
+    specs = [s for s in declared if s.name in fed]
+    left_out = [n for n in input_names if n not in fed]
+    if left_out and input_names[-len(left_out) :] != left_out:
+        # `module(*inputs)` passes them by position: a gap would shift the later ones
+        raise BatchError(
+            f"model input(s) {shown_names(left_out)} have no batch array but inputs after them "
+            "do; inputs are passed by position, so add arrays for them too, or leave the "
+            "later ones out"
+        )
+    if left_out:
+        notes.append(
+            f"model input(s) {shown_names(left_out)} have a default and no batch array: the "
+            "model ran with the default"
+        )
     inputs = []
     arrays = []
-    for index, (spec, (_, tensor)) in enumerate(zip(declared, chosen, strict=True)):
-        inputs.append(_check_input(spec, tensor))
-        array_name = chosen_arrays[index]
+    for spec in specs:
+        array_name = fed[spec.name]
+        tensor = candidates[array_name]
+        try:
+            inputs.append(_check_input(spec, tensor))
+        except BatchError as exc:
+            if spec.name not in by_order:
+                raise
+            raise BatchError(
+                f"{exc} (array {array_name!r} fed input {spec.name!r} by its place in the "
+                f"file; name the arrays after the inputs they feed: "
+                f"{_naming_hint(unnamed, accepted)})"
+            ) from exc
         arrays.append(
             ArrayInfo(
                 name=array_name,
@@ -272,7 +329,74 @@ def match_batch(batch: Batch, declared: list[TensorSpec]) -> MatchedBatch:
         size=size,
         arrays=arrays,
     )
-    return MatchedBatch(inputs=inputs, target=target, info=info, notes=notes)
+    return MatchedBatch(inputs=inputs, target=target, info=info, notes=notes, specs=specs)
+
+
+def _accepted_names(
+    input_names: list[str], aliases: Mapping[str, Sequence[str]]
+) -> dict[str, list[str]]:
+    """Each input's own name, then those of its aliases no other input claims (its own name
+    or an alias of its own)."""
+    claims: dict[str, int] = {}
+    for name in input_names:
+        for alias in {a for a in aliases.get(name, ()) if a != name}:
+            claims[alias] = claims.get(alias, 0) + 1
+    return {
+        name: [name]
+        + [
+            a
+            for a in dict.fromkeys(aliases.get(name, ()))
+            if a != name and claims.get(a) == 1 and a not in input_names
+        ]
+        for name in input_names
+    }
+
+
+def _naming_hint(specs: Sequence[TensorSpec], accepted: Mapping[str, list[str]]) -> str:
+    """'w' / 'd_x' (or x, d.x): the names the user can give the arrays for `specs`."""
+    parts = []
+    for spec in specs:
+        others = accepted.get(spec.name, [spec.name])[1:]
+        parts.append(f"{spec.name}" + (f" (or {', '.join(others)})" if others else ""))
+    return shown_names(parts)
+
+
+def _fed_by_order(
+    unnamed: list[TensorSpec],
+    left: list[str],
+    optional: Collection[str],
+    declared: list[TensorSpec],
+    candidates: Mapping[str, torch.Tensor],
+    accepted: Mapping[str, list[str]],
+) -> list[TensorSpec]:
+    """The inputs no array is named after that the `left` arrays feed in file order: all of
+    them, less trailing inputs with a default when there are fewer arrays."""
+    input_names = [s.name for s in declared]
+    fed = list(unnamed)
+    while len(fed) > len(left) and fed and fed[-1].name in optional:
+        fed.pop()
+    if len(left) < len(fed):
+        missing = fed[len(left) :]
+        raise BatchError(
+            f"the model takes {len(declared)} inputs ({shown_names(input_names)}) but the "
+            f"batch has {len(candidates)} input arrays ({shown_names(candidates) or 'none'}); "
+            f"add arrays named {_naming_hint(missing, accepted)}"
+        )
+    if len(left) > len(fed):
+        named = len(declared) - len(unnamed)
+        if not named:
+            raise BatchError(
+                f"the batch has {len(candidates)} input arrays ({shown_names(candidates)}) but "
+                f"the model takes {len(declared)} ({shown_names(input_names)}); name the arrays "
+                "after the inputs or remove the extra ones"
+            )
+        raise BatchError(
+            f"{named} batch array(s) are named like model inputs, but the other "
+            f"{len(left)} ({shown_names(left)}) are more than the {len(fed)} input(s) left "
+            f"({_naming_hint(fed, accepted)}); name the arrays for those inputs after them or "
+            "remove the extra ones"
+        )
+    return fed
 
 
 def _as_integer(spec: TensorSpec, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

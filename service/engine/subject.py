@@ -119,7 +119,12 @@ def build_subject(
     if loaded is None:
         loaded = load_model(model_bytes, options, bundle_dir=bundle_dir)
     loaded_at = time.perf_counter()
-    matched = match_batch(load_batch(batch_bytes), loaded.inputs)
+    matched = match_batch(
+        load_batch(batch_bytes),
+        loaded.inputs,
+        aliases=loaded.input_aliases,
+        optional=loaded.optional_inputs,
+    )
     if loaded.format == "torchscript":
         # TorchScript declares no input dtypes: float arrays follow the model's float dtype
         # (float32 data for a bf16/fp16 model), as they do for the formats that declare them
@@ -147,12 +152,12 @@ def build_subject(
     inputs = [x.to(device) for x in matched.inputs]
     target = matched.target.to(device) if matched.target is not None else None
 
-    declared = loaded.inputs
+    declared = matched.specs  # the inputs fed: all but those left to their defaults
     if loaded.format == "torchscript":
         # TorchScript declares no shapes: report what the model was run with
         declared = [
             TensorSpec(name=s.name, shape=list(x.shape), dtype=str(x.dtype).removeprefix("torch."))
-            for s, x in zip(loaded.inputs, matched.inputs, strict=True)
+            for s, x in zip(matched.specs, matched.inputs, strict=True)
         ]
     named = (
         loaded.graph.named_graph_parameters()
@@ -184,7 +189,7 @@ def build_subject(
     if loaded.graph is not None:
         notes += loaded.graph.metadata.get("notes", [])
         notes += unread_input_notes(
-            loaded.graph, [s.name for s in loaded.inputs], list(matched.inputs)
+            loaded.graph, [s.name for s in matched.specs], list(matched.inputs)
         )
         if options.mode == "eval":
             notes += eval_mode_notes(loaded.graph)

@@ -33,6 +33,11 @@ class LoadedModel:
     finish: Any = None
     notes: list[str] = field(default_factory=list)
     source: Any = None  # the loaded source object (ExportedProgram, ScriptModule, ModelProto)
+    # other names a batch array may have to feed an input (a .pt2 dict input `d_x`: `x`, `d.x`)
+    input_aliases: dict[str, list[str]] = field(default_factory=dict)
+    # inputs the model runs without (a TorchScript argument with a default): a batch may leave
+    # them out, trailing ones only, since `module(*inputs)` passes inputs by position
+    optional_inputs: frozenset[str] = frozenset()
 
 
 def frozen_parameters_note(module: nn.Module) -> list[str]:

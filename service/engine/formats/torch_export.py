@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import zipfile
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -140,12 +141,72 @@ def _output_names(program: torch.export.ExportedProgram, count: int) -> list[str
         ]
     except Exception:  # a container type without key paths: keep the node names
         return [None] * count
-    names: list[str | None] = []
-    for path in paths:
-        parts = [_key_text(key) for key in path]
-        named = any(isinstance(key, pytree.MappingKey | pytree.GetAttrKey) for key in path)
-        names.append(".".join(parts) if named else None)
+    names = [_path_name(path) for path in paths]
     return names if len(names) == count else [None] * count
+
+
+def _path_name(path: Sequence[Any]) -> str | None:
+    """`logits`, `hidden.0`: an output's key path where a key names it (a flat tuple's places
+    are only numbers: None)."""
+    if not any(isinstance(key, pytree.MappingKey | pytree.GetAttrKey) for key in path):
+        return None
+    return ".".join(_key_text(key) for key in path)
+
+
+def output_specs_from_value(value: Any) -> list[TensorSpec]:
+    """The outputs of one run of a model (TorchScript's, which declares none): each tensor of
+    what it returned, named like a .pt2's outputs by its key path (`logits`, `hidden.0`), or
+    `output` / `output_0`, `output_1`, … where only positions name them."""
+    try:
+        leaves = pytree.tree_flatten_with_path(value)[0]
+    except Exception:  # a container type without key paths
+        leaves = [((pytree.SequenceKey(i),), v) for i, v in enumerate(pytree.tree_leaves(value))]
+    tensors = [(path, v) for path, v in leaves if isinstance(v, torch.Tensor)]
+    specs = []
+    for index, (path, tensor) in enumerate(tensors):
+        fallback = "output" if len(tensors) == 1 else f"output_{index}"
+        specs.append(spec_from_value(_path_name(path) or fallback, tensor))
+    return specs
+
+
+def input_aliases(program: torch.export.ExportedProgram, names: list[str]) -> dict[str, list[str]]:
+    """Other names a batch array may have to feed each input that is one entry of a container
+    argument: `forward(self, d)` reading `d["x"]` has the input `d_x` (torch.export joins the
+    key path with `_`), which the user knows as `x`; `x`, `d.x` and `d/x` name it too (a
+    safetensors file or a nested .pt batch joins with dots). A list's entry `xs_0` is also
+    `xs.0`, never a bare `0`. Empty where the program's input spec says no more."""
+    spec = program.call_spec.in_spec
+    if spec is None:
+        return {}
+    try:
+        leaves = pytree.tree_flatten_with_path(pytree.tree_unflatten(list(range(len(names))), spec))
+    except Exception:  # a container type without key paths
+        return {}
+    paths = [path for path, _ in leaves[0]]
+    if len(paths) != len(names):  # constants among the inputs: positions would not line up
+        return {}
+    aliases: dict[str, list[str]] = {}
+    for name, path in zip(names, paths, strict=True):
+        if len(path) < 2:
+            continue
+        # (args, kwargs) first: an argument is args[i] (named only in the placeholder's name)
+        # or kwargs[name]
+        keyword = isinstance(path[1], pytree.MappingKey)
+        below = [_key_text(key) for key in path[2:]]
+        if not below:
+            continue
+        argument = _key_text(path[1]) if keyword else None
+        suffix = "_" + "_".join(re.sub(r"\W", "_", part) for part in below)
+        if argument is None and name.endswith(suffix) and len(name) > len(suffix):
+            argument = name[: -len(suffix)]
+        found: list[str] = []
+        if isinstance(path[2], pytree.MappingKey | pytree.GetAttrKey):
+            found += [".".join(below), "/".join(below)]
+        if argument is not None:
+            found += [".".join([argument, *below]), "/".join([argument, *below])]
+        if found:
+            aliases[name] = [a for a in dict.fromkeys(found) if a != name]
+    return aliases
 
 
 def _key_text(key: Any) -> str:
@@ -202,4 +263,5 @@ def load_torch_export(data: bytes, *, mode: str = "train", dropout: bool = False
         inputs=inputs,
         outputs=outputs,
         source=program,
+        input_aliases=input_aliases(program, [s.name for s in inputs]),
     )

@@ -22,6 +22,7 @@ import torch
 from service.engine.formats.fake_quant_meta import register_fake_quant_meta
 from service.engine.formats.fx import graph_from_fx
 from service.engine.formats.loaded import LoadedModel, frozen_parameters_note
+from service.engine.formats.torch_export import output_specs_from_value
 from service.engine.report import TensorSpec
 from service.errors import ModelFormatError
 
@@ -35,6 +36,24 @@ def _input_names(module: torch.jit.ScriptModule) -> list[str]:
         names.append(base or f"input_{len(names)}")
     # duplicates after stripping (x.1, x.2) get their position appended
     return [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
+
+
+def _inputs_with_defaults(module: torch.jit.ScriptModule, names: list[str]) -> frozenset[str]:
+    """The inputs whose forward argument has a default (`bias: Optional[Tensor] = None`): a
+    batch may leave them out and the model runs with the default, as `module(x)` would."""
+    try:
+        # a ScriptMethod (typed as a plain callable) carries its schema
+        schema = module.forward.schema  # type: ignore[attr-defined]
+        arguments = list(schema.arguments)[1:]  # the first is `self`
+    except (AttributeError, RuntimeError):  # a module without a scripted forward
+        return frozenset()
+    if len(arguments) != len(names):
+        return frozenset()
+    return frozenset(
+        name
+        for name, argument in zip(names, arguments, strict=True)
+        if argument.has_default_value()
+    )
 
 
 def load_torchscript(data: bytes, *, mode: str = "train", dropout: bool = False) -> LoadedModel:
@@ -62,6 +81,7 @@ def load_torchscript(data: bytes, *, mode: str = "train", dropout: bool = False)
         coverage_reason="TorchScript graph not converted yet (needs the batch)",
         source=module,
         notes=frozen_parameters_note(module),
+        optional_inputs=_inputs_with_defaults(module, names),
     )
 
     def finish(example: Sequence[torch.Tensor]) -> None:
@@ -71,6 +91,16 @@ def load_torchscript(data: bytes, *, mode: str = "train", dropout: bool = False)
             warnings.simplefilter("ignore")
             copy = torch.jit.load(io.BytesIO(data), map_location="cpu")
         copy.train(mode == "train")
+        loaded.outputs = _run_outputs(copy, example)
+        if len(example) < len(names):
+            left_out = ", ".join(names[len(example) :])
+            loaded.coverage_reason = (
+                f"input(s) {left_out} were left to their defaults, and the TorchScript graph "
+                "converts to an observable FX graph only with every input fed; only parameter "
+                "gradients are measured — add arrays for them, or export with torch.export "
+                "(.pt2), for per-layer probes"
+            )
+            return
         _make_observable(loaded, copy, names, example, mode=mode, dropout=dropout)
 
     loaded.finish = finish
@@ -126,6 +156,28 @@ def _make_observable(
     loaded.graph = graph
     loaded.module = graph
     loaded.coverage_reason = None
+
+
+def _run_outputs(
+    module: torch.jit.ScriptModule, example: Sequence[torch.Tensor]
+) -> list[TensorSpec]:
+    """The outputs' names, shapes and dtypes, which TorchScript does not declare, from one
+    forward on the batch without gradients; the buffers it changes (a traced train-mode batch
+    norm's running statistics) are put back. Empty where the forward fails: the measurement
+    runs it again and reports why."""
+    buffers = [(b, b.detach().clone()) for b in module.buffers()]
+    try:
+        # its own random draws (dropout in train mode): the measurement's stay as they were
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            value = module(*example)
+    except Exception:  # the measurement's own forward reports it
+        return []
+    finally:
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+    return output_specs_from_value(value)
 
 
 def _unused_parameters(
