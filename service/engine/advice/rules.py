@@ -199,7 +199,20 @@ class Advisor:
     def _snippet(self, d: Draft) -> str:
         p = d.params
         if d.fix == "replace_activation":
-            return snippets.replace_activation(p["from"], p["to"], p.get("init"))
+            if p.get("init") == "kaiming":
+                # the weights before the swapped activations: what the verification
+                # re-initialises (verify._apply), listed so that the snippet does the same
+                shapes = {x.name: x.shape for x in self.m.parameters}
+                p["init_weights"] = [
+                    name
+                    for layer in d.layers
+                    if layer in self.layers
+                    for name in self.layers[layer].params
+                    if len(shapes.get(name, [])) >= 2
+                ]
+            return snippets.replace_activation(
+                p["from"], p["to"], p.get("init"), p.get("init_weights")
+            )
         if d.fix == "reinitialize_weights":
             stds = grouped_weight_stds(self.graph, p["schemes"]) if self.graph else {}
             return snippets.reinitialize(p["schemes"], p.get("source_names"), stds)
@@ -393,11 +406,16 @@ class Advisor:
         if used & {"forget_bias", "onnx_forget_bias", "no_bias_forget"}:
             why.append(_gate_bias_text("lstm", measured["lstm"]))
             if measured["lstm"]:
-                bias_params["forget_gate_bias"] = _layer_means(measured["lstm"])
+                # the value the fix sets (the snippet's), and what the gate sees now
+                current = _layer_means(measured["lstm"])
+                bias_params["forget_gate_bias"] = dict.fromkeys(current, GATE_BIAS_TARGET)
+                bias_params["current_forget_gate_bias"] = current
         if used & {"update_bias", "onnx_update_bias", "no_bias_update"}:
             why.append(_gate_bias_text("gru", measured["gru"]))
             if measured["gru"]:
-                bias_params["update_gate_bias"] = _layer_means(measured["gru"])
+                current = _layer_means(measured["gru"])
+                bias_params["update_gate_bias"] = dict.fromkeys(current, GATE_BIAS_TARGET)
+                bias_params["current_update_gate_bias"] = current
         if used & {"onnx_forget_bias", "onnx_update_bias"}:
             why.append(
                 "in the ONNX graph that is B[:, 2H:3H] + B[:, 6H:7H] (Wb + Rb) of an LSTM (ONNX "

@@ -7,36 +7,73 @@ gradhealth's converted graph: the point is the change to make in the training co
 from __future__ import annotations
 
 
-def _names(names: list[str], limit: int = 8) -> str:
-    shown = ", ".join(repr(n) for n in names[:limit])
-    return f"[{shown}{', ...' if len(names) > limit else ''}]"
+def _names(names: list[str]) -> str:
+    """Every name, as a Python list the snippet's code iterates over."""
+    return "[" + ", ".join(repr(n) for n in names) + "]"
 
 
-def replace_activation(old: list[str], new: str, init: str | None) -> str:
-    module = {"ReLU": "nn.ReLU()", "LeakyReLU": "nn.LeakyReLU(0.01)", "GELU": "nn.GELU()"}[new]
-    classes = ", ".join(
-        {"sigmoid": "nn.Sigmoid", "tanh": "nn.Tanh", "relu": "nn.ReLU"}.get(o, "nn." + o)
-        for o in old
-    )
+def _some(names: list[str], limit: int = 8) -> str:
+    """The first `limit` names for a comment, and how many more there are."""
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+# new activation → (module, functional call in forward)
+_NEW_MODULES = {
+    "ReLU": ("nn.ReLU()", "F.relu(x)"),
+    "LeakyReLU": ("nn.LeakyReLU(0.01)", "F.leaky_relu(x, 0.01)"),
+    "GELU": ("nn.GELU()", "F.gelu(x)"),
+    "SiLU": ("nn.SiLU()", "F.silu(x)"),
+    "ELU": ("nn.ELU()", "F.elu(x)"),
+    "Tanh": ("nn.Tanh()", "torch.tanh(x)"),
+}
+# canonical op → (module class, the ways forward() may call it)
+_OLD_ACTIVATIONS = {
+    "sigmoid": ("nn.Sigmoid", "torch.sigmoid(x) / F.sigmoid(x) / x.sigmoid()"),
+    "tanh": ("nn.Tanh", "torch.tanh(x) / F.tanh(x) / x.tanh()"),
+    "relu": ("nn.ReLU", "torch.relu(x) / F.relu(x) / x.relu()"),
+    "hardsigmoid": ("nn.Hardsigmoid", "F.hardsigmoid(x)"),
+    "hardtanh": ("nn.Hardtanh", "F.hardtanh(x)"),
+    "relu6": ("nn.ReLU6", "F.relu6(x)"),
+    "leaky_relu": ("nn.LeakyReLU", "F.leaky_relu(x)"),
+    "elu": ("nn.ELU", "F.elu(x)"),
+    "gelu": ("nn.GELU", "F.gelu(x)"),
+    "silu": ("nn.SiLU", "F.silu(x) / x * torch.sigmoid(x)"),
+}
+
+
+def replace_activation(
+    old: list[str], new: str, init: str | None, init_weights: list[str] | None = None
+) -> str:
+    """The module swap, the functional calls to edit by hand, and with `init` "kaiming" He
+    initialisation of exactly `init_weights` (the weights before the swapped activations, as
+    the verification re-initialises them; biases kept)."""
+    module, call = _NEW_MODULES[new]
+    classes = ", ".join(_OLD_ACTIVATIONS.get(o, ("nn." + o, ""))[0] for o in old)
     lines = [
+        "import torch",
         "import torch.nn as nn",
+        "import torch.nn.functional as F",
         "",
         f"# in the model definition: {' / '.join(old)} → {new}",
+        "# 1. activation modules:",
         "for parent in model.modules():",
         "    for child_name, child in parent.named_children():",
         f"        if isinstance(child, ({classes},)):",
         f"            setattr(parent, child_name, {module})",
-        f"# functional calls (torch.sigmoid(x), torch.tanh(x), F.relu(x)) → F.{new.lower()}(x)",
+        "# 2. functional calls in forward() are no modules: the loop above does not change",
+        "#    them; edit each by hand:",
     ]
-    if init == "kaiming":
-        slope = ", a=0.01" if new == "LeakyReLU" else ""
-        nonlin = "leaky_relu" if new == "LeakyReLU" else "relu"
+    for o in old:
+        calls = _OLD_ACTIVATIONS.get(o, ("", f"{o}(x)"))[1]
+        lines.append(f"#      {calls}  →  {call}")
+    if init == "kaiming" and init_weights:
         lines += [
-            "for m in model.modules():  # He initialisation suits the new activation",
-            "    if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):",
-            f'        nn.init.kaiming_normal_(m.weight{slope}, nonlinearity="{nonlin}")',
-            "        if m.bias is not None:",
-            "            nn.init.zeros_(m.bias)",
+            "# He initialisation suits the new activation: the weights before the swapped",
+            "# activations (biases kept)",
+            "params = dict(model.named_parameters())",
+            f"for name in {_names(init_weights)}:",
+            '    nn.init.kaiming_normal_(params[name], nonlinearity="relu")',
         ]
     return "\n".join(lines)
 
@@ -129,7 +166,7 @@ def add_normalization(kind: str, after: list[str]) -> str:
         [
             "import torch.nn as nn",
             "",
-            f"# insert a {kind} between each of {_names(after, 4)} and its activation, e.g.",
+            f"# insert a {kind} between each of {_some(after, 4)} and its activation, e.g.",
             f"block = nn.Sequential(layer, {norm}, activation)",
         ]
     )
@@ -148,7 +185,7 @@ def add_residual(layers: list[str]) -> str:
             "    def forward(self, x):",
             "        return x + self.block(x)  # the identity path carries the gradient back",
             "",
-            f"# wrap each shape-preserving block among {_names(layers, 4)} in Residual(...)",
+            f"# wrap each shape-preserving block among {_some(layers, 4)} in Residual(...)",
         ]
     )
 
@@ -158,7 +195,7 @@ def gated_recurrent(layers: list[str]) -> str:
         [
             "import torch.nn as nn",
             "",
-            f"# {_names(layers)}: nn.RNN → nn.LSTM (or nn.GRU), same sizes",
+            f"# {_some(layers)}: nn.RNN → nn.LSTM (or nn.GRU), same sizes",
             "rnn = nn.LSTM(input_size, hidden_size, num_layers=num_layers, batch_first=True)",
             "out, (h, c) = rnn(x)  # nn.RNN returned (out, h)",
         ]
@@ -230,7 +267,7 @@ def recalibrate_quantizers(what: list[str]) -> str:
             "import torch",
             "import torch.ao.quantization as tq",
             "",
-            f"# clipping quantisers: {', '.join(what[:4])}{', ...' if len(what) > 4 else ''}",
+            f"# clipping quantisers: {_some(what, 4)}",
             "# torch.ao QAT: let the observers see representative batches again, then freeze",
             "model.apply(tq.enable_observer)",
             "with torch.no_grad():",

@@ -231,8 +231,13 @@ def init_scale_findings(
                 evidence={
                     "direction": direction,
                     "init_std_ratio": {x.name: ratios[x.name] for x in group},
+                    # the ratio as judged, worst first (`layers`' order): a Xavier layer's
+                    # against the nearer end of the range it balances, so a head narrowing
+                    # 32 → 4 at 4.2× Xavier's std is judged 2× and comes after a 4.16× He one
+                    "judged_ratio": {x.name: judged[x.name] for x in group},
                     "fan_in": {x.name: x.fan_in for x in group},
                     "worst_ratio": r,
+                    "worst_judged_ratio": j,
                 },
             )
         )

@@ -6,7 +6,8 @@ figures of the findings it addresses in `Recommendation.verified`.
 
 What each fix does here:
 - replace_activation: swap the sigmoid/tanh (or ReLU) nodes in the ObservableGraph, and when the
-  recommendation says so re-initialise the preceding layers with He, as its snippet does. An
+  recommendation says so re-initialise the weights before them with He (`params.init_weights`,
+  the tensors its snippet lists; biases kept). An
   output activation is swapped only when a dead_units finding it addresses names its layer (a
   dead ReLU output head); a frozen layer nothing trainable is upstream of keeps its own.
 - reinitialize_weights: re-initialise the named parameters (He / Xavier / zero bias).
@@ -27,7 +28,10 @@ What each fix does here:
 - add_normalization, add_residual_connections, use_gated_recurrent_unit, lower_learning_rate:
   not applied; `reason` says why (new layers need training / one pass has no learning rate).
 
-`resolved` = none of the addressed findings is present after the fix (same kind and axis) AND
+`resolved` = none of the addressed findings is present after the fix (same kind and axis) AND,
+for a fix of dead units / saturation, the vanishing gradient they cause through their layers is
+gone too (judged under its own key; `reason` gives the depth ratio left; when the new activation
+has no dead / saturated fraction to measure, every vanishing gradient of the run is judged) AND
 the fixed copy shows no error that was not one before (a clamp that removes a NaN but zeroes the
 gradient of the clamped entries makes gradients vanish: not resolved). `after` lists what the
 fix brought: `new_errors` / `new_warnings` (kinds) and `new_findings` (kind, severity, axis,
@@ -56,7 +60,7 @@ from service.engine.gradient_cuts import straight_through
 from service.engine.measurements import Measurements, Subject
 from service.engine.options import DiagnoseOptions
 from service.engine.quantizers import widen_to_cover
-from service.engine.report import Finding, Recommendation, Verification
+from service.engine.report import SEVERITY_RANK, Finding, Recommendation, Verification
 from service.engine.stats import FP16_MAX, FP16_TINY
 from service.engine.verify.figures import (
     described,
@@ -142,8 +146,24 @@ def _verify(
             applied=False, reason=f"re-measuring the fixed copy failed: {first_line(exc)}"
         )
     after_m = trained_part(after_m)
-    before: dict[str, Any] = {"figures": figures(m, kinds)}
-    after: dict[str, Any] = {"figures": figures(after_m, kinds)}
+    # a vanishing gradient through the dead / saturated layers is their consequence: the fix
+    # must clear it too, whichever recommendation it was listed under
+    caused = _consequences(addressed, findings, m)
+    judged_kinds = kinds | {str(f.kind) for f in caused}
+    if kinds & _BLOCKING_KINDS:  # what a dead / saturated unit costs: the gradient's flow
+        judged_kinds.add("vanishing_gradients")
+    before: dict[str, Any] = {"figures": figures(m, judged_kinds)}
+    after: dict[str, Any] = {"figures": figures(after_m, judged_kinds)}
+    # a figure the new activation does not have (LeakyReLU has no exact zero region): the
+    # finding's absence shows nothing by itself, so every vanishing gradient of the run is
+    # judged, the verdict resting on the gradient's flow
+    unmeasurable = _unmeasurable(before["figures"], after["figures"], kinds)
+    if unmeasurable:
+        caused += [
+            f
+            for f in findings
+            if f.kind == "vanishing_gradients" and not any(f is x for x in [*addressed, *caused])
+        ]
     if rec.fix == "clip_gradients":
         # what one pass can show: the update clip_grad_norm_ lets through, before and after;
         # whether training then stays stable shows only over steps, so no resolved either way
@@ -163,7 +183,14 @@ def _verify(
         before[key] = summary(f)
         after[key] = summary(match)
         gone = gone and match is None
-    new = new_findings(after_findings, findings, addressed)
+    remaining: list[tuple[Finding, Finding]] = []  # (consequence before, still there after)
+    for f in caused:
+        match = same_finding(f, after_findings)
+        before[key_of(f)] = summary(f)
+        after[key_of(f)] = summary(match)
+        if match is not None and SEVERITY_RANK[match.severity] >= SEVERITY_RANK[f.severity]:
+            remaining.append((f, match))
+    new = new_findings(after_findings, findings, addressed + caused)
     if exact and new:
         # the same function with exact gradients cannot bring a finding of its own: what the
         # now finite values show was there before, hidden by the NaN/Inf
@@ -178,10 +205,26 @@ def _verify(
     if new:
         after["new_findings"] = [described(f) for f in new]
     # resolved: what it addresses is gone and it brings no error of its own
-    resolved = gone and not errors
+    resolved = gone and not errors and not remaining
     reason = None
-    if gone and errors:
+    if gone and remaining:
         reason = (
+            "the addressed finding(s) are gone, but the vanishing gradient they caused "
+            "remains: "
+            + "; ".join(
+                _remaining_text(f, g, before["figures"], after["figures"]) for f, g in remaining
+            )
+        )
+    elif gone and unmeasurable and not errors:
+        ratio = after["figures"].get("depth_ratio")
+        reason = (
+            f"{', '.join(unmeasurable)} cannot be measured for the new activation (it has "
+            "no exact zero / saturated region), so that finding's absence shows nothing by "
+            "itself; judged by the gradient's flow: no vanishing gradient error after the fix"
+            + (f" (depth ratio {ratio:.3g})" if ratio is not None else "")
+        )
+    if gone and errors:
+        reason = (f"{reason}; " if reason else "") + (
             "the addressed finding(s) are gone, but the fixed copy shows new error(s): "
             + "; ".join(f"{key_of(f)}: {f.message}" for f in errors)
         )
@@ -210,6 +253,60 @@ def _verify(
 
 
 _PROFILE_KINDS = frozenset({"vanishing_gradients", "exploding_gradients"})
+# findings whose consequence is a vanishing gradient through their layers (a dead ReLU passes
+# no gradient, a saturated sigmoid/tanh almost none)
+_BLOCKING_KINDS = frozenset({"dead_units", "saturation"})
+# the figure that says whether the blocking finding is there (figures.py)
+_BLOCKING_FIGURES = {"dead_units": "max_dead_fraction", "saturation": "max_saturated_fraction"}
+
+
+def _consequences(
+    addressed: list[Finding], findings: list[Finding], m: Measurements
+) -> list[Finding]:
+    """The vanishing_gradients findings of the same run that the addressed dead units /
+    saturation cause and that the recommendation does not address itself: those on the time
+    axis that name one of their layers, those through the depth whose layers lie at or before
+    the deepest blocking layer (the gradient of a layer passes every layer after it)."""
+    blocking = [f for f in addressed if f.kind in _BLOCKING_KINDS]
+    if not blocking:
+        return []
+    names = {n for f in blocking for n in f.layers}
+    depth = {x.name: x.depth for x in m.layers}
+    deepest = max((depth[n] for n in names if n in depth), default=None)
+    out = []
+    for f in findings:
+        if f.kind != "vanishing_gradients" or any(f is a for a in addressed):
+            continue
+        if names & set(f.layers) or (
+            f.evidence.get("axis", "depth") == "depth"
+            and deepest is not None
+            and any(n in depth and depth[n] <= deepest for n in f.layers)
+        ):
+            out.append(f)
+    return out
+
+
+def _unmeasurable(before: dict[str, Any], after: dict[str, Any], kinds: set[str]) -> list[str]:
+    """The addressed blocking figures measured before the fix and not after: the new
+    activation has no exact zero (LeakyReLU) / saturated region, so that figure is absent, which
+    by itself shows nothing."""
+    return [
+        key
+        for kind, key in _BLOCKING_FIGURES.items()
+        if kind in kinds and before.get(key) is not None and after.get(key) is None
+    ]
+
+
+def _remaining_text(
+    f: Finding, after_f: Finding, before: dict[str, Any], after: dict[str, Any]
+) -> str:
+    text = f"{key_of(f)} is still {'an' if after_f.severity == 'error' else 'a'} {after_f.severity}"
+    ratio = "time_ratio" if f.evidence.get("axis") == "time" else "depth_ratio"
+    if after.get(ratio) is not None:
+        was = before.get(ratio)
+        text += f" ({ratio.replace('_', ' ')} {after[ratio]:.3g} after the fix"
+        text += f", {was:.3g} before)" if was is not None else ")"
+    return text
 
 
 def _gradients_were_non_finite(m: Measurements) -> bool:
@@ -236,27 +333,35 @@ def _apply(
         swapped = swap_activations(
             copy_, old, new, outputs=outputs, kept=layer_nodes(copy_, m.untrained_layers)
         )
-        text = f"replaced {'/'.join(sorted(old))} by {new} in {len(swapped)} node(s)"
+        text = (
+            f"replaced {'/'.join(sorted(old))} by {new} in {len(swapped)} node(s) "
+            f"({_listed(swapped)})"
+        )
         at_output = [n for n in swapped if n in outputs and n in _graph_output_nodes(copy_)]
         if at_output:
             text += f", the output activation {', '.join(at_output)} among them (it is dead)"
         if rec.params.get("init") == "kaiming":
+            # the tensors the snippet re-initialises (rules.py lists them in `init_weights`);
+            # without the list, the weights of the recommendation's layers
             layers = {x.name: x for x in m.layers}
-            schemes = {
-                p: "kaiming"
-                for name in rec.layers
-                if name in layers
-                for p in layers[name].params
-                if len(_shape(m, p)) >= 2
-            }
+            names = rec.params.get("init_weights")
+            if names is None:
+                names = [
+                    p
+                    for name in rec.layers
+                    if name in layers
+                    for p in layers[name].params
+                    if len(_shape(m, p)) >= 2
+                ]
+            schemes = dict.fromkeys(names, "kaiming")
             if schemes:
                 reinitialize(copy_, schemes)
-                text += f"; He-initialised {len(schemes)} weight(s) before them"
+                text += f"; He-initialised {len(schemes)} weight(s) before them, biases kept"
         return text, measure(copy_, options)
     if rec.fix == "reinitialize_weights":
         copy_ = copy_subject(subject)
         done = reinitialize(copy_, dict(rec.params.get("schemes", {})))
-        return f"re-initialised {len(done)} tensor(s): " + "; ".join(done[:4]), measure(
+        return f"re-initialised {len(done)} tensor(s): " + _listed(done, 4, "; "), measure(
             copy_, options
         )
     if rec.fix == "straight_through_estimator":
@@ -273,10 +378,10 @@ def _apply(
         if copy_.graph is None:
             raise NotApplicable("the model's quantisers are not observable (parameters only)")
         grown = widen_to_cover(copy_.graph, input_parts(copy_, options))
-        shown = ", ".join(f"{name} × {factor:.3g}" for name, factor in list(grown.items())[:4])
+        shown = _listed([f"{name} × {factor:.3g}" for name, factor in grown.items()], 4)
         text = (
             f"max-calibrated the quantisers on this batch, widening only: {len(grown)} scale(s) "
-            f"grew ({shown}{', ...' if len(grown) > 4 else ''})"
+            f"grew ({shown})"
         )
         return text, measure(copy_, options)
     if rec.fix == "clip_gradients":
@@ -318,6 +423,12 @@ def _guarded(
         after = measure(copy_, options)
     exact = all(softmax_feeding(subject.graph, name) is not None for name in guarded)
     return "; ".join(texts), after, exact
+
+
+def _listed(items: list[str], limit: int = 8, sep: str = ", ") -> str:
+    """The first `limit` items of a transform's text, and how many more there are."""
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return sep.join(items[:limit]) + more
 
 
 def _graph_output_nodes(subject: Subject) -> set[str]:

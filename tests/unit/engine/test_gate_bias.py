@@ -98,8 +98,9 @@ def test_closed_forget_gates_are_named_and_the_fix_makes_their_sum_1(fmt: str) -
     rec = _time_advice(report)
     assert rec.fix == "reinitialize_weights"
     # the measured bias, bias_ih + bias_hh, not an assumed 0
-    (bias,) = rec.params["forget_gate_bias"].values()
+    (bias,) = rec.params["current_forget_gate_bias"].values()
     assert bias == pytest.approx(-5.0, abs=1e-5)
+    assert set(rec.params["forget_gate_bias"].values()) == {1.0}  # what the snippet sets
     assert "is -5 in" in rec.rationale and "σ(-5) = 0.00669" in rec.rationale, rec.rationale
     assert "σ(0)" not in rec.rationale
     # the snippet sets the sum: bias_ih's forget slice 1, bias_hh's 0
@@ -122,8 +123,9 @@ def test_closed_gru_update_gates_are_named_and_the_fix_makes_their_sum_1(fmt: st
     x, _ = case.batch()
     report = diagnose(_model_bytes(fmt, case.module(), x), case.batch_bytes(), OPTIONS)
     rec = _time_advice(report)
-    (bias,) = rec.params["update_gate_bias"].values()
+    (bias,) = rec.params["current_update_gate_bias"].values()
     assert bias == pytest.approx(-5.0, abs=1e-5)
+    assert set(rec.params["update_gate_bias"].values()) == {1.0}  # what the snippet sets
     assert "σ(-5) = 0.00669" in rec.rationale, rec.rationale
     assert "chunk(3)[1].zero_()" in rec.snippet
     verified = rec.verified
@@ -142,7 +144,7 @@ def test_default_lstm_rationale_reads_its_measured_forget_bias() -> None:
     x, _ = case.batch()
     report = diagnose(_model_bytes("torch_export", module, x), case.batch_bytes(), OPTIONS)
     rec = _time_advice(report)
-    assert rec.params["forget_gate_bias"] == {"rnn": pytest.approx(expected, abs=1e-6)}
+    assert rec.params["current_forget_gate_bias"] == {"rnn": pytest.approx(expected, abs=1e-6)}
     assert "averages" in rec.rationale and "σ(0) = 0.5" not in rec.rationale
 
 
