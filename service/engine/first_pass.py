@@ -13,7 +13,11 @@ tensor that carries gradient.
 A BatchNorm in train mode given one value per channel (a micro-batch of one example through
 BatchNorm1d): its output is its bias alone and no gradient passes it. torch refuses it in
 train mode ("Expected more than 1 value per channel when training"); a `.pt2`'s decomposed
-batch norm does not, and the zero gradients would read as vanishing gradients.
+batch norm does not, and the zero gradients would read as vanishing gradients. Only the
+BatchNorms that normalise with the batch's statistics in this run are watched
+(`uses_batch_statistics`): all of them in train mode, in eval mode only those exported so
+(`track_running_stats=False`, an ONNX `training_mode=1`); one normalising with its running
+statistics is fine with a batch of one.
 """
 
 from __future__ import annotations
@@ -24,10 +28,37 @@ from typing import Any
 import torch
 
 from service.engine.graph import Node, NodeObserver
+from service.engine.layers import _attr, canonical
 
 # Subject.extra key: the model computes in float16 although its parameters are float32 (the
 # verification's fp32 reference must then run on an fp32 copy, as for a float16 model)
 COMPUTES_IN_FP16 = "computes_in_fp16"
+
+
+def uses_batch_statistics(node: Node, mode: str) -> bool:
+    """Whether the BatchNorm `node` normalises with the batch's statistics in a `mode` run:
+    always in train mode (the formats make it so, CONTRACT.md §2); in eval mode as exported:
+    an aten batch norm's `training` argument (`_native_batch_norm_legit_no_training` has none:
+    running statistics), an ONNX BatchNormalization's `training_mode` (or, before opset 14,
+    its statistics outputs being named)."""
+    if mode == "train":
+        return True
+    if node.domain == "aten":
+        source = node.source
+        schema = getattr(getattr(source, "target", None), "_schema", None)
+        names = [a.name for a in getattr(schema, "arguments", ())]
+        if "training" in names:
+            args = tuple(getattr(source, "args", ()))
+            at = names.index("training")
+            value = args[at] if at < len(args) else getattr(source, "kwargs", {}).get("training")
+            return bool(value) if isinstance(value, bool) else True
+        return "notraining" not in canonical(node.op_type)
+    if node.op_type == "BatchNormalization":
+        mode_attr = _attr(node, "training_mode")
+        if mode_attr is not None:
+            return bool(mode_attr)
+        return any(list(getattr(node.source, "output", node.outputs))[1:])
+    return True  # unknown: watched, as before
 
 
 class FirstPass:

@@ -26,6 +26,20 @@ dim 1, else on the last axis (a [B, T, vocab] output), whichever has rows that s
 must be finite and ≥ 0, and every row must sum to 1 (within `_PROBABILITY_SUM_TOLERANCE`) or be
 all zero (it adds no loss but counts in the mean, as in torch). Only an explicit `--loss
 cross_entropy` reads them: the default for a floating target stays `mse`.
+
+A model that ends in a softmax returns class probabilities, not logits: `cross_entropy` on them
+would apply a second softmax (log_softmax(softmax(z))), a loss no one trains with, whose
+gradients are an order of magnitude smaller than those of the loss such a model does train with,
+the NLL of log(p). So when the loss is the default and the output's rows along the class axis
+are probabilities (finite, ≥ 0, each summing to 1 within `_PROBABILITY_SUM_TOLERANCE`), the
+default is `nll_of_log` instead: F.nll_loss of log(p), p clamped at `_LOG_FLOOR` (a softmax
+that underflowed to 0 gives a large finite loss, not inf), with a note. Telling takes a look at
+the output's values, which must not cost a host read of its own (measure.py moves everything to
+the host once): the default for class indices is first `class_default`, computed on the device
+as either loss, whichever the rows call for (`torch.where`), and the host learns which from
+`output_checks` in the one transfer (`resolve_class_default`). A `--loss cross_entropy` given on
+such an output is kept, with a note saying what to pass instead; so is a `--loss
+bce_with_logits` on an output that is already a sigmoid's (`output_check_notes`).
 """
 
 from __future__ import annotations
@@ -47,7 +61,14 @@ LOSS_KINDS = (
     "output_norm",
     "model_output",
 )
-_CLASS_LOSSES = ("cross_entropy", "nll")
+# the NLL of log(output), for an output of class probabilities (module docstring); a default
+# only, never given by --loss
+NLL_OF_LOG = "nll_of_log"
+# the class-index default until the host has seen the output: cross_entropy, or nll_of_log
+# where its rows are probabilities, chosen on the device (module docstring)
+CLASS_DEFAULT = "class_default"
+_CLASS_LOSSES = ("cross_entropy", "nll", NLL_OF_LOG, CLASS_DEFAULT)
+_LOG_FLOOR = 1e-12  # p clamped before its log: a probability that underflowed to 0
 GIVEN_BY_USER = "given by --loss"  # the report's loss.reason when no default applied
 IGNORE_INDEX = -100  # F.cross_entropy / nll_loss's default ignore_index, Hugging Face's labels
 # class-probability rows sum to 1: float16/bfloat16-stored probabilities (relative rounding
@@ -114,6 +135,84 @@ def default_loss(
     )
 
 
+def _probability_rows_on_device(y: torch.Tensor, axis: int) -> torch.Tensor:
+    """A 0-d bool on `y`'s device: whether its rows along `axis` are class probabilities (a
+    softmax's output): finite, ≥ 0, each summing to 1 within `_PROBABILITY_SUM_TOLERANCE`, as
+    a class-probability target must (`probability_axis`). NaN compares false."""
+    with torch.no_grad():
+        y = y.detach().float()
+        off = (y.sum(dim=axis) - 1).abs().amax()
+        return (y.amin() >= 0) & (off <= _PROBABILITY_SUM_TOLERANCE)
+
+
+def probability_rows(y: torch.Tensor, axis: int) -> bool:
+    """`_probability_rows_on_device`, read on the host (one host read)."""
+    if y.dim() < 2 or not y.numel() or not -y.dim() <= axis < y.dim():
+        return False
+    return bool(_probability_rows_on_device(y, axis))
+
+
+# ops whose output may be class probabilities (a softmax; exp(z) / Σ exp(z) written out ends
+# in a div): where the graph says the output comes from another op, its values are not checked
+# (the check costs kernels on every pass, bench/overhead.py)
+_PROBABILITY_OPS = frozenset({"softmax", "div"})
+
+
+def _may_be(op: str, ops: frozenset[str]) -> bool:
+    """Whether an output computed by `op` ("" where the graph does not tell) may be one of
+    `ops`' and is worth a look at its values."""
+    return not op or op in ops
+
+
+def class_default(kind: str, target: torch.Tensor | None, op: str = "") -> str:
+    """The default `kind` (`default_loss`) to run: `class_default` for class indices, whose
+    output may turn out to be probabilities (module docstring). `op`: the canonical op that
+    computes the output, where the graph tells ("" otherwise)."""
+    integer = target is not None and not target.is_floating_point()
+    if kind == "cross_entropy" and integer and _may_be(op, _PROBABILITY_OPS):
+        return CLASS_DEFAULT
+    return kind
+
+
+def output_checks(
+    kind: str, outputs: Sequence[torch.Tensor], target: torch.Tensor | None, op: str = ""
+) -> torch.Tensor | None:
+    """What the host must know of the output the loss reads, on the device for the one
+    transfer: for a given cross_entropy on class indices, whether its rows are probabilities
+    ([1.0] / [0.0]: `class_default` records it while computing the loss, `compute_loss`); for
+    bce_with_logits, its [min, max]. None otherwise, and where `op` (`class_default`) says
+    the output is no softmax's (sigmoid's)."""
+    floats = [o for o in outputs if isinstance(o, torch.Tensor) and o.is_floating_point()]
+    if not floats or target is None or not floats[0].numel():
+        return None
+    y = floats[0]
+    probabilities = kind in ("cross_entropy", CLASS_DEFAULT) and _may_be(op, _PROBABILITY_OPS)
+    if probabilities and not target.is_floating_point():
+        axis = class_axis(list(y.shape), list(target.shape))
+        if axis is None:
+            return None
+        return _probability_rows_on_device(y, axis).float().reshape(1)
+    if kind == "bce_with_logits" and _may_be(op, frozenset({"sigmoid"})):
+        with torch.no_grad():
+            return torch.stack(torch.aminmax(y.detach().float()))
+    return None
+
+
+def resolve_class_default(
+    kind: str, reason: str | None, checks: Sequence[float] | None
+) -> tuple[str, str | None]:
+    """The loss `class_default` was, once `output_checks` are on the host: nll_of_log for
+    probability rows, else cross_entropy. Other kinds are returned unchanged."""
+    if kind != CLASS_DEFAULT:
+        return kind, reason
+    if checks and checks[0] > 0:
+        return NLL_OF_LOG, (
+            "integer target and an output of class probabilities (rows ≥ 0 summing to 1: the "
+            "model ends in a softmax): the NLL of their log, as such a model trains"
+        )
+    return "cross_entropy", reason
+
+
 def read_output(kind: str, floats: Sequence[torch.Tensor]) -> int:
     """Which of the floating-point outputs the loss reads: for `model_output` the first
     scalar one (a model returning `{"logits": ..., "loss": ...}` computes its loss second),
@@ -136,9 +235,14 @@ def default_output_shape(
 
 
 def compute_loss(
-    kind: str, outputs: Sequence[torch.Tensor], target: torch.Tensor | None
+    kind: str,
+    outputs: Sequence[torch.Tensor],
+    target: torch.Tensor | None,
+    probability_flags: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """The scalar float32 loss; raises BadInputError naming what does not fit."""
+    """The scalar float32 loss; raises BadInputError naming what does not fit. For
+    `class_default`, the device's choice (whether the rows are probabilities, a 0-d bool) is
+    appended to `probability_flags` when given: measure.py reads it in its one transfer."""
     floats = [o for o in outputs if isinstance(o, torch.Tensor) and o.is_floating_point()]
     if not floats:
         raise BadInputError("the model has no floating-point output to take a loss of")
@@ -153,6 +257,9 @@ def compute_loss(
                 "or give a target"
             )
         return read.float().reshape(())
+    probabilities_too = kind == CLASS_DEFAULT  # cross_entropy, or nll_of_log on probabilities
+    if probabilities_too:
+        kind = "cross_entropy"
     if target is None:
         raise BadInputError(
             f"loss {kind!r} needs a target: add an array named 'target' to the batch "
@@ -180,6 +287,8 @@ def compute_loss(
                     "probabilities: use --loss cross_entropy on the model's logits for them)"
                 )
             t = t.long()
+            if kind == NLL_OF_LOG:  # class probabilities: their log is what nll_loss reads
+                y = y.clamp_min(_LOG_FLOOR).log()
             axis = class_axis(list(y.shape), list(t.shape))
             if axis is not None and axis != 1:
                 y = y.movedim(axis, 1)  # F.cross_entropy / nll_loss read classes on dim 1
@@ -188,6 +297,12 @@ def compute_loss(
             # are all -100 adds 0 instead (a whole batch of them is refused by check_has_labels)
             if kind == "cross_entropy":
                 total = F.cross_entropy(y, t, reduction="sum")
+                if probabilities_too:  # chosen on the device: no host read
+                    rows = _probability_rows_on_device(y, 1 if y.dim() > 1 else 0)
+                    nll = F.nll_loss(y.clamp_min(_LOG_FLOOR).log(), t, reduction="sum")
+                    total = torch.where(rows, nll, total)
+                    if probability_flags is not None:
+                        probability_flags.append(rows)
             else:
                 total = F.nll_loss(y, t, reduction="sum")
             return total / (t != IGNORE_INDEX).sum().clamp(min=1).to(total.dtype)
@@ -386,12 +501,13 @@ def loss_input_notes(
 ) -> list[str]:
     """Notes for the report on what the loss reads: which output, where the model has several
     (`output_names`: the declared ones, in order), and whether it looks like what the loss
-    expects."""
+    expects (with `output_check_notes`, which read the one transfer's values)."""
     return (
         _first_output_notes(kind, outputs, output_names)
         + _ambiguous_class_axis_notes(kind, outputs, target)
         + _log_probability_notes(kind, outputs, target)
         + _zero_probability_notes(kind, outputs, target)
+        + _soft_target_probability_notes(kind, outputs, target)
     )
 
 
@@ -462,6 +578,13 @@ def _log_probability_notes(
     rows = row_sums.numel()
     if peak <= _LOG_PROB_MAX and off == 0:
         return []
+    if axis is not None and probability_rows(y, axis):
+        return [
+            f"--loss nll expects log-probabilities, but the model's output holds class "
+            f"probabilities (rows ≥ 0 summing to 1 on axis {axis}: it ends in a softmax): leave "
+            "--loss out (the default for class indices is then the NLL of log(p)), or end the "
+            "model with log_softmax"
+        ]
     return [
         f"--loss nll expects log-probabilities, but the model's output looks like logits "
         f"(largest value {peak:.3g}; {int(off)} of {rows} rows' exp does not sum to 1): use "
@@ -495,4 +618,76 @@ def _zero_probability_notes(
         f"{zero} of {rows} rows of the class-probability target are all zero: as in torch, they "
         "add no loss but count in F.cross_entropy's mean, which is so "
         f"{(rows - zero) / rows:.3g} × the mean over the other rows"
+    ]
+
+
+def _soft_target_probability_notes(
+    kind: str, outputs: Sequence[torch.Tensor], target: torch.Tensor | None
+) -> list[str]:
+    """cross_entropy with a class-probability target on an output of probabilities (the
+    class-index case is `output_check_notes`'). compute_loss has read the target on the host
+    already (`probability_axis`): one more read, these runs only."""
+    floats = [o for o in outputs if isinstance(o, torch.Tensor) and o.is_floating_point()]
+    if kind != "cross_entropy" or target is None or not target.is_floating_point() or not floats:
+        return []
+    y = floats[0].detach().float()
+    try:
+        axis = probability_axis(y, target.detach().to(y.device, torch.float32))[0]
+    except BadInputError:
+        return []  # compute_loss says so
+    return _explicit_cross_entropy_note(list(y.shape), axis) if probability_rows(y, axis) else []
+
+
+def _explicit_cross_entropy_note(shape: list[int], axis: int | None) -> list[str]:
+    where = f" on axis {axis}" if axis is not None else ""
+    return [
+        f"--loss cross_entropy expects logits, but the model's output {shape} holds class "
+        f"probabilities (rows ≥ 0 summing to 1{where}: it ends in a softmax): cross_entropy "
+        "applies a second softmax on top of them, whose gradients are much smaller than those "
+        "of the loss such a model trains with; leave --loss out (the default for class indices "
+        "is then the NLL of log(p)), or export the model without its final softmax"
+    ]
+
+
+def output_check_notes(
+    asked: str,
+    kind: str,
+    shape: Sequence[int],
+    target_shape: Sequence[int] | None,
+    checks: Sequence[float] | None,
+    op: str = "",
+) -> list[str]:
+    """Notes from `output_checks` (on the host): the nll_of_log default said; an output of
+    probabilities under a given cross_entropy, or of a sigmoid under bce_with_logits, which
+    apply their own softmax / sigmoid on top. `asked`: the kind before `resolve_class_default`,
+    `kind`: after; `shape`: the read output's (first part's) shape, `target_shape` the target's;
+    `op`: the canonical op computing that output where the graph tells ("sigmoid"), else ""."""
+    if not checks:
+        return []
+    axis = class_axis(list(shape), list(target_shape)) if target_shape is not None else None
+    if kind == NLL_OF_LOG and asked == CLASS_DEFAULT:
+        return [
+            f"the model's output holds class probabilities (rows ≥ 0 summing to 1 on axis "
+            f"{axis}: it ends in a softmax), so the loss is the NLL of their log "
+            f"(F.nll_loss(torch.log(p.clamp_min({_LOG_FLOOR:g})), target)), the loss such a "
+            "model trains with; cross_entropy would apply a second softmax on top of them and "
+            "shrink every gradient. Pass --loss to diagnose another loss"
+        ]
+    if asked == "cross_entropy" and checks[0] > 0:
+        return _explicit_cross_entropy_note(list(shape), axis)
+    if asked != "bce_with_logits" or len(checks) < 2:
+        return []
+    low, high = checks[0], checks[1]
+    sigmoid = op == "sigmoid"
+    # the graph's op where known, else the values alone (a logit is rarely in (0, 1) throughout)
+    inside = (sigmoid and low >= 0 and high <= 1) if op else (low > 0 and high < 1)
+    if not inside:
+        return []
+    why = "its last op is a sigmoid" if sigmoid else "every value strictly between 0 and 1"
+    return [
+        f"--loss bce_with_logits expects logits, but the model's output {list(shape)} looks "
+        f"like probabilities already ({why}; values {low:.3g} to {high:.3g}): the loss "
+        "applies a second sigmoid on top of them and its gradients are not those of training "
+        "(gradhealth has no plain binary cross-entropy on probabilities); export the model "
+        "without its final sigmoid and keep --loss bce_with_logits"
     ]

@@ -32,8 +32,9 @@ import numpy as np
 import torch
 
 from service.engine.detectors.frozen import untrained_layers_note
+from service.engine.detectors.gradients import depth_profile, zero_init_blocked
 from service.engine.detectors.profile import growth_factor, reached_steps
-from service.engine.first_pass import COMPUTES_IN_FP16, FirstPass
+from service.engine.first_pass import COMPUTES_IN_FP16, FirstPass, uses_batch_statistics
 from service.engine.formats.fx_regions import autocast_regions_off
 from service.engine.formats.loaded import frozen_parameter_names
 from service.engine.gradient_cuts import gradient_cuts
@@ -52,13 +53,17 @@ from service.engine.layers import (
 from service.engine.losses import (
     GIVEN_BY_USER,
     TargetError,
+    class_default,
     compute_loss,
     default_loss,
     default_output_shape,
     labelled_share,
     loss_input_notes,
+    output_check_notes,
+    output_checks,
     regression_scale,
     regression_scale_stats,
+    resolve_class_default,
 )
 from service.engine.measurements import (
     Measurements,
@@ -80,6 +85,7 @@ from service.engine.report import (
     TimeProfile,
 )
 from service.engine.sequences import (
+    SequenceLayout,
     TimeSource,
     describe,
     sequence_layout,
@@ -110,7 +116,7 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
     trainable = [(n, p) for n, p in named if p.requires_grad]
     for _, p in trainable:
         p.grad = None
-    layout = sequence_layout(graph, subject.inputs, [s.name for s in subject.model_info.inputs])
+    layout = _layout(subject)
     # the batch size along the batch axis the layout found ([seq, batch, ...] inputs of a
     # recurrent model: not axis 0, which the batch matching had to assume)
     subject.batch_info.size = _batch_size(subject, layout.batch_axes)
@@ -136,12 +142,19 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
     # a float32 model that computes in float16 (autocast baked in), a BatchNorm given one
     # value per channel: told by the first pass
     first_pass = (
-        FirstPass(observer, half=precision == "fp32", batch_norms=_batch_norms(layers))
+        FirstPass(
+            observer,
+            half=precision == "fp32",
+            batch_norms=_batch_norms(layers, graph, options.mode),
+        )
         if graph is not None
         else None
     )
     parts = 0
     loss_notes: list[str] = []
+    # what the host learns of the read output in the one transfer (losses.output_checks)
+    check_values: torch.Tensor | None = None
+    check_context: tuple[list[int], list[int] | None, str] = ([], None, "")
     scale_stats: torch.Tensor | None = None  # a regression target's scale (first part)
     for inputs, target, share in _micro_batches(subject, options.micro_batches, layout.batch_axes):
         parts += 1
@@ -155,9 +168,14 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
             probe.begin_pass()
         outputs = _forward(subject, inputs, probe, options.precision, checks or observer)
         if checks is not None and checks.single_value_batch_norms:
+            name = checks.single_value_batch_norms[0]
+            node = next((n for n in graph.nodes if n.name == name), None) if graph else None
             raise BadInputError(
                 single_value_batch_norm_message(
-                    checks.single_value_batch_norms[0], options.micro_batches
+                    name,
+                    options.micro_batches,
+                    options.mode == "train"
+                    and (node is None or not uses_batch_statistics(node, "eval")),
                 )
             )
         baked = checks.precision() if checks is not None else None
@@ -167,17 +185,24 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
                 subject.extra[COMPUTES_IN_FP16] = True
                 reference = [None] * len(trainable)
                 fp32_copy = _fp32_copy(subject)
+        if parts == 1:
+            check_context = _check_context(graph, outputs, target)
         if subject.loss_kind in ("", "auto"):
             # this part's target beside this part's output (micro-batches split both)
-            subject.loss_kind, subject.loss_reason = default_loss(
-                target, default_output_shape(target, outputs)
-            )
-        loss = _loss(subject, outputs, target)
+            kind, subject.loss_reason = default_loss(target, default_output_shape(target, outputs))
+            subject.loss_kind = class_default(kind, target, check_context[2])
+        flags: list[torch.Tensor] | None = [] if parts == 1 else None
+        loss = _loss(subject, outputs, target, flags)
         parts_split = share != 1.0
         weight = labelled_share(subject.loss_kind, target, subject.target, share)
         if parts == 1:
             output_names = [spec.name for spec in subject.model_info.outputs]
             loss_notes = loss_input_notes(subject.loss_kind, outputs, target, output_names)
+            check_values = (
+                flags[0].float().reshape(1)
+                if flags
+                else output_checks(subject.loss_kind, outputs, target, check_context[2])
+            )
             scale_stats = regression_scale_stats(subject.loss_kind, outputs, target)
         middle = clock.mark()
         if loss.requires_grad:  # else nothing trainable reaches it: no_trainable_parameters
@@ -226,7 +251,17 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
             # only -inf besides finite values: an additive attention mask (origin.mask_inputs)
             bad = torch.isnan(x) | torch.isposinf(x)
             collected[f"input_nan_posinf.{i}"] = bad.sum(dtype=torch.float32).reshape(1)
+    if check_values is not None:
+        collected["loss.checks"] = check_values
     host = _to_host(collected)
+    output_values = host.pop("loss.checks", None)
+    asked = subject.loss_kind
+    subject.loss_kind, subject.loss_reason = resolve_class_default(
+        asked, subject.loss_reason, output_values
+    )
+    loss_notes += output_check_notes(
+        asked, subject.loss_kind, *check_context[:2], output_values, check_context[2]
+    )
     _dead_fractions(host, probe)
     timing["forward"], timing["backward"] = clock.totals()  # the transfer waited for the passes
     result = _build(subject, layers, trainable, host, probe, layout.sources)
@@ -279,9 +314,53 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
         result.quantizers = measure_quantizers(graph, (p for p, _, _ in batches), layers)
         first_part = next(iter(_micro_batches(subject, options.micro_batches, layout.batch_axes)))
         result.gradient_cuts = gradient_cuts(graph, layers, result.layers, list(first_part[0]))
+    result.notes.extend(zero_gradient_notes(result))
     timing["analysis"] = clock.analysis(start, timing)
     result.timing = timing
     return result
+
+
+def zero_gradient_notes(m: Measurements) -> list[str]:
+    """Trainable parameters whose gradient is exactly zero on this batch while others' is not,
+    and that no finding or note explains: a branch no example took (a Mixture-of-Experts
+    expert no token was routed to) or one masked off. Explained, so left out: frozen and
+    untrained layers (detectors/frozen.py), layers a zero-initialised parameter downstream
+    blocks (`zero_init_blocked`), a rounding that cuts the gradient (`gradient_cuts`), a layer
+    whose units are all dead (nothing is noted then), the zero-gradient layers at the input
+    end of the depth profile (vanishing gradients), entries fp16 flushed (the fp32 reference
+    has them), and any run with a non-finite gradient."""
+    params = [p for p in m.parameters if p.grad_norm is not None]
+    if any(p.non_finite for p in m.parameters) or not any(p.grad_norm for p in params):
+        return []
+    zero = [p for p in params if p.grad_norm == 0.0 and p.name not in m.frozen_parameters]
+    if not zero:
+        return []
+    explained = set(m.untrained_layers) | set(m.gradient_cuts)
+    explained |= set(zero_init_blocked(m, *depth_profile(m)))
+    if any(x.activation_stats.dead_fraction == 1.0 for x in m.layers):
+        # no gradient before it, and none into the weights it feeds zeros to: dead_units
+        return []
+    names, norms = depth_profile(m)
+    for name, norm in zip(names, norms, strict=True):
+        if norm is None:
+            continue
+        if norm != 0.0:
+            break
+        explained.add(name)
+    shown = [
+        p.name
+        for p in zero
+        if p.layer not in explained and not (m.fp32_grad_norms.get(p.name) or 0.0) > 0.0
+    ]
+    if not shown:
+        return []
+    listed = ", ".join(shown[:6]) + (", ..." if len(shown) > 6 else "")
+    return [
+        f"{len(shown)} parameter(s) got an exactly-zero gradient on this batch while the others "
+        f"did not: {listed} (a branch no example took, such as a Mixture-of-Experts expert no "
+        "token was routed to, or one masked off); diagnose a batch that reaches them to see "
+        "their gradients"
+    ]
 
 
 # -- the graph's layers and probe plan, once per graph ------------------------------------------
@@ -505,10 +584,22 @@ def _trace_origin(
 
 def input_parts(subject: Subject, options: DiagnoseOptions) -> Iterator[list[torch.Tensor]]:
     """The batch's inputs in the parts `measure` runs them in (`options.micro_batches`)."""
-    names = [s.name for s in subject.model_info.inputs]
-    layout = sequence_layout(subject.graph, subject.inputs, names)
+    layout = _layout(subject)
     for inputs, _, _ in _micro_batches(subject, options.micro_batches, layout.batch_axes):
         yield inputs
+
+
+def _layout(subject: Subject) -> SequenceLayout:
+    """sequence_layout, told what the batch and the model's declared shapes say about
+    sequence-first inputs."""
+    return sequence_layout(
+        subject.graph,
+        subject.inputs,
+        [s.name for s in subject.model_info.inputs],
+        subject.target,
+        [list(s.shape) for s in subject.model_info.inputs],
+        [list(s.shape) for s in subject.model_info.outputs],
+    )
 
 
 def _micro_batches(
@@ -548,8 +639,55 @@ def _split_bounds(size: int, count: int) -> list[int]:
     return [round(size * k / count) for k in range(count + 1)]
 
 
-def _batch_norms(layers: Sequence[Layer]) -> list[str]:
-    return [x.main for x in layers if "batchnorm" in canonical(x.op)]
+# ops that only reshape or copy a value: an output computed by `sigmoid(z).squeeze(-1)` is a
+# sigmoid's
+_SHAPE_ONLY = frozenset(
+    {"view", "reshape", "squeeze", "unsqueeze", "flatten", "clone", "contiguous", "alias"}
+    | {"identity", "detach", "unsafeview", "expand", "todtype", "to", "cast"}
+)
+
+
+def _check_context(
+    graph: ObservableGraph | None, outputs: Sequence[torch.Tensor], target: torch.Tensor | None
+) -> tuple[list[int], list[int] | None, str]:
+    """For losses.output_check_notes: the read (first floating) output's shape, the target's,
+    and the op computing that output where the graph tells ("" otherwise)."""
+    ops = _output_ops(graph)
+    floats = [k for k, o in enumerate(outputs) if o.is_floating_point()]
+    if not floats:
+        return [], None, ""
+    read = floats[0]
+    op = ops[read] if len(ops) == len(outputs) else ""
+    return list(outputs[read].shape), list(target.shape) if target is not None else None, op
+
+
+def _output_ops(graph: ObservableGraph | None) -> list[str]:
+    """The canonical op computing each graph output (through reshapes and copies), "" where
+    no node does (an input passed through); [] without a graph."""
+    if graph is None:
+        return []
+    producer = {out: node for node in graph.nodes for out in node.outputs if out}
+    ops = []
+    for name in graph.output_names:
+        node = producer.get(name)
+        seen = 0
+        while node is not None and canonical(node.op_type) in _SHAPE_ONLY and seen < 16:
+            node = producer.get(node.inputs[0]) if node.inputs else None
+            seen += 1
+        ops.append(canonical(node.op_type) if node is not None else "")
+    return ops
+
+
+def _batch_norms(layers: Sequence[Layer], graph: ObservableGraph, mode: str) -> list[str]:
+    """The BatchNorms (main node names) that normalise with the batch's statistics in this run:
+    a batch of one gives them one value per channel (first_pass.py)."""
+    nodes = {n.name: n for n in graph.nodes}
+    return [
+        x.main
+        for x in layers
+        if "batchnorm" in canonical(x.op)
+        and (x.main not in nodes or uses_batch_statistics(nodes[x.main], mode))
+    ]
 
 
 def batch_statistics_notes(
@@ -571,9 +709,11 @@ def batch_statistics_notes(
     ]
 
 
-def single_value_batch_norm_message(node: str, micro_batches: int) -> str:
-    """A BatchNorm in train mode given one value per channel (first_pass.py, or torch's own
-    refusal in a converted ONNX graph)."""
+def single_value_batch_norm_message(node: str, micro_batches: int, eval_helps: bool = True) -> str:
+    """A BatchNorm normalising with batch statistics given one value per channel
+    (first_pass.py, or torch's own refusal in a converted ONNX graph). `eval_helps`: whether
+    it would use its running statistics in eval mode; one exported to use batch statistics
+    (`track_running_stats=False`) does in either mode, and eval mode is no way out."""
     split = (
         f" (--micro-batches {micro_batches} leaves micro-batches of one example)"
         if micro_batches > 1
@@ -583,8 +723,13 @@ def single_value_batch_norm_message(node: str, micro_batches: int) -> str:
         f"the BatchNorm {node} gets one value per channel{split}: its output would be its "
         "bias alone and no gradient would pass it (torch refuses this in train mode: "
         "'Expected more than 1 value per channel when training'); give it at least two "
-        "examples" + (" per micro-batch (fewer micro-batches)" if split else "") + " or "
-        "diagnose with --mode eval"
+        "examples"
+        + (" per micro-batch (fewer micro-batches)" if split else "")
+        + (
+            " or diagnose with --mode eval"
+            if eval_helps
+            else " (it normalises with batch statistics in eval mode too, as exported)"
+        )
     )
 
 
@@ -631,12 +776,16 @@ def _target_batch_axis(subject: Subject, size: int, input_axis: int) -> int | No
 
 
 def _loss(
-    subject: Subject, outputs: Sequence[torch.Tensor], target: torch.Tensor | None
+    subject: Subject,
+    outputs: Sequence[torch.Tensor],
+    target: torch.Tensor | None,
+    flags: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """compute_loss; when the loss was not chosen by the user, its error also says which
-    default applied and why, so the fix (`--loss`) is in the message."""
+    """compute_loss (`flags`: its probability_flags); when the loss was not chosen by the user,
+    its error also says which default applied and why, so the fix (`--loss`) is in the
+    message."""
     try:
-        return compute_loss(subject.loss_kind, outputs, target)
+        return compute_loss(subject.loss_kind, outputs, target, flags)
     except BadInputError as exc:
         whole = subject.target
         split = target is not None and whole is not None and target.shape != whole.shape
@@ -727,7 +876,11 @@ def _forward_failure(
     if _SINGLE_VALUE_BATCH_NORM in ours and where:  # torch's batch_norm refused it
         size = subject.batch_info.size
         parts = size // max(1, inputs[0].shape[0]) if inputs and inputs[0].dim() else 1
-        return BadInputError(single_value_batch_norm_message(nodes[index].name, parts))
+        options = subject.extra.get("options")
+        eval_helps = getattr(options, "mode", "train") == "train" and not uses_batch_statistics(
+            nodes[index], "eval"
+        )
+        return BadInputError(single_value_batch_norm_message(nodes[index].name, parts, eval_helps))
     source = subject.extra.get("source")
     if subject.graph is not None and subject.model_info.format == "onnx" and source is not None:
         from service.engine.onnx import conformance

@@ -17,9 +17,16 @@ Token inputs (integer ids feeding an embedding / Gather of a parameter) have no 
 profile is taken of the embedding's output instead, ‖∂L/∂e_t‖ per step, whose leading axes are
 the ids' axes.
 
-When nothing reads an input's axes (no recurrent op or 1-D convolution reaches it), a rank-3
-float input and a rank-2 token input fall back to batch axis 0, time axis 1 (batch-first), and
-a note says so.
+When nothing reads an input's axes (no recurrent op or 1-D convolution reaches it: a
+Transformer, a TorchScript model run parameters-only), a rank-3 float input and a rank-2 token
+input are read sequence-first, [time, batch, ...] (`nn.Transformer`'s and `nn.LSTM`'s default
+`batch_first=False`), where the batch says so (`_sequence_first_evidence`): a target whose
+leading size is the input's axis 1 and not its axis 0 (a [B] target of a [T, B, F] input), the
+model's first output whose leading size is the input's axis 1 (declared with the same symbol,
+or with the same size in a static export), or another input shaped [axis 1, axis 0] (a [B, T]
+key-padding mask). Otherwise they fall back to batch axis 0, time axis 1 (batch-first), and a
+note says so and how to say otherwise. An input of batch size 1 is never read sequence-first
+(a flattened [T] target of a [1, T, F] input has T rows too).
 """
 
 from __future__ import annotations
@@ -285,10 +292,72 @@ def _embeddings(graph: ObservableGraph, inputs: list[torch.Tensor]) -> dict[int,
     return found
 
 
+def _sequence_first_evidence(
+    i: int,
+    inputs: list[torch.Tensor],
+    input_names: list[str],
+    target: torch.Tensor | None,
+    declared_inputs: list[list[Any]],
+    declared_outputs: list[list[Any]],
+) -> str | None:
+    """Why input `i` (a rank-3 float or rank-2 token input whose axes no op tells) is
+    sequence-first, [time, batch, ...] (module docstring); None when nothing says so."""
+    x = inputs[i]
+    if x.dim() < 2:
+        return None
+    first, second = int(x.shape[0]), int(x.shape[1])
+    if first == second or first == 1:
+        return None
+    if target is not None and target.dim() == 1 and int(target.shape[0]) == first:
+        return None  # one label per entry of axis 0: batch-first
+    shape = list(x.shape)
+    if target is not None and target.dim() >= 1 and int(target.shape[0]) == second:
+        return (
+            f"the target {list(target.shape)} has {second} rows, the size of its axis 1, "
+            f"not {first}"
+        )
+    declared = declared_inputs[i] if i < len(declared_inputs) else []
+    out = declared_outputs[0] if declared_outputs else []
+    if out and len(declared) == x.dim():
+        lead = out[0]
+        symbolic = isinstance(lead, str) and declared[1] == lead and declared[0] != lead
+        static = all(isinstance(d, int) for d in declared) and declared == shape and lead == second
+        if symbolic or static:
+            return f"the model's output {list(out)} leads with the size of its axis 1"
+    for j, other in enumerate(inputs):
+        if j != i and other.dim() == 2 and list(other.shape) == [second, first]:
+            name = input_names[j] if j < len(input_names) else f"input_{j}"
+            return f"input {name!r} {list(other.shape)} reads as [batch, time] beside it"
+    return None
+
+
+def _time_axes_text(name: str, x: torch.Tensor, evidence: str | None, what: str) -> str:
+    """The note on an input whose axes no op tells (module docstring)."""
+    if evidence is not None:
+        return (
+            f"{what} {name!r} {list(x.shape)} is read sequence-first, [time, batch, ...] "
+            f"(batch size {x.shape[1]}, time axis 0), as no recurrent op's layout could be "
+            f"traced to it: {evidence}"
+        )
+    return (
+        f"{what} {name!r} {list(x.shape)}: axis 0 taken as the batch and axis 1 as time "
+        "(batch-first assumed: no recurrent op's layout could be traced to it); if it is "
+        "sequence-first [time, batch, ...] (batch_first=False, nn.Transformer's and "
+        "nn.LSTM's default), give a target with one row per example ([batch]) or export the "
+        "model with batch_first=True"
+    )
+
+
 def sequence_layout(
-    graph: ObservableGraph | None, inputs: list[torch.Tensor], input_names: list[str]
+    graph: ObservableGraph | None,
+    inputs: list[torch.Tensor],
+    input_names: list[str],
+    target: torch.Tensor | None = None,
+    declared_inputs: list[list[Any]] | None = None,
+    declared_outputs: list[list[Any]] | None = None,
 ) -> SequenceLayout:
-    """The time profiles to take and each input's batch axis."""
+    """The time profiles to take and each input's batch axis. `target` and the model's
+    declared input and output shapes tell a sequence-first input where no op does."""
     sources: list[TimeSource] = []
     batch_axes: dict[int, int] = {}
     notes: list[str] = []
@@ -301,6 +370,7 @@ def sequence_layout(
         known = _input_axes(graph, traced)
         embeddings = _embeddings(graph, inputs)
         states = state_batch_axes(graph)
+    evidence_from = (inputs, input_names, target, declared_inputs or [], declared_outputs or [])
     for i, x in enumerate(inputs):
         name = input_names[i] if i < len(input_names) else f"input_{i}"
         graph_name = graph.input_names[i] if graph is not None else None
@@ -315,11 +385,14 @@ def sequence_layout(
                 sources.append(TimeSource(i, value_axes, value))
                 batch_axes[i] = value_axes.batch
             elif x.dim() == 2:
-                sources.append(TimeSource(i, StepAxes(0, 1), value, known=False))
+                evidence = _sequence_first_evidence(i, *evidence_from)
+                step = StepAxes(0, 1) if evidence is None else StepAxes(1, 0)
+                sources.append(TimeSource(i, step, value, known=False))
+                if evidence is not None:
+                    batch_axes[i] = 1
                 notes.append(
-                    f"time profile of token input {name!r} is of its embedding output "
-                    f"{value!r}, with axis 1 taken as time (batch-first assumed: no recurrent "
-                    "op reads it)"
+                    _time_axes_text(name, x, evidence, "token input")
+                    + f" (its time profile is of its embedding output {value!r})"
                 )
             continue
         if axes is not None:
@@ -327,11 +400,13 @@ def sequence_layout(
             if x.is_floating_point():
                 sources.append(TimeSource(i, axes))
         elif x.is_floating_point() and x.dim() == 3:
-            sources.append(TimeSource(i, StepAxes(0, 1), known=False))
-            notes.append(
-                f"time profile of input {name!r} takes axis 1 as time (batch-first assumed: "
-                "no recurrent op's layout could be traced to it)"
+            evidence = _sequence_first_evidence(i, *evidence_from)
+            sources.append(
+                TimeSource(i, StepAxes(0, 1) if evidence is None else StepAxes(1, 0), known=False)
             )
+            if evidence is not None:
+                batch_axes[i] = 1
+            notes.append(_time_axes_text(name, x, evidence, "input"))
     return SequenceLayout(sources=sources, batch_axes=batch_axes, notes=notes)
 
 
