@@ -20,13 +20,16 @@ the ids' axes.
 When nothing reads an input's axes (no recurrent op or 1-D convolution reaches it: a
 Transformer, a TorchScript model run parameters-only), a rank-3 float input and a rank-2 token
 input are read sequence-first, [time, batch, ...] (`nn.Transformer`'s and `nn.LSTM`'s default
-`batch_first=False`), where the batch says so (`_sequence_first_evidence`): a target whose
-leading size is the input's axis 1 and not its axis 0 (a [B] target of a [T, B, F] input), the
-model's first output whose leading size is the input's axis 1 (declared with the same symbol,
-or with the same size in a static export), or another input shaped [axis 1, axis 0] (a [B, T]
-key-padding mask). Otherwise they fall back to batch axis 0, time axis 1 (batch-first), and a
-note says so and how to say otherwise. An input of batch size 1 is never read sequence-first
-(a flattened [T] target of a [1, T, F] input has T rows too).
+`batch_first=False`), where the batch or the graph says so (`_sequence_first_evidence`): a
+target whose leading size is the input's axis 1 and not its axis 0 (a [B] target of a [T, B, F]
+input), the model's first output whose leading size is the input's axis 1 (declared with the
+same symbol, or with the same size in a static export), another input shaped [axis 1, axis 0]
+(a [B, T] key-padding mask), or, where axes 0 and 1 differ in size, the self-attention the
+input feeds (attention_layout.py: its scores [batch × heads, T, T] run over axis 0, as
+`nn.MultiheadAttention`'s with `batch_first=False`; in a `.pt2` and in ONNX from either
+exporter). Otherwise they fall back to batch axis 0, time axis 1 (batch-first), and a note
+says so and how to say otherwise. An input of batch size 1 is never read sequence-first (a
+flattened [T] target of a [1, T, F] input has T rows too).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from typing import Any
 
 import torch
 
+from service.engine.attention_layout import attention_reads_sequence_first
 from service.engine.graph import Node, ObservableGraph
 from service.engine.layers import canonical
 
@@ -299,6 +303,7 @@ def _sequence_first_evidence(
     target: torch.Tensor | None,
     declared_inputs: list[list[Any]],
     declared_outputs: list[list[Any]],
+    graph: ObservableGraph | None = None,
 ) -> str | None:
     """Why input `i` (a rank-3 float or rank-2 token input whose axes no op tells) is
     sequence-first, [time, batch, ...] (module docstring); None when nothing says so."""
@@ -328,7 +333,7 @@ def _sequence_first_evidence(
         if j != i and other.dim() == 2 and list(other.shape) == [second, first]:
             name = input_names[j] if j < len(input_names) else f"input_{j}"
             return f"input {name!r} {list(other.shape)} reads as [batch, time] beside it"
-    return None
+    return attention_reads_sequence_first(graph, inputs, i) if graph is not None else None
 
 
 def _time_axes_text(name: str, x: torch.Tensor, evidence: str | None, what: str) -> str:
@@ -370,7 +375,14 @@ def sequence_layout(
         known = _input_axes(graph, traced)
         embeddings = _embeddings(graph, inputs)
         states = state_batch_axes(graph)
-    evidence_from = (inputs, input_names, target, declared_inputs or [], declared_outputs or [])
+    evidence_from = (
+        inputs,
+        input_names,
+        target,
+        declared_inputs or [],
+        declared_outputs or [],
+        graph,
+    )
     for i, x in enumerate(inputs):
         name = input_names[i] if i < len(input_names) else f"input_{i}"
         graph_name = graph.input_names[i] if graph is not None else None
