@@ -144,6 +144,8 @@ def build_subject(
             loaded.finish(matched.inputs)
         if loaded.format != "onnx":
             loaded.finish = None  # TorchScript → FX is done once; ONNX's is a per-batch check
+    if loaded.describe_outputs is not None:  # this batch's output shapes, not the first one's
+        loaded.outputs = loaded.describe_outputs(matched.inputs)
     finished_at = time.perf_counter()
 
     module = loaded.module.to(device)

@@ -95,7 +95,7 @@ def test_succeeded_page_shows_verdict_findings_fixes_and_charts(
     assert markers(html, "saturated-fraction") == saturated
     # Recommendations with their snippets (escaped) and verified before/after figures.
     assert "Replace activation" in html
-    assert "nn.init.kaiming_normal_(m.weight, nonlinearity=&quot;relu&quot;)" in html
+    assert "nn.init.kaiming_normal_(params[name], nonlinearity=&quot;relu&quot;)" in html
     assert "verified: resolved" in html and "depth_ratio" in html
     # every figure is shown to 3 significant digits, lists of them too
     figures = [

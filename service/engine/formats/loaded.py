@@ -31,6 +31,9 @@ class LoadedModel:
     # Finishes the model once the batch is known (TorchScript → FX needs example inputs;
     # ONNX conformance needs the batch). Called by the Subject builder with the input tensors.
     finish: Any = None
+    # For formats that declare no outputs (TorchScript): the outputs' specs on a batch's inputs,
+    # asked again for every batch (a cached model meets batches of other sizes)
+    describe_outputs: Any = None
     notes: list[str] = field(default_factory=list)
     source: Any = None  # the loaded source object (ExportedProgram, ScriptModule, ModelProto)
     # other names a batch array may have to feed an input (a .pt2 dict input `d_x`: `x`, `d.x`)

@@ -91,7 +91,6 @@ def load_torchscript(data: bytes, *, mode: str = "train", dropout: bool = False)
             warnings.simplefilter("ignore")
             copy = torch.jit.load(io.BytesIO(data), map_location="cpu")
         copy.train(mode == "train")
-        loaded.outputs = _run_outputs(copy, example)
         if len(example) < len(names):
             left_out = ", ".join(names[len(example) :])
             loaded.coverage_reason = (
@@ -104,6 +103,7 @@ def load_torchscript(data: bytes, *, mode: str = "train", dropout: bool = False)
         _make_observable(loaded, copy, names, example, mode=mode, dropout=dropout)
 
     loaded.finish = finish
+    loaded.describe_outputs = lambda example: _run_outputs(module, example)
     return loaded
 
 
@@ -166,6 +166,8 @@ def _run_outputs(
     norm's running statistics) are put back. Empty where the forward fails: the measurement
     runs it again and reports why."""
     buffers = [(b, b.detach().clone()) for b in module.buffers()]
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    example = [x.to(device) for x in example]
     try:
         # its own random draws (dropout in train mode): the measurement's stay as they were
         with torch.no_grad(), torch.random.fork_rng(devices=[]), warnings.catch_warnings():
