@@ -14,6 +14,7 @@ from service.engine.advice.evidence import residual_adds
 from service.engine.detectors import detect
 from service.engine.detectors.optypes import canonical_op, is_saturating
 from service.engine.measure import measure
+from service.engine.measurements import Subject
 from service.engine.options import DiagnoseOptions
 from service.engine.report import Recommendation
 from service.engine.subject import build_subject
@@ -229,6 +230,25 @@ def test_lstm_time_decay_is_a_warning_and_forget_bias_is_verified() -> None:
     assert rec.verified.after["figures"]["time_ratio"] > 100 * before
 
 
+def _verified_guard(subject: Subject, phase: str) -> tuple[Recommendation, str]:
+    """The guard_numerics fix of the run's non-finite origin (found in `phase`), verified on a
+    copy; and the non_finite finding's message."""
+    m = measure(subject, OPTIONS)
+    findings = detect(m)
+    (index,) = [k for k, f in enumerate(findings) if f.kind == "non_finite"]
+    assert m.non_finite_origin is not None and m.non_finite_origin.phase == phase
+    rec = Recommendation(
+        fix="guard_numerics",
+        addresses=[index],
+        rationale="",
+        snippet="",
+        params={"node": m.non_finite_origin.node},
+        layers=[],
+    )
+    (verified,) = verify_recommendations([rec], findings, m, subject, OPTIONS)
+    return verified, findings[index].message
+
+
 class LogInEveryBlock(nn.Module):
     """The same unguarded log in two blocks: guarding the first origin makes the second one
     the origin, so the verified fix guards each in turn."""
@@ -248,19 +268,7 @@ class LogInEveryBlock(nn.Module):
 def test_the_verified_guard_follows_the_origin_through_every_block() -> None:
     x = torch.randn(8, 6, generator=torch.Generator().manual_seed(1))
     subject = build_subject(to_torch_export(LogInEveryBlock(), x), npz_bytes(x=x), OPTIONS)
-    m = measure(subject, OPTIONS)
-    findings = detect(m)
-    (index,) = [k for k, f in enumerate(findings) if f.kind == "non_finite"]
-    assert m.non_finite_origin is not None and m.non_finite_origin.phase == "forward"
-    rec = Recommendation(
-        fix="guard_numerics",
-        addresses=[index],
-        rationale="",
-        snippet="",
-        params={"node": m.non_finite_origin.node},
-        layers=[],
-    )
-    (verified,) = verify_recommendations([rec], findings, m, subject, OPTIONS)
+    verified, _ = _verified_guard(subject, "forward")
     assert verified.verified is not None
     assert verified.verified.after["non_finite"] == {"present": False}
     assert verified.verified.transform is not None
@@ -289,19 +297,7 @@ class DistanceToItself(nn.Module):
 def test_the_verified_guard_of_a_power_keeps_its_base_off_zero(fmt: str) -> None:
     x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
     subject = build_subject(to_format(fmt, DistanceToItself(), x), npz_bytes(x=x), OPTIONS)
-    m = measure(subject, OPTIONS)
-    findings = detect(m)
-    (index,) = [k for k, f in enumerate(findings) if f.kind == "non_finite"]
-    assert m.non_finite_origin is not None and m.non_finite_origin.phase == "backward"
-    assert "infinite at 0" in findings[index].message
-    rec = Recommendation(
-        fix="guard_numerics",
-        addresses=[index],
-        rationale="",
-        snippet="",
-        params={"node": m.non_finite_origin.node},
-        layers=[],
-    )
-    (verified,) = verify_recommendations([rec], findings, m, subject, OPTIONS)
+    verified, message = _verified_guard(subject, "backward")
+    assert "infinite at 0" in message
     assert verified.verified is not None and verified.verified.resolved
     assert verified.verified.after["non_finite"] == {"present": False}
