@@ -87,9 +87,13 @@ from service.engine.report import (
 from service.engine.sequences import (
     SequenceLayout,
     TimeSource,
+    add_step_sums,
     describe,
+    example_spans,
+    example_spans_on_device,
+    lengths_note,
     sequence_layout,
-    step_norms_sq,
+    spans_differ,
     tap_hook,
 )
 from service.engine.stats import combine_moments, parameter_statistics
@@ -126,7 +130,8 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
     clock = _PassClock(subject.device)
     loss_total: torch.Tensor | None = None
     step_sq: dict[int, torch.Tensor] = {}
-    observer = _with_taps(probe, tapped, layout.sources, step_sq)
+    example_sq: dict[int, list[torch.Tensor]] = {}  # per example, one entry per pass
+    observer = _with_taps(probe, tapped, layout.sources, step_sq, example_sq)
     precision, precision_note = effective_precision(trainable, options.precision)
     # fp16 runs: fp32 gradients of the same batch, to count what fp16 flushed to zero; for a
     # model whose own parameters are fp16, from an fp32 copy of it
@@ -228,8 +233,7 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
         for i, key in direct.items():
             grad = inputs[i].grad
             if grad is not None:
-                sq = step_norms_sq(grad, layout.sources[key].axes.time)
-                step_sq[key] = sq if key not in step_sq else step_sq[key] + sq
+                add_step_sums(step_sq, example_sq, key, grad, layout.sources[key].axes)
     start = time.perf_counter()
     pstats = parameter_statistics(
         [p for _, p in trainable], [p.grad for _, p in trainable], reference
@@ -244,7 +248,7 @@ def measure(subject: Subject, options: DiagnoseOptions | None = None) -> Measure
         pstats["fp32_grad_norm"] = torch.stack([n.float() for n in norms])
     if loss_total is None:
         loss_total = torch.zeros((), device=subject.device)
-    collected = _collect(pstats, probe, loss_total, step_sq)
+    collected = _collect(pstats, probe, loss_total, step_sq, example_sq)
     for i, x in enumerate(subject.inputs):  # a NaN in the batch is its own origin
         if x.is_floating_point():
             collected[f"input.{i}"] = torch.sum(x, dtype=torch.float64).reshape(1)
@@ -492,6 +496,7 @@ def _with_taps(
     tapped: dict[str, int],
     sources: list[TimeSource],
     step_sq: dict[int, torch.Tensor],
+    example_sq: dict[int, list[torch.Tensor]],
 ) -> Any:
     """The graph observer: the probe, plus a per-step gradient hook on each tapped value
     (embedding outputs of token inputs)."""
@@ -504,7 +509,7 @@ def _with_taps(
         for name, value in zip(node.outputs, outputs, strict=False):
             key = tapped.get(name)
             if key is not None and isinstance(value, torch.Tensor) and value.requires_grad:
-                value.register_hook(tap_hook(step_sq, key, sources[key].axes.time))
+                value.register_hook(tap_hook(step_sq, example_sq, key, sources[key].axes))
 
     return observe
 
@@ -1006,11 +1011,15 @@ def _collect(
     probe: Probe | None,
     loss: torch.Tensor,
     step_sq: dict[int, torch.Tensor],
+    example_sq: dict[int, list[torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {f"param.{k}": v for k, v in pstats.items()}
     out["loss"] = loss.reshape(1)
     for i, sq in step_sq.items():
         out[f"time.{i}"] = sq
+    for i, rows in (example_sq or {}).items():
+        if rows and all(r.shape[1] == rows[0].shape[1] for r in rows):
+            out[f"time_examples.{i}"] = example_spans_on_device(torch.cat(rows))
     if probe is None:
         return out
     totals = probe.totals
@@ -1144,6 +1153,8 @@ def _build(
     ]
     depth = _depth_profile(reports)
     times = []
+    time_examples = []  # each profile's examples (their spans of steps with gradient)
+    notes: list[str] = []
     for key, source in enumerate(sources):
         sq = host.get(f"time.{key}")
         if sq:
@@ -1167,12 +1178,18 @@ def _build(
                     unreached_last_steps=unreached,
                 )
             )
+            spans = example_spans(host.get(f"time_examples.{key}", []))
+            time_examples.append(spans)
+            if spans_differ(spans):
+                notes.append(lengths_note(name, spans, len(norms)))
     loss_value = host["loss"][0]
     op_types = [n.op_type for n in subject.graph.nodes] if subject.graph is not None else []
     return Measurements(
         layers=reports,
         parameters=parameters,
         profiles=Profiles(depth=depth, time=times),
+        time_examples=time_examples,
+        notes=notes,
         loss=LossInfo(kind=subject.loss_kind, value=loss_value, reason=subject.loss_reason),
         non_finite_origin=find_origin(subject, layers, host, probe, parameters, loss_value),
         op_types=op_types,

@@ -24,6 +24,7 @@ from service.engine.report import (
     Profiles,
     QuantizerReport,
 )
+from service.engine.sequences import ExampleSpan
 
 
 @dataclass
@@ -99,6 +100,10 @@ class Measurements:
     # first (micro-)batch: target_mean, target_std, output_mean, output_std (losses.py,
     # `regression_scale`); None for other losses
     target_scale: dict[str, float] | None = None
+    # per entry of `profiles.time`: each example's span of steps with gradient and the gradient
+    # at its two ends (sequences.ExampleSpan; empty where not measured): a padded batch's time
+    # check is read per example (detectors/gradients.py, `time_findings`)
+    time_examples: list[list[ExampleSpan]] = field(default_factory=list)
 
 
 def output_sizes_per_example(

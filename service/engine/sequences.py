@@ -34,6 +34,7 @@ flattened [T] target of a [1, T, F] input has T rows too).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -429,15 +430,104 @@ def describe(source: TimeSource, input_name: str) -> str:
     return f"∂L/∂{source.value} (embedding output of token input {input_name})"
 
 
-def step_norms_sq(grad: torch.Tensor, time_axis: int) -> torch.Tensor:
-    """Σ over every axis but `time_axis` of g², float32, on the device."""
-    dims = [d for d in range(grad.dim()) if d != time_axis]
-    return grad.float().square().sum(dim=dims)
+def step_sums(grad: torch.Tensor, axes: StepAxes) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Σ over every axis but the time axis of g², float32 (the report's profile), and the same
+    per example, [batch, time] (None where the gradient has no separate batch and time
+    axes), both from one squaring, on the device."""
+    sq = grad.float().square()
+    summed = sq.sum(dim=[d for d in range(grad.dim()) if d != axes.time])
+    if grad.dim() < 2 or axes.batch == axes.time or max(axes.batch, axes.time) >= grad.dim():
+        return summed, None
+    rest = [d for d in range(grad.dim()) if d not in (axes.batch, axes.time)]
+    per_example = sq.sum(dim=rest) if rest else sq
+    return summed, per_example if axes.batch < axes.time else per_example.t()
 
 
-def tap_hook(store: dict[int, Any], key: int, time_axis: int) -> Any:
+def add_step_sums(
+    store: dict[int, Any],
+    examples: dict[int, list[torch.Tensor]],
+    key: int,
+    grad: torch.Tensor,
+    axes: StepAxes,
+) -> None:
+    """Adds one pass's gradient: the profile summed over the passes (micro-batches), the
+    per-example rows gathered, as each micro-batch holds other examples."""
+    sq, per_example = step_sums(grad, axes)
+    store[key] = sq if key not in store else store[key] + sq
+    if per_example is not None:
+        examples.setdefault(key, []).append(per_example)
+
+
+def tap_hook(
+    store: dict[int, Any], examples: dict[int, list[torch.Tensor]], key: int, axes: StepAxes
+) -> Any:
     def hook(grad: torch.Tensor) -> None:
-        sq = step_norms_sq(grad, time_axis)
-        store[key] = sq if key not in store else store[key] + sq
+        add_step_sums(store, examples, key, grad, axes)
 
     return hook
+
+
+# -- examples of different lengths -------------------------------------------------------------
+#
+# A padded batch (lengths [30, 12, 5] zero-padded to 30 steps, a mask, a masked mean) gives
+# each example's steps past its length exactly no gradient, and the batch-summed profile's
+# last step holds only the longest example's gradient while its first step holds every
+# example's: a first/last ratio of 130 where no example's own exceeds 6 (a false exploding
+# finding). Each example's span of steps with gradient, and the gradient at its two ends, are
+# found on the device and come back in the one transfer (4 numbers per example, not its
+# steps); the time detector judges such a batch per example.
+
+
+@dataclass(frozen=True)
+class ExampleSpan:
+    """One example's steps with gradient: the first and the last (inclusive), and ‖∂L/∂x_t‖
+    at them; `start` > `end` when none has any."""
+
+    start: int
+    end: int
+    first: float
+    last: float
+
+    @property
+    def steps(self) -> int:
+        return self.end - self.start + 1
+
+
+def example_spans_on_device(per_example: torch.Tensor) -> torch.Tensor:
+    """[examples, time] Σ g² → [4, examples]: first and last step with a non-zero (or
+    non-finite) gradient, Σ g² at each; no host read."""
+    count, steps = per_example.shape
+    reached = per_example != 0  # NaN counts as reached: its own detectors report it
+    index = torch.arange(steps, device=per_example.device)
+    start = torch.where(reached, index, steps).amin(dim=1)
+    end = torch.where(reached, index, -1).amax(dim=1)
+    first = per_example.gather(1, start.clamp(max=steps - 1).unsqueeze(1)).squeeze(1)
+    last = per_example.gather(1, end.clamp(min=0).unsqueeze(1)).squeeze(1)
+    return torch.stack([start.float(), end.float(), first, last]).reshape(4, count)
+
+
+def example_spans(values: list[float]) -> list[ExampleSpan]:
+    """`example_spans_on_device`'s values, on the host."""
+    count = len(values) // 4
+    start, end, first, last = (values[k * count : (k + 1) * count] for k in range(4))
+    return [
+        ExampleSpan(int(s), int(e), math.sqrt(f), math.sqrt(la))
+        for s, e, f, la in zip(start, end, first, last, strict=True)
+    ]
+
+
+def spans_differ(spans: list[ExampleSpan]) -> bool:
+    """Do the examples that get any gradient reach different steps (padding, or a mask)?"""
+    reached = {(s.start, s.end) for s in spans if s.start <= s.end}
+    return len(reached) > 1
+
+
+def lengths_note(name: str, spans: list[ExampleSpan], steps: int) -> str:
+    lengths = sorted(s.steps for s in spans if s.start <= s.end)
+    return (
+        f"the time profile of input {name!r} sums {len(lengths)} examples whose steps with "
+        f"gradient differ ({lengths[0]}–{lengths[-1]} of {steps} steps; steps past an "
+        "example's length, padding or masked out, get none): its later steps hold only the "
+        "longer examples' gradients, so its first/last ratio is no decay over time; the "
+        "time check reads each example over its own steps"
+    )

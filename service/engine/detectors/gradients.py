@@ -39,6 +39,7 @@ from service.engine.detectors.units import init_ratio, normalized_layers
 from service.engine.gradient_cuts import SINGLE_ELEMENT_SOFTMAX
 from service.engine.measurements import Measurements
 from service.engine.report import Finding, LayerReport
+from service.engine.sequences import ExampleSpan, spans_differ
 
 
 def _ordered_layers(m: Measurements) -> list[LayerReport]:
@@ -523,18 +524,29 @@ def time_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
     # the state; only a vanilla RNN has no such path: error for it, warning for gated ones
     gated_only = any(is_gated_rnn(op) for op in ops) and not any(is_vanilla_rnn(op) for op in ops)
     vanishing_severity = "warning" if gated_only else "error"
-    for prof in m.profiles.time:
+    profiles = m.profiles.time
+    examples = [*m.time_examples, *[[]] * (len(profiles) - len(m.time_examples))]
+    for prof, spans in zip(profiles, examples, strict=False):
         norms, unreached = reached_steps(list(prof.grad_norms))
         ratio = first_last_ratio(norms)
+        per_example = _per_example_time(spans, t["vanishing_time_ratio"])
+        if per_example is not None:
+            ratio = per_example["per_example_ratio"]
         if ratio is None:
             continue
         factor = backward_factor(norms)
         last = norms[-1]
-        horizon = 0
-        for v in reversed(norms):
-            if not (usable(v) and usable(last) and v / last >= t["vanishing_time_ratio"]):  # type: ignore[operator]
-                break
-            horizon += 1
+        horizon = _summed_horizon(norms, t["vanishing_time_ratio"])
+        steps_phrase = f"the first of {len(norms)} steps"
+        last_phrase = "the last"
+        if per_example is not None:
+            factor, horizon = per_example["per_step_factor"], per_example["horizon_steps"]
+            lengths = per_example["valid_lengths"]
+            steps_phrase = (
+                f"an example's first step (the median over {lengths['examples']} examples of "
+                f"{lengths['min']}–{lengths['max']} steps with gradient)"
+            )
+            last_phrase = "its last"
         evidence: dict[str, Any] = {
             "axis": "time",
             "input": prof.input,
@@ -548,6 +560,10 @@ def time_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
             "last_step_grad_norm": last,
             "unreached_last_steps": unreached,  # not read by the loss: left out of the ratio
         }
+        if per_example is not None:
+            # the batch-summed profile's own ratio, which mixes the lengths (profiles.time)
+            evidence["batch_time_ratio"] = first_last_ratio(norms)
+            evidence.update(per_example)
         layers = list(m.recurrent_layers)
         if ratio < t["vanishing_time_ratio"]:
             findings.append(
@@ -555,11 +571,11 @@ def time_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
                     kind="vanishing_gradients",
                     severity=vanishing_severity,
                     message=(
-                        f"Gradients vanish over time: ‖∂L/∂x_t‖ of input {prof.input!r} at the "
-                        f"first of {len(norms)} steps is {ratio_phrase(ratio)} of that at the last "
-                        f"(×{sig(factor)} per step); steps more than {horizon} back from the "
-                        f"last get under {sig(t['vanishing_time_ratio'])} of its gradient, so "
-                        f"what they carry is barely learned."
+                        f"Gradients vanish over time: ‖∂L/∂x_t‖ of input {prof.input!r} at "
+                        f"{steps_phrase} is {ratio_phrase(ratio)} of that at {last_phrase} "
+                        f"(×{sig(factor)} per step); steps more than {horizon} back from "
+                        f"{last_phrase} get under {sig(t['vanishing_time_ratio'])} of its "
+                        f"gradient, so what they carry is barely learned."
                     ),
                     layers=layers,
                     evidence=evidence,
@@ -571,8 +587,8 @@ def time_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
                     kind="exploding_gradients",
                     severity="error",
                     message=(
-                        f"Gradients explode over time: ‖∂L/∂x_t‖ of input {prof.input!r} at the "
-                        f"first of {len(norms)} steps is {sig(ratio)}× that at the last "
+                        f"Gradients explode over time: ‖∂L/∂x_t‖ of input {prof.input!r} at "
+                        f"{steps_phrase} is {sig(ratio)}× that at {last_phrase} "
                         f"(×{sig(factor)} per step back)."
                     ),
                     layers=layers,
@@ -580,3 +596,74 @@ def time_findings(m: Measurements, t: dict[str, float]) -> list[Finding]:
                 )
             )
     return findings
+
+
+def _summed_horizon(norms: list[float | None], vanishing: float) -> int:
+    """Steps back from the last whose gradient stays at least `vanishing` of the last's."""
+    last = norms[-1]
+    horizon = 0
+    for v in reversed(norms):
+        if not (usable(v) and usable(last) and v / last >= vanishing):  # type: ignore[operator]
+            break
+        horizon += 1
+    return horizon
+
+
+def _log_median(values: list[float]) -> float:
+    """The median of positive values, the two middle ones' geometric mean for an even count."""
+    logs = sorted(math.log(v) if v > 0 else -math.inf for v in values)
+    mid = len(logs) // 2
+    if len(logs) % 2:
+        return math.exp(logs[mid])
+    return math.exp((logs[mid - 1] + logs[mid]) / 2) if math.isfinite(logs[mid - 1]) else 0.0
+
+
+def _per_example_time(spans: list[ExampleSpan], vanishing: float) -> dict[str, Any] | None:
+    """The time ratio of a batch whose examples reach different steps (padding or a mask,
+    `sequences.spans_differ`), read per example; None for a batch whose examples all reach
+    the same steps, judged on the summed profile as before.
+
+    The batch-summed profile's first/last ratio mixes the lengths: its last steps hold only the
+    longest examples' gradients, its first step every example's, and a short example spreads a
+    masked mean over fewer steps, so each of its steps carries more. Each example is read over
+    its own steps instead, from its first step with gradient to its last (first/last, the
+    direction the summed check uses), and the examples are combined by their median (in log
+    space: ratios multiply): a finding then holds for the typical example of the batch, and one
+    odd example (a very short one, whose ratio is near 1, or one outlier) does not decide it,
+    as it would the geometric mean. Examples with fewer than two steps with gradient, or a
+    non-finite gradient at either end, tell no ratio and are left out."""
+    if not spans_differ(spans):
+        return None
+    kept = [
+        s
+        for s in spans
+        if s.steps >= 2 and math.isfinite(s.first) and math.isfinite(s.last) and s.last > 0
+    ]
+    if not kept:
+        return None
+    ratios = [s.first / s.last for s in kept]
+    # per step back: the ratio's (steps − 1)-th root, per example
+    factors = [r ** (1 / (s.steps - 1)) for r, s in zip(ratios, kept, strict=True)]
+    factor = _log_median(factors)
+    lengths = sorted(s.steps for s in spans if s.start <= s.end)
+    if 0 < factor < 1:  # steps back from the last whose gradient stays above `vanishing`
+        horizon = min(max(lengths), int(math.log(vanishing) / math.log(factor)) + 1)
+    else:
+        horizon = 0 if factor == 0 else max(lengths)
+    return {
+        "per_example_ratio": _log_median(ratios),
+        "per_step_factor": factor,
+        "horizon_steps": horizon,
+        "example_ratios": {
+            "min": min(ratios),
+            "median": _log_median(ratios),
+            "max": max(ratios),
+            "examples": len(ratios),
+        },
+        "valid_lengths": {
+            "min": lengths[0],
+            "median": lengths[len(lengths) // 2],
+            "max": lengths[-1],
+            "examples": len(lengths),
+        },
+    }
