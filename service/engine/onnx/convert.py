@@ -911,8 +911,10 @@ def _convert_checked(
     )
     # what the folds left unread (an optimised export's folded first RNN step) is no weight
     read = {name for node in nodes for name in node.inputs}
-    for name in [name for name in parameters if name not in read]:
+    unread = {name for name in parameters if name not in read}
+    for name in unread:
         buffers[name] = parameters.pop(name).detach()
+    restored.unread(unread)
     for name, sources in folded_parameter_sources(graph, list(parameters)).items():
         if sources:
             restored.folded_from[name] = sources

@@ -6,6 +6,8 @@ what a report would say about parameters:
   weights are all ones and biases all zeros, and `nn.TransformerEncoder` deep-copies its layer,
   so every layer starts as the same tensors. The merged initializer's gradient is then the sum
   over every layer that reads it (4× a LayerNorm's own in a 2-layer encoder), reported for each.
+  An `nn.RNN` whose biases start as zeros has its `bias_ih_l0` and `bias_hh_l0` merged: its
+  written-out steps read the latter as their `linear(h, weight_hh_l0, bias_hh_l0)`'s bias.
 - `Transpose(linear.weight)` is constant-folded into a new initializer named like `val_86`, in
   the transposed shape; a weight the source also reads elsewhere (an output projection tied to
   the input embedding) is then two tensors, and the tie is gone. A GroupNorm's weight and bias
@@ -127,6 +129,19 @@ class Restored:
     folded_from: dict[str, list[str]] = field(default_factory=dict)
     # of those sources, parameters the graph reads too → the values computed ahead from them
     also_computed_ahead: dict[str, list[str]] = field(default_factory=dict)
+
+    def unread(self, names: set[str]) -> None:
+        """Forget merges and values computed ahead among `names`, values that later folds
+        left unread and that are no parameters (the folded first step of a written-out nn.RNN,
+        `linear_1`, merged with another layer's equal `linear_8`)."""
+        for merged in list(self.split):
+            added = [name for name in self.split[merged] if name not in names]
+            if merged in names or not added:
+                del self.split[merged]
+            else:
+                self.split[merged] = added
+        for name in names:
+            self.folded_from.pop(name, None)
 
     def notes(self) -> list[str]:
         """One sentence per kind of change, each listing (some of) what changed."""
@@ -447,9 +462,34 @@ def _reads(
             # another attribute merged with it (ConvNeXt V2's GRN: weight and bias both start
             # as zeros), read by an op of that one parameter alone (`x + bias`)
             matched = placeholders
+        elif not matched:
+            # read as another attribute's bias: the written-out steps of an nn.RNN read
+            # `bias_hh_l0` as `linear(h, weight_hh_l0, bias_hh_l0)`'s, merged with an equal
+            # `bias_ih_l0` (both zeros)
+            matched = _linear_bias(initializer, proto)
     if len(matched) != 1:
         return None
     return _dotted(matched[0], initializer, name_scopes(proto), known)
+
+
+def _linear_bias(initializer: str, proto: NodeProto) -> list[str]:
+    """[the placeholder of the bias] when the node reads `initializer` as the bias of the
+    `aten.linear` or `aten.addmm` it comes from (the Add after its MatMul, or a Gemm's C);
+    else empty."""
+    fx_node = _metadata(proto, FX_NODE_KEY) or ""
+    positions = [k for op, k in _BIASED_PRODUCTS.items() if op in fx_node]
+    arguments = _fx_positional_arguments(proto) or []
+    if len(positions) != 1 or positions[0] >= len(arguments):
+        return []
+    inputs = list(proto.input)
+    as_bias = proto.op_type == "Add" or (
+        proto.op_type == "Gemm" and inputs[2:3] == [initializer] and initializer not in inputs[:2]
+    )
+    bias = arguments[positions[0]]
+    placeholder = bias[1:] if bias.startswith("%") else ""
+    if not as_bias or not _PARAMETER_PLACEHOLDER.fullmatch(placeholder):
+        return []
+    return [placeholder]
 
 
 Reads = list[tuple[Node, int]]  # (node, input slot) pairs reading one value

@@ -333,3 +333,49 @@ def test_an_indexed_weight_the_optimizer_copied_is_the_modules_parameter(rank: i
     _assert_same_parameters(module, graph, inputs)
     (note,) = [n for n in graph.metadata["notes"] if "stored as copies" in n]
     assert note.endswith("= w)")  # not transposed, nor a value computed ahead
+
+
+Recurrent = type[nn.RNN] | type[nn.GRU] | type[nn.LSTM]
+
+
+class ZeroBiasRecurrent(nn.Module):
+    """A recurrent layer whose biases all start as zeros (a common init): the optimizer merges
+    bias_ih and bias_hh (of every layer and direction) into one initializer. The dynamo
+    exporter writes nn.RNN out step by step, each step reading bias_hh as its
+    `linear(h, weight_hh, bias_hh)`'s bias; an LSTM's or GRU's B it folds into one tensor."""
+
+    def __init__(self, kind: Recurrent, layers: int, bidirectional: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.rnn = kind(3, 8, num_layers=layers, batch_first=True, bidirectional=bidirectional)
+        self.fc = nn.Linear(16 if bidirectional else 8, 2)
+        for name, parameter in self.rnn.named_parameters():
+            if "bias" in name:
+                nn.init.zeros_(parameter)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.rnn(x)[0][:, -1])
+
+
+@pytest.mark.parametrize(
+    ("kind", "layers", "bidirectional"),
+    [
+        (nn.RNN, 1, False),
+        (nn.RNN, 2, False),
+        (nn.RNN, 1, True),
+        (nn.GRU, 2, False),
+        (nn.LSTM, 2, False),
+    ],
+)
+def test_zero_recurrent_biases_merged_are_each_their_own_parameter_again(
+    kind: Recurrent, layers: int, bidirectional: bool
+) -> None:
+    module = ZeroBiasRecurrent(kind, layers, bidirectional).train()
+    inputs = (torch.randn(4, 6, 3),)
+    graph = _converted(module, inputs)
+    _assert_same_parameters(module, graph, inputs)
+    assert kind.__name__ in {n.op_type for n in graph.nodes}  # run as one recurrent node
+    notes = " ".join(graph.metadata["notes"])
+    if kind is nn.RNN:
+        assert "rnn.bias_ih_l0 also stood for rnn.bias_hh_l0" in notes
+        assert "linear_" not in notes  # the folded first steps are no parameters
