@@ -28,7 +28,11 @@ def to_torchscript(module: nn.Module, example: torch.Tensor | Sequence[torch.Ten
     return buffer.getvalue()
 
 
-def to_torch_export(module: nn.Module, example: torch.Tensor | Sequence[torch.Tensor]) -> bytes:
+def to_torch_export(
+    module: nn.Module,
+    example: torch.Tensor | Sequence[torch.Tensor],
+    dynamic_shapes: Any = None,
+) -> bytes:
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         # nn.RNN/nn.LSTM/nn.GRU reassign their `_flat_weights` list while being traced; the
@@ -38,7 +42,7 @@ def to_torch_export(module: nn.Module, example: torch.Tensor | Sequence[torch.Te
             message=r"The tensor attributes self\.(\w+\.)*_flat_weights\[",
             category=UserWarning,
         )
-        program = torch.export.export(module, _as_tuple(example))
+        program = torch.export.export(module, _as_tuple(example), dynamic_shapes=dynamic_shapes)
     torch.export.save(program, buffer)
     return buffer.getvalue()
 

@@ -102,3 +102,22 @@ def test_a_padded_batch_that_explodes_in_every_example_is_still_caught(fmt: str)
     assert evidence["per_example_ratio"] > 70
     assert evidence["example_ratios"]["min"] > 70  # every example explodes
     assert evidence["valid_lengths"] == {"min": 24, "median": 26, "max": 30, "examples": 3}
+
+
+def test_micro_batches_join_the_examples_of_a_padded_batch() -> None:
+    # each part's examples are rows of the per-example check, not summed into one
+    x, mask, target = _padded([30, 26, 24, 30, 28, 25], 1e-3)
+    batch = torch.export.Dim("batch", min=1)
+    model = to_torch_export(ExplodingRnn(), (x, mask), ({0: batch}, {0: batch}))
+    data = io.BytesIO()
+    np.savez(data, x=x.numpy(), mask=mask.numpy(), target=target.numpy())
+    evidence = []
+    for parts in (1, 3):
+        options = DiagnoseOptions.model_validate({"micro_batches": parts, "verify_fixes": False})
+        report = diagnose(model, data.getvalue(), options)
+        (finding,) = _time_findings(report)
+        evidence.append(finding.evidence)
+    whole, split = evidence
+    assert split["valid_lengths"] == whole["valid_lengths"]
+    assert split["valid_lengths"]["examples"] == 6
+    assert split["per_example_ratio"] == pytest.approx(whole["per_example_ratio"], rel=1e-4)
