@@ -23,10 +23,12 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -37,7 +39,12 @@ from service.workers.runner import JobRunner
 from tests.support.export import to_onnx, to_torch_export, to_torchscript
 from tests.support.zoo import ZOO
 
-EXPORTERS = {"onnx": to_onnx, "torch_export": to_torch_export, "torchscript": to_torchscript}
+# each called as export(module, example)
+EXPORTERS: dict[str, Callable[[nn.Module, torch.Tensor], bytes]] = {
+    "onnx": to_onnx,
+    "torch_export": to_torch_export,
+    "torchscript": to_torchscript,
+}
 
 
 def job(
