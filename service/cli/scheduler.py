@@ -31,10 +31,10 @@ def scheduler_command(
     poll: Annotated[float, typer.Option(min=0.5, help="seconds between passes")] = POLL_S,
 ) -> None:
     """Queue the diagnoses of due schedules (/v1/schedules) and send their webhooks."""
-    from service.cli.server import _settings
+    from service.cli.server import settings_or_exit
     from service.scheduler.loop import SchedulerLoop
 
-    settings = _settings()
+    settings = settings_or_exit()
     _require_migrated(settings)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     loop = SchedulerLoop(settings, public_url=public_url, poll_s=poll)

@@ -39,9 +39,6 @@ def settings_or_exit() -> Any:
         raise typer.Exit(2) from None
 
 
-_settings = settings_or_exit
-
-
 def _where(settings: Any) -> str:
     from sqlalchemy import make_url
 
@@ -61,7 +58,7 @@ def _migrate(settings: Any) -> str | None:
 @app.command("migrate")
 def migrate_command() -> None:
     """Apply the Alembic migrations to the configured database (GRADHEALTH_DATABASE_URL)."""
-    settings = _settings()
+    settings = settings_or_exit()
     revision = _migrate(settings)
     typer.echo(f"{_where(settings)} is at revision {revision}")
 
@@ -83,7 +80,7 @@ def api_command(
     """Run the REST API alone (workers run elsewhere: `gradhealth worker`)."""
     from service.api.app import create_app
 
-    settings = _settings()
+    settings = settings_or_exit()
     if processes == 1:
         _uvicorn(create_app(settings), host, port)
         return
@@ -215,7 +212,7 @@ def serve_command(
     """API + in-process worker pool: the one-command local service (SQLite by default)."""
     from service.api.app import create_app
 
-    settings = _settings()
+    settings = settings_or_exit()
     gpu_list = _parse_gpus(gpus)
     _migrate(settings)
     key = ensure_default_key(settings)
