@@ -173,7 +173,11 @@ def _compare_node(node: onnx.NodeProto, inputs: list[Any], device: str) -> None:
     got = _outputs_and_grads(run, inputs, device)
     assert len(got) == len(expected)
     for g, e in zip(got, expected, strict=True):
-        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+        # float32 rounding is relative to the summands, not to each result: an entry that is
+        # analytically zero (QAttention's key-bias gradient: softmax ignores a shift shared
+        # by all keys) comes out as noise of the tensor's scale on either device
+        scale = float(e.abs().max()) if e.numel() else 0.0
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=max(1e-5, 2e-5 * scale))
 
 
 def _model_cases(tmp_path: Any) -> list[tuple[str, onnx.ModelProto, list[Any]]]:
@@ -238,7 +242,11 @@ def _compare_model(model: onnx.ModelProto, feeds: list[Any], device: str) -> Non
     got = _outputs_and_grads(runner(on_device), feeds, device)
     assert len(got) == len(expected)
     for g, e in zip(got, expected, strict=True):
-        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+        # float32 rounding is relative to the summands, not to each result: an entry that is
+        # analytically zero (QAttention's key-bias gradient: softmax ignores a shift shared
+        # by all keys) comes out as noise of the tensor's scale on either device
+        scale = float(e.abs().max()) if e.numel() else 0.0
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=max(1e-5, 2e-5 * scale))
 
 
 def test_the_comparison_runs_on_the_cpu(tmp_path: Any) -> None:

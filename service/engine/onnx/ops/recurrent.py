@@ -249,6 +249,10 @@ class RecurrentFn:
             X = X.transpose(0, 1)
             initial_h = None if initial_h is None else initial_h.transpose(0, 1)
             initial_c = None if initial_c is None else initial_c.transpose(0, 1)
+        # zero states that shape arithmetic made (ConstantOfShape of a Shape: the legacy
+        # exporter's h0 for a dynamic batch) are CPU tensors, also when X is on a GPU
+        initial_h = None if initial_h is None else initial_h.to(X.device)
+        initial_c = None if initial_c is None else initial_c.to(X.device)
         steps, batch = X.shape[0], X.shape[1]
         hidden = R.shape[-1]
         if W.shape[0] != s.directions or W.shape[1] != self.gates * hidden:
