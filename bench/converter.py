@@ -109,6 +109,8 @@ def compare(
     export = export or {}
     data = to_onnx(module, x, dynamo=export.get("dynamo", False), optimize=export.get("optimize"))
     graph = convert(load_onnx(data), mode="train").to(device)
+    if not FUSIONS:
+        graph.fusions = []
     module = module.to(device)
     xd = x.to(device)
 
@@ -143,6 +145,7 @@ def compare(
 
 
 PROFILE = False  # --profile
+FUSIONS = True  # not --no-fusions
 
 
 def _print_profile(
@@ -337,9 +340,15 @@ def main() -> None:
     parser.add_argument(
         "--profile", action="store_true", help="each row: op counts and the profiler's top ops"
     )
+    parser.add_argument(
+        "--no-fusions",
+        action="store_true",
+        help="every node runs on its own (no fused attention or linear: onnx/fusions.py)",
+    )
     args = parser.parse_args()
-    global PROFILE
+    global PROFILE, FUSIONS
     PROFILE = args.profile
+    FUSIONS = not args.no_fusions
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.host_overhead:

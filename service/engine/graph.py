@@ -105,6 +105,42 @@ def passthrough(value: Any, *ignored: Any) -> Any:
     return value
 
 
+@dataclass(eq=False)
+class FusedNodes:
+    """Nodes that one call computes when nobody observes them.
+
+    A format's converter finds them (onnx/fusions.py: an attention's MatMul → Softmax →
+    MatMul as `F.scaled_dot_product_attention`, a MatMul by a weight plus its bias as one
+    `F.linear`): the fused kernels are what the source framework ran, and the nodes in
+    between are intermediate values nothing else reads. With an observer attached every node
+    runs and is observed as before; without one the run plan calls `fn` with the values of
+    `inputs` at the position of the last node, which produces `output`.
+
+    `nodes` are recorded with their `fns` and wiring when found: a transform that swaps a
+    fn or rewires a node, or a new reader of an intermediate value, leaves the nodes
+    unfused (checked each time the plan is made).
+    """
+
+    op_type: str
+    nodes: tuple[Node, ...]
+    inputs: tuple[str, ...]
+    output: str
+    fn: NodeFn
+    fns: tuple[NodeFn, ...] = ()
+    wiring: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = ()
+
+    def __post_init__(self) -> None:
+        self.fns = tuple(node.fn for node in self.nodes)
+        self.wiring = tuple((tuple(n.inputs), tuple(n.outputs)) for n in self.nodes)
+
+    def unchanged(self) -> bool:
+        """Whether every node still has the fn and the wiring it had when this was found."""
+        return all(
+            node.fn is fn and (tuple(node.inputs), tuple(node.outputs)) == wired
+            for node, fn, wired in zip(self.nodes, self.fns, self.wiring, strict=True)
+        )
+
+
 class NodeObserver(Protocol):
     """Called after each node with its output values, in execution order."""
 
@@ -167,6 +203,8 @@ class ObservableGraph(nn.Module):
       Concat`): `run()` computes them on the first call with given input shapes and reuses
       their values on later calls with the same (still handing them to the observer). The
       format's converter says which (onnx/shape_values.py); empty: all run every call.
+    - `fusions`: groups of nodes computed by one call when no observer is attached
+      (`FusedNodes`); empty: every node runs.
     """
 
     def __init__(
@@ -180,6 +218,7 @@ class ObservableGraph(nn.Module):
         constants: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
         input_shape_nodes: Iterable[str] = (),
+        fusions: Iterable[FusedNodes] = (),
     ) -> None:
         super().__init__()
         self.nodes = nodes
@@ -195,6 +234,7 @@ class ObservableGraph(nn.Module):
             self.buffer_names[value_name] = self._register(value_name, f"buffer_{i}", tensor, False)
         self.observer: NodeObserver | None = None
         self.input_shape_nodes = frozenset(input_shape_nodes)
+        self.fusions: list[FusedNodes] = list(fusions)
         held = [*(parameters or {}).values(), *(buffers or {}).values()]
         self.device: torch.device = held[0].device if held else torch.device("cpu")
 
@@ -305,10 +345,18 @@ class _Schedule:
     they would clear are cleared by the step before them instead)."""
 
     def __init__(
-        self, template: list[Any], steps: list[Step], known: dict[int, tuple[Any, ...]]
+        self,
+        template: list[Any],
+        steps: list[Step],
+        known: dict[int, tuple[Any, ...]],
+        fused: _FusedSteps | None = None,
     ) -> None:
         self.template = template
         self.every = [(*step, known.get(index)) for index, step in enumerate(steps)]
+        if fused is not None:  # unobserved, the fused steps run in place of their nodes
+            placed = fused.index
+            known = {at: v for i, v in known.items() if (at := placed[i]) is not None}
+            steps = fused.steps
         self.computing: list[Step] = []
         pending: tuple[int, ...] = ()
         for index, (node, reads, writes, frees) in enumerate(steps):
@@ -401,25 +449,12 @@ class _RunPlan:
         self.output_slots = [_read_slot(slot_of, name, None) for name in graph.output_names]
 
         kept = {_NONE_SLOT, _SINK_SLOT, *self.output_slots}
-        last_use: dict[int, int] = {}
-        for index, (_, reads, _) in enumerate(wired):
-            for slot in reads:
-                last_use[slot] = index
-        self.steps: list[Step] = [
-            (
-                node,
-                reads,
-                writes,
-                tuple(
-                    slot
-                    for slot in dict.fromkeys((*reads, *writes))
-                    if slot not in kept and last_use.get(slot, -1) <= index
-                ),
-            )
-            for index, (node, reads, writes) in enumerate(wired)
-        ]
+        self.steps = _with_frees(wired, kept)
+        self.fusions_key = (id(graph.fusions), len(graph.fusions))
+        fused = _fused_wiring(graph, wired, slot_of, kept)
+        self.fused = None if fused is None else _FusedSteps(_with_frees(fused[0], kept), fused[1])
         self.known = known
-        self.base = _Schedule(template, self.steps, known)
+        self.base = _Schedule(template, self.steps, known, self.fused)
         self.input_shape_steps = frozenset(
             index
             for index, (node, _, _, _) in enumerate(self.steps)
@@ -433,6 +468,7 @@ class _RunPlan:
             and self.wiring_version == _wiring_version
             and self.shape_nodes is graph.input_shape_nodes
             and self.constants_key == (id(graph.constants), len(graph.constants))
+            and self.fusions_key == (id(graph.fusions), len(graph.fusions))
             and len(nodes) == len(self.nodes)
             and all(map(is_, nodes, self.nodes))
         )
@@ -448,7 +484,101 @@ class _RunPlan:
                 known[index] = _place(template, writes, outputs)
         if len(self.by_signature) >= MAX_SIGNATURES:
             self.by_signature.clear()
-        self.by_signature[signature] = _Schedule(template, self.steps, known)
+        self.by_signature[signature] = _Schedule(template, self.steps, known, self.fused)
+
+
+Wired = tuple[Node, tuple[int, ...], tuple[int, ...]]
+
+
+@dataclass
+class _FusedSteps:
+    """The steps an unobserved call runs where `graph.fusions` apply, and per step of the
+    plan its index among them (None: a fused node, computed by its group's step)."""
+
+    steps: list[Step]
+    index: list[int | None]
+
+
+def _with_frees(wired: list[Wired], kept: set[int]) -> list[Step]:
+    """Each step with the slots to clear after it: the values whose last reader it is."""
+    last_use: dict[int, int] = {}
+    for index, (_, reads, _) in enumerate(wired):
+        for slot in reads:
+            last_use[slot] = index
+    return [
+        (
+            node,
+            reads,
+            writes,
+            tuple(
+                slot
+                for slot in dict.fromkeys((*reads, *writes))
+                if slot not in kept and last_use.get(slot, -1) <= index
+            ),
+        )
+        for index, (node, reads, writes) in enumerate(wired)
+    ]
+
+
+def _fused_wiring(
+    graph: ObservableGraph, wired: list[Wired], slot_of: dict[str, int], kept: set[int]
+) -> tuple[list[Wired], list[int | None]] | None:
+    """The wiring with each usable fusion's nodes replaced by one step at the last one's
+    place, and the index map for `_FusedSteps`; None when no fusion applies. A fusion is
+    usable while its nodes are all in the graph as they were found, none is folded or
+    fixed by the input shapes, and nothing outside it reads its intermediate values."""
+    if not graph.fusions:
+        return None
+    position = {id(node): index for index, (node, _, _) in enumerate(wired)}
+    readers: dict[int, set[int]] = {}
+    for index, (_, reads, _) in enumerate(wired):
+        for slot in reads:
+            readers.setdefault(slot, set()).add(index)
+    covered: set[int] = set()
+    replaced: dict[int, Wired] = {}
+    for fusion in graph.fusions:
+        indices = [position.get(id(node)) for node in fusion.nodes]
+        if None in indices or not fusion.unchanged():
+            continue
+        group = {i for i in indices if i is not None}
+        last = max(group)
+        output = slot_of.get(fusion.output)
+        if (
+            group & covered
+            or any(
+                isinstance(node.fn, ConstantResult)
+                or node.fn is passthrough
+                or node.name in graph.input_shape_nodes
+                for node in fusion.nodes
+            )
+            or output is None
+            or wired[last][2] != (output,)
+            or any(name not in slot_of for name in fusion.inputs)
+        ):
+            continue
+        inner = {slot for i in group for slot in wired[i][2] if slot not in (output, _SINK_SLOT)}
+        if inner & kept or any(readers.get(slot, set()) - group for slot in inner):
+            continue
+        step = Node(
+            name=fusion.nodes[-1].name,
+            op_type=fusion.op_type,
+            inputs=list(fusion.inputs),
+            outputs=[fusion.output],
+            fn=fusion.fn,
+        )
+        replaced[last] = (step, tuple(slot_of[name] for name in fusion.inputs), (output,))
+        covered |= group
+    if not replaced:
+        return None
+    steps: list[Wired] = []
+    placed: list[int | None] = []
+    for i, wiring in enumerate(wired):
+        if i in covered and i not in replaced:
+            placed.append(None)
+            continue
+        placed.append(len(steps))
+        steps.append(replaced.get(i, wiring))
+    return steps, placed
 
 
 def _signature(inputs: Sequence[Any], device: torch.device) -> Hashable | None:

@@ -87,6 +87,7 @@ from service.engine.onnx.dynamic_quantization import (
     dynamic_quantization_as_fake,
 )
 from service.engine.onnx.fused_quantization import unfolded_quantized_ops
+from service.engine.onnx.fusions import find_fusions
 from service.engine.onnx.gradient_paths import (
     consumed_names,
     disconnected_weights,
@@ -1031,6 +1032,7 @@ def _convert_checked(
         input_shape_nodes=input_shape_nodes(
             nodes, inputs=input_names, state=[*parameters, *buffers], constants=constants
         ),
+        fusions=find_fusions(nodes, [o.name for o in graph.output], opsets.get("", 0)),
     )
 
 
