@@ -1,6 +1,7 @@
 """The recurrent step loops replayed as CUDA graphs (cuda_graph_loops): the GRU's and the tanh
 RNN's (the LSTM's are in test_lstm_fused_cell.py), as they run where their node is not
-replayed whole (pooled_cuda_graphs: test_pooled_cuda_graphs.py). On the CPU nothing is
+replayed whole (pooled_cuda_graphs: test_pooled_cuda_graphs.py) and their persistent kernels
+do not apply (test_recurrent_persistent.py). On the CPU nothing is
 captured; the `gpu` tests compare replayed passes with eager ones, as an ML engineer's
 repeated training steps would run them."""
 
@@ -78,6 +79,9 @@ def test_a_repeated_shape_replays_captured_graphs_with_the_eager_results(
     both forwards running before either backward (static buffers must not leak between them)."""
     direction, gates, forward_loop = CELLS[cell]
     layers = [_layer_args(gates, seed, "cuda") for seed in (1, 2)]
+    # hidden 16 in float32 would run as persistent kernels (gru_persistent.py,
+    # rnn_persistent.py): off here
+    monkeypatch.setenv("GRADHEALTH_LSTM_PERSISTENT", "0")
     with monkeypatch.context() as eager_only:
         eager_only.setenv("GRADHEALTH_CUDA_GRAPHS", "0")
         eager = _passes(direction, layers, reverse)

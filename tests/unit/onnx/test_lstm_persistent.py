@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from service.engine.onnx.ops import lstm_fused_cell, lstm_persistent
+from service.engine.onnx.ops import lstm_fused_cell, lstm_persistent, recurrent_persistent
 from service.engine.onnx.ops.lstm_sequence import lstm_sequence
 from tests.support.recurrent_zoo import lstm_sequence_args
 from tests.unit.onnx.test_lstm_fused_cell import emulated_kernels  # noqa: F401 - a fixture
@@ -148,7 +148,7 @@ def test_a_failing_kernel_falls_back_to_the_per_step_loops_once_and_says_so(
             return launch
 
     monkeypatch.setattr(interpreted, "lstm_forward_kernel", Broken())
-    monkeypatch.setattr(lstm_persistent, "_failed", False)
+    monkeypatch.setattr(lstm_persistent._LOOPS, "failed", False)
     p = _problem(4, 2, 5)
     inputs = (p["projected"], p["R"], p["h0"], p["c0"])
     with caplog.at_level(logging.WARNING, logger=lstm_persistent.__name__):
@@ -160,7 +160,7 @@ def test_a_failing_kernel_falls_back_to_the_per_step_loops_once_and_says_so(
         torch.testing.assert_close(b, e)
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1 and "out of resources" in warnings[0], warnings
-    assert lstm_persistent._failed
+    assert lstm_persistent._LOOPS.failed
     assert lstm_persistent.loops_for(p["projected"]) is None  # off for the rest of the process
     assert emulated_kernels.count("forward") == 3 * 4  # got, again and expected: per-step
 
@@ -255,7 +255,7 @@ def test_a_barrier_that_gives_up_is_counted_and_the_self_check_refuses_the_kerne
     (what a group not all resident would come to, seconds later): the launch counts it, and
     the self-check sends that size to the per-step loops, with a warning."""
     device = torch.device("cuda")
-    monkeypatch.setattr(lstm_persistent, "SPIN_LIMIT", 0)
+    monkeypatch.setattr(recurrent_persistent, "SPIN_LIMIT", 0)
     p = _problem(6, 8, 128, device="cuda")
     before = lstm_persistent.barrier_failures(device)
     lstm_persistent.forward_steps(p["projected"], p["R"], p["h0"], p["c0"])

@@ -297,10 +297,9 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA dev
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("cell", sorted(GATES))
 def test_cuda_graphs_of_recurrent_nodes_equal_eager_runs(cell: str, reverse: bool) -> None:
-    """Real CUDA graphs of a recurrent node's forward and backward (the LSTM's persistent
-    kernels at hidden 32; the GRU's and RNN's step loops), replayed while earlier passes'
-    outputs are still held: the same losses and gradients as eager runs (the same kernels in
-    the same order)."""
+    """Real CUDA graphs of a recurrent node's forward and backward (each cell's persistent
+    kernels at hidden 32), replayed while earlier passes' outputs are still held: the same
+    losses and gradients as eager runs (the same kernels in the same order)."""
     before = pooled_cuda_graphs.captured_total
     _replayed_equals_eager(cell, "cuda", torch.float32, reverse, 1e-6)
     assert pooled_cuda_graphs.captured_total > before

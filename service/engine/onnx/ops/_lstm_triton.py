@@ -12,9 +12,9 @@ program per batch block over every unit, re-reading R from L2 each step: on an H
 batch 8 (bench/README.md, session 9).
 
 Every program of a group must be resident at once (a barrier waits for all of them):
-lstm_persistent launches at most one program per multiprocessor. A barrier gives up after
+recurrent_persistent launches at most one program per multiprocessor. A barrier gives up after
 `spin_limit` polls and counts the failure in `barrier_failures` (results then are wrong, never
-a hang); lstm_persistent's self-check reads it.
+a hang); recurrent_persistent's self-check reads it.
 
 The products use `input_precision=PRECISION`: full fp32, no TF32, like torch's default for fp32
 matmuls. Gate order is torch's (i, f, g, o), the same as torch's fused cell kernels, so the
@@ -25,6 +25,10 @@ Importing this module needs `triton`; with TRITON_INTERPRET=1 set before the imp
 run on CPU tensors through Triton's interpreter (tests/unit/onnx/test_lstm_persistent.py). The
 interpreter runs programs one after another, so there a group is one program (BLOCK_U covers
 every unit) and its barriers pass at once.
+
+The GRU's and tanh RNN's kernels (_gru_triton.py, _rnn_triton.py) are built the same way from
+this module's helpers (`_sigmoid`, `_tanh`, the barrier, the tiles), which is why those take
+the number of gate blocks rather than assuming four.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ import triton.language as tl
 # compile on first use, and pointers known to be 16-byte aligned made the compiler vectorise
 # loads into 255 registers and 424 bytes of spill a thread (hidden 128; 72 registers and none
 # without). `hidden` stays specialised: the variants that can run are the tile widths times
-# three, and tests/unit/onnx/test_lstm_persistent.py compiles every one for sm_90.
+# three, and tests/unit/onnx/test_lstm_persistent.py (test_recurrent_persistent.py for the
+# GRU's and RNN's kernels, which use these lists too) compiles every one for sm_90.
 UNSPECIALIZED = ["steps", "batch", "spin_limit"]
 FORWARD_POINTERS = ["projected", "weights_hh_t", "h0", "hiddens", "c0", "cells", "gates"]
 BACKWARD_POINTERS = ["grad_y", "grad_h_last", "grad_c_last", "cells", "gates", "c0", "weights_hh"]
@@ -78,32 +83,53 @@ def _group_barrier(arrivals, target, spin_limit):
 
 
 @triton.jit
-def _gate_tiles(weights, k_stride, gate_stride, ks, units, hidden):
-    """The four gates' [BLOCK_H, BLOCK_U] tiles this program keeps: element (k, j) of gate q
-    at `weights + k·k_stride + q·gate_stride + j` (zero outside the hidden size)."""
+def _step_barrier(in_step, arrivals, target, spin_limit):
+    """`in_step` and whether the group met at `_group_barrier`: after one failed wait the
+    rest do not wait (the launch's results are flagged wrong already)."""
+    limit = tl.where(in_step, spin_limit, 0)
+    return in_step & _group_barrier(arrivals, target, limit)
+
+
+@triton.jit
+def _weight_tile(weights, k_stride, ks, units, hidden):
+    """One gate's [BLOCK_H, BLOCK_U] tile that this program keeps: element (k, j) at
+    `weights + k·k_stride + j` (zero outside the hidden size)."""
     at = ks[:, None] * k_stride + units[None, :]
     mask = (ks < hidden)[:, None] & (units < hidden)[None, :]
+    return tl.load(weights + at, mask=mask, other=0.0)
+
+
+@triton.jit
+def _gate_tiles(weights, k_stride, gate_stride, ks, units, hidden):
+    """The four gates' tiles (`_weight_tile`), gate q's at `weights + q·gate_stride`."""
     return (
-        tl.load(weights + at, mask=mask, other=0.0),
-        tl.load(weights + gate_stride + at, mask=mask, other=0.0),
-        tl.load(weights + 2 * gate_stride + at, mask=mask, other=0.0),
-        tl.load(weights + 3 * gate_stride + at, mask=mask, other=0.0),
+        _weight_tile(weights, k_stride, ks, units, hidden),
+        _weight_tile(weights + gate_stride, k_stride, ks, units, hidden),
+        _weight_tile(weights + 2 * gate_stride, k_stride, ks, units, hidden),
+        _weight_tile(weights + 3 * gate_stride, k_stride, ks, units, hidden),
     )
 
 
 @triton.jit
-def _program_tile(batch, hidden, BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr):
+def _program_tile(batch, hidden, GATES: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr):
     """This program's batch rows and hidden units: (rows, units, the rows' in-range mask, the
-    [rows, units] mask, offsets into a [B, H] state and into gate block 0 of [B, 4H]).
-    Program axis 0 walks the unit blocks, so a group's programs are launched next to each
-    other; axis 1 is the batch block."""
+    [rows, units] mask, offsets into a [B, H] state and into gate block 0 of a step's
+    [B, GATES·H] gates). Program axis 0 walks the unit blocks, so a group's programs are
+    launched next to each other; axis 1 is the batch block."""
     rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
     units = tl.program_id(0) * BLOCK_U + tl.arange(0, BLOCK_U)
     row_ok = rows < batch
     mask = row_ok[:, None] & (units < hidden)[None, :]
     state_at = rows[:, None] * hidden + units[None, :]
-    gate_at = rows[:, None] * (4 * hidden) + units[None, :]
+    gate_at = rows[:, None] * (GATES * hidden) + units[None, :]
     return rows, units, row_ok, mask, state_at, gate_at
+
+
+@triton.jit
+def _group_rows(rows, row_ok, ks, hidden, row_stride):
+    """(offsets, mask) of every hidden unit of this program's rows in a buffer whose rows are
+    `row_stride` apart: what the whole group stored in a step, read after the barrier."""
+    return rows[:, None] * row_stride + ks[None, :], row_ok[:, None] & (ks < hidden)[None, :]
 
 
 @triton.jit(
@@ -128,9 +154,8 @@ def lstm_forward_kernel(
     BLOCK_U: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    rows, units, row_ok, mask, state_at, gate_at = _program_tile(batch, hidden, BLOCK_B, BLOCK_U)
+    rows, units, row_ok, mask, state_at, gate_at = _program_tile(batch, hidden, 4, BLOCK_B, BLOCK_U)
     ks = tl.arange(0, BLOCK_H)
-    k_ok = ks < hidden
     # Rᵀ's columns of this program's units, per gate block q: element (k, j) is Rᵀ[k, q·H + j]
     # (Rᵀ rather than R: read along its rows, the tiles go to shared memory in the layout the
     # products load with ldmatrix; read transposed from R they took scalar, conflicting loads)
@@ -139,8 +164,7 @@ def lstm_forward_kernel(
     group_arrivals = arrivals + tl.program_id(1)
     in_step = True
     c = tl.load(c0 + state_at, mask=mask, other=0.0)
-    h_at = rows[:, None] * hidden + ks[None, :]
-    h_mask = row_ok[:, None] & k_ok[None, :]
+    h_at, h_mask = _group_rows(rows, row_ok, ks, hidden, hidden)
     # h_{t-1}, every unit: h0 read here, later steps' after each barrier (loop-carried)
     h_prev = tl.load(h0 + h_at, mask=h_mask, other=0.0)
     tl.store(hiddens + state_at, tl.load(h0 + state_at, mask=mask, other=0.0), mask=mask)
@@ -167,10 +191,8 @@ def lstm_forward_kernel(
         tl.store(step_out + 3 * hidden + gate_at, o, mask=mask)
         tl.store(cells + t * batch * hidden + state_at, c, mask=mask)
         tl.store(hiddens + (t + 1) * batch * hidden + state_at, h, mask=mask)
-        # h_t complete (every unit block's) before any program of the group reads it; after
-        # one failed wait the rest do not wait (the result is flagged wrong already)
-        limit = tl.where(in_step, spin_limit, 0)
-        in_step = in_step & _group_barrier(group_arrivals, (t + 1) * group_size, limit)
+        # h_t complete (every unit block's) before any program of the group reads it
+        in_step = _step_barrier(in_step, group_arrivals, (t + 1) * group_size, spin_limit)
         # h_t, every unit, as the group stored it: from L2 (".cg"), not this SM's L1
         h_prev = tl.load(
             hiddens + (t + 1) * batch * hidden + h_at, mask=h_mask, other=0.0, cache_modifier=".cg"
@@ -203,16 +225,14 @@ def lstm_backward_kernel(
     BLOCK_U: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    rows, units, row_ok, mask, state_at, gate_at = _program_tile(batch, hidden, BLOCK_B, BLOCK_U)
+    rows, units, row_ok, mask, state_at, gate_at = _program_tile(batch, hidden, 4, BLOCK_B, BLOCK_U)
     ks = tl.arange(0, BLOCK_H)
-    k_ok = ks < hidden
     # R's columns of this program's units, per gate block q: element (k, j) is R[q·H + k, j]
     r_i, r_f, r_g, r_o = _gate_tiles(weights_hh, hidden, hidden * hidden, ks, units, hidden)
     group_size = tl.num_programs(0)
     group_arrivals = arrivals + tl.program_id(1)
     in_step = True
-    gate_rows_at = rows[:, None] * (4 * hidden) + ks[None, :]
-    gate_rows_mask = row_ok[:, None] & k_ok[None, :]
+    gate_rows_at, gate_rows_mask = _group_rows(rows, row_ok, ks, hidden, 4 * hidden)
     dc = tl.load(grad_c_last + state_at, mask=mask, other=0.0)
     # ∂L/∂h_T reaches the last step only: added at the first iteration, zero afterwards
     # (loop-carried rather than a load masked by `t == steps - 1`: scalar-and-block masks
@@ -258,8 +278,7 @@ def lstm_backward_kernel(
         tl.store(grad_hiddens + t * batch * hidden + state_at, dh, mask=mask)
         dc = dc * f
         # dgates_t complete before any program of the group reads it for step t - 1
-        limit = tl.where(in_step, spin_limit, 0)
-        in_step = in_step & _group_barrier(group_arrivals, (s + 1) * group_size, limit)
+        in_step = _step_barrier(in_step, group_arrivals, (s + 1) * group_size, spin_limit)
         # every gate gradient of step t as the group stored it: from L2 (".cg"), not this
         # SM's L1
         done = grad_gates + t * batch * 4 * hidden + gate_rows_at

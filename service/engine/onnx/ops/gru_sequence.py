@@ -10,9 +10,12 @@ Forward: one product (h·Rᵀ for all three gates) and the activations per step.
 gate's gradient is the step's ∂L/∂h' times a factor known from the forward alone, so the
 sequential part is one product and those products-with-a-factor per step. On the CPU both loops
 are C++ (recurrent_cpu.cpp's gru_forward/gru_backward) where that is built, else the same loops
-in Python below (which compute the factors for all steps at once). The node's forward and its
-backward (projection, loops, weight products) are each one pure function, which on CUDA is
-replayed as one CUDA graph once its inputs repeat (pooled_cuda_graphs.py, as the LSTM's node).
+in Python below (which compute the factors for all steps at once). On CUDA, in float32 with a
+hidden size up to recurrent_persistent.MAX_HIDDEN, each loop is one Triton kernel that runs
+every step (gru_persistent.py, as the LSTM's), else the Python loops, replayed as CUDA graphs
+(cuda_graph_loops.py). The node's forward and its backward (projection, loops, weight
+products) are each one pure function, which on CUDA is replayed as one CUDA graph once its
+inputs repeat (pooled_cuda_graphs.py, as the LSTM's node).
 The products are MKL's with row-major operands on the CPU, as in lstm_sequence (as fast as
 oneDNN's or faster at every size measured).
 GRUs with linear_before_reset=0, other activations or clip take the unrolled path.
@@ -26,7 +29,12 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from service.engine.onnx.ops import _cpu_products, cuda_graph_loops, pooled_cuda_graphs
+from service.engine.onnx.ops import (
+    _cpu_products,
+    cuda_graph_loops,
+    gru_persistent,
+    pooled_cuda_graphs,
+)
 from service.engine.onnx.ops._sequence_common import (
     native_loops,
     pooled_backward,
@@ -113,11 +121,15 @@ def forward_node(
     if inner_bias is not None:
         recurrent_bias[2 * hidden :] = inner_bias
     loops = native_loops(X)
+    # on CUDA all steps in one kernel where that applies (gru_persistent.py)
+    persistent = gru_persistent.loops_for(projected)
     if loops is not None:
         packed_R = _cpu_products.packed_step_weight(R, X.shape[1])
         gates, from_hidden, Y = loops.gru_forward(
             projected.contiguous(), R, recurrent_bias, h0, packed_R
         )
+    elif persistent is not None:
+        gates, from_hidden, Y = persistent.forward(projected, R, recurrent_bias, h0)
     else:  # inside a capture these run eagerly, becoming part of the node's graph
         gates, from_hidden, Y = cuda_graph_loops.run(
             _forward_steps, projected, R, recurrent_bias, h0
@@ -145,9 +157,12 @@ def backward_node(
     gradient, which biases exist, collect, reverse)."""
     needs, has_biases, collect, reverse = config
     loops = native_loops(X)
+    persistent = gru_persistent.loops_for(gates)  # the forward's loops: same contract
     if loops is not None:
         packed_Rt = _cpu_products.packed_step_weight(R.t(), gates.shape[1])
         dgates, dhidden = loops.gru_backward(dY, dh_last, gates, from_hidden, h0, Y, R, packed_Rt)
+    elif persistent is not None:
+        dgates, dhidden = persistent.backward(dY, dh_last, gates, from_hidden, h0, Y, R)
     else:
         dgates, dhidden = cuda_graph_loops.run(
             _backward_steps, dY, dh_last, gates, from_hidden, h0, Y, R
@@ -260,3 +275,6 @@ def _backward_steps(
             dh_t[t].addcmul_(dh_t[t + 1], z_t[t + 1])
         torch.mul(f_t[t], dh_t[t].unsqueeze(1), out=dg_t[t])
     return dgates.view(steps, batch, 4 * hidden), dhidden
+
+
+gru_persistent.register_fallback(_forward_steps, _backward_steps)

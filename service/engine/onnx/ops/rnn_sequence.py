@@ -5,11 +5,13 @@ Forward: one product and one tanh per step. Backward: ∂L/∂pre_t = (∂L/∂y
 ⊙ (1 − h_t²), one product and one product-with-a-factor per step; R's, W's and the biases'
 gradients are one product each over all steps. On the CPU both loops are C++ (recurrent_cpu.cpp's
 rnn_forward/rnn_backward) where that is built, else the same loops in Python below; with two
-torch calls a step, interpreter overhead is most of a small RNN's time. The node's forward and
-its backward are each one pure function, which on CUDA is replayed as one CUDA graph once its
-inputs repeat (pooled_cuda_graphs.py, as the LSTM's node). The products are MKL's with
-row-major operands on the CPU, as in lstm_sequence (as fast as oneDNN's or faster at every size
-measured).
+torch calls a step, interpreter overhead is most of a small RNN's time. On CUDA, in float32
+with a hidden size up to recurrent_persistent.MAX_HIDDEN, each loop is one Triton kernel that
+runs every step (rnn_persistent.py, as the LSTM's), else the Python loops, replayed as CUDA
+graphs (cuda_graph_loops.py). The node's forward and its backward are each one pure function,
+which on CUDA is replayed as one CUDA graph once its inputs repeat (pooled_cuda_graphs.py, as
+the LSTM's node). The products are MKL's with row-major operands on the CPU, as in
+lstm_sequence (as fast as oneDNN's or faster at every size measured).
 Other activations and clip stay unrolled.
 """
 
@@ -21,7 +23,12 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from service.engine.onnx.ops import _cpu_products, cuda_graph_loops, pooled_cuda_graphs
+from service.engine.onnx.ops import (
+    _cpu_products,
+    cuda_graph_loops,
+    pooled_cuda_graphs,
+    rnn_persistent,
+)
 from service.engine.onnx.ops._sequence_common import (
     native_loops,
     pooled_backward,
@@ -86,9 +93,13 @@ def forward_node(
     # contiguous X: see lstm_sequence
     projected = _cpu_products.linear(X.contiguous(), W, bias)  # [T, B, H]
     loops = native_loops(X)
+    # on CUDA all steps in one kernel where that applies (rnn_persistent.py)
+    persistent = rnn_persistent.loops_for(projected)
     if loops is not None:
         packed_R = _cpu_products.packed_step_weight(R, X.shape[1])
         Y = loops.rnn_forward(projected.contiguous(), R, h0, packed_R)
+    elif persistent is not None:
+        Y = persistent.forward(projected, R, h0)
     else:  # inside a capture these run eagerly, becoming part of the node's graph
         Y = cuda_graph_loops.run(_forward_steps, projected, R, h0)
     # h_T as its own tensor: a view of Y could be changed in place by a caller (h0 for an
@@ -113,9 +124,12 @@ def backward_node(
     (need_x, need_w, need_r, need_b, need_h0), has_bias, collect, reverse = config
     steps, batch, hidden = Y.shape
     loops = native_loops(X)
+    persistent = rnn_persistent.loops_for(Y)  # the forward's loops: same contract
     if loops is not None:
         packed_Rt = _cpu_products.packed_step_weight(R.t(), Y.shape[1])
         dpre, dhidden = loops.rnn_backward(dY, dh_last, Y, R, packed_Rt)
+    elif persistent is not None:
+        dpre, dhidden = persistent.backward(dY, dh_last, Y, R)
     else:
         dpre, dhidden = cuda_graph_loops.run(_backward_steps, dY, dh_last, Y, R)
     # the products over all steps at once (_cpu_products: oneDNN or MKL)
@@ -159,3 +173,6 @@ def _backward_steps(dY: Tensor, dh_last: Tensor, Y: Tensor, R: Tensor) -> tuple[
             torch.addmm(dy_t[t], dpre_t[t + 1], R, out=dh_t[t])
         torch.mul(dh_t[t], slope_t[t], out=dpre_t[t])
     return dpre, dhidden
+
+
+rnn_persistent.register_fallback(_forward_steps, _backward_steps)
