@@ -118,7 +118,8 @@ class FusedNodes:
 
     `nodes` are recorded with their `fns` and wiring when found: a transform that swaps a
     fn or rewires a node, or a new reader of an intermediate value, leaves the nodes
-    unfused (checked each time the plan is made).
+    unfused (checked each time the plan is made). `device_types`: where the group is fused
+    (the device the graph is on when the plan is made; elsewhere its nodes run).
     """
 
     op_type: str
@@ -126,6 +127,7 @@ class FusedNodes:
     inputs: tuple[str, ...]
     output: str
     fn: NodeFn
+    device_types: frozenset[str]
     fns: tuple[NodeFn, ...] = ()
     wiring: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = ()
 
@@ -451,7 +453,7 @@ class _RunPlan:
         kept = {_NONE_SLOT, _SINK_SLOT, *self.output_slots}
         self.steps = _with_frees(wired, kept)
         self.fusions_key = (id(graph.fusions), len(graph.fusions))
-        fused = _fused_wiring(graph, wired, slot_of, kept)
+        fused = _fused_wiring(graph, wired, slot_of, kept)  # for graph.device
         self.fused = None if fused is None else _FusedSteps(_with_frees(fused[0], kept), fused[1])
         self.known = known
         self.base = _Schedule(template, self.steps, known, self.fused)
@@ -538,7 +540,9 @@ def _fused_wiring(
     replaced: dict[int, Wired] = {}
     for fusion in graph.fusions:
         indices = [position.get(id(node)) for node in fusion.nodes]
-        if None in indices or not fusion.unchanged():
+        if None in indices or graph.device.type not in fusion.device_types:
+            continue
+        if not fusion.unchanged():
             continue
         group = {i for i in indices if i is not None}
         last = max(group)

@@ -317,7 +317,9 @@ def test_cuda_directions_run_the_persistent_loops_and_equal_the_per_step_loops(
     only: a node's CUDA graph keeps the loops that ran when it was captured."""
     monkeypatch.setenv("GRADHEALTH_CUDA_GRAPHS", "0")
     inputs = _direction_inputs(cell, "cuda")
-    assert CELLS[cell][0].self_check(torch.device("cuda"), 7)  # (its launches are spied too)
+    # the check the chooser makes, made first (its launches are spied too); keyed by the
+    # tensors' device, `cuda:0`, not `cuda`
+    assert CELLS[cell][0].self_check(inputs[0].device, 7)
     spied.clear()
     got = _direction(cell, inputs, reverse, True)
     assert spied == [f"{cell} forward", f"{cell} backward"]
