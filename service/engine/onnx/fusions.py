@@ -21,13 +21,18 @@ sequences: untried).
 
 Each group is checked again at every call: the fast form runs only when it computes what the
 nodes would (shapes, dtypes, one-element scales, no autocast, the softmax over the last
-axis); otherwise the nodes' own functions run in order. With an observer
+axis, and no NaN the nodes would give: torch's CPU attention kernel returns zeros for a NaN
+input or a row whose every key is masked, where the nodes, onnxruntime and torch's own
+modules give NaN); otherwise the nodes' own functions run in order. Not covered: a second
+derivative through the fused attention (torch's kernel has none; a gradient penalty on an
+unobserved run raises where the nodes would not). With an observer
 attached (every diagnosis pass) the nodes run one by one as always, so every node output stays
 observable.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -52,15 +57,14 @@ def find_fusions(
     wiring = _Wiring(nodes, set(graph_outputs), opset)
     found: list[FusedNodes] = []
     taken: set[int] = set()
-    for node in nodes:
-        fusion = None
-        if _is(node, "Softmax"):
-            fusion = _attention(node, wiring)
-        elif _is(node, "Add"):
-            fusion = _linear(node, wiring)
-        if fusion is not None and not taken & {id(n) for n in fusion.nodes}:
-            taken |= {id(n) for n in fusion.nodes}
-            found.append(fusion)
+    # attention first: its `scores + mask` is a MatMul then an Add too, which as a linear
+    # group would leave the attention unfused (and never run fused itself: no 1-D bias)
+    for op_type, group in (("Softmax", _attention), ("Add", _linear)):
+        for node in nodes:
+            fusion = group(node, wiring) if _is(node, op_type) else None
+            if fusion is not None and not taken & {id(n) for n in fusion.nodes}:
+                taken |= {id(n) for n in fusion.nodes}
+                found.append(fusion)
     return found
 
 
@@ -218,13 +222,31 @@ class AttentionCall:
             if number is None:
                 factor = factor.to(query.device)
                 query = query / factor if divides else query * factor
-            elif divides and number == 0.0:
+            elif (divides and number == 0.0) or not math.isfinite(number):
                 return None  # the nodes' inf/NaN scores, as they are
             else:
                 scale = scale / number if divides else scale * number
+        if not _all_finite(query, key_t, value) or (mask is not None and _drops_a_row(mask)):
+            return None
+        if mask is not None and mask.dim() < 2:  # SDPA wants [..., L, S]: the same broadcast
+            mask = mask.reshape(*[1] * (2 - mask.dim()), *mask.shape)
         return F.scaled_dot_product_attention(
             query, key_t.transpose(-2, -1), value, attn_mask=mask, scale=scale
         )
+
+
+def _all_finite(*tensors: Tensor) -> bool:
+    """Whether no value is NaN or infinite: torch's CPU attention kernel returns zeros where
+    the nodes propagate a NaN (and a NaN origin hidden would be a wrong diagnosis)."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _drops_a_row(mask: Tensor) -> bool:
+    """Whether the nodes' softmax would give NaN for some row: a NaN or +inf in the mask, or
+    a row of it all -inf (every key masked), where the fused kernel gives zeros."""
+    if mask.isnan().any() or mask.isposinf().any():
+        return True
+    return mask.dim() > 0 and not bool(torch.isfinite(mask).any(-1).all())
 
 
 def _split_factor(

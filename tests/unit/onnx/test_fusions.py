@@ -324,3 +324,64 @@ def test_the_groups_run_fused_only_where_the_graph_is_on_a_fused_device_type() -
     with _AtenOps() as ops:
         _step(graph, *inputs)
     assert "bmm" in ops.ops and not any(op.startswith("_scaled_dot") for op in ops.ops)
+
+
+class _MaskedAttention(torch.nn.Module):
+    """F.scaled_dot_product_attention (its export: q·√s, kᵀ·√s, MatMul, + mask), or written
+    out by hand (MatMul, · 1/√d, + mask): SDPA itself takes no 1-D mask."""
+
+    def __init__(self, by_hand: bool) -> None:
+        super().__init__()
+        self.by_hand = by_hand
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        if self.by_hand:
+            scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5 + mask
+            return torch.softmax(scores, -1) @ v
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _masked_case(mask: torch.Tensor, nan_query: bool = False) -> tuple[bool, torch.Tensor, Any]:
+    """(whether SDPA ran fused, the fused output, the node-by-node output) of an exported
+    F.scaled_dot_product_attention with `mask` (both exporters give the same pattern)."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 4, 5, 8, generator=g) for _ in range(3))
+    if nan_query:
+        q[0, 1, 2, 3] = float("nan")
+    inputs = (q, k, v, mask)
+    module = _MaskedAttention(by_hand=mask.dim() < 2)
+    graph = convert(load_onnx(to_onnx(module, inputs)), mode="train")
+    assert [f.op_type for f in graph.fusions] == ["Attention"]
+    with torch.no_grad():
+        graph(*inputs)
+        with _AtenOps() as ops:
+            fused = graph(*inputs)
+        graph.observer = _observed(graph, [])
+        node_by_node = graph(*inputs)
+    return any(op.startswith("_scaled_dot") for op in ops.ops), fused, node_by_node
+
+
+@pytest.mark.parametrize("shape", [[2, 1, 1, 5], [5, 5], [5]], ids=["padding", "square", "1-D"])
+def test_an_exported_masked_attention_runs_fused(shape: list[int]) -> None:
+    """The exporters' `scores + mask` is a MatMul then an Add: attention, not a linear layer;
+    a 1-D mask broadcasts as [1, S] (SDPA itself wants two dims)."""
+    mask = torch.zeros(shape)
+    mask[..., -1] = float("-inf")  # the last key masked out
+    ran, fused, node_by_node = _masked_case(mask)
+    assert ran
+    torch.testing.assert_close(fused, node_by_node, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["a row with every key masked", "a NaN in q"])
+def test_a_nan_the_nodes_give_is_not_hidden_by_the_fused_kernel(case: str) -> None:
+    """torch's CPU attention kernel gives zeros for a fully masked row and for a NaN query:
+    where the nodes give NaN the group runs as nodes (a NaN origin must stay visible)."""
+    mask = torch.zeros(5, 5)
+    if case == "a row with every key masked":
+        mask[2] = float("-inf")
+    ran, fused, node_by_node = _masked_case(mask, nan_query=case == "a NaN in q")
+    assert not ran
+    assert bool(node_by_node.isnan().any())
+    torch.testing.assert_close(fused, node_by_node, equal_nan=True)
