@@ -112,7 +112,7 @@ from service.engine.onnx.qoperator_as_qdq import qoperator_as_qdq
 from service.engine.onnx.quantized_lstm import quantized_lstms_as_fake
 from service.engine.onnx.recurrent_weights import (
     UnfoldedWeights,
-    fold_lstm_weight_reorders,
+    fold_recurrent_weight_reorders,
     unfold_gru_initializers,
 )
 from service.engine.onnx.registry import (
@@ -893,7 +893,7 @@ def _convert_checked(
     _fold_constants(nodes, constants)
 
     unfolded = UnfoldedWeights(signature=signature)
-    nodes = fold_lstm_weight_reorders(
+    nodes = fold_recurrent_weight_reorders(
         nodes,
         constants,
         {**parameters, **buffers},

@@ -20,7 +20,7 @@ from service.engine.graph import ObservableGraph
 from service.engine.onnx.conformance import check_conversion
 from service.engine.onnx.convert import convert, load_onnx
 from service.engine.onnx.ops.recurrent import RecurrentFn, use_gate_blocks
-from service.engine.onnx.recurrent_weights import DirectWeightsLSTM, GateReorder
+from service.engine.onnx.recurrent_weights import DirectWeights, GateReorder
 from tests.support.export import to_onnx
 from tests.support.recurrent_zoo import (
     build_node_fn,
@@ -105,7 +105,7 @@ def test_an_exported_lstm_reads_its_parameters_directly(
     lstms = [n for n in graph.nodes if n.op_type == "LSTM"]
     assert len(lstms) == 2
     for k, node in enumerate(lstms):
-        assert isinstance(node.fn, DirectWeightsLSTM)
+        assert isinstance(node.fn, DirectWeights)
         assert node.fn.inner.gate_blocks == TORCH_GATE_BLOCKS
         biases = [f"lstm.bias_ih_l{k}", f"lstm.bias_hh_l{k}"] if bias else ["", ""]
         assert node.inputs[1:5] == [f"lstm.weight_ih_l{k}", f"lstm.weight_hh_l{k}", *biases]
@@ -202,7 +202,7 @@ def test_a_bidirectional_lstm_reads_both_directions_parameters(
     data = to_onnx(module, x, dynamo=dynamo, optimize=optimize)
     graph = convert(load_onnx(data), mode="train")
     lstms = [n for n in graph.nodes if n.op_type == "LSTM"]
-    assert all(isinstance(n.fn, DirectWeightsLSTM) and n.fn.directions == 2 for n in lstms)
+    assert all(isinstance(n.fn, DirectWeights) and n.fn.directions == 2 for n in lstms)
     assert lstms[1].inputs[1:3] == ["lstm.weight_ih_l1", "lstm.weight_ih_l1_reverse"]
     check_against_references(module, data, x)
 
@@ -221,7 +221,7 @@ def test_a_chain_value_read_elsewhere_keeps_the_chain() -> None:
     graph = convert(load_onnx(data), mode="train")
     lstms = [n for n in graph.nodes if n.op_type == "LSTM"]
     assert isinstance(lstms[0].fn, RecurrentFn)  # kept as exported
-    assert isinstance(lstms[1].fn, DirectWeightsLSTM)  # the other layer is still folded
+    assert isinstance(lstms[1].fn, DirectWeights)  # the other layer is still folded
     outputs = graph(x)
     expected = _onnxruntime(load_onnx(data), x.numpy())
     for got, want in zip(outputs, expected, strict=True):
@@ -281,7 +281,7 @@ def test_only_whole_block_permutations_fold(
     data = _hand_built_lstm(pieces, x_dims).SerializeToString()
     graph = convert(load_onnx(data), mode="train")
     (lstm,) = [n for n in graph.nodes if n.op_type == "LSTM"]
-    assert isinstance(lstm.fn, DirectWeightsLSTM) is folded
+    assert isinstance(lstm.fn, DirectWeights) is folded
     x = np.random.default_rng(1).standard_normal((4, 2, 3)).astype(np.float32)
     (expected,) = _onnxruntime(load_onnx(data), x)
     got = graph(torch.from_numpy(x))
@@ -346,5 +346,34 @@ def test_an_optimized_exports_folded_gru_weights_are_the_modules_parameters(
     assert set(graph.param_names) == {name for name, _ in module.named_parameters()}
     assert any(isinstance(n.fn, GateReorder) for n in graph.nodes)
     assert "gru.weight_ih_l0" in " ".join(graph.metadata["notes"])
+    _assert_no_folded_copy_and_onnxruntime_agrees(model, graph, x)
+    check_against_references(module, data, x)
+
+
+@pytest.mark.parametrize(
+    ("bias", "bidirectional", "dynamo"),
+    [(True, False, False), (False, False, False), (True, True, False), (True, False, True)],
+    ids=["legacy", "legacy-nobias", "legacy-bidirectional", "dynamo"],
+)
+def test_an_exported_grus_reordering_chain_leaves_the_graph(
+    bias: bool, bidirectional: bool, dynamo: bool
+) -> None:
+    """nn.GRU's r, z, n gathered into ONNX's z, r, n by Slices and Concats of every weight
+    and bias (24 of a 2-layer GRU's 48 nodes per call): the GRU node reads the parameters
+    and gathers ONNX's order itself; results and gradients those of torch and onnxruntime."""
+    torch.manual_seed(1)
+    module = TwoLayerGRU(bias, bidirectional).train()
+    x = torch.randn(4, 7, 5)
+    data = to_onnx(module, x, dynamo=dynamo, optimize=False if dynamo else None)
+    model = load_onnx(data)
+    graph = convert(model, mode="train")
+    grus = [n for n in graph.nodes if n.op_type == "GRU"]
+    assert len(grus) == 2
+    for node in grus:
+        assert isinstance(node.fn, DirectWeights)
+        assert node.fn.inner.gate_blocks == [1, 0, 2]
+    params = set(graph.param_names)
+    assert not [n.name for n in graph.nodes if n.op_type == "Slice" and n.inputs[0] in params]
+    assert params == {name for name, _ in module.named_parameters()}
     _assert_no_folded_copy_and_onnxruntime_agrees(model, graph, x)
     check_against_references(module, data, x)

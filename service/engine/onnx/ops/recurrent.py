@@ -217,10 +217,10 @@ class RecurrentFn:
         # [T, batch, hidden] tensor in time order (empty if the unrolled path ran)
         self.collect_hidden_grads = False
         self.hidden_grads: list[list[Tensor]] = []
-        # Where W, R and B hold each ONNX gate (LSTM: i, o, f, c), as H-wide block indexes;
-        # None = ONNX's own order. Set by `use_gate_blocks` when the converter feeds the node
-        # torch's parameters directly instead of the exporter's reordering Slice/Concat chain
-        # (service/engine/onnx/recurrent_weights.py).
+        # Where W, R and B hold each ONNX gate (LSTM: i, o, f, c; GRU: z, r, n), as H-wide
+        # block indexes; None = ONNX's own order. Set by `use_gate_blocks` when the converter
+        # feeds the node torch's parameters directly instead of the exporter's reordering
+        # Slice/Concat chain (service/engine/onnx/recurrent_weights.py).
         self.gate_blocks: list[int] | None = None
         # A one-direction node's whole computation as ONE autograd node, its outputs shaped as
         # the node's (LSTM: lstm_sequence.lstm_direction with onnx_shapes): the per-direction
@@ -586,14 +586,18 @@ def _direction(weights: Tensor, d: int) -> Tensor:
 
 def use_gate_blocks(fn: RecurrentFn, gate_blocks: list[int]) -> bool:
     """Make `fn` take W, R and B with its gates in `gate_blocks` order (see
-    RecurrentFn.gate_blocks); False where its whole-sequence function cannot (only the LSTM's
-    can: the others keep ONNX's order)."""
-    if fn.sequence_fn is not lstm_direction:
-        return False
-    fn.gate_blocks = list(gate_blocks)
-    fn.sequence_fn = functools.partial(lstm_direction, gate_blocks=fn.gate_blocks)
-    fn.layer_fn = functools.partial(fn.sequence_fn, onnx_shapes=True)
-    return True
+    RecurrentFn.gate_blocks); False where its whole-sequence function cannot (the LSTM's
+    computes in any order, the GRU's gathers ONNX's; the others keep ONNX's order)."""
+    if fn.sequence_fn is lstm_direction:
+        fn.gate_blocks = list(gate_blocks)
+        fn.sequence_fn = functools.partial(lstm_direction, gate_blocks=fn.gate_blocks)
+        fn.layer_fn = functools.partial(fn.sequence_fn, onnx_shapes=True)
+        return True
+    if fn.sequence_fn is gru_direction:
+        fn.gate_blocks = list(gate_blocks)
+        fn.sequence_fn = functools.partial(gru_direction, gate_blocks=fn.gate_blocks)
+        return True
+    return False
 
 
 def _use_sequence_fn(fn: RecurrentFn, sequence_fn: SequenceFn, *defaults: Callable) -> None:
