@@ -14,7 +14,7 @@ here the chain goes: the LSTM node reads the parameters themselves, told which b
 gate, and the chain's nodes, which compute nothing but that layout, leave the graph. The results
 and every parameter's gradient are the same (the tests compare both against onnxruntime and
 torch). An `nn.GRU` layer's chain is the same with three blocks (torch's r, z, n gathered into
-ONNX's z, r, n): 24 of a 2-layer GRU's 48 nodes per call, ~40 small ops and their backward; its
+ONNX's z, r, n): 40 of a 2-layer GRU's 48 nodes per call, and their backward; its
 node then gathers ONNX's order itself, one `index_select` per tensor (gru_sequence.py).
 
 Only the exact pattern is folded (Slice bounds known before any input (StaticValues) on whole

@@ -359,7 +359,7 @@ def test_an_exported_grus_reordering_chain_leaves_the_graph(
     bias: bool, bidirectional: bool, dynamo: bool
 ) -> None:
     """nn.GRU's r, z, n gathered into ONNX's z, r, n by Slices and Concats of every weight
-    and bias (24 of a 2-layer GRU's 48 nodes per call): the GRU node reads the parameters
+    and bias (40 of a 2-layer GRU's 48 nodes per call): the GRU node reads the parameters
     and gathers ONNX's order itself; results and gradients those of torch and onnxruntime."""
     torch.manual_seed(1)
     module = TwoLayerGRU(bias, bidirectional).train()
