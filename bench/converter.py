@@ -27,7 +27,6 @@ import os
 import statistics
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable
 
 import numpy as np
@@ -35,7 +34,6 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -43,6 +41,7 @@ from service.engine.onnx.convert import convert, load_onnx
 from service.engine.onnx.ops import pooled_cuda_graphs
 from service.engine.onnx.registry import lookup
 from tests.support.export import to_onnx
+from tests.support.op_counts import OpCounter
 from tests.support.zoo import ResNet, TransformerEncoder
 
 
@@ -174,18 +173,6 @@ def _print_profile(
         print("\n".join("    " + line for line in table.splitlines()))
 
 
-class _OpCounter(TorchDispatchMode):
-    """Counts the aten ops dispatched while active (forward, and backward run inside it)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func.overloadpacket.__name__)] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def _autograd_nodes(root: torch.Tensor) -> int:
     seen: set[int] = set()
     stack = [root.grad_fn]
@@ -199,7 +186,7 @@ def _autograd_nodes(root: torch.Tensor) -> int:
 
 
 def _step_counts(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> dict[str, int]:
-    forward, backward = _OpCounter(), _OpCounter()
+    forward, backward = OpCounter(), OpCounter()
     with forward:
         loss = model(x).float().square().mean()
     nodes = _autograd_nodes(loss)

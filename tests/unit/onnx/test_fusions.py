@@ -12,24 +12,12 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from service.engine.graph import Node, NodeObserver, ObservableGraph
 from service.engine.onnx.convert import convert, load_onnx
 from tests.support.export import to_onnx
+from tests.support.op_counts import OpCounter
 from tests.support.zoo import TransformerEncoder
-
-
-class _AtenOps(TorchDispatchMode):
-    """The aten ops dispatched while active, forward and backward."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func.overloadpacket.__name__)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _step(graph: ObservableGraph, *inputs: torch.Tensor) -> tuple[torch.Tensor, list[Any]]:
@@ -76,11 +64,11 @@ def test_an_exported_encoder_runs_its_attention_and_linears_fused_unless_observe
     kinds = Counter(f.op_type for f in graph.fusions)
     assert kinds["Attention"] == 2 and kinds["Linear"] >= 5, kinds  # in_proj, ffn ×2, head
     _first_call(graph, x)
-    with _AtenOps() as unobserved_ops:
+    with OpCounter() as unobserved_ops:
         fused = _step(graph, x)
     seen: list[str] = []
     graph.observer = _observed(graph, seen)
-    with _AtenOps() as observed_ops:
+    with OpCounter() as observed_ops:
         node_by_node = _step(graph, x)
     graph.observer = None
     _assert_same(fused, node_by_node)
@@ -170,7 +158,7 @@ def test_hand_written_attention_fuses_and_equals_onnxruntime(kind: str) -> None:
     feeds = _feeds()
     inputs = [torch.from_numpy(f) for f in feeds]
     _first_call(graph, *inputs)
-    with _AtenOps() as ops:
+    with OpCounter() as ops:
         fused = _step(graph, *inputs)
     assert "_scaled_dot_product_flash_attention_for_cpu" in ops.ops, ops.ops
     np.testing.assert_allclose(fused[0].numpy(), _ort(model, feeds), rtol=1e-5, atol=1e-6)
@@ -185,7 +173,7 @@ def test_a_learned_scale_gets_its_gradient_through_the_fused_attention() -> None
     assert [f.op_type for f in graph.fusions] == ["Attention"]
     inputs = [torch.from_numpy(f) for f in _feeds()]
     _first_call(graph, *inputs)
-    with _AtenOps() as ops:
+    with OpCounter() as ops:
         fused = _step(graph, *inputs)
     assert "_scaled_dot_product_flash_attention_for_cpu" in ops.ops and "bmm" not in ops.ops
     assert fused[1][0] is not None and float(fused[1][0].abs()) > 0  # ∂L/∂c
@@ -201,7 +189,7 @@ def test_softmax_over_a_flattened_block_is_not_attention() -> None:
     graph = convert(model, mode="train")
     feeds = _feeds()
     _first_call(graph, *[torch.from_numpy(f) for f in feeds])
-    with _AtenOps() as ops:
+    with OpCounter() as ops:
         out, _ = _step(graph, *[torch.from_numpy(f) for f in feeds])
     assert not any(op.startswith("_scaled_dot_product") for op in ops.ops)
     np.testing.assert_allclose(out.numpy(), _ort(model, feeds), rtol=1e-5, atol=1e-6)
@@ -226,7 +214,7 @@ def test_a_swapped_node_or_a_new_reader_unfuses_the_group() -> None:
         Node(name="peek", op_type="Identity", inputs=["probs"], outputs=["peeked"], fn=torch.clone),
     ]
     graph.output_names = ["y", "peeked"]
-    with _AtenOps() as ops:
+    with OpCounter() as ops:
         y, peeked = graph(*inputs)
     assert "bmm" in ops.ops
     torch.testing.assert_close(y, reference)
@@ -262,7 +250,7 @@ def test_matmul_plus_bias_runs_as_one_linear_where_the_bias_is_a_vector(
     assert [f.op_type for f in graph.fusions] == ["Linear"]
     x = np.random.default_rng(3).standard_normal((2, 3, 5)).astype(np.float32)
     _first_call(graph, torch.from_numpy(x))
-    with _AtenOps() as ops:
+    with OpCounter() as ops:
         fused = _step(graph, torch.from_numpy(x))
     vector_bias = bias_shape == [8]
     # a [3, 8] bias broadcast over the batch is no nn.Linear bias: MatMul then Add
@@ -302,13 +290,13 @@ def test_on_cuda_the_groups_run_node_by_node_and_fused_would_equal_them(
     graph = convert(load_onnx(to_onnx(encoder, x, dynamo=dynamo)), mode="train").cuda()
     x = x.cuda()
     _first_call(graph, x)
-    with _AtenOps() as ops:
+    with OpCounter() as ops:
         node_by_node = _step(graph, x)
     assert ops.ops["bmm"] and ops.ops["_softmax"], ops.ops
     for fusion in graph.fusions:
         monkeypatch.setattr(fusion, "device_types", frozenset({"cpu", "cuda"}))
     graph.fusions = list(graph.fusions)  # a new list: the plan is made again
-    with _AtenOps() as ops:
+    with OpCounter() as ops:
         fused = _step(graph, x)
     assert not ops.ops["bmm"] and not ops.ops["_softmax"], ops.ops
     _assert_same(fused, node_by_node)
@@ -321,7 +309,7 @@ def test_the_groups_run_fused_only_where_the_graph_is_on_a_fused_device_type() -
     _first_call(graph, *inputs)
     graph.fusions[0].device_types = frozenset({"cuda"})
     graph.fusions = list(graph.fusions)
-    with _AtenOps() as ops:
+    with OpCounter() as ops:
         _step(graph, *inputs)
     assert "bmm" in ops.ops and not any(op.startswith("_scaled_dot") for op in ops.ops)
 
@@ -356,7 +344,7 @@ def _masked_case(mask: torch.Tensor, nan_query: bool = False) -> tuple[bool, tor
     assert [f.op_type for f in graph.fusions] == ["Attention"]
     with torch.no_grad():
         graph(*inputs)
-        with _AtenOps() as ops:
+        with OpCounter() as ops:
             fused = graph(*inputs)
         graph.observer = _observed(graph, [])
         node_by_node = graph(*inputs)
