@@ -32,7 +32,7 @@ def diagnose_command(
     batch: Annotated[Path, typer.Option("--batch", help=".npz, .safetensors or .pt sample batch")],
     loss: Annotated[
         str | None,
-        typer.Option(help="cross_entropy|nll|mse|l1|bce_with_logits|output_norm|model_output"),
+        typer.Option(help="cross_entropy|nll|mse|l1|bce_with_logits|bce|output_norm|model_output"),
     ] = None,
     device: Annotated[str, typer.Option(help="auto|cpu|cuda|cuda:N")] = "auto",
     mode: Annotated[str, typer.Option(help="train|eval")] = "train",

@@ -68,7 +68,7 @@ def submit_command(
     name: Annotated[str | None, typer.Option(help="model name (default: the file name)")] = None,
     loss: Annotated[
         str | None,
-        typer.Option(help="cross_entropy|nll|mse|l1|bce_with_logits|output_norm|model_output"),
+        typer.Option(help="cross_entropy|nll|mse|l1|bce_with_logits|bce|output_norm|model_output"),
     ] = None,
     device: Annotated[str | None, typer.Option(help="auto|cpu|cuda|cuda:N")] = None,
     mode: Annotated[str | None, typer.Option(help="train|eval")] = None,

@@ -1,7 +1,8 @@
 """The loss the diagnosis differentiates (CONTRACT.md §2).
 
 Kinds: `cross_entropy`, `nll` (the output is log-probabilities), `mse`, `l1`, `bce_with_logits`,
-`output_norm` (no target: L = mean(y²) over every floating output, i.e. MSE against zero),
+`bce` (the output is already a sigmoid's: probabilities in [0, 1]), `output_norm` (no target:
+L = mean(y²) over every floating output, i.e. MSE against zero),
 `model_output` (L = the model's first output, a scalar: a model that computes its own loss).
 All losses are means over the batch, computed in float32 whatever the model's dtype.
 
@@ -58,6 +59,7 @@ LOSS_KINDS = (
     "mse",
     "l1",
     "bce_with_logits",
+    "bce",
     "output_norm",
     "model_output",
 )
@@ -174,14 +176,25 @@ def class_default(kind: str, target: torch.Tensor | None, op: str = "") -> str:
     return kind
 
 
+def _binary_cross_entropy(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """F.binary_cross_entropy's mean, written out: torch's kernel asserts its input is in
+    [0, 1], which on a GPU is a device-side assert that ends the process's CUDA context. Here
+    each log is floored at `_LOG_FLOOR` (a saturated sigmoid's 0 or 1 gives a large finite
+    loss, as torch's clamp of the log at -100 does), and an output outside [0, 1] is said in a
+    note from `output_checks` instead."""
+    log_p = p.clamp_min(_LOG_FLOOR).log()
+    log_not_p = (1 - p).clamp_min(_LOG_FLOOR).log()
+    return -(t * log_p + (1 - t) * log_not_p).mean()
+
+
 def output_checks(
     kind: str, outputs: Sequence[torch.Tensor], target: torch.Tensor | None, op: str = ""
 ) -> torch.Tensor | None:
     """What the host must know of the output the loss reads, on the device for the one
     transfer: for a given cross_entropy on class indices, whether its rows are probabilities
     ([1.0] / [0.0]: `class_default` records it while computing the loss, `compute_loss`); for
-    bce_with_logits, its [min, max]. None otherwise, and where `op` (`class_default`) says
-    the output is no softmax's (sigmoid's)."""
+    bce_with_logits, its [min, max]; for bce, its [min, max] always. None otherwise, and where
+    `op` (`class_default`) says the output is no softmax's (sigmoid's)."""
     floats = [o for o in outputs if isinstance(o, torch.Tensor) and o.is_floating_point()]
     if not floats or target is None or not floats[0].numel():
         return None
@@ -192,7 +205,7 @@ def output_checks(
         if axis is None:
             return None
         return _probability_rows_on_device(y, axis).float().reshape(1)
-    if kind == "bce_with_logits" and _may_be(op, frozenset({"sigmoid"})):
+    if kind == "bce" or (kind == "bce_with_logits" and _may_be(op, frozenset({"sigmoid"}))):
         with torch.no_grad():
             return torch.stack(torch.aminmax(y.detach().float()))
     return None
@@ -327,6 +340,8 @@ def compute_loss(
             return F.l1_loss(y, t)
         if kind == "bce_with_logits":
             return F.binary_cross_entropy_with_logits(y, t)
+        if kind == "bce":
+            return _binary_cross_entropy(y, t)
     except (RuntimeError, IndexError, ValueError) as exc:
         out_of_range = _class_indices_out_of_range(kind, y, target)
         if out_of_range:
@@ -675,6 +690,13 @@ def output_check_notes(
         ]
     if asked == "cross_entropy" and checks[0] > 0:
         return _explicit_cross_entropy_note(list(shape), axis)
+    if asked == "bce" and len(checks) == 2 and (checks[0] < 0 or checks[1] > 1):
+        return [
+            f"--loss bce expects probabilities in [0, 1], but the model's output {list(shape)} "
+            f"ranges from {checks[0]:.3g} to {checks[1]:.3g}: these look like logits, and the "
+            "loss (each log floored) is not the one such a model trains with; use --loss "
+            "bce_with_logits"
+        ]
     if asked != "bce_with_logits" or len(checks) < 2:
         return []
     low, high = checks[0], checks[1]
@@ -687,7 +709,6 @@ def output_check_notes(
     return [
         f"--loss bce_with_logits expects logits, but the model's output {list(shape)} looks "
         f"like probabilities already ({why}; values {low:.3g} to {high:.3g}): the loss "
-        "applies a second sigmoid on top of them and its gradients are not those of training "
-        "(gradhealth has no plain binary cross-entropy on probabilities); export the model "
-        "without its final sigmoid and keep --loss bce_with_logits"
+        "applies a second sigmoid on top of them and its gradients are not those of training; "
+        "use --loss bce (binary cross-entropy on probabilities)"
     ]

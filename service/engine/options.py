@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 LossKind = Literal[
-    "cross_entropy", "nll", "mse", "l1", "bce_with_logits", "output_norm", "model_output"
+    "cross_entropy", "nll", "mse", "l1", "bce_with_logits", "bce", "output_norm", "model_output"
 ]
 
 

@@ -174,7 +174,7 @@ def test_bce_with_logits_on_a_sigmoid_output_is_noted(fmt: str) -> None:
     model = to_torch_export(module, x) if fmt == "torch_export" else to_onnx(module, x)
     report = diagnose(model, npz_bytes(x=x, target=t), _options(loss="bce_with_logits"))
     (note,) = [n for n in report.notes if "bce_with_logits" in n]
-    assert "its last op is a sigmoid" in note and "without its final sigmoid" in note
+    assert "its last op is a sigmoid" in note and "use --loss bce" in note
     logits = nn.Sequential(nn.Linear(4, 3)).eval()
     report = diagnose(
         to_torch_export(logits, x), npz_bytes(x=x, target=t), _options(loss="bce_with_logits")
